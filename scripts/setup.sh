@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 machine: system packages the tests and the
+# benchmarks use, then the project itself (builds the Cython codec) with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
+              redis-server redis-tools wrk curl iptables iproute2 procps)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests start their own servers on private ports; keep the packaged ones from squatting.
+  for svc in nginx postgresql redis-server ssh; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
+  done
+fi
+
+python3 -m pip install -q --upgrade pip >/dev/null
+python3 -m pip install -q -e ".[test]"
+python3 -c "import tunnel.frames as f; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"

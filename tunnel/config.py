@@ -1,0 +1,103 @@
+"""One configuration object for every limit the tunnel enforces.
+
+Each denial-of-service bound is a named field here and is checked in one place
+(:meth:`Limits.validate`). Relay and agent accept overrides through environment variables
+named ``TUNNEL_<FIELD>`` in upper case (see :meth:`Limits.from_env`) and docs/LIMITS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+from .constants import MAX_FRAME_SIZE_CAP, MAX_WINDOW, MIN_FRAME_SIZE
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits of one link. Receive-side values are announced to the peer in HELLO."""
+
+    #: Largest frame payload we accept (and send at most the peer's).
+    max_frame_size: int = 256 * KiB
+    #: Credit each new stream starts with: 1 Gbit/s x 50 ms round trip is 6.25 MB.
+    initial_stream_window: int = 8 * MiB
+    #: Credit across all streams of a link; bounds the memory of unconsumed received data.
+    session_window: int = 64 * MiB
+    #: Streams the peer may hold open towards us at once.
+    max_concurrent_streams: int = 8192
+    #: Queued outgoing bytes per stream above which the source socket stops being read ...
+    stream_send_high_water: int = 1 * MiB
+    #: ... and below which it is read again.
+    stream_send_low_water: int = 256 * KiB
+    #: Queued outgoing bytes per link above which every source socket pauses.
+    session_send_high_water: int = 16 * MiB
+    #: DATA bytes one stream may send per scheduling round before the next stream's turn.
+    send_quantum: int = 64 * KiB
+    #: Largest CONTROL (JSON) payload.
+    max_control_size: int = 64 * KiB
+    #: Send a PING after this much silence from the peer (seconds).
+    keepalive_interval: float = 5.0
+    #: Declare the link dead after this much silence from the peer (seconds).
+    keepalive_timeout: float = 15.0
+    #: PINGs per second from the peer above which the link closes (ENHANCE_YOUR_CALM).
+    max_ping_rate: int = 50
+    #: Stream OPENs plus RESETs per second from the peer above which the link closes.
+    max_stream_churn_rate: int = 20000
+    #: A half-closed stream with no progress for this long is reset (seconds).
+    half_close_timeout: float = 120.0
+    #: TLS + WebSocket upgrade (or QUIC handshake) + auth must finish within this (seconds).
+    handshake_timeout: float = 10.0
+    #: Connections still in their handshake that the relay holds at once; more are refused.
+    max_pending_handshakes: int = 256
+    #: Largest HTTP upgrade request head the relay reads.
+    max_http_header_size: int = 16 * KiB
+    #: Largest WebSocket message the receiver assembles (frames are a byte stream, so this
+    #: only bounds a single WebSocket frame's declared length).
+    max_ws_frame_size: int = 4 * MiB
+    #: Agent dial timeout towards the private service (seconds).
+    connect_timeout: float = 10.0
+
+    def validate(self) -> "Limits":
+        """Raise ``ValueError`` naming the first field out of range; return self."""
+        if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE_CAP:
+            raise ValueError(f"max_frame_size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_SIZE_CAP}]")
+        for name in ("initial_stream_window", "session_window"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_WINDOW:
+                raise ValueError(f"{name} must be in [1, {MAX_WINDOW}]")
+        if self.session_window < self.initial_stream_window:
+            raise ValueError("session_window must be at least initial_stream_window")
+        if not self.stream_send_low_water < self.stream_send_high_water:
+            raise ValueError("stream_send_low_water must be below stream_send_high_water")
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise ValueError("keepalive_timeout must exceed keepalive_interval")
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"{field.name} must be positive")
+        return self
+
+    def replace(self, **changes) -> "Limits":
+        return dataclasses.replace(self, **changes).validate()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Limits":
+        """Defaults overridden by ``TUNNEL_MAX_FRAME_SIZE=...`` style variables."""
+        environ = os.environ if environ is None else environ
+        changes = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get("TUNNEL_" + field.name.upper())
+            if raw is None:
+                continue
+            kind = int if field.type in ("int", int) else float
+            try:
+                changes[field.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"TUNNEL_{field.name.upper()} must be a number, got {raw!r}") from None
+        return dataclasses.replace(cls(), **changes).validate()
+
+
+DEFAULT_LIMITS = Limits().validate()
