@@ -130,6 +130,16 @@ class Link(abc.ABC):
     def is_closing(self) -> bool:
         """True once close or goaway has begun, from either side."""
 
+    #: Set by the listener that accepted the link (relay side): frees its handshake slot and
+    #: cancels the handshake deadline.
+    on_handshake_done = None
+
+    def handshake_done(self) -> None:
+        """Relay side: authentication finished, the link is no longer a pending handshake."""
+        callback, self.on_handshake_done = self.on_handshake_done, None
+        if callback is not None:
+            callback()
+
     @property
     def stream_count(self) -> int:
         """Streams currently open on this link."""

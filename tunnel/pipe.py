@@ -1,0 +1,46 @@
+"""A reliable, ordered byte pipe under a :class:`tunnel.session_link.SessionLink`.
+
+The TLS WebSocket carrier provides one (``tunnel.wss``); tests and benchmarks also use plain
+TCP. Message boundaries, if the pipe has any, carry no meaning.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+
+class PipeReceiver:
+    """What a pipe calls; the SessionLink implements it."""
+
+    def pipe_data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer (a view valid during this call only)."""
+
+    def pipe_pause_writing(self) -> None:
+        """The pipe's write buffer is above its high-water mark: stop writing."""
+
+    def pipe_resume_writing(self) -> None:
+        """The write buffer drained: write again."""
+
+    def pipe_connection_lost(self, exc: Exception | None) -> None:
+        """The pipe is closed (``exc`` None for a clean close)."""
+
+
+class Pipe(abc.ABC):
+    peer_address: tuple
+
+    @abc.abstractmethod
+    def set_receiver(self, receiver: PipeReceiver) -> None:
+        """Start delivering to ``receiver`` (bytes that arrived before are delivered first)."""
+
+    @abc.abstractmethod
+    def write(self, buffers: Sequence[bytes | memoryview]) -> None:
+        """Send the buffers in order (one batch; a WebSocket pipe sends one message)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush what is queued, then close."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Close at once, dropping what is queued."""
