@@ -1,0 +1,58 @@
+"""``tunnel-agent``: configured by environment variables or ``--config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from tunnel import __version__, logs
+
+from . import config as agent_config
+
+log = logging.getLogger("agent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tunnel-agent",
+        description="Dial out to a tunnel relay and serve private TCP services through it. "
+                    "Configured by RELAY_URL, NAME, APP_HOST, APP_PORT, REGISTRATION_JWT "
+                    "(or REGISTRATION_JWT_FILE), RELAY_CA_FILE, HTTPS_PROXY/NO_PROXY, or a TOML file.")
+    parser.add_argument("--config", help="TOML configuration file (also AGENT_CONFIG_FILE)")
+    parser.add_argument("--version", action="version", version=f"tunnel-agent {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        conf = agent_config.load(config_file=args.config)
+    except agent_config.ConfigError as exc:
+        print(f"tunnel-agent: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(conf.log_format, conf.log_level)
+    log.info("tunnel-agent %s starting: relay %s, resources %s", __version__, conf.relay_url,
+             ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets))
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        return runner(_run(conf))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _run(conf) -> int:
+    from .runner import Agent
+
+    agent = Agent(conf)
+    task = asyncio.ensure_future(agent.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        log.info("tunnel-agent stopping")
+        return 0

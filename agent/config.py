@@ -1,0 +1,158 @@
+"""The agent's configuration: environment variables (the names Prismatic's agent uses) or a
+TOML file (``--config`` / ``AGENT_CONFIG_FILE``) for several resources.
+
+Environment::
+
+    RELAY_URL               wss://host:port, quic://host:port or auto://host:port
+    NAME                    the resource name agents of one customer share
+    APP_HOST, APP_PORT      the private service this agent reaches for that resource
+    REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it)
+    RELAY_CA_FILE           trust anchor for a relay with a private CA (else the system store)
+    HTTPS_PROXY, NO_PROXY   outbound HTTP CONNECT proxy (WSS only)
+    LOG_FORMAT, LOG_LEVEL   plain|json, DEBUG|INFO|WARNING|ERROR
+
+File (every key optional where the environment gives it)::
+
+    relay_url = "wss://relay.example.com:443"
+    registration_jwt_file = "/etc/tunnel-agent/jwt"
+    ca_file = "/etc/tunnel-agent/ca.pem"
+    [[resources]]
+    name = "orders-db"
+    host = "10.0.0.5"
+    port = 5432
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+SCHEMES = ("wss", "quic", "auto")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class ConfigError(Exception):
+    """A configuration mistake the user must fix; the message says which and how."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    relay_url: str
+    token: str = field(repr=False)
+    targets: tuple[Target, ...]
+    ca_file: str | None = None
+    log_format: str = "plain"
+    log_level: str = "INFO"
+
+    def target(self, name: str) -> Target | None:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        return None
+
+
+def _port(value, what: str) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a TCP port number, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{what} must be between 1 and 65535, got {port}")
+    return port
+
+
+def _name(value, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(f"{what} must be 1-128 letters, digits, '.', '_' or '-', got {value!r}")
+    return value
+
+
+def _read_secret_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not value:
+        raise ConfigError(f"{what} {path} is empty")
+    return value
+
+
+def load(environ: Mapping[str, str] | None = None, config_file: str | None = None) -> AgentConfig:
+    """Build the configuration, raising ConfigError with one clear message on any mistake."""
+    env = os.environ if environ is None else environ
+    config_file = config_file or env.get("AGENT_CONFIG_FILE")
+    file_conf: dict = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                file_conf = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+
+    relay_url = env.get("RELAY_URL") or file_conf.get("relay_url")
+    if not relay_url:
+        raise ConfigError("RELAY_URL is not set (wss://host:port, quic://host:port or auto://host:port)")
+    parts = urlsplit(relay_url)
+    if parts.scheme not in SCHEMES or not parts.hostname:
+        raise ConfigError(f"RELAY_URL must look like wss://host:port, quic://host:port or auto://host:port, got {relay_url!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"RELAY_URL has a bad port: {relay_url!r}") from None
+
+    if env.get("REGISTRATION_JWT"):
+        token = env["REGISTRATION_JWT"].strip()
+    elif env.get("REGISTRATION_JWT_FILE"):
+        token = _read_secret_file(env["REGISTRATION_JWT_FILE"], "REGISTRATION_JWT_FILE")
+    elif file_conf.get("registration_jwt_file"):
+        token = _read_secret_file(file_conf["registration_jwt_file"], "registration_jwt_file")
+    else:
+        raise ConfigError("REGISTRATION_JWT (or REGISTRATION_JWT_FILE) is not set: "
+                          "get one with 'tunnel-relay resources registration-jwt --customer-id ID'")
+
+    targets: list[Target] = []
+    if env.get("NAME") or env.get("APP_HOST") or env.get("APP_PORT"):
+        missing = [k for k in ("NAME", "APP_HOST", "APP_PORT") if not env.get(k)]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} not set (NAME, APP_HOST and APP_PORT go together)")
+        targets.append(Target(_name(env["NAME"], "NAME"), env["APP_HOST"], _port(env["APP_PORT"], "APP_PORT")))
+    for i, entry in enumerate(file_conf.get("resources", [])):
+        if not isinstance(entry, dict) or not entry.get("host"):
+            raise ConfigError(f"resources[{i}] in {config_file} needs name, host and port")
+        targets.append(Target(_name(entry.get("name"), f"resources[{i}].name"), str(entry["host"]),
+                              _port(entry.get("port"), f"resources[{i}].port")))
+    if not targets:
+        raise ConfigError("no resource configured: set NAME, APP_HOST and APP_PORT (or [[resources]] in a config file)")
+    if len({t.name for t in targets}) != len(targets):
+        raise ConfigError("resource names must be unique")
+
+    ca_file = env.get("RELAY_CA_FILE") or file_conf.get("ca_file") or None
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"RELAY_CA_FILE {ca_file} is not a readable PEM certificate file: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    log_format = env.get("LOG_FORMAT", file_conf.get("log_format", "plain"))
+    if log_format not in ("plain", "json"):
+        raise ConfigError(f"LOG_FORMAT must be plain or json, got {log_format!r}")
+    log_level = env.get("LOG_LEVEL", file_conf.get("log_level", "INFO")).upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level)

@@ -1,0 +1,206 @@
+"""The agent's life: dial the relay, register, serve streams, and when the link drops,
+reconnect with jittered exponential backoff, forever.
+
+Each stream the relay opens names a resource; the agent dials only the ``host:port``
+configured for that name and refuses any other (it never dials an address the relay sends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import socket
+
+from tunnel import __version__
+from tunnel.bridge import TcpBridge, dial_bridge, stream_handler
+from tunnel.carrier import Link, LinkHandler, LinkStream
+from tunnel.config import Limits
+from tunnel.constants import ErrorCode
+from tunnel.errors import AuthError, LinkError
+
+from .config import AgentConfig
+
+log = logging.getLogger("agent")
+
+#: Error codes from the relay after which retrying with the same token is futile.
+FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
+
+
+class Backoff:
+    """Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2**n)]."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * (2 ** min(self.attempt, 32)))
+        self.attempt += 1
+        return self._rng.uniform(ceiling / 10, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class AgentLinkHandler(LinkHandler):
+    """The agent's side of one link: registration answer, streams, closing."""
+
+    def __init__(self, agent: "Agent", link: Link) -> None:
+        self.agent = agent
+        self.link = link
+        loop = asyncio.get_running_loop()
+        self.registered: asyncio.Future = loop.create_future()
+        self.closed: asyncio.Future = loop.create_future()
+        self.error: AuthError | None = None
+
+    def stream_opened(self, stream: LinkStream):
+        name = stream.metadata.decode("utf-8", "replace")
+        target = self.agent.config.target(name)
+        if target is None:
+            log.warning("refusing a stream for resource %r: not configured on this agent", name[:128])
+            stream.reset(ErrorCode.REFUSED)
+            return None
+        bridge = TcpBridge(stream)
+        task = asyncio.get_running_loop().create_task(
+            dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout))
+        self.agent.tasks.add(task)
+        task.add_done_callback(self.agent.tasks.discard)
+        return stream_handler(bridge)
+
+    def control_received(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "registered" and not self.registered.done():
+            self.registered.set_result(message)
+        elif kind == "error":
+            code = str(message.get("code", "error"))
+            text = str(message.get("message", ""))[:512]
+            self.error = AuthError(f"relay refused this agent: {text} ({code})", code=code, fatal=code in FATAL_CODES)
+            if not self.registered.done():
+                self.registered.set_exception(self.error)
+
+    def link_closed(self, code: int, reason: str) -> None:
+        if not self.registered.done():
+            self.registered.set_exception(self.error or LinkError(f"link closed during registration: {reason or code}"))
+        if not self.closed.done():
+            self.closed.set_result((code, reason))
+
+
+class Agent:
+    """Runs until a fatal error (then ``run`` returns an exit code) or cancellation."""
+
+    #: A link that stayed up this long resets the backoff.
+    HEALTHY_PERIOD = 30.0
+
+    def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None) -> None:
+        from tunnel.dial import Dialer
+
+        self.config = config
+        self.limits = limits or Limits.from_env()
+        self.dialer = dialer or Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits)
+        self.instance = secrets.token_hex(6)
+        self.tasks: set[asyncio.Task] = set()
+        self.backoff = Backoff()
+
+    def _auth_message(self) -> dict:
+        return {
+            "type": "auth",
+            "token": self.config.token,
+            "agent": {"version": __version__, "hostname": socket.gethostname(), "instance": self.instance},
+            "resources": [{"name": t.name} for t in self.config.targets],
+        }
+
+    async def register(self, link: Link) -> AgentLinkHandler:
+        handler = AgentLinkHandler(self, link)
+        link.set_handler(handler)
+        link.send_control(self._auth_message())
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(handler.registered), self.limits.handshake_timeout)
+        except asyncio.TimeoutError:
+            link.close(ErrorCode.TIMEOUT, "registration timed out")
+            raise LinkError("the relay did not answer the registration in time") from None
+        except BaseException:
+            link.close(ErrorCode.UNAUTHORIZED, "registration refused")
+            raise
+        for res in answer.get("resources", []):
+            log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
+                     link.transport, res.get("endpoint"))
+        return handler
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                link = await self.dialer.dial()
+                log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.transport)
+                handler = await self.register(link)
+                await self.serve(link, handler)
+            except AuthError as exc:
+                if exc.fatal:
+                    log.error("%s; not retrying: fix the registration token and restart the agent", exc)
+                    return 3
+                log.warning("%s", exc)
+            except (LinkError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                log.warning("relay %s unreachable: %s", self.config.relay_url, _describe(exc))
+            if loop.time() - started >= self.HEALTHY_PERIOD:
+                self.backoff.reset()
+            delay = self.backoff.next_delay()
+            log.info("reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)
+
+    async def serve(self, link: Link, handler: AgentLinkHandler) -> None:
+        """Serve ``link`` until it closes; under auto://, move to QUIC when it becomes reachable."""
+        loop = asyncio.get_running_loop()
+        while True:
+            probe_every = getattr(self.dialer, "reprobe_interval", None)
+            if link.transport == "wss" and probe_every:
+                done, _ = await asyncio.wait({handler.closed}, timeout=min(probe_every, 5.0))
+                if not done and self.dialer.should_probe_quic(loop.time()):
+                    moved = await self._try_quic(link)
+                    if moved is not None:
+                        link, handler = moved
+                    continue
+            await asyncio.shield(handler.closed)
+            break
+        code, reason = handler.closed.result()
+        if handler.error is not None:
+            raise handler.error
+        raise LinkError(f"link closed: {reason or ErrorCode(code).name if code in ErrorCode._value2member_map_ else code}")
+
+    async def _try_quic(self, old: Link):
+        new = await self.dialer.probe_quic()
+        if new is None:
+            return None
+        try:
+            handler = await self.register(new)
+        except (AuthError, LinkError, OSError, asyncio.TimeoutError) as exc:
+            log.info("QUIC reachable again but registration over it failed: %s", _describe(exc))
+            new.close()
+            return None
+        log.info("QUIC is reachable again: moved to QUIC, draining the WebSocket link")
+        old.goaway(ErrorCode.NO_ERROR, "moving to QUIC")
+        task = asyncio.get_running_loop().create_task(_close_when_idle(old))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return new, handler
+
+
+async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while link.stream_count and loop.time() < deadline:
+        await asyncio.sleep(0.5)
+    link.close(ErrorCode.NO_ERROR, "drained")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+

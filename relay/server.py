@@ -1,0 +1,244 @@
+"""``tunnel-relay serve``: agent listeners (TLS WebSocket on TCP and QUIC on UDP, one port
+number), agent authentication and registration, resource endpoints and the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+from tunnel import __version__, logs
+from tunnel.carrier import Link, LinkHandler, LinkStream
+from tunnel.config import Limits
+from tunnel.constants import ErrorCode
+from tunnel.errors import AuthError
+
+from .registry import AgentSession, Registry
+
+log = logging.getLogger("relay")
+
+MAX_RESOURCES_PER_AGENT = 64
+
+
+def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` into (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            host, port = value, ""
+    if not port:
+        if default_port is None:
+            raise ValueError(f"{value!r}: expected host:port")
+        port = str(default_port)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: bad port")
+    return host or "0.0.0.0", int(port)
+
+
+class AgentLinkHandler(LinkHandler):
+    """One agent link on the relay: waits for ``auth``, then serves as a registered agent."""
+
+    def __init__(self, relay: "Relay", link: Link) -> None:
+        self.relay = relay
+        self.link = link
+        self.agent: AgentSession | None = None
+        self._authenticating = False
+
+    def stream_opened(self, stream: LinkStream):
+        stream.reset(ErrorCode.REFUSED)  # agents do not open streams towards the relay
+        return None
+
+    def control_received(self, message: dict) -> None:
+        if message.get("type") == "auth" and self.agent is None and not self._authenticating:
+            self._authenticating = True
+            task = asyncio.get_running_loop().create_task(self.relay.authenticate(self, message))
+            self.relay.tasks.add(task)
+            task.add_done_callback(self.relay.tasks.discard)
+
+    def link_closed(self, code: int, reason: str) -> None:
+        self.relay.links.discard(self.link)
+        if self.agent is not None:
+            log.info("agent %s disconnected (%s)", self.agent.agent_id, reason or ErrorCode(code).name
+                     if code in ErrorCode._value2member_map_ else code)
+            self.relay.registry.remove_agent(self.agent)
+
+
+class Relay:
+    def __init__(self, state, authority, registry: Registry, limits: Limits) -> None:
+        self.state = state
+        self.authority = authority
+        self.registry = registry
+        self.limits = limits
+        self.links: set[Link] = set()
+        self.tasks: set[asyncio.Task] = set()
+
+    def on_link(self, link: Link) -> None:
+        self.links.add(link)
+        link.set_handler(AgentLinkHandler(self, link))
+
+    async def authenticate(self, handler: AgentLinkHandler, message: dict) -> None:
+        link = handler.link
+        try:
+            agent = await self._register(link, message)
+        except AuthError as exc:
+            log.warning("agent from %s refused: %s", _addr(link), exc)
+            link.send_control({"type": "error", "code": exc.code, "message": str(exc)})
+            link.close(ErrorCode.UNAUTHORIZED, str(exc))
+            return
+        except Exception:
+            log.exception("agent from %s: registration failed", _addr(link))
+            link.send_control({"type": "error", "code": "internal", "message": "registration failed"})
+            link.close(ErrorCode.INTERNAL_ERROR, "registration failed")
+            return
+        if link.is_closing:
+            return
+        handler.agent = agent
+        self.registry.add_agent(agent)
+        link.send_control({
+            "type": "registered",
+            "agent_id": agent.agent_id,
+            "resources": [
+                {"name": name, "id": rid, "endpoint": self.registry.endpoints[rid].address}
+                for rid, name in agent.resources.items()
+            ],
+        })
+        link.handshake_done()
+        log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s",
+                 agent.agent_id, agent.customer_id,
+                 ", ".join(f"{n} ({r})" for r, n in agent.resources.items()),
+                 link.transport, _addr(link), agent.version)
+
+    async def _register(self, link: Link, message: dict) -> AgentSession:
+        from .tokens import check_against_state
+
+        token = message.get("token")
+        resources = message.get("resources")
+        info = message.get("agent") if isinstance(message.get("agent"), dict) else {}
+        if not isinstance(token, str) or not token:
+            raise AuthError("no registration token", code="bad_request")
+        if (not isinstance(resources, list) or not resources or len(resources) > MAX_RESOURCES_PER_AGENT
+                or not all(isinstance(r, dict) and _valid_name(r.get("name")) for r in resources)):
+            raise AuthError("resources must be a list of 1 to 64 objects with a name "
+                            "(letters, digits, '.', '_', '-'; at most 128 characters)", code="bad_request")
+        claims = self.authority.verify(token)
+        registered: dict[str, str] = {}
+        for entry in resources:
+            resource = check_against_state(claims, self.state, entry["name"])
+            await self.registry.ensure_endpoint(resource)
+            registered[resource["id"]] = resource["name"]
+        return AgentSession(
+            agent_id="agt_" + secrets.token_hex(8),
+            link=link,
+            customer_id=claims.customer_id,
+            generation=claims.generation,
+            version=_clip(info.get("version")),
+            hostname=_clip(info.get("hostname")),
+            resources=registered,
+        )
+
+    async def drain(self) -> None:
+        """Graceful stop: no new streams, tell agents, close."""
+        for link in list(self.links):
+            link.goaway(ErrorCode.NO_ERROR, "relay shutting down")
+        for link in list(self.links):
+            link.close(ErrorCode.NO_ERROR, "relay shutting down")
+        await asyncio.gather(*(link.wait_closed() for link in list(self.links)), return_exceptions=True)
+
+
+def _valid_name(name) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 128
+            and all(c.isascii() and (c.isalnum() or c in "._-") for c in name))
+
+
+def _clip(value, limit: int = 128) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _addr(link: Link) -> str:
+    try:
+        host, port = link.peer_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return "?"
+
+
+def serve_main(args) -> int:
+    """Entry point of ``tunnel-relay serve`` (``args`` from relay.cli)."""
+    logs.configure(getattr(args, "log_format", None) or os.environ.get("RELAY_LOG_FORMAT", "plain"),
+                   getattr(args, "log_level", None) or os.environ.get("RELAY_LOG_LEVEL", "INFO"))
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        uvloop = None
+    try:
+        if uvloop is not None:
+            return uvloop.run(_serve(args))
+        return asyncio.run(_serve(args))
+    except KeyboardInterrupt:
+        return 0
+    except (OSError, ValueError) as exc:
+        log.error("relay cannot start: %s", exc)
+        return 1
+
+
+async def _serve(args) -> int:
+    from tunnel.quic import serve_quic
+    from tunnel.wss import serve_wss
+
+    from . import admin, pki, state as state_mod, tokens
+
+    limits = Limits.from_env()
+    state_dir = Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host, port = split_hostport(args.listen, 8443)
+    admin_host, admin_port = split_hostport(args.admin_listen, 8442)
+    names = [n for n in (host, getattr(args, "server_name", None)) if n and n not in ("0.0.0.0", "::")]
+    keys = pki.ensure_pki(state_dir, extra_names=names)
+    cert_file = args.cert or keys.cert_file
+    key_file = args.key or keys.key_file
+    if bool(args.cert) != bool(args.key):
+        raise ValueError("--cert and --key go together")
+    ssl_context = pki.server_ssl_context(cert_file, key_file)
+
+    store = state_mod.RelayState(state_dir / "relay.db")
+    authority = tokens.TokenAuthority(state_dir)
+    registry = Registry(args.service_host)
+    relay = Relay(store, authority, registry, limits)
+    for resource in store.list_resources():
+        try:
+            await registry.ensure_endpoint(resource)
+        except OSError as exc:
+            log.error("resource %s: cannot bind endpoint %s:%s: %s", resource["id"], args.service_host,
+                      resource["port"], exc.strerror or exc)
+
+    wss_server = await serve_wss(host, port, ssl_context=ssl_context, limits=limits, on_link=relay.on_link)
+    port = wss_server.sockets[0].getsockname()[1]
+    quic_server = await serve_quic(host, port, cert_file=str(cert_file), key_file=str(key_file),
+                                   limits=limits, on_link=relay.on_link)
+    admin_token = admin.ensure_admin_token(state_dir)
+    admin_server = await admin.start_admin_server(admin_host, admin_port, state=store, authority=authority,
+                                                  registry=registry, token=admin_token, state_dir=state_dir)
+    admin_bound = admin_server.sockets[0].getsockname()[1]
+    log.info("relay %s listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on http://%s:%d; "
+             "resource endpoints on %s; state in %s", __version__, host, port, admin_host, admin_bound,
+             args.service_host, state_dir)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("relay stopping")
+    wss_server.close()
+    quic_server.close()
+    admin_server.close()
+    await relay.drain()
+    registry.close()
+    return 0
