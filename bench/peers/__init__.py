@@ -1,0 +1,13 @@
+"""Peers and helpers of the end-to-end benchmark harness (``bench/e2e.py``).
+
+- :mod:`bench.peers.procs`: process registry (process groups, cleanup on exit and Ctrl-C),
+  free loopback ports, readiness checks, RSS / CPU sampling from ``/proc``.
+- :mod:`bench.peers.services`: the private services (echo, iperf3 server, nginx).
+- :mod:`bench.peers.delay`: userspace TCP and UDP delay proxies (long fat path).
+- :mod:`bench.peers.sshd`: a private sshd and ``ssh -R`` clients.
+- :mod:`bench.peers.ours`: our relay and agents, driven through the CLI contract.
+- :mod:`bench.peers.clients`: the load clients (round trips, connection rate, 1,000 streams,
+  iperf3, wrk).
+
+Everything here talks to loopback only, and every load loop is bounded in count and time.
+"""
