@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
               redis-server redis-tools wrk curl iptables iproute2 procps)
 missing=()
-for p in "${DEB_PACKAGES[@]}"; do
+[ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
+for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then

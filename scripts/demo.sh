@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Quick start: set up, then run a relay, a sample private service and an agent on the
+# embedded defaults, with traffic through them. Extra arguments go to scripts/demo.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --python-only
+exec python3 scripts/demo.py "$@"
