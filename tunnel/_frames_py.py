@@ -20,6 +20,12 @@ from .constants import (
 )
 from .errors import FrameTooLarge, ProtocolError
 
+__all__ = [
+    "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",
+    "encode_u32", "encode_hello", "parse_hello", "encode_goaway", "parse_goaway", "ws_mask",
+    "ws_mask_join", "encode_ws_header", "parse_ws_header",
+]
+
 IMPLEMENTATION = "python"
 
 _HEADER = struct.Struct("!BBHII")
@@ -187,7 +193,9 @@ def parse_goaway(payload) -> tuple:
 
 def ws_mask(data, key: bytes, offset: int = 0) -> bytes:
     """XOR ``data`` with the 4-byte ``key``, starting at key position ``offset % 4``.
-    Masking and unmasking are the same operation."""
+    Masking and unmasking are the same operation. A key of another length is a ValueError."""
+    if len(key) != 4:
+        raise ValueError(f"WebSocket mask key must be 4 bytes, got {len(key)}")
     n = len(data)
     if n == 0:
         return b""

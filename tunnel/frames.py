@@ -1,15 +1,41 @@
 """The frame codec in use: the compiled ``tunnel._frames`` when it is built, else the
-pure-Python twin. Set ``TUNNEL_PURE_PYTHON=1`` to force the twin (debugging, tests)."""
+pure-Python twin ``tunnel._frames_py`` (same API, same behaviour). Set
+``TUNNEL_PURE_PYTHON=1`` to force the twin (debugging, tests).
+
+``IMPLEMENTATION`` says which one was loaded (``"cython"`` or ``"python"``). The API is
+documented in ``tunnel/_frames.pyi``.
+"""
 
 import os
 
+from .constants import ALLOWED_FLAGS, HEADER_SIZE, MAX_GOAWAY_REASON, PARTIAL, Flags, FrameType  # noqa: F401
+from .errors import FrameTooLarge, ProtocolError  # noqa: F401
+
 if os.environ.get("TUNNEL_PURE_PYTHON", "") not in ("", "0"):
-    from ._frames_py import *  # noqa: F401,F403
-    from ._frames_py import HELLO_SIZE, IMPLEMENTATION  # noqa: F401
+    from . import _frames_py as _impl
 else:
     try:
-        from ._frames import *  # noqa: F401,F403
-        from ._frames import HELLO_SIZE, IMPLEMENTATION  # noqa: F401
+        from . import _frames as _impl
     except ImportError:  # not built: fall back to the twin
-        from ._frames_py import *  # noqa: F401,F403
-        from ._frames_py import HELLO_SIZE, IMPLEMENTATION  # noqa: F401
+        from . import _frames_py as _impl
+
+HELLO_SIZE = _impl.HELLO_SIZE
+IMPLEMENTATION = _impl.IMPLEMENTATION
+FrameDecoder = _impl.FrameDecoder
+encode_header = _impl.encode_header
+encode_frame = _impl.encode_frame
+parse_u32 = _impl.parse_u32
+encode_u32 = _impl.encode_u32
+encode_hello = _impl.encode_hello
+parse_hello = _impl.parse_hello
+encode_goaway = _impl.encode_goaway
+parse_goaway = _impl.parse_goaway
+ws_mask = _impl.ws_mask
+ws_mask_join = _impl.ws_mask_join
+encode_ws_header = _impl.encode_ws_header
+parse_ws_header = _impl.parse_ws_header
+
+__all__ = list(_impl.__all__) + [
+    "ALLOWED_FLAGS", "HEADER_SIZE", "MAX_GOAWAY_REASON", "PARTIAL", "Flags", "FrameType",
+    "FrameTooLarge", "ProtocolError",
+]
