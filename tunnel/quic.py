@@ -1,0 +1,1141 @@
+"""The QUIC carrier: a :class:`tunnel.carrier.Link` over aioquic's sans-IO ``QuicConnection``.
+
+Mapping (docs/PROTOCOL.md, "QUIC mapping"):
+
+- the agent's first bidirectional stream (QUIC stream 0) is the control stream and carries
+  our frames (HELLO, CONTROL, PING/ACK, GOAWAY) in the codec's format;
+- every tunneled stream is its own bidirectional QUIC stream opened by the side calling
+  :meth:`QuicLink.open_stream`; its first bytes are one OPEN frame (stream ID field 0, payload
+  the metadata), then raw bytes; QUIC FIN is the half-close; ``LinkStream.reset(code)`` is
+  RESET_STREAM + STOP_SENDING carrying our error code.
+
+Bounded memory, both ways:
+
+- *Receive credit follows consumption.* :class:`_BoundedConnection` subclasses
+  ``QuicConnection`` and disables aioquic's "double the limit once half of it has *arrived*"
+  policy; the limits start at ``initial_stream_window`` / ``session_window`` (transport
+  parameters) and are raised only by :meth:`_QuicLinkStream.consume`: once less than half a
+  window of credit is left, MAX_STREAM_DATA (and MAX_DATA) go to ``consumed + window``.
+  Bytes the application never sees (OPEN headers, control-stream frames, data for a stream
+  already reset) are consumed by the carrier itself; a closing stream gives its unconsumed
+  bytes back to the connection budget.
+- *Sends are bounded.* ``write`` queues in our own per-stream deque (``paused`` above
+  ``stream_send_high_water``, ``writable()`` below ``stream_send_low_water``). The carrier
+  hands aioquic at most what the peer's stream credit allows, and never more than
+  ``_UNSENT_CHUNK`` bytes beyond what aioquic already put on the wire, so aioquic's send
+  buffer holds at most the peer's window (in flight, unacknowledged) plus one chunk.
+
+The I/O adapter is ours (not ``aioquic.asyncio``): a client owns a connected UDP socket; a
+server (:class:`QuicServer`) owns one UDP socket and demultiplexes connections by connection
+ID, with a handshake deadline, a cap on handshakes in progress and a cap on connections.
+Sends are coalesced: one ``call_soon`` per loop iteration runs ``datagrams_to_send`` and
+writes every datagram in a tight loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+
+import orjson
+from aioquic.buffer import Buffer
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import (
+    TRANSPORT_CLOSE_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder
+
+from . import frames
+from .carrier import Link, LinkHandler, LinkStream, StreamHandler
+from .config import Limits
+from .constants import (
+    HEADER_SIZE,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    QUIC_ALPN,
+    ErrorCode,
+    Flags,
+    FrameType,
+)
+from .errors import LinkError, ProtocolError, SessionClosed, StreamClosed, UsageError
+
+__all__ = ["QuicLink", "QuicServer", "connect_quic", "serve_quic"]
+
+log = logging.getLogger(__name__)
+
+CONTROL_STREAM_ID = 0
+#: Most bytes handed to aioquic beyond what it has already sent on a stream.
+_UNSENT_CHUNK = 256 * 1024
+#: UDP payload size: fits a 1500-byte MTU path with IPv6 + UDP headers.
+MAX_DATAGRAM_SIZE = 1452
+#: Socket buffers; the kernel caps them at net.core.[rw]mem_max.
+SOCKET_BUFFER = 8 * 1024 * 1024
+#: Largest OPEN metadata (resource name) accepted on a tunneled stream.
+MAX_METADATA = 4096
+#: Default cap on connections one :class:`QuicServer` holds.
+DEFAULT_MAX_CONNECTIONS = 10000
+_HEADER = struct.Struct("!BBHII")
+_OPEN = int(FrameType.OPEN)
+
+
+class _BoundedConnection(QuicConnection):
+    """A ``QuicConnection`` that grants receive credit only when told to.
+
+    aioquic raises MAX_STREAM_DATA / MAX_DATA (doubling them) as soon as half of the current
+    limit has *arrived*. The two overrides below hide the "arrived" counters from that check
+    while the frames are written, so the limits only move when :meth:`grant_stream` /
+    :meth:`grant_connection` move them; everything else (sending the frame, retransmitting
+    it when lost) stays aioquic's.
+    """
+
+    def _write_connection_limits(self, builder, space) -> None:
+        limit = self._local_max_data
+        used, limit.used = limit.used, 0
+        try:
+            super()._write_connection_limits(builder=builder, space=space)
+        finally:
+            limit.used = used
+
+    def _write_stream_limits(self, builder, space, stream) -> None:
+        receiver = stream.receiver
+        highest, receiver.highest_offset = receiver.highest_offset, 0
+        try:
+            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def grant_stream(self, stream, consumed: int, window: int) -> bool:
+        """Credit for ``stream`` once the application consumed up to offset ``consumed``."""
+        if stream.max_stream_data_local - consumed <= window // 2:
+            stream.max_stream_data_local = consumed + window
+            return True
+        return False
+
+    def grant_connection(self, consumed: int, window: int) -> bool:
+        limit = self._local_max_data
+        if limit.value - consumed <= window // 2:
+            limit.value = consumed + window
+            return True
+        return False
+
+
+def _refuse_datagram(version: int, source_cid: bytes, destination_cid: bytes) -> bytes:
+    """A server Initial packet closing a connection attempt with CONNECTION_REFUSED."""
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=source_cid, is_client=False, version=version)
+    builder = QuicPacketBuilder(host_cid=source_cid, is_client=False, max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+                                peer_cid=destination_cid, version=version)
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY)
+    buf.push_uint_var(QuicErrorCode.CONNECTION_REFUSED)
+    buf.push_uint_var(QuicFrameType.PADDING)
+    buf.push_uint_var(0)
+    datagrams, _ = builder.flush()
+    return datagrams[0]
+
+
+def _configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
+    return QuicConfiguration(
+        alpn_protocols=[QUIC_ALPN],
+        is_client=is_client,
+        idle_timeout=limits.keepalive_timeout,
+        max_data=limits.session_window,
+        max_stream_data=limits.initial_stream_window,
+        max_datagram_size=MAX_DATAGRAM_SIZE,
+        congestion_control_algorithm="cubic",
+        verify_mode=ssl.CERT_REQUIRED,
+    )
+
+
+def _tune_socket(transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:  # pragma: no cover - platform dependent
+            pass
+
+
+def _close_code(event: qe.ConnectionTerminated) -> int:
+    if event.reason_phrase == "Idle timeout":
+        return ErrorCode.TIMEOUT
+    if event.frame_type is None and event.error_code in ErrorCode._value2member_map_:
+        return event.error_code
+    return ErrorCode.PROTOCOL_ERROR if event.error_code else ErrorCode.NO_ERROR
+
+
+class _QuicLinkStream(LinkStream):
+    """One tunneled stream riding its own bidirectional QUIC stream."""
+
+    __slots__ = ("link", "stream_id", "metadata", "handler", "_qs", "_queue", "_queued", "_paused",
+                 "_eof_pending", "_eof_sent", "_eof_received", "_reset", "_closed", "_rx_consumed",
+                 "_rx_seen", "_window", "_high", "_low")
+
+    def __init__(self, link: "QuicLink", stream_id: int, metadata: bytes, qs) -> None:
+        self.link = link
+        self.stream_id = stream_id
+        self.metadata = metadata
+        self.handler: StreamHandler | None = None
+        self._qs = qs  # aioquic's QuicStream (kept: aioquic forgets finished streams)
+        self._queue: collections.deque = collections.deque()
+        self._queued = 0
+        self._paused = False
+        self._eof_pending = False  # write_eof called, FIN not yet handed to aioquic
+        self._eof_sent = False
+        self._eof_received = False
+        self._reset = False
+        self._closed = False
+        self._rx_consumed = 0  # stream offset up to which credit may be granted
+        self._rx_seen = 0  # stream offset received so far (delivered or skipped)
+        limits = link.limits
+        self._window = limits.initial_stream_window
+        self._high = limits.stream_send_high_water
+        self._low = limits.stream_send_low_water
+
+    # --- LinkStream API ------------------------------------------------------------
+
+    def write(self, data) -> None:
+        if self._reset or self._eof_pending or self._eof_sent or self.link._closed:
+            raise StreamClosed(f"stream {self.stream_id} is closed for sending")
+        n = len(data)
+        if not n:
+            return
+        self._queue.append(data)
+        self._queued += n
+        if self._queued > self._high:
+            self._paused = True
+        self.link._want_send(self)
+
+    def write_eof(self) -> None:
+        if self._reset or self._eof_pending or self._eof_sent or self.link._closed:
+            return
+        self._eof_pending = True
+        self.link._want_send(self)
+
+    def reset(self, code: int = ErrorCode.NO_ERROR) -> None:
+        if self._reset or self._closed:
+            return
+        self._abort(int(code), notify=False)
+
+    def consume(self, n: int) -> None:
+        if self._closed or n <= 0:
+            return
+        self._rx_consumed += n
+        link = self.link
+        link._rx_consumed += n
+        if link._conn.grant_stream(self._qs, self._rx_consumed, self._window) | link._conn.grant_connection(
+                link._rx_consumed, link._session_window):
+            link._schedule_transmit()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # --- introspection -------------------------------------------------------------
+
+    @property
+    def send_buffered(self) -> int:
+        """Outgoing bytes held in memory: our queue plus aioquic's unacknowledged buffer."""
+        sender = self._qs.sender
+        return self._queued + len(sender._buffer)
+
+    @property
+    def receive_unconsumed(self) -> int:
+        """Received bytes (delivered or buffered by aioquic) not yet consumed."""
+        return self._qs.receiver.highest_offset - self._rx_consumed
+
+    # --- carrier internals ---------------------------------------------------------
+
+    def _feed(self) -> bool:
+        """Hand aioquic what the peer's credit allows; return True if anything moved."""
+        if self._reset:
+            return False
+        sender = self._qs.sender
+        moved = False
+        if self._queued:
+            room = min(self._qs.max_stream_data_remote, sender.highest_offset + _UNSENT_CHUNK) - sender._buffer_stop
+            if room > 0:
+                queue = self._queue
+                parts = []
+                take = 0
+                while queue and take < room:
+                    head = queue[0]
+                    size = len(head)
+                    if take + size <= room:
+                        queue.popleft()
+                        parts.append(head)
+                        take += size
+                    else:
+                        cut = room - take
+                        view = head if isinstance(head, memoryview) else memoryview(head)
+                        parts.append(view[:cut])
+                        queue[0] = view[cut:]
+                        take += cut
+                self._queued -= take
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                last = not self._queue and self._eof_pending
+                sender.write(data, end_stream=last)
+                if last:
+                    self._eof_pending = False
+                    self._eof_sent = True
+                self.link.bytes_sent += take
+                moved = True
+        if self._eof_pending and not self._queued:
+            sender.write(b"", end_stream=True)
+            self._eof_pending = False
+            self._eof_sent = True
+            moved = True
+        if moved:
+            sender.buffer_is_empty = False
+        return moved
+
+    def _after_feed(self) -> None:
+        if self._paused and self._queued <= self._low:
+            self._paused = False
+            if self.handler is not None:
+                self.handler.writable()
+        if self._eof_sent:
+            self._maybe_closed()
+
+    def _data(self, data: bytes, fin: bool) -> None:
+        self._rx_seen += len(data)
+        if self._reset or self.handler is None:
+            self._skip(len(data))
+        elif data:
+            self.link.bytes_received += len(data)
+            self.handler.data_received(data)
+        if fin and not self._reset and not self._eof_received:
+            self._eof_received = True
+            if self.handler is not None:
+                self.handler.eof_received()
+            self._maybe_closed()
+
+    def _skip(self, n: int) -> None:
+        """Bytes the application never sees: give their credit back at once."""
+        if n:
+            self._rx_consumed += n
+            self.link._rx_consumed += n
+            self.link._conn.grant_stream(self._qs, self._rx_consumed, self._window)
+            self.link._conn.grant_connection(self.link._rx_consumed, self.link._session_window)
+
+    def _abort(self, code: int, notify: bool) -> None:
+        """Reset both directions (ours, or in answer to the peer's RESET/STOP_SENDING)."""
+        self._reset = True
+        self._queue.clear()
+        self._queued = 0
+        link = self.link
+        conn = link._conn
+        if not link._closed:
+            try:
+                conn.reset_stream(self.stream_id, code)
+            except Exception:  # stream state already gone
+                pass
+            if not self._eof_received:
+                try:
+                    conn.stop_stream(self.stream_id, code)
+                except Exception:
+                    pass
+            link._schedule_transmit()
+        if notify and self.handler is not None:
+            self.handler.reset_received(code)
+        self._finish(notify)
+
+    def _release_rest(self) -> None:
+        """Unconsumed or late bytes of a finished stream stop counting against the link."""
+        leftover = max(self._qs.receiver.highest_offset, self._rx_seen) - self._rx_consumed
+        if leftover > 0:
+            link = self.link
+            link._rx_consumed += leftover
+            self._rx_consumed += leftover
+            link._conn.grant_connection(link._rx_consumed, link._session_window)
+
+    def _maybe_closed(self) -> None:
+        if self._eof_received and self._eof_sent and not self._closed:
+            self._finish(True)
+
+    def _finish(self, direct: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        link = self.link
+        link._streams.pop(self.stream_id, None)
+        link._sending.discard(self)
+        self._release_rest()
+        handler = self.handler
+        if handler is not None:
+            if direct:
+                handler.closed()
+            else:
+                link._loop.call_soon(handler.closed)
+
+
+class _Incoming:
+    """An incoming tunneled stream whose OPEN frame is not complete yet."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+
+class QuicLink(Link):
+    """One agent-relay link over a QUIC connection (see the module docstring)."""
+
+    transport = "quic"
+
+    def __init__(self, conn: _BoundedConnection, limits: Limits, *, is_client: bool, send: Callable,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._conn = conn
+        self.limits = limits
+        self._is_client = is_client
+        self._send = send  # send(datagram, addr)
+        self._loop = loop or asyncio.get_running_loop()
+        self.peer_address = ()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._handler: LinkHandler | None = None
+        self._backlog: list | None = []  # events held until a handler is installed
+        self._streams: dict[int, _QuicLinkStream] = {}
+        self._sending: set[_QuicLinkStream] = set()
+        self._rx_consumed = 0
+        self._session_window = limits.session_window
+        self._decoder = frames.FrameDecoder(max(limits.max_frame_size, limits.max_control_size))
+        self._hello_sent = False
+        self._peer_hello = None
+        self._version = 0
+        self._held: list = []  # data-stream events held until the peer's HELLO
+        self._quic_connected = False
+        self._ready = asyncio.Event()  # QUIC handshake and HELLO exchange done
+        self._closed = False  # no more I/O on the connection
+        self._closing = False
+        self._goaway_received = False
+        self._close_info: tuple[int, str] | None = None
+        self._terminated = self._loop.create_future()
+        self._tx_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._last_rx = self._loop.time()
+        self._last_ping = 0.0
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._on_terminated: Callable | None = None  # the server forgets us
+        self._on_ready: Callable | None = None
+        self._highest_peer_stream = 0
+        self._ping_payload = 0
+        self.error: str | None = None
+
+    # --- Link API ------------------------------------------------------------------
+
+    def set_handler(self, handler: LinkHandler) -> None:
+        self._handler = handler
+        if self._backlog is not None:
+            self._loop.call_soon(self._replay)
+
+    def _replay(self) -> None:
+        backlog, self._backlog = self._backlog, None
+        for kind, item in backlog or ():
+            if kind == "ctl":
+                self._handler.control_received(item)
+            elif kind == "ev":
+                self._stream_event(item)
+            elif kind == "closed":
+                self._handler.link_closed(*item)
+        self._schedule_transmit()
+
+    def open_stream(self, metadata: bytes, handler: StreamHandler) -> LinkStream:
+        if self._closed or self._closing or self._goaway_received or not self._ready.is_set():
+            raise SessionClosed("link is closing" if self._ready.is_set() else "link is not ready")
+        metadata = bytes(metadata)
+        sid = self._conn.get_next_available_stream_id()
+        header = frames.encode_frame(_OPEN, 0, 0, metadata)
+        self._conn.send_stream_data(sid, header)
+        qs = self._conn._streams[sid]
+        stream = _QuicLinkStream(self, sid, metadata, qs)
+        qs.tn = stream
+        stream.handler = handler
+        self._streams[sid] = stream
+        self._schedule_transmit()
+        return stream
+
+    def send_control(self, message: dict) -> None:
+        if self._closed:
+            raise SessionClosed("link is closed")
+        payload = orjson.dumps(message)
+        if len(payload) > self.limits.max_control_size:
+            raise UsageError(f"control message of {len(payload)} bytes exceeds max_control_size")
+        self._send_frame(FrameType.CONTROL, 0, payload)
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        if self._closed or self._closing:
+            return
+        self._closing = True
+        self._send_frame(FrameType.GOAWAY, 0, frames.encode_goaway(self._highest_peer_stream, int(code), reason))
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        if self._closed:
+            return
+        self._closing = True
+        if self._hello_sent and code != ErrorCode.NO_ERROR:
+            try:
+                self._send_frame(FrameType.GOAWAY, 0, frames.encode_goaway(self._highest_peer_stream, int(code), reason))
+            except Exception:
+                pass
+        self._conn.close(error_code=int(code), reason_phrase=reason[:1024])
+        self._shutdown(int(code), reason)
+        self._schedule_transmit()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._terminated)
+
+    @property
+    def is_closing(self) -> bool:
+        return self._closed or self._closing or self._goaway_received
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    # --- I/O entry points ----------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if self._conn._state == QuicConnectionState.TERMINATED:
+            return
+        now = self._loop.time()
+        self._last_rx = now
+        self._conn.receive_datagram(data, addr, now)
+        self._process_events()
+        self._schedule_transmit()
+
+    def connection_lost(self, exc) -> None:
+        """The UDP socket is gone: the link is over."""
+        if not self._closed:
+            self._shutdown(ErrorCode.CONNECTION_RESET, f"socket closed: {exc}" if exc else "socket closed")
+        self._terminate()
+
+    # --- sending -------------------------------------------------------------------
+
+    def _send_frame(self, ftype: int, flags: int, payload: bytes) -> None:
+        self._conn.send_stream_data(CONTROL_STREAM_ID, frames.encode_frame(int(ftype), flags, 0, payload))
+        self._schedule_transmit()
+
+    def _want_send(self, stream: _QuicLinkStream) -> None:
+        self._sending.add(stream)
+        self._schedule_transmit()
+
+    def _schedule_transmit(self) -> None:
+        if not self._tx_scheduled:
+            self._tx_scheduled = True
+            self._loop.call_soon(self._transmit)
+
+    def _transmit(self) -> None:
+        self._tx_scheduled = False
+        conn = self._conn
+        send = self._send
+        loop_time = self._loop.time
+        sending = self._sending
+        fed_any: set | None = None
+        while True:
+            if sending and not self._closed:
+                for s in list(sending):
+                    if s._feed():
+                        if fed_any is None:
+                            fed_any = set()
+                        fed_any.add(s)
+                    if not s._queued and not s._eof_pending:
+                        sending.discard(s)
+            datagrams = conn.datagrams_to_send(now=loop_time())
+            if not datagrams:
+                break
+            for data, addr in datagrams:
+                send(data, addr)
+        # Callbacks after the batch: resumed writers, finished streams.
+        if fed_any:
+            for s in fed_any:
+                if not s._closed:
+                    s._after_feed()
+        self._process_events()
+        timer_at = conn.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._on_timer)
+        self._timer_at = timer_at
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._conn.handle_timer(now=self._loop.time())
+        self._process_events()
+        self._transmit()
+
+    # --- events --------------------------------------------------------------------
+
+    def _process_events(self) -> None:
+        conn = self._conn
+        while True:
+            event = conn.next_event()
+            if event is None:
+                return
+            cls = type(event)
+            if cls is qe.StreamDataReceived:
+                if event.stream_id == CONTROL_STREAM_ID:
+                    self._control_data(event)
+                elif self._peer_hello is None or self._backlog is not None:
+                    (self._held if self._peer_hello is None else self._backlog).append(("ev", event))
+                else:
+                    self._stream_event(event)
+            elif cls is qe.StreamReset or cls is qe.StopSendingReceived:
+                if event.stream_id == CONTROL_STREAM_ID:
+                    self._fail(ErrorCode.PROTOCOL_ERROR, "control stream reset")
+                elif self._peer_hello is None:
+                    self._held.append(("ev", event))
+                elif self._backlog is not None:
+                    self._backlog.append(("ev", event))
+                else:
+                    self._stream_event(event)
+            elif cls is qe.HandshakeCompleted:
+                self._handshake_completed(event)
+            elif cls is qe.ConnectionTerminated:
+                if not self._closed:
+                    self._shutdown(_close_code(event), event.reason_phrase or "connection closed")
+                self._terminate()
+            elif cls is qe.ConnectionIdIssued:
+                if self._server_cid_issued is not None:
+                    self._server_cid_issued(event.connection_id)
+            elif cls is qe.ConnectionIdRetired:
+                if self._server_cid_retired is not None:
+                    self._server_cid_retired(event.connection_id)
+
+    _server_cid_issued: Callable | None = None
+    _server_cid_retired: Callable | None = None
+
+    def _handshake_completed(self, event) -> None:
+        self._quic_connected = True
+        if event.alpn_protocol != QUIC_ALPN:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "ALPN tunnel/1 not negotiated")
+            return
+        if self._is_client:
+            self._send_hello()
+            self._start_keepalive()
+
+    def _send_hello(self) -> None:
+        if self._hello_sent:
+            return
+        self._hello_sent = True
+        limits = self.limits
+        hello = frames.encode_hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, limits.initial_stream_window,
+                                    limits.session_window, limits.max_frame_size, limits.max_concurrent_streams)
+        self._send_frame(FrameType.HELLO, 0, hello)
+
+    def _control_data(self, event) -> None:
+        data = event.data
+        cs = self._conn._streams.get(CONTROL_STREAM_ID)
+        # Control bytes are parsed at once: their credit goes straight back.
+        if cs is not None and data:
+            self._rx_consumed += len(data)
+            self._conn.grant_stream(cs, cs.receiver.highest_offset, self.limits.initial_stream_window)
+            self._conn.grant_connection(self._rx_consumed, self._session_window)
+        if not self._is_client and not self._hello_sent:
+            self._send_hello()
+            self._start_keepalive()
+        try:
+            for ftype, flags, _sid, payload in self._decoder.feed(data):
+                self._control_frame(ftype, flags, payload)
+                if self._closed:
+                    return
+        except ProtocolError as exc:
+            self._fail(exc.code, str(exc))
+            return
+        if event.end_stream and not self._closed:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "control stream ended")
+
+    def _control_frame(self, ftype: int, flags: int, payload) -> None:
+        if self._peer_hello is None:
+            if ftype != FrameType.HELLO:
+                raise ProtocolError("first frame is not HELLO")
+            hello = frames.parse_hello(payload)
+            lo, hi = hello[0], hello[1]
+            version = min(hi, PROTOCOL_VERSION)
+            if version < max(lo, MIN_PROTOCOL_VERSION):
+                self._send_frame(FrameType.GOAWAY, 0, frames.encode_goaway(0, ErrorCode.VERSION_MISMATCH,
+                                                                           "no common protocol version"))
+                self._fail(ErrorCode.VERSION_MISMATCH, "no common protocol version")
+                return
+            self._peer_hello = hello
+            self._version = version
+            held, self._held = self._held, []
+            for item in held:
+                if self._backlog is not None:
+                    self._backlog.append(item)
+                else:
+                    self._stream_event(item[1])
+            if not self._ready.is_set():
+                self._ready.set()
+                if self._on_ready is not None:
+                    self._on_ready(self)
+            return
+        if ftype == FrameType.PING:
+            if not flags & Flags.ACK:
+                self._send_frame(FrameType.PING, Flags.ACK, bytes(payload))
+        elif ftype == FrameType.CONTROL:
+            try:
+                message = orjson.loads(bytes(payload))
+            except orjson.JSONDecodeError:
+                raise ProtocolError("CONTROL payload is not JSON") from None
+            if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+                raise ProtocolError("CONTROL payload is not an object with a type")
+            if len(payload) > self.limits.max_control_size:
+                raise ProtocolError("CONTROL message exceeds max_control_size", ErrorCode.FRAME_SIZE_ERROR)
+            if self._backlog is not None:
+                self._backlog.append(("ctl", message))
+            else:
+                self._handler.control_received(message)
+        elif ftype == FrameType.GOAWAY:
+            _last, code, reason = frames.parse_goaway(payload)
+            self._goaway_received = True
+            if code != ErrorCode.NO_ERROR:
+                self._fail(code, reason or "peer sent GOAWAY")
+        elif ftype == FrameType.HELLO:
+            raise ProtocolError("second HELLO")
+        else:
+            raise ProtocolError(f"{FrameType(ftype).name} frame on the QUIC control stream")
+
+    def _stream_event(self, event) -> None:
+        if self._closed:
+            return
+        sid = event.stream_id
+        qs = self._conn._streams.get(sid)
+        if qs is None:  # aioquic already forgot it
+            return
+        state = getattr(qs, "tn", None)
+        if type(event) is not qe.StreamDataReceived:
+            code = event.error_code if event.error_code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL_ERROR
+            if type(state) is _QuicLinkStream:
+                if not state._reset and not state._closed:
+                    state._abort(code, notify=True)
+            elif not getattr(qs, "tn_done", False):
+                qs.tn_done = True
+                qs.tn = None
+                self._reset_raw(qs, code)
+            return
+        if type(state) is _QuicLinkStream:
+            if state._closed:
+                state._release_rest()
+            else:
+                state._data(event.data, event.end_stream)
+            return
+        if getattr(qs, "tn_done", False):
+            self._reset_raw(qs, None)
+            return
+        # A stream the peer opened: collect its OPEN frame.
+        if state is None:
+            state = qs.tn = _Incoming()
+            self._highest_peer_stream = max(self._highest_peer_stream, sid)
+        buf = state.buf
+        buf += event.data
+        bad = False
+        if len(buf) >= HEADER_SIZE:
+            ftype, flags, reserved, fsid, length = _HEADER.unpack_from(buf, 0)
+            bad = ftype != _OPEN or reserved or fsid or flags & ~int(Flags.FIN) or length > MAX_METADATA
+            complete = len(buf) >= HEADER_SIZE + length
+        else:
+            complete = False
+        if bad or (not complete and event.end_stream):
+            qs.tn = None
+            qs.tn_done = True
+            self._reset_raw(qs, ErrorCode.PROTOCOL_ERROR)
+            return
+        if not complete:
+            return
+        stream = _QuicLinkStream(self, sid, bytes(buf[HEADER_SIZE:HEADER_SIZE + length]), qs)
+        qs.tn = stream
+        stream._rx_seen = HEADER_SIZE + length
+        stream._skip(HEADER_SIZE + length)
+        rest = bytes(buf[HEADER_SIZE + length:])
+        self._streams[sid] = stream
+        if self._closing or self._goaway_received:
+            stream._abort(ErrorCode.REFUSED, notify=False)
+            return
+        if len(self._streams) > self.limits.max_concurrent_streams:
+            stream._abort(ErrorCode.STREAM_LIMIT, notify=False)
+            return
+        handler = self._handler.stream_opened(stream)
+        if stream._reset or stream._closed:
+            return
+        if handler is None:
+            stream._abort(ErrorCode.REFUSED, notify=False)
+            return
+        stream.handler = handler
+        stream._data(rest, event.end_stream or bool(flags & Flags.FIN))
+
+    def _reset_raw(self, qs, code: int | None) -> None:
+        """Refuse a peer stream that never became a LinkStream (``code`` None: late data)."""
+        credited = getattr(qs, "tn_credit", 0)
+        qs.tn_credit = qs.receiver.highest_offset
+        self._rx_consumed += qs.tn_credit - credited
+        self._conn.grant_connection(self._rx_consumed, self._session_window)
+        if code is None:
+            return
+        for call in (self._conn.reset_stream, self._conn.stop_stream):
+            try:
+                call(qs.stream_id, code)
+            except Exception:
+                pass
+        self._schedule_transmit()
+
+    # --- keepalive -----------------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        if self._keepalive is None and not self._closed:
+            self._keepalive = self._loop.call_later(self.limits.keepalive_interval, self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        self._keepalive = None
+        if self._closed:
+            return
+        limits = self.limits
+        now = self._loop.time()
+        silent = now - self._last_rx
+        if silent >= limits.keepalive_timeout:
+            self._fail(ErrorCode.TIMEOUT, "keepalive timeout: no packets from the peer")
+            return
+        if silent >= limits.keepalive_interval and now - self._last_ping >= limits.keepalive_interval:
+            self._last_ping = now
+            self._ping_payload += 1
+            self._send_frame(FrameType.PING, 0, self._ping_payload.to_bytes(8, "big"))
+        due = min(self._last_rx + limits.keepalive_timeout,
+                  max(self._last_rx, self._last_ping) + limits.keepalive_interval)
+        self._keepalive = self._loop.call_at(max(due, now + 0.01), self._keepalive_tick)
+
+    # --- ending --------------------------------------------------------------------
+
+    def _fail(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self.close(code, reason)
+
+    def _shutdown(self, code: int, reason: str) -> None:
+        """Mark the link closed; reset every stream; tell the handler (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        self.error = reason
+        self._close_info = (code, reason)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        if self._on_handshake_slot is not None:
+            self._on_handshake_slot()
+        streams = list(self._streams.values())
+        self._streams.clear()
+        self._sending.clear()
+
+        def notify() -> None:
+            for stream in streams:
+                if not stream._closed:
+                    stream._reset = True
+                    stream._queue.clear()
+                    stream._queued = 0
+                    if stream.handler is not None:
+                        stream.handler.reset_received(code if code else ErrorCode.CONNECTION_RESET)
+                    stream._finish(True)
+            if self._backlog is not None:
+                self._backlog.append(("closed", (code, reason)))
+            elif self._handler is not None:
+                self._handler.link_closed(code, reason)
+
+        self._loop.call_soon(notify)
+
+    _on_handshake_slot: Callable | None = None
+
+    def _terminate(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._on_terminated is not None:
+            callback, self._on_terminated = self._on_terminated, None
+            callback(self)
+        if not self._terminated.done():
+            self._terminated.set_result(None)
+
+
+# --- client --------------------------------------------------------------------------
+
+
+class _ClientProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.link: QuicLink | None = None
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data, addr) -> None:
+        if self.link is not None:
+            self.link.datagram_received(data, addr)
+
+    def error_received(self, exc) -> None:  # ICMP unreachable and the like: QUIC recovers or times out
+        pass
+
+    def connection_lost(self, exc) -> None:
+        if self.link is not None:
+            self.link.connection_lost(exc)
+
+
+def _system_cafile() -> str | None:
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None  # aioquic falls back to certifi's bundle
+
+
+async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name: str | None, limits: Limits,
+                       timeout: float) -> QuicLink:
+    """Dial the relay over QUIC and exchange HELLOs; raise ``LinkError`` on any failure.
+
+    The relay's certificate is always verified: against ``ca_file`` when given, else the
+    system trust store.
+    """
+    loop = asyncio.get_running_loop()
+    config = _configuration(limits, is_client=True)
+    config.server_name = server_name or host
+    config.load_verify_locations(cafile=ca_file or _system_cafile())
+    protocol = _ClientProtocol()
+    transport = None
+    link: QuicLink | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise LinkError(f"cannot resolve {host}")
+            family, _, _, _, addr = infos[0]
+            transport, _ = await loop.create_datagram_endpoint(lambda: protocol, remote_addr=addr[:2], family=family)
+            _tune_socket(transport)
+            peer = transport.get_extra_info("peername")
+            conn = _BoundedConnection(configuration=config)
+            _set_stream_limits(conn, limits)
+            link = QuicLink(conn, limits, is_client=True, send=lambda data, _addr: transport.sendto(data), loop=loop)
+            link.peer_address = peer
+            link._transport = transport
+            link._on_terminated = lambda _link: transport.close()
+            protocol.link = link
+            conn.connect(peer, now=loop.time())
+            link._transmit()
+            ready = asyncio.ensure_future(link._ready.wait())
+            try:
+                await asyncio.wait([ready, link._terminated], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+            if not link._ready.is_set():
+                raise LinkError(f"QUIC connection to {host}:{port} failed: {link.error or 'closed'}")
+            return link
+    except TimeoutError:
+        if link is not None:
+            link.close(ErrorCode.TIMEOUT, "handshake timeout")
+        elif transport is not None:
+            transport.close()
+        raise LinkError(f"QUIC connection to {host}:{port} timed out after {timeout} s") from None
+    except LinkError:
+        if link is not None:
+            link.close(ErrorCode.INTERNAL_ERROR, "connect failed")
+        elif transport is not None:
+            transport.close()
+        raise
+    except OSError as exc:
+        if transport is not None:
+            transport.close()
+        raise LinkError(f"QUIC connection to {host}:{port} failed: {exc}") from None
+
+
+def _set_stream_limits(conn: QuicConnection, limits: Limits) -> None:
+    """Peers may open up to ``max_concurrent_streams`` bidi streams and no uni streams."""
+    bidi = conn._local_max_streams_bidi
+    bidi.value = bidi.sent = limits.max_concurrent_streams + 1  # + the control stream
+    uni = conn._local_max_streams_uni
+    uni.value = uni.sent = 0
+
+
+# --- server --------------------------------------------------------------------------
+
+
+class QuicServer(asyncio.DatagramProtocol):
+    """One UDP socket accepting QUIC links; see :func:`serve_quic`."""
+
+    def __init__(self, configuration: QuicConfiguration, limits: Limits, on_link: Callable[[Link], None],
+                 max_connections: int) -> None:
+        self._configuration = configuration
+        self.limits = limits
+        self._on_link = on_link
+        self.max_connections = max_connections
+        self._loop = asyncio.get_running_loop()
+        self._links: dict[bytes, QuicLink] = {}
+        self._all: set[QuicLink] = set()
+        self._pending = 0
+        self._transport = None
+        self._closed = asyncio.Event()
+        self.port = 0
+        self.refused = 0
+
+    @property
+    def pending_handshakes(self) -> int:
+        return self._pending
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._all)
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        _tune_socket(transport)
+
+    def error_received(self, exc) -> None:
+        pass
+
+    def connection_lost(self, exc) -> None:
+        for link in list(self._all):
+            link.connection_lost(exc)
+        self._closed.set()
+
+    def close(self) -> None:
+        """Close every link (CONNECTION_CLOSE sent) and stop listening."""
+        for link in list(self._all):
+            link.close(ErrorCode.NO_ERROR, "relay shutting down")
+            link._transmit()
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def _sendto(self, data: bytes, addr) -> None:
+        self._transport.sendto(data, addr)
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        buf = Buffer(data=data)
+        try:
+            header = pull_quic_header(buf, host_cid_length=self._configuration.connection_id_length)
+        except ValueError:
+            return
+        link = self._links.get(header.destination_cid)
+        if link is not None:
+            link.datagram_received(data, addr)
+            return
+        if header.packet_type == QuicPacketType.VERSION_NEGOTIATION or header.version is None:
+            return
+        if header.version not in self._configuration.supported_versions:
+            self._transport.sendto(encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                supported_versions=self._configuration.supported_versions), addr)
+            return
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            return
+        if self._pending >= self.limits.max_pending_handshakes or len(self._all) >= self.max_connections:
+            self.refused += 1
+            self._transport.sendto(_refuse_datagram(header.version, header.destination_cid, header.source_cid), addr)
+            return
+        self._accept(header, data, addr)
+
+    def _accept(self, header, data: bytes, addr) -> None:
+        conn = _BoundedConnection(configuration=self._configuration,
+                                  original_destination_connection_id=header.destination_cid)
+        _set_stream_limits(conn, self.limits)
+        link = QuicLink(conn, self.limits, is_client=False, send=self._sendto, loop=self._loop)
+        link.peer_address = addr
+        self._all.add(link)
+        self._links[header.destination_cid] = link
+        self._links[conn.host_cid] = link
+        cids = {header.destination_cid, conn.host_cid}
+
+        def issued(cid: bytes) -> None:
+            cids.add(cid)
+            self._links[cid] = link
+
+        def retired(cid: bytes) -> None:
+            cids.discard(cid)
+            self._links.pop(cid, None)
+
+        def terminated(_link: QuicLink) -> None:
+            for cid in cids:
+                if self._links.get(cid) is link:
+                    del self._links[cid]
+            self._all.discard(link)
+
+        link._server_cid_issued = issued
+        link._server_cid_retired = retired
+        link._on_terminated = terminated
+
+        # Handshake slot and deadline: QUIC handshake + HELLO + authentication.
+        self._pending += 1
+        deadline = self._loop.call_later(self.limits.handshake_timeout, self._handshake_expired, link)
+
+        def release() -> None:
+            link._on_handshake_slot = None
+            link.on_handshake_done = None
+            deadline.cancel()
+            self._pending -= 1
+
+        link._on_handshake_slot = release
+        link.on_handshake_done = release
+        link._on_ready = self._link_ready
+        link.datagram_received(data, addr)
+
+    def _handshake_expired(self, link: QuicLink) -> None:
+        if link._on_handshake_slot is not None:
+            link.close(ErrorCode.TIMEOUT, "handshake deadline exceeded")
+
+    def _link_ready(self, link: QuicLink) -> None:
+        try:
+            self._on_link(link)
+        except Exception:
+            log.exception("on_link failed")
+            link.close(ErrorCode.INTERNAL_ERROR, "internal error")
+
+
+async def serve_quic(host: str, port: int, *, cert_file: str, key_file: str, limits: Limits,
+                     on_link: Callable[[Link], None], max_connections: int = DEFAULT_MAX_CONNECTIONS) -> QuicServer:
+    """Listen for QUIC links on UDP ``host:port`` (port 0 picks one; see ``.port``).
+
+    ``on_link(link)`` runs once a link's QUIC handshake and HELLO exchange are done; the
+    relay must call ``link.handshake_done()`` after authenticating it, within
+    ``limits.handshake_timeout`` of the connection's first packet, or the link is closed.
+    """
+    loop = asyncio.get_running_loop()
+    config = _configuration(limits, is_client=False)
+    config.load_cert_chain(cert_file, key_file)
+    family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
+    transport, server = await loop.create_datagram_endpoint(
+        lambda: QuicServer(config, limits, on_link, max_connections), local_addr=(host, port), family=family)
+    server.port = transport.get_extra_info("sockname")[1]
+    return server
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
