@@ -96,11 +96,13 @@ class Agent:
     HEALTHY_PERIOD = 30.0
 
     def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None) -> None:
-        from tunnel.dial import Dialer
-
         self.config = config
         self.limits = limits or Limits.from_env()
-        self.dialer = dialer or Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits)
+        if dialer is None:
+            from tunnel.dial import Dialer
+
+            dialer = Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits)
+        self.dialer = dialer
         self.instance = secrets.token_hex(6)
         self.tasks: set[asyncio.Task] = set()
         self.backoff = Backoff()
