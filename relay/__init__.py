@@ -17,6 +17,12 @@ import ipaddress
 
 __version__ = "0.1.0"
 
+#: Files of the state directory that more than one module names.
+ADMIN_TOKEN_FILE = "admin-token"
+ADMIN_INFO_FILE = "admin.json"
+DATABASE_FILE = "relay.db"
+DEFAULT_STATE_DIR = "./relay-state"
+
 
 def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
     """Split ``host:port``, ``[v6]:port``, ``:port`` (all interfaces) or ``host`` (with

@@ -174,7 +174,9 @@ class RelayState:
 
     @classmethod
     def open_dir(cls, state_dir: str | os.PathLike) -> "RelayState":
-        return cls(Path(state_dir) / "relay.db")
+        from . import DATABASE_FILE
+
+        return cls(Path(state_dir) / DATABASE_FILE)
 
     def close(self) -> None:
         with self._lock:

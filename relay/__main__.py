@@ -1,0 +1,7 @@
+"""``python -m relay`` is ``tunnel-relay``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

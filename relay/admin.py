@@ -1,0 +1,533 @@
+"""The relay's admin API: HTTP/1.1 + JSON on loopback, bearer token.
+
+A small, strict server on asyncio streams: request line and headers at most 16 KiB,
+``Content-Length`` bodies at most 1 MiB (no chunked bodies), keep-alive with an idle timeout,
+the token compared in constant time. Every error is a JSON object
+``{"error": "<code>", "message": "<text>"}``.
+
+Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``)::
+
+    GET    /v1/health                   {"status": "ok"}
+    GET    /v1/customers                [{"id", "name", "created_at"}]
+    POST   /v1/customers                {"name"} -> {"id", "name", "created_at"}   (201)
+    GET    /v1/resources[?extended=1]   [{"id", "name", "customer_id", "status", "endpoint",
+                                          "agents"[, "agents_detail"]}]
+    POST   /v1/registration-jwt         {"customer_id"?, "org_only"?, "resource_id"?,
+                                         "rotate"?, "ttl_seconds"?} -> {"jwt"}
+    DELETE /v1/resources/{id}           {"id", "deleted": true}
+
+The live view (agents per resource) comes from a :class:`Registry` the data plane provides.
+
+Files: ``<state>/admin-token`` (0600, created once) and ``<state>/admin.json``
+(``{"url": "http://127.0.0.1:PORT"}``, 0600, written once listening).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+import secrets
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
+from .state import ORG_CUSTOMER_ID, RelayState, ensure_state_dir, write_private
+from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority
+
+log = logging.getLogger("relay.admin")
+
+MAX_HEAD_SIZE = 16 * 1024
+MAX_BODY_SIZE = 1024 * 1024
+HEAD_TIMEOUT = 10.0
+BODY_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0
+
+_RESOURCE_PATH = re.compile(r"^/v1/resources/([A-Za-z0-9_]{1,64})$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
+
+
+class Registry(Protocol):
+    """What the admin API needs from the data plane."""
+
+    service_host: str
+
+    def agents_of(self, resource_id: str) -> list[dict]: ...
+
+    def drop_agents(self, resource_id: str, below_generation: int) -> int: ...
+
+    def resource_deleted(self, resource_id: str) -> None: ...
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+# --------------------------------------------------------------------------- token file
+
+
+def load_or_create_admin_token(state_dir: str | os.PathLike) -> str:
+    """The admin token in ``<state>/admin-token``, created (0600, 32 random bytes) if absent."""
+    path = ensure_state_dir(state_dir) / ADMIN_TOKEN_FILE
+    try:
+        token = path.read_text("ascii").strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        return token
+    token = secrets.token_urlsafe(32)
+    write_private(path, (token + "\n").encode("ascii"))
+    return token
+
+
+#: The name relay.server uses.
+ensure_admin_token = load_or_create_admin_token
+
+
+# --------------------------------------------------------------------------- the application
+
+
+class AdminApi:
+    """Request handling, independent of the HTTP plumbing (easy to call in tests)."""
+
+    def __init__(
+        self,
+        *,
+        state: RelayState,
+        authority: TokenAuthority,
+        registry: Registry,
+        token: str,
+    ) -> None:
+        if not token:
+            raise ValueError("the admin token must not be empty")
+        self.state = state
+        self.authority = authority
+        self.registry = registry
+        self._token = token.encode("utf-8")
+
+    def authorized(self, header: str | None) -> bool:
+        if not header:
+            return False
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"), self._token)
+
+    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        parsed = urllib.parse.urlsplit(target)
+        path = parsed.path
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+
+        route, allowed = self._route(method, path)
+        if route is None:
+            if allowed:
+                raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}",
+                                {"Allow": ", ".join(allowed)})
+            raise HttpError(404, "not_found", f"no such endpoint: {path}")
+        handler, args = route
+        if handler != self.get_health and not self.authorized(headers.get("authorization")):
+            raise HttpError(401, "unauthorized", "missing or wrong admin token",
+                            {"WWW-Authenticate": 'Bearer realm="tunnel-relay"'})
+        payload = None
+        if method in ("POST", "PUT", "PATCH"):
+            payload = _parse_json_object(body)
+        return handler(*args, query=query, payload=payload)
+
+    def _route(self, method: str, path: str):
+        table: dict[str, dict[str, Callable]] = {
+            "/v1/health": {"GET": self.get_health},
+            "/v1/customers": {"GET": self.get_customers, "POST": self.post_customers},
+            "/v1/resources": {"GET": self.get_resources},
+            "/v1/registration-jwt": {"POST": self.post_registration_jwt},
+        }
+        methods = table.get(path)
+        args: tuple = ()
+        if methods is None:
+            match = _RESOURCE_PATH.match(path)
+            if match is None:
+                return None, []
+            methods = {"DELETE": self.delete_resource, "GET": self.get_resource}
+            args = (match.group(1),)
+        if method == "HEAD" and "GET" in methods:
+            method = "GET"
+        handler = methods.get(method)
+        if handler is None:
+            return None, sorted(methods)
+        return (handler, args), []
+
+    # ---- endpoints
+
+    def get_health(self, **_) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
+
+    def get_customers(self, **_) -> tuple[int, Any]:
+        return 200, self.state.list_customers()
+
+    def post_customers(self, *, payload: dict, **_) -> tuple[int, Any]:
+        _only_fields(payload, {"name"})
+        name = payload.get("name")
+        try:
+            customer = self.state.create_customer(name)
+        except ValueError as exc:
+            raise HttpError(400, "bad_request", str(exc)) from None
+        return 201, customer
+
+    def _resource_view(self, resource: dict, extended: bool) -> dict:
+        try:
+            agents = list(self.registry.agents_of(resource["id"]))
+        except Exception:  # noqa: BLE001 - the listing must not fail on one broken entry
+            log.exception("registry.agents_of failed for %s", resource["id"])
+            agents = []
+        view = {
+            "id": resource["id"],
+            "name": resource["name"],
+            "customer_id": resource["customer_id"],
+            "status": "AVAILABLE" if agents else "UNAVAILABLE",
+            "endpoint": format_host_port(self.registry.service_host, resource["port"]),
+            "agents": len(agents),
+        }
+        if extended:
+            view["generation"] = resource["generation"]
+            view["created_at"] = resource["created_at"]
+            view["agents_detail"] = agents
+        return view
+
+    def get_resources(self, *, query: dict, **_) -> tuple[int, Any]:
+        extended = _flag(query, "extended")
+        customer_id = (query.get("customer_id") or [None])[-1]
+        resources = self.state.list_resources(customer_id)
+        return 200, [self._resource_view(r, extended) for r in resources]
+
+    def get_resource(self, resource_id: str, *, query: dict, **_) -> tuple[int, Any]:
+        resource = self.state.get_resource(resource_id)
+        if resource is None:
+            raise HttpError(404, "not_found", f"no such resource: {resource_id}")
+        return 200, self._resource_view(resource, True)
+
+    def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
+        if self.state.get_resource(resource_id) is None:
+            raise HttpError(404, "not_found", f"no such resource: {resource_id}")
+        self.registry.resource_deleted(resource_id)
+        self.state.delete_resource(resource_id)
+        log.info("deleted resource %s", resource_id)
+        return 200, {"id": resource_id, "deleted": True}
+
+    def post_registration_jwt(self, *, payload: dict, **_) -> tuple[int, Any]:
+        _only_fields(payload, {"customer_id", "org_only", "resource_id", "rotate", "ttl_seconds"})
+        customer_id = _typed(payload, "customer_id", str)
+        org_only = _typed(payload, "org_only", bool) or False
+        resource_id = _typed(payload, "resource_id", str)
+        rotate = _typed(payload, "rotate", bool) or False
+        ttl = _typed(payload, "ttl_seconds", int)
+        if ttl is None:
+            ttl = DEFAULT_TTL_SECONDS
+        if not 0 < ttl <= MAX_TTL_SECONDS:
+            raise HttpError(400, "bad_request", f"ttl_seconds must be in [1, {MAX_TTL_SECONDS}]")
+
+        if org_only:
+            if customer_id not in (None, ORG_CUSTOMER_ID):
+                raise HttpError(400, "bad_request", "give either customer_id or org_only, not both")
+            customer = self.state.org_customer()
+        else:
+            if customer_id is None:
+                raise HttpError(400, "bad_request", "customer_id (or org_only) is required")
+            customer = self.state.get_customer(customer_id)
+            if customer is None:
+                raise HttpError(404, "not_found", f"no such customer: {customer_id}")
+        customer_id = customer["id"]
+
+        if rotate and resource_id is None:
+            raise HttpError(400, "bad_request", "rotate needs customer_id and resource_id")
+        generation = 0
+        if resource_id is not None:
+            resource = self.state.get_resource(resource_id)
+            if resource is None:
+                raise HttpError(404, "not_found", f"no such resource: {resource_id}")
+            if resource["customer_id"] != customer_id:
+                raise HttpError(400, "bad_request", f"resource {resource_id} does not belong to {customer_id}")
+            generation = resource["generation"]
+            if rotate:
+                generation = self.state.rotate_resource(resource_id)
+
+        token, claims = self.authority.issue_with_claims(
+            customer_id, resource_id, generation, org_only, ttl
+        )
+        self.state.record_token(
+            claims.jti, customer_id, resource_id, generation, org_only, claims.issued_at, claims.expires_at
+        )
+        if rotate:
+            dropped = self.registry.drop_agents(resource_id, below_generation=generation)
+            log.info("rotated resource %s to generation %d, dropped %d agent(s)", resource_id, generation, dropped)
+        else:
+            log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
+        return 200, {"jwt": token}
+
+
+def _parse_json_object(body: bytes) -> dict:
+    if not body:
+        raise HttpError(400, "bad_request", "a JSON object body is required")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise HttpError(400, "bad_request", "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, "bad_request", "the body must be a JSON object")
+    return value
+
+
+def _only_fields(payload: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(payload) - allowed)
+    if unknown:
+        raise HttpError(400, "bad_request", "unknown field(s): " + ", ".join(unknown)[:200])
+
+
+def _typed(payload: dict, name: str, kind: type):
+    value = payload.get(name)
+    if value is None:
+        return None
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        kind_name = {bool: "boolean", int: "integer", str: "string"}[kind]
+        raise HttpError(400, "bad_request", f"{name} must be a {kind_name}")
+    return value
+
+
+def _flag(query: dict, name: str) -> bool:
+    values = query.get(name)
+    if not values:
+        return False
+    return values[-1].lower() in ("", "1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------- HTTP/1.1
+
+
+def _response(status: int, body: Any, *, keep_alive: bool, extra: dict[str, str] | None = None,
+              head_only: bool = False) -> bytes:
+    data = orjson.dumps(body) + b"\n"
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+        "Cache-Control: no-store",
+        "Connection: " + ("keep-alive" if keep_alive else "close"),
+    ]
+    for key, value in (extra or {}).items():
+        lines.append(f"{key}: {value}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + data
+
+
+def _error_body(exc: HttpError) -> dict:
+    return {"error": exc.code, "message": exc.message}
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
+        raise HttpError(400, "bad_request", "undecodable request head") from None
+    lines = text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise HttpError(400, "bad_request", "malformed request line")
+    method, target, version = parts
+    if not _TOKEN_RE.match(method):
+        raise HttpError(400, "bad_request", "malformed method")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if version.startswith("HTTP/"):
+            raise HttpError(505, "http_version", "only HTTP/1.1 is supported")
+        raise HttpError(400, "bad_request", "malformed request line")
+    if not target.startswith("/") or any(ord(c) < 0x21 or ord(c) > 0x7E for c in target):
+        raise HttpError(400, "bad_request", "malformed request target")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line[0] in " \t":
+            raise HttpError(400, "bad_request", "obsolete header folding is not accepted")
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN_RE.match(name):
+            raise HttpError(400, "bad_request", "malformed header line")
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in ("content-length", "authorization", "host", "transfer-encoding"):
+                raise HttpError(400, "bad_request", f"duplicate {name} header")
+            headers[key] += ", " + value
+        else:
+            headers[key] = value
+    return method, target, version, headers
+
+
+class _Connection:
+    def __init__(self, api: AdminApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.api = api
+        self.reader = reader
+        self.writer = writer
+
+    async def run(self) -> None:
+        try:
+            first = True
+            while True:
+                keep_alive = await self._one_request(HEAD_TIMEOUT if first else IDLE_TIMEOUT)
+                first = False
+                if not keep_alive:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:  # noqa: BLE001
+            log.exception("admin connection failed")
+        finally:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def _one_request(self, head_timeout: float) -> bool:
+        try:
+            head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), head_timeout)
+        except asyncio.TimeoutError:
+            return False
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                await self._send(_response(400, {"error": "bad_request", "message": "incomplete request"},
+                                           keep_alive=False))
+            return False
+        except asyncio.LimitOverrunError:
+            await self._send(_response(431, {"error": "header_too_large",
+                                             "message": f"request head exceeds {MAX_HEAD_SIZE} bytes"},
+                                       keep_alive=False))
+            return False
+        if len(head) > MAX_HEAD_SIZE:
+            await self._send(_response(431, {"error": "header_too_large",
+                                             "message": f"request head exceeds {MAX_HEAD_SIZE} bytes"},
+                                       keep_alive=False))
+            return False
+        try:
+            method, target, version, headers = _parse_head(head.lstrip(b"\r\n"))
+        except HttpError as exc:
+            await self._send(_response(exc.status, _error_body(exc), keep_alive=False, extra=exc.headers))
+            return False
+
+        connection = headers.get("connection", "").lower()
+        if version == "HTTP/1.1":
+            keep_alive = "close" not in connection
+        else:
+            keep_alive = "keep-alive" in connection
+
+        try:
+            body = await self._read_body(headers)
+        except HttpError as exc:
+            await self._send(_response(exc.status, _error_body(exc), keep_alive=False, extra=exc.headers))
+            return False
+
+        try:
+            status, payload = self.api.handle(method, target, headers, body)
+            extra: dict[str, str] = {}
+        except HttpError as exc:
+            status, payload, extra = exc.status, _error_body(exc), exc.headers
+        except Exception:  # noqa: BLE001
+            log.exception("admin request %s %s failed", method, urllib.parse.urlsplit(target).path)
+            status, payload, extra = 500, {"error": "internal", "message": "internal error"}, {}
+        await self._send(_response(status, payload, keep_alive=keep_alive, extra=extra,
+                                   head_only=method == "HEAD"))
+        return keep_alive
+
+    async def _read_body(self, headers: dict[str, str]) -> bytes:
+        if "transfer-encoding" in headers:
+            raise HttpError(501, "not_implemented", "chunked bodies are not supported; send Content-Length")
+        raw = headers.get("content-length")
+        if raw is None:
+            return b""
+        if not raw.isdigit() or len(raw) > 12:
+            raise HttpError(400, "bad_request", "malformed Content-Length")
+        length = int(raw)
+        if length > MAX_BODY_SIZE:
+            raise HttpError(413, "body_too_large", f"body exceeds {MAX_BODY_SIZE} bytes")
+        if length == 0:
+            return b""
+        try:
+            return await asyncio.wait_for(self.reader.readexactly(length), BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise HttpError(408, "timeout", "body not received in time") from None
+
+
+# --------------------------------------------------------------------------- starting
+
+
+async def start_admin_server(
+    host: str,
+    port: int,
+    *,
+    state: RelayState,
+    authority: TokenAuthority,
+    registry: Registry,
+    token: str,
+    state_dir: str | os.PathLike | None = None,
+    allow_remote: bool = False,
+) -> asyncio.Server:
+    """Listen on ``host:port`` (``port`` 0 picks one), then write ``<state>/admin.json``.
+    Raise ``ValueError`` for a non-loopback ``host`` unless ``allow_remote``."""
+    if not allow_remote and not is_loopback_host(host):
+        raise ValueError(
+            f"refusing to serve the admin API on non-loopback address {host!r} (it would need allow_remote)"
+        )
+    api = AdminApi(state=state, authority=authority, registry=registry, token=token)
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _Connection(api, reader, writer).run()
+
+    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE)
+    sockname = server.sockets[0].getsockname()
+    bound_host, bound_port = sockname[0], sockname[1]
+    url_host = bound_host if bound_host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = "http://" + format_host_port(url_host, bound_port)
+    directory = Path(state_dir) if state_dir is not None else state.state_dir
+    write_private(directory / ADMIN_INFO_FILE, orjson.dumps({"url": url}) + b"\n")
+    log.info("admin API listening on %s", url)
+    server.admin_url = url  # type: ignore[attr-defined]
+    return server
+
+
+__all__ = [
+    "ADMIN_INFO_FILE",
+    "ADMIN_TOKEN_FILE",
+    "AdminApi",
+    "Registry",
+    "ensure_admin_token",
+    "load_or_create_admin_token",
+    "start_admin_server",
+]

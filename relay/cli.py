@@ -1,0 +1,321 @@
+"""``tunnel-relay``: run the relay, or manage a running one through its admin API.
+
+::
+
+    tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
+                       [--service-host HOST] [--cert FILE --key FILE] [--server-name NAME]
+                       [--log-format plain|json] [--log-level LEVEL]
+    tunnel-relay customers create NAME                  prints the new customer's id
+    tunnel-relay customers list [--output json]
+    tunnel-relay resources list [--extended] [--output json]
+    tunnel-relay resources registration-jwt (--customer-id ID | --org-only)
+                       [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
+    tunnel-relay resources delete ID
+
+Admin commands find the API through ``--state-dir`` (``RELAY_STATE_DIR``, default
+``./relay-state``: ``admin.json`` and ``admin-token``) or ``--admin-url``
+(``RELAY_ADMIN_URL``) with ``RELAY_ADMIN_TOKEN``. Failures print one line to stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import DEFAULT_STATE_DIR, __version__, parse_host_port
+
+PROG = "tunnel-relay"
+DEFAULT_LISTEN = "0.0.0.0:8443"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8442"
+DEFAULT_SERVICE_HOST = "127.0.0.1"
+
+
+class CliError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def _add_admin_location(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--state-dir",
+        default=default,
+        help=f"relay state directory (env RELAY_STATE_DIR, default {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--admin-url",
+        default=default,
+        help="admin API URL, e.g. http://127.0.0.1:8442 (env RELAY_ADMIN_URL; token in RELAY_ADMIN_TOKEN)",
+    )
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", choices=("table", "json"), default="table",
+                        help="output format (default: an aligned table)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="The tunnel relay (cloud side).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_admin_location(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="run the relay")
+    serve.add_argument("--state-dir", default=argparse.SUPPRESS,
+                       help=f"state directory (env RELAY_STATE_DIR, default {DEFAULT_STATE_DIR})")
+    serve.add_argument("--listen", default=_env("RELAY_LISTEN", DEFAULT_LISTEN),
+                       help=f"agent-facing address, TCP (WSS) and UDP (QUIC) (env RELAY_LISTEN, default {DEFAULT_LISTEN})")
+    serve.add_argument("--admin-listen", default=_env("RELAY_ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN),
+                       help=f"admin API address, loopback (env RELAY_ADMIN_LISTEN, default {DEFAULT_ADMIN_LISTEN})")
+    serve.add_argument("--service-host", default=_env("RELAY_SERVICE_HOST", DEFAULT_SERVICE_HOST),
+                       help=f"where resource endpoints are bound (env RELAY_SERVICE_HOST, default {DEFAULT_SERVICE_HOST})")
+    serve.add_argument("--cert", default=_env("RELAY_CERT"), help="serve this certificate (PEM) instead of the generated one")
+    serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
+    serve.add_argument("--server-name", action="append", default=None,
+                       help="extra DNS name or IP for the generated server certificate (repeatable; env RELAY_SERVER_NAME)")
+    serve.add_argument("--log-format", choices=("plain", "json"), default=_env("RELAY_LOG_FORMAT", "plain"))
+    serve.add_argument("--log-level", default=_env("RELAY_LOG_LEVEL", "info"),
+                       type=str.lower, choices=("debug", "info", "warning", "error", "critical"))
+    serve.add_argument("--allow-remote-admin", action="store_true",
+                       help="allow a non-loopback --admin-listen (protect it yourself!)")
+
+    customers = commands.add_parser("customers", help="manage customers")
+    customer_cmds = customers.add_subparsers(dest="action", metavar="ACTION")
+    customer_cmds.required = True
+    create = customer_cmds.add_parser("create", help="create a customer; prints its id")
+    create.add_argument("name", metavar="NAME")
+    _add_admin_location(create, suppress=True)
+    clist = customer_cmds.add_parser("list", help="list customers")
+    _add_output(clist)
+    _add_admin_location(clist, suppress=True)
+
+    resources = commands.add_parser("resources", help="manage resources and registration tokens")
+    resource_cmds = resources.add_subparsers(dest="action", metavar="ACTION")
+    resource_cmds.required = True
+    rlist = resource_cmds.add_parser("list", help="list resources with their status and endpoint")
+    rlist.add_argument("--extended", action="store_true", help="add each agent's details")
+    _add_output(rlist)
+    _add_admin_location(rlist, suppress=True)
+    jwt_cmd = resource_cmds.add_parser("registration-jwt", help="print a registration JWT for agents")
+    who = jwt_cmd.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer-id", metavar="ID")
+    who.add_argument("--org-only", action="store_true", help="for an organisation-only test resource")
+    jwt_cmd.add_argument("--resource-id", metavar="ID", help="limit the token to this resource")
+    jwt_cmd.add_argument("--rotate", action="store_true",
+                         help="revoke every older token of --resource-id and drop the agents using them")
+    jwt_cmd.add_argument("--ttl", type=_positive_int, metavar="SECONDS", help="lifetime (default one year)")
+    _add_admin_location(jwt_cmd, suppress=True)
+    delete = resource_cmds.add_parser("delete", help="delete a resource (drops its agents)")
+    delete.add_argument("resource_id", metavar="ID")
+    _add_admin_location(delete, suppress=True)
+    return parser
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_customers(customers: list[dict], output: str) -> None:
+    if output == "json":
+        _print_json(customers)
+        return
+    print(_table(("ID", "NAME", "CREATED"), [(c.get("id"), c.get("name"), c.get("created_at")) for c in customers]))
+
+
+def _print_resources(resources: list[dict], output: str, extended: bool) -> None:
+    if output == "json":
+        _print_json(resources)
+        return
+    print(_table(
+        ("ID", "NAME", "CUSTOMER", "STATUS", "ENDPOINT", "AGENTS"),
+        [(r.get("id"), r.get("name"), r.get("customer_id"), r.get("status"), r.get("endpoint"), r.get("agents"))
+         for r in resources],
+    ))
+    if not extended:
+        return
+    rows = []
+    for r in resources:
+        for a in r.get("agents_detail") or []:
+            rows.append((
+                r.get("id"), a.get("agent_id"), a.get("transport"), a.get("address"), a.get("version"),
+                a.get("hostname"), a.get("connected_since"), a.get("bytes_sent"), a.get("bytes_received"),
+                a.get("active_streams"),
+            ))
+    print()
+    print(_table(
+        ("RESOURCE", "AGENT", "TRANSPORT", "ADDRESS", "VERSION", "HOSTNAME", "CONNECTED SINCE",
+         "BYTES SENT", "BYTES RECEIVED", "STREAMS"),
+        rows,
+    ))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _state_dir(args: argparse.Namespace) -> str:
+    return args.state_dir or _env("RELAY_STATE_DIR", DEFAULT_STATE_DIR)
+
+
+def _client(args: argparse.Namespace):
+    from .admin_client import AdminClient
+
+    return AdminClient.discover(
+        _state_dir(args),
+        admin_url=args.admin_url or _env("RELAY_ADMIN_URL"),
+        token=_env("RELAY_ADMIN_TOKEN"),
+    )
+
+
+def _run_admin(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.command == "customers":
+        if args.action == "create":
+            customer = client.create_customer(args.name)
+            print(customer["id"])
+        else:
+            _print_customers(client.list_customers(), args.output)
+        return 0
+    if args.action == "list":
+        _print_resources(client.list_resources(args.extended), args.output, args.extended)
+    elif args.action == "registration-jwt":
+        if args.rotate and not args.resource_id:
+            raise CliError("--rotate needs --resource-id (and --customer-id)")
+        print(client.registration_jwt(
+            args.customer_id,
+            org_only=args.org_only,
+            resource_id=args.resource_id,
+            rotate=args.rotate,
+            ttl_seconds=args.ttl,
+        ))
+    elif args.action == "delete":
+        client.delete_resource(args.resource_id)
+        print(f"deleted {args.resource_id}")
+    return 0
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(log_format: str = "plain", level: str = "info") -> None:
+    """The project's logging set-up (``tunnel.logs``, which redacts secrets) when present."""
+    try:
+        from tunnel import logs
+    except ImportError:
+        logs = None
+    if logs is not None and hasattr(logs, "configure"):
+        logs.configure(log_format, level.upper())
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    args.state_dir = _state_dir(args)
+    try:
+        args.listen_addr = parse_host_port(args.listen, 8443)
+        args.admin_listen_addr = parse_host_port(args.admin_listen, 8442)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if bool(args.cert) != bool(args.key):
+        raise CliError("--cert and --key must be given together")
+    names = list(args.server_name or [])
+    env_names = _env("RELAY_SERVER_NAME")
+    if env_names:
+        names += [n.strip() for n in env_names.split(",") if n.strip()]
+    args.server_name = names[0] if names else None
+    args.server_names = names
+    configure_logging(args.log_format, args.log_level)
+    try:
+        from .server import serve_main
+    except ImportError as exc:
+        raise CliError(f"the relay server is not available: {exc}") from None
+    result = serve_main(args)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _run_serve(args)
+        return _run_admin(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: not an error worth a traceback.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        except OSError:
+            pass
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        from .admin_client import AdminError
+
+        if isinstance(exc, (AdminError, CliError)):
+            message = str(exc)
+        elif isinstance(exc, (ValueError, OSError)):
+            message = str(exc) or exc.__class__.__name__
+        else:
+            # A crash of the server is worth its traceback in the log; admin commands stay terse.
+            logging.getLogger("relay").log(
+                logging.ERROR if args.command == "serve" else logging.DEBUG, "unexpected error", exc_info=True
+            )
+            message = f"unexpected error: {exc.__class__.__name__}: {exc}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
