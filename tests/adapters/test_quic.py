@@ -206,3 +206,320 @@ def test_control_both_ways(run, certs):
         await server.wait_closed()
 
     run(main())
+
+
+def _pattern(seed: int, size: int) -> bytes:
+    block = bytes((seed * 31 + i) & 0xFF for i in range(251))
+    return (block * (size // 251 + 1))[:size]
+
+
+def test_many_streams_exact_bytes_both_ways(run, certs):
+    """The relay opens many streams; the agent echoes; both directions carry exact bytes."""
+
+    async def main():
+        server, client, slink, srec = await pair(certs)
+        crec = Recorder(on_stream=lambda s: Collect(s, echo=True))
+        client.set_handler(crec)
+        handlers = []
+        for i in range(40):
+            h = Collect()
+            s = slink.open_stream(f"res-{i}".encode(), h)
+            h.stream = s
+            payload = _pattern(i, 1000 + i * 7919)
+            # Write in a few pieces, including a memoryview.
+            s.write(payload[:500])
+            s.write(memoryview(payload)[500:])
+            s.write_eof()
+            handlers.append((h, payload))
+        await wait_for(lambda: all(h.eof for h, _ in handlers), what="echoes")
+        for h, payload in handlers:
+            assert bytes(h.data) == payload
+        await wait_for(lambda: all(h.is_closed for h, _ in handlers), what="closed")
+        assert sorted(s.metadata for s, _ in crec.streams) == sorted(f"res-{i}".encode() for i in range(40))
+        await wait_for(lambda: slink.stream_count == 0 and client.stream_count == 0)
+        assert slink.bytes_sent == client.bytes_received == sum(len(p) for _, p in handlers)
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_half_close_both_ways(run, certs):
+    async def main():
+        server, client, slink, srec = await pair(certs)
+        crec = Recorder()
+        client.set_handler(crec)
+        h = Collect()
+        s = slink.open_stream(b"db", h)
+        h.stream = s
+        s.write(b"request")
+        s.write_eof()
+        await wait_for(lambda: crec.streams and crec.streams[0][1].eof)
+        cs, ch = crec.streams[0]
+        assert bytes(ch.data) == b"request"
+        # The other direction keeps flowing after the FIN.
+        cs.write(b"response part 1 ")
+        cs.write(b"part 2")
+        await wait_for(lambda: bytes(h.data) == b"response part 1 part 2")
+        assert not h.eof and not h.is_closed
+        cs.write_eof()
+        await wait_for(lambda: h.eof and h.is_closed and ch.is_closed)
+        assert h.reset is None and ch.reset is None
+
+        # Agent-side half-close first this time.
+        h2 = Collect()
+        s2 = slink.open_stream(b"db", h2)
+        h2.stream = s2
+        await wait_for(lambda: len(crec.streams) == 2)
+        cs2, ch2 = crec.streams[1]
+        cs2.write(b"early")
+        cs2.write_eof()
+        await wait_for(lambda: h2.eof)
+        s2.write(b"late")
+        s2.write_eof()
+        await wait_for(lambda: ch2.eof and h2.is_closed and ch2.is_closed)
+        assert bytes(ch2.data) == b"late" and bytes(h2.data) == b"early"
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_resets_carry_codes(run, certs):
+    async def main():
+        server, client, slink, srec = await pair(certs)
+        crec = Recorder()
+        client.set_handler(crec)
+        # Relay resets.
+        h = Collect()
+        s = slink.open_stream(b"db", h)
+        s.write(b"x" * 10000)
+        await wait_for(lambda: crec.streams)
+        s.reset(ErrorCode.CONNECTION_RESET)
+        ch = crec.streams[0][1]
+        await wait_for(lambda: ch.reset is not None and ch.is_closed)
+        assert ch.reset == ErrorCode.CONNECTION_RESET and not ch.eof
+        await wait_for(lambda: h.is_closed)
+        assert h.reset is None  # a local reset is not reported back
+        # Agent resets.
+        h2 = Collect()
+        s2 = slink.open_stream(b"db", h2)
+        s2.write(b"hello")
+        await wait_for(lambda: len(crec.streams) == 2)
+        crec.streams[1][0].reset(ErrorCode.CONNECT_FAILED)
+        await wait_for(lambda: h2.reset is not None and h2.is_closed)
+        assert h2.reset == ErrorCode.CONNECT_FAILED
+        # Refusal by returning None from stream_opened after reset.
+        crec.on_stream = lambda st: st.reset(ErrorCode.REFUSED)
+        h3 = Collect()
+        slink.open_stream(b"nope", h3)
+        await wait_for(lambda: h3.reset is not None)
+        assert h3.reset == ErrorCode.REFUSED
+        # The link is still fine.
+        client.send_control({"type": "ping"})
+        await wait_for(lambda: srec.controls)
+        assert client.stream_count == 0
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_wrong_ca_is_refused(run, certs):
+    async def main():
+        server = await serve_quic("127.0.0.1", 0, cert_file=certs["cert"], key_file=certs["key"], limits=Limits(),
+                                  on_link=lambda link: pytest.fail("link accepted"))
+        with pytest.raises(LinkError):
+            await connect_quic("127.0.0.1", server.port, ca_file=certs["other_ca"], server_name="localhost",
+                               limits=Limits(), timeout=5)
+        # Wrong name is refused too.
+        with pytest.raises(LinkError):
+            await connect_quic("127.0.0.1", server.port, ca_file=certs["ca"], server_name="evil.example",
+                               limits=Limits(), timeout=5)
+        # The system store does not know our private CA.
+        with pytest.raises(LinkError):
+            await connect_quic("127.0.0.1", server.port, ca_file=None, server_name="localhost",
+                               limits=Limits(), timeout=5)
+        server.close()
+
+    run(main())
+
+
+SMALL = Limits(initial_stream_window=256 * KiB, session_window=4 * MiB, stream_send_high_water=128 * KiB,
+               stream_send_low_water=32 * KiB)
+
+
+def test_receiver_that_never_consumes_bounds_memory(run, certs):
+    """A private service that never reads: the sender pauses and memory stays bounded."""
+
+    async def main():
+        server, client, slink, srec = await pair(certs, limits=SMALL)
+        crec = Recorder(on_stream=lambda s: Collect(s, consume=False))
+        client.set_handler(crec)
+        h = Collect()
+        s = slink.open_stream(b"db", h)
+        h.stream = s
+        chunk = b"z" * (64 * KiB)
+        written = 0
+        while not s.paused:  # write like a TCP source until told to stop
+            s.write(chunk)
+            written += len(chunk)
+            await asyncio.sleep(0)
+            assert written < 8 * MiB, "never paused"
+        # Keep the loop running until the receiver holds a full window and nothing moves.
+        await wait_for(lambda: crec.streams and len(crec.streams[0][1].data) >= SMALL.initial_stream_window - 4 * KiB,
+                       what="receiver window filled")
+        cs, ch = crec.streams[0]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        bound = SMALL.initial_stream_window + SMALL.stream_send_high_water + len(chunk) + 256 * KiB
+        assert s.paused
+        assert s.send_buffered <= bound, (s.send_buffered, bound)
+        assert len(ch.data) <= SMALL.initial_stream_window
+        assert cs.receive_unconsumed <= SMALL.initial_stream_window
+        # Consuming lets the rest through and the sender resumes.
+        total = written
+        cs.handler.consume = True
+        cs.consume(len(ch.data))
+        await wait_for(lambda: h.writable_calls >= 1, what="writable")
+        s.write_eof()
+        await wait_for(lambda: ch.eof, what="all data")
+        assert len(ch.data) == total
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_client_that_stops_reading_bounds_memory(run, certs):
+    """The agent side sends towards a relay client that stopped reading (never consumes)."""
+
+    async def main():
+        server, client, slink, srec = await pair(certs, limits=SMALL)
+        senders = []
+
+        def on_stream(st):
+            senders.append(st)
+            return Collect(st)
+
+        crec = Recorder(on_stream=on_stream)
+        client.set_handler(crec)
+        h = Collect(consume=False)
+        s = slink.open_stream(b"db", h)
+        h.stream = s
+        await wait_for(lambda: senders)
+        cs = senders[0]
+        chunk = b"y" * (32 * KiB)
+        while not cs.paused:
+            cs.write(chunk)
+            await asyncio.sleep(0)
+        await wait_for(lambda: len(h.data) >= SMALL.initial_stream_window - 4 * KiB, what="window filled")
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert cs.paused
+        assert cs.send_buffered <= SMALL.initial_stream_window + SMALL.stream_send_high_water + len(chunk) + 256 * KiB
+        assert len(h.data) <= SMALL.initial_stream_window
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_stalled_stream_does_not_block_another(run, certs):
+    async def main():
+        server, client, slink, srec = await pair(certs, limits=SMALL)
+        crec = Recorder(on_stream=lambda s: Collect(s, consume=s.metadata != b"stalled"))
+        client.set_handler(crec)
+        stalled = slink.open_stream(b"stalled", Collect())
+        while not stalled.paused:
+            stalled.write(b"s" * (64 * KiB))
+            await asyncio.sleep(0)
+        h = Collect()
+        other = slink.open_stream(b"busy", h)
+        h.stream = other
+        size = 8 * MiB  # far beyond one stream window
+        payload = _pattern(3, size)
+        view = memoryview(payload)
+        pos = 0
+        resumed = asyncio.Event()
+        h.writable = resumed.set
+        while pos < size:
+            other.write(view[pos:pos + 64 * KiB])
+            pos += 64 * KiB
+            if other.paused:
+                resumed.clear()
+                await asyncio.wait_for(resumed.wait(), 20)
+        other.write_eof()
+        await wait_for(lambda: any(s.metadata == b"busy" and hh.eof for s, hh in crec.streams), what="busy done")
+        busy = next(hh for s, hh in crec.streams if s.metadata == b"busy")
+        assert bytes(busy.data) == payload
+        assert stalled.paused
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_handshake_deadline_cuts_unauthenticated_link(run, certs):
+    async def main():
+        limits = Limits(handshake_timeout=0.5, keepalive_interval=5, keepalive_timeout=15)
+        accepted = []
+
+        def on_link(link):
+            link.set_handler(Recorder())
+            accepted.append(link)  # never calls handshake_done
+
+        server = await serve_quic("127.0.0.1", 0, cert_file=certs["cert"], key_file=certs["key"], limits=limits,
+                                  on_link=on_link)
+        client = await connect_quic("127.0.0.1", server.port, ca_file=certs["ca"], server_name="localhost",
+                                    limits=limits, timeout=10)
+        crec = Recorder()
+        client.set_handler(crec)
+        await wait_for(lambda: accepted)
+        assert server.pending_handshakes == 1
+        await wait_for(lambda: crec.closed is not None, timeout=10, what="client told")
+        assert crec.closed[0] == ErrorCode.TIMEOUT
+        await wait_for(lambda: server.pending_handshakes == 0 and server.connection_count == 0)
+        server.close()
+
+    run(main())
+
+
+def test_pending_handshake_cap(run, certs):
+    async def main():
+        limits = Limits(max_pending_handshakes=1, handshake_timeout=30)
+        server = await serve_quic("127.0.0.1", 0, cert_file=certs["cert"], key_file=certs["key"], limits=limits,
+                                  on_link=lambda link: link.set_handler(Recorder()))
+        first = await connect_quic("127.0.0.1", server.port, ca_file=certs["ca"], server_name="localhost",
+                                   limits=limits, timeout=10)
+        with pytest.raises(LinkError):
+            await connect_quic("127.0.0.1", server.port, ca_file=certs["ca"], server_name="localhost",
+                               limits=limits, timeout=10)
+        assert server.refused == 1
+        first.close()
+        await wait_for(lambda: server.pending_handshakes == 0)
+        server.close()
+
+    run(main())
+
+
+def test_keepalive_detects_dead_peer(run, certs):
+    async def main():
+        limits = Limits(keepalive_interval=0.2, keepalive_timeout=0.8)
+        server, client, slink, srec = await pair(certs, limits=limits)
+        crec = Recorder()
+        client.set_handler(crec)
+        # Quiet for several intervals: keepalives keep the link up.
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await wait_for(lambda: loop.time() - start > 1.5, what="quiet period")
+        assert crec.closed is None and srec.closed is None
+        # The relay vanishes without a word.
+        server._transport.abort() if hasattr(server._transport, "abort") else server._transport.close()
+        t0 = loop.time()
+        await wait_for(lambda: crec.closed is not None, timeout=10, what="dead relay noticed")
+        assert loop.time() - t0 < limits.keepalive_timeout + 1.0
+        assert crec.closed[0] == ErrorCode.TIMEOUT
+        await client.wait_closed()
+
+    run(main())
