@@ -1,0 +1,962 @@
+"""The sans-IO multiplexer: one link's protocol state machine (docs/PROTOCOL.md).
+
+Design in a few lines:
+
+- Bytes in (:meth:`Session.receive_data`) go through the codec's ``FrameDecoder``, then a
+  dispatch table indexed by frame type; per-stream frames drive the stream state TABLE
+  (:data:`TRANSITIONS`, ``(state, input) -> new state``; anything missing is a violation).
+  Facts come out as events (:meth:`Session.pop_events`), never as callbacks.
+- Bytes out (:meth:`Session.data_to_send`): control frames (small ``bytes``) wait in one
+  deque and always go first; stream data waits, uncopied, as memoryviews in per-stream deques
+  and is scheduled round-robin over the streams that have data and credit, one
+  ``send_quantum`` per stream per round, in frames no larger than the peer's max frame size.
+  The list returned is frame headers interleaved with slices of the application's buffers,
+  ready for ``transport.writelines``.
+- Flow control: our receive windows shrink on receipt and are granted back only in
+  :meth:`Session.consume`. A stream's WINDOW_UPDATE goes out once half its window has been
+  consumed; the session's once the consumed-but-ungranted credit reaches the peer's remaining
+  credit (half the window when nothing is held, earlier when stalled streams hold part of it,
+  so they cannot starve the others).
+- No clock: every time is the ``now`` the caller passes; :meth:`Session.next_timer` and
+  :meth:`Session.handle_timer` drive keepalive and half-close timeouts.
+- Peer mistakes never raise: a stream-level one resets the stream (``StreamReset`` with
+  ``remote=False``), a link-level one queues GOAWAY and reports ``ConnectionClosed``; input
+  after that is ignored. API misuse raises :class:`tunnel.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from enum import IntEnum
+
+import orjson
+
+from . import frames
+from .config import DEFAULT_LIMITS, Limits
+from .constants import (
+    HEADER_SIZE,
+    MAX_FRAME_SIZE_CAP,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    MIN_FRAME_SIZE,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Flags,
+    FrameType,
+)
+from .errors import (
+    FloodError,
+    FlowControlError,
+    ProtocolError,
+    SessionClosed,
+    StreamStateError,
+    UsageError,
+    VersionMismatch,
+)
+from .errors import StreamClosed as StreamClosedError
+from .events import (
+    ConnectionClosed,
+    ControlReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    PingAcknowledged,
+    SessionReady,
+    StreamClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
+)
+
+__all__ = ["Role", "Session", "StreamState", "StreamInput", "TRANSITIONS"]
+
+
+class Role(IntEnum):
+    #: The dialling side; opens odd stream ids.
+    AGENT = 1
+    #: The accepting side; opens even stream ids.
+    RELAY = 2
+
+
+class StreamState(IntEnum):
+    IDLE = 0
+    OPEN = 1
+    HALF_CLOSED_LOCAL = 2
+    HALF_CLOSED_REMOTE = 3
+    CLOSED = 4
+
+
+class StreamInput(IntEnum):
+    SEND_OPEN = 0
+    SEND_OPEN_FIN = 1
+    RECV_OPEN = 2
+    RECV_OPEN_FIN = 3
+    SEND_DATA = 4
+    RECV_DATA = 5
+    SEND_FIN = 6
+    RECV_FIN = 7
+    SEND_RESET = 8
+    RECV_RESET = 9
+    RECV_WINDOW_UPDATE = 10
+
+
+_S = StreamState
+_I = StreamInput
+
+#: The stream state machine: ``(state, input) -> new state``. A pair that is missing is a
+#: violation: by the peer (``RECV_*``: STREAM_CLOSED for data after FIN, else PROTOCOL_ERROR)
+#: or by the application (``SEND_*``: :class:`tunnel.errors.StreamClosed`).
+TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
+    (_S.IDLE, _I.SEND_OPEN): _S.OPEN,
+    (_S.IDLE, _I.SEND_OPEN_FIN): _S.HALF_CLOSED_LOCAL,
+    (_S.IDLE, _I.RECV_OPEN): _S.OPEN,
+    (_S.IDLE, _I.RECV_OPEN_FIN): _S.HALF_CLOSED_REMOTE,
+    (_S.OPEN, _I.SEND_DATA): _S.OPEN,
+    (_S.OPEN, _I.RECV_DATA): _S.OPEN,
+    (_S.OPEN, _I.SEND_FIN): _S.HALF_CLOSED_LOCAL,
+    (_S.OPEN, _I.RECV_FIN): _S.HALF_CLOSED_REMOTE,
+    (_S.OPEN, _I.SEND_RESET): _S.CLOSED,
+    (_S.OPEN, _I.RECV_RESET): _S.CLOSED,
+    (_S.OPEN, _I.RECV_WINDOW_UPDATE): _S.OPEN,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_DATA): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_FIN): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.SEND_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_DATA): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_FIN): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.RECV_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
+}
+
+# Fast form of the table for the hot path: _NEXT[state] is {input: new state}.
+_NEXT: list[dict[int, StreamState]] = [{} for _ in StreamState]
+for (_state, _input), _new in TRANSITIONS.items():
+    _NEXT[_state][_input] = _new
+del _state, _input, _new
+
+_OPEN = int(_S.OPEN)
+_HCL = int(_S.HALF_CLOSED_LOCAL)
+_HCR = int(_S.HALF_CLOSED_REMOTE)
+_CLOSED = int(_S.CLOSED)
+_RECV_DATA = int(_I.RECV_DATA)
+_RECV_FIN = int(_I.RECV_FIN)
+_SEND_DATA = int(_I.SEND_DATA)
+_SEND_FIN = int(_I.SEND_FIN)
+
+_DATA = int(FrameType.DATA)
+_FIN = int(Flags.FIN)
+_ACK = int(Flags.ACK)
+_PING_PAYLOAD = struct.Struct("!Q")
+#: Outstanding PINGs remembered for RTT measurement; older ones are forgotten.
+_MAX_PENDING_PINGS = 16
+#: Control frames queued in answer to the peer (PING ACKs, refusals) while it does not read
+#: what we send: above this the peer is flooding us.
+_MAX_CONTROL_BACKLOG = 1024 * 1024
+_INF = float("inf")
+
+
+class _Stream:
+    __slots__ = (
+        "id", "local", "state", "queue", "buffered", "fin_pending", "send_window",
+        "recv_window", "unconsumed", "pending_credit", "scheduled", "blocked",
+        "last_activity",
+    )
+
+    def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int, now: float) -> None:
+        self.id = stream_id
+        self.local = local
+        self.state = _S.IDLE
+        self.queue: deque = deque()  # memoryviews of the application's data, uncopied
+        self.buffered = 0  # bytes in queue
+        self.fin_pending = False  # end_stream called; FIN goes out after the queue
+        self.send_window = send_window  # credit the peer gave us
+        self.recv_window = recv_window  # credit we gave the peer, not yet used
+        self.unconsumed = 0  # received, not yet consumed by the application
+        self.pending_credit = 0  # consumed, not yet granted back
+        self.scheduled = False  # in Session._active
+        self.blocked = False  # reported paused; waits for StreamWritable
+        self.last_activity = now
+
+
+class Session:
+    """One link's multiplexer. See the module docstring; events in :mod:`tunnel.events`."""
+
+    def __init__(self, role: Role, limits: Limits = DEFAULT_LIMITS, now: float = 0.0) -> None:
+        self._role = Role(role)
+        self._limits = limits
+        self._now = now
+        self._local_parity = 1 if self._role == Role.AGENT else 0
+        self._decoder = frames.FrameDecoder(limits.max_frame_size)
+        self._events: list[Event] = []
+        self._control: deque = deque()
+        self._control_bytes = 0
+        self._streams: dict[int, _Stream] = {}
+        self._active: deque = deque()  # streams with data (or a FIN) and credit, round-robin
+        self._blocked: set = set()  # streams reported paused
+        self._session_high = False  # the send total went above session_send_high_water
+        self._send_total = 0  # bytes queued across all streams
+        self._next_local_id = 1 if self._role == Role.AGENT else 2
+        self._last_local_id = 0
+        self._last_peer_id = 0
+        self._peer_stream_count = 0
+        # Peer's HELLO.
+        self._hello_received = False
+        self._version: int | None = None
+        self._peer_stream_window = 0
+        self._peer_max_frame = MIN_FRAME_SIZE
+        self._peer_max_streams = 0
+        self._send_session_window = 0
+        # Our receive side.
+        self._recv_session_window = limits.session_window  # peer's remaining credit
+        self._recv_unconsumed = 0
+        self._recv_pending = 0
+        self._stream_update_at = max(1, limits.initial_stream_window // 2)
+        # Keepalive and floods.
+        self._last_recv = now
+        self._last_keepalive_ping = -_INF
+        self._pings: dict[bytes, float] = {}
+        self._ping_counter = 0
+        self._rtt: float | None = None
+        self._ping_window = now
+        self._ping_count = 0
+        self._churn_window = now
+        self._churn_count = 0
+        # Half-close timeouts: the streams, and a lower bound of their earliest deadline.
+        self._half_closed: set = set()
+        self._half_close_at: float | None = None
+        # Shutdown.
+        self._goaway_sent = False
+        self._goaway_code: int | None = None
+        self._goaway_received = False
+        self._closed = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._handlers = [
+            self._on_data,
+            self._on_open,
+            self._on_reset,
+            self._on_window_update,
+            self._on_ping,
+            self._on_goaway,
+            self._on_hello,
+            self._on_control,
+        ]
+        self._queue_control(frames.encode_frame(
+            FrameType.HELLO, 0, 0,
+            frames.encode_hello(
+                MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, limits.initial_stream_window,
+                limits.session_window, limits.max_frame_size, limits.max_concurrent_streams,
+            ),
+        ))
+
+    # --- properties -------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def ready(self) -> bool:
+        """Both HELLOs exchanged and the link not closed: streams may be opened."""
+        return self._hello_received and not self._closed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def version(self) -> int | None:
+        return self._version
+
+    @property
+    def open_stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def rtt(self) -> float | None:
+        return self._rtt
+
+    @property
+    def goaway_sent(self) -> bool:
+        return self._goaway_sent
+
+    @property
+    def goaway_received(self) -> bool:
+        return self._goaway_received
+
+    @property
+    def is_closing(self) -> bool:
+        """GOAWAY sent or received, or closed."""
+        return self._closed or self._goaway_sent or self._goaway_received
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """True if :meth:`data_to_send` would return something now."""
+        if self._control:
+            return True
+        if self._closed or not self._active:
+            return False
+        return self._send_session_window > 0 or any(not s.buffered for s in self._active)
+
+    @property
+    def send_buffered_total(self) -> int:
+        """Outgoing stream bytes queued across all streams."""
+        return self._send_total
+
+    @property
+    def received_unconsumed(self) -> int:
+        """Received DATA bytes the application has not consumed yet (bounded by the window)."""
+        return self._recv_unconsumed
+
+    @property
+    def peer_max_frame_size(self) -> int:
+        return self._peer_max_frame
+
+    @property
+    def peer_max_concurrent_streams(self) -> int:
+        return self._peer_max_streams
+
+    def stream_ids(self) -> list[int]:
+        """Ids of the streams still tracked (not yet closed both ways)."""
+        return list(self._streams)
+
+    # --- input ------------------------------------------------------------------------
+
+    def receive_data(self, data, now: float) -> None:
+        """Feed bytes from the peer. Never raises for anything the peer sends."""
+        self._now = now
+        if self._closed:
+            return
+        if len(data):
+            self._last_recv = now
+        try:
+            decoded = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(exc.code, str(exc))
+            return
+        handlers = self._handlers
+        try:
+            for ftype, flags, sid, payload in decoded:
+                if not self._hello_received:
+                    self._on_first_frame(ftype, sid, payload)
+                else:
+                    handlers[ftype](flags, sid, payload)
+                if self._closed:
+                    return
+        except ProtocolError as exc:
+            self._fail(exc.code, str(exc))
+        except Exception as exc:  # a bug here must not take the process down
+            self._fail(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+
+    def pop_events(self) -> list[Event]:
+        events = self._events
+        self._events = []
+        return events
+
+    # --- frame handlers ---------------------------------------------------------------
+
+    def _on_first_frame(self, ftype: int, sid: int, payload) -> None:
+        if ftype != FrameType.HELLO:
+            raise ProtocolError(f"{FrameType(ftype).name} before HELLO")
+        if sid:
+            raise ProtocolError("HELLO on a stream")
+        lo, hi, stream_window, session_window, max_frame, max_streams = frames.parse_hello(payload)
+        version = min(hi, PROTOCOL_VERSION)
+        if version < max(lo, MIN_PROTOCOL_VERSION):
+            raise VersionMismatch(
+                f"peer speaks versions {lo}..{hi}, we speak {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}")
+        if not MIN_FRAME_SIZE <= max_frame <= MAX_FRAME_SIZE_CAP:
+            raise ProtocolError(f"HELLO max frame size {max_frame} out of range")
+        if not 1 <= stream_window <= MAX_WINDOW or not 1 <= session_window <= MAX_WINDOW:
+            raise ProtocolError("HELLO window out of range")
+        self._hello_received = True
+        self._version = version
+        self._peer_stream_window = stream_window
+        self._send_session_window = session_window
+        self._peer_max_frame = max_frame
+        self._peer_max_streams = max_streams
+        self._events.append(SessionReady(version))
+
+    def _on_hello(self, flags: int, sid: int, payload) -> None:
+        raise ProtocolError("second HELLO")
+
+    def _check_known_id(self, sid: int, what: str) -> None:
+        """A frame for a stream we do not track: ignore it if the stream existed (closed
+        recently; the ids are monotonic so 'existed' is 'not above the highest opened'),
+        else it is a PROTOCOL_ERROR."""
+        if sid == 0:
+            raise ProtocolError(f"{what} on stream 0")
+        if (sid & 1) == self._local_parity:
+            if sid > self._last_local_id:
+                raise StreamStateError(f"{what} for stream {sid} that we never opened")
+        elif sid > self._last_peer_id:
+            raise StreamStateError(f"{what} for stream {sid} that the peer never opened")
+
+    def _on_data(self, flags: int, sid: int, payload) -> None:
+        n = len(payload)
+        if n > self._recv_session_window:
+            raise FlowControlError(f"DATA of {n} bytes exceeds the session window ({self._recv_session_window} left)")
+        s = self._streams.get(sid)
+        if s is None:
+            self._check_known_id(sid, "DATA")
+            # Recently closed: the bytes were sent against the session's credit; drop them
+            # and give the credit straight back.
+            self._recv_session_window -= n
+            self._credit_session(n)
+            return
+        if n > s.recv_window:
+            raise FlowControlError(f"DATA of {n} bytes exceeds stream {sid}'s window ({s.recv_window} left)")
+        if _RECV_DATA not in _NEXT[s.state]:
+            self._recv_session_window -= n
+            self._credit_session(n)
+            self._stream_error(s, ErrorCode.STREAM_CLOSED)
+            return
+        self._recv_session_window -= n
+        s.recv_window -= n
+        self._recv_unconsumed += n
+        s.unconsumed += n
+        self.bytes_received += n
+        s.last_activity = self._now
+        if n:
+            self._events.append(DataReceived(sid, payload))
+        if flags & _FIN:
+            s.state = _NEXT[s.state][_RECV_FIN]
+            self._events.append(StreamEnded(sid))
+            if s.state == _CLOSED:
+                self._forget(s)
+            else:
+                self._enter_half_closed(s)
+
+    def _on_open(self, flags: int, sid: int, payload) -> None:
+        if sid == 0 or (sid & 1) == self._local_parity:
+            raise ProtocolError(f"OPEN of stream {sid}: wrong parity")
+        if sid <= self._last_peer_id:
+            raise ProtocolError(f"OPEN of stream {sid}: not above {self._last_peer_id}")
+        self._last_peer_id = sid
+        self._count_churn()
+        if self._goaway_sent:
+            self._queue_reply(frames.encode_frame(FrameType.RESET, 0, sid, frames.encode_u32(ErrorCode.REFUSED)))
+            return
+        if self._peer_stream_count >= self._limits.max_concurrent_streams:
+            self._queue_reply(frames.encode_frame(FrameType.RESET, 0, sid, frames.encode_u32(ErrorCode.STREAM_LIMIT)))
+            return
+        fin = bool(flags & _FIN)
+        s = _Stream(sid, False, self._peer_stream_window, self._limits.initial_stream_window, self._now)
+        s.state = _NEXT[s.state][_I.RECV_OPEN_FIN if fin else _I.RECV_OPEN]
+        self._streams[sid] = s
+        self._peer_stream_count += 1
+        self._events.append(StreamOpened(sid, bytes(payload)))
+        if fin:
+            self._events.append(StreamEnded(sid))
+            self._enter_half_closed(s)
+
+    def _on_reset(self, flags: int, sid: int, payload) -> None:
+        code = frames.parse_u32(payload)
+        self._count_churn()
+        s = self._streams.get(sid)
+        if s is None:
+            self._check_known_id(sid, "RESET")
+            return
+        s.state = _NEXT[s.state][_I.RECV_RESET]
+        self._drop_queue(s)
+        self._events.append(StreamReset(sid, code, True))
+        self._forget(s)
+
+    def _on_window_update(self, flags: int, sid: int, payload) -> None:
+        increment = frames.parse_u32(payload)
+        if increment == 0:
+            raise ProtocolError("WINDOW_UPDATE with a zero increment")
+        if sid == 0:
+            window = self._send_session_window + increment
+            if window > MAX_WINDOW:
+                raise FlowControlError("session window above 2^31-1")
+            self._send_session_window = window
+            return
+        s = self._streams.get(sid)
+        if s is None:
+            self._check_known_id(sid, "WINDOW_UPDATE")
+            return
+        window = s.send_window + increment
+        if window > MAX_WINDOW:
+            raise FlowControlError(f"stream {sid} window above 2^31-1")
+        s.send_window = window
+        s.last_activity = self._now
+        if not s.scheduled and s.buffered:
+            s.scheduled = True
+            self._active.append(s)
+
+    def _on_ping(self, flags: int, sid: int, payload) -> None:
+        if sid:
+            raise ProtocolError("PING on a stream")
+        if len(payload) != 8:
+            raise ProtocolError(f"PING payload of {len(payload)} bytes")
+        if flags & _ACK:
+            sent = self._pings.pop(bytes(payload), None)
+            if sent is not None:
+                self._rtt = self._now - sent
+                self._events.append(PingAcknowledged(self._rtt))
+            return
+        now = self._now
+        if now - self._ping_window >= 1.0:
+            self._ping_window = now
+            self._ping_count = 0
+        self._ping_count += 1
+        if self._ping_count > self._limits.max_ping_rate:
+            raise FloodError("PING flood")
+        self._queue_reply(frames.encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
+
+    def _on_goaway(self, flags: int, sid: int, payload) -> None:
+        if sid:
+            raise ProtocolError("GOAWAY on a stream")
+        last, code, reason = frames.parse_goaway(payload)
+        self._goaway_received = True
+        self._events.append(GoAwayReceived(last, code, reason))
+        if code != ErrorCode.NO_ERROR:
+            self._terminate(code, reason, remote=True)
+            return
+        # Our streams above ``last`` were never processed by the peer.
+        for s in [s for s in self._streams.values() if s.local and s.id > last]:
+            s.state = _CLOSED
+            self._drop_queue(s)
+            self._events.append(StreamReset(s.id, ErrorCode.REFUSED, True))
+            self._forget(s)
+        self._check_drained()
+
+    def _on_control(self, flags: int, sid: int, payload) -> None:
+        if sid:
+            raise ProtocolError("CONTROL on a stream")
+        if len(payload) > self._limits.max_control_size:
+            raise ProtocolError(f"CONTROL of {len(payload)} bytes", ErrorCode.FRAME_SIZE_ERROR)
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise ProtocolError("CONTROL payload is not JSON") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("CONTROL payload is not a JSON object")
+        self._events.append(ControlReceived(message))
+
+    # --- stream bookkeeping -----------------------------------------------------------
+
+    def _count_churn(self) -> None:
+        now = self._now
+        if now - self._churn_window >= 1.0:
+            self._churn_window = now
+            self._churn_count = 0
+        self._churn_count += 1
+        if self._churn_count > self._limits.max_stream_churn_rate:
+            raise FloodError("stream open/reset flood")
+
+    def _enter_half_closed(self, s: _Stream) -> None:
+        s.last_activity = self._now
+        self._half_closed.add(s)
+        deadline = self._now + self._limits.half_close_timeout
+        if self._half_close_at is None or deadline < self._half_close_at:
+            self._half_close_at = deadline
+
+    def _drop_queue(self, s: _Stream) -> None:
+        if s.buffered:
+            self._send_total -= s.buffered
+            s.queue.clear()
+            s.buffered = 0
+        s.fin_pending = False
+
+    def _forget(self, s: _Stream) -> None:
+        """The stream is closed both ways: report it and keep nothing of it."""
+        s.state = _CLOSED
+        del self._streams[s.id]
+        if not s.local:
+            self._peer_stream_count -= 1
+        self._half_closed.discard(s)
+        if s.blocked:
+            s.blocked = False
+            self._blocked.discard(s)
+        self._events.append(StreamClosed(s.id))
+        self._check_drained()
+
+    def _stream_error(self, s: _Stream, code: int) -> None:
+        """The peer broke one stream's rules: reset that stream, keep the link."""
+        self._queue_control(frames.encode_frame(FrameType.RESET, 0, s.id, frames.encode_u32(code)))
+        self._drop_queue(s)
+        self._events.append(StreamReset(s.id, code, False))
+        self._forget(s)
+
+    def _check_drained(self) -> None:
+        if not self._streams and not self._closed and (self._goaway_sent or self._goaway_received):
+            self._terminate(ErrorCode.NO_ERROR, "drained", remote=not self._goaway_sent)
+
+    # --- output -----------------------------------------------------------------------
+
+    def _queue_control(self, frame: bytes) -> None:
+        self._control.append(frame)
+        self._control_bytes += len(frame)
+
+    def _queue_reply(self, frame: bytes) -> None:
+        """A control frame the peer's input asked for; a peer that makes us queue many
+        without reading them floods us."""
+        if self._control_bytes + len(frame) > _MAX_CONTROL_BACKLOG:
+            raise FloodError("peer does not read our answers")
+        self._queue_control(frame)
+
+    def data_to_send(self, max_bytes: int | None = None) -> list:
+        """What to write now, for ``transport.writelines``: control frames first, then DATA
+        round-robin. ``max_bytes`` caps the total (a control frame is never split)."""
+        out: list = []
+        budget = _INF if max_bytes is None else max_bytes
+        control = self._control
+        if control:
+            taken = 0
+            while control and budget > 0:
+                frame = control.popleft()
+                out.append(frame)
+                budget -= len(frame)
+                taken += len(frame)
+            self._control_bytes -= taken
+            if control:
+                return out
+        if self._closed or not self._active:
+            return out
+        self._schedule(out, budget)
+        return out
+
+    def _schedule(self, out: list, budget: float) -> None:
+        active = self._active
+        quantum = self._limits.send_quantum
+        max_frame = self._peer_max_frame
+        encode_header = frames.encode_header
+        low_water = self._limits.stream_send_low_water
+        now = self._now
+        sent_total = 0
+        while active and budget > HEADER_SIZE:
+            s = active[0]
+            if s.state == _CLOSED:
+                active.popleft()
+                s.scheduled = False
+                continue
+            if s.buffered:
+                allowance = s.send_window
+                if allowance <= 0:
+                    active.popleft()
+                    s.scheduled = False
+                    continue
+                if self._send_session_window < allowance:
+                    allowance = self._send_session_window
+                    if allowance <= 0:
+                        break  # session credit exhausted: wait for WINDOW_UPDATE on 0
+                if quantum < allowance:
+                    allowance = quantum
+            else:
+                allowance = 0
+            active.popleft()
+            s.scheduled = False
+            sid = s.id
+            queue = s.queue
+            sent = 0
+            fin_sent = False
+            while allowance > 0 and budget > HEADER_SIZE:
+                n = s.buffered
+                if allowance < n:
+                    n = allowance
+                if max_frame < n:
+                    n = max_frame
+                if budget - HEADER_SIZE < n:
+                    n = int(budget - HEADER_SIZE)
+                s.buffered -= n
+                if not s.buffered and s.fin_pending:
+                    out.append(encode_header(_DATA, _FIN, sid, n))
+                    fin_sent = True
+                else:
+                    out.append(encode_header(_DATA, 0, sid, n))
+                allowance -= n
+                budget -= n + HEADER_SIZE
+                sent += n
+                while n:
+                    head = queue[0]
+                    size = len(head)
+                    if size <= n:
+                        queue.popleft()
+                        out.append(head)
+                        n -= size
+                    else:
+                        out.append(head[:n])
+                        queue[0] = head[n:]
+                        n = 0
+                if not s.buffered:
+                    break
+            if not s.buffered and s.fin_pending and not fin_sent and budget >= HEADER_SIZE:
+                out.append(encode_header(_DATA, _FIN, sid, 0))
+                budget -= HEADER_SIZE
+                fin_sent = True
+            if sent:
+                s.send_window -= sent
+                self._send_session_window -= sent
+                sent_total += sent
+                s.last_activity = now
+            if fin_sent:
+                s.fin_pending = False
+                s.state = _NEXT[s.state][_SEND_FIN]
+                if s.state == _CLOSED:
+                    self._forget(s)
+                    if self._closed:  # that was the last stream of a draining session
+                        return
+                    continue
+                self._enter_half_closed(s)
+            if s.blocked and s.buffered < low_water and not self._session_high:
+                s.blocked = False
+                self._blocked.discard(s)
+                self._events.append(StreamWritable(sid))
+            if (s.buffered and s.send_window > 0) or s.fin_pending:
+                s.scheduled = True
+                active.append(s)
+        if sent_total:
+            self._send_total -= sent_total
+            self.bytes_sent += sent_total
+        self._check_session_low()
+
+    def _check_session_low(self) -> None:
+        if self._session_high and self._send_total < self._limits.session_send_high_water:
+            self._session_high = False
+            low_water = self._limits.stream_send_low_water
+            for s in [s for s in self._blocked if s.buffered < low_water]:
+                s.blocked = False
+                self._blocked.discard(s)
+                self._events.append(StreamWritable(s.id))
+
+    # --- application API --------------------------------------------------------------
+
+    def _stream_for_send(self, stream_id: int) -> _Stream:
+        s = self._streams.get(stream_id)
+        if s is None:
+            raise StreamClosedError(f"stream {stream_id} is closed or unknown")
+        if s.fin_pending or _SEND_DATA not in _NEXT[s.state]:
+            raise StreamClosedError(f"stream {stream_id} is already ended")
+        return s
+
+    def open_stream(self, metadata: bytes = b"", end_stream: bool = False) -> int:
+        """Open a stream towards the peer and return its id (after ``SessionReady``)."""
+        if self._closed:
+            raise SessionClosed("session is closed")
+        if not self._hello_received:
+            raise UsageError("streams may be opened only after both HELLOs (SessionReady)")
+        if self._goaway_sent or self._goaway_received:
+            raise SessionClosed("session is going away")
+        sid = self._next_local_id
+        if sid > MAX_STREAM_ID:
+            raise SessionClosed("stream ids exhausted")
+        metadata = bytes(metadata)
+        if len(metadata) > self._peer_max_frame:
+            raise UsageError("OPEN metadata larger than the peer's max frame size")
+        self._next_local_id = sid + 2
+        self._last_local_id = sid
+        s = _Stream(sid, True, self._peer_stream_window, self._limits.initial_stream_window, self._now)
+        s.state = _NEXT[s.state][_I.SEND_OPEN_FIN if end_stream else _I.SEND_OPEN]
+        self._streams[sid] = s
+        self._queue_control(frames.encode_frame(FrameType.OPEN, _FIN if end_stream else 0, sid, metadata))
+        if end_stream:
+            self._enter_half_closed(s)
+        return sid
+
+    def send_data(self, stream_id: int, data, end_stream: bool = False) -> None:
+        """Queue ``data`` (not copied: do not mutate it after) and optionally a FIN."""
+        s = self._stream_for_send(stream_id)
+        view = data if type(data) is memoryview else memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = len(view)
+        if n:
+            s.queue.append(view)
+            s.buffered += n
+            self._send_total += n
+            if s.buffered > self._limits.stream_send_high_water:
+                self._block(s)
+            if self._send_total > self._limits.session_send_high_water:
+                self._session_high = True
+                self._block(s)
+        if end_stream:
+            s.fin_pending = True
+        if not s.scheduled and ((n and s.send_window > 0) or (end_stream and not s.buffered)):
+            s.scheduled = True
+            self._active.append(s)
+
+    def _block(self, s: _Stream) -> None:
+        if not s.blocked:
+            s.blocked = True
+            self._blocked.add(s)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction after the data already queued."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, code: int = ErrorCode.NO_ERROR) -> None:
+        """Abort both directions, dropping queued data. No-op for a stream already closed."""
+        s = self._streams.get(stream_id)
+        if s is None or self._closed:
+            return
+        self._queue_control(frames.encode_frame(FrameType.RESET, 0, stream_id, frames.encode_u32(code)))
+        s.state = _NEXT[s.state][_I.SEND_RESET]
+        self._drop_queue(s)
+        self._forget(s)
+        self._check_session_low()
+
+    def consume(self, stream_id: int, n: int) -> None:
+        """The application is done with ``n`` received bytes of the stream: grant credit.
+        For a stream already closed, the bytes still go back to the session's window."""
+        if n <= 0 or self._closed:
+            return
+        s = self._streams.get(stream_id)
+        if s is not None:
+            if n > s.unconsumed:
+                n = s.unconsumed
+            if not n:
+                return
+            s.unconsumed -= n
+            s.pending_credit += n
+            s.last_activity = self._now
+            if s.pending_credit >= self._stream_update_at and s.state in (_OPEN, _HCL):
+                s.recv_window += s.pending_credit
+                self._queue_control(frames.encode_frame(
+                    FrameType.WINDOW_UPDATE, 0, stream_id, frames.encode_u32(s.pending_credit)))
+                s.pending_credit = 0
+        elif n > self._recv_unconsumed:
+            n = self._recv_unconsumed
+        if n:
+            self._recv_unconsumed -= n
+            self._credit_session(n)
+
+    def _credit_session(self, n: int) -> None:
+        """``n`` bytes of the session window are free again; grant them once the ungranted
+        credit reaches what the peer has left (half the window when nothing is held)."""
+        self._recv_pending += n
+        if self._recv_pending and self._recv_pending >= self._recv_session_window and not self._closed:
+            self._recv_session_window += self._recv_pending
+            self._queue_control(frames.encode_frame(
+                FrameType.WINDOW_UPDATE, 0, 0, frames.encode_u32(self._recv_pending)))
+            self._recv_pending = 0
+
+    def send_control(self, message: dict) -> None:
+        """Queue one CONTROL frame (a JSON object)."""
+        if self._closed:
+            raise SessionClosed("session is closed")
+        payload = orjson.dumps(message)
+        if len(payload) > self._limits.max_control_size or len(payload) > self._peer_max_frame:
+            raise UsageError(f"CONTROL message of {len(payload)} bytes is too large")
+        self._queue_control(frames.encode_frame(FrameType.CONTROL, 0, 0, payload))
+
+    def ping(self, now: float) -> None:
+        """Send a PING; its answer yields ``PingAcknowledged`` and updates :attr:`rtt`."""
+        self._now = now
+        if self._closed:
+            raise SessionClosed("session is closed")
+        self._send_ping(now)
+
+    def _send_ping(self, now: float) -> None:
+        self._ping_counter += 1
+        payload = _PING_PAYLOAD.pack(self._ping_counter & 0xFFFFFFFFFFFFFFFF)
+        if len(self._pings) >= _MAX_PENDING_PINGS:
+            del self._pings[next(iter(self._pings))]
+        self._pings[payload] = now
+        self._queue_control(frames.encode_frame(FrameType.PING, 0, 0, payload))
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Open and accept no new streams; the open ones run to completion, then the session
+        closes (``ConnectionClosed(NO_ERROR, "drained")``)."""
+        if self._closed:
+            return
+        self._send_goaway(code, reason)
+        self._check_drained()
+
+    def _send_goaway(self, code: int, reason: str) -> None:
+        self._goaway_sent = True
+        self._goaway_code = int(code)
+        self._queue_control(frames.encode_frame(
+            FrameType.GOAWAY, 0, 0, frames.encode_goaway(self._last_peer_id, int(code), reason)))
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Queue GOAWAY, reset every stream and report ``ConnectionClosed(remote=False)``."""
+        if self._closed:
+            return
+        if self._goaway_code != int(code):
+            self._send_goaway(code, reason)
+        self._terminate(code, reason, remote=False)
+
+    def connection_lost(self, reason: str = "") -> None:
+        """The transport under the session broke: report ``ConnectionClosed`` (remote)."""
+        if not self._closed:
+            self._terminate(ErrorCode.CONNECTION_RESET, reason or "connection lost", remote=True)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """A link-level violation or timeout: GOAWAY(code), then closed; input ignored."""
+        if self._closed:
+            return
+        self._send_goaway(code, reason)
+        self._terminate(code, reason, remote=False)
+
+    def _terminate(self, code: int, reason: str, remote: bool) -> None:
+        self._closed = True
+        events = self._events
+        for s in list(self._streams.values()):
+            self._drop_queue(s)
+            s.state = _CLOSED
+            events.append(StreamReset(s.id, code, remote))
+            events.append(StreamClosed(s.id))
+        self._streams.clear()
+        self._peer_stream_count = 0
+        self._active.clear()
+        self._blocked.clear()
+        self._half_closed.clear()
+        self._half_close_at = None
+        self._send_total = 0
+        self._pings.clear()
+        events.append(ConnectionClosed(int(code), reason, remote))
+
+    # --- timers -----------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When :meth:`handle_timer` should run next (None: no timer needed)."""
+        if self._closed:
+            return None
+        limits = self._limits
+        at = self._last_recv + limits.keepalive_timeout
+        ping_at = max(self._last_recv, self._last_keepalive_ping) + limits.keepalive_interval
+        if ping_at < at:
+            at = ping_at
+        if self._half_close_at is not None and self._half_close_at < at:
+            at = self._half_close_at
+        return at
+
+    def handle_timer(self, now: float) -> None:
+        """Run what is due at ``now`` (harmless to call early or often)."""
+        self._now = now
+        if self._closed:
+            return
+        limits = self._limits
+        if now - self._last_recv >= limits.keepalive_timeout:
+            self._fail(ErrorCode.TIMEOUT, "keepalive timeout: the peer went silent")
+            return
+        if now >= max(self._last_recv, self._last_keepalive_ping) + limits.keepalive_interval:
+            self._last_keepalive_ping = now
+            self._send_ping(now)
+        if self._half_close_at is not None and now >= self._half_close_at:
+            self._expire_half_closed(now)
+
+    def _expire_half_closed(self, now: float) -> None:
+        timeout = self._limits.half_close_timeout
+        next_at = None
+        for s in list(self._half_closed):
+            deadline = s.last_activity + timeout
+            if deadline <= now:
+                self._stream_error(s, ErrorCode.TIMEOUT)
+                if self._closed:
+                    return
+            elif next_at is None or deadline < next_at:
+                next_at = deadline
+        self._half_close_at = next_at
+        self._check_session_low()
