@@ -220,7 +220,7 @@ class RelayState:
 
     def list_customers(self) -> list[dict]:
         with self._lock:
-            rows = self._db.execute("SELECT id, name, created_at FROM customers ORDER BY created_at, id")
+            rows = self._db.execute("SELECT id, name, created_at FROM customers ORDER BY rowid")
             return [dict(row) for row in rows]
 
     def get_customer(self, customer_id: str) -> dict | None:
@@ -268,12 +268,12 @@ class RelayState:
         with self._lock:
             if customer_id is None:
                 rows = self._db.execute(
-                    f"SELECT {self._RESOURCE_COLUMNS} FROM resources ORDER BY created_at, id"
+                    f"SELECT {self._RESOURCE_COLUMNS} FROM resources ORDER BY rowid"
                 )
             else:
                 rows = self._db.execute(
                     f"SELECT {self._RESOURCE_COLUMNS} FROM resources WHERE customer_id = ? "
-                    "ORDER BY created_at, id",
+                    "ORDER BY rowid",
                     (customer_id,),
                 )
             return [dict(row) for row in rows]

@@ -1,0 +1,225 @@
+"""relay.state: the SQLite registry of customers, resources and tokens; port allocation."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sqlite3
+import stat
+
+import pytest
+
+from relay.state import (
+    ORG_CUSTOMER_ID,
+    SCHEMA_VERSION,
+    RelayState,
+    allocate_port,
+    ensure_state_dir,
+    new_id,
+    write_private,
+)
+
+
+def counter_allocator(start: int = 21000):
+    """A deterministic allocator: the lowest port from ``start`` not taken."""
+
+    def allocate(taken: set[int]) -> int:
+        port = start
+        while port in taken:
+            port += 1
+        return port
+
+    return allocate
+
+
+@pytest.fixture
+def state(tmp_path):
+    with RelayState.open_dir(tmp_path / "state") as st:
+        yield st
+
+
+def test_ids_have_the_documented_shape():
+    for _ in range(50):
+        assert re.fullmatch(r"cus_[a-z2-7]{16}", new_id("cus"))
+        assert re.fullmatch(r"res_[a-z2-7]{16}", new_id("res"))
+
+
+def test_database_file_schema_version_and_modes(tmp_path):
+    directory = tmp_path / "state"
+    with RelayState.open_dir(directory):
+        pass
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    db = directory / "relay.db"
+    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        con.close()
+
+
+def test_refuses_a_newer_schema(tmp_path):
+    directory = tmp_path / "state"
+    with RelayState.open_dir(directory):
+        pass
+    con = sqlite3.connect(directory / "relay.db")
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        RelayState.open_dir(directory)
+
+
+def test_customers(state):
+    a = state.create_customer("Acme Corp")
+    b = state.create_customer("Globex")
+    assert set(a) == {"id", "name", "created_at"}
+    assert a["name"] == "Acme Corp"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", a["created_at"])
+    assert state.get_customer(a["id"]) == a
+    assert state.get_customer("cus_aaaaaaaaaaaaaaaa") is None
+    assert [c["id"] for c in state.list_customers()] == [a["id"], b["id"]]
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 201, "bad\nname", None, 5])
+def test_customer_name_validation(state, name):
+    with pytest.raises(ValueError):
+        state.create_customer(name)
+
+
+def test_org_customer_is_created_lazily(state):
+    assert [c["id"] for c in state.list_customers()] == []
+    org = state.get_customer(ORG_CUSTOMER_ID)
+    assert org["id"] == ORG_CUSTOMER_ID and org["name"] == "organization"
+    assert state.org_customer() == org
+    assert [c["id"] for c in state.list_customers()] == [ORG_CUSTOMER_ID]
+
+
+def test_resource_created_once_and_port_from_the_callback(state):
+    customer = state.create_customer("acme")
+    seen = []
+
+    def allocate(taken):
+        seen.append(set(taken))
+        return 21000 + len(taken)
+
+    db = state.get_or_create_resource(customer["id"], "db", allocate)
+    assert db["port"] == 21000 and db["generation"] == 0 and db["customer_id"] == customer["id"]
+    assert re.fullmatch(r"res_[a-z2-7]{16}", db["id"])
+    again = state.get_or_create_resource(customer["id"], "db", allocate)
+    assert again == db
+    api = state.get_or_create_resource(customer["id"], "api", allocate)
+    assert api["port"] == 21001
+    assert seen == [set(), {21000}]
+    assert state.get_resource(db["id"]) == db
+    assert [r["id"] for r in state.list_resources()] == [db["id"], api["id"]]
+    assert state.taken_ports() == {21000, 21001}
+
+
+def test_same_name_for_two_customers_gets_two_resources(state):
+    a = state.create_customer("a")
+    b = state.create_customer("b")
+    alloc = counter_allocator()
+    ra = state.get_or_create_resource(a["id"], "db", alloc)
+    rb = state.get_or_create_resource(b["id"], "db", alloc)
+    assert ra["id"] != rb["id"] and ra["port"] != rb["port"]
+    assert [r["id"] for r in state.list_resources(b["id"])] == [rb["id"]]
+
+
+def test_allocator_returning_a_taken_port_is_an_error(state):
+    a = state.create_customer("a")
+    state.get_or_create_resource(a["id"], "one", lambda taken: 21000)
+    with pytest.raises(RuntimeError):
+        state.get_or_create_resource(a["id"], "two", lambda taken: 21000)
+
+
+def test_unknown_customer_cannot_own_a_resource(state):
+    with pytest.raises(KeyError):
+        state.get_or_create_resource("cus_aaaaaaaaaaaaaaaa", "db", counter_allocator())
+
+
+def test_ports_and_generations_survive_a_reopen(tmp_path):
+    directory = tmp_path / "state"
+    with RelayState.open_dir(directory) as st:
+        customer = st.create_customer("acme")
+        db = st.get_or_create_resource(customer["id"], "db", counter_allocator(23456))
+        assert st.rotate_resource(db["id"]) == 1
+    with RelayState.open_dir(directory) as st:
+
+        def must_not_allocate(taken):
+            raise AssertionError("the port must be kept")
+
+        again = st.get_or_create_resource(customer["id"], "db", must_not_allocate)
+        assert again["id"] == db["id"] and again["port"] == 23456 and again["generation"] == 1
+        assert st.get_customer(customer["id"]) == customer
+
+
+def test_rotate_and_delete(state):
+    customer = state.create_customer("acme")
+    db = state.get_or_create_resource(customer["id"], "db", counter_allocator())
+    assert state.rotate_resource(db["id"]) == 1
+    assert state.rotate_resource(db["id"]) == 2
+    assert state.get_resource(db["id"])["generation"] == 2
+    with pytest.raises(KeyError):
+        state.rotate_resource("res_aaaaaaaaaaaaaaaa")
+    assert state.delete_resource(db["id"]) is True
+    assert state.delete_resource(db["id"]) is False
+    assert state.get_resource(db["id"]) is None
+    # The port is free again; the name can be registered anew (a new resource).
+    fresh = state.get_or_create_resource(customer["id"], "db", counter_allocator())
+    assert fresh["id"] != db["id"] and fresh["generation"] == 0 and fresh["port"] == db["port"]
+
+
+def test_record_token(state):
+    customer = state.create_customer("acme")
+    state.record_token("jti-1", customer["id"], None, 0, False, 1000, 2000)
+    state.record_token("jti-2", ORG_CUSTOMER_ID, "res_aaaaaaaaaaaaaaaa", 3, True, 1001, 2001)
+    tokens = state.list_tokens()
+    assert [t["jti"] for t in tokens] == ["jti-1", "jti-2"]
+    assert tokens[1]["org_only"] is True and tokens[1]["generation"] == 3
+    assert [t["jti"] for t in state.list_tokens("res_aaaaaaaaaaaaaaaa")] == ["jti-2"]
+    with pytest.raises(sqlite3.IntegrityError):
+        state.record_token("jti-1", customer["id"], None, 0, False, 1000, 2000)
+
+
+def test_allocate_port_skips_taken_and_unbindable_ports():
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    busy = blocker.getsockname()[1]
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    free = probe.getsockname()[1]
+    probe.close()
+    try:
+        with pytest.raises(RuntimeError):
+            allocate_port("127.0.0.1", set(), (busy, busy))
+        low, high = min(busy, free), max(busy, free)
+        taken = set(range(low, high + 1)) - {busy, free}
+        # Only ``free`` is neither taken by the state nor bound by another socket.
+        assert allocate_port("127.0.0.1", taken, (low, high)) == free
+    finally:
+        blocker.close()
+
+
+def test_allocate_port_randomises_and_fails_cleanly():
+    ports = {allocate_port("127.0.0.1", set()) for _ in range(10)}
+    assert all(20000 <= p <= 29999 for p in ports)
+    assert len(ports) > 1
+    with pytest.raises(RuntimeError, match="no free TCP port"):
+        allocate_port("127.0.0.1", {25000, 25001}, (25000, 25001))
+
+
+def test_state_dir_is_tightened_and_private_writes(tmp_path):
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    os.chmod(loose, 0o755)
+    ensure_state_dir(loose)
+    assert stat.S_IMODE(os.stat(loose).st_mode) == 0o700
+    target = loose / "secret"
+    write_private(target, b"one")
+    write_private(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert [p.name for p in loose.iterdir()] == ["secret"]
