@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: our tunnel against direct TCP and OpenSSH ``ssh -R``, in one run.
+
+    python bench/e2e.py                 # full run (~5-8 minutes on 2 cores)
+    python bench/e2e.py --quick         # short durations (~3 minutes)
+    python bench/e2e.py --systems direct,tunnel-wss --metrics rtt,throughput
+
+Every SYSTEM gives the "integration worker" a loopback host:port that forwards to a private
+service of its own (echo server, iperf3 server, nginx):
+
+    direct          the service port itself
+    ssh-default     ``ssh -R`` through a private sshd, OpenSSH's default cipher
+    ssh-aes128gcm   the same with ``-c aes128-gcm@openssh.com``
+    tunnel-wss      our relay + agent over TLS WebSocket
+    tunnel-quic     our relay + agent over QUIC
+
+The agent-equivalent (ssh client / tunnel-agent) is the process whose RSS and CPU are read.
+Results: a table on stdout (values, then ratios to ssh-aes128gcm and to direct),
+``bench/results/latest.json`` and ``bench/results/latest.png``. See bench/E2E.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.peers import clients  # noqa: E402
+from bench.peers.procs import (LOOPBACK, HarnessError, ProcessRegistry, cpu_hz,  # noqa: E402
+                               cpu_model, cpu_seconds, free_port, install_signal_handlers,
+                               python, python_env, raise_fd_limit, rss_bytes, wait_listening)
+from bench.peers.services import start_services  # noqa: E402
+from bench.peers.sshd import PrivateSshd, ssh_available  # noqa: E402
+from bench.peers.ours import OurRelay, ours_available  # noqa: E402
+
+SYSTEMS = ["direct", "ssh-default", "ssh-aes128gcm", "tunnel-wss", "tunnel-quic"]
+REFERENCE = "ssh-aes128gcm"
+SSH_CIPHERS = {"ssh-default": None, "ssh-aes128gcm": "aes128-gcm@openssh.com"}
+OUR_TRANSPORTS = {"tunnel-wss": "wss", "tunnel-quic": "quic"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    group: str
+    agent_only: bool = False
+
+
+METRICS = [
+    Metric("tput_1", "throughput, 1 stream", "Gbit/s", True, "throughput"),
+    Metric("tput_1_rev", "throughput, 1 stream, service->worker", "Gbit/s", True, "throughput"),
+    Metric("tput_16", "throughput, 16 streams", "Gbit/s", True, "throughput"),
+    Metric("agent_cpu_s_per_gb", "agent CPU per GB (1 stream)", "s/GB", False, "throughput", True),
+    Metric("agent_cycles_per_byte", "agent cycles per byte", "cycles/B", False, "throughput", True),
+    Metric("rtt_p50", "64 B round trip p50", "us", False, "rtt"),
+    Metric("rtt_p99", "64 B round trip p99", "us", False, "rtt"),
+    Metric("conn_rate_1", "new connections/s, sequential", "conn/s", True, "connrate"),
+    Metric("conn_rate_8", "new connections/s, 8 parallel", "conn/s", True, "connrate"),
+    Metric("http_rps", "HTTP requests/s (wrk -t2 -c32)", "req/s", True, "http"),
+    Metric("http_p50", "HTTP latency p50", "ms", False, "http"),
+    Metric("http_p99", "HTTP latency p99", "ms", False, "http"),
+    Metric("agent_rss_idle", "agent RSS idle", "MB", False, "streams", True),
+    Metric("agent_rss_1000", "agent RSS, 1,000 streams", "MB", False, "streams", True),
+    Metric("streams_1000_ok", "streams completed of 1,000", "count", True, "streams"),
+    Metric("streams_1000_rtt_max", "1,000 streams: slowest round trip", "ms", False, "streams"),
+    Metric("lfn_tput", "long fat path (50 ms RTT), 1 stream", "Mbit/s", True, "lfn"),
+]
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+GROUPS = ["rtt", "connrate", "throughput", "http", "streams", "lfn"]
+GROUP_SERVICES = {"rtt": "echo", "connrate": "echo", "streams": "echo", "throughput": "iperf",
+                  "lfn": "iperf", "http": "http"}
+
+
+@dataclass
+class Settings:
+    tput_seconds: int
+    rtt_count: int
+    conn_seconds: float
+    http_seconds: int
+    streams: int
+    lfn_seconds: int
+    delay_ms: float = 25.0
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> "Settings":
+        if quick:
+            return cls(tput_seconds=2, rtt_count=2000, conn_seconds=1.5, http_seconds=2,
+                       streams=1000, lfn_seconds=4)
+        return cls(tput_seconds=10, rtt_count=20000, conn_seconds=5.0, http_seconds=10,
+                   streams=1000, lfn_seconds=10)
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, system: str, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {system:<14} {msg}", file=sys.stderr,
+              flush=True)
+
+
+@dataclass
+class Results:
+    values: dict[tuple[str, str], float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def put(self, system: str, key: str, value: float) -> None:
+        self.values[(system, key)] = float(value)
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    a = abs(value)
+    if unit == "count" or (a >= 1000 and float(value).is_integer()):
+        return f"{value:,.0f}"
+    if a >= 100:
+        return f"{value:,.0f}"
+    if a >= 10:
+        return f"{value:.1f}"
+    if a >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# One system
+
+
+class Exposure:
+    """How one system exposes services: ``expose(service, port) -> (endpoint, agent pid|None)``."""
+
+    def __init__(self, system: str, reg: ProcessRegistry, tmp: Path) -> None:
+        self.system = system
+        self.reg = reg
+        self.tmp = tmp
+        self.sshd: PrivateSshd | None = None
+        self.relay: OurRelay | None = None
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        if self.system in SSH_CIPHERS:
+            self.sshd = PrivateSshd(self.reg, self.tmp / "sshd")
+            self.sshd.start()
+        elif self.system in OUR_TRANSPORTS:
+            self.relay = OurRelay(self.reg, self.tmp / "relay-state")
+            self.relay.start()
+
+    def upstream_port(self) -> int | None:
+        """The port an agent dials (for the delay proxy), None for direct."""
+        if self.sshd is not None:
+            return self.sshd.port
+        if self.relay is not None:
+            return self.relay.port
+        return None
+
+    def expose(self, service: str, port: int, via_port: int | None = None) -> tuple[int, int | None]:
+        if self.system == "direct":
+            return port, None
+        if self.sshd is not None:
+            ep, proc = self.sshd.forward(port, SSH_CIPHERS[self.system], via_port,
+                                         name=f"ssh-{service}")
+        else:
+            assert self.relay is not None
+            ep, proc = self.relay.expose(f"bench-{service}", port, OUR_TRANSPORTS[self.system],
+                                         via_port)
+        self.procs.append(proc)
+        return ep, proc.pid
+
+    def stop(self) -> None:
+        self.reg.stop_all(self.procs)
+        self.procs.clear()
+        if self.sshd is not None:
+            self.sshd.stop()
+        if self.relay is not None:
+            self.relay.stop()
+
+
+def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessRegistry,
+                   res: Results, say: Progress, hz: float) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=reg.log_dir))
+    needed = {GROUP_SERVICES[g] for g in groups}
+    say(system, f"starting services ({', '.join(sorted(needed))}) and {system} forwarding")
+    svc = start_services(reg, needed, tmp)
+    exp = Exposure(system, reg, tmp)
+    delay_proc: subprocess.Popen | None = None
+    try:
+        exp.start()
+        ports = svc.ports()
+        endpoints: dict[str, tuple[int, int | None]] = {}
+        for name in sorted(needed - ({"iperf"} if groups == ["lfn"] else set())):
+            endpoints[name] = exp.expose(name, ports[name])
+        say(system, "endpoints " + ", ".join(f"{k}->{LOOPBACK}:{v[0]}" for k, v in endpoints.items()))
+
+        def run(label: str, fn) -> None:
+            try:
+                fn()
+            except HarnessError as e:
+                msg = f"{system}: {label}: {e}"
+                res.errors.append(msg)
+                say(system, f"ERROR {label}: {str(e).splitlines()[0][:200]}")
+
+        def show(*keys: str) -> None:
+            say(system, "  " + "; ".join(
+                f"{METRIC_BY_KEY[k].label} = {fmt(res.values.get((system, k)), METRIC_BY_KEY[k].unit)}"
+                f" {METRIC_BY_KEY[k].unit}" for k in keys if (system, k) in res.values))
+
+        echo_ep, echo_pid = endpoints.get("echo", (0, None))
+        if "streams" in groups and echo_pid:
+            res.put(system, "agent_rss_idle", rss_bytes(echo_pid) / 1e6)
+            show("agent_rss_idle")
+
+        if "rtt" in groups:
+            say(system, f"64 B round trips x{st.rtt_count}")
+
+            def rtt() -> None:
+                r = clients.round_trips(echo_ep, st.rtt_count)
+                res.put(system, "rtt_p50", r.p50_us)
+                res.put(system, "rtt_p99", r.p99_us)
+            run("rtt", rtt)
+            show("rtt_p50", "rtt_p99")
+
+        if "connrate" in groups:
+            for par in (1, 8):
+                say(system, f"new connections/s, {par} in parallel, {st.conn_seconds:g}s")
+
+                def rate(par=par) -> None:
+                    r = clients.connection_rate(echo_ep, st.conn_seconds, par)
+                    if r.errors:
+                        res.errors.append(f"{system}: connrate x{par}: {r.errors} failed connections")
+                    res.put(system, f"conn_rate_{par}", r.per_second)
+                run(f"connrate x{par}", rate)
+            show("conn_rate_1", "conn_rate_8")
+
+        if "throughput" in groups:
+            ip_ep, ip_pid = endpoints["iperf"]
+            say(system, f"iperf3 1 stream, {st.tput_seconds}s")
+
+            def one() -> None:
+                c0 = cpu_seconds(ip_pid) if ip_pid else 0.0
+                r = clients.iperf3(reg, ip_ep, st.tput_seconds)
+                c1 = cpu_seconds(ip_pid) if ip_pid else 0.0
+                res.put(system, "tput_1", r.bits_per_second / 1e9)
+                if ip_pid and r.bytes:
+                    res.put(system, "agent_cpu_s_per_gb", (c1 - c0) / (r.bytes / 1e9))
+                    if hz:
+                        res.put(system, "agent_cycles_per_byte", (c1 - c0) * hz / r.bytes)
+            run("throughput x1", one)
+            show("tput_1", "agent_cpu_s_per_gb", "agent_cycles_per_byte")
+            say(system, f"iperf3 1 stream reverse (-R), {st.tput_seconds}s")
+            run("throughput x1 -R", lambda: res.put(
+                system, "tput_1_rev",
+                clients.iperf3(reg, ip_ep, st.tput_seconds, reverse=True).bits_per_second / 1e9))
+            show("tput_1_rev")
+            say(system, f"iperf3 16 streams, {st.tput_seconds}s")
+            run("throughput x16", lambda: res.put(
+                system, "tput_16",
+                clients.iperf3(reg, ip_ep, st.tput_seconds, parallel=16).bits_per_second / 1e9))
+            show("tput_16")
+
+        if "http" in groups:
+            say(system, f"wrk -t2 -c32 -d{st.http_seconds}s")
+
+            def http() -> None:
+                r = clients.wrk(reg, endpoints["http"][0], st.http_seconds)
+                if r.errors:
+                    res.errors.append(f"{system}: wrk: {r.errors} socket errors / bad responses")
+                res.put(system, "http_rps", r.requests_per_second)
+                res.put(system, "http_p50", r.p50_ms)
+                res.put(system, "http_p99", r.p99_ms)
+            run("http", http)
+            show("http_rps", "http_p50", "http_p99")
+
+        if "streams" in groups:
+            say(system, f"{st.streams} concurrent streams")
+
+            def streams() -> None:
+                r = clients.concurrent_streams(
+                    echo_ep, st.streams, (lambda: rss_bytes(echo_pid)) if echo_pid else None)
+                res.put(system, "streams_1000_ok", r.ok)
+                res.put(system, "streams_1000_rtt_max", r.rtt_all_max_ms)
+                if echo_pid:
+                    res.put(system, "agent_rss_1000", r.peak_rss / 1e6)
+                if r.ok != r.wanted:
+                    res.errors.append(f"{system}: only {r.ok} of {r.wanted} streams completed")
+            run("streams", streams)
+            show("streams_1000_ok", "agent_rss_1000", "streams_1000_rtt_max")
+
+        if "lfn" in groups:
+            def lfn() -> None:
+                nonlocal delay_proc
+                quic = system == "tunnel-quic"
+                up = exp.upstream_port() or ports["iperf"]
+                pport = free_port(both=quic)
+                argv = [python(), "-m", "bench.peers.delay", "--port", str(pport),
+                        "--target", f"{LOOPBACK}:{up}", "--delay-ms", str(st.delay_ms)]
+                if quic:
+                    argv.append("--udp")
+                delay_proc = reg.spawn(argv, "delay-proxy", env=python_env(), cwd=REPO)
+                wait_listening(pport, 15, delay_proc, "delay proxy")
+                if system == "direct":
+                    ep = pport
+                else:
+                    ep, _ = exp.expose("iperf-lfn", ports["iperf"], via_port=pport)
+                say(system, f"long fat path (+{st.delay_ms:g} ms each way), iperf3 1 stream, "
+                            f"{st.lfn_seconds}s")
+                r = clients.iperf3(reg, ep, st.lfn_seconds, name="iperf3-lfn")
+                res.put(system, "lfn_tput", r.bits_per_second / 1e6)
+            say(system, "long fat path: delay proxy between agent side and relay side")
+            run("lfn", lfn)
+            show("lfn_tput")
+    finally:
+        say(system, "stopping")
+        if delay_proc is not None:
+            reg.stop(delay_proc)
+        exp.stop()
+        reg.stop_all(svc.procs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def ratio_table(res: Results, systems: list[str], ref: str, keys: list[str]) -> list[str]:
+    lines = [f"| metric | {' | '.join(systems)} |", "|---|" + "---:|" * len(systems)]
+    for k in keys:
+        m = METRIC_BY_KEY[k]
+        base = res.values.get((ref, k))
+        cells = []
+        for s in systems:
+            v = res.values.get((s, k))
+            cells.append("n/a" if v is None or not base else f"{v / base:.2f}x")
+        if all(c == "n/a" for c in cells):
+            continue
+        lines.append(f"| {m.label} ({'higher' if m.higher_is_better else 'lower'} is better) | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def tables(res: Results, systems: list[str]) -> str:
+    keys = [m.key for m in METRICS if any((s, m.key) in res.values for s in systems)]
+    out = ["| metric | unit | " + " | ".join(systems) + " |",
+           "|---|---|" + "---:|" * len(systems)]
+    for k in keys:
+        m = METRIC_BY_KEY[k]
+        arrow = "↑" if m.higher_is_better else "↓"
+        out.append(f"| {m.label} {arrow} | {m.unit} | "
+                   + " | ".join(fmt(res.values.get((s, k)), m.unit) for s in systems) + " |")
+    text = "\n".join(out)
+    if REFERENCE in systems:
+        text += f"\n\nRatio to `{REFERENCE}`:\n\n" + "\n".join(ratio_table(res, systems, REFERENCE, keys))
+    if "direct" in systems:
+        text += "\n\nRatio to `direct`:\n\n" + "\n".join(ratio_table(res, systems, "direct", keys))
+    return text
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (cp.stdout + cp.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def metadata(args, st: Settings, res: Results, systems: list[str], groups: list[str],
+             hz: float, seconds: float) -> dict:
+    commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    try:
+        from tunnel import __version__ as ours
+    except Exception:  # noqa: BLE001
+        ours = "unknown"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "systems": systems, "groups": groups, "reference": REFERENCE,
+        "skipped": res.skipped, "errors": res.errors,
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_hz_nominal": hz,
+        "kernel": platform.release(), "machine": platform.machine(),
+        "settings": st.__dict__, "wall_seconds": round(seconds, 1),
+        "versions": {
+            "python": platform.python_version(), "tunnel": ours, "git_commit": commit,
+            "openssh": _version(["ssh", "-V"]), "iperf3": _version(["iperf3", "--version"]),
+            "nginx": _version(["nginx", "-v"]), "wrk": _version(["wrk", "-v"]),
+        },
+    }
+
+
+def chart(res: Results, systems: list[str], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ref = REFERENCE if REFERENCE in systems else systems[0]
+    keys = [m.key for m in METRICS if res.values.get((ref, m.key))
+            and any((s, m.key) in res.values for s in systems if s != ref)]
+    if not keys:
+        return False
+    fig, ax = plt.subplots(figsize=(max(9, 1.0 * len(keys) + 3), 5.5))
+    width = 0.8 / len(systems)
+    colors = {"direct": "#9e9e9e", "ssh-default": "#f4a261", "ssh-aes128gcm": "#e76f51",
+              "tunnel-wss": "#2a9d8f", "tunnel-quic": "#264653"}
+    for i, s in enumerate(systems):
+        xs, ys = [], []
+        for j, k in enumerate(keys):
+            v = res.values.get((s, k))
+            if v is not None and v > 0:
+                xs.append(j + (i - (len(systems) - 1) / 2) * width)
+                ys.append(v / res.values[(ref, k)])
+        ax.bar(xs, ys, width, label=s, color=colors.get(s))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{METRIC_BY_KEY[k].label}\n({'↑' if METRIC_BY_KEY[k].higher_is_better else '↓'} better)"
+                        for k in keys], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"relative to {ref} (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=len(systems), loc="upper center", bbox_to_anchor=(0.5, -0.42))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_list(text: str | None, allowed: list[str], what: str) -> list[str]:
+    if not text:
+        return list(allowed)
+    picked = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in picked if x not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
+    return [x for x in allowed if x in picked]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short durations (about 3 minutes)")
+    ap.add_argument("--systems", help=f"comma list of {', '.join(SYSTEMS)} (default: all)")
+    ap.add_argument("--metrics", help=f"comma list of metric groups {', '.join(GROUPS)} "
+                                      "(default: all)")
+    ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results",
+                    help="where latest.json and latest.png go")
+    ap.add_argument("--no-save", action="store_true", help="print the table only")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with all logs")
+    args = ap.parse_args(argv)
+    systems = parse_list(args.systems, SYSTEMS, "systems")
+    groups = parse_list(args.metrics, GROUPS, "metric groups")
+    st = Settings.for_mode(args.quick)
+
+    install_signal_handlers()
+    raise_fd_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    reg = ProcessRegistry(workdir)
+    atexit.register(reg.close)
+    say = Progress()
+    res = Results()
+    hz = cpu_hz()
+    interrupted = False
+    try:
+        missing = [t for t in ("iperf3", "wrk", "nginx") if not shutil.which(t)
+                   and not os.path.exists(f"/usr/sbin/{t}")]
+        if missing:
+            raise SystemExit(f"missing tools: {', '.join(missing)} (run scripts/setup.sh)")
+        ours_reason = None
+        if any(s in OUR_TRANSPORTS for s in systems):
+            ours_reason = ours_available(reg)
+        ssh_reason = ssh_available() if any(s in SSH_CIPHERS for s in systems) else None
+        for system in systems:
+            reason = (ours_reason if system in OUR_TRANSPORTS else
+                      ssh_reason if system in SSH_CIPHERS else None)
+            if reason:
+                res.skipped[system] = reason
+                say(system, f"SKIPPED: {reason}")
+                continue
+            try:
+                measure_system(system, groups, st, reg, res, say, hz)
+            except HarnessError as e:
+                res.skipped[system] = f"setup failed: {str(e).splitlines()[0][:300]}"
+                res.errors.append(f"{system}: setup failed: {e}")
+                say(system, f"SKIPPED (setup failed): {str(e).splitlines()[0][:200]}")
+    except KeyboardInterrupt:
+        interrupted = True
+        say("harness", "interrupted: cleaning up")
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        res.errors.append("harness crashed: " + traceback.format_exc().splitlines()[-1])
+    finally:
+        reg.close()
+
+    seconds = time.monotonic() - say.t0
+    ran = [s for s in systems if s not in res.skipped]
+    print()
+    print(tables(res, ran) if ran else "(no system ran)")
+    if res.skipped:
+        print("\nSkipped: " + "; ".join(f"{s}: {r}" for s, r in res.skipped.items()))
+    if res.errors:
+        print("\nErrors:\n  " + "\n  ".join(e.splitlines()[0] for e in res.errors))
+    if not args.no_save and ran and not interrupted:
+        meta = metadata(args, st, res, systems, groups, hz, seconds)
+        rows = [{"system": s, "metric": k, "value": v, "unit": METRIC_BY_KEY[k].unit}
+                for (s, k), v in sorted(res.values.items(),
+                                        key=lambda x: (SYSTEMS.index(x[0][0]),
+                                                       list(METRIC_BY_KEY).index(x[0][1])))]
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        jpath = args.results_dir / "latest.json"
+        jpath.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+        (args.results_dir / "latest.md").write_text(tables(res, ran) + "\n")
+        title = (f"e2e {meta['mode']} run {meta['date'][:16]}Z, {meta['cpu_model']} x{meta['cpu_count']}"
+                 f" ({meta['versions']['git_commit']})")
+        ppath = args.results_dir / "latest.png"
+        made = chart(res, ran, ppath, title)
+        print(f"\nwrote {jpath}" + (f" and {ppath}" if made else ""), file=sys.stderr)
+    if args.keep_logs or res.errors:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
