@@ -786,6 +786,26 @@ class Session:
             s.scheduled = True
             self._active.append(s)
 
+    def send_buffered(self, stream_id: int) -> int:
+        """Outgoing bytes of the stream still queued (0 for a closed stream)."""
+        s = self._streams.get(stream_id)
+        return s.buffered if s is not None else 0
+
+    def stream_paused(self, stream_id: int) -> bool:
+        """True while the application should stop feeding the stream: its queue went above
+        ``stream_send_high_water`` (or the session's above ``session_send_high_water``) and
+        no ``StreamWritable`` has followed yet."""
+        s = self._streams.get(stream_id)
+        if s is None:
+            return False
+        if s.blocked:
+            return True
+        if self._send_total > self._limits.session_send_high_water:
+            self._session_high = True
+            self._block(s)  # it will get StreamWritable when the session drains
+            return True
+        return False
+
     def _block(self, s: _Stream) -> None:
         if not s.blocked:
             s.blocked = True

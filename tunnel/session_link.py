@@ -1,0 +1,558 @@
+"""The asyncio adapter between a byte :class:`~tunnel.pipe.Pipe` and the sans-IO
+:class:`~tunnel.session.Session`, exposed as a :class:`~tunnel.carrier.Link`.
+
+It feeds pipe bytes into the session with ``loop.time()``, dispatches the session's events
+to the :class:`~tunnel.carrier.LinkHandler` and the per-stream
+:class:`~tunnel.carrier.StreamHandler`\\ s, coalesces writes into one ``loop.call_soon`` flush
+(one ``pipe.write`` batch per flush, nothing while the pipe is paused, so backpressure flows
+into the per-stream send queues and from there into ``LinkStream.paused``) and keeps exactly
+one timer armed from ``session.next_timer()``.
+
+:class:`TcpPipe` is a plain TCP pipe (tests, benchmarks); the TLS WebSocket pipe lives in
+``tunnel.wss``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+from .carrier import Link, LinkHandler, LinkStream, StreamHandler
+from .config import DEFAULT_LIMITS, Limits
+from .constants import ErrorCode
+from .errors import LinkError, SessionClosed, UsageError
+from .errors import StreamClosed as StreamClosedError
+from .events import (
+    ConnectionClosed,
+    ControlReceived,
+    DataReceived,
+    GoAwayReceived,
+    SessionReady,
+    StreamClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
+)
+from .pipe import Pipe, PipeReceiver
+from .session import Role, Session
+
+__all__ = ["SessionLink", "SessionLinkStream", "TcpPipe", "open_tcp_link", "serve_tcp_links"]
+
+log = logging.getLogger(__name__)
+
+#: Most bytes one flush hands to the pipe (one WebSocket message); more goes next flush.
+FLUSH_BATCH = 1024 * 1024
+
+
+class SessionLinkStream(LinkStream):
+    """One stream of a :class:`SessionLink`."""
+
+    __slots__ = ("stream_id", "metadata", "handler", "_link", "_unconsumed", "_eof_sent", "_done")
+
+    def __init__(self, link: "SessionLink", stream_id: int, metadata: bytes, handler: StreamHandler | None) -> None:
+        self._link = link
+        self.stream_id = stream_id
+        self.metadata = metadata
+        self.handler = handler
+        self._unconsumed = 0  # delivered to the handler, not yet consumed
+        self._eof_sent = False
+        self._done = False  # reset or closed: writes are dropped
+
+    def write(self, data) -> None:
+        if self._eof_sent:
+            raise StreamClosedError(f"stream {self.stream_id}: write after write_eof")
+        if self._done or not len(data):
+            return
+        try:
+            self._link._session.send_data(self.stream_id, data)
+        except StreamClosedError:
+            # Reset by the peer (or the link closed) and the event is not dispatched yet.
+            self._done = True
+            return
+        self._link._schedule_flush()
+
+    def write_eof(self) -> None:
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        if self._done:
+            return
+        try:
+            self._link._session.end_stream(self.stream_id)
+        except StreamClosedError:
+            self._done = True
+            return
+        self._link._schedule_flush()
+
+    def reset(self, code: int = ErrorCode.NO_ERROR) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._link._session.reset_stream(self.stream_id, code)
+        self._release()
+        self._link._schedule_flush()
+
+    def consume(self, n: int) -> None:
+        if n > self._unconsumed:
+            n = self._unconsumed
+        if n <= 0:
+            return
+        self._unconsumed -= n
+        session = self._link._session
+        session.consume(self.stream_id, n)
+        if session.has_data_to_send:
+            self._link._schedule_flush()
+
+    def _release(self) -> None:
+        """Reset: the handler will not consume what it still holds; free the session credit."""
+        if self._unconsumed:
+            n, self._unconsumed = self._unconsumed, 0
+            self._link._session.consume(self.stream_id, n)
+
+    @property
+    def paused(self) -> bool:
+        return not self._done and self._link._session.stream_paused(self.stream_id)
+
+    @property
+    def send_buffered(self) -> int:
+        return self._link._session.send_buffered(self.stream_id)
+
+    def __repr__(self) -> str:
+        return f"<SessionLinkStream {self.stream_id} {self.metadata!r}>"
+
+
+class SessionLink(Link, PipeReceiver):
+    """A :class:`~tunnel.carrier.Link` over a byte pipe, driven by a :class:`Session`."""
+
+    def __init__(self, pipe: Pipe, role: Role, limits: Limits = DEFAULT_LIMITS,
+                 transport_name: str = "wss", loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self.transport = transport_name
+        self._pipe = pipe
+        self._limits = limits
+        self._session = Session(role, limits, now=self._loop.time())
+        self._handler: LinkHandler | None = None
+        self._backlog: list = []  # events waiting for set_handler
+        self._streams: dict[int, SessionLinkStream] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._timer_handle: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._write_paused = False
+        self._pipe_closing = False
+        self._pipe_lost = False
+        self._closed_reported = False
+        self._close_info: tuple[int, str] | None = None
+        self._ready = self._loop.create_future()
+        self._closed = self._loop.create_future()
+        pipe.set_receiver(self)
+        self._schedule_flush()
+        self._rearm_timer()
+
+    # --- Link API ---------------------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    @property
+    def peer_address(self) -> tuple:
+        return getattr(self._pipe, "peer_address", ())
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._session.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._session.bytes_received
+
+    @property
+    def rtt(self) -> float | None:
+        return self._session.rtt
+
+    @property
+    def stream_count(self) -> int:
+        return self._session.open_stream_count
+
+    @property
+    def is_closing(self) -> bool:
+        return self._session.is_closing or self._pipe_closing or self._pipe_lost
+
+    @property
+    def ready(self) -> bool:
+        return self._session.ready
+
+    @property
+    def close_code(self) -> int | None:
+        """The code the link closed with, None while open."""
+        return None if self._close_info is None else self._close_info[0]
+
+    def set_handler(self, handler: LinkHandler) -> None:
+        self._handler = handler
+        backlog, self._backlog = self._backlog, []
+        for event in backlog:
+            self._dispatch(event)
+
+    async def wait_ready(self) -> None:
+        """Return once both HELLOs are exchanged; raise LinkError if the link closes first."""
+        await asyncio.shield(self._ready)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def open_stream(self, metadata: bytes, handler: StreamHandler) -> SessionLinkStream:
+        if self.is_closing:
+            raise SessionClosed("link is closing")
+        sid = self._session.open_stream(metadata)
+        stream = SessionLinkStream(self, sid, bytes(metadata), handler)
+        self._streams[sid] = stream
+        self._schedule_flush()
+        return stream
+
+    def send_control(self, message: dict) -> None:
+        self._session.send_control(message)
+        self._schedule_flush()
+
+    def ping(self) -> None:
+        self._session.ping(self._loop.time())
+        self._schedule_flush()
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        self._session.goaway(code, reason)
+        self._schedule_flush()
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        if self._session.closed:
+            self._close_pipe()
+            return
+        self._session.close(code, reason)
+        self._schedule_flush()
+
+    def abort(self) -> None:
+        """Drop the pipe at once, without GOAWAY."""
+        self._session.connection_lost("aborted")
+        self._pipe_closing = True
+        self._pipe.abort()
+        self._schedule_flush()
+
+    # --- PipeReceiver -----------------------------------------------------------------
+
+    def pipe_data_received(self, data) -> None:
+        session = self._session
+        session.receive_data(data, self._loop.time())
+        # Dispatch now: DataReceived views into ``data`` are valid during this call only.
+        self._process_events()
+        if session.has_data_to_send or session.closed:
+            self._schedule_flush()
+        self._rearm_timer()
+
+    def pipe_pause_writing(self) -> None:
+        self._write_paused = True
+
+    def pipe_resume_writing(self) -> None:
+        self._write_paused = False
+        self._schedule_flush()
+
+    def pipe_connection_lost(self, exc: Exception | None) -> None:
+        self._pipe_lost = True
+        self._pipe_closing = True
+        if not self._session.closed:
+            self._session.connection_lost(f"connection lost: {exc}" if exc else "connection closed by peer")
+        self._process_events()
+        self._cancel_timer()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and not self._pipe_lost:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        session = self._session
+        if not self._pipe_closing:
+            if session.closed:
+                buffers = session.data_to_send()  # the GOAWAY: send it even if paused
+            elif not self._write_paused:
+                buffers = session.data_to_send(FLUSH_BATCH)
+            else:
+                buffers = None
+            if buffers:
+                try:
+                    self._pipe.write(buffers)
+                except Exception:
+                    log.exception("pipe write failed")
+                    self._session.connection_lost("pipe write failed")
+        self._process_events()
+        if session.closed:
+            self._close_pipe()
+        elif not self._write_paused and session.has_data_to_send:
+            self._schedule_flush()
+        self._rearm_timer()
+
+    def _close_pipe(self) -> None:
+        if not self._pipe_closing:
+            self._pipe_closing = True
+            try:
+                self._pipe.close()
+            except Exception:
+                log.exception("pipe close failed")
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
+            self._timer_at = None
+
+    def _rearm_timer(self) -> None:
+        at = self._session.next_timer()
+        if at is None:
+            self._cancel_timer()
+            return
+        # Keep an earlier timer: it fires, finds nothing due and re-arms (cheaper than
+        # rescheduling on every received chunk as the keepalive deadline moves).
+        if self._timer_handle is not None and self._timer_at <= at:
+            return
+        self._cancel_timer()
+        self._timer_at = at
+        self._timer_handle = self._loop.call_at(at + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer_handle = None
+        self._timer_at = None
+        self._session.handle_timer(self._loop.time())
+        self._process_events()
+        if self._session.has_data_to_send or self._session.closed:
+            self._schedule_flush()
+        self._rearm_timer()
+
+    def _process_events(self) -> None:
+        events = self._session.pop_events()
+        if not events:
+            return
+        for event in events:
+            kind = type(event)
+            if kind is SessionReady:
+                if not self._ready.done():
+                    self._ready.set_result(None)
+                continue
+            if kind is ConnectionClosed:
+                self._close_info = (event.code, event.reason)
+                if not self._ready.done():
+                    self._ready.set_exception(LinkError(f"link closed before it was ready: {event.reason}"))
+                    self._ready.exception()  # retrieved: no "never retrieved" warning
+            if self._handler is None:
+                if kind is DataReceived and type(event.data) is not bytes:
+                    event = DataReceived(event.stream_id, bytes(event.data))
+                self._backlog.append(event)
+            else:
+                self._dispatch(event)
+
+    def _dispatch(self, event) -> None:
+        kind = type(event)
+        if kind is DataReceived:
+            stream = self._streams.get(event.stream_id)
+            n = len(event.data)
+            if stream is None or stream._done or stream.handler is None:
+                # Nobody will consume these (stream refused or reset): credit them back.
+                self._session.consume(event.stream_id, n)
+                return
+            stream._unconsumed += n
+            self._call(stream, stream.handler.data_received, event.data)
+        elif kind is StreamOpened:
+            self._stream_opened(event)
+        elif kind is StreamEnded:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and stream.handler is not None and not stream._done:
+                self._call(stream, stream.handler.eof_received)
+        elif kind is StreamWritable:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and stream.handler is not None and not stream._done:
+                self._call(stream, stream.handler.writable)
+        elif kind is StreamReset:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and not stream._done:
+                stream._done = True
+                stream._release()
+                if stream.handler is not None:
+                    self._call(None, stream.handler.reset_received, event.code)
+        elif kind is StreamClosed:
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream._done = True
+                if stream.handler is not None:
+                    self._call(None, stream.handler.closed)
+        elif kind is ControlReceived:
+            try:
+                self._handler.control_received(event.message)
+            except Exception:
+                log.exception("control_received handler failed")
+        elif kind is GoAwayReceived:
+            log.info("peer sent GOAWAY (code %s): %s", event.code, event.reason)
+        elif kind is ConnectionClosed:
+            if not self._closed_reported:
+                self._closed_reported = True
+                try:
+                    self._handler.link_closed(event.code, event.reason)
+                except Exception:
+                    log.exception("link_closed handler failed")
+
+    def _stream_opened(self, event: StreamOpened) -> None:
+        stream = SessionLinkStream(self, event.stream_id, event.metadata, None)
+        self._streams[event.stream_id] = stream
+        try:
+            handler = self._handler.stream_opened(stream)
+        except Exception:
+            log.exception("stream_opened handler failed; resetting stream %d", event.stream_id)
+            handler = None
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+        stream.handler = handler
+        if handler is None and not stream._done:
+            stream.reset(ErrorCode.REFUSED)
+
+    def _call(self, stream: SessionLinkStream | None, method: Callable, *args) -> None:
+        """Run a stream handler callback; its exception resets that stream only."""
+        try:
+            method(*args)
+        except Exception:
+            if stream is None:
+                log.exception("stream handler failed")
+                return
+            log.exception("stream %d handler failed; resetting it", stream.stream_id)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+            if stream.handler is not None:
+                try:
+                    stream.handler.reset_received(ErrorCode.INTERNAL_ERROR)
+                except Exception:
+                    log.exception("stream %d reset_received failed", stream.stream_id)
+
+
+# --- plain TCP pipe ---------------------------------------------------------------------
+
+
+class TcpPipe(Pipe, asyncio.Protocol):
+    """A :class:`~tunnel.pipe.Pipe` over a TCP connection (TCP_NODELAY, ``writelines``)."""
+
+    #: Transport write buffer limits: pause_writing above ``high``.
+    write_high_water = 1024 * 1024
+    write_low_water = 256 * 1024
+
+    def __init__(self) -> None:
+        self.peer_address: tuple = ()
+        self._transport: asyncio.Transport | None = None
+        self._receiver: PipeReceiver | None = None
+        self._early: list[bytes] = []
+        self._paused = False
+        self._lost = False
+        self._lost_exc: Exception | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self.peer_address = transport.get_extra_info("peername") or ()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        try:
+            transport.set_write_buffer_limits(high=self.write_high_water, low=self.write_low_water)
+        except Exception:
+            pass
+
+    def data_received(self, data: bytes) -> None:
+        if self._receiver is not None:
+            self._receiver.pipe_data_received(data)
+        else:
+            self._early.append(data)
+
+    def eof_received(self):
+        return False  # close the transport; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._receiver is not None:
+            self._receiver.pipe_pause_writing()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._receiver is not None:
+            self._receiver.pipe_resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        self._lost = True
+        self._lost_exc = exc
+        if self._receiver is not None:
+            self._receiver.pipe_connection_lost(exc)
+
+    # Pipe
+    def set_receiver(self, receiver: PipeReceiver) -> None:
+        self._receiver = receiver
+        early, self._early = self._early, []
+        for data in early:
+            receiver.pipe_data_received(data)
+        if self._paused:
+            receiver.pipe_pause_writing()
+        if self._lost:
+            receiver.pipe_connection_lost(self._lost_exc)
+
+    def write(self, buffers: Sequence) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.writelines(buffers)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+async def open_tcp_link(host: str, port: int, role: Role = Role.AGENT,
+                        limits: Limits = DEFAULT_LIMITS) -> SessionLink:
+    """Dial ``host:port`` and return a :class:`SessionLink` over it (not yet ready: use
+    ``await link.wait_ready()``)."""
+    loop = asyncio.get_running_loop()
+    _transport, pipe = await loop.create_connection(TcpPipe, host, port)
+    return SessionLink(pipe, role, limits, transport_name="tcp", loop=loop)
+
+
+async def serve_tcp_links(host: str, port: int, role: Role = Role.RELAY,
+                          limits: Limits = DEFAULT_LIMITS,
+                          on_link: Callable | None = None) -> asyncio.Server:
+    """Listen on ``host:port``; every accepted connection becomes a :class:`SessionLink`
+    passed to ``on_link`` (a function or a coroutine function)."""
+    loop = asyncio.get_running_loop()
+    tasks: set = set()
+
+    class _ServerPipe(TcpPipe):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            link = SessionLink(self, role, limits, transport_name="tcp", loop=loop)
+            if on_link is None:
+                return
+            try:
+                result = on_link(link)
+            except Exception:
+                log.exception("on_link failed")
+                link.close(ErrorCode.INTERNAL_ERROR, "internal error")
+                return
+            if asyncio.iscoroutine(result):
+                task = loop.create_task(result)
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    return await loop.create_server(_ServerPipe, host, port)
