@@ -1,0 +1,383 @@
+"""relay.admin: the admin API over a real loopback socket, with a fake data-plane registry."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+import stat
+
+import pytest
+from conftest import fake_agent
+
+from relay.admin import start_admin_server
+from relay.state import ORG_CUSTOMER_ID
+from relay.tokens import check_against_state
+from tunnel.errors import AuthError
+
+
+class Api:
+    def __init__(self, server) -> None:
+        self.server = server
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+
+    def request(self, method: str, path: str, body=None, *, token: str | None = "default", headers=None,
+                raw: bytes | None = None):
+        all_headers = dict(headers or {})
+        if token == "default":
+            token = self.server.token
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            all_headers["Content-Type"] = "application/json"
+        self.conn.request(method, path, body=data, headers=all_headers)
+        response = self.conn.getresponse()
+        payload = response.read()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, (json.loads(payload) if payload else None), response
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def api(admin_server):
+    client = Api(admin_server)
+    yield client
+    client.close()
+
+
+def alloc(taken):
+    port = 24000
+    while port in taken:
+        port += 1
+    return port
+
+
+def make_resource(server, customer_id: str, name: str = "db") -> dict:
+    return server.call(server.state.get_or_create_resource, customer_id, name, alloc)
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+# --------------------------------------------------------------------------- files, auth
+
+
+def test_admin_files(admin_server):
+    info = admin_server.state_dir / "admin.json"
+    assert json.loads(info.read_text()) == {"url": admin_server.url}
+    assert stat.S_IMODE(os.stat(info).st_mode) == 0o600
+    token_file = admin_server.state_dir / "admin-token"
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert token_file.read_text().strip() == admin_server.token
+    assert len(admin_server.token) >= 43
+
+
+def test_health_needs_no_token(api):
+    status, body, _ = api.request("GET", "/v1/health", token=None)
+    assert (status, body) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize("path", ["/v1/customers", "/v1/resources"])
+def test_token_required(api, path):
+    for token in (None, "wrong", "", api.server.token + "x", api.server.token[:-1]):
+        status, body, response = api.request("GET", path, token=token)
+        assert status == 401
+        assert body["error"] == "unauthorized"
+        assert response.getheader("WWW-Authenticate", "").startswith("Bearer")
+    status, body, _ = api.request("GET", path, token=None, headers={"Authorization": "Basic " + api.server.token})
+    assert status == 401
+    status, _, _ = api.request("GET", path, token=None, headers={"Authorization": "bearer " + api.server.token})
+    assert status == 200
+
+
+def test_unauthenticated_post_changes_nothing(api):
+    status, _, _ = api.request("POST", "/v1/customers", {"name": "x"}, token="wrong")
+    assert status == 401
+    assert api.server.call(api.server.state.list_customers) == []
+
+
+# --------------------------------------------------------------------------- customers
+
+
+def test_customers(api):
+    status, body, _ = api.request("GET", "/v1/customers")
+    assert (status, body) == (200, [])
+    status, created, _ = api.request("POST", "/v1/customers", {"name": "Acme"})
+    assert status == 201
+    assert set(created) == {"id", "name", "created_at"} and created["name"] == "Acme"
+    assert created["id"].startswith("cus_")
+    status, body, _ = api.request("GET", "/v1/customers")
+    assert (status, body) == (200, [created])
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b"", "JSON object body is required"),
+        (b'{"name": 5}', "must be a string"),
+        (b'{"name": ""}', "must not be empty"),
+        (b"{}", "must be a string"),
+        (b'{"name": "a", "extra": 1}', "unknown field"),
+        ("{\"name\": \"\\u0000\"}".encode(), "control characters"),
+    ],
+)
+def test_bad_customer_bodies(api, raw, message):
+    status, body, _ = api.request("POST", "/v1/customers", raw=raw, headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert body["error"] == "bad_request" and message in body["message"]
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def test_resources_status_endpoint_and_agents(api):
+    server = api.server
+    customer = server.call(server.state.create_customer, "acme")
+    db = make_resource(server, customer["id"], "db")
+    status, body, _ = api.request("GET", "/v1/resources")
+    assert status == 200
+    assert body == [{
+        "id": db["id"],
+        "name": "db",
+        "customer_id": customer["id"],
+        "status": "UNAVAILABLE",
+        "endpoint": f"127.0.0.1:{db['port']}",
+        "agents": 0,
+    }]
+    server.registry.agents[db["id"]] = [fake_agent("agt_1"), fake_agent("agt_2", transport="quic")]
+    status, body, _ = api.request("GET", "/v1/resources")
+    assert body[0]["status"] == "AVAILABLE" and body[0]["agents"] == 2
+    assert "agents_detail" not in body[0]
+    for query in ("?extended=1", "?extended=true", "?extended"):
+        status, body, _ = api.request("GET", "/v1/resources" + query)
+        assert status == 200
+        detail = body[0]["agents_detail"]
+        assert [a["agent_id"] for a in detail] == ["agt_1", "agt_2"]
+        assert set(detail[0]) >= {"agent_id", "transport", "address", "version", "hostname",
+                                  "connected_since", "bytes_sent", "bytes_received", "active_streams"}
+    status, body, _ = api.request("GET", "/v1/resources?extended=0")
+    assert "agents_detail" not in body[0]
+
+
+def test_ipv6_service_host_endpoint(api):
+    server = api.server
+    server.registry.service_host = "::1"
+    customer = server.call(server.state.create_customer, "acme")
+    db = make_resource(server, customer["id"])
+    _, body, _ = api.request("GET", "/v1/resources")
+    assert body[0]["endpoint"] == f"[::1]:{db['port']}"
+
+
+def test_delete_resource(api):
+    server = api.server
+    customer = server.call(server.state.create_customer, "acme")
+    db = make_resource(server, customer["id"])
+    status, body, _ = api.request("DELETE", f"/v1/resources/{db['id']}")
+    assert status == 200 and body == {"id": db["id"], "deleted": True}
+    assert server.registry.deleted == [db["id"]]
+    assert server.call(server.state.get_resource, db["id"]) is None
+    status, body, _ = api.request("DELETE", f"/v1/resources/{db['id']}")
+    assert status == 404 and body["error"] == "not_found"
+    assert server.registry.deleted == [db["id"]]
+
+
+# --------------------------------------------------------------------------- registration JWTs
+
+
+def test_registration_jwt_for_a_customer(api):
+    server = api.server
+    customer = server.call(server.state.create_customer, "acme")
+    status, body, _ = api.request("POST", "/v1/registration-jwt", {"customer_id": customer["id"]})
+    assert status == 200 and set(body) == {"jwt"}
+    claims = server.authority.verify(body["jwt"])
+    assert claims.customer_id == customer["id"] and claims.resource_id is None and not claims.org_only
+    tokens = server.call(server.state.list_tokens)
+    assert [t["jti"] for t in tokens] == [claims.jti]
+
+
+def test_registration_jwt_ttl(api):
+    server = api.server
+    customer = server.call(server.state.create_customer, "acme")
+    _, body, _ = api.request("POST", "/v1/registration-jwt", {"customer_id": customer["id"], "ttl_seconds": 120})
+    claims = server.authority.verify(body["jwt"])
+    assert claims.expires_at - claims.issued_at == 120
+    for bad in (0, -5, "60", True, 10**12):
+        status, body, _ = api.request("POST", "/v1/registration-jwt", {"customer_id": customer["id"], "ttl_seconds": bad})
+        assert status == 400, bad
+
+
+def test_registration_jwt_org_only(api):
+    server = api.server
+    status, body, _ = api.request("POST", "/v1/registration-jwt", {"org_only": True})
+    assert status == 200
+    claims = server.authority.verify(body["jwt"])
+    assert claims.customer_id == ORG_CUSTOMER_ID and claims.org_only
+    resource = server.call(check_against_state, claims, server.state, "sample", alloc)
+    assert resource["customer_id"] == ORG_CUSTOMER_ID
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({}, 400),
+        ({"customer_id": "cus_aaaaaaaaaaaaaaaa"}, 404),
+        ({"customer_id": 5}, 400),
+        ({"org_only": "yes"}, 400),
+        ({"org_only": True, "customer_id": "cus_aaaaaaaaaaaaaaaa"}, 400),
+        ({"rotate": True, "org_only": True}, 400),
+        ({"unknown": 1, "org_only": True}, 400),
+    ],
+)
+def test_registration_jwt_bad_requests(api, payload, status):
+    got, body, _ = api.request("POST", "/v1/registration-jwt", payload)
+    assert got == status and "message" in body
+
+
+def test_registration_jwt_resource_must_belong_to_the_customer(api):
+    server = api.server
+    acme = server.call(server.state.create_customer, "acme")
+    evil = server.call(server.state.create_customer, "evil")
+    db = make_resource(server, acme["id"])
+    status, body, _ = api.request("POST", "/v1/registration-jwt", {"customer_id": evil["id"], "resource_id": db["id"]})
+    assert status == 400 and "does not belong" in body["message"]
+    status, _, _ = api.request("POST", "/v1/registration-jwt", {"customer_id": acme["id"], "resource_id": "res_aaaaaaaaaaaaaaaa"})
+    assert status == 404
+    status, _, _ = api.request("POST", "/v1/registration-jwt",
+                               {"customer_id": evil["id"], "resource_id": db["id"], "rotate": True})
+    assert status == 400
+    assert server.call(server.state.get_resource, db["id"])["generation"] == 0
+    assert server.registry.dropped == []
+
+
+def test_rotate(api):
+    server = api.server
+    acme = server.call(server.state.create_customer, "acme")
+    db = make_resource(server, acme["id"])
+    _, old, _ = api.request("POST", "/v1/registration-jwt", {"customer_id": acme["id"], "resource_id": db["id"]})
+    old_claims = server.authority.verify(old["jwt"])
+    assert (old_claims.resource_id, old_claims.generation) == (db["id"], 0)
+    server.registry.agents[db["id"]] = [fake_agent("agt_old", generation=0)]
+
+    status, new, _ = api.request("POST", "/v1/registration-jwt",
+                                 {"customer_id": acme["id"], "resource_id": db["id"], "rotate": True})
+    assert status == 200
+    new_claims = server.authority.verify(new["jwt"])
+    assert (new_claims.resource_id, new_claims.generation) == (db["id"], 1)
+    assert server.registry.dropped == [(db["id"], 1)]
+    assert server.registry.agents[db["id"]] == []
+    with pytest.raises(AuthError, match="revoked"):
+        server.call(check_against_state, old_claims, server.state, "db", alloc)
+    assert server.call(check_against_state, new_claims, server.state, "db", alloc)["id"] == db["id"]
+
+
+# --------------------------------------------------------------------------- HTTP strictness
+
+
+def test_unknown_path_and_method(api):
+    status, body, _ = api.request("GET", "/v1/nothing")
+    assert status == 404 and body["error"] == "not_found"
+    status, body, _ = api.request("GET", "/v1/resources/../customers")
+    assert status == 404
+    status, body, response = api.request("DELETE", "/v1/customers")
+    assert status == 405 and body["error"] == "method_not_allowed"
+    assert set(response.getheader("Allow").split(", ")) == {"GET", "POST"}
+    status, body, response = api.request("PUT", "/v1/health", token=None)
+    assert status == 405
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(api):
+    for _ in range(5):
+        status, _, response = api.request("GET", "/v1/customers")
+        assert status == 200 and response.getheader("Connection") == "keep-alive"
+    sock = api.conn.sock
+    status, _, _ = api.request("GET", "/v1/health")
+    assert api.conn.sock is sock
+
+
+def test_connection_close_is_honoured(admin_server):
+    response = raw_exchange(admin_server.port, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200 and b"Connection: close" in response
+    response = raw_exchange(admin_server.port, b"GET /v1/health HTTP/1.0\r\n\r\n")
+    assert status_of(response) == 200
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /v1/health HTTP/2.0\r\n\r\n", 505),
+        (b"GET /v1/health FTP/1.0\r\n\r\n", 400),
+        (b"GET v1/health HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1/health HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+        (b"GET /v1/health HTTP/1.1\r\n folded: x\r\n\r\n", 400),
+        (b"POST /v1/customers HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"POST /v1/customers HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
+        (b"POST /v1/customers HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"POST /v1/customers HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
+        (b"GET /v1/health HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ],
+)
+def test_malformed_requests(admin_server, request_bytes, status):
+    response = raw_exchange(admin_server.port, request_bytes)
+    assert status_of(response) == status
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    assert "error" in json.loads(body)
+
+
+def test_truncated_body_is_not_processed(admin_server):
+    # The client promises more than it sends, then half-closes: nothing is created.
+    with socket.create_connection(("127.0.0.1", admin_server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/customers HTTP/1.1\r\nAuthorization: Bearer " + admin_server.token.encode()
+            + b"\r\nContent-Length: 100\r\n\r\n{\"name\": \"x\"}"
+        )
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""
+    assert admin_server.call(admin_server.state.list_customers) == []
+
+
+def test_refuses_non_loopback_host_unless_forced(tmp_path, admin_server):
+    server = admin_server
+
+    async def attempt(host, **kwargs):
+        srv = await start_admin_server(host, 0, state=server.state, authority=server.authority,
+                                       registry=server.registry, token="t", state_dir=tmp_path, **kwargs)
+        srv.close()
+        await srv.wait_closed()
+        return json.loads((tmp_path / "admin.json").read_text())["url"]
+
+    with pytest.raises(ValueError, match="non-loopback"):
+        asyncio.run(attempt("0.0.0.0"))
+    with pytest.raises(ValueError, match="non-loopback"):
+        asyncio.run(attempt("192.0.2.1"))
+    assert asyncio.run(attempt("0.0.0.0", allow_remote=True)).startswith("http://127.0.0.1:")
+    assert asyncio.run(attempt("localhost")).startswith("http://")
