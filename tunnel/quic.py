@@ -898,8 +898,12 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         if self.link is not None:
             self.link.datagram_received(data, addr)
 
-    def error_received(self, exc) -> None:  # ICMP unreachable and the like: QUIC recovers or times out
-        pass
+    def error_received(self, exc) -> None:
+        # ICMP port unreachable before the link is up: nobody listens on UDP, fail fast
+        # (``auto://`` then falls back to WSS). Later, QUIC's own timers decide.
+        link = self.link
+        if link is not None and not link._ready.is_set() and not link._closed:
+            link._fail(ErrorCode.CONNECT_FAILED, f"UDP unreachable: {exc}")
 
     def connection_lost(self, exc) -> None:
         if self.link is not None:

@@ -1,0 +1,160 @@
+"""Our QUIC carrier: two QuicLinks over loopback moving one stream of SIZE bytes.
+
+Same shape as bench_quic_bare.py (server in a child process, self-signed certificate made
+here), but through ``tunnel.quic``: flow control follows consumption, sends are bounded.
+Prints MB/s and a cProfile top-20 of the sending side (``--profile-receiver`` for the other).
+
+    python bench/bench_quic.py [--size-mb 200] [--asyncio] [--no-profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import multiprocessing
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_quic_bare import make_cert, new_loop  # noqa: E402
+
+from tunnel.carrier import LinkHandler, StreamHandler  # noqa: E402
+from tunnel.config import Limits  # noqa: E402
+from tunnel.quic import connect_quic, serve_quic  # noqa: E402
+
+CHUNK = 256 * 1024
+
+
+class Sink(StreamHandler):
+    def __init__(self, stream):
+        self.stream = stream
+        self.total = 0
+
+    def data_received(self, data):
+        n = len(data)
+        self.total += n
+        self.stream.consume(n)
+
+    def eof_received(self):
+        self.stream.write(str(self.total).encode())
+        self.stream.write_eof()
+
+
+class Accept(LinkHandler):
+    def stream_opened(self, stream):
+        return Sink(stream)
+
+
+def server_main(cert, key, port_queue, use_uvloop, profile):
+    async def main():
+        def on_link(link):
+            link.set_handler(Accept())
+            link.handshake_done()
+
+        server = await serve_quic("127.0.0.1", 0, cert_file=cert, key_file=key, limits=Limits(), on_link=on_link)
+        port_queue.put(server.port)
+        await asyncio.Event().wait()
+
+    loop = new_loop(use_uvloop)
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        import signal
+
+        def dump(*_):
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)
+            print("--- receiver profile ---\n" + out.getvalue(), flush=True)
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, dump)
+    loop.run_until_complete(main())
+
+
+class Source(StreamHandler):
+    def __init__(self):
+        self.answer = bytearray()
+        self.done = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    def data_received(self, data):
+        self.answer += data
+        self.stream.consume(len(data))
+
+    def eof_received(self):
+        self.done.set()
+
+    def writable(self):
+        self.resume.set()
+
+
+async def client(port, ca, size):
+    link = await connect_quic("127.0.0.1", port, ca_file=ca, server_name="localhost", limits=Limits(), timeout=10)
+    link.set_handler(LinkHandler())
+    h = Source()
+    stream = link.open_stream(b"bench", h)
+    h.stream = stream
+    block = os.urandom(CHUNK)
+    start = time.perf_counter()
+    sent = 0
+    while sent < size:
+        stream.write(block)
+        sent += len(block)
+        if stream.paused:
+            h.resume.clear()
+            await h.resume.wait()
+    stream.write_eof()
+    await h.done.wait()
+    elapsed = time.perf_counter() - start
+    assert int(h.answer) == sent, (h.answer, sent)
+    link.close()
+    return elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--asyncio", action="store_true", help="plain asyncio loop instead of uvloop")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-receiver", action="store_true")
+    args = parser.parse_args()
+    use_uvloop = not args.asyncio
+    size = args.size_mb * 1024 * 1024
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = make_cert(d)
+        queue = multiprocessing.Queue()
+        proc = multiprocessing.Process(target=server_main, args=(cert, key, queue, use_uvloop, args.profile_receiver),
+                                       daemon=True)
+        proc.start()
+        try:
+            port = queue.get(timeout=30)
+            loop = new_loop(use_uvloop)
+            prof = cProfile.Profile() if not args.no_profile else None
+            if prof:
+                prof.enable()
+            elapsed = loop.run_until_complete(client(port, cert, size))
+            if prof:
+                prof.disable()
+            loop.close()
+        finally:
+            proc.terminate()
+            proc.join()
+    mbps = size / elapsed / 1e6
+    print(f"tunnel.quic {'uvloop' if use_uvloop else 'asyncio'}: {size / 1e6:.0f} MB in {elapsed:.2f} s = "
+          f"{mbps:.1f} MB/s ({mbps * 8 / 1000:.2f} Gbit/s){' (under cProfile)' if prof else ''}")
+    if prof:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)
+        print("--- sender profile ---\n" + out.getvalue())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Bare aioquic, no tunnel: one stream of SIZE bytes from client to server over loopback.
+
+The baseline for bench_quic.py: aioquic's own asyncio client/server (``aioquic.asyncio``
+connect/serve, stream reader/writer), a self-signed certificate made here, the server in a
+child process so each side has its own core. Prints MB/s.
+
+    python bench/bench_quic_bare.py [--size-mb 200] [--uvloop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import multiprocessing
+import os
+import ssl
+import sys
+import tempfile
+import time
+
+from aioquic.asyncio import connect, serve
+from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ALPN = "bench"
+CHUNK = 64 * 1024
+
+
+def make_cert(directory: str) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def new_loop(use_uvloop: bool):
+    if use_uvloop:
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def server_main(cert: str, key: str, port_queue, use_uvloop: bool) -> None:
+    async def main():
+        config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], max_datagram_size=1452,
+                                   max_data=64 * 1024 * 1024, max_stream_data=8 * 1024 * 1024)
+        config.load_cert_chain(cert, key)
+
+        def handler(reader, writer):
+            async def run():
+                total = 0
+                while True:
+                    data = await reader.read(1 << 20)
+                    if not data:
+                        break
+                    total += len(data)
+                writer.write(str(total).encode())
+                writer.write_eof()
+            asyncio.ensure_future(run())
+
+        server = await serve("127.0.0.1", 0, configuration=config, stream_handler=handler)
+        port_queue.put(server._transport.get_extra_info("sockname")[1])
+        await asyncio.Event().wait()
+
+    loop = new_loop(use_uvloop)
+    loop.run_until_complete(main())
+
+
+async def client(port: int, cert: str, size: int) -> float:
+    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], max_datagram_size=1452,
+                               server_name="localhost", verify_mode=ssl.CERT_REQUIRED)
+    config.load_verify_locations(cert)
+    async with connect("127.0.0.1", port, configuration=config) as protocol:
+        reader, writer = await protocol.create_stream()
+        block = os.urandom(CHUNK)
+        start = time.perf_counter()
+        sent = 0
+        while sent < size:
+            writer.write(block)
+            sent += len(block)
+            if sent % (1 << 20) == 0:
+                await writer.drain()
+                await asyncio.sleep(0)  # aioquic's drain never blocks: let the loop send
+        writer.write_eof()
+        answer = await reader.read()
+        elapsed = time.perf_counter() - start
+        assert int(answer) == sent, (answer, sent)
+        return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--uvloop", action="store_true")
+    args = parser.parse_args()
+    size = args.size_mb * 1024 * 1024
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = make_cert(d)
+        queue = multiprocessing.Queue()
+        proc = multiprocessing.Process(target=server_main, args=(cert, key, queue, args.uvloop), daemon=True)
+        proc.start()
+        try:
+            port = queue.get(timeout=30)
+            loop = new_loop(args.uvloop)
+            elapsed = loop.run_until_complete(client(port, cert, size))
+            loop.close()
+        finally:
+            proc.terminate()
+            proc.join()
+    mbps = size / elapsed / 1e6
+    print(f"bare aioquic {'uvloop' if args.uvloop else 'asyncio'}: {size / 1e6:.0f} MB in {elapsed:.2f} s = "
+          f"{mbps:.1f} MB/s ({mbps * 8 / 1000:.2f} Gbit/s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

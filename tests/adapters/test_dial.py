@@ -1,0 +1,196 @@
+"""tunnel.dial.Dialer against real listeners on loopback (QUIC, TLS WebSocket, auto)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_quic import Recorder, make_ca, make_server_cert, wait_for  # noqa: E402
+
+from tunnel.config import Limits  # noqa: E402
+from tunnel.dial import Dialer  # noqa: E402
+from tunnel.quic import serve_quic  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+LIMITS = Limits(handshake_timeout=10)
+FAST = {"TUNNEL_QUIC_PROBE_TIMEOUT": "1.5", "TUNNEL_QUIC_REPROBE_INTERVAL": "30"}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dialcerts")
+    ca_key, ca_cert, ca_path = make_ca(str(d))
+    cert_path, key_path = make_server_cert(str(d), ca_key, ca_cert)
+    return {"ca": ca_path, "cert": cert_path, "key": key_path}
+
+
+def _accept(links):
+    def on_link(link):
+        link.set_handler(Recorder())
+        link.handshake_done()
+        links.append(link)
+    return on_link
+
+
+async def _serve_wss(certs, links, port=0):
+    from tunnel.wss import serve_wss
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(certs["cert"], certs["key"])
+    server = await serve_wss("127.0.0.1", port, ssl_context=ctx, limits=LIMITS, on_link=_accept(links))
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _free_udp_port_with_tcp(tcp_port: int) -> bool:
+    """True when nothing listens on UDP ``tcp_port`` (so QUIC there is unreachable)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", tcp_port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def test_url_validation():
+    with pytest.raises(ValueError):
+        Dialer("http://relay:443", ca_file=None, limits=LIMITS)
+    with pytest.raises(ValueError):
+        Dialer("quic://:443", ca_file=None, limits=LIMITS)
+    with pytest.raises(ValueError):
+        Dialer("auto://relay:443", ca_file=None, limits=LIMITS, proxy_env={"TUNNEL_QUIC_PROBE_TIMEOUT": "x"})
+    d = Dialer("auto://relay.example", ca_file=None, limits=LIMITS, proxy_env={})
+    assert (d.host, d.port, d.probe_timeout, d.reprobe_interval) == ("relay.example", 443, 3.0, 60.0)
+    assert d.wss_url() == "wss://relay.example:443"
+    assert not d.should_probe_quic(time.monotonic())  # nothing dialled yet
+
+
+def test_quic_scheme(certs):
+    async def main():
+        links = []
+        server = await serve_quic("127.0.0.1", 0, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
+                                  on_link=_accept(links))
+        d = Dialer(f"quic://127.0.0.1:{server.port}", ca_file=certs["ca"], limits=LIMITS, proxy_env={})
+        link = await d.dial()
+        assert link.transport == "quic" and d.transport == "quic"
+        await wait_for(lambda: links)
+        assert not d.should_probe_quic(time.monotonic() + 1000)
+        link.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_quic_scheme_unreachable_raises(certs):
+    from tunnel.errors import LinkError
+
+    async def main():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        d = Dialer(f"quic://127.0.0.1:{port}", ca_file=certs["ca"], limits=Limits(handshake_timeout=2), proxy_env={})
+        with pytest.raises(LinkError):
+            await d.dial()
+
+    asyncio.run(main())
+
+
+def test_wss_scheme(certs):
+    async def main():
+        links = []
+        server, port = await _serve_wss(certs, links)
+        d = Dialer(f"wss://localhost:{port}", ca_file=certs["ca"], limits=LIMITS, proxy_env={})
+        link = await d.dial()
+        assert link.transport == "wss"
+        await wait_for(lambda: links)
+        assert not d.should_probe_quic(time.monotonic() + 1000)  # only auto re-probes
+        link.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_auto_prefers_quic(certs):
+    async def main():
+        wss_links, quic_links = [], []
+        server, port = await _serve_wss(certs, wss_links)
+        quic = await serve_quic("127.0.0.1", port, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
+                                on_link=_accept(quic_links))
+        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS, proxy_env=FAST)
+        link = await d.dial()
+        assert link.transport == "quic" and d.transport == "quic"
+        await wait_for(lambda: quic_links)
+        assert not wss_links
+        assert not d.should_probe_quic(time.monotonic() + 1000)
+        link.close()
+        quic.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_auto_falls_back_to_wss_then_reprobes(certs):
+    async def main():
+        wss_links, quic_links = [], []
+        server, port = await _serve_wss(certs, wss_links)
+        assert _free_udp_port_with_tcp(port)
+        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS, proxy_env=FAST)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        link = await d.dial()
+        assert link.transport == "wss" and d.transport == "wss"
+        assert loop.time() - t0 < 1.5 + 5  # probe timeout, then WSS
+        assert d.last_quic_error
+        await wait_for(lambda: wss_links)
+        now = time.monotonic()
+        assert not d.should_probe_quic(now)
+        assert d.should_probe_quic(now + 31)
+        # Still no UDP listener: the probe fails, and the interval restarts.
+        assert await d.probe_quic() is None
+        assert not d.should_probe_quic(time.monotonic())
+        # QUIC comes up on the same port number: the next probe returns a ready link.
+        quic = await serve_quic("127.0.0.1", port, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
+                                on_link=_accept(quic_links))
+        assert d.should_probe_quic(time.monotonic() + 31)
+        qlink = await d.probe_quic()
+        assert qlink is not None and qlink.transport == "quic" and d.transport == "quic"
+        await wait_for(lambda: quic_links)
+        assert not d.should_probe_quic(time.monotonic() + 1000)
+        qlink.close()
+        link.close()
+        quic.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_auto_with_udp_silently_dropped_falls_back(certs):
+    """UDP black hole (a socket that never answers): the probe times out, WSS takes over."""
+
+    async def main():
+        wss_links = []
+        server, port = await _serve_wss(certs, wss_links)
+        hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        hole.bind(("127.0.0.1", port))  # swallows every datagram
+        try:
+            d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS,
+                       proxy_env={"TUNNEL_QUIC_PROBE_TIMEOUT": "0.5"})
+            link = await d.dial()
+            assert link.transport == "wss"
+            link.close()
+        finally:
+            hole.close()
+            server.close()
+
+    asyncio.run(main())

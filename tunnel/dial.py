@@ -1,0 +1,139 @@
+"""The agent's dialler for ``RELAY_URL``: ``quic://``, ``wss://`` or ``auto://host:port``.
+
+``auto`` tries QUIC first with a short timeout (``TUNNEL_QUIC_PROBE_TIMEOUT``, default 3 s)
+and falls back to TLS WebSocket when UDP is blocked; while it rides WSS,
+:meth:`Dialer.should_probe_quic` turns true every ``TUNNEL_QUIC_REPROBE_INTERVAL`` (default
+60 s) and :meth:`Dialer.probe_quic` tries QUIC once: the agent registers over the new link
+and drains the WSS one. The relay's certificate is always verified (``ca_file`` or the system
+store); WSS honours ``HTTPS_PROXY``/``NO_PROXY`` (HTTP CONNECT), QUIC never uses a proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+import urllib.parse
+from collections.abc import Mapping
+
+from .carrier import Link
+from .config import Limits
+from .errors import LinkError
+
+__all__ = ["Dialer", "DEFAULT_PROBE_TIMEOUT", "DEFAULT_REPROBE_INTERVAL"]
+
+DEFAULT_PROBE_TIMEOUT = 3.0
+DEFAULT_REPROBE_INTERVAL = 60.0
+SCHEMES = ("quic", "wss", "auto")
+
+
+def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive")
+    return value
+
+
+class Dialer:
+    """Dials the relay named by ``url``; one instance per agent, reused across reconnects.
+
+    ``now`` arguments and the probe clock are ``time.monotonic()`` seconds (the same clock
+    as asyncio's and uvloop's ``loop.time()``).
+    """
+
+    def __init__(self, url: str, *, ca_file: str | None, limits: Limits,
+                 proxy_env: Mapping[str, str] = os.environ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in SCHEMES:
+            raise ValueError(f"RELAY_URL must start with quic://, wss:// or auto://, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"RELAY_URL without a host: {url!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"RELAY_URL with a bad port: {url!r}") from None
+        self.url = url
+        self.scheme = scheme
+        self.host = parts.hostname
+        self.port = port or 443
+        self.path = parts.path or ""
+        self.ca_file = ca_file
+        self.limits = limits
+        self.environ = proxy_env
+        self.probe_timeout = _env_float(proxy_env, "TUNNEL_QUIC_PROBE_TIMEOUT", DEFAULT_PROBE_TIMEOUT)
+        self.reprobe_interval = _env_float(proxy_env, "TUNNEL_QUIC_REPROBE_INTERVAL", DEFAULT_REPROBE_INTERVAL)
+        #: Transport of the last link :meth:`dial` or :meth:`probe_quic` returned.
+        self.transport: str | None = None
+        #: Why the last QUIC attempt under ``auto`` failed (for logs; never holds secrets).
+        self.last_quic_error: str | None = None
+        self._last_probe: float | None = None
+
+    # --- public ----------------------------------------------------------------------
+
+    async def dial(self) -> Link:
+        """A ready link (HELLOs exchanged), or ``LinkError``."""
+        if self.scheme == "quic":
+            link = await self._quic(self.limits.handshake_timeout)
+        elif self.scheme == "wss":
+            link = await self._wss()
+        else:
+            link = await self.probe_quic(timeout=self.probe_timeout)
+            if link is None:
+                link = await self._wss()
+        self.transport = link.transport
+        return link
+
+    def should_probe_quic(self, now: float | None = None) -> bool:
+        """True under ``auto`` while riding WSS once the re-probe interval has elapsed."""
+        if self.scheme != "auto" or self.transport != "wss":
+            return False
+        now = time.monotonic() if now is None else now
+        return self._last_probe is None or now - self._last_probe >= self.reprobe_interval
+
+    async def probe_quic(self, timeout: float | None = None) -> Link | None:
+        """Try QUIC once (probe timeout); a ready link, or None when it fails."""
+        self._last_probe = time.monotonic()
+        try:
+            link = await self._quic(self.probe_timeout if timeout is None else timeout)
+        except LinkError as exc:
+            self.last_quic_error = str(exc)
+            return None
+        self.last_quic_error = None
+        self.transport = "quic"
+        return link
+
+    # --- carriers --------------------------------------------------------------------
+
+    async def _quic(self, timeout: float) -> Link:
+        from .quic import connect_quic
+
+        return await connect_quic(self.host, self.port, ca_file=self.ca_file, server_name=self.host,
+                                  limits=self.limits, timeout=timeout)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        return context
+
+    def wss_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"wss://{host}:{self.port}{self.path if self.scheme == 'wss' else ''}"
+
+    async def _wss(self) -> Link:
+        from .proxy import proxy_for
+        from .wss import connect_wss
+
+        proxy = proxy_for(self.host, self.port, self.environ)
+        try:
+            context = self.ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            raise LinkError(f"cannot load the relay CA file: {exc}") from None
+        return await connect_wss(self.wss_url(), ssl_context=context, limits=self.limits, proxy=proxy,
+                                 timeout=self.limits.handshake_timeout)
