@@ -221,6 +221,8 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
                 say(system, f"ERROR {label}: {str(e).splitlines()[0][:200]}")
 
         def show(*keys: str) -> None:
+            if not any((system, k) in res.values for k in keys):
+                return
             say(system, "  " + "; ".join(
                 f"{METRIC_BY_KEY[k].label} = {fmt(res.values.get((system, k)), METRIC_BY_KEY[k].unit)}"
                 f" {METRIC_BY_KEY[k].unit}" for k in keys if (system, k) in res.values))
@@ -406,6 +408,8 @@ def metadata(args, st: Settings, res: Results, systems: list[str], groups: list[
 
 
 def chart(res: Results, systems: list[str], path: Path, title: str) -> bool:
+    """Horizontal grouped bars: each system's advantage over the reference per metric
+    (value/ref when higher is better, ref/value when lower is better; > 1 = better)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -417,26 +421,37 @@ def chart(res: Results, systems: list[str], path: Path, title: str) -> bool:
             and any((s, m.key) in res.values for s in systems if s != ref)]
     if not keys:
         return False
-    fig, ax = plt.subplots(figsize=(max(9, 1.0 * len(keys) + 3), 5.5))
-    width = 0.8 / len(systems)
+    n = len(systems)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.18 * n * len(keys)))
+    height = 0.8 / n
+    lo, hi = 1.0, 1.0
     colors = {"direct": "#9e9e9e", "ssh-default": "#f4a261", "ssh-aes128gcm": "#e76f51",
               "tunnel-wss": "#2a9d8f", "tunnel-quic": "#264653"}
     for i, s in enumerate(systems):
-        xs, ys = [], []
+        ys, xs = [], []
         for j, k in enumerate(keys):
-            v = res.values.get((s, k))
-            if v is not None and v > 0:
-                xs.append(j + (i - (len(systems) - 1) / 2) * width)
-                ys.append(v / res.values[(ref, k)])
-        ax.bar(xs, ys, width, label=s, color=colors.get(s))
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{METRIC_BY_KEY[k].label}\n({'↑' if METRIC_BY_KEY[k].higher_is_better else '↓'} better)"
-                        for k in keys], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(f"relative to {ref} (log scale)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, ncol=len(systems), loc="upper center", bbox_to_anchor=(0.5, -0.42))
+            v, base = res.values.get((s, k)), res.values[(ref, k)]
+            if v is None or v <= 0:
+                continue
+            ys.append(j + (i - (n - 1) / 2) * height)
+            xs.append(v / base if METRIC_BY_KEY[k].higher_is_better else base / v)
+        ax.barh(ys, [x - 1.0 for x in xs], height, left=1.0, label=s, color=colors.get(s))
+        for y, x in zip(ys, xs):
+            ax.text(x * (1.04 if x >= 1 else 0.96), y, f"{x:.2f}x", va="center",
+                    ha="left" if x >= 1 else "right", fontsize=6)
+        lo, hi = min([lo] + xs), max([hi] + xs)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(lo / 1.6, hi * 1.6)
+    ax.set_yticks(range(len(keys)))
+    ax.set_yticklabels([f"{METRIC_BY_KEY[k].label} ({'↑' if METRIC_BY_KEY[k].higher_is_better else '↓'})"
+                        for k in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.set_xlabel(f"advantage over {ref} (log scale; > 1 = better: value/{ref} for ↑ metrics, "
+                  f"{ref}/value for ↓ metrics)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -445,6 +460,26 @@ def chart(res: Results, systems: list[str], path: Path, title: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def chart_title(meta: dict) -> str:
+    return (f"e2e {meta['mode']} run {meta['date'][:16]}Z on {meta['cpu_model']} x{meta['cpu_count']}"
+            f" (commit {meta['versions']['git_commit']})")
+
+
+def replot(json_path: Path, out_dir: Path) -> int:
+    data = json.loads(Path(json_path).read_text())
+    meta = data["metadata"]
+    res = Results(skipped=dict(meta.get("skipped", {})), errors=list(meta.get("errors", [])))
+    for row in data["rows"]:
+        if row["metric"] in METRIC_BY_KEY:
+            res.put(row["system"], row["metric"], row["value"])
+    ran = [s for s in SYSTEMS if any(k[0] == s for k in res.values)]
+    print(tables(res, ran))
+    ppath = out_dir / "latest.png"
+    if chart(res, ran, ppath, chart_title(meta)):
+        print(f"\nwrote {ppath}", file=sys.stderr)
+    return 0
 
 
 def parse_list(text: str | None, allowed: list[str], what: str) -> list[str]:
@@ -468,7 +503,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="where latest.json and latest.png go")
     ap.add_argument("--no-save", action="store_true", help="print the table only")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with all logs")
+    ap.add_argument("--replot", type=Path, metavar="JSON",
+                    help="measure nothing: print the table and redraw the chart from a results "
+                         "JSON (e.g. bench/results/latest.json)")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.results_dir)
     systems = parse_list(args.systems, SYSTEMS, "systems")
     groups = parse_list(args.metrics, GROUPS, "metric groups")
     st = Settings.for_mode(args.quick)
@@ -531,10 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         jpath = args.results_dir / "latest.json"
         jpath.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
         (args.results_dir / "latest.md").write_text(tables(res, ran) + "\n")
-        title = (f"e2e {meta['mode']} run {meta['date'][:16]}Z, {meta['cpu_model']} x{meta['cpu_count']}"
-                 f" ({meta['versions']['git_commit']})")
         ppath = args.results_dir / "latest.png"
-        made = chart(res, ran, ppath, title)
+        made = chart(res, ran, ppath, chart_title(meta))
         print(f"\nwrote {jpath}" + (f" and {ppath}" if made else ""), file=sys.stderr)
     if args.keep_logs or res.errors:
         print(f"logs kept in {workdir}", file=sys.stderr)

@@ -240,14 +240,23 @@ def iperf3(reg: ProcessRegistry, port: int, seconds: float, parallel: int = 1,
         argv += ["-P", str(parallel)]
     if reverse:
         argv += ["-R"]
-    cp = reg.run(argv, name, timeout=seconds + 40)
-    try:
-        data = json.loads(cp.stdout)
-    except json.JSONDecodeError:
-        raise HarnessError(f"iperf3 gave no JSON (rc={cp.returncode}): "
-                           f"{(cp.stdout + cp.stderr)[-400:]}") from None
-    if data.get("error"):
-        raise HarnessError(f"iperf3: {data['error']}")
+    # Through a tunnel the server may still be closing the previous test when the next
+    # client arrives ("the server is busy running a test"): retry for a few seconds.
+    deadline = time.monotonic() + 15
+    while True:
+        cp = reg.run(argv, name, timeout=seconds + 40)
+        try:
+            data = json.loads(cp.stdout)
+        except json.JSONDecodeError:
+            raise HarnessError(f"iperf3 gave no JSON (rc={cp.returncode}): "
+                               f"{(cp.stdout + cp.stderr)[-400:]}") from None
+        err = data.get("error")
+        if err and "busy" in err and time.monotonic() < deadline:
+            time.sleep(0.5)
+            continue
+        break
+    if err:
+        raise HarnessError(f"iperf3: {err}")
     end = data.get("end", {})
     recv = end.get("sum_received") or {}
     sent = end.get("sum_sent") or {}

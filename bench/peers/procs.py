@@ -197,6 +197,8 @@ def install_signal_handlers() -> None:
     """Turn SIGTERM/SIGHUP into KeyboardInterrupt so ``finally`` blocks clean up."""
     def handler(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt(f"signal {signum}")
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             signal.signal(sig, handler)
