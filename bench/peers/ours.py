@@ -98,7 +98,9 @@ class OurRelay:
             wait_until(listed, 30, "relay admin API (resources list)", alive, interval=0.2)
             out = self.cmd("customers", "create", "bench")
         except HarnessError as e:
-            raise HarnessError(f"{e}\n{log_tail(self.proc)}") from None
+            tail = log_tail(self.proc)
+            last = tail.strip().splitlines()[-1:] or [""]
+            raise HarnessError(f"{e} (relay: {last[0][:200]})\n{tail}") from None
         self.customer = out.split()[-1] if out else ""
         if not self.customer:
             raise HarnessError("customers create printed no id")
@@ -130,7 +132,9 @@ class OurRelay:
                              lambda: proc.poll() is None, interval=0.2)
         except HarnessError as e:
             self.reg.stop(proc)
-            raise HarnessError(f"{e}\n{log_tail(proc)}") from None
+            tail = log_tail(proc)
+            last = tail.strip().splitlines()[-1:] or [""]
+            raise HarnessError(f"{e} (agent: {last[0][:200]})\n{tail}") from None
         host, _, port = str(row["endpoint"]).rpartition(":")
         if host not in ("127.0.0.1", "localhost", ""):
             self.reg.stop(proc)
