@@ -164,7 +164,7 @@ class _Stream:
     __slots__ = (
         "id", "local", "state", "queue", "buffered", "fin_pending", "send_window",
         "recv_window", "unconsumed", "pending_credit", "scheduled", "blocked",
-        "last_activity",
+        "last_activity", "turn_left",
     )
 
     def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int, now: float) -> None:
@@ -181,6 +181,7 @@ class _Stream:
         self.scheduled = False  # in Session._active
         self.blocked = False  # reported paused; waits for StreamWritable
         self.last_activity = now
+        self.turn_left = 0  # rest of a quantum cut short by max_bytes: resumed first
 
 
 class Session:
@@ -579,6 +580,8 @@ class Session:
         if s.blocked:
             s.blocked = False
             self._blocked.discard(s)
+        if not self._streams:
+            self._active.clear()  # closed streams are otherwise skipped lazily
         self._events.append(StreamClosed(s.id))
         self._check_drained()
 
@@ -651,8 +654,9 @@ class Session:
                     allowance = self._send_session_window
                     if allowance <= 0:
                         break  # session credit exhausted: wait for WINDOW_UPDATE on 0
-                if quantum < allowance:
-                    allowance = quantum
+                turn = s.turn_left or quantum
+                if turn < allowance:
+                    allowance = turn
             else:
                 allowance = 0
             active.popleft()
@@ -715,7 +719,15 @@ class Session:
                 self._events.append(StreamWritable(sid))
             if (s.buffered and s.send_window > 0) or s.fin_pending:
                 s.scheduled = True
+                if allowance > 0 and s.buffered and budget <= HEADER_SIZE:
+                    # Cut short by max_bytes: the rest of the turn comes first next time.
+                    s.turn_left = allowance
+                    active.appendleft(s)
+                    break
+                s.turn_left = 0
                 active.append(s)
+            else:
+                s.turn_left = 0
         if sent_total:
             self._send_total -= sent_total
             self.bytes_sent += sent_total
