@@ -215,6 +215,8 @@ cdef class FrameDecoder:
     cdef bytes _body              # assembly buffer for a non-DATA payload spanning chunks
     cdef Py_ssize_t _body_len
     cdef bint _failed
+    cdef uint32_t _sid_c          # cache of the last stream id's int object (frames of one
+    cdef object _sid_obj          # stream tend to come in runs)
 
     def __cinit__(self, *args, **kwargs):
         self._type = -1
@@ -224,6 +226,8 @@ cdef class FrameDecoder:
         self._body_len = 0
         self._failed = False
         self._limit = -1
+        self._sid_c = 0
+        self._sid_obj = 0
 
     def __init__(self, max_frame_size):
         self.max_frame_size = max_frame_size
@@ -318,10 +322,13 @@ cdef class FrameDecoder:
                         or <int64_t>length > limit):
                     self._header_error(ftype, flags, (hp[2] << 8) | hp[3], length)
                 sid = _be32(hp + 4)
+                if sid != self._sid_c:
+                    self._sid_c = sid
+                    self._sid_obj = sid
                 avail = end - pos
                 if <Py_ssize_t>length <= avail:
                     # Whole payload in this chunk: zero-copy view.
-                    frames.append((ftype, flags, sid, view[pos:pos + length]))
+                    frames.append((ftype, flags, self._sid_obj, view[pos:pos + length]))
                     pos += length
                     continue
                 self._type = ftype
