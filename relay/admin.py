@@ -139,13 +139,13 @@ class AdminApi:
             return False
         return hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"), self._token)
 
-    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+    def authorize(self, method: str, target: str, headers: dict[str, str]):
+        """Route the request and check its token, before any body is read. Return what
+        :meth:`handle` needs; raise :class:`HttpError` (404, 405, 401)."""
         parsed = urllib.parse.urlsplit(target)
         path = parsed.path
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]
-        query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
-
         route, allowed = self._route(method, path)
         if route is None:
             if allowed:
@@ -156,6 +156,12 @@ class AdminApi:
         if handler != self.get_health and not self.authorized(headers.get("authorization")):
             raise HttpError(401, "unauthorized", "missing or wrong admin token",
                             {"WWW-Authenticate": 'Bearer realm="tunnel-relay"'})
+        query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+        return handler, args, query
+
+    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes,
+               authorized=None) -> tuple[int, Any]:
+        handler, args, query = authorized or self.authorize(method, target, headers)
         payload = None
         if method in ("POST", "PUT", "PATCH"):
             payload = _parse_json_object(body)
@@ -449,13 +455,18 @@ class _Connection:
             keep_alive = "keep-alive" in connection
 
         try:
+            # Route and token first: nobody unauthenticated gets a body read.
+            authorized = self.api.authorize(method, target, headers)
             body = await self._read_body(headers)
         except HttpError as exc:
-            await self._send(_response(exc.status, _error_body(exc), keep_alive=False, extra=exc.headers))
-            return False
+            # An unread body would be taken for the next request: close after answering.
+            unread = "content-length" in headers or "transfer-encoding" in headers
+            await self._send(_response(exc.status, _error_body(exc), keep_alive=keep_alive and not unread,
+                                       extra=exc.headers))
+            return keep_alive and not unread
 
         try:
-            status, payload = self.api.handle(method, target, headers, body)
+            status, payload = self.api.handle(method, target, headers, body, authorized)
             extra: dict[str, str] = {}
         except HttpError as exc:
             status, payload, extra = exc.status, _error_body(exc), exc.headers

@@ -338,19 +338,33 @@ def test_connection_close_is_honoured(admin_server):
         (b"GET v1/health HTTP/1.1\r\n\r\n", 400),
         (b"GET /v1/health HTTP/1.1\r\nBad Header\r\n\r\n", 400),
         (b"GET /v1/health HTTP/1.1\r\n folded: x\r\n\r\n", 400),
-        (b"POST /v1/customers HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nContent-Length: abc\r\n\r\n", 400),
         (b"POST /v1/customers HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
-        (b"POST /v1/customers HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-        (b"POST /v1/customers HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
+        (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nContent-Length: 2000000\r\n\r\n", 413),
         (b"GET /v1/health HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
     ],
 )
 def test_malformed_requests(admin_server, request_bytes, status):
-    response = raw_exchange(admin_server.port, request_bytes)
+    auth = b"Authorization: Bearer " + admin_server.token.encode()
+    response = raw_exchange(admin_server.port, request_bytes.replace(b"AUTH", auth))
     assert status_of(response) == status
     head, _, body = response.partition(b"\r\n\r\n")
     assert b"Connection: close" in head
     assert "error" in json.loads(body)
+
+
+def test_no_body_is_read_without_the_token(admin_server):
+    response = raw_exchange(admin_server.port, b"POST /v1/customers HTTP/1.1\r\nContent-Length: 900000\r\n\r\n")
+    assert status_of(response) == 401
+    assert b"Connection: close" in response
+
+
+def test_error_without_body_keeps_the_connection(api):
+    status, _, response = api.request("GET", "/v1/customers", token="wrong")
+    assert status == 401 and response.getheader("Connection") == "keep-alive"
+    status, _, _ = api.request("GET", "/v1/customers")
+    assert status == 200
 
 
 def test_truncated_body_is_not_processed(admin_server):
