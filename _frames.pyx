@@ -502,12 +502,12 @@ def ws_mask_join(buffers, key):
     cdef bytes out
     cdef unsigned char* dst
     cdef unsigned char k[4]
-    items = buffers if type(buffers) is list or type(buffers) is tuple else None
-    if items is None:
-        try:
-            items = list(buffers)
-        except TypeError:
-            raise TypeError("can only join an iterable") from None
+    cdef tuple items
+    # A tuple cannot change under us while the buffers are collected (tuple(t) is t).
+    try:
+        items = tuple(buffers)
+    except TypeError:
+        raise TypeError("can only join an iterable") from None
     if not _acquire(key, &kbuf):
         return _py.ws_mask_join(items, key)
     try:
