@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -196,8 +197,51 @@ class Exposure:
             self.relay.stop()
 
 
+class Profiler:
+    """py-spy flame graphs of our agent (and relay) during chosen steps (``--profile DIR``)."""
+
+    def __init__(self, reg: ProcessRegistry, out_dir: Path | None, say: Progress) -> None:
+        self.reg = reg
+        self.out_dir = out_dir
+        self.say = say
+        self.exe = shutil.which("py-spy")
+
+    def __call__(self, system: str, step: str, pids: dict[str, int | None]):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            procs = []
+            if self.out_dir is not None and self.exe and system in OUR_TRANSPORTS:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                for role, pid in pids.items():
+                    if not pid:
+                        continue
+                    svg = self.out_dir / f"{system}-{step}-{role}.svg"
+                    procs.append((svg, self.reg.spawn(
+                        [self.exe, "record", "--pid", str(pid), "--rate", "200", "--nonblocking",
+                         "--format", "flamegraph", "-o", str(svg)], f"py-spy-{role}")))
+                time.sleep(0.5)  # let py-spy attach before the load starts
+            try:
+                yield
+            finally:
+                for svg, p in procs:
+                    if p.poll() is None:
+                        p.send_signal(2)  # SIGINT: py-spy writes its output and exits
+                for svg, p in procs:
+                    try:
+                        p.wait(15)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    self.reg.stop(p)
+                    if svg.exists():
+                        self.say(system, f"  profile written: {svg}")
+        return cm()
+
+
 def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessRegistry,
-                   res: Results, say: Progress, hz: float) -> None:
+                   res: Results, say: Progress, hz: float,
+                   profiler: "Profiler | None" = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=reg.log_dir))
     needed = {GROUP_SERVICES[g] for g in groups}
     say(system, f"starting services ({', '.join(sorted(needed))}) and {system} forwarding")
@@ -228,6 +272,9 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
                 f" {METRIC_BY_KEY[k].unit}" for k in keys if (system, k) in res.values))
 
         echo_ep, echo_pid = endpoints.get("echo", (0, None))
+        relay_pid = exp.relay.proc.pid if exp.relay is not None and exp.relay.proc else None
+        prof = (lambda step, pids: profiler(system, step, pids)) if profiler else \
+            (lambda step, pids: contextlib.nullcontext())
         if "streams" in groups and echo_pid:
             res.put(system, "agent_rss_idle", rss_bytes(echo_pid) / 1e6)
             show("agent_rss_idle")
@@ -239,7 +286,8 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
                 r = clients.round_trips(echo_ep, st.rtt_count)
                 res.put(system, "rtt_p50", r.p50_us)
                 res.put(system, "rtt_p99", r.p99_us)
-            run("rtt", rtt)
+            with prof("rtt", {"agent": echo_pid, "relay": relay_pid}):
+                run("rtt", rtt)
             show("rtt_p50", "rtt_p99")
 
         if "connrate" in groups:
@@ -267,7 +315,8 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
                     res.put(system, "agent_cpu_s_per_gb", (c1 - c0) / (r.bytes / 1e9))
                     if hz:
                         res.put(system, "agent_cycles_per_byte", (c1 - c0) * hz / r.bytes)
-            run("throughput x1", one)
+            with prof("throughput", {"agent": ip_pid, "relay": relay_pid}):
+                run("throughput x1", one)
             show("tput_1", "agent_cpu_s_per_gb", "agent_cycles_per_byte")
             say(system, f"iperf3 1 stream reverse (-R), {st.tput_seconds}s")
             run("throughput x1 -R", lambda: res.put(
@@ -503,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="where latest.json and latest.png go")
     ap.add_argument("--no-save", action="store_true", help="print the table only")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with all logs")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="record py-spy flame graphs of our agent and relay during the round-trip "
+                         "and 1-stream throughput steps into DIR (pip install py-spy)")
     ap.add_argument("--replot", type=Path, metavar="JSON",
                     help="measure nothing: print the table and redraw the chart from a results "
                          "JSON (e.g. bench/results/latest.json)")
@@ -539,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(system, f"SKIPPED: {reason}")
                 continue
             try:
-                measure_system(system, groups, st, reg, res, say, hz)
+                measure_system(system, groups, st, reg, res, say, hz,
+                               Profiler(reg, args.profile, say) if args.profile else None)
             except HarnessError as e:
                 res.skipped[system] = f"setup failed: {str(e).splitlines()[0][:300]}"
                 res.errors.append(f"{system}: setup failed: {e}")
