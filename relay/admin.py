@@ -529,7 +529,6 @@ async def start_admin_server(
     directory = Path(state_dir) if state_dir is not None else state.state_dir
     write_private(directory / ADMIN_INFO_FILE, orjson.dumps({"url": url}) + b"\n")
     log.info("admin API listening on %s", url)
-    server.admin_url = url  # type: ignore[attr-defined]
     return server
 
 

@@ -62,7 +62,13 @@ class AdminServerThread:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.registry = FakeRegistry()
-        self.loop = asyncio.new_event_loop()
+        # The relay runs on uvloop: serve the tests from it too when it is installed.
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover
+            self.loop = asyncio.new_event_loop()
+        else:
+            self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="admin-server", daemon=True)
         self.state: RelayState | None = None
         self.authority: TokenAuthority | None = None
