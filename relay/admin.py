@@ -532,7 +532,20 @@ async def start_admin_server(
     return server
 
 
+def clear_admin_info(state_dir: str | os.PathLike, url: str | None = None) -> None:
+    """Remove ``<state>/admin.json`` at shutdown (only if it still names ``url``, when given),
+    so admin commands report "not running" at once."""
+    path = Path(state_dir) / ADMIN_INFO_FILE
+    try:
+        if url is not None and orjson.loads(path.read_bytes()).get("url") != url:
+            return
+        path.unlink()
+    except (FileNotFoundError, ValueError, AttributeError):
+        pass
+
+
 __all__ = [
+    "clear_admin_info",
     "ADMIN_INFO_FILE",
     "ADMIN_TOKEN_FILE",
     "AdminApi",

@@ -395,3 +395,15 @@ def test_refuses_non_loopback_host_unless_forced(tmp_path, admin_server):
         asyncio.run(attempt("192.0.2.1"))
     assert asyncio.run(attempt("0.0.0.0", allow_remote=True)).startswith("http://127.0.0.1:")
     assert asyncio.run(attempt("localhost")).startswith("http://")
+
+
+def test_clear_admin_info(tmp_path):
+    from relay.admin import clear_admin_info
+
+    info = tmp_path / "admin.json"
+    info.write_text(json.dumps({"url": "http://127.0.0.1:1"}))
+    clear_admin_info(tmp_path, "http://127.0.0.1:2")
+    assert info.exists()
+    clear_admin_info(tmp_path, "http://127.0.0.1:1")
+    assert not info.exists()
+    clear_admin_info(tmp_path)
