@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Most bytes one flush hands to the pipe (one WebSocket message); more goes next flush.
 FLUSH_BATCH = 1024 * 1024
+#: After close, how long the pipe may take to flush (a dead peer never drains it) before it
+#: is aborted (seconds).
+CLOSE_GRACE = 5.0
 
 
 class SessionLinkStream(LinkStream):
@@ -140,6 +143,7 @@ class SessionLink(Link, PipeReceiver):
         self._flush_handle: asyncio.Handle | None = None
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._pipe_closing = False
         self._pipe_lost = False
@@ -263,6 +267,9 @@ class SessionLink(Link, PipeReceiver):
             self._session.connection_lost(f"connection lost: {exc}" if exc else "connection closed by peer")
         self._process_events()
         self._cancel_timer()
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -305,7 +312,15 @@ class SessionLink(Link, PipeReceiver):
                 self._pipe.close()
             except Exception:
                 log.exception("pipe close failed")
+            if not self._pipe_lost:
+                self._abort_handle = self._loop.call_later(CLOSE_GRACE, self._abort_pipe)
         self._cancel_timer()
+
+    def _abort_pipe(self) -> None:
+        self._abort_handle = None
+        if not self._pipe_lost:
+            log.warning("pipe did not drain within %.0f s of close; aborting it", CLOSE_GRACE)
+            self._pipe.abort()
 
     def _cancel_timer(self) -> None:
         if self._timer_handle is not None:
