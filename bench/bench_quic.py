@@ -15,6 +15,7 @@ import cProfile
 import io
 import multiprocessing
 import os
+import resource
 import pstats
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def main():
         proc.start()
         try:
             port = queue.get(timeout=30)
+            cpu0 = time.process_time()
             loop = new_loop(use_uvloop)
             prof = cProfile.Profile() if not args.no_profile else None
             if prof:
@@ -145,11 +147,16 @@ def main():
                 prof.disable()
             loop.close()
         finally:
+            cpu_client = time.process_time() - cpu0
             proc.terminate()
             proc.join()
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_server = child.ru_utime + child.ru_stime
     mbps = size / elapsed / 1e6
     print(f"tunnel.quic {'uvloop' if use_uvloop else 'asyncio'}: {size / 1e6:.0f} MB in {elapsed:.2f} s = "
           f"{mbps:.1f} MB/s ({mbps * 8 / 1000:.2f} Gbit/s){' (under cProfile)' if prof else ''}")
+    print(f"  CPU: sender {cpu_client:.2f} s ({size / 1e6 / cpu_client:.1f} MB per CPU-s), "
+          f"receiver {cpu_server:.2f} s ({size / 1e6 / cpu_server:.1f} MB per CPU-s, includes its setup)")
     if prof:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)

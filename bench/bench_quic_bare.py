@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import multiprocessing
 import os
+import resource
 import ssl
 import sys
 import tempfile
@@ -116,15 +117,21 @@ def main() -> None:
         proc.start()
         try:
             port = queue.get(timeout=30)
+            cpu0 = time.process_time()
             loop = new_loop(args.uvloop)
             elapsed = loop.run_until_complete(client(port, cert, size))
             loop.close()
         finally:
+            cpu_client = time.process_time() - cpu0
             proc.terminate()
             proc.join()
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_server = child.ru_utime + child.ru_stime
     mbps = size / elapsed / 1e6
     print(f"bare aioquic {'uvloop' if args.uvloop else 'asyncio'}: {size / 1e6:.0f} MB in {elapsed:.2f} s = "
           f"{mbps:.1f} MB/s ({mbps * 8 / 1000:.2f} Gbit/s)")
+    print(f"  CPU: sender {cpu_client:.2f} s ({size / 1e6 / cpu_client:.1f} MB per CPU-s), "
+          f"receiver {cpu_server:.2f} s ({size / 1e6 / cpu_server:.1f} MB per CPU-s, includes its setup)")
 
 
 if __name__ == "__main__":
