@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import base64
 import os
+import pathlib
 import struct
+import sys
 
 import pytest
 
-from tunnel import frames
-from tunnel.websocket import (
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tunnel import frames  # noqa: E402
+from tunnel.websocket import (  # noqa: E402
     ClientHandshake,
     CloseCode,
     HandshakeError,
