@@ -41,7 +41,7 @@ def run(streams: int, seconds: float, feed: str) -> tuple[float, int]:
     receiver.pop_events()
     payload = memoryview(bytes(FRAME))
     ids = [sender.open_stream(b"bench") for _ in range(streams)]
-    keep_queued = 4 * FRAME
+    keep_queued = BATCH  # every batch is full, as in a busy SessionLink flush
     moved = 0
     data_received = DataReceived
     send_data = sender.send_data
