@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import signal
 from pathlib import Path
 
-from tunnel import __version__, logs
+from tunnel import __version__
 from tunnel.carrier import Link, LinkHandler, LinkStream
 from tunnel.config import Limits
 from tunnel.constants import ErrorCode
@@ -21,25 +20,6 @@ from .registry import AgentSession, Registry
 log = logging.getLogger("relay")
 
 MAX_RESOURCES_PER_AGENT = 64
-
-
-def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` into (host, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest.lstrip(":")
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            host, port = value, ""
-    if not port:
-        if default_port is None:
-            raise ValueError(f"{value!r}: expected host:port")
-        port = str(default_port)
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r}: bad port")
-    return host or "0.0.0.0", int(port)
 
 
 class AgentLinkHandler(LinkHandler):
@@ -130,7 +110,7 @@ class Relay:
         claims = self.authority.verify(token)
         registered: dict[str, str] = {}
         for entry in resources:
-            resource = check_against_state(claims, self.state, entry["name"])
+            resource = check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port)
             await self.registry.ensure_endpoint(resource)
             registered[resource["id"]] = resource["name"]
         return AgentSession(
@@ -142,6 +122,11 @@ class Relay:
             hostname=_clip(info.get("hostname")),
             resources=registered,
         )
+
+    def _allocate_port(self, taken: set[int]) -> int:
+        from .state import allocate_port
+
+        return allocate_port(self.registry.service_host, taken)
 
     async def drain(self) -> None:
         """Graceful stop: no new streams, tell agents, close."""
@@ -171,8 +156,6 @@ def _addr(link: Link) -> str:
 
 def serve_main(args) -> int:
     """Entry point of ``tunnel-relay serve`` (``args`` from relay.cli)."""
-    logs.configure(getattr(args, "log_format", None) or os.environ.get("RELAY_LOG_FORMAT", "plain"),
-                   getattr(args, "log_level", None) or os.environ.get("RELAY_LOG_LEVEL", "INFO"))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
@@ -197,14 +180,10 @@ async def _serve(args) -> int:
     limits = Limits.from_env()
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    host, port = split_hostport(args.listen, 8443)
-    admin_host, admin_port = split_hostport(args.admin_listen, 8442)
-    names = [n for n in (host, getattr(args, "server_name", None)) if n and n not in ("0.0.0.0", "::")]
-    keys = pki.ensure_pki(state_dir, extra_names=names)
-    cert_file = args.cert or keys.cert_file
-    key_file = args.key or keys.key_file
-    if bool(args.cert) != bool(args.key):
-        raise ValueError("--cert and --key go together")
+    host, port = args.listen_addr
+    admin_host, admin_port = args.admin_listen_addr
+    keys = pki.ensure_pki(state_dir, extra_names=[host, *args.server_names], cert_file=args.cert, key_file=args.key)
+    cert_file, key_file = keys.cert_file, keys.key_file
     ssl_context = pki.server_ssl_context(cert_file, key_file)
 
     store = state_mod.RelayState(state_dir / "relay.db")
@@ -222,7 +201,7 @@ async def _serve(args) -> int:
     port = wss_server.sockets[0].getsockname()[1]
     quic_server = await serve_quic(host, port, cert_file=str(cert_file), key_file=str(key_file),
                                    limits=limits, on_link=relay.on_link)
-    admin_token = admin.ensure_admin_token(state_dir)
+    admin_token = admin.load_or_create_admin_token(state_dir)
     admin_server = await admin.start_admin_server(admin_host, admin_port, state=store, authority=authority,
                                                   registry=registry, token=admin_token, state_dir=state_dir)
     admin_bound = admin_server.sockets[0].getsockname()[1]
@@ -239,6 +218,7 @@ async def _serve(args) -> int:
     wss_server.close()
     quic_server.close()
     admin_server.close()
+    admin.clear_admin_info(state_dir)
     await relay.drain()
     registry.close()
     return 0
