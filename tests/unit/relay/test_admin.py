@@ -10,7 +10,7 @@ import socket
 import stat
 
 import pytest
-from conftest import fake_agent
+from relay_fakes import fake_agent
 
 from relay.admin import start_admin_server
 from relay.state import ORG_CUSTOMER_ID

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import fake_agent
+from relay_fakes import fake_agent
 
 REPO = Path(__file__).resolve().parents[3]
 
