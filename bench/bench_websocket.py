@@ -242,7 +242,7 @@ def main() -> None:
     libs = [name for name in args.libs.split(",") if name]
     print(f"codec: {frames.IMPLEMENTATION}; TLS {ssl.OPENSSL_VERSION}; uvloop {uvloop.__version__}; "
           f"{args.mbytes} MiB per run, best of {args.repeat}")
-    print(f"{'library':<15} {'direction':<26} {'msg size':>9} {'MB/s':>9}")
+    print(f"{'library':<15} {'direction':<26} {'msg size':>9} {'MB/s':>9} {'MB/cpu-s':>9}")
     for size in sizes:
         for upload in (True, False):
             direction = "client->server (masked)" if upload else "server->client"
@@ -250,11 +250,15 @@ def main() -> None:
                 if not available(name):
                     print(f"{name:<15} {direction:<26} {size:>9} {'skipped (not installed)':>9}")
                     continue
-                best = 0.0
+                best = best_cpu = 0.0
                 for _ in range(args.repeat):
+                    cpu = time.process_time()
                     rate = uvloop.run(LIBRARIES[name](server_ctx, client_ctx, total, size, upload))
+                    cpu = time.process_time() - cpu  # both ends, setup included (negligible)
                     best = max(best, rate)
-                print(f"{name:<15} {direction:<26} {size:>9} {best / 1e6:>9.1f}", flush=True)
+                    best_cpu = max(best_cpu, (total // size * size) / cpu)
+                print(f"{name:<15} {direction:<26} {size:>9} {best / 1e6:>9.1f} {best_cpu / 1e6:>9.1f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
