@@ -85,8 +85,10 @@ log = logging.getLogger(__name__)
 CONTROL_STREAM_ID = 0
 #: Most bytes handed to aioquic beyond what it has already sent on a stream.
 _UNSENT_CHUNK = 256 * 1024
-#: UDP payload size: fits a 1500-byte MTU path with IPv6 + UDP headers.
-MAX_DATAGRAM_SIZE = 1452
+#: UDP payload size: fits a 1500-byte MTU path with IPv6 + UDP headers. Paths known to carry
+#: more (loopback, jumbo-frame LANs) may raise it with TUNNEL_QUIC_MAX_DATAGRAM_SIZE: the
+#: carrier's cost is per packet, so throughput scales almost with it.
+MAX_DATAGRAM_SIZE = int(os.environ.get("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", "1452"))
 #: Socket buffers; the kernel caps them at net.core.[rw]mem_max.
 SOCKET_BUFFER = 8 * 1024 * 1024
 #: Largest OPEN metadata (resource name) accepted on a tunneled stream.

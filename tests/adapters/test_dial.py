@@ -19,7 +19,7 @@ from tunnel.config import Limits  # noqa: E402
 from tunnel.dial import Dialer  # noqa: E402
 from tunnel.quic import serve_quic  # noqa: E402
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)
 LIMITS = Limits(handshake_timeout=10)
 FAST = {"TUNNEL_QUIC_PROBE_TIMEOUT": "1.5", "TUNNEL_QUIC_REPROBE_INTERVAL": "30"}
 
