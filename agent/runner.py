@@ -83,6 +83,10 @@ class AgentLinkHandler(LinkHandler):
                 self.registered.set_exception(self.error)
 
     def link_closed(self, code: int, reason: str) -> None:
+        if code == ErrorCode.UNAUTHORIZED and self.error is None:
+            # The refusal itself, when the carrier closed before the error message arrived.
+            self.error = AuthError(f"relay refused this agent: {reason[:512] or 'unauthorized'} (unauthorized)",
+                                   code="unauthorized", fatal=True)
         if not self.registered.done():
             self.registered.set_exception(self.error or LinkError(f"link closed during registration: {reason or code}"))
         if not self.closed.done():

@@ -49,3 +49,5 @@ def configure(fmt: str = "plain", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # aioquic narrates every packet-level state change; keep only its warnings.
+    logging.getLogger("quic").setLevel(logging.WARNING)

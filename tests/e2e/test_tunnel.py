@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import connect, recv_all, wait_until
+from tests.helpers.processes import Relay, connect, recv_all, wait_until
 
 
 def _setup(relay, agents, service, transport, name="db", customer=None):
@@ -179,8 +179,6 @@ def test_bad_registration_tokens_are_refused_and_create_nothing(relay, agents, s
 
 
 def test_agent_keeps_retrying_while_relay_is_down(tmp_path, agents, service_factory):
-    from .conftest import Relay
-
     relay = Relay(tmp_path)
     relay.start()
     customer = relay.create_customer("acme")

@@ -1,4 +1,4 @@
-"""End-to-end fixtures: real relay and agent processes started as users start them, and
+"""End-to-end helpers: real relay and agent processes started as users start them, and
 private services on loopback. Everything waits on conditions with deadlines, never sleeps."""
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -265,40 +263,6 @@ class PrivateService:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
-
-
-@pytest.fixture
-def relay(tmp_path):
-    r = Relay(tmp_path)
-    r.start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def agents(tmp_path):
-    a = Agents(tmp_path)
-    yield a
-    a.stop_all()
-
-
-@pytest.fixture
-def service_factory():
-    services = []
-
-    def make(mode: str = "echo", greeting: bytes = b"") -> PrivateService:
-        s = PrivateService(mode, greeting)
-        services.append(s)
-        return s
-
-    yield make
-    for s in services:
-        s.close()
-
-
-@pytest.fixture(params=["wss", "quic"])
-def transport(request):
-    return request.param
 
 
 def connect(addr: tuple[str, int], timeout: float = 20.0) -> socket.socket:
