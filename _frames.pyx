@@ -176,9 +176,8 @@ def encode_frame(frame_type, flags, stream_id, payload=b""):
     if not (_int_in(frame_type, 0xFF, &t) and _int_in(flags, 0xFF, &f)
             and _int_in(stream_id, _U32_MAX, &s)):
         return _py.encode_frame(frame_type, flags, stream_id, payload)
-    if not (PyBytes_CheckExact(payload) or PyByteArray_CheckExact(payload)):
+    if not _acquire(payload, &buf):
         return _py.encode_frame(frame_type, flags, stream_id, payload)
-    PyObject_GetBuffer(payload, &buf, PyBUF_SIMPLE)
     try:
         if buf.len > _U32_MAX:
             return _py.encode_frame(frame_type, flags, stream_id, payload)
