@@ -110,6 +110,8 @@ class Agent:
         self.instance = secrets.token_hex(6)
         self.tasks: set[asyncio.Task] = set()
         self.backoff = Backoff()
+        #: The link being served (the newest one, under auto:// after a move to QUIC).
+        self.link: Link | None = None
 
     def _auth_message(self) -> dict:
         return {
@@ -137,11 +139,25 @@ class Agent:
         return handler
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            # Stopping (SIGTERM): say goodbye so the relay fails over at once instead of
+            # waiting for its keepalive timeout.
+            if self.link is not None and not self.link.is_closing:
+                self.link.close(ErrorCode.NO_ERROR, "agent stopping")
+                try:
+                    await asyncio.wait_for(self.link.wait_closed(), 2.0)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+            raise
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
             try:
-                link = await self.dialer.dial()
+                link = self.link = await self.dialer.dial()
                 log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.transport)
                 handler = await self.register(link)
                 await self.serve(link, handler)
@@ -169,6 +185,7 @@ class Agent:
                     moved = await self._try_quic(link)
                     if moved is not None:
                         link, handler = moved
+                        self.link = link
                     continue
             await asyncio.shield(handler.closed)
             break
