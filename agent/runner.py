@@ -197,6 +197,7 @@ class Agent:
     async def _try_quic(self, old: Link):
         new = await self.dialer.probe_quic()
         if new is None:
+            log.debug("QUIC still unreachable (%s); staying on WSS", getattr(self.dialer, "last_quic_error", None))
             return None
         try:
             handler = await self.register(new)
