@@ -254,7 +254,8 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
         endpoints: dict[str, tuple[int, int | None]] = {}
         for name in sorted(needed - ({"iperf"} if groups == ["lfn"] else set())):
             endpoints[name] = exp.expose(name, ports[name])
-        say(system, "endpoints " + ", ".join(f"{k}->{LOOPBACK}:{v[0]}" for k, v in endpoints.items()))
+        if endpoints:
+            say(system, "endpoints " + ", ".join(f"{k}->{LOOPBACK}:{v[0]}" for k, v in endpoints.items()))
 
         def run(label: str, fn) -> None:
             try:
