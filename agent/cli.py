@@ -9,6 +9,7 @@ import signal
 import sys
 
 from tunnel import __version__, logs
+from tunnel.config import Limits
 
 from . import config as agent_config
 
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         conf = agent_config.load(config_file=args.config)
-    except agent_config.ConfigError as exc:
+        limits = Limits.from_env()
+    except (agent_config.ConfigError, ValueError) as exc:
         print(f"tunnel-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(conf.log_format, conf.log_level)
@@ -38,15 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        return runner(_run(conf))
+        return runner(_run(conf, limits))
     except KeyboardInterrupt:
         return 0
 
 
-async def _run(conf) -> int:
+async def _run(conf, limits: Limits) -> int:
     from .runner import Agent
 
-    agent = Agent(conf)
+    agent = Agent(conf, limits)
     task = asyncio.ensure_future(agent.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
