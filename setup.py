@@ -8,14 +8,16 @@ after an edit. Without the extension ``tunnel.frames`` falls back to the pure-Py
 
 import os
 
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-extra_compile_args = ["-O3"] if os.name == "posix" else []
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXTRA_COMPILE_ARGS = ["-O3"] if os.name == "posix" else []
 
-setup(
-    ext_modules=cythonize(
-        [Extension("tunnel._frames", ["_frames.pyx"], extra_compile_args=extra_compile_args)],
+if os.path.exists(os.path.join(HERE, "_frames.pyx")):
+    from Cython.Build import cythonize
+
+    ext_modules = cythonize(
+        [Extension("tunnel._frames", ["_frames.pyx"], extra_compile_args=EXTRA_COMPILE_ARGS)],
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,
@@ -23,5 +25,8 @@ setup(
             "cdivision": True,
             "initializedcheck": False,
         },
-    ),
-)
+    )
+else:  # an sdist without the .pyx still carries the generated C
+    ext_modules = [Extension("tunnel._frames", ["_frames.c"], extra_compile_args=EXTRA_COMPILE_ARGS)]
+
+setup(ext_modules=ext_modules)
