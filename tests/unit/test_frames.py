@@ -505,3 +505,17 @@ def test_agree_on_encoders(ints, payload):
         ("parse_goaway", (payload,)),
     ):
         assert outcome(getattr(cy, name), *args) == outcome(getattr(py, name), *args), name
+
+
+def test_no_buffer_export_outlives_a_failed_feed(codec):
+    """A bytearray fed to a decoder that then raises can be resized again afterwards."""
+    chunk = bytearray(codec.encode_frame(4, 0, 0, b"12345678") + bytes.fromhex("09 00 0000 00000000 00000000"))
+    with pytest.raises(ProtocolError):
+        codec.FrameDecoder(MAX).feed(chunk)
+    chunk.extend(b"more")  # BufferError if a view were still held
+    ok = bytearray(codec.encode_frame(4, 0, 0, b"12345678"))
+    frames = codec.FrameDecoder(MAX).feed(ok)
+    with pytest.raises(BufferError):
+        ok.extend(b"x")  # the returned payload view still points into it
+    del frames
+    ok.extend(b"x")

@@ -205,3 +205,12 @@ def test_header_round_trip(opcode, fin, length, key):
         return  # not a valid header to parse back
     fin_bit = bool(fin or opcode & 0x80)
     assert cy.parse_ws_header(wire + b"tail") == (fin_bit, opcode & 0x0F, length, key, len(wire))
+
+
+def test_mask_join_releases_buffers_on_error(codec):
+    held = bytearray(b"abc")
+    with pytest.raises(TypeError):
+        codec.ws_mask_join([held, memoryview(held), 42], KEY)
+    held.extend(b"d")  # BufferError if an export were still held
+    assert codec.ws_mask_join([held], KEY) == naive_mask(b"abcd", KEY)
+    held.extend(b"e")
