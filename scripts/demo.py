@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICE_PORT = 18080
 
 
+# Run the installed code of this checkout whatever the current directory.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def tool(name: str) -> list[str]:
     path = shutil.which(name)
     return [path] if path else [sys.executable, "-m", name.split("-", 1)[1]]
@@ -28,7 +32,7 @@ def tool(name: str) -> list[str]:
 
 def relay_cmd(*args: str, state: Path) -> str:
     out = subprocess.run(tool("tunnel-relay") + ["--state-dir", str(state), *args],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, env=ENV)
     if out.returncode:
         raise SystemExit(f"tunnel-relay {' '.join(args[:2])} failed: {out.stderr.strip()}")
     return out.stdout.strip()
@@ -98,7 +102,7 @@ def main() -> int:
     def start(name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         logs.mkdir(parents=True, exist_ok=True)
         log = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or ENV, start_new_session=True)
         procs.append(proc)
         return proc
 
@@ -121,7 +125,7 @@ def main() -> int:
         jwt_file.chmod(0o600)
         print(f"3. customer {customer}; registration JWT written to {jwt_file} (mode 0600)")
 
-        env = dict(os.environ, RELAY_URL=f"{args.transport}://127.0.0.1:8443", RELAY_CA_FILE=str(state / "ca.pem"),
+        env = dict(ENV, RELAY_URL=f"{args.transport}://127.0.0.1:8443", RELAY_CA_FILE=str(state / "ca.pem"),
                    NAME="demo-http", APP_HOST="127.0.0.1", APP_PORT=str(SERVICE_PORT),
                    REGISTRATION_JWT_FILE=str(jwt_file))
         agent = start("agent", tool("tunnel-agent"), env=env)
@@ -154,6 +158,7 @@ Each part by hand (logs of this run are in {logs}):
   psql -h <endpoint host> -p <endpoint port> ...   # any TCP client, through the tunnel""")
         if args.keep:
             print("\nrunning; Ctrl-C stops relay, agent and service")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
     finally:
