@@ -29,21 +29,39 @@ FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
 
 
 class Backoff:
-    """Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2**n)]."""
+    """Jittered exponential backoff: a random delay in [ceiling/10, ceiling], the ceiling
+    doubling from ``base`` per attempt up to ``cap``.
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+    After an *established* link drops (:meth:`link_lost`) the ceiling starts at ``spread``
+    instead: when a relay restarts every agent loses its link in the same instant, and
+    delays drawn from [0.05, 0.5] s would bring most of them back in the same second. Drawn
+    over ``spread`` seconds and growing from there, no second sees more than about a sixth of
+    a fleet (tests/faults/test_reconnect.py measures it for 500 agents).
+    """
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None,
+                 spread: float = 10.0) -> None:
         self.base = base
         self.cap = cap
+        self.spread = spread
         self.attempt = 0
+        self._start = base
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.base * (2 ** min(self.attempt, 32)))
+        ceiling = min(self.cap, self._start * (2 ** min(self.attempt, 32)))
         self.attempt += 1
         return self._rng.uniform(ceiling / 10, ceiling)
 
     def reset(self) -> None:
         self.attempt = 0
+        self._start = self.base
+
+    def link_lost(self) -> None:
+        """An established link dropped: spread the reconnects from here (see the class doc)."""
+        if self._start < self.spread:
+            self._start = self.spread
+            self.attempt = 0
 
 
 class AgentLinkHandler(LinkHandler):
@@ -156,10 +174,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            served = False
             try:
                 link = self.link = await self.dialer.dial()
                 log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.transport)
                 handler = await self.register(link)
+                served = True
                 await self.serve(link, handler)
             except AuthError as exc:
                 if exc.fatal:
@@ -170,6 +190,8 @@ class Agent:
                 log.warning("relay %s unreachable: %s", self.config.relay_url, _describe(exc))
             if loop.time() - started >= self.HEALTHY_PERIOD:
                 self.backoff.reset()
+            if served:
+                self.backoff.link_lost()
             delay = self.backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
