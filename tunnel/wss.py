@@ -14,8 +14,9 @@ Relay side: :func:`serve_wss_pipes` (or :func:`serve_wss`). One deadline,
 ``start_tls`` after accept, so a TCP connection that never sends a ClientHello is cut too),
 the upgrade and, after ``on_pipe``, authentication: the :class:`Slot` handed to ``on_pipe``
 must be released in time or the connection is aborted. At most
-``limits.max_pending_handshakes`` connections are in that phase at once; beyond that, new
-connections are closed at once.
+``limits.max_pending_handshakes`` connections are in that phase at once; beyond that, a new
+connection evicts the oldest handshake of the busiest source address if it is older than
+``EVICTABLE_AFTER``, else it is closed at once (see ``_Listener``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ CLOSE_TIMEOUT = 5.0
 #: Transport write buffer marks: the receiver is paused above HIGH and resumed below LOW.
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
+#: With every handshake slot taken, one pending this long (seconds) may be evicted for a
+#: newcomer; younger ones are not (see ``_Listener``).
+EVICTABLE_AFTER = 1.0
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -88,7 +92,7 @@ class Slot:
         if self.released:
             return
         self.released = True
-        self._listener.pending -= 1
+        self._listener.forget(self._pipe)
         self._pipe._cancel_deadline()
 
 
@@ -123,6 +127,7 @@ class WebSocketPipe(Pipe, asyncio.Protocol):
         self._raw_early: list | None = None
         self._listener = listener
         self.slot: Slot | None = None
+        self._accepted_at = 0.0
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future | None = self._loop.create_future() if client else None
 
@@ -187,13 +192,14 @@ class WebSocketPipe(Pipe, asyncio.Protocol):
             transport.write(self._handshake.request())
             return
         listener = self._listener
-        if listener.pending >= listener.limits.max_pending_handshakes:
+        self._accepted_at = self._loop.time()
+        if listener.pending >= listener.limits.max_pending_handshakes and not listener.evict_one(self._accepted_at):
             log.warning("refusing connection from %s: %d handshakes pending", self.peer_address,
                         listener.pending)
             self._lost = True  # never counted, never reported
             transport.abort()
             return
-        listener.pending += 1
+        listener.admit(self)
         self.slot = Slot(self, listener)
         self._deadline = self._loop.call_later(listener.limits.handshake_timeout, self._deadline_expired)
         if listener.ssl_context is not None:
@@ -426,6 +432,19 @@ class WebSocketPipe(Pipe, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _evict(self) -> None:
+        """Give up this handshake at once to make room (see ``_Listener``)."""
+        if self.slot is not None:
+            self.slot.release()
+        if self._lost:
+            return
+        self._error = LinkError("handshake evicted: too many handshakes in progress")
+        self._closing = True
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
@@ -438,13 +457,54 @@ class WebSocketPipe(Pipe, asyncio.Protocol):
 
 
 class _Listener:
-    __slots__ = ("limits", "ssl_context", "on_pipe", "pending")
+    """Accepts connections and keeps the handshakes in progress, grouped by source address.
+
+    When ``max_pending_handshakes`` are in progress a new connection evicts the oldest
+    handshake of the source address holding the most slots, if that one is older than
+    ``EVICTABLE_AFTER``; otherwise the newcomer is refused. Refusing newcomers always would
+    let a few hundred idle sockets lock every real agent out for a whole handshake deadline;
+    a real agent needs its slot for milliseconds, the idle ones sit oldest in line, and a
+    burst of new connections cannot flush a handshake younger than ``EVICTABLE_AFTER``.
+    """
+
+    __slots__ = ("limits", "ssl_context", "on_pipe", "pending", "_by_source", "evicted")
 
     def __init__(self, limits: Limits, ssl_context: ssl.SSLContext | None, on_pipe) -> None:
         self.limits = limits
         self.ssl_context = ssl_context
         self.on_pipe = on_pipe
         self.pending = 0
+        self.evicted = 0
+        self._by_source: dict[object, dict[WebSocketPipe, None]] = {}  # insertion-ordered
+
+    def admit(self, pipe: WebSocketPipe) -> None:
+        source = pipe.peer_address[0] if pipe.peer_address else None
+        self._by_source.setdefault(source, {})[pipe] = None
+        self.pending += 1
+
+    def forget(self, pipe: WebSocketPipe) -> None:
+        source = pipe.peer_address[0] if pipe.peer_address else None
+        group = self._by_source.get(source)
+        if group is not None and pipe in group:
+            del group[pipe]
+            self.pending -= 1
+            if not group:
+                del self._by_source[source]
+
+    def evict_one(self, now: float) -> bool:
+        """Evict a stale handshake to make room; False if none is old enough."""
+        if not self._by_source:
+            return False
+        group = max(self._by_source.values(), key=len)
+        victim = next(iter(group))
+        if now - victim._accepted_at < EVICTABLE_AFTER:
+            return False
+        self.evicted += 1
+        if self.evicted == 1 or self.evicted % 1000 == 0:
+            log.warning("%d handshakes pending: evicting the oldest from %s (%d evicted so far)",
+                        self.pending, victim.peer_address, self.evicted)
+        victim._evict()
+        return True
 
     def __call__(self) -> WebSocketPipe:
         hs = ServerHandshake(self.limits.max_http_header_size)
