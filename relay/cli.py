@@ -228,36 +228,11 @@ def _run_admin(args: argparse.Namespace) -> int:
     return 0
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
 def configure_logging(log_format: str = "plain", level: str = "info") -> None:
-    """The project's logging set-up (``tunnel.logs``, which redacts secrets) when present."""
-    try:
-        from tunnel import logs
-    except ImportError:
-        logs = None
-    if logs is not None and hasattr(logs, "configure"):
-        logs.configure(log_format, level.upper())
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    """The project's logging set-up: plain or JSON lines, secrets redacted."""
+    from tunnel import logs
+
+    logs.configure(log_format, level.upper())
 
 
 def _run_serve(args: argparse.Namespace) -> int:
