@@ -32,6 +32,11 @@ class AgentLinkHandler(LinkHandler):
         self._authenticating = False
 
     def stream_opened(self, stream: LinkStream):
+        if self.agent is None:
+            # docs/PROTOCOL.md: OPEN from an unauthenticated peer is a PROTOCOL_ERROR.
+            log.info("agent from %s opened a stream before authenticating; closing", _addr(self.link))
+            self.link.close(ErrorCode.PROTOCOL_ERROR, "stream opened before authentication")
+            return None
         stream.reset(ErrorCode.REFUSED)  # agents do not open streams towards the relay
         return None
 
