@@ -25,6 +25,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
@@ -58,6 +59,43 @@ CLOSE_TIMEOUT = 5.0
 #: Transport write buffer marks: the receiver is paused above HIGH and resumed below LOW.
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
+#: Size of a read buffer TLS records are decrypted into (see ``WebSocketPipe.get_buffer``).
+READ_BUFFER_SIZE = 256 * 1024
+#: Read buffers kept for reuse per thread; beyond them, a pinned pool gets throwaway ones.
+READ_BUFFER_POOL = 4
+
+_local = threading.local()  # .pool: the read buffers this thread's pipes share
+
+
+def _pinned(buf: bytearray) -> bool:
+    """True while a view of ``buf`` is alive. A bytearray with an exported view refuses to
+    resize: append and delete one byte at the end (in place once it is over-allocated)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return True
+    del buf[-1]
+    return False
+
+
+def _read_buffer() -> bytearray:
+    """A read buffer no view refers to any more.
+
+    Payload pieces are handed on as views of it (zero copy); a piece someone keeps (a
+    transport that could not send it at once, data held until a dial completes) pins its
+    buffer, which is then not written again until that view is gone. Reads go to the first
+    free buffer of a small per-thread pool, so bulk transfers reuse warm memory.
+    """
+    pool = getattr(_local, "pool", None)
+    if pool is None:
+        pool = _local.pool = []
+    for buf in pool:
+        if not _pinned(buf):
+            return buf
+    buf = bytearray(READ_BUFFER_SIZE)
+    if len(pool) < READ_BUFFER_POOL:
+        pool.append(buf)
+    return buf
 #: With every handshake slot taken, one pending this long (seconds) may be evicted for a
 #: newcomer; younger ones are not (see ``_Listener``).
 EVICTABLE_AFTER = 1.0
@@ -96,8 +134,14 @@ class Slot:
         self._pipe._cancel_deadline()
 
 
-class WebSocketPipe(Pipe, asyncio.Protocol):
-    """One WebSocket connection as a byte pipe (see the module docstring)."""
+class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
+    """One WebSocket connection as a byte pipe (see the module docstring).
+
+    A buffered protocol: uvloop's TLS transport decrypts straight into :func:`_read_buffer`
+    (``SSLObject.read(n, buffer)``) instead of into a fresh 256 KiB ``bytes`` per read, which
+    glibc serves with mmap, mremap and munmap and the kernel with page faults: about a
+    fifth of the agent's CPU per small message, and one copy fewer for bulk data.
+    """
 
     transport_name = "wss"
 
@@ -128,6 +172,7 @@ class WebSocketPipe(Pipe, asyncio.Protocol):
         self._listener = listener
         self.slot: Slot | None = None
         self._accepted_at = 0.0
+        self._rbuf: bytearray | None = None
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future | None = self._loop.create_future() if client else None
 
@@ -267,7 +312,15 @@ class WebSocketPipe(Pipe, asyncio.Protocol):
                 break
             self.data_received(data)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self._rbuf = _read_buffer()
+        return memoryview(buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf, self._rbuf = self._rbuf, None
+        self.data_received(memoryview(buf)[:nbytes])
+
+    def data_received(self, data) -> None:
         if self._lost:
             return
         if self._raw_early is not None:
