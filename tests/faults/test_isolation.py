@@ -66,7 +66,7 @@ class Isolation(RuleBasedStateMachine):
         if not self.resources:
             return (self.authority.issue(None if customer == ORG_CUSTOMER_ID else customer,
                                          org_only=customer == ORG_CUSTOMER_ID), customer, None)
-        rid = data.draw(st.sampled_from(sorted(self.resources)))
+        rid = data.draw(st.sampled_from(list(self.resources)))
         gen = self.resources[rid][2]
         org = customer == ORG_CUSTOMER_ID
         token = self.authority.issue(None if org else customer, rid, generation=gen, org_only=org)
@@ -109,14 +109,14 @@ class Isolation(RuleBasedStateMachine):
     def rotate(self, data):
         if not self.resources:
             return
-        rid = data.draw(st.sampled_from(sorted(self.resources)))
+        rid = data.draw(st.sampled_from(list(self.resources)))
         self.resources[rid][2] = self.state.rotate_resource(rid)
 
     @rule(data=st.data())
     def delete(self, data):
         if not self.resources:
             return
-        rid = data.draw(st.sampled_from(sorted(self.resources)))
+        rid = data.draw(st.sampled_from(list(self.resources)))
         customer, name, _ = self.resources.pop(rid)
         del self.by_name[(customer, name)]
         assert self.state.delete_resource(rid)
