@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import ipaddress
 import logging
 import os
 import socket
 import ssl
 import struct
+import sys
 from collections.abc import Callable
 
 import orjson
@@ -60,6 +62,8 @@ from aioquic.quic.packet import (
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
@@ -85,10 +89,23 @@ log = logging.getLogger(__name__)
 CONTROL_STREAM_ID = 0
 #: Most bytes handed to aioquic beyond what it has already sent on a stream.
 _UNSENT_CHUNK = 256 * 1024
-#: UDP payload size: fits a 1500-byte MTU path with IPv6 + UDP headers. Paths known to carry
-#: more (loopback, jumbo-frame LANs) may raise it with TUNNEL_QUIC_MAX_DATAGRAM_SIZE: the
-#: carrier's cost is per packet, so throughput scales almost with it.
-MAX_DATAGRAM_SIZE = int(os.environ.get("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", "1452"))
+#: UDP payload size of the handshake, and of every link whose path is not known to carry more:
+#: fits a 1500-byte MTU path with IPv6 + UDP headers.
+MAX_DATAGRAM_SIZE = 1452
+#: Largest UDP payload a link uses after its handshake, when the route MTU allows it
+#: (loopback, jumbo-frame LANs): the carrier's cost is per packet, so throughput scales
+#: almost with the size. aioquic writes STREAM frame lengths as 2-byte varints (< 16384), so
+#: larger datagrams would corrupt frames.
+MAX_PATH_DATAGRAM_SIZE = 16384
+#: Environment override of the post-handshake datagram size (clamped to [1200, 16384]).
+DATAGRAM_SIZE_ENV = "TUNNEL_QUIC_MAX_DATAGRAM_SIZE"
+#: Flush bound for control frames queued before ``close`` (seconds).
+CLOSE_FLUSH_TIMEOUT = 1.0
+#: Most bytes handed to aioquic but not yet sent, across every stream of a link.
+_LINK_UNSENT = 1024 * 1024
+# Linux socket options the socket module does not name.
+_IP_MTU_DISCOVER, _IP_PMTUDISC_DO, _IP_MTU = 10, 2, 14
+_IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO, _IPV6_MTU = 23, 2, 24
 #: Socket buffers; the kernel caps them at net.core.[rw]mem_max.
 SOCKET_BUFFER = 8 * 1024 * 1024
 #: Largest OPEN metadata (resource name) accepted on a tunneled stream.
@@ -125,6 +142,38 @@ class _BoundedConnection(QuicConnection):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._loss._pacer = _GranularPacer(max_datagram_size=self._max_datagram_size)
+        #: max_udp_payload_size we announce (None: the default, 65527).
+        self.tn_local_max_udp: int | None = None
+        #: max_udp_payload_size the peer announced (None: not announced).
+        self.tn_peer_max_udp: int | None = None
+
+    def set_datagram_size(self, size: int) -> None:
+        """Build datagrams of at most ``size`` bytes from now on (packets already sent keep
+        theirs; lost ones are re-packed at the new size)."""
+        self._max_datagram_size = size
+        self._loss._pacer._max_datagram_size = size
+        cc = self._loss._cc
+        if hasattr(cc, "_max_datagram_size"):
+            cc._max_datagram_size = size
+        if hasattr(cc, "additive_increase_factor"):
+            cc.additive_increase_factor = size
+
+    def _serialize_transport_parameters(self) -> bytes:
+        data = super()._serialize_transport_parameters()
+        if self.tn_local_max_udp is None:
+            return data
+        params = pull_quic_transport_parameters(Buffer(data=data))
+        params.max_udp_payload_size = self.tn_local_max_udp
+        buf = Buffer(capacity=len(data) + 16)
+        push_quic_transport_parameters(buf, params)
+        return buf.data
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        try:
+            self.tn_peer_max_udp = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        except Exception:  # aioquic accepted them; never fail on our second look
+            self.tn_peer_max_udp = None
 
     def _write_connection_limits(self, builder, space) -> None:
         limit = self._local_max_data
@@ -173,13 +222,15 @@ def _refuse_datagram(version: int, source_cid: bytes, destination_cid: bytes) ->
 
 
 def _configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
+    override = _env_datagram_size()
     return QuicConfiguration(
         alpn_protocols=[QUIC_ALPN],
         is_client=is_client,
         idle_timeout=limits.keepalive_timeout,
         max_data=limits.session_window,
         max_stream_data=limits.initial_stream_window,
-        max_datagram_size=MAX_DATAGRAM_SIZE,
+        # The handshake uses the standard size; _apply_datagram_size raises it afterwards.
+        max_datagram_size=min(MAX_DATAGRAM_SIZE, override or MAX_DATAGRAM_SIZE),
         congestion_control_algorithm="cubic",
         verify_mode=ssl.CERT_REQUIRED,
     )
@@ -207,70 +258,86 @@ _GSO_MAX_BYTES = 65000
 
 
 class _UdpSender:
-    """Writes a batch of datagrams: runs of equal-sized datagrams to one address go out in
-    one ``sendmsg`` with UDP generic segmentation offload (Linux), the rest via the
-    transport. Falls back to the transport (which buffers) when the socket is full."""
+    """Writes a batch of datagrams straight to the socket: runs of equal-sized datagrams to
+    one address go out in one ``sendmsg`` with UDP generic segmentation offload (Linux).
+    Falls back to the transport (which buffers) when the socket is full, and keeps using it
+    while it holds anything, so datagrams leave in order."""
 
-    __slots__ = ("transport", "sock", "connected", "gso")
+    __slots__ = ("transport", "sock", "connected", "gso", "on_error")
 
-    def __init__(self, transport, sock: socket.socket | None, connected: bool) -> None:
+    def __init__(self, transport, sock: socket.socket | None, connected: bool, on_error=None) -> None:
         self.transport = transport
         self.sock = sock
         self.connected = connected
+        self.on_error = on_error  # error_received(exc) of the protocol, for errors we catch
         self.gso = sock is not None and hasattr(socket, "SOL_UDP") and os.environ.get(
             "TUNNEL_QUIC_GSO", "1") not in ("0", "")
-        import sys
         if not sys.platform.startswith("linux"):
             self.gso = False
 
-    def send(self, datagrams) -> None:
+    def send(self, datagrams) -> bool:
+        """Send ``[(data, addr), ...]``; return True if the kernel refused one as larger than
+        the path MTU (EMSGSIZE, DF set): it is dropped, QUIC's loss recovery resends its
+        frames, and the caller should shrink its datagrams."""
         transport = self.transport
         if transport.is_closing():
-            return
+            return False
+        sock = self.sock
+        connected = self.connected
+        too_big = False
         n = len(datagrams)
-        if n == 1 or not self.gso:
-            if self.connected:
-                for data, _addr in datagrams:
-                    transport.sendto(data)
-            else:
-                for data, addr in datagrams:
-                    transport.sendto(data, addr)
-            return
         i = 0
         while i < n:
             data, addr = datagrams[i]
-            size = len(data)
-            total = size
             j = i + 1
-            while j < n and j - i < _GSO_MAX_SEGMENTS:
-                nxt, naddr = datagrams[j]
-                nsize = len(nxt)
-                if naddr != addr or nsize > size or total + nsize > _GSO_MAX_BYTES:
-                    break
-                total += nsize
-                j += 1
-                if nsize < size:
-                    break
-            if j - i > 1 and transport.get_write_buffer_size() == 0:
-                cmsg = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))]
-                payload = [b"".join([d for d, _ in datagrams[i:j]])]
+            if self.gso:
+                size = len(data)
+                total = size
+                while j < n and j - i < _GSO_MAX_SEGMENTS:
+                    nxt, naddr = datagrams[j]
+                    nsize = len(nxt)
+                    if naddr != addr or nsize > size or total + nsize > _GSO_MAX_BYTES:
+                        break
+                    total += nsize
+                    j += 1
+                    if nsize < size:
+                        break
+            if sock is not None and not transport.get_write_buffer_size():
                 try:
-                    if self.connected:
-                        self.sock.sendmsg(payload, cmsg)
+                    if j - i > 1:
+                        cmsg = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", len(data)))]
+                        payload = [b"".join([d for d, _ in datagrams[i:j]])]
+                        if connected:
+                            sock.sendmsg(payload, cmsg)
+                        else:
+                            sock.sendmsg(payload, cmsg, 0, addr)
+                    elif connected:
+                        sock.send(data)
                     else:
-                        self.sock.sendmsg(payload, cmsg, 0, addr)
+                        sock.sendto(data, addr)
                     i = j
                     continue
                 except BlockingIOError:
                     pass
-                except OSError:
-                    self.gso = False  # no GSO here (old kernel, odd interface): plain sends
+                except OSError as exc:
+                    if exc.errno == errno.EMSGSIZE:
+                        too_big = True
+                        i = j
+                        continue
+                    if j - i > 1:
+                        self.gso = False  # no GSO here (old kernel, odd interface): plain sends
+                    else:
+                        if self.on_error is not None:
+                            self.on_error(exc)
+                        i = j
+                        continue
             for k in range(i, j):
-                if self.connected:
+                if connected:
                     transport.sendto(datagrams[k][0])
                 else:
                     transport.sendto(datagrams[k][0], datagrams[k][1])
             i = j
+        return too_big
 
 
 def _tune_socket(sock) -> None:
@@ -279,6 +346,60 @@ def _tune_socket(sock) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         except OSError:  # pragma: no cover - platform dependent
             pass
+    _set_dont_fragment(sock)
+
+
+def _set_dont_fragment(sock) -> None:
+    """DF bit on (RFC 9000 section 14): an oversize send fails with EMSGSIZE instead of being
+    fragmented. Linux only; elsewhere the kernel's default stays."""
+    if not sys.platform.startswith("linux"):
+        return
+    opts = [(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)]
+    if sock.family == socket.AF_INET6:
+        opts.insert(0, (socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO))
+    for level, opt, value in opts:
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:  # pragma: no cover - v6-only socket, odd platform
+            pass
+
+
+def _env_datagram_size() -> int | None:
+    """TUNNEL_QUIC_MAX_DATAGRAM_SIZE, clamped to what aioquic and QUIC allow (None: unset)."""
+    raw = os.environ.get(DATAGRAM_SIZE_ENV)
+    if not raw:
+        return None
+    try:
+        size = int(raw)
+    except ValueError:
+        raise ValueError(f"{DATAGRAM_SIZE_ENV} must be an integer, got {raw!r}") from None
+    return max(SMALLEST_MAX_DATAGRAM_SIZE, min(size, MAX_PATH_DATAGRAM_SIZE))
+
+
+def _route_datagram_size(sock) -> int:
+    """Largest UDP payload the route of a *connected* socket carries, capped at
+    ``MAX_PATH_DATAGRAM_SIZE`` (``MAX_DATAGRAM_SIZE`` when the kernel cannot tell)."""
+    if not sys.platform.startswith("linux"):
+        return MAX_DATAGRAM_SIZE
+    try:
+        if sock.family == socket.AF_INET6:
+            mtu, overhead = sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU), 48
+        else:
+            mtu, overhead = sock.getsockopt(socket.IPPROTO_IP, _IP_MTU), 28
+    except OSError:
+        return MAX_DATAGRAM_SIZE
+    return max(SMALLEST_MAX_DATAGRAM_SIZE, min(mtu - overhead, MAX_PATH_DATAGRAM_SIZE))
+
+
+def _peer_route_datagram_size(family: int, addr) -> int:
+    """The server's route lookup towards ``addr``: a throwaway connected socket (connect on
+    UDP sends nothing) asked for its route MTU."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)
+            return _route_datagram_size(probe)
+    except OSError:
+        return MAX_DATAGRAM_SIZE
 
 
 def _close_code(event: qe.ConnectionTerminated) -> int:
@@ -547,6 +668,24 @@ class QuicLink(Link):
         self._highest_peer_stream = 0
         self._ping_payload = 0
         self.error: str | None = None
+        #: Datagram size wanted after the handshake (path-derived or the env override).
+        self._dgram_target = MAX_DATAGRAM_SIZE
+        self._dgram_forced = False  # set by TUNNEL_QUIC_MAX_DATAGRAM_SIZE
+        self._dgram_probing = False  # a large size is in use but no large packet was acked yet
+        #: How often this link fell back to MAX_DATAGRAM_SIZE (EMSGSIZE or a black hole).
+        self.datagram_fallbacks = 0
+        # Flood accounting (per one-second window), as the WSS session does.
+        self._ping_window = 0.0
+        self._ping_count = 0
+        self._churn_window = 0.0
+        self._churn_count = 0
+        # Half-closed streams and when the earliest may time out.
+        self._half_closed: set = set()
+        self._half_close_timer: asyncio.TimerHandle | None = None
+        self._peer_streams = 0  # peer-opened streams currently open
+        self._tx_fed = 0  # stream bytes handed to aioquic (all streams, control included)
+        self._close_pending: tuple[int, str] | None = None  # close waiting for control data
+        self._close_timer: asyncio.TimerHandle | None = None
 
     # --- Link API ------------------------------------------------------------------
 
@@ -623,6 +762,57 @@ class QuicLink(Link):
     def version(self) -> int:
         return self._version
 
+    @property
+    def datagram_size(self) -> int:
+        """The largest UDP payload this side sends on the link now."""
+        return self._conn._max_datagram_size
+
+    # --- datagram size -------------------------------------------------------------
+
+    def _apply_datagram_size(self) -> None:
+        """After the handshake: move to the path's datagram size (never above what the peer
+        announced it receives). Until the peer acknowledges one large packet the size is on
+        probation: two probe timeouts in a row without an ACK fall back to 1452."""
+        conn = self._conn
+        target = self._dgram_target
+        peer = conn.tn_peer_max_udp
+        if peer is not None:
+            target = min(target, peer)
+        elif not self._is_client and not self._dgram_forced:
+            target = MAX_DATAGRAM_SIZE  # a peer that announces nothing is not ours: standard size
+        target = max(SMALLEST_MAX_DATAGRAM_SIZE, target)
+        if target == conn._max_datagram_size:
+            return
+        conn.set_datagram_size(target)
+        if target <= MAX_DATAGRAM_SIZE:
+            return
+        self._dgram_probing = True
+        cc = conn._loss._cc
+        original = cc.on_packet_acked
+
+        def on_packet_acked(*, packet, now) -> None:
+            if packet.sent_bytes > MAX_DATAGRAM_SIZE:
+                self._end_probation()
+            original(packet=packet, now=now)
+
+        cc.on_packet_acked = on_packet_acked
+
+    def _end_probation(self) -> None:
+        self._dgram_probing = False
+        cc = self._conn._loss._cc
+        if "on_packet_acked" in vars(cc):
+            del cc.on_packet_acked  # back to the class's method: no cost per ACK
+
+    def _datagram_too_big(self, why: str) -> None:
+        """The path does not carry our datagrams: standard size from now on."""
+        conn = self._conn
+        if conn._max_datagram_size <= MAX_DATAGRAM_SIZE:
+            return
+        self._end_probation()
+        conn.set_datagram_size(MAX_DATAGRAM_SIZE)
+        self.datagram_fallbacks += 1
+        log.info("QUIC link to %s: %s, datagrams back to %d bytes", self.peer_address, why, MAX_DATAGRAM_SIZE)
+
     # --- I/O entry points ----------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr) -> None:
@@ -674,7 +864,8 @@ class QuicLink(Link):
             datagrams = conn.datagrams_to_send(now=loop_time())
             if not datagrams:
                 break
-            send(datagrams)
+            if send(datagrams):
+                self._datagram_too_big("EMSGSIZE: datagram larger than the path MTU")
         # Callbacks after the batch: resumed writers, finished streams.
         if fed_any:
             for s in fed_any:
@@ -692,7 +883,10 @@ class QuicLink(Link):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._conn.handle_timer(now=self._loop.time())
+        conn = self._conn
+        conn.handle_timer(now=self._loop.time())
+        if self._dgram_probing and conn._loss._pto_count >= 2:
+            self._datagram_too_big("no acknowledgement of large datagrams")
         self._process_events()
         self._transmit()
 
@@ -736,12 +930,17 @@ class QuicLink(Link):
 
     _server_cid_issued: Callable | None = None
     _server_cid_retired: Callable | None = None
+    #: Server side: sets ``_dgram_target`` from a route lookup once the handshake is done.
+    _on_datagram_target: Callable | None = None
 
     def _handshake_completed(self, event) -> None:
         self._quic_connected = True
         if event.alpn_protocol != QUIC_ALPN:
             self._fail(ErrorCode.PROTOCOL_ERROR, "ALPN tunnel/1 not negotiated")
             return
+        if self._on_datagram_target is not None:
+            self._on_datagram_target(self)
+        self._apply_datagram_size()
         if self._is_client:
             self._send_hello()
             self._start_keepalive()
@@ -1003,9 +1202,12 @@ class _ClientProtocol(asyncio.DatagramProtocol):
             self.link.datagram_received(data, addr)
 
     def error_received(self, exc) -> None:
+        link = self.link
+        if link is not None and getattr(exc, "errno", None) == errno.EMSGSIZE:
+            link._datagram_too_big("EMSGSIZE: the path MTU shrank")
+            return
         # ICMP port unreachable before the link is up: nobody listens on UDP, fail fast
         # (``auto://`` then falls back to WSS). Later, QUIC's own timers decide.
-        link = self.link
         if link is not None and not link._ready.is_set() and not link._closed:
             link._fail(ErrorCode.CONNECT_FAILED, f"UDP unreachable: {exc}")
 
@@ -1045,10 +1247,15 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
             sock = _udp_socket(family, connect=addr)
             transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
             peer = sock.getpeername()
+            override = _env_datagram_size()
+            target = override or _route_datagram_size(sock)
             conn = _BoundedConnection(configuration=config)
+            conn.tn_local_max_udp = max(target, MAX_DATAGRAM_SIZE)  # what we receive on this path
             _set_stream_limits(conn, limits)
-            sender = _UdpSender(transport, sock, connected=True)
+            sender = _UdpSender(transport, sock, connected=True, on_error=protocol.error_received)
             link = QuicLink(conn, limits, is_client=True, send=sender.send, loop=loop)
+            link._dgram_target = target
+            link._dgram_forced = override is not None
             link.peer_address = peer
             link._transport = transport
             link._on_terminated = lambda _link: transport.close()
@@ -1122,7 +1329,7 @@ class QuicServer(asyncio.DatagramProtocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        self._sender = _UdpSender(transport, self._sock, connected=False)
+        self._sender = _UdpSender(transport, self._sock, connected=False, on_error=self.error_received)
 
     def error_received(self, exc) -> None:
         pass
@@ -1143,8 +1350,8 @@ class QuicServer(asyncio.DatagramProtocol):
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    def _sendto(self, datagrams) -> None:
-        self._sender.send(datagrams)
+    def _sendto(self, datagrams) -> bool:
+        return self._sender.send(datagrams)
 
     def datagram_received(self, data: bytes, addr) -> None:
         buf = Buffer(data=data)
@@ -1213,7 +1420,17 @@ class QuicServer(asyncio.DatagramProtocol):
         link._on_handshake_slot = release
         link.on_handshake_done = release
         link._on_ready = self._link_ready
+        link._on_datagram_target = self._datagram_target
         link.datagram_received(data, addr)
+
+    def _datagram_target(self, link: QuicLink) -> None:
+        override = _env_datagram_size()
+        if override is not None:
+            link._dgram_target, link._dgram_forced = override, True
+        else:
+            family = self._sock.family if self._sock is not None else socket.AF_INET
+            link._dgram_target = _peer_route_datagram_size(family, link.peer_address[:2] if family == socket.AF_INET
+                                                           else link.peer_address)
 
     def _handshake_expired(self, link: QuicLink) -> None:
         if link._on_handshake_slot is not None:
