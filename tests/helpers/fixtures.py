@@ -1,0 +1,46 @@
+"""Fixtures shared by the end-to-end and fault suites: real relay and agent processes and
+private services (helpers in processes.py). A suite's conftest imports them and may override
+``relay_env`` (environment for the relay process, e.g. short keepalives)."""
+
+import pytest
+
+from tests.helpers.processes import Agents, PrivateService, Relay
+
+
+@pytest.fixture
+def relay_env() -> dict:
+    return {}
+
+
+@pytest.fixture
+def relay(tmp_path, relay_env):
+    r = Relay(tmp_path)
+    r.start(**relay_env)
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def agents(tmp_path):
+    a = Agents(tmp_path)
+    yield a
+    a.stop_all()
+
+
+@pytest.fixture
+def service_factory():
+    services = []
+
+    def make(mode: str = "echo", greeting: bytes = b"") -> PrivateService:
+        s = PrivateService(mode, greeting)
+        services.append(s)
+        return s
+
+    yield make
+    for s in services:
+        s.close()
+
+
+@pytest.fixture(params=["wss", "quic"])
+def transport(request):
+    return request.param
