@@ -204,3 +204,15 @@ def test_secrets_stay_out_of_logs_and_process_listings(relay, agents, service_fa
         assert (relay.state_dir / f).stat().st_mode & 0o077 == 0
     for text in (agent.log(), relay.proc.log()):
         assert token not in text and admin_token not in text
+
+
+def test_agent_never_skips_relay_certificate_verification(relay, agents, service_factory, transport):
+    """Without RELAY_CA_FILE the relay's private CA is not trusted: no link, no resource."""
+    service = service_factory("echo")
+    customer = relay.create_customer("acme")
+    agent = agents.start(f"{transport}://127.0.0.1:{relay.port}", relay.jwt("--customer-id", customer), "db",
+                         service.port, ca_file=None)
+    wait_until(lambda: agent.log().count("reconnecting in") >= 2, 60, "two failed attempts")
+    assert "certificate" in agent.log().lower()
+    assert agent.alive()  # a relay it cannot verify is a retryable condition, not a crash
+    assert relay.resources() == []
