@@ -354,6 +354,22 @@ _TEXT_OP = int(Opcode.TEXT)
 _U16 = struct.Struct("!H")
 #: Largest single WebSocket frame we send; bigger batches are split (peers often cap at 1 MiB).
 DEFAULT_MAX_SEND = 1024 * 1024
+#: Masking keys are drawn from the OS CSPRNG this many bytes at a time (one getrandom
+#: syscall per 1,024 messages instead of one per message).
+_KEY_POOL_SIZE = 4096
+_key_pool = b""
+_key_pos = 0
+
+
+def _mask_key() -> bytes:
+    """A fresh, unpredictable 4-byte masking key (RFC 6455 5.3), from ``os.urandom``."""
+    global _key_pool, _key_pos
+    pos = _key_pos
+    if pos + 4 > len(_key_pool):
+        _key_pool = os.urandom(_KEY_POOL_SIZE)
+        pos = 0
+    _key_pos = pos + 4
+    return _key_pool[pos:pos + 4]
 
 
 class WebSocketConnection:
@@ -541,7 +557,7 @@ class WebSocketConnection:
 
     def _encode(self, opcode: int, payload: bytes) -> bytes:
         if self.client:
-            key = os.urandom(4)
+            key = _mask_key()
             return frames.encode_ws_header(opcode, True, len(payload), key) + frames.ws_mask(payload, key)
         return frames.encode_ws_header(opcode, True, len(payload)) + payload
 
@@ -590,7 +606,7 @@ class WebSocketConnection:
 
     def _encode_one(self, buffers: Sequence, total: int) -> list:
         if self.client:
-            key = os.urandom(4)
+            key = _mask_key()
             return [frames.encode_ws_header(_BINARY_OP, True, total, key), frames.ws_mask_join(buffers, key)]
         out = [frames.encode_ws_header(_BINARY_OP, True, total)]
         out += buffers

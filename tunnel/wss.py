@@ -59,6 +59,9 @@ CLOSE_TIMEOUT = 5.0
 #: Transport write buffer marks: the receiver is paused above HIGH and resumed below LOW.
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
+#: A message up to this size goes to the TLS transport as one buffer: one TLS record (and
+#: one SSL_read on the other end) instead of one per piece (header, frame headers, payloads).
+JOIN_BELOW = 16 * 1024
 #: Size of a read buffer TLS records are decrypted into (see ``WebSocketPipe.get_buffer``).
 READ_BUFFER_SIZE = 256 * 1024
 #: Read buffers kept for reuse per thread; beyond them, a pinned pool gets throwaway ones.
@@ -199,7 +202,11 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         if conn is None or self._lost or conn.close_sent:
             return
         out = conn.encode_message(buffers)
-        if out:
+        if not out:
+            return
+        if len(out) <= 16 and sum(map(len, out)) <= JOIN_BELOW:
+            self.transport.write(b"".join(out))
+        else:
             self.transport.writelines(out)
 
     def close(self) -> None:
