@@ -80,7 +80,7 @@ from .constants import (
     Flags,
     FrameType,
 )
-from .errors import LinkError, ProtocolError, SessionClosed, StreamClosed, UsageError
+from .errors import FloodError, LinkError, ProtocolError, SessionClosed, StreamClosed, UsageError
 
 __all__ = ["QuicLink", "QuicServer", "connect_quic", "serve_quic"]
 
@@ -415,7 +415,7 @@ class _QuicLinkStream(LinkStream):
 
     __slots__ = ("link", "stream_id", "metadata", "handler", "_qs", "_queue", "_queued", "_paused",
                  "_eof_pending", "_eof_sent", "_eof_received", "_reset", "_closed", "_rx_consumed",
-                 "_rx_seen", "_window", "_high", "_low")
+                 "_rx_seen", "_window", "_high", "_low", "_local", "_progress", "_half_closed")
 
     def __init__(self, link: "QuicLink", stream_id: int, metadata: bytes, qs) -> None:
         self.link = link
@@ -437,6 +437,9 @@ class _QuicLinkStream(LinkStream):
         self._window = limits.initial_stream_window
         self._high = limits.stream_send_high_water
         self._low = limits.stream_send_low_water
+        self._local = (stream_id & 1 == 0) == link._is_client  # QUIC: client-initiated IDs are even
+        self._progress = link._loop.time()  # last data in, out, or consumed
+        self._half_closed = False
 
     # --- LinkStream API ------------------------------------------------------------
 
@@ -469,6 +472,8 @@ class _QuicLinkStream(LinkStream):
         self._rx_consumed += n
         link = self.link
         link._rx_consumed += n
+        if self._half_closed:
+            self._progress = link._loop.time()
         if link._conn.grant_stream(self._qs, self._rx_consumed, self._window) | link._conn.grant_connection(
                 link._rx_consumed, link._session_window):
             link._schedule_transmit()
@@ -499,7 +504,11 @@ class _QuicLinkStream(LinkStream):
         sender = self._qs.sender
         moved = False
         if self._queued:
+            link = self.link
             room = min(self._qs.max_stream_data_remote, sender.highest_offset + _UNSENT_CHUNK) - sender._buffer_stop
+            link_room = _LINK_UNSENT - (link._tx_fed - link._conn._remote_max_data_used)
+            if link_room < room:
+                room = link_room
             if room > 0:
                 queue = self._queue
                 parts = []
@@ -524,7 +533,10 @@ class _QuicLinkStream(LinkStream):
                 if last:
                     self._eof_pending = False
                     self._eof_sent = True
-                self.link.bytes_sent += take
+                link.bytes_sent += take
+                link._tx_fed += take
+                if self._half_closed:
+                    self._progress = link._loop.time()
                 moved = True
         if self._eof_pending and not self._queued:
             sender.write(b"", end_stream=True)
@@ -542,9 +554,13 @@ class _QuicLinkStream(LinkStream):
                 self.handler.writable()
         if self._eof_sent:
             self._maybe_closed()
+            if not self._closed and not self._half_closed:
+                self.link._enter_half_closed(self)
 
     def _data(self, data: bytes, fin: bool) -> None:
         self._rx_seen += len(data)
+        if self._half_closed:
+            self._progress = self.link._loop.time()
         if self._reset or self.handler is None:
             self._skip(len(data))
         elif data:
@@ -555,6 +571,8 @@ class _QuicLinkStream(LinkStream):
             if self.handler is not None:
                 self.handler.eof_received()
             self._maybe_closed()
+            if not self._closed and not self._half_closed:
+                self.link._enter_half_closed(self)
 
     def _skip(self, n: int) -> None:
         """Bytes the application never sees: give their credit back at once."""
@@ -571,6 +589,8 @@ class _QuicLinkStream(LinkStream):
         self._queued = 0
         link = self.link
         conn = link._conn
+        sender = self._qs.sender
+        link._tx_fed -= max(0, sender._buffer_stop - sender.highest_offset)  # never to be sent
         if not link._closed:
             try:
                 conn.reset_stream(self.stream_id, code)
@@ -604,8 +624,12 @@ class _QuicLinkStream(LinkStream):
             return
         self._closed = True
         link = self.link
-        link._streams.pop(self.stream_id, None)
+        if link._streams.pop(self.stream_id, None) is not None and not self._local:
+            link._peer_streams -= 1
         link._sending.discard(self)
+        if self._half_closed:
+            self._half_closed = False
+            link._half_closed.discard(self)
         self._release_rest()
         handler = self.handler
         if handler is not None:
@@ -712,6 +736,7 @@ class QuicLink(Link):
         sid = self._conn.get_next_available_stream_id()
         header = frames.encode_frame(_OPEN, 0, 0, metadata)
         self._conn.send_stream_data(sid, header)
+        self._tx_fed += len(header)
         qs = self._conn._streams[sid]
         stream = _QuicLinkStream(self, sid, metadata, qs)
         qs.tn = stream
@@ -735,16 +760,61 @@ class QuicLink(Link):
         self._send_frame(FrameType.GOAWAY, 0, frames.encode_goaway(self._highest_peer_stream, int(code), reason))
 
     def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Close now. Control frames already queued (a CONTROL error message, the GOAWAY this
+        sends) reach the peer first: CONNECTION_CLOSE waits until the peer acknowledged them,
+        at most ``CLOSE_FLUSH_TIMEOUT``. Streams are reset at once and ``link_closed`` follows
+        at once either way."""
+        self._close(int(code), reason, flush=True)
+
+    def _close(self, code: int, reason: str, flush: bool) -> None:
         if self._closed:
+            if self._close_pending is not None and not flush:
+                self._close_flushed()
             return
         self._closing = True
         if self._hello_sent and code != ErrorCode.NO_ERROR:
             try:
-                self._send_frame(FrameType.GOAWAY, 0, frames.encode_goaway(self._highest_peer_stream, int(code), reason))
+                self._send_frame(FrameType.GOAWAY, 0, frames.encode_goaway(self._highest_peer_stream, code, reason))
             except Exception:
                 pass
-        self._conn.close(error_code=int(code), reason_phrase=reason[:1024])
-        self._shutdown(int(code), reason)
+        if flush and self._control_unacked():
+            conn = self._conn
+            for sid in list(self._streams):  # stop their data now; the control stream goes on
+                for call in (conn.reset_stream, conn.stop_stream):
+                    try:
+                        call(sid, code)
+                    except Exception:
+                        pass
+            self._close_pending = (code, reason)
+            self._close_timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._close_flushed)
+        else:
+            self._conn.close(error_code=code, reason_phrase=reason[:1024])
+        self._shutdown(code, reason)
+        self._schedule_transmit()
+
+    def _control_unacked(self) -> bool:
+        """True while control-stream bytes we sent are not all acknowledged (and the QUIC
+        connection is up to carry them)."""
+        conn = self._conn
+        if not self._quic_connected or conn._state != QuicConnectionState.CONNECTED:
+            return False
+        cs = conn._streams.get(CONTROL_STREAM_ID)
+        if cs is None:
+            return False
+        sender = cs.sender
+        return sender._buffer_start < sender._buffer_stop and sender._reset_error_code is None
+
+    def _close_flushed(self) -> None:
+        """The deferred CONNECTION_CLOSE: control data acknowledged, or its time is up."""
+        if self._close_pending is None:
+            return
+        code, reason = self._close_pending
+        self._close_pending = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._conn._state == QuicConnectionState.CONNECTED:
+            self._conn.close(error_code=code, reason_phrase=reason[:1024])
         self._schedule_transmit()
 
     async def wait_closed(self) -> None:
@@ -833,7 +903,9 @@ class QuicLink(Link):
     # --- sending -------------------------------------------------------------------
 
     def _send_frame(self, ftype: int, flags: int, payload: bytes) -> None:
-        self._conn.send_stream_data(CONTROL_STREAM_ID, frames.encode_frame(int(ftype), flags, 0, payload))
+        frame = frames.encode_frame(int(ftype), flags, 0, payload)
+        self._conn.send_stream_data(CONTROL_STREAM_ID, frame)
+        self._tx_fed += len(frame)
         self._schedule_transmit()
 
     def _want_send(self, stream: _QuicLinkStream) -> None:
@@ -866,6 +938,8 @@ class QuicLink(Link):
                 break
             if send(datagrams):
                 self._datagram_too_big("EMSGSIZE: datagram larger than the path MTU")
+        if self._close_pending is not None and not self._control_unacked():
+            self._close_flushed()
         # Callbacks after the batch: resumed writers, finished streams.
         if fed_any:
             for s in fed_any:
@@ -955,6 +1029,8 @@ class QuicLink(Link):
         self._send_frame(FrameType.HELLO, 0, hello)
 
     def _control_data(self, event) -> None:
+        if self._closed:
+            return
         data = event.data
         cs = self._conn._streams.get(CONTROL_STREAM_ID)
         # Control bytes are parsed at once: their credit goes straight back.
@@ -1003,6 +1079,13 @@ class QuicLink(Link):
             return
         if ftype == FrameType.PING:
             if not flags & Flags.ACK:
+                now = self._loop.time()
+                if now - self._ping_window >= 1.0:
+                    self._ping_window = now
+                    self._ping_count = 0
+                self._ping_count += 1
+                if self._ping_count > self.limits.max_ping_rate:
+                    raise FloodError("PING flood")
                 self._send_frame(FrameType.PING, Flags.ACK, bytes(payload))
         elif ftype == FrameType.CONTROL:
             try:
@@ -1036,6 +1119,16 @@ class QuicLink(Link):
             return
         state = getattr(qs, "tn", None)
         if type(event) is not qe.StreamDataReceived:
+            # Churn: a peer stream first seen reset counts as its open and its reset; a live
+            # stream's reset counts once; the answer to our own reset is not the peer's churn.
+            if state is None and not getattr(qs, "tn_done", False):
+                self._highest_peer_stream = max(self._highest_peer_stream, sid)
+                if not (self._count_churn() and self._count_churn()):
+                    return
+            elif type(event) is qe.StreamReset and (type(state) is _Incoming or (
+                    type(state) is _QuicLinkStream and not (state._reset or state._closed))):
+                if not self._count_churn():
+                    return
             code = event.error_code if event.error_code in ErrorCode._value2member_map_ else ErrorCode.PROTOCOL_ERROR
             if type(state) is _QuicLinkStream:
                 if not state._reset and not state._closed:
@@ -1056,6 +1149,8 @@ class QuicLink(Link):
             return
         # A stream the peer opened: collect its OPEN frame.
         if state is None:
+            if not self._count_churn():
+                return
             state = qs.tn = _Incoming()
             self._highest_peer_stream = max(self._highest_peer_stream, sid)
         buf = state.buf
@@ -1080,10 +1175,11 @@ class QuicLink(Link):
         stream._skip(HEADER_SIZE + length)
         rest = bytes(buf[HEADER_SIZE + length:])
         self._streams[sid] = stream
+        self._peer_streams += 1
         if self._closing or self._goaway_received:
             stream._abort(ErrorCode.REFUSED, notify=False)
             return
-        if len(self._streams) > self.limits.max_concurrent_streams:
+        if self._peer_streams > self.limits.max_concurrent_streams:
             stream._abort(ErrorCode.STREAM_LIMIT, notify=False)
             return
         handler = self._handler.stream_opened(stream)
@@ -1109,6 +1205,46 @@ class QuicLink(Link):
             except Exception:
                 pass
         self._schedule_transmit()
+
+    # --- flood and idle-stream limits (the WSS session's, checked the same way) ------------
+
+    def _count_churn(self) -> bool:
+        """Count one stream open or reset by the peer; False once the link closed for it."""
+        now = self._loop.time()
+        if now - self._churn_window >= 1.0:
+            self._churn_window = now
+            self._churn_count = 0
+        self._churn_count += 1
+        if self._churn_count > self.limits.max_stream_churn_rate:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "stream open/reset flood")
+            return False
+        return True
+
+    def _enter_half_closed(self, stream: _QuicLinkStream) -> None:
+        stream._half_closed = True
+        stream._progress = self._loop.time()
+        self._half_closed.add(stream)
+        if self._half_close_timer is None:
+            self._half_close_timer = self._loop.call_later(self.limits.half_close_timeout, self._expire_half_closed)
+
+    def _expire_half_closed(self) -> None:
+        """Reset (TIMEOUT) half-closed streams without progress for ``half_close_timeout``."""
+        self._half_close_timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        timeout = self.limits.half_close_timeout
+        next_at = None
+        for stream in list(self._half_closed):
+            deadline = stream._progress + timeout
+            if deadline <= now:
+                if not stream._closed:
+                    stream._abort(ErrorCode.TIMEOUT, notify=True)
+                self._half_closed.discard(stream)
+            elif next_at is None or deadline < next_at:
+                next_at = deadline
+        if next_at is not None:
+            self._half_close_timer = self._loop.call_at(next_at, self._expire_half_closed)
 
     # --- keepalive -----------------------------------------------------------------
 
@@ -1156,6 +1292,11 @@ class QuicLink(Link):
         streams = list(self._streams.values())
         self._streams.clear()
         self._sending.clear()
+        self._peer_streams = 0
+        self._half_closed.clear()
+        if self._half_close_timer is not None:
+            self._half_close_timer.cancel()
+            self._half_close_timer = None
 
         def notify() -> None:
             for stream in streams:
@@ -1176,9 +1317,11 @@ class QuicLink(Link):
     _on_handshake_slot: Callable | None = None
 
     def _terminate(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._close_pending = None
+        for handle in (self._timer, self._close_timer, self._half_close_timer):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._close_timer = self._half_close_timer = None
         if self._on_terminated is not None:
             callback, self._on_terminated = self._on_terminated, None
             callback(self)
@@ -1289,9 +1432,14 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
 
 
 def _set_stream_limits(conn: QuicConnection, limits: Limits) -> None:
-    """Peers may open up to ``max_concurrent_streams`` bidi streams and no uni streams."""
+    """Peers may open ``max_concurrent_streams`` bidi streams (plus the control stream and some
+    slack: a QUIC stream outlives our view of it until both sides' last frames are
+    acknowledged, and beyond the limit our answer is a prompt RESET with STREAM_LIMIT, as on
+    WSS, not a silent wait) and no uni streams. aioquic raises the bidi limit by one for each
+    peer stream that finishes."""
     bidi = conn._local_max_streams_bidi
-    bidi.value = bidi.sent = limits.max_concurrent_streams + 1  # + the control stream
+    slack = max(8, limits.max_concurrent_streams // 8)
+    bidi.value = bidi.sent = limits.max_concurrent_streams + 1 + slack
     uni = conn._local_max_streams_uni
     uni.value = uni.sent = 0
 
@@ -1342,7 +1490,7 @@ class QuicServer(asyncio.DatagramProtocol):
     def close(self) -> None:
         """Close every link (CONNECTION_CLOSE sent) and stop listening."""
         for link in list(self._all):
-            link.close(ErrorCode.NO_ERROR, "relay shutting down")
+            link._close(ErrorCode.NO_ERROR, "relay shutting down", flush=False)
             link._transmit()
         if self._transport is not None:
             self._transport.close()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import ipaddress
 import os
+import struct
 
 import pytest
 import uvloop
@@ -16,7 +18,8 @@ from cryptography.x509.oid import NameOID
 
 from tunnel.carrier import LinkHandler, StreamHandler
 from tunnel.config import Limits
-from tunnel.constants import ErrorCode
+from tunnel import quic
+from tunnel.constants import ErrorCode, FrameType
 from tunnel.errors import LinkError
 from tunnel.quic import connect_quic, serve_quic
 
@@ -521,5 +524,269 @@ def test_keepalive_detects_dead_peer(run, certs):
         assert loop.time() - t0 < limits.keepalive_timeout + 1.0
         assert crec.closed[0] == ErrorCode.TIMEOUT
         await client.wait_closed()
+
+    run(main())
+
+
+# --- datagram size from the path ---------------------------------------------------------
+
+async def _one_way(src_link, dst_rec, size: int, name: bytes = b"bulk"):
+    """Send ``size`` patterned bytes from ``src_link`` on a new stream; return the receiver's handler."""
+    h = Collect()
+    stream = src_link.open_stream(name, h)
+    h.stream = stream
+    payload = _pattern(7, size)
+    resumed = asyncio.Event()
+    h.writable = resumed.set
+    view = memoryview(payload)
+    for pos in range(0, size, 64 * KiB):
+        stream.write(view[pos:pos + 64 * KiB])
+        if stream.paused:
+            resumed.clear()
+            await asyncio.wait_for(resumed.wait(), 60)
+    stream.write_eof()
+    await wait_for(lambda: any(s.metadata == name and hh.eof for s, hh in dst_rec.streams), what="all bytes")
+    got = next(hh for s, hh in dst_rec.streams if s.metadata == name)
+    assert bytes(got.data) == payload
+    return got
+
+
+def test_datagram_size_follows_the_route(run, certs, monkeypatch):
+    """Loopback carries 64 KiB: both ends move to the 16 KiB cap after the handshake; the
+    env override wins when set."""
+
+    async def main(expected):
+        server, client, slink, srec = await pair(certs)
+        client.set_handler(Recorder())
+        assert client.datagram_size == expected and slink.datagram_size == expected
+        await _one_way(client, srec, 2 * MiB)
+        assert client.datagram_fallbacks == 0
+        client.close()
+        server.close()
+
+    monkeypatch.delenv("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", raising=False)
+    run(main(16384))
+    monkeypatch.setenv("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", "4000")
+    run(main(4000))
+
+
+class _PathSocket:
+    """Stands in for the client's UDP socket on a path whose MTU fits 1452-byte payloads:
+    larger datagrams either fail with EMSGSIZE (DF set, the kernel knows the MTU) or vanish
+    (a black hole that drops them without an ICMP)."""
+
+    def __init__(self, sock, mode: str):
+        self.sock = sock
+        self.mode = mode
+        self.refused = 0
+
+    def _check(self, size: int) -> bool:
+        if size <= 1452:
+            return True
+        self.refused += 1
+        if self.mode == "emsgsize":
+            raise OSError(errno.EMSGSIZE, "Message too long")
+        return False
+
+    def send(self, data):
+        return self.sock.send(data) if self._check(len(data)) else len(data)
+
+    def sendto(self, data, addr):
+        return self.sock.sendto(data, addr) if self._check(len(data)) else len(data)
+
+    def sendmsg(self, buffers, cmsg=(), flags=0, addr=None):
+        segment = struct.unpack("=H", cmsg[0][2])[0] if cmsg else sum(len(b) for b in buffers)
+        if not self._check(segment):
+            return sum(len(b) for b in buffers)
+        return self.sock.sendmsg(buffers, cmsg, flags) if addr is None else self.sock.sendmsg(buffers, cmsg, flags, addr)
+
+
+@pytest.mark.parametrize("mode", ["emsgsize", "blackhole"])
+def test_oversize_datagrams_fall_back_to_1452(run, certs, mode, monkeypatch):
+    async def main():
+        monkeypatch.delenv("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", raising=False)
+        server, client, slink, srec = await pair(certs)
+        client.set_handler(Recorder())
+        assert client.datagram_size == 16384
+        sender = client._send.__self__
+        path = sender.sock = _PathSocket(sender.sock, mode)
+        await _one_way(client, srec, 4 * MiB)
+        assert path.refused > 0
+        assert client.datagram_size == 1452 and client.datagram_fallbacks == 1
+        client.close()
+        server.close()
+
+    run(main())
+
+
+# --- limits shared with the WSS session ----------------------------------------------------
+
+class Ordered(Recorder):
+    """A Recorder that also keeps the order of control messages and the close."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def control_received(self, message):
+        self.log.append(("control", message.get("type")))
+        super().control_received(message)
+
+    def link_closed(self, code, reason):
+        self.log.append(("closed", code))
+        super().link_closed(code, reason)
+
+
+def test_control_message_reaches_peer_before_close(run, certs):
+    """send_control then close: the message arrives, then the close with its code."""
+
+    async def main():
+        for _ in range(3):
+            server, client, slink, srec = await pair(certs)
+            crec = Ordered()
+            client.set_handler(crec)
+            detail = "x" * (40 * KiB)  # spans many packets
+            slink.send_control({"type": "error", "code": "unauthorized", "message": detail})
+            slink.close(ErrorCode.UNAUTHORIZED, "registration refused")
+            await wait_for(lambda: crec.closed is not None, what="client told")
+            assert crec.log == [("control", "error"), ("closed", ErrorCode.UNAUTHORIZED)]
+            assert crec.controls[0]["message"] == detail
+            await slink.wait_closed()
+            server.close()
+
+    run(main())
+
+
+def test_peer_streams_beyond_the_limit_are_reset(run, certs):
+    async def main():
+        limits = Limits(max_concurrent_streams=3)
+        server, client, slink, srec = await pair(certs, limits=limits, server_limits=Limits())
+        crec = Recorder()
+        client.set_handler(crec)
+        # aioquic's own MAX_STREAMS lets a few more through, so that ours answers them.
+        assert client._conn._local_max_streams_bidi.value > limits.max_concurrent_streams
+        handlers = []
+        for i in range(5):
+            h = Collect()
+            s = slink.open_stream(f"s{i}".encode(), h)
+            s.write(b"hello")
+            handlers.append(h)
+        await wait_for(lambda: sum(h.reset is not None for h in handlers) == 2 and len(crec.streams) == 3,
+                       what="two refused")
+        assert [h.reset for h in handlers[3:]] == [ErrorCode.STREAM_LIMIT] * 2
+        assert all(h.reset is None for h in handlers[:3])
+        # Once one finishes, a new stream is accepted again.
+        crec.streams[0][0].reset(ErrorCode.NO_ERROR)
+        await wait_for(lambda: client.stream_count == 2)
+        h = Collect()
+        slink.open_stream(b"again", h).write(b"x")
+        await wait_for(lambda: len(crec.streams) == 4, what="accepted again")
+        assert h.reset is None
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_ping_flood_closes_with_enhance_your_calm(run, certs):
+    async def main():
+        server, client, slink, srec = await pair(certs, server_limits=Limits(max_ping_rate=5))
+        crec = Recorder()
+        client.set_handler(crec)
+        for i in range(20):
+            client._send_frame(FrameType.PING, 0, i.to_bytes(8, "big"))
+        await wait_for(lambda: crec.closed is not None and srec.closed is not None, what="closed")
+        assert srec.closed[0] == ErrorCode.ENHANCE_YOUR_CALM
+        assert crec.closed[0] == ErrorCode.ENHANCE_YOUR_CALM
+        server.close()
+
+    run(main())
+
+
+def test_stream_churn_closes_with_enhance_your_calm(run, certs):
+    async def main():
+        server, client, slink, srec = await pair(certs, limits=Limits(max_stream_churn_rate=10),
+                                                 server_limits=Limits())
+        crec = Recorder()
+        client.set_handler(crec)
+        for i in range(30):
+            s = slink.open_stream(b"churn", Collect())
+            s.write(b"x")
+            s.reset(ErrorCode.NO_ERROR)
+        await wait_for(lambda: crec.closed is not None and srec.closed is not None, what="closed")
+        assert crec.closed[0] == ErrorCode.ENHANCE_YOUR_CALM
+        assert srec.closed[0] == ErrorCode.ENHANCE_YOUR_CALM
+        server.close()
+
+    run(main())
+
+
+def test_half_closed_stream_without_progress_times_out(run, certs):
+    async def main():
+        limits = Limits(half_close_timeout=1.0)
+        server, client, slink, srec = await pair(certs, limits=limits)
+        crec = Recorder()
+        client.set_handler(crec)
+        # A stream that makes progress while half-closed stays up.
+        busy = Collect()
+        bs = slink.open_stream(b"busy", busy)
+        busy.stream = bs
+        bs.write_eof()
+        await wait_for(lambda: crec.streams, what="busy stream")
+        cbs = crec.streams[0][0]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < 2.5 * limits.half_close_timeout:
+            cbs.write(b"tick")
+            await asyncio.sleep(0.05)  # the traffic's pace, not a wait for state
+        cbs.write_eof()
+        await wait_for(lambda: busy.eof and busy.is_closed, what="busy stream done")
+        assert busy.reset is None and busy.data.startswith(b"tick")
+        # A stream half-closed by the relay that the agent never answers is reset with TIMEOUT.
+        h = Collect()
+        s = slink.open_stream(b"idle", h)
+        s.write(b"request")
+        s.write_eof()
+        await wait_for(lambda: len(crec.streams) == 2 and crec.streams[1][1].eof, what="request")
+        ch = crec.streams[1][1]
+        await wait_for(lambda: h.reset is not None and ch.reset is not None, what="timeouts")
+        assert h.reset == ErrorCode.TIMEOUT and ch.reset == ErrorCode.TIMEOUT
+        await wait_for(lambda: slink.stream_count == 0 and client.stream_count == 0)
+        assert crec.closed is None  # the link itself is fine
+        client.close()
+        server.close()
+
+    run(main())
+
+
+def test_memory_handed_to_aioquic_is_bounded_per_link(run, certs):
+    """Many streams towards a receiver that consumes nothing: what aioquic buffers for the
+    link stays within the peer's session window plus one link-wide chunk, not a chunk per stream."""
+
+    async def main():
+        server, client, slink, srec = await pair(certs, limits=SMALL)
+        crec = Recorder(on_stream=lambda s: Collect(s, consume=False))
+        client.set_handler(crec)
+        streams = []
+        for i in range(40):
+            s = slink.open_stream(f"s{i}".encode(), Collect())
+            streams.append(s)
+        for _ in range(8):
+            for s in streams:
+                if not s.paused:
+                    s.write(b"m" * (64 * KiB))
+            await asyncio.sleep(0)
+
+        def received():
+            return sum(len(h.data) for _, h in crec.streams)
+
+        await wait_for(lambda: received() >= SMALL.session_window - 64 * KiB, what="session window filled")
+        for _ in range(50):
+            await asyncio.sleep(0)
+        in_aioquic = sum(len(s._qs.sender._buffer) for s in streams)
+        assert in_aioquic <= SMALL.session_window + quic._LINK_UNSENT + 64 * KiB, in_aioquic
+        assert received() <= SMALL.session_window
+        client.close()
+        server.close()
 
     run(main())
