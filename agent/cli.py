@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -17,16 +16,13 @@ log = logging.getLogger("agent")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tunnel-agent",
-        description="Dial out to a tunnel relay and serve private TCP services through it. "
-                    "Configured by RELAY_URL, NAME, APP_HOST, APP_PORT, REGISTRATION_JWT "
-                    "(or REGISTRATION_JWT_FILE), RELAY_CA_FILE, HTTPS_PROXY/NO_PROXY, or a TOML file.")
-    parser.add_argument("--config", help="TOML configuration file (also AGENT_CONFIG_FILE)")
-    parser.add_argument("--version", action="version", version=f"tunnel-agent {__version__}")
-    args = parser.parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    # argparse only when there is something to parse: imported, it holds 0.4 MB of RSS for
+    # the agent's whole life.
+    config_file = _parse_args(argv).config if argv else None
     try:
-        conf = agent_config.load(config_file=args.config)
+        conf = agent_config.load(config_file=config_file)
         limits = Limits.from_env()
     except (agent_config.ConfigError, ValueError) as exc:
         print(f"tunnel-agent: {exc}", file=sys.stderr)
@@ -43,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         return runner(_run(conf, limits))
     except KeyboardInterrupt:
         return 0
+
+
+def _parse_args(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="tunnel-agent",
+        description="Dial out to a tunnel relay and serve private TCP services through it. "
+                    "Configured by RELAY_URL, NAME, APP_HOST, APP_PORT, REGISTRATION_JWT "
+                    "(or REGISTRATION_JWT_FILE), RELAY_CA_FILE, HTTPS_PROXY/NO_PROXY, or a TOML file.")
+    parser.add_argument("--config", help="TOML configuration file (also AGENT_CONFIG_FILE)")
+    parser.add_argument("--version", action="version", version=f"tunnel-agent {__version__}")
+    return parser.parse_args(argv)
 
 
 async def _run(conf, limits: Limits) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
-import secrets
 import socket
 
 from tunnel import __version__
@@ -125,7 +125,7 @@ class Agent:
 
             dialer = Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits)
         self.dialer = dialer
-        self.instance = secrets.token_hex(6)
+        self.instance = os.urandom(6).hex()  # as secrets.token_hex(6), without hashlib and hmac
         self.tasks: set[asyncio.Task] = set()
         self.backoff = Backoff()
         #: The link being served (the newest one, under auto:// after a move to QUIC).

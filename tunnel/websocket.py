@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
 import os
 import struct
 from collections.abc import Sequence
@@ -43,6 +42,11 @@ __all__ = [
     "accept_key",
     "make_key",
 ]
+
+try:  # CPython's own SHA-1: hashlib would load OpenSSL's digest tables, 0.6 MB of agent RSS
+    from _sha1 import sha1 as _sha1
+except ImportError:  # pragma: no cover - other interpreters
+    from hashlib import sha1 as _sha1
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _CRLF2 = b"\r\n\r\n"
@@ -96,7 +100,7 @@ def make_key() -> str:
 
 def accept_key(key: str) -> str:
     """Sec-WebSocket-Accept for ``key`` (RFC 6455 section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+    return base64.b64encode(_sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
 
 
 def _tokens(value: str) -> list[str]:

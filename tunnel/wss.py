@@ -62,8 +62,10 @@ WRITE_LOW_WATER = 256 * 1024
 #: A message up to this size goes to the TLS transport as one buffer: one TLS record (and
 #: one SSL_read on the other end) instead of one per piece (header, frame headers, payloads).
 JOIN_BELOW = 16 * 1024
-#: Size of a read buffer TLS records are decrypted into (see ``WebSocketPipe.get_buffer``).
+#: Size of a read buffer TLS records are decrypted into (see ``WebSocketPipe.get_buffer``):
+#: a small one while less is pending (an idle link's pings and small messages), else a big one.
 READ_BUFFER_SIZE = 256 * 1024
+SMALL_READ_BUFFER_SIZE = 16 * 1024
 #: Read buffers kept for reuse per thread; beyond them, a pinned pool gets throwaway ones.
 READ_BUFFER_POOL = 4
 
@@ -81,7 +83,7 @@ def _pinned(buf: bytearray) -> bool:
     return False
 
 
-def _read_buffer() -> bytearray:
+def _read_buffer(size: int) -> bytearray:
     """A read buffer no view refers to any more.
 
     Payload pieces are handed on as views of it (zero copy); a piece someone keeps (a
@@ -92,12 +94,17 @@ def _read_buffer() -> bytearray:
     pool = getattr(_local, "pool", None)
     if pool is None:
         pool = _local.pool = []
-    for buf in pool:
+    free = -1
+    for i, buf in enumerate(pool):
         if not _pinned(buf):
-            return buf
-    buf = bytearray(READ_BUFFER_SIZE)
+            if len(buf) >= size:
+                return buf
+            free = i
+    buf = bytearray(size)
     if len(pool) < READ_BUFFER_POOL:
         pool.append(buf)
+    elif free >= 0:
+        pool[free] = buf  # a bigger one replaces a free small one
     return buf
 #: With every handshake slot taken, one pending this long (seconds) may be evicted for a
 #: newcomer; younger ones are not (see ``_Listener``).
@@ -320,7 +327,8 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             self.data_received(data)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buf = self._rbuf = _read_buffer()
+        small = 0 <= sizehint <= SMALL_READ_BUFFER_SIZE
+        buf = self._rbuf = _read_buffer(SMALL_READ_BUFFER_SIZE if small else READ_BUFFER_SIZE)
         return memoryview(buf)
 
     def buffer_updated(self, nbytes: int) -> None:
