@@ -35,6 +35,7 @@ writes every datagram in a tight loop.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import errno
 import ipaddress
@@ -65,8 +66,10 @@ from aioquic.quic.packet import (
     pull_quic_transport_parameters,
     push_quic_transport_parameters,
 )
+from aioquic.quic.packet import QuicStreamFrame
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.stream import QuicStreamSender
 
 from . import frames
 from .carrier import Link, LinkHandler, LinkStream, StreamHandler
@@ -184,6 +187,9 @@ class _BoundedConnection(QuicConnection):
             limit.used = used
 
     def _write_stream_limits(self, builder, space, stream) -> None:
+        # Runs for every stream in every packet: return at once unless a grant is unsent.
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return
         receiver = stream.receiver
         highest, receiver.highest_offset = receiver.highest_offset, 0
         try:
@@ -204,6 +210,99 @@ class _BoundedConnection(QuicConnection):
             limit.value = consumed + window
             return True
         return False
+
+
+class _ChunkSender(QuicStreamSender):
+    """aioquic's stream sender keeping its buffer as the chunks written.
+
+    The stock sender appends every write to one ``bytearray`` and deletes acknowledged bytes
+    from its front; each time an append outgrows the allocation CPython copies the whole
+    live buffer (up to a window of bytes), and every frame is copied twice (slice, then
+    ``bytes``). Here a write keeps the caller's object (no copy), a frame is one slice, and
+    acknowledged chunks are dropped. Behaviour (offsets, pending ranges, FIN, reset) is the
+    stock class's; only the storage differs.
+    """
+
+    def __init__(self, stream_id: int | None, writable: bool) -> None:
+        super().__init__(stream_id, writable)
+        self._chunks: list = []  # bytes or memoryview, contiguous
+        self._starts: list[int] = []  # stream offset of each chunk
+
+    def write(self, data, end_stream: bool = False) -> None:
+        if self._buffer_fin is not None:
+            raise RuntimeError("Cannot send data after FIN")
+        if self._reset_error_code is not None:
+            raise RuntimeError("Cannot send data after the stream was reset")
+        size = len(data)
+        if size:
+            self.buffer_is_empty = False
+            stop = self._buffer_stop
+            self._pending.add(stop, stop + size)
+            self._chunks.append(data)
+            self._starts.append(stop)
+            self._buffer_stop = stop + size
+        if end_stream:
+            self.buffer_is_empty = False
+            self._buffer_fin = self._buffer_stop
+            self._pending_eof = True
+
+    def _slice(self, start: int, stop: int) -> bytes:
+        starts = self._starts
+        chunks = self._chunks
+        i = bisect.bisect_right(starts, start) - 1
+        base = starts[i]
+        chunk = chunks[i]
+        if stop - base <= len(chunk):
+            return bytes(chunk[start - base:stop - base])
+        parts = []
+        while start < stop:
+            base = starts[i]
+            chunk = chunks[i]
+            end = min(stop, base + len(chunk))
+            parts.append(chunk[start - base:end - base])
+            start = end
+            i += 1
+        return b"".join(parts)
+
+    def get_frame(self, max_size: int, max_offset: int | None = None):
+        assert self._reset_error_code is None, "cannot call get_frame() after reset()"
+        if max_size < 0:
+            return None
+        try:
+            r = self._pending[0]
+        except IndexError:
+            if self._pending_eof:
+                self._pending_eof = False
+                return QuicStreamFrame(fin=True, offset=self._buffer_fin)
+            self.buffer_is_empty = True
+            return None
+        start = r.start
+        stop = min(r.stop, start + max_size)
+        if max_offset is not None and stop > max_offset:
+            stop = max_offset
+        if stop <= start:
+            return None
+        frame = QuicStreamFrame(data=self._slice(start, stop), offset=start)
+        self._pending.subtract(start, stop)
+        if stop > self.highest_offset:
+            self.highest_offset = stop
+        if self._buffer_fin == stop:
+            frame.fin = True
+            self._pending_eof = False
+        return frame
+
+    def on_data_delivery(self, delivery, start: int, stop: int, fin: bool) -> None:
+        previous = self._buffer_start
+        super().on_data_delivery(delivery, start, stop, fin)
+        acked = self._buffer_start
+        if acked != previous:
+            starts = self._starts
+            chunks = self._chunks
+            n = 0
+            while n < len(chunks) and starts[n] + len(chunks[n]) <= acked:
+                n += 1
+            if n:
+                del starts[:n], chunks[:n]
 
 
 def _refuse_datagram(version: int, source_cid: bytes, destination_cid: bytes) -> bytes:
@@ -488,7 +587,7 @@ class _QuicLinkStream(LinkStream):
     def send_buffered(self) -> int:
         """Outgoing bytes held in memory: our queue plus aioquic's unacknowledged buffer."""
         sender = self._qs.sender
-        return self._queued + len(sender._buffer)
+        return self._queued + sender._buffer_stop - sender._buffer_start
 
     @property
     def receive_unconsumed(self) -> int:
@@ -735,9 +834,10 @@ class QuicLink(Link):
         metadata = bytes(metadata)
         sid = self._conn.get_next_available_stream_id()
         header = frames.encode_frame(_OPEN, 0, 0, metadata)
-        self._conn.send_stream_data(sid, header)
+        qs = self._conn._get_or_create_stream_for_send(sid)
+        qs.sender = _ChunkSender(sid, True)
+        qs.sender.write(header)
         self._tx_fed += len(header)
-        qs = self._conn._streams[sid]
         stream = _QuicLinkStream(self, sid, metadata, qs)
         qs.tn = stream
         stream.handler = handler
@@ -1171,6 +1271,8 @@ class QuicLink(Link):
             return
         stream = _QuicLinkStream(self, sid, bytes(buf[HEADER_SIZE:HEADER_SIZE + length]), qs)
         qs.tn = stream
+        if type(qs.sender) is QuicStreamSender and not qs.sender._buffer_stop:
+            qs.sender = _ChunkSender(sid, True)
         stream._rx_seen = HEADER_SIZE + length
         stream._skip(HEADER_SIZE + length)
         rest = bytes(buf[HEADER_SIZE + length:])
