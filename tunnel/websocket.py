@@ -580,13 +580,23 @@ class WebSocketConnection:
     def encode_message(self, buffers: Sequence) -> list:
         """Buffers to write for one binary message holding ``buffers`` (split into several
         messages above ``max_send`` bytes). Empty input gives an empty list."""
+        messages = self.encode_messages(buffers)
+        if len(messages) == 1:
+            return messages[0]
+        out: list = []
+        for message in messages:
+            out += message
+        return out
+
+    def encode_messages(self, buffers: Sequence) -> list[list]:
+        """:meth:`encode_message`, one list of buffers per WebSocket message."""
         total = 0
         for b in buffers:
             total += len(b)
         if total == 0:
             return []
         if total <= self.max_send:
-            return self._encode_one(buffers, total)
+            return [self._encode_one(buffers, total)]
         out: list = []
         group: list = []
         size = 0
@@ -601,11 +611,11 @@ class WebSocketConnection:
                 size += take
                 start += take
                 if size == limit:
-                    out += self._encode_one(group, size)
+                    out.append(self._encode_one(group, size))
                     group = []
                     size = 0
         if size:
-            out += self._encode_one(group, size)
+            out.append(self._encode_one(group, size))
         return out
 
     def _encode_one(self, buffers: Sequence, total: int) -> list:

@@ -62,6 +62,10 @@ WRITE_LOW_WATER = 256 * 1024
 #: A message up to this size goes to the TLS transport as one buffer: one TLS record (and
 #: one SSL_read on the other end) instead of one per piece (header, frame headers, payloads).
 JOIN_BELOW = 16 * 1024
+#: Largest WebSocket message we send, each handed to the TLS transport on its own: the
+#: masked copy (agent) and the ciphertext uvloop reads out of its BIO stay below glibc's
+#: mmap threshold, so bulk data reuses heap memory instead of faulting in fresh pages.
+WRITE_CHUNK = 64 * 1024
 #: Size of a read buffer TLS records are decrypted into (see ``WebSocketPipe.get_buffer``):
 #: a small one while less is pending (an idle link's pings and small messages), else a big one.
 READ_BUFFER_SIZE = 256 * 1024
@@ -208,13 +212,12 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         conn = self._conn
         if conn is None or self._lost or conn.close_sent:
             return
-        out = conn.encode_message(buffers)
-        if not out:
-            return
-        if len(out) <= 16 and sum(map(len, out)) <= JOIN_BELOW:
-            self.transport.write(b"".join(out))
-        else:
-            self.transport.writelines(out)
+        transport = self.transport
+        for out in conn.encode_messages(buffers):
+            if len(out) <= 16 and sum(map(len, out)) <= JOIN_BELOW:
+                transport.write(b"".join(out))
+            else:
+                transport.writelines(out)
 
     def close(self) -> None:
         """Send a close frame after what is queued; close the transport once the peer answers
@@ -426,7 +429,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         if rest is None:
             return
         self.subprotocol = self._handshake.subprotocol
-        self._conn = WebSocketConnection(True, self.limits.max_ws_frame_size)
+        self._conn = WebSocketConnection(True, self.limits.max_ws_frame_size, WRITE_CHUNK)
         self._handshake = None
         if not self._ready.done():
             self._ready.set_result(None)
@@ -448,7 +451,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             self.transport.close()
             return
         self.subprotocol = hs.subprotocol
-        self._conn = WebSocketConnection(False, self.limits.max_ws_frame_size)
+        self._conn = WebSocketConnection(False, self.limits.max_ws_frame_size, WRITE_CHUNK)
         self._handshake = None
         leftover = hs.leftover
         try:
