@@ -1555,6 +1555,7 @@ class QuicServer(asyncio.DatagramProtocol):
     def __init__(self, configuration: QuicConfiguration, limits: Limits, on_link: Callable[[Link], None],
                  max_connections: int) -> None:
         self._configuration = configuration
+        self._cid_length = configuration.connection_id_length
         self.limits = limits
         self._on_link = on_link
         self.max_connections = max_connections
@@ -1604,6 +1605,13 @@ class QuicServer(asyncio.DatagramProtocol):
         return self._sender.send(datagrams)
 
     def datagram_received(self, data: bytes, addr) -> None:
+        # Fast path for 1-RTT (short header) packets of known connections: the destination
+        # connection ID sits right after the first byte, with the length we issue.
+        if data and not data[0] & 0x80:
+            link = self._links.get(data[1:1 + self._cid_length])
+            if link is not None:
+                link.datagram_received(data, addr)
+                return
         buf = Buffer(data=data)
         try:
             header = pull_quic_header(buf, host_cid_length=self._configuration.connection_id_length)
