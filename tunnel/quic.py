@@ -514,7 +514,7 @@ class _QuicLinkStream(LinkStream):
 
     __slots__ = ("link", "stream_id", "metadata", "handler", "_qs", "_queue", "_queued", "_paused",
                  "_eof_pending", "_eof_sent", "_eof_received", "_reset", "_closed", "_rx_consumed",
-                 "_rx_seen", "_window", "_high", "_low", "_local", "_progress", "_half_closed")
+                 "_rx_seen", "_window", "_high", "_low", "_local", "_progress", "_half_closed", "_acked_mark")
 
     def __init__(self, link: "QuicLink", stream_id: int, metadata: bytes, qs) -> None:
         self.link = link
@@ -539,6 +539,7 @@ class _QuicLinkStream(LinkStream):
         self._local = (stream_id & 1 == 0) == link._is_client  # QUIC: client-initiated IDs are even
         self._progress = link._loop.time()  # last data in, out, or consumed
         self._half_closed = False
+        self._acked_mark = 0  # peer-acknowledged send offset at the last half-close check
 
     # --- LinkStream API ------------------------------------------------------------
 
@@ -1338,6 +1339,10 @@ class QuicLink(Link):
         timeout = self.limits.half_close_timeout
         next_at = None
         for stream in list(self._half_closed):
+            acked = stream._qs.sender._buffer_start
+            if acked != stream._acked_mark:  # the peer took more of our data: progress too
+                stream._acked_mark = acked
+                stream._progress = now
             deadline = stream._progress + timeout
             if deadline <= now:
                 if not stream._closed:
