@@ -25,11 +25,39 @@ Bounded memory, both ways:
   ``_UNSENT_CHUNK`` bytes beyond what aioquic already put on the wire, so aioquic's send
   buffer holds at most the peer's window (in flight, unacknowledged) plus one chunk.
 
+  Across the link, bytes handed to aioquic but not yet sent stay below ``_LINK_UNSENT``
+  (what is sent and unacknowledged is bounded by the peer's session window), so many
+  streams cannot pile a chunk each into aioquic. Data streams use :class:`_ChunkSender`
+  (aioquic's sender with the buffer kept as the written chunks: no whole-buffer copies).
+
+Limits shared with the WSS session (tunnel/config.py), checked in one place each:
+``max_concurrent_streams`` (peer streams beyond it are reset with STREAM_LIMIT; aioquic's
+MAX_STREAMS is set a little above it so that our answer is a prompt reset, not a silent
+wait), ``max_ping_rate`` and ``max_stream_churn_rate`` (per one-second window; the link
+closes with ENHANCE_YOUR_CALM), ``half_close_timeout`` (a half-closed stream without data in
+or out, consumption, or acknowledgement of our data for that long is reset with TIMEOUT).
+
+``close`` sends what is queued on the control stream first (a CONTROL error message, the
+GOAWAY): CONNECTION_CLOSE follows once the peer acknowledged it, or after
+``CLOSE_FLUSH_TIMEOUT``. The application sees the link closed at once either way.
+
+Datagram size: the handshake runs at 1452 bytes (less if the route is narrower). After it,
+the link moves to the path's size: the client reads the route MTU of its connected socket
+(``IP_MTU``/``IPV6_MTU``, DF set with ``IP_PMTUDISC_DO`` so oversize sends fail loudly) and
+announces the result as ``max_udp_payload_size``; the server looks up its own route to the
+peer and never exceeds what the peer announced (a peer announcing nothing gets 1452). The
+cap is ``MAX_PATH_DATAGRAM_SIZE`` (16384: aioquic's 2-byte STREAM frame lengths). An
+``EMSGSIZE`` on send, or two probe timeouts in a row before any large packet was
+acknowledged (a black hole), drops the link back to 1452. ``TUNNEL_QUIC_MAX_DATAGRAM_SIZE``
+overrides the path size. Figures: bench/QUIC.md.
+
 The I/O adapter is ours (not ``aioquic.asyncio``): a client owns a connected UDP socket; a
 server (:class:`QuicServer`) owns one UDP socket and demultiplexes connections by connection
-ID, with a handshake deadline, a cap on handshakes in progress and a cap on connections.
-Sends are coalesced: one ``call_soon`` per loop iteration runs ``datagrams_to_send`` and
-writes every datagram in a tight loop.
+ID (short-header packets by slicing it, without a header parse), with a handshake deadline,
+a cap on handshakes in progress and a cap on connections. Sends are coalesced: one
+``call_soon`` per loop iteration runs ``datagrams_to_send`` and writes every datagram in a
+tight loop, straight to the socket (GSO batches of equal-sized datagrams on Linux), through
+the transport only while the socket is full.
 """
 
 from __future__ import annotations
@@ -975,14 +1003,20 @@ class QuicLink(Link):
             del cc.on_packet_acked  # back to the class's method: no cost per ACK
 
     def _datagram_too_big(self, why: str) -> None:
-        """The path does not carry our datagrams: standard size from now on."""
+        """The path does not carry our datagrams: standard size from now on (and QUIC's
+        minimum, 1200, if even 1452 is refused, as on a narrow IPv6 tunnel with DF set)."""
         conn = self._conn
-        if conn._max_datagram_size <= MAX_DATAGRAM_SIZE:
+        current = conn._max_datagram_size
+        if current > MAX_DATAGRAM_SIZE:
+            size = MAX_DATAGRAM_SIZE
+        elif current > SMALLEST_MAX_DATAGRAM_SIZE:
+            size = SMALLEST_MAX_DATAGRAM_SIZE
+        else:
             return
         self._end_probation()
-        conn.set_datagram_size(MAX_DATAGRAM_SIZE)
+        conn.set_datagram_size(size)
         self.datagram_fallbacks += 1
-        log.info("QUIC link to %s: %s, datagrams back to %d bytes", self.peer_address, why, MAX_DATAGRAM_SIZE)
+        log.info("QUIC link to %s: %s, datagrams down to %d bytes", self.peer_address, why, size)
 
     # --- I/O entry points ----------------------------------------------------------
 
@@ -1499,6 +1533,8 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
             peer = sock.getpeername()
             override = _env_datagram_size()
             target = override or _route_datagram_size(sock)
+            # A route narrower than 1452 (PPPoE, tunnels): the handshake fits it too.
+            config.max_datagram_size = max(SMALLEST_MAX_DATAGRAM_SIZE, min(config.max_datagram_size, target))
             conn = _BoundedConnection(configuration=config)
             conn.tn_local_max_udp = max(target, MAX_DATAGRAM_SIZE)  # what we receive on this path
             _set_stream_limits(conn, limits)
