@@ -39,7 +39,7 @@ cdef extern from "Python.h":
 __all__ = [
     "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",
     "encode_u32", "encode_hello", "parse_hello", "encode_goaway", "parse_goaway", "ws_mask",
-    "ws_mask_join", "encode_ws_header", "parse_ws_header",
+    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header",
 ]
 
 IMPLEMENTATION = "cython"
@@ -539,6 +539,54 @@ def ws_mask_join(buffers, key):
                 _mask(dst + pos, <const unsigned char*>bufs[i].buf, bufs[i].len, k, pos & 3)
                 pos += bufs[i].len
         return out
+    finally:
+        for i in range(held):
+            PyBuffer_Release(&bufs[i])
+        PyMem_Free(bufs)
+
+
+def ws_mask_join_into(buffers, key, out):
+    """``ws_mask_join(buffers, key)`` written into the bytearray ``out`` from its start;
+    returns the byte count (ValueError if ``out`` is too small). No allocation."""
+    cdef Py_buffer obuf
+    cdef Py_buffer* bufs
+    cdef Py_ssize_t count, held = 0, total = 0, pos = 0, i
+    cdef unsigned char* dst
+    cdef unsigned char k[4]
+    cdef tuple items
+    try:
+        items = tuple(buffers)
+    except TypeError:
+        raise TypeError("can only join an iterable") from None
+    if not (PyBytes_CheckExact(key) and len(<bytes>key) == 4 and PyByteArray_CheckExact(out)):
+        return _py.ws_mask_join_into(items, key, out)
+    memcpy(k, PyBytes_AS_STRING(key), 4)
+    count = len(items)
+    bufs = <Py_buffer*>PyMem_Malloc(sizeof(Py_buffer) * (count if count else 1))
+    if bufs == NULL:
+        raise MemoryError()
+    try:
+        for i in range(count):
+            item = items[i]
+            try:
+                PyObject_GetBuffer(item, &bufs[i], PyBUF_SIMPLE)
+            except (TypeError, BufferError):
+                raise TypeError(f"sequence item {i}: expected a bytes-like object, "
+                                f"{type(item).__name__} found") from None
+            held += 1
+            total += bufs[i].len
+        if total > len(out):
+            raise ValueError("output buffer too small")
+        if total == 0:
+            return 0
+        PyObject_GetBuffer(out, &obuf, PyBUF_SIMPLE)
+        dst = <unsigned char*>obuf.buf
+        with nogil:
+            for i in range(count):
+                _mask(dst + pos, <const unsigned char*>bufs[i].buf, bufs[i].len, k, pos & 3)
+                pos += bufs[i].len
+        PyBuffer_Release(&obuf)
+        return total
     finally:
         for i in range(held):
             PyBuffer_Release(&bufs[i])

@@ -77,6 +77,10 @@ def ws_mask(data: Buffer, key: Buffer, offset: int = 0) -> bytes:
 def ws_mask_join(buffers: Iterable[Buffer], key: Buffer) -> bytes:
     """``ws_mask(b"".join(buffers), key)`` in one pass, into one new bytes object."""
 
+def ws_mask_join_into(buffers: Iterable[Buffer], key: Buffer, out: bytearray) -> int:
+    """``ws_mask_join(buffers, key)`` written into ``out`` from its start, no allocation;
+    returns the byte count. ValueError if ``out`` is too small."""
+
 def encode_ws_header(opcode: int, fin: bool, length: int, mask_key: bytes | None = None) -> bytes:
     """An RFC 6455 frame header (7-, 16- or 64-bit length form), ``mask_key`` appended."""
 

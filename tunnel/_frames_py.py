@@ -23,7 +23,7 @@ from .errors import FrameTooLarge, ProtocolError
 __all__ = [
     "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",
     "encode_u32", "encode_hello", "parse_hello", "encode_goaway", "parse_goaway", "ws_mask",
-    "ws_mask_join", "encode_ws_header", "parse_ws_header",
+    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header",
 ]
 
 IMPLEMENTATION = "python"
@@ -208,6 +208,17 @@ def ws_mask(data, key: bytes, offset: int = 0) -> bytes:
 def ws_mask_join(buffers, key: bytes) -> bytes:
     """Concatenate ``buffers`` and mask the result in one pass (a client's outgoing message)."""
     return ws_mask(b"".join(buffers), key)
+
+
+def ws_mask_join_into(buffers, key: bytes, out) -> int:
+    """``ws_mask_join(buffers, key)`` written into the bytearray ``out`` from its start;
+    returns the byte count (ValueError if ``out`` is too small)."""
+    data = ws_mask_join(buffers, key)
+    view = memoryview(out).cast("B")
+    if len(data) > len(view):
+        raise ValueError("output buffer too small")
+    view[:len(data)] = data
+    return len(data)
 
 
 def encode_ws_header(opcode: int, fin: bool, length: int, mask_key: bytes | None = None) -> bytes:

@@ -32,6 +32,7 @@ encode_goaway = _impl.encode_goaway
 parse_goaway = _impl.parse_goaway
 ws_mask = _impl.ws_mask
 ws_mask_join = _impl.ws_mask_join
+ws_mask_join_into = _impl.ws_mask_join_into
 encode_ws_header = _impl.encode_ws_header
 parse_ws_header = _impl.parse_ws_header
 

@@ -361,8 +361,25 @@ DEFAULT_MAX_SEND = 1024 * 1024
 #: Masking keys are drawn from the OS CSPRNG this many bytes at a time (one getrandom
 #: syscall per 1,024 messages instead of one per message).
 _KEY_POOL_SIZE = 4096
+#: A client's message above this size is masked into a reused buffer of the connection
+#: (fresh buffers of that size cost the agent page faults); smaller ones into new bytes.
+_MASK_INTO_ABOVE = 16 * 1024
+#: Masking buffers a client connection keeps (each ``max_send`` bytes).
+_MASK_POOL = 2
 _key_pool = b""
 _key_pos = 0
+
+
+def buffer_in_use(buf: bytearray) -> bool:
+    """True while a view of ``buf`` is alive, so it must not be written. A bytearray with
+    an exported view refuses to resize: append and delete one byte at the end (in place
+    once it is over-allocated)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return True
+    del buf[-1]
+    return False
 
 
 def _mask_key() -> bytes:
@@ -382,7 +399,7 @@ class WebSocketConnection:
     __slots__ = (
         "client", "max_frame_size", "max_send", "state", "close_code", "close_reason",
         "failure", "_out", "_head", "_remaining", "_key", "_offset", "_opcode", "_ctrl",
-        "_in_message", "_data_op", "close_sent", "close_received",
+        "_in_message", "_data_op", "close_sent", "close_received", "_mask_pool",
     )
 
     def __init__(self, client: bool, max_frame_size: int, max_send: int = DEFAULT_MAX_SEND) -> None:
@@ -406,6 +423,7 @@ class WebSocketConnection:
         self._ctrl: bytearray | None = None  # control frame payload being assembled
         self._in_message = False  # a binary message began and its final frame is pending
         self._data_op = False
+        self._mask_pool: list[bytearray] = []  # client: reused masking buffers
 
     # -- receiving --
 
@@ -621,10 +639,29 @@ class WebSocketConnection:
     def _encode_one(self, buffers: Sequence, total: int) -> list:
         if self.client:
             key = _mask_key()
-            return [frames.encode_ws_header(_BINARY_OP, True, total, key), frames.ws_mask_join(buffers, key)]
+            header = frames.encode_ws_header(_BINARY_OP, True, total, key)
+            if total > _MASK_INTO_ABOVE:
+                buf = self._mask_buffer()
+                if buf is not None:
+                    frames.ws_mask_join_into(buffers, key, buf)
+                    # A view: the buffer stays untouched while anyone still holds it.
+                    return [header, memoryview(buf)[:total]]
+            return [header, frames.ws_mask_join(buffers, key)]
         out = [frames.encode_ws_header(_BINARY_OP, True, total)]
         out += buffers
         return out
+
+    def _mask_buffer(self) -> bytearray | None:
+        """A masking buffer of ``max_send`` bytes no view refers to, or None (all in use)."""
+        pool = self._mask_pool
+        for buf in pool:
+            if not buffer_in_use(buf):
+                return buf
+        if len(pool) < _MASK_POOL:
+            buf = bytearray(self.max_send)
+            pool.append(buf)
+            return buf
+        return None
 
     def encode_ping(self, payload: bytes = b"") -> bytes:
         if len(payload) > 125:

@@ -40,6 +40,7 @@ from .websocket import (
     ServerHandshake,
     State,
     WebSocketConnection,
+    buffer_in_use,
 )
 
 __all__ = [
@@ -76,17 +77,6 @@ READ_BUFFER_POOL = 4
 _local = threading.local()  # .pool: the read buffers this thread's pipes share
 
 
-def _pinned(buf: bytearray) -> bool:
-    """True while a view of ``buf`` is alive. A bytearray with an exported view refuses to
-    resize: append and delete one byte at the end (in place once it is over-allocated)."""
-    try:
-        buf.append(0)
-    except BufferError:
-        return True
-    del buf[-1]
-    return False
-
-
 def _read_buffer(size: int) -> bytearray:
     """A read buffer no view refers to any more.
 
@@ -100,7 +90,7 @@ def _read_buffer(size: int) -> bytearray:
         pool = _local.pool = []
     free = -1
     for i, buf in enumerate(pool):
-        if not _pinned(buf):
+        if not buffer_in_use(buf):
             if len(buf) >= size:
                 return buf
             free = i
