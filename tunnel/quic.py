@@ -25,6 +25,8 @@ Bounded memory, both ways:
   ``_UNSENT_CHUNK`` bytes beyond what aioquic already put on the wire, so aioquic's send
   buffer holds at most the peer's window (in flight, unacknowledged) plus one chunk.
 
+  As on WSS, once the link's queues together exceed ``session_send_high_water`` every
+  writer is paused (even one with a short queue) until they drain below it.
   Across the link, bytes handed to aioquic but not yet sent stay below ``_LINK_UNSENT``
   (what is sent and unacknowledged is bounded by the peer's session window), so many
   streams cannot pile a chunk each into aioquic. Data streams use :class:`_ChunkSender`
@@ -579,9 +581,14 @@ class _QuicLinkStream(LinkStream):
             return
         self._queue.append(data)
         self._queued += n
+        link = self.link
+        link._queued_total += n
         if self._queued > self._high:
             self._paused = True
-        self.link._want_send(self)
+        if link._queued_total > link._session_high_water:
+            self._paused = True  # every writer pauses while the link's queues are too full
+            link._session_paused.add(self)
+        link._want_send(self)
 
     def write_eof(self) -> None:
         if self._reset or self._eof_pending or self._eof_sent or self.link._closed:
@@ -655,6 +662,7 @@ class _QuicLinkStream(LinkStream):
                         queue[0] = view[cut:]
                         take += cut
                 self._queued -= take
+                link._queued_total -= take
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 last = not self._queue and self._eof_pending
                 sender.write(data, end_stream=last)
@@ -676,8 +684,9 @@ class _QuicLinkStream(LinkStream):
         return moved
 
     def _after_feed(self) -> None:
-        if self._paused and self._queued <= self._low:
+        if self._paused and self._queued <= self._low and self.link._queued_total <= self.link._session_high_water:
             self._paused = False
+            self.link._session_paused.discard(self)
             if self.handler is not None:
                 self.handler.writable()
         if self._eof_sent:
@@ -713,9 +722,10 @@ class _QuicLinkStream(LinkStream):
     def _abort(self, code: int, notify: bool) -> None:
         """Reset both directions (ours, or in answer to the peer's RESET/STOP_SENDING)."""
         self._reset = True
+        link = self.link
+        link._queued_total -= self._queued
         self._queue.clear()
         self._queued = 0
-        link = self.link
         conn = link._conn
         sender = self._qs.sender
         link._tx_fed -= max(0, sender._buffer_stop - sender.highest_offset)  # never to be sent
@@ -755,6 +765,7 @@ class _QuicLinkStream(LinkStream):
         if link._streams.pop(self.stream_id, None) is not None and not self._local:
             link._peer_streams -= 1
         link._sending.discard(self)
+        link._session_paused.discard(self)
         if self._half_closed:
             self._half_closed = False
             link._half_closed.discard(self)
@@ -836,6 +847,9 @@ class QuicLink(Link):
         self._half_close_timer: asyncio.TimerHandle | None = None
         self._peer_streams = 0  # peer-opened streams currently open
         self._tx_fed = 0  # stream bytes handed to aioquic (all streams, control included)
+        self._queued_total = 0  # bytes in our own stream queues, all streams
+        self._session_high_water = limits.session_send_high_water
+        self._session_paused: set = set()  # writers paused because of _queued_total
         self._close_pending: tuple[int, str] | None = None  # close waiting for control data
         self._close_timer: asyncio.TimerHandle | None = None
 
@@ -1079,6 +1093,12 @@ class QuicLink(Link):
         if fed_any:
             for s in fed_any:
                 if not s._closed:
+                    s._after_feed()
+        if self._session_paused and self._queued_total <= self._session_high_water:
+            for s in list(self._session_paused):
+                if s._closed or not s._paused:
+                    self._session_paused.discard(s)
+                elif s._queued <= s._low:
                     s._after_feed()
         self._process_events()
         timer_at = conn.get_timer()

@@ -790,3 +790,50 @@ def test_memory_handed_to_aioquic_is_bounded_per_link(run, certs):
         server.close()
 
     run(main())
+
+
+def test_link_wide_send_queue_pauses_every_writer(run, certs):
+    """session_send_high_water bounds our own queues across a link, as on WSS: above it every
+    writer is paused, even one whose own queue is short; all resume once it drains."""
+
+    async def main():
+        limits = SMALL.replace(session_send_high_water=256 * KiB)
+        server, client, slink, srec = await pair(certs, limits=limits)
+        consuming = []  # empty: the receiver does not consume (yet)
+        crec = Recorder(on_stream=lambda s: Collect(s, consume=bool(consuming)))
+        client.set_handler(crec)
+        chunk = b"q" * (64 * KiB)
+        streams, handlers = [], []
+        for i in range(4):
+            h = Collect()
+            s = slink.open_stream(f"s{i}".encode(), h)
+            streams.append(s)
+            handlers.append(h)
+        written = [0] * 4
+        while not all(s.paused for s in streams):
+            for i, s in enumerate(streams):
+                if not s.paused:
+                    s.write(chunk)
+                    written[i] += len(chunk)
+            await asyncio.sleep(0)
+            assert sum(written) < 32 * MiB, "never paused"
+        for _ in range(50):
+            await asyncio.sleep(0)
+        queued = sum(s._queued for s in streams)
+        assert queued <= limits.session_send_high_water + 4 * len(chunk), queued
+        assert any(s._queued <= limits.stream_send_high_water for s in streams)  # paused by the link
+        # The receiver starts consuming (streams whose OPEN arrives later too): every writer is
+        # told to go on, every byte arrives.
+        consuming.append(True)
+        for cs, ch in crec.streams:
+            ch.consume = True
+            cs.consume(len(ch.data))
+        await wait_for(lambda: all(h.writable_calls for h in handlers), what="all writable")
+        for s in streams:
+            s.write_eof()
+        await wait_for(lambda: len(crec.streams) == 4 and all(ch.eof for _, ch in crec.streams), what="all data")
+        assert sorted(len(ch.data) for _, ch in crec.streams) == sorted(written)
+        client.close()
+        server.close()
+
+    run(main())
