@@ -56,7 +56,10 @@ overrides the path size. Figures: bench/QUIC.md.
 The I/O adapter is ours (not ``aioquic.asyncio``): a client owns a connected UDP socket; a
 server (:class:`QuicServer`) owns one UDP socket and demultiplexes connections by connection
 ID (short-header packets by slicing it, without a header parse), with a handshake deadline,
-a cap on handshakes in progress and a cap on connections. Sends are coalesced: one
+a cap on handshakes in progress (a stale one is evicted for a newcomer, as over WSS: see
+:mod:`tunnel.handshakes`) and a cap on connections. Once half the handshake slots are taken,
+new clients must prove their address with a Retry round trip first (RFC 9000 section 8.1), so
+a flood of Initial packets from spoofed addresses cannot hold slots at all. Sends are coalesced: one
 ``call_soon`` per loop iteration runs ``datagrams_to_send`` and writes every datagram in a
 tight loop, straight to the socket (GSO batches of equal-sized datagrams on Linux), through
 the transport only while the socket is full.
@@ -91,6 +94,7 @@ from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
     pull_quic_transport_parameters,
@@ -99,6 +103,7 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet import QuicStreamFrame
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStreamSender
 
 from . import frames
@@ -114,6 +119,7 @@ from .constants import (
     FrameType,
 )
 from .errors import FloodError, LinkError, ProtocolError, SessionClosed, StreamClosed, UsageError
+from .handshakes import PendingHandshakes
 
 __all__ = ["QuicLink", "QuicServer", "connect_quic", "serve_quic"]
 
@@ -1623,7 +1629,9 @@ class QuicServer(asyncio.DatagramProtocol):
         self._loop = asyncio.get_running_loop()
         self._links: dict[bytes, QuicLink] = {}
         self._all: set[QuicLink] = set()
-        self._pending = 0
+        self._handshakes = PendingHandshakes(limits.max_pending_handshakes)
+        self._retry = QuicRetryTokenHandler()
+        self.retries = 0  #: Retry packets sent (address validation under load)
         self._transport = None
         self._closed = asyncio.Event()
         self.port = 0
@@ -1633,7 +1641,12 @@ class QuicServer(asyncio.DatagramProtocol):
 
     @property
     def pending_handshakes(self) -> int:
-        return self._pending
+        return len(self._handshakes)
+
+    @property
+    def evicted(self) -> int:
+        """Handshakes given up to make room for newcomers."""
+        return self._handshakes.evicted
 
     @property
     def connection_count(self) -> int:
@@ -1691,15 +1704,55 @@ class QuicServer(asyncio.DatagramProtocol):
             return
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
             return
-        if self._pending >= self.limits.max_pending_handshakes or len(self._all) >= self.max_connections:
+        now = self._loop.time()
+        original_cid, retry_cid = header.destination_cid, None
+        if header.token:
+            # We issue no NEW_TOKEN, so a token is one of our Retry tokens.
+            try:
+                original_cid = self._retry.validate_token(address=addr, destination_cid=header.destination_cid,
+                                                          token=header.token, now=now)
+            except ValueError:
+                self.refused += 1
+                return
+            retry_cid = header.destination_cid
+        elif 2 * len(self._handshakes) >= self.limits.max_pending_handshakes:
+            self._send_retry(header, addr, now)
+            return
+        if len(self._all) >= self.max_connections or not self._make_room(now):
             self.refused += 1
             self._transport.sendto(_refuse_datagram(header.version, header.destination_cid, header.source_cid), addr)
             return
-        self._accept(header, data, addr)
+        self._accept(header, data, addr, original_cid, retry_cid)
 
-    def _accept(self, header, data: bytes, addr) -> None:
+    def _send_retry(self, header, addr, now: float) -> None:
+        retry_cid = os.urandom(self._cid_length)
+        token = self._retry.create_token(address=addr, original_destination_connection_id=header.destination_cid,
+                                         retry_source_connection_id=retry_cid, now=now)
+        self.retries += 1
+        self._transport.sendto(encode_quic_retry(
+            version=header.version, source_cid=retry_cid, destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid, retry_token=token), addr)
+
+    def _make_room(self, now: float) -> bool:
+        """True if a handshake slot is free, after evicting a stale handshake if need be."""
+        handshakes = self._handshakes
+        if not handshakes.full:
+            return True
+        victim = handshakes.pick_victim(now)
+        if victim is None:
+            return False
+        if handshakes.evicted == 1 or handshakes.evicted % 1000 == 0:
+            log.warning("%d QUIC handshakes pending: evicting the oldest from %s (%d evicted so far)",
+                        len(handshakes), victim.peer_address, handshakes.evicted)
+        if victim._on_handshake_slot is not None:
+            victim._on_handshake_slot()
+        victim.close(ErrorCode.TIMEOUT, "handshake evicted: too many handshakes in progress")
+        return True
+
+    def _accept(self, header, data: bytes, addr, original_cid: bytes, retry_cid: bytes | None) -> None:
         conn = _BoundedConnection(configuration=self._configuration,
-                                  original_destination_connection_id=header.destination_cid)
+                                  original_destination_connection_id=original_cid,
+                                  retry_source_connection_id=retry_cid)
         _set_stream_limits(conn, self.limits)
         link = QuicLink(conn, self.limits, is_client=False, send=self._sendto, loop=self._loop)
         link.peer_address = addr
@@ -1727,14 +1780,14 @@ class QuicServer(asyncio.DatagramProtocol):
         link._on_terminated = terminated
 
         # Handshake slot and deadline: QUIC handshake + HELLO + authentication.
-        self._pending += 1
+        self._handshakes.admit(link, addr[0], self._loop.time())
         deadline = self._loop.call_later(self.limits.handshake_timeout, self._handshake_expired, link)
 
         def release() -> None:
             link._on_handshake_slot = None
             link.on_handshake_done = None
             deadline.cancel()
-            self._pending -= 1
+            self._handshakes.forget(link)
 
         link._on_handshake_slot = release
         link.on_handshake_done = release

@@ -15,8 +15,8 @@ Relay side: :func:`serve_wss_pipes` (or :func:`serve_wss`). One deadline,
 the upgrade and, after ``on_pipe``, authentication: the :class:`Slot` handed to ``on_pipe``
 must be released in time or the connection is aborted. At most
 ``limits.max_pending_handshakes`` connections are in that phase at once; beyond that, a new
-connection evicts the oldest handshake of the busiest source address if it is older than
-``EVICTABLE_AFTER``, else it is closed at once (see ``_Listener``).
+connection evicts the oldest handshake of the busiest source address if it is stale, else it is
+closed at once (see :mod:`tunnel.handshakes`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from .config import Limits
 from .constants import WS_PATH
 from .errors import LinkError
+from .handshakes import PendingHandshakes
 from .pipe import Pipe, PipeReceiver
 from .websocket import (
     ClientHandshake,
@@ -100,11 +101,6 @@ def _read_buffer(size: int) -> bytearray:
     elif free >= 0:
         pool[free] = buf  # a bigger one replaces a free small one
     return buf
-#: With every handshake slot taken, one pending this long (seconds) may be evicted for a
-#: newcomer; younger ones are not (see ``_Listener``).
-EVICTABLE_AFTER = 1.0
-
-
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is None:
@@ -175,7 +171,6 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         self._raw_early: list | None = None
         self._listener = listener
         self.slot: Slot | None = None
-        self._accepted_at = 0.0
         self._rbuf: bytearray | None = None
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future | None = self._loop.create_future() if client else None
@@ -244,14 +239,12 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             transport.write(self._handshake.request())
             return
         listener = self._listener
-        self._accepted_at = self._loop.time()
-        if listener.pending >= listener.limits.max_pending_handshakes and not listener.evict_one(self._accepted_at):
+        if not listener.admit(self):
             log.warning("refusing connection from %s: %d handshakes pending", self.peer_address,
-                        listener.pending)
+                        len(listener.handshakes))
             self._lost = True  # never counted, never reported
             transport.abort()
             return
-        listener.admit(self)
         self.slot = Slot(self, listener)
         self._deadline = self._loop.call_later(listener.limits.handshake_timeout, self._deadline_expired)
         if listener.ssl_context is not None:
@@ -494,7 +487,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             self.transport.abort()
 
     def _evict(self) -> None:
-        """Give up this handshake at once to make room (see ``_Listener``)."""
+        """Give up this handshake at once to make room (see :mod:`tunnel.handshakes`)."""
         if self.slot is not None:
             self.slot.release()
         if self._lost:
@@ -518,54 +511,33 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
 
 
 class _Listener:
-    """Accepts connections and keeps the handshakes in progress, grouped by source address.
+    """Accepts connections and keeps the handshakes in progress (:mod:`tunnel.handshakes`)."""
 
-    When ``max_pending_handshakes`` are in progress a new connection evicts the oldest
-    handshake of the source address holding the most slots, if that one is older than
-    ``EVICTABLE_AFTER``; otherwise the newcomer is refused. Refusing newcomers always would
-    let a few hundred idle sockets lock every real agent out for a whole handshake deadline;
-    a real agent needs its slot for milliseconds, the idle ones sit oldest in line, and a
-    burst of new connections cannot flush a handshake younger than ``EVICTABLE_AFTER``.
-    """
-
-    __slots__ = ("limits", "ssl_context", "on_pipe", "pending", "_by_source", "evicted")
+    __slots__ = ("limits", "ssl_context", "on_pipe", "handshakes")
 
     def __init__(self, limits: Limits, ssl_context: ssl.SSLContext | None, on_pipe) -> None:
         self.limits = limits
         self.ssl_context = ssl_context
         self.on_pipe = on_pipe
-        self.pending = 0
-        self.evicted = 0
-        self._by_source: dict[object, dict[WebSocketPipe, None]] = {}  # insertion-ordered
+        self.handshakes = PendingHandshakes(limits.max_pending_handshakes)
 
-    def admit(self, pipe: WebSocketPipe) -> None:
-        source = pipe.peer_address[0] if pipe.peer_address else None
-        self._by_source.setdefault(source, {})[pipe] = None
-        self.pending += 1
+    def admit(self, pipe: WebSocketPipe) -> bool:
+        """Take a handshake slot for ``pipe``, evicting a stale one if all are taken."""
+        handshakes = self.handshakes
+        now = pipe._loop.time()
+        if handshakes.full:
+            victim = handshakes.pick_victim(now)
+            if victim is None:
+                return False
+            if handshakes.evicted == 1 or handshakes.evicted % 1000 == 0:
+                log.warning("%d handshakes pending: evicting the oldest from %s (%d evicted so far)",
+                            len(handshakes), victim.peer_address, handshakes.evicted)
+            victim._evict()
+        handshakes.admit(pipe, pipe.peer_address[0] if pipe.peer_address else None, now)
+        return True
 
     def forget(self, pipe: WebSocketPipe) -> None:
-        source = pipe.peer_address[0] if pipe.peer_address else None
-        group = self._by_source.get(source)
-        if group is not None and pipe in group:
-            del group[pipe]
-            self.pending -= 1
-            if not group:
-                del self._by_source[source]
-
-    def evict_one(self, now: float) -> bool:
-        """Evict a stale handshake to make room; False if none is old enough."""
-        if not self._by_source:
-            return False
-        group = max(self._by_source.values(), key=len)
-        victim = next(iter(group))
-        if now - victim._accepted_at < EVICTABLE_AFTER:
-            return False
-        self.evicted += 1
-        if self.evicted == 1 or self.evicted % 1000 == 0:
-            log.warning("%d handshakes pending: evicting the oldest from %s (%d evicted so far)",
-                        self.pending, victim.peer_address, self.evicted)
-        victim._evict()
-        return True
+        self.handshakes.forget(pipe)
 
     def __call__(self) -> WebSocketPipe:
         hs = ServerHandshake(self.limits.max_http_header_size)

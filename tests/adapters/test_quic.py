@@ -22,6 +22,7 @@ from tunnel import quic
 from tunnel.constants import ErrorCode, FrameType
 from tunnel.errors import LinkError
 from tunnel.quic import connect_quic, serve_quic
+from tests.helpers.quic_flood import idle_quic_clients
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -501,6 +502,68 @@ def test_pending_handshake_cap(run, certs):
         assert server.refused == 1
         first.close()
         await wait_for(lambda: server.pending_handshakes == 0)
+        server.close()
+
+    run(main())
+
+
+def test_initial_flood_gets_retries_and_holds_at_most_half_the_slots(run, certs):
+    """Initials from addresses that never answer (spoofed) cannot fill the handshake slots."""
+    async def main():
+        limits = Limits(max_pending_handshakes=16, handshake_timeout=30)
+        server, client, _, _ = await pair(certs, limits=limits)
+        client.close()
+        await wait_for(lambda: server.pending_handshakes == 0, what="first client authenticated")
+        flood = await idle_quic_clients("127.0.0.1", server.port, 100, answer=False)
+        try:
+            await wait_for(lambda: server.pending_handshakes + server.retries >= 100, what="flood handled")
+            assert server.pending_handshakes == 8 and server.retries == 92
+            links = []
+            server._on_link = lambda link: (link.set_handler(Recorder()), link.handshake_done(), links.append(link))
+            real = await connect_quic("127.0.0.1", server.port, ca_file=certs["ca"], server_name="localhost",
+                                      limits=limits, timeout=10)
+            await wait_for(lambda: links, what="real client accepted after a Retry")
+            assert server.retries == 93 and server.evicted == 0
+            real.close()
+        finally:
+            for c in flood:
+                c.close()
+        server.close()
+
+    run(main())
+
+
+def test_idle_handshakes_are_evicted_for_a_real_client(run, certs):
+    """Address-validated clients that finish the QUIC handshake and then say nothing hold every
+    slot; once they are stale, a real client still gets in (the oldest idle one is evicted)."""
+    async def main():
+        limits = Limits(max_pending_handshakes=16, handshake_timeout=30)
+        links = []
+
+        def accept(link):
+            link.set_handler(Recorder())
+            link.handshake_done()
+            links.append(link)
+
+        server = await serve_quic("127.0.0.1", 0, cert_file=certs["cert"], key_file=certs["key"], limits=limits,
+                                  on_link=accept)
+        flood = await idle_quic_clients("127.0.0.1", server.port, 40, answer=True)
+        try:
+            await wait_for(lambda: server.pending_handshakes == 16 and server.refused == 24, what="slots full")
+            full_at = asyncio.get_running_loop().time()
+            await wait_for(lambda: asyncio.get_running_loop().time() - full_at > 1.1, what="idle handshakes stale")
+            assert not links
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            real = await connect_quic("127.0.0.1", server.port, ca_file=certs["ca"], server_name="localhost",
+                                      limits=limits, timeout=10)
+            await wait_for(lambda: links, what="real client accepted")
+            assert loop.time() - t0 < 2.0
+            assert server.evicted == 1 and server.pending_handshakes == 15
+            real.close()
+        finally:
+            for c in flood:
+                c.close()
         server.close()
 
     run(main())

@@ -27,13 +27,18 @@ def strict_relay(tmp_path):
     r.stop()
 
 
-async def _authenticated_time(relay, token: str, name: str = "probe") -> float:
-    """Seconds from dialling to ``registered`` for a hand-driven WSS agent."""
+async def _authenticated_time(relay, token: str, name: str = "probe", transport: str = "wss") -> float:
+    """Seconds from dialling to ``registered`` for a hand-driven agent."""
+    from tunnel.quic import connect_quic
     from tunnel.wss import connect_wss
 
-    ctx = ssl.create_default_context(cafile=relay.ca_file)
     t0 = time.monotonic()
-    link = await connect_wss(f"wss://127.0.0.1:{relay.port}", ssl_context=ctx, limits=Limits(), timeout=10)
+    if transport == "quic":
+        link = await connect_quic("127.0.0.1", relay.port, ca_file=relay.ca_file, server_name="127.0.0.1",
+                                  limits=Limits(), timeout=10)
+    else:
+        ctx = ssl.create_default_context(cafile=relay.ca_file)
+        link = await connect_wss(f"wss://127.0.0.1:{relay.port}", ssl_context=ctx, limits=Limits(), timeout=10)
     answer = asyncio.get_running_loop().create_future()
 
     from tunnel.carrier import LinkHandler
@@ -149,3 +154,47 @@ def test_real_agents_register_while_300_idle_connections_hold_the_port(strict_re
     finally:
         for s in idle:
             s.close()
+
+
+def test_real_quic_agents_register_while_300_idle_quic_handshakes_hold_the_port(tmp_path, agents, service_factory):
+    """QUIC twin of the test above: 300 clients that pass address validation, finish the QUIC
+    handshake and then say nothing hold all 256 slots (and are refused beyond them) while
+    agents register. The deadline is long enough that none of them expires meanwhile."""
+    from tests.helpers.quic_flood import idle_quic_clients
+
+    relay = Relay(tmp_path)
+    relay.start(TUNNEL_HANDSHAKE_TIMEOUT="15")  # default keepalive: the QUIC idle timeout must not free slots either
+    customer = relay.create_customer("acme")
+    token = relay.jwt("--customer-id", customer)
+
+    async def main():
+        flood = await idle_quic_clients("127.0.0.1", relay.port, IDLE, answer=True)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while sum(c.received > 0 for c in flood) < IDLE:  # every one answered (admitted or refused)
+                assert loop.time() < deadline, "relay did not answer the idle clients"
+                await asyncio.sleep(0.05)
+            opened = loop.time()
+            while loop.time() - opened < 1.2:  # let them go stale: younger ones are never evicted
+                await asyncio.sleep(0.05)
+            took = await _authenticated_time(relay, token, transport="quic")
+            print(f"hand-driven QUIC agent registered in {took:.2f}s with {IDLE} idle QUIC handshakes")
+            assert took < 2.0
+            service = service_factory("echo")
+            agent = agents.start(f"quic://127.0.0.1:{relay.port}", token, "db", service.port,
+                                 ca_file=relay.ca_file, **FAST)
+            deadline = loop.time() + 30
+            while "serving resource" not in agent.log():
+                assert loop.time() < deadline, agent.log()[-2000:]
+                await asyncio.sleep(0.05)
+        finally:
+            for c in flood:
+                c.close()
+
+    try:
+        asyncio.run(main())
+        assert serves(relay.endpoint(customer, "db"))
+        assert relay.proc.alive()
+    finally:
+        relay.stop()
