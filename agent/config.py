@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import re
 import ssl
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -96,6 +95,8 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     config_file = config_file or env.get("AGENT_CONFIG_FILE")
     file_conf: dict = {}
     if config_file:
+        import tomllib  # only with a config file: half a megabyte of RSS otherwise
+
         try:
             with open(config_file, "rb") as f:
                 file_conf = tomllib.load(f)

@@ -3,12 +3,11 @@ redacted from every record as a last line of defence (the code never logs them o
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import time
-
-import orjson
 
 # JWTs (three base64url parts, the first starting with '{"' encoded) and bearer tokens.
 _SECRET = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
@@ -37,7 +36,7 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
-        return orjson.dumps(entry).decode()
+        return json.dumps(entry, separators=(",", ":"))
 
 
 def configure(fmt: str = "plain", level: str = "INFO") -> None:

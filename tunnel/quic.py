@@ -80,7 +80,6 @@ import struct
 import sys
 from collections.abc import Callable
 
-import orjson
 from aioquic.buffer import Buffer
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
@@ -109,6 +108,7 @@ from aioquic.quic.stream import QuicStreamSender
 from . import frames
 from .carrier import Link, LinkHandler, LinkStream, StreamHandler
 from .config import Limits
+from .control import decode_control, encode_control
 from .constants import (
     HEADER_SIZE,
     MIN_PROTOCOL_VERSION,
@@ -118,7 +118,7 @@ from .constants import (
     Flags,
     FrameType,
 )
-from .errors import FloodError, LinkError, ProtocolError, SessionClosed, StreamClosed, UsageError
+from .errors import FloodError, LinkError, ProtocolError, SessionClosed, StreamClosed
 from .handshakes import PendingHandshakes
 
 __all__ = ["QuicLink", "QuicServer", "connect_quic", "serve_quic"]
@@ -897,10 +897,7 @@ class QuicLink(Link):
     def send_control(self, message: dict) -> None:
         if self._closed:
             raise SessionClosed("link is closed")
-        payload = orjson.dumps(message)
-        if len(payload) > self.limits.max_control_size:
-            raise UsageError(f"control message of {len(payload)} bytes exceeds max_control_size")
-        self._send_frame(FrameType.CONTROL, 0, payload)
+        self._send_frame(FrameType.CONTROL, 0, encode_control(message, self.limits.max_control_size))
 
     def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         if self._closed or self._closing:
@@ -1249,14 +1246,7 @@ class QuicLink(Link):
                     raise FloodError("PING flood")
                 self._send_frame(FrameType.PING, Flags.ACK, bytes(payload))
         elif ftype == FrameType.CONTROL:
-            try:
-                message = orjson.loads(bytes(payload))
-            except orjson.JSONDecodeError:
-                raise ProtocolError("CONTROL payload is not JSON") from None
-            if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-                raise ProtocolError("CONTROL payload is not an object with a type")
-            if len(payload) > self.limits.max_control_size:
-                raise ProtocolError("CONTROL message exceeds max_control_size", ErrorCode.FRAME_SIZE_ERROR)
+            message = decode_control(payload, self.limits.max_control_size)
             if self._backlog is not None:
                 self._backlog.append(("ctl", message))
             else:

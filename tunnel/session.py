@@ -30,10 +30,9 @@ import struct
 from collections import deque
 from enum import IntEnum
 
-import orjson
-
 from . import frames
 from .config import DEFAULT_LIMITS, Limits
+from .control import decode_control, encode_control
 from .constants import (
     HEADER_SIZE,
     MAX_FRAME_SIZE_CAP,
@@ -535,15 +534,7 @@ class Session:
     def _on_control(self, flags: int, sid: int, payload) -> None:
         if sid:
             raise ProtocolError("CONTROL on a stream")
-        if len(payload) > self._limits.max_control_size:
-            raise ProtocolError(f"CONTROL of {len(payload)} bytes", ErrorCode.FRAME_SIZE_ERROR)
-        try:
-            message = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise ProtocolError("CONTROL payload is not JSON") from None
-        if not isinstance(message, dict):
-            raise ProtocolError("CONTROL payload is not a JSON object")
-        self._events.append(ControlReceived(message))
+        self._events.append(ControlReceived(decode_control(payload, self._limits.max_control_size)))
 
     # --- stream bookkeeping -----------------------------------------------------------
 
@@ -877,9 +868,7 @@ class Session:
         """Queue one CONTROL frame (a JSON object)."""
         if self._closed:
             raise SessionClosed("session is closed")
-        payload = orjson.dumps(message)
-        if len(payload) > self._limits.max_control_size or len(payload) > self._peer_max_frame:
-            raise UsageError(f"CONTROL message of {len(payload)} bytes is too large")
+        payload = encode_control(message, min(self._limits.max_control_size, self._peer_max_frame))
         self._queue_control(frames.encode_frame(FrameType.CONTROL, 0, 0, payload))
 
     def ping(self, now: float) -> None:

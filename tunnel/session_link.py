@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from .carrier import Link, LinkHandler, LinkStream, StreamHandler
 from .config import DEFAULT_LIMITS, Limits
 from .constants import ErrorCode
-from .errors import LinkError, SessionClosed, UsageError
+from .errors import LinkError, SessionClosed
 from .errors import StreamClosed as StreamClosedError
 from .events import (
     ConnectionClosed,

@@ -673,7 +673,8 @@ def test_control_messages():
     assert s.pop_events() == [ControlReceived({"type": "registered", "x": [1]})]
     s.send_control({"type": "error", "code": "unauthorized"})
     assert out_bytes(s) == frame(T.CONTROL, 0, 0, b'{"type":"error","code":"unauthorized"}')
-    for bad in (b"not json", b"[1,2]"):
+    for bad in (b"not json", b"[1,2]", b"{}", b'{"type":1}', b'{"type":"t","n":NaN}', b'{"type":"\xff"}',
+                b"[" * 50_000):
         s = make()
         s.receive_data(frame(T.CONTROL, 0, 0, bad), 0)
         closed_with(s, ErrorCode.PROTOCOL_ERROR)
