@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(conf.log_format, conf.log_level)
     log.info("tunnel-agent %s starting: relay %s, resources %s", __version__, conf.relay_url,
              ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets))
+    from tunnel.wss import tune_malloc
+
+    tune_malloc()
     try:
         import uvloop
         runner = uvloop.run

@@ -14,6 +14,7 @@ from tunnel.carrier import Link, LinkHandler, LinkStream
 from tunnel.config import Limits
 from tunnel.constants import ErrorCode
 from tunnel.errors import AuthError
+from tunnel.wss import tune_malloc
 
 from .registry import AgentSession, Registry
 
@@ -161,6 +162,7 @@ def _addr(link: Link) -> str:
 
 def serve_main(args) -> int:
     """Entry point of ``tunnel-relay serve`` (``args`` from relay.cli)."""
+    tune_malloc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
