@@ -59,10 +59,11 @@ ID (short-header packets by slicing it, without a header parse), with a handshak
 a cap on handshakes in progress (a stale one is evicted for a newcomer, as over WSS: see
 :mod:`tunnel.handshakes`) and a cap on connections. Once half the handshake slots are taken,
 new clients must prove their address with a Retry round trip first (RFC 9000 section 8.1), so
-a flood of Initial packets from spoofed addresses cannot hold slots at all. Sends are coalesced: one
-``call_soon`` per loop iteration runs ``datagrams_to_send`` and writes every datagram in a
-tight loop, straight to the socket (GSO batches of equal-sized datagrams on Linux), through
-the transport only while the socket is full.
+a flood of Initial packets from spoofed addresses cannot hold slots at all.
+
+Sends are coalesced: one ``call_soon`` per loop iteration runs ``datagrams_to_send`` and
+writes every datagram in a tight loop, straight to the socket (GSO batches of equal-sized
+datagrams on Linux), through the transport only while the socket is full.
 """
 
 from __future__ import annotations
