@@ -108,6 +108,8 @@ def _read_buffer(size: int) -> bytearray:
     elif free >= 0:
         pool[free] = buf  # a bigger one replaces a free small one
     return buf
+
+
 def tune_malloc() -> bool:
     """Entrypoints call this once at start (see ``MALLOC_MMAP_THRESHOLD``); False off glibc."""
     return frames.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
