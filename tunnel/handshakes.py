@@ -9,12 +9,16 @@ least ``evictable_after`` seconds; otherwise the newcomer is refused. A real age
 slot for milliseconds, idle ones sit oldest in line, and a burst of new connections cannot
 flush a handshake younger than ``evictable_after``.
 
-Plain bookkeeping: no I/O, time passed in.
+Bookkeeping with time passed in; evictions are logged sparsely (the first, then every
+thousandth).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import logging
+from collections.abc import Callable, Hashable
+
+log = logging.getLogger("tunnel.handshakes")
 
 #: With every slot taken, a handshake pending this long (seconds) may be evicted for a newcomer.
 EVICTABLE_AFTER = 1.0
@@ -46,6 +50,20 @@ class PendingHandshakes:
         """Take a slot for ``conn`` (call only when not :attr:`full`, or after an eviction)."""
         self._entries[conn] = source
         self._by_source.setdefault(source, {})[conn] = now
+
+    def make_room(self, now: float, evict: Callable[[Hashable], None]) -> bool:
+        """True if a slot is free, after handing a stale handshake to ``evict`` (its slot
+        already freed) if need be; False if the newcomer must be refused."""
+        if not self.full:
+            return True
+        victim = self.pick_victim(now)
+        if victim is None:
+            return False
+        if self.evicted == 1 or self.evicted % 1000 == 0:
+            log.warning("%d handshakes pending: evicting the oldest from %s (%d evicted so far)",
+                        len(self), getattr(victim, "peer_address", None), self.evicted)
+        evict(victim)
+        return True
 
     def forget(self, conn: Hashable) -> bool:
         """Free ``conn``'s slot; False if it held none."""

@@ -1709,7 +1709,7 @@ class QuicServer(asyncio.DatagramProtocol):
         elif 2 * len(self._handshakes) >= self.limits.max_pending_handshakes:
             self._send_retry(header, addr, now)
             return
-        if len(self._all) >= self.max_connections or not self._make_room(now):
+        if len(self._all) >= self.max_connections or not self._handshakes.make_room(now, self._evict):
             self.refused += 1
             self._transport.sendto(_refuse_datagram(header.version, header.destination_cid, header.source_cid), addr)
             return
@@ -1724,21 +1724,12 @@ class QuicServer(asyncio.DatagramProtocol):
             version=header.version, source_cid=retry_cid, destination_cid=header.source_cid,
             original_destination_cid=header.destination_cid, retry_token=token), addr)
 
-    def _make_room(self, now: float) -> bool:
-        """True if a handshake slot is free, after evicting a stale handshake if need be."""
-        handshakes = self._handshakes
-        if not handshakes.full:
-            return True
-        victim = handshakes.pick_victim(now)
-        if victim is None:
-            return False
-        if handshakes.evicted == 1 or handshakes.evicted % 1000 == 0:
-            log.warning("%d QUIC handshakes pending: evicting the oldest from %s (%d evicted so far)",
-                        len(handshakes), victim.peer_address, handshakes.evicted)
-        if victim._on_handshake_slot is not None:
-            victim._on_handshake_slot()
-        victim.close(ErrorCode.TIMEOUT, "handshake evicted: too many handshakes in progress")
-        return True
+    @staticmethod
+    def _evict(link: QuicLink) -> None:
+        """Give up a stale handshake to make room (see :mod:`tunnel.handshakes`)."""
+        if link._on_handshake_slot is not None:
+            link._on_handshake_slot()
+        link.close(ErrorCode.TIMEOUT, "handshake evicted: too many handshakes in progress")
 
     def _accept(self, header, data: bytes, addr, original_cid: bytes, retry_cid: bytes | None) -> None:
         conn = _BoundedConnection(configuration=self._configuration,

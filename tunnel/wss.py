@@ -537,17 +537,10 @@ class _Listener:
 
     def admit(self, pipe: WebSocketPipe) -> bool:
         """Take a handshake slot for ``pipe``, evicting a stale one if all are taken."""
-        handshakes = self.handshakes
         now = pipe._loop.time()
-        if handshakes.full:
-            victim = handshakes.pick_victim(now)
-            if victim is None:
-                return False
-            if handshakes.evicted == 1 or handshakes.evicted % 1000 == 0:
-                log.warning("%d handshakes pending: evicting the oldest from %s (%d evicted so far)",
-                            len(handshakes), victim.peer_address, handshakes.evicted)
-            victim._evict()
-        handshakes.admit(pipe, pipe.peer_address[0] if pipe.peer_address else None, now)
+        if not self.handshakes.make_room(now, WebSocketPipe._evict):
+            return False
+        self.handshakes.admit(pipe, pipe.peer_address[0] if pipe.peer_address else None, now)
         return True
 
     def forget(self, pipe: WebSocketPipe) -> None:
