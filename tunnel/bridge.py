@@ -21,19 +21,11 @@ import struct
 
 from .carrier import LinkStream, StreamHandler
 from .constants import ErrorCode
+from .pipe import set_nodelay
 
 log = logging.getLogger("tunnel.bridge")
 
 _LINGER_RST = struct.pack("ii", 1, 0)
-
-
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class TcpBridge(asyncio.Protocol):

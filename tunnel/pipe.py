@@ -7,7 +7,21 @@ TCP. Message boundaries, if the pipe has any, carry no meaning.
 from __future__ import annotations
 
 import abc
+import asyncio
+import socket
 from collections.abc import Sequence
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Turn Nagle off on the TCP socket under ``transport`` (nothing for other sockets)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # pragma: no cover - exotic transports
+        pass
 
 
 class PipeReceiver:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable, Sequence
 
 from .carrier import Link, LinkHandler, LinkStream, StreamHandler
@@ -36,7 +35,7 @@ from .events import (
     StreamReset,
     StreamWritable,
 )
-from .pipe import Pipe, PipeReceiver
+from .pipe import Pipe, PipeReceiver, set_nodelay
 from .session import Role, Session
 
 __all__ = ["SessionLink", "SessionLinkStream", "TcpPipe", "open_tcp_link", "serve_tcp_links"]
@@ -474,12 +473,7 @@ class TcpPipe(Pipe, asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self._transport = transport
         self.peer_address = transport.get_extra_info("peername") or ()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         try:
             transport.set_write_buffer_limits(high=self.write_high_water, low=self.write_low_water)
         except Exception:

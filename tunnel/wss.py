@@ -34,7 +34,7 @@ from .config import Limits
 from .constants import WS_PATH
 from .errors import LinkError
 from .handshakes import PendingHandshakes
-from .pipe import Pipe, PipeReceiver
+from .pipe import Pipe, PipeReceiver, set_nodelay
 from .websocket import (
     ClientHandshake,
     CloseCode,
@@ -113,17 +113,6 @@ def _read_buffer(size: int) -> bytearray:
 def tune_malloc() -> bool:
     """Entrypoints call this once at start (see ``MALLOC_MMAP_THRESHOLD``); False off glibc."""
     return frames.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
-
-
-def _set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    try:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # pragma: no cover - exotic transports
-        pass
 
 
 class Slot:
@@ -247,7 +236,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer_address = tuple(peer) if isinstance(peer, (tuple, list)) else (peer,)
-        _set_nodelay(transport)
+        set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         if self.client:
             transport.write(self._handshake.request())
