@@ -121,6 +121,7 @@ from .constants import (
 )
 from .errors import FloodError, LinkError, ProtocolError, SessionClosed, StreamClosed
 from .handshakes import PendingHandshakes
+from .rates import PerSecond
 
 __all__ = ["QuicLink", "QuicServer", "connect_quic", "serve_quic"]
 
@@ -845,10 +846,8 @@ class QuicLink(Link):
         #: How often this link fell back to MAX_DATAGRAM_SIZE (EMSGSIZE or a black hole).
         self.datagram_fallbacks = 0
         # Flood accounting (per one-second window), as the WSS session does.
-        self._ping_window = 0.0
-        self._ping_count = 0
-        self._churn_window = 0.0
-        self._churn_count = 0
+        self._ping_rate = PerSecond()
+        self._churn_rate = PerSecond()
         # Half-closed streams and when the earliest may time out.
         self._half_closed: set = set()
         self._half_close_timer: asyncio.TimerHandle | None = None
@@ -1238,12 +1237,7 @@ class QuicLink(Link):
             return
         if ftype == FrameType.PING:
             if not flags & Flags.ACK:
-                now = self._loop.time()
-                if now - self._ping_window >= 1.0:
-                    self._ping_window = now
-                    self._ping_count = 0
-                self._ping_count += 1
-                if self._ping_count > self.limits.max_ping_rate:
+                if self._ping_rate.count(self._loop.time()) > self.limits.max_ping_rate:
                     raise FloodError("PING flood")
                 self._send_frame(FrameType.PING, Flags.ACK, bytes(payload))
         elif ftype == FrameType.CONTROL:
@@ -1364,12 +1358,7 @@ class QuicLink(Link):
 
     def _count_churn(self) -> bool:
         """Count one stream open or reset by the peer; False once the link closed for it."""
-        now = self._loop.time()
-        if now - self._churn_window >= 1.0:
-            self._churn_window = now
-            self._churn_count = 0
-        self._churn_count += 1
-        if self._churn_count > self.limits.max_stream_churn_rate:
+        if self._churn_rate.count(self._loop.time()) > self.limits.max_stream_churn_rate:
             self._fail(ErrorCode.ENHANCE_YOUR_CALM, "stream open/reset flood")
             return False
         return True

@@ -69,6 +69,7 @@ from .events import (
     StreamReset,
     StreamWritable,
 )
+from .rates import PerSecond
 
 __all__ = ["Role", "Session", "StreamState", "StreamInput", "TRANSITIONS"]
 
@@ -222,10 +223,8 @@ class Session:
         self._pings: dict[bytes, float] = {}
         self._ping_counter = 0
         self._rtt: float | None = None
-        self._ping_window = now
-        self._ping_count = 0
-        self._churn_window = now
-        self._churn_count = 0
+        self._ping_rate = PerSecond(now)
+        self._churn_rate = PerSecond(now)
         # Half-close timeouts: the streams, and a lower bound of their earliest deadline.
         self._half_closed: set = set()
         self._half_close_at: float | None = None
@@ -505,12 +504,7 @@ class Session:
                 self._rtt = self._now - sent
                 self._events.append(PingAcknowledged(self._rtt))
             return
-        now = self._now
-        if now - self._ping_window >= 1.0:
-            self._ping_window = now
-            self._ping_count = 0
-        self._ping_count += 1
-        if self._ping_count > self._limits.max_ping_rate:
+        if self._ping_rate.count(self._now) > self._limits.max_ping_rate:
             raise FloodError("PING flood")
         self._queue_reply(frames.encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
 
@@ -539,12 +533,7 @@ class Session:
     # --- stream bookkeeping -----------------------------------------------------------
 
     def _count_churn(self) -> None:
-        now = self._now
-        if now - self._churn_window >= 1.0:
-            self._churn_window = now
-            self._churn_count = 0
-        self._churn_count += 1
-        if self._churn_count > self._limits.max_stream_churn_rate:
+        if self._churn_rate.count(self._now) > self._limits.max_stream_churn_rate:
             raise FloodError("stream open/reset flood")
 
     def _enter_half_closed(self, s: _Stream) -> None:
