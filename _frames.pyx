@@ -506,11 +506,36 @@ def ws_mask(data, key, offset=0):
         PyBuffer_Release(&kbuf)
 
 
+cdef Py_ssize_t _get_buffers(tuple items, Py_buffer* bufs, Py_ssize_t* held) except -1:
+    """Export each item's bytes into ``bufs`` (``held`` counts the exports, for the caller to
+    release, also after an error); returns their total length."""
+    cdef Py_ssize_t i, total = 0
+    for i in range(len(items)):
+        item = items[i]
+        try:
+            PyObject_GetBuffer(item, &bufs[i], PyBUF_SIMPLE)
+        except (TypeError, BufferError):
+            raise TypeError(f"sequence item {i}: expected a bytes-like object, "
+                            f"{type(item).__name__} found") from None
+        held[0] += 1
+        total += bufs[i].len
+    return total
+
+
+cdef void _mask_buffers(unsigned char* dst, Py_buffer* bufs, Py_ssize_t count,
+                        const unsigned char* key) noexcept nogil:
+    """The buffers joined into ``dst`` and masked, the key phase running on across them."""
+    cdef Py_ssize_t i, pos = 0
+    for i in range(count):
+        _mask(dst + pos, <const unsigned char*>bufs[i].buf, bufs[i].len, key, pos & 3)
+        pos += bufs[i].len
+
+
 def ws_mask_join(buffers, key):
     """Concatenate ``buffers`` and mask the result in one pass (a client's outgoing message)."""
     cdef Py_buffer kbuf
     cdef Py_buffer* bufs
-    cdef Py_ssize_t count, held = 0, total = 0, pos = 0, i
+    cdef Py_ssize_t count, held = 0, total = 0, i
     cdef bytes out
     cdef unsigned char* dst
     cdef unsigned char k[4]
@@ -534,23 +559,13 @@ def ws_mask_join(buffers, key):
     if bufs == NULL:
         raise MemoryError()
     try:
-        for i in range(count):
-            item = items[i]
-            try:
-                PyObject_GetBuffer(item, &bufs[i], PyBUF_SIMPLE)
-            except (TypeError, BufferError):
-                raise TypeError(f"sequence item {i}: expected a bytes-like object, "
-                                f"{type(item).__name__} found") from None
-            held += 1
-            total += bufs[i].len
+        total = _get_buffers(items, bufs, &held)
         if total == 0:
             return b""
         out = PyBytes_FromStringAndSize(NULL, total)
         dst = <unsigned char*>PyBytes_AS_STRING(out)
         with nogil:
-            for i in range(count):
-                _mask(dst + pos, <const unsigned char*>bufs[i].buf, bufs[i].len, k, pos & 3)
-                pos += bufs[i].len
+            _mask_buffers(dst, bufs, count, k)
         return out
     finally:
         for i in range(held):
@@ -563,7 +578,7 @@ def ws_mask_join_into(buffers, key, out):
     returns the byte count (ValueError if ``out`` is too small). No allocation."""
     cdef Py_buffer obuf
     cdef Py_buffer* bufs
-    cdef Py_ssize_t count, held = 0, total = 0, pos = 0, i
+    cdef Py_ssize_t count, held = 0, total = 0, i
     cdef unsigned char* dst
     cdef unsigned char k[4]
     cdef tuple items
@@ -579,15 +594,7 @@ def ws_mask_join_into(buffers, key, out):
     if bufs == NULL:
         raise MemoryError()
     try:
-        for i in range(count):
-            item = items[i]
-            try:
-                PyObject_GetBuffer(item, &bufs[i], PyBUF_SIMPLE)
-            except (TypeError, BufferError):
-                raise TypeError(f"sequence item {i}: expected a bytes-like object, "
-                                f"{type(item).__name__} found") from None
-            held += 1
-            total += bufs[i].len
+        total = _get_buffers(items, bufs, &held)
         if total > len(out):
             raise ValueError("output buffer too small")
         if total == 0:
@@ -595,9 +602,7 @@ def ws_mask_join_into(buffers, key, out):
         PyObject_GetBuffer(out, &obuf, PyBUF_SIMPLE)
         dst = <unsigned char*>obuf.buf
         with nogil:
-            for i in range(count):
-                _mask(dst + pos, <const unsigned char*>bufs[i].buf, bufs[i].len, k, pos & 3)
-                pos += bufs[i].len
+            _mask_buffers(dst, bufs, count, k)
         PyBuffer_Release(&obuf)
         return total
     finally:
