@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Cython frame codec ``tunnel._frames``: the same API and behaviour as ``tunnel._frames_py``.
+"""Cython frame codec ``tunnel._frames``: the same API and behaviour as ``tunnel.codec.pure``.
 
 Frames (docs/PROTOCOL.md) and the WebSocket primitives (RFC 6455) the carrier needs, with the
 header work done by C byte operations on the caller's buffer:
@@ -28,9 +28,9 @@ from libc.string cimport memcpy, strcmp
 
 import math
 
-from tunnel import _frames_py as _py
-from tunnel.constants import ALLOWED_FLAGS, HEADER_SIZE, MAX_GOAWAY_REASON, PARTIAL, FrameType
-from tunnel.errors import FrameTooLarge, ProtocolError
+from tunnel.codec import pure as _py
+from tunnel.wire.constants import ALLOWED_FLAGS, HEADER_SIZE, MAX_GOAWAY_REASON, PARTIAL, FrameType
+from tunnel.wire.errors import FrameTooLarge, ProtocolError
 
 cdef extern from "Python.h":
     bint PyMemoryView_Check(object o)
@@ -707,5 +707,5 @@ def parse_ws_header(buf, offset=0):
 
 def tune_malloc(mmap_threshold, trim_threshold):
     """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (bytes); False where the C
-    library is not glibc. See ``tunnel._frames_py.tune_malloc``."""
+    library is not glibc. See ``tunnel.codec.pure.tune_malloc``."""
     return bool(tn_tune_malloc(mmap_threshold, trim_threshold))

@@ -2,8 +2,8 @@
 
 ``pip install -e .`` (or ``pip install .``) builds it, with Cython taken from the build
 requirements in pyproject.toml; ``python setup.py build_ext --inplace`` rebuilds it in place
-after an edit. Without the extension ``tunnel.frames`` falls back to the pure-Python twin
-``tunnel._frames_py`` (``TUNNEL_PURE_PYTHON=1`` forces the twin).
+after an edit. Without the extension ``tunnel.codec`` falls back to the pure-Python twin
+``tunnel.codec.pure`` (``TUNNEL_PURE_PYTHON=1`` forces the twin).
 """
 
 import os

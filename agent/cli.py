@@ -7,8 +7,9 @@ import logging
 import signal
 import sys
 
-from tunnel import __version__, logs
-from tunnel.config import Limits
+from tunnel import __version__
+from tunnel.core.limits import Limits
+from tunnel.ops import logs
 
 from . import config as agent_config
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(conf.log_format, conf.log_level)
     log.info("tunnel-agent %s starting: relay %s, resources %s", __version__, conf.relay_url,
              ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets))
-    from tunnel.wss import tune_malloc
+    from tunnel.ops.process import tune_malloc
 
     tune_malloc()
     try:

@@ -14,11 +14,11 @@ import random
 import socket
 
 from tunnel import __version__
-from tunnel.bridge import TcpBridge, dial_bridge, stream_handler
-from tunnel.carrier import Link, LinkHandler, LinkStream
-from tunnel.config import Limits
-from tunnel.constants import ErrorCode
-from tunnel.errors import AuthError, LinkError
+from tunnel.bridge.tcp import TcpBridge, dial_bridge, stream_handler
+from tunnel.carriers.base import Link, LinkHandler, LinkStream
+from tunnel.core.limits import Limits
+from tunnel.wire.constants import ErrorCode
+from tunnel.wire.errors import AuthError, LinkError
 
 from .config import AgentConfig
 
@@ -121,7 +121,7 @@ class Agent:
         self.config = config
         self.limits = limits or Limits.from_env()
         if dialer is None:
-            from tunnel.dial import Dialer
+            from tunnel.bridge.dial import Dialer
 
             dialer = Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits)
         self.dialer = dialer

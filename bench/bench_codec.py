@@ -27,7 +27,7 @@ _results: list[tuple[str, str, str, float, float | None]] = []
 
 def _codec(kind: str):
     try:
-        return importlib.import_module("tunnel._frames" if kind == "cython" else "tunnel._frames_py")
+        return importlib.import_module("tunnel._frames" if kind == "cython" else "tunnel.codec.pure")
     except ImportError:
         pytest.skip("tunnel._frames is not built (pip install -e . or python setup.py build_ext --inplace)")
 

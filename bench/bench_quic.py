@@ -1,7 +1,7 @@
 """Our QUIC carrier: two QuicLinks over loopback moving one stream of SIZE bytes.
 
 Same shape as bench_quic_bare.py (server in a child process, self-signed certificate made
-here), but through ``tunnel.quic``: flow control follows consumption, sends are bounded.
+here), but through ``tunnel.carriers.quic``: flow control follows consumption, sends are bounded.
 Prints MB/s and a cProfile top-20 of the sending side (``--profile-receiver`` for the other).
 
     python bench/bench_quic.py [--size-mb 200] [--asyncio] [--no-profile] [--repeat 3]
@@ -18,8 +18,8 @@ import cProfile
 import io
 import multiprocessing
 import os
-import resource
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_quic_bare import make_cert, new_loop  # noqa: E402
 
-from tunnel.carrier import LinkHandler, StreamHandler  # noqa: E402
-from tunnel.config import Limits  # noqa: E402
-from tunnel.quic import connect_quic, serve_quic  # noqa: E402
+from tunnel.carriers.base import LinkHandler, StreamHandler  # noqa: E402
+from tunnel.carriers.quic import connect_quic, serve_quic  # noqa: E402
+from tunnel.core.limits import Limits  # noqa: E402
 
 CHUNK = 256 * 1024
 
@@ -162,9 +162,9 @@ def main():
     args = parser.parse_args()
     use_uvloop = not args.asyncio
     size = args.size_mb * 1024 * 1024
-    from tunnel.quic import DATAGRAM_SIZE_ENV
+    from tunnel.carriers.quic import DATAGRAM_SIZE_ENV
     dgram = os.environ.get(DATAGRAM_SIZE_ENV, "path-derived")
-    label = f"tunnel.quic {'uvloop' if use_uvloop else 'asyncio'} datagram={dgram}"
+    label = f"tunnel.carriers.quic {'uvloop' if use_uvloop else 'asyncio'} datagram={dgram}"
     runs = []
     prof = None
     for i in range(args.repeat):

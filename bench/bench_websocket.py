@@ -1,4 +1,4 @@
-"""Throughput of our TLS WebSocket pipe (tunnel.wss) against picows and websockets.
+"""Throughput of our TLS WebSocket pipe (tunnel.carriers.wss) against picows and websockets.
 
 One direction at a time over TLS on loopback (client -> server: masked; server -> client:
 unmasked), both ends in this process on one uvloop loop, so the figure is the CPU cost of
@@ -28,10 +28,10 @@ if str(ROOT) not in sys.path:
 import uvloop  # noqa: E402
 
 from tests.helpers import make_pki  # noqa: E402
-from tunnel import frames  # noqa: E402
-from tunnel.config import Limits  # noqa: E402
-from tunnel.pipe import PipeReceiver  # noqa: E402
-from tunnel.wss import open_wss_pipe, serve_wss_pipes  # noqa: E402
+from tunnel import codec as frames  # noqa: E402
+from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
+from tunnel.carriers.wss import open_wss_pipe, serve_wss_pipes  # noqa: E402
+from tunnel.core.limits import Limits  # noqa: E402
 
 LIMITS = Limits()
 
@@ -209,13 +209,13 @@ async def bench_websockets(server_ctx, client_ctx, total: int, size: int, upload
 
 
 LIBRARIES = {
-    "tunnel.wss": bench_ours,
-    "tunnel.wss+afn": bench_ours_aiofastnet,
+    "tunnel.carriers.wss": bench_ours,
+    "tunnel.carriers.wss+afn": bench_ours_aiofastnet,
     "picows": bench_picows,  # uses aiofastnet's TLS transport when installed (its default)
     "picows-uvtls": bench_picows_plain,
     "websockets": bench_websockets,
 }
-MODULES = {"tunnel.wss": "tunnel.wss", "tunnel.wss+afn": "aiofastnet", "picows": "picows",
+MODULES = {"tunnel.carriers.wss": "tunnel.carriers.wss", "tunnel.carriers.wss+afn": "aiofastnet", "picows": "picows",
            "picows-uvtls": "picows", "websockets": "websockets.asyncio.client"}
 
 

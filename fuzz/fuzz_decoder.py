@@ -2,7 +2,7 @@
 frame layer.
 
 Property: any input, split anywhere, is either decoded or raises ``ProtocolError`` (the
-documented error, see tunnel/errors.py); both codecs agree on the frames and on the error;
+documented error, see tunnel/wire/errors.py); both codecs agree on the frames and on the error;
 the WebSocket layer never raises for peer input (it records ``failure`` and closes).
 
     python3 fuzz/fuzz_decoder.py -max_total_time=60      # see fuzz/README.md
@@ -15,9 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tunnel import _frames_py  # noqa: E402
-from tunnel.errors import ProtocolError  # noqa: E402
-from tunnel.websocket import WebSocketConnection  # noqa: E402
+from tunnel.carriers.websocket import WebSocketConnection  # noqa: E402
+from tunnel.codec import pure as _frames_py  # noqa: E402
+from tunnel.wire.errors import ProtocolError  # noqa: E402
 
 try:
     from tunnel import _frames as _compiled

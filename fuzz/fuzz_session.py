@@ -1,4 +1,4 @@
-"""Atheris harness: the sans-IO :class:`tunnel.session.Session` fed hostile bytes.
+"""Atheris harness: the sans-IO :class:`tunnel.core.session.Session` fed hostile bytes.
 
 Property: ``receive_data`` never raises; whatever the input, the session either stays open
 or closes with a wire error code for a documented ``ProtocolError`` (never
@@ -16,11 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tunnel import frames  # noqa: E402
-from tunnel.config import Limits  # noqa: E402
-from tunnel.constants import ErrorCode, FrameType  # noqa: E402
-from tunnel.events import ConnectionClosed, DataReceived  # noqa: E402
-from tunnel.session import Role, Session  # noqa: E402
+from tunnel import codec as frames  # noqa: E402
+from tunnel.core.events import ConnectionClosed, DataReceived  # noqa: E402
+from tunnel.core.limits import Limits  # noqa: E402
+from tunnel.core.session import Role, Session  # noqa: E402
+from tunnel.wire.constants import ErrorCode, FrameType  # noqa: E402
 
 LIMITS = Limits(max_frame_size=16 * 1024, initial_stream_window=64 * 1024, session_window=256 * 1024,
                 max_concurrent_streams=16, max_control_size=4096)

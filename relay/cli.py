@@ -230,7 +230,7 @@ def _run_admin(args: argparse.Namespace) -> int:
 
 def configure_logging(log_format: str = "plain", level: str = "info") -> None:
     """The project's logging set-up: plain or JSON lines, secrets redacted."""
-    from tunnel import logs
+    from tunnel.ops import logs
 
     logs.configure(log_format, level.upper())
 

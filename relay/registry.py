@@ -13,10 +13,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from tunnel.bridge import TcpBridge, stream_handler
-from tunnel.carrier import Link
-from tunnel.constants import ErrorCode
-from tunnel.errors import UsageError
+from tunnel.bridge.tcp import TcpBridge, stream_handler
+from tunnel.carriers.base import Link
+from tunnel.wire.constants import ErrorCode
+from tunnel.wire.errors import UsageError
 
 log = logging.getLogger("relay.registry")
 

@@ -10,11 +10,11 @@ import signal
 from pathlib import Path
 
 from tunnel import __version__
-from tunnel.carrier import Link, LinkHandler, LinkStream
-from tunnel.config import Limits
-from tunnel.constants import ErrorCode
-from tunnel.errors import AuthError
-from tunnel.wss import tune_malloc
+from tunnel.carriers.base import Link, LinkHandler, LinkStream
+from tunnel.core.limits import Limits
+from tunnel.ops.process import tune_malloc
+from tunnel.wire.constants import ErrorCode
+from tunnel.wire.errors import AuthError
 
 from .registry import AgentSession, Registry
 
@@ -179,10 +179,10 @@ def serve_main(args) -> int:
 
 
 async def _serve(args) -> int:
-    from tunnel.quic import serve_quic
-    from tunnel.wss import serve_wss
+    from tunnel.bridge.listen import serve_links
 
-    from . import admin, pki, state as state_mod, tokens
+    from . import admin, pki, tokens
+    from . import state as state_mod
 
     limits = Limits.from_env()
     state_dir = Path(args.state_dir)
@@ -204,10 +204,9 @@ async def _serve(args) -> int:
             log.error("resource %s: cannot bind endpoint %s:%s: %s", resource["id"], args.service_host,
                       resource["port"], exc.strerror or exc)
 
-    wss_server = await serve_wss(host, port, ssl_context=ssl_context, limits=limits, on_link=relay.on_link)
-    port = wss_server.sockets[0].getsockname()[1]
-    quic_server = await serve_quic(host, port, cert_file=str(cert_file), key_file=str(key_file),
-                                   limits=limits, on_link=relay.on_link)
+    listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
+                                  key_file=str(key_file), limits=limits, on_link=relay.on_link)
+    port = listeners.port
     admin_token = admin.load_or_create_admin_token(state_dir)
     admin_server = await admin.start_admin_server(admin_host, admin_port, state=store, authority=authority,
                                                   registry=registry, token=admin_token, state_dir=state_dir)
@@ -222,8 +221,7 @@ async def _serve(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("relay stopping")
-    wss_server.close()
-    quic_server.close()
+    listeners.close()
     admin_server.close()
     admin.clear_admin_info(state_dir)
     await relay.drain()

@@ -10,7 +10,7 @@ Claims::
 Revocation is by generation: rotating a resource increments its generation, and tokens
 carrying a lower ``gen`` stop working for it (see :func:`check_against_state`).
 
-Every failure raises :class:`tunnel.errors.AuthError` whose message never contains the token.
+Every failure raises :class:`tunnel.wire.errors.AuthError` whose message never contains the token.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from tunnel.errors import AuthError
+from tunnel.wire.errors import AuthError
 
 from .state import ORG_CUSTOMER_ID, RelayState, allocate_port, ensure_state_dir
 

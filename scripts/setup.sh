@@ -24,4 +24,4 @@ fi
 
 python3 -m pip install -q --upgrade pip >/dev/null
 python3 -m pip install -q -e ".[test]"
-python3 -c "import tunnel.frames as f; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"
+python3 -c "import tunnel.codec as f; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"

@@ -1,7 +1,7 @@
 """Fixtures shared by every test layer.
 
 ``codec`` runs a test once per frame codec: the compiled ``tunnel._frames`` and its pure-Python
-twin ``tunnel._frames_py``. The compiled one is skipped only when it is not built (CI builds it,
+twin ``tunnel.codec.pure``. The compiled one is skipped only when it is not built (CI builds it,
 and ``tests/unit/test_frames.py::test_compiled_codec_is_in_use`` fails there if it is missing).
 """
 
@@ -23,7 +23,7 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "tunnel"))
 
-CODEC_MODULES = {"cython": "tunnel._frames", "python": "tunnel._frames_py"}
+CODEC_MODULES = {"cython": "tunnel._frames", "python": "tunnel.codec.pure"}
 
 
 def load_codec(kind: str):

@@ -1,10 +1,10 @@
 """Type stub of the frame codec ``tunnel._frames`` (Cython, built from ``_frames.pyx``).
 
-The pure-Python twin ``tunnel._frames_py`` has the same API and behaviour; import
-``tunnel.frames`` to get whichever is in use. Wire format: docs/PROTOCOL.md.
+The pure-Python twin ``tunnel.codec.pure`` has the same API and behaviour; import
+``tunnel.codec`` to get whichever is in use. Wire format: docs/PROTOCOL.md.
 
 Buffers ("bytes-like") are ``bytes``, ``bytearray`` or C-contiguous memoryviews; those are the
-fast paths. Every error the peer can cause is a :class:`tunnel.errors.ProtocolError`
+fast paths. Every error the peer can cause is a :class:`tunnel.wire.errors.ProtocolError`
 (``FrameTooLarge`` for an oversized frame). Integers out of range on the encode side raise
 ``struct.error``, as the twin does.
 """

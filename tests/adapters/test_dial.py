@@ -1,4 +1,4 @@
-"""tunnel.dial.Dialer against real listeners on loopback (QUIC, TLS WebSocket, auto)."""
+"""tunnel.bridge.dial.Dialer against real listeners on loopback (QUIC, TLS WebSocket, auto)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_quic import Recorder, make_ca, make_server_cert, wait_for  # noqa: E402
 
-from tunnel.config import Limits  # noqa: E402
-from tunnel.dial import Dialer  # noqa: E402
-from tunnel.quic import serve_quic  # noqa: E402
+from tunnel.bridge.dial import Dialer  # noqa: E402
+from tunnel.carriers.quic import serve_quic  # noqa: E402
+from tunnel.core.limits import Limits  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 LIMITS = Limits(handshake_timeout=10)
@@ -41,7 +41,7 @@ def _accept(links):
 
 
 async def _serve_wss(certs, links, port=0):
-    from tunnel.wss import serve_wss
+    from tunnel.carriers.wss import serve_wss
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -92,7 +92,7 @@ def test_quic_scheme(certs):
 
 
 def test_quic_scheme_unreachable_raises(certs):
-    from tunnel.errors import LinkError
+    from tunnel.wire.errors import LinkError
 
     async def main():
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

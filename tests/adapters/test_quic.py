@@ -1,4 +1,4 @@
-"""The QUIC carrier (tunnel.quic) on loopback, under plain asyncio and uvloop."""
+"""The QUIC carrier (tunnel.carriers.quic) on loopback, under plain asyncio and uvloop."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tunnel.carrier import LinkHandler, StreamHandler
-from tunnel.config import Limits
-from tunnel import quic
-from tunnel.constants import ErrorCode, FrameType
-from tunnel.errors import LinkError
-from tunnel.quic import connect_quic, serve_quic
 from tests.helpers.quic_flood import idle_quic_clients
+from tunnel.carriers import quic
+from tunnel.carriers.base import LinkHandler, StreamHandler
+from tunnel.carriers.quic import connect_quic, serve_quic
+from tunnel.core.limits import Limits
+from tunnel.wire.constants import ErrorCode, FrameType
+from tunnel.wire.errors import LinkError
 
 pytestmark = pytest.mark.timeout(180)
 

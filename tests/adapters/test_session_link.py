@@ -8,13 +8,13 @@ import random
 
 import pytest
 
-from tunnel import frames
-from tunnel.carrier import LinkHandler, StreamHandler
-from tunnel.config import DEFAULT_LIMITS
-from tunnel.constants import ErrorCode, FrameType
-from tunnel.errors import LinkError
-from tunnel.session import Role
-from tunnel.session_link import SessionLink, TcpPipe, open_tcp_link, serve_tcp_links
+from tunnel import codec as frames
+from tunnel.carriers.base import LinkHandler, StreamHandler
+from tunnel.carriers.session_link import SessionLink, TcpPipe, open_tcp_link, serve_tcp_links
+from tunnel.core.limits import DEFAULT_LIMITS
+from tunnel.core.session import Role
+from tunnel.wire.constants import ErrorCode, FrameType
+from tunnel.wire.errors import LinkError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -298,7 +298,7 @@ def test_handler_exception_resets_only_that_stream(run, caplog):
         assert not link.is_closing
         await stop(srv, link)
 
-    with caplog.at_level(logging.ERROR, logger="tunnel.session_link"):
+    with caplog.at_level(logging.ERROR, logger="tunnel.carriers.session_link"):
         run(main())
     assert "bug in one stream" in caplog.text
 

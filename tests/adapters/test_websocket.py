@@ -1,4 +1,4 @@
-"""Sans-IO WebSocket (tunnel.websocket): handshake vectors both ways, every rejection with its
+"""Sans-IO WebSocket (tunnel.carriers.websocket): handshake vectors both ways, every rejection with its
 HTTP status, frame parsing (byte at a time, masking rules, control frames, close codes, size
 limits) and the frame writer."""
 
@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tunnel import frames  # noqa: E402
-from tunnel.websocket import (  # noqa: E402
+from tunnel import codec as frames  # noqa: E402
+from tunnel.carriers.websocket import (  # noqa: E402
     ClientHandshake,
     CloseCode,
     HandshakeError,

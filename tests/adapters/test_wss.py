@@ -1,4 +1,4 @@
-"""The TLS WebSocket carrier (tunnel.wss, tunnel.proxy) on loopback, under uvloop and stock
+"""The TLS WebSocket carrier (tunnel.carriers.wss, tunnel.carriers.proxy) on loopback, under uvloop and stock
 asyncio: exact bytes both ways, big transfers with backpressure, the handshake deadline and
 the pending-handshake cap, garbage input, a CONNECT proxy, interop with the `websockets`
 library, and the SessionLink helpers on top."""
@@ -21,12 +21,12 @@ if str(ROOT) not in sys.path:
 import uvloop  # noqa: E402
 
 from tests.helpers import async_wait_for, make_pki  # noqa: E402
-from tunnel.config import Limits  # noqa: E402
-from tunnel.errors import LinkError  # noqa: E402
-from tunnel.pipe import PipeReceiver  # noqa: E402
-from tunnel.proxy import no_proxy_matches, proxy_for, redact  # noqa: E402
-from tunnel.websocket import HandshakeError  # noqa: E402
-from tunnel.wss import open_wss_pipe, parse_ws_url, serve_wss_pipes  # noqa: E402
+from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
+from tunnel.carriers.proxy import no_proxy_matches, proxy_for, redact  # noqa: E402
+from tunnel.carriers.websocket import HandshakeError  # noqa: E402
+from tunnel.carriers.wss import open_wss_pipe, parse_ws_url, serve_wss_pipes  # noqa: E402
+from tunnel.core.limits import Limits  # noqa: E402
+from tunnel.wire.errors import LinkError  # noqa: E402
 
 LIMITS = Limits()
 
@@ -596,9 +596,9 @@ def test_our_client_against_websockets_server(run, pki):
 # --- SessionLink helpers ----------------------------------------------------------------
 
 def test_connect_and_serve_wss_links(run, pki):
-    pytest.importorskip("tunnel.session_link")
-    from tunnel.carrier import LinkHandler
-    from tunnel.wss import connect_wss, serve_wss
+    pytest.importorskip("tunnel.carriers.session_link")
+    from tunnel.carriers.base import LinkHandler
+    from tunnel.carriers.wss import connect_wss, serve_wss
 
     async def main():
         got = asyncio.get_running_loop().create_future()

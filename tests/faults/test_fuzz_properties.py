@@ -7,10 +7,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tunnel import frames
-from tunnel.constants import FrameType
+from tunnel import codec as frames
+from tunnel.wire.constants import FrameType
 
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
 

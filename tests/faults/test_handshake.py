@@ -12,8 +12,8 @@ import pytest
 
 from tests.faults.faultkit import FAST, raise_nofile, serves, setup_agent, wait_until
 from tests.helpers.processes import Relay
-from tunnel.config import Limits
-from tunnel.errors import LinkError
+from tunnel.core.limits import Limits
+from tunnel.wire.errors import LinkError
 
 HANDSHAKE_TIMEOUT = 3.0
 MARGIN = 3.0
@@ -29,8 +29,8 @@ def strict_relay(tmp_path):
 
 async def _authenticated_time(relay, token: str, name: str = "probe", transport: str = "wss") -> float:
     """Seconds from dialling to ``registered`` for a hand-driven agent."""
-    from tunnel.quic import connect_quic
-    from tunnel.wss import connect_wss
+    from tunnel.carriers.quic import connect_quic
+    from tunnel.carriers.wss import connect_wss
 
     t0 = time.monotonic()
     if transport == "quic":
@@ -41,7 +41,7 @@ async def _authenticated_time(relay, token: str, name: str = "probe", transport:
         link = await connect_wss(f"wss://127.0.0.1:{relay.port}", ssl_context=ctx, limits=Limits(), timeout=10)
     answer = asyncio.get_running_loop().create_future()
 
-    from tunnel.carrier import LinkHandler
+    from tunnel.carriers.base import LinkHandler
 
     class H(LinkHandler):
         def control_received(self, message):
@@ -62,9 +62,9 @@ async def _authenticated_time(relay, token: str, name: str = "probe", transport:
 
 
 def test_upgraded_but_silent_client_is_cut_at_the_deadline(strict_relay):
-    from tunnel.session_link import SessionLink
-    from tunnel.session import Role
-    from tunnel.wss import open_wss_pipe
+    from tunnel.carriers.session_link import SessionLink
+    from tunnel.carriers.wss import open_wss_pipe
+    from tunnel.core.session import Role
 
     async def main():
         ctx = ssl.create_default_context(cafile=strict_relay.ca_file)
@@ -82,7 +82,7 @@ def test_upgraded_but_silent_client_is_cut_at_the_deadline(strict_relay):
 
 
 def test_silent_quic_client_is_cut_at_the_deadline(strict_relay):
-    from tunnel.quic import connect_quic
+    from tunnel.carriers.quic import connect_quic
 
     async def main():
         t0 = time.monotonic()

@@ -21,11 +21,11 @@ import pytest
 
 from tests.faults.faultkit import rss_kib, setup_agent
 from tests.helpers.processes import connect, recv_all
-from tunnel import frames
-from tunnel.carrier import LinkHandler
-from tunnel.config import Limits
-from tunnel.constants import ErrorCode, FrameType, Flags
-from tunnel.errors import LinkError
+from tunnel import codec as frames
+from tunnel.carriers.base import LinkHandler
+from tunnel.core.limits import Limits
+from tunnel.wire.constants import ErrorCode, Flags, FrameType
+from tunnel.wire.errors import LinkError
 
 #: Growth of the relay's RSS allowed across every attack (buffers of the random floods,
 #: allocator high-water marks); a leak per connection or frame would exceed it.
@@ -107,9 +107,9 @@ class Recorder(LinkHandler):
 
 
 async def _link(relay, token: str | None):
-    from tunnel.session import Role
-    from tunnel.session_link import SessionLink
-    from tunnel.wss import open_wss_pipe
+    from tunnel.carriers.session_link import SessionLink
+    from tunnel.carriers.wss import open_wss_pipe
+    from tunnel.core.session import Role
 
     ctx = ssl.create_default_context(cafile=relay.ca_file)
     pipe = await open_wss_pipe(f"wss://127.0.0.1:{relay.port}", ssl_context=ctx, limits=Limits(), timeout=10)

@@ -10,13 +10,14 @@ import shutil
 import tempfile
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from relay.state import ORG_CUSTOMER_ID, RelayState
 from relay.tokens import TokenAuthority, check_against_state
 from tests.faults.faultkit import echo_once, setup_agent
-from tunnel.errors import AuthError
+from tunnel.wire.errors import AuthError
 
 NAMES = st.sampled_from(["db", "sftp", "api", "DB", "db-2"])  # collide across customers
 

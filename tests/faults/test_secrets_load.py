@@ -63,7 +63,7 @@ def _secrets_session(relay, agents, service_factory, tmp_path):
         assert stat.S_IMODE((relay.state_dir / name).stat().st_mode) & 0o077 == 0, name
     # Exception messages from the token checks never quote the token.
     from relay.tokens import TokenAuthority
-    from tunnel.errors import AuthError
+    from tunnel.wire.errors import AuthError
 
     authority = TokenAuthority(relay.state_dir)
     for bad in (token[:-3] + "abc", token + ".x", "Bearer " + token, token.replace(".", "!")):

@@ -15,7 +15,7 @@ import ssl
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from tunnel.constants import QUIC_ALPN
+from tunnel.wire.constants import QUIC_ALPN
 
 
 class IdleQuicClient(asyncio.DatagramProtocol):

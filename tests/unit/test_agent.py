@@ -9,8 +9,8 @@ import pytest
 
 from agent import config as agent_config
 from agent.runner import Agent, AgentLinkHandler, Backoff
-from tunnel.carrier import LinkStream
-from tunnel.constants import ErrorCode
+from tunnel.carriers.base import LinkStream
+from tunnel.wire.constants import ErrorCode
 
 BASE = {"RELAY_URL": "wss://relay.example:8443", "REGISTRATION_JWT": "x.y.z", "NAME": "db",
         "APP_HOST": "10.0.0.5", "APP_PORT": "5432"}

@@ -12,17 +12,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnel.constants import ALLOWED_FLAGS, PARTIAL, ErrorCode, Flags, FrameType
-from tunnel.errors import FrameTooLarge, ProtocolError
+from tunnel.wire.constants import ALLOWED_FLAGS, PARTIAL, ErrorCode, Flags, FrameType
+from tunnel.wire.errors import FrameTooLarge, ProtocolError
 
 KiB = 1024
 MAX = 256 * KiB
 
 
 def load_codec(kind):
-    """``tunnel._frames`` ("cython", None when not built) or ``tunnel._frames_py`` ("python")."""
+    """``tunnel._frames`` ("cython", None when not built) or ``tunnel.codec.pure`` ("python")."""
     if kind == "python":
-        from tunnel import _frames_py
+        from tunnel.codec import pure as _frames_py
 
         return _frames_py
     try:
@@ -182,9 +182,9 @@ def test_compiled_codec_is_in_use():
     """CI builds the extension: the pure twin may only be in use when explicitly forced."""
     if os.environ.get("TUNNEL_PURE_PYTHON", "") not in ("", "0"):
         pytest.skip("TUNNEL_PURE_PYTHON forces the pure-Python codec")
-    import tunnel.frames
+    import tunnel.codec
 
-    assert tunnel.frames.IMPLEMENTATION == "cython", (
+    assert tunnel.codec.IMPLEMENTATION == "cython", (
         "tunnel._frames is not built: run `pip install -e .` or `python setup.py build_ext --inplace`"
     )
 

@@ -1,6 +1,6 @@
-"""The pending-handshake table both carriers use (tunnel.handshakes)."""
+"""The pending-handshake table both carriers use (tunnel.carriers.handshakes)."""
 
-from tunnel.handshakes import PendingHandshakes
+from tunnel.carriers.handshakes import PendingHandshakes
 
 
 def test_slots_fill_and_free():

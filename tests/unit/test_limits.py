@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.config import DEFAULT_LIMITS, Limits
+from tunnel.core.limits import DEFAULT_LIMITS, Limits
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "LIMITS.md"
 

@@ -7,11 +7,8 @@ import struct
 import orjson
 import pytest
 
-from tunnel import frames
-from tunnel.config import DEFAULT_LIMITS, Limits
-from tunnel.constants import MAX_WINDOW, PARTIAL, ErrorCode, Flags, FrameType
-from tunnel.errors import SessionClosed, StreamClosed as StreamClosedError, UsageError
-from tunnel.events import (
+from tunnel import codec as frames
+from tunnel.core.events import (
     ConnectionClosed,
     ControlReceived,
     DataReceived,
@@ -24,7 +21,11 @@ from tunnel.events import (
     StreamReset,
     StreamWritable,
 )
-from tunnel.session import TRANSITIONS, Role, Session, StreamInput, StreamState
+from tunnel.core.limits import DEFAULT_LIMITS, Limits
+from tunnel.core.session import TRANSITIONS, Role, Session, StreamInput, StreamState
+from tunnel.wire.constants import MAX_WINDOW, PARTIAL, ErrorCode, Flags, FrameType
+from tunnel.wire.errors import SessionClosed, UsageError
+from tunnel.wire.errors import StreamClosed as StreamClosedError
 
 KiB = 1024
 MiB = 1024 * KiB

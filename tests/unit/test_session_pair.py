@@ -8,10 +8,8 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel import frames
-from tunnel.config import DEFAULT_LIMITS
-from tunnel.constants import ErrorCode, FrameType
-from tunnel.events import (
+from tunnel import codec as frames
+from tunnel.core.events import (
     ConnectionClosed,
     DataReceived,
     SessionReady,
@@ -21,7 +19,9 @@ from tunnel.events import (
     StreamReset,
     StreamWritable,
 )
-from tunnel.session import Role, Session
+from tunnel.core.limits import DEFAULT_LIMITS
+from tunnel.core.session import Role, Session
+from tunnel.wire.constants import ErrorCode, FrameType
 
 KiB = 1024
 

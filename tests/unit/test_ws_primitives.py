@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnel.errors import ProtocolError
+from tunnel.wire.errors import ProtocolError
 
 KEY = bytes.fromhex("37fa213d")  # the masking key of RFC 6455 section 5.7
 
 
 def both_codecs():
-    from tunnel import _frames_py
+    from tunnel.codec import pure as _frames_py
 
     try:
         from tunnel import _frames

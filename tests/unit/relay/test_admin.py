@@ -15,7 +15,7 @@ from relay_fakes import fake_agent
 from relay.admin import start_admin_server
 from relay.state import ORG_CUSTOMER_ID
 from relay.tokens import check_against_state
-from tunnel.errors import AuthError
+from tunnel.wire.errors import AuthError
 
 
 class Api:

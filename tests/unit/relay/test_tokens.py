@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from relay.state import ORG_CUSTOMER_ID, RelayState
 from relay.tokens import AUDIENCE, ISSUER, Claims, TokenAuthority, check_against_state
-from tunnel.errors import AuthError
+from tunnel.wire.errors import AuthError
 
 CUSTOMER = "cus_abcdefghijklmnop"
 RESOURCE = "res_abcdefghijklmnop"

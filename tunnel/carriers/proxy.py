@@ -24,11 +24,11 @@ import socket
 import urllib.parse
 from collections.abc import Mapping
 
-from .errors import LinkError
+from tunnel.wire.errors import LinkError
 
 __all__ = ["proxy_for", "no_proxy_matches", "open_connect_tunnel", "redact"]
 
-log = logging.getLogger("tunnel.proxy")
+log = logging.getLogger("tunnel.carriers.proxy")
 
 #: Largest CONNECT response head we read from a proxy.
 MAX_RESPONSE_HEAD = 16 * 1024

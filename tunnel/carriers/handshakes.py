@@ -1,6 +1,6 @@
 """Handshakes in progress on a relay listener, and which one to give up when they are too many.
 
-Both carriers (:mod:`tunnel.wss` and :mod:`tunnel.quic`) hold at most
+Both carriers (:mod:`tunnel.carriers.wss` and :mod:`tunnel.carriers.quic`) hold at most
 ``limits.max_pending_handshakes`` connections between their first packet and authentication.
 Refusing every newcomer once that many are pending would let a few hundred idle sockets lock
 every real agent out for a whole handshake deadline. Instead a newcomer evicts the oldest
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable
 
-log = logging.getLogger("tunnel.handshakes")
+log = logging.getLogger("tunnel.carriers.handshakes")
 
 #: With every slot taken, a handshake pending this long (seconds) may be evicted for a newcomer.
 EVICTABLE_AFTER = 1.0

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from .constants import MAX_FRAME_SIZE_CAP, MAX_WINDOW, MIN_FRAME_SIZE
+from tunnel.wire.constants import MAX_FRAME_SIZE_CAP, MAX_WINDOW, MIN_FRAME_SIZE
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -1,15 +1,15 @@
-"""The asyncio adapter between a byte :class:`~tunnel.pipe.Pipe` and the sans-IO
-:class:`~tunnel.session.Session`, exposed as a :class:`~tunnel.carrier.Link`.
+"""The asyncio adapter between a byte :class:`~tunnel.carriers.pipe.Pipe` and the sans-IO
+:class:`~tunnel.core.session.Session`, exposed as a :class:`~tunnel.carriers.base.Link`.
 
 It feeds pipe bytes into the session with ``loop.time()``, dispatches the session's events
-to the :class:`~tunnel.carrier.LinkHandler` and the per-stream
-:class:`~tunnel.carrier.StreamHandler`\\ s, coalesces writes into one ``loop.call_soon`` flush
+to the :class:`~tunnel.carriers.base.LinkHandler` and the per-stream
+:class:`~tunnel.carriers.base.StreamHandler`\\ s, coalesces writes into one ``loop.call_soon`` flush
 (one ``pipe.write`` batch per flush, nothing while the pipe is paused, so backpressure flows
 into the per-stream send queues and from there into ``LinkStream.paused``) and keeps exactly
 one timer armed from ``session.next_timer()``.
 
 :class:`TcpPipe` is a plain TCP pipe (tests, benchmarks); the TLS WebSocket pipe lives in
-``tunnel.wss``.
+``tunnel.carriers.wss``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from .carrier import Link, LinkHandler, LinkStream, StreamHandler
-from .config import DEFAULT_LIMITS, Limits
-from .constants import ErrorCode
-from .errors import LinkError, SessionClosed
-from .errors import StreamClosed as StreamClosedError
-from .events import (
+from tunnel.carriers.base import Link, LinkHandler, LinkStream, StreamHandler
+from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
+from tunnel.core.events import (
     ConnectionClosed,
     ControlReceived,
     DataReceived,
@@ -35,8 +32,11 @@ from .events import (
     StreamReset,
     StreamWritable,
 )
-from .pipe import Pipe, PipeReceiver, set_nodelay
-from .session import Role, Session
+from tunnel.core.limits import DEFAULT_LIMITS, Limits
+from tunnel.core.session import Role, Session
+from tunnel.wire.constants import ErrorCode
+from tunnel.wire.errors import LinkError, SessionClosed
+from tunnel.wire.errors import StreamClosed as StreamClosedError
 
 __all__ = ["SessionLink", "SessionLinkStream", "TcpPipe", "open_tcp_link", "serve_tcp_links"]
 
@@ -127,7 +127,7 @@ class SessionLinkStream(LinkStream):
 
 
 class SessionLink(Link, PipeReceiver):
-    """A :class:`~tunnel.carrier.Link` over a byte pipe, driven by a :class:`Session`."""
+    """A :class:`~tunnel.carriers.base.Link` over a byte pipe, driven by a :class:`Session`."""
 
     def __init__(self, pipe: Pipe, role: Role, limits: Limits = DEFAULT_LIMITS,
                  transport_name: str = "wss", loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -454,7 +454,7 @@ class SessionLink(Link, PipeReceiver):
 
 
 class TcpPipe(Pipe, asyncio.Protocol):
-    """A :class:`~tunnel.pipe.Pipe` over a TCP connection (TCP_NODELAY, ``writelines``)."""
+    """A :class:`~tunnel.carriers.pipe.Pipe` over a TCP connection (TCP_NODELAY, ``writelines``)."""
 
     #: Transport write buffer limits: pause_writing above ``high``.
     write_high_water = 1024 * 1024

@@ -14,7 +14,7 @@
     └── AuthError                the relay refused the agent's credentials or registration
 """
 
-from .constants import ErrorCode
+from tunnel.wire.constants import ErrorCode
 
 
 class TunnelError(Exception):

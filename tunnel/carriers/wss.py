@@ -1,13 +1,13 @@
-"""The TLS WebSocket carrier: an asyncio (uvloop or stock) adapter around :mod:`tunnel.websocket`.
+"""The TLS WebSocket carrier: an asyncio (uvloop or stock) adapter around :mod:`tunnel.carriers.websocket`.
 
-:class:`WebSocketPipe` is a :class:`tunnel.pipe.Pipe`: the binary payload of the WebSocket
-connection, as one byte stream, goes to a :class:`tunnel.pipe.PipeReceiver`; each
+:class:`WebSocketPipe` is a :class:`tunnel.carriers.pipe.Pipe`: the binary payload of the WebSocket
+connection, as one byte stream, goes to a :class:`tunnel.carriers.pipe.PipeReceiver`; each
 ``Pipe.write(buffers)`` leaves as one binary message (split above 1 MiB) through
 ``transport.writelines``; the transport's ``pause_writing``/``resume_writing`` reach the
 receiver.
 
 Agent side: :func:`open_wss_pipe` (or :func:`connect_wss` for a ready SessionLink) dials
-``wss://host:port[/path]`` directly or through an HTTP CONNECT proxy (:mod:`tunnel.proxy`).
+``wss://host:port[/path]`` directly or through an HTTP CONNECT proxy (:mod:`tunnel.carriers.proxy`).
 
 Relay side: :func:`serve_wss_pipes` (or :func:`serve_wss`). One deadline,
 ``limits.handshake_timeout``, starts at accept and covers the TLS handshake (done with
@@ -16,7 +16,7 @@ the upgrade and, after ``on_pipe``, authentication: the :class:`Slot` handed to 
 must be released in time or the connection is aborted. At most
 ``limits.max_pending_handshakes`` connections are in that phase at once; beyond that, a new
 connection evicts the oldest handshake of the busiest source address if it is stale, else it is
-closed at once (see :mod:`tunnel.handshakes`).
+closed at once (see :mod:`tunnel.carriers.handshakes`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,10 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from . import frames
-from .config import Limits
-from .constants import WS_PATH
-from .errors import LinkError
-from .handshakes import PendingHandshakes
-from .pipe import Pipe, PipeReceiver, set_nodelay
-from .websocket import (
+from tunnel import codec as frames
+from tunnel.carriers.handshakes import PendingHandshakes
+from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
+from tunnel.carriers.websocket import (
     ClientHandshake,
     CloseCode,
     HandshakeError,
@@ -44,6 +41,9 @@ from .websocket import (
     WebSocketConnection,
     buffer_in_use,
 )
+from tunnel.core.limits import Limits
+from tunnel.wire.constants import WS_PATH
+from tunnel.wire.errors import LinkError
 
 __all__ = [
     "WebSocketPipe",
@@ -55,7 +55,7 @@ __all__ = [
     "parse_ws_url",
 ]
 
-log = logging.getLogger("tunnel.wss")
+log = logging.getLogger("tunnel.carriers.wss")
 
 #: How long a closing handshake may wait for the peer's close frame (seconds).
 CLOSE_TIMEOUT = 5.0
@@ -490,7 +490,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             self.transport.abort()
 
     def _evict(self) -> None:
-        """Give up this handshake at once to make room (see :mod:`tunnel.handshakes`)."""
+        """Give up this handshake at once to make room (see :mod:`tunnel.carriers.handshakes`)."""
         if self.slot is not None:
             self.slot.release()
         if self._lost:
@@ -514,7 +514,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
 
 
 class _Listener:
-    """Accepts connections and keeps the handshakes in progress (:mod:`tunnel.handshakes`)."""
+    """Accepts connections and keeps the handshakes in progress (:mod:`tunnel.carriers.handshakes`)."""
 
     __slots__ = ("limits", "ssl_context", "on_pipe", "handshakes")
 
@@ -562,10 +562,10 @@ async def open_wss_pipe(url: str, *, ssl_context: ssl.SSLContext | None, limits:
 
     The TLS server name and certificate check use the URL's host; ``ssl_context`` None means
     the system's default trust. ``proxy`` is an ``http://[user:pass@]host:port`` CONNECT proxy
-    (see :func:`tunnel.proxy.proxy_for`), None to dial directly. ``timeout`` bounds
+    (see :func:`tunnel.carriers.proxy.proxy_for`), None to dial directly. ``timeout`` bounds
     everything. Failures raise :class:`LinkError` (``HandshakeError`` for a refused upgrade).
     """
-    from .proxy import open_connect_tunnel
+    from tunnel.carriers.proxy import open_connect_tunnel
 
     scheme, host, port, path = parse_ws_url(url)
     loop = asyncio.get_running_loop()
@@ -628,9 +628,9 @@ async def serve_wss_pipes(host: str, port: int, *, ssl_context: ssl.SSLContext |
 
 async def connect_wss(url: str, *, ssl_context: ssl.SSLContext | None, limits: Limits,
                       proxy: str | None = None, timeout: float | None = None):
-    """Agent side: dial ``url`` and return a ready :class:`tunnel.session_link.SessionLink`."""
-    from .session import Role
-    from .session_link import SessionLink
+    """Agent side: dial ``url`` and return a ready :class:`tunnel.carriers.session_link.SessionLink`."""
+    from tunnel.carriers.session_link import SessionLink
+    from tunnel.core.session import Role
 
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
@@ -652,8 +652,8 @@ async def serve_wss(host: str, port: int, *, ssl_context: ssl.SSLContext | None,
                     on_link: Callable, sock: socket.socket | None = None) -> asyncio.Server:
     """Relay side: every accepted agent becomes a SessionLink passed to ``on_link``; call
     ``link.handshake_done()`` once it has authenticated (that releases its handshake slot)."""
-    from .session import Role
-    from .session_link import SessionLink
+    from tunnel.carriers.session_link import SessionLink
+    from tunnel.core.session import Role
 
     def on_pipe(pipe: WebSocketPipe, slot: Slot) -> None:
         link = SessionLink(pipe, Role.RELAY, limits, transport_name="wss")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-from .constants import ErrorCode
-from .errors import ProtocolError, UsageError
+from tunnel.wire.constants import ErrorCode
+from tunnel.wire.errors import ProtocolError, UsageError
 
 
 def _no_constants(name: str):

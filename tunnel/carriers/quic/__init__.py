@@ -1,4 +1,4 @@
-"""The QUIC carrier: a :class:`tunnel.carrier.Link` over aioquic's sans-IO ``QuicConnection``.
+"""The QUIC carrier: a :class:`tunnel.carriers.base.Link` over aioquic's sans-IO ``QuicConnection``.
 
 Mapping (docs/PROTOCOL.md, "QUIC mapping"):
 
@@ -32,7 +32,7 @@ Bounded memory, both ways:
   streams cannot pile a chunk each into aioquic. Data streams use :class:`_ChunkSender`
   (aioquic's sender with the buffer kept as the written chunks: no whole-buffer copies).
 
-Limits shared with the WSS session (tunnel/config.py), checked in one place each:
+Limits shared with the WSS session (tunnel/core/limits.py), checked in one place each:
 ``max_concurrent_streams`` (peer streams beyond it are reset with STREAM_LIMIT; aioquic's
 MAX_STREAMS is set a little above it so that our answer is a prompt reset, not a silent
 wait), ``max_ping_rate`` and ``max_stream_churn_rate`` (per one-second window; the link
@@ -57,7 +57,7 @@ The I/O adapter is ours (not ``aioquic.asyncio``): a client owns a connected UDP
 server (:class:`QuicServer`) owns one UDP socket and demultiplexes connections by connection
 ID (short-header packets by slicing it, without a header parse), with a handshake deadline,
 a cap on handshakes in progress (a stale one is evicted for a newcomer, as over WSS: see
-:mod:`tunnel.handshakes`) and a cap on connections. Once half the handshake slots are taken,
+:mod:`tunnel.carriers.handshakes`) and a cap on connections. Once half the handshake slots are taken,
 new clients must prove their address with a Retry round trip first (RFC 9000 section 8.1), so
 a flood of Initial packets from spoofed addresses cannot hold slots at all.
 
@@ -94,23 +94,24 @@ from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
+    QuicStreamFrame,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
     pull_quic_transport_parameters,
     push_quic_transport_parameters,
 )
-from aioquic.quic.packet import QuicStreamFrame
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStreamSender
 
-from . import frames
-from .carrier import Link, LinkHandler, LinkStream, StreamHandler
-from .config import Limits
-from .control import decode_control, encode_control
-from .constants import (
+from tunnel import codec as frames
+from tunnel.carriers.base import Link, LinkHandler, LinkStream, StreamHandler
+from tunnel.carriers.handshakes import PendingHandshakes
+from tunnel.core.limits import Limits
+from tunnel.core.rates import PerSecond
+from tunnel.wire.constants import (
     HEADER_SIZE,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -119,9 +120,8 @@ from .constants import (
     Flags,
     FrameType,
 )
-from .errors import FloodError, LinkError, ProtocolError, SessionClosed, StreamClosed
-from .handshakes import PendingHandshakes
-from .rates import PerSecond
+from tunnel.wire.control import decode_control, encode_control
+from tunnel.wire.errors import FloodError, LinkError, ProtocolError, SessionClosed, StreamClosed
 
 __all__ = ["QuicLink", "QuicServer", "connect_quic", "serve_quic"]
 
@@ -1715,7 +1715,7 @@ class QuicServer(asyncio.DatagramProtocol):
 
     @staticmethod
     def _evict(link: QuicLink) -> None:
-        """Give up a stale handshake to make room (see :mod:`tunnel.handshakes`)."""
+        """Give up a stale handshake to make room (see :mod:`tunnel.carriers.handshakes`)."""
         if link._on_handshake_slot is not None:
             link._on_handshake_slot()
         link.close(ErrorCode.TIMEOUT, "handshake evicted: too many handshakes in progress")

@@ -1,7 +1,7 @@
 """Sans-IO RFC 6455 WebSocket, as much of it as the tunnel's link needs (docs/PROTOCOL.md,
 "WebSocket mapping").
 
-No sockets, no clocks, no logging here; the asyncio adapter is :mod:`tunnel.wss`.
+No sockets, no clocks, no logging here; the asyncio adapter is :mod:`tunnel.carriers.wss`.
 
 - :class:`ClientHandshake`: the agent's upgrade request (path ``/v1/link``, subprotocol
   ``tunnel.v1``) and the validation of the relay's ``101`` answer.
@@ -28,9 +28,9 @@ import os
 import struct
 from collections.abc import Sequence
 
-from . import frames
-from .constants import WS_PATH, WS_SUBPROTOCOL
-from .errors import LinkError, ProtocolError
+from tunnel import codec as frames
+from tunnel.wire.constants import WS_PATH, WS_SUBPROTOCOL
+from tunnel.wire.errors import LinkError, ProtocolError
 
 __all__ = [
     "ClientHandshake",

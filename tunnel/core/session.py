@@ -21,7 +21,7 @@ Design in a few lines:
   :meth:`Session.handle_timer` drive keepalive and half-close timeouts.
 - Peer mistakes never raise: a stream-level one resets the stream (``StreamReset`` with
   ``remote=False``), a link-level one queues GOAWAY and reports ``ConnectionClosed``; input
-  after that is ignored. API misuse raises :class:`tunnel.errors.UsageError`.
+  after that is ignored. API misuse raises :class:`tunnel.wire.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -30,32 +30,8 @@ import struct
 from collections import deque
 from enum import IntEnum
 
-from . import frames
-from .config import DEFAULT_LIMITS, Limits
-from .control import decode_control, encode_control
-from .constants import (
-    HEADER_SIZE,
-    MAX_FRAME_SIZE_CAP,
-    MAX_STREAM_ID,
-    MAX_WINDOW,
-    MIN_FRAME_SIZE,
-    MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
-    ErrorCode,
-    Flags,
-    FrameType,
-)
-from .errors import (
-    FloodError,
-    FlowControlError,
-    ProtocolError,
-    SessionClosed,
-    StreamStateError,
-    UsageError,
-    VersionMismatch,
-)
-from .errors import StreamClosed as StreamClosedError
-from .events import (
+from tunnel import codec as frames
+from tunnel.core.events import (
     ConnectionClosed,
     ControlReceived,
     DataReceived,
@@ -69,7 +45,31 @@ from .events import (
     StreamReset,
     StreamWritable,
 )
-from .rates import PerSecond
+from tunnel.core.limits import DEFAULT_LIMITS, Limits
+from tunnel.core.rates import PerSecond
+from tunnel.wire.constants import (
+    HEADER_SIZE,
+    MAX_FRAME_SIZE_CAP,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    MIN_FRAME_SIZE,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Flags,
+    FrameType,
+)
+from tunnel.wire.control import decode_control, encode_control
+from tunnel.wire.errors import (
+    FloodError,
+    FlowControlError,
+    ProtocolError,
+    SessionClosed,
+    StreamStateError,
+    UsageError,
+    VersionMismatch,
+)
+from tunnel.wire.errors import StreamClosed as StreamClosedError
 
 __all__ = ["Role", "Session", "StreamState", "StreamInput", "TRANSITIONS"]
 
@@ -108,7 +108,7 @@ _I = StreamInput
 
 #: The stream state machine: ``(state, input) -> new state``. A pair that is missing is a
 #: violation: by the peer (``RECV_*``: STREAM_CLOSED for data after FIN, else PROTOCOL_ERROR)
-#: or by the application (``SEND_*``: :class:`tunnel.errors.StreamClosed`).
+#: or by the application (``SEND_*``: :class:`tunnel.wire.errors.StreamClosed`).
 TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (_S.IDLE, _I.SEND_OPEN): _S.OPEN,
     (_S.IDLE, _I.SEND_OPEN_FIN): _S.HALF_CLOSED_LOCAL,
@@ -185,7 +185,7 @@ class _Stream:
 
 
 class Session:
-    """One link's multiplexer. See the module docstring; events in :mod:`tunnel.events`."""
+    """One link's multiplexer. See the module docstring; events in :mod:`tunnel.core.events`."""
 
     def __init__(self, role: Role, limits: Limits = DEFAULT_LIMITS, now: float = 0.0) -> None:
         self._role = Role(role)

@@ -1,5 +1,5 @@
 """The frame codec in use: the compiled ``tunnel._frames`` when it is built, else the
-pure-Python twin ``tunnel._frames_py`` (same API, same behaviour). Set
+pure-Python twin ``tunnel.codec.pure`` (same API, same behaviour). Set
 ``TUNNEL_PURE_PYTHON=1`` to force the twin (debugging, tests).
 
 ``IMPLEMENTATION`` says which one was loaded (``"cython"`` or ``"python"``). The API is
@@ -8,16 +8,16 @@ documented in ``tunnel/_frames.pyi``.
 
 import os
 
-from .constants import ALLOWED_FLAGS, HEADER_SIZE, MAX_GOAWAY_REASON, PARTIAL, Flags, FrameType  # noqa: F401
-from .errors import FrameTooLarge, ProtocolError  # noqa: F401
+from tunnel.wire.constants import ALLOWED_FLAGS, HEADER_SIZE, MAX_GOAWAY_REASON, PARTIAL, Flags, FrameType  # noqa: F401
+from tunnel.wire.errors import FrameTooLarge, ProtocolError  # noqa: F401
 
 if os.environ.get("TUNNEL_PURE_PYTHON", "") not in ("", "0"):
-    from . import _frames_py as _impl
+    from tunnel.codec import pure as _impl
 else:
     try:
-        from . import _frames as _impl
+        from tunnel import _frames as _impl
     except ImportError:  # not built: fall back to the twin
-        from . import _frames_py as _impl
+        from tunnel.codec import pure as _impl
 
 HELLO_SIZE = _impl.HELLO_SIZE
 IMPLEMENTATION = _impl.IMPLEMENTATION

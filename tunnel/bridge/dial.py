@@ -16,9 +16,9 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 
-from .carrier import Link
-from .config import Limits
-from .errors import LinkError
+from tunnel.carriers.base import Link
+from tunnel.core.limits import Limits
+from tunnel.wire.errors import LinkError
 
 __all__ = ["Dialer", "DEFAULT_PROBE_TIMEOUT", "DEFAULT_REPROBE_INTERVAL"]
 
@@ -112,7 +112,7 @@ class Dialer:
     # --- carriers --------------------------------------------------------------------
 
     async def _quic(self, timeout: float) -> Link:
-        from .quic import connect_quic
+        from tunnel.carriers.quic import connect_quic
 
         return await connect_quic(self.host, self.port, ca_file=self.ca_file, server_name=self.host,
                                   limits=self.limits, timeout=timeout)
@@ -127,8 +127,8 @@ class Dialer:
         return f"wss://{host}:{self.port}{self.path if self.scheme == 'wss' else ''}"
 
     async def _wss(self) -> Link:
-        from .proxy import proxy_for
-        from .wss import connect_wss
+        from tunnel.carriers.proxy import proxy_for
+        from tunnel.carriers.wss import connect_wss
 
         proxy = proxy_for(self.host, self.port, self.environ)
         try:

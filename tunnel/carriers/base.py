@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 
-from .constants import ErrorCode
+from tunnel.wire.constants import ErrorCode
 
 
 class StreamHandler:

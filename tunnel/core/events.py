@@ -1,4 +1,4 @@
-"""Events a :class:`tunnel.session.Session` reports: past-tense facts, one base class."""
+"""Events a :class:`tunnel.core.session.Session` reports: past-tense facts, one base class."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""A reliable, ordered byte pipe under a :class:`tunnel.session_link.SessionLink`.
+"""A reliable, ordered byte pipe under a :class:`tunnel.carriers.session_link.SessionLink`.
 
-The TLS WebSocket carrier provides one (``tunnel.wss``); tests and benchmarks also use plain
+The TLS WebSocket carrier provides one (``tunnel.carriers.wss``); tests and benchmarks also use plain
 TCP. Message boundaries, if the pipe has any, carry no meaning.
 """
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import struct
 
-from .constants import (
+from tunnel.wire.constants import (
     ALLOWED_FLAGS,
     HEADER_SIZE,
     MAX_GOAWAY_REASON,
     PARTIAL,
     FrameType,
 )
-from .errors import FrameTooLarge, ProtocolError
+from tunnel.wire.errors import FrameTooLarge, ProtocolError
 
 __all__ = [
     "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",

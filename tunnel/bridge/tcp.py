@@ -19,11 +19,11 @@ import logging
 import socket
 import struct
 
-from .carrier import LinkStream, StreamHandler
-from .constants import ErrorCode
-from .pipe import set_nodelay
+from tunnel.carriers.base import LinkStream, StreamHandler
+from tunnel.carriers.pipe import set_nodelay
+from tunnel.wire.constants import ErrorCode
 
-log = logging.getLogger("tunnel.bridge")
+log = logging.getLogger("tunnel.bridge.tcp")
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 
