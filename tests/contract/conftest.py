@@ -134,13 +134,26 @@ class Side(LinkHandler):
 
 
 class _Path:
-    """A relay of bytes (TCP) or datagrams (UDP) between the client and the server that
-    :meth:`go_silent` turns into a black hole, both ways."""
+    """A relay of bytes (TCP) or datagrams (UDP) between the client and the server, with an
+    optional one-way ``delay`` (seconds), that :meth:`go_silent` turns into a black hole."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float) -> None:
         self.silent = False
+        self.delay = delay
         self.port = 0
         self._closers: list = []
+
+    def forward(self, send, *args) -> None:
+        if self.silent:
+            return
+        if self.delay:
+            asyncio.get_running_loop().call_later(self.delay, self._late, send, args)
+        else:
+            send(*args)
+
+    def _late(self, send, args) -> None:
+        if not self.silent:
+            send(*args)
 
     def go_silent(self) -> None:
         self.silent = True
@@ -150,8 +163,8 @@ class _Path:
             close()
 
 
-async def _tcp_path(target_port: int) -> _Path:
-    path = _Path()
+async def _tcp_path(target_port: int, delay: float) -> _Path:
+    path = _Path(delay)
     loop = asyncio.get_running_loop()
 
     class Half(asyncio.Protocol):
@@ -168,10 +181,13 @@ async def _tcp_path(target_port: int) -> _Path:
         def data_received(self, data) -> None:
             if path.silent or self.peer is None:
                 return
-            if self.peer.transport is None:
-                self.peer.pending.append(data)
-            else:
-                self.peer.transport.write(data)
+            path.forward(self.peer.send, data)
+
+        def send(self, data) -> None:
+            if self.transport is None:
+                self.pending.append(data)
+            elif not self.transport.is_closing():
+                self.transport.write(data)
 
         def connection_lost(self, exc) -> None:
             if self.peer is not None and self.peer.transport is not None and not path.silent:
@@ -198,8 +214,8 @@ async def _tcp_path(target_port: int) -> _Path:
     return path
 
 
-async def _udp_path(target_port: int) -> _Path:
-    path = _Path()
+async def _udp_path(target_port: int, delay: float) -> _Path:
+    path = _Path(delay)
     loop = asyncio.get_running_loop()
     state = {"client": None}
 
@@ -209,16 +225,15 @@ async def _udp_path(target_port: int) -> _Path:
 
         def datagram_received(self, data, addr) -> None:
             state["client"] = addr
-            if not path.silent:
-                back.transport.sendto(data)
+            path.forward(back.transport.sendto, data)
 
     class Back(asyncio.DatagramProtocol):
         def connection_made(self, transport) -> None:
             self.transport = transport
 
         def datagram_received(self, data, addr) -> None:
-            if not path.silent and state["client"] is not None:
-                front.transport.sendto(data, state["client"])
+            if state["client"] is not None:
+                path.forward(front.transport.sendto, data, state["client"])
 
     _, front = await loop.create_datagram_endpoint(Front, local_addr=("127.0.0.1", 0))
     _, back = await loop.create_datagram_endpoint(Back, remote_addr=("127.0.0.1", target_port))
@@ -250,11 +265,12 @@ class Pair:
 @pytest.fixture
 def open_pair(carrier, pki, opened):
     """``await open_pair(limits=..., server_limits=..., server_side=..., client_side=...,
-    accept=True)``: a connected (client, server) pair over the carrier under test, each with
-    its handler installed (set ``install=False`` to install the client's yourself)."""
+    install=True, delay=0.0)``: a connected (client, server) pair over the carrier under test,
+    each with its handler installed (``install=False``: install the client's yourself), over
+    a path with ``delay`` seconds each way."""
     async def make(limits: Limits | None = None, server_limits: Limits | None = None,
                    client_side: Side | None = None, server_side: Side | None = None,
-                   install: bool = True) -> Pair:
+                   install: bool = True, delay: float = 0.0) -> Pair:
         limits = limits or Limits()
         server_limits = server_limits or limits
         server_side = server_side or Side()
@@ -269,21 +285,21 @@ def open_pair(carrier, pki, opened):
 
         if carrier == "tcp":
             server = await serve_tcp_links("127.0.0.1", 0, limits=server_limits, on_link=on_link)
-            path = await _tcp_path(server.sockets[0].getsockname()[1])
+            path = await _tcp_path(server.sockets[0].getsockname()[1], delay)
             client = await open_tcp_link("127.0.0.1", path.port, limits=limits)
             await client.wait_ready()
             closers = [server.close]
         elif carrier == "wss":
             server = await serve_wss("127.0.0.1", 0, ssl_context=pki.server_context(), limits=server_limits,
                                      on_link=on_link)
-            path = await _tcp_path(server.sockets[0].getsockname()[1])
+            path = await _tcp_path(server.sockets[0].getsockname()[1], delay)
             client = await connect_wss(f"wss://localhost:{path.port}", ssl_context=pki.client_context(),
                                        limits=limits, timeout=20)
             closers = [server.close]
         else:
             server = await serve_quic("127.0.0.1", 0, cert_file=str(pki.cert_file), key_file=str(pki.key_file),
                                       limits=server_limits, on_link=on_link)
-            path = await _udp_path(server.port)
+            path = await _udp_path(server.port, delay)
             client = await connect_quic("127.0.0.1", path.port, ca_file=str(pki.ca_file), server_name="localhost",
                                         limits=limits, timeout=20)
             closers = [server.close]

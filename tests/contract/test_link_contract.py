@@ -273,3 +273,31 @@ def test_control_flood_closes_the_link(run, open_pair):
         assert len(pair.server_side.controls) <= 20
 
     run(main())
+
+
+def _window(link, stream) -> int:
+    """The receive window the link grants ``stream`` now."""
+    return link.session._streams[stream.stream_id].window if hasattr(link, "session") else stream.window
+
+
+def test_stream_window_grows_with_the_path(run, open_pair):
+    """A stream that the window holds back (64 KiB over a 20 ms round trip) gets a larger one,
+    up to max_stream_window."""
+
+    async def main():
+        limits = Limits(initial_stream_window=64 * KiB, max_stream_window=1 * MiB, session_window=4 * MiB,
+                        max_frame_size=16 * KiB)
+        pair = await open_pair(limits=limits, delay=0.01)
+        cs, ch, ss, sh = await _open(pair)
+        total = 0
+        while total < 4 * MiB:
+            if not cs.paused:
+                cs.write(b"w" * (256 * KiB))
+                total += 256 * KiB
+            await asyncio.sleep(0)
+        cs.write_eof()
+        await wait_for(lambda: sh.eof, timeout=30, what="bulk data")
+        assert len(sh.data) == total
+        assert _window(pair.server, ss) > 64 * KiB
+
+    run(main())

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunnel import codec as frames
+from tunnel.core.events import DataReceived
 from tunnel.core.limits import DEFAULT_LIMITS, Limits
 from tunnel.core.policy import (
     KEEPALIVE_PING,
@@ -22,8 +23,10 @@ from tunnel.core.policy import (
     hello_payload,
     session_credit,
     stream_credit,
+    tuned_window,
 )
-from tunnel.wire.constants import ErrorCode
+from tunnel.core.session import Role, Session
+from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import FloodError, ProtocolError, VersionMismatch
 
 
@@ -187,3 +190,74 @@ def test_session_credit_never_exceeds_the_window(window, data):
         assert limit - consumed <= window  # never more outstanding than one window
         if received == consumed:
             assert limit - consumed > window // 2 - 1  # nothing held: at least half granted
+
+
+def test_tuned_window_grows_only_when_the_window_holds_the_sender_back():
+    KiB = 1024
+    # Half a 64 KiB window consumed in 10 ms with a 20 ms round trip: the window is the limit.
+    assert tuned_window(64 * KiB, 1024 * KiB, 40 * KiB, 0.010, 0.020) == 128 * KiB
+    # The same bytes over 200 ms: the sender (or the path) is the limit, not the window.
+    assert tuned_window(64 * KiB, 1024 * KiB, 40 * KiB, 0.200, 0.020) == 64 * KiB
+    assert tuned_window(64 * KiB, 1024 * KiB, 40 * KiB, 0.010, None) == 64 * KiB  # no round trip yet
+    assert tuned_window(768 * KiB, 1024 * KiB, 500 * KiB, 0.001, 0.020) == 1024 * KiB  # capped
+    assert tuned_window(1024 * KiB, 1024 * KiB, 900 * KiB, 0.001, 0.020) == 1024 * KiB
+
+
+def test_round_trip_is_sampled_while_data_flows():
+    p = LinkPolicy(DEFAULT_LIMITS, now=0.0)
+    ping = p.data_received(1000, 1.0)
+    assert ping is not None and p.data_received(1000, 1.01) is None  # one out at a time
+    assert p.ping_acked(ping, 1.02) == pytest.approx(0.02) and p.rtt == pytest.approx(0.02)
+    assert p.data_received(1000, 1.05) is None  # not before RTT_SAMPLE_INTERVAL
+    assert p.data_received(1000, 1.2) is not None
+
+
+def test_an_unanswered_sample_ping_does_not_stop_sampling():
+    p = LinkPolicy(DEFAULT_LIMITS, now=0.0)
+    assert p.data_received(1, 1.0) is not None
+    for i in range(20):  # keepalive PINGs push the sample's PING out of memory
+        p.new_ping(2.0 + i)
+    assert p.data_received(1, 30.0) is not None
+
+
+def test_retune_ends_the_epoch():
+    p = LinkPolicy(DEFAULT_LIMITS.replace(initial_stream_window=64 * 1024), now=0.0)
+    p.rtt = 0.02
+    s = S()
+    s.window, s.epoch_at, s.epoch_consumed = 64 * 1024, 1.0, 0
+    p.retune(s, 32 * 1024, 1.005)  # half the window: the epoch goes on
+    assert (s.window, s.epoch_at, s.epoch_consumed) == (64 * 1024, 1.0, 0)
+    p.retune(s, 40 * 1024, 1.01)
+    assert (s.window, s.epoch_at, s.epoch_consumed) == (128 * 1024, 1.01, 40 * 1024)
+
+
+def test_session_grants_the_grown_window():
+    """A session whose peer fills the stream window within a round trip grants more."""
+    limits = DEFAULT_LIMITS.replace(initial_stream_window=64 * 1024, max_stream_window=512 * 1024,
+                                    session_window=1024 * 1024, max_frame_size=16 * 1024)
+    agent, relay = Session(Role.AGENT, limits), Session(Role.RELAY, limits)
+    decoder = frames.FrameDecoder(limits.max_frame_size)
+
+    def wire(session) -> bytes:
+        return b"".join(bytes(b) for b in session.data_to_send())
+
+    relay.receive_data(wire(agent), 0.0)
+    agent.receive_data(wire(relay), 0.0)
+    agent.pop_events(), relay.pop_events()
+    sid = agent.open_stream(b"bulk")
+    increments = []
+    now = 0.0
+    for _ in range(40):  # each 10 ms round trip: a window's worth one way, credit back
+        agent.send_data(sid, b"x" * (64 * 1024))
+        now += 0.01
+        relay.receive_data(wire(agent), now)
+        for event in relay.pop_events():
+            if isinstance(event, DataReceived):
+                relay.consume(sid, len(event.data))
+        out = wire(relay)
+        increments += [frames.parse_u32(payload) for ftype, _, fsid, payload in decoder.feed(out)
+                       if ftype == FrameType.WINDOW_UPDATE and fsid == sid]
+        agent.receive_data(out, now)
+        agent.pop_events()
+    assert relay._streams[sid].window > 64 * 1024
+    assert max(increments) > 64 * 1024  # grants beyond the initial window

@@ -74,8 +74,11 @@ def sent_frames(session: Session, max_bytes=None) -> list[tuple]:
     return parse(out_bytes(session, max_bytes))
 
 
-def make(role=Role.RELAY, limits=DEFAULT_LIMITS, peer=DEFAULT_LIMITS, now=0.0) -> Session:
-    """A session that got the peer's HELLO, with its own HELLO and events already taken."""
+def make(role=Role.RELAY, limits=DEFAULT_LIMITS, peer=DEFAULT_LIMITS, now=0.0, tuning=False) -> Session:
+    """A session that got the peer's HELLO, with its own HELLO and events already taken.
+    Window auto-tuning (its PINGs) is off unless asked for, so that frames are exact."""
+    if not tuning:
+        limits = limits.replace(max_stream_window=limits.initial_stream_window)
     s = Session(role, limits, now=now)
     s.receive_data(hello_frame(peer), now)
     assert s.pop_events() == [SessionReady(1)]

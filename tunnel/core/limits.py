@@ -27,6 +27,9 @@ class Limits:
     max_frame_size: int = 256 * KiB
     #: Credit each new stream starts with: 1 Gbit/s x 50 ms round trip is 6.25 MB.
     initial_stream_window: int = 8 * MiB
+    #: Largest stream window auto-tuning grows to when the path's bandwidth-delay product
+    #: needs more than the initial window (at most the session window).
+    max_stream_window: int = 32 * MiB
     #: Credit across all streams of a link; bounds the memory of unconsumed received data.
     session_window: int = 64 * MiB
     #: Streams the peer may hold open towards us at once.
@@ -96,6 +99,8 @@ class Limits:
                 raise ValueError(f"{name} must be in [1, {MAX_WINDOW}]")
         if self.session_window < self.initial_stream_window:
             raise ValueError("session_window must be at least initial_stream_window")
+        if not self.initial_stream_window <= self.max_stream_window <= MAX_WINDOW:
+            raise ValueError("max_stream_window must be at least initial_stream_window (and at most 2^31-1)")
         if not self.stream_send_low_water < self.stream_send_high_water:
             raise ValueError("stream_send_low_water must be below stream_send_high_water")
         if self.keepalive_timeout <= self.keepalive_interval:

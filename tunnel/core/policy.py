@@ -13,7 +13,9 @@ GOAWAY with the error's code.
   admission of streams the peer opens, and the half-close deadlines.
 - :class:`SendWatermarks`: when a writer must pause and when it may resume.
 - :func:`stream_credit` and :func:`session_credit`: when receive credit goes back to the peer
-  (credit follows consumption, never receipt).
+  (credit follows consumption, never receipt); :func:`tuned_window`: stream windows that grow
+  with the path's measured round trip and rate, with :meth:`LinkPolicy.data_received` keeping
+  the round trip measured while data flows.
 
 Stream objects the policy keeps (half-closed streams, paused writers) are the carrier's own;
 the policy reads ``last_activity`` (the time of the stream's last progress, which the carrier
@@ -48,6 +50,7 @@ __all__ = [
     "hello_payload",
     "session_credit",
     "stream_credit",
+    "tuned_window",
 ]
 
 #: :meth:`LinkPolicy.keepalive_due` answers: the peer went silent for too long ...
@@ -57,6 +60,9 @@ KEEPALIVE_PING = "ping"
 
 #: Outstanding PINGs remembered for the round trip; older ones are forgotten.
 MAX_PENDING_PINGS = 16
+#: While data flows, the round trip is measured with a PING at most this often (seconds; the
+#: peer limits our PING rate).
+RTT_SAMPLE_INTERVAL = 0.1
 _PING_PAYLOAD = struct.Struct("!Q")
 _INF = float("inf")
 
@@ -125,6 +131,24 @@ def session_credit(limit: int, received: int, consumed: int, window: int) -> int
     if ungranted > 0 and ungranted >= limit - received:
         return ungranted
     return 0
+
+
+def tuned_window(window: int, max_window: int, consumed: int, elapsed: float, rtt: float | None) -> int:
+    """A stream's receive window after an epoch in which the application consumed
+    ``consumed`` bytes in ``elapsed`` seconds (quic-go's auto-tuning, as HTTP/2 and QUIC
+    stacks grow their windows).
+
+    An epoch lasts until more than half the window was consumed. When that took less than
+    ``4 * consumed / window`` round trips (two for half a window), the window is what holds
+    the sender back: it doubles, up to ``max_window``. A path whose bandwidth-delay product
+    exceeds the initial window gets a window that fills it within a few round trips; a slow
+    reader never grows one.
+    """
+    if rtt is None or window >= max_window:
+        return window
+    if elapsed < 4 * consumed / window * rtt:
+        return min(2 * window, max_window)
+    return window
 
 
 # --- send watermarks --------------------------------------------------------------------
@@ -218,8 +242,8 @@ class LinkPolicy:
 
     __slots__ = (
         "limits", "last_received", "rtt", "peer_streams", "goaway_sent", "goaway_code",
-        "goaway_received", "_last_ping", "_pings", "_ping_counter", "_ping_rate", "_churn_rate",
-        "_control_rate", "_half_closed", "_half_close_at",
+        "goaway_received", "max_window", "_last_ping", "_pings", "_ping_counter", "_ping_rate",
+        "_churn_rate", "_control_rate", "_half_closed", "_half_close_at", "_rtt_ping", "_rtt_next",
     )
 
     def __init__(self, limits: Limits, now: float) -> None:
@@ -234,6 +258,10 @@ class LinkPolicy:
         #: The code of the GOAWAY we sent (None: none sent).
         self.goaway_code: int | None = None
         self.goaway_received = False
+        #: Largest stream window :func:`tuned_window` may grow to.
+        self.max_window = min(limits.max_stream_window, limits.session_window)
+        self._rtt_ping: bytes | None = None  # the PING timing the round trip while data flows
+        self._rtt_next = now  # no new one before this
         self._last_ping = -_INF
         self._pings: dict[bytes, float] = {}
         self._ping_counter = 0
@@ -275,17 +303,48 @@ class LinkPolicy:
         self._ping_counter += 1
         payload = _PING_PAYLOAD.pack(self._ping_counter & 0xFFFFFFFFFFFFFFFF)
         if len(self._pings) >= MAX_PENDING_PINGS:
-            del self._pings[next(iter(self._pings))]
+            oldest = next(iter(self._pings))
+            del self._pings[oldest]
+            if oldest == self._rtt_ping:
+                self._rtt_ping = None  # never answered: the next DATA sends a new one
         self._pings[payload] = now
         return payload
 
     def ping_acked(self, payload, now: float) -> float | None:
         """The peer answered a PING: the round trip, or None for an answer to no PING of ours."""
-        sent = self._pings.pop(bytes(payload), None)
+        payload = bytes(payload)
+        sent = self._pings.pop(payload, None)
         if sent is None:
             return None
         self.rtt = now - sent
+        if payload == self._rtt_ping:
+            self._rtt_ping = None
+            self._rtt_next = now + RTT_SAMPLE_INTERVAL
         return self.rtt
+
+    # --- the round trip while data flows ----------------------------------------------
+
+    def retune(self, stream, consumed: int, now: float) -> None:
+        """A grant of credit is due on ``stream``: once more than half its window was consumed
+        since its auto-tuning epoch began, the epoch ends here, growing ``stream.window`` by
+        :func:`tuned_window` if the window held the sender back. The carrier keeps ``window``,
+        ``epoch_at`` and ``epoch_consumed`` on its streams and passes how far the application
+        consumed the stream."""
+        in_epoch = consumed - stream.epoch_consumed
+        if in_epoch <= stream.window >> 1:
+            return  # the epoch goes on
+        stream.window = tuned_window(stream.window, self.max_window, in_epoch, now - stream.epoch_at, self.rtt)
+        stream.epoch_at = now
+        stream.epoch_consumed = consumed
+
+    def data_received(self, n: int, now: float) -> bytes | None:
+        """``n`` DATA bytes arrived: the payload of a PING to send now when the round trip
+        should be measured again (window auto-tuning needs it while data flows; keepalive
+        PINGs only go out when the link is quiet), else None."""
+        if self._rtt_ping is not None or now < self._rtt_next or self.max_window <= self.limits.initial_stream_window:
+            return None  # one at a time, not too often, and only if windows can grow
+        self._rtt_ping = self.new_ping(now)
+        return self._rtt_ping
 
     def ping_received(self, now: float) -> None:
         """The peer sent a PING (answer it with an ACK); :class:`FloodError` above
@@ -393,4 +452,5 @@ class LinkPolicy:
         self._half_closed.clear()
         self._half_close_at = None
         self._pings.clear()
+        self._rtt_ping = None
         self.peer_streams = 0

@@ -166,8 +166,8 @@ _INF = float("inf")
 class _Stream:
     __slots__ = (
         "id", "local", "state", "queue", "buffered", "fin_pending", "send_window",
-        "recv_limit", "received", "consumed", "window", "scheduled", "paused",
-        "last_activity", "turn_left",
+        "recv_limit", "received", "consumed", "window", "epoch_at", "epoch_consumed", "scheduled",
+        "paused", "last_activity", "turn_left",
     )
 
     def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int, now: float) -> None:
@@ -181,7 +181,9 @@ class _Stream:
         self.recv_limit = recv_window  # stream offset the peer may send up to
         self.received = 0  # stream offset received
         self.consumed = 0  # stream offset the application consumed
-        self.window = recv_window  # our receive window for this stream
+        self.window = recv_window  # our receive window for this stream (grows: policy.retune)
+        self.epoch_at = now  # window auto-tuning: start of the epoch ...
+        self.epoch_consumed = 0  # ... and what was consumed then
         self.scheduled = False  # in Session._active
         self.paused = False  # reported paused; waits for StreamWritable
         self.last_activity = now
@@ -379,6 +381,9 @@ class Session:
         self._recv_received = received
         s.received += n
         self.bytes_received += n
+        ping = self._policy.data_received(n, self._now)
+        if ping is not None:
+            self._queue_control(frames.encode_frame(FrameType.PING, 0, 0, ping))
         s.last_activity = self._now
         if n:
             self._events.append(DataReceived(sid, payload))
@@ -752,6 +757,8 @@ class Session:
             if s.state == _OPEN or s.state == _HCL:  # the peer may still send
                 credit = stream_credit(s.recv_limit, s.consumed, s.window)
                 if credit:
+                    self._policy.retune(s, s.consumed, self._now)
+                    credit = s.consumed + s.window - s.recv_limit
                     s.recv_limit += credit
                     self._queue_control(frames.encode_frame(
                         FrameType.WINDOW_UPDATE, 0, stream_id, frames.encode_u32(credit)))

@@ -47,6 +47,7 @@ __all__ = [
     "ChunkSender",
     "GranularPacer",
     "acked_offset",
+    "granted_offset",
     "attach",
     "attachment",
     "received_offset",
@@ -365,6 +366,11 @@ def use_chunk_sender(qs: QuicStream) -> None:
     """Give a stream the peer opened a :class:`ChunkSender` (before anything is written)."""
     if type(qs.sender) is QuicStreamSender and not qs.sender._buffer_stop:
         qs.sender = ChunkSender(qs.stream_id, True)
+
+
+def granted_offset(qs: QuicStream) -> int:
+    """Stream offset up to which we let the peer send (our MAX_STREAM_DATA)."""
+    return qs.max_stream_data_local
 
 
 def written_offset(qs: QuicStream) -> int:

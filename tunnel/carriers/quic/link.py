@@ -49,6 +49,7 @@ from tunnel.carriers.quic.compat import (
     acked_offset,
     attach,
     attachment,
+    granted_offset,
     received_offset,
     sent_offset,
     unacked,
@@ -65,6 +66,7 @@ from tunnel.core.policy import (
     SendWatermarks,
     accept_hello,
     hello_payload,
+    stream_credit,
 )
 from tunnel.wire.constants import HEADER_SIZE, QUIC_ALPN, ErrorCode, Flags, FrameType
 from tunnel.wire.control import decode_control, encode_control
@@ -99,7 +101,8 @@ class QuicLinkStream(LinkStream):
 
     __slots__ = ("link", "stream_id", "metadata", "handler", "_qs", "_queue", "buffered", "paused",
                  "_eof_pending", "_eof_sent", "_eof_received", "_reset", "_closed", "_rx_consumed",
-                 "_rx_seen", "_window", "_local", "last_activity", "_half_closed", "_acked_mark")
+                 "_rx_seen", "window", "epoch_at", "epoch_consumed", "_local", "last_activity",
+                 "_half_closed", "_acked_mark")
 
     def __init__(self, link: "QuicLink", stream_id: int, metadata: bytes, qs, local: bool) -> None:
         self.link = link
@@ -117,7 +120,9 @@ class QuicLinkStream(LinkStream):
         self._closed = False
         self._rx_consumed = 0  # stream offset up to which credit may be granted
         self._rx_seen = 0  # stream offset received so far (delivered or skipped)
-        self._window = link.limits.initial_stream_window
+        self.window = link.limits.initial_stream_window  # grows: LinkPolicy.retune
+        self.epoch_at = link._loop.time()
+        self.epoch_consumed = 0
         self._local = local
         self.last_activity = 0.0  # data in, out, consumed or acknowledged (while half-closed)
         self._half_closed = False
@@ -155,7 +160,10 @@ class QuicLinkStream(LinkStream):
         link._rx_consumed += n
         if self._half_closed:
             self.last_activity = link._loop.time()
-        if link._conn.grant_stream(self._qs, self._rx_consumed, self._window) | link._conn.grant_connection(
+        qs = self._qs
+        if stream_credit(granted_offset(qs), self._rx_consumed, self.window):
+            link._policy.retune(self, self._rx_consumed, link._loop.time())
+        if link._conn.grant_stream(qs, self._rx_consumed, self.window) | link._conn.grant_connection(
                 link._rx_consumed, link._session_window):
             link._schedule_transmit()
 
@@ -237,7 +245,12 @@ class QuicLinkStream(LinkStream):
 
     def _data(self, data: bytes, fin: bool) -> None:
         link = self.link
-        self._rx_seen += len(data)
+        n = len(data)
+        self._rx_seen += n
+        if n:
+            ping = link._policy.data_received(n, link._loop.time())
+            if ping is not None:
+                link._send_frame(FrameType.PING, 0, ping)
         if self._half_closed:
             self.last_activity = link._loop.time()
         if self._reset or self.handler is None:
@@ -261,7 +274,7 @@ class QuicLinkStream(LinkStream):
             self._rx_consumed += n
             link = self.link
             link._rx_consumed += n
-            link._conn.grant_stream(self._qs, self._rx_consumed, self._window)
+            link._conn.grant_stream(self._qs, self._rx_consumed, self.window)
             link._conn.grant_connection(link._rx_consumed, link._session_window)
 
     def _abort(self, code: int, notify: bool) -> None:
