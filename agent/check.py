@@ -529,6 +529,8 @@ def _why(exc: BaseException | None) -> str:
         return "timed out"
     if isinstance(exc, socket.gaierror):
         return exc.strerror or str(exc)
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" hides the reason
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     if isinstance(exc, ssl.SSLError):
