@@ -8,6 +8,7 @@ Checks, in order (a check that cannot run because an earlier one failed is ``ski
 
 =================  ==========================================================================
 ``config``         the environment (or ``--config`` file) is a valid agent configuration
+``runtime``        version, Python, event loop (uvloop or asyncio) and frame codec in use
 ``relay-dns``      the relay's host name resolves
 ``proxy``          ``HTTPS_PROXY`` is reachable and allows ``CONNECT`` to the relay
 ``relay-tcp``      a TCP connection to the relay (through the proxy when there is one)
@@ -137,6 +138,7 @@ class Preflight:
                             "('tunnel-agent --help' lists them; README: the agent's config file)")
             return False
         self.conf, self.limits, self.dialer = conf, limits, dialer
+        self.check_runtime()
         source = f"config file {self.config_file}" if self.config_file else "environment"
         targets = ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets)
         port_note = "" if _url_has_port(conf.relay_url) else f" (no port in RELAY_URL: {dialer.port})"
@@ -144,6 +146,18 @@ class Preflight:
                         f"{port_note}; resources {targets}; token from {conf.token_source}; "
                         f"trust {('RELAY_CA_FILE ' + conf.ca_file) if conf.ca_file else 'the system store'}")
         return True
+
+    def check_runtime(self) -> None:
+        from tunnel import codec
+
+        try:
+            import uvloop
+            loop = f"uvloop {uvloop.__version__}"
+        except ImportError:
+            loop = "asyncio (uvloop is not installed)"
+        build = "single-file build" if getattr(sys, "frozen", False) else sys.executable
+        self.report.add("runtime", PASS, f"tunnel-agent {__version__}, Python {sys.version.split()[0]} ({build}), "
+                        f"{loop}, {codec.IMPLEMENTATION} frame codec")
 
     # --- the way to the relay
 

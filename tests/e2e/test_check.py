@@ -66,7 +66,7 @@ def test_healthy_setup_passes_and_leaves_serving_agents_alone(setup, agents):
                                  app_port=service.port)
         checks = by_name(report)
         assert code == 0 and report["ok"], report
-        expected = {"config", "relay-dns", "proxy", "relay-tcp", "relay-tls", "jwt", "jwt-accepted", "target db"}
+        expected = {"config", "runtime", "relay-dns", "proxy", "relay-tcp", "relay-tls", "jwt", "jwt-accepted", "target db"}
         assert {n for n, c in checks.items() if c["status"] == "pass"} >= expected, report
         assert checks["relay-quic"]["status"] == ("skip" if scheme == "wss" else "pass"), report
         assert before["id"] in checks["jwt-accepted"]["detail"]
@@ -93,7 +93,7 @@ def test_text_output_one_line_per_check(setup):
                          cwd=ROOT)
     assert out.returncode == 1
     lines = out.stdout.splitlines()
-    assert len(lines) == 9 and all(line.split()[0] in ("PASS", "WARN", "FAIL", "SKIP") for line in lines), out.stdout
+    assert len(lines) == 10 and all(line.split()[0] in ("PASS", "WARN", "FAIL", "SKIP") for line in lines), out.stdout
     [target] = [line for line in lines if line.startswith("FAIL")]
     assert "target db" in target and "nothing listens on 127.0.0.1:1" in target and "fix: start the service" in target
 
