@@ -71,7 +71,10 @@ async def _run(conf, limits: Limits) -> int:
     task = asyncio.ensure_future(agent.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        try:
+            loop.add_signal_handler(sig, task.cancel)
+        except NotImplementedError:  # Windows: Ctrl-C arrives as KeyboardInterrupt (see main)
+            pass
     try:
         return await task
     except asyncio.CancelledError:
