@@ -170,9 +170,14 @@ class Preflight:
             async with asyncio.timeout(self.timeout):
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, TimeoutError) as exc:
-            if relay_proxy(self.dialer) and self.dialer.scheme == "wss":
-                self.report.add("relay-dns", PASS, f"{host} does not resolve here ({_why(exc)}); "
-                                "the proxy resolves it for WSS")
+            if relay_proxy(self.dialer):  # WSS goes through the proxy, which resolves the name
+                if self.dialer.scheme == "wss":
+                    self.report.add("relay-dns", PASS, f"{host} does not resolve here ({_why(exc)}); "
+                                    "the proxy resolves it for WSS")
+                else:
+                    self.report.add("relay-dns", WARN, f"{host} does not resolve here ({_why(exc)}): QUIC cannot "
+                                    "reach it; WSS goes through the proxy, which resolves it",
+                                    "make the relay's name resolvable on this host for QUIC, or use wss://")
                 return True
             self.report.add("relay-dns", FAIL, f"{host} does not resolve: {_why(exc)}",
                             "fix the host in RELAY_URL, or this host's DNS resolver (/etc/resolv.conf)")

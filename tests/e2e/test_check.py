@@ -1,10 +1,14 @@
 """``tunnel-agent check`` against a real relay, a real CONNECT proxy (tinyproxy) and real
 private services: a healthy set-up passes (and the check-only registration leaves a serving
 agent and the relay's state untouched); each natural mistake fails on the right line with
-the right fix."""
+the right fix: wrong or missing CA file, an expired certificate or one for another name, the
+relay down, UDP blocked under quic:// (a warning under auto://), an expired JWT, a JWT of
+another relay, a malformed one, an APP_HOST that does not resolve, an APP_PORT where nothing
+listens, a proxy that refuses CONNECT or is not there. About 12 s."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -250,3 +254,66 @@ def test_udp_blocked_fails_quic_and_warns_auto(setup):
         assert "over wss" in checks["jwt-accepted"]["detail"]
     finally:
         subprocess.run(["iptables", "-w", "5", "-D", *rule], check=True, timeout=30)
+
+
+# --- certificates that are trusted but wrong ---------------------------------------------
+
+
+def _certificates(directory: Path) -> dict[str, str]:
+    """A CA, and two server certificates it signed: one expired (for 127.0.0.1), one current
+    but for another name. Returns file paths."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now + dt.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    files = {"ca": str(directory / "ca.pem")}
+    Path(files["ca"]).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for kind, san, start, end in (("expired", x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                   now - dt.timedelta(days=20), now - dt.timedelta(days=1)),
+                                  ("other-name", x509.DNSName("relay.other.example"),
+                                   now - dt.timedelta(days=1), now + dt.timedelta(days=20))):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(kind)).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        files[kind] = str(directory / f"{kind}.pem")
+        files[kind + "-key"] = str(directory / f"{kind}.key")
+        Path(files[kind]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        Path(files[kind + "-key"]).write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                                 serialization.PrivateFormat.PKCS8,
+                                                                 serialization.NoEncryption()))
+    return files
+
+
+@pytest.mark.parametrize("kind, words, fix", [
+    ("expired", "certificate expired on", "renew"),
+    ("other-name", "certificate is for relay.other.example, not 127.0.0.1", "--server-name"),
+])
+def test_certificate_expired_or_for_another_name(tmp_path, service_factory, kind, words, fix):
+    files = _certificates(tmp_path)
+    relay = Relay(tmp_path).start("--cert", files[kind], "--key", files[kind + "-key"])
+    try:
+        customer = relay.create_customer("acme")
+        token = relay.jwt("--customer-id", customer)
+        code, report = run_check(f"wss://127.0.0.1:{relay.port}", token, ca_file=files["ca"],
+                                 app_port=service_factory("echo").port)
+    finally:
+        relay.stop()
+    tls = by_name(report)["relay-tls"]
+    assert code == 1 and failed(report) == {"relay-tls"}, report
+    assert words in tls["detail"] and fix in tls["fix"], tls

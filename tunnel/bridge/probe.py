@@ -20,7 +20,7 @@ import datetime as _dt
 import re
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from tunnel.carriers.proxy import open_connect_tunnel, proxy_for, redact
@@ -71,7 +71,7 @@ class ProxyOutcome:
     reachable: bool
     allowed: bool
     status: int | None = None
-    error: str = field(default="")
+    error: str = ""
 
 
 def relay_proxy(dialer: Dialer) -> str | None:
