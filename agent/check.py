@@ -138,13 +138,13 @@ class Preflight:
                             "('tunnel-agent --help' lists them; README: the agent's config file)")
             return False
         self.conf, self.limits, self.dialer = conf, limits, dialer
-        self.check_runtime()
         source = f"config file {self.config_file}" if self.config_file else "environment"
         targets = ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets)
         port_note = "" if _url_has_port(conf.relay_url) else f" (no port in RELAY_URL: {dialer.port})"
         self.report.add("config", PASS, f"{source}: relay {dialer.scheme}://{_host_port(dialer.host, dialer.port)}"
                         f"{port_note}; resources {targets}; token from {conf.token_source}; "
                         f"trust {('RELAY_CA_FILE ' + conf.ca_file) if conf.ca_file else 'the system store'}")
+        self.check_runtime()
         return True
 
     def check_runtime(self) -> None:
@@ -444,8 +444,9 @@ class Preflight:
     async def check_target(self, target) -> None:
         from_env = self.environ.get("NAME") == target.name
         where = f"{target.host}:{target.port}"
-        host_what = "APP_HOST" if from_env else f"the host of resource {target.name} in the config file"
-        port_what = "APP_PORT" if from_env else f"the port of resource {target.name} in the config file"
+        where_set = "" if from_env else f" of [[resources]] {target.name} in {self.config_file or 'the config file'}"
+        host_what = "APP_HOST" if from_env else "the host" + where_set
+        port_what = "APP_PORT (and APP_HOST)" if from_env else "the port or host" + where_set
         name = f"target {target.name}"
         loop = asyncio.get_running_loop()
         try:
@@ -471,7 +472,7 @@ class Preflight:
                 sock.close()
         if isinstance(last, ConnectionRefusedError):
             self.report.add(name, FAIL, f"nothing listens on {where} (connection refused)",
-                            f"start the service, or fix {port_what} (and {host_what})")
+                            f"start the service, or fix {port_what}")
         elif isinstance(last, TimeoutError):
             self.report.add(name, FAIL, f"no answer from {where} within {self.timeout:g} s",
                             f"a firewall drops it: let this host reach {where}, or fix {host_what}")
