@@ -13,7 +13,7 @@ from tunnel import __version__
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.ops.process import tune_malloc
-from tunnel.wire.constants import ErrorCode
+from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
 from .registry import AgentSession, Registry
@@ -51,8 +51,7 @@ class AgentLinkHandler(LinkHandler):
     def link_closed(self, code: int, reason: str) -> None:
         self.relay.links.discard(self.link)
         if self.agent is not None:
-            log.info("agent %s disconnected (%s)", self.agent.agent_id, reason or ErrorCode(code).name
-                     if code in ErrorCode._value2member_map_ else code)
+            log.info("agent %s disconnected (%s)", self.agent.agent_id, describe_code(code, reason))
             self.relay.registry.remove_agent(self.agent)
 
 
@@ -110,7 +109,7 @@ class Relay:
         log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s",
                  agent.agent_id, agent.customer_id,
                  ", ".join(f"{n} ({r})" for r, n in agent.resources.items()),
-                 link.transport, _addr(link), agent.version)
+                 link.carrier, _addr(link), agent.version)
 
     def _checked_resource(self, agent: AgentSession, name: str) -> dict:
         rid = next((r for r, n in agent.resources.items() if n == name), None)

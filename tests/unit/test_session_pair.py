@@ -157,7 +157,7 @@ def run_pair(seed: int, nstreams: int, max_size: int, limits=TIGHT) -> None:
     for s in (agent, relay):
         assert s.open_stream_count == 0 and not s.closed
         assert s.send_buffered_total == 0 and s.received_unconsumed == 0
-        assert not s._streams and not s._active and not s._blocked and not s._half_closed
+        assert not s._streams and not s._active and not s._send.paused and not s._policy._half_closed
         assert s.pop_events() == []
     assert agent.bytes_sent == relay.bytes_received == sum(map(len, up.values()))
     assert relay.bytes_sent == agent.bytes_received == sum(map(len, down.values()))
