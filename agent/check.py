@@ -397,7 +397,7 @@ class Preflight:
                 else:
                     parts.append(f"{res.get('name')} (new: created at the first registration)")
             note = "" if kind == "checked" else " (this relay has no check-only registration: registered briefly)"
-            self.report.add("jwt-accepted", PASS, f"the relay accepts it over {link.transport}: "
+            self.report.add("jwt-accepted", PASS, f"the relay accepts it over {link.carrier}: "
                             f"{', '.join(parts)}{note}")
             return
         if kind == "error":
