@@ -25,6 +25,9 @@ from tests.helpers.processes import ROOT, Proc, connect, recv_all
 
 BINARY = ROOT / "dist" / "tunnel-agent"
 
+# The first test builds the binary (about 40 s here, more where pip must download).
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def binary() -> str:
