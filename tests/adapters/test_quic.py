@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.helpers.quic_flood import idle_quic_clients
 from tunnel.carriers import quic
+from tunnel.carriers.quic.udp import MAX_PATH_DATAGRAM_SIZE
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.carriers.quic import connect_quic, serve_quic
 from tunnel.core.limits import Limits
@@ -615,7 +616,7 @@ async def _one_way(src_link, dst_rec, size: int, name: bytes = b"bulk"):
 
 
 def test_datagram_size_follows_the_route(run, certs):
-    """Loopback carries 64 KiB: both ends move to the 16 KiB cap after the handshake;
+    """Loopback carries 64 KiB: both ends move to the largest UDP payload after the handshake;
     ``quic_max_datagram_size`` wins when set."""
 
     async def main(expected, limits):
@@ -627,7 +628,7 @@ def test_datagram_size_follows_the_route(run, certs):
         client.close()
         server.close()
 
-    run(main(16384, Limits()))
+    run(main(MAX_PATH_DATAGRAM_SIZE, Limits()))
     run(main(4000, Limits().replace(quic_max_datagram_size=4000)))
 
 
@@ -667,7 +668,7 @@ def test_oversize_datagrams_fall_back_to_1452(run, certs, mode):
     async def main():
         server, client, slink, srec = await pair(certs)
         client.set_handler(Recorder())
-        assert client.datagram_size == 16384
+        assert client.datagram_size == MAX_PATH_DATAGRAM_SIZE
         sender = client._send.__self__
         path = sender.sock = _PathSocket(sender.sock, mode)
         await _one_way(client, srec, 4 * MiB)

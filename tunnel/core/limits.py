@@ -78,7 +78,7 @@ class Limits:
     #: ... and across the streams of a link (what is sent and unacknowledged is bounded by
     #: the peer's windows).
     quic_unsent_per_link: int = 1 * MiB
-    #: QUIC datagram size after the handshake; 0: from the route MTU (up to 16384).
+    #: QUIC datagram size after the handshake; 0: from the route MTU (up to 65507).
     quic_max_datagram_size: int = 0
     #: 1: send QUIC datagrams in batches with UDP segmentation offload where Linux has it.
     quic_gso: int = 1
@@ -105,8 +105,8 @@ class Limits:
             raise ValueError("stream_send_low_water must be below stream_send_high_water")
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must exceed keepalive_interval")
-        if self.quic_max_datagram_size and not 1200 <= self.quic_max_datagram_size <= 16384:
-            raise ValueError("quic_max_datagram_size must be 0 (from the path) or in [1200, 16384]")
+        if self.quic_max_datagram_size and not 1200 <= self.quic_max_datagram_size <= 65507:
+            raise ValueError("quic_max_datagram_size must be 0 (from the path) or in [1200, 65507]")
         if self.quic_gso not in (0, 1):
             raise ValueError("quic_gso must be 0 or 1")
         for field in dataclasses.fields(self):

@@ -9,6 +9,8 @@ and timers. The carrier needs a few things more, and takes them here only:
   credit, by the rules of :mod:`tunnel.core.policy`;
 - datagrams sized to the path after the handshake (the size lives in the connection, its
   pacer and its congestion controller) and the ``max_udp_payload_size`` transport parameter;
+  above 16 KiB, STREAM frames with 4-byte lengths (aioquic always writes 2-byte ones, which
+  cap a frame at 16383 bytes);
 - a pacer burst that event-loop timers can keep up with (:class:`GranularPacer`);
 - a stream sender that keeps written chunks instead of one growing ``bytearray``
   (:class:`ChunkSender`), and the offsets the peer acknowledged (progress, close flush);
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, QuicConnection, QuicConnectionState
 from aioquic.quic.crypto import CryptoPair
@@ -63,6 +65,7 @@ __all__ = [
 #: checked on live objects, methods on the class.
 RELIED_ON = [
     (QuicConnection, "_write_connection_limits"),
+    (QuicConnection, "_write_stream_frame"),
     (QuicConnection, "_write_stream_limits"),
     (QuicConnection, "_serialize_transport_parameters"),
     (QuicConnection, "_parse_transport_parameters"),
@@ -98,6 +101,7 @@ RELIED_ON = [
     (QuicStreamSender, "buffer_is_empty"),
     (QuicStreamSender, "on_data_delivery"),
     (QuicStreamSender, "get_frame"),
+    (QuicStreamSender, "next_offset"),
     (QuicPacketPacer, "bucket_max"),
     (QuicPacketPacer, "update_rate"),
     (QuicPacketPacer, "_max_datagram_size"),
@@ -224,6 +228,27 @@ class BoundedConnection(QuicConnection):
             self.peer_max_udp = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
         except Exception:  # aioquic accepted them; never fail on our second look
             self.peer_max_udp = None
+
+    def _write_stream_frame(self, builder, space, stream, max_offset: int) -> int:
+        if self._max_datagram_size <= 16384:
+            return super()._write_stream_frame(builder=builder, space=space, stream=stream, max_offset=max_offset)
+        # aioquic's method with a 4-byte length: frames up to the datagram size.
+        sender = stream.sender
+        overhead = 5 + size_uint_var(stream.stream_id) + (size_uint_var(sender.next_offset) if sender.next_offset else 0)
+        previous = sender.highest_offset
+        frame = sender.get_frame(builder.remaining_flight_space - overhead, max_offset)
+        if frame is None:
+            return 0
+        frame_type = QuicFrameType.STREAM_BASE | 2 | (4 if frame.offset else 0) | (1 if frame.fin else 0)
+        size = len(frame.data)
+        buf = builder.start_frame(frame_type, capacity=overhead, handler=sender.on_data_delivery,
+                                  handler_args=(frame.offset, frame.offset + size, frame.fin))
+        buf.push_uint_var(stream.stream_id)
+        if frame.offset:
+            buf.push_uint_var(frame.offset)
+        buf.push_uint32(size | 0x80000000)
+        buf.push_bytes(frame.data)
+        return sender.highest_offset - previous
 
     # --- receive credit ---------------------------------------------------------------
 

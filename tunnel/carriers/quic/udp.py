@@ -31,9 +31,8 @@ __all__ = [
 MAX_DATAGRAM_SIZE = 1452
 #: Largest UDP payload a link uses after its handshake, when the route MTU allows it
 #: (loopback, jumbo-frame LANs): the carrier's cost is per packet, so throughput scales
-#: almost with the size. aioquic writes STREAM frame lengths as 2-byte varints (< 16384), so
-#: larger datagrams would corrupt frames.
-MAX_PATH_DATAGRAM_SIZE = 16384
+#: almost with the size. This is IPv4's largest UDP payload (65535 - 20 - 8).
+MAX_PATH_DATAGRAM_SIZE = 65507
 #: Socket buffers; the kernel caps them at net.core.[rw]mem_max.
 SOCKET_BUFFER = 8 * 1024 * 1024
 _LINUX = sys.platform.startswith("linux")
