@@ -11,7 +11,8 @@ and timers. The carrier needs a few things more, and takes them here only:
   pacer and its congestion controller) and the ``max_udp_payload_size`` transport parameter;
   above 16 KiB, STREAM frames with 4-byte lengths (aioquic always writes 2-byte ones, which
   cap a frame at 16383 bytes);
-- a pacer burst that event-loop timers can keep up with (:class:`GranularPacer`);
+- a pacer that event-loop timers can keep up with and that prices packets at the standard
+  datagram size (:class:`GranularPacer`);
 - a stream sender that keeps written chunks instead of one growing ``bytearray``
   (:class:`ChunkSender`), and the offsets the peer acknowledged (progress, close flush);
 - stream limits set at start (MAX_STREAMS), the connection's stream table, its state.
@@ -117,7 +118,14 @@ _ATTACHED = "tunnel_state"
 
 
 class GranularPacer(QuicPacketPacer):
-    """aioquic's pacer with a burst of at least :data:`PACING_BURST` seconds."""
+    """aioquic's pacer with a burst of at least :data:`PACING_BURST` seconds.
+
+    aioquic charges every packet, small or large, the time the *largest* datagram takes at
+    the pacing rate. This pacer keeps pricing packets at the handshake's standard size (1452
+    bytes) when the link moves to larger datagrams: with 64 KiB datagrams on loopback, a
+    64-byte request would otherwise wait milliseconds for tokens (what a WAN path carries is
+    1452-byte datagrams anyway, priced exactly).
+    """
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         super().update_rate(congestion_window, smoothed_rtt)
@@ -185,8 +193,7 @@ class BoundedConnection(QuicConnection):
     def set_datagram_size(self, size: int) -> None:
         """Build datagrams of at most ``size`` bytes from now on (packets already sent keep
         theirs; lost ones are re-packed at the new size)."""
-        self._max_datagram_size = size
-        self._loss._pacer._max_datagram_size = size
+        self._max_datagram_size = size  # the pacer keeps its size: see GranularPacer
         cc = self._loss._cc
         if hasattr(cc, "_max_datagram_size"):
             cc._max_datagram_size = size

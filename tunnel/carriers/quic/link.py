@@ -701,6 +701,8 @@ class QuicLink(Link):
                 break
             if send(datagrams):
                 self.datagram_too_big("EMSGSIZE: datagram larger than the path MTU")
+            if not sending:
+                break  # aioquic had everything there was to send: no need to ask again
         if self._close_pending is not None and not self._control_unacked():
             self._close_flushed()
         # Callbacks after the batch: resumed writers, finished streams.
