@@ -14,7 +14,7 @@ import random
 import socket
 
 from tunnel import __version__
-from tunnel.bridge.tcp import TcpBridge, dial_bridge, stream_handler
+from tunnel.bridge.tcp import LinkBuffers, TcpBridge, dial_bridge, stream_handler
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
@@ -74,6 +74,8 @@ class AgentLinkHandler(LinkHandler):
         self.registered: asyncio.Future = loop.create_future()
         self.closed: asyncio.Future = loop.create_future()
         self.error: AuthError | None = None
+        #: What this link's bridges hold in user space, bounded by the window we announced.
+        self.buffers = LinkBuffers(agent.limits.session_window)
 
     def stream_opened(self, stream: LinkStream):
         name = stream.metadata.decode("utf-8", "replace")
@@ -82,7 +84,7 @@ class AgentLinkHandler(LinkHandler):
             log.warning("refusing a stream for resource %r: not configured on this agent", name[:128])
             stream.reset(ErrorCode.REFUSED)
             return None
-        bridge = TcpBridge(stream)
+        bridge = TcpBridge(stream, self.buffers)
         task = asyncio.get_running_loop().create_task(
             dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout))
         self.agent.tasks.add(task)

@@ -189,9 +189,10 @@ class Agents:
     def start(self, relay_url: str, token: str, name: str, app_port: int, app_host: str = "127.0.0.1",
               ca_file: str | None = None, **env) -> Proc:
         n = len(self.procs) + 1
+        env = {"LOG_LEVEL": "DEBUG", **env}
         proc = Proc(f"agent{n}", [PY, "-m", "agent"], _env(RELAY_URL=relay_url, REGISTRATION_JWT=token, NAME=name,
                                                           APP_HOST=app_host, APP_PORT=app_port, RELAY_CA_FILE=ca_file,
-                                                          LOG_LEVEL="DEBUG", **env),
+                                                          **env),
                     self.workdir / f"agent{n}.log").start()
         self.procs.append(proc)
         return proc
