@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 #: Files of the state directory that more than one module names.
 ADMIN_TOKEN_FILE = "admin-token"
 ADMIN_INFO_FILE = "admin.json"
+CA_FILE = "ca.pem"
 DATABASE_FILE = "relay.db"
 DEFAULT_STATE_DIR = "./relay-state"
 

@@ -19,7 +19,8 @@ MiB = 1024 * KiB
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """Limits of one link. Receive-side values are announced to the peer in HELLO."""
+    """Limits of one link, and the relay's per-customer quotas. Receive-side values are
+    announced to the peer in HELLO."""
 
     #: Largest frame payload we accept (and send at most the peer's).
     max_frame_size: int = 256 * KiB
@@ -60,6 +61,22 @@ class Limits:
     max_ws_frame_size: int = 4 * MiB
     #: Agent dial timeout towards the private service (seconds).
     connect_timeout: float = 10.0
+    # --- relay quotas, per customer (docs/LIMITS.md, "Quotas") ---
+    #: Resources one customer may have; registering a new name beyond it is refused.
+    max_resources_per_customer: int = 256
+    #: Live agent links one customer may hold on one relay.
+    max_links_per_customer: int = 512
+    #: Registrations (``auth`` messages with a valid token) per customer and minute; a burst
+    #: of one minute's worth is allowed.
+    max_registrations_per_minute: int = 600
+    #: A resource no agent has served for this long is deleted and its port freed (seconds),
+    #: unless an operator issued a JWT naming it (``--resource-id``).
+    resource_idle_expiry: float = 30 * 86400.0
+    #: Open-file descriptors the relay keeps free for its admin API, database, handshakes.
+    fd_reserve: int = 512
+    #: Share of the other descriptors one customer may hold (agent links, endpoints and the
+    #: connections to them), as a fraction.
+    customer_fd_share: float = 0.5
 
     def validate(self) -> "Limits":
         """Raise ``ValueError`` naming the first field out of range; return self."""
@@ -75,6 +92,8 @@ class Limits:
             raise ValueError("stream_send_low_water must be below stream_send_high_water")
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must exceed keepalive_interval")
+        if not 0 < self.customer_fd_share <= 1:
+            raise ValueError("customer_fd_share must be in (0, 1]")
         for field in dataclasses.fields(self):
             if getattr(self, field.name) <= 0:
                 raise ValueError(f"{field.name} must be positive")
