@@ -312,7 +312,8 @@ class AdminApi:
         )
         if rotate:
             dropped = self.registry.drop_agents(resource_id, below_generation=generation)
-            log.info("rotated resource %s to generation %d, dropped %d agent(s)", resource_id, generation, dropped)
+            log.info("rotated resource %s to generation %d; deregistered it from %d agent(s) on older tokens",
+                     resource_id, generation, dropped)
         else:
             log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
         return 200, {"jwt": token}

@@ -41,23 +41,18 @@ class LinkBuffers:
     a TCP transport has not handed to the kernel yet. They are all unconsumed, so the link's
     session window bounds them; ``limit`` (the session window) is checked here too."""
 
-    __slots__ = ("limit", "held", "peak", "refused")
+    __slots__ = ("limit", "held")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self.peak = 0
-        self.refused = 0  # streams reset for exceeding the limit
 
     def take(self, n: int) -> bool:
         """Count ``n`` more bytes held; False (nothing counted) if that exceeds the limit."""
         held = self.held + n
         if held > self.limit:
-            self.refused += 1
             return False
         self.held = held
-        if held > self.peak:
-            self.peak = held
         return True
 
     def release(self, n: int) -> None:
