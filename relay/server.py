@@ -190,11 +190,7 @@ class Relay:
         customer_id = claims.customer_id
         self.rate.charge(customer_id)
         limits = self.limits
-        if self.registry.links_of(customer_id) >= limits.max_links_per_customer:
-            raise QuotaExceeded(f"customer {customer_id} is over its quota of {limits.max_links_per_customer} "
-                                "live agent links (TUNNEL_MAX_LINKS_PER_CUSTOMER)")
-        if self.descriptors is not None and link.transport == "wss":
-            self.descriptors.check_link(customer_id)
+        self._check_link_quotas(link, customer_id)
 
         def before_create(owner: str) -> None:
             if self.state.count_resources(owner) >= limits.max_resources_per_customer:
@@ -212,6 +208,7 @@ class Relay:
             # Step 3, no await: nothing revoked or deleted meanwhile, then commit.
             if link.is_closing:
                 return None
+            self._check_link_quotas(link, customer_id)  # others may have registered meanwhile
             for resource in wanted:
                 now = self.state.get_resource(resource["id"])
                 if now is None:
@@ -237,6 +234,14 @@ class Relay:
                 self.registering[rid] -= 1
                 if self.registering[rid] <= 0:
                     del self.registering[rid]
+
+    def _check_link_quotas(self, link: Link, customer_id: str) -> None:
+        limit = self.limits.max_links_per_customer
+        if self.registry.links_of(customer_id) >= limit:
+            raise QuotaExceeded(f"customer {customer_id} is over its quota of {limit} live agent links "
+                                "(TUNNEL_MAX_LINKS_PER_CUSTOMER)")
+        if self.descriptors is not None and link.transport == "wss":
+            self.descriptors.check_link(customer_id)
 
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port

@@ -20,8 +20,15 @@ FAST = {"TUNNEL_KEEPALIVE_INTERVAL": "1", "TUNNEL_KEEPALIVE_TIMEOUT": str(int(KE
 
 
 def raise_nofile(want: int = 16384) -> None:
-    """Raise this process's open-file limit (children inherit it)."""
+    """Raise this process's open-file limit (children inherit it); the hard limit too when
+    allowed (root)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, want))
+            hard = want
+        except (ValueError, OSError):
+            pass
     target = min(want, hard) if hard != resource.RLIM_INFINITY else want
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
