@@ -7,8 +7,9 @@ exhaust the relay for another (docs/LIMITS.md, "Quotas").
   (:func:`raise_nofile_limit`) and keeps ``fd_reserve`` descriptors free for the admin API,
   the database and handshakes in progress. What it counts (agent links over TCP, resource
   endpoints and the connections to them) may use the rest, and one customer at most
-  ``customer_fd_share`` of it: beyond, new agent links are refused with a clear error and
-  the customer's endpoints reset new connections at once, while everyone else carries on.
+  ``customer_fd_share`` of it: beyond, its new agent links are refused with a clear error and
+  its endpoints reset new connections at once, while everyone else carries on (customers
+  below their fair part may use half the reserve when the rest is spent).
 
 Over quota is an :class:`QuotaExceeded` (an ``AuthError``), sent to that agent alone as a
 CONTROL ``error``; the agent retries later.
@@ -88,9 +89,13 @@ def raise_nofile_limit() -> tuple[int, int]:
 class Descriptors:
     """The descriptors the relay spends on customers' behalf, against its budget.
 
-    ``budget`` is the open-file limit less ``fd_reserve`` (at least half the limit);
-    ``share`` is what one customer may hold. Unattributed use (an agent link before it
-    authenticated) counts against the budget only.
+    ``budget`` is the open-file limit less ``fd_reserve`` (at least half the limit), and
+    ``share`` what one customer may hold of it. Once the budget is spent, a customer still
+    below its fair part of it (the budget over the customers holding descriptors) may go on
+    into the first half of the reserve, so that customers who hit their share together do
+    not shut out the others; beyond that (``hard_budget``) new links are refused with
+    ``relay_full``. The second half stays for the admin API, the database and handshakes.
+    Unattributed use (an agent link before it authenticated) counts against the total only.
     """
 
     def __init__(self, open_files: int, limits: Limits) -> None:
@@ -101,6 +106,7 @@ class Descriptors:
             reserve = open_files - open_files // 2
         self.open_files = open_files
         self.budget = open_files - reserve
+        self.hard_budget = open_files - reserve // 2
         self.share = max(1, int(self.budget * limits.customer_fd_share))
         self.used = 0
         self._by_customer: dict[str, int] = {}
@@ -110,36 +116,37 @@ class Descriptors:
 
     def check(self, customer_id: str | None, n: int = 1) -> None:
         """Raise :class:`QuotaExceeded` if ``n`` more descriptors for ``customer_id`` (None:
-        not attributed) would pass the relay's budget or the customer's share."""
-        if self.used + n > self.budget:
-            raise self._full()
-        if customer_id is not None and self.of(customer_id) + n > self.share:
-            raise self._over_share(customer_id)
+        not attributed) would pass the customer's share or the relay's budget (see the class
+        docstring)."""
+        self._check(customer_id, self.used + n, n)
 
     def check_link(self, customer_id: str) -> None:
         """An agent link (its descriptor counted, not yet attributed) is about to become
-        ``customer_id``'s: refuse it beyond the budget or the customer's share."""
-        if self.used > self.budget:
-            raise self._full()
-        if self.of(customer_id) + 1 > self.share:
+        ``customer_id``'s: refuse it beyond the customer's share or the relay's budget."""
+        self._check(customer_id, self.used, 1)
+
+    def _check(self, customer_id: str | None, total: int, n: int) -> None:
+        if customer_id is None:
+            if total > self.budget:
+                raise self._full()
+            return
+        mine = self.of(customer_id) + n
+        if mine > self.share:
             raise self._over_share(customer_id)
+        if total <= self.budget:
+            return
+        holders = len(self._by_customer) + (customer_id not in self._by_customer)
+        if total > self.hard_budget or mine > self.budget // holders:
+            raise self._full()
 
     def _full(self) -> QuotaExceeded:
-        return QuotaExceeded(f"the relay is out of file descriptors ({self.used} of {self.budget} in use, "
-                             f"{self.open_files - self.budget} kept in reserve); retry later", code=FULL_CODE)
+        return QuotaExceeded(f"the relay is short of file descriptors ({self.used} in use, {self.budget} for "
+                             f"customers, {self.open_files - self.budget} kept in reserve); retry later",
+                             code=FULL_CODE)
 
     def _over_share(self, customer_id: str) -> QuotaExceeded:
         return QuotaExceeded(f"customer {customer_id} is over its share of {self.share} relay file descriptors "
                              "(agent links, endpoints and their connections; TUNNEL_CUSTOMER_FD_SHARE)")
-
-    def try_take(self, customer_id: str | None) -> bool:
-        """Take one descriptor if :meth:`check` allows it."""
-        try:
-            self.check(customer_id)
-        except QuotaExceeded:
-            return False
-        self.take(customer_id)
-        return True
 
     def take(self, customer_id: str | None, n: int = 1) -> None:
         """Count ``n`` descriptors already open (no check)."""

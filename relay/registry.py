@@ -25,7 +25,7 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
-from .quotas import Descriptors
+from .quotas import Descriptors, QuotaExceeded
 
 log = logging.getLogger("relay.registry")
 
@@ -76,16 +76,17 @@ class EndpointBridge(TcpBridge):
         endpoint = self._endpoint
         registry = endpoint.registry
         descriptors = registry.descriptors
-        if descriptors is not None and not descriptors.try_take(endpoint.customer_id):
-            self.transport = transport
-            registry.throttled.log(("over share", endpoint.customer_id), logging.WARNING,
-                                   "customer %s is over its share of the relay's file descriptors (%d of %d; "
-                                   "TUNNEL_CUSTOMER_FD_SHARE) or the relay is out of them (%d of %d): "
-                                   "resetting new connections to its endpoints",
-                                   endpoint.customer_id, descriptors.of(endpoint.customer_id), descriptors.share,
-                                   descriptors.used, descriptors.budget)
-            self.fail(ErrorCode.REFUSED)
-            return
+        if descriptors is not None:
+            try:
+                descriptors.check(endpoint.customer_id)
+            except QuotaExceeded as exc:
+                self.transport = transport
+                registry.throttled.log(("descriptors", endpoint.customer_id), logging.WARNING,
+                                       "resetting new connections to the endpoints of customer %s: %s",
+                                       endpoint.customer_id, exc)
+                self.fail(ErrorCode.REFUSED)
+                return
+            descriptors.take(endpoint.customer_id)
         agent = endpoint.pick_agent()
         stream = None
         if agent is not None:

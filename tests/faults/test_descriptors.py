@@ -3,7 +3,8 @@ a real relay started with a low limit (soft 256, hard 1,024) raises its soft lim
 hard one, keeps a reserve, and gives one customer at most its share. An attacker holding 400
 connections to its endpoint gets the rest reset, while the admin API answers, another
 customer's agent registers and moves bytes, and the attacker's next agent link is refused
-with a clear error. About 15 s."""
+with a clear error; with a second customer at its share too, the relay's budget is spent by
+the two, and the others still get in, on the reserve. About 15 s."""
 
 from __future__ import annotations
 
@@ -64,6 +65,18 @@ def test_one_customer_at_its_descriptor_share_harms_nobody_else(tmp_path, agents
         error = rec.first("error")
         assert error and error["code"] == "quota_exceeded" and "relay file descriptors" in error["message"], rec.messages
 
+        # A second customer takes its share too: the budget is spent by the two, yet the
+        # others (below their fair part) go on into the reserve: the victim's bytes, a
+        # newcomer's agent, the admin API.
+        greedy, _, _, greedy_addr = setup_agent(relay, agents, service, customer_name="greedy")
+        for _ in range(ATTACK):
+            s = connect(greedy_addr, timeout=10)
+            s.settimeout(10)
+            held.append(s)
+        assert 0 < sum(_serves(s) for s in held[ATTACK:]) < ATTACK
+        assert echo_once(victim_addr, b"victim again") == b"victim again"
+        setup_agent(relay, agents, service, customer_name="newcomer")
+
         # The attacker's share comes back when it lets go.
         for s in held:
             s.close()
@@ -72,7 +85,8 @@ def test_one_customer_at_its_descriptor_share_harms_nobody_else(tmp_path, agents
         assert _open_files_limit(relay.proc.pid) == (HARD, HARD)
         log = relay.proc.log()
         assert f"limit {HARD} (raised from {SOFT})" in log
-        assert log.count("is over its share of the relay's file descriptors") == 1, "logged once per interval"
+        for customer in (attacker, greedy):  # each logged once per interval
+            assert log.count(f"resetting new connections to the endpoints of customer {customer}") == 1
         assert "Traceback" not in log and "Too many open files" not in log
     finally:
         for s in held:

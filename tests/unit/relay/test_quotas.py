@@ -24,21 +24,37 @@ def test_registration_rate_allows_a_minutes_burst_then_the_rate():
         rate.charge("cus_a")
 
 
+def _try_take(d: Descriptors, customer_id: str) -> bool:
+    try:
+        d.check(customer_id)
+    except QuotaExceeded:
+        return False
+    d.take(customer_id)
+    return True
+
+
 def test_descriptors_budget_share_and_reserve():
     d = Descriptors(1024, Limits(fd_reserve=512, customer_fd_share=0.5))
-    assert (d.budget, d.share) == (512, 256)
+    assert (d.budget, d.hard_budget, d.share) == (512, 768, 256)
     for _ in range(256):
-        assert d.try_take("cus_a")
-    assert not d.try_take("cus_a")  # over its share
+        assert _try_take(d, "cus_a")
+    assert not _try_take(d, "cus_a")  # over its share
     with pytest.raises(QuotaExceeded, match="over its share of 256"):
         d.check_link("cus_a")
-    d.take(None, 255)  # links not yet authenticated
-    assert d.try_take("cus_b") and not d.try_take("cus_b")  # the budget is spent
+    for _ in range(256):
+        assert _try_take(d, "cus_b")
+    assert d.used == d.budget  # spent by two customers at their share
+    # A third customer below its fair part (512 / 3) goes on into half the reserve...
+    for _ in range(170):
+        assert _try_take(d, "cus_c")
+    assert not _try_take(d, "cus_c")  # ... up to that fair part
+    d.take(None, 86)  # links not yet authenticated
+    assert d.used == d.hard_budget
     with pytest.raises(QuotaExceeded) as exc:
-        d.check(None)
+        d.check("cus_d")  # the rest of the reserve is not for customers
     assert exc.value.code == FULL_CODE and "512 kept in reserve" in str(exc.value)
     d.give("cus_a", 256)
-    assert d.of("cus_a") == 0 and d.try_take("cus_c")
+    assert d.of("cus_a") == 0 and _try_take(d, "cus_d")
 
 
 def test_a_small_limit_keeps_half_free():
