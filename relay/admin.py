@@ -303,6 +303,10 @@ class AdminApi:
             generation = resource["generation"]
             if rotate:
                 generation = self.state.rotate_resource(resource_id)
+                # At once: the older tokens are revoked even if recording the new one fails.
+                dropped = self.registry.drop_agents(resource_id, below_generation=generation)
+                log.info("rotated resource %s to generation %d; deregistered it from %d agent(s) on older tokens",
+                         resource_id, generation, dropped)
 
         token, claims = self.authority.issue_with_claims(
             customer_id, resource_id, generation, org_only, ttl
@@ -310,12 +314,7 @@ class AdminApi:
         self.state.record_token(
             claims.jti, customer_id, resource_id, generation, org_only, claims.issued_at, claims.expires_at
         )
-        if rotate:
-            dropped = self.registry.drop_agents(resource_id, below_generation=generation)
-            log.info("rotated resource %s to generation %d; deregistered it from %d agent(s) on older tokens",
-                     resource_id, generation, dropped)
-        else:
-            log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
+        log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
         return 200, {"jwt": token}
 
 
