@@ -1,9 +1,12 @@
-"""The relay's admin API: HTTP/1.1 + JSON on loopback, bearer token.
+"""The relay's admin API: HTTP/1.1 + JSON on loopback (plain HTTP), or beyond loopback
+with ``--allow-remote-admin`` over TLS only (the relay's own certificate), bearer token.
 
 A small, strict server on asyncio streams: request line and headers at most 16 KiB,
 ``Content-Length`` bodies at most 1 MiB (no chunked bodies), keep-alive with an idle timeout,
 the token compared in constant time. Every error is a JSON object
-``{"error": "<code>", "message": "<text>"}``.
+``{"error": "<code>", "message": "<text>"}``. A state directory that refuses writes (full,
+read-only) answers 503 ``state_write_failed`` with one clear message, logged once per
+interval, instead of a 500 and a traceback per request.
 
 Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``)::
 
@@ -19,7 +22,8 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``):
 The live view (agents per resource) comes from a :class:`Registry` the data plane provides.
 
 Files: ``<state>/admin-token`` (0600, created once) and ``<state>/admin.json``
-(``{"url": "http://127.0.0.1:PORT"}``, 0600, written once listening).
+(``{"url": "http://127.0.0.1:PORT"}``, or ``https://`` beyond loopback; 0600, written once
+listening).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +42,11 @@ from typing import Any, Protocol
 
 import orjson
 
+from tunnel.ops.logs import Throttled
+
 from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import ORG_CUSTOMER_ID, RelayState, ensure_state_dir, write_private
-from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority
+from .state import RelayState, ensure_state_dir, state_write_failure, write_private
+from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
 log = logging.getLogger("relay.admin")
 
@@ -64,6 +71,7 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 
@@ -123,6 +131,7 @@ class AdminApi:
         authority: TokenAuthority,
         registry: Registry,
         token: str,
+        on_state_failure: Callable[[str], None] | None = None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
@@ -130,6 +139,14 @@ class AdminApi:
         self.authority = authority
         self.registry = registry
         self._token = token.encode("utf-8")
+        if on_state_failure is None:
+            throttled = Throttled(log)
+
+            def on_state_failure(failure: str) -> None:
+                throttled.log("state", logging.ERROR, "%s: %s", failure, state.state_dir)
+
+        #: Called with a one-line description when the state refuses a write (logs it, throttled).
+        self.on_state_failure = on_state_failure
 
     def authorized(self, header: str | None) -> bool:
         if not header:
@@ -165,7 +182,15 @@ class AdminApi:
         payload = None
         if method in ("POST", "PUT", "PATCH"):
             payload = _parse_json_object(body)
-        return handler(*args, query=query, payload=payload)
+        try:
+            return handler(*args, query=query, payload=payload)
+        except Exception as exc:
+            failure = state_write_failure(exc)
+            if failure is None:
+                raise
+            self.on_state_failure(failure)
+            raise HttpError(503, "state_write_failed",
+                            f"{failure}: the relay cannot record changes until that is fixed") from None
 
     def _route(self, method: str, path: str):
         table: dict[str, dict[str, Callable]] = {
@@ -241,8 +266,8 @@ class AdminApi:
     def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
         if self.state.get_resource(resource_id) is None:
             raise HttpError(404, "not_found", f"no such resource: {resource_id}")
+        self.state.delete_resource(resource_id)  # first: if the state refuses, nothing changed
         self.registry.resource_deleted(resource_id)
-        self.state.delete_resource(resource_id)
         log.info("deleted resource %s", resource_id)
         return 200, {"id": resource_id, "deleted": True}
 
@@ -258,17 +283,13 @@ class AdminApi:
         if not 0 < ttl <= MAX_TTL_SECONDS:
             raise HttpError(400, "bad_request", f"ttl_seconds must be in [1, {MAX_TTL_SECONDS}]")
 
-        if org_only:
-            if customer_id not in (None, ORG_CUSTOMER_ID):
-                raise HttpError(400, "bad_request", "give either customer_id or org_only, not both")
-            customer = self.state.org_customer()
-        else:
-            if customer_id is None:
-                raise HttpError(400, "bad_request", "customer_id (or org_only) is required")
-            customer = self.state.get_customer(customer_id)
-            if customer is None:
-                raise HttpError(404, "not_found", f"no such customer: {customer_id}")
-        customer_id = customer["id"]
+        try:
+            customer_id, org_only = token_subject(customer_id, org_only)
+        except ValueError as exc:
+            raise HttpError(400, "bad_request", str(exc)) from None
+        customer = self.state.get_customer(customer_id)  # creates cus_org on first use
+        if customer is None:
+            raise HttpError(404, "not_found", f"no such customer: {customer_id}")
 
         if rotate and resource_id is None:
             raise HttpError(400, "bad_request", "rotate needs customer_id and resource_id")
@@ -282,6 +303,10 @@ class AdminApi:
             generation = resource["generation"]
             if rotate:
                 generation = self.state.rotate_resource(resource_id)
+                # At once: the older tokens are revoked even if recording the new one fails.
+                dropped = self.registry.drop_agents(resource_id, below_generation=generation)
+                log.info("rotated resource %s to generation %d; deregistered it from %d agent(s) on older tokens",
+                         resource_id, generation, dropped)
 
         token, claims = self.authority.issue_with_claims(
             customer_id, resource_id, generation, org_only, ttl
@@ -289,11 +314,7 @@ class AdminApi:
         self.state.record_token(
             claims.jti, customer_id, resource_id, generation, org_only, claims.issued_at, claims.expires_at
         )
-        if rotate:
-            dropped = self.registry.drop_agents(resource_id, below_generation=generation)
-            log.info("rotated resource %s to generation %d, dropped %d agent(s)", resource_id, generation, dropped)
-        else:
-            log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
+        log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
         return 200, {"jwt": token}
 
 
@@ -509,27 +530,42 @@ async def start_admin_server(
     token: str,
     state_dir: str | os.PathLike | None = None,
     allow_remote: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    on_state_failure: Callable[[str], None] | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (``port`` 0 picks one), then write ``<state>/admin.json``.
-    Raise ``ValueError`` for a non-loopback ``host`` unless ``allow_remote``."""
-    if not allow_remote and not is_loopback_host(host):
-        raise ValueError(
-            f"refusing to serve the admin API on non-loopback address {host!r} (it would need allow_remote)"
-        )
-    api = AdminApi(state=state, authority=authority, registry=registry, token=token)
+
+    A non-loopback ``host`` (``0.0.0.0`` included) needs ``allow_remote`` and is served over
+    TLS only (``ssl_context``, the relay's certificate); raise ``ValueError`` otherwise.
+    ``ssl_context`` on loopback serves TLS there too."""
+    if not is_loopback_host(host):
+        if not allow_remote:
+            raise ValueError(f"refusing to serve the admin API on non-loopback address {host!r} "
+                             "without --allow-remote-admin")
+        if ssl_context is None:
+            raise ValueError(f"the admin API on non-loopback address {host!r} is served over TLS only: "
+                             "no certificate given")
+    api = AdminApi(state=state, authority=authority, registry=registry, token=token,
+                   on_state_failure=on_state_failure)
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _Connection(api, reader, writer).run()
 
-    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE)
-    sockname = server.sockets[0].getsockname()
-    bound_host, bound_port = sockname[0], sockname[1]
-    url_host = bound_host if bound_host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = "http://" + format_host_port(url_host, bound_port)
+    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE, ssl=ssl_context,
+                                        ssl_handshake_timeout=HEAD_TIMEOUT if ssl_context else None)
+    url = admin_url(server, tls=ssl_context is not None)
     directory = Path(state_dir) if state_dir is not None else state.state_dir
     write_private(directory / ADMIN_INFO_FILE, orjson.dumps({"url": url}) + b"\n")
     log.info("admin API listening on %s", url)
     return server
+
+
+def admin_url(server: asyncio.Server, tls: bool) -> str:
+    """The URL admin commands use for ``server`` (all interfaces: through loopback)."""
+    sockname = server.sockets[0].getsockname()
+    bound_host, bound_port = sockname[0], sockname[1]
+    url_host = bound_host if bound_host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return ("https://" if tls else "http://") + format_host_port(url_host, bound_port)
 
 
 def clear_admin_info(state_dir: str | os.PathLike, url: str | None = None) -> None:
@@ -545,6 +581,7 @@ def clear_admin_info(state_dir: str | os.PathLike, url: str | None = None) -> No
 
 
 __all__ = [
+    "admin_url",
     "clear_admin_info",
     "ADMIN_INFO_FILE",
     "ADMIN_TOKEN_FILE",

@@ -8,17 +8,23 @@ Tables (schema version in ``PRAGMA user_version``):
 - ``tokens``     every registration JWT issued (audit): ``jti``, ``customer_id``,
   ``resource_id``, ``generation``, ``org_only``, ``issued_at``, ``expires_at``
 
+Migrations, applied in order: 1 creates the tables above; 2 adds
+``resources.last_served_at`` (Unix seconds an agent last served the resource, NULL when
+never: then ``created_at`` counts), which drives the expiry of resources no agent serves.
+
 The built-in organisation customer ``cus_org`` (name ``organization``) is created on first use
 and owns the resources registered with ``--org-only`` tokens.
 
 Also the small file helpers every relay module uses: :func:`ensure_state_dir` (mode 0700) and
-:func:`write_private` (atomic, mode 0600).
+:func:`write_private` (atomic, mode 0600), and :func:`state_write_failure`, which tells a full
+or read-only state directory apart from a bug.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as _dt
+import errno
 import os
 import random
 import secrets
@@ -26,12 +32,13 @@ import socket
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 ORG_CUSTOMER_ID = "cus_org"
 ORG_CUSTOMER_NAME = "organization"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_PORT_RANGE = (20000, 29999)
 MAX_NAME_LENGTH = 200
 
@@ -62,6 +69,14 @@ CREATE TABLE tokens (
 );
 CREATE INDEX tokens_by_resource ON tokens(resource_id);
 """
+
+# {now} is the migration time: resources that exist already get a full idle period.
+_SCHEMA_V2 = """
+ALTER TABLE resources ADD COLUMN last_served_at INTEGER;
+UPDATE resources SET last_served_at = {now};
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 # --------------------------------------------------------------------------- files
@@ -95,6 +110,27 @@ def write_private(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> No
         except FileNotFoundError:
             pass
         raise
+
+
+def state_write_failure(exc: BaseException) -> str | None:
+    """A one-line description when ``exc`` is the state directory refusing a write (full,
+    read-only, I/O error); None for anything else (a bug, worth its traceback)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == 13:  # SQLITE_FULL
+            return "state directory full (no space left for the database)"
+        if code == 8:  # SQLITE_READONLY
+            return "state directory read-only (the database cannot be written)"
+        if code == 10:  # SQLITE_IOERR
+            return "state directory write failed (disk I/O error)"
+    elif isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "state directory full (no space left on device)"
+        if exc.errno == errno.EROFS:
+            return "state directory read-only"
+        if exc.errno == errno.EIO:
+            return "state directory write failed (I/O error)"
+    return None
 
 
 # --------------------------------------------------------------------------- ids, names
@@ -195,13 +231,16 @@ class RelayState:
                 raise RuntimeError(
                     f"{self.path} has schema version {version}, newer than this relay's {SCHEMA_VERSION}"
                 )
-            if version < 1:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in _SCHEMA_V1.split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    # Another process may have migrated meanwhile.
+                    if self._db.execute("PRAGMA user_version").fetchone()[0] < step:
+                        script = _MIGRATIONS[step].replace("{now}", str(int(time.time())))
+                        for statement in script.split(";"):
+                            if statement.strip():
+                                self._db.execute(statement)
+                        self._db.execute(f"PRAGMA user_version = {step}")
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
@@ -340,6 +379,31 @@ class RelayState:
         if row is None:
             raise KeyError(f"unknown resource {resource_id}")
         return int(row[0])
+
+    def count_resources(self, customer_id: str) -> int:
+        """How many resources ``customer_id`` has (its quota counts them)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM resources WHERE customer_id = ?",
+                                    (customer_id,)).fetchone()[0]
+
+    def mark_served(self, resource_ids, at: int) -> None:
+        """Record that agents served ``resource_ids`` at ``at`` (Unix seconds)."""
+        ids = list(resource_ids)
+        with self._lock:
+            self._db.executemany("UPDATE resources SET last_served_at = ? WHERE id = ?",
+                                 [(int(at), rid) for rid in ids])
+
+    def idle_resources(self, served_before: int) -> list[dict]:
+        """Resources no agent has served since ``served_before`` (Unix seconds; never served:
+        since created) and that no token names by id (those are the operator's to delete)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._RESOURCE_COLUMNS} FROM resources r "
+                "WHERE COALESCE(r.last_served_at, CAST(strftime('%s', r.created_at) AS INTEGER)) < ? "
+                "AND NOT EXISTS (SELECT 1 FROM tokens t WHERE t.resource_id = r.id) ORDER BY rowid",
+                (int(served_before),),
+            )
+            return [dict(row) for row in rows]
 
     # ---- tokens (audit)
 
