@@ -36,23 +36,10 @@ cdef extern from "Python.h":
     bint PyMemoryView_Check(object o)
     object PyMemoryView_FromObject(object o)
 
-cdef extern from *:
-    """
-    #if defined(__GLIBC__)
-    #include <malloc.h>
-    static int tn_tune_malloc(int mmap_threshold, int trim_threshold) {
-        return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 && mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1;
-    }
-    #else
-    static int tn_tune_malloc(int mmap_threshold, int trim_threshold) { return 0; }
-    #endif
-    """
-    int tn_tune_malloc(int mmap_threshold, int trim_threshold)
-
 __all__ = [
     "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",
     "encode_u32", "encode_hello", "parse_hello", "encode_goaway", "parse_goaway", "ws_mask",
-    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header", "tune_malloc",
+    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header",
 ]
 
 IMPLEMENTATION = "cython"
@@ -704,8 +691,3 @@ def parse_ws_header(buf, offset=0):
     finally:
         PyBuffer_Release(&b)
 
-
-def tune_malloc(mmap_threshold, trim_threshold):
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (bytes); False where the C
-    library is not glibc. See ``tunnel.codec.pure.tune_malloc``."""
-    return bool(tn_tune_malloc(mmap_threshold, trim_threshold))

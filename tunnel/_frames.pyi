@@ -88,8 +88,3 @@ def parse_ws_header(buf: Buffer, offset: int = 0) -> tuple[bool, int, int, bytes
     """``(fin, opcode, length, mask_key, header_size)`` of the header at ``buf[offset:]``, or
     None while incomplete. ProtocolError for RSV bits, a fragmented or > 125-byte control
     frame, or a 64-bit length with its top bit set."""
-
-def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (bytes) so that per-message
-    buffers of bulk transfer are reused heap memory, not fresh pages; False where the C
-    library is not glibc."""

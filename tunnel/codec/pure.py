@@ -23,7 +23,7 @@ from tunnel.wire.errors import FrameTooLarge, ProtocolError
 __all__ = [
     "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",
     "encode_u32", "encode_hello", "parse_hello", "encode_goaway", "parse_goaway", "ws_mask",
-    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header", "tune_malloc",
+    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header",
 ]
 
 IMPLEMENTATION = "python"
@@ -276,21 +276,3 @@ def parse_ws_header(buf, offset: int = 0):
         size += 4
     return fin, opcode, length, key, size
 
-
-def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (bytes); False where the C
-    library is not glibc.
-
-    Bulk transfer allocates a ciphertext ``bytes`` per WebSocket message in the TLS layer. By
-    default glibc serves such blocks with mmap, or from a heap top it trims again soon after,
-    so every message faults in fresh pages (perf: about a fifth of a sending agent's CPU).
-    Thresholds above the message size keep that memory in the heap for reuse.
-    """
-    import ctypes  # only here: the compiled twin does this without ctypes' half megabyte
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
