@@ -10,10 +10,14 @@ is a :class:`tunnel.wire.errors.ProtocolError` (``FrameTooLarge`` for an oversiz
 Integers go through ``struct``'s formats, as in the twin: out of range is ``struct.error``.
 """
 
+import sys
 from collections.abc import Iterable
 from typing import Final, TypeAlias
 
-from typing_extensions import Buffer
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:  # a stub is never imported at run time: typeshed ships typing_extensions to type checkers
+    from typing_extensions import Buffer
 
 #: ``"cython"`` here, ``"python"`` in the twin.
 IMPLEMENTATION: Final[str]
