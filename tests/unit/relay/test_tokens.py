@@ -295,6 +295,16 @@ def test_customer_wide_token_creates_and_reuses_resources(authority, state):
     assert api["id"] != db["id"]
 
 
+def test_check_only_creates_nothing(authority, state):
+    """create=False (a dry-run registration): an unknown name is None and stays unknown."""
+    customer = state.create_customer("acme")
+    got = authority.verify(authority.issue(customer["id"]))
+    assert check_against_state(got, state, "db", alloc, create=False) is None
+    assert state.find_resource(customer["id"], "db") is None
+    db = check_against_state(got, state, "db", alloc)
+    assert check_against_state(got, state, "db", alloc, create=False) == db
+
+
 def test_default_allocator_picks_a_free_port(authority, state):
     customer = state.create_customer("acme")
     resource = check_against_state(authority.verify(authority.issue(customer["id"])), state, "db")
