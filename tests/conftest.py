@@ -1,7 +1,7 @@
 """Fixtures shared by every test layer.
 
 ``codec`` runs a test once per frame codec: the compiled ``tunnel._frames`` and its pure-Python
-twin ``tunnel.codec.pure``. The compiled one is skipped only when it is not built (CI builds it,
+twin ``tunnel.codec.pure``; ``codec_pair`` gives both at once, for tests that compare them. The compiled one is skipped only when it is not built (CI builds it,
 and ``tests/unit/test_frames.py::test_compiled_codec_is_in_use`` fails there if it is missing).
 """
 
@@ -43,3 +43,12 @@ def codec(request):
     if module is None:
         pytest.skip("tunnel._frames is not built (pip install -e . or python setup.py build_ext --inplace)")
     return module
+
+
+@pytest.fixture
+def codec_pair():
+    """``(compiled, twin)``: the two frame codec modules, for tests that compare them."""
+    compiled = load_codec("cython")
+    if compiled is None:
+        pytest.skip("tunnel._frames is not built (pip install -e . or python setup.py build_ext --inplace)")
+    return compiled, load_codec("python")

@@ -520,12 +520,3 @@ def test_no_buffer_export_outlives_a_failed_feed(codec):
     del frames
     ok.extend(b"x")
 
-
-@pytest.mark.parametrize("kind", ["python", "cython"])
-def test_tune_malloc(kind):
-    import platform
-
-    codec = load_codec(kind)
-    if codec is None:
-        pytest.skip("compiled codec not built")
-    assert codec.tune_malloc(2 << 20, 8 << 20) is (platform.libc_ver()[0] == "glibc")
