@@ -109,11 +109,6 @@ def _read_buffer(size: int) -> bytearray:
     return buf
 
 
-def tune_malloc() -> bool:
-    """Entrypoints call this once at start (see ``MALLOC_MMAP_THRESHOLD``); False off glibc."""
-    return frames.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
-
-
 class Slot:
     """A pending-handshake slot on the relay: ``release()`` once authentication is done.
 
