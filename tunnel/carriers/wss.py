@@ -29,7 +29,6 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from tunnel import codec as frames
 from tunnel.carriers.handshakes import PendingHandshakes
 from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
 from tunnel.carriers.websocket import (
