@@ -68,6 +68,16 @@ async def _run(conf, limits: Limits) -> int:
     from .runner import Agent
 
     agent = Agent(conf, limits)
+    metrics = None
+    if conf.metrics_listen is not None:
+        from .metrics import serve_metrics
+
+        try:
+            metrics = await serve_metrics(agent, conf.metrics_listen, limits)
+        except OSError as exc:
+            log.error("cannot serve metrics at METRICS_LISTEN %s:%d: %s", *conf.metrics_listen, exc.strerror or exc)
+            return 2
+        log.info("metrics on http://%s:%d/metrics (also /live and /ready)", conf.metrics_listen[0], metrics.port)
     task = asyncio.ensure_future(agent.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,3 +90,6 @@ async def _run(conf, limits: Limits) -> int:
     except asyncio.CancelledError:
         log.info("tunnel-agent stopping")
         return 0
+    finally:
+        if metrics is not None:
+            metrics.close()

@@ -12,12 +12,15 @@ Environment::
     RELAY_CA_FILE           trust anchor for a relay with a private CA (else the system store)
     HTTPS_PROXY, NO_PROXY   outbound HTTP CONNECT proxy (WSS only)
     LOG_FORMAT, LOG_LEVEL   plain|json, DEBUG|INFO|WARNING|ERROR
+    METRICS_LISTEN          host:port (or :port) to serve /metrics, /live and /ready on
+                            (plain HTTP; default: not served)
 
 File (every key optional where the environment gives it)::
 
     relay_url = "wss://relay.example.com:443"
     registration_jwt_file = "/etc/tunnel-agent/jwt"
     ca_file = "/etc/tunnel-agent/ca.pem"
+    metrics_listen = "127.0.0.1:9464"
     [[resources]]
     name = "orders-db"
     host = "10.0.0.5"
@@ -60,6 +63,8 @@ class AgentConfig:
     log_level: str = "INFO"
     #: Where the token came from (a variable or file name, never the token), for `check`.
     token_source: str = ""
+    #: ``(host, port)`` of the /metrics, /live and /ready server; None: not served.
+    metrics_listen: tuple[str, int] | None = None
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -168,4 +173,12 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     log_level = env.get("LOG_LEVEL", file_conf.get("log_level", "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level, token_source)
+    metrics_listen = None
+    if env.get("METRICS_LISTEN") or file_conf.get("metrics_listen"):
+        from tunnel.ops.metrics_http import parse_listen
+
+        try:
+            metrics_listen = parse_listen(str(env.get("METRICS_LISTEN") or file_conf["metrics_listen"]), "METRICS_LISTEN")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level, token_source, metrics_listen)

@@ -102,6 +102,8 @@ class AgentLinkHandler(LinkHandler):
             dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout))
         self.agent.tasks.add(task)
         task.add_done_callback(self.agent.tasks.discard)
+        if self.agent.metrics is not None:
+            self.agent.metrics.stream_dialing(name, task)
         return stream_handler(bridge)
 
     def control_received(self, message: dict) -> None:
@@ -170,6 +172,8 @@ class Agent:
         self.link: Link | None = None
         #: Names the relay deregistered: not served, not registered again, until a restart.
         self.dropped: set[str] = set()
+        #: :class:`agent.metrics.AgentMetrics` when METRICS_LISTEN is set, else None.
+        self.metrics = None
 
     def serving(self, name: str):
         """The target of resource ``name`` if this agent serves it, else None."""
@@ -199,6 +203,8 @@ class Agent:
         for res in answer.get("resources", []):
             log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
                      link.carrier, res.get("endpoint"))
+        if self.metrics is not None:
+            self.metrics.registered(link)
         return handler
 
     async def run(self) -> int:
@@ -220,6 +226,8 @@ class Agent:
         while True:
             started = loop.time()
             served = False
+            if self.metrics is not None:
+                self.metrics.connecting()
             try:
                 link = self.link = await self.dialer.dial()
                 log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.carrier)
@@ -239,6 +247,8 @@ class Agent:
                 self.backoff.link_lost()
             delay = self.backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
+            if self.metrics is not None:
+                self.metrics.waiting()
             await asyncio.sleep(delay)
 
     async def serve(self, link: Link, handler: AgentLinkHandler) -> None:

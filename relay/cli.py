@@ -4,7 +4,8 @@
 
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
                        [--allow-remote-admin] [--service-host HOST] [--cert FILE --key FILE]
-                       [--server-name NAME] [--log-format plain|json] [--log-level LEVEL]
+                       [--server-name NAME] [--metrics-listen HOST:PORT]
+                       [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
     tunnel-relay resources list [--extended] [--output json]
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,
                        help="extra DNS name or IP for the generated server certificate (repeatable; env RELAY_SERVER_NAME)")
+    serve.add_argument("--metrics-listen", default=_env("RELAY_METRICS_LISTEN"), metavar="HOST:PORT",
+                       help="serve /metrics (Prometheus), /live and /ready here, plain HTTP "
+                            "(env RELAY_METRICS_LISTEN; default: not served)")
     serve.add_argument("--log-format", choices=("plain", "json"), default=_env("RELAY_LOG_FORMAT", "plain"))
     serve.add_argument("--log-level", default=_env("RELAY_LOG_LEVEL", "info"),
                        type=str.lower, choices=("debug", "info", "warning", "error", "critical"))
@@ -273,6 +277,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         args.listen_addr = parse_host_port(args.listen, 8443)
         args.admin_listen_addr = parse_host_port(args.admin_listen, 8442)
+        args.metrics_listen_addr = parse_host_port(args.metrics_listen) if args.metrics_listen else None
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if bool(args.cert) != bool(args.key):

@@ -25,6 +25,7 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
+from .metrics import RelayMetrics
 from .quotas import Descriptors, QuotaExceeded
 
 log = logging.getLogger("relay.registry")
@@ -84,6 +85,7 @@ class EndpointBridge(TcpBridge):
                 registry.throttled.log(("descriptors", endpoint.customer_id), logging.WARNING,
                                        "resetting new connections to the endpoints of customer %s: %s",
                                        endpoint.customer_id, exc)
+                registry.metrics.stream_refused(endpoint, "quota", exc)
                 self.fail(ErrorCode.REFUSED)
                 return
             descriptors.take(endpoint.customer_id)
@@ -100,8 +102,10 @@ class EndpointBridge(TcpBridge):
                 log.info("resource %s: no agent available, refusing a connection", endpoint.resource_id)
             if descriptors is not None:
                 descriptors.give(endpoint.customer_id)
+            registry.metrics.stream_refused(endpoint, "no_agent" if agent is None else "link_closing")
             self.fail(ErrorCode.REFUSED)
             return
+        registry.metrics.stream_opened(endpoint)
         self.agent = agent
         self.buffers = agent.buffers
         agent.active_streams += 1
@@ -112,6 +116,7 @@ class EndpointBridge(TcpBridge):
             endpoint.bridges.discard(self)
             if descriptors is not None:
                 descriptors.give(endpoint.customer_id)
+            registry.metrics.stream_done(endpoint, self)
 
         self.on_done = done
         self.attach_stream(stream)
@@ -160,11 +165,14 @@ class Endpoint:
 class Registry:
     """Live agents and endpoints; also what the admin API reads (``relay.admin.Registry``).
 
-    ``descriptors`` (optional) accounts for the endpoints' sockets per customer."""
+    ``descriptors`` (optional) accounts for the endpoints' sockets per customer; ``metrics``
+    counts their streams (a fresh :class:`relay.metrics.RelayMetrics` if not given)."""
 
-    def __init__(self, service_host: str, descriptors: Descriptors | None = None) -> None:
+    def __init__(self, service_host: str, descriptors: Descriptors | None = None,
+                 metrics: RelayMetrics | None = None) -> None:
         self.service_host = service_host
         self.descriptors = descriptors
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self.endpoints: dict[str, Endpoint] = {}
         self.agents: set[AgentSession] = set()
         self._links = Counter()  # customer id -> registered agent links

@@ -33,7 +33,7 @@ from tunnel.ops.process import tune_malloc
 from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
-from . import is_loopback_host
+from . import format_host_port, is_loopback_host
 from .quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
 from .registry import AgentSession, Registry
 from .state import state_write_failure
@@ -90,6 +90,7 @@ class AgentLinkHandler(LinkHandler):
         self.relay.throttled.log("before registration", logging.INFO,
                                  "agent link from %s sent %s before registration; closing it",
                                  _addr(self.link), what)
+        self.relay.metrics.spoke_before_auth(self.link.carrier)
         message = f"expected one auth message before anything else, got {what}"
         try:
             self.link.send_control({"type": "error", "code": "bad_request", "message": message})
@@ -118,6 +119,10 @@ class Relay:
         self.registry = registry
         self.limits = limits
         self.descriptors = descriptors
+        #: What relay.metrics exports; shared with the registry.
+        self.metrics = registry.metrics
+        #: True while the listeners accept agents (``/ready``).
+        self.accepting = False
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()
         self.rate = RegistrationRate(limits.max_registrations_per_minute)
@@ -137,15 +142,18 @@ class Relay:
         try:
             agent = await self._register(link, message)
         except QuotaExceeded as exc:
+            self.metrics.auth_refused(exc.code, exc)
             self.throttled.log(("quota", str(exc)), logging.WARNING, "agent from %s refused: %s", _addr(link), exc)
             _refuse(link, exc.code, str(exc), ErrorCode.ENHANCE_YOUR_CALM)
             return
         except AuthError as exc:
+            self.metrics.auth_refused(exc.code)
             log.warning("agent from %s refused: %s", _addr(link), exc)
             _refuse(link, exc.code, str(exc), ErrorCode.UNAUTHORIZED)
             return
         except Exception as exc:  # noqa: BLE001
             failure = state_write_failure(exc)
+            self.metrics.auth_refused("internal" if failure is None else "unavailable")
             if failure is None:
                 log.exception("agent from %s: registration failed", _addr(link))
                 _refuse(link, "internal", "registration failed", ErrorCode.INTERNAL_ERROR)
@@ -184,6 +192,7 @@ class Relay:
             claims = self.authority.verify(token)
             found = [check_against_state(claims, self.state, entry["name"], create=False) for entry in resources]
         except AuthError as exc:
+            self.metrics.auth_refused(exc.code)
             log.warning("agent check from %s refused: %s", _addr(link), exc)
             _refuse(link, exc.code, str(exc), ErrorCode.UNAUTHORIZED)
             return
@@ -211,7 +220,8 @@ class Relay:
         def before_create(owner: str) -> None:
             if self.state.count_resources(owner) >= limits.max_resources_per_customer:
                 raise QuotaExceeded(f"customer {owner} is over its quota of {limits.max_resources_per_customer} "
-                                    "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones")
+                                    "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
+                                    limit="max_resources_per_customer", customer_id=owner)
 
         wanted = [check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
                                       before_create=before_create) for entry in resources]
@@ -255,7 +265,8 @@ class Relay:
         limit = self.limits.max_links_per_customer
         if self.registry.links_of(customer_id) >= limit:
             raise QuotaExceeded(f"customer {customer_id} is over its quota of {limit} live agent links "
-                                "(TUNNEL_MAX_LINKS_PER_CUSTOMER)")
+                                "(TUNNEL_MAX_LINKS_PER_CUSTOMER)", limit="max_links_per_customer",
+                                customer_id=customer_id)
         if self.descriptors is not None and link.carrier == "wss":  # a QUIC link holds no descriptor
             self.descriptors.check_link(customer_id)
 
@@ -431,8 +442,10 @@ async def _serve(args) -> int:
         except QuotaExceeded as exc:
             log.error("resource %s: endpoint not bound: %s", resource["id"], exc)
 
+    metrics = await _start_metrics(relay, args.metrics_listen_addr, limits)
     listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
                                   key_file=str(key_file), limits=limits, on_link=relay.on_link)
+    relay.accepting = True
     port = listeners.port
     admin_token = admin.load_or_create_admin_token(state_dir)
     admin_server = await admin.start_admin_server(
@@ -452,10 +465,24 @@ async def _serve(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("relay stopping")
+    relay.accepting = False
     expiry.cancel()
     listeners.close()
     admin_server.close()
     admin.clear_admin_info(state_dir)
     await relay.drain()
     registry.close()
+    if metrics is not None:
+        metrics.close()
     return 0
+
+
+async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: Limits):
+    """``/metrics``, ``/live`` and ``/ready`` at ``--metrics-listen`` (None: not served)."""
+    if address is None:
+        return None
+    from .metrics import MetricsService
+
+    service = await MetricsService(relay, limits).start(*address)
+    log.info("metrics on http://%s/metrics (also /live and /ready)", format_host_port(address[0], service.port))
+    return service

@@ -218,6 +218,12 @@ class RelayState:
         with self._lock:
             self._db.close()
 
+    def ping(self) -> None:
+        """Raise unless the database answers a query (the relay's ``/ready`` check; a store
+        may make this a coroutine, the caller awaits it then)."""
+        with self._lock:
+            self._db.execute("SELECT 1 FROM customers LIMIT 1").fetchall()
+
     def __enter__(self) -> "RelayState":
         return self
 

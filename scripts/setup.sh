@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
               redis-server redis-tools wrk curl iptables iproute2 procps tinyproxy
-              systemd)
+              systemd prometheus)
 missing=()
 [ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
 for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do
@@ -19,7 +19,7 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The tests start their own servers on private ports; keep the packaged ones from squatting.
-  for svc in nginx postgresql redis-server ssh tinyproxy; do
+  for svc in nginx postgresql redis-server ssh tinyproxy prometheus; do
     $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi

@@ -17,6 +17,8 @@ the agent bridges each stream it accepts to a connection it dials to the private
   (``FLOW_CONTROL_ERROR``), a second line behind the flow control that already bounds it.
 - A FIN travels as a half-close either way; a TCP reset becomes a stream RESET
   (``CONNECTION_RESET``) and a stream RESET becomes a TCP reset (RST via SO_LINGER 0).
+- For metrics, each bridge counts the bytes it moved each way (one addition per piece, read
+  by the relay's collectors at scrape time) and keeps the code its stream was reset with.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class TcpBridge(asyncio.Protocol):
     """
 
     __slots__ = ("stream", "transport", "buffers", "_fd", "_pending", "_unconsumed", "_tcp_write_paused",
-                 "_stream_eof", "_tcp_eof", "_done", "on_done")
+                 "_stream_eof", "_tcp_eof", "_done", "on_done", "bytes_from_tcp", "bytes_to_tcp", "reset_code")
 
     def __init__(self, stream: LinkStream | None = None, buffers: LinkBuffers | None = None) -> None:
         self.stream = stream
@@ -84,6 +86,13 @@ class TcpBridge(asyncio.Protocol):
         self._tcp_eof = False  # the TCP peer half-closed
         self._done = False
         self.on_done = None  # called once when the bridge is finished
+        #: Bytes read from the TCP connection (sent on the stream), and received from the
+        #: stream for the TCP connection.
+        self.bytes_from_tcp = 0
+        self.bytes_to_tcp = 0
+        #: The code the stream was reset with (by either side, or for a TCP error); None
+        #: while it has not been reset.
+        self.reset_code: int | None = None
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -94,6 +103,8 @@ class TcpBridge(asyncio.Protocol):
 
     def fail(self, code: int) -> None:
         """Give up before or during the bridge: reset the stream and the TCP connection."""
+        if not self._done and self.reset_code is None:
+            self.reset_code = code
         if self.stream is not None and not self._done:
             self.stream.reset(code)
         self._reset_tcp()
@@ -124,6 +135,7 @@ class TcpBridge(asyncio.Protocol):
         stream = self.stream
         if stream is None or self._done:
             return
+        self.bytes_from_tcp += len(data)
         stream.write(data)
         if stream.paused:
             self.transport.pause_reading()
@@ -141,7 +153,9 @@ class TcpBridge(asyncio.Protocol):
                 # An error, or a close before both directions ended: the stream cannot end
                 # cleanly any more.
                 if exc is not None or not (self._tcp_eof and self._stream_eof):
-                    self.stream.reset(ErrorCode.CONNECTION_RESET if exc is not None else ErrorCode.NO_ERROR)
+                    code = ErrorCode.CONNECTION_RESET if exc is not None else ErrorCode.NO_ERROR
+                    self.reset_code = code
+                    self.stream.reset(code)
             self._finish()
 
     def pause_writing(self) -> None:
@@ -204,6 +218,7 @@ class TcpBridge(asyncio.Protocol):
     def stream_data(self, data) -> None:
         if self._done:
             return
+        self.bytes_to_tcp += len(data)
         if self.transport is None:
             # Dial in progress: keep a copy (a view would pin the carrier's read buffer);
             # credit waits until it is written.
@@ -250,6 +265,8 @@ class TcpBridge(asyncio.Protocol):
             callback()
 
     def stream_reset(self, code: int) -> None:
+        if not self._done:
+            self.reset_code = code
         self._reset_tcp()
         self._finish()
 
@@ -292,8 +309,10 @@ def stream_handler(bridge: TcpBridge) -> StreamHandler:
     return _StreamSide(bridge)
 
 
-async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: int, timeout: float) -> None:
-    """Agent side: dial ``host:port`` for ``stream``; reset it with CONNECT_FAILED on failure."""
+async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: int,
+                      timeout: float) -> OSError | asyncio.TimeoutError | None:
+    """Agent side: dial ``host:port`` for ``stream``; reset it with CONNECT_FAILED on failure.
+    Returns why the dial failed (None once connected)."""
     loop = asyncio.get_running_loop()
     try:
         await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port), timeout)
@@ -301,3 +320,5 @@ async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: in
         log.info("stream %d: connect to %s:%d failed: %s", stream.stream_id, host, port,
                  exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)
         bridge.fail(ErrorCode.CONNECT_FAILED)
+        return exc
+    return None

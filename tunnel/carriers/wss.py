@@ -29,7 +29,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from tunnel.carriers.handshakes import PendingHandshakes
+from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
 from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
 from tunnel.carriers.websocket import (
     ClientHandshake,
@@ -238,6 +238,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         if not listener.admit(self):
             log.warning("refusing connection from %s: %d handshakes pending", self.peer_address,
                         len(listener.handshakes))
+            handshake_failed("wss", "full")
             self._lost = True  # never counted, never reported
             transport.abort()
             return
@@ -293,6 +294,8 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
                 reason = "TLS handshake timed out" if isinstance(exc, (asyncio.CancelledError, TimeoutError)) \
                     else f"TLS handshake failed: {exc}"
                 log.info("wss %s: %s", self.peer_address, reason)
+                if not isinstance(exc, (asyncio.CancelledError, TimeoutError)):  # else the deadline counts it
+                    handshake_failed("wss", "tls")
                 self.connection_lost(LinkError(reason))
             return
         self._tls_task = None
@@ -425,6 +428,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         self.transport.write(hs.response)
         if not hs.accepted:
             log.info("wss %s: upgrade refused with %d (%s)", self.peer_address, hs.status, hs.reason)
+            handshake_failed("wss", "upgrade")
             self._error = HandshakeError(f"upgrade refused: {hs.reason}", hs.status)
             self._closing = True
             self.transport.close()
@@ -475,6 +479,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             return
         log.info("wss %s: handshake deadline of %.1fs passed", self.peer_address,
                  self.limits.handshake_timeout)
+        handshake_failed("wss", "timeout")
         self._error = LinkError("handshake deadline passed")
         self._closing = True
         if self._tls_task is not None:
@@ -488,6 +493,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             self.slot.release()
         if self._lost:
             return
+        handshake_failed("wss", "evicted")
         self._error = LinkError("handshake evicted: too many handshakes in progress")
         self._closing = True
         if self._tls_task is not None:
