@@ -15,6 +15,7 @@ names an agent sent; their number is bounded by the customers an operator create
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import Counter
@@ -223,7 +224,7 @@ async def ready(relay) -> str | None:
         return "not accepting agents"
     try:
         answer = relay.state.ping()
-        if asyncio.iscoroutine(answer):
+        if inspect.isawaitable(answer):
             await answer
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         relay.throttled.log("ready", logging.WARNING, "readiness check: the relay state does not answer: %s", exc)

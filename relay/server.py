@@ -483,6 +483,10 @@ async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: 
         return None
     from .metrics import MetricsService
 
-    service = await MetricsService(relay, limits).start(*address)
+    try:
+        service = await MetricsService(relay, limits).start(*address)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics at --metrics-listen {format_host_port(*address)}: "
+                      f"{exc.strerror or exc}") from None
     log.info("metrics on http://%s/metrics (also /live and /ready)", format_host_port(address[0], service.port))
     return service
