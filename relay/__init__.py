@@ -9,6 +9,7 @@ Control plane modules (no network data plane here):
 - :mod:`relay.quotas`       per-customer quotas and the relay's open-file budget
 - :mod:`relay.admin`        HTTP/1.1 + JSON admin API (bearer token; loopback, or TLS beyond it)
 - :mod:`relay.admin_client` the client the CLI uses
+- :mod:`relay.metrics`      ``/metrics``, ``/live`` and ``/ready`` (``--metrics-listen``)
 - :mod:`relay.cli`          ``tunnel-relay`` entry point
 """
 

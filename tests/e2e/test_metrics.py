@@ -1,8 +1,8 @@
 """Metrics and health end to end: a real relay (``RELAY_METRICS_LISTEN``) and real agents
 (``METRICS_LISTEN``) carry real traffic, a real Prometheus scrapes them and its HTTP API must
 show the counts; ``promtool check metrics`` lints what they serve, and Prometheus evaluates
-every expression of the Grafana dashboard. About 15 s in all (Prometheus starts in well under
-a second and scrapes every 0.5 s)."""
+every expression of the Grafana dashboard. About 10 s in all (Prometheus starts in a tenth
+of a second and scrapes every 0.5 s)."""
 
 from __future__ import annotations
 
