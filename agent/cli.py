@@ -56,7 +56,8 @@ def _parse_args(argv: list[str]):
         prog="tunnel-agent",
         description="Dial out to a tunnel relay and serve private TCP services through it. "
                     "Configured by RELAY_URL, NAME, APP_HOST, APP_PORT, REGISTRATION_JWT "
-                    "(or REGISTRATION_JWT_FILE), RELAY_CA_FILE, HTTPS_PROXY/NO_PROXY, or a TOML file.",
+                    "(or REGISTRATION_JWT_FILE), RELAY_CA_FILE, HTTPS_PROXY/NO_PROXY, METRICS_LISTEN, "
+                    "or a TOML file.",
         epilog="'tunnel-agent check [--config FILE] [--output json]' checks the configuration, the way "
                "to the relay, the registration JWT and each private service, and names the fix.")
     parser.add_argument("--config", help="TOML configuration file (also AGENT_CONFIG_FILE)")

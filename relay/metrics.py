@@ -206,7 +206,8 @@ class RelayMetrics:
         for (customer, limit), n in sorted(self.quota_hits.items()):
             quotas.add((customer, limit), n)
         rtt = Family("tunnel_relay_link_rtt_seconds", "histogram",
-                     "Round trips of agent links measured by keepalive PINGs.", ("transport",))
+                     "Round trips of agent links measured by PINGs (keepalive, and while data flows).",
+                     ("transport",))
         for transport, histogram in sorted(self.rtt.items()):
             rtt.add_histogram((transport,), histogram)
         info = Family("tunnel_relay_build_info", "gauge", "The relay's version.", ("version",)).add((__version__,), 1)
