@@ -1,12 +1,16 @@
 """``tunnel-relay serve``: agent listeners (TLS WebSocket on TCP and QUIC on UDP, one port
-number), agent authentication and registration, resource endpoints and the admin API."""
+number), agent authentication and registration, resource endpoints and the admin API, on the
+state database of :mod:`relay.state` (SQLite in the state dir, or a cluster's PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import signal
+import time
+import urllib.parse
 from pathlib import Path
 
 from tunnel import __version__
@@ -17,10 +21,12 @@ from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import AuthError
 
 from .registry import AgentSession, Registry
+from .store.errors import UNREACHABLE_MESSAGE, StoreError, StoreUnavailable
 
 log = logging.getLogger("relay")
 
 MAX_RESOURCES_PER_AGENT = 64
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class AgentLinkHandler(LinkHandler):
@@ -54,14 +60,16 @@ class AgentLinkHandler(LinkHandler):
             log.info("agent %s disconnected (%s)", self.agent.agent_id, reason or ErrorCode(code).name
                      if code in ErrorCode._value2member_map_ else code)
             self.relay.registry.remove_agent(self.agent)
+            self.relay.cluster.forget(self.agent)
 
 
 class Relay:
-    def __init__(self, state, authority, registry: Registry, limits: Limits) -> None:
+    def __init__(self, state, authority, registry: Registry, limits: Limits, cluster) -> None:
         self.state = state
         self.authority = authority
         self.registry = registry
         self.limits = limits
+        self.cluster = cluster
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()
 
@@ -73,6 +81,12 @@ class Relay:
         link = handler.link
         try:
             agent = await self._register(link, message)
+        except StoreUnavailable as exc:
+            # Not the agent's fault and not fatal: it retries with its backoff.
+            self.cluster.outages.refused("registration(s)", exc)
+            link.send_control({"type": "error", "code": "unavailable", "message": UNREACHABLE_MESSAGE})
+            link.close(ErrorCode.INTERNAL_ERROR, UNREACHABLE_MESSAGE)
+            return
         except AuthError as exc:
             log.warning("agent from %s refused: %s", _addr(link), exc)
             link.send_control({"type": "error", "code": exc.code, "message": str(exc)})
@@ -84,6 +98,7 @@ class Relay:
             link.close(ErrorCode.INTERNAL_ERROR, "registration failed")
             return
         if link.is_closing:
+            self.cluster.forget(agent)
             return
         handler.agent = agent
         self.registry.add_agent(agent)
@@ -116,18 +131,23 @@ class Relay:
         claims = self.authority.verify(token)
         registered: dict[str, str] = {}
         for entry in resources:
-            resource = check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port)
+            resource = await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port)
             await self.registry.ensure_endpoint(resource)
             registered[resource["id"]] = resource["name"]
-        return AgentSession(
-            agent_id="agt_" + secrets.token_hex(8),
+        agent_id = "agt_" + secrets.token_hex(8)
+        instance = info.get("instance")
+        session = AgentSession(
+            agent_id=agent_id,
             link=link,
             customer_id=claims.customer_id,
             generation=claims.generation,
             version=_clip(info.get("version")),
             hostname=_clip(info.get("hostname")),
             resources=registered,
+            instance=instance if isinstance(instance, str) and _INSTANCE_RE.match(instance) else agent_id,
         )
+        await self.cluster.admit(session)
+        return session
 
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port
@@ -173,7 +193,7 @@ def serve_main(args) -> int:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:
         return 0
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         log.error("relay cannot start: %s", exc)
         return 1
 
@@ -182,22 +202,29 @@ async def _serve(args) -> int:
     from tunnel.bridge.listen import serve_links
 
     from . import admin, pki, tokens
-    from . import state as state_mod
+    from .cluster import Cluster, default_advertise_url
+    from .store.settings import StoreSettings
 
     limits = Limits.from_env()
+    settings = StoreSettings.from_env()
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     host, port = args.listen_addr
     admin_host, admin_port = args.admin_listen_addr
-    keys = pki.ensure_pki(state_dir, extra_names=[host, *args.server_names], cert_file=args.cert, key_file=args.key)
+    advertise = args.advertise or default_advertise_url(host, port, args.server_names)
+    advertise_host = urllib.parse.urlsplit(advertise).hostname
+    keys = pki.ensure_pki(state_dir, extra_names=[host, advertise_host, *args.server_names], cert_file=args.cert,
+                          key_file=args.key)
     cert_file, key_file = keys.cert_file, keys.key_file
     ssl_context = pki.server_ssl_context(cert_file, key_file)
 
-    store = state_mod.RelayState(state_dir / "relay.db")
+    store = await _open_state(state_dir, args.database, settings)
     authority = tokens.TokenAuthority(state_dir)
     registry = Registry(args.service_host)
-    relay = Relay(store, authority, registry, limits)
-    for resource in store.list_resources():
+    cluster = Cluster(store, registry, advertise, settings)
+    await cluster.start()
+    relay = Relay(store, authority, registry, limits, cluster)
+    for resource in await store.list_resources():
         try:
             await registry.ensure_endpoint(resource)
         except OSError as exc:
@@ -206,14 +233,17 @@ async def _serve(args) -> int:
 
     listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
                                   key_file=str(key_file), limits=limits, on_link=relay.on_link)
+    if port == 0 and not args.advertise:
+        await cluster.readvertise(default_advertise_url(host, listeners.port, args.server_names))
     port = listeners.port
     admin_token = admin.load_or_create_admin_token(state_dir)
     admin_server = await admin.start_admin_server(admin_host, admin_port, state=store, authority=authority,
-                                                  registry=registry, token=admin_token, state_dir=state_dir)
+                                                  registry=registry, token=admin_token, state_dir=state_dir,
+                                                  cluster=cluster)
     admin_bound = admin_server.sockets[0].getsockname()[1]
-    log.info("relay %s listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on http://%s:%d; "
-             "resource endpoints on %s; state in %s", __version__, host, port, admin_host, admin_bound,
-             args.service_host, state_dir)
+    log.info("relay %s (%s) listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on http://%s:%d; "
+             "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
+             admin_host, admin_bound, args.service_host, state_dir, store.description)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -226,4 +256,24 @@ async def _serve(args) -> int:
     admin.clear_admin_info(state_dir)
     await relay.drain()
     registry.close()
+    await cluster.stop()
+    await store.close()
     return 0
+
+
+async def _open_state(state_dir: Path, database: str | None, settings):
+    """The migrated state; a PostgreSQL that cannot be reached is retried with backoff for
+    ``db_startup_timeout`` before the relay gives up."""
+    from .state import RelayState
+
+    deadline = time.monotonic() + settings.db_startup_timeout
+    delay = 0.5
+    while True:
+        try:
+            return await RelayState.open(state_dir, database, settings)
+        except StoreUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailable(f"{exc.reason}; gave up after {settings.db_startup_timeout:g} s") from None
+            log.warning("%s; retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.db_reconnect_max)

@@ -233,7 +233,7 @@ def _claims_from_payload(payload: dict) -> Claims:
     )
 
 
-def check_against_state(
+async def check_against_state(
     claims: Claims,
     state: RelayState,
     resource_name: str,
@@ -241,12 +241,13 @@ def check_against_state(
 ) -> dict:
     """The resource ``resource_name`` that the verified ``claims`` may serve; created (port
     from ``allocate(taken_ports)``, default: a free port on 127.0.0.1) when the token is
-    customer-wide and the customer has no such resource yet. Raise :class:`AuthError`."""
+    customer-wide and the customer has no such resource yet. Raise :class:`AuthError` (and
+    :class:`relay.store.errors.StoreUnavailable` while the state database is away)."""
     customer_id = ORG_CUSTOMER_ID if claims.org_only else claims.customer_id
-    if state.get_customer(customer_id) is None:
+    if await state.get_customer(customer_id) is None:
         raise AuthError("registration token's customer does not exist")
     if claims.resource_id is not None:
-        resource = state.get_resource(claims.resource_id)
+        resource = await state.get_resource(claims.resource_id)
         if resource is None or resource["customer_id"] != customer_id:
             raise AuthError("registration token's resource does not exist")
         if resource["name"] != resource_name:
@@ -254,7 +255,7 @@ def check_against_state(
         if claims.generation < resource["generation"]:
             raise AuthError("registration token revoked")
         return resource
-    resource = state.find_resource(customer_id, resource_name)
+    resource = await state.find_resource(customer_id, resource_name)
     if resource is not None:
         if claims.generation < resource["generation"]:
             raise AuthError("registration token revoked")
@@ -262,7 +263,7 @@ def check_against_state(
     if allocate is None:
         allocate = lambda taken: allocate_port("127.0.0.1", taken)  # noqa: E731
     try:
-        return state.get_or_create_resource(customer_id, resource_name, allocate)
+        return await state.get_or_create_resource(customer_id, resource_name, allocate)
     except ValueError as exc:
         raise AuthError(str(exc), code="bad_request") from None
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .dialect import Dialect
+from .errors import StoreError
 from .settings import StoreSettings
 
 log = logging.getLogger("relay.store")
@@ -89,8 +90,10 @@ async def open_database(url: str | None, state_dir: str | Path, settings: StoreS
     of another kind, :class:`StoreUnavailable` when PostgreSQL cannot be reached."""
     settings = settings or StoreSettings()
     if is_postgres_url(url):
-        from .postgres import PostgresDatabase
-
+        try:
+            from .postgres import PostgresDatabase
+        except ImportError:
+            raise StoreError("PostgreSQL needs the asyncpg driver: pip install 'tunnel-agent-relay[postgresql]'") from None
         return await PostgresDatabase.connect(url, settings)
     from .sqlite import SqliteDatabase
 

@@ -1,7 +1,9 @@
-"""relay.state: the SQLite registry of customers, resources and tokens; port allocation."""
+"""relay.state: customers, resources and tokens, the same contract on both back ends (SQLite
+and a real PostgreSQL: every test taking ``state`` runs on each); port allocation; files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -9,6 +11,7 @@ import sqlite3
 import stat
 
 import pytest
+from conftest import new_loop
 
 from relay.state import (
     ORG_CUSTOMER_ID,
@@ -19,6 +22,15 @@ from relay.state import (
     new_id,
     write_private,
 )
+from relay.store.errors import Conflict, SchemaTooNew
+
+
+def open_and_close(directory, url=None) -> None:
+    async def go():
+        st = await RelayState.open(directory, url)
+        await st.close()
+
+    asyncio.run(go())
 
 
 def counter_allocator(start: int = 21000):
@@ -33,12 +45,6 @@ def counter_allocator(start: int = 21000):
     return allocate
 
 
-@pytest.fixture
-def state(tmp_path):
-    with RelayState.open_dir(tmp_path / "state") as st:
-        yield st
-
-
 def test_ids_have_the_documented_shape():
     for _ in range(50):
         assert re.fullmatch(r"cus_[a-z2-7]{16}", new_id("cus"))
@@ -47,8 +53,7 @@ def test_ids_have_the_documented_shape():
 
 def test_database_file_schema_version_and_modes(tmp_path):
     directory = tmp_path / "state"
-    with RelayState.open_dir(directory):
-        pass
+    open_and_close(directory)
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     db = directory / "relay.db"
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
@@ -62,13 +67,12 @@ def test_database_file_schema_version_and_modes(tmp_path):
 
 def test_refuses_a_newer_schema(tmp_path):
     directory = tmp_path / "state"
-    with RelayState.open_dir(directory):
-        pass
+    open_and_close(directory)
     con = sqlite3.connect(directory / "relay.db")
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.close()
-    with pytest.raises(RuntimeError, match="newer"):
-        RelayState.open_dir(directory)
+    with pytest.raises(SchemaTooNew, match="newer than this relay"):
+        open_and_close(directory)
 
 
 def test_customers(state):
@@ -139,20 +143,30 @@ def test_unknown_customer_cannot_own_a_resource(state):
         state.get_or_create_resource("cus_aaaaaaaaaaaaaaaa", "db", counter_allocator())
 
 
-def test_ports_and_generations_survive_a_reopen(tmp_path):
+def test_ports_and_generations_survive_a_reopen(tmp_path, database_url):
     directory = tmp_path / "state"
-    with RelayState.open_dir(directory) as st:
-        customer = st.create_customer("acme")
-        db = st.get_or_create_resource(customer["id"], "db", counter_allocator(23456))
-        assert st.rotate_resource(db["id"]) == 1
-    with RelayState.open_dir(directory) as st:
 
-        def must_not_allocate(taken):
-            raise AssertionError("the port must be kept")
+    async def first():
+        async with await RelayState.open(directory, database_url) as st:
+            customer = await st.create_customer("acme")
+            db = await st.get_or_create_resource(customer["id"], "db", counter_allocator(23456))
+            assert await st.rotate_resource(db["id"]) == 1
+            return customer, db
 
-        again = st.get_or_create_resource(customer["id"], "db", must_not_allocate)
-        assert again["id"] == db["id"] and again["port"] == 23456 and again["generation"] == 1
-        assert st.get_customer(customer["id"]) == customer
+    def must_not_allocate(taken):
+        raise AssertionError("the port must be kept")
+
+    async def second(customer, db):
+        async with await RelayState.open(directory, database_url) as st:
+            again = await st.get_or_create_resource(customer["id"], "db", must_not_allocate)
+            assert again["id"] == db["id"] and again["port"] == 23456 and again["generation"] == 1
+            assert await st.get_customer(customer["id"]) == customer
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(second(*loop.run_until_complete(first())))
+    finally:
+        loop.close()
 
 
 def test_rotate_and_delete(state):
@@ -179,7 +193,7 @@ def test_record_token(state):
     assert [t["jti"] for t in tokens] == ["jti-1", "jti-2"]
     assert tokens[1]["org_only"] is True and tokens[1]["generation"] == 3
     assert [t["jti"] for t in state.list_tokens("res_aaaaaaaaaaaaaaaa")] == ["jti-2"]
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(Conflict):
         state.record_token("jti-1", customer["id"], None, 0, False, 1000, 2000)
 
 
