@@ -265,7 +265,9 @@ async def _open_state(state_dir: Path, database: str | None, settings):
     """The migrated state; a PostgreSQL that cannot be reached is retried with backoff for
     ``db_startup_timeout`` before the relay gives up."""
     from .state import RelayState
+    from .store.database import redact_url
 
+    where = redact_url(database) if database else "in the state directory"
     deadline = time.monotonic() + settings.db_startup_timeout
     delay = 0.5
     while True:
@@ -273,7 +275,8 @@ async def _open_state(state_dir: Path, database: str | None, settings):
             return await RelayState.open(state_dir, database, settings)
         except StoreUnavailable as exc:
             if time.monotonic() + delay > deadline:
-                raise StoreUnavailable(f"{exc.reason}; gave up after {settings.db_startup_timeout:g} s") from None
-            log.warning("%s; retrying in %.1f s", exc, delay)
+                raise StoreError(f"state database unreachable: {where}: {exc.reason}; "
+                                 f"gave up after {settings.db_startup_timeout:g} s") from None
+            log.warning("state database unreachable: %s: %s; retrying in %.1f s", where, exc.reason, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.db_reconnect_max)

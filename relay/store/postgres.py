@@ -90,8 +90,10 @@ class PostgresDatabase:
     async def _establish(self) -> None:
         s = self.settings
         if self._pool is None:
+            # min_size 0: connections on demand, and no background "floor" task that would log
+            # a traceback per failed attempt while the server is away.
             self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=s.db_pool_size, timeout=s.db_connect_timeout,
+                self._url, min_size=0, max_size=s.db_pool_size, timeout=s.db_connect_timeout,
                 command_timeout=s.db_query_timeout, max_inactive_connection_lifetime=60.0,
             )
         async with self._pool.acquire(timeout=s.db_connect_timeout) as conn:

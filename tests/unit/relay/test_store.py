@@ -89,6 +89,11 @@ def test_database_urls_are_shown_without_their_password():
     assert redact_url("postgresql://relay:s3cret@db.example:5432/tunnel") == "postgresql://relay@db.example:5432/tunnel"
     assert redact_url("postgresql://db.example/tunnel") == "postgresql://db.example/tunnel"
     assert "s3cret" not in redact_url("postgres://:s3cret@h/d")
+    # And the logs' last line of defence, should a URL with a password ever reach a log line.
+    from tunnel.ops.logs import redact
+
+    assert redact("dsn postgresql://relay:s3cret@db:5432/t failed") == "dsn postgresql://relay:[redacted]@db:5432/t failed"
+    assert redact("see http://example.com/a@b") == "see http://example.com/a@b"
 
 
 # --------------------------------------------------------------------------- migrations
