@@ -124,10 +124,10 @@ class Cluster:
 
     async def stop(self) -> None:
         """Leave: remove this relay's row and its links (best effort within the query timeout)."""
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-        for task in list(self._tasks):
+        tasks = [t for t in (self._heartbeat_task, *self._tasks) if t is not None]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.outages.flush()
         try:
             await asyncio.wait_for(self.state.leave_relay(self.relay_id), self.settings.db_query_timeout)

@@ -385,6 +385,12 @@ def test_postgres_hung_gives_up_at_the_timeout_without_blocking_the_loop(tmp_pat
                 with pytest.raises(StoreUnavailable):
                     await st.list_customers()
                 elapsed = time.monotonic() - start
+                # Known unreachable now: the next calls fail at once instead of waiting again.
+                start = time.monotonic()
+                for _ in range(20):
+                    with pytest.raises(StoreUnavailable):
+                        await st.get_resource("res_aaaaaaaaaaaaaaaa")
+                assert time.monotonic() - start < FAST.db_connect_timeout
             finally:
                 freeze(signal.SIGCONT)
             assert FAST.db_query_timeout * 0.9 <= elapsed < FAST.db_query_timeout + 2
@@ -399,6 +405,61 @@ def test_postgres_hung_gives_up_at_the_timeout_without_blocking_the_loop(tmp_pat
             await st.close()
 
     run(go())
+
+
+class FakeLink:
+    transport = "wss"
+    peer_address = ("192.0.2.7", 50000)
+
+
+class FakeSession:
+    """What the cluster reads of a registry session."""
+
+    def __init__(self, customer_id: str, resources: dict, generation: int = 0) -> None:
+        self.agent_id = "agt_1"
+        self.link = FakeLink()
+        self.customer_id = customer_id
+        self.generation = generation
+        self.version = "0.1.0"
+        self.hostname = "db-host"
+        self.resources = resources
+        self.instance = "inst1"
+        self.slot = 0
+        self.epoch = 0
+        self.connected_since = time.time()
+
+
+def test_a_revocation_arriving_during_registration_refuses_it(tmp_path, state):
+    """The rotation is heard (as a notification from another relay would be) after the link
+    was recorded but before the agent enters the registry: the registration must fail and
+    its link row go."""
+    from tunnel.wire.errors import AuthError
+
+    customer = state.create_customer("acme")
+    db = state.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
+    registry = RecordingRegistry([db["id"]])
+    cluster = Cluster(state.state, registry, "wss://127.0.0.1:8443", FAST)
+    state.run(cluster.start())
+    real_add_link = state.state.add_link
+
+    async def add_link_then_hear_a_rotation(*args):
+        epoch = await real_add_link(*args)
+        cluster.on_event({"kind": "rotated", "resource_id": db["id"], "generation": 1})
+        return epoch
+
+    state.state.add_link = add_link_then_hear_a_rotation
+    session = FakeSession(customer["id"], {db["id"]: "db"})
+    with pytest.raises(AuthError) as info:
+        state.run(cluster.admit(session))
+    assert info.value.code == "revoked"
+    state.run(asyncio.sleep(0.1))  # the link row is removed in the background
+    assert state.list_links() == []
+    # Without a rotation in between, the same registration goes through.
+    state.state.add_link = real_add_link
+    accepted = FakeSession(customer["id"], {db["id"]: "db"})
+    state.run(cluster.admit(accepted))
+    assert [(link["agent_id"], link["epoch"]) for link in state.list_links()] == [("agt_1", accepted.epoch)]
+    state.run(cluster.stop())
 
 
 class RecordingRegistry:
