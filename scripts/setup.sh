@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# postgresql: the tests start their own server from its binaries (/usr/lib/postgresql/*/bin),
+# as the package's "postgres" user when run as root (runuser, from util-linux).
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
-              redis-server redis-tools wrk curl iptables iproute2 procps)
+              redis-server redis-tools wrk curl iptables iproute2 procps util-linux)
 missing=()
 [ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
 for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do
