@@ -468,13 +468,13 @@ class RelayState:
 
 
 __all__ = [
-    "Conflict",
     "DEFAULT_PORT_RANGE",
-    "LinkRefused",
     "ORG_CUSTOMER_ID",
     "ORG_CUSTOMER_NAME",
-    "RelayState",
     "SCHEMA_VERSION",
+    "Conflict",
+    "LinkRefused",
+    "RelayState",
     "StoreSettings",
     "StoreUnavailable",
     "allocate_port",

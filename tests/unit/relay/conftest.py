@@ -17,36 +17,10 @@ from relay.cluster import Cluster
 from relay.state import RelayState
 from relay.store.settings import StoreSettings
 from relay.tokens import TokenAuthority
+from tests.helpers.sync_state import SyncState, new_loop
 
 # A uniquely named helper module (a bare ``import conftest`` could find another layer's).
 from relay_fakes import FakeRegistry
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    """A loop of the kind the relay runs on (uvloop when installed)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-class SyncState:
-    """A :class:`RelayState` whose coroutine methods run to completion on a private loop, so
-    that contract tests read like the calls they make."""
-
-    def __init__(self, state: RelayState, loop: asyncio.AbstractEventLoop) -> None:
-        self.state = state
-        self.loop = loop
-
-    def run(self, coro):
-        return self.loop.run_until_complete(coro)
-
-    def __getattr__(self, name: str):
-        value = getattr(self.state, name)
-        if inspect.iscoroutinefunction(value):
-            return lambda *args, **kwargs: self.run(value(*args, **kwargs))
-        return value
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -67,11 +41,11 @@ def state(tmp_path, database_url):
     """A migrated, empty :class:`SyncState` on each back end."""
     loop = new_loop()
     st = loop.run_until_complete(RelayState.open(tmp_path / "state", database_url))
+    sync = SyncState(st, loop)
     try:
-        yield SyncState(st, loop)
+        yield sync
     finally:
-        loop.run_until_complete(st.close())
-        loop.close()
+        sync.close()
 
 
 class AdminServerThread:

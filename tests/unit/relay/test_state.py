@@ -11,7 +11,6 @@ import sqlite3
 import stat
 
 import pytest
-from conftest import new_loop
 
 from relay.state import (
     ORG_CUSTOMER_ID,
@@ -23,6 +22,7 @@ from relay.state import (
     write_private,
 )
 from relay.store.errors import Conflict, SchemaTooNew
+from tests.helpers.sync_state import new_loop
 
 
 def open_and_close(directory, url=None) -> None:

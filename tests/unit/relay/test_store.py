@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import new_loop
 
 from relay.cluster import Cluster
 from relay.state import LinkRefused, RelayState
@@ -25,7 +24,7 @@ from relay.store.dialect import MIGRATION_LOCK_KEY, POSTGRES, SQLITE
 from relay.store.errors import SchemaTooNew, StoreUnavailable
 from relay.store.migrations import SCHEMA_VERSION
 from relay.store.settings import StoreSettings
-from tests.helpers.processes import wait_until
+from tests.helpers.sync_state import new_loop
 from tests.helpers.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -150,7 +149,6 @@ def test_postgres_migrates_from_empty_and_refuses_a_newer_schema(tmp_path, postg
 
 MIGRATE_ONE = """
 import asyncio, sys
-from relay.state import RelayState
 from relay.store.migrations import migrate
 from relay.store.database import open_database
 async def main():
