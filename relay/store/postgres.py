@@ -270,7 +270,7 @@ class PostgresDatabase:
         for callback in list(self._subscribers):
             try:
                 callback(event)
-            except Exception:
+            except Exception:  # one subscriber must not stop the others
                 log.exception("state event subscriber failed on %s", event.get("kind"))
 
     def _on_notification(self, conn, pid: int, channel: str, payload: str) -> None:

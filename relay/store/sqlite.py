@@ -152,7 +152,7 @@ class SqliteDatabase(_Statements):
         for callback in list(self._subscribers):
             try:
                 callback(event)
-            except Exception:
+            except Exception:  # one subscriber must not stop the others
                 log.exception("state event subscriber failed on %s", event.get("kind"))
 
     async def close(self) -> None:
