@@ -30,7 +30,7 @@ from tunnel.wire.errors import AuthError
 
 from . import format_host_port
 from .state import LinkRefused, RelayState, new_id
-from .store.errors import StoreError, StoreUnavailable
+from .store.errors import Conflict, StoreError, StoreUnavailable
 from .store.settings import StoreSettings
 
 log = logging.getLogger("relay.cluster")
@@ -216,15 +216,25 @@ class Cluster:
         (before any other await)."""
         self._pending[session] = None
         try:
-            session.epoch = await self.state.add_link(self._link_row(session), list(session.resources),
-                                                      session.generation)
+            try:
+                session.epoch = await self._add_link(session)
+            except Conflict:
+                # This relay's row is gone (the others took it for dead): join again, once.
+                await self.state.join_relay(self.relay_id, self.advertise_url, __version__)
+                session.epoch = await self._add_link(session)
         except LinkRefused as exc:
+            if exc.code == "deleted":
+                # Its endpoint may have been bound after the deletion was heard: close it.
+                self.registry.resource_deleted(exc.resource_id)
             raise AuthError(str(exc), code=exc.code) from None
         finally:
             refusal = self._pending.pop(session, None)
         if refusal is not None:
             self.forget(session)
             raise AuthError(refusal[1], code=refusal[0])
+
+    async def _add_link(self, session) -> int:
+        return await self.state.add_link(self._link_row(session), list(session.resources), session.generation)
 
     def forget(self, session) -> None:
         """The link closed: remove its row (at its epoch) in the background."""

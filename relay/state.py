@@ -134,11 +134,13 @@ def allocate_port(host: str, taken: set[int], port_range: tuple[int, int] = DEFA
 
 class LinkRefused(Exception):
     """An agent link cannot be recorded: its token was revoked or a resource deleted meanwhile.
-    ``code`` is the error code the agent gets (``revoked`` or ``deleted``)."""
+    ``code`` is the error code the agent gets (``revoked`` or ``deleted``), ``resource_id``
+    the resource concerned."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, resource_id: str) -> None:
         super().__init__(message)
         self.code = code
+        self.resource_id = resource_id
 
 
 _RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at"
@@ -402,9 +404,9 @@ class RelayState:
             generations = {row["id"]: int(row["generation"]) for row in rows}
             for resource_id in resource_ids:
                 if resource_id not in generations:
-                    raise LinkRefused("deleted", "resource deleted")
+                    raise LinkRefused("deleted", "resource deleted", resource_id)
                 if generations[resource_id] > token_generation:
-                    raise LinkRefused("revoked", "registration token revoked")
+                    raise LinkRefused("revoked", "registration token revoked", resource_id)
             epoch = int(await tx.fetchval("{next_epoch}"))
             await self._put_link(tx, {**link, "epoch": epoch}, resource_ids)
         return epoch

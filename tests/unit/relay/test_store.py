@@ -460,6 +460,34 @@ def test_a_revocation_arriving_during_registration_refuses_it(tmp_path, state):
     state.run(cluster.stop())
 
 
+def test_admitting_after_the_relay_was_taken_for_gone_and_after_a_deletion(state):
+    from tunnel.wire.errors import AuthError
+
+    customer = state.create_customer("acme")
+    db = state.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
+    registry = RecordingRegistry([db["id"]])
+    cluster = Cluster(state.state, registry, "wss://127.0.0.1:8443", FAST)
+    state.run(cluster.start())
+    try:
+        # The other relays expired this one (it was slow or cut off): it joins again to admit.
+        state.expire_relays(-3600.0)
+        assert state.list_relays() == []
+        session = FakeSession(customer["id"], {db["id"]: "db"})
+        state.run(cluster.admit(session))
+        assert [r["id"] for r in state.list_relays()] == [cluster.relay_id]
+        assert [link["epoch"] for link in state.list_links()] == [session.epoch]
+        # A registration whose resource was deleted meanwhile is refused, and its endpoint,
+        # possibly bound after the deletion was heard, is closed.
+        state.delete_resource(db["id"])
+        registry.deleted.clear()
+        registry.endpoints[db["id"]] = None
+        with pytest.raises(AuthError) as info:
+            state.run(cluster.admit(FakeSession(customer["id"], {db["id"]: "db"})))
+        assert info.value.code == "deleted" and registry.deleted == [db["id"]]
+    finally:
+        state.run(cluster.stop())
+
+
 class RecordingRegistry:
     """The registry as the cluster uses it, recording what it is told."""
 
