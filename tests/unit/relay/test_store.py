@@ -392,7 +392,9 @@ def test_postgres_hung_gives_up_at_the_timeout_without_blocking_the_loop(tmp_pat
             finally:
                 freeze(signal.SIGCONT)
             assert FAST.db_query_timeout * 0.9 <= elapsed < FAST.db_query_timeout + 2
-            assert ticks > elapsed / 0.01 / 4, "the event loop was blocked during the query"
+            # A loop blocked on the query would not have ticked at all (10 ms ticks; a loaded
+            # machine may slow them a lot, hence the low bar).
+            assert ticks > 5, "the event loop was blocked during the query"
             deadline = time.monotonic() + 20
             while not st.available:
                 assert time.monotonic() < deadline, "never reconnected"
