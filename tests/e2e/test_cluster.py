@@ -82,10 +82,12 @@ def test_rotate_on_one_relay_drops_the_agent_on_the_other(tmp_path, postgres_url
             assert "revoked" in agent.log()
             for relay in (first, second):
                 assert "Traceback" not in relay.proc.log()
+            # Killed, the second relay stops heartbeating: the first removes it within the TTL.
+            second.proc.kill()
+            wait_until(lambda: len(admin(first).cluster_status()["relays"]) == 1, 15, "the dead relay to expire")
+            assert "stopped heartbeating" in first.proc.log()
         finally:
             second.stop()
-        # A clean stop removes the second relay at once.
-        wait_until(lambda: len(admin(first).cluster_status()["relays"]) == 1, 5, "the second relay to leave")
     finally:
         first.stop()
 
@@ -136,3 +138,5 @@ def test_database_stopped_and_restarted_under_a_connected_agent(tmp_path, postgr
         assert postgres_server.password not in log
     finally:
         relay.stop()
+    # A clean stop removes the relay's row (and its agent links) at once.
+    assert postgres_server.psql("SELECT count(*) FROM relays", postgres_url.rsplit("/", 1)[1]) == "0"
