@@ -6,7 +6,9 @@ Environment::
     RELAY_URL               wss://host:port, quic://host:port or auto://host:port
     NAME                    the resource name agents of one customer share
     APP_HOST, APP_PORT      the private service this agent reaches for that resource
-    REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it)
+    REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it;
+                            under systemd, a credential named registration-jwt in
+                            $CREDENTIALS_DIRECTORY serves without either)
     RELAY_CA_FILE           trust anchor for a relay with a private CA (else the system store)
     HTTPS_PROXY, NO_PROXY   outbound HTTP CONNECT proxy (WSS only)
     LOG_FORMAT, LOG_LEVEL   plain|json, DEBUG|INFO|WARNING|ERROR
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 SCHEMES = ("wss", "quic", "auto")
+#: The systemd credential (LoadCredential=registration-jwt:...) read when no token is given.
+CREDENTIAL_NAME = "registration-jwt"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -54,6 +58,8 @@ class AgentConfig:
     ca_file: str | None = None
     log_format: str = "plain"
     log_level: str = "INFO"
+    #: Where the token came from (a variable or file name, never the token), for `check`.
+    token_source: str = ""
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -116,12 +122,18 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     except ValueError:
         raise ConfigError(f"RELAY_URL has a bad port: {relay_url!r}") from None
 
+    credential = os.path.join(env["CREDENTIALS_DIRECTORY"], CREDENTIAL_NAME) if env.get("CREDENTIALS_DIRECTORY") else ""
     if env.get("REGISTRATION_JWT"):
-        token = env["REGISTRATION_JWT"].strip()
+        token, token_source = env["REGISTRATION_JWT"].strip(), "REGISTRATION_JWT"
     elif env.get("REGISTRATION_JWT_FILE"):
         token = _read_secret_file(env["REGISTRATION_JWT_FILE"], "REGISTRATION_JWT_FILE")
+        token_source = f"REGISTRATION_JWT_FILE {env['REGISTRATION_JWT_FILE']}"
     elif file_conf.get("registration_jwt_file"):
         token = _read_secret_file(file_conf["registration_jwt_file"], "registration_jwt_file")
+        token_source = f"registration_jwt_file {file_conf['registration_jwt_file']}"
+    elif credential and os.path.exists(credential):
+        token = _read_secret_file(credential, f"systemd credential {CREDENTIAL_NAME}")
+        token_source = f"systemd credential {CREDENTIAL_NAME}"
     else:
         raise ConfigError("REGISTRATION_JWT (or REGISTRATION_JWT_FILE) is not set: "
                           "get one with 'tunnel-relay resources registration-jwt --customer-id ID'")
@@ -156,4 +168,4 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     log_level = env.get("LOG_LEVEL", file_conf.get("log_level", "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level)
+    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level, token_source)

@@ -17,7 +17,7 @@ from tunnel import __version__
 from tunnel.bridge.tcp import TcpBridge, dial_bridge, stream_handler
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
-from tunnel.wire.constants import ErrorCode
+from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError, LinkError
 
 from .config import AgentConfig
@@ -153,7 +153,7 @@ class Agent:
             raise
         for res in answer.get("resources", []):
             log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
-                     link.transport, res.get("endpoint"))
+                     link.carrier, res.get("endpoint"))
         return handler
 
     async def run(self) -> int:
@@ -177,7 +177,7 @@ class Agent:
             served = False
             try:
                 link = self.link = await self.dialer.dial()
-                log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.transport)
+                log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.carrier)
                 handler = await self.register(link)
                 served = True
                 await self.serve(link, handler)
@@ -200,9 +200,8 @@ class Agent:
         """Serve ``link`` until it closes; under auto://, move to QUIC when it becomes reachable."""
         loop = asyncio.get_running_loop()
         while True:
-            probe_every = getattr(self.dialer, "reprobe_interval", None)
-            if link.transport == "wss" and probe_every:
-                done, _ = await asyncio.wait({handler.closed}, timeout=min(probe_every, 5.0))
+            if self.dialer.may_move_to_quic:
+                done, _ = await asyncio.wait({handler.closed}, timeout=min(self.dialer.reprobe_interval, 5.0))
                 if not done and self.dialer.should_probe_quic(loop.time()):
                     moved = await self._try_quic(link)
                     if moved is not None:
@@ -214,12 +213,12 @@ class Agent:
         code, reason = handler.closed.result()
         if handler.error is not None:
             raise handler.error
-        raise LinkError(f"link closed: {reason or ErrorCode(code).name if code in ErrorCode._value2member_map_ else code}")
+        raise LinkError(f"link closed: {describe_code(code, reason)}")
 
     async def _try_quic(self, old: Link):
         new = await self.dialer.probe_quic()
         if new is None:
-            log.debug("QUIC still unreachable (%s); staying on WSS", getattr(self.dialer, "last_quic_error", None))
+            log.debug("QUIC still unreachable (%s); staying on WSS", self.dialer.last_quic_error)
             return None
         try:
             handler = await self.register(new)
@@ -236,11 +235,12 @@ class Agent:
 
 
 async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while link.stream_count and loop.time() < deadline:
-        await asyncio.sleep(0.5)
-    link.close(ErrorCode.NO_ERROR, "drained")
+    """A link told to go away closes by itself once its last stream ended; close it anyway
+    after ``timeout``."""
+    try:
+        await asyncio.wait_for(link.wait_closed(), timeout)
+    except asyncio.TimeoutError:
+        link.close(ErrorCode.NO_ERROR, "drain timeout")
 
 
 def _describe(exc: BaseException) -> str:

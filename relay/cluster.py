@@ -202,7 +202,7 @@ class Cluster:
             "epoch": session.epoch,
             "relay_id": self.relay_id,
             "agent_id": session.agent_id,
-            "transport": session.link.transport,
+            "transport": session.link.carrier,
             "address": format_host_port(str(host), int(port)),
             "version": session.version,
             "hostname": session.hostname,

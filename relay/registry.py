@@ -44,7 +44,7 @@ class AgentSession:
         host, port = self.link.peer_address[:2]
         return {
             "agent_id": self.agent_id,
-            "transport": self.link.transport,
+            "transport": self.link.carrier,
             "address": f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}",
             "version": self.version,
             "hostname": self.hostname,

@@ -17,7 +17,7 @@ from tunnel import __version__
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.ops.process import tune_malloc
-from tunnel.wire.constants import ErrorCode
+from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
 from .registry import AgentSession, Registry
@@ -57,8 +57,7 @@ class AgentLinkHandler(LinkHandler):
     def link_closed(self, code: int, reason: str) -> None:
         self.relay.links.discard(self.link)
         if self.agent is not None:
-            log.info("agent %s disconnected (%s)", self.agent.agent_id, reason or ErrorCode(code).name
-                     if code in ErrorCode._value2member_map_ else code)
+            log.info("agent %s disconnected (%s)", self.agent.agent_id, describe_code(code, reason))
             self.relay.registry.remove_agent(self.agent)
             self.relay.cluster.forget(self.agent)
 
@@ -79,8 +78,9 @@ class Relay:
 
     async def authenticate(self, handler: AgentLinkHandler, message: dict) -> None:
         link = handler.link
+        dry_run = message.get("dry_run") is True
         try:
-            agent = await self._register(link, message)
+            agent = await self._register(link, message, dry_run=dry_run)
         except StoreUnavailable as exc:
             # Not the agent's fault and not fatal: it retries with its backoff.
             self.cluster.outages.refused("registration(s)", exc)
@@ -88,7 +88,7 @@ class Relay:
             link.close(ErrorCode.INTERNAL_ERROR, UNREACHABLE_MESSAGE)
             return
         except AuthError as exc:
-            log.warning("agent from %s refused: %s", _addr(link), exc)
+            log.warning("%s from %s refused: %s", "agent check" if dry_run else "agent", _addr(link), exc)
             link.send_control({"type": "error", "code": exc.code, "message": str(exc)})
             link.close(ErrorCode.UNAUTHORIZED, str(exc))
             return
@@ -99,6 +99,16 @@ class Relay:
             return
         if link.is_closing:
             self.cluster.forget(agent)
+            return
+        if dry_run:
+            # `tunnel-agent check`: accepted, nothing registered; the agent closes the link.
+            link.send_control({
+                "type": "checked",
+                "customer_id": agent.customer_id,
+                "resources": [self._checked_resource(agent, entry["name"]) for entry in message["resources"]],
+            })
+            log.info("agent check from %s: registration token accepted for customer %s", _addr(link),
+                     agent.customer_id)
             return
         handler.agent = agent
         self.registry.add_agent(agent)
@@ -114,9 +124,14 @@ class Relay:
         log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s",
                  agent.agent_id, agent.customer_id,
                  ", ".join(f"{n} ({r})" for r, n in agent.resources.items()),
-                 link.transport, _addr(link), agent.version)
+                 link.carrier, _addr(link), agent.version)
 
-    async def _register(self, link: Link, message: dict) -> AgentSession:
+    def _checked_resource(self, agent: AgentSession, name: str) -> dict:
+        rid = next((r for r, n in agent.resources.items() if n == name), None)
+        endpoint = self.registry.endpoints.get(rid) if rid else None
+        return {"name": name, "id": rid, "endpoint": endpoint.address if endpoint else None}
+
+    async def _register(self, link: Link, message: dict, dry_run: bool = False) -> AgentSession:
         from .tokens import check_against_state
 
         token = message.get("token")
@@ -131,7 +146,12 @@ class Relay:
         claims = self.authority.verify(token)
         registered: dict[str, str] = {}
         for entry in resources:
-            resource = await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port)
+            resource = await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
+                                                 create=not dry_run)
+            if dry_run:
+                if resource is not None:
+                    registered[resource["id"]] = resource["name"]
+                continue
             await self.registry.ensure_endpoint(resource)
             registered[resource["id"]] = resource["name"]
         agent_id = "agt_" + secrets.token_hex(8)
@@ -146,7 +166,8 @@ class Relay:
             resources=registered,
             instance=instance if isinstance(instance, str) and _INSTANCE_RE.match(instance) else agent_id,
         )
-        await self.cluster.admit(session)
+        if not dry_run:  # a check-only registration is not a link
+            await self.cluster.admit(session)
         return session
 
     def _allocate_port(self, taken: set[int]) -> int:

@@ -238,11 +238,15 @@ async def check_against_state(
     state: RelayState,
     resource_name: str,
     allocate: Callable[[set[int]], int] | None = None,
-) -> dict:
+    *,
+    create: bool = True,
+) -> dict | None:
     """The resource ``resource_name`` that the verified ``claims`` may serve; created (port
     from ``allocate(taken_ports)``, default: a free port on 127.0.0.1) when the token is
-    customer-wide and the customer has no such resource yet. Raise :class:`AuthError` (and
-    :class:`relay.store.errors.StoreUnavailable` while the state database is away)."""
+    customer-wide and the customer has no such resource yet. With ``create=False`` such a
+    resource is not created and the answer is None (a check-only registration). Raise
+    :class:`AuthError` (and :class:`relay.store.errors.StoreUnavailable` while the state
+    database is away)."""
     customer_id = ORG_CUSTOMER_ID if claims.org_only else claims.customer_id
     if await state.get_customer(customer_id) is None:
         raise AuthError("registration token's customer does not exist")
@@ -260,6 +264,8 @@ async def check_against_state(
         if claims.generation < resource["generation"]:
             raise AuthError("registration token revoked")
         return resource
+    if not create:
+        return None
     if allocate is None:
         allocate = lambda taken: allocate_port("127.0.0.1", taken)  # noqa: E731
     try:

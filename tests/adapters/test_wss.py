@@ -23,7 +23,7 @@ import uvloop  # noqa: E402
 from tests.helpers import async_wait_for, make_pki  # noqa: E402
 from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
 from tunnel.carriers.proxy import no_proxy_matches, proxy_for, redact  # noqa: E402
-from tunnel.carriers.websocket import HandshakeError  # noqa: E402
+from tunnel.wire.errors import HandshakeError  # noqa: E402
 from tunnel.carriers.wss import open_wss_pipe, parse_ws_url, serve_wss_pipes  # noqa: E402
 from tunnel.core.limits import Limits  # noqa: E402
 from tunnel.wire.errors import LinkError  # noqa: E402
@@ -619,10 +619,10 @@ def test_connect_and_serve_wss_links(run, pki):
         try:
             link = await connect_wss(f"wss://localhost:{port}", ssl_context=pki.client_context(),
                                      limits=LIMITS, timeout=30)
-            assert link.transport == "wss"
+            assert link.carrier == "wss"
             link.send_control({"type": "hello-test", "n": 1})
             assert await asyncio.wait_for(got, 30) == {"type": "hello-test", "n": 1}
-            assert links[0].transport == "wss"
+            assert links[0].carrier == "wss"
             link.close()
             await asyncio.wait_for(link.wait_closed(), 30)
             await asyncio.wait_for(links[0].wait_closed(), 30)

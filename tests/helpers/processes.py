@@ -132,10 +132,11 @@ class Relay:
     def ca_file(self) -> str:
         return str(self.state_dir / "ca.pem")
 
-    def start(self, **env) -> "Relay":
+    def start(self, *args: str, **env) -> "Relay":
+        """``tunnel-relay serve`` with ``args`` added to its options and ``env`` to its environment."""
         self.starts += 1
         cmd = [PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen", f"{self.host}:{self.port}",
-               "--admin-listen", f"{self.host}:{self.admin_port}", "--service-host", self.host]
+               "--admin-listen", f"{self.host}:{self.admin_port}", "--service-host", self.host, *args]
         name = "relay" if self.host == "127.0.0.1" else f"relay-{self.host}"
         self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"{name}-{self.starts}.log").start()
         wait_until(self._ready, 30, "the relay to start")

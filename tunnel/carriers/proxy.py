@@ -167,9 +167,6 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
                     break
                 if len(head) > MAX_RESPONSE_HEAD:
                     raise LinkError(f"proxy {shown} sent an oversized CONNECT response")
-            if end + 4 != len(head):
-                # The server side of a TLS connection never speaks first.
-                raise LinkError(f"proxy {shown} sent data after its CONNECT response")
             status_line = bytes(head[:head.find(b"\r\n")]).decode("latin-1")
             fields = status_line.split(" ", 2)
             if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not fields[1].isdigit():
@@ -179,6 +176,10 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
                 raise LinkError(f"proxy {shown} requires authentication (407)")
             if not 200 <= status < 300:
                 raise LinkError(f"proxy {shown} refused CONNECT to {host}:{port}: {status_line[:120]}")
+            if end + 4 != len(head):
+                # The server side of a TLS connection never speaks first. (A refusal may carry a
+                # body: the status is read first.)
+                raise LinkError(f"proxy {shown} sent data after its CONNECT response")
     except LinkError:
         if sock is not None:
             sock.close()

@@ -35,7 +35,6 @@ from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
 from tunnel.carriers.websocket import (
     ClientHandshake,
     CloseCode,
-    HandshakeError,
     ServerHandshake,
     State,
     WebSocketConnection,
@@ -43,7 +42,7 @@ from tunnel.carriers.websocket import (
 )
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import WS_PATH
-from tunnel.wire.errors import LinkError
+from tunnel.wire.errors import HandshakeError, LinkError
 
 __all__ = [
     "WebSocketPipe",
@@ -635,7 +634,7 @@ async def connect_wss(url: str, *, ssl_context: ssl.SSLContext | None, limits: L
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     pipe = await open_wss_pipe(url, ssl_context=ssl_context, limits=limits, proxy=proxy, timeout=timeout)
-    link = SessionLink(pipe, Role.AGENT, limits, transport_name="wss")
+    link = SessionLink(pipe, Role.AGENT, limits, carrier="wss")
     try:
         async with asyncio.timeout_at(deadline):
             await link.wait_ready()
@@ -656,8 +655,7 @@ async def serve_wss(host: str, port: int, *, ssl_context: ssl.SSLContext | None,
     from tunnel.core.session import Role
 
     def on_pipe(pipe: WebSocketPipe, slot: Slot) -> None:
-        link = SessionLink(pipe, Role.RELAY, limits, transport_name="wss")
-        link.on_handshake_done = slot.release
+        link = SessionLink(pipe, Role.RELAY, limits, carrier="wss", on_handshake_done=slot.release)
         on_link(link)
 
     return await serve_wss_pipes(host, port, ssl_context=ssl_context, limits=limits, on_pipe=on_pipe, sock=sock)

@@ -408,7 +408,7 @@ def test_postgres_hung_gives_up_at_the_timeout_without_blocking_the_loop(tmp_pat
 
 
 class FakeLink:
-    transport = "wss"
+    carrier = "wss"
     peer_address = ("192.0.2.7", 50000)
 
 

@@ -275,8 +275,8 @@ def test_too_long(authority, key):
 # ``state`` (conftest.py): each back end in turn.
 
 
-def check(claims, state, name, allocate=None):
-    return state.run(check_against_state(claims, state.state, name, allocate))
+def check(claims, state, name, allocate=None, **kwargs):
+    return state.run(check_against_state(claims, state.state, name, allocate, **kwargs))
 
 
 def alloc(taken: set[int]) -> int:
@@ -294,6 +294,16 @@ def test_customer_wide_token_creates_and_reuses_resources(authority, state):
     assert check(got, state, "db", alloc) == db
     api = check(got, state, "api", alloc)
     assert api["id"] != db["id"]
+
+
+def test_check_only_creates_nothing(authority, state):
+    """create=False (a dry-run registration): an unknown name is None and stays unknown."""
+    customer = state.create_customer("acme")
+    got = authority.verify(authority.issue(customer["id"]))
+    assert check(got, state, "db", alloc, create=False) is None
+    assert state.find_resource(customer["id"], "db") is None
+    db = check(got, state, "db", alloc)
+    assert check(got, state, "db", alloc, create=False) == db
 
 
 def test_default_allocator_picks_a_free_port(authority, state):
