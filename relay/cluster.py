@@ -169,6 +169,9 @@ class Cluster:
             log.info("relay %s joined (%s)", event.get("relay_id"), event.get("advertise_url"))
         elif kind == "relay_left" and event.get("relay_id") != self.relay_id:
             log.info("relay %s left%s", event.get("relay_id"), " (expired)" if event.get("expired") else "")
+        elif kind == "relay_left" and event.get("expired"):
+            log.warning("relay %s was taken for gone by the other relays; joining again", self.relay_id)
+            self._spawn(self.resync())
         elif kind == "reconnected":
             self.outages.flush()
             self._spawn(self.resync())

@@ -471,8 +471,12 @@ def test_admitting_after_the_relay_was_taken_for_gone_and_after_a_deletion(state
     cluster = Cluster(state.state, registry, "wss://127.0.0.1:8443", FAST)
     state.run(cluster.start())
     try:
-        # The other relays expired this one (it was slow or cut off): it joins again to admit.
+        # The other relays expired this one (it was slow or cut off): hearing it, it joins again.
         state.expire_relays(-3600.0)
+        state.run(asyncio.sleep(0.2))
+        assert [r["id"] for r in state.list_relays()] == [cluster.relay_id]
+        # Its row gone without it hearing so: it joins again to record a link.
+        state.run(state.db.execute("DELETE FROM relays WHERE id = ?", cluster.relay_id))
         assert state.list_relays() == []
         session = FakeSession(customer["id"], {db["id"]: "db"})
         state.run(cluster.admit(session))
