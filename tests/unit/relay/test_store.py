@@ -53,6 +53,14 @@ def run(coro):
         loop.close()
 
 
+async def eventually(check, timeout: float = 10.0) -> None:
+    """Let the loop run until ``await check()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
 def link_row(customer_id: str, instance: str = "inst1", relay_id: str = "rly_a", agent_id: str = "agt_1",
              slot: int = 0) -> dict:
     return {"customer_id": customer_id, "agent_instance": instance, "slot": slot, "relay_id": relay_id,
@@ -452,8 +460,10 @@ def test_a_revocation_arriving_during_registration_refuses_it(tmp_path, state):
     with pytest.raises(AuthError) as info:
         state.run(cluster.admit(session))
     assert info.value.code == "revoked"
-    state.run(asyncio.sleep(0.1))  # the link row is removed in the background
-    assert state.list_links() == []
+    async def removed():  # in the background
+        return await state.state.list_links() == []
+
+    state.run(eventually(removed))
     # Without a rotation in between, the same registration goes through.
     state.state.add_link = real_add_link
     accepted = FakeSession(customer["id"], {db["id"]: "db"})
@@ -473,8 +483,10 @@ def test_admitting_after_the_relay_was_taken_for_gone_and_after_a_deletion(state
     try:
         # The other relays expired this one (it was slow or cut off): hearing it, it joins again.
         state.expire_relays(-3600.0)
-        state.run(asyncio.sleep(0.2))
-        assert [r["id"] for r in state.list_relays()] == [cluster.relay_id]
+        async def rejoined():
+            return [r["id"] for r in await state.state.list_relays()] == [cluster.relay_id]
+
+        state.run(eventually(rejoined))
         # Its row gone without it hearing so: it joins again to record a link.
         state.run(state.db.execute("DELETE FROM relays WHERE id = ?", cluster.relay_id))
         assert state.list_relays() == []
