@@ -234,8 +234,14 @@ class Preflight:
         return True
 
     async def check_tls(self, reachable: bool) -> None:
-        from tunnel.bridge.probe import (CERT_EXPIRED, CERT_NOT_YET_VALID, HOSTNAME_MISMATCH, IP_MISMATCH,
-                                         read_ca_file, tls_handshake)
+        from tunnel.bridge.probe import (
+            CERT_EXPIRED,
+            CERT_NOT_YET_VALID,
+            HOSTNAME_MISMATCH,
+            IP_MISMATCH,
+            read_ca_file,
+            tls_handshake,
+        )
 
         if not reachable:
             self.report.add("relay-tls", SKIP, "no TCP connection to the relay")
@@ -259,8 +265,8 @@ class Preflight:
             return
         if outcome.error:
             self.report.add("relay-tls", FAIL, outcome.error,
-                            f"RELAY_URL must name the relay's agent port (tunnel-relay serve --listen), "
-                            f"and nothing on the way may intercept TLS")
+                            "RELAY_URL must name the relay's agent port (tunnel-relay serve --listen), "
+                            "and nothing on the way may intercept TLS")
             return
         ca_file = self.conf.ca_file
         code = outcome.verify_code

@@ -3,6 +3,11 @@ reconnect with jittered exponential backoff, forever.
 
 Each stream the relay opens names a resource; the agent dials only the ``host:port``
 configured for that name and refuses any other (it never dials an address the relay sends).
+
+When the relay deregisters one resource (CONTROL ``deregistered``: its token was revoked or it
+was deleted), the agent stops serving that resource for the rest of its life (its streams
+end, later registrations leave it out) and goes on with the others; with none left it exits
+with code 3.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ import asyncio
 import logging
 import os
 import random
+import re
 import socket
 
 from tunnel import __version__
-from tunnel.bridge.tcp import TcpBridge, dial_bridge, stream_handler
+from tunnel.bridge.tcp import LinkBuffers, TcpBridge, dial_bridge, stream_handler
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode, describe_code
@@ -26,6 +32,8 @@ log = logging.getLogger("agent")
 
 #: Error codes from the relay after which retrying with the same token is futile.
 FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
+#: What the relay accepts as ``agent.hostname`` (docs/LIMITS.md); other characters become '-'.
+_HOSTNAME_OUTSIDE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class Backoff:
@@ -74,15 +82,22 @@ class AgentLinkHandler(LinkHandler):
         self.registered: asyncio.Future = loop.create_future()
         self.closed: asyncio.Future = loop.create_future()
         self.error: AuthError | None = None
+        #: What this link's bridges hold in user space, bounded by the window we announced.
+        self.buffers = LinkBuffers(agent.limits.session_window)
+        #: Resource name -> the bridges of its streams on this link.
+        self.bridges: dict[str, set[TcpBridge]] = {}
 
     def stream_opened(self, stream: LinkStream):
         name = stream.metadata.decode("utf-8", "replace")
-        target = self.agent.config.target(name)
+        target = self.agent.serving(name)
         if target is None:
-            log.warning("refusing a stream for resource %r: not configured on this agent", name[:128])
+            log.warning("refusing a stream for resource %r: not served by this agent", name[:128])
             stream.reset(ErrorCode.REFUSED)
             return None
-        bridge = TcpBridge(stream)
+        bridge = TcpBridge(stream, self.buffers)
+        bridges = self.bridges.setdefault(name, set())
+        bridges.add(bridge)
+        bridge.on_done = lambda: bridges.discard(bridge)
         task = asyncio.get_running_loop().create_task(
             dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout))
         self.agent.tasks.add(task)
@@ -93,12 +108,35 @@ class AgentLinkHandler(LinkHandler):
         kind = message.get("type")
         if kind == "registered" and not self.registered.done():
             self.registered.set_result(message)
+        elif kind == "deregistered":
+            self._deregistered(message)
         elif kind == "error":
             code = str(message.get("code", "error"))
             text = str(message.get("message", ""))[:512]
             self.error = AuthError(f"relay refused this agent: {text} ({code})", code=code, fatal=code in FATAL_CODES)
             if not self.registered.done():
                 self.registered.set_exception(self.error)
+
+    def _deregistered(self, message: dict) -> None:
+        """The relay stopped routing one resource to us: end it here, keep the others."""
+        resource = message.get("resource") if isinstance(message.get("resource"), dict) else {}
+        name = resource.get("name")
+        if not isinstance(name, str) or self.agent.serving(name) is None:
+            return
+        code = str(message.get("code", "deregistered"))[:64]
+        text = str(message.get("message", ""))[:512]
+        agent = self.agent
+        agent.dropped.add(name)
+        for bridge in list(self.bridges.pop(name, ())):
+            bridge.fail(ErrorCode.UNAUTHORIZED)
+        left = [t.name for t in agent.config.targets if t.name not in agent.dropped]
+        if left:
+            log.warning("relay deregistered resource %s (%s): %s (%s); no longer serving it, still serving %s",
+                        name, resource.get("id"), text, code, ", ".join(left))
+            return
+        self.error = AuthError(f"relay deregistered every resource of this agent, the last {name}: {text} ({code})",
+                               code=code, fatal=True)
+        self.link.close(ErrorCode.UNAUTHORIZED, "no resource left to serve")
 
     def link_closed(self, code: int, reason: str) -> None:
         if code == ErrorCode.UNAUTHORIZED and self.error is None:
@@ -130,13 +168,20 @@ class Agent:
         self.backoff = Backoff()
         #: The link being served (the newest one, under auto:// after a move to QUIC).
         self.link: Link | None = None
+        #: Names the relay deregistered: not served, not registered again, until a restart.
+        self.dropped: set[str] = set()
+
+    def serving(self, name: str):
+        """The target of resource ``name`` if this agent serves it, else None."""
+        return None if name in self.dropped else self.config.target(name)
 
     def _auth_message(self) -> dict:
+        hostname = _HOSTNAME_OUTSIDE.sub("-", socket.gethostname())[:253] or "unknown"
         return {
             "type": "auth",
             "token": self.config.token,
-            "agent": {"version": __version__, "hostname": socket.gethostname(), "instance": self.instance},
-            "resources": [{"name": t.name} for t in self.config.targets],
+            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance},
+            "resources": [{"name": t.name} for t in self.config.targets if t.name not in self.dropped],
         }
 
     async def register(self, link: Link) -> AgentLinkHandler:

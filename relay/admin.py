@@ -1,9 +1,12 @@
-"""The relay's admin API: HTTP/1.1 + JSON on loopback, bearer token.
+"""The relay's admin API: HTTP/1.1 + JSON on loopback (plain HTTP), or beyond loopback
+with ``--allow-remote-admin`` over TLS only (the relay's own certificate), bearer token.
 
 A small, strict server on asyncio streams: request line and headers at most 16 KiB,
 ``Content-Length`` bodies at most 1 MiB (no chunked bodies), keep-alive with an idle timeout,
 the token compared in constant time. Every error is a JSON object
-``{"error": "<code>", "message": "<text>"}``.
+``{"error": "<code>", "message": "<text>"}``. A state directory that refuses writes (full,
+read-only) answers 503 ``state_write_failed`` with one clear message, logged once per
+interval, instead of a 500 and a traceback per request.
 
 Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``)::
 
@@ -26,7 +29,8 @@ Rotation and deletion reach the agents of every relay through the state's events
 ``/v1/health`` answers 503 ``{"error": "unavailable", "message": "state database unreachable"}``.
 
 Files: ``<state>/admin-token`` (0600, created once) and ``<state>/admin.json``
-(``{"url": "http://127.0.0.1:PORT"}``, 0600, written once listening).
+(``{"url": "http://127.0.0.1:PORT"}``, or ``https://`` beyond loopback; 0600, written once
+listening).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +49,12 @@ from typing import Any, Protocol
 
 import orjson
 
+from tunnel.ops.logs import Throttled
+
 from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import ORG_CUSTOMER_ID, RelayState, ensure_state_dir, write_private
-from .store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
-from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority
+from .state import RelayState, ensure_state_dir, state_write_failure, write_private
+from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
+from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
 log = logging.getLogger("relay.admin")
 
@@ -133,6 +140,7 @@ class AdminApi:
         authority: TokenAuthority,
         registry: Registry,
         token: str,
+        on_state_failure: Callable[[str], None] | None = None,
         cluster=None,
     ) -> None:
         if not token:
@@ -143,6 +151,14 @@ class AdminApi:
         #: This relay's :class:`relay.cluster.Cluster` (relay id, links, outage log).
         self.cluster = cluster
         self._token = token.encode("utf-8")
+        if on_state_failure is None:
+            throttled = Throttled(log)
+
+            def on_state_failure(failure: str) -> None:
+                throttled.log("state", logging.ERROR, "%s: %s", failure, state.state_dir)
+
+        #: Called with a one-line description when the state refuses a write (logs it, throttled).
+        self.on_state_failure = on_state_failure
 
     def authorized(self, header: str | None) -> bool:
         if not header:
@@ -181,9 +197,20 @@ class AdminApi:
         try:
             return await handler(*args, query=query, payload=payload)
         except StoreUnavailable as exc:
+            if isinstance(exc, StateWriteFailed):
+                self.on_state_failure(exc.reason)
+                raise HttpError(503, "state_write_failed",
+                                f"{exc.reason}: the relay cannot record changes until that is fixed") from None
             if self.cluster is not None:
                 self.cluster.outages.refused("admin request(s)", exc)
             raise HttpError(503, "unavailable", UNREACHABLE_MESSAGE, {"Retry-After": "5"}) from None
+        except Exception as exc:
+            failure = state_write_failure(exc)
+            if failure is None:
+                raise
+            self.on_state_failure(failure)
+            raise HttpError(503, "state_write_failed",
+                            f"{failure}: the relay cannot record changes until that is fixed") from None
 
     def _route(self, method: str, path: str):
         table: dict[str, dict[str, Callable]] = {
@@ -274,7 +301,7 @@ class AdminApi:
                 "agent_id": link["agent_id"], "transport": link["transport"], "address": link["address"],
                 "version": link["version"], "hostname": link["hostname"],
                 "connected_since": link["connected_since"], "bytes_sent": None, "bytes_received": None,
-                "active_streams": None, "agent_instance": link["agent_instance"], "epoch": link["epoch"],
+                "active_streams": None, "instance": link["agent_instance"], "epoch": link["epoch"],
                 "relay_id": link["relay_id"], "relay_url": link["relay_url"],
             })
         return detail
@@ -311,17 +338,13 @@ class AdminApi:
         if not 0 < ttl <= MAX_TTL_SECONDS:
             raise HttpError(400, "bad_request", f"ttl_seconds must be in [1, {MAX_TTL_SECONDS}]")
 
-        if org_only:
-            if customer_id not in (None, ORG_CUSTOMER_ID):
-                raise HttpError(400, "bad_request", "give either customer_id or org_only, not both")
-            customer = await self.state.org_customer()
-        else:
-            if customer_id is None:
-                raise HttpError(400, "bad_request", "customer_id (or org_only) is required")
-            customer = await self.state.get_customer(customer_id)
-            if customer is None:
-                raise HttpError(404, "not_found", f"no such customer: {customer_id}")
-        customer_id = customer["id"]
+        try:
+            customer_id, org_only = token_subject(customer_id, org_only)
+        except ValueError as exc:
+            raise HttpError(400, "bad_request", str(exc)) from None
+        customer = await self.state.get_customer(customer_id)  # creates cus_org on first use
+        if customer is None:
+            raise HttpError(404, "not_found", f"no such customer: {customer_id}")
 
         if rotate and resource_id is None:
             raise HttpError(400, "bad_request", "rotate needs customer_id and resource_id")
@@ -334,11 +357,13 @@ class AdminApi:
                 raise HttpError(400, "bad_request", f"resource {resource_id} does not belong to {customer_id}")
             generation = resource["generation"]
             if rotate:
-                # The "rotated" event drops the older tokens' agents, here and on every relay.
+                # At once, through the "rotated" event (here and on every relay): the older
+                # tokens' agents are deregistered even if recording the new token fails.
                 try:
                     generation = await self.state.rotate_resource(resource_id)
                 except KeyError:
                     raise HttpError(404, "not_found", f"no such resource: {resource_id}") from None
+                log.info("rotated resource %s to generation %d", resource_id, generation)
 
         token, claims = self.authority.issue_with_claims(
             customer_id, resource_id, generation, org_only, ttl
@@ -346,10 +371,7 @@ class AdminApi:
         await self.state.record_token(
             claims.jti, customer_id, resource_id, generation, org_only, claims.issued_at, claims.expires_at
         )
-        if rotate:
-            log.info("rotated resource %s to generation %d", resource_id, generation)
-        else:
-            log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
+        log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
         return 200, {"jwt": token}
 
 
@@ -565,28 +587,43 @@ async def start_admin_server(
     token: str,
     state_dir: str | os.PathLike | None = None,
     allow_remote: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    on_state_failure: Callable[[str], None] | None = None,
     cluster=None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (``port`` 0 picks one), then write ``<state>/admin.json``.
-    Raise ``ValueError`` for a non-loopback ``host`` unless ``allow_remote``."""
-    if not allow_remote and not is_loopback_host(host):
-        raise ValueError(
-            f"refusing to serve the admin API on non-loopback address {host!r} (it would need allow_remote)"
-        )
-    api = AdminApi(state=state, authority=authority, registry=registry, token=token, cluster=cluster)
+
+    A non-loopback ``host`` (``0.0.0.0`` included) needs ``allow_remote`` and is served over
+    TLS only (``ssl_context``, the relay's certificate); raise ``ValueError`` otherwise.
+    ``ssl_context`` on loopback serves TLS there too."""
+    if not is_loopback_host(host):
+        if not allow_remote:
+            raise ValueError(f"refusing to serve the admin API on non-loopback address {host!r} "
+                             "without --allow-remote-admin")
+        if ssl_context is None:
+            raise ValueError(f"the admin API on non-loopback address {host!r} is served over TLS only: "
+                             "no certificate given")
+    api = AdminApi(state=state, authority=authority, registry=registry, token=token,
+                   on_state_failure=on_state_failure, cluster=cluster)
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _Connection(api, reader, writer).run()
 
-    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE)
-    sockname = server.sockets[0].getsockname()
-    bound_host, bound_port = sockname[0], sockname[1]
-    url_host = bound_host if bound_host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = "http://" + format_host_port(url_host, bound_port)
+    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE, ssl=ssl_context,
+                                        ssl_handshake_timeout=HEAD_TIMEOUT if ssl_context else None)
+    url = admin_url(server, tls=ssl_context is not None)
     directory = Path(state_dir) if state_dir is not None else state.state_dir
     write_private(directory / ADMIN_INFO_FILE, orjson.dumps({"url": url}) + b"\n")
     log.info("admin API listening on %s", url)
     return server
+
+
+def admin_url(server: asyncio.Server, tls: bool) -> str:
+    """The URL admin commands use for ``server`` (all interfaces: through loopback)."""
+    sockname = server.sockets[0].getsockname()
+    bound_host, bound_port = sockname[0], sockname[1]
+    url_host = bound_host if bound_host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return ("https://" if tls else "http://") + format_host_port(url_host, bound_port)
 
 
 def clear_admin_info(state_dir: str | os.PathLike, url: str | None = None) -> None:
@@ -602,6 +639,7 @@ def clear_admin_info(state_dir: str | os.PathLike, url: str | None = None) -> No
 
 
 __all__ = [
+    "admin_url",
     "clear_admin_info",
     "ADMIN_INFO_FILE",
     "ADMIN_TOKEN_FILE",

@@ -3,20 +3,25 @@
 ::
 
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
-                       [--service-host HOST] [--cert FILE --key FILE] [--server-name NAME]
-                       [--database URL] [--advertise URL]
+                       [--allow-remote-admin] [--service-host HOST] [--cert FILE --key FILE]
+                       [--server-name NAME] [--database URL] [--advertise URL]
                        [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
     tunnel-relay resources list [--extended] [--output json]
     tunnel-relay resources registration-jwt (--customer-id ID | --org-only)
                        [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
+                       (--org-only is the same as --customer-id cus_org; the relay decides)
     tunnel-relay resources delete ID
     tunnel-relay cluster status [--output json]         the relays and which one holds each agent link
 
 Admin commands find the API through ``--state-dir`` (``RELAY_STATE_DIR``, default
 ``./relay-state``: ``admin.json`` and ``admin-token``) or ``--admin-url``
-(``RELAY_ADMIN_URL``) with ``RELAY_ADMIN_TOKEN``. Failures print one line to stderr and exit 1.
+(``RELAY_ADMIN_URL``) with ``RELAY_ADMIN_TOKEN``. An ``https://`` admin API (served beyond
+loopback with ``--allow-remote-admin``) is verified with ``--admin-ca-file``
+(``RELAY_ADMIN_CA_FILE``), else ``<state-dir>/ca.pem``, else the system's trust store.
+Failures print one line to stderr and exit 1. What the relay reports (names, agents'
+hostnames and versions) is printed with control characters escaped, in tables and JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from tunnel.ops.logs import escape
 
 from . import DEFAULT_STATE_DIR, __version__, parse_host_port
 
@@ -60,6 +67,11 @@ def _add_admin_location(parser: argparse.ArgumentParser, suppress: bool) -> None
         "--admin-url",
         default=default,
         help="admin API URL, e.g. http://127.0.0.1:8442 (env RELAY_ADMIN_URL; token in RELAY_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--admin-ca-file",
+        default=default,
+        help="CA file that verifies an https:// admin API (env RELAY_ADMIN_CA_FILE; default <state-dir>/ca.pem)",
     )
 
 
@@ -109,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=_env("RELAY_LOG_LEVEL", "info"),
                        type=str.lower, choices=("debug", "info", "warning", "error", "critical"))
     serve.add_argument("--allow-remote-admin", action="store_true",
-                       help="allow a non-loopback --admin-listen (protect it yourself!)")
+                       help="allow a non-loopback --admin-listen; it is then served over TLS only, with the "
+                            "relay's certificate (admin commands verify it with <state-dir>/ca.pem or --admin-ca-file)")
 
     customers = commands.add_parser("customers", help="manage customers")
     customer_cmds = customers.add_subparsers(dest="action", metavar="ACTION")
@@ -129,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(rlist)
     _add_admin_location(rlist, suppress=True)
     jwt_cmd = resource_cmds.add_parser("registration-jwt", help="print a registration JWT for agents")
-    who = jwt_cmd.add_mutually_exclusive_group(required=True)
-    who.add_argument("--customer-id", metavar="ID")
-    who.add_argument("--org-only", action="store_true", help="for an organisation-only test resource")
+    # Whom the token is for is the relay's one rule (relay.tokens.token_subject), not argparse's.
+    jwt_cmd.add_argument("--customer-id", metavar="ID")
+    jwt_cmd.add_argument("--org-only", action="store_true",
+                         help="for an organisation-only test resource (the same as --customer-id cus_org)")
     jwt_cmd.add_argument("--resource-id", metavar="ID", help="limit the token to this resource")
     jwt_cmd.add_argument("--rotate", action="store_true",
                          help="revoke every older token of --resource-id and drop the agents using them")
@@ -154,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [["" if c is None else escape(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -163,7 +177,25 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(json_text(value))
+
+
+def json_text(value: Any) -> str:
+    """Indented JSON; any script printed as is, every non-printable character as a ``\\u``
+    escape (``json`` leaves C1 controls, bidi overrides and the like raw)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable() or c == "\n":
+            out.append(c)
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            high, low = divmod(ord(c) - 0x10000, 0x400)
+            out.append(f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}")
+    return "".join(out)
 
 
 def _print_customers(customers: list[dict], output: str) -> None:
@@ -205,8 +237,8 @@ def _print_cluster(status: dict, output: str) -> None:
         _print_json(status)
         return
     database = status.get("database") or {}
-    print(f"relay {status.get('relay_id')} ({status.get('advertise_url')}), "
-          f"state database {database.get('url')} ({database.get('backend')})")
+    print(escape(f"relay {status.get('relay_id')} ({status.get('advertise_url')}), "
+          f"state database {database.get('url')} ({database.get('backend')})"))
     print()
     print(_table(
         ("RELAY", "ADVERTISE URL", "VERSION", "STARTED", "HEARTBEAT AGE", "LINKS", ""),
@@ -236,6 +268,7 @@ def _client(args: argparse.Namespace):
         _state_dir(args),
         admin_url=args.admin_url or _env("RELAY_ADMIN_URL"),
         token=_env("RELAY_ADMIN_TOKEN"),
+        ca_file=getattr(args, "admin_ca_file", None) or _env("RELAY_ADMIN_CA_FILE"),
     )
 
 

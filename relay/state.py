@@ -11,6 +11,9 @@ back end of :mod:`relay.store`: SQLite in ``<state-dir>/relay.db`` (the default)
 - ``relays``     the relays of the cluster, each kept alive by its heartbeat
 - ``agent_links`` (+ ``agent_link_resources``) which relay holds which agent link, with an epoch
 
+``resources.last_served_at`` (Unix seconds an agent last served the resource, NULL when
+never: then ``created_at`` counts) drives the expiry of resources no agent serves.
+
 The built-in organisation customer ``cus_org`` (name ``organization``) is created on first use
 and owns the resources registered with ``--org-only`` tokens.
 
@@ -18,7 +21,8 @@ Rotating a resource and deleting it publish events (``rotated``, ``deleted``) th
 on the database receives (see :mod:`relay.cluster`); so do relays joining and leaving.
 
 Also the small file helpers every relay module uses: :func:`ensure_state_dir` (mode 0700) and
-:func:`write_private` (atomic, mode 0600).
+:func:`write_private` (atomic, mode 0600), and :func:`state_write_failure`, which tells a full
+or read-only state directory apart from a bug.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .store.database import Database, Subscriber, open_database
-from .store.errors import Conflict, StoreUnavailable
+from .store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
 from .store.migrations import SCHEMA_VERSION, migrate
 from .store.settings import StoreSettings
 
@@ -322,6 +326,27 @@ class RelayState:
             await tx.notify({"kind": "rotated", "resource_id": resource_id, "generation": int(generation)})
         return int(generation)
 
+    async def count_resources(self, customer_id: str) -> int:
+        """How many resources ``customer_id`` has (its quota counts them)."""
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM resources WHERE customer_id = ?", customer_id))
+
+    async def mark_served(self, resource_ids, at: int) -> None:
+        """Record that agents served ``resource_ids`` at ``at`` (Unix seconds)."""
+        ids = list(resource_ids)
+        if not ids:
+            return
+        await self.db.execute(f"UPDATE resources SET last_served_at = ? WHERE id IN {_in_list(ids)}", int(at), *ids)
+
+    async def idle_resources(self, served_before: int) -> list[dict]:
+        """Resources no agent has served since ``served_before`` (Unix seconds; never served:
+        since created) and that no token names by id (those are the operator's to delete)."""
+        return await self.db.fetch(
+            f"SELECT {_RESOURCE_COLUMNS} FROM resources r "
+            "WHERE COALESCE(r.last_served_at, {iso_epoch:r.created_at}) < ? "
+            "AND NOT EXISTS (SELECT 1 FROM tokens t WHERE t.resource_id = r.id) ORDER BY {seq}",
+            int(served_before),
+        )
+
     # ---- tokens (audit)
 
     async def record_token(
@@ -477,11 +502,13 @@ __all__ = [
     "Conflict",
     "LinkRefused",
     "RelayState",
+    "StateWriteFailed",
     "StoreSettings",
     "StoreUnavailable",
     "allocate_port",
     "ensure_state_dir",
     "new_id",
+    "state_write_failure",
     "validate_name",
     "write_private",
 ]

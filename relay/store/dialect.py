@@ -11,6 +11,7 @@ marker              SQLite                                      PostgreSQL
 ``{real}``          ``REAL``                                    ``DOUBLE PRECISION``
 ``{now}``           seconds since 1970 from ``julianday``       ``clock_timestamp()``
 ``{next_epoch}``    (a statement) bump a row of ``sequences``   ``SELECT nextval(…)``
+``{iso_epoch:C}``   ``strftime('%s', C)``                       ``EXTRACT(EPOCH FROM C)``
 ==================  ==========================================  ==========================
 
 Placeholders: ``?`` for sqlite3, ``$1 … $n`` for asyncpg. The schema version is kept in
@@ -27,6 +28,8 @@ import dataclasses
 import re
 
 _MARKER = re.compile(r"\{(seq_column|seq|real|now|next_epoch)\}")
+#: ``{iso_epoch:COLUMN}``: seconds since 1970 of an ISO 8601 UTC text column.
+_ISO_EPOCH = re.compile(r"\{iso_epoch:([A-Za-z_][A-Za-z0-9_.]*)\}")
 
 #: Key of the PostgreSQL advisory lock that serialises migrations ("tunnel" in ASCII, then 1).
 MIGRATION_LOCK_KEY = 0x74756E6E656C0001
@@ -71,6 +74,7 @@ class Dialect:
     def render(self, sql: str) -> str:
         """``sql`` with the markers replaced and ``?`` turned into this driver's placeholders."""
         text = _MARKER.sub(lambda m: self.markers[m.group(1)], sql)
+        text = _ISO_EPOCH.sub(lambda m: self.markers["iso_epoch"].format(m.group(1)), text)
         if not self.numbered_placeholders:
             return text
         parts = text.split("?")
@@ -88,6 +92,7 @@ SQLITE = Dialect(
         "real": "REAL",
         "now": "((julianday('now') - 2440587.5) * 86400.0)",
         "next_epoch": "UPDATE sequences SET value = value + 1 WHERE name = 'link_epoch' RETURNING value",
+        "iso_epoch": "CAST(strftime('%s', {}) AS INTEGER)",
     },
     numbered_placeholders=False,
 )
@@ -100,6 +105,7 @@ POSTGRES = Dialect(
         "real": "DOUBLE PRECISION",
         "now": "(EXTRACT(EPOCH FROM clock_timestamp())::float8)",
         "next_epoch": "SELECT nextval('link_epoch')",
+        "iso_epoch": "CAST(EXTRACT(EPOCH FROM {}::timestamptz) AS BIGINT)",
     },
     numbered_placeholders=True,
 )

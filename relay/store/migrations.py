@@ -7,7 +7,8 @@ and a database newer than :data:`SCHEMA_VERSION` is refused. A schema change is 
 appended here, never an edit of a step that has shipped.
 
 Version 1 is the schema relay.db files have had from the start (``PRAGMA user_version = 1``),
-so they migrate forward in place.
+and version 2 what the relay made of them before this module (``last_served_at``), so both
+migrate forward in place.
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ MIGRATIONS: tuple[Step, ...] = (
         )""",
         "CREATE INDEX tokens_by_resource ON tokens(resource_id)",
     )),
-    Step(2, "cluster: relays, agent links with epochs", (
+    # resources.last_served_at: Unix seconds an agent last served the resource (NULL: never,
+    # then created_at counts); resources that exist already get a full idle period.
+    Step(2, "resources.last_served_at", (
+        "ALTER TABLE resources ADD COLUMN last_served_at BIGINT",
+        "UPDATE resources SET last_served_at = CAST({now} AS BIGINT)",
+    )),
+    Step(3, "cluster: relays, agent links with epochs", (
         # One row per relay process (a new id at every start), kept alive by heartbeats.
         """CREATE TABLE relays (
             id            TEXT PRIMARY KEY,

@@ -20,7 +20,7 @@ from typing import Any
 
 from .database import Event, Subscriber
 from .dialect import SQLITE
-from .errors import Conflict, StoreError, StoreUnavailable
+from .errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 from .settings import StoreSettings
 
 log = logging.getLogger("relay.store")
@@ -29,8 +29,11 @@ log = logging.getLogger("relay.store")
 def _translate(exc: sqlite3.Error) -> StoreError:
     if isinstance(exc, sqlite3.IntegrityError):
         return Conflict(str(exc))
+    failure = state_write_failure(exc)
+    if failure is not None:
+        return StateWriteFailed(failure)
     if isinstance(exc, sqlite3.OperationalError):
-        # "database is locked", "disk I/O error", "database or disk is full", ...
+        # "database is locked" past the busy timeout, ...
         return StoreUnavailable(str(exc))
     return StoreError(str(exc))
 

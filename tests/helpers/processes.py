@@ -60,17 +60,19 @@ def _env(**extra) -> dict:
 class Proc:
     """A child process with its log file; stopped at teardown."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, log_path: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict, log_path: Path, preexec_fn=None) -> None:
         self.name = name
         self.cmd = cmd
         self.env = env
         self.log_path = log_path
+        self.preexec_fn = preexec_fn  # e.g. resource limits for the child
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+                                     preexec_fn=self.preexec_fn)
         log.close()
         return self
 
@@ -123,6 +125,10 @@ class Relay:
         self.admin_port = free_port()
         self.proc: Proc | None = None
         self.starts = 0
+        #: Run in the relay process before it starts (e.g. a low open-file limit).
+        self.preexec_fn = None
+        #: Extra command-line options of ``serve``.
+        self.serve_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -136,9 +142,11 @@ class Relay:
         """``tunnel-relay serve`` with ``args`` added to its options and ``env`` to its environment."""
         self.starts += 1
         cmd = [PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen", f"{self.host}:{self.port}",
-               "--admin-listen", f"{self.host}:{self.admin_port}", "--service-host", self.host, *args]
+               "--admin-listen", f"{self.host}:{self.admin_port}", "--service-host", self.host, *self.serve_args,
+               *args]
         name = "relay" if self.host == "127.0.0.1" else f"relay-{self.host}"
-        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"{name}-{self.starts}.log").start()
+        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"{name}-{self.starts}.log",
+                         self.preexec_fn).start()
         wait_until(self._ready, 30, "the relay to start")
         return self
 
@@ -196,12 +204,13 @@ class Agents:
         self.procs: list[Proc] = []
 
     def start(self, relay_url: str, token: str, name: str, app_port: int, app_host: str = "127.0.0.1",
-              ca_file: str | None = None, **env) -> Proc:
+              ca_file: str | None = None, preexec_fn=None, **env) -> Proc:
         n = len(self.procs) + 1
+        env = {"LOG_LEVEL": "DEBUG", **env}
         proc = Proc(f"agent{n}", [PY, "-m", "agent"], _env(RELAY_URL=relay_url, REGISTRATION_JWT=token, NAME=name,
                                                           APP_HOST=app_host, APP_PORT=app_port, RELAY_CA_FILE=ca_file,
-                                                          LOG_LEVEL="DEBUG", **env),
-                    self.workdir / f"agent{n}.log").start()
+                                                          **env),
+                    self.workdir / f"agent{n}.log", preexec_fn).start()
         self.procs.append(proc)
         return proc
 

@@ -21,7 +21,8 @@ _MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """Limits of one link. Receive-side values are announced to the peer in HELLO."""
+    """Limits of one link, and the relay's per-customer quotas. Receive-side values are
+    announced to the peer in HELLO."""
 
     #: Largest frame payload we accept (and send at most the peer's).
     max_frame_size: int = 256 * KiB
@@ -86,6 +87,22 @@ class Limits:
     quic_probe_timeout: float = 3.0
     #: ``auto://``: while on WSS, how often QUIC is tried again (seconds).
     quic_reprobe_interval: float = 60.0
+    # --- relay quotas, per customer (docs/LIMITS.md, "Quotas") ---
+    #: Resources one customer may have; registering a new name beyond it is refused.
+    max_resources_per_customer: int = 256
+    #: Live agent links one customer may hold on one relay.
+    max_links_per_customer: int = 512
+    #: Registrations (``auth`` messages with a valid token) per customer and minute; a burst
+    #: of one minute's worth is allowed.
+    max_registrations_per_minute: int = 600
+    #: A resource no agent has served for this long is deleted and its port freed (seconds),
+    #: unless an operator issued a JWT naming it (``--resource-id``).
+    resource_idle_expiry: float = 30 * 86400.0
+    #: Open-file descriptors the relay keeps free for its admin API, database, handshakes.
+    fd_reserve: int = 512
+    #: Share of the other descriptors one customer may hold (agent links, endpoints and the
+    #: connections to them), as a fraction.
+    customer_fd_share: float = 0.5
 
     def validate(self) -> "Limits":
         """Raise ``ValueError`` naming the first field out of range; return self."""
@@ -109,6 +126,8 @@ class Limits:
             raise ValueError("quic_max_datagram_size must be 0 (from the path) or in [1200, 65507]")
         if self.quic_gso not in (0, 1):
             raise ValueError("quic_gso must be 0 or 1")
+        if not 0 < self.customer_fd_share <= 1:
+            raise ValueError("customer_fd_share must be in (0, 1]")
         for field in dataclasses.fields(self):
             if getattr(self, field.name) <= 0 and field.name not in _MAY_BE_ZERO:
                 raise ValueError(f"{field.name} must be positive")

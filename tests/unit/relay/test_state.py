@@ -237,3 +237,81 @@ def test_state_dir_is_tightened_and_private_writes(tmp_path):
     assert target.read_bytes() == b"two"
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
     assert [p.name for p in loose.iterdir()] == ["secret"]
+
+
+# --------------------------------------------------------------------------- schema 2, expiry
+
+
+def test_migration_from_version_1_gives_existing_resources_a_full_idle_period(tmp_path):
+    import time
+
+    from test_store import V1_SCHEMA
+
+    path = tmp_path / "relay.db"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.execute("INSERT INTO customers VALUES ('cus_aaaaaaaaaaaaaaaa', 'old', '2020-01-01T00:00:00Z')")
+    db.execute("INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
+               "VALUES ('res_aaaaaaaaaaaaaaaa', 'cus_aaaaaaaaaaaaaaaa', 'db', 21000, 0, '2020-01-01T00:00:00Z')")
+    db.commit()
+    db.close()
+    before = int(time.time())
+
+    async def go():
+        async with await RelayState.open(tmp_path) as st:
+            assert await st.db.fetchval("PRAGMA user_version") == SCHEMA_VERSION
+            assert (await st.get_resource("res_aaaaaaaaaaaaaaaa"))["name"] == "db"  # the existing methods
+            assert await st.idle_resources(before) == []  # served "now" as far as expiry goes
+            assert [r["id"] for r in await st.idle_resources(before + 3600)] == ["res_aaaaaaaaaaaaaaaa"]
+
+    asyncio.run(go())
+
+
+def test_count_mark_and_idle_resources(state):
+    customer = state.create_customer("acme")["id"]
+    other = state.create_customer("other")["id"]
+    alloc = counter_allocator()
+    a = state.get_or_create_resource(customer, "a", alloc)
+    b = state.get_or_create_resource(customer, "b", alloc)
+    pinned = state.get_or_create_resource(customer, "pinned", alloc)
+    state.get_or_create_resource(other, "c", alloc)
+    assert state.count_resources(customer) == 3 and state.count_resources(other) == 1
+    state.record_token("j1", customer, pinned["id"], 0, False, 0, 10)  # named by a token: never idle
+    state.mark_served([a["id"]], 2_000_000_000)
+    idle = {r["name"] for r in state.idle_resources(1_999_999_999)}
+    assert idle == {"b", "c"}  # never served: counted from created_at; a was served later
+    assert {r["name"] for r in state.idle_resources(2_000_000_001)} == {"a", "b", "c"}
+
+
+def test_state_write_failure_tells_a_full_directory_from_a_bug(tmp_path):
+    import errno
+
+    from relay.state import state_write_failure
+
+    con = sqlite3.connect(tmp_path / "relay.db")
+    con.execute("CREATE TABLE filler (x BLOB)")
+    pages = con.execute("PRAGMA page_count").fetchone()[0]
+    con.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError) as full:
+        con.execute("INSERT INTO filler VALUES (zeroblob(100000))")
+    con.close()
+    assert state_write_failure(full.value).startswith("state directory full")
+    assert state_write_failure(OSError(errno.ENOSPC, "No space left on device")).startswith("state directory full")
+    assert state_write_failure(OSError(errno.EROFS, "Read-only file system")) == "state directory read-only"
+    assert state_write_failure(sqlite3.OperationalError("no such table: x")) is None
+    assert state_write_failure(KeyError("x")) is None
+
+
+def test_a_full_sqlite_database_is_a_state_write_failure(tmp_path):
+    from relay.state import StateWriteFailed
+
+    async def go():
+        async with await RelayState.open(tmp_path) as st:
+            pages = await st.db.fetchval("PRAGMA page_count")
+            await st.db.execute(f"PRAGMA max_page_count = {pages}")
+            with pytest.raises(StateWriteFailed, match="^state directory full"):
+                for i in range(10000):
+                    await st.create_customer("x" * 200)
+            assert len(await st.list_customers()) > 0  # reads go on
+
+    asyncio.run(go())

@@ -373,3 +373,20 @@ def test_bad_resource_name_is_a_bad_request(authority, state):
     with pytest.raises(AuthError) as info:
         check(authority.verify(authority.issue(acme["id"])), state, "x" * 500, alloc)
     assert info.value.code == "bad_request"
+
+
+def test_token_subject_is_one_rule_for_org_only_tokens(authority):
+    from relay.tokens import token_subject
+
+    assert token_subject(None, True) == (ORG_CUSTOMER_ID, True)
+    assert token_subject(ORG_CUSTOMER_ID, False) == (ORG_CUSTOMER_ID, True)
+    assert token_subject(ORG_CUSTOMER_ID, True) == (ORG_CUSTOMER_ID, True)
+    assert token_subject(CUSTOMER, False) == (CUSTOMER, False)
+    with pytest.raises(ValueError, match="belongs to cus_org"):
+        token_subject(CUSTOMER, True)
+    with pytest.raises(ValueError, match="customer id is required"):
+        token_subject(None, False)
+    # Every token the authority issues is one it accepts.
+    for customer_id, org_only in ((ORG_CUSTOMER_ID, False), (None, True), (CUSTOMER, False)):
+        claims = authority.verify(authority.issue(customer_id, org_only=org_only))
+        assert claims.org_only == (claims.customer_id == ORG_CUSTOMER_ID)
