@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: system packages the tests and the
-# benchmarks use, then the project itself (builds the Cython codec) with its test extras.
+# benchmarks use, then the project itself (builds the Cython codec and tunnel.ops._malloc) with
+# its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,4 +28,4 @@ fi
 
 python3 -m pip install -q --upgrade pip >/dev/null
 python3 -m pip install -q -e ".[test]"
-python3 -c "import tunnel.codec as f; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"
+python3 -c "import tunnel.codec as f, tunnel.ops._malloc; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"

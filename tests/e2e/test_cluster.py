@@ -12,7 +12,8 @@ import time
 import pytest
 
 from relay.admin_client import AdminClient, AdminError
-from tests.helpers.processes import Relay, connect, wait_until
+from tests.helpers import wait_until
+from tests.helpers.processes import Relay, connect
 
 
 def _loopback_alias_works(host: str) -> bool:

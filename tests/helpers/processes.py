@@ -11,28 +11,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import wait_until  # noqa: F401 - re-exported for the suites
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-
-
-def wait_until(check, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
-    """Poll ``check`` until it returns a truthy value; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception as exc:  # the thing may not be up yet
-            last_exc = exc
-            value = None
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
 def free_port() -> int:

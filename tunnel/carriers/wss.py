@@ -29,7 +29,6 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from tunnel import codec as frames
 from tunnel.carriers.handshakes import PendingHandshakes
 from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
 from tunnel.carriers.websocket import (
@@ -107,11 +106,6 @@ def _read_buffer(size: int) -> bytearray:
     elif free >= 0:
         pool[free] = buf  # a bigger one replaces a free small one
     return buf
-
-
-def tune_malloc() -> bool:
-    """Entrypoints call this once at start (see ``MALLOC_MMAP_THRESHOLD``); False off glibc."""
-    return frames.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 class Slot:

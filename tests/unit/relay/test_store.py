@@ -24,6 +24,7 @@ from relay.store.dialect import MIGRATION_LOCK_KEY, POSTGRES, SQLITE
 from relay.store.errors import SchemaTooNew, StoreUnavailable
 from relay.store.migrations import SCHEMA_VERSION
 from relay.store.settings import StoreSettings
+from tests.helpers import async_wait_until
 from tests.helpers.sync_state import new_loop
 from tests.helpers.tcp_proxy import TcpProxy
 
@@ -51,14 +52,6 @@ def run(coro):
         return loop.run_until_complete(coro)
     finally:
         loop.close()
-
-
-async def eventually(check, timeout: float = 10.0) -> None:
-    """Let the loop run until ``await check()`` is true."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
 
 
 def link_row(customer_id: str, instance: str = "inst1", relay_id: str = "rly_a", agent_id: str = "agt_1",
@@ -354,10 +347,7 @@ def test_postgres_stopped_fails_fast_then_recovers(tmp_path, postgres_server, po
                 assert not st.available
             finally:
                 await asyncio.to_thread(postgres_server.start)
-            deadline = time.monotonic() + 20
-            while not st.available:
-                assert time.monotonic() < deadline, "never reconnected"
-                await asyncio.sleep(0.05)
+            await async_wait_until(lambda: st.available, 20, "the reconnection")
             assert {"kind": "reconnected"} in events
             assert [c["name"] for c in await st.list_customers()] == ["acme"]
         finally:
@@ -403,10 +393,7 @@ def test_postgres_hung_gives_up_at_the_timeout_without_blocking_the_loop(tmp_pat
             # A loop blocked on the query would not have ticked at all (10 ms ticks; a loaded
             # machine may slow them a lot, hence the low bar).
             assert ticks > 5, "the event loop was blocked during the query"
-            deadline = time.monotonic() + 20
-            while not st.available:
-                assert time.monotonic() < deadline, "never reconnected"
-                await asyncio.sleep(0.05)
+            await async_wait_until(lambda: st.available, 20, "the reconnection")
             assert await st.list_customers() == []
         finally:
             task.cancel()
@@ -463,7 +450,7 @@ def test_a_revocation_arriving_during_registration_refuses_it(tmp_path, state):
     async def removed():  # in the background
         return await state.state.list_links() == []
 
-    state.run(eventually(removed))
+    state.run(async_wait_until(removed, 10, "the link row to go"))
     # Without a rotation in between, the same registration goes through.
     state.state.add_link = real_add_link
     accepted = FakeSession(customer["id"], {db["id"]: "db"})
@@ -486,7 +473,7 @@ def test_admitting_after_the_relay_was_taken_for_gone_and_after_a_deletion(state
         async def rejoined():
             return [r["id"] for r in await state.state.list_relays()] == [cluster.relay_id]
 
-        state.run(eventually(rejoined))
+        state.run(async_wait_until(rejoined, 10, "the relay to join again"))
         # Its row gone without it hearing so: it joins again to record a link.
         state.run(state.db.execute("DELETE FROM relays WHERE id = ?", cluster.relay_id))
         assert state.list_relays() == []
@@ -541,19 +528,13 @@ def test_revocations_missed_while_cut_off_are_applied_on_reconnect(tmp_path, pos
         await cluster.start()
         try:
             proxy.cut()
-            deadline = time.monotonic() + 10
-            while b.available:
-                assert time.monotonic() < deadline, "B never noticed the cut"
-                await asyncio.sleep(0.02)
+            await async_wait_until(lambda: not b.available, 10, "B to notice the cut")
             await a.rotate_resource(db["id"])
             await a.delete_resource(api["id"])
             await asyncio.sleep(0.3)
             assert registry.dropped == [] and registry.deleted == []  # B heard nothing
             proxy.restore()
-            deadline = time.monotonic() + 20
-            while not registry.deleted or not registry.dropped:
-                assert time.monotonic() < deadline, "B never caught up"
-                await asyncio.sleep(0.05)
+            await async_wait_until(lambda: registry.deleted and registry.dropped, 20, "B to catch up")
             assert (db["id"], 1) in registry.dropped and registry.deleted == [api["id"]]
             assert cluster.relay_id in {r["id"] for r in await a.list_relays()}
         finally:
