@@ -133,6 +133,28 @@ def test_a_v1_relay_db_migrates_in_place(tmp_path):
     run(RelayState.open(directory)).db.close_sync()  # opening again migrates nothing
 
 
+def test_a_version_2_relay_db_migrates_in_place(tmp_path):
+    """Files of the relay before the store (user_version 2: last_served_at) take step 3 only."""
+    con = sqlite3.connect(tmp_path / "relay.db")
+    con.executescript(V1_SCHEMA)
+    con.execute("ALTER TABLE resources ADD COLUMN last_served_at INTEGER")
+    con.execute("INSERT INTO customers VALUES ('cus_aaaaaaaaaaaaaaaa', 'acme', '2024-01-01T00:00:00Z')")
+    con.execute("INSERT INTO resources VALUES ('res_aaaaaaaaaaaaaaaa', 'cus_aaaaaaaaaaaaaaaa', 'db', 21000, 0, "
+                "'2024-01-01T00:00:00Z', 1700000000)")
+    con.execute("PRAGMA user_version = 2")
+    con.commit()
+    con.close()
+
+    async def go():
+        async with await RelayState.open(tmp_path) as st:
+            assert [r["id"] for r in await st.idle_resources(1700000001)] == ["res_aaaaaaaaaaaaaaaa"]
+            assert await st.idle_resources(1700000000) == []  # its last_served_at was kept
+            await st.join_relay("rly_a", "wss://127.0.0.1:8443", "0.1.0")
+            return await st.db.fetch("SELECT version FROM schema_migrations")
+
+    assert [r["version"] for r in run(go())] == list(range(3, SCHEMA_VERSION + 1))
+
+
 def test_postgres_migrates_from_empty_and_refuses_a_newer_schema(tmp_path, postgres_server, postgres_url):
     async def versions():
         async with await RelayState.open(tmp_path, postgres_url) as st:
