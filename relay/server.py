@@ -493,6 +493,9 @@ async def _serve(args) -> int:
     admin.clear_admin_info(state_dir)
     await relay.drain()
     registry.close()
+    # Writes the closing links started (served times), then leave the cluster.
+    if relay.tasks:
+        await asyncio.wait(set(relay.tasks), timeout=settings.db_query_timeout)
     await cluster.stop()
     await store.close()
     return 0
