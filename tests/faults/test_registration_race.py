@@ -15,8 +15,6 @@ import json
 import logging
 import socket
 
-import pytest
-
 from relay.admin import AdminApi
 from relay.cluster import Cluster
 from relay.registry import Registry
