@@ -255,9 +255,10 @@ class Relay:
             # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
             # then, with no await, the checks that others' registrations may have changed.
             await self.cluster.admit(agent)
+            if link.is_closing:
+                self.cluster.forget(agent)
+                return None
             try:
-                if link.is_closing:
-                    return None
                 self._check_link_quotas(link, customer_id)
             except BaseException:
                 self.cluster.forget(agent)
