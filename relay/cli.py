@@ -4,7 +4,8 @@
 
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
                        [--allow-remote-admin] [--service-host HOST] [--cert FILE --key FILE]
-                       [--server-name NAME] [--metrics-listen HOST:PORT]
+                       [--server-name NAME] [--database URL] [--advertise URL]
+                       [--metrics-listen HOST:PORT]
                        [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
@@ -13,6 +14,7 @@
                        [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
                        (--org-only is the same as --customer-id cus_org; the relay decides)
     tunnel-relay resources delete ID
+    tunnel-relay cluster status [--output json]         the relays and which one holds each agent link
 
 Admin commands find the API through ``--state-dir`` (``RELAY_STATE_DIR``, default
 ``./relay-state``: ``admin.json`` and ``admin-token``) or ``--admin-url``
@@ -109,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,
                        help="extra DNS name or IP for the generated server certificate (repeatable; env RELAY_SERVER_NAME)")
+    serve.add_argument("--database", default=None, metavar="URL",
+                       help="state database: postgresql://USER@HOST:PORT/DBNAME joins the relays on it "
+                            "(env RELAY_DATABASE_URL; put the password there, in PGPASSWORD or in ~/.pgpass, "
+                            "not on the command line); default SQLite in the state directory")
+    serve.add_argument("--advertise", default=_env("RELAY_ADVERTISE_URL"), metavar="URL",
+                       help="the URL agents use to reach this relay, wss://HOST:PORT (env RELAY_ADVERTISE_URL; "
+                            "default from --listen)")
     serve.add_argument("--metrics-listen", default=_env("RELAY_METRICS_LISTEN"), metavar="HOST:PORT",
                        help="serve /metrics (Prometheus), /live and /ready here, plain HTTP "
                             "(env RELAY_METRICS_LISTEN; default: not served)")
@@ -149,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete = resource_cmds.add_parser("delete", help="delete a resource (drops its agents)")
     delete.add_argument("resource_id", metavar="ID")
     _add_admin_location(delete, suppress=True)
+
+    cluster = commands.add_parser("cluster", help="the relays sharing this relay's state database")
+    cluster_cmds = cluster.add_subparsers(dest="action", metavar="ACTION")
+    cluster_cmds.required = True
+    status = cluster_cmds.add_parser("status", help="the relays, and which relay holds each agent link")
+    _add_output(status)
+    _add_admin_location(status, suppress=True)
     return parser
 
 
@@ -210,13 +226,35 @@ def _print_resources(resources: list[dict], output: str, extended: bool) -> None
             rows.append((
                 r.get("id"), a.get("agent_id"), a.get("transport"), a.get("address"), a.get("version"),
                 a.get("hostname"), a.get("connected_since"), a.get("bytes_sent"), a.get("bytes_received"),
-                a.get("active_streams"),
+                a.get("active_streams"), a.get("relay_id"),
             ))
     print()
     print(_table(
         ("RESOURCE", "AGENT", "TRANSPORT", "ADDRESS", "VERSION", "HOSTNAME", "CONNECTED SINCE",
-         "BYTES SENT", "BYTES RECEIVED", "STREAMS"),
+         "BYTES SENT", "BYTES RECEIVED", "STREAMS", "RELAY"),
         rows,
+    ))
+
+
+def _print_cluster(status: dict, output: str) -> None:
+    if output == "json":
+        _print_json(status)
+        return
+    database = status.get("database") or {}
+    print(escape(f"relay {status.get('relay_id')} ({status.get('advertise_url')}), "
+          f"state database {database.get('url')} ({database.get('backend')})"))
+    print()
+    print(_table(
+        ("RELAY", "ADVERTISE URL", "VERSION", "STARTED", "HEARTBEAT AGE", "LINKS", ""),
+        [(r.get("id"), r.get("advertise_url"), r.get("version"), r.get("started_at"), f"{r.get('heartbeat_age')} s",
+          r.get("links"), "(this relay)" if r.get("self") else "") for r in status.get("relays") or []],
+    ))
+    print()
+    print(_table(
+        ("AGENT", "INSTANCE", "EPOCH", "RELAY", "CUSTOMER", "RESOURCES", "TRANSPORT", "ADDRESS", "CONNECTED SINCE"),
+        [(link.get("agent_id"), link.get("agent_instance"), link.get("epoch"), link.get("relay_id"),
+          link.get("customer_id"), ",".join(link.get("resources") or []), link.get("transport"), link.get("address"),
+          link.get("connected_since")) for link in status.get("links") or []],
     ))
 
 
@@ -240,6 +278,9 @@ def _client(args: argparse.Namespace):
 
 def _run_admin(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.command == "cluster":
+        _print_cluster(client.cluster_status(), args.output)
+        return 0
     if args.command == "customers":
         if args.action == "create":
             customer = client.create_customer(args.name)
@@ -272,6 +313,22 @@ def configure_logging(log_format: str = "plain", level: str = "info") -> None:
     logs.configure(log_format, level.upper())
 
 
+def _database_url(option: str | None) -> str | None:
+    """``--database``, else ``RELAY_DATABASE_URL``; refuses what the relay cannot use."""
+    from .store.database import is_postgres_url, redact_url
+
+    url = option or _env("RELAY_DATABASE_URL")
+    if not url:
+        return None
+    if not is_postgres_url(url) and not url.startswith("sqlite:///"):
+        raise CliError(f"unsupported database URL {redact_url(url)!r}: expected postgresql://USER@HOST:PORT/DBNAME")
+    if option and redact_url(option) != option:
+        logging.getLogger("relay").warning(
+            "the --database URL carries a password, which process listings show: put it in RELAY_DATABASE_URL, "
+            "PGPASSWORD or ~/.pgpass instead")
+    return url
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     args.state_dir = _state_dir(args)
     try:
@@ -282,6 +339,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if bool(args.cert) != bool(args.key):
         raise CliError("--cert and --key must be given together")
+    if args.advertise:
+        from .cluster import check_advertise_url
+
+        try:
+            args.advertise = check_advertise_url(args.advertise)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     names = list(args.server_name or [])
     env_names = _env("RELAY_SERVER_NAME")
     if env_names:
@@ -289,6 +353,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     args.server_name = names[0] if names else None
     args.server_names = names
     configure_logging(args.log_format, args.log_level)
+    args.database = _database_url(args.database)
     try:
         from .server import serve_main
     except ImportError as exc:

@@ -42,7 +42,11 @@ class AgentSession:
     version: str
     hostname: str
     resources: dict[str, str]  # resource id -> name
+    #: The agent process (its random ``instance`` at auth) and which of its links this is;
+    #: ``epoch`` orders the link records of one agent slot across relays (relay.cluster).
     instance: str = ""
+    slot: int = 0
+    epoch: int = 0
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
     active_streams: int = 0
@@ -60,6 +64,7 @@ class AgentSession:
             "bytes_sent": self.link.bytes_sent,
             "bytes_received": self.link.bytes_received,
             "active_streams": self.active_streams,
+            "epoch": self.epoch,
         }
 
 

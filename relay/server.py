@@ -1,16 +1,18 @@
 """``tunnel-relay serve``: agent listeners (TLS WebSocket on TCP and QUIC on UDP, one port
-number), agent authentication and registration, resource endpoints and the admin API.
+number), agent authentication and registration, resource endpoints and the admin API, on the
+state database of :mod:`relay.state` (SQLite in the state dir, or a cluster's PostgreSQL).
 
 Before it is registered a link may send one thing: one ``auth`` message. Anything else (a
 second ``auth``, another CONTROL type, a stream) gets a CONTROL ``error`` and the link is
 closed with ``PROTOCOL_ERROR`` (docs/PROTOCOL.md, "Control messages").
 
-Registration (:meth:`Relay._register`) runs in three steps: checks against the state with
-no ``await`` between them (token, quotas, resources, created when a customer-wide token names
-a new one); binding the endpoints of new resources (the only ``await``); and, again without
-an ``await``, checking that nothing was revoked or deleted meanwhile before the agent is
-added. The admin API's rotate and delete run on the same event loop without an ``await``
-either, so each of them happens wholly before or wholly after that last step.
+Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
+quotas, resources, created when a customer-wide token names a new one); binding the endpoints
+of new resources; and recording the link (:meth:`relay.cluster.Cluster.admit`), in the
+transaction that re-reads the resources' generations, before the agent is added with no
+``await`` in between. A rotation or deletion, on this relay or any other, commits either before
+that transaction (which then sees it and refuses) or after it (its event then finds the
+registration pending, or the agent in the registry): no revoked token gets in.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import secrets
 import signal
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from tunnel.wire.errors import AuthError
 from . import format_host_port, is_loopback_host
 from .quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
 from .registry import AgentSession, Registry
-from .state import state_write_failure
+from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 
 log = logging.getLogger("relay")
 
@@ -108,12 +111,13 @@ class AgentLinkHandler(LinkHandler):
         if agent is not None:
             log.info("agent %s disconnected (%s)", agent.agent_id, describe_code(code, reason))
             relay.registry.remove_agent(agent)
+            relay.cluster.forget(agent)
             relay.mark_served(agent.resources)
 
 
 class Relay:
     def __init__(self, state, authority, registry: Registry, limits: Limits,
-                 descriptors: Descriptors | None = None) -> None:
+                 descriptors: Descriptors | None = None, *, cluster) -> None:
         self.state = state
         self.authority = authority
         self.registry = registry
@@ -123,6 +127,8 @@ class Relay:
         self.metrics = registry.metrics
         #: True while the listeners accept agents (``/ready``).
         self.accepting = False
+        #: This relay's :class:`relay.cluster.Cluster`: records links, applies revocations.
+        self.cluster = cluster
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()
         self.rate = RegistrationRate(limits.max_registrations_per_minute)
@@ -136,11 +142,23 @@ class Relay:
 
     async def authenticate(self, handler: AgentLinkHandler, message: dict) -> None:
         link = handler.link
-        if message.get("dry_run") is True:
-            self._check_only(link, message)
-            return
         try:
+            if message.get("dry_run") is True:
+                await self._check_only(link, message)
+                return
             agent = await self._register(link, message)
+        except StateWriteFailed as exc:
+            self.metrics.auth_refused("unavailable")
+            self.state_failed(exc.reason)
+            _refuse(link, "unavailable", f"the relay cannot register agents now: {exc.reason}",
+                    ErrorCode.INTERNAL_ERROR)
+            return
+        except StoreUnavailable as exc:
+            # Not the agent's fault and not fatal: it retries with its backoff.
+            self.metrics.auth_refused("unavailable")
+            self.cluster.outages.refused("registration(s)", exc)
+            _refuse(link, "unavailable", UNREACHABLE_MESSAGE, ErrorCode.INTERNAL_ERROR)
+            return
         except QuotaExceeded as exc:
             self.metrics.auth_refused(exc.code, exc)
             self.throttled.log(("quota", str(exc)), logging.WARNING, "agent from %s refused: %s", _addr(link), exc)
@@ -182,7 +200,7 @@ class Relay:
                  link.carrier, _addr(link), agent.version, agent.hostname)
         self.mark_served(agent.resources)
 
-    def _check_only(self, link: Link, message: dict) -> None:
+    async def _check_only(self, link: Link, message: dict) -> None:
         """``tunnel-agent check``: verify the token and the resource names as a registration
         would, register nothing, answer ``checked`` (the agent closes the link)."""
         from .tokens import check_against_state
@@ -190,7 +208,8 @@ class Relay:
         try:
             token, resources, _info = _auth_fields(message)
             claims = self.authority.verify(token)
-            found = [check_against_state(claims, self.state, entry["name"], create=False) for entry in resources]
+            found = [await check_against_state(claims, self.state, entry["name"], create=False)
+                     for entry in resources]
         except AuthError as exc:
             self.metrics.auth_refused(exc.code)
             log.warning("agent check from %s refused: %s", _addr(link), exc)
@@ -211,48 +230,51 @@ class Relay:
         token, resources, info = _auth_fields(message)
         claims = self.authority.verify(token)
 
-        # Step 1: quotas and resources, no await.
+        # Step 1: quotas and resources.
         customer_id = claims.customer_id
         self.rate.charge(customer_id)
         limits = self.limits
         self._check_link_quotas(link, customer_id)
 
-        def before_create(owner: str) -> None:
-            if self.state.count_resources(owner) >= limits.max_resources_per_customer:
+        async def before_create(owner: str) -> None:
+            if await self.state.count_resources(owner) >= limits.max_resources_per_customer:
                 raise QuotaExceeded(f"customer {owner} is over its quota of {limits.max_resources_per_customer} "
                                     "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
                                     limit="max_resources_per_customer", customer_id=owner)
 
-        wanted = [check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
-                                      before_create=before_create) for entry in resources]
+        wanted = [await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
+                                            before_create=before_create) for entry in resources]
         ids = {r["id"] for r in wanted}
         self.registering.update(ids)
         try:
             # Step 2: bind the endpoints of new resources.
             for resource in wanted:
                 await self.registry.ensure_endpoint(resource)
-            # Step 3, no await: nothing revoked or deleted meanwhile, then commit.
             if link.is_closing:
                 return None
-            self._check_link_quotas(link, customer_id)  # others may have registered meanwhile
-            for resource in wanted:
-                now = self.state.get_resource(resource["id"])
-                if now is None:
-                    self.registry.resource_deleted(resource["id"])  # the endpoint bound for it
-                    raise AuthError("resource deleted", code="deleted")
-                if claims.generation < now["generation"]:
-                    raise AuthError("registration token revoked", code="revoked")
+            agent_id = "agt_" + secrets.token_hex(8)
             agent = AgentSession(
-                agent_id="agt_" + secrets.token_hex(8),
+                agent_id=agent_id,
                 link=link,
                 customer_id=customer_id,
                 generation=claims.generation,
                 version=info["version"],
                 hostname=info["hostname"],
-                instance=info["instance"],
+                instance=info["instance"] or agent_id,
                 resources={r["id"]: r["name"] for r in wanted},
                 buffers=LinkBuffers(limits.session_window),
             )
+            # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
+            # then, with no await, the checks that others' registrations may have changed.
+            await self.cluster.admit(agent)
+            if link.is_closing:
+                self.cluster.forget(agent)
+                return None
+            try:
+                self._check_link_quotas(link, customer_id)
+            except BaseException:
+                self.cluster.forget(agent)
+                raise
             self.registry.add_agent(agent)
             return agent
         finally:
@@ -276,35 +298,41 @@ class Relay:
         return allocate_port(self.registry.service_host, taken)
 
     def mark_served(self, resource_ids) -> None:
-        """Record that these resources were served until now (their idle time starts over)."""
+        """Record, in the background, that these resources were served until now (their idle
+        time starts over)."""
         ids = list(resource_ids)
-        if not ids:
-            return
+        if ids:
+            task = asyncio.get_running_loop().create_task(self._mark_served(ids))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _mark_served(self, ids: list[str]) -> None:
         try:
-            self.state.mark_served(ids, int(time.time()))
-        except Exception as exc:  # noqa: BLE001 - serving goes on without the record
-            failure = state_write_failure(exc)
-            if failure is None:
-                raise
-            self.state_failed(failure)
+            await self.state.mark_served(ids, int(time.time()))
+        except StateWriteFailed as exc:  # serving goes on without the record
+            self.state_failed(exc.reason)
+        except StoreUnavailable:
+            pass  # the outage is logged once; the next expiry round marks them again
 
     def state_failed(self, failure: str) -> None:
         self.throttled.log("state", logging.ERROR, "%s: %s; free space there (or fix it) and the relay resumes",
                            failure, self.state.state_dir)
 
-    def expire_idle_resources(self) -> list[dict]:
+    async def expire_idle_resources(self) -> list[dict]:
         """Delete the resources no agent has served for ``resource_idle_expiry`` (and that no
-        token names by id), freeing their ports; refresh the time of those served now."""
+        token names by id), freeing their ports; refresh the time of those served now (by this
+        relay: every relay refreshes its own, so none expires a resource another serves)."""
         served = [rid for rid, endpoint in self.registry.endpoints.items() if endpoint.agents]
-        self.mark_served(served)
+        if served:
+            await self.state.mark_served(served, int(time.time()))
         cutoff = int(time.time() - self.limits.resource_idle_expiry)
         expired = []
-        for resource in self.state.idle_resources(cutoff):
+        for resource in await self.state.idle_resources(cutoff):
             rid = resource["id"]
             if self.registering[rid] or self.registry.status(rid) == "AVAILABLE":
                 continue
-            self.registry.resource_deleted(rid)
-            self.state.delete_resource(rid)
+            # The "deleted" event closes its endpoint here and on every relay.
+            await self.state.delete_resource(rid)
             log.info("resource %s (%s) of customer %s expired: no agent served it for %.0f s; port %d freed",
                      rid, resource["name"], resource["customer_id"], self.limits.resource_idle_expiry,
                      resource["port"])
@@ -315,7 +343,10 @@ class Relay:
         interval = min(max(self.limits.resource_idle_expiry / 4, 0.5), 3600.0)
         while True:
             try:
-                self.expire_idle_resources()
+                await self.expire_idle_resources()
+            except StoreUnavailable as exc:
+                if isinstance(exc, StateWriteFailed):
+                    self.state_failed(exc.reason)
             except Exception as exc:  # noqa: BLE001
                 failure = state_write_failure(exc)
                 if failure is None:
@@ -399,7 +430,7 @@ def serve_main(args) -> int:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:
         return 0
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         log.error("relay cannot start: %s", exc)
         return 1
 
@@ -408,9 +439,11 @@ async def _serve(args) -> int:
     from tunnel.bridge.listen import serve_links
 
     from . import admin, pki, tokens
-    from . import state as state_mod
+    from .cluster import Cluster, default_advertise_url
+    from .store.settings import StoreSettings
 
     limits = Limits.from_env()
+    settings = StoreSettings.from_env()
     before, open_files = raise_nofile_limit()
     descriptors = Descriptors(open_files, limits)
     log.info("open files: limit %d (raised from %d); %d for agents and endpoints, at most %d per customer, "
@@ -421,19 +454,22 @@ async def _serve(args) -> int:
     host, port = args.listen_addr
     admin_host, admin_port = args.admin_listen_addr
     allow_remote = getattr(args, "allow_remote_admin", False)
-    names = [host, *args.server_names]
+    advertise = args.advertise or default_advertise_url(host, port, args.server_names)
+    names = [host, urllib.parse.urlsplit(advertise).hostname, *args.server_names]
     if allow_remote and not is_loopback_host(admin_host):
         names.append(admin_host)
     keys = pki.ensure_pki(state_dir, extra_names=names, cert_file=args.cert, key_file=args.key)
     cert_file, key_file = keys.cert_file, keys.key_file
     ssl_context = pki.server_ssl_context(cert_file, key_file)
 
-    store = state_mod.RelayState(state_dir / "relay.db")
+    store = await _open_state(state_dir, args.database, settings)
     authority = tokens.TokenAuthority(state_dir)
     registry = Registry(args.service_host, descriptors)
-    relay = Relay(store, authority, registry, limits, descriptors)
-    relay.expire_idle_resources()
-    for resource in store.list_resources():
+    cluster = Cluster(store, registry, advertise, settings)
+    await cluster.start()
+    relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
+    await relay.expire_idle_resources()
+    for resource in await store.list_resources():
         try:
             await registry.ensure_endpoint(resource)
         except OSError as exc:
@@ -445,6 +481,8 @@ async def _serve(args) -> int:
     metrics = await _start_metrics(relay, args.metrics_listen_addr, limits)
     listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
                                   key_file=str(key_file), limits=limits, on_link=relay.on_link)
+    if port == 0 and not args.advertise:
+        await cluster.readvertise(default_advertise_url(host, listeners.port, args.server_names))
     relay.accepting = True
     port = listeners.port
     admin_token = admin.load_or_create_admin_token(state_dir)
@@ -452,11 +490,11 @@ async def _serve(args) -> int:
         admin_host, admin_port, state=store, authority=authority, registry=registry, token=admin_token,
         state_dir=state_dir, allow_remote=allow_remote,
         ssl_context=pki.server_ssl_context(cert_file, key_file) if not is_loopback_host(admin_host) else None,
-        on_state_failure=relay.state_failed)
+        on_state_failure=relay.state_failed, cluster=cluster)
     admin_url = admin.admin_url(admin_server, tls=not is_loopback_host(admin_host))
-    log.info("relay %s listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
-             "resource endpoints on %s; state in %s", __version__, host, port, admin_url,
-             args.service_host, state_dir)
+    log.info("relay %s (%s) listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
+             "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
+             admin_url, args.service_host, state_dir, store.description)
     expiry = asyncio.get_running_loop().create_task(relay.expire_forever())
 
     stop = asyncio.Event()
@@ -472,9 +510,37 @@ async def _serve(args) -> int:
     admin.clear_admin_info(state_dir)
     await relay.drain()
     registry.close()
+    # Writes the closing links started (served times), then leave the cluster.
+    if relay.tasks:
+        await asyncio.wait(set(relay.tasks), timeout=settings.db_query_timeout)
+    await cluster.stop()
+    await store.close()
     if metrics is not None:
         metrics.close()
     return 0
+
+
+async def _open_state(state_dir: Path, database: str | None, settings):
+    """The migrated state; a PostgreSQL that cannot be reached is retried with backoff for
+    ``db_startup_timeout`` before the relay gives up."""
+    from .state import RelayState
+    from .store.database import redact_url
+
+    where = redact_url(database) if database else "in the state directory"
+    deadline = time.monotonic() + settings.db_startup_timeout
+    delay = 0.5
+    while True:
+        try:
+            return await RelayState.open(state_dir, database, settings)
+        except StoreUnavailable as exc:
+            if isinstance(exc, StateWriteFailed):
+                raise StoreError(f"{exc.reason}: {state_dir}") from None
+            if time.monotonic() + delay > deadline:
+                raise StoreError(f"state database unreachable: {where}: {exc.reason}; "
+                                 f"gave up after {settings.db_startup_timeout:g} s") from None
+            log.warning("state database unreachable: %s: %s; retrying in %.1f s", where, exc.reason, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.db_reconnect_max)
 
 
 async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: Limits):

@@ -74,3 +74,34 @@ def run(request, cleanup):
             return r.run(bounded())
 
     return runner
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the whole session (Debian's binaries, initdb in a temporary
+    directory, loopback, a free port), started on first use and destroyed at the end."""
+    from tests.helpers.postgres import PostgresServer, bin_dir
+
+    if bin_dir() is None:
+        pytest.fail("PostgreSQL server binaries are missing: run scripts/setup.sh (Debian package postgresql)")
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's PostgreSQL (dropped afterwards); its URL
+    carries the password."""
+    name = postgres_server.create_database()
+    try:
+        yield postgres_server.url(name)
+    finally:
+        if not postgres_server.running():  # a test that stopped it and failed before restarting
+            postgres_server.start()
+        postgres_server.drop_database(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import ipaddress
 import ssl
 import time
@@ -112,11 +113,14 @@ def wait_until(check, timeout: float = 20.0, what: str = "condition", interval: 
 
 
 async def async_wait_until(condition, timeout: float = 20.0, what: str = "condition", interval: float = 0.005):
-    """:func:`wait_until` for coroutines: polls from the event loop, never blocks it."""
+    """:func:`wait_until` for coroutines: polls from the event loop, never blocks it.
+    ``condition`` may be a coroutine function (it is awaited)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if loop.time() > deadline:

@@ -98,10 +98,13 @@ class Proc:
 
 
 class Relay:
-    """``tunnel-relay serve`` on loopback with its own state dir and ports."""
+    """``tunnel-relay serve`` on a loopback address (``host``, default 127.0.0.1: agents,
+    admin API and resource endpoints) with its own state dir and ports."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.state_dir = workdir / "relay-state"
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 state_dir: Path | None = None) -> None:
+        self.host = host
+        self.state_dir = state_dir or workdir / "relay-state"
         self.workdir = workdir
         self.port = port or free_port()
         self.admin_port = free_port()
@@ -113,16 +116,21 @@ class Relay:
         self.serve_args: list[str] = []
 
     @property
+    def url(self) -> str:
+        return f"wss://{self.host}:{self.port}"
+
+    @property
     def ca_file(self) -> str:
         return str(self.state_dir / "ca.pem")
 
     def start(self, *args: str, **env) -> "Relay":
         """``tunnel-relay serve`` with ``args`` added to its options and ``env`` to its environment."""
         self.starts += 1
-        cmd = [PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}",
-               "--admin-listen", f"127.0.0.1:{self.admin_port}", "--service-host", "127.0.0.1", *self.serve_args,
+        cmd = [PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen", f"{self.host}:{self.port}",
+               "--admin-listen", f"{self.host}:{self.admin_port}", "--service-host", self.host, *self.serve_args,
                *args]
-        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"relay-{self.starts}.log",
+        name = "relay" if self.host == "127.0.0.1" else f"relay-{self.host}"
+        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"{name}-{self.starts}.log",
                          self.preexec_fn).start()
         wait_until(self._ready, 30, "the relay to start")
         return self
@@ -133,7 +141,7 @@ class Relay:
         if not (self.state_dir / "admin.json").exists():
             return False
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", self.port)):
+            if s.connect_ex((self.host, self.port)):
                 return False
         return self.cli("customers", "list", check=False).returncode == 0
 

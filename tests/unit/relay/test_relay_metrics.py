@@ -12,6 +12,9 @@ from relay.metrics import RelayMetrics, ready, reset_reason
 from relay.quotas import QuotaExceeded
 from relay.registry import Endpoint, EndpointBridge, Registry
 from relay.state import RelayState
+from relay.store.settings import StoreSettings
+from tests.helpers import async_wait_until
+from tests.helpers.tcp_proxy import TcpProxy
 from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 
@@ -36,13 +39,52 @@ class _AsyncState:
 
 
 def test_ready_needs_listeners_and_an_answering_state(tmp_path):
-    state = RelayState(tmp_path / "relay.db")
-    assert asyncio.run(ready(_relay(state))) is None
-    assert asyncio.run(ready(_relay(state, accepting=False))) == "not accepting agents"
-    # The answer names the failure's kind, not its text (it may hold paths or addresses).
-    assert asyncio.run(ready(_relay(_BrokenState()))) == "state unreachable (OperationalError)"
-    state.close()
-    assert asyncio.run(ready(_relay(state))) == "state unreachable (ProgrammingError)"
+    async def main():
+        state = await RelayState.open_dir(tmp_path)
+        assert await ready(_relay(state)) is None
+        assert await ready(_relay(state, accepting=False)) == "not accepting agents"
+        # The answer names the failure's kind, not its text (it may hold paths or addresses).
+        assert await ready(_relay(_BrokenState())) == "state unreachable (OperationalError)"
+        await state.close()
+        assert (await ready(_relay(state))).startswith("state unreachable (")
+
+    asyncio.run(main())
+
+
+def test_ready_follows_a_postgresql_state(tmp_path, postgres_server, postgres_url):
+    """The relay's state on PostgreSQL, reached through a proxy the test cuts: not ready while
+    the database is away, ready again once it is back."""
+    proxy = TcpProxy((postgres_server.host, postgres_server.port))
+    via_proxy = postgres_url.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    settings = StoreSettings(db_connect_timeout=1.0, db_query_timeout=1.0, db_reconnect_max=0.3)
+
+    async def main():
+        state = await RelayState.open(tmp_path, via_proxy, settings)
+        relay = _relay(state)
+        try:
+            assert await ready(relay) is None
+            proxy.cut()
+            answers = []
+
+            async def not_ready():
+                answers.append(await ready(relay))
+                return answers[-1] is not None
+
+            await async_wait_until(not_ready, 10, "the relay to be not ready")
+            assert answers[-1] == "state unreachable (StoreUnavailable)"
+            proxy.restore()
+
+            async def ready_again():
+                return await ready(relay) is None
+
+            await async_wait_until(ready_again, 20, "the relay to be ready again")
+        finally:
+            await state.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        proxy.close()
 
 
 def test_ready_awaits_a_coroutine_ping():
