@@ -267,20 +267,31 @@ class AdminApi:
                 by_resource.setdefault(resource_id, []).append(view)
         return by_resource
 
-    def _resource_view(self, resource: dict, extended: bool, links: dict[str, list[dict]] | None = None) -> dict:
+    async def _cluster_counts(self) -> dict[str, int] | None:
+        """Agent links per resource on every live relay (a cluster on PostgreSQL), else None."""
+        if self.cluster is None or self.state.backend != "postgresql":
+            return None
+        return await self.state.link_counts(self.cluster.settings.member_ttl)
+
+    def _resource_view(self, resource: dict, extended: bool, links: dict[str, list[dict]] | None = None,
+                       counts: dict[str, int] | None = None) -> dict:
         try:
             agents = list(self.registry.agents_of(resource["id"]))
         except Exception:  # noqa: BLE001 - the listing must not fail on one broken entry
             log.exception("registry.agents_of failed for %s", resource["id"])
             agents = []
+        # In a cluster every relay reaches every agent (relay.peering): count them all.
+        total = len(agents) if counts is None else max(len(agents), counts.get(resource["id"], 0))
         view = {
             "id": resource["id"],
             "name": resource["name"],
             "customer_id": resource["customer_id"],
-            "status": "AVAILABLE" if agents else "UNAVAILABLE",
+            "status": "AVAILABLE" if total else "UNAVAILABLE",
             "endpoint": format_host_port(self.registry.service_host, resource["port"]),
-            "agents": len(agents),
+            "agents": total,
         }
+        if counts is not None:
+            view["agents_here"] = len(agents)
         if extended:
             view["generation"] = resource["generation"]
             view["created_at"] = resource["created_at"]
@@ -311,13 +322,14 @@ class AdminApi:
         customer_id = (query.get("customer_id") or [None])[-1]
         resources = await self.state.list_resources(customer_id)
         links = await self._links_by_resource() if extended else None
-        return 200, [self._resource_view(r, extended, links) for r in resources]
+        counts = await self._cluster_counts()
+        return 200, [self._resource_view(r, extended, links, counts) for r in resources]
 
     async def get_resource(self, resource_id: str, *, query: dict, **_) -> tuple[int, Any]:
         resource = await self.state.get_resource(resource_id)
         if resource is None:
             raise HttpError(404, "not_found", f"no such resource: {resource_id}")
-        return 200, self._resource_view(resource, True, await self._links_by_resource())
+        return 200, self._resource_view(resource, True, await self._links_by_resource(), await self._cluster_counts())
 
     async def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
         # The "deleted" event closes the endpoint and drops the agents, here and on every relay.

@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--advertise", default=_env("RELAY_ADVERTISE_URL"), metavar="URL",
                        help="the URL agents use to reach this relay, wss://HOST:PORT (env RELAY_ADVERTISE_URL; "
                             "default from --listen)")
+    serve.add_argument("--peer-listen", default=_env("RELAY_PEER_LISTEN"), metavar="HOST:PORT",
+                       help="with a PostgreSQL --database: where the other relays connect to forward streams "
+                            "(mutual TLS with the cluster CA; env RELAY_PEER_LISTEN; default the host of --listen, "
+                            "a free port)")
+    serve.add_argument("--peer-advertise", default=_env("RELAY_PEER_ADVERTISE"), metavar="HOST",
+                       help="the host the other relays use to reach --peer-listen (env RELAY_PEER_ADVERTISE; "
+                            "default the host of --advertise)")
+    serve.add_argument("--drain-timeout", type=float, default=float(_env("RELAY_DRAIN_TIMEOUT", "30")),
+                       metavar="SECONDS",
+                       help="on SIGTERM, how long streams in flight may take to finish (env RELAY_DRAIN_TIMEOUT, "
+                            "default 30)")
     serve.add_argument("--metrics-listen", default=_env("RELAY_METRICS_LISTEN"), metavar="HOST:PORT",
                        help="serve /metrics (Prometheus), /live and /ready here, plain HTTP "
                             "(env RELAY_METRICS_LISTEN; default: not served)")
@@ -245,14 +256,16 @@ def _print_cluster(status: dict, output: str) -> None:
           f"state database {database.get('url')} ({database.get('backend')})"))
     print()
     print(_table(
-        ("RELAY", "ADVERTISE URL", "VERSION", "STARTED", "HEARTBEAT AGE", "LINKS", ""),
-        [(r.get("id"), r.get("advertise_url"), r.get("version"), r.get("started_at"), f"{r.get('heartbeat_age')} s",
-          r.get("links"), "(this relay)" if r.get("self") else "") for r in status.get("relays") or []],
+        ("RELAY", "ADVERTISE URL", "PEER ADDRESS", "VERSION", "STARTED", "HEARTBEAT AGE", "LINKS", "STATE", ""),
+        [(r.get("id"), r.get("advertise_url"), r.get("peer_address") or "-", r.get("version"), r.get("started_at"),
+          f"{r.get('heartbeat_age')} s", r.get("links"), "draining" if r.get("draining") else "serving",
+          "(this relay)" if r.get("self") else "") for r in status.get("relays") or []],
     ))
     print()
     print(_table(
-        ("AGENT", "INSTANCE", "EPOCH", "RELAY", "CUSTOMER", "RESOURCES", "TRANSPORT", "ADDRESS", "CONNECTED SINCE"),
-        [(link.get("agent_id"), link.get("agent_instance"), link.get("epoch"), link.get("relay_id"),
+        ("AGENT", "INSTANCE", "SLOT", "EPOCH", "RELAY", "CUSTOMER", "RESOURCES", "TRANSPORT", "ADDRESS",
+         "CONNECTED SINCE"),
+        [(link.get("agent_id"), link.get("agent_instance"), link.get("slot"), link.get("epoch"), link.get("relay_id"),
           link.get("customer_id"), ",".join(link.get("resources") or []), link.get("transport"), link.get("address"),
           link.get("connected_since")) for link in status.get("links") or []],
     ))
@@ -335,6 +348,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         args.listen_addr = parse_host_port(args.listen, 8443)
         args.admin_listen_addr = parse_host_port(args.admin_listen, 8442)
         args.metrics_listen_addr = parse_host_port(args.metrics_listen) if args.metrics_listen else None
+        args.peer_listen_addr = parse_host_port(args.peer_listen, 0) if args.peer_listen else None
+        args.peer_advertise_host = args.peer_advertise.strip("[]") if args.peer_advertise else None
+        if args.drain_timeout < 0:
+            raise ValueError("--drain-timeout must be zero or more seconds")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if bool(args.cert) != bool(args.key):

@@ -105,14 +105,26 @@ class Cluster:
         self._tasks: set[asyncio.Task] = set()
         self._heartbeat_task: asyncio.Task | None = None
         self._resyncing = False
+        #: Where the other relays reach this one (relay.peering), "" without peering.
+        self.peer_address = ""
+        #: True once this relay drains (relays.draining).
+        self.draining = False
+        #: The live relays as last read (``id``, ``advertise_url``, ``peer_address``, ``draining``).
+        self.members: list[dict] = []
+        #: Called with :attr:`members` after each change heard (relays joining, leaving, draining).
+        self.on_members = None
+        #: Called with a resource's row when any relay creates one (every relay binds its endpoint).
+        self.on_resource_created = None
+        self._members_task: asyncio.Task | None = None
 
     # ---- life
 
     async def start(self) -> None:
         """Join (the database must be reachable), then follow events and heartbeat."""
         self.state.subscribe(self.on_event)
-        await self.state.join_relay(self.relay_id, self.advertise_url, __version__)
+        await self._join()
         await self._expire()
+        await self._refresh_members()
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
         log.info("relay %s joined the relays on %s, advertising %s", self.relay_id, self.state.description,
                  self.advertise_url)
@@ -120,11 +132,28 @@ class Cluster:
     async def readvertise(self, advertise_url: str) -> None:
         """Change the URL this relay advertises (``--listen`` port 0, known once bound)."""
         self.advertise_url = advertise_url
-        await self.state.join_relay(self.relay_id, advertise_url, __version__)
+        await self._join()
+
+    async def set_peer_address(self, address: str) -> None:
+        """Record where the other relays reach this one (its peer listener)."""
+        self.peer_address = address
+        await self._join()
+
+    async def _join(self) -> None:
+        await self.state.join_relay(self.relay_id, self.advertise_url, __version__, self.peer_address,
+                                    self.draining)
+
+    async def drain(self) -> None:
+        """Tell every relay this one drains (best effort: the database may be away)."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self.state.set_draining(self.relay_id), self.settings.db_query_timeout)
+        except (StoreError, asyncio.TimeoutError) as exc:
+            log.warning("could not record that relay %s drains: %s", self.relay_id, exc)
 
     async def stop(self) -> None:
         """Leave: remove this relay's row and its links (best effort within the query timeout)."""
-        tasks = [t for t in (self._heartbeat_task, *self._tasks) if t is not None]
+        tasks = [t for t in (self._heartbeat_task, self._members_task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -148,6 +177,7 @@ class Cluster:
                     log.warning("relay %s was taken for gone by the other relays; joining again", self.relay_id)
                     await self.resync()
                 await self._expire()
+                await self._refresh_members()
             except StoreUnavailable:
                 pass  # the database logs the outage once and reconnects; resync follows
             except StoreError as exc:
@@ -159,9 +189,35 @@ class Cluster:
 
     # ---- events from every relay
 
+    async def _refresh_members(self) -> None:
+        rows = await self.state.list_relays()
+        ttl = self.settings.member_ttl
+        members = [{"id": r["id"], "advertise_url": r["advertise_url"], "peer_address": r.get("peer_address") or "",
+                    "draining": bool(r["draining"])} for r in rows if float(r["heartbeat_age"]) <= ttl]
+        changed = members != self.members
+        self.members = members
+        if changed and self.on_members is not None:
+            self.on_members(members)
+
+    def _members_changed(self) -> None:
+        if self._members_task is None or self._members_task.done():
+            self._members_task = asyncio.get_running_loop().create_task(self._refresh_members_quietly())
+
+    async def _refresh_members_quietly(self) -> None:
+        try:
+            await self._refresh_members()
+        except StoreError:
+            pass  # the next heartbeat reads them again
+
     def on_event(self, event: dict) -> None:
         kind = event.get("kind")
-        if kind == "rotated":
+        if kind in ("relay_joined", "relay_left", "relay_draining"):
+            self._members_changed()
+        if kind == "resource_created":
+            resource = event.get("resource")
+            if isinstance(resource, dict) and self.on_resource_created is not None:
+                self.on_resource_created(resource)
+        elif kind == "rotated":
             self._revoke(event.get("resource_id"), int(event.get("generation", 0)))
         elif kind == "deleted":
             self._delete(event.get("resource_id"))
@@ -223,7 +279,7 @@ class Cluster:
                 session.epoch = await self._add_link(session)
             except Conflict:
                 # This relay's row is gone (the others took it for dead): join again, once.
-                await self.state.join_relay(self.relay_id, self.advertise_url, __version__)
+                await self._join()
                 session.epoch = await self._add_link(session)
         except LinkRefused as exc:
             if exc.code == "deleted":
@@ -256,7 +312,7 @@ class Cluster:
             return
         self._resyncing = True
         try:
-            await self.state.join_relay(self.relay_id, self.advertise_url, __version__)
+            await self._join()
             generations = await self.state.resource_generations()
             for resource_id in list(self.registry.endpoints):
                 if resource_id not in generations:
@@ -304,6 +360,7 @@ class Cluster:
                 "heartbeat_age": round(max(0.0, float(r["heartbeat_age"])), 1),
                 "links": int(r["links"]),
                 "draining": bool(r["draining"]),
+                "peer_address": r.get("peer_address") or "",
                 "self": r["id"] == self.relay_id,
             } for r in relays],
             "links": [link_view(link) for link in links],

@@ -71,12 +71,26 @@ class AgentSession:
 class EndpointBridge(TcpBridge):
     """An integration worker's TCP connection to a resource endpoint."""
 
-    __slots__ = ("_endpoint", "agent")
+    __slots__ = ("_endpoint", "agent", "forwarded")
 
     def __init__(self, endpoint: "Endpoint") -> None:
         super().__init__()
         self._endpoint = endpoint
         self.agent: AgentSession | None = None
+        #: While the stream to another relay is being opened (relay.forward.Forwarded).
+        self.forwarded = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.forwarded is not None:
+            self.forwarded.hold(data)
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.forwarded is not None:
+            self.forwarded.eof = True
+            return True
+        return super().eof_received()
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         endpoint = self._endpoint
@@ -101,6 +115,9 @@ class EndpointBridge(TcpBridge):
                 stream = agent.link.open_stream(endpoint.name.encode(), stream_handler(self))
             except UsageError:  # the link began closing since it was picked
                 pass
+        if stream is None and agent is None and registry.forwarder is not None:
+            registry.forwarder.forward(self, endpoint, transport)
+            return
         if stream is None:
             self.transport = transport
             if agent is None:
@@ -182,6 +199,11 @@ class Registry:
         self.agents: set[AgentSession] = set()
         self._links = Counter()  # customer id -> registered agent links
         self.throttled = Throttled(log)
+        #: Takes worker connections no local agent can serve to the relay holding one
+        #: (relay.peering.Peering, in a cluster); None: refused.
+        self.forwarder = None
+        #: False once the relay drains: endpoints bound later do not listen.
+        self.listening = True
 
     def links_of(self, customer_id: str) -> int:
         return self._links[customer_id]
@@ -282,6 +304,17 @@ class Registry:
         for agent in list(endpoint.agents):
             self.deregister(agent, resource_id, "deleted", "resource deleted")
         endpoint.end_streams()
+
+    def stop_listening(self) -> None:
+        """Drain: stop accepting worker connections (the ones open go on)."""
+        self.listening = False
+        for endpoint in self.endpoints.values():
+            if endpoint.server is not None:
+                endpoint.server.close()
+
+    def open_connections(self) -> int:
+        """Worker connections to this relay's endpoints still open."""
+        return sum(len(endpoint.bridges) for endpoint in self.endpoints.values())
 
     def close(self) -> None:
         for endpoint in self.endpoints.values():

@@ -44,6 +44,8 @@ from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, Sto
 log = logging.getLogger("relay")
 
 MAX_RESOURCES_PER_AGENT = 64
+#: ``agent.slot`` at auth: which of an agent's links (RELAY_LINKS) this is, 0 to this minus one.
+MAX_AGENT_SLOTS = 16
 #: Agent-supplied strings accepted at ``auth`` (docs/PROTOCOL.md): anything else is refused.
 RESOURCE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 AGENT_FIELDS = {
@@ -135,6 +137,10 @@ class Relay:
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: Resources with a registration between its first and last step (never expired).
         self.registering: Counter = Counter()
+        #: This relay's links to the other relays (relay.peering), None outside a cluster.
+        self.peering = None
+        cluster.on_members = self.members_changed
+        cluster.on_resource_created = self.resource_created
 
     def on_link(self, link: Link) -> None:
         self.links.add(link)
@@ -142,6 +148,10 @@ class Relay:
 
     async def authenticate(self, handler: AgentLinkHandler, message: dict) -> None:
         link = handler.link
+        if self.cluster.draining:
+            self.metrics.auth_refused("unavailable")
+            _refuse(link, "unavailable", "relay draining: link to another relay", ErrorCode.NO_ERROR)
+            return
         try:
             if message.get("dry_run") is True:
                 await self._check_only(link, message)
@@ -188,11 +198,14 @@ class Relay:
         link.send_control({
             "type": "registered",
             "agent_id": agent.agent_id,
+            "relay_id": self.cluster.relay_id,
             "resources": [
                 {"name": name, "id": rid, "endpoint": self.registry.endpoints[rid].address}
                 for rid, name in agent.resources.items()
             ],
         })
+        if self.cluster.members:
+            link.send_control(self.relays_message())
         link.handshake_done()
         log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s, host %s",
                  agent.agent_id, agent.customer_id,
@@ -261,6 +274,7 @@ class Relay:
                 version=info["version"],
                 hostname=info["hostname"],
                 instance=info["instance"] or agent_id,
+                slot=info["slot"],
                 resources={r["id"]: r["name"] for r in wanted},
                 buffers=LinkBuffers(limits.session_window),
             )
@@ -355,10 +369,81 @@ class Relay:
                     self.state_failed(failure)
             await asyncio.sleep(interval)
 
-    async def drain(self) -> None:
-        """Graceful stop: no new streams, tell agents, close."""
+    # ---- the cluster, as agents see it
+
+    def relays_message(self) -> dict:
+        """CONTROL ``relays``: every live relay of the cluster (docs/PROTOCOL.md)."""
+        return {"type": "relays", "relays": [
+            {"id": m["id"], "url": m["advertise_url"], "draining": m["draining"]} for m in self.cluster.members]}
+
+    def members_changed(self, members: list[dict]) -> None:
+        """Relays joined, left or began draining: tell every agent here, link to new peers."""
+        message = self.relays_message()
+        for agent in list(self.registry.agents):
+            if not agent.link.is_closing:
+                try:
+                    agent.link.send_control(message)
+                except Exception:  # noqa: BLE001 - closing; its end removes the agent
+                    pass
+        if self.peering is not None:
+            self.peering.connect_members(members)
+
+    def resource_created(self, resource: dict) -> None:
+        """Any relay created a resource: bind its endpoint here too (same port everywhere)."""
+        if not self.registry.listening or resource.get("id") in self.registry.endpoints:
+            return
+        task = asyncio.get_running_loop().create_task(self._bind(resource))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _bind(self, resource: dict) -> None:
+        try:
+            await self.registry.ensure_endpoint(resource)
+        except OSError as exc:
+            log.error("resource %s: cannot bind endpoint %s:%s: %s", resource.get("id"), self.registry.service_host,
+                      resource.get("port"), exc.strerror or exc)
+        except (QuotaExceeded, KeyError, TypeError) as exc:
+            log.error("resource %s: endpoint not bound: %s", resource.get("id"), exc)
+
+    # ---- stopping
+
+    def in_flight(self) -> int:
+        """Streams still open: workers' connections here and streams from other relays."""
+        return self.registry.open_connections() + (self.peering.splices.__len__() if self.peering else 0)
+
+    async def drain(self, timeout: float = 0.0) -> None:
+        """Graceful stop (SIGTERM). The caller has stopped the agent listeners. Tell the other
+        relays (they forward here last), stop taking worker connections, tell every agent to
+        link elsewhere (CONTROL ``draining``) and give them until half of ``timeout`` (at most
+        10 s) to move, then GOAWAY the links left; wait for the streams in flight up to
+        ``timeout`` in all; then close what remains."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.cluster.drain()
+        self.registry.stop_listening()
+        agents = [a for a in self.registry.agents if not a.link.is_closing]
+        for agent in agents:
+            try:
+                agent.link.send_control({"type": "draining", "relay_id": self.cluster.relay_id,
+                                         "message": "relay draining: link to another relay"})
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        log.info("draining: told %d agent link(s) to move, %d stream(s) in flight, waiting up to %.0f s",
+                 len(agents), self.in_flight(), timeout)
+        move_by = loop.time() + min(timeout / 2, 10.0)
+        while loop.time() < move_by and any(not a.link.is_closing for a in agents):
+            await asyncio.sleep(0.05)
         for link in list(self.links):
             link.goaway(ErrorCode.NO_ERROR, "relay shutting down")
+        while loop.time() < deadline and self.in_flight():
+            await asyncio.sleep(0.05)
+        left = self.in_flight()
+        if left:
+            log.warning("drain timeout: resetting %d stream(s) still open", left)
+        else:
+            log.info("drained: no stream in flight")
+        if self.peering is not None:
+            self.peering.close()
         for link in list(self.links):
             link.close(ErrorCode.NO_ERROR, "relay shutting down")
         await asyncio.gather(*(link.wait_closed() for link in list(self.links)), return_exceptions=True)
@@ -398,6 +483,10 @@ def _agent_info(info) -> dict:
             result[name] = value
         else:
             raise AuthError(f"agent.{name} must be {what}, got {escape(str(value)[:64])!r}", code="bad_request")
+    slot = info.get("slot", 0)
+    if type(slot) is not int or not 0 <= slot < MAX_AGENT_SLOTS:
+        raise AuthError(f"agent.slot must be an integer from 0 to {MAX_AGENT_SLOTS - 1}", code="bad_request")
+    result["slot"] = slot
     return result
 
 
@@ -478,6 +567,10 @@ async def _serve(args) -> int:
         except QuotaExceeded as exc:
             log.error("resource %s: endpoint not bound: %s", resource["id"], exc)
 
+    if store.backend == "postgresql":
+        relay.peering = await _start_peering(args, relay, keys, names, limits)
+        registry.forwarder = relay.peering
+
     metrics = await _start_metrics(relay, args.metrics_listen_addr, limits)
     listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
                                   key_file=str(key_file), limits=limits, on_link=relay.on_link)
@@ -502,13 +595,14 @@ async def _serve(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("relay stopping")
+    log.info("relay stopping: draining for up to %.0f s", args.drain_timeout)
     relay.accepting = False
     expiry.cancel()
+    listeners.wss.close()  # no new agents; QUIC ones are refused while draining (its socket serves the others)
+    await relay.drain(args.drain_timeout)
     listeners.close()
     admin_server.close()
     admin.clear_admin_info(state_dir)
-    await relay.drain()
     registry.close()
     # Writes the closing links started (served times), then leave the cluster.
     if relay.tasks:
@@ -518,6 +612,30 @@ async def _serve(args) -> int:
     if metrics is not None:
         metrics.close()
     return 0
+
+
+async def _start_peering(args, relay: Relay, keys, names: list[str], limits: Limits):
+    """Listen for the other relays of the cluster at ``--peer-listen`` (default: the host of
+    ``--listen``, a free port) and record where they reach this one."""
+    from . import pki
+    from .peering import Peering
+
+    host, port = args.peer_listen_addr or (args.listen_addr[0], 0)
+    advertised_host = args.peer_advertise_host or urllib.parse.urlsplit(relay.cluster.advertise_url).hostname
+    cert_file, key_file = pki.ensure_peer_cert(args.state_dir, [*names, host, advertised_host])
+    peering = Peering(relay.cluster, relay.registry, limits,
+                      server_context=pki.peer_server_ssl_context(cert_file, key_file, keys.ca_file),
+                      client_context=pki.peer_client_ssl_context(cert_file, key_file, keys.ca_file))
+    try:
+        port = await peering.listen(host, port)
+    except OSError as exc:
+        raise OSError(f"cannot listen for other relays at --peer-listen {format_host_port(host, port)}: "
+                      f"{exc.strerror or exc}") from None
+    address = format_host_port(advertised_host, port)
+    await relay.cluster.set_peer_address(address)
+    peering.connect_members(relay.cluster.members)
+    log.info("relay-to-relay links on %s (mutual TLS, cluster CA)", address)
+    return peering
 
 
 async def _open_state(state_dir: Path, database: str | None, settings):

@@ -295,11 +295,14 @@ class RelayState:
                 "created_at": _now_iso(),
             }
             try:
-                await self.db.execute(
-                    "INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    resource["id"], customer_id, name, port, 0, resource["created_at"],
-                )
+                # Every relay binds the new resource's endpoint on this event.
+                async with self.db.transaction() as tx:
+                    await tx.execute(
+                        "INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        resource["id"], customer_id, name, port, 0, resource["created_at"],
+                    )
+                    await tx.notify({"kind": "resource_created", "resource": resource})
                 return resource
             except Conflict:
                 # Another writer (another relay or process) won the name or the port.
@@ -381,16 +384,24 @@ class RelayState:
 
     # ---- relays (membership)
 
-    async def join_relay(self, relay_id: str, advertise_url: str, version: str) -> None:
+    async def join_relay(self, relay_id: str, advertise_url: str, version: str, peer_address: str = "",
+                         draining: bool = False) -> None:
         """Add (or renew) this relay's row and tell the others."""
         async with self.db.transaction() as tx:
             await tx.execute(
-                "INSERT INTO relays (id, advertise_url, version, started_at, heartbeat_at) "
-                "VALUES (?, ?, ?, {now}, {now}) ON CONFLICT (id) DO UPDATE SET "
-                "advertise_url = excluded.advertise_url, heartbeat_at = excluded.heartbeat_at",
-                relay_id, advertise_url, version,
+                "INSERT INTO relays (id, advertise_url, version, started_at, heartbeat_at, peer_address, draining) "
+                "VALUES (?, ?, ?, {now}, {now}, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "advertise_url = excluded.advertise_url, heartbeat_at = excluded.heartbeat_at, "
+                "peer_address = excluded.peer_address, draining = excluded.draining",
+                relay_id, advertise_url, version, peer_address, int(draining),
             )
             await tx.notify({"kind": "relay_joined", "relay_id": relay_id, "advertise_url": advertise_url})
+
+    async def set_draining(self, relay_id: str) -> None:
+        """Mark this relay as draining (no new agents; peers forward to it last) and tell the others."""
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE relays SET draining = 1 WHERE id = ?", relay_id)
+            await tx.notify({"kind": "relay_draining", "relay_id": relay_id})
 
     async def heartbeat(self, relay_id: str) -> bool:
         """Refresh this relay's row; False when it is gone (expired by the others)."""
@@ -414,7 +425,7 @@ class RelayState:
         """Every relay with ``heartbeat_age`` (seconds, by the database's clock) and its
         number of agent ``links``."""
         return await self.db.fetch(
-            "SELECT r.id, r.advertise_url, r.version, r.started_at, r.heartbeat_at, r.draining, "
+            "SELECT r.id, r.advertise_url, r.version, r.started_at, r.heartbeat_at, r.draining, r.peer_address, "
             "{now} - r.heartbeat_at AS heartbeat_age, "
             "(SELECT COUNT(*) FROM agent_links l WHERE l.relay_id = r.id) AS links "
             "FROM relays r ORDER BY r.started_at, r.id"
@@ -468,6 +479,35 @@ class RelayState:
                 "SELECT ?, ?, ?, id FROM resources WHERE id = ?", *key, resource_id,
             )
         return True
+
+    async def holders(self, resource_id: str, ttl: float) -> list[dict]:
+        """The relays holding an agent link of ``resource_id``, heard from within ``ttl``
+        seconds: ``relay_id``, ``peer_address``, ``draining``, ``epoch`` (the newest link's),
+        the relays not draining first, then newest epoch first (a stale row never wins over
+        a newer one)."""
+        rows = await self.db.fetch(
+            "SELECT l.relay_id, r.peer_address, r.draining, MAX(l.epoch) AS epoch "
+            "FROM agent_link_resources lr JOIN agent_links l ON l.customer_id = lr.customer_id "
+            "AND l.agent_instance = lr.agent_instance AND l.slot = lr.slot "
+            "JOIN relays r ON r.id = l.relay_id "
+            "WHERE lr.resource_id = ? AND r.heartbeat_at > {now} - ? "
+            "GROUP BY l.relay_id, r.peer_address, r.draining ORDER BY r.draining, MAX(l.epoch) DESC",
+            resource_id, float(ttl),
+        )
+        for row in rows:
+            row["draining"] = bool(row["draining"])
+            row["epoch"] = int(row["epoch"])
+        return rows
+
+    async def link_counts(self, ttl: float) -> dict[str, int]:
+        """Agent links per resource on relays heard from within ``ttl`` seconds."""
+        rows = await self.db.fetch(
+            "SELECT lr.resource_id, COUNT(*) AS n FROM agent_link_resources lr "
+            "JOIN agent_links l ON l.customer_id = lr.customer_id AND l.agent_instance = lr.agent_instance "
+            "AND l.slot = lr.slot JOIN relays r ON r.id = l.relay_id "
+            "WHERE r.heartbeat_at > {now} - ? GROUP BY lr.resource_id", float(ttl),
+        )
+        return {row["resource_id"]: int(row["n"]) for row in rows}
 
     async def remove_link(self, customer_id: str, agent_instance: str, slot: int, epoch: int) -> bool:
         """Remove the link row only if it is still the one at ``epoch`` (a newer link of the

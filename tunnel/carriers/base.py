@@ -149,3 +149,9 @@ class Link(abc.ABC):
     def stream_count(self) -> int:
         """Streams currently open on this link."""
         return 0
+
+    @property
+    def peer_certificate(self) -> dict | None:
+        """The certificate the peer presented, verified, as ``ssl.SSLSocket.getpeercert()``
+        gives it (a TLS client certificate); None when it presented none."""
+        return None

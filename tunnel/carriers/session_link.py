@@ -179,6 +179,10 @@ class SessionLink(Link, PipeReceiver):
         return self._session.open_stream_count
 
     @property
+    def peer_certificate(self) -> dict | None:
+        return getattr(self._pipe, "peer_certificate", None)
+
+    @property
     def is_closing(self) -> bool:
         return self._session.is_closing or self._pipe_closing or self._pipe_lost
 

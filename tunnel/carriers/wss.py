@@ -177,6 +177,11 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
     def upgraded(self) -> bool:
         return self._conn is not None
 
+    @property
+    def peer_certificate(self) -> dict | None:
+        """The peer's verified TLS certificate (``getpeercert()``), None without one."""
+        return self.transport.get_extra_info("peercert") if self.transport is not None else None
+
     def set_receiver(self, receiver: PipeReceiver) -> None:
         self._receiver = receiver
         early, self._early = self._early, None
