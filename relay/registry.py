@@ -204,11 +204,28 @@ class Registry:
         self.forwarder = None
         #: False once the relay drains: endpoints bound later do not listen.
         self.listening = True
+        self._binding: dict[str, asyncio.Future] = {}  # resource id -> bind in progress
 
     def links_of(self, customer_id: str) -> int:
         return self._links[customer_id]
 
     async def ensure_endpoint(self, resource: dict) -> Endpoint:
+        # One bind per resource at a time: a registration and the resource_created event
+        # (relay.cluster) may ask at once, and a second bind of the port would fail.
+        binding = self._binding.get(resource["id"])
+        while binding is not None:
+            await asyncio.shield(binding)
+            binding = self._binding.get(resource["id"])
+        if resource["id"] in self.endpoints:
+            return self.endpoints[resource["id"]]
+        done = self._binding[resource["id"]] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._bind(resource)
+        finally:
+            del self._binding[resource["id"]]
+            done.set_result(None)
+
+    async def _bind(self, resource: dict) -> Endpoint:
         endpoint = self.endpoints.get(resource["id"])
         if endpoint is None:
             customer_id = resource["customer_id"]
