@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunnel-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(conf.log_format, conf.log_level)
-    log.info("tunnel-agent %s starting: relay %s, resources %s", __version__, conf.relay_url,
+    log.info("tunnel-agent %s starting: relay %s (%d link(s)), resources %s", __version__, ", ".join(conf.relay_urls),
+             conf.relay_links,
              ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets))
     from tunnel.ops.process import tune_malloc
 
@@ -66,9 +67,10 @@ def _parse_args(argv: list[str]):
 
 
 async def _run(conf, limits: Limits) -> int:
-    from .runner import Agent
+    from .links import AgentLinks
 
-    agent = Agent(conf, limits)
+    links = AgentLinks(conf, limits)
+    agent = links.slots[0]  # metrics follow the first link
     metrics = None
     if conf.metrics_listen is not None:
         from .metrics import serve_metrics
@@ -79,7 +81,7 @@ async def _run(conf, limits: Limits) -> int:
             log.error("cannot serve metrics at METRICS_LISTEN %s:%d: %s", *conf.metrics_listen, exc.strerror or exc)
             return 2
         log.info("metrics on http://%s:%d/metrics (also /live and /ready)", conf.metrics_listen[0], metrics.port)
-    task = asyncio.ensure_future(agent.run())
+    task = asyncio.ensure_future(links.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

@@ -3,7 +3,9 @@ TOML file (``--config`` / ``AGENT_CONFIG_FILE``) for several resources.
 
 Environment::
 
-    RELAY_URL               wss://host:port, quic://host:port or auto://host:port
+    RELAY_URL               wss://host:port, quic://host:port or auto://host:port; several relays
+                            (or load balancers) of one cluster: comma-separated
+    RELAY_LINKS             links kept to distinct relays of the cluster (default 2; all when fewer)
     NAME                    the resource name agents of one customer share
     APP_HOST, APP_PORT      the private service this agent reaches for that resource
     REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it;
@@ -18,6 +20,7 @@ Environment::
 File (every key optional where the environment gives it)::
 
     relay_url = "wss://relay.example.com:443"
+    relay_links = 2
     registration_jwt_file = "/etc/tunnel-agent/jwt"
     ca_file = "/etc/tunnel-agent/ca.pem"
     metrics_listen = "127.0.0.1:9464"
@@ -37,6 +40,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 SCHEMES = ("wss", "quic", "auto")
+#: RELAY_LINKS: the most links one agent keeps (the relay accepts slots 0-15).
+MAX_RELAY_LINKS = 16
+DEFAULT_RELAY_LINKS = 2
 #: The systemd credential (LoadCredential=registration-jwt:...) read when no token is given.
 CREDENTIAL_NAME = "registration-jwt"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -65,6 +71,10 @@ class AgentConfig:
     token_source: str = ""
     #: ``(host, port)`` of the /metrics, /live and /ready server; None: not served.
     metrics_listen: tuple[str, int] | None = None
+    #: Every relay RELAY_URL names (``relay_url`` is the first).
+    relay_urls: tuple[str, ...] = ()
+    #: RELAY_LINKS: how many links to distinct relays to keep.
+    relay_links: int = DEFAULT_RELAY_LINKS
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -116,16 +126,28 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
 
-    relay_url = env.get("RELAY_URL") or file_conf.get("relay_url")
-    if not relay_url:
+    relay_url_list = env.get("RELAY_URL") or file_conf.get("relay_url")
+    if not relay_url_list:
         raise ConfigError("RELAY_URL is not set (wss://host:port, quic://host:port or auto://host:port)")
-    parts = urlsplit(relay_url)
-    if parts.scheme not in SCHEMES or not parts.hostname:
-        raise ConfigError(f"RELAY_URL must look like wss://host:port, quic://host:port or auto://host:port, got {relay_url!r}")
+    relay_urls = tuple(u.strip() for u in str(relay_url_list).split(",") if u.strip())
+    if not relay_urls:
+        raise ConfigError("RELAY_URL is empty (wss://host:port, quic://host:port or auto://host:port)")
+    for relay_url in relay_urls:
+        parts = urlsplit(relay_url)
+        if parts.scheme not in SCHEMES or not parts.hostname:
+            raise ConfigError("RELAY_URL must look like wss://host:port, quic://host:port or auto://host:port "
+                              f"(several: comma-separated), got {relay_url!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"RELAY_URL has a bad port: {relay_url!r}") from None
+    links_text = env.get("RELAY_LINKS") or file_conf.get("relay_links") or DEFAULT_RELAY_LINKS
     try:
-        parts.port
-    except ValueError:
-        raise ConfigError(f"RELAY_URL has a bad port: {relay_url!r}") from None
+        relay_links = int(links_text)
+    except (TypeError, ValueError):
+        relay_links = 0
+    if not 1 <= relay_links <= MAX_RELAY_LINKS:
+        raise ConfigError(f"RELAY_LINKS must be a number from 1 to {MAX_RELAY_LINKS}, got {links_text!r}")
 
     credential = os.path.join(env["CREDENTIALS_DIRECTORY"], CREDENTIAL_NAME) if env.get("CREDENTIALS_DIRECTORY") else ""
     if env.get("REGISTRATION_JWT"):
@@ -181,4 +203,5 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
             metrics_listen = parse_listen(str(env.get("METRICS_LISTEN") or file_conf["metrics_listen"]), "METRICS_LISTEN")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level, token_source, metrics_listen)
+    return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
+                       metrics_listen, relay_urls, relay_links)

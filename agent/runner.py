@@ -81,6 +81,8 @@ class AgentLinkHandler(LinkHandler):
         loop = asyncio.get_running_loop()
         self.registered: asyncio.Future = loop.create_future()
         self.closed: asyncio.Future = loop.create_future()
+        #: Set when the relay drains and asks this link to move elsewhere (agent.links).
+        self.moving: asyncio.Future = loop.create_future()
         self.error: AuthError | None = None
         #: What this link's bridges hold in user space, bounded by the window we announced.
         self.buffers = LinkBuffers(agent.limits.session_window)
@@ -112,6 +114,8 @@ class AgentLinkHandler(LinkHandler):
             self.registered.set_result(message)
         elif kind == "deregistered":
             self._deregistered(message)
+        elif kind in ("relays", "draining") and self.agent.links is not None:
+            self.agent.links.control(self.agent, self, message)
         elif kind == "error":
             code = str(message.get("code", "error"))
             text = str(message.get("message", ""))[:512]
@@ -157,21 +161,29 @@ class Agent:
     #: A link that stayed up this long resets the backoff.
     HEALTHY_PERIOD = 30.0
 
-    def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None) -> None:
+    def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None, *, slot: int = 0,
+                 links=None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
+        #: Which of the agent's links this life keeps, and the :class:`agent.links.AgentLinks`
+        #: choosing its relay (None: one link to RELAY_URL).
+        self.slot = slot
+        self.links = links
+        #: The relay id the last registration answered with.
+        self.relay_id: str | None = None
         if dialer is None:
             from tunnel.bridge.dial import Dialer
 
             dialer = Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits)
         self.dialer = dialer
-        self.instance = os.urandom(6).hex()  # as secrets.token_hex(6), without hashlib and hmac
+        # As secrets.token_hex(6), without hashlib and hmac; one per agent process (all slots).
+        self.instance = links.instance if links is not None else os.urandom(6).hex()
         self.tasks: set[asyncio.Task] = set()
         self.backoff = Backoff()
         #: The link being served (the newest one, under auto:// after a move to QUIC).
         self.link: Link | None = None
         #: Names the relay deregistered: not served, not registered again, until a restart.
-        self.dropped: set[str] = set()
+        self.dropped: set[str] = links.dropped if links is not None else set()
         #: :class:`agent.metrics.AgentMetrics` when METRICS_LISTEN is set, else None.
         self.metrics = None
 
@@ -184,7 +196,7 @@ class Agent:
         return {
             "type": "auth",
             "token": self.config.token,
-            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance},
+            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance, "slot": self.slot},
             "resources": [{"name": t.name} for t in self.config.targets if t.name not in self.dropped],
         }
 
@@ -205,6 +217,10 @@ class Agent:
                      link.carrier, res.get("endpoint"))
         if self.metrics is not None:
             self.metrics.registered(link)
+        relay_id = answer.get("relay_id")
+        self.relay_id = relay_id if isinstance(relay_id, str) else None
+        if self.links is not None:
+            self.links.registered(self, link)
         return handler
 
     async def run(self) -> int:
@@ -229,18 +245,22 @@ class Agent:
             if self.metrics is not None:
                 self.metrics.connecting()
             try:
+                if self.links is not None:
+                    self.dialer = await self.links.dialer(self)
                 link = self.link = await self.dialer.dial()
-                log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.carrier)
+                log.info("connected to %s over %s", self.dialer.url.split("://", 1)[-1], link.carrier)
                 handler = await self.register(link)
                 served = True
                 await self.serve(link, handler)
+            except LinkMoved:
+                continue  # the relay drains: link elsewhere at once (agent.links)
             except AuthError as exc:
                 if exc.fatal:
                     log.error("%s; not retrying: fix the registration token and restart the agent", exc)
                     return 3
                 log.warning("%s", exc)
             except (LinkError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                log.warning("relay %s unreachable: %s", self.config.relay_url, _describe(exc))
+                log.warning("relay %s unreachable: %s", self.dialer.url, _describe(exc))
             if loop.time() - started >= self.HEALTHY_PERIOD:
                 self.backoff.reset()
             if served:
@@ -256,14 +276,19 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             if self.dialer.may_move_to_quic:
-                done, _ = await asyncio.wait({handler.closed}, timeout=min(self.dialer.reprobe_interval, 5.0))
+                done, _ = await asyncio.wait({handler.closed, handler.moving}, timeout=min(self.dialer.reprobe_interval, 5.0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if handler.moving.done() and not handler.closed.done():
+                    raise LinkMoved()
                 if not done and self.dialer.should_probe_quic(loop.time()):
                     moved = await self._try_quic(link)
                     if moved is not None:
                         link, handler = moved
                         self.link = link
                     continue
-            await asyncio.shield(handler.closed)
+            await asyncio.wait({handler.closed, handler.moving}, return_when=asyncio.FIRST_COMPLETED)
+            if not handler.closed.done():
+                raise LinkMoved()
             break
         code, reason = handler.closed.result()
         if handler.error is not None:
@@ -287,6 +312,11 @@ class Agent:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return new, handler
+
+
+class LinkMoved(Exception):
+    """The relay of this link drains: this slot links elsewhere while the old link finishes
+    its streams (agent.links)."""
 
 
 async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:

@@ -129,10 +129,10 @@ class Peering:
 
     async def listen(self, host: str, port: int) -> int:
         """Accept peer links on ``host:port`` (0: a free port); return the port."""
-        from tunnel.carriers.wss import serve_wss
+        from tunnel.bridge.listen import serve_tls_links
 
-        self.server = await serve_wss(host, port, ssl_context=self.server_context, limits=self.limits,
-                                      on_link=self._on_link)
+        self.server = await serve_tls_links(host, port, ssl_context=self.server_context, limits=self.limits,
+                                            on_link=self._on_link)
         return self.server.sockets[0].getsockname()[1]
 
     def _on_link(self, link: Link) -> None:
@@ -189,11 +189,11 @@ class Peering:
             return None
 
     async def _dial(self, relay_id: str, address: str) -> PeerLink | None:
-        from tunnel.carriers.wss import connect_wss
+        from tunnel.bridge.dial import dial_tls_link
 
         try:
-            link = await connect_wss(f"wss://{address}", ssl_context=self.client_context, limits=self.limits,
-                                     timeout=PEER_HANDSHAKE_TIMEOUT)
+            link = await dial_tls_link(address, ssl_context=self.client_context, limits=self.limits,
+                                       timeout=PEER_HANDSHAKE_TIMEOUT)
         except (LinkError, OSError) as exc:
             self.registry.throttled.log(("peer dial", relay_id), logging.WARNING,
                                         "cannot reach relay %s at %s: %s", relay_id, address, exc)

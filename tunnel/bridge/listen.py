@@ -17,7 +17,7 @@ from tunnel.carriers.quic import QuicServer, serve_quic
 from tunnel.carriers.wss import serve_wss
 from tunnel.core.limits import Limits
 
-__all__ = ["Listeners", "handshake_failures", "serve_links"]
+__all__ = ["Listeners", "handshake_failures", "serve_links", "serve_tls_links"]
 
 
 def handshake_failures() -> dict[tuple[str, str], int]:
@@ -52,3 +52,10 @@ async def serve_links(host: str, port: int, *, ssl_context: ssl.SSLContext, cert
         wss.close()
         raise
     return Listeners(wss, quic)
+
+
+async def serve_tls_links(host: str, port: int, *, ssl_context: ssl.SSLContext, limits: Limits,
+                          on_link: Callable[[Link], None]) -> asyncio.Server:
+    """Listen on TCP ``host:port`` only (TLS WebSocket; port 0: a free one), for links between
+    relays: ``ssl_context`` may require client certificates (``Link.peer_certificate``)."""
+    return await serve_wss(host, port, ssl_context=ssl_context, limits=limits, on_link=on_link)

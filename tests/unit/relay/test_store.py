@@ -238,7 +238,8 @@ def test_rotate_and_delete_are_published_once_in_process(state):
     with pytest.raises(KeyError):
         state.rotate_resource(db["id"])
     state.run(asyncio.sleep(0.2))  # a notification of our own, if one came back, would be here now
-    assert events == [{"kind": "rotated", "resource_id": db["id"], "generation": 1},
+    assert events == [{"kind": "resource_created", "resource": db},
+                      {"kind": "rotated", "resource_id": db["id"], "generation": 1},
                       {"kind": "deleted", "resource_id": db["id"]}]
 
 
@@ -251,6 +252,7 @@ def test_events_reach_the_other_relays_on_postgres(tmp_path, postgres_url):
             b.subscribe(lambda event: arrived.put_nowait((time.monotonic(), event)))
             customer = await a.create_customer("acme")
             db = await a.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
+            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "resource_created", "resource": db}
             start = time.monotonic()
             await a.rotate_resource(db["id"])
             at, event = await asyncio.wait_for(arrived.get(), 2)
