@@ -74,9 +74,7 @@ class AgentLinks:
                    if not r["draining"] and rid not in ids and r["url"] not in urls]
         configured = [u for u in self.config.relay_urls if u not in urls and u not in draining]
         if agent.slot == 0 and agent.slot not in self._moving:
-            turn = self._turn.get(0, 0)
-            rotated = configured[turn % len(configured):] + configured[:turn % len(configured)] if configured else []
-            return rotated + [u for u in learned if u not in rotated]
+            return configured + [u for u in learned if u not in configured]
         if self.relays:
             return learned
         return configured
@@ -90,7 +88,8 @@ class AgentLinks:
             self._urls.pop(agent.slot, None)
             self._changed.clear()
             await self._changed.wait()
-        url = candidates[0] if agent.slot == 0 else candidates[self._turn.get(agent.slot, 0) % len(candidates)]
+        # Each attempt since the last registration tries the next candidate.
+        url = candidates[self._turn.get(agent.slot, 0) % len(candidates)]
         self._turn[agent.slot] = self._turn.get(agent.slot, 0) + 1
         self._moving.discard(agent.slot)
         self._urls[agent.slot] = url
@@ -102,7 +101,7 @@ class AgentLinks:
 
     def registered(self, agent: Agent, link: Link) -> None:
         """``agent``'s slot registered on ``link``: its old link (a drained relay's) may go."""
-        self._turn[agent.slot] = 0 if agent.slot == 0 else self._turn.get(agent.slot, 0)
+        self._turn[agent.slot] = 0
         old = self._retire.pop(agent.slot, None)
         if old is not None and old is not link and not old.is_closing:
             old.goaway(ErrorCode.NO_ERROR, "moved to another relay")
