@@ -54,12 +54,11 @@ class Forwarded:
         bridge.buffers = buffers
         bridge.attach_stream(stream)
         bridge.forwarded = None
-        for data in self.early:
-            bridge.bytes_from_tcp += len(data)
-            stream.write(data)
-        self.early = []
+        early, self.early = self.early, []
+        for data in early:
+            bridge.data_received(data)  # counted, and reading paused if the stream is
         if self.eof:
-            stream.write_eof()
+            bridge.eof_received()
         elif bridge.transport is not None and not stream.paused:
             bridge.transport.resume_reading()
 

@@ -117,6 +117,7 @@ class Peering:
         self.forwarded: set[TcpBridge] = set()
         self.server: asyncio.Server | None = None
         self._accepted: set[Link] = set()
+        self.closed = False
 
     @property
     def relay_id(self) -> str:
@@ -136,6 +137,9 @@ class Peering:
         return self.server.sockets[0].getsockname()[1]
 
     def _on_link(self, link: Link) -> None:
+        if self.closed:
+            link.close(ErrorCode.NO_ERROR, "relay stopping")
+            return
         role = peer_role(link.peer_certificate)
         if role != PEER_ROLE:
             # The TLS layer already required a client certificate from the cluster CA valid
@@ -177,7 +181,7 @@ class Peering:
         """The link to ``relay_id`` (dialled at ``address`` if there is none); None when it
         cannot be reached now."""
         peer = self._live(relay_id)
-        if peer is not None:
+        if peer is not None or self.closed:
             return peer
         task = self._dialing.get(relay_id)
         if task is None:
@@ -216,6 +220,8 @@ class Peering:
     def connect_members(self, relays: list[dict]) -> None:
         """Dial, in the background, the live relays with a larger id that have no link yet (the
         smaller id dials, so a pair gets one link); close links to relays that left."""
+        if self.closed:
+            return
         present = set()
         for relay in relays:
             relay_id = relay["id"]
@@ -320,6 +326,7 @@ class Peering:
             self.server.close()
 
     def close(self) -> None:
+        self.closed = True
         for task in list(self._tasks) + list(self._dialing.values()):
             task.cancel()
         self.stop_listening()

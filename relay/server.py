@@ -428,8 +428,9 @@ class Relay:
                                          "message": "relay draining: link to another relay"})
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
-        log.info("draining: told %d agent link(s) to move, %d stream(s) in flight, waiting up to %.0f s",
-                 len(agents), self.in_flight(), timeout)
+        log.info("draining: told %d agent link(s) to move; %d worker connection(s) and %d stream(s) from other "
+                 "relays in flight; waiting up to %.0f s", len(agents), self.registry.open_connections(),
+                 len(self.peering.splices) if self.peering else 0, timeout)
         move_by = loop.time() + min(timeout / 2, 10.0)
         while loop.time() < move_by and any(not a.link.is_closing for a in agents):
             await asyncio.sleep(0.05)

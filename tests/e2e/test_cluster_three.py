@@ -225,6 +225,12 @@ def test_drain_during_a_transfer_loses_no_stream(cluster, agents, service_factor
     assert r1.proc.proc.wait(30) == 0
     log = r1.proc.log()
     assert "drained: no stream in flight" in log and "Traceback" not in log
+    # The others forwarded streams meanwhile and hold none of them any more: they stop at once
+    # (a worker that half-closed before its forwarded stream was open once stayed counted).
+    for relay in (r2, r3):
+        relay.proc.signal(15)
+        assert relay.proc.proc.wait(10) == 0
+        assert "drained: no stream in flight" in relay.proc.log()
 
 
 def test_rotation_on_one_relay_drops_the_agent_everywhere(cluster, agents, service_factory):
