@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--peer-advertise", default=_env("RELAY_PEER_ADVERTISE"), metavar="HOST",
                        help="the host the other relays use to reach --peer-listen (env RELAY_PEER_ADVERTISE; "
                             "default the host of --advertise)")
+    serve.add_argument("--port-range", default=_env("RELAY_PORT_RANGE", "20000-29999"), metavar="LOW-HIGH",
+                       help="TCP ports for new resources' endpoints; the same on every relay of a cluster "
+                            "(env RELAY_PORT_RANGE, default 20000-29999)")
     serve.add_argument("--drain-timeout", type=float, default=float(_env("RELAY_DRAIN_TIMEOUT", "30")),
                        metavar="SECONDS",
                        help="on SIGTERM, how long streams in flight may take to finish (env RELAY_DRAIN_TIMEOUT, "
@@ -342,6 +345,13 @@ def _database_url(option: str | None) -> str | None:
     return url
 
 
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.strip().partition("-")
+    if not sep or not low.isdigit() or not high.isdigit() or not 0 < int(low) <= int(high) <= 65535:
+        raise ValueError(f"bad port range {text!r}: expected LOW-HIGH, e.g. 20000-29999")
+    return int(low), int(high)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     args.state_dir = _state_dir(args)
     try:
@@ -350,6 +360,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         args.metrics_listen_addr = parse_host_port(args.metrics_listen) if args.metrics_listen else None
         args.peer_listen_addr = parse_host_port(args.peer_listen, 0) if args.peer_listen else None
         args.peer_advertise_host = args.peer_advertise.strip("[]") if args.peer_advertise else None
+        args.port_range = _port_range(args.port_range)
         if args.drain_timeout < 0:
             raise ValueError("--drain-timeout must be zero or more seconds")
     except ValueError as exc:

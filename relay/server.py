@@ -139,6 +139,11 @@ class Relay:
         self.registering: Counter = Counter()
         #: This relay's links to the other relays (relay.peering), None outside a cluster.
         self.peering = None
+        #: Where new resources' ports are chosen (``--port-range``; the same on every relay
+        #: of a cluster, so a load balancer can forward that range).
+        from .state import DEFAULT_PORT_RANGE
+
+        self.port_range = DEFAULT_PORT_RANGE
         cluster.on_members = self.members_changed
         cluster.on_resource_created = self.resource_created
 
@@ -309,7 +314,7 @@ class Relay:
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port
 
-        return allocate_port(self.registry.service_host, taken)
+        return allocate_port(self.registry.service_host, taken, self.port_range)
 
     def mark_served(self, resource_ids) -> None:
         """Record, in the background, that these resources were served until now (their idle
@@ -558,6 +563,7 @@ async def _serve(args) -> int:
     cluster = Cluster(store, registry, advertise, settings)
     await cluster.start()
     relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
+    relay.port_range = args.port_range
     await relay.expire_idle_resources()
     for resource in await store.list_resources():
         try:
