@@ -44,6 +44,8 @@ from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, Sto
 log = logging.getLogger("relay")
 
 MAX_RESOURCES_PER_AGENT = 64
+#: A draining relay tells its agents to move in tenths of its move window, at least this many at once.
+DRAIN_BATCH = 100
 #: ``agent.slot`` at auth: which of an agent's links (RELAY_LINKS) this is, 0 to this minus one.
 MAX_AGENT_SLOTS = 16
 #: Agent-supplied strings accepted at ``auth`` (docs/PROTOCOL.md): anything else is refused.
@@ -427,16 +429,23 @@ class Relay:
         await self.cluster.drain()
         self.registry.stop_listening()
         agents = [a for a in self.registry.agents if not a.link.is_closing]
-        for agent in agents:
-            try:
-                agent.link.send_control({"type": "draining", "relay_id": self.cluster.relay_id,
-                                         "message": "relay draining: link to another relay"})
-            except Exception:  # noqa: BLE001 - closing anyway
-                pass
-        log.info("draining: told %d agent link(s) to move; %d worker connection(s) and %d stream(s) from other "
+        log.info("draining: telling %d agent link(s) to move; %d worker connection(s) and %d stream(s) from other "
                  "relays in flight; waiting up to %.0f s", len(agents), self.registry.open_connections(),
                  len(self.peering.splices) if self.peering else 0, timeout)
-        move_by = loop.time() + min(timeout / 2, 10.0)
+        window = min(timeout / 2, 10.0)
+        move_by = loop.time() + window
+        # In tenths of the window, so that thousands of agents do not all register on the other
+        # relays in the same second.
+        batch = max(DRAIN_BATCH, -(-len(agents) // 10))
+        for first in range(0, len(agents), batch):
+            if first:
+                await asyncio.sleep(window / 10)
+            for agent in agents[first:first + batch]:
+                try:
+                    agent.link.send_control({"type": "draining", "relay_id": self.cluster.relay_id,
+                                             "message": "relay draining: link to another relay"})
+                except Exception:  # noqa: BLE001 - closing anyway
+                    pass
         while loop.time() < move_by and any(not a.link.is_closing for a in agents):
             await asyncio.sleep(0.05)
         for link in list(self.links):
