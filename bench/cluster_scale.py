@@ -71,20 +71,20 @@ class Bench:
 
     def start_relays(self) -> None:
         first = Relay(self.work, host=HOSTS[0], state_dir=self.work / "r1")
-        first.start("--port-range", "20000-39999", **self.env)
+        first.start("--port-range", "10000-29999", **self.env)
         self.relays = [first]
         for i, host in enumerate(HOSTS[1:], start=2):
             if not (self.work / f"r{i}").exists():
                 shutil.copytree(first.state_dir, self.work / f"r{i}", ignore=shutil.ignore_patterns("admin.json"))
             relay = Relay(self.work, host=host, state_dir=self.work / f"r{i}")
             relay.port = first.port
-            relay.start("--port-range", "20000-39999", **self.env)
+            relay.start("--port-range", "10000-29999", **self.env)
             self.relays.append(relay)
 
     def restart(self, relay: Relay, sig: int) -> None:
         relay.proc.signal(sig)
         relay.proc.proc.wait(120)
-        relay.start("--port-range", "20000-39999", **self.env)
+        relay.start("--port-range", "10000-29999", **self.env)
 
     def admin(self, relay: Relay) -> AdminClient:
         return AdminClient.discover(relay.state_dir, timeout=120)
@@ -216,6 +216,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300, help="longest wait for a phase")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args()
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # stopped: still clean up (relays, swarms, PostgreSQL)
     work = Path(tempfile.mkdtemp(prefix="cluster-scale-"))
     print(f"load average before: {loadavg()}; work directory {work}", flush=True)
     bench = Bench(args, work)

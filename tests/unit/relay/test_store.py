@@ -570,3 +570,27 @@ def test_revocations_missed_while_cut_off_are_applied_on_reconnect(tmp_path, pos
         run(go())
     finally:
         proxy.close()
+
+
+def test_holders_put_serving_relays_first_then_the_newest_link(state):
+    """Forwarding asks which relays hold an agent of a resource: relays not draining first,
+    then the newest link's epoch first, and never a relay silent past the member TTL."""
+    customer = state.create_customer("acme")
+    db = state.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
+    for relay_id in ("rly_a", "rly_b", "rly_c", "rly_d"):
+        state.join_relay(relay_id, f"wss://{relay_id}:8443", "0.1.0", f"{relay_id}:9443")
+    epochs = {}
+    for n, relay_id in enumerate(("rly_a", "rly_b", "rly_c", "rly_d")):
+        epochs[relay_id] = state.add_link(link_row(customer["id"], instance=f"inst{n}", relay_id=relay_id,
+                                                   agent_id=f"agt_{n}"), [db["id"]], 0)
+    state.set_draining("rly_d")  # the newest link, but its relay drains
+    # rly_a falls silent: its rows stay until it expires, and never count meanwhile.
+    state.run(state.db.execute("UPDATE relays SET heartbeat_at = heartbeat_at - 100 WHERE id = 'rly_a'"))
+    holders = state.holders(db["id"], 30.0)
+    assert [(h["relay_id"], h["draining"], h["epoch"]) for h in holders] == [
+        ("rly_c", False, epochs["rly_c"]), ("rly_b", False, epochs["rly_b"]), ("rly_d", True, epochs["rly_d"])]
+    assert holders[0]["peer_address"] == "rly_c:9443"
+    assert state.link_counts(30.0) == {db["id"]: 3}
+    # A slot that moved: its newer link replaces the row, and the old relay no longer holds it.
+    state.add_link(link_row(customer["id"], instance="inst1", relay_id="rly_c", agent_id="agt_moved"), [db["id"]], 0)
+    assert [h["relay_id"] for h in state.holders(db["id"], 30.0)] == ["rly_c", "rly_d"]
