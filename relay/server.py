@@ -416,7 +416,7 @@ class Relay:
 
     def in_flight(self) -> int:
         """Streams still open: workers' connections here and streams from other relays."""
-        return self.registry.open_connections() + (self.peering.splices.__len__() if self.peering else 0)
+        return self.registry.open_connections() + (len(self.peering.splices) if self.peering else 0)
 
     async def drain(self, timeout: float = 0.0) -> None:
         """Graceful stop (SIGTERM). The caller has stopped the agent listeners. Tell the other
