@@ -266,8 +266,10 @@ class Peering:
             rows = await self.cluster.state.holders(resource_id, self.cluster.settings.member_ttl)
         except StoreUnavailable:
             return self._holders.get(resource_id, [])
-        except StoreError as exc:
-            log.warning("resource %s: cannot read which relays hold its agents: %s", resource_id, exc)
+        except Exception as exc:  # noqa: BLE001 - a database fault: the last answer serves
+            self.registry.throttled.log(("holders", type(exc).__name__), logging.WARNING,
+                                        "cannot read which relays hold agents (%s); using the last answer",
+                                        exc if isinstance(exc, StoreError) else type(exc).__name__)
             return self._holders.get(resource_id, [])
         self._holders[resource_id] = rows
         return rows

@@ -421,14 +421,16 @@ class Relay:
     async def drain(self, timeout: float = 0.0) -> None:
         """Graceful stop (SIGTERM). The caller has stopped the agent listeners. Tell the other
         relays (they forward here last), stop taking worker connections, tell every agent to
-        link elsewhere (CONTROL ``draining``) and give them until half of ``timeout`` (at most
-        10 s) to move, then GOAWAY the links left; wait for the streams in flight up to
-        ``timeout`` in all; then close what remains."""
+        link elsewhere (CONTROL ``draining``; skipped when no other relay serves) and give them
+        until half of ``timeout`` (at most 10 s) to move, then GOAWAY the links left; wait for
+        the streams in flight up to ``timeout`` in all; then close what remains."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self.cluster.drain()
         self.registry.stop_listening()
         agents = [a for a in self.registry.agents if not a.link.is_closing]
+        if not any(m["id"] != self.cluster.relay_id and not m["draining"] for m in self.cluster.members):
+            agents = []  # no other relay to move to: straight to GOAWAY
         log.info("draining: telling %d agent link(s) to move; %d worker connection(s) and %d stream(s) from other "
                  "relays in flight; waiting up to %.0f s", len(agents), self.registry.open_connections(),
                  len(self.peering.splices) if self.peering else 0, timeout)

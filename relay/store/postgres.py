@@ -44,6 +44,9 @@ _UNREACHABLE = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
     asyncpg.exceptions.InvalidPasswordError,
+    # A connection left in a broken protocol state by a server that went away mid-query
+    # ("cannot switch to state …; another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
 )
 _CONFLICT = (asyncpg.exceptions.IntegrityConstraintViolationError,)
 

@@ -55,7 +55,8 @@ def test_rotate_on_one_relay_drops_the_agent_on_the_other(tmp_path, postgres_url
         second = Relay(tmp_path, host="127.0.0.2", state_dir=tmp_path / "second").start(**env)
         try:
             service = service_factory("echo")
-            agent = agents.start(second.url, token, "db", service.port, ca_file=str(second.state_dir / "ca.pem"))
+            agent = agents.start(second.url, token, "db", service.port, ca_file=str(second.state_dir / "ca.pem"),
+                                 RELAY_LINKS="1")
             resource = second.wait_available(customer, "db")
             host, port = second.endpoint(customer, "db")
             assert host == "127.0.0.2"

@@ -216,7 +216,7 @@ def test_user_provided_files_must_be_usable(tmp_path):
         ensure_pki(tmp_path / "s", cert_file=tmp_path / "missing.pem", key_file=a.key_file)
 
 
-def _handshake(server_context, client_context, server_name: str = "127.0.0.1"):
+def _mutual_handshake(server_context, client_context, server_name: str = "127.0.0.1"):
     """A real TLS handshake over loopback; the peer certificate the server saw, or the error."""
     import asyncio
 
@@ -258,13 +258,13 @@ def test_relay_to_relay_links_take_relay_certificates_only(tmp_path):
     keys = pki.ensure_pki(tmp_path)
     cert, key = pki.ensure_peer_cert(tmp_path, ["127.0.0.1"])
     server = pki.peer_server_ssl_context(cert, key, keys.ca_file)
-    seen = _handshake(server, pki.peer_client_ssl_context(cert, key, keys.ca_file))
+    seen = _mutual_handshake(server, pki.peer_client_ssl_context(cert, key, keys.ca_file))
     assert isinstance(seen, dict) and pki.peer_role(seen) == pki.PEER_ROLE
     as_server_cert = pki.peer_client_ssl_context(keys.cert_file, keys.key_file, keys.ca_file)
-    assert not isinstance(_handshake(server, as_server_cert), dict)
-    assert not isinstance(_handshake(server, pki.client_ssl_context(keys.ca_file)), dict)
+    assert not isinstance(_mutual_handshake(server, as_server_cert), dict)
+    assert not isinstance(_mutual_handshake(server, pki.client_ssl_context(keys.ca_file)), dict)
     # Another cluster's relay (another CA) is refused too.
     other = pki.ensure_pki(tmp_path / "other")
     other_cert, other_key = pki.ensure_peer_cert(tmp_path / "other", ["127.0.0.1"])
-    assert not isinstance(_handshake(server, pki.peer_client_ssl_context(other_cert, other_key, keys.ca_file)), dict)
+    assert not isinstance(_mutual_handshake(server, pki.peer_client_ssl_context(other_cert, other_key, keys.ca_file)), dict)
     assert other.ca_file != keys.ca_file
