@@ -6,17 +6,20 @@
     cap.throttled_seconds           # how long the kernel held it back
 
 The cgroup is made under the harness's own ``cpu`` cgroup (``/sys/fs/cgroup/cpu/...``) with
-``cpu.cfs_quota_us / cpu.cfs_period_us`` = the fraction. The period is 10 ms rather than the
-kernel's default 100 ms: a capped process runs for its quota and then waits out the rest of
-the period, and a slow CPU has no such 69 ms pauses; a short period keeps the stalls near the
-per-message times being measured (round trips of a few hundred microseconds) without the
-scheduling cost of 1 ms periods. On exit the processes still alive go back to the cgroup they
-came from and the cgroup is removed.
+``cpu.cfs_quota_us / cpu.cfs_period_us`` = the fraction, and the shortest period the kernel
+accepts for it (the quota must be at least 1 ms: 3.3 ms periods for 0.31 of a core), not the
+default 100 ms. A capped process runs at full speed until its quota is spent and then waits
+out the period; a slow CPU instead runs every step slower and never pauses. Short periods
+keep those pauses near the per-message times being measured (measured here: a WSS agent's
+64-byte round trip p99 under the cap was 1.0-1.5 ms with 3.3 ms periods, 2.4 ms with 10 ms),
+so the round-trip percentiles show the slowdown rather than the quota's rhythm. On exit the
+processes still alive go back to the cgroup they came from and the cgroup is removed.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 from .procs import HarnessError, descendants
 
 CPU_ROOT = Path("/sys/fs/cgroup/cpu")
-PERIOD_US = 10_000
+MIN_QUOTA_US = 1000      # the kernel refuses smaller quotas (and periods)
 _counter = itertools.count(1)
 
 
@@ -53,11 +56,11 @@ def _own_cgroup() -> Path:
 class CpuCap:
     """A fresh cgroup whose members share ``cores`` of CPU time."""
 
-    def __init__(self, cores: float, period_us: int = PERIOD_US) -> None:
+    def __init__(self, cores: float, period_us: int | None = None) -> None:
         if not 0.01 <= cores <= os.cpu_count():  # type: ignore[operator]
             raise ValueError(f"cores must be between 0.01 and {os.cpu_count()}, got {cores}")
         self.cores = cores
-        self.period_us = period_us
+        self.period_us = period_us or max(MIN_QUOTA_US, math.ceil(MIN_QUOTA_US / cores))
         self.dir = _own_cgroup() / f"tunnel-bench-{os.getpid()}-{next(_counter)}"
         self.origin: dict[int, Path] = {}
         self.throttled_seconds = 0.0

@@ -1,4 +1,5 @@
-"""The private services every system exposes: echo, iperf3 server, nginx (static file)."""
+"""The private services every system exposes: echo, iperf3 server, nginx (static file), and
+the bulk upload/download service of the pytest-benchmark cases."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def start_echo(reg: ProcessRegistry, host: str = LOOPBACK,
     p = reg.spawn([python(), "-m", "bench.peers.echo", "--host", host, "--port", str(port)],
                   "echo", env=python_env(), cwd=REPO, netns=netns)
     wait_listening(port, 15, p, "echo server", netns=netns)
+    return port, p
+
+
+def start_bulk(reg: ProcessRegistry, host: str = LOOPBACK) -> tuple[int, subprocess.Popen]:
+    """The bulk upload/download service (:mod:`bench.peers.bulk`) on ``host``."""
+    port = free_port()
+    p = reg.spawn([python(), "-m", "bench.peers.bulk", "--host", host, "--port", str(port)],
+                  "bulk", env=python_env(), cwd=REPO)
+    wait_listening(port, 15, p, "bulk service")
     return port, p
 
 
