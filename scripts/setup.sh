@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
-              redis-server redis-tools wrk curl iptables iproute2 procps)
+              redis-server redis-tools wrk curl iptables iproute2 procps gcc libc6-dev)
 missing=()
 [ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
 for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do

@@ -273,10 +273,11 @@ static void epoll_add(int ep, int fd)
 
 static uint64_t ring_size(const struct dir *d)
 {
-    /* What the wire holds (rate x delay) plus the queue, twice over for record headers of
-     * small packets, plus room for the largest record: the ring is never the bottleneck. */
-    uint64_t wire = d->rate_bps ? d->rate_bps / 8u * d->delay_ns / 1000000000u
-                                : (uint64_t)64 << 20;
+    /* What the wire holds (rate x delay; without a rate limit, 10 Gbit/s x delay) plus the
+     * queue, twice over for record headers of small packets, plus room for the largest
+     * record: the ring is never the bottleneck (ring_drops counts it if it ever is). */
+    uint64_t rate = d->rate_bps ? d->rate_bps : 10000000000u;
+    uint64_t wire = rate / 8u * d->delay_ns / 1000000000u;
     uint64_t queue = d->rate_bps ? d->queue_bytes : 0;
     return 2 * (wire + queue) + ((uint64_t)4 << 20);
 }

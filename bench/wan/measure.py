@@ -43,7 +43,7 @@ class WanSettings:
     rate_mbit: float = 1000.0
     losses: tuple[float, ...] = (0.0, 0.001, 0.01)   # fractions
     tput_seconds: int = 10
-    hol_seconds: int = 15         # the bulk stream's duration
+    hol_seconds: int = 20         # the bulk stream's duration
     hol_warmup: float = 3.0       # round trips start this long after the bulk stream
     congestion_control: str | None = None
     seed: int = 1
@@ -157,12 +157,12 @@ def measure(systems: list[str], st: WanSettings, reg: ProcessRegistry,
             errors: list[str]) -> dict:
     """Run the WAN matrix; figures go to ``put(system, key, value)``; returns what the path
     and the runs looked like (for the results' metadata)."""
-    info: dict = {"runs": []}
+    info: dict = {"paths": {}, "runs": []}
     for loss in st.losses:
         keys = list(metric_keys(loss))
         spec = st.spec(loss)
         with WanPath(spec, log_path=reg.log_dir / f"forwarder-{loss_label(loss)}.log") as path:
-            info["path"] = spec.describe()
+            info["paths"][loss_label(loss)] = spec.describe()
             info["congestion_control"] = congestion_control_in(path.ns_a)
             for system in systems:
                 tag = f"{system} @{loss_label(loss)}"
@@ -192,7 +192,11 @@ def measure(systems: list[str], st: WanSettings, reg: ProcessRegistry,
                     if ep.agent_pid:
                         run["agent_cpu_share"] = round((cpu_seconds(ep.agent_pid) - a0)
                                                        / max(r.seconds, 1e-9), 2)
-                    say(tag, f"  1 stream = {r.bits_per_second / 1e6:,.0f} Mbit/s")
+                    seen = run["path"]["a2b"]
+                    say(tag, f"  1 stream = {r.bits_per_second / 1e6:,.0f} Mbit/s (path A->B: "
+                             f"{seen['loss_observed'] * 100:.2f} % lost, {seen['queue_drops']} "
+                             f"queue drops; forwarder {run['forwarder_cpu_share'] * 100:.0f} % "
+                             f"of a core; agent {run.get('agent_cpu_share', 0) * 100:.0f} %)")
 
                     say(tag, f"64 B round trips beside a bulk stream, {st.hol_seconds}s")
                     rtt, bulk = _bulk_beside(reg, ep, path, st)
@@ -212,5 +216,8 @@ def measure(systems: list[str], st: WanSettings, reg: ProcessRegistry,
                             stop()
                     reg.stop_all(svc)
                     run["device_drops"] = path.device_drops() - drops0
+                    if run["device_drops"]:
+                        say(tag, f"  WARNING: {run['device_drops']} packets dropped at the TUN "
+                                 "devices (the forwarder fell behind): losses nobody configured")
                     info["runs"].append(run)
     return info
