@@ -15,6 +15,7 @@ and deletes both namespaces (their devices and sockets go with them).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +49,19 @@ def unavailable_reason() -> str | None:
         return f"{SOURCE} is missing"
     if not _compiler() and not _cached_binary().exists():
         return "no C compiler (gcc) to build the forwarder"
+    return _probe()
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> str | None:
+    """Make and delete a namespace once: root in a container without CAP_NET_ADMIN cannot."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        os.close(fd)
+        for name in netns.new_pair():
+            netns.delete(name)
+    except (OSError, netns.NetnsError) as e:
+        return f"cannot make network namespaces or TUN devices here: {str(e).splitlines()[0]}"
     return None
 
 
