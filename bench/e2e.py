@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end benchmark: our tunnel against direct TCP and OpenSSH ``ssh -R``, in one run.
 
-    python bench/e2e.py                 # full run (~20 minutes on 2 cores, ~8 of them WAN)
-    python bench/e2e.py --quick         # short durations (~8 minutes)
+    python bench/e2e.py                 # full run (~14 minutes on 2 cores, ~7 of them WAN)
+    python bench/e2e.py --quick         # short durations (~7 minutes)
     python bench/e2e.py --systems direct,tunnel-wss --metrics rtt,throughput
     python bench/e2e.py --metrics wan --wan-loss 1     # the WAN path alone, 1 % loss
 
@@ -553,7 +553,7 @@ def parse_list(text: str | None, allowed: list[str], what: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short durations (about 8 minutes)")
+    ap.add_argument("--quick", action="store_true", help="short durations (about 7 minutes)")
     ap.add_argument("--systems", help=f"comma list of {', '.join(SYSTEMS)} (default: all)")
     ap.add_argument("--metrics", help=f"comma list of metric groups {', '.join(GROUPS)} "
                                       "(default: all)")
