@@ -11,24 +11,26 @@ header work done by C byte operations on the caller's buffer:
   span chunks are assembled once into a ``bytes`` object of their declared size.
 * ``ws_mask`` / ``ws_mask_join`` XOR eight bytes at a time.
 
-Fast paths cover the inputs the tunnel uses: ``int`` arguments in range and payloads that are
-``bytes``, ``bytearray`` or 1-D contiguous ``'B'`` memoryviews. Anything else (out-of-range
-integers, other buffer types) is handed to the pure-Python twin, so results and exceptions are
-the twin's exactly (``struct.error`` for an integer out of range, for instance).
+Fast paths cover the inputs the tunnel uses: ``int`` arguments in range and buffers that are
+``bytes``, ``bytearray`` or 1-D contiguous ``'B'`` memoryviews. The rest takes the twin's rules,
+so that results and exceptions are the same in both: integers go through the same ``struct``
+formats (``struct.error`` out of range, objects with ``__index__`` accepted), other buffers are
+read as their bytes through ``memoryview(obj).cast("B")`` (TypeError for a non-buffer).
 """
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_SIMPLE, PyBUF_STRIDES, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
+from cpython.number cimport PyNumber_Index
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strcmp
 
 import math
+import struct
 
-from tunnel.codec import pure as _py
 from tunnel.wire.constants import ALLOWED_FLAGS, HEADER_SIZE, MAX_GOAWAY_REASON, PARTIAL, FrameType
 from tunnel.wire.errors import FrameTooLarge, ProtocolError
 
@@ -36,23 +38,10 @@ cdef extern from "Python.h":
     bint PyMemoryView_Check(object o)
     object PyMemoryView_FromObject(object o)
 
-cdef extern from *:
-    """
-    #if defined(__GLIBC__)
-    #include <malloc.h>
-    static int tn_tune_malloc(int mmap_threshold, int trim_threshold) {
-        return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 && mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1;
-    }
-    #else
-    static int tn_tune_malloc(int mmap_threshold, int trim_threshold) { return 0; }
-    #endif
-    """
-    int tn_tune_malloc(int mmap_threshold, int trim_threshold)
-
 __all__ = [
     "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",
     "encode_u32", "encode_hello", "parse_hello", "encode_goaway", "parse_goaway", "ws_mask",
-    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header", "tune_malloc",
+    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header",
 ]
 
 IMPLEMENTATION = "cython"
@@ -68,8 +57,14 @@ cdef enum:
 
 cdef int64_t _U32_MAX = 0xFFFFFFFF
 
+# The twin's wire formats, for integers the fast paths do not take.
+_HEADER = struct.Struct("!BBHII")
+_U32 = struct.Struct("!I")
+_GOAWAY = struct.Struct("!II")
+_HELLO = struct.Struct("!BBHIIII")
+
 assert HEADER_SIZE == _HEADER_SIZE and max(FrameType) == _MAX_TYPE and PARTIAL == _PARTIAL
-assert _py.HELLO_SIZE == _HELLO_SIZE
+assert _HEADER.size == _HEADER_SIZE and _HELLO.size == _HELLO_SIZE
 
 cdef unsigned int _ALLOWED[_MAX_TYPE + 1]
 for _t in range(_MAX_TYPE + 1):
@@ -112,19 +107,37 @@ cdef inline bint _u64(object o, uint64_t* out):
 
 
 cdef int _acquire(object obj, Py_buffer* buf) except -1:
-    """Acquire ``obj``'s bytes into ``buf`` and return 1 if it is bytes, bytearray or a 1-D
-    contiguous ``'B'`` memoryview (where ``len(obj)`` is its byte count); else return 0 with
-    nothing acquired. The caller releases ``buf`` when this returned 1."""
+    """Acquire ``obj``'s bytes into ``buf``, the twin's way: ``bytes``, ``bytearray`` and 1-D
+    contiguous ``'B'`` memoryviews directly, any other object through
+    ``memoryview(obj).cast("B")`` (TypeError unless it is a C-contiguous buffer). The caller
+    releases ``buf``."""
     if PyBytes_CheckExact(obj) or PyByteArray_CheckExact(obj):
         PyObject_GetBuffer(obj, buf, PyBUF_SIMPLE)
-        return 1
+        return 0
     if PyMemoryView_Check(obj):
         PyObject_GetBuffer(obj, buf, PyBUF_FORMAT | PyBUF_STRIDES)
         if (buf.ndim == 1 and buf.itemsize == 1 and buf.format != NULL
                 and strcmp(buf.format, b"B") == 0 and buf.strides[0] == 1):
-            return 1
+            return 0
         PyBuffer_Release(buf)
+    PyObject_GetBuffer(memoryview(obj).cast("B"), buf, PyBUF_SIMPLE)
     return 0
+
+
+cdef bytes _mask_key(object key):
+    """The 4-byte WebSocket mask key as bytes, the twin's way (ValueError for another length)."""
+    cdef Py_buffer kbuf
+    cdef Py_ssize_t n
+    if PyBytes_CheckExact(key) and len(<bytes>key) == 4:
+        return key
+    _acquire(key, &kbuf)
+    try:
+        n = kbuf.len
+        if n == 4:
+            return PyBytes_FromStringAndSize(<const char*>kbuf.buf, 4)
+    finally:
+        PyBuffer_Release(&kbuf)
+    raise ValueError(f"WebSocket mask key must be 4 bytes, got {n}")
 
 
 cdef void _mask(unsigned char* dst, const unsigned char* src, Py_ssize_t n,
@@ -168,7 +181,7 @@ def encode_header(frame_type, flags, stream_id, length):
     cdef int64_t t = 0, f = 0, s = 0, n = 0
     if not (_int_in(frame_type, 0xFF, &t) and _int_in(flags, 0xFF, &f)
             and _int_in(stream_id, _U32_MAX, &s) and _int_in(length, _U32_MAX, &n)):
-        return _py.encode_header(frame_type, flags, stream_id, length)
+        return _HEADER.pack(frame_type, flags, 0, stream_id, length)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _HEADER_SIZE)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     p[0] = <unsigned char>t
@@ -186,14 +199,12 @@ def encode_frame(frame_type, flags, stream_id, payload=b""):
     cdef Py_buffer buf
     cdef bytes out
     cdef unsigned char* p
-    if not (_int_in(frame_type, 0xFF, &t) and _int_in(flags, 0xFF, &f)
-            and _int_in(stream_id, _U32_MAX, &s)):
-        return _py.encode_frame(frame_type, flags, stream_id, payload)
-    if not _acquire(payload, &buf):
-        return _py.encode_frame(frame_type, flags, stream_id, payload)
+    _acquire(payload, &buf)
     try:
-        if buf.len > _U32_MAX:
-            return _py.encode_frame(frame_type, flags, stream_id, payload)
+        if not (_int_in(frame_type, 0xFF, &t) and _int_in(flags, 0xFF, &f)
+                and _int_in(stream_id, _U32_MAX, &s) and buf.len <= _U32_MAX):
+            return (_HEADER.pack(frame_type, flags, 0, stream_id, buf.len)
+                    + PyBytes_FromStringAndSize(<const char*>buf.buf, buf.len))
         out = PyBytes_FromStringAndSize(NULL, _HEADER_SIZE + buf.len)
         p = <unsigned char*>PyBytes_AS_STRING(out)
         p[0] = <unsigned char>t
@@ -380,8 +391,7 @@ def parse_u32(payload):
     """The single u32 of a RESET or WINDOW_UPDATE payload."""
     cdef Py_buffer buf
     cdef uint32_t v
-    if not _acquire(payload, &buf):
-        return _py.parse_u32(payload)
+    _acquire(payload, &buf)
     try:
         if buf.len != 4:
             raise ProtocolError(f"expected a 4-byte payload, got {buf.len}")
@@ -394,7 +404,7 @@ def parse_u32(payload):
 def encode_u32(value):
     cdef int64_t v = 0
     if not _int_in(value, _U32_MAX, &v):
-        return _py.encode_u32(value)
+        return _U32.pack(value)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, 4)
     _put32(<unsigned char*>PyBytes_AS_STRING(out), <uint32_t>v)
     return out
@@ -406,8 +416,8 @@ def encode_hello(min_version, max_version, stream_window, session_window, max_fr
     if not (_int_in(min_version, 0xFF, &lo) and _int_in(max_version, 0xFF, &hi)
             and _int_in(stream_window, _U32_MAX, &sw) and _int_in(session_window, _U32_MAX, &cw)
             and _int_in(max_frame_size, _U32_MAX, &mfs) and _int_in(max_streams, _U32_MAX, &ms)):
-        return _py.encode_hello(min_version, max_version, stream_window, session_window,
-                                max_frame_size, max_streams)
+        return _HELLO.pack(min_version, max_version, 0, stream_window, session_window,
+                           max_frame_size, max_streams)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _HELLO_SIZE)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     p[0] = <unsigned char>lo
@@ -426,8 +436,7 @@ def parse_hello(payload):
     max_streams)``; extra trailing bytes are ignored for forward compatibility."""
     cdef Py_buffer buf
     cdef const unsigned char* p
-    if not _acquire(payload, &buf):
-        return _py.parse_hello(payload)
+    _acquire(payload, &buf)
     try:
         if buf.len < _HELLO_SIZE:
             raise ProtocolError(f"HELLO payload of {buf.len} bytes, expected at least {_HELLO_SIZE}")
@@ -441,7 +450,7 @@ def encode_goaway(last_stream_id, code, reason=""):
     cdef int64_t last = 0, c = 0
     raw = reason.encode("utf-8")[:MAX_GOAWAY_REASON]
     if not (PyBytes_CheckExact(raw) and _int_in(last_stream_id, _U32_MAX, &last) and _int_in(code, _U32_MAX, &c)):
-        return _py.encode_goaway(last_stream_id, code, reason)
+        return _GOAWAY.pack(last_stream_id, code) + raw
     cdef Py_ssize_t n = len(raw)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _GOAWAY_FIXED + n)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
@@ -455,8 +464,7 @@ def parse_goaway(payload):
     """``(last_stream_id, code, reason)``."""
     cdef Py_buffer buf
     cdef const unsigned char* p
-    if not _acquire(payload, &buf):
-        return _py.parse_goaway(payload)
+    _acquire(payload, &buf)
     try:
         if not _GOAWAY_FIXED <= buf.len <= _GOAWAY_MAX:
             raise ProtocolError(f"GOAWAY payload of {buf.len} bytes")
@@ -473,37 +481,27 @@ def parse_goaway(payload):
 def ws_mask(data, key, offset=0):
     """XOR ``data`` with the 4-byte ``key``, starting at key position ``offset % 4``.
     Masking and unmasking are the same operation."""
-    cdef Py_buffer dbuf, kbuf
+    cdef Py_buffer dbuf
     cdef bytes out
     cdef unsigned char* dst
     cdef Py_ssize_t phase
-    if not PyLong_Check(offset):
-        return _py.ws_mask(data, key, offset)
-    if not _acquire(key, &kbuf):
-        return _py.ws_mask(data, key, offset)
+    cdef bytes k = _mask_key(key)
+    cdef const unsigned char* kp = <const unsigned char*>PyBytes_AS_STRING(k)
+    _acquire(data, &dbuf)
     try:
-        if kbuf.len != 4:
-            raise ValueError(f"WebSocket mask key must be 4 bytes, got {kbuf.len}")
-        if not _acquire(data, &dbuf):
-            return _py.ws_mask(data, key, offset)
-        try:
-            if dbuf.len == 0:
-                return b""
-            phase = offset & 3
-            out = PyBytes_FromStringAndSize(NULL, dbuf.len)
-            dst = <unsigned char*>PyBytes_AS_STRING(out)
-            if dbuf.len >= 65536:
-                with nogil:
-                    _mask(dst, <const unsigned char*>dbuf.buf, dbuf.len,
-                          <const unsigned char*>kbuf.buf, phase)
-            else:
-                _mask(dst, <const unsigned char*>dbuf.buf, dbuf.len, <const unsigned char*>kbuf.buf,
-                      phase)
-            return out
-        finally:
-            PyBuffer_Release(&dbuf)
+        phase = (offset if PyLong_Check(offset) else PyNumber_Index(offset)) & 3
+        if dbuf.len == 0:
+            return b""
+        out = PyBytes_FromStringAndSize(NULL, dbuf.len)
+        dst = <unsigned char*>PyBytes_AS_STRING(out)
+        if dbuf.len >= 65536:
+            with nogil:
+                _mask(dst, <const unsigned char*>dbuf.buf, dbuf.len, kp, phase)
+        else:
+            _mask(dst, <const unsigned char*>dbuf.buf, dbuf.len, kp, phase)
+        return out
     finally:
-        PyBuffer_Release(&kbuf)
+        PyBuffer_Release(&dbuf)
 
 
 cdef Py_ssize_t _get_buffers(tuple items, Py_buffer* bufs, Py_ssize_t* held) except -1:
@@ -533,39 +531,31 @@ cdef void _mask_buffers(unsigned char* dst, Py_buffer* bufs, Py_ssize_t count,
 
 def ws_mask_join(buffers, key):
     """Concatenate ``buffers`` and mask the result in one pass (a client's outgoing message)."""
-    cdef Py_buffer kbuf
     cdef Py_buffer* bufs
     cdef Py_ssize_t count, held = 0, total = 0, i
-    cdef bytes out
+    cdef bytes out, k
+    cdef const unsigned char* kp
     cdef unsigned char* dst
-    cdef unsigned char k[4]
     cdef tuple items
     # A tuple cannot change under us while the buffers are collected (tuple(t) is t).
     try:
         items = tuple(buffers)
     except TypeError:
         raise TypeError("can only join an iterable") from None
-    if not _acquire(key, &kbuf):
-        return _py.ws_mask_join(items, key)
-    try:
-        if kbuf.len != 4:
-            # The twin joins first: a bad item is reported before a bad key.
-            return _py.ws_mask_join(items, key)
-        memcpy(k, kbuf.buf, 4)
-    finally:
-        PyBuffer_Release(&kbuf)
     count = len(items)
     bufs = <Py_buffer*>PyMem_Malloc(sizeof(Py_buffer) * (count if count else 1))
     if bufs == NULL:
         raise MemoryError()
     try:
         total = _get_buffers(items, bufs, &held)
+        k = _mask_key(key)  # after the items, as the twin joins first
+        kp = <const unsigned char*>PyBytes_AS_STRING(k)
         if total == 0:
             return b""
         out = PyBytes_FromStringAndSize(NULL, total)
         dst = <unsigned char*>PyBytes_AS_STRING(out)
         with nogil:
-            _mask_buffers(dst, bufs, count, k)
+            _mask_buffers(dst, bufs, count, kp)
         return out
     finally:
         for i in range(held):
@@ -579,30 +569,34 @@ def ws_mask_join_into(buffers, key, out):
     cdef Py_buffer obuf
     cdef Py_buffer* bufs
     cdef Py_ssize_t count, held = 0, total = 0, i
+    cdef bytes k
+    cdef const unsigned char* kp
     cdef unsigned char* dst
-    cdef unsigned char k[4]
     cdef tuple items
     try:
         items = tuple(buffers)
     except TypeError:
         raise TypeError("can only join an iterable") from None
-    if not (PyBytes_CheckExact(key) and len(<bytes>key) == 4 and PyByteArray_CheckExact(out)):
-        return _py.ws_mask_join_into(items, key, out)
-    memcpy(k, PyBytes_AS_STRING(key), 4)
     count = len(items)
     bufs = <Py_buffer*>PyMem_Malloc(sizeof(Py_buffer) * (count if count else 1))
     if bufs == NULL:
         raise MemoryError()
     try:
         total = _get_buffers(items, bufs, &held)
-        if total > len(out):
+        k = _mask_key(key)
+        kp = <const unsigned char*>PyBytes_AS_STRING(k)
+        # Another writable buffer is written as its bytes, as in the twin (and with its errors).
+        target = out if PyByteArray_CheckExact(out) else memoryview(out).cast("B")
+        if total > len(target):
             raise ValueError("output buffer too small")
+        if target is not out and target.readonly:
+            raise TypeError("cannot modify read-only memory")
         if total == 0:
             return 0
-        PyObject_GetBuffer(out, &obuf, PyBUF_SIMPLE)
+        PyObject_GetBuffer(target, &obuf, PyBUF_SIMPLE)
         dst = <unsigned char*>obuf.buf
         with nogil:
-            _mask_buffers(dst, bufs, count, k)
+            _mask_buffers(dst, bufs, count, kp)
         PyBuffer_Release(&obuf)
         return total
     finally:
@@ -612,16 +606,18 @@ def ws_mask_join_into(buffers, key, out):
 
 
 def encode_ws_header(opcode, fin, length, mask_key=None):
-    """A WebSocket frame header (RFC 6455 section 5.2) for a payload of ``length`` bytes."""
+    """A WebSocket frame header (RFC 6455 section 5.2) for a payload of ``length`` bytes;
+    ``mask_key``, if given, must be 4 bytes long (ValueError)."""
     cdef int64_t op = 0
     cdef uint64_t n = 0
     cdef unsigned char h[14]
     cdef Py_ssize_t size
     cdef unsigned char mask_bit
     cdef int i
-    if not (_int_in(opcode, 0xFF, &op) and _u64(length, &n)
-            and (mask_key is None or (PyBytes_CheckExact(mask_key) and len(mask_key) == 4))):
-        return _py.encode_ws_header(opcode, fin, length, mask_key)
+    if mask_key is not None:
+        mask_key = _mask_key(mask_key)
+    if not (_int_in(opcode, 0xFF, &op) and _u64(length, &n)):
+        return _ws_header_checked(opcode, fin, length, mask_key)
     mask_bit = 0 if mask_key is None else 0x80
     h[0] = (0x80 if fin else 0) | <unsigned char>op
     if n < 126:
@@ -643,13 +639,28 @@ def encode_ws_header(opcode, fin, length, mask_key=None):
     return PyBytes_FromStringAndSize(<char*>h, size)
 
 
+cdef bytes _ws_header_checked(opcode, fin, length, bytes mask_key):
+    """``encode_ws_header`` for integers out of range or of other types, with the twin's
+    operations, so that the error (struct.error, TypeError) is the same."""
+    first = (0x80 if fin else 0) | PyNumber_Index(opcode)
+    length = PyNumber_Index(length)
+    mask_bit = 0x80 if mask_key is not None else 0
+    if length < 126:
+        head = struct.pack("!BB", first, mask_bit | length)
+    elif length < 65536:
+        head = struct.pack("!BBH", first, mask_bit | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, length)
+    return head + mask_key if mask_key is not None else head
+
+
 def parse_ws_header(buf, offset=0):
     """Parse a WebSocket frame header at ``buf[offset:]``.
 
     Returns None if the header is not complete yet, else ``(fin, opcode, length, mask_key,
     header_size)`` with ``mask_key`` None for an unmasked frame. Raises ProtocolError for set
     RSV bits, a fragmented or oversized (> 125 bytes) control frame, or a 64-bit length with
-    its top bit set.
+    its top bit set. A negative ``offset`` is a ValueError.
     """
     cdef Py_buffer b
     cdef int64_t off = 0
@@ -659,11 +670,14 @@ def parse_ws_header(buf, offset=0):
     cdef uint64_t length
     cdef bint fin
     cdef int i
-    if not _int_in(offset, 0x7FFFFFFFFFFFFFFF, &off):
-        return _py.parse_ws_header(buf, offset)
-    if not _acquire(buf, &b):
-        return _py.parse_ws_header(buf, offset)
+    _acquire(buf, &b)
     try:
+        if not _int_in(offset, 0x7FFFFFFFFFFFFFFF, &off):
+            offset = PyNumber_Index(offset)
+            if offset < 0:
+                raise ValueError(f"negative offset {offset}")
+            if not _int_in(offset, 0x7FFFFFFFFFFFFFFF, &off):
+                return None  # past the end of any buffer
         if off >= b.len:
             return None
         avail = b.len - <Py_ssize_t>off
@@ -703,9 +717,3 @@ def parse_ws_header(buf, offset=0):
         return (fin, opcode, length, key, size)
     finally:
         PyBuffer_Release(&b)
-
-
-def tune_malloc(mmap_threshold, trim_threshold):
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (bytes); False where the C
-    library is not glibc. See ``tunnel.codec.pure.tune_malloc``."""
-    return bool(tn_tune_malloc(mmap_threshold, trim_threshold))

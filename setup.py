@@ -1,9 +1,11 @@
-"""Builds the Cython frame codec ``_frames.pyx`` as the extension module ``tunnel._frames``.
+"""Builds the compiled modules: the Cython frame codec ``_frames.pyx`` as ``tunnel._frames``
+and the C module ``tunnel/ops/_malloc.c`` (glibc malloc thresholds) as ``tunnel.ops._malloc``.
 
-``pip install -e .`` (or ``pip install .``) builds it, with Cython taken from the build
-requirements in pyproject.toml; ``python setup.py build_ext --inplace`` rebuilds it in place
-after an edit. Without the extension ``tunnel.codec`` falls back to the pure-Python twin
-``tunnel.codec.pure`` (``TUNNEL_PURE_PYTHON=1`` forces the twin).
+``pip install -e .`` (or ``pip install .``, or from an sdist) builds them, with Cython taken
+from the build requirements in pyproject.toml; ``python setup.py build_ext --inplace`` rebuilds
+them in place after an edit. Without the codec ``tunnel.codec`` falls back to the pure-Python
+twin ``tunnel.codec.pure`` (``TUNNEL_PURE_PYTHON=1`` forces the twin); without ``_malloc``,
+``tunnel.ops.process.tune_malloc`` uses ctypes.
 """
 
 import os
@@ -16,7 +18,7 @@ EXTRA_COMPILE_ARGS = ["-O3"] if os.name == "posix" else []
 if os.path.exists(os.path.join(HERE, "_frames.pyx")):
     from Cython.Build import cythonize
 
-    ext_modules = cythonize(
+    codec = cythonize(
         [Extension("tunnel._frames", ["_frames.pyx"], extra_compile_args=EXTRA_COMPILE_ARGS)],
         compiler_directives={
             "language_level": 3,
@@ -27,6 +29,8 @@ if os.path.exists(os.path.join(HERE, "_frames.pyx")):
         },
     )
 else:  # an sdist without the .pyx still carries the generated C
-    ext_modules = [Extension("tunnel._frames", ["_frames.c"], extra_compile_args=EXTRA_COMPILE_ARGS)]
+    codec = [Extension("tunnel._frames", ["_frames.c"], extra_compile_args=EXTRA_COMPILE_ARGS)]
 
-setup(ext_modules=ext_modules)
+malloc = Extension("tunnel.ops._malloc", ["tunnel/ops/_malloc.c"], extra_compile_args=EXTRA_COMPILE_ARGS)
+
+setup(ext_modules=codec + [malloc])

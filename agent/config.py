@@ -6,16 +6,21 @@ Environment::
     RELAY_URL               wss://host:port, quic://host:port or auto://host:port
     NAME                    the resource name agents of one customer share
     APP_HOST, APP_PORT      the private service this agent reaches for that resource
-    REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it)
+    REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it;
+                            under systemd, a credential named registration-jwt in
+                            $CREDENTIALS_DIRECTORY serves without either)
     RELAY_CA_FILE           trust anchor for a relay with a private CA (else the system store)
     HTTPS_PROXY, NO_PROXY   outbound HTTP CONNECT proxy (WSS only)
     LOG_FORMAT, LOG_LEVEL   plain|json, DEBUG|INFO|WARNING|ERROR
+    METRICS_LISTEN          host:port (or :port) to serve /metrics, /live and /ready on
+                            (plain HTTP; default: not served)
 
 File (every key optional where the environment gives it)::
 
     relay_url = "wss://relay.example.com:443"
     registration_jwt_file = "/etc/tunnel-agent/jwt"
     ca_file = "/etc/tunnel-agent/ca.pem"
+    metrics_listen = "127.0.0.1:9464"
     [[resources]]
     name = "orders-db"
     host = "10.0.0.5"
@@ -32,6 +37,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 SCHEMES = ("wss", "quic", "auto")
+#: The systemd credential (LoadCredential=registration-jwt:...) read when no token is given.
+CREDENTIAL_NAME = "registration-jwt"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -54,6 +61,10 @@ class AgentConfig:
     ca_file: str | None = None
     log_format: str = "plain"
     log_level: str = "INFO"
+    #: Where the token came from (a variable or file name, never the token), for `check`.
+    token_source: str = ""
+    #: ``(host, port)`` of the /metrics, /live and /ready server; None: not served.
+    metrics_listen: tuple[str, int] | None = None
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -116,12 +127,18 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     except ValueError:
         raise ConfigError(f"RELAY_URL has a bad port: {relay_url!r}") from None
 
+    credential = os.path.join(env["CREDENTIALS_DIRECTORY"], CREDENTIAL_NAME) if env.get("CREDENTIALS_DIRECTORY") else ""
     if env.get("REGISTRATION_JWT"):
-        token = env["REGISTRATION_JWT"].strip()
+        token, token_source = env["REGISTRATION_JWT"].strip(), "REGISTRATION_JWT"
     elif env.get("REGISTRATION_JWT_FILE"):
         token = _read_secret_file(env["REGISTRATION_JWT_FILE"], "REGISTRATION_JWT_FILE")
+        token_source = f"REGISTRATION_JWT_FILE {env['REGISTRATION_JWT_FILE']}"
     elif file_conf.get("registration_jwt_file"):
         token = _read_secret_file(file_conf["registration_jwt_file"], "registration_jwt_file")
+        token_source = f"registration_jwt_file {file_conf['registration_jwt_file']}"
+    elif credential and os.path.exists(credential):
+        token = _read_secret_file(credential, f"systemd credential {CREDENTIAL_NAME}")
+        token_source = f"systemd credential {CREDENTIAL_NAME}"
     else:
         raise ConfigError("REGISTRATION_JWT (or REGISTRATION_JWT_FILE) is not set: "
                           "get one with 'tunnel-relay resources registration-jwt --customer-id ID'")
@@ -156,4 +173,12 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     log_level = env.get("LOG_LEVEL", file_conf.get("log_level", "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level)
+    metrics_listen = None
+    if env.get("METRICS_LISTEN") or file_conf.get("metrics_listen"):
+        from tunnel.ops.metrics_http import parse_listen
+
+        try:
+            metrics_listen = parse_listen(str(env.get("METRICS_LISTEN") or file_conf["metrics_listen"]), "METRICS_LISTEN")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level, token_source, metrics_listen)

@@ -3,6 +3,11 @@ reconnect with jittered exponential backoff, forever.
 
 Each stream the relay opens names a resource; the agent dials only the ``host:port``
 configured for that name and refuses any other (it never dials an address the relay sends).
+
+When the relay deregisters one resource (CONTROL ``deregistered``: its token was revoked or it
+was deleted), the agent stops serving that resource for the rest of its life (its streams
+end, later registrations leave it out) and goes on with the others; with none left it exits
+with code 3.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ import asyncio
 import logging
 import os
 import random
+import re
 import socket
 
 from tunnel import __version__
-from tunnel.bridge.tcp import TcpBridge, dial_bridge, stream_handler
+from tunnel.bridge.tcp import LinkBuffers, TcpBridge, dial_bridge, stream_handler
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
-from tunnel.wire.constants import ErrorCode
+from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError, LinkError
 
 from .config import AgentConfig
@@ -26,6 +32,8 @@ log = logging.getLogger("agent")
 
 #: Error codes from the relay after which retrying with the same token is futile.
 FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
+#: What the relay accepts as ``agent.hostname`` (docs/LIMITS.md); other characters become '-'.
+_HOSTNAME_OUTSIDE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class Backoff:
@@ -74,31 +82,63 @@ class AgentLinkHandler(LinkHandler):
         self.registered: asyncio.Future = loop.create_future()
         self.closed: asyncio.Future = loop.create_future()
         self.error: AuthError | None = None
+        #: What this link's bridges hold in user space, bounded by the window we announced.
+        self.buffers = LinkBuffers(agent.limits.session_window)
+        #: Resource name -> the bridges of its streams on this link.
+        self.bridges: dict[str, set[TcpBridge]] = {}
 
     def stream_opened(self, stream: LinkStream):
         name = stream.metadata.decode("utf-8", "replace")
-        target = self.agent.config.target(name)
+        target = self.agent.serving(name)
         if target is None:
-            log.warning("refusing a stream for resource %r: not configured on this agent", name[:128])
+            log.warning("refusing a stream for resource %r: not served by this agent", name[:128])
             stream.reset(ErrorCode.REFUSED)
             return None
-        bridge = TcpBridge(stream)
+        bridge = TcpBridge(stream, self.buffers)
+        bridges = self.bridges.setdefault(name, set())
+        bridges.add(bridge)
+        bridge.on_done = lambda: bridges.discard(bridge)
         task = asyncio.get_running_loop().create_task(
             dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout))
         self.agent.tasks.add(task)
         task.add_done_callback(self.agent.tasks.discard)
+        if self.agent.metrics is not None:
+            self.agent.metrics.stream_dialing(name, task)
         return stream_handler(bridge)
 
     def control_received(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "registered" and not self.registered.done():
             self.registered.set_result(message)
+        elif kind == "deregistered":
+            self._deregistered(message)
         elif kind == "error":
             code = str(message.get("code", "error"))
             text = str(message.get("message", ""))[:512]
             self.error = AuthError(f"relay refused this agent: {text} ({code})", code=code, fatal=code in FATAL_CODES)
             if not self.registered.done():
                 self.registered.set_exception(self.error)
+
+    def _deregistered(self, message: dict) -> None:
+        """The relay stopped routing one resource to us: end it here, keep the others."""
+        resource = message.get("resource") if isinstance(message.get("resource"), dict) else {}
+        name = resource.get("name")
+        if not isinstance(name, str) or self.agent.serving(name) is None:
+            return
+        code = str(message.get("code", "deregistered"))[:64]
+        text = str(message.get("message", ""))[:512]
+        agent = self.agent
+        agent.dropped.add(name)
+        for bridge in list(self.bridges.pop(name, ())):
+            bridge.fail(ErrorCode.UNAUTHORIZED)
+        left = [t.name for t in agent.config.targets if t.name not in agent.dropped]
+        if left:
+            log.warning("relay deregistered resource %s (%s): %s (%s); no longer serving it, still serving %s",
+                        name, resource.get("id"), text, code, ", ".join(left))
+            return
+        self.error = AuthError(f"relay deregistered every resource of this agent, the last {name}: {text} ({code})",
+                               code=code, fatal=True)
+        self.link.close(ErrorCode.UNAUTHORIZED, "no resource left to serve")
 
     def link_closed(self, code: int, reason: str) -> None:
         if code == ErrorCode.UNAUTHORIZED and self.error is None:
@@ -130,13 +170,22 @@ class Agent:
         self.backoff = Backoff()
         #: The link being served (the newest one, under auto:// after a move to QUIC).
         self.link: Link | None = None
+        #: Names the relay deregistered: not served, not registered again, until a restart.
+        self.dropped: set[str] = set()
+        #: :class:`agent.metrics.AgentMetrics` when METRICS_LISTEN is set, else None.
+        self.metrics = None
+
+    def serving(self, name: str):
+        """The target of resource ``name`` if this agent serves it, else None."""
+        return None if name in self.dropped else self.config.target(name)
 
     def _auth_message(self) -> dict:
+        hostname = _HOSTNAME_OUTSIDE.sub("-", socket.gethostname())[:253] or "unknown"
         return {
             "type": "auth",
             "token": self.config.token,
-            "agent": {"version": __version__, "hostname": socket.gethostname(), "instance": self.instance},
-            "resources": [{"name": t.name} for t in self.config.targets],
+            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance},
+            "resources": [{"name": t.name} for t in self.config.targets if t.name not in self.dropped],
         }
 
     async def register(self, link: Link) -> AgentLinkHandler:
@@ -153,7 +202,9 @@ class Agent:
             raise
         for res in answer.get("resources", []):
             log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
-                     link.transport, res.get("endpoint"))
+                     link.carrier, res.get("endpoint"))
+        if self.metrics is not None:
+            self.metrics.registered(link)
         return handler
 
     async def run(self) -> int:
@@ -175,9 +226,11 @@ class Agent:
         while True:
             started = loop.time()
             served = False
+            if self.metrics is not None:
+                self.metrics.connecting()
             try:
                 link = self.link = await self.dialer.dial()
-                log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.transport)
+                log.info("connected to %s over %s", self.config.relay_url.split("://", 1)[-1], link.carrier)
                 handler = await self.register(link)
                 served = True
                 await self.serve(link, handler)
@@ -194,15 +247,16 @@ class Agent:
                 self.backoff.link_lost()
             delay = self.backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
+            if self.metrics is not None:
+                self.metrics.waiting()
             await asyncio.sleep(delay)
 
     async def serve(self, link: Link, handler: AgentLinkHandler) -> None:
         """Serve ``link`` until it closes; under auto://, move to QUIC when it becomes reachable."""
         loop = asyncio.get_running_loop()
         while True:
-            probe_every = getattr(self.dialer, "reprobe_interval", None)
-            if link.transport == "wss" and probe_every:
-                done, _ = await asyncio.wait({handler.closed}, timeout=min(probe_every, 5.0))
+            if self.dialer.may_move_to_quic:
+                done, _ = await asyncio.wait({handler.closed}, timeout=min(self.dialer.reprobe_interval, 5.0))
                 if not done and self.dialer.should_probe_quic(loop.time()):
                     moved = await self._try_quic(link)
                     if moved is not None:
@@ -214,12 +268,12 @@ class Agent:
         code, reason = handler.closed.result()
         if handler.error is not None:
             raise handler.error
-        raise LinkError(f"link closed: {reason or ErrorCode(code).name if code in ErrorCode._value2member_map_ else code}")
+        raise LinkError(f"link closed: {describe_code(code, reason)}")
 
     async def _try_quic(self, old: Link):
         new = await self.dialer.probe_quic()
         if new is None:
-            log.debug("QUIC still unreachable (%s); staying on WSS", getattr(self.dialer, "last_quic_error", None))
+            log.debug("QUIC still unreachable (%s); staying on WSS", self.dialer.last_quic_error)
             return None
         try:
             handler = await self.register(new)
@@ -236,11 +290,12 @@ class Agent:
 
 
 async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while link.stream_count and loop.time() < deadline:
-        await asyncio.sleep(0.5)
-    link.close(ErrorCode.NO_ERROR, "drained")
+    """A link told to go away closes by itself once its last stream ended; close it anyway
+    after ``timeout``."""
+    try:
+        await asyncio.wait_for(link.wait_closed(), timeout)
+    except asyncio.TimeoutError:
+        link.close(ErrorCode.NO_ERROR, "drain timeout")
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ Prints MB/s and a cProfile top-20 of the sending side (``--profile-receiver`` fo
     python bench/bench_quic.py [--size-mb 200] [--asyncio] [--no-profile] [--repeat 3]
 
 The datagram size is the carrier's own choice (the route MTU, capped at 16 KiB, on loopback
-16384) unless TUNNEL_QUIC_MAX_DATAGRAM_SIZE forces one (1452: a standard internet path).
+16384) unless TUNNEL_QUIC_MAX_DATAGRAM_SIZE (Limits.quic_max_datagram_size) forces one (1452: a standard internet path).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def server_main(cert, key, port_queue, use_uvloop, profile):
             link.set_handler(Accept())
             link.handshake_done()
 
-        server = await serve_quic("127.0.0.1", 0, cert_file=cert, key_file=key, limits=Limits(), on_link=on_link)
+        server = await serve_quic("127.0.0.1", 0, cert_file=cert, key_file=key, limits=Limits.from_env(), on_link=on_link)
         port_queue.put(server.port)
         await asyncio.Event().wait()
 
@@ -101,7 +101,7 @@ class Source(StreamHandler):
 
 
 async def client(port, ca, size):
-    link = await connect_quic("127.0.0.1", port, ca_file=ca, server_name="localhost", limits=Limits(), timeout=10)
+    link = await connect_quic("127.0.0.1", port, ca_file=ca, server_name="localhost", limits=Limits.from_env(), timeout=10)
     link.set_handler(LinkHandler())
     h = Source()
     stream = link.open_stream(b"bench", h)
@@ -162,8 +162,7 @@ def main():
     args = parser.parse_args()
     use_uvloop = not args.asyncio
     size = args.size_mb * 1024 * 1024
-    from tunnel.carriers.quic import DATAGRAM_SIZE_ENV
-    dgram = os.environ.get(DATAGRAM_SIZE_ENV, "path-derived")
+    dgram = Limits.from_env().quic_max_datagram_size or "path-derived"
     label = f"tunnel.carriers.quic {'uvloop' if use_uvloop else 'asyncio'} datagram={dgram}"
     runs = []
     prof = None

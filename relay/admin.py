@@ -1,9 +1,12 @@
-"""The relay's admin API: HTTP/1.1 + JSON on loopback, bearer token.
+"""The relay's admin API: HTTP/1.1 + JSON on loopback (plain HTTP), or beyond loopback
+with ``--allow-remote-admin`` over TLS only (the relay's own certificate), bearer token.
 
 A small, strict server on asyncio streams: request line and headers at most 16 KiB,
 ``Content-Length`` bodies at most 1 MiB (no chunked bodies), keep-alive with an idle timeout,
 the token compared in constant time. Every error is a JSON object
-``{"error": "<code>", "message": "<text>"}``.
+``{"error": "<code>", "message": "<text>"}``. A state directory that refuses writes (full,
+read-only) answers 503 ``state_write_failed`` with one clear message, logged once per
+interval, instead of a 500 and a traceback per request.
 
 Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``)::
 
@@ -15,11 +18,19 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``):
     POST   /v1/registration-jwt         {"customer_id"?, "org_only"?, "resource_id"?,
                                          "rotate"?, "ttl_seconds"?} -> {"jwt"}
     DELETE /v1/resources/{id}           {"id", "deleted": true}
+    GET    /v1/cluster                  {"relay_id", "advertise_url", "database", "relays", "links"}
 
-The live view (agents per resource) comes from a :class:`Registry` the data plane provides.
+The live view (agents per resource) comes from a :class:`Registry` the data plane provides:
+``status`` and ``agents`` are this relay's (what a worker connecting here gets), while
+``agents_detail`` lists the agent links of every relay on the state database, each with its
+``relay_id`` and ``relay_url``; live counters (bytes, streams) are known for this relay's only.
+Rotation and deletion reach the agents of every relay through the state's events (see
+:mod:`relay.cluster`). While the state database is unreachable, every endpoint but
+``/v1/health`` answers 503 ``{"error": "unavailable", "message": "state database unreachable"}``.
 
 Files: ``<state>/admin-token`` (0600, created once) and ``<state>/admin.json``
-(``{"url": "http://127.0.0.1:PORT"}``, 0600, written once listening).
+(``{"url": "http://127.0.0.1:PORT"}``, or ``https://`` beyond loopback; 0600, written once
+listening).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +49,12 @@ from typing import Any, Protocol
 
 import orjson
 
+from tunnel.ops.logs import Throttled
+
 from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import ORG_CUSTOMER_ID, RelayState, ensure_state_dir, write_private
-from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority
+from .state import RelayState, ensure_state_dir, state_write_failure, write_private
+from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
+from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
 log = logging.getLogger("relay.admin")
 
@@ -64,12 +79,14 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 
 
 class Registry(Protocol):
-    """What the admin API needs from the data plane."""
+    """What the admin API (and :class:`relay.cluster.Cluster`, for revocations) needs from
+    the data plane."""
 
     service_host: str
 
@@ -123,13 +140,25 @@ class AdminApi:
         authority: TokenAuthority,
         registry: Registry,
         token: str,
+        on_state_failure: Callable[[str], None] | None = None,
+        cluster=None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
         self.state = state
         self.authority = authority
         self.registry = registry
+        #: This relay's :class:`relay.cluster.Cluster` (relay id, links, outage log).
+        self.cluster = cluster
         self._token = token.encode("utf-8")
+        if on_state_failure is None:
+            throttled = Throttled(log)
+
+            def on_state_failure(failure: str) -> None:
+                throttled.log("state", logging.ERROR, "%s: %s", failure, state.state_dir)
+
+        #: Called with a one-line description when the state refuses a write (logs it, throttled).
+        self.on_state_failure = on_state_failure
 
     def authorized(self, header: str | None) -> bool:
         if not header:
@@ -159,13 +188,29 @@ class AdminApi:
         query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
         return handler, args, query
 
-    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes,
-               authorized=None) -> tuple[int, Any]:
+    async def handle(self, method: str, target: str, headers: dict[str, str], body: bytes,
+                     authorized=None) -> tuple[int, Any]:
         handler, args, query = authorized or self.authorize(method, target, headers)
         payload = None
         if method in ("POST", "PUT", "PATCH"):
             payload = _parse_json_object(body)
-        return handler(*args, query=query, payload=payload)
+        try:
+            return await handler(*args, query=query, payload=payload)
+        except StoreUnavailable as exc:
+            if isinstance(exc, StateWriteFailed):
+                self.on_state_failure(exc.reason)
+                raise HttpError(503, "state_write_failed",
+                                f"{exc.reason}: the relay cannot record changes until that is fixed") from None
+            if self.cluster is not None:
+                self.cluster.outages.refused("admin request(s)", exc)
+            raise HttpError(503, "unavailable", UNREACHABLE_MESSAGE, {"Retry-After": "5"}) from None
+        except Exception as exc:
+            failure = state_write_failure(exc)
+            if failure is None:
+                raise
+            self.on_state_failure(failure)
+            raise HttpError(503, "state_write_failed",
+                            f"{failure}: the relay cannot record changes until that is fixed") from None
 
     def _route(self, method: str, path: str):
         table: dict[str, dict[str, Callable]] = {
@@ -173,6 +218,7 @@ class AdminApi:
             "/v1/customers": {"GET": self.get_customers, "POST": self.post_customers},
             "/v1/resources": {"GET": self.get_resources},
             "/v1/registration-jwt": {"POST": self.post_registration_jwt},
+            "/v1/cluster": {"GET": self.get_cluster},
         }
         methods = table.get(path)
         args: tuple = ()
@@ -191,22 +237,37 @@ class AdminApi:
 
     # ---- endpoints
 
-    def get_health(self, **_) -> tuple[int, Any]:
+    async def get_health(self, **_) -> tuple[int, Any]:
         return 200, {"status": "ok"}
 
-    def get_customers(self, **_) -> tuple[int, Any]:
-        return 200, self.state.list_customers()
+    async def get_customers(self, **_) -> tuple[int, Any]:
+        return 200, await self.state.list_customers()
 
-    def post_customers(self, *, payload: dict, **_) -> tuple[int, Any]:
+    async def post_customers(self, *, payload: dict, **_) -> tuple[int, Any]:
         _only_fields(payload, {"name"})
         name = payload.get("name")
         try:
-            customer = self.state.create_customer(name)
+            customer = await self.state.create_customer(name)
         except ValueError as exc:
             raise HttpError(400, "bad_request", str(exc)) from None
         return 201, customer
 
-    def _resource_view(self, resource: dict, extended: bool) -> dict:
+    async def get_cluster(self, **_) -> tuple[int, Any]:
+        if self.cluster is None:
+            raise HttpError(404, "not_found", "this relay has no cluster view")
+        return 200, await self.cluster.status()
+
+    async def _links_by_resource(self) -> dict[str, list[dict]]:
+        from .cluster import link_view
+
+        by_resource: dict[str, list[dict]] = {}
+        for link in await self.state.list_links():
+            view = link_view(link)
+            for resource_id in view["resources"]:
+                by_resource.setdefault(resource_id, []).append(view)
+        return by_resource
+
+    def _resource_view(self, resource: dict, extended: bool, links: dict[str, list[dict]] | None = None) -> dict:
         try:
             agents = list(self.registry.agents_of(resource["id"]))
         except Exception:  # noqa: BLE001 - the listing must not fail on one broken entry
@@ -223,30 +284,49 @@ class AdminApi:
         if extended:
             view["generation"] = resource["generation"]
             view["created_at"] = resource["created_at"]
-            view["agents_detail"] = agents
+            view["agents_detail"] = self._cluster_agents(agents, (links or {}).get(resource["id"], []))
         return view
 
-    def get_resources(self, *, query: dict, **_) -> tuple[int, Any]:
+    def _cluster_agents(self, local: list[dict], links: list[dict]) -> list[dict]:
+        """This relay's agents (live counters) and then the other relays' links of a resource."""
+        if self.cluster is None:
+            return local
+        detail = [{**agent, "relay_id": self.cluster.relay_id, "relay_url": self.cluster.advertise_url}
+                  for agent in local]
+        mine = {agent.get("agent_id") for agent in local}
+        for link in links:
+            if link["relay_id"] == self.cluster.relay_id and link["agent_id"] in mine:
+                continue
+            detail.append({
+                "agent_id": link["agent_id"], "transport": link["transport"], "address": link["address"],
+                "version": link["version"], "hostname": link["hostname"],
+                "connected_since": link["connected_since"], "bytes_sent": None, "bytes_received": None,
+                "active_streams": None, "instance": link["agent_instance"], "epoch": link["epoch"],
+                "relay_id": link["relay_id"], "relay_url": link["relay_url"],
+            })
+        return detail
+
+    async def get_resources(self, *, query: dict, **_) -> tuple[int, Any]:
         extended = _flag(query, "extended")
         customer_id = (query.get("customer_id") or [None])[-1]
-        resources = self.state.list_resources(customer_id)
-        return 200, [self._resource_view(r, extended) for r in resources]
+        resources = await self.state.list_resources(customer_id)
+        links = await self._links_by_resource() if extended else None
+        return 200, [self._resource_view(r, extended, links) for r in resources]
 
-    def get_resource(self, resource_id: str, *, query: dict, **_) -> tuple[int, Any]:
-        resource = self.state.get_resource(resource_id)
+    async def get_resource(self, resource_id: str, *, query: dict, **_) -> tuple[int, Any]:
+        resource = await self.state.get_resource(resource_id)
         if resource is None:
             raise HttpError(404, "not_found", f"no such resource: {resource_id}")
-        return 200, self._resource_view(resource, True)
+        return 200, self._resource_view(resource, True, await self._links_by_resource())
 
-    def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
-        if self.state.get_resource(resource_id) is None:
+    async def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
+        # The "deleted" event closes the endpoint and drops the agents, here and on every relay.
+        if not await self.state.delete_resource(resource_id):
             raise HttpError(404, "not_found", f"no such resource: {resource_id}")
-        self.registry.resource_deleted(resource_id)
-        self.state.delete_resource(resource_id)
         log.info("deleted resource %s", resource_id)
         return 200, {"id": resource_id, "deleted": True}
 
-    def post_registration_jwt(self, *, payload: dict, **_) -> tuple[int, Any]:
+    async def post_registration_jwt(self, *, payload: dict, **_) -> tuple[int, Any]:
         _only_fields(payload, {"customer_id", "org_only", "resource_id", "rotate", "ttl_seconds"})
         customer_id = _typed(payload, "customer_id", str)
         org_only = _typed(payload, "org_only", bool) or False
@@ -258,42 +338,40 @@ class AdminApi:
         if not 0 < ttl <= MAX_TTL_SECONDS:
             raise HttpError(400, "bad_request", f"ttl_seconds must be in [1, {MAX_TTL_SECONDS}]")
 
-        if org_only:
-            if customer_id not in (None, ORG_CUSTOMER_ID):
-                raise HttpError(400, "bad_request", "give either customer_id or org_only, not both")
-            customer = self.state.org_customer()
-        else:
-            if customer_id is None:
-                raise HttpError(400, "bad_request", "customer_id (or org_only) is required")
-            customer = self.state.get_customer(customer_id)
-            if customer is None:
-                raise HttpError(404, "not_found", f"no such customer: {customer_id}")
-        customer_id = customer["id"]
+        try:
+            customer_id, org_only = token_subject(customer_id, org_only)
+        except ValueError as exc:
+            raise HttpError(400, "bad_request", str(exc)) from None
+        customer = await self.state.get_customer(customer_id)  # creates cus_org on first use
+        if customer is None:
+            raise HttpError(404, "not_found", f"no such customer: {customer_id}")
 
         if rotate and resource_id is None:
             raise HttpError(400, "bad_request", "rotate needs customer_id and resource_id")
         generation = 0
         if resource_id is not None:
-            resource = self.state.get_resource(resource_id)
+            resource = await self.state.get_resource(resource_id)
             if resource is None:
                 raise HttpError(404, "not_found", f"no such resource: {resource_id}")
             if resource["customer_id"] != customer_id:
                 raise HttpError(400, "bad_request", f"resource {resource_id} does not belong to {customer_id}")
             generation = resource["generation"]
             if rotate:
-                generation = self.state.rotate_resource(resource_id)
+                # At once, through the "rotated" event (here and on every relay): the older
+                # tokens' agents are deregistered even if recording the new token fails.
+                try:
+                    generation = await self.state.rotate_resource(resource_id)
+                except KeyError:
+                    raise HttpError(404, "not_found", f"no such resource: {resource_id}") from None
+                log.info("rotated resource %s to generation %d", resource_id, generation)
 
         token, claims = self.authority.issue_with_claims(
             customer_id, resource_id, generation, org_only, ttl
         )
-        self.state.record_token(
+        await self.state.record_token(
             claims.jti, customer_id, resource_id, generation, org_only, claims.issued_at, claims.expires_at
         )
-        if rotate:
-            dropped = self.registry.drop_agents(resource_id, below_generation=generation)
-            log.info("rotated resource %s to generation %d, dropped %d agent(s)", resource_id, generation, dropped)
-        else:
-            log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
+        log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
         return 200, {"jwt": token}
 
 
@@ -466,7 +544,7 @@ class _Connection:
             return keep_alive and not unread
 
         try:
-            status, payload = self.api.handle(method, target, headers, body, authorized)
+            status, payload = await self.api.handle(method, target, headers, body, authorized)
             extra: dict[str, str] = {}
         except HttpError as exc:
             status, payload, extra = exc.status, _error_body(exc), exc.headers
@@ -509,27 +587,43 @@ async def start_admin_server(
     token: str,
     state_dir: str | os.PathLike | None = None,
     allow_remote: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    on_state_failure: Callable[[str], None] | None = None,
+    cluster=None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (``port`` 0 picks one), then write ``<state>/admin.json``.
-    Raise ``ValueError`` for a non-loopback ``host`` unless ``allow_remote``."""
-    if not allow_remote and not is_loopback_host(host):
-        raise ValueError(
-            f"refusing to serve the admin API on non-loopback address {host!r} (it would need allow_remote)"
-        )
-    api = AdminApi(state=state, authority=authority, registry=registry, token=token)
+
+    A non-loopback ``host`` (``0.0.0.0`` included) needs ``allow_remote`` and is served over
+    TLS only (``ssl_context``, the relay's certificate); raise ``ValueError`` otherwise.
+    ``ssl_context`` on loopback serves TLS there too."""
+    if not is_loopback_host(host):
+        if not allow_remote:
+            raise ValueError(f"refusing to serve the admin API on non-loopback address {host!r} "
+                             "without --allow-remote-admin")
+        if ssl_context is None:
+            raise ValueError(f"the admin API on non-loopback address {host!r} is served over TLS only: "
+                             "no certificate given")
+    api = AdminApi(state=state, authority=authority, registry=registry, token=token,
+                   on_state_failure=on_state_failure, cluster=cluster)
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _Connection(api, reader, writer).run()
 
-    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE)
-    sockname = server.sockets[0].getsockname()
-    bound_host, bound_port = sockname[0], sockname[1]
-    url_host = bound_host if bound_host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = "http://" + format_host_port(url_host, bound_port)
+    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE, ssl=ssl_context,
+                                        ssl_handshake_timeout=HEAD_TIMEOUT if ssl_context else None)
+    url = admin_url(server, tls=ssl_context is not None)
     directory = Path(state_dir) if state_dir is not None else state.state_dir
     write_private(directory / ADMIN_INFO_FILE, orjson.dumps({"url": url}) + b"\n")
     log.info("admin API listening on %s", url)
     return server
+
+
+def admin_url(server: asyncio.Server, tls: bool) -> str:
+    """The URL admin commands use for ``server`` (all interfaces: through loopback)."""
+    sockname = server.sockets[0].getsockname()
+    bound_host, bound_port = sockname[0], sockname[1]
+    url_host = bound_host if bound_host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return ("https://" if tls else "http://") + format_host_port(url_host, bound_port)
 
 
 def clear_admin_info(state_dir: str | os.PathLike, url: str | None = None) -> None:
@@ -545,6 +639,7 @@ def clear_admin_info(state_dir: str | os.PathLike, url: str | None = None) -> No
 
 
 __all__ = [
+    "admin_url",
     "clear_admin_info",
     "ADMIN_INFO_FILE",
     "ADMIN_TOKEN_FILE",

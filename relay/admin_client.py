@@ -1,7 +1,9 @@
 """Client of the relay's admin API (stdlib urllib only), used by ``tunnel-relay`` commands.
 
 Where the API is: ``--admin-url`` / ``RELAY_ADMIN_URL``, else ``<state-dir>/admin.json``.
-The token: ``RELAY_ADMIN_TOKEN``, else ``<state-dir>/admin-token``. Errors are
+The token: ``RELAY_ADMIN_TOKEN``, else ``<state-dir>/admin-token``. An ``https://`` API (the
+relay serves it so beyond loopback) is verified with the given CA file, else
+``<state-dir>/ca.pem`` when it exists, else the system's trust store. Errors are
 :class:`AdminError` with a one-line message that never contains the token.
 """
 
@@ -9,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE
+from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, CA_FILE
 
 DEFAULT_TIMEOUT = 15.0
 
@@ -29,7 +32,23 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # never forward the bearer token elsewhere
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def _opener(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    handlers = [urllib.request.ProxyHandler({}), _NoRedirect()]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
+def tls_context(state_dir: str | os.PathLike | None, ca_file: str | None = None) -> ssl.SSLContext:
+    """The context that verifies an ``https://`` admin API (see the module docstring)."""
+    if not ca_file and state_dir is not None and (Path(state_dir) / CA_FILE).exists():
+        ca_file = str(Path(state_dir) / CA_FILE)
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise AdminError(f"cannot load the admin CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def discover(
@@ -71,15 +90,19 @@ def discover(
             raise AdminError(f"the admin token file {token_path} is empty")
     parsed = urllib.parse.urlsplit(admin_url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise AdminError(f"bad admin URL {admin_url!r}: expected http://host:port")
+        raise AdminError(f"bad admin URL {admin_url!r}: expected http://host:port or https://host:port")
     return admin_url.rstrip("/"), token
 
 
 class AdminClient:
-    def __init__(self, url: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url: str, token: str, timeout: float = DEFAULT_TIMEOUT,
+                 context: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self._token = token
         self.timeout = timeout
+        if context is None and self.url.startswith("https://"):
+            context = tls_context(None)
+        self._opener = _opener(context)
 
     @classmethod
     def discover(
@@ -88,9 +111,11 @@ class AdminClient:
         admin_url: str | None = None,
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        ca_file: str | None = None,
     ) -> "AdminClient":
         url, token = discover(state_dir, admin_url, token)
-        return cls(url, token, timeout)
+        context = tls_context(state_dir, ca_file) if url.startswith("https://") else None
+        return cls(url, token, timeout, context)
 
     def __repr__(self) -> str:  # never show the token
         return f"AdminClient({self.url!r})"
@@ -103,12 +128,17 @@ class AdminClient:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise AdminError(self._http_error_message(exc)) from None
         except urllib.error.URLError as exc:
             reason = exc.reason
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise AdminError(
+                    f"the relay admin API at {self.url} failed TLS verification ({reason.verify_message}); "
+                    "give the relay's CA with --admin-ca-file or RELAY_ADMIN_CA_FILE (default <state-dir>/ca.pem)"
+                ) from None
             if isinstance(reason, ConnectionRefusedError):
                 raise AdminError(
                     f"the relay is not running (connection refused at {self.url})"
@@ -175,6 +205,9 @@ class AdminClient:
         if not isinstance(answer, dict) or not isinstance(answer.get("jwt"), str):
             raise AdminError("the relay admin API sent a malformed answer")
         return answer["jwt"]
+
+    def cluster_status(self) -> dict:
+        return self.request("GET", "/v1/cluster")
 
     def delete_resource(self, resource_id: str) -> dict:
         return self.request("DELETE", "/v1/resources/" + urllib.parse.quote(resource_id, safe=""))

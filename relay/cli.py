@@ -3,18 +3,26 @@
 ::
 
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
-                       [--service-host HOST] [--cert FILE --key FILE] [--server-name NAME]
+                       [--allow-remote-admin] [--service-host HOST] [--cert FILE --key FILE]
+                       [--server-name NAME] [--database URL] [--advertise URL]
+                       [--metrics-listen HOST:PORT]
                        [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
     tunnel-relay resources list [--extended] [--output json]
     tunnel-relay resources registration-jwt (--customer-id ID | --org-only)
                        [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
+                       (--org-only is the same as --customer-id cus_org; the relay decides)
     tunnel-relay resources delete ID
+    tunnel-relay cluster status [--output json]         the relays and which one holds each agent link
 
 Admin commands find the API through ``--state-dir`` (``RELAY_STATE_DIR``, default
 ``./relay-state``: ``admin.json`` and ``admin-token``) or ``--admin-url``
-(``RELAY_ADMIN_URL``) with ``RELAY_ADMIN_TOKEN``. Failures print one line to stderr and exit 1.
+(``RELAY_ADMIN_URL``) with ``RELAY_ADMIN_TOKEN``. An ``https://`` admin API (served beyond
+loopback with ``--allow-remote-admin``) is verified with ``--admin-ca-file``
+(``RELAY_ADMIN_CA_FILE``), else ``<state-dir>/ca.pem``, else the system's trust store.
+Failures print one line to stderr and exit 1. What the relay reports (names, agents'
+hostnames and versions) is printed with control characters escaped, in tables and JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from tunnel.ops.logs import escape
 
 from . import DEFAULT_STATE_DIR, __version__, parse_host_port
 
@@ -58,6 +68,11 @@ def _add_admin_location(parser: argparse.ArgumentParser, suppress: bool) -> None
         "--admin-url",
         default=default,
         help="admin API URL, e.g. http://127.0.0.1:8442 (env RELAY_ADMIN_URL; token in RELAY_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--admin-ca-file",
+        default=default,
+        help="CA file that verifies an https:// admin API (env RELAY_ADMIN_CA_FILE; default <state-dir>/ca.pem)",
     )
 
 
@@ -96,11 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,
                        help="extra DNS name or IP for the generated server certificate (repeatable; env RELAY_SERVER_NAME)")
+    serve.add_argument("--database", default=None, metavar="URL",
+                       help="state database: postgresql://USER@HOST:PORT/DBNAME joins the relays on it "
+                            "(env RELAY_DATABASE_URL; put the password there, in PGPASSWORD or in ~/.pgpass, "
+                            "not on the command line); default SQLite in the state directory")
+    serve.add_argument("--advertise", default=_env("RELAY_ADVERTISE_URL"), metavar="URL",
+                       help="the URL agents use to reach this relay, wss://HOST:PORT (env RELAY_ADVERTISE_URL; "
+                            "default from --listen)")
+    serve.add_argument("--metrics-listen", default=_env("RELAY_METRICS_LISTEN"), metavar="HOST:PORT",
+                       help="serve /metrics (Prometheus), /live and /ready here, plain HTTP "
+                            "(env RELAY_METRICS_LISTEN; default: not served)")
     serve.add_argument("--log-format", choices=("plain", "json"), default=_env("RELAY_LOG_FORMAT", "plain"))
     serve.add_argument("--log-level", default=_env("RELAY_LOG_LEVEL", "info"),
                        type=str.lower, choices=("debug", "info", "warning", "error", "critical"))
     serve.add_argument("--allow-remote-admin", action="store_true",
-                       help="allow a non-loopback --admin-listen (protect it yourself!)")
+                       help="allow a non-loopback --admin-listen; it is then served over TLS only, with the "
+                            "relay's certificate (admin commands verify it with <state-dir>/ca.pem or --admin-ca-file)")
 
     customers = commands.add_parser("customers", help="manage customers")
     customer_cmds = customers.add_subparsers(dest="action", metavar="ACTION")
@@ -120,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(rlist)
     _add_admin_location(rlist, suppress=True)
     jwt_cmd = resource_cmds.add_parser("registration-jwt", help="print a registration JWT for agents")
-    who = jwt_cmd.add_mutually_exclusive_group(required=True)
-    who.add_argument("--customer-id", metavar="ID")
-    who.add_argument("--org-only", action="store_true", help="for an organisation-only test resource")
+    # Whom the token is for is the relay's one rule (relay.tokens.token_subject), not argparse's.
+    jwt_cmd.add_argument("--customer-id", metavar="ID")
+    jwt_cmd.add_argument("--org-only", action="store_true",
+                         help="for an organisation-only test resource (the same as --customer-id cus_org)")
     jwt_cmd.add_argument("--resource-id", metavar="ID", help="limit the token to this resource")
     jwt_cmd.add_argument("--rotate", action="store_true",
                          help="revoke every older token of --resource-id and drop the agents using them")
@@ -131,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete = resource_cmds.add_parser("delete", help="delete a resource (drops its agents)")
     delete.add_argument("resource_id", metavar="ID")
     _add_admin_location(delete, suppress=True)
+
+    cluster = commands.add_parser("cluster", help="the relays sharing this relay's state database")
+    cluster_cmds = cluster.add_subparsers(dest="action", metavar="ACTION")
+    cluster_cmds.required = True
+    status = cluster_cmds.add_parser("status", help="the relays, and which relay holds each agent link")
+    _add_output(status)
+    _add_admin_location(status, suppress=True)
     return parser
 
 
@@ -138,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [["" if c is None else escape(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -147,7 +181,25 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(json_text(value))
+
+
+def json_text(value: Any) -> str:
+    """Indented JSON; any script printed as is, every non-printable character as a ``\\u``
+    escape (``json`` leaves C1 controls, bidi overrides and the like raw)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable() or c == "\n":
+            out.append(c)
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            high, low = divmod(ord(c) - 0x10000, 0x400)
+            out.append(f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}")
+    return "".join(out)
 
 
 def _print_customers(customers: list[dict], output: str) -> None:
@@ -174,13 +226,35 @@ def _print_resources(resources: list[dict], output: str, extended: bool) -> None
             rows.append((
                 r.get("id"), a.get("agent_id"), a.get("transport"), a.get("address"), a.get("version"),
                 a.get("hostname"), a.get("connected_since"), a.get("bytes_sent"), a.get("bytes_received"),
-                a.get("active_streams"),
+                a.get("active_streams"), a.get("relay_id"),
             ))
     print()
     print(_table(
         ("RESOURCE", "AGENT", "TRANSPORT", "ADDRESS", "VERSION", "HOSTNAME", "CONNECTED SINCE",
-         "BYTES SENT", "BYTES RECEIVED", "STREAMS"),
+         "BYTES SENT", "BYTES RECEIVED", "STREAMS", "RELAY"),
         rows,
+    ))
+
+
+def _print_cluster(status: dict, output: str) -> None:
+    if output == "json":
+        _print_json(status)
+        return
+    database = status.get("database") or {}
+    print(escape(f"relay {status.get('relay_id')} ({status.get('advertise_url')}), "
+          f"state database {database.get('url')} ({database.get('backend')})"))
+    print()
+    print(_table(
+        ("RELAY", "ADVERTISE URL", "VERSION", "STARTED", "HEARTBEAT AGE", "LINKS", ""),
+        [(r.get("id"), r.get("advertise_url"), r.get("version"), r.get("started_at"), f"{r.get('heartbeat_age')} s",
+          r.get("links"), "(this relay)" if r.get("self") else "") for r in status.get("relays") or []],
+    ))
+    print()
+    print(_table(
+        ("AGENT", "INSTANCE", "EPOCH", "RELAY", "CUSTOMER", "RESOURCES", "TRANSPORT", "ADDRESS", "CONNECTED SINCE"),
+        [(link.get("agent_id"), link.get("agent_instance"), link.get("epoch"), link.get("relay_id"),
+          link.get("customer_id"), ",".join(link.get("resources") or []), link.get("transport"), link.get("address"),
+          link.get("connected_since")) for link in status.get("links") or []],
     ))
 
 
@@ -198,11 +272,15 @@ def _client(args: argparse.Namespace):
         _state_dir(args),
         admin_url=args.admin_url or _env("RELAY_ADMIN_URL"),
         token=_env("RELAY_ADMIN_TOKEN"),
+        ca_file=getattr(args, "admin_ca_file", None) or _env("RELAY_ADMIN_CA_FILE"),
     )
 
 
 def _run_admin(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.command == "cluster":
+        _print_cluster(client.cluster_status(), args.output)
+        return 0
     if args.command == "customers":
         if args.action == "create":
             customer = client.create_customer(args.name)
@@ -235,15 +313,39 @@ def configure_logging(log_format: str = "plain", level: str = "info") -> None:
     logs.configure(log_format, level.upper())
 
 
+def _database_url(option: str | None) -> str | None:
+    """``--database``, else ``RELAY_DATABASE_URL``; refuses what the relay cannot use."""
+    from .store.database import is_postgres_url, redact_url
+
+    url = option or _env("RELAY_DATABASE_URL")
+    if not url:
+        return None
+    if not is_postgres_url(url) and not url.startswith("sqlite:///"):
+        raise CliError(f"unsupported database URL {redact_url(url)!r}: expected postgresql://USER@HOST:PORT/DBNAME")
+    if option and redact_url(option) != option:
+        logging.getLogger("relay").warning(
+            "the --database URL carries a password, which process listings show: put it in RELAY_DATABASE_URL, "
+            "PGPASSWORD or ~/.pgpass instead")
+    return url
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     args.state_dir = _state_dir(args)
     try:
         args.listen_addr = parse_host_port(args.listen, 8443)
         args.admin_listen_addr = parse_host_port(args.admin_listen, 8442)
+        args.metrics_listen_addr = parse_host_port(args.metrics_listen) if args.metrics_listen else None
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if bool(args.cert) != bool(args.key):
         raise CliError("--cert and --key must be given together")
+    if args.advertise:
+        from .cluster import check_advertise_url
+
+        try:
+            args.advertise = check_advertise_url(args.advertise)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     names = list(args.server_name or [])
     env_names = _env("RELAY_SERVER_NAME")
     if env_names:
@@ -251,6 +353,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     args.server_name = names[0] if names else None
     args.server_names = names
     configure_logging(args.log_format, args.log_level)
+    args.database = _database_url(args.database)
     try:
         from .server import serve_main
     except ImportError as exc:

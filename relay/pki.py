@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import CA_FILE
 from .state import ensure_state_dir, write_private
 
 log = logging.getLogger("relay.pki")
 
-CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server-key.pem"

@@ -1,69 +1,140 @@
 """``tunnel-relay serve``: agent listeners (TLS WebSocket on TCP and QUIC on UDP, one port
-number), agent authentication and registration, resource endpoints and the admin API."""
+number), agent authentication and registration, resource endpoints and the admin API, on the
+state database of :mod:`relay.state` (SQLite in the state dir, or a cluster's PostgreSQL).
+
+Before it is registered a link may send one thing: one ``auth`` message. Anything else (a
+second ``auth``, another CONTROL type, a stream) gets a CONTROL ``error`` and the link is
+closed with ``PROTOCOL_ERROR`` (docs/PROTOCOL.md, "Control messages").
+
+Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
+quotas, resources, created when a customer-wide token names a new one); binding the endpoints
+of new resources; and recording the link (:meth:`relay.cluster.Cluster.admit`), in the
+transaction that re-reads the resources' generations, before the agent is added with no
+``await`` in between. A rotation or deletion, on this relay or any other, commits either before
+that transaction (which then sees it and refuses) or after it (its event then finds the
+registration pending, or the agent in the registry): no revoked token gets in.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import signal
+import time
+import urllib.parse
+from collections import Counter
 from pathlib import Path
 
 from tunnel import __version__
+from tunnel.bridge.tcp import LinkBuffers
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
+from tunnel.ops.logs import Throttled, escape
 from tunnel.ops.process import tune_malloc
-from tunnel.wire.constants import ErrorCode
+from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
+from . import format_host_port, is_loopback_host
+from .quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
 from .registry import AgentSession, Registry
+from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 
 log = logging.getLogger("relay")
 
 MAX_RESOURCES_PER_AGENT = 64
+#: Agent-supplied strings accepted at ``auth`` (docs/PROTOCOL.md): anything else is refused.
+RESOURCE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+AGENT_FIELDS = {
+    "version": (re.compile(r"[A-Za-z0-9._+-]{1,64}"), "1-64 letters, digits, '.', '_', '+' or '-'"),
+    "hostname": (re.compile(r"[A-Za-z0-9._-]{1,253}"), "1-253 letters, digits, '.', '_' or '-'"),
+    "instance": (re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits, '_' or '-'"),
+}
+#: A recurring condition (quota, full state directory) is logged once per this many seconds.
+LOG_INTERVAL = 60.0
 
 
 class AgentLinkHandler(LinkHandler):
-    """One agent link on the relay: waits for ``auth``, then serves as a registered agent."""
+    """One agent link on the relay: waits for one ``auth``, then serves as a registered agent."""
 
     def __init__(self, relay: "Relay", link: Link) -> None:
         self.relay = relay
         self.link = link
         self.agent: AgentSession | None = None
         self._authenticating = False
+        self._counted = link.carrier == "wss"  # a TCP connection: one descriptor
+        if self._counted and relay.descriptors is not None:
+            relay.descriptors.take(None)
 
     def stream_opened(self, stream: LinkStream):
         if self.agent is None:
-            # docs/PROTOCOL.md: OPEN from an unauthenticated peer is a PROTOCOL_ERROR.
-            log.info("agent from %s opened a stream before authenticating; closing", _addr(self.link))
-            self.link.close(ErrorCode.PROTOCOL_ERROR, "stream opened before authentication")
+            self._refuse_early("a stream")
             return None
         stream.reset(ErrorCode.REFUSED)  # agents do not open streams towards the relay
         return None
 
     def control_received(self, message: dict) -> None:
-        if message.get("type") == "auth" and self.agent is None and not self._authenticating:
+        if self.agent is not None:
+            return  # unknown types are ignored (forward compatibility)
+        kind = message.get("type")
+        if kind == "auth" and not self._authenticating:
             self._authenticating = True
             task = asyncio.get_running_loop().create_task(self.relay.authenticate(self, message))
             self.relay.tasks.add(task)
             task.add_done_callback(self.relay.tasks.discard)
+            return
+        self._refuse_early("a second auth" if kind == "auth" else f"a {str(kind)[:32]!r} message")
+
+    def _refuse_early(self, what: str) -> None:
+        """Anything but one ``auth`` before registration closes the link."""
+        if self.link.is_closing:
+            return
+        self.relay.throttled.log("before registration", logging.INFO,
+                                 "agent link from %s sent %s before registration; closing it",
+                                 _addr(self.link), what)
+        self.relay.metrics.spoke_before_auth(self.link.carrier)
+        message = f"expected one auth message before anything else, got {what}"
+        try:
+            self.link.send_control({"type": "error", "code": "bad_request", "message": message})
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+        self.link.close(ErrorCode.PROTOCOL_ERROR, message)
 
     def link_closed(self, code: int, reason: str) -> None:
-        self.relay.links.discard(self.link)
-        if self.agent is not None:
-            log.info("agent %s disconnected (%s)", self.agent.agent_id, reason or ErrorCode(code).name
-                     if code in ErrorCode._value2member_map_ else code)
-            self.relay.registry.remove_agent(self.agent)
+        relay = self.relay
+        relay.links.discard(self.link)
+        agent = self.agent
+        if self._counted and relay.descriptors is not None:
+            self._counted = False
+            relay.descriptors.give(agent.customer_id if agent is not None else None)
+        if agent is not None:
+            log.info("agent %s disconnected (%s)", agent.agent_id, describe_code(code, reason))
+            relay.registry.remove_agent(agent)
+            relay.cluster.forget(agent)
+            relay.mark_served(agent.resources)
 
 
 class Relay:
-    def __init__(self, state, authority, registry: Registry, limits: Limits) -> None:
+    def __init__(self, state, authority, registry: Registry, limits: Limits,
+                 descriptors: Descriptors | None = None, *, cluster) -> None:
         self.state = state
         self.authority = authority
         self.registry = registry
         self.limits = limits
+        self.descriptors = descriptors
+        #: What relay.metrics exports; shared with the registry.
+        self.metrics = registry.metrics
+        #: True while the listeners accept agents (``/ready``).
+        self.accepting = False
+        #: This relay's :class:`relay.cluster.Cluster`: records links, applies revocations.
+        self.cluster = cluster
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.rate = RegistrationRate(limits.max_registrations_per_minute)
+        self.throttled = Throttled(log, LOG_INTERVAL)
+        #: Resources with a registration between its first and last step (never expired).
+        self.registering: Counter = Counter()
 
     def on_link(self, link: Link) -> None:
         self.links.add(link)
@@ -72,21 +143,48 @@ class Relay:
     async def authenticate(self, handler: AgentLinkHandler, message: dict) -> None:
         link = handler.link
         try:
+            if message.get("dry_run") is True:
+                await self._check_only(link, message)
+                return
             agent = await self._register(link, message)
+        except StateWriteFailed as exc:
+            self.metrics.auth_refused("unavailable")
+            self.state_failed(exc.reason)
+            _refuse(link, "unavailable", f"the relay cannot register agents now: {exc.reason}",
+                    ErrorCode.INTERNAL_ERROR)
+            return
+        except StoreUnavailable as exc:
+            # Not the agent's fault and not fatal: it retries with its backoff.
+            self.metrics.auth_refused("unavailable")
+            self.cluster.outages.refused("registration(s)", exc)
+            _refuse(link, "unavailable", UNREACHABLE_MESSAGE, ErrorCode.INTERNAL_ERROR)
+            return
+        except QuotaExceeded as exc:
+            self.metrics.auth_refused(exc.code, exc)
+            self.throttled.log(("quota", str(exc)), logging.WARNING, "agent from %s refused: %s", _addr(link), exc)
+            _refuse(link, exc.code, str(exc), ErrorCode.ENHANCE_YOUR_CALM)
+            return
         except AuthError as exc:
+            self.metrics.auth_refused(exc.code)
             log.warning("agent from %s refused: %s", _addr(link), exc)
-            link.send_control({"type": "error", "code": exc.code, "message": str(exc)})
-            link.close(ErrorCode.UNAUTHORIZED, str(exc))
+            _refuse(link, exc.code, str(exc), ErrorCode.UNAUTHORIZED)
             return
-        except Exception:
-            log.exception("agent from %s: registration failed", _addr(link))
-            link.send_control({"type": "error", "code": "internal", "message": "registration failed"})
-            link.close(ErrorCode.INTERNAL_ERROR, "registration failed")
+        except Exception as exc:  # noqa: BLE001
+            failure = state_write_failure(exc)
+            self.metrics.auth_refused("internal" if failure is None else "unavailable")
+            if failure is None:
+                log.exception("agent from %s: registration failed", _addr(link))
+                _refuse(link, "internal", "registration failed", ErrorCode.INTERNAL_ERROR)
+            else:
+                self.state_failed(failure)
+                _refuse(link, "unavailable", f"the relay cannot register agents now: {failure}",
+                        ErrorCode.INTERNAL_ERROR)
             return
-        if link.is_closing:
+        if agent is None:  # the link closed meanwhile
             return
         handler.agent = agent
-        self.registry.add_agent(agent)
+        if handler._counted and self.descriptors is not None:
+            self.descriptors.attribute(agent.customer_id)
         link.send_control({
             "type": "registered",
             "agent_id": agent.agent_id,
@@ -96,43 +194,166 @@ class Relay:
             ],
         })
         link.handshake_done()
-        log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s",
+        log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s, host %s",
                  agent.agent_id, agent.customer_id,
                  ", ".join(f"{n} ({r})" for r, n in agent.resources.items()),
-                 link.transport, _addr(link), agent.version)
+                 link.carrier, _addr(link), agent.version, agent.hostname)
+        self.mark_served(agent.resources)
 
-    async def _register(self, link: Link, message: dict) -> AgentSession:
+    async def _check_only(self, link: Link, message: dict) -> None:
+        """``tunnel-agent check``: verify the token and the resource names as a registration
+        would, register nothing, answer ``checked`` (the agent closes the link)."""
         from .tokens import check_against_state
 
-        token = message.get("token")
-        resources = message.get("resources")
-        info = message.get("agent") if isinstance(message.get("agent"), dict) else {}
-        if not isinstance(token, str) or not token:
-            raise AuthError("no registration token", code="bad_request")
-        if (not isinstance(resources, list) or not resources or len(resources) > MAX_RESOURCES_PER_AGENT
-                or not all(isinstance(r, dict) and _valid_name(r.get("name")) for r in resources)):
-            raise AuthError("resources must be a list of 1 to 64 objects with a name "
-                            "(letters, digits, '.', '_', '-'; at most 128 characters)", code="bad_request")
+        try:
+            token, resources, _info = _auth_fields(message)
+            claims = self.authority.verify(token)
+            found = [await check_against_state(claims, self.state, entry["name"], create=False)
+                     for entry in resources]
+        except AuthError as exc:
+            self.metrics.auth_refused(exc.code)
+            log.warning("agent check from %s refused: %s", _addr(link), exc)
+            _refuse(link, exc.code, str(exc), ErrorCode.UNAUTHORIZED)
+            return
+        answer = []
+        for entry, resource in zip(resources, found):
+            endpoint = self.registry.endpoints.get(resource["id"]) if resource else None
+            answer.append({"name": entry["name"], "id": resource["id"] if resource else None,
+                           "endpoint": endpoint.address if endpoint else None})
+        link.send_control({"type": "checked", "customer_id": claims.customer_id, "resources": answer})
+        log.info("agent check from %s: registration token accepted for customer %s", _addr(link),
+                 claims.customer_id)
+
+    async def _register(self, link: Link, message: dict) -> AgentSession | None:
+        from .tokens import check_against_state
+
+        token, resources, info = _auth_fields(message)
         claims = self.authority.verify(token)
-        registered: dict[str, str] = {}
-        for entry in resources:
-            resource = check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port)
-            await self.registry.ensure_endpoint(resource)
-            registered[resource["id"]] = resource["name"]
-        return AgentSession(
-            agent_id="agt_" + secrets.token_hex(8),
-            link=link,
-            customer_id=claims.customer_id,
-            generation=claims.generation,
-            version=_clip(info.get("version")),
-            hostname=_clip(info.get("hostname")),
-            resources=registered,
-        )
+
+        # Step 1: quotas and resources.
+        customer_id = claims.customer_id
+        self.rate.charge(customer_id)
+        limits = self.limits
+        self._check_link_quotas(link, customer_id)
+
+        async def before_create(owner: str) -> None:
+            if await self.state.count_resources(owner) >= limits.max_resources_per_customer:
+                raise QuotaExceeded(f"customer {owner} is over its quota of {limits.max_resources_per_customer} "
+                                    "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
+                                    limit="max_resources_per_customer", customer_id=owner)
+
+        wanted = [await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
+                                            before_create=before_create) for entry in resources]
+        ids = {r["id"] for r in wanted}
+        self.registering.update(ids)
+        try:
+            # Step 2: bind the endpoints of new resources.
+            for resource in wanted:
+                await self.registry.ensure_endpoint(resource)
+            if link.is_closing:
+                return None
+            agent_id = "agt_" + secrets.token_hex(8)
+            agent = AgentSession(
+                agent_id=agent_id,
+                link=link,
+                customer_id=customer_id,
+                generation=claims.generation,
+                version=info["version"],
+                hostname=info["hostname"],
+                instance=info["instance"] or agent_id,
+                resources={r["id"]: r["name"] for r in wanted},
+                buffers=LinkBuffers(limits.session_window),
+            )
+            # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
+            # then, with no await, the checks that others' registrations may have changed.
+            await self.cluster.admit(agent)
+            if link.is_closing:
+                self.cluster.forget(agent)
+                return None
+            try:
+                self._check_link_quotas(link, customer_id)
+            except BaseException:
+                self.cluster.forget(agent)
+                raise
+            self.registry.add_agent(agent)
+            return agent
+        finally:
+            for rid in ids:
+                self.registering[rid] -= 1
+                if self.registering[rid] <= 0:
+                    del self.registering[rid]
+
+    def _check_link_quotas(self, link: Link, customer_id: str) -> None:
+        limit = self.limits.max_links_per_customer
+        if self.registry.links_of(customer_id) >= limit:
+            raise QuotaExceeded(f"customer {customer_id} is over its quota of {limit} live agent links "
+                                "(TUNNEL_MAX_LINKS_PER_CUSTOMER)", limit="max_links_per_customer",
+                                customer_id=customer_id)
+        if self.descriptors is not None and link.carrier == "wss":  # a QUIC link holds no descriptor
+            self.descriptors.check_link(customer_id)
 
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port
 
         return allocate_port(self.registry.service_host, taken)
+
+    def mark_served(self, resource_ids) -> None:
+        """Record, in the background, that these resources were served until now (their idle
+        time starts over)."""
+        ids = list(resource_ids)
+        if ids:
+            task = asyncio.get_running_loop().create_task(self._mark_served(ids))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _mark_served(self, ids: list[str]) -> None:
+        try:
+            await self.state.mark_served(ids, int(time.time()))
+        except StateWriteFailed as exc:  # serving goes on without the record
+            self.state_failed(exc.reason)
+        except StoreUnavailable:
+            pass  # the outage is logged once; the next expiry round marks them again
+
+    def state_failed(self, failure: str) -> None:
+        self.throttled.log("state", logging.ERROR, "%s: %s; free space there (or fix it) and the relay resumes",
+                           failure, self.state.state_dir)
+
+    async def expire_idle_resources(self) -> list[dict]:
+        """Delete the resources no agent has served for ``resource_idle_expiry`` (and that no
+        token names by id), freeing their ports; refresh the time of those served now (by this
+        relay: every relay refreshes its own, so none expires a resource another serves)."""
+        served = [rid for rid, endpoint in self.registry.endpoints.items() if endpoint.agents]
+        if served:
+            await self.state.mark_served(served, int(time.time()))
+        cutoff = int(time.time() - self.limits.resource_idle_expiry)
+        expired = []
+        for resource in await self.state.idle_resources(cutoff):
+            rid = resource["id"]
+            if self.registering[rid] or self.registry.status(rid) == "AVAILABLE":
+                continue
+            # The "deleted" event closes its endpoint here and on every relay.
+            await self.state.delete_resource(rid)
+            log.info("resource %s (%s) of customer %s expired: no agent served it for %.0f s; port %d freed",
+                     rid, resource["name"], resource["customer_id"], self.limits.resource_idle_expiry,
+                     resource["port"])
+            expired.append(resource)
+        return expired
+
+    async def expire_forever(self) -> None:
+        interval = min(max(self.limits.resource_idle_expiry / 4, 0.5), 3600.0)
+        while True:
+            try:
+                await self.expire_idle_resources()
+            except StoreUnavailable as exc:
+                if isinstance(exc, StateWriteFailed):
+                    self.state_failed(exc.reason)
+            except Exception as exc:  # noqa: BLE001
+                failure = state_write_failure(exc)
+                if failure is None:
+                    log.exception("expiring idle resources failed")
+                else:
+                    self.state_failed(failure)
+            await asyncio.sleep(interval)
 
     async def drain(self) -> None:
         """Graceful stop: no new streams, tell agents, close."""
@@ -143,13 +364,49 @@ class Relay:
         await asyncio.gather(*(link.wait_closed() for link in list(self.links)), return_exceptions=True)
 
 
-def _valid_name(name) -> bool:
-    return (isinstance(name, str) and 0 < len(name) <= 128
-            and all(c.isascii() and (c.isalnum() or c in "._-") for c in name))
+def _valid(pattern: re.Pattern, value) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
-def _clip(value, limit: int = 128) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+def _auth_fields(message: dict) -> tuple[str, list, dict]:
+    """The token, resources and agent strings of an ``auth`` message, checked; AuthError
+    (``bad_request``) for anything malformed."""
+    token = message.get("token")
+    resources = message.get("resources")
+    if not isinstance(token, str) or not token:
+        raise AuthError("no registration token", code="bad_request")
+    if (not isinstance(resources, list) or not resources or len(resources) > MAX_RESOURCES_PER_AGENT
+            or not all(isinstance(r, dict) and _valid(RESOURCE_NAME, r.get("name")) for r in resources)):
+        raise AuthError("resources must be a list of 1 to 64 objects with a name "
+                        "(letters, digits, '.', '_', '-'; at most 128 characters)", code="bad_request")
+    return token, resources, _agent_info(message.get("agent"))
+
+
+def _agent_info(info) -> dict:
+    """The ``agent`` object of ``auth``: each field optional, but when given it must match
+    its pattern; anything else is refused (it would reach logs and terminals)."""
+    if info is None:
+        info = {}
+    if not isinstance(info, dict):
+        raise AuthError("agent must be an object", code="bad_request")
+    result = {}
+    for name, (pattern, what) in AGENT_FIELDS.items():
+        value = info.get(name)
+        if value is None or value == "":
+            result[name] = ""
+        elif _valid(pattern, value):
+            result[name] = value
+        else:
+            raise AuthError(f"agent.{name} must be {what}, got {escape(str(value)[:64])!r}", code="bad_request")
+    return result
+
+
+def _refuse(link: Link, code: str, message: str, close_code: int) -> None:
+    try:
+        link.send_control({"type": "error", "code": code, "message": message})
+    except Exception:  # noqa: BLE001 - closing anyway
+        pass
+    link.close(close_code, message)
 
 
 def _addr(link: Link) -> str:
@@ -173,7 +430,7 @@ def serve_main(args) -> int:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:
         return 0
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         log.error("relay cannot start: %s", exc)
         return 1
 
@@ -182,38 +439,63 @@ async def _serve(args) -> int:
     from tunnel.bridge.listen import serve_links
 
     from . import admin, pki, tokens
-    from . import state as state_mod
+    from .cluster import Cluster, default_advertise_url
+    from .store.settings import StoreSettings
 
     limits = Limits.from_env()
+    settings = StoreSettings.from_env()
+    before, open_files = raise_nofile_limit()
+    descriptors = Descriptors(open_files, limits)
+    log.info("open files: limit %d (raised from %d); %d for agents and endpoints, at most %d per customer, "
+             "%d kept in reserve", open_files, before, descriptors.budget, descriptors.share,
+             open_files - descriptors.budget)
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     host, port = args.listen_addr
     admin_host, admin_port = args.admin_listen_addr
-    keys = pki.ensure_pki(state_dir, extra_names=[host, *args.server_names], cert_file=args.cert, key_file=args.key)
+    allow_remote = getattr(args, "allow_remote_admin", False)
+    advertise = args.advertise or default_advertise_url(host, port, args.server_names)
+    names = [host, urllib.parse.urlsplit(advertise).hostname, *args.server_names]
+    if allow_remote and not is_loopback_host(admin_host):
+        names.append(admin_host)
+    keys = pki.ensure_pki(state_dir, extra_names=names, cert_file=args.cert, key_file=args.key)
     cert_file, key_file = keys.cert_file, keys.key_file
     ssl_context = pki.server_ssl_context(cert_file, key_file)
 
-    store = state_mod.RelayState(state_dir / "relay.db")
+    store = await _open_state(state_dir, args.database, settings)
     authority = tokens.TokenAuthority(state_dir)
-    registry = Registry(args.service_host)
-    relay = Relay(store, authority, registry, limits)
-    for resource in store.list_resources():
+    registry = Registry(args.service_host, descriptors)
+    cluster = Cluster(store, registry, advertise, settings)
+    await cluster.start()
+    relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
+    await relay.expire_idle_resources()
+    for resource in await store.list_resources():
         try:
             await registry.ensure_endpoint(resource)
         except OSError as exc:
             log.error("resource %s: cannot bind endpoint %s:%s: %s", resource["id"], args.service_host,
                       resource["port"], exc.strerror or exc)
+        except QuotaExceeded as exc:
+            log.error("resource %s: endpoint not bound: %s", resource["id"], exc)
 
+    metrics = await _start_metrics(relay, args.metrics_listen_addr, limits)
     listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
                                   key_file=str(key_file), limits=limits, on_link=relay.on_link)
+    if port == 0 and not args.advertise:
+        await cluster.readvertise(default_advertise_url(host, listeners.port, args.server_names))
+    relay.accepting = True
     port = listeners.port
     admin_token = admin.load_or_create_admin_token(state_dir)
-    admin_server = await admin.start_admin_server(admin_host, admin_port, state=store, authority=authority,
-                                                  registry=registry, token=admin_token, state_dir=state_dir)
-    admin_bound = admin_server.sockets[0].getsockname()[1]
-    log.info("relay %s listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on http://%s:%d; "
-             "resource endpoints on %s; state in %s", __version__, host, port, admin_host, admin_bound,
-             args.service_host, state_dir)
+    admin_server = await admin.start_admin_server(
+        admin_host, admin_port, state=store, authority=authority, registry=registry, token=admin_token,
+        state_dir=state_dir, allow_remote=allow_remote,
+        ssl_context=pki.server_ssl_context(cert_file, key_file) if not is_loopback_host(admin_host) else None,
+        on_state_failure=relay.state_failed, cluster=cluster)
+    admin_url = admin.admin_url(admin_server, tls=not is_loopback_host(admin_host))
+    log.info("relay %s (%s) listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
+             "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
+             admin_url, args.service_host, state_dir, store.description)
+    expiry = asyncio.get_running_loop().create_task(relay.expire_forever())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -221,9 +503,56 @@ async def _serve(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("relay stopping")
+    relay.accepting = False
+    expiry.cancel()
     listeners.close()
     admin_server.close()
     admin.clear_admin_info(state_dir)
     await relay.drain()
     registry.close()
+    # Writes the closing links started (served times), then leave the cluster.
+    if relay.tasks:
+        await asyncio.wait(set(relay.tasks), timeout=settings.db_query_timeout)
+    await cluster.stop()
+    await store.close()
+    if metrics is not None:
+        metrics.close()
     return 0
+
+
+async def _open_state(state_dir: Path, database: str | None, settings):
+    """The migrated state; a PostgreSQL that cannot be reached is retried with backoff for
+    ``db_startup_timeout`` before the relay gives up."""
+    from .state import RelayState
+    from .store.database import redact_url
+
+    where = redact_url(database) if database else "in the state directory"
+    deadline = time.monotonic() + settings.db_startup_timeout
+    delay = 0.5
+    while True:
+        try:
+            return await RelayState.open(state_dir, database, settings)
+        except StoreUnavailable as exc:
+            if isinstance(exc, StateWriteFailed):
+                raise StoreError(f"{exc.reason}: {state_dir}") from None
+            if time.monotonic() + delay > deadline:
+                raise StoreError(f"state database unreachable: {where}: {exc.reason}; "
+                                 f"gave up after {settings.db_startup_timeout:g} s") from None
+            log.warning("state database unreachable: %s: %s; retrying in %.1f s", where, exc.reason, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.db_reconnect_max)
+
+
+async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: Limits):
+    """``/metrics``, ``/live`` and ``/ready`` at ``--metrics-listen`` (None: not served)."""
+    if address is None:
+        return None
+    from .metrics import MetricsService
+
+    try:
+        service = await MetricsService(relay, limits).start(*address)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics at --metrics-listen {format_host_port(*address)}: "
+                      f"{exc.strerror or exc}") from None
+    log.info("metrics on http://%s/metrics (also /live and /ready)", format_host_port(address[0], service.port))
+    return service

@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import jwt
@@ -44,6 +44,22 @@ REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub", "jti"]
 _ID_RE = re.compile(r"^(cus_[a-z2-7]{16}|cus_org)$")
 _RES_RE = re.compile(r"^res_[a-z2-7]{16}$")
 _TOKEN_CHARS_RE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*$")
+
+
+def token_subject(customer_id: str | None, org_only: bool) -> tuple[str, bool]:
+    """The one rule for whom a registration JWT is for, shared by the CLI (through the admin
+    API) and the API: an organisation-only token is the token of the organisation's own
+    customer ``cus_org``. So ``org_only``, ``customer_id`` ``cus_org``, or both, give an
+    organisation-only token; ``org_only`` with another customer is an error, and so is
+    neither. Return ``(customer_id, org_only)``; raise ``ValueError`` with the reason."""
+    if org_only or customer_id == ORG_CUSTOMER_ID:
+        if customer_id not in (None, ORG_CUSTOMER_ID):
+            raise ValueError(f"an organisation-only token belongs to {ORG_CUSTOMER_ID}, not to {customer_id}: "
+                             f"give either org-only or customer id {ORG_CUSTOMER_ID}")
+        return ORG_CUSTOMER_ID, True
+    if customer_id is None:
+        raise ValueError("a customer id is required (or org-only, for an organisation-only token)")
+    return customer_id, False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,11 +100,9 @@ class TokenAuthority:
         *,
         now: float | None = None,
     ) -> tuple[str, Claims]:
-        """The signed token and its claims (for the audit record)."""
-        if org_only:
-            if customer_id not in (None, ORG_CUSTOMER_ID):
-                raise ValueError("an organisation-only token belongs to cus_org, not to a customer")
-            customer_id = ORG_CUSTOMER_ID
+        """The signed token and its claims (for the audit record); whom it is for follows
+        :func:`token_subject`."""
+        customer_id, org_only = token_subject(customer_id, org_only)
         if not isinstance(customer_id, str) or not _ID_RE.match(customer_id):
             raise ValueError("bad customer id")
         if resource_id is not None and not (isinstance(resource_id, str) and _RES_RE.match(resource_id)):
@@ -233,20 +247,27 @@ def _claims_from_payload(payload: dict) -> Claims:
     )
 
 
-def check_against_state(
+async def check_against_state(
     claims: Claims,
     state: RelayState,
     resource_name: str,
     allocate: Callable[[set[int]], int] | None = None,
-) -> dict:
+    before_create: Callable[[str], Awaitable[None]] | None = None,
+    *,
+    create: bool = True,
+) -> dict | None:
     """The resource ``resource_name`` that the verified ``claims`` may serve; created (port
     from ``allocate(taken_ports)``, default: a free port on 127.0.0.1) when the token is
-    customer-wide and the customer has no such resource yet. Raise :class:`AuthError`."""
+    customer-wide and the customer has no such resource yet, after ``await
+    before_create(customer_id)`` (which may raise, e.g. over quota). With ``create=False`` such
+    a resource is not created and the answer is None (a check-only registration). Raise
+    :class:`AuthError` (and :class:`relay.store.errors.StoreUnavailable` while the state
+    database is away)."""
     customer_id = ORG_CUSTOMER_ID if claims.org_only else claims.customer_id
-    if state.get_customer(customer_id) is None:
+    if await state.get_customer(customer_id) is None:
         raise AuthError("registration token's customer does not exist")
     if claims.resource_id is not None:
-        resource = state.get_resource(claims.resource_id)
+        resource = await state.get_resource(claims.resource_id)
         if resource is None or resource["customer_id"] != customer_id:
             raise AuthError("registration token's resource does not exist")
         if resource["name"] != resource_name:
@@ -254,15 +275,19 @@ def check_against_state(
         if claims.generation < resource["generation"]:
             raise AuthError("registration token revoked")
         return resource
-    resource = state.find_resource(customer_id, resource_name)
+    resource = await state.find_resource(customer_id, resource_name)
     if resource is not None:
         if claims.generation < resource["generation"]:
             raise AuthError("registration token revoked")
         return resource
+    if not create:
+        return None
+    if before_create is not None:
+        await before_create(customer_id)
     if allocate is None:
         allocate = lambda taken: allocate_port("127.0.0.1", taken)  # noqa: E731
     try:
-        return state.get_or_create_resource(customer_id, resource_name, allocate)
+        return await state.get_or_create_resource(customer_id, resource_name, allocate)
     except ValueError as exc:
         raise AuthError(str(exc), code="bad_request") from None
 
@@ -299,4 +324,5 @@ __all__ = [
     "Claims",
     "TokenAuthority",
     "check_against_state",
+    "token_subject",
 ]

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: system packages the tests and the
-# benchmarks use, then the project itself (builds the Cython codec) with its test extras.
+# benchmarks use, then the project itself (builds the Cython codec and tunnel.ops._malloc) with
+# its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# postgresql: the tests start their own server from its binaries (/usr/lib/postgresql/*/bin),
+# as the package's "postgres" user when run as root (runuser, from util-linux).
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
-              redis-server redis-tools wrk curl iptables iproute2 procps gcc libc6-dev)
+              redis-server redis-tools wrk curl iptables iproute2 procps tinyproxy
+              systemd util-linux prometheus gcc libc6-dev)
 missing=()
 [ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
 for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do
@@ -17,11 +21,11 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The tests start their own servers on private ports; keep the packaged ones from squatting.
-  for svc in nginx postgresql redis-server ssh; do
+  for svc in nginx postgresql redis-server ssh tinyproxy prometheus; do
     $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi
 
 python3 -m pip install -q --upgrade pip >/dev/null
 python3 -m pip install -q -e ".[test]"
-python3 -c "import tunnel.codec as f; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"
+python3 -c "import tunnel.codec as f, tunnel.ops._malloc; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"

@@ -3,16 +3,21 @@
 The pure-Python twin ``tunnel.codec.pure`` has the same API and behaviour; import
 ``tunnel.codec`` to get whichever is in use. Wire format: docs/PROTOCOL.md.
 
-Buffers ("bytes-like") are ``bytes``, ``bytearray`` or C-contiguous memoryviews; those are the
-fast paths. Every error the peer can cause is a :class:`tunnel.wire.errors.ProtocolError`
-(``FrameTooLarge`` for an oversized frame). Integers out of range on the encode side raise
-``struct.error``, as the twin does.
+Buffers ("bytes-like") are read as their bytes: ``bytes``, ``bytearray`` and 1-D contiguous
+``'B'`` memoryviews are the fast paths; any other C-contiguous buffer is taken through
+``memoryview(obj).cast("B")``, and anything else is a TypeError. Every error the peer can cause
+is a :class:`tunnel.wire.errors.ProtocolError` (``FrameTooLarge`` for an oversized frame).
+Integers go through ``struct``'s formats, as in the twin: out of range is ``struct.error``.
 """
 
+import sys
 from collections.abc import Iterable
 from typing import Final, TypeAlias
 
-from typing_extensions import Buffer
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:  # a stub is never imported at run time: typeshed ships typing_extensions to type checkers
+    from typing_extensions import Buffer
 
 #: ``"cython"`` here, ``"python"`` in the twin.
 IMPLEMENTATION: Final[str]
@@ -77,19 +82,17 @@ def ws_mask(data: Buffer, key: Buffer, offset: int = 0) -> bytes:
 def ws_mask_join(buffers: Iterable[Buffer], key: Buffer) -> bytes:
     """``ws_mask(b"".join(buffers), key)`` in one pass, into one new bytes object."""
 
-def ws_mask_join_into(buffers: Iterable[Buffer], key: Buffer, out: bytearray) -> int:
-    """``ws_mask_join(buffers, key)`` written into ``out`` from its start, no allocation;
-    returns the byte count. ValueError if ``out`` is too small."""
+def ws_mask_join_into(buffers: Iterable[Buffer], key: Buffer, out: Buffer) -> int:
+    """``ws_mask_join(buffers, key)`` written into ``out`` (a ``bytearray``, or any writable
+    buffer) from its start, no allocation; returns the byte count. ValueError if ``out`` is too
+    small, TypeError if it is read-only."""
 
-def encode_ws_header(opcode: int, fin: bool, length: int, mask_key: bytes | None = None) -> bytes:
-    """An RFC 6455 frame header (7-, 16- or 64-bit length form), ``mask_key`` appended."""
+def encode_ws_header(opcode: int, fin: bool, length: int, mask_key: Buffer | None = None) -> bytes:
+    """An RFC 6455 frame header (7-, 16- or 64-bit length form), ``mask_key`` appended
+    (ValueError unless it is 4 bytes long)."""
 
 def parse_ws_header(buf: Buffer, offset: int = 0) -> tuple[bool, int, int, bytes | None, int] | None:
     """``(fin, opcode, length, mask_key, header_size)`` of the header at ``buf[offset:]``, or
-    None while incomplete. ProtocolError for RSV bits, a fragmented or > 125-byte control
-    frame, or a 64-bit length with its top bit set."""
-
-def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (bytes) so that per-message
-    buffers of bulk transfer are reused heap memory, not fresh pages; False where the C
-    library is not glibc."""
+    None while incomplete (also for an ``offset`` at or past the end). ProtocolError for RSV
+    bits, a fragmented or > 125-byte control frame, or a 64-bit length with its top bit set;
+    ValueError for a negative ``offset``."""

@@ -21,7 +21,7 @@ from tunnel.core.limits import Limits  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 LIMITS = Limits(handshake_timeout=10)
-FAST = {"TUNNEL_QUIC_PROBE_TIMEOUT": "1.5", "TUNNEL_QUIC_REPROBE_INTERVAL": "30"}
+FAST = LIMITS.replace(quic_probe_timeout=1.5, quic_reprobe_interval=30)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,6 @@ def test_url_validation():
         Dialer("http://relay:443", ca_file=None, limits=LIMITS)
     with pytest.raises(ValueError):
         Dialer("quic://:443", ca_file=None, limits=LIMITS)
-    with pytest.raises(ValueError):
-        Dialer("auto://relay:443", ca_file=None, limits=LIMITS, proxy_env={"TUNNEL_QUIC_PROBE_TIMEOUT": "x"})
     d = Dialer("auto://relay.example", ca_file=None, limits=LIMITS, proxy_env={})
     assert (d.host, d.port, d.probe_timeout, d.reprobe_interval) == ("relay.example", 443, 3.0, 60.0)
     assert d.wss_url() == "wss://relay.example:443"
@@ -82,7 +80,7 @@ def test_quic_scheme(certs):
                                   on_link=_accept(links))
         d = Dialer(f"quic://127.0.0.1:{server.port}", ca_file=certs["ca"], limits=LIMITS, proxy_env={})
         link = await d.dial()
-        assert link.transport == "quic" and d.transport == "quic"
+        assert link.carrier == "quic" and d.carrier == "quic"
         await wait_for(lambda: links)
         assert not d.should_probe_quic(time.monotonic() + 1000)
         link.close()
@@ -112,7 +110,7 @@ def test_wss_scheme(certs):
         server, port = await _serve_wss(certs, links)
         d = Dialer(f"wss://localhost:{port}", ca_file=certs["ca"], limits=LIMITS, proxy_env={})
         link = await d.dial()
-        assert link.transport == "wss"
+        assert link.carrier == "wss"
         await wait_for(lambda: links)
         assert not d.should_probe_quic(time.monotonic() + 1000)  # only auto re-probes
         link.close()
@@ -127,9 +125,9 @@ def test_auto_prefers_quic(certs):
         server, port = await _serve_wss(certs, wss_links)
         quic = await serve_quic("127.0.0.1", port, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
                                 on_link=_accept(quic_links))
-        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS, proxy_env=FAST)
+        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=FAST, proxy_env={})
         link = await d.dial()
-        assert link.transport == "quic" and d.transport == "quic"
+        assert link.carrier == "quic" and d.carrier == "quic"
         await wait_for(lambda: quic_links)
         assert not wss_links
         assert not d.should_probe_quic(time.monotonic() + 1000)
@@ -145,11 +143,11 @@ def test_auto_falls_back_to_wss_then_reprobes(certs):
         wss_links, quic_links = [], []
         server, port = await _serve_wss(certs, wss_links)
         assert _free_udp_port_with_tcp(port)
-        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS, proxy_env=FAST)
+        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=FAST, proxy_env={})
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         link = await d.dial()
-        assert link.transport == "wss" and d.transport == "wss"
+        assert link.carrier == "wss" and d.carrier == "wss"
         assert loop.time() - t0 < 1.5 + 5  # probe timeout, then WSS
         assert d.last_quic_error
         await wait_for(lambda: wss_links)
@@ -164,7 +162,7 @@ def test_auto_falls_back_to_wss_then_reprobes(certs):
                                 on_link=_accept(quic_links))
         assert d.should_probe_quic(time.monotonic() + 31)
         qlink = await d.probe_quic()
-        assert qlink is not None and qlink.transport == "quic" and d.transport == "quic"
+        assert qlink is not None and qlink.carrier == "quic" and d.carrier == "quic"
         await wait_for(lambda: quic_links)
         assert not d.should_probe_quic(time.monotonic() + 1000)
         qlink.close()
@@ -184,10 +182,10 @@ def test_auto_with_udp_silently_dropped_falls_back(certs):
         hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         hole.bind(("127.0.0.1", port))  # swallows every datagram
         try:
-            d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS,
-                       proxy_env={"TUNNEL_QUIC_PROBE_TIMEOUT": "0.5"})
+            d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS.replace(quic_probe_timeout=0.5),
+                       proxy_env={})
             link = await d.dial()
-            assert link.transport == "wss"
+            assert link.carrier == "wss"
             link.close()
         finally:
             hole.close()

@@ -5,21 +5,22 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import functools
 import ipaddress
 import os
 import struct
 
 import pytest
-import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.helpers import async_wait_until
 from tests.helpers.quic_flood import idle_quic_clients
-from tunnel.carriers import quic
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.carriers.quic import connect_quic, serve_quic
+from tunnel.carriers.quic.udp import MAX_PATH_DATAGRAM_SIZE
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import LinkError
@@ -83,30 +84,11 @@ def certs(tmp_path_factory):
     return {"ca": ca_path, "cert": cert_path, "key": key_path, "other_ca": other_ca}
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request):
-    """Run a coroutine on a fresh loop of the parametrised flavour."""
-
-    def runner(coro):
-        if request.param == "uvloop":
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-                return r.run(coro)
-        with asyncio.Runner() as r:
-            return r.run(coro)
-
-    return runner
 
 
 # --- helpers ---------------------------------------------------------------------------
 
-async def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    """Wait on a condition with a deadline (polling the loop, never a fixed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+wait_for = functools.partial(async_wait_until, timeout=60)
 
 
 class Recorder(LinkHandler):
@@ -195,7 +177,7 @@ def test_control_both_ways(run, certs):
         server, client, slink, srec = await pair(certs)
         crec = Recorder()
         client.set_handler(crec)
-        assert client.transport == "quic" and client.version == 1
+        assert client.carrier == "quic" and client.version == 1
         client.send_control({"type": "auth", "token": "x"})
         await wait_for(lambda: srec.controls)
         assert srec.controls == [{"type": "auth", "token": "x"}]
@@ -614,12 +596,12 @@ async def _one_way(src_link, dst_rec, size: int, name: bytes = b"bulk"):
     return got
 
 
-def test_datagram_size_follows_the_route(run, certs, monkeypatch):
-    """Loopback carries 64 KiB: both ends move to the 16 KiB cap after the handshake; the
-    env override wins when set."""
+def test_datagram_size_follows_the_route(run, certs):
+    """Loopback carries 64 KiB: both ends move to the largest UDP payload after the handshake;
+    ``quic_max_datagram_size`` wins when set."""
 
-    async def main(expected):
-        server, client, slink, srec = await pair(certs)
+    async def main(expected, limits):
+        server, client, slink, srec = await pair(certs, limits)
         client.set_handler(Recorder())
         assert client.datagram_size == expected and slink.datagram_size == expected
         await _one_way(client, srec, 2 * MiB)
@@ -627,10 +609,8 @@ def test_datagram_size_follows_the_route(run, certs, monkeypatch):
         client.close()
         server.close()
 
-    monkeypatch.delenv("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", raising=False)
-    run(main(16384))
-    monkeypatch.setenv("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", "4000")
-    run(main(4000))
+    run(main(MAX_PATH_DATAGRAM_SIZE, Limits()))
+    run(main(4000, Limits().replace(quic_max_datagram_size=4000)))
 
 
 class _PathSocket:
@@ -665,12 +645,11 @@ class _PathSocket:
 
 
 @pytest.mark.parametrize("mode", ["emsgsize", "blackhole"])
-def test_oversize_datagrams_fall_back_to_1452(run, certs, mode, monkeypatch):
+def test_oversize_datagrams_fall_back_to_1452(run, certs, mode):
     async def main():
-        monkeypatch.delenv("TUNNEL_QUIC_MAX_DATAGRAM_SIZE", raising=False)
         server, client, slink, srec = await pair(certs)
         client.set_handler(Recorder())
-        assert client.datagram_size == 16384
+        assert client.datagram_size == MAX_PATH_DATAGRAM_SIZE
         sender = client._send.__self__
         path = sender.sock = _PathSocket(sender.sock, mode)
         await _one_way(client, srec, 4 * MiB)
@@ -846,8 +825,9 @@ def test_memory_handed_to_aioquic_is_bounded_per_link(run, certs):
         await wait_for(lambda: received() >= SMALL.session_window - 64 * KiB, what="session window filled")
         for _ in range(50):
             await asyncio.sleep(0)
-        in_aioquic = sum(len(s._qs.sender._buffer) for s in streams)
-        assert in_aioquic <= SMALL.session_window + quic._LINK_UNSENT + 64 * KiB, in_aioquic
+        in_aioquic = sum(s.send_buffered - s.buffered for s in streams)  # written, unacknowledged
+        assert in_aioquic > SMALL.quic_unsent_per_link // 2  # the measure sees what is there
+        assert in_aioquic <= SMALL.session_window + SMALL.quic_unsent_per_link + 64 * KiB, in_aioquic
         assert received() <= SMALL.session_window
         client.close()
         server.close()
@@ -882,9 +862,9 @@ def test_link_wide_send_queue_pauses_every_writer(run, certs):
             assert sum(written) < 32 * MiB, "never paused"
         for _ in range(50):
             await asyncio.sleep(0)
-        queued = sum(s._queued for s in streams)
+        queued = sum(s.buffered for s in streams)
         assert queued <= limits.session_send_high_water + 4 * len(chunk), queued
-        assert any(s._queued <= limits.stream_send_high_water for s in streams)  # paused by the link
+        assert any(s.buffered <= limits.stream_send_high_water for s in streams)  # paused by the link
         # The receiver starts consuming (streams whose OPEN arrives later too): every writer is
         # told to go on, every byte arrives.
         consuming.append(True)

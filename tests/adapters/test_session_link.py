@@ -10,7 +10,8 @@ import pytest
 
 from tunnel import codec as frames
 from tunnel.carriers.base import LinkHandler, StreamHandler
-from tunnel.carriers.session_link import SessionLink, TcpPipe, open_tcp_link, serve_tcp_links
+from tunnel.carriers.session_link import SessionLink
+from tunnel.carriers.tcp import TcpPipe, open_tcp_link, serve_tcp_links
 from tunnel.core.limits import DEFAULT_LIMITS
 from tunnel.core.session import Role
 from tunnel.wire.constants import ErrorCode, FrameType

@@ -20,8 +20,15 @@ FAST = {"TUNNEL_KEEPALIVE_INTERVAL": "1", "TUNNEL_KEEPALIVE_TIMEOUT": str(int(KE
 
 
 def raise_nofile(want: int = 16384) -> None:
-    """Raise this process's open-file limit (children inherit it)."""
+    """Raise this process's open-file limit (children inherit it); the hard limit too when
+    allowed (root)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, want))
+            hard = want
+        except (ValueError, OSError):
+            pass
     target = min(want, hard) if hard != resource.RLIM_INFINITY else want
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
@@ -131,3 +138,76 @@ def setup_agent(relay, agents, service, transport="wss", name="db", customer=Non
                          ca_file=relay.ca_file, **env)
     relay.wait_available(customer, name)
     return customer, token, agent, relay.endpoint(customer, name)
+
+
+# --- a hand-driven agent: the project's own carriers, messages chosen by the test ----------
+
+
+class Recorder:
+    """LinkHandler that records CONTROL messages and the link's end."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.closed: tuple | None = None
+
+    def stream_opened(self, stream):
+        from tunnel.wire.constants import ErrorCode
+
+        stream.reset(ErrorCode.REFUSED)
+        return None
+
+    def control_received(self, message: dict) -> None:
+        self.messages.append(message)
+
+    def link_closed(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def first(self, kind: str) -> dict | None:
+        return next((m for m in self.messages if m.get("type") == kind), None)
+
+
+async def hand_link(relay, transport: str = "wss"):
+    """A ready link to ``relay`` (HELLOs exchanged) with a :class:`Recorder` as its handler."""
+    import ssl
+
+    from tunnel.core.limits import Limits
+
+    if transport == "quic":
+        from tunnel.carriers.quic import connect_quic
+
+        link = await connect_quic("127.0.0.1", relay.port, ca_file=relay.ca_file, server_name="127.0.0.1",
+                                  limits=Limits(), timeout=10)
+    else:
+        from tunnel.carriers.wss import connect_wss
+
+        link = await connect_wss(f"wss://127.0.0.1:{relay.port}", ssl_context=ssl.create_default_context(
+            cafile=relay.ca_file), limits=Limits(), timeout=10)
+    recorder = Recorder()
+    link.set_handler(recorder)
+    return link, recorder
+
+
+async def until(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Async twin of wait_until: poll ``condition`` on the running loop until a deadline."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def auth_message(token: str, names, **agent) -> dict:
+    return {"type": "auth", "token": token, "agent": {"version": "0.1.0", "hostname": "test", **agent},
+            "resources": [{"name": n} for n in names]}
+
+
+async def register(relay, token: str, names, transport: str = "wss", **agent):
+    """Authenticate a hand-driven agent; return (link, recorder) once the relay answered
+    (``registered``, or ``error`` and the link's end)."""
+    link, recorder = await hand_link(relay, transport)
+    link.send_control(auth_message(token, names, **agent))
+    await until(lambda: recorder.first("registered") or recorder.closed, 15, "the relay's answer")
+    return link, recorder

@@ -11,28 +11,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import wait_until  # noqa: F401 - re-exported for the suites
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-
-
-def wait_until(check, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
-    """Poll ``check`` until it returns a truthy value; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception as exc:  # the thing may not be up yet
-            last_exc = exc
-            value = None
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
 def free_port() -> int:
@@ -60,17 +45,19 @@ def _env(**extra) -> dict:
 class Proc:
     """A child process with its log file; stopped at teardown."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, log_path: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict, log_path: Path, preexec_fn=None) -> None:
         self.name = name
         self.cmd = cmd
         self.env = env
         self.log_path = log_path
+        self.preexec_fn = preexec_fn  # e.g. resource limits for the child
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+                                     preexec_fn=self.preexec_fn)
         log.close()
         return self
 
@@ -111,25 +98,40 @@ class Proc:
 
 
 class Relay:
-    """``tunnel-relay serve`` on loopback with its own state dir and ports."""
+    """``tunnel-relay serve`` on a loopback address (``host``, default 127.0.0.1: agents,
+    admin API and resource endpoints) with its own state dir and ports."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.state_dir = workdir / "relay-state"
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 state_dir: Path | None = None) -> None:
+        self.host = host
+        self.state_dir = state_dir or workdir / "relay-state"
         self.workdir = workdir
         self.port = port or free_port()
         self.admin_port = free_port()
         self.proc: Proc | None = None
         self.starts = 0
+        #: Run in the relay process before it starts (e.g. a low open-file limit).
+        self.preexec_fn = None
+        #: Extra command-line options of ``serve``.
+        self.serve_args: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"wss://{self.host}:{self.port}"
 
     @property
     def ca_file(self) -> str:
         return str(self.state_dir / "ca.pem")
 
-    def start(self, **env) -> "Relay":
+    def start(self, *args: str, **env) -> "Relay":
+        """``tunnel-relay serve`` with ``args`` added to its options and ``env`` to its environment."""
         self.starts += 1
-        cmd = [PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}",
-               "--admin-listen", f"127.0.0.1:{self.admin_port}", "--service-host", "127.0.0.1"]
-        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"relay-{self.starts}.log").start()
+        cmd = [PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen", f"{self.host}:{self.port}",
+               "--admin-listen", f"{self.host}:{self.admin_port}", "--service-host", self.host, *self.serve_args,
+               *args]
+        name = "relay" if self.host == "127.0.0.1" else f"relay-{self.host}"
+        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"{name}-{self.starts}.log",
+                         self.preexec_fn).start()
         wait_until(self._ready, 30, "the relay to start")
         return self
 
@@ -139,7 +141,7 @@ class Relay:
         if not (self.state_dir / "admin.json").exists():
             return False
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", self.port)):
+            if s.connect_ex((self.host, self.port)):
                 return False
         return self.cli("customers", "list", check=False).returncode == 0
 
@@ -187,12 +189,13 @@ class Agents:
         self.procs: list[Proc] = []
 
     def start(self, relay_url: str, token: str, name: str, app_port: int, app_host: str = "127.0.0.1",
-              ca_file: str | None = None, **env) -> Proc:
+              ca_file: str | None = None, preexec_fn=None, **env) -> Proc:
         n = len(self.procs) + 1
+        env = {"LOG_LEVEL": "DEBUG", **env}
         proc = Proc(f"agent{n}", [PY, "-m", "agent"], _env(RELAY_URL=relay_url, REGISTRATION_JWT=token, NAME=name,
                                                           APP_HOST=app_host, APP_PORT=app_port, RELAY_CA_FILE=ca_file,
-                                                          LOG_LEVEL="DEBUG", **env),
-                    self.workdir / f"agent{n}.log").start()
+                                                          **env),
+                    self.workdir / f"agent{n}.log", preexec_fn).start()
         self.procs.append(proc)
         return proc
 

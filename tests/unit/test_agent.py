@@ -56,6 +56,19 @@ def test_jwt_file_and_toml_resources(tmp_path):
     assert conf.target("other") is None
 
 
+def test_systemd_credential_serves_without_a_path(tmp_path):
+    """LoadCredential=registration-jwt:... puts the token in $CREDENTIALS_DIRECTORY."""
+    (tmp_path / "registration-jwt").write_text("c.r.d\n")
+    env = {k: v for k, v in BASE.items() if k != "REGISTRATION_JWT"}
+    conf = agent_config.load({**env, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert conf.token == "c.r.d" and conf.token_source == "systemd credential registration-jwt"
+    # An explicit token wins; a credentials directory without the credential is no token.
+    assert agent_config.load({**BASE, "CREDENTIALS_DIRECTORY": str(tmp_path)}).token == "x.y.z"
+    (tmp_path / "registration-jwt").unlink()
+    with pytest.raises(agent_config.ConfigError, match="REGISTRATION_JWT"):
+        agent_config.load({**env, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
 def test_backoff_is_jittered_exponential_and_capped():
     b = Backoff(base=0.5, cap=30, rng=random.Random(1))
     delays = [b.next_delay() for _ in range(20)]

@@ -1,8 +1,8 @@
 """The agent's dialler for ``RELAY_URL``: ``quic://``, ``wss://`` or ``auto://host:port``.
 
-``auto`` tries QUIC first with a short timeout (``TUNNEL_QUIC_PROBE_TIMEOUT``, default 3 s)
+``auto`` tries QUIC first with a short timeout (``Limits.quic_probe_timeout``, default 3 s)
 and falls back to TLS WebSocket when UDP is blocked; while it rides WSS,
-:meth:`Dialer.should_probe_quic` turns true every ``TUNNEL_QUIC_REPROBE_INTERVAL`` (default
+:meth:`Dialer.should_probe_quic` turns true every ``Limits.quic_reprobe_interval`` (default
 60 s) and :meth:`Dialer.probe_quic` tries QUIC once: the agent registers over the new link
 and drains the WSS one. The relay's certificate is always verified (``ca_file`` or the system
 store); WSS honours ``HTTPS_PROXY``/``NO_PROXY`` (HTTP CONNECT), QUIC never uses a proxy.
@@ -20,24 +20,9 @@ from tunnel.carriers.base import Link
 from tunnel.core.limits import Limits
 from tunnel.wire.errors import LinkError
 
-__all__ = ["Dialer", "DEFAULT_PROBE_TIMEOUT", "DEFAULT_REPROBE_INTERVAL"]
+__all__ = ["Dialer"]
 
-DEFAULT_PROBE_TIMEOUT = 3.0
-DEFAULT_REPROBE_INTERVAL = 60.0
 SCHEMES = ("quic", "wss", "auto")
-
-
-def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive")
-    return value
 
 
 class Dialer:
@@ -67,10 +52,10 @@ class Dialer:
         self.ca_file = ca_file
         self.limits = limits
         self.environ = proxy_env
-        self.probe_timeout = _env_float(proxy_env, "TUNNEL_QUIC_PROBE_TIMEOUT", DEFAULT_PROBE_TIMEOUT)
-        self.reprobe_interval = _env_float(proxy_env, "TUNNEL_QUIC_REPROBE_INTERVAL", DEFAULT_REPROBE_INTERVAL)
-        #: Transport of the last link :meth:`dial` or :meth:`probe_quic` returned.
-        self.transport: str | None = None
+        self.probe_timeout = limits.quic_probe_timeout
+        self.reprobe_interval = limits.quic_reprobe_interval
+        #: Carrier of the last link :meth:`dial` or :meth:`probe_quic` returned.
+        self.carrier: str | None = None
         #: Why the last QUIC attempt under ``auto`` failed (for logs; never holds secrets).
         self.last_quic_error: str | None = None
         self._last_probe: float | None = None
@@ -87,12 +72,17 @@ class Dialer:
             link = await self.probe_quic(timeout=self.probe_timeout)
             if link is None:
                 link = await self._wss()
-        self.transport = link.transport
+        self.carrier = link.carrier
         return link
+
+    @property
+    def may_move_to_quic(self) -> bool:
+        """True under ``auto`` while riding WSS: QUIC is worth trying again now and then."""
+        return self.scheme == "auto" and self.carrier == "wss"
 
     def should_probe_quic(self, now: float | None = None) -> bool:
         """True under ``auto`` while riding WSS once the re-probe interval has elapsed."""
-        if self.scheme != "auto" or self.transport != "wss":
+        if not self.may_move_to_quic:
             return False
         now = time.monotonic() if now is None else now
         return self._last_probe is None or now - self._last_probe >= self.reprobe_interval
@@ -106,13 +96,13 @@ class Dialer:
             self.last_quic_error = str(exc)
             return None
         self.last_quic_error = None
-        self.transport = "quic"
+        self.carrier = "quic"
         return link
 
     # --- carriers --------------------------------------------------------------------
 
     async def _quic(self, timeout: float) -> Link:
-        from tunnel.carriers.quic import connect_quic
+        from tunnel.carriers.quic.client import connect_quic
 
         return await connect_quic(self.host, self.port, ca_file=self.ca_file, server_name=self.host,
                                   limits=self.limits, timeout=timeout)

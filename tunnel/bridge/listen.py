@@ -11,12 +11,19 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
+from tunnel.carriers import handshakes
 from tunnel.carriers.base import Link
 from tunnel.carriers.quic import QuicServer, serve_quic
 from tunnel.carriers.wss import serve_wss
 from tunnel.core.limits import Limits
 
-__all__ = ["Listeners", "serve_links"]
+__all__ = ["Listeners", "handshake_failures", "serve_links"]
+
+
+def handshake_failures() -> dict[tuple[str, str], int]:
+    """Handshakes the listeners of this process gave up before authentication, per
+    ``(transport, reason)`` (see :data:`tunnel.carriers.handshakes.FAILURES`)."""
+    return dict(handshakes.FAILURES)
 
 
 class Listeners:

@@ -5,17 +5,27 @@ the agent bridges each stream it accepts to a connection it dials to the private
 
 - TCP → stream: bytes read are queued on the stream; while the stream is ``paused`` the
   socket is not read (``StreamHandler.writable`` resumes it).
-- stream → TCP: bytes are written to the socket and credit is returned with ``consume``
-  only while the socket's write buffer is below its high-water mark, so a slow TCP peer
-  stalls its stream's window and nothing else.
+- stream → TCP: credit is returned with ``consume`` only for bytes the kernel took. Each
+  piece goes straight to the socket while nothing waits in the transport; what the kernel
+  does not take at once is copied into the transport (never a view: a view would keep the
+  carrier's whole read buffer alive) and stays unconsumed until the transport has drained
+  (its write buffer limits are zero, so ``resume_writing`` means empty). A slow TCP peer
+  stalls its own stream's window and nothing else, and every byte the bridge holds in user
+  space counts against the link's windows.
+- Per link, :class:`LinkBuffers` adds up what the bridges hold (pieces waiting for a dial,
+  bytes in transports): a stream that would push it past its limit is reset
+  (``FLOW_CONTROL_ERROR``), a second line behind the flow control that already bounds it.
 - A FIN travels as a half-close either way; a TCP reset becomes a stream RESET
   (``CONNECTION_RESET``) and a stream RESET becomes a TCP reset (RST via SO_LINGER 0).
+- For metrics, each bridge counts the bytes it moved each way (one addition per piece, read
+  by the relay's collectors at scrape time) and keeps the code its stream was reset with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 
@@ -28,27 +38,61 @@ log = logging.getLogger("tunnel.bridge.tcp")
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
+class LinkBuffers:
+    """Bytes the bridges of one link hold in user space: pieces waiting for a dial and bytes
+    a TCP transport has not handed to the kernel yet. They are all unconsumed, so the link's
+    session window bounds them; ``limit`` (the session window) is checked here too."""
+
+    __slots__ = ("limit", "held")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` more bytes held; False (nothing counted) if that exceeds the limit."""
+        held = self.held + n
+        if held > self.limit:
+            return False
+        self.held = held
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
+
+
 class TcpBridge(asyncio.Protocol):
     """asyncio protocol of the TCP side; :func:`stream_handler` gives its stream side.
 
     The stream may be attached after the TCP connection (relay: connection first) or the TCP
     connection after the stream (agent: stream first, then the dial); whatever arrives on the
-    stream before the dial completes waits here, still counted against the stream's window.
+    stream before the dial completes waits here as a copy, counted against the stream's
+    window and ``buffers``.
     """
 
-    __slots__ = ("stream", "transport", "_pending", "_unconsumed", "_tcp_write_paused",
-                 "_stream_eof", "_tcp_eof", "_done", "on_done")
+    __slots__ = ("stream", "transport", "buffers", "_fd", "_pending", "_unconsumed", "_tcp_write_paused",
+                 "_stream_eof", "_tcp_eof", "_done", "on_done", "bytes_from_tcp", "bytes_to_tcp", "reset_code")
 
-    def __init__(self, stream: LinkStream | None = None) -> None:
+    def __init__(self, stream: LinkStream | None = None, buffers: LinkBuffers | None = None) -> None:
         self.stream = stream
         self.transport: asyncio.Transport | None = None
-        self._pending: list = []  # stream bytes received before the TCP side exists
-        self._unconsumed = 0  # bytes written to TCP while its buffer was full
+        #: The link's account of held bytes (None: only the stream's window bounds them).
+        self.buffers = buffers
+        self._fd = -1  # the TCP socket, written directly while the transport holds nothing
+        self._pending: list = []  # copies of stream bytes received before the TCP side exists
+        self._unconsumed = 0  # bytes received from the stream that the kernel has not taken
         self._tcp_write_paused = False
         self._stream_eof = False  # the peer half-closed the stream
         self._tcp_eof = False  # the TCP peer half-closed
         self._done = False
         self.on_done = None  # called once when the bridge is finished
+        #: Bytes read from the TCP connection (sent on the stream), and received from the
+        #: stream for the TCP connection.
+        self.bytes_from_tcp = 0
+        self.bytes_to_tcp = 0
+        #: The code the stream was reset with (by either side, or for a TCP error); None
+        #: while it has not been reset.
+        self.reset_code: int | None = None
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -59,6 +103,8 @@ class TcpBridge(asyncio.Protocol):
 
     def fail(self, code: int) -> None:
         """Give up before or during the bridge: reset the stream and the TCP connection."""
+        if not self._done and self.reset_code is None:
+            self.reset_code = code
         if self.stream is not None and not self._done:
             self.stream.reset(code)
         self._reset_tcp()
@@ -69,8 +115,16 @@ class TcpBridge(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         set_nodelay(transport)
+        # pause_writing as soon as anything waits in the transport, resume_writing once it is
+        # empty: then "not paused" means every byte written so far is in the kernel.
+        transport.set_write_buffer_limits(high=0, low=0)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
         pending, self._pending = self._pending, []
+        self._unhold(sum(map(len, pending)))
         for chunk in pending:
+            if self._done:
+                break
             self._write_tcp(chunk)
         if self._stream_eof:
             self._write_tcp_eof()
@@ -81,6 +135,7 @@ class TcpBridge(asyncio.Protocol):
         stream = self.stream
         if stream is None or self._done:
             return
+        self.bytes_from_tcp += len(data)
         stream.write(data)
         if stream.paused:
             self.transport.pause_reading()
@@ -98,33 +153,78 @@ class TcpBridge(asyncio.Protocol):
                 # An error, or a close before both directions ended: the stream cannot end
                 # cleanly any more.
                 if exc is not None or not (self._tcp_eof and self._stream_eof):
-                    self.stream.reset(ErrorCode.CONNECTION_RESET if exc is not None else ErrorCode.NO_ERROR)
+                    code = ErrorCode.CONNECTION_RESET if exc is not None else ErrorCode.NO_ERROR
+                    self.reset_code = code
+                    self.stream.reset(code)
             self._finish()
 
     def pause_writing(self) -> None:
         self._tcp_write_paused = True
 
     def resume_writing(self) -> None:
+        # The transport's buffer is empty (low-water mark 0): the kernel took everything.
         self._tcp_write_paused = False
-        if self._unconsumed and self.stream is not None and not self._done:
+        if self._unconsumed and not self._done:
             n, self._unconsumed = self._unconsumed, 0
+            self._unhold(n)
             self.stream.consume(n)
 
     # --- stream side (StreamHandler) ------------------------------------------------------
 
+    def _hold(self, n: int) -> bool:
+        """Count ``n`` bytes held in user space; False after resetting the stream when that
+        would exceed the link's limit."""
+        buffers = self.buffers
+        if buffers is not None and not buffers.take(n):
+            log.warning("stream %d: %d bytes held for TCP sockets on this link would exceed %d; resetting it",
+                        self.stream.stream_id, buffers.held + n, buffers.limit)
+            self.fail(ErrorCode.FLOW_CONTROL_ERROR)
+            return False
+        return True
+
+    def _unhold(self, n: int) -> None:
+        if self.buffers is not None:
+            self.buffers.release(n)
+
     def _write_tcp(self, data) -> None:
-        self.transport.write(data)
-        if self._tcp_write_paused:
-            self._unconsumed += len(data)
-        else:
-            self.stream.consume(len(data))
+        n = len(data)
+        transport = self.transport
+        if transport.is_closing():
+            self.stream.consume(n)  # nobody will take these: the connection is ending
+            return
+        sent = 0
+        if not self._tcp_write_paused and self._fd >= 0 and not transport.get_write_buffer_size():
+            # Nothing waits in the transport: what the kernel takes now is consumed, zero copy.
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.fail(ErrorCode.CONNECTION_RESET)
+                return
+            if sent:
+                self.stream.consume(sent)
+                if sent == n:
+                    return
+                data = data[sent:]
+        rest = n - sent
+        # A copy: a view would pin the whole buffer the carrier decrypted it into.
+        transport.write(bytes(data))
+        if not self._tcp_write_paused:
+            self.stream.consume(rest)  # the transport sent it at once
+        elif self._hold(rest):
+            self._unconsumed += rest
 
     def stream_data(self, data) -> None:
+        if self._done:
+            return
+        self.bytes_to_tcp += len(data)
         if self.transport is None:
-            # Keep the view: it refers to an immutable buffer, and credit is not returned
-            # until it is written, so the window bounds what waits here.
-            self._pending.append(data)
-        elif not self._done:
+            # Dial in progress: keep a copy (a view would pin the carrier's read buffer);
+            # credit waits until it is written.
+            if self._hold(len(data)):
+                self._pending.append(bytes(data))
+        else:
             self._write_tcp(data)
 
     def stream_eof(self) -> None:
@@ -157,12 +257,16 @@ class TcpBridge(asyncio.Protocol):
         if self._done:
             return
         self._done = True
+        self._unhold(sum(map(len, self._pending)) + self._unconsumed)
         self._pending = []
+        self._unconsumed = 0  # the stream is reset or ended: the link frees its credit
         callback, self.on_done = self.on_done, None
         if callback is not None:
             callback()
 
     def stream_reset(self, code: int) -> None:
+        if not self._done:
+            self.reset_code = code
         self._reset_tcp()
         self._finish()
 
@@ -205,8 +309,10 @@ def stream_handler(bridge: TcpBridge) -> StreamHandler:
     return _StreamSide(bridge)
 
 
-async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: int, timeout: float) -> None:
-    """Agent side: dial ``host:port`` for ``stream``; reset it with CONNECT_FAILED on failure."""
+async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: int,
+                      timeout: float) -> OSError | asyncio.TimeoutError | None:
+    """Agent side: dial ``host:port`` for ``stream``; reset it with CONNECT_FAILED on failure.
+    Returns why the dial failed (None once connected)."""
     loop = asyncio.get_running_loop()
     try:
         await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port), timeout)
@@ -214,3 +320,5 @@ async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: in
         log.info("stream %d: connect to %s:%d failed: %s", stream.stream_id, host, port,
                  exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)
         bridge.fail(ErrorCode.CONNECT_FAILED)
+        return exc
+    return None

@@ -6,13 +6,14 @@ Relay and agent code only ever see these types, never which carrier moves the by
 - a :class:`LinkStream` is one tunneled TCP connection on that link;
 - the application supplies a :class:`LinkHandler` per link and a :class:`StreamHandler` per
   stream, and the link calls them (from the event loop, never re-entrantly from a method the
-  application called).
+  application called; :mod:`tunnel.carriers.dispatch` holds the rules every carrier follows).
 
 Backpressure contract, both ways:
 
 - *Sending*: ``LinkStream.write`` queues without blocking. When ``stream.paused`` turns true
   the application stops reading its source (the TCP socket); ``StreamHandler.writable`` tells
-  it to read again.
+  it to read again. Writing after ``write_eof`` raises ``StreamClosedError``; a write that
+  races a reset (the peer's, or the link's end) is dropped silently: the reset is on its way.
 - *Receiving*: the link counts every byte passed to ``StreamHandler.data_received`` against
   the stream's window until the application calls ``LinkStream.consume(n)``: call it once the
   bytes have left your buffers (written to a TCP transport that is not paused). Credit
@@ -55,7 +56,8 @@ class LinkStream(abc.ABC):
 
     @abc.abstractmethod
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data``; it is sent as credit allows. The caller must not mutate it after."""
+        """Queue ``data``; it is sent as credit allows. The caller must not mutate it after.
+        Raises ``StreamClosedError`` after ``write_eof``; dropped after a reset."""
 
     @abc.abstractmethod
     def write_eof(self) -> None:
@@ -93,13 +95,16 @@ class LinkHandler:
 class Link(abc.ABC):
     """A connection between an agent and the relay over some carrier."""
 
-    #: "wss" or "quic".
-    transport: str
+    #: Which carrier moves the bytes: "wss", "quic" (or "tcp" in tests). Shown to users as
+    #: the link's "transport".
+    carrier: str
     #: The peer's (host, port) as this side sees it.
     peer_address: tuple
     #: Payload bytes moved, for ``resources list --extended``.
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: The last keepalive round trip (seconds), None before the first.
+    rtt: float | None = None
 
     @abc.abstractmethod
     def set_handler(self, handler: LinkHandler) -> None:
@@ -130,13 +135,13 @@ class Link(abc.ABC):
     def is_closing(self) -> bool:
         """True once close or goaway has begun, from either side."""
 
-    #: Set by the listener that accepted the link (relay side): frees its handshake slot and
-    #: cancels the handshake deadline.
-    on_handshake_done = None
+    #: Given by the listener that accepted the link (relay side): frees its handshake slot
+    #: and cancels the handshake deadline.
+    _handshake_release = None
 
     def handshake_done(self) -> None:
         """Relay side: authentication finished, the link is no longer a pending handshake."""
-        callback, self.on_handshake_done = self.on_handshake_done, None
+        callback, self._handshake_release = self._handshake_release, None
         if callback is not None:
             callback()
 

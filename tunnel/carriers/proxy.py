@@ -154,7 +154,7 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
     sock: socket.socket | None = None
     try:
         async with asyncio.timeout(timeout):
-            sock = await _dial(loop, proxy_host, proxy_port)
+            sock = await dial_tcp(loop, proxy_host, proxy_port)
             await loop.sock_sendall(sock, _connect_request(proxy_url, host, port))
             head = bytearray()
             while True:
@@ -167,9 +167,6 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
                     break
                 if len(head) > MAX_RESPONSE_HEAD:
                     raise LinkError(f"proxy {shown} sent an oversized CONNECT response")
-            if end + 4 != len(head):
-                # The server side of a TLS connection never speaks first.
-                raise LinkError(f"proxy {shown} sent data after its CONNECT response")
             status_line = bytes(head[:head.find(b"\r\n")]).decode("latin-1")
             fields = status_line.split(" ", 2)
             if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not fields[1].isdigit():
@@ -179,6 +176,10 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
                 raise LinkError(f"proxy {shown} requires authentication (407)")
             if not 200 <= status < 300:
                 raise LinkError(f"proxy {shown} refused CONNECT to {host}:{port}: {status_line[:120]}")
+            if end + 4 != len(head):
+                # The server side of a TLS connection never speaks first. (A refusal may carry a
+                # body: the status is read first.)
+                raise LinkError(f"proxy {shown} sent data after its CONNECT response")
     except LinkError:
         if sock is not None:
             sock.close()
@@ -196,7 +197,9 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
     return sock
 
 
-async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+async def dial_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket (TCP_NODELAY) to the first address of ``host``
+    that answers; the last error if none does."""
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     last: Exception | None = None
     for family, kind, proto, _, addr in infos:

@@ -1,25 +1,25 @@
 """The asyncio adapter between a byte :class:`~tunnel.carriers.pipe.Pipe` and the sans-IO
 :class:`~tunnel.core.session.Session`, exposed as a :class:`~tunnel.carriers.base.Link`.
 
-It feeds pipe bytes into the session with ``loop.time()``, dispatches the session's events
-to the :class:`~tunnel.carriers.base.LinkHandler` and the per-stream
-:class:`~tunnel.carriers.base.StreamHandler`\\ s, coalesces writes into one ``loop.call_soon`` flush
-(one ``pipe.write`` batch per flush, nothing while the pipe is paused, so backpressure flows
-into the per-stream send queues and from there into ``LinkStream.paused``) and keeps exactly
-one timer armed from ``session.next_timer()``.
+It feeds pipe bytes into the session with ``loop.time()``, hands the session's events to
+the application through a :class:`~tunnel.carriers.dispatch.Dispatcher`, coalesces writes
+into one ``loop.call_soon`` flush (one ``pipe.write`` batch per flush, nothing while the pipe
+is paused, so backpressure flows into the per-stream send queues and from there into
+``LinkStream.paused``) and keeps exactly one timer armed from ``session.next_timer()``.
 
-:class:`TcpPipe` is a plain TCP pipe (tests, benchmarks); the TLS WebSocket pipe lives in
-``tunnel.carriers.wss``.
+The TLS WebSocket pipe lives in :mod:`tunnel.carriers.wss`, a plain TCP one (tests,
+benchmarks) in :mod:`tunnel.carriers.tcp`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from tunnel.carriers.base import Link, LinkHandler, LinkStream, StreamHandler
-from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
+from tunnel.carriers.dispatch import Dispatcher
+from tunnel.carriers.pipe import Pipe, PipeReceiver
 from tunnel.core.events import (
     ConnectionClosed,
     ControlReceived,
@@ -35,10 +35,9 @@ from tunnel.core.events import (
 from tunnel.core.limits import DEFAULT_LIMITS, Limits
 from tunnel.core.session import Role, Session
 from tunnel.wire.constants import ErrorCode
-from tunnel.wire.errors import LinkError, SessionClosed
-from tunnel.wire.errors import StreamClosed as StreamClosedError
+from tunnel.wire.errors import LinkError, SessionClosed, StreamClosedError
 
-__all__ = ["SessionLink", "SessionLinkStream", "TcpPipe", "open_tcp_link", "serve_tcp_links"]
+__all__ = ["SessionLink", "SessionLinkStream"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class SessionLinkStream(LinkStream):
             return
         try:
             self._link._session.send_data(self.stream_id, data)
-        except StreamClosedError:
+        except (StreamClosedError, SessionClosed):
             # Reset by the peer (or the link closed) and the event is not dispatched yet.
             self._done = True
             return
@@ -129,15 +128,16 @@ class SessionLinkStream(LinkStream):
 class SessionLink(Link, PipeReceiver):
     """A :class:`~tunnel.carriers.base.Link` over a byte pipe, driven by a :class:`Session`."""
 
-    def __init__(self, pipe: Pipe, role: Role, limits: Limits = DEFAULT_LIMITS,
-                 transport_name: str = "wss", loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, pipe: Pipe, role: Role, limits: Limits = DEFAULT_LIMITS, carrier: str = "wss",
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 on_handshake_done: Callable[[], None] | None = None) -> None:
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self.transport = transport_name
+        self.carrier = carrier
         self._pipe = pipe
         self._limits = limits
         self._session = Session(role, limits, now=self._loop.time())
-        self._handler: LinkHandler | None = None
-        self._backlog: list = []  # events waiting for set_handler
+        self._dispatch_to = Dispatcher(self._loop)
+        self._handshake_release = on_handshake_done
         self._streams: dict[int, SessionLinkStream] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._timer_handle: asyncio.TimerHandle | None = None
@@ -146,8 +146,6 @@ class SessionLink(Link, PipeReceiver):
         self._write_paused = False
         self._pipe_closing = False
         self._pipe_lost = False
-        self._closed_reported = False
-        self._close_info: tuple[int, str] | None = None
         self._ready = self._loop.create_future()
         self._closed = self._loop.create_future()
         pipe.set_receiver(self)
@@ -188,16 +186,8 @@ class SessionLink(Link, PipeReceiver):
     def ready(self) -> bool:
         return self._session.ready
 
-    @property
-    def close_code(self) -> int | None:
-        """The code the link closed with, None while open."""
-        return None if self._close_info is None else self._close_info[0]
-
     def set_handler(self, handler: LinkHandler) -> None:
-        self._handler = handler
-        backlog, self._backlog = self._backlog, []
-        for event in backlog:
-            self._dispatch(event)
+        self._dispatch_to.set_handler(handler)
 
     async def wait_ready(self) -> None:
         """Return once both HELLOs are exchanged; raise LinkError if the link closes first."""
@@ -209,6 +199,8 @@ class SessionLink(Link, PipeReceiver):
     def open_stream(self, metadata: bytes, handler: StreamHandler) -> SessionLinkStream:
         if self.is_closing:
             raise SessionClosed("link is closing")
+        if not self._session.ready:
+            raise SessionClosed("link is not ready")
         sid = self._session.open_stream(metadata)
         stream = SessionLinkStream(self, sid, bytes(metadata), handler)
         self._streams[sid] = stream
@@ -217,10 +209,6 @@ class SessionLink(Link, PipeReceiver):
 
     def send_control(self, message: dict) -> None:
         self._session.send_control(message)
-        self._schedule_flush()
-
-    def ping(self) -> None:
-        self._session.ping(self._loop.time())
         self._schedule_flush()
 
     def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
@@ -360,19 +348,19 @@ class SessionLink(Link, PipeReceiver):
                     self._ready.set_result(None)
                 continue
             if kind is ConnectionClosed:
-                self._close_info = (event.code, event.reason)
                 if not self._ready.done():
                     self._ready.set_exception(LinkError(f"link closed before it was ready: {event.reason}"))
                     self._ready.exception()  # retrieved: no "never retrieved" warning
-            if self._handler is None:
+            if self._dispatch_to.holding:
                 if kind is DataReceived and type(event.data) is not bytes:
                     event = DataReceived(event.stream_id, bytes(event.data))
-                self._backlog.append(event)
+                self._dispatch_to.hold(self._dispatch, event)
             else:
                 self._dispatch(event)
 
     def _dispatch(self, event) -> None:
         kind = type(event)
+        to = self._dispatch_to
         if kind is DataReceived:
             stream = self._streams.get(event.stream_id)
             n = len(event.data)
@@ -381,187 +369,35 @@ class SessionLink(Link, PipeReceiver):
                 self._session.consume(event.stream_id, n)
                 return
             stream._unconsumed += n
-            self._call(stream, stream.handler.data_received, event.data)
+            to.stream_call(stream, stream.handler.data_received, event.data)
         elif kind is StreamOpened:
-            self._stream_opened(event)
+            stream = SessionLinkStream(self, event.stream_id, event.metadata, None)
+            self._streams[event.stream_id] = stream
+            stream.handler = to.open(stream)
         elif kind is StreamEnded:
             stream = self._streams.get(event.stream_id)
             if stream is not None and stream.handler is not None and not stream._done:
-                self._call(stream, stream.handler.eof_received)
+                to.stream_call(stream, stream.handler.eof_received)
         elif kind is StreamWritable:
             stream = self._streams.get(event.stream_id)
             if stream is not None and stream.handler is not None and not stream._done:
-                self._call(stream, stream.handler.writable)
+                to.stream_call(stream, stream.handler.writable)
         elif kind is StreamReset:
             stream = self._streams.get(event.stream_id)
             if stream is not None and not stream._done:
                 stream._done = True
                 stream._release()
                 if stream.handler is not None:
-                    self._call(None, stream.handler.reset_received, event.code)
+                    to.stream_done(stream, stream.handler.reset_received, event.code)
         elif kind is StreamClosed:
             stream = self._streams.pop(event.stream_id, None)
             if stream is not None:
                 stream._done = True
                 if stream.handler is not None:
-                    self._call(None, stream.handler.closed)
+                    to.stream_done(stream, stream.handler.closed)
         elif kind is ControlReceived:
-            try:
-                self._handler.control_received(event.message)
-            except Exception:
-                log.exception("control_received handler failed")
+            to.control(event.message)
         elif kind is GoAwayReceived:
             log.info("peer sent GOAWAY (code %s): %s", event.code, event.reason)
         elif kind is ConnectionClosed:
-            if not self._closed_reported:
-                self._closed_reported = True
-                try:
-                    self._handler.link_closed(event.code, event.reason)
-                except Exception:
-                    log.exception("link_closed handler failed")
-
-    def _stream_opened(self, event: StreamOpened) -> None:
-        stream = SessionLinkStream(self, event.stream_id, event.metadata, None)
-        self._streams[event.stream_id] = stream
-        try:
-            handler = self._handler.stream_opened(stream)
-        except Exception:
-            log.exception("stream_opened handler failed; resetting stream %d", event.stream_id)
-            handler = None
-            stream.reset(ErrorCode.INTERNAL_ERROR)
-        stream.handler = handler
-        if handler is None and not stream._done:
-            stream.reset(ErrorCode.REFUSED)
-
-    def _call(self, stream: SessionLinkStream | None, method: Callable, *args) -> None:
-        """Run a stream handler callback; its exception resets that stream only."""
-        try:
-            method(*args)
-        except Exception:
-            if stream is None:
-                log.exception("stream handler failed")
-                return
-            log.exception("stream %d handler failed; resetting it", stream.stream_id)
-            stream.reset(ErrorCode.INTERNAL_ERROR)
-            if stream.handler is not None:
-                try:
-                    stream.handler.reset_received(ErrorCode.INTERNAL_ERROR)
-                except Exception:
-                    log.exception("stream %d reset_received failed", stream.stream_id)
-
-
-# --- plain TCP pipe ---------------------------------------------------------------------
-
-
-class TcpPipe(Pipe, asyncio.Protocol):
-    """A :class:`~tunnel.carriers.pipe.Pipe` over a TCP connection (TCP_NODELAY, ``writelines``)."""
-
-    #: Transport write buffer limits: pause_writing above ``high``.
-    write_high_water = 1024 * 1024
-    write_low_water = 256 * 1024
-
-    def __init__(self) -> None:
-        self.peer_address: tuple = ()
-        self._transport: asyncio.Transport | None = None
-        self._receiver: PipeReceiver | None = None
-        self._early: list[bytes] = []
-        self._paused = False
-        self._lost = False
-        self._lost_exc: Exception | None = None
-
-    # asyncio.Protocol
-    def connection_made(self, transport) -> None:
-        self._transport = transport
-        self.peer_address = transport.get_extra_info("peername") or ()
-        set_nodelay(transport)
-        try:
-            transport.set_write_buffer_limits(high=self.write_high_water, low=self.write_low_water)
-        except Exception:
-            pass
-
-    def data_received(self, data: bytes) -> None:
-        if self._receiver is not None:
-            self._receiver.pipe_data_received(data)
-        else:
-            self._early.append(data)
-
-    def eof_received(self):
-        return False  # close the transport; connection_lost follows
-
-    def pause_writing(self) -> None:
-        self._paused = True
-        if self._receiver is not None:
-            self._receiver.pipe_pause_writing()
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._receiver is not None:
-            self._receiver.pipe_resume_writing()
-
-    def connection_lost(self, exc) -> None:
-        self._lost = True
-        self._lost_exc = exc
-        if self._receiver is not None:
-            self._receiver.pipe_connection_lost(exc)
-
-    # Pipe
-    def set_receiver(self, receiver: PipeReceiver) -> None:
-        self._receiver = receiver
-        early, self._early = self._early, []
-        for data in early:
-            receiver.pipe_data_received(data)
-        if self._paused:
-            receiver.pipe_pause_writing()
-        if self._lost:
-            receiver.pipe_connection_lost(self._lost_exc)
-
-    def write(self, buffers: Sequence) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        transport.writelines(buffers)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-
-async def open_tcp_link(host: str, port: int, role: Role = Role.AGENT,
-                        limits: Limits = DEFAULT_LIMITS) -> SessionLink:
-    """Dial ``host:port`` and return a :class:`SessionLink` over it (not yet ready: use
-    ``await link.wait_ready()``)."""
-    loop = asyncio.get_running_loop()
-    _transport, pipe = await loop.create_connection(TcpPipe, host, port)
-    return SessionLink(pipe, role, limits, transport_name="tcp", loop=loop)
-
-
-async def serve_tcp_links(host: str, port: int, role: Role = Role.RELAY,
-                          limits: Limits = DEFAULT_LIMITS,
-                          on_link: Callable | None = None) -> asyncio.Server:
-    """Listen on ``host:port``; every accepted connection becomes a :class:`SessionLink`
-    passed to ``on_link`` (a function or a coroutine function)."""
-    loop = asyncio.get_running_loop()
-    tasks: set = set()
-
-    class _ServerPipe(TcpPipe):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            link = SessionLink(self, role, limits, transport_name="tcp", loop=loop)
-            if on_link is None:
-                return
-            try:
-                result = on_link(link)
-            except Exception:
-                log.exception("on_link failed")
-                link.close(ErrorCode.INTERNAL_ERROR, "internal error")
-                return
-            if asyncio.iscoroutine(result):
-                task = loop.create_task(result)
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-
-    return await loop.create_server(_ServerPipe, host, port)
+            to.closed(event.code, event.reason)

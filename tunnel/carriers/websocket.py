@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from tunnel import codec as frames
 from tunnel.wire.constants import WS_PATH, WS_SUBPROTOCOL
-from tunnel.wire.errors import LinkError, ProtocolError
+from tunnel.wire.errors import HandshakeError, ProtocolError
 
 __all__ = [
     "ClientHandshake",
@@ -81,14 +81,6 @@ _VALID_CLOSE = frozenset([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 
 
 def _close_code_valid(code: int) -> bool:
     return code in _VALID_CLOSE or 3000 <= code <= 4999
-
-
-class HandshakeError(LinkError):
-    """The WebSocket upgrade failed; ``status`` is the HTTP status involved (0 if none)."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # --- handshake ---------------------------------------------------------------------------

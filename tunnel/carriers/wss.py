@@ -29,13 +29,11 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from tunnel import codec as frames
-from tunnel.carriers.handshakes import PendingHandshakes
+from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
 from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
 from tunnel.carriers.websocket import (
     ClientHandshake,
     CloseCode,
-    HandshakeError,
     ServerHandshake,
     State,
     WebSocketConnection,
@@ -43,7 +41,7 @@ from tunnel.carriers.websocket import (
 )
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import WS_PATH
-from tunnel.wire.errors import LinkError
+from tunnel.wire.errors import HandshakeError, LinkError
 
 __all__ = [
     "WebSocketPipe",
@@ -108,11 +106,6 @@ def _read_buffer(size: int) -> bytearray:
     elif free >= 0:
         pool[free] = buf  # a bigger one replaces a free small one
     return buf
-
-
-def tune_malloc() -> bool:
-    """Entrypoints call this once at start (see ``MALLOC_MMAP_THRESHOLD``); False off glibc."""
-    return frames.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 class Slot:
@@ -245,6 +238,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         if not listener.admit(self):
             log.warning("refusing connection from %s: %d handshakes pending", self.peer_address,
                         len(listener.handshakes))
+            handshake_failed("wss", "full")
             self._lost = True  # never counted, never reported
             transport.abort()
             return
@@ -300,6 +294,8 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
                 reason = "TLS handshake timed out" if isinstance(exc, (asyncio.CancelledError, TimeoutError)) \
                     else f"TLS handshake failed: {exc}"
                 log.info("wss %s: %s", self.peer_address, reason)
+                if not isinstance(exc, (asyncio.CancelledError, TimeoutError)):  # else the deadline counts it
+                    handshake_failed("wss", "tls")
                 self.connection_lost(LinkError(reason))
             return
         self._tls_task = None
@@ -432,6 +428,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         self.transport.write(hs.response)
         if not hs.accepted:
             log.info("wss %s: upgrade refused with %d (%s)", self.peer_address, hs.status, hs.reason)
+            handshake_failed("wss", "upgrade")
             self._error = HandshakeError(f"upgrade refused: {hs.reason}", hs.status)
             self._closing = True
             self.transport.close()
@@ -482,6 +479,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             return
         log.info("wss %s: handshake deadline of %.1fs passed", self.peer_address,
                  self.limits.handshake_timeout)
+        handshake_failed("wss", "timeout")
         self._error = LinkError("handshake deadline passed")
         self._closing = True
         if self._tls_task is not None:
@@ -495,6 +493,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             self.slot.release()
         if self._lost:
             return
+        handshake_failed("wss", "evicted")
         self._error = LinkError("handshake evicted: too many handshakes in progress")
         self._closing = True
         if self._tls_task is not None:
@@ -635,7 +634,7 @@ async def connect_wss(url: str, *, ssl_context: ssl.SSLContext | None, limits: L
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     pipe = await open_wss_pipe(url, ssl_context=ssl_context, limits=limits, proxy=proxy, timeout=timeout)
-    link = SessionLink(pipe, Role.AGENT, limits, transport_name="wss")
+    link = SessionLink(pipe, Role.AGENT, limits, carrier="wss")
     try:
         async with asyncio.timeout_at(deadline):
             await link.wait_ready()
@@ -656,8 +655,7 @@ async def serve_wss(host: str, port: int, *, ssl_context: ssl.SSLContext | None,
     from tunnel.core.session import Role
 
     def on_pipe(pipe: WebSocketPipe, slot: Slot) -> None:
-        link = SessionLink(pipe, Role.RELAY, limits, transport_name="wss")
-        link.on_handshake_done = slot.release
+        link = SessionLink(pipe, Role.RELAY, limits, carrier="wss", on_handshake_done=slot.release)
         on_link(link)
 
     return await serve_wss_pipes(host, port, ssl_context=ssl_context, limits=limits, on_pipe=on_pipe, sock=sock)

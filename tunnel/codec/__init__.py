@@ -35,7 +35,6 @@ ws_mask_join = _impl.ws_mask_join
 ws_mask_join_into = _impl.ws_mask_join_into
 encode_ws_header = _impl.encode_ws_header
 parse_ws_header = _impl.parse_ws_header
-tune_malloc = _impl.tune_malloc
 
 __all__ = list(_impl.__all__) + [
     "ALLOWED_FLAGS", "HEADER_SIZE", "MAX_GOAWAY_REASON", "PARTIAL", "Flags", "FrameType",

@@ -5,10 +5,15 @@ incremental and zero-copy where it can be: payloads that lie wholly inside one f
 returned as memoryviews of that chunk; DATA payloads that span chunks are returned piece by
 piece (flag ``PARTIAL`` on every piece but the last), so stream bytes are never reassembled;
 other payloads that span chunks are assembled once into a buffer of their declared size.
+
+Buffer arguments are read as their bytes: ``bytes`` and ``bytearray`` as they are, any other
+C-contiguous buffer (a memoryview of any format, an ``array.array``...) through
+``memoryview(obj).cast("B")``, which raises TypeError for anything else.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
 
 from tunnel.wire.constants import (
@@ -23,7 +28,7 @@ from tunnel.wire.errors import FrameTooLarge, ProtocolError
 __all__ = [
     "HELLO_SIZE", "IMPLEMENTATION", "FrameDecoder", "encode_header", "encode_frame", "parse_u32",
     "encode_u32", "encode_hello", "parse_hello", "encode_goaway", "parse_goaway", "ws_mask",
-    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header", "tune_malloc",
+    "ws_mask_join", "ws_mask_join_into", "encode_ws_header", "parse_ws_header",
 ]
 
 IMPLEMENTATION = "python"
@@ -39,6 +44,13 @@ _MAX_TYPE = max(FrameType)
 _ALLOWED = [int(ALLOWED_FLAGS[FrameType(t)]) for t in range(_MAX_TYPE + 1)]
 
 
+def _as_bytes(obj):
+    """``obj`` read as its bytes (see the module docstring); TypeError if it is no buffer."""
+    if type(obj) is bytes or type(obj) is bytearray:
+        return obj
+    return memoryview(obj).cast("B")
+
+
 def encode_header(frame_type: int, flags: int, stream_id: int, length: int) -> bytes:
     """The 12-byte header of a frame; send it followed by ``length`` payload bytes."""
     return _HEADER.pack(frame_type, flags, 0, stream_id, length)
@@ -46,6 +58,7 @@ def encode_header(frame_type: int, flags: int, stream_id: int, length: int) -> b
 
 def encode_frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     """A whole small frame as one bytes object (control frames; DATA uses encode_header)."""
+    payload = _as_bytes(payload)
     return _HEADER.pack(frame_type, flags, 0, stream_id, len(payload)) + payload
 
 
@@ -152,6 +165,7 @@ class FrameDecoder:
 
 def parse_u32(payload) -> int:
     """The single u32 of a RESET or WINDOW_UPDATE payload."""
+    payload = _as_bytes(payload)
     if len(payload) != 4:
         raise ProtocolError(f"expected a 4-byte payload, got {len(payload)}")
     return _U32.unpack(payload)[0]
@@ -169,6 +183,7 @@ def encode_hello(min_version: int, max_version: int, stream_window: int, session
 def parse_hello(payload) -> tuple:
     """``(min_version, max_version, stream_window, session_window, max_frame_size,
     max_streams)``; extra trailing bytes are ignored for forward compatibility."""
+    payload = _as_bytes(payload)
     if len(payload) < HELLO_SIZE:
         raise ProtocolError(f"HELLO payload of {len(payload)} bytes, expected at least {HELLO_SIZE}")
     lo, hi, _reserved, sw, cw, mfs, ms = _HELLO.unpack_from(payload, 0)
@@ -182,6 +197,7 @@ def encode_goaway(last_stream_id: int, code: int, reason: str = "") -> bytes:
 
 def parse_goaway(payload) -> tuple:
     """``(last_stream_id, code, reason)``."""
+    payload = _as_bytes(payload)
     if not _GOAWAY.size <= len(payload) <= _GOAWAY.size + MAX_GOAWAY_REASON:
         raise ProtocolError(f"GOAWAY payload of {len(payload)} bytes")
     last, code = _GOAWAY.unpack_from(payload, 0)
@@ -194,15 +210,22 @@ def parse_goaway(payload) -> tuple:
 def ws_mask(data, key: bytes, offset: int = 0) -> bytes:
     """XOR ``data`` with the 4-byte ``key``, starting at key position ``offset % 4``.
     Masking and unmasking are the same operation. A key of another length is a ValueError."""
-    if len(key) != 4:
-        raise ValueError(f"WebSocket mask key must be 4 bytes, got {len(key)}")
+    key = _mask_key(key)
+    data = _as_bytes(data)
+    offset = operator.index(offset) % 4
     n = len(data)
     if n == 0:
         return b""
-    offset %= 4
     rotated = key[offset:] + key[:offset]
     mask = int.from_bytes((rotated * ((n + 3) // 4))[:n], "big")
     return (int.from_bytes(data, "big") ^ mask).to_bytes(n, "big")
+
+
+def _mask_key(key) -> bytes:
+    key = bytes(_as_bytes(key))
+    if len(key) != 4:
+        raise ValueError(f"WebSocket mask key must be 4 bytes, got {len(key)}")
+    return key
 
 
 def ws_mask_join(buffers, key: bytes) -> bytes:
@@ -222,8 +245,12 @@ def ws_mask_join_into(buffers, key: bytes, out) -> int:
 
 
 def encode_ws_header(opcode: int, fin: bool, length: int, mask_key: bytes | None = None) -> bytes:
-    """A WebSocket frame header (RFC 6455 section 5.2) for a payload of ``length`` bytes."""
-    first = (0x80 if fin else 0) | opcode
+    """A WebSocket frame header (RFC 6455 section 5.2) for a payload of ``length`` bytes;
+    ``mask_key``, if given, must be 4 bytes long (ValueError)."""
+    if mask_key is not None:
+        mask_key = _mask_key(mask_key)
+    first = (0x80 if fin else 0) | operator.index(opcode)
+    length = operator.index(length)
     mask_bit = 0x80 if mask_key is not None else 0
     if length < 126:
         head = struct.pack("!BB", first, mask_bit | length)
@@ -240,8 +267,12 @@ def parse_ws_header(buf, offset: int = 0):
     Returns None if the header is not complete yet, else ``(fin, opcode, length, mask_key,
     header_size)`` with ``mask_key`` None for an unmasked frame. Raises ProtocolError for set
     RSV bits, a fragmented or oversized (> 125 bytes) control frame, or a 64-bit length with
-    its top bit set.
+    its top bit set. A negative ``offset`` is a ValueError.
     """
+    buf = _as_bytes(buf)
+    offset = operator.index(offset)
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
     avail = len(buf) - offset
     if avail < 2:
         return None
@@ -275,22 +306,3 @@ def parse_ws_header(buf, offset: int = 0):
         key = bytes(buf[offset + size:offset + size + 4])
         size += 4
     return fin, opcode, length, key, size
-
-
-def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (bytes); False where the C
-    library is not glibc.
-
-    Bulk transfer allocates a ciphertext ``bytes`` per WebSocket message in the TLS layer. By
-    default glibc serves such blocks with mmap, or from a heap top it trims again soon after,
-    so every message faults in fresh pages (perf: about a fifth of a sending agent's CPU).
-    Thresholds above the message size keep that memory in the heap for reuse.
-    """
-    import ctypes  # only here: the compiled twin does this without ctypes' half megabyte
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1

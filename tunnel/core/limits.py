@@ -15,16 +15,22 @@ from tunnel.wire.constants import MAX_FRAME_SIZE_CAP, MAX_WINDOW, MIN_FRAME_SIZE
 
 KiB = 1024
 MiB = 1024 * KiB
+#: Fields where 0 is a meaningful value (off, or "derive it").
+_MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """Limits of one link. Receive-side values are announced to the peer in HELLO."""
+    """Limits of one link, and the relay's per-customer quotas. Receive-side values are
+    announced to the peer in HELLO."""
 
     #: Largest frame payload we accept (and send at most the peer's).
     max_frame_size: int = 256 * KiB
     #: Credit each new stream starts with: 1 Gbit/s x 50 ms round trip is 6.25 MB.
     initial_stream_window: int = 8 * MiB
+    #: Largest stream window auto-tuning grows to when the path's bandwidth-delay product
+    #: needs more than the initial window (at most the session window).
+    max_stream_window: int = 32 * MiB
     #: Credit across all streams of a link; bounds the memory of unconsumed received data.
     session_window: int = 64 * MiB
     #: Streams the peer may hold open towards us at once.
@@ -47,6 +53,12 @@ class Limits:
     max_ping_rate: int = 50
     #: Stream OPENs plus RESETs per second from the peer above which the link closes.
     max_stream_churn_rate: int = 20000
+    #: CONTROL messages per second from the peer above which the link closes.
+    max_control_rate: int = 100
+    #: Deepest nesting of arrays and objects in a CONTROL message.
+    max_control_depth: int = 8
+    #: Largest OPEN metadata (the resource name a stream asks for).
+    max_open_metadata: int = 4 * KiB
     #: A half-closed stream with no progress for this long is reset (seconds).
     half_close_timeout: float = 120.0
     #: TLS + WebSocket upgrade (or QUIC handshake) + auth must finish within this (seconds).
@@ -60,23 +72,67 @@ class Limits:
     max_ws_frame_size: int = 4 * MiB
     #: Agent dial timeout towards the private service (seconds).
     connect_timeout: float = 10.0
+    #: QUIC connections one relay holds at once; more are refused (CONNECTION_REFUSED).
+    max_quic_connections: int = 10000
+    #: QUIC: bytes handed to aioquic beyond what it already sent, per stream ...
+    quic_unsent_per_stream: int = 256 * KiB
+    #: ... and across the streams of a link (what is sent and unacknowledged is bounded by
+    #: the peer's windows).
+    quic_unsent_per_link: int = 1 * MiB
+    #: QUIC datagram size after the handshake; 0: from the route MTU (up to 65507).
+    quic_max_datagram_size: int = 0
+    #: 1: send QUIC datagrams in batches with UDP segmentation offload where Linux has it.
+    quic_gso: int = 1
+    #: ``auto://``: how long the QUIC attempt may take before falling back to WSS (seconds).
+    quic_probe_timeout: float = 3.0
+    #: ``auto://``: while on WSS, how often QUIC is tried again (seconds).
+    quic_reprobe_interval: float = 60.0
+    # --- relay quotas, per customer (docs/LIMITS.md, "Quotas") ---
+    #: Resources one customer may have; registering a new name beyond it is refused.
+    max_resources_per_customer: int = 256
+    #: Live agent links one customer may hold on one relay.
+    max_links_per_customer: int = 512
+    #: Registrations (``auth`` messages with a valid token) per customer and minute; a burst
+    #: of one minute's worth is allowed.
+    max_registrations_per_minute: int = 600
+    #: A resource no agent has served for this long is deleted and its port freed (seconds),
+    #: unless an operator issued a JWT naming it (``--resource-id``).
+    resource_idle_expiry: float = 30 * 86400.0
+    #: Open-file descriptors the relay keeps free for its admin API, database, handshakes.
+    fd_reserve: int = 512
+    #: Share of the other descriptors one customer may hold (agent links, endpoints and the
+    #: connections to them), as a fraction.
+    customer_fd_share: float = 0.5
+    # --- operations endpoints (relay --metrics-listen, agent METRICS_LISTEN) ---
+    #: Connections the /metrics, /live and /ready server serves at once; more are closed.
+    max_metrics_connections: int = 16
 
     def validate(self) -> "Limits":
         """Raise ``ValueError`` naming the first field out of range; return self."""
         if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE_CAP:
             raise ValueError(f"max_frame_size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_SIZE_CAP}]")
+        if self.max_open_metadata > MIN_FRAME_SIZE:
+            raise ValueError(f"max_open_metadata must be at most {MIN_FRAME_SIZE} (any peer's smallest frame)")
         for name in ("initial_stream_window", "session_window"):
             value = getattr(self, name)
             if not 1 <= value <= MAX_WINDOW:
                 raise ValueError(f"{name} must be in [1, {MAX_WINDOW}]")
         if self.session_window < self.initial_stream_window:
             raise ValueError("session_window must be at least initial_stream_window")
+        if not self.initial_stream_window <= self.max_stream_window <= MAX_WINDOW:
+            raise ValueError("max_stream_window must be at least initial_stream_window (and at most 2^31-1)")
         if not self.stream_send_low_water < self.stream_send_high_water:
             raise ValueError("stream_send_low_water must be below stream_send_high_water")
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must exceed keepalive_interval")
+        if self.quic_max_datagram_size and not 1200 <= self.quic_max_datagram_size <= 65507:
+            raise ValueError("quic_max_datagram_size must be 0 (from the path) or in [1200, 65507]")
+        if self.quic_gso not in (0, 1):
+            raise ValueError("quic_gso must be 0 or 1")
+        if not 0 < self.customer_fd_share <= 1:
+            raise ValueError("customer_fd_share must be in (0, 1]")
         for field in dataclasses.fields(self):
-            if getattr(self, field.name) <= 0:
+            if getattr(self, field.name) <= 0 and field.name not in _MAY_BE_ZERO:
                 raise ValueError(f"{field.name} must be positive")
         return self
 

@@ -13,10 +13,12 @@ Design in a few lines:
   The list returned is frame headers interleaved with slices of the application's buffers,
   ready for ``transport.writelines``.
 - Flow control: our receive windows shrink on receipt and are granted back only in
-  :meth:`Session.consume`. A stream's WINDOW_UPDATE goes out once half its window has been
-  consumed; the session's once the consumed-but-ungranted credit reaches the peer's remaining
-  credit (half the window when nothing is held, earlier when stalled streams hold part of it,
-  so they cannot starve the others).
+  :meth:`Session.consume`, by the rules of :mod:`tunnel.core.policy` (a stream's
+  WINDOW_UPDATE once half its window was consumed, the session's once the consumed credit
+  reaches what the peer has left).
+- The link's rules (HELLO checks, keepalive, PING, floods, going away, stream admission,
+  half-close deadlines, send watermarks) are :class:`tunnel.core.policy.LinkPolicy` and
+  friends, which the QUIC carrier obeys too; this module applies them to a byte pipe.
 - No clock: every time is the ``now`` the caller passes; :meth:`Session.next_timer` and
   :meth:`Session.handle_timer` drive keepalive and half-close timeouts.
 - Peer mistakes never raise: a stream-level one resets the stream (``StreamReset`` with
@@ -26,7 +28,6 @@ Design in a few lines:
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from enum import IntEnum
 
@@ -46,15 +47,21 @@ from tunnel.core.events import (
     StreamWritable,
 )
 from tunnel.core.limits import DEFAULT_LIMITS, Limits
-from tunnel.core.rates import PerSecond
+from tunnel.core.policy import (
+    KEEPALIVE_PING,
+    KEEPALIVE_TIMEOUT,
+    LinkPolicy,
+    SendWatermarks,
+    accept_hello,
+    hello_payload,
+    session_credit,
+    stream_credit,
+)
 from tunnel.wire.constants import (
     HEADER_SIZE,
-    MAX_FRAME_SIZE_CAP,
     MAX_STREAM_ID,
     MAX_WINDOW,
     MIN_FRAME_SIZE,
-    MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
     ErrorCode,
     Flags,
     FrameType,
@@ -65,11 +72,10 @@ from tunnel.wire.errors import (
     FlowControlError,
     ProtocolError,
     SessionClosed,
+    StreamClosedError,
     StreamStateError,
     UsageError,
-    VersionMismatch,
 )
-from tunnel.wire.errors import StreamClosed as StreamClosedError
 
 __all__ = ["Role", "Session", "StreamState", "StreamInput", "TRANSITIONS"]
 
@@ -108,7 +114,7 @@ _I = StreamInput
 
 #: The stream state machine: ``(state, input) -> new state``. A pair that is missing is a
 #: violation: by the peer (``RECV_*``: STREAM_CLOSED for data after FIN, else PROTOCOL_ERROR)
-#: or by the application (``SEND_*``: :class:`tunnel.wire.errors.StreamClosed`).
+#: or by the application (``SEND_*``: :class:`tunnel.wire.errors.StreamClosedError`).
 TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (_S.IDLE, _I.SEND_OPEN): _S.OPEN,
     (_S.IDLE, _I.SEND_OPEN_FIN): _S.HALF_CLOSED_LOCAL,
@@ -151,9 +157,6 @@ _SEND_FIN = int(_I.SEND_FIN)
 _DATA = int(FrameType.DATA)
 _FIN = int(Flags.FIN)
 _ACK = int(Flags.ACK)
-_PING_PAYLOAD = struct.Struct("!Q")
-#: Outstanding PINGs remembered for RTT measurement; older ones are forgotten.
-_MAX_PENDING_PINGS = 16
 #: Control frames queued in answer to the peer (PING ACKs, refusals) while it does not read
 #: what we send: above this the peer is flooding us.
 _MAX_CONTROL_BACKLOG = 1024 * 1024
@@ -163,8 +166,8 @@ _INF = float("inf")
 class _Stream:
     __slots__ = (
         "id", "local", "state", "queue", "buffered", "fin_pending", "send_window",
-        "recv_window", "unconsumed", "pending_credit", "scheduled", "blocked",
-        "last_activity", "turn_left",
+        "recv_limit", "received", "consumed", "window", "epoch_at", "epoch_consumed", "scheduled",
+        "paused", "last_activity", "turn_left",
     )
 
     def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int, now: float) -> None:
@@ -175,11 +178,14 @@ class _Stream:
         self.buffered = 0  # bytes in queue
         self.fin_pending = False  # end_stream called; FIN goes out after the queue
         self.send_window = send_window  # credit the peer gave us
-        self.recv_window = recv_window  # credit we gave the peer, not yet used
-        self.unconsumed = 0  # received, not yet consumed by the application
-        self.pending_credit = 0  # consumed, not yet granted back
+        self.recv_limit = recv_window  # stream offset the peer may send up to
+        self.received = 0  # stream offset received
+        self.consumed = 0  # stream offset the application consumed
+        self.window = recv_window  # our receive window for this stream (grows: policy.retune)
+        self.epoch_at = now  # window auto-tuning: start of the epoch ...
+        self.epoch_consumed = 0  # ... and what was consumed then
         self.scheduled = False  # in Session._active
-        self.blocked = False  # reported paused; waits for StreamWritable
+        self.paused = False  # reported paused; waits for StreamWritable
         self.last_activity = now
         self.turn_left = 0  # rest of a quantum cut short by max_bytes: resumed first
 
@@ -198,40 +204,21 @@ class Session:
         self._control_bytes = 0
         self._streams: dict[int, _Stream] = {}
         self._active: deque = deque()  # streams with data (or a FIN) and credit, round-robin
-        self._blocked: set = set()  # streams reported paused
-        self._session_high = False  # the send total went above session_send_high_water
-        self._send_total = 0  # bytes queued across all streams
+        self._policy = LinkPolicy(limits, now)
+        self._send = SendWatermarks(limits)
         self._next_local_id = 1 if self._role == Role.AGENT else 2
         self._last_local_id = 0
         self._last_peer_id = 0
-        self._peer_stream_count = 0
         # Peer's HELLO.
         self._hello_received = False
         self._version: int | None = None
         self._peer_stream_window = 0
         self._peer_max_frame = MIN_FRAME_SIZE
-        self._peer_max_streams = 0
         self._send_session_window = 0
-        # Our receive side.
-        self._recv_session_window = limits.session_window  # peer's remaining credit
-        self._recv_unconsumed = 0
-        self._recv_pending = 0
-        self._stream_update_at = max(1, limits.initial_stream_window // 2)
-        # Keepalive and floods.
-        self._last_recv = now
-        self._last_keepalive_ping = -_INF
-        self._pings: dict[bytes, float] = {}
-        self._ping_counter = 0
-        self._rtt: float | None = None
-        self._ping_rate = PerSecond(now)
-        self._churn_rate = PerSecond(now)
-        # Half-close timeouts: the streams, and a lower bound of their earliest deadline.
-        self._half_closed: set = set()
-        self._half_close_at: float | None = None
-        # Shutdown.
-        self._goaway_sent = False
-        self._goaway_code: int | None = None
-        self._goaway_received = False
+        # Our receive side, as byte counts across all streams.
+        self._recv_limit = limits.session_window  # what the peer may send in all
+        self._recv_received = 0
+        self._recv_consumed = 0
         self._closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -245,23 +232,9 @@ class Session:
             self._on_hello,
             self._on_control,
         ]
-        self._queue_control(frames.encode_frame(
-            FrameType.HELLO, 0, 0,
-            frames.encode_hello(
-                MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, limits.initial_stream_window,
-                limits.session_window, limits.max_frame_size, limits.max_concurrent_streams,
-            ),
-        ))
+        self._queue_control(frames.encode_frame(FrameType.HELLO, 0, 0, hello_payload(limits)))
 
     # --- properties -------------------------------------------------------------------
-
-    @property
-    def role(self) -> Role:
-        return self._role
-
-    @property
-    def limits(self) -> Limits:
-        return self._limits
 
     @property
     def ready(self) -> bool:
@@ -282,20 +255,20 @@ class Session:
 
     @property
     def rtt(self) -> float | None:
-        return self._rtt
+        return self._policy.rtt
 
     @property
     def goaway_sent(self) -> bool:
-        return self._goaway_sent
+        return self._policy.goaway_sent
 
     @property
     def goaway_received(self) -> bool:
-        return self._goaway_received
+        return self._policy.goaway_received
 
     @property
     def is_closing(self) -> bool:
         """GOAWAY sent or received, or closed."""
-        return self._closed or self._goaway_sent or self._goaway_received
+        return self._closed or self._policy.going_away
 
     @property
     def has_data_to_send(self) -> bool:
@@ -309,20 +282,12 @@ class Session:
     @property
     def send_buffered_total(self) -> int:
         """Outgoing stream bytes queued across all streams."""
-        return self._send_total
+        return self._send.total
 
     @property
     def received_unconsumed(self) -> int:
         """Received DATA bytes the application has not consumed yet (bounded by the window)."""
-        return self._recv_unconsumed
-
-    @property
-    def peer_max_frame_size(self) -> int:
-        return self._peer_max_frame
-
-    @property
-    def peer_max_concurrent_streams(self) -> int:
-        return self._peer_max_streams
+        return self._recv_received - self._recv_consumed
 
     def stream_ids(self) -> list[int]:
         """Ids of the streams still tracked (not yet closed both ways)."""
@@ -336,7 +301,7 @@ class Session:
         if self._closed:
             return
         if len(data):
-            self._last_recv = now
+            self._policy.last_received = now
         try:
             decoded = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -368,22 +333,13 @@ class Session:
             raise ProtocolError(f"{FrameType(ftype).name} before HELLO")
         if sid:
             raise ProtocolError("HELLO on a stream")
-        lo, hi, stream_window, session_window, max_frame, max_streams = frames.parse_hello(payload)
-        version = min(hi, PROTOCOL_VERSION)
-        if version < max(lo, MIN_PROTOCOL_VERSION):
-            raise VersionMismatch(
-                f"peer speaks versions {lo}..{hi}, we speak {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}")
-        if not MIN_FRAME_SIZE <= max_frame <= MAX_FRAME_SIZE_CAP:
-            raise ProtocolError(f"HELLO max frame size {max_frame} out of range")
-        if not 1 <= stream_window <= MAX_WINDOW or not 1 <= session_window <= MAX_WINDOW:
-            raise ProtocolError("HELLO window out of range")
+        peer = accept_hello(payload)
         self._hello_received = True
-        self._version = version
-        self._peer_stream_window = stream_window
-        self._send_session_window = session_window
-        self._peer_max_frame = max_frame
-        self._peer_max_streams = max_streams
-        self._events.append(SessionReady(version))
+        self._version = peer.version
+        self._peer_stream_window = peer.stream_window
+        self._send_session_window = peer.session_window
+        self._peer_max_frame = peer.max_frame_size
+        self._events.append(SessionReady(peer.version))
 
     def _on_hello(self, flags: int, sid: int, payload) -> None:
         raise ProtocolError("second HELLO")
@@ -402,28 +358,32 @@ class Session:
 
     def _on_data(self, flags: int, sid: int, payload) -> None:
         n = len(payload)
-        if n > self._recv_session_window:
-            raise FlowControlError(f"DATA of {n} bytes exceeds the session window ({self._recv_session_window} left)")
+        received = self._recv_received + n
+        if received > self._recv_limit:
+            raise FlowControlError(f"DATA of {n} bytes exceeds the session window "
+                                   f"({self._recv_limit - self._recv_received} left)")
         s = self._streams.get(sid)
         if s is None:
             self._check_known_id(sid, "DATA")
             # Recently closed: the bytes were sent against the session's credit; drop them
             # and give the credit straight back.
-            self._recv_session_window -= n
+            self._recv_received = received
             self._credit_session(n)
             return
-        if n > s.recv_window:
-            raise FlowControlError(f"DATA of {n} bytes exceeds stream {sid}'s window ({s.recv_window} left)")
+        if s.received + n > s.recv_limit:
+            raise FlowControlError(f"DATA of {n} bytes exceeds stream {sid}'s window "
+                                   f"({s.recv_limit - s.received} left)")
         if _RECV_DATA not in _NEXT[s.state]:
-            self._recv_session_window -= n
+            self._recv_received = received
             self._credit_session(n)
             self._stream_error(s, ErrorCode.STREAM_CLOSED)
             return
-        self._recv_session_window -= n
-        s.recv_window -= n
-        self._recv_unconsumed += n
-        s.unconsumed += n
+        self._recv_received = received
+        s.received += n
         self.bytes_received += n
+        ping = self._policy.data_received(n, self._now)
+        if ping is not None:
+            self._queue_control(frames.encode_frame(FrameType.PING, 0, 0, ping))
         s.last_activity = self._now
         if n:
             self._events.append(DataReceived(sid, payload))
@@ -441,18 +401,18 @@ class Session:
         if sid <= self._last_peer_id:
             raise ProtocolError(f"OPEN of stream {sid}: not above {self._last_peer_id}")
         self._last_peer_id = sid
-        self._count_churn()
-        if self._goaway_sent:
-            self._queue_reply(frames.encode_frame(FrameType.RESET, 0, sid, frames.encode_u32(ErrorCode.REFUSED)))
+        self._policy.count_churn(self._now)
+        if len(payload) > self._limits.max_open_metadata:
+            self._queue_reply(frames.encode_frame(FrameType.RESET, 0, sid, frames.encode_u32(ErrorCode.PROTOCOL_ERROR)))
             return
-        if self._peer_stream_count >= self._limits.max_concurrent_streams:
-            self._queue_reply(frames.encode_frame(FrameType.RESET, 0, sid, frames.encode_u32(ErrorCode.STREAM_LIMIT)))
+        refusal = self._policy.admit_peer_stream()
+        if refusal is not None:
+            self._queue_reply(frames.encode_frame(FrameType.RESET, 0, sid, frames.encode_u32(refusal)))
             return
         fin = bool(flags & _FIN)
         s = _Stream(sid, False, self._peer_stream_window, self._limits.initial_stream_window, self._now)
         s.state = _NEXT[s.state][_I.RECV_OPEN_FIN if fin else _I.RECV_OPEN]
         self._streams[sid] = s
-        self._peer_stream_count += 1
         self._events.append(StreamOpened(sid, bytes(payload)))
         if fin:
             self._events.append(StreamEnded(sid))
@@ -460,7 +420,7 @@ class Session:
 
     def _on_reset(self, flags: int, sid: int, payload) -> None:
         code = frames.parse_u32(payload)
-        self._count_churn()
+        self._policy.count_churn(self._now)
         s = self._streams.get(sid)
         if s is None:
             self._check_known_id(sid, "RESET")
@@ -499,22 +459,19 @@ class Session:
         if len(payload) != 8:
             raise ProtocolError(f"PING payload of {len(payload)} bytes")
         if flags & _ACK:
-            sent = self._pings.pop(bytes(payload), None)
-            if sent is not None:
-                self._rtt = self._now - sent
-                self._events.append(PingAcknowledged(self._rtt))
+            rtt = self._policy.ping_acked(payload, self._now)
+            if rtt is not None:
+                self._events.append(PingAcknowledged(rtt))
             return
-        if self._ping_rate.count(self._now) > self._limits.max_ping_rate:
-            raise FloodError("PING flood")
+        self._policy.ping_received(self._now)
         self._queue_reply(frames.encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
 
     def _on_goaway(self, flags: int, sid: int, payload) -> None:
         if sid:
             raise ProtocolError("GOAWAY on a stream")
         last, code, reason = frames.parse_goaway(payload)
-        self._goaway_received = True
         self._events.append(GoAwayReceived(last, code, reason))
-        if code != ErrorCode.NO_ERROR:
+        if self._policy.goaway_from_peer(code):
             self._terminate(code, reason, remote=True)
             return
         # Our streams above ``last`` were never processed by the peer.
@@ -528,26 +485,19 @@ class Session:
     def _on_control(self, flags: int, sid: int, payload) -> None:
         if sid:
             raise ProtocolError("CONTROL on a stream")
-        self._events.append(ControlReceived(decode_control(payload, self._limits.max_control_size)))
+        self._policy.control_received(self._now)
+        limits = self._limits
+        self._events.append(ControlReceived(decode_control(payload, limits.max_control_size, limits.max_control_depth)))
 
     # --- stream bookkeeping -----------------------------------------------------------
 
-    def _count_churn(self) -> None:
-        if self._churn_rate.count(self._now) > self._limits.max_stream_churn_rate:
-            raise FloodError("stream open/reset flood")
-
     def _enter_half_closed(self, s: _Stream) -> None:
-        s.last_activity = self._now
-        self._half_closed.add(s)
-        deadline = self._now + self._limits.half_close_timeout
-        if self._half_close_at is None or deadline < self._half_close_at:
-            self._half_close_at = deadline
+        self._policy.half_closed(s, self._now)
 
     def _drop_queue(self, s: _Stream) -> None:
         if s.buffered:
-            self._send_total -= s.buffered
+            self._send.remove(s, s.buffered)
             s.queue.clear()
-            s.buffered = 0
         s.fin_pending = False
 
     def _forget(self, s: _Stream) -> None:
@@ -555,11 +505,9 @@ class Session:
         s.state = _CLOSED
         del self._streams[s.id]
         if not s.local:
-            self._peer_stream_count -= 1
-        self._half_closed.discard(s)
-        if s.blocked:
-            s.blocked = False
-            self._blocked.discard(s)
+            self._policy.peer_stream_closed()
+        self._policy.forget_half_closed(s)
+        self._send.forget(s)
         if not self._streams:
             self._active.clear()  # closed streams are otherwise skipped lazily
         self._events.append(StreamClosed(s.id))
@@ -573,8 +521,8 @@ class Session:
         self._forget(s)
 
     def _check_drained(self) -> None:
-        if not self._streams and not self._closed and (self._goaway_sent or self._goaway_received):
-            self._terminate(ErrorCode.NO_ERROR, "drained", remote=not self._goaway_sent)
+        if not self._closed and self._policy.drained(len(self._streams)):
+            self._terminate(ErrorCode.NO_ERROR, "drained", remote=not self._policy.goaway_sent)
 
     # --- output -----------------------------------------------------------------------
 
@@ -615,7 +563,7 @@ class Session:
         quantum = self._limits.send_quantum
         max_frame = self._peer_max_frame
         encode_header = frames.encode_header
-        low_water = self._limits.stream_send_low_water
+        watermarks = self._send
         now = self._now
         sent_total = 0
         while active and budget > HEADER_SIZE:
@@ -693,9 +641,7 @@ class Session:
                         return
                     continue
                 self._enter_half_closed(s)
-            if s.blocked and s.buffered < low_water and not self._session_high:
-                s.blocked = False
-                self._blocked.discard(s)
+            if s.paused and watermarks.resumable(s):
                 self._events.append(StreamWritable(sid))
             if (s.buffered and s.send_window > 0) or s.fin_pending:
                 s.scheduled = True
@@ -709,18 +655,13 @@ class Session:
             else:
                 s.turn_left = 0
         if sent_total:
-            self._send_total -= sent_total
+            watermarks.total -= sent_total
             self.bytes_sent += sent_total
         self._check_session_low()
 
     def _check_session_low(self) -> None:
-        if self._session_high and self._send_total < self._limits.session_send_high_water:
-            self._session_high = False
-            low_water = self._limits.stream_send_low_water
-            for s in [s for s in self._blocked if s.buffered < low_water]:
-                s.blocked = False
-                self._blocked.discard(s)
-                self._events.append(StreamWritable(s.id))
+        for s in self._send.drained():
+            self._events.append(StreamWritable(s.id))
 
     # --- application API --------------------------------------------------------------
 
@@ -738,14 +679,14 @@ class Session:
             raise SessionClosed("session is closed")
         if not self._hello_received:
             raise UsageError("streams may be opened only after both HELLOs (SessionReady)")
-        if self._goaway_sent or self._goaway_received:
+        if self._policy.going_away:
             raise SessionClosed("session is going away")
         sid = self._next_local_id
         if sid > MAX_STREAM_ID:
             raise SessionClosed("stream ids exhausted")
         metadata = bytes(metadata)
-        if len(metadata) > self._peer_max_frame:
-            raise UsageError("OPEN metadata larger than the peer's max frame size")
+        if len(metadata) > self._limits.max_open_metadata:
+            raise UsageError(f"OPEN metadata of {len(metadata)} bytes exceeds max_open_metadata")
         self._next_local_id = sid + 2
         self._last_local_id = sid
         s = _Stream(sid, True, self._peer_stream_window, self._limits.initial_stream_window, self._now)
@@ -765,13 +706,7 @@ class Session:
         n = len(view)
         if n:
             s.queue.append(view)
-            s.buffered += n
-            self._send_total += n
-            if s.buffered > self._limits.stream_send_high_water:
-                self._block(s)
-            if self._send_total > self._limits.session_send_high_water:
-                self._session_high = True
-                self._block(s)
+            self._send.add(s, n)
         if end_stream:
             s.fin_pending = True
         if not s.scheduled and ((n and s.send_window > 0) or (end_stream and not s.buffered)):
@@ -784,24 +719,11 @@ class Session:
         return s.buffered if s is not None else 0
 
     def stream_paused(self, stream_id: int) -> bool:
-        """True while the application should stop feeding the stream: its queue went above
-        ``stream_send_high_water`` (or the session's above ``session_send_high_water``) and
-        no ``StreamWritable`` has followed yet."""
+        """True while the application should stop feeding the stream: a write took its queue
+        above ``stream_send_high_water`` (or the session's above ``session_send_high_water``)
+        and no ``StreamWritable`` has followed yet."""
         s = self._streams.get(stream_id)
-        if s is None:
-            return False
-        if s.blocked:
-            return True
-        if self._send_total > self._limits.session_send_high_water:
-            self._session_high = True
-            self._block(s)  # it will get StreamWritable when the session drains
-            return True
-        return False
-
-    def _block(self, s: _Stream) -> None:
-        if not s.blocked:
-            s.blocked = True
-            self._blocked.add(s)
+        return s is not None and s.paused
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction after the data already queued."""
@@ -825,39 +747,42 @@ class Session:
             return
         s = self._streams.get(stream_id)
         if s is not None:
-            if n > s.unconsumed:
-                n = s.unconsumed
+            unconsumed = s.received - s.consumed
+            if n > unconsumed:
+                n = unconsumed
             if not n:
                 return
-            s.unconsumed -= n
-            s.pending_credit += n
+            s.consumed += n
             s.last_activity = self._now
-            if s.pending_credit >= self._stream_update_at and s.state in (_OPEN, _HCL):
-                s.recv_window += s.pending_credit
-                self._queue_control(frames.encode_frame(
-                    FrameType.WINDOW_UPDATE, 0, stream_id, frames.encode_u32(s.pending_credit)))
-                s.pending_credit = 0
-        elif n > self._recv_unconsumed:
-            n = self._recv_unconsumed
+            if s.state == _OPEN or s.state == _HCL:  # the peer may still send
+                credit = stream_credit(s.recv_limit, s.consumed, s.window)
+                if credit:
+                    self._policy.retune(s, s.consumed, self._now)
+                    credit = s.consumed + s.window - s.recv_limit
+                    s.recv_limit += credit
+                    self._queue_control(frames.encode_frame(
+                        FrameType.WINDOW_UPDATE, 0, stream_id, frames.encode_u32(credit)))
+        else:
+            unconsumed = self._recv_received - self._recv_consumed
+            if n > unconsumed:
+                n = unconsumed
         if n:
-            self._recv_unconsumed -= n
             self._credit_session(n)
 
     def _credit_session(self, n: int) -> None:
-        """``n`` bytes of the session window are free again; grant them once the ungranted
-        credit reaches what the peer has left (half the window when nothing is held)."""
-        self._recv_pending += n
-        if self._recv_pending and self._recv_pending >= self._recv_session_window and not self._closed:
-            self._recv_session_window += self._recv_pending
-            self._queue_control(frames.encode_frame(
-                FrameType.WINDOW_UPDATE, 0, 0, frames.encode_u32(self._recv_pending)))
-            self._recv_pending = 0
+        """``n`` more received bytes are done with: grant credit as the policy says."""
+        self._recv_consumed += n
+        credit = session_credit(self._recv_limit, self._recv_received, self._recv_consumed,
+                                self._limits.session_window)
+        if credit and not self._closed:
+            self._recv_limit += credit
+            self._queue_control(frames.encode_frame(FrameType.WINDOW_UPDATE, 0, 0, frames.encode_u32(credit)))
 
     def send_control(self, message: dict) -> None:
         """Queue one CONTROL frame (a JSON object)."""
         if self._closed:
             raise SessionClosed("session is closed")
-        payload = encode_control(message, min(self._limits.max_control_size, self._peer_max_frame))
+        payload = encode_control(message, self._limits.max_control_size)
         self._queue_control(frames.encode_frame(FrameType.CONTROL, 0, 0, payload))
 
     def ping(self, now: float) -> None:
@@ -868,12 +793,7 @@ class Session:
         self._send_ping(now)
 
     def _send_ping(self, now: float) -> None:
-        self._ping_counter += 1
-        payload = _PING_PAYLOAD.pack(self._ping_counter & 0xFFFFFFFFFFFFFFFF)
-        if len(self._pings) >= _MAX_PENDING_PINGS:
-            del self._pings[next(iter(self._pings))]
-        self._pings[payload] = now
-        self._queue_control(frames.encode_frame(FrameType.PING, 0, 0, payload))
+        self._queue_control(frames.encode_frame(FrameType.PING, 0, 0, self._policy.new_ping(now)))
 
     def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Open and accept no new streams; the open ones run to completion, then the session
@@ -884,17 +804,15 @@ class Session:
         self._check_drained()
 
     def _send_goaway(self, code: int, reason: str) -> None:
-        self._goaway_sent = True
-        self._goaway_code = int(code)
-        self._queue_control(frames.encode_frame(
-            FrameType.GOAWAY, 0, 0, frames.encode_goaway(self._last_peer_id, int(code), reason)))
+        if self._policy.send_goaway(code):
+            self._queue_control(frames.encode_frame(
+                FrameType.GOAWAY, 0, 0, frames.encode_goaway(self._last_peer_id, int(code), reason)))
 
     def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Queue GOAWAY, reset every stream and report ``ConnectionClosed(remote=False)``."""
         if self._closed:
             return
-        if self._goaway_code != int(code):
-            self._send_goaway(code, reason)
+        self._send_goaway(code, reason)
         self._terminate(code, reason, remote=False)
 
     def connection_lost(self, reason: str = "") -> None:
@@ -918,13 +836,9 @@ class Session:
             events.append(StreamReset(s.id, code, remote))
             events.append(StreamClosed(s.id))
         self._streams.clear()
-        self._peer_stream_count = 0
         self._active.clear()
-        self._blocked.clear()
-        self._half_closed.clear()
-        self._half_close_at = None
-        self._send_total = 0
-        self._pings.clear()
+        self._send.clear()
+        self._policy.clear()
         events.append(ConnectionClosed(int(code), reason, remote))
 
     # --- timers -----------------------------------------------------------------------
@@ -933,40 +847,24 @@ class Session:
         """When :meth:`handle_timer` should run next (None: no timer needed)."""
         if self._closed:
             return None
-        limits = self._limits
-        at = self._last_recv + limits.keepalive_timeout
-        ping_at = max(self._last_recv, self._last_keepalive_ping) + limits.keepalive_interval
-        if ping_at < at:
-            at = ping_at
-        if self._half_close_at is not None and self._half_close_at < at:
-            at = self._half_close_at
-        return at
+        return self._policy.next_deadline()
 
     def handle_timer(self, now: float) -> None:
         """Run what is due at ``now`` (harmless to call early or often)."""
         self._now = now
         if self._closed:
             return
-        limits = self._limits
-        if now - self._last_recv >= limits.keepalive_timeout:
+        due = self._policy.keepalive_due(now)
+        if due == KEEPALIVE_TIMEOUT:
             self._fail(ErrorCode.TIMEOUT, "keepalive timeout: the peer went silent")
             return
-        if now >= max(self._last_recv, self._last_keepalive_ping) + limits.keepalive_interval:
-            self._last_keepalive_ping = now
+        if due == KEEPALIVE_PING:
             self._send_ping(now)
-        if self._half_close_at is not None and now >= self._half_close_at:
-            self._expire_half_closed(now)
-
-    def _expire_half_closed(self, now: float) -> None:
-        timeout = self._limits.half_close_timeout
-        next_at = None
-        for s in list(self._half_closed):
-            deadline = s.last_activity + timeout
-            if deadline <= now:
+        expired = self._policy.expired_half_closed(now)
+        for s in expired:
+            if s.id in self._streams:
                 self._stream_error(s, ErrorCode.TIMEOUT)
                 if self._closed:
                     return
-            elif next_at is None or deadline < next_at:
-                next_at = deadline
-        self._half_close_at = next_at
-        self._check_session_low()
+        if expired:
+            self._check_session_low()

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from tunnel import codec
+import os
+
 from tunnel.carriers.wss import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
 
 
 def tune_malloc() -> bool:
-    """Keep glibc from serving each large TLS/WebSocket buffer with fresh pages (see
-    ``tunnel.carriers.wss.MALLOC_MMAP_THRESHOLD``); False off glibc."""
-    return codec.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    """Set glibc's malloc thresholds to ``MALLOC_MMAP_THRESHOLD`` and ``MALLOC_TRIM_THRESHOLD``
+    of :mod:`tunnel.carriers.wss`; True if they were set, False off glibc.
+
+    Bulk transfer allocates a ciphertext ``bytes`` per WebSocket message in the TLS layer (and
+    the agent a masked copy). By default glibc serves such blocks with mmap, or from a heap top
+    it trims again soon after, so every message faults in fresh pages (perf: about a fifth of a
+    sending agent's CPU). Thresholds above the message size keep that memory in the heap for
+    reuse. The small extension ``tunnel.ops._malloc`` does it; where it is not built, ctypes
+    (which costs about 180 KB of RSS more).
+    """
+    try:
+        from tunnel.ops._malloc import tune_malloc as mallopt_thresholds
+    except ImportError:
+        mallopt_thresholds = _ctypes_tune_malloc
+    return mallopt_thresholds(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+
+
+def _ctypes_tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
+    """``tunnel.ops._malloc.tune_malloc`` through ctypes."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # the mallopt parameters below are glibc's
+    except (ValueError, OSError):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return mallopt(m_mmap_threshold, mmap_threshold) == 1 and mallopt(m_trim_threshold, trim_threshold) == 1

@@ -63,3 +63,16 @@ class ErrorCode(IntEnum):
     ENHANCE_YOUR_CALM = 11
     VERSION_MISMATCH = 12
     UNAUTHORIZED = 13
+
+    @classmethod
+    def known(cls, code: int) -> bool:
+        """True if ``code`` is one of ours (a peer may send any number)."""
+        return code in cls._value2member_map_
+
+
+def describe_code(code: int, reason: str = "") -> str:
+    """How logs and errors name why a link or stream ended: the reason when there is one,
+    else the code's name (``TIMEOUT``), else the number."""
+    if reason:
+        return reason
+    return ErrorCode(code).name if ErrorCode.known(code) else str(code)

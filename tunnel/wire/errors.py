@@ -8,9 +8,10 @@
     │   ├── FloodError           ENHANCE_YOUR_CALM
     │   └── VersionMismatch      VERSION_MISMATCH
     ├── UsageError               this side misused the API (a bug here, not the peer's fault)
-    │   ├── StreamClosed         sending on a stream already ended or reset
+    │   ├── StreamClosedError    sending on a stream this side already ended
     │   └── SessionClosed        using a session that has closed
     ├── LinkError                a carrier failed (TLS, WebSocket upgrade, QUIC handshake)
+    │   └── HandshakeError       the WebSocket upgrade was refused or malformed
     └── AuthError                the relay refused the agent's credentials or registration
 """
 
@@ -56,8 +57,9 @@ class UsageError(TunnelError):
     """This side called the API wrongly (a local bug, never the peer's doing)."""
 
 
-class StreamClosed(UsageError):
-    pass
+class StreamClosedError(UsageError):
+    """Writing to a stream after ending it (``write_eof``) or through a closed session. (A
+    write racing the peer's reset is not an error: the bytes are dropped.)"""
 
 
 class SessionClosed(UsageError):
@@ -66,6 +68,14 @@ class SessionClosed(UsageError):
 
 class LinkError(TunnelError):
     """A carrier could not be set up or broke (TLS, WebSocket, QUIC)."""
+
+
+class HandshakeError(LinkError):
+    """The WebSocket upgrade failed; ``status`` is the HTTP status involved (0 if none)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class AuthError(TunnelError):

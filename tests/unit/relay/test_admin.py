@@ -379,8 +379,12 @@ def test_truncated_body_is_not_processed(admin_server):
     assert admin_server.call(admin_server.state.list_customers) == []
 
 
-def test_refuses_non_loopback_host_unless_forced(tmp_path, admin_server):
+def test_refuses_non_loopback_host_unless_forced_and_tls(tmp_path, admin_server):
+    from relay import pki
+
     server = admin_server
+    keys = pki.ensure_pki(tmp_path / "pki")
+    context = pki.server_ssl_context(keys.cert_file, keys.key_file)
 
     async def attempt(host, **kwargs):
         srv = await start_admin_server(host, 0, state=server.state, authority=server.authority,
@@ -393,7 +397,9 @@ def test_refuses_non_loopback_host_unless_forced(tmp_path, admin_server):
         asyncio.run(attempt("0.0.0.0"))
     with pytest.raises(ValueError, match="non-loopback"):
         asyncio.run(attempt("192.0.2.1"))
-    assert asyncio.run(attempt("0.0.0.0", allow_remote=True)).startswith("http://127.0.0.1:")
+    with pytest.raises(ValueError, match="TLS only"):
+        asyncio.run(attempt("0.0.0.0", allow_remote=True))
+    assert asyncio.run(attempt("0.0.0.0", allow_remote=True, ssl_context=context)).startswith("https://127.0.0.1:")
     assert asyncio.run(attempt("localhost")).startswith("http://")
 
 

@@ -145,10 +145,12 @@ def test_registration_jwt_commands(relay):
 def test_registration_jwt_usage_errors(relay):
     server = relay.server
     customer = server.call(server.state.create_customer, "acme")
-    both = relay("resources", "registration-jwt", "--customer-id", customer["id"], "--org-only")
-    assert both.returncode == 2
-    neither = relay("resources", "registration-jwt")
-    assert neither.returncode == 2
+    # Whom a token is for is the relay's one rule (relay.tokens.token_subject), the API's words.
+    one_line_error(relay("resources", "registration-jwt", "--customer-id", customer["id"], "--org-only"),
+                   "HTTP 400: an organisation-only token belongs to cus_org")
+    one_line_error(relay("resources", "registration-jwt"), "HTTP 400: a customer id is required")
+    both = relay("resources", "registration-jwt", "--customer-id", "cus_org", "--org-only")
+    assert server.authority.verify(both.stdout.strip()).org_only
     one_line_error(relay("resources", "registration-jwt", "--customer-id", customer["id"], "--rotate"),
                    "--rotate needs --resource-id")
     one_line_error(relay("resources", "registration-jwt", "--customer-id", "cus_aaaaaaaaaaaaaaaa"),

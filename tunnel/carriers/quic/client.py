@@ -1,0 +1,120 @@
+"""The agent's side of the QUIC carrier: dial the relay over one connected UDP socket."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import ssl
+
+from tunnel.carriers.quic.compat import BoundedConnection
+from tunnel.carriers.quic.config import configuration, stream_limits
+from tunnel.carriers.quic.link import QuicLink
+from tunnel.carriers.quic.udp import (
+    MAX_DATAGRAM_SIZE,
+    SMALLEST_MAX_DATAGRAM_SIZE,
+    UdpSender,
+    route_datagram_size,
+    udp_socket,
+)
+from tunnel.core.limits import Limits
+from tunnel.wire.constants import ErrorCode
+from tunnel.wire.errors import LinkError
+
+__all__ = ["connect_quic"]
+
+
+class _ClientProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.link: QuicLink | None = None
+
+    def datagram_received(self, data, addr) -> None:
+        if self.link is not None:
+            self.link.datagram_received(data, addr)
+
+    def error_received(self, exc) -> None:
+        link = self.link
+        if link is None:
+            return
+        if getattr(exc, "errno", None) == errno.EMSGSIZE:
+            link.datagram_too_big("EMSGSIZE: the path MTU shrank")
+        else:
+            link.unreachable(exc)
+
+    def connection_lost(self, exc) -> None:
+        if self.link is not None:
+            self.link.connection_lost(exc)
+
+
+def _system_cafile() -> str | None:
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None  # aioquic falls back to certifi's bundle
+
+
+async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name: str | None, limits: Limits,
+                       timeout: float) -> QuicLink:
+    """Dial the relay over QUIC and exchange HELLOs; raise ``LinkError`` on any failure.
+
+    The relay's certificate is always verified: against ``ca_file`` when given, else the
+    system trust store.
+    """
+    loop = asyncio.get_running_loop()
+    config = configuration(limits, is_client=True)
+    config.server_name = server_name or host
+    config.load_verify_locations(cafile=ca_file or _system_cafile())
+    protocol = _ClientProtocol()
+    transport = None
+    link: QuicLink | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise LinkError(f"cannot resolve {host}")
+            family, _, _, _, addr = infos[0]
+            sock = udp_socket(family, connect=addr)
+            transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+            peer = sock.getpeername()
+            forced = limits.quic_max_datagram_size or None
+            target = forced or route_datagram_size(sock)
+            # A route narrower than 1452 (PPPoE, tunnels): the handshake fits it too.
+            config.max_datagram_size = max(SMALLEST_MAX_DATAGRAM_SIZE, min(config.max_datagram_size, target))
+            conn = BoundedConnection(configuration=config)
+            conn.local_max_udp = max(target, MAX_DATAGRAM_SIZE)  # what we receive on this path
+            stream_limits(conn, limits)
+            sender = UdpSender(transport, sock, connected=True, gso=bool(limits.quic_gso),
+                               on_error=protocol.error_received)
+            link = QuicLink(conn, limits, is_client=True, send=sender.send, loop=loop, peer_address=peer,
+                            datagram_target=lambda: (target, forced is not None),
+                            on_terminated=lambda _link: transport.close())
+            protocol.link = link
+            link.start(peer)
+            ready = asyncio.ensure_future(link.wait_ready())
+            closed = asyncio.ensure_future(link.wait_closed())
+            try:
+                await asyncio.wait([ready, closed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                closed.cancel()
+            if not link.ready:
+                raise LinkError(f"QUIC connection to {host}:{port} failed: {link.error or 'closed'}")
+            return link
+    except TimeoutError:
+        if link is not None:
+            link.close(ErrorCode.TIMEOUT, "handshake timeout")
+        elif transport is not None:
+            transport.close()
+        raise LinkError(f"QUIC connection to {host}:{port} timed out after {timeout} s") from None
+    except LinkError:
+        if link is not None:
+            link.close(ErrorCode.INTERNAL_ERROR, "connect failed")
+        elif transport is not None:
+            transport.close()
+        raise
+    except OSError as exc:
+        if transport is not None:
+            transport.close()
+        raise LinkError(f"QUIC connection to {host}:{port} failed: {exc}") from None
