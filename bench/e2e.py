@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.peers import clients, cpucap  # noqa: E402
+from bench.peers import clients, cpucap, pgbench  # noqa: E402
 from bench.peers.procs import (LOOPBACK, HarnessError, ProcessRegistry, cpu_hz,  # noqa: E402
                                cpu_model, cpu_seconds, install_signal_handlers, raise_fd_limit,
                                rss_bytes)
@@ -89,14 +89,17 @@ METRICS = [
     Metric("agent_rss_1000", "agent RSS, 1,000 streams", "MB", False, "streams", True),
     Metric("streams_1000_ok", "streams completed of 1,000", "count", True, "streams"),
     Metric("streams_1000_rtt_max", "1,000 streams: slowest round trip", "ms", False, "streams"),
+    Metric("pg_select_tps", "pgbench select-only (8 clients, scale 5)", "TPS", True, "pgbench"),
+    Metric("pg_tpcb_tps", "pgbench TPC-B-like (8 clients, scale 5)", "TPS", True, "pgbench"),
     Metric("capped_tput_1", "agent capped: throughput, 1 stream", "Gbit/s", True, "capped"),
     Metric("capped_rtt_p50", "agent capped: 64 B round trip p50", "us", False, "capped"),
     Metric("capped_rtt_p99", "agent capped: 64 B round trip p99", "us", False, "capped"),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-GROUPS = ["rtt", "connrate", "throughput", "http", "streams", "capped", "wan"]
+GROUPS = ["rtt", "connrate", "throughput", "http", "pgbench", "streams", "capped", "wan"]
 GROUP_SERVICES = {"rtt": {"echo"}, "connrate": {"echo"}, "streams": {"echo"},
-                  "throughput": {"iperf"}, "http": {"http"}, "capped": {"iperf", "echo"}}
+                  "throughput": {"iperf"}, "http": {"http"}, "capped": {"iperf", "echo"},
+                  "pgbench": set()}  # one PostgreSQL for the whole run (main)
 
 
 def add_wan_metrics(losses) -> None:
@@ -119,13 +122,14 @@ class Settings:
     http_seconds: int
     streams: int
     wan: wan.WanSettings
+    pg_seconds: int = 10
     cap_cores: float = 0.31
 
     @classmethod
     def for_mode(cls, quick: bool) -> "Settings":
         if quick:
             return cls(tput_seconds=2, rtt_count=2000, conn_seconds=1.5, http_seconds=2,
-                       streams=1000, wan=wan.WanSettings(tput_seconds=5, hol_seconds=8,
+                       streams=1000, pg_seconds=4, wan=wan.WanSettings(tput_seconds=5, hol_seconds=8,
                                                          hol_warmup=2.0))
         return cls(tput_seconds=10, rtt_count=20000, conn_seconds=5.0, http_seconds=10,
                    streams=1000, wan=wan.WanSettings())
@@ -253,7 +257,7 @@ class Profiler:
 
 def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessRegistry,
                    res: Results, say: Progress, hz: float,
-                   profiler: "Profiler | None" = None) -> None:
+                   profiler: "Profiler | None" = None, database: "pgbench.Database | None" = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=reg.log_dir))
     needed = set().union(*(GROUP_SERVICES[g] for g in groups))
     say(system, f"starting services ({', '.join(sorted(needed))}) and {system} forwarding")
@@ -353,6 +357,15 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
                 res.put(system, "http_p99", r.p99_ms)
             run("http", http)
             show("http_rps", "http_p50", "http_p99")
+
+        if "pgbench" in groups and database is not None:
+            pg_ep, _ = exp.expose("postgres", database.port)
+            say(system, f"pgbench select-only and TPC-B-like, {pgbench.CLIENTS} clients, {st.pg_seconds}s each")
+            run("pgbench select-only", lambda: res.put(
+                system, "pg_select_tps", database.run(LOOPBACK, pg_ep, st.pg_seconds, select_only=True)))
+            run("pgbench tpc-b", lambda: res.put(
+                system, "pg_tpcb_tps", database.run(LOOPBACK, pg_ep, st.pg_seconds, select_only=False)))
+            show("pg_select_tps", "pg_tpcb_tps")
 
         if "streams" in groups:
             say(system, f"{st.streams} concurrent streams")
@@ -613,7 +626,15 @@ def main(argv: list[str] | None = None) -> int:
         say("wan", f"SKIPPED: {why}")
         groups.remove("wan")
     local_groups = [g for g in groups if g != "wan"]
+    database = None
     try:
+        if "pgbench" in local_groups:
+            say("pgbench", f"starting PostgreSQL, pgbench -i -s {pgbench.SCALE}")
+            try:
+                database = pgbench.Database()
+            except (HarnessError, RuntimeError, OSError) as e:
+                res.notes["pgbench"] = f"skipped: {e}"
+                say("pgbench", f"SKIPPED: {e}")
         missing = [t for t in ("iperf3", "wrk", "nginx") if not shutil.which(t)
                    and not os.path.exists(f"/usr/sbin/{t}")]
         if missing:
@@ -632,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         for system in runnable if local_groups else []:
             try:
                 measure_system(system, local_groups, st, reg, res, say, hz,
-                               Profiler(reg, args.profile, say) if args.profile else None)
+                               Profiler(reg, args.profile, say) if args.profile else None, database)
             except HarnessError as e:
                 res.skipped[system] = f"setup failed: {str(e).splitlines()[0][:300]}"
                 res.errors.append(f"{system}: setup failed: {e}")
@@ -649,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         res.errors.append("harness crashed: " + traceback.format_exc().splitlines()[-1])
     finally:
+        if database is not None:
+            database.close()
         reg.close()
 
     seconds = time.monotonic() - say.t0
