@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # as the package's "postgres" user when run as root (runuser, from util-linux).
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
               redis-server redis-tools wrk curl iptables iproute2 procps tinyproxy
-              systemd util-linux prometheus haproxy)
+              systemd util-linux prometheus gcc libc6-dev haproxy)
 missing=()
 [ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
 for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do
