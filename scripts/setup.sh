@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 # postgresql: the tests start their own server from its binaries (/usr/lib/postgresql/*/bin),
 # as the package's "postgres" user when run as root (runuser, from util-linux).
+# haproxy: the TCP load balancer of the cluster deployment example (deploy/cluster), which
+# tests/e2e/test_deploy_cluster.py runs in front of three relays.
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
               redis-server redis-tools wrk curl iptables iproute2 procps tinyproxy
               systemd util-linux prometheus gcc libc6-dev haproxy)
