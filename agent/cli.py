@@ -56,7 +56,8 @@ def _parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(
         prog="tunnel-agent",
         description="Dial out to a tunnel relay and serve private TCP services through it. "
-                    "Configured by RELAY_URL, NAME, APP_HOST, APP_PORT, REGISTRATION_JWT "
+                    "Configured by RELAY_URL (one relay or several, comma-separated), RELAY_LINKS, NAME, "
+                    "APP_HOST, APP_PORT, REGISTRATION_JWT "
                     "(or REGISTRATION_JWT_FILE), RELAY_CA_FILE, HTTPS_PROXY/NO_PROXY, METRICS_LISTEN, "
                     "or a TOML file.",
         epilog="'tunnel-agent check [--config FILE] [--output json]' checks the configuration, the way "
