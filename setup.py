@@ -33,4 +33,31 @@ else:  # an sdist without the .pyx still carries the generated C
 
 malloc = Extension("tunnel.ops._malloc", ["tunnel/ops/_malloc.c"], extra_compile_args=EXTRA_COMPILE_ARGS)
 
-setup(ext_modules=codec + [malloc])
+#: The per-message path (WebSocket framing, session, link, bridge), compiled by Cython from the
+#: modules' own .py files with the .pxd beside each (the types of the hot classes and methods),
+#: as extension modules of the same names; the .py files stay the pure-Python twins
+#: (TUNNEL_PURE_PYTHON=1 loads them, see tunnel/__init__.py).
+HOT_PATH = [
+    "tunnel.core.policy",
+    "tunnel.core.session",
+    "tunnel.carriers.websocket",
+    "tunnel.carriers.session_link",
+    "tunnel.carriers.wss",
+    "tunnel.bridge.tcp",
+]
+
+
+def hot_path() -> list:
+    from Cython.Build import cythonize
+
+    return cythonize(
+        [Extension(name, [name.replace(".", "/") + ".py"], extra_compile_args=["-O2"] if os.name == "posix" else [])
+         for name in HOT_PATH],
+        # Python semantics everywhere (bounds checks, negative indices, division): the twins
+        # must behave the same; the .pxd files give the types, annotations stay hints.
+        compiler_directives={"language_level": 3, "annotation_typing": False},
+        quiet=True,
+    )
+
+
+setup(ext_modules=codec + [malloc] + hot_path())
