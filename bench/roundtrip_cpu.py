@@ -3,6 +3,7 @@ interleaved (A/B).
 
     python bench/roundtrip_cpu.py                                  # this tree, 3 runs
     python bench/roundtrip_cpu.py --trees /tmp/base,. --runs 4     # A, B, A, B, ...
+    python bench/roundtrip_cpu.py --trees .,.:pure                 # compiled, then the twins
 
 Each run starts, from the tree under test (``python -m relay`` / ``python -m agent`` with
 ``PYTHONPATH`` and the working directory set to it): a relay on loopback, the echo service,
@@ -12,7 +13,7 @@ a warm-up) and reads utime+stime of the agent and the relay from ``/proc/PID/sta
 them. Printed per run: load average before it, p50/p99 of the round trip, CPU µs per round
 trip of each process, agent idle VmRSS; then the medians per tree.
 
-``TUNNEL_PURE_PYTHON=1`` in the environment reaches the processes (the pure-Python twins).
+A tree written ``PATH:pure`` runs with ``TUNNEL_PURE_PYTHON=1`` (the pure-Python twins).
 """
 
 from __future__ import annotations
@@ -36,15 +37,28 @@ from bench.peers.procs import (  # noqa: E402
 from bench.peers.services import start_echo  # noqa: E402
 
 
-def _env(tree: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
-    env.update(extra or {})
-    return env
+class Tree:
+    """A source tree to run relay and agent from, compiled or as pure-Python twins."""
+
+    def __init__(self, spec: str) -> None:
+        path, _, mode = spec.partition(":")
+        self.path = Path(path).resolve()
+        self.pure = mode == "pure"
+        self.name = self.path.name + (":pure" if self.pure else "")
+        self.label = str(self.path) + (":pure" if self.pure else "")
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "TUNNEL_PURE_PYTHON"}
+        env.update(PYTHONPATH=str(self.path), PYTHONUNBUFFERED="1")
+        if self.pure:
+            env["TUNNEL_PURE_PYTHON"] = "1"
+        env.update(extra or {})
+        return env
 
 
-def _relay_cmd(reg: ProcessRegistry, tree: Path, state: Path, *args: str) -> str:
+def _relay_cmd(reg: ProcessRegistry, tree: Tree, state: Path, *args: str) -> str:
     cp = reg.run([python(), "-m", "relay", "--state-dir", str(state), *args], "relay-cmd", timeout=60,
-                 env=_env(tree), cwd=tree)
+                 env=tree.env(), cwd=tree.path)
     if cp.returncode != 0:
         raise HarnessError(f"relay {' '.join(args[:2])}: {cp.stderr.strip()[-300:]}")
     return cp.stdout.strip()
@@ -57,7 +71,7 @@ def _profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
             "-p", str(pid)]
 
 
-def one_run(reg: ProcessRegistry, tree: Path, echo_port: int, count: int, settle: float,
+def one_run(reg: ProcessRegistry, tree: Tree, echo_port: int, count: int, settle: float,
             profile: Path | None = None, profiler: str = "py-spy") -> dict:
     import json
 
@@ -65,14 +79,14 @@ def one_run(reg: ProcessRegistry, tree: Path, echo_port: int, count: int, settle
     port, admin = free_port(), free_port()
     relay = reg.spawn([python(), "-m", "relay", "serve", "--state-dir", str(state), "--listen",
                        f"{LOOPBACK}:{port}", "--admin-listen", f"{LOOPBACK}:{admin}",
-                       "--service-host", LOOPBACK], "relay", env=_env(tree), cwd=tree)
+                       "--service-host", LOOPBACK], "relay", env=tree.env(), cwd=tree.path)
     agent = None
     try:
         wait_until(lambda: (state / "admin.json").exists(), 30, "relay admin.json", lambda: relay.poll() is None)
         wait_listening(port, 30, relay, "relay port")
         customer = _relay_cmd(reg, tree, state, "customers", "create", "bench").split()[-1]
         jwt = _relay_cmd(reg, tree, state, "resources", "registration-jwt", "--customer-id", customer).split()[-1]
-        agent = reg.spawn([python(), "-m", "agent"], "agent", cwd=tree, env=_env(tree, {
+        agent = reg.spawn([python(), "-m", "agent"], "agent", cwd=tree.path, env=tree.env({
             "RELAY_URL": f"wss://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": "echo",
             "APP_HOST": LOOPBACK, "APP_PORT": str(echo_port), "REGISTRATION_JWT": jwt}))
 
@@ -120,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
                     help="py-spy (Python and native frames) or perf record -g (native, kernel)")
     args = ap.parse_args(argv)
-    trees = [Path(t).resolve() for t in args.trees.split(",")]
+    trees = [Tree(t) for t in args.trees.split(",")]
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     reg = ProcessRegistry(Path(tempfile.mkdtemp(prefix="rtcpu-logs-")))
-    results: dict[Path, list[dict]] = {t: [] for t in trees}
+    results: dict[Tree, list[dict]] = {t: [] for t in trees}
     try:
         echo_port, _ = start_echo(reg)
         for i in range(args.runs):
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print("medians:")
         for tree, rs in results.items():
             med = {k: statistics.median(r[k] for r in rs) for k in ("p50", "p99", "agent_us", "relay_us", "rss_mb")}
-            print(f"  {str(tree):40s} p50 {med['p50']:6.1f}  p99 {med['p99']:6.1f}  agent {med['agent_us']:6.1f}  "
+            print(f"  {tree.label:40s} p50 {med['p50']:6.1f}  p99 {med['p99']:6.1f}  agent {med['agent_us']:6.1f}  "
                   f"relay {med['relay_us']:6.1f} µs/rt  RSS {med['rss_mb']:5.1f} MB")
     finally:
         reg.close()
