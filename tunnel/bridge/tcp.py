@@ -204,7 +204,10 @@ class TcpBridge:
         if not self._tcp_write_paused and self._fd >= 0 and not transport.get_write_buffer_size():
             # Nothing waits in the transport: what the kernel takes now is consumed, zero copy.
             try:
-                sent = os.writev(self._fd, pieces if len(pieces) <= _IOV_MAX else pieces[:_IOV_MAX])
+                if len(pieces) == 1:
+                    sent = os.write(self._fd, pieces[0])
+                else:
+                    sent = os.writev(self._fd, pieces if len(pieces) <= _IOV_MAX else pieces[:_IOV_MAX])
             except BlockingIOError:
                 pass
             except OSError:
