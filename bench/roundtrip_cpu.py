@@ -67,7 +67,7 @@ def _relay_cmd(reg: ProcessRegistry, tree: Tree, state: Path, *args: str) -> str
 def _profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
     if profiler == "perf":
         return ["perf", "record", "-F", "2000", "-g", "-o", f"{out}.perf", "-p", str(pid)]
-    return ["py-spy", "record", "--rate", "1000", "--nonblocking", "--format", "raw", "-o", f"{out}.txt",
+    return ["py-spy", "record", "--native", "--rate", "250", "--format", "raw", "-o", f"{out}.txt",
             "-p", str(pid)]
 
 

@@ -5,14 +5,15 @@ the agent bridges each stream it accepts to a connection it dials to the private
 
 - TCP → stream: bytes read are queued on the stream; while the stream is ``paused`` the
   socket is not read (``StreamHandler.writable`` resumes it).
-- stream → TCP: credit is returned with ``consume`` only for bytes the kernel took. The
-  pieces of one received batch (``data_received_many``) go straight to the socket in one
-  ``writev`` while nothing waits in the transport; what the kernel
-  does not take at once is copied into the transport (never a view: a view would keep the
-  carrier's whole read buffer alive) and stays unconsumed until the transport has drained
-  (its write buffer limits are zero, so ``resume_writing`` means empty). A slow TCP peer
-  stalls its own stream's window and nothing else, and every byte the bridge holds in user
-  space counts against the link's windows.
+- stream → TCP: credit is returned with ``consume`` only for bytes the kernel took. What
+  the link delivers at once (one piece, or the pieces of one received batch through
+  ``data_received_many``) goes straight to the socket in one ``write``/``writev`` while
+  nothing waits in the transport; what the kernel does not take at once is copied into the
+  transport (never a view: a view would keep the carrier's whole read buffer alive) and
+  stays unconsumed until the transport has drained (its write buffer limits are zero, so
+  ``resume_writing`` means empty). A slow TCP peer stalls its own stream's window and
+  nothing else, and every byte the bridge holds in user space counts against the link's
+  windows.
 - Per link, :class:`LinkBuffers` adds up what the bridges hold (pieces waiting for a dial,
   bytes in transports): a stream that would push it past its limit is reset
   (``FLOW_CONTROL_ERROR``), a second line behind the flow control that already bounds it.
@@ -20,7 +21,7 @@ the agent bridges each stream it accepts to a connection it dials to the private
   (``CONNECTION_RESET``) and a stream RESET becomes a TCP reset (RST via SO_LINGER 0).
 
 The build compiles this module (``tcp.pxd`` gives the types), so :class:`TcpBridge` is an
-extension type: it cannot derive from ``asyncio.Protocol``, and needs not (asyncio and uvloop
+extension type: it cannot derive from ``asyncio.Protocol`` and need not (asyncio and uvloop
 only call its methods); Python classes may derive from it.
 """
 

@@ -198,14 +198,14 @@ class _WebSocketPipeBase:
             return
         transport = self.transport
         for out in conn.encode_messages(buffers):
-            size = 0
             if len(out) <= 16:
+                size = 0
                 for b in out:
                     size += len(b)
-            if len(out) <= 16 and size <= JOIN_BELOW:
-                transport.write(b"".join(out))
-            else:
-                transport.writelines(out)
+                if size <= JOIN_BELOW:
+                    transport.write(b"".join(out))
+                    continue
+            transport.writelines(out)
 
     def close(self) -> None:
         """Send a close frame after what is queued; close the transport once the peer answers
