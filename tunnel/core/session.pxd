@@ -73,6 +73,8 @@ cdef class Session:
     cdef _Stream _stream_for_send(self, stream_id)
     @cython.locals(s=_Stream, n=Py_ssize_t)
     cpdef send_data(self, stream_id, data, bint end_stream=*)
+    @cython.locals(s=_Stream)
+    cpdef bint stream_paused(self, stream_id) except -1
     @cython.locals(s=_Stream, unconsumed=cython.longlong, credit=cython.longlong)
     cpdef consume(self, stream_id, long long n)
     @cython.locals(credit=cython.longlong)
