@@ -5,7 +5,7 @@ and the C module ``tunnel/ops/_malloc.c`` (glibc malloc thresholds) as ``tunnel.
 from the build requirements in pyproject.toml; ``python setup.py build_ext --inplace`` rebuilds
 them in place after an edit. Without the codec ``tunnel.codec`` falls back to the pure-Python
 twin ``tunnel.codec.pure`` (``TUNNEL_PURE_PYTHON=1`` forces the twin); without ``_malloc``,
-``tunnel.ops.process.tune_malloc`` uses ctypes. And the per-message path (see below).
+``tunnel.ops.process.tune_malloc`` uses ctypes.
 """
 
 import glob
