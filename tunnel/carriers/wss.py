@@ -17,6 +17,10 @@ must be released in time or the connection is aborted. At most
 ``limits.max_pending_handshakes`` connections are in that phase at once; beyond that, a new
 connection evicts the oldest handshake of the busiest source address if it is stale, else it is
 closed at once (see :mod:`tunnel.carriers.handshakes`).
+
+The build compiles this module (``wss.pxd`` gives the types). A compiled class cannot derive
+from asyncio's protocol classes, so the pipe's code is in :class:`_WebSocketPipeBase` and
+:class:`WebSocketPipe` adds the bases.
 """
 
 from __future__ import annotations
@@ -130,16 +134,15 @@ class Slot:
         self._pipe._cancel_deadline()
 
 
-class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
-    """One WebSocket connection as a byte pipe (see the module docstring).
+class _WebSocketPipeBase:
+    """The code of :class:`WebSocketPipe` (see the module docstring)."""
 
-    A buffered protocol: uvloop's TLS transport decrypts straight into :func:`_read_buffer`
-    (``SSLObject.read(n, buffer)``) instead of into a fresh 256 KiB ``bytes`` per read, which
-    glibc serves with mmap, mremap and munmap and the kernel with page faults: about a
-    fifth of the agent's CPU per small message, and one copy fewer for bulk data.
-    """
-
-    transport_name = "wss"
+    __slots__ = (
+        "client", "limits", "transport", "peer_address", "forwarded_for", "subprotocol", "_handshake", "_conn",
+        "_receiver", "_early", "_write_paused", "_lost", "_lost_exc", "_lost_delivered", "_error", "_closing",
+        "_close_timer", "_deadline", "_tls_task", "_pre_tls", "_raw_early", "_listener", "slot", "_rbuf", "_loop",
+        "_ready",
+    )
 
     def __init__(self, *, client: bool, limits: Limits, handshake, listener: "_Listener | None" = None) -> None:
         self.client = client
@@ -200,10 +203,14 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             return
         transport = self.transport
         for out in conn.encode_messages(buffers):
-            if len(out) <= 16 and sum(map(len, out)) <= JOIN_BELOW:
-                transport.write(b"".join(out))
-            else:
-                transport.writelines(out)
+            if len(out) <= 16:
+                size = 0
+                for b in out:
+                    size += len(b)
+                if size <= JOIN_BELOW:
+                    transport.write(b"".join(out))
+                    continue
+            transport.writelines(out)
 
     def close(self) -> None:
         """Send a close frame after what is queued; close the transport once the peer answers
@@ -515,6 +522,18 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         self._close_timer = None
         if not self._lost:
             self.transport.abort()
+
+
+class WebSocketPipe(_WebSocketPipeBase, Pipe, asyncio.BufferedProtocol):
+    """One WebSocket connection as a byte pipe (see the module docstring).
+
+    A buffered protocol: uvloop's TLS transport decrypts straight into :func:`_read_buffer`
+    (``SSLObject.read(n, buffer)``) instead of into a fresh 256 KiB ``bytes`` per read, which
+    glibc serves with mmap, mremap and munmap and the kernel with page faults: about a
+    fifth of the agent's CPU per small message, and one copy fewer for bulk data.
+    """
+
+    transport_name = "wss"
 
 
 class _Listener:
