@@ -111,6 +111,10 @@ class AgentLinkHandler(LinkHandler):
     def control_received(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "registered" and not self.registered.done():
+            # Known at once: a ``relays`` message right behind this one must see this slot's
+            # relay as taken, before the registering task resumes.
+            relay_id = message.get("relay_id")
+            self.agent.relay_id = relay_id if isinstance(relay_id, str) else None
             self.registered.set_result(message)
         elif kind == "deregistered":
             self._deregistered(message)
@@ -217,8 +221,6 @@ class Agent:
                      link.carrier, res.get("endpoint"))
         if self.metrics is not None:
             self.metrics.registered(link)
-        relay_id = answer.get("relay_id")
-        self.relay_id = relay_id if isinstance(relay_id, str) else None
         if self.links is not None:
             self.links.registered(self, link)
         return handler
