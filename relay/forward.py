@@ -76,7 +76,7 @@ async def forward(bridge, endpoint, peering) -> None:
     except Exception:  # noqa: BLE001 - this connection fails, nothing else
         log.exception("resource %s: forwarding a connection failed", endpoint.resource_id)
         target = None
-    if bridge._done:
+    if bridge.done:
         if target is not None:
             target[0].reset(ErrorCode.CONNECTION_RESET)
         return
