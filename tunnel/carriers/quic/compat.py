@@ -15,7 +15,10 @@ and timers. The carrier needs a few things more, and takes them here only:
   datagram size (:class:`GranularPacer`);
 - a stream sender that keeps written chunks instead of one growing ``bytearray``
   (:class:`ChunkSender`), and the offsets the peer acknowledged (progress, close flush);
-- stream limits set at start (MAX_STREAMS), the connection's stream table, its state.
+- stream limits set at start (MAX_STREAMS), the connection's stream table, its state;
+- for :mod:`tunnel.carriers.quic.congestion`: the controller's pacing rate in the pacer (see
+  :class:`GranularPacer`), and room on aioquic's ``QuicSentPacket`` (a dataclass without
+  ``__slots__``) for the delivery state the controller keeps with each packet it is told of.
 
 :data:`RELIED_ON` lists each internal attribute and method used here;
 ``tests/unit/test_quic_compat.py`` checks every one against the installed aioquic, so that an
@@ -110,6 +113,7 @@ RELIED_ON = [
     (QuicPacketPacer, "bucket_time"),
     (QuicPacketPacer, "next_send_time"),
     (QuicPacketPacer, "update_bucket"),
+    ("sent_packet", "__dict__"),
 ]
 
 #: Burst the pacer allows, in seconds at the pacing rate: event-loop timers fire with about

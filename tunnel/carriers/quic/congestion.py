@@ -76,7 +76,8 @@ LOSS_BETA = 0.7
 BOUND_GROWTH = 1.25
 
 STARTUP, DRAIN, PROBE_BW, PROBE_RTT = "startup", "drain", "probe_bw", "probe_rtt"
-#: Attribute of a sent packet holding the connection's delivery state when it was sent.
+#: Attribute of a sent packet holding the connection's delivery state when it was sent
+#: (aioquic's ``QuicSentPacket`` has room for it: ``compat.RELIED_ON``).
 _STATE = "tunnel_delivery"
 
 
