@@ -21,6 +21,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet_builder import QuicSentPacket
 
 from tunnel.carriers.quic import compat
+from tunnel.carriers.quic.config import configuration
 from tunnel.carriers.quic.congestion import (
     DRAIN,
     PROBE_BW,
@@ -28,7 +29,6 @@ from tunnel.carriers.quic.congestion import (
     STARTUP,
     ModelCongestionControl,
 )
-from tunnel.carriers.quic.config import configuration
 from tunnel.core.limits import Limits
 
 MSS = 1452

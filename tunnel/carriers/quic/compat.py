@@ -155,8 +155,7 @@ class GranularPacer(QuicPacketPacer):
         self.packet_time = max(1e-6, min(size / rate, 1.0))
         # aioquic's bucket (a quarter window, 2 to 16 datagrams), at least PACING_BURST
         self.bucket_max = max(max(2 * size, min(congestion_window // 4, 16 * size)) / rate, PACING_BURST)
-        if self.bucket_time > self.bucket_max:
-            self.bucket_time = self.bucket_max
+        self.bucket_time = min(self.bucket_time, self.bucket_max)
 
     def charge(self, size: int) -> None:
         """A packet of ``size`` bytes went out: charge what its nominal price missed (or

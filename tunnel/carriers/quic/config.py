@@ -18,7 +18,8 @@ __all__ = ["configuration", "stream_limits"]
 def configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
     """The QUIC settings both sides use: ALPN ``tunnel/1``, windows and idle timeout from
     ``limits``, the congestion controller ``limits.quic_congestion_control`` names (the
-    model-based one by default: :mod:`tunnel.carriers.quic.congestion`), handshake datagrams of the standard size, certificates always verified."""
+    model-based one by default: :mod:`tunnel.carriers.quic.congestion`), handshake datagrams
+    of the standard size, certificates always verified."""
     handshake_size = MAX_DATAGRAM_SIZE
     if limits.quic_max_datagram_size:
         handshake_size = min(handshake_size, limits.quic_max_datagram_size)

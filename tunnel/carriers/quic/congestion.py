@@ -43,9 +43,12 @@ import math
 import random
 from collections.abc import Iterable
 
-from aioquic.quic.congestion.base import QuicCongestionControl, register_congestion_control
+from aioquic.quic.congestion.base import (
+    QuicCongestionControl,
+    register_congestion_control,
+)
 
-__all__ = ["ALGORITHMS", "ModelCongestionControl", "NAME"]
+__all__ = ["ALGORITHMS", "NAME", "ModelCongestionControl"]
 
 #: The name this controller is registered under in aioquic (QuicConfiguration's
 #: ``congestion_control_algorithm``), apart from any "bbr" a later aioquic may bring.
@@ -248,8 +251,7 @@ class ModelCongestionControl(QuicCongestionControl):
             self.max_bw = max(s for s, r in zip(self._bw_samples, self._bw_rounds) if r > oldest)
         elif rate > self._bw_samples[slot]:
             self._bw_samples[slot] = rate
-        if rate > self.max_bw:
-            self.max_bw = rate
+        self.max_bw = max(self.max_bw, rate)
 
     def _on_round_end(self) -> None:
         self._round_start = False
