@@ -222,3 +222,14 @@ def test_the_model_is_the_default_and_cubic_can_be_chosen():
     with pytest.raises(ValueError, match="quic_congestion_control"):
         Limits.from_env({"TUNNEL_QUIC_CONGESTION_CONTROL": "vegas"})
     assert QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE).congestion_control_algorithm != "tunnel-bbr"
+
+
+def test_a_zero_rtt_sample_does_not_zero_the_window():
+    """uvloop's clock moves in whole milliseconds: on loopback an ACK can seem to take 0 s. The
+    minimum RTT stays at the clock's granularity, so the BDP (and the window) is not 0."""
+    sim = Simulation(Path(rate=1000 * MBIT, rtt=0.0005))
+    sim.run(0.2)
+    sim.cc.on_rtt_measurement(now=sim.now, rtt=0.0)
+    assert sim.cc.min_rtt == 0.001
+    sim.run(0.2)
+    assert sim.cc.congestion_window >= 1.5 * sim.cc.bandwidth * 0.001

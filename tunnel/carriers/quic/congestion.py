@@ -63,6 +63,8 @@ PROBE_BW_CWND_GAIN = 2.0
 PROBE_BW_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 BW_WINDOW_ROUNDS = 10
 MIN_RTT_WINDOW = 10.0
+#: Smallest RTT sample taken (aioquic's K_GRANULARITY).
+MIN_RTT_SAMPLE = 0.001
 PROBE_RTT_TIME = 0.2
 FULL_BW_GROWTH = 1.25
 FULL_BW_ROUNDS = 3
@@ -226,6 +228,9 @@ class ModelCongestionControl(QuicCongestionControl):
         self._update_window(acked)
 
     def _update_min_rtt(self, now: float, rtt: float) -> None:
+        # As aioquic's own estimate: never below the clock's granularity (uvloop's clock moves
+        # in whole milliseconds; a 0.0 sample on loopback would make the BDP, and the window, 0).
+        rtt = max(rtt, MIN_RTT_SAMPLE)
         self._min_rtt_expired = self.min_rtt is not None and now > self._min_rtt_stamp + MIN_RTT_WINDOW
         if self.min_rtt is None or rtt <= self.min_rtt or self._min_rtt_expired:
             self.min_rtt = rtt
