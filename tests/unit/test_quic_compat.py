@@ -12,6 +12,7 @@ import ssl
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
@@ -32,6 +33,8 @@ def _live_objects() -> dict:
         "cc": conn._loss._cc,
         "limit": conn._local_max_data,
         "receiver": qs.receiver,
+        "sent_packet": QuicSentPacket(epoch=None, in_flight=True, is_ack_eliciting=True, is_crypto_packet=False,
+                                      packet_number=0, packet_type=None),
     }
 
 

@@ -17,6 +17,8 @@ KiB = 1024
 MiB = 1024 * KiB
 #: Fields where 0 is a meaningful value (off, or "derive it").
 _MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso")
+#: Values of ``quic_congestion_control``.
+QUIC_CONGESTION_CONTROLS = ("bbr", "cubic", "reno")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,6 +85,9 @@ class Limits:
     quic_max_datagram_size: int = 0
     #: 1: send QUIC datagrams in batches with UDP segmentation offload where Linux has it.
     quic_gso: int = 1
+    #: QUIC congestion control: "bbr" (model-based, keeps its rate through random loss),
+    #: "cubic" or "reno" (aioquic's, halve the window on each loss event).
+    quic_congestion_control: str = "bbr"
     #: ``auto://``: how long the QUIC attempt may take before falling back to WSS (seconds).
     quic_probe_timeout: float = 3.0
     #: ``auto://``: while on WSS, how often QUIC is tried again (seconds).
@@ -129,10 +134,13 @@ class Limits:
             raise ValueError("quic_max_datagram_size must be 0 (from the path) or in [1200, 65507]")
         if self.quic_gso not in (0, 1):
             raise ValueError("quic_gso must be 0 or 1")
+        if self.quic_congestion_control not in QUIC_CONGESTION_CONTROLS:
+            raise ValueError(f"quic_congestion_control must be one of {', '.join(QUIC_CONGESTION_CONTROLS)}")
         if not 0 < self.customer_fd_share <= 1:
             raise ValueError("customer_fd_share must be in (0, 1]")
         for field in dataclasses.fields(self):
-            if getattr(self, field.name) <= 0 and field.name not in _MAY_BE_ZERO:
+            value = getattr(self, field.name)
+            if not isinstance(value, str) and value <= 0 and field.name not in _MAY_BE_ZERO:
                 raise ValueError(f"{field.name} must be positive")
         return self
 
@@ -148,7 +156,7 @@ class Limits:
             raw = environ.get("TUNNEL_" + field.name.upper())
             if raw is None:
                 continue
-            kind = int if field.type in ("int", int) else float
+            kind = {"int": int, int: int, "str": str, str: str}.get(field.type, float)
             try:
                 changes[field.name] = kind(raw)
             except ValueError:

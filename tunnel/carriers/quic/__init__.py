@@ -7,6 +7,7 @@ stall the others.
   accepting (admission, Retry, connection-ID demultiplexing);
 - :mod:`~tunnel.carriers.quic.udp`: sockets, batched sends with GSO, the path's datagram size;
 - :mod:`~tunnel.carriers.quic.compat`: every use of aioquic's internals, checked by a test;
+- :mod:`~tunnel.carriers.quic.congestion`: the model-based congestion controller (after BBR);
 - :mod:`~tunnel.carriers.quic.config`: the QUIC settings both sides use.
 """
 

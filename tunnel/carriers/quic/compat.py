@@ -15,7 +15,10 @@ and timers. The carrier needs a few things more, and takes them here only:
   datagram size (:class:`GranularPacer`);
 - a stream sender that keeps written chunks instead of one growing ``bytearray``
   (:class:`ChunkSender`), and the offsets the peer acknowledged (progress, close flush);
-- stream limits set at start (MAX_STREAMS), the connection's stream table, its state.
+- stream limits set at start (MAX_STREAMS), the connection's stream table, its state;
+- for :mod:`tunnel.carriers.quic.congestion`: the controller's pacing rate in the pacer (see
+  :class:`GranularPacer`), and room on aioquic's ``QuicSentPacket`` (a dataclass without
+  ``__slots__``) for the delivery state the controller keeps with each packet it is told of.
 
 :data:`RELIED_ON` lists each internal attribute and method used here;
 ``tests/unit/test_quic_compat.py`` checks every one against the installed aioquic, so that an
@@ -106,6 +109,11 @@ RELIED_ON = [
     (QuicPacketPacer, "bucket_max"),
     (QuicPacketPacer, "update_rate"),
     (QuicPacketPacer, "_max_datagram_size"),
+    (QuicPacketPacer, "packet_time"),
+    (QuicPacketPacer, "bucket_time"),
+    (QuicPacketPacer, "next_send_time"),
+    (QuicPacketPacer, "update_bucket"),
+    ("sent_packet", "__dict__"),
 ]
 
 #: Burst the pacer allows, in seconds at the pacing rate: event-loop timers fire with about
@@ -118,19 +126,50 @@ _ATTACHED = "tunnel_state"
 
 
 class GranularPacer(QuicPacketPacer):
-    """aioquic's pacer with a burst of at least :data:`PACING_BURST` seconds.
+    """aioquic's pacer, at the congestion controller's pacing rate, with a burst of at least
+    :data:`PACING_BURST` seconds, and each packet priced at its own size.
 
-    aioquic charges every packet, small or large, the time the *largest* datagram takes at
-    the pacing rate. This pacer keeps pricing packets at the handshake's standard size (1452
-    bytes) when the link moves to larger datagrams: with 64 KiB datagrams on loopback, a
-    64-byte request would otherwise wait milliseconds for tokens (what a WAN path carries is
-    1452-byte datagrams anyway, priced exactly).
+    aioquic derives the pacing rate from the window (``cwnd / srtt``): right for a window-based
+    controller, wrong for a rate-based one, which keeps the window above the path's BDP on
+    purpose and sets the rate itself. A controller with a ``pacing_rate`` (bytes per second,
+    :class:`tunnel.carriers.quic.congestion.ModelCongestionControl`) is followed instead.
+
+    aioquic charges every packet the time its *largest* datagram takes at the pacing rate,
+    and knows no packet's size when it charges. Here a packet is charged at the handshake's
+    standard size when it is built (:meth:`update_after_send`, aioquic's call), and the
+    difference to its real size when it is handed to the controller (:meth:`charge`, called
+    by the model controller's ``on_packet_sent``): a 64-byte request beside 64 KiB datagrams
+    on loopback does not wait milliseconds for tokens, and a 1472-byte datagram on a WAN path
+    is not sent 1.4 % faster than the rate.
     """
 
+    def __init__(self, *, max_datagram_size: int, congestion=None) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self._congestion = congestion
+        self.pacing_rate = 0.0  # bytes per second in force
+
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        super().update_rate(congestion_window, smoothed_rtt)
-        if self.bucket_max < PACING_BURST:
-            self.bucket_max = PACING_BURST
+        rate = getattr(self._congestion, "pacing_rate", None) or congestion_window / max(smoothed_rtt, 1e-6)
+        size = self._max_datagram_size
+        self.pacing_rate = rate
+        self.packet_time = max(1e-6, min(size / rate, 1.0))
+        # aioquic's bucket (a quarter window, 2 to 16 datagrams), at least PACING_BURST
+        self.bucket_max = max(max(2 * size, min(congestion_window // 4, 16 * size)) / rate, PACING_BURST)
+        self.bucket_time = min(self.bucket_time, self.bucket_max)
+
+    def charge(self, size: int) -> None:
+        """A packet of ``size`` bytes went out: charge what its nominal price missed (or
+        refund what a small packet overpaid)."""
+        if self.packet_time is not None and self.pacing_rate:
+            self.bucket_time = min(self.bucket_time - (size - self._max_datagram_size) / self.pacing_rate,
+                                   self.bucket_max)
+
+    def next_send_time(self, now: float) -> float | None:
+        if self.packet_time is not None:
+            self.update_bucket(now=now)
+            if self.bucket_time <= 0:
+                return now + max(self.packet_time, -self.bucket_time)
+        return None
 
 
 class BoundedConnection(QuicConnection):
@@ -140,7 +179,10 @@ class BoundedConnection(QuicConnection):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._loss._pacer = GranularPacer(max_datagram_size=self._max_datagram_size)
+        cc = self._loss._cc
+        self._loss._pacer = GranularPacer(max_datagram_size=self._max_datagram_size, congestion=cc)
+        if hasattr(cc, "pacer"):
+            cc.pacer = self._loss._pacer  # the model controller charges each packet's real size
         #: max_udp_payload_size we announce (None: aioquic's default, 65527).
         self.local_max_udp: int | None = None
         #: max_udp_payload_size the peer announced (None: not announced).

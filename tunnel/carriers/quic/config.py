@@ -7,6 +7,7 @@ import ssl
 from aioquic.quic.configuration import QuicConfiguration
 
 from tunnel.carriers.quic.compat import BoundedConnection
+from tunnel.carriers.quic.congestion import ALGORITHMS
 from tunnel.carriers.quic.udp import MAX_DATAGRAM_SIZE
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import QUIC_ALPN
@@ -16,7 +17,9 @@ __all__ = ["configuration", "stream_limits"]
 
 def configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
     """The QUIC settings both sides use: ALPN ``tunnel/1``, windows and idle timeout from
-    ``limits``, handshake datagrams of the standard size, certificates always verified."""
+    ``limits``, the congestion controller ``limits.quic_congestion_control`` names (the
+    model-based one by default: :mod:`tunnel.carriers.quic.congestion`), handshake datagrams
+    of the standard size, certificates always verified."""
     handshake_size = MAX_DATAGRAM_SIZE
     if limits.quic_max_datagram_size:
         handshake_size = min(handshake_size, limits.quic_max_datagram_size)
@@ -27,7 +30,7 @@ def configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
         max_data=limits.session_window,
         max_stream_data=limits.initial_stream_window,
         max_datagram_size=handshake_size,  # the link raises it after the handshake
-        congestion_control_algorithm="cubic",
+        congestion_control_algorithm=ALGORITHMS[limits.quic_congestion_control],
         verify_mode=ssl.CERT_REQUIRED,
     )
 
