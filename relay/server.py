@@ -73,7 +73,8 @@ class AgentLinkHandler(LinkHandler):
 
     def control_received(self, message: dict) -> None:
         if self.agent is not None:
-            return  # unknown types are ignored (forward compatibility)
+            self.relay.control.received(self.agent, message)  # relay.agent_control
+            return
         kind = message.get("type")
         if kind == "auth" and not self._authenticating:
             self._authenticating = True
@@ -124,6 +125,16 @@ class Relay:
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: Resources with a registration between its first and last step (never expired).
         self.registering: Counter = Counter()
+        from .agent_control import AgentControl
+
+        #: CONTROL messages of registered agents.
+        self.control = AgentControl(self)
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def on_link(self, link: Link) -> None:
         self.links.add(link)
@@ -208,13 +219,8 @@ class Relay:
         limits = self.limits
         self._check_link_quotas(link, customer_id)
 
-        def before_create(owner: str) -> None:
-            if self.state.count_resources(owner) >= limits.max_resources_per_customer:
-                raise QuotaExceeded(f"customer {owner} is over its quota of {limits.max_resources_per_customer} "
-                                    "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones")
-
         wanted = [check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
-                                      before_create=before_create) for entry in resources]
+                                      before_create=self._before_create) for entry in resources]
         ids = {r["id"] for r in wanted}
         self.registering.update(ids)
         try:
@@ -242,6 +248,7 @@ class Relay:
                 instance=info["instance"],
                 resources={r["id"]: r["name"] for r in wanted},
                 buffers=LinkBuffers(limits.session_window),
+                claims=claims,
             )
             self.registry.add_agent(agent)
             return agent
@@ -250,6 +257,36 @@ class Relay:
                 self.registering[rid] -= 1
                 if self.registering[rid] <= 0:
                     del self.registering[rid]
+
+    def _before_create(self, owner: str) -> None:
+        limit = self.limits.max_resources_per_customer
+        if self.state.count_resources(owner) >= limit:
+            raise QuotaExceeded(f"customer {owner} is over its quota of {limit} "
+                                "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones")
+
+    async def resource_for(self, claims, name: str) -> dict:
+        """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
+        (created if need be, its endpoint bound), checked again after the bind: AuthError if it
+        was revoked or deleted meanwhile. For resources added on a live link."""
+        from .tokens import check_against_state
+
+        resource = check_against_state(claims, self.state, name, allocate=self._allocate_port,
+                                       before_create=self._before_create)
+        rid = resource["id"]
+        self.registering[rid] += 1
+        try:
+            await self.registry.ensure_endpoint(resource)
+            now = self.state.get_resource(rid)
+            if now is None:
+                self.registry.resource_deleted(rid)
+                raise AuthError("resource deleted", code="deleted")
+            if claims.generation < now["generation"]:
+                raise AuthError("registration token revoked", code="revoked")
+            return resource
+        finally:
+            self.registering[rid] -= 1
+            if self.registering[rid] <= 0:
+                del self.registering[rid]
 
     def _check_link_quotas(self, link: Link, customer_id: str) -> None:
         limit = self.limits.max_links_per_customer
@@ -262,7 +299,7 @@ class Relay:
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port
 
-        return allocate_port(self.registry.service_host, taken)
+        return allocate_port(self.registry.service_host, taken, self.registry.port_range)
 
     def mark_served(self, resource_ids) -> None:
         """Record that these resources were served until now (their idle time starts over)."""
@@ -419,7 +456,7 @@ async def _serve(args) -> int:
 
     store = state_mod.RelayState(state_dir / "relay.db")
     authority = tokens.TokenAuthority(state_dir)
-    registry = Registry(args.service_host, descriptors)
+    registry = Registry(args.service_host, descriptors, limits, args.port_range)
     relay = Relay(store, authority, registry, limits, descriptors)
     relay.expire_idle_resources()
     for resource in store.list_resources():

@@ -25,8 +25,12 @@ def test_env_config():
 
 @pytest.mark.parametrize("change, message", [
     ({"RELAY_URL": None}, "RELAY_URL is not set"),
-    ({"RELAY_URL": "http://relay:1"}, "RELAY_URL must look like"),
+    ({"RELAY_URL": "http://relay:1"}, "not http://; write wss://relay:1"),
+    ({"RELAY_URL": "https://relay:8443"}, "not https://; write wss://relay:8443"),
+    ({"RELAY_URL": "relay.example:8443"}, "has no scheme: write auto://relay.example:8443"),
+    ({"RELAY_URL": "wss://relay"}, "has no port: write wss://relay:8443"),
     ({"RELAY_URL": "wss://relay:notaport"}, "bad port"),
+    ({"DRAIN_TIMEOUT": "soon"}, "DRAIN_TIMEOUT must be a number"),
     ({"REGISTRATION_JWT": None}, "REGISTRATION_JWT"),
     ({"APP_PORT": "0"}, "APP_PORT must be between"),
     ({"APP_PORT": "pg"}, "APP_PORT must be a TCP port"),
@@ -69,15 +73,17 @@ def test_systemd_credential_serves_without_a_path(tmp_path):
         agent_config.load({**env, "CREDENTIALS_DIRECTORY": str(tmp_path)})
 
 
-def test_backoff_is_jittered_exponential_and_capped():
-    b = Backoff(base=0.5, cap=30, rng=random.Random(1))
+def test_backoff_first_retry_within_a_second_then_exponential_and_capped():
+    b = Backoff(first=1.0, cap=30, rng=random.Random(1))
     delays = [b.next_delay() for _ in range(20)]
-    assert all(0 < d <= 30 for d in delays)
-    assert max(delays[:3]) <= 2.0  # grows from the base
-    assert max(delays[10:]) > 5  # ...up to the cap
+    assert 0.25 <= delays[0] <= 1.0  # the first attempt after a loss: within a second
+    for n, d in enumerate(delays):
+        ceiling = min(30.0, 2 ** n)
+        assert ceiling / 4 <= d <= ceiling  # doubling while attempts fail ...
+    assert max(delays[6:]) > 15  # ... up to the cap
     assert len(set(delays)) == len(delays)  # jittered
     b.reset()
-    assert b.next_delay() <= 0.5
+    assert b.next_delay() <= 1.0
 
 
 class FakeStream(LinkStream):

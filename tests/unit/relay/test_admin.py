@@ -171,6 +171,8 @@ def test_resources_status_endpoint_and_agents(api):
         "status": "UNAVAILABLE",
         "endpoint": f"127.0.0.1:{db['port']}",
         "agents": 0,
+        "target_status": "UNKNOWN",
+        "target_error": None,
     }]
     server.registry.agents[db["id"]] = [fake_agent("agt_1"), fake_agent("agt_2", transport="quic")]
     status, body, _ = api.request("GET", "/v1/resources")
