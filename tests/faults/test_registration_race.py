@@ -30,7 +30,7 @@ ADMIN_TOKEN = "admin-token-for-the-test"
 class RecordingLink(Link):
     """What the relay sends to one agent, and whether it closed the link."""
 
-    transport = "quic"  # no descriptor accounting for it
+    carrier = transport = "quic"  # no descriptor accounting for it
     peer_address = ("192.0.2.7", 40000)
 
     def __init__(self) -> None:
