@@ -109,6 +109,10 @@ class AgentControl:
             refused = [{"name": n, "code": "bad_request",
                         "message": f"an agent serves at most {MAX_RESOURCES_PER_AGENT} resources"} for n in new]
             new = []
+        if new and agent.claims is None:
+            refused = [{"name": n, "code": "unavailable", "message": "this link cannot add resources: register again"}
+                       for n in new]
+            new = []
         if new:
             try:
                 _fresh(agent.claims)

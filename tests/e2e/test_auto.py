@@ -56,6 +56,7 @@ def test_auto_prefers_quic(relay, agents, service_factory):
 
 @pytest.fixture
 def ns_relay(tmp_path):
+    """A relay in a network namespace of its own (its address: ``relay.host``)."""
     if not netns.available():
         pytest.skip("needs root, ip and iptables")
     with netns.Namespace() as ns:
@@ -68,6 +69,7 @@ def ns_relay(tmp_path):
             relay.stop()
 
 
+@pytest.mark.netns
 def test_udp_blocked_then_unblocked_then_silent(ns_relay, agents, service_factory):
     relay, ns = ns_relay, ns_relay.ns
     blocks = [["INPUT", "-p", "udp", "--dport", str(relay.port), "-j", "DROP"],
