@@ -140,7 +140,7 @@ def test_rolling_restart_of_two_agents_under_pgbench_fails_no_transaction(relay,
 
     # One new connection per transaction (-C): every transaction crosses the restart.
     bench = subprocess.Popen(
-        ["pgbench", "-C", "-c", "4", "-j", "2", "-T", "25", "-n", "-P", "5"],
+        ["pgbench", "-C", "-c", "4", "-j", "2", "-T", "15", "-n", "-P", "5"],
         env={**os.environ, "PGUSER": "postgres", "PGDATABASE": "postgres", "PGHOST": "127.0.0.1",
              "PGPORT": str(endpoint)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -153,6 +153,7 @@ def test_rolling_restart_of_two_agents_under_pgbench_fails_no_transaction(relay,
             group[i] = _start(relay, agents, token, postgres)
             wait_until(lambda: "serving resource db" in group[i].log(), 20, "the restarted agent to register")
             relay.wait_available(customer, "db", agents=2)
+        assert bench.poll() is None, "the rolling restart outlasted the pgbench run"
         out, _ = bench.communicate(timeout=90)
     finally:
         if bench.poll() is None:
