@@ -6,7 +6,8 @@ COPY pyproject.toml setup.py _frames.pyx README.md ./
 COPY tunnel tunnel
 COPY agent agent
 COPY relay relay
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the PostgreSQL driver, so the same image can run a relay of a cluster.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgresql]"
 
 FROM python:3.11-slim-bookworm
 COPY --from=build /wheels /wheels

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunnel-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(conf.log_format, conf.log_level)
-    log.info("tunnel-agent %s starting: relay %s, resources %s", __version__, conf.relay_url,
-             ", ".join(f"{t.name} -> {t.address}" for t in conf.targets))
+    log.info("tunnel-agent %s starting: relay %s (%d link(s)), resources %s", __version__, ", ".join(conf.relay_urls),
+             conf.relay_links, ", ".join(f"{t.name} -> {t.address}" for t in conf.targets))
     log.debug("settings: %s; DRAIN_TIMEOUT %g s; config file %s", _tunables(limits), conf.drain_timeout,
               conf.config_file or "none")
     from tunnel.ops.process import tune_malloc
@@ -70,7 +70,9 @@ def _parse_args(argv: list[str]):
 ENVIRONMENT = """\
 environment:
   RELAY_URL              auto://HOST:PORT (QUIC, else WSS), wss://HOST:PORT or quic://HOST:PORT;
-                         the port is required (the relay's default is 8443)
+                         the port is required (the relay's default is 8443); several relays
+                         (or load balancers) of one cluster: comma-separated
+  RELAY_LINKS            links kept to distinct relays of the cluster (default 2; all when fewer)
   NAME                   the resource's name (agents with one NAME and customer serve it together)
   APP_HOST, APP_PORT     the private service this agent reaches for NAME
   REGISTRATION_JWT       the registration token, or REGISTRATION_JWT_FILE (a file holding it)
@@ -79,6 +81,7 @@ environment:
   LOG_LEVEL              DEBUG, INFO (default), WARNING or ERROR
   LOG_FORMAT             plain (default) or json
   DRAIN_TIMEOUT          seconds SIGTERM lets open streams finish (default 30)
+  METRICS_LISTEN         host:port (or :port) to serve /metrics, /live and /ready on (default: off)
   AGENT_CONFIG_FILE      the same as --config (several resources: README, "The config file")
 
 signals: SIGHUP reads the config file again; SIGTERM deregisters, lets open streams finish up
@@ -119,21 +122,32 @@ def _tunables(limits: Limits) -> str:
 
 
 async def _run(conf, limits: Limits) -> int:
-    from .runner import Agent
+    from .links import AgentLinks
 
-    agent = Agent(conf, limits)
-    task = asyncio.ensure_future(agent.run())
+    links = AgentLinks(conf, limits)
+    agent = links.slots[0]  # metrics follow the first link
+    metrics = None
+    if conf.metrics_listen is not None:
+        from .metrics import serve_metrics
+
+        try:
+            metrics = await serve_metrics(agent, conf.metrics_listen, limits)
+        except OSError as exc:
+            log.error("cannot serve metrics at METRICS_LISTEN %s:%d: %s", *conf.metrics_listen, exc.strerror or exc)
+            return 2
+        log.info("metrics on http://%s:%d/metrics (also /live and /ready)", conf.metrics_listen[0], metrics.port)
+    task = asyncio.ensure_future(links.run())
     loop = asyncio.get_running_loop()
 
     def on_stop_signal() -> None:
-        if agent.stopping:
+        if links.stopping:
             log.info("stopping now")
             task.cancel()
         else:
-            agent.stop()
+            links.stop()
 
     for sig, callback in ((signal.SIGTERM, on_stop_signal), (signal.SIGINT, on_stop_signal),
-                          (getattr(signal, "SIGHUP", None), agent.reload)):
+                          (getattr(signal, "SIGHUP", None), links.reload)):
         if sig is None:
             continue
         try:
@@ -145,3 +159,6 @@ async def _run(conf, limits: Limits) -> int:
     except asyncio.CancelledError:
         log.info("tunnel-agent stopped")
         return 0
+    finally:
+        if metrics is not None:
+            metrics.close()

@@ -4,7 +4,9 @@ TOML file (``--config`` / ``AGENT_CONFIG_FILE``) for several resources.
 Environment::
 
     RELAY_URL               wss://host:port, quic://host:port or auto://host:port (the port is
-                            required: the relay listens on 8443 unless its operator chose another)
+                            required: the relay listens on 8443 unless its operator chose another);
+                            several relays (or load balancers) of one cluster: comma-separated
+    RELAY_LINKS             links kept to distinct relays of the cluster (default 2; all when fewer)
     NAME                    the resource name agents of one customer share
     APP_HOST, APP_PORT      the private service this agent reaches for that resource
     REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it;
@@ -14,15 +16,19 @@ Environment::
     HTTPS_PROXY, NO_PROXY   outbound HTTP CONNECT proxy (WSS only)
     LOG_FORMAT, LOG_LEVEL   plain|json, DEBUG|INFO|WARNING|ERROR
     DRAIN_TIMEOUT           seconds SIGTERM lets open streams finish (default 30)
+    METRICS_LISTEN          host:port (or :port) to serve /metrics, /live and /ready on
+                            (plain HTTP; default: not served)
 
 File (every key optional where the environment gives it; the environment wins)::
 
     relay_url = "auto://relay.example.com:8443"
+    relay_links = 2
     registration_jwt_file = "/etc/tunnel-agent/jwt"
     ca_file = "/etc/tunnel-agent/ca.pem"
     log_level = "INFO"
     log_format = "plain"
     drain_timeout = 30
+    metrics_listen = "127.0.0.1:9464"
     [[resources]]
     name = "orders-db"
     host = "10.0.0.5"
@@ -44,6 +50,9 @@ SCHEMES = ("wss", "quic", "auto")
 #: The relay's default agent port (tunnel-relay serve --listen), named in messages.
 RELAY_DEFAULT_PORT = 8443
 DEFAULT_DRAIN_TIMEOUT = 30.0
+#: RELAY_LINKS: the most links one agent keeps (the relay accepts slots 0-15).
+MAX_RELAY_LINKS = 16
+DEFAULT_RELAY_LINKS = 2
 #: The systemd credential (LoadCredential=registration-jwt:...) read when no token is given.
 CREDENTIAL_NAME = "registration-jwt"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -89,6 +98,12 @@ class AgentConfig:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     #: The TOML file read (None: environment only); SIGHUP reads it again.
     config_file: str | None = None
+    #: ``(host, port)`` of the /metrics, /live and /ready server; None: not served.
+    metrics_listen: tuple[str, int] | None = None
+    #: Every relay RELAY_URL names (``relay_url`` is the first).
+    relay_urls: tuple[str, ...] = ()
+    #: RELAY_LINKS: how many links to distinct relays to keep.
+    relay_links: int = DEFAULT_RELAY_LINKS
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -140,11 +155,20 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
 
-    relay_url = env.get("RELAY_URL") or file_conf.get("relay_url")
-    if not relay_url:
+    relay_url_list = env.get("RELAY_URL") or file_conf.get("relay_url")
+    if not relay_url_list or not str(relay_url_list).strip(" ,"):
         raise ConfigError(f"RELAY_URL is not set: set it to auto://HOST:{RELAY_DEFAULT_PORT} (or wss:// or "
-                          "quic://), the relay's address and agent port")
-    check_relay_url(str(relay_url))
+                          "quic://), the relay's address and agent port; several relays: comma-separated")
+    relay_urls = tuple(u.strip() for u in str(relay_url_list).split(",") if u.strip())
+    for relay_url in relay_urls:
+        check_relay_url(relay_url)
+    links_text = env.get("RELAY_LINKS") or file_conf.get("relay_links") or DEFAULT_RELAY_LINKS
+    try:
+        relay_links = int(links_text)
+    except (TypeError, ValueError):
+        relay_links = 0
+    if not 1 <= relay_links <= MAX_RELAY_LINKS:
+        raise ConfigError(f"RELAY_LINKS must be a number from 1 to {MAX_RELAY_LINKS}, got {links_text!r}")
 
     credential = os.path.join(env["CREDENTIALS_DIRECTORY"], CREDENTIAL_NAME) if env.get("CREDENTIALS_DIRECTORY") else ""
     if env.get("REGISTRATION_JWT"):
@@ -206,8 +230,17 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         raise ConfigError(f"DRAIN_TIMEOUT must be a number of seconds, got {raw_drain!r}") from None
     if not 0 <= drain_timeout <= 86400:
         raise ConfigError(f"DRAIN_TIMEOUT must be between 0 and 86400 seconds, got {raw_drain!r}")
-    return AgentConfig(relay_url, token, tuple(targets), ca_file, log_format, log_level, token_source,
-                       drain_timeout, config_file)
+
+    metrics_listen = None
+    if env.get("METRICS_LISTEN") or file_conf.get("metrics_listen"):
+        from tunnel.ops.metrics_http import parse_listen
+
+        try:
+            metrics_listen = parse_listen(str(env.get("METRICS_LISTEN") or file_conf["metrics_listen"]), "METRICS_LISTEN")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
+                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links)
 
 
 def check_relay_url(url: str) -> None:

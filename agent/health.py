@@ -5,10 +5,8 @@ service sees none, from a light periodic check (one TCP connection opened and cl
 A change is logged once (WARNING when a service stops answering, with the fix; INFO when it
 answers again) and handed to ``on_change``, which tells the relay (CONTROL ``target_health``,
 docs/PROTOCOL.md). The relay shows it in ``resources list``, logs why a worker's connection was
-reset, and prefers agents whose service answers.
-
-:attr:`TargetHealth.dial_failures` counts failed dials and checks per resource and reason:
-the counter metrics read.
+reset, and prefers agents whose service answers. The agent's metrics export it
+(``tunnel_agent_target_reachable``, beside ``tunnel_agent_dial_failures_total``).
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -51,8 +48,6 @@ class TargetHealth:
         self.on_change = on_change
         self._clock = clock
         self.states: dict[str, TargetState] = {}
-        #: (resource name, reason) -> failed dials and checks: the counter for metrics.
-        self.dial_failures: Counter = Counter()
 
     def result(self, target, exc: BaseException | None) -> None:
         """A dial or check of ``target`` (agent.config.Target) succeeded (``exc`` None) or failed."""
@@ -68,7 +63,6 @@ class TargetHealth:
                 self._changed(target.name)
             return
         reason, detail, fix = target_failure(target, exc, self.connect_timeout)
-        self.dial_failures[(target.name, reason)] += 1
         if state.reachable is not False or state.reason != reason:
             log.warning("resource %s: %s -> fix: %s; workers' connections to it are reset meanwhile",
                         target.name, detail, fix)

@@ -5,7 +5,8 @@ Reconnecting: the first attempt after a link loss comes within ``Limits.reconnec
 (1 s, jittered); each failed attempt doubles the delay up to ``Limits.reconnect_max_delay``
 (30 s); a link that stayed up ``HEALTHY_PERIOD`` starts over. A whole fleet coming back at once
 after a relay restart is spread by the relay's handshake admission (tunnel.carriers.handshakes):
-agents it turns away back off.
+agents it turns away back off. With several links (agent.links, ``RELAY_LINKS``) each slot is
+one :class:`Agent` with its own delays; a slot whose relay drains moves at once, without delay.
 
 Each stream the relay opens names a resource; the agent dials only the ``host:port``
 configured for that name and refuses any other (it never dials an address the relay sends).
@@ -88,6 +89,8 @@ class AgentLinkHandler(LinkHandler):
         loop = asyncio.get_running_loop()
         self.registered: asyncio.Future = loop.create_future()
         self.closed: asyncio.Future = loop.create_future()
+        #: Set when the relay drains and asks this link to move elsewhere (agent.links).
+        self.moving: asyncio.Future = loop.create_future()
         self.error: AuthError | None = None
         #: What this link's bridges hold in user space, bounded by the window we announced.
         self.buffers = LinkBuffers(agent.limits.session_window)
@@ -130,15 +133,23 @@ class AgentLinkHandler(LinkHandler):
                         on_result=lambda exc: health.result(target, exc)))
         self.agent.tasks.add(task)
         task.add_done_callback(self.agent.tasks.discard)
+        if self.agent.metrics is not None:
+            self.agent.metrics.stream_dialing(name, task)
         return stream_handler(bridge)
 
     def control_received(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "registered" and not self.registered.done():
             self.names = {str(r.get("name")) for r in message.get("resources", []) if isinstance(r, dict)}
+            # Known at once: a ``relays`` message right behind this one must see this slot's
+            # relay as taken, before the registering task resumes.
+            relay_id = message.get("relay_id")
+            self.agent.relay_id = relay_id if isinstance(relay_id, str) else None
             self.registered.set_result(message)
         elif kind == "deregistered":
             self._deregistered(message)
+        elif kind in ("relays", "draining") and self.agent.links is not None:
+            self.agent.links.control(self.agent, self, message)
         elif kind in ("resources_added", "resources_removed"):
             future = self._answers.pop(kind, None)
             if future is not None and not future.done():
@@ -217,12 +228,19 @@ class Agent:
     HEALTHY_PERIOD = 30.0
 
     def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None,
-                 environ=None) -> None:
+                 environ=None, *, slot: int = 0, links=None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
         self.environ = os.environ if environ is None else environ
+        #: Which of the agent's links this life keeps, and the :class:`agent.links.AgentLinks`
+        #: choosing its relay (None: one link to RELAY_URL).
+        self.slot = slot
+        self.links = links
+        #: The relay id the last registration answered with.
+        self.relay_id: str | None = None
         self.dialer = dialer if dialer is not None else self._dialer(config)
-        self.instance = os.urandom(6).hex()  # as secrets.token_hex(6), without hashlib and hmac
+        # As secrets.token_hex(6), without hashlib and hmac; one per agent process (all slots).
+        self.instance = links.instance if links is not None else os.urandom(6).hex()
         self.tasks: set[asyncio.Task] = set()
         self.backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
         #: The link being served and its handler (the newest one after a move).
@@ -231,14 +249,18 @@ class Agent:
         #: Older links told to go away, finishing their streams.
         self.draining: set[Link] = set()
         #: Names the relay deregistered (or refused on a live link) -> why: not served, not
-        #: registered again until a restart or a new token.
-        self.dropped: dict[str, str] = {}
+        #: registered again until a restart or a new token (shared by every slot).
+        self.dropped: dict[str, str] = links.dropped if links is not None else {}
         #: Resources a reload removed, still served on the link until the relay confirms.
         self.retiring: dict[str, Target] = {}
         #: The agent_id the relay gave the current link.
         self.agent_id: str | None = None
-        self.health = TargetHealth(self.limits.connect_timeout, self.limits.target_check_interval,
-                                   on_change=self._health_changed)
+        #: Whether each private service answers: one watcher per process (every slot's links
+        #: hear its changes).
+        self.health = links.health if links is not None else TargetHealth(
+            self.limits.connect_timeout, self.limits.target_check_interval, on_change=self.health_changed)
+        #: :class:`agent.metrics.AgentMetrics` when METRICS_LISTEN is set, else None.
+        self.metrics = None
         self._stopping: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._switch_to = None  # (config, dialer) a reload asked to move to
@@ -266,11 +288,12 @@ class Agent:
         return {
             "type": "auth",
             "token": self.config.token,
-            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance},
+            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance, "slot": self.slot},
             "resources": [{"name": t.name} for t in self._targets()],
         }
 
-    def _health_changed(self, name: str) -> None:
+    def health_changed(self, name: str) -> None:
+        """Tell the relay that ``name``'s service started or stopped answering."""
         if self.handler is not None:
             self.handler.send_health([name])
 
@@ -293,6 +316,10 @@ class Agent:
                      link.carrier, res.get("endpoint"))
         self.agent_id = str(answer.get("agent_id", ""))[:64] or None
         handler.send_health(handler.names)
+        if self.metrics is not None:
+            self.metrics.registered(link)
+        if self.links is not None:
+            self.links.registered(self, link)
         return handler
 
     # --- the loop -------------------------------------------------------------------------
@@ -300,9 +327,10 @@ class Agent:
     async def run(self) -> int:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
-        self._spawn(self.health.run(self._targets))
-        if self.limits.config_watch_interval > 0 and self.config.config_file:
-            self._spawn(self._watch_config(self.limits.config_watch_interval))
+        if self.links is None:  # else agent.links runs one of each for every slot
+            self._spawn(self.health.run(self._targets))
+            if self.limits.config_watch_interval > 0 and self.config.config_file:
+                self._spawn(self._watch_config(self.limits.config_watch_interval))
         try:
             return await self._run()
         except asyncio.CancelledError:
@@ -334,12 +362,19 @@ class Agent:
                 log.info("stopped")
                 return 0
             level = logging.WARNING
+            if self.metrics is not None:
+                self.metrics.connecting()
+            if self.links is not None:
+                dialer = await self._unless_stopping(self.links.dialer(self), close=False)
+                if dialer is None:
+                    continue
+                self.dialer = dialer
             try:
                 link = await self._unless_stopping(self.dialer.dial())
                 if link is None:
                     continue
                 self.link = link
-                log.info("connected to %s over %s", _relay_name(self.config.relay_url), link.carrier)
+                log.info("connected to %s over %s", _relay_name(self.dialer.url), link.carrier)
                 handler = self.handler = await self.register(link)
             except AuthError as exc:
                 self._forget_link()
@@ -360,6 +395,8 @@ class Agent:
                 outcome = await self.serve(link, handler)
                 if outcome is None:
                     return await self._stop_gracefully()
+                if outcome is MOVED:
+                    continue  # the relay drains: link elsewhere at once (agent.links)
                 code, reason, error = outcome
                 if loop.time() - registered_at >= self.HEALTHY_PERIOD:
                     self.backoff.reset()
@@ -373,28 +410,34 @@ class Agent:
             first = False
             delay = self.backoff.next_delay()
             log.log(level, "%s; reconnecting in %.1f s", what, delay)
+            if self.metrics is not None:
+                self.metrics.waiting()
             await self._sleep(delay)
 
     def _forget_link(self) -> None:
         self.link = self.handler = None
 
     async def serve(self, link: Link, handler: AgentLinkHandler):
-        """Serve until the link closes, ``(code, reason, error)``, or a stop is asked, None.
-        Under auto://, move to QUIC when it is reachable again; after a reload that changed
-        the relay's settings, move to a link made with them."""
+        """Serve until the link closes, ``(code, reason, error)``; a stop is asked, None; or
+        the relay drains and this slot moves to another, :data:`MOVED` (the old link finishes
+        its streams). Under auto://, move to QUIC when it is reachable again; after a reload
+        that changed the relay's settings, move to a link made with them."""
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
                 wake = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await asyncio.wait({handler.closed, stop, wake}, timeout=self.dialer.next_probe_in(),
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({handler.closed, handler.moving, stop, wake},
+                                       timeout=self.dialer.next_probe_in(), return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     wake.cancel()
                 if stop.done():
                     return None
                 if handler.closed.done():
                     break
+                if handler.moving.done():
+                    self._forget_link()
+                    return MOVED
                 self._wake.clear()
                 moved = None
                 if self._switch_to is not None:
@@ -436,8 +479,9 @@ class Agent:
         task = self._spawn(_close_when_idle(old))
         task.add_done_callback(lambda _: self.draining.discard(old))
 
-    async def _unless_stopping(self, awaitable):
-        """``awaitable``'s result, or None (it cancelled) once a stop is asked."""
+    async def _unless_stopping(self, awaitable, close: bool = True):
+        """``awaitable``'s result, or None (it cancelled) once a stop is asked (a link it
+        still returned is closed when ``close``)."""
         task = asyncio.ensure_future(awaitable)
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -451,7 +495,7 @@ class Agent:
             link = await task
         except BaseException:  # noqa: BLE001 - cancelled, or failed while cancelling
             return None
-        if link is not None:
+        if link is not None and close:
             link.close(ErrorCode.NO_ERROR, "agent stopping")
         return None
 
@@ -504,30 +548,28 @@ class Agent:
 
     def reload(self, why: str = "SIGHUP") -> bool:
         """Read the config file again and apply it (see the module docstring); False (and the
-        old configuration kept) when the file is refused."""
-        from . import config as agent_config
+        old configuration kept) when the file is refused. With several links, agent.links
+        reads it once and applies it to every slot."""
+        if self.links is not None:
+            return self.links.reload(why)
+        new = read_config(self.config, self.environ, why)
+        return new is not None and self.apply_config(new, why)
 
+    def apply_config(self, new: AgentConfig, why: str) -> bool:
+        """Serve ``new`` (a config file read again) from now on."""
         old = self.config
-        if not old.config_file:
-            log.warning("%s: there is no config file to read again (the agent runs on environment variables); "
-                        "restart it to change them", why)
-            return False
-        try:
-            new = agent_config.load(self.environ, old.config_file)
-        except ConfigError as exc:
-            log.error("%s: config file %s refused: %s; still running the previous configuration", why,
-                      old.config_file, exc)
-            return False
+        announce = self.slot == 0  # one summary per process
         before = {t.name: t for t in old.targets}
         after = {t.name: t for t in new.targets}
         added = [n for n in after if n not in before]
         removed = [n for n in before if n not in after]
         changed = [n for n in after if n in before and after[n] != before[n]]
-        connection = [k for k in ("relay_url", "ca_file", "token") if getattr(old, k) != getattr(new, k)]
+        connection = [k for k in ("relay_urls", "ca_file", "token") if getattr(old, k) != getattr(new, k)]
         if new.log_level != old.log_level:
             logging.getLogger().setLevel(new.log_level)
         if not (added or removed or changed or connection or new != old):
-            log.info("%s: config file %s read again: nothing changed", why, old.config_file)
+            if announce:
+                log.info("%s: config file %s read again: nothing changed", why, old.config_file)
             return True
         handler = self.handler
         for name in removed:
@@ -535,28 +577,32 @@ class Agent:
                 self.retiring[name] = before[name]
             self.health.forget(name)
         self.config = new
-        log.info("%s: config file %s read again: added %s; removed %s (their open streams finish); targets changed "
-                 "for new streams %s; unchanged %s%s", why, old.config_file, _names(added), _names(removed),
-                 _names(f"{n} -> {after[n].address}" for n in changed),
-                 _names(n for n in after if n not in added and n not in changed),
-                 f"; {', '.join(connection)} changed: moving to a new link" if connection else "")
-        if new.log_format != old.log_format:
-            log.warning("log_format changed: takes effect at the next start")
+        if announce:
+            log.info("%s: config file %s read again: added %s; removed %s (their open streams finish); targets "
+                     "changed for new streams %s; unchanged %s%s", why, old.config_file, _names(added),
+                     _names(removed), _names(f"{n} -> {after[n].address}" for n in changed),
+                     _names(n for n in after if n not in added and n not in changed),
+                     f"; {', '.join(connection)} changed: moving to a new link" if connection else "")
+            if new.log_format != old.log_format:
+                log.warning("log_format changed: takes effect at the next start")
         if connection:
             if "token" in connection:
                 self.dropped.clear()  # a new token may serve what the old one lost
             try:
-                dialer = self._dialer(new)
+                # With several links the slot's relay is chosen again when it moves.
+                dialer = self._dialer(new) if self.links is None else None
             except ValueError as exc:
                 log.error("%s; keeping the previous relay settings", exc)
                 self.config = dataclasses.replace(new, relay_url=old.relay_url, ca_file=old.ca_file,
-                                                  token=old.token)
+                                                  token=old.token, relay_urls=old.relay_urls)
             else:
                 self._switch_to = (old, dialer)
                 if self._wake is not None:
                     self._wake.set()
                 if handler is None:  # not connected: the next dial uses them
-                    self.dialer, self._switch_to = dialer, None
+                    self._switch_to = None
+                    if dialer is not None:
+                        self.dialer = dialer
                 return True
         if handler is not None:
             self._spawn(self._apply(handler, added, removed))
@@ -605,6 +651,8 @@ class Agent:
         previous, dialer = self._switch_to
         self._switch_to = None
         try:
+            if dialer is None:
+                dialer = await self.links.dialer(self)
             link = await dialer.dial()
             handler = await self.register(link)
         except (AuthError, *LINK_FAILURES) as exc:
@@ -612,24 +660,54 @@ class Agent:
                       hints.relay_failure(exc, host=dialer.host, port=dialer.port, ca_file=self.config.ca_file)
                       if not isinstance(exc, AuthError) else exc)
             self.config = dataclasses.replace(self.config, relay_url=previous.relay_url, ca_file=previous.ca_file,
-                                              token=previous.token)
+                                              token=previous.token, relay_urls=previous.relay_urls)
             return None
         self.dialer = dialer
         self.retiring.clear()
         log.info("moved to the new relay settings (%s over %s); the previous link finishes its %d open stream(s)",
-                 _relay_name(self.config.relay_url), link.carrier, old_link.stream_count)
+                 _relay_name(dialer.url), link.carrier, old_link.stream_count)
         self._drain_old(old_link, "agent reconfigured")
         return link, handler
 
     async def _watch_config(self, interval: float) -> None:
-        path = self.config.config_file
-        seen = _file_stamp(path)
-        while True:
-            await asyncio.sleep(interval)
-            stamp = _file_stamp(path)
-            if stamp != seen:
-                seen = stamp
-                self.reload(f"{path} changed")
+        await watch_config(self.config.config_file, interval, self.reload)
+
+
+class _Moved:
+    """What :meth:`Agent.serve` returns when the relay drains and the slot moves."""
+
+    def __repr__(self) -> str:
+        return "MOVED"
+
+
+MOVED = _Moved()
+
+
+async def watch_config(path: str, interval: float, reload) -> None:
+    """Call ``reload(why)`` whenever the file at ``path`` changes (checked every ``interval``)."""
+    seen = _file_stamp(path)
+    while True:
+        await asyncio.sleep(interval)
+        stamp = _file_stamp(path)
+        if stamp != seen:
+            seen = stamp
+            reload(f"{path} changed")
+
+
+def read_config(old: AgentConfig, environ, why: str) -> AgentConfig | None:
+    """``old``'s config file read again; None (logged) when there is none or it is refused."""
+    from . import config as agent_config
+
+    if not old.config_file:
+        log.warning("%s: there is no config file to read again (the agent runs on environment variables); "
+                    "restart it to change them", why)
+        return None
+    try:
+        return agent_config.load(environ, old.config_file)
+    except ConfigError as exc:
+        log.error("%s: config file %s refused: %s; still running the previous configuration", why,
+                  old.config_file, exc)
+        return None
 
 
 async def _all_idle(handler: AgentLinkHandler, draining: set[Link]) -> None:

@@ -3,12 +3,15 @@ integration workers a local ``host:port`` per resource.
 
 Control plane modules (no network data plane here):
 
-- :mod:`relay.state`        SQLite registry of customers, resources, issued tokens; port choice
+- :mod:`relay.state`        customers, resources, tokens, relays, agent links; port choice
+- :mod:`relay.store`        its back ends (SQLite, PostgreSQL), shared migrations, events
+- :mod:`relay.cluster`      membership, agent links, revocation on every relay, outages
 - :mod:`relay.pki`          self-signed CA + server certificate, TLS contexts
 - :mod:`relay.tokens`       Ed25519 registration JWTs (issue, verify, check against state)
 - :mod:`relay.quotas`       per-customer quotas and the relay's open-file budget
 - :mod:`relay.admin`        HTTP/1.1 + JSON admin API (bearer token; loopback, or TLS beyond it)
 - :mod:`relay.admin_client` the client the CLI uses
+- :mod:`relay.metrics`      ``/metrics``, ``/live`` and ``/ready`` (``--metrics-listen``)
 - :mod:`relay.cli`          ``tunnel-relay`` entry point
 """
 

@@ -24,8 +24,16 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``):
     POST   /v1/registration-jwt         {"customer_id"?, "org_only"?, "resource_id"?,
                                          "rotate"?, "ttl_seconds"?} -> {"jwt"}
     DELETE /v1/resources/{id}           {"id", "deleted": true}
+    GET    /v1/cluster                  {"relay_id", "advertise_url", "database", "relays", "links"}
 
-The live view (agents per resource) comes from a :class:`Registry` the data plane provides.
+The live view (agents per resource) comes from a :class:`Registry` the data plane provides:
+``status`` and ``agents`` count every relay's agents, ``target_status`` (whether the private
+service answers) what this relay's agents report, while
+``agents_detail`` lists the agent links of every relay on the state database, each with its
+``relay_id`` and ``relay_url``; live counters (bytes, streams) are known for this relay's only.
+Rotation and deletion reach the agents of every relay through the state's events (see
+:mod:`relay.cluster`). While the state database is unreachable, every endpoint but
+``/v1/health`` answers 503 ``{"error": "unavailable", "message": "state database unreachable"}``.
 
 Files: ``<state>/admin-token`` (0600, created once) and ``<state>/admin.json``
 (``{"url": "http://127.0.0.1:PORT"}``, or ``https://`` beyond loopback; 0600, written once
@@ -51,7 +59,8 @@ import orjson
 from tunnel.ops.logs import Throttled
 
 from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import RelayState, ensure_state_dir, state_write_failure, write_private
+from .state import DEFAULT_PORT_RANGE, RelayState, ensure_state_dir, state_write_failure, write_private
+from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
 from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
 log = logging.getLogger("relay.admin")
@@ -84,7 +93,8 @@ _REASONS = {
 
 
 class Registry(Protocol):
-    """What the admin API needs from the data plane."""
+    """What the admin API (and :class:`relay.cluster.Cluster`, for revocations) needs from
+    the data plane."""
 
     service_host: str
 
@@ -94,8 +104,9 @@ class Registry(Protocol):
 
     def resource_deleted(self, resource_id: str) -> None: ...
 
-    # Optional: the endpoint port range (default relay.state.DEFAULT_PORT_RANGE) and
-    # ``bind_soon(resource)``, which binds a new resource's endpoint at once.
+    # Optional: ``port_range``, where new resources' endpoint ports are chosen (default
+    # relay.state.DEFAULT_PORT_RANGE).
+
 
 
 class HttpError(Exception):
@@ -142,12 +153,15 @@ class AdminApi:
         registry: Registry,
         token: str,
         on_state_failure: Callable[[str], None] | None = None,
+        cluster=None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
         self.state = state
         self.authority = authority
         self.registry = registry
+        #: This relay's :class:`relay.cluster.Cluster` (relay id, links, outage log).
+        self.cluster = cluster
         self._token = token.encode("utf-8")
         if on_state_failure is None:
             throttled = Throttled(log)
@@ -186,14 +200,22 @@ class AdminApi:
         query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
         return handler, args, query
 
-    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes,
-               authorized=None) -> tuple[int, Any]:
+    async def handle(self, method: str, target: str, headers: dict[str, str], body: bytes,
+                     authorized=None) -> tuple[int, Any]:
         handler, args, query = authorized or self.authorize(method, target, headers)
         payload = None
         if method in ("POST", "PUT", "PATCH"):
             payload = _parse_json_object(body)
         try:
-            return handler(*args, query=query, payload=payload)
+            return await handler(*args, query=query, payload=payload)
+        except StoreUnavailable as exc:
+            if isinstance(exc, StateWriteFailed):
+                self.on_state_failure(exc.reason)
+                raise HttpError(503, "state_write_failed",
+                                f"{exc.reason}: the relay cannot record changes until that is fixed") from None
+            if self.cluster is not None:
+                self.cluster.outages.refused("admin request(s)", exc)
+            raise HttpError(503, "unavailable", UNREACHABLE_MESSAGE, {"Retry-After": "5"}) from None
         except Exception as exc:
             failure = state_write_failure(exc)
             if failure is None:
@@ -208,6 +230,7 @@ class AdminApi:
             "/v1/customers": {"GET": self.get_customers, "POST": self.post_customers},
             "/v1/resources": {"GET": self.get_resources, "POST": self.post_resources},
             "/v1/registration-jwt": {"POST": self.post_registration_jwt},
+            "/v1/cluster": {"GET": self.get_cluster},
         }
         methods = table.get(path)
         args: tuple = ()
@@ -226,62 +249,111 @@ class AdminApi:
 
     # ---- endpoints
 
-    def get_health(self, **_) -> tuple[int, Any]:
+    async def get_health(self, **_) -> tuple[int, Any]:
         return 200, {"status": "ok"}
 
-    def get_customers(self, **_) -> tuple[int, Any]:
-        return 200, self.state.list_customers()
+    async def get_customers(self, **_) -> tuple[int, Any]:
+        return 200, await self.state.list_customers()
 
-    def post_customers(self, *, payload: dict, **_) -> tuple[int, Any]:
+    async def post_customers(self, *, payload: dict, **_) -> tuple[int, Any]:
         _only_fields(payload, {"name"})
         name = payload.get("name")
         if isinstance(name, str):
-            same = [c for c in self.state.list_customers() if c["name"].casefold() == name.strip().casefold()]
+            same = [c for c in await self.state.list_customers() if c["name"].casefold() == name.strip().casefold()]
             if same:
                 raise HttpError(409, "conflict", f"a customer named {same[0]['name']!r} exists already "
                                 f"({same[0]['id']}): use its id, or choose another name")
         try:
-            customer = self.state.create_customer(name)
+            customer = await self.state.create_customer(name)
         except ValueError as exc:
             raise HttpError(400, "bad_request", str(exc)) from None
         return 201, customer
 
-    def _resource_view(self, resource: dict, extended: bool) -> dict:
+    async def get_cluster(self, **_) -> tuple[int, Any]:
+        if self.cluster is None:
+            raise HttpError(404, "not_found", "this relay has no cluster view")
+        return 200, await self.cluster.status()
+
+    async def _links_by_resource(self) -> dict[str, list[dict]]:
+        from .cluster import link_view
+
+        by_resource: dict[str, list[dict]] = {}
+        for link in await self.state.list_links():
+            view = link_view(link)
+            for resource_id in view["resources"]:
+                by_resource.setdefault(resource_id, []).append(view)
+        return by_resource
+
+    async def _cluster_counts(self) -> dict[str, int] | None:
+        """Agent links per resource on every live relay (a cluster on PostgreSQL), else None."""
+        if self.cluster is None or self.state.backend != "postgresql":
+            return None
+        return await self.state.link_counts(self.cluster.settings.member_ttl)
+
+    def _resource_view(self, resource: dict, extended: bool, links: dict[str, list[dict]] | None = None,
+                       counts: dict[str, int] | None = None) -> dict:
         try:
             agents = list(self.registry.agents_of(resource["id"]))
         except Exception:  # noqa: BLE001 - the listing must not fail on one broken entry
             log.exception("registry.agents_of failed for %s", resource["id"])
             agents = []
+        # In a cluster every relay reaches every agent (relay.peering): count them all.
+        total = len(agents) if counts is None else max(len(agents), counts.get(resource["id"], 0))
         view = {
             "id": resource["id"],
             "name": resource["name"],
             "customer_id": resource["customer_id"],
-            "status": "AVAILABLE" if agents else "UNAVAILABLE",
+            "status": "AVAILABLE" if total else "UNAVAILABLE",
             "endpoint": format_host_port(self.registry.service_host, resource["port"]),
-            "agents": len(agents),
+            "agents": total,
+            # Whether the private service answers, as this relay's agents of it report.
             **_target_view(agents),
         }
+        if counts is not None:
+            view["agents_here"] = len(agents)
         if extended:
             view["generation"] = resource["generation"]
             view["created_at"] = resource["created_at"]
-            view["agents_detail"] = agents
+            view["agents_detail"] = self._cluster_agents(agents, (links or {}).get(resource["id"], []))
         return view
 
-    def get_resources(self, *, query: dict, **_) -> tuple[int, Any]:
+    def _cluster_agents(self, local: list[dict], links: list[dict]) -> list[dict]:
+        """This relay's agents (live counters) and then the other relays' links of a resource."""
+        if self.cluster is None:
+            return local
+        detail = [{**agent, "relay_id": self.cluster.relay_id, "relay_url": self.cluster.advertise_url}
+                  for agent in local]
+        mine = {agent.get("agent_id") for agent in local}
+        for link in links:
+            if link["relay_id"] == self.cluster.relay_id and link["agent_id"] in mine:
+                continue
+            detail.append({
+                "agent_id": link["agent_id"], "transport": link["transport"], "address": link["address"],
+                "version": link["version"], "hostname": link["hostname"],
+                "connected_since": link["connected_since"], "bytes_sent": None, "bytes_received": None,
+                "active_streams": None, "instance": link["agent_instance"], "epoch": link["epoch"],
+                "relay_id": link["relay_id"], "relay_url": link["relay_url"],
+            })
+        return detail
+
+    async def get_resources(self, *, query: dict, **_) -> tuple[int, Any]:
         extended = _flag(query, "extended")
         customer_id = (query.get("customer_id") or [None])[-1]
-        resources = self.state.list_resources(customer_id)
-        return 200, [self._resource_view(r, extended) for r in resources]
+        resources = await self.state.list_resources(customer_id)
+        links = await self._links_by_resource() if extended else None
+        counts = await self._cluster_counts()
+        return 200, [self._resource_view(r, extended, links, counts) for r in resources]
 
-    def get_resource(self, resource_id: str, *, query: dict, **_) -> tuple[int, Any]:
-        resource = self.state.get_resource(resource_id)
+    async def get_resource(self, resource_id: str, *, query: dict, **_) -> tuple[int, Any]:
+        resource = await self.state.get_resource(resource_id)
         if resource is None:
             raise HttpError(404, "not_found", f"no such resource: {resource_id}")
-        return 200, self._resource_view(resource, True)
+        return 200, self._resource_view(resource, True, await self._links_by_resource(), await self._cluster_counts())
 
-    def post_resources(self, *, payload: dict, **_) -> tuple[int, Any]:
-        """Create a resource ahead of its agents, optionally on a fixed endpoint port."""
-        from .state import DEFAULT_PORT_RANGE, allocate_port, validate_name
+    async def post_resources(self, *, payload: dict, **_) -> tuple[int, Any]:
+        """Create a resource ahead of its agents, optionally on a fixed endpoint port; every
+        relay binds its endpoint on the ``resource_created`` event."""
+        from .state import allocate_port, validate_name
 
         _only_fields(payload, {"customer_id", "name", "port"})
         customer_id = _typed(payload, "customer_id", str)
@@ -296,45 +368,40 @@ class AdminApi:
         validate_name(name, "resource name")
         if port is not None and not 1 <= port <= 65535:
             raise HttpError(400, "bad_request", "port must be in [1, 65535]")
-        if self.state.get_customer(customer_id) is None:
+        if await self.state.get_customer(customer_id) is None:
             raise HttpError(404, "not_found", f"no such customer: {customer_id}")
-        existing = self.state.find_resource(customer_id, name)
+        existing = await self.state.find_resource(customer_id, name)
         if existing is not None:
             raise HttpError(409, "conflict", f"customer {customer_id} has a resource {name!r} already "
                             f"({existing['id']}, endpoint port {existing['port']})")
         host = self.registry.service_host
-        taken = self.state.taken_ports()
         if port is not None:
-            if port in taken:
+            if port in await self.state.taken_ports():
                 raise HttpError(409, "conflict", f"port {port} is the endpoint of another resource")
             try:
-                allocate_port(host, taken, (port, port))
-            except (RuntimeError, OSError):
+                allocate_port(host, set(), (port, port))
+            except (ValueError, RuntimeError, OSError):
                 raise HttpError(409, "conflict", f"port {port} cannot be bound on {host} (in use?)") from None
             choose = lambda _taken: port  # noqa: E731
         else:
             port_range = getattr(self.registry, "port_range", DEFAULT_PORT_RANGE)
             choose = lambda taken_now: allocate_port(host, taken_now, port_range)  # noqa: E731
         try:
-            resource = self.state.get_or_create_resource(customer_id, name, choose)
+            resource = await self.state.get_or_create_resource(customer_id, name, choose)
         except RuntimeError as exc:
             raise HttpError(409, "conflict", str(exc)) from None
-        bind = getattr(self.registry, "bind_soon", None)
-        if bind is not None:
-            bind(resource)
         log.info("created resource %s (%s) of customer %s, endpoint port %d", resource["id"], name, customer_id,
                  resource["port"])
         return 201, self._resource_view(resource, False)
 
-    def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
-        if self.state.get_resource(resource_id) is None:
+    async def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
+        # The "deleted" event closes the endpoint and drops the agents, here and on every relay.
+        if not await self.state.delete_resource(resource_id):
             raise HttpError(404, "not_found", f"no such resource: {resource_id}")
-        self.state.delete_resource(resource_id)  # first: if the state refuses, nothing changed
-        self.registry.resource_deleted(resource_id)
         log.info("deleted resource %s", resource_id)
         return 200, {"id": resource_id, "deleted": True}
 
-    def post_registration_jwt(self, *, payload: dict, **_) -> tuple[int, Any]:
+    async def post_registration_jwt(self, *, payload: dict, **_) -> tuple[int, Any]:
         _only_fields(payload, {"customer_id", "org_only", "resource_id", "rotate", "ttl_seconds"})
         customer_id = _typed(payload, "customer_id", str)
         org_only = _typed(payload, "org_only", bool) or False
@@ -350,7 +417,7 @@ class AdminApi:
             customer_id, org_only = token_subject(customer_id, org_only)
         except ValueError as exc:
             raise HttpError(400, "bad_request", str(exc)) from None
-        customer = self.state.get_customer(customer_id)  # creates cus_org on first use
+        customer = await self.state.get_customer(customer_id)  # creates cus_org on first use
         if customer is None:
             raise HttpError(404, "not_found", f"no such customer: {customer_id}")
 
@@ -358,23 +425,25 @@ class AdminApi:
             raise HttpError(400, "bad_request", "rotate needs customer_id and resource_id")
         generation = 0
         if resource_id is not None:
-            resource = self.state.get_resource(resource_id)
+            resource = await self.state.get_resource(resource_id)
             if resource is None:
                 raise HttpError(404, "not_found", f"no such resource: {resource_id}")
             if resource["customer_id"] != customer_id:
                 raise HttpError(400, "bad_request", f"resource {resource_id} does not belong to {customer_id}")
             generation = resource["generation"]
             if rotate:
-                generation = self.state.rotate_resource(resource_id)
-                # At once: the older tokens are revoked even if recording the new one fails.
-                dropped = self.registry.drop_agents(resource_id, below_generation=generation)
-                log.info("rotated resource %s to generation %d; deregistered it from %d agent(s) on older tokens",
-                         resource_id, generation, dropped)
+                # At once, through the "rotated" event (here and on every relay): the older
+                # tokens' agents are deregistered even if recording the new token fails.
+                try:
+                    generation = await self.state.rotate_resource(resource_id)
+                except KeyError:
+                    raise HttpError(404, "not_found", f"no such resource: {resource_id}") from None
+                log.info("rotated resource %s to generation %d", resource_id, generation)
 
         token, claims = self.authority.issue_with_claims(
             customer_id, resource_id, generation, org_only, ttl
         )
-        self.state.record_token(
+        await self.state.record_token(
             claims.jti, customer_id, resource_id, generation, org_only, claims.issued_at, claims.expires_at
         )
         log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
@@ -563,7 +632,7 @@ class _Connection:
             return keep_alive and not unread
 
         try:
-            status, payload = self.api.handle(method, target, headers, body, authorized)
+            status, payload = await self.api.handle(method, target, headers, body, authorized)
             extra: dict[str, str] = {}
         except HttpError as exc:
             status, payload, extra = exc.status, _error_body(exc), exc.headers
@@ -608,6 +677,7 @@ async def start_admin_server(
     allow_remote: bool = False,
     ssl_context: ssl.SSLContext | None = None,
     on_state_failure: Callable[[str], None] | None = None,
+    cluster=None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (``port`` 0 picks one), then write ``<state>/admin.json``.
 
@@ -622,7 +692,7 @@ async def start_admin_server(
             raise ValueError(f"the admin API on non-loopback address {host!r} is served over TLS only: "
                              "no certificate given")
     api = AdminApi(state=state, authority=authority, registry=registry, token=token,
-                   on_state_failure=on_state_failure)
+                   on_state_failure=on_state_failure, cluster=cluster)
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _Connection(api, reader, writer).run()

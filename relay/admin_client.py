@@ -217,5 +217,8 @@ class AdminClient:
             raise AdminError("the relay admin API sent a malformed answer")
         return answer["jwt"]
 
+    def cluster_status(self) -> dict:
+        return self.request("GET", "/v1/cluster")
+
     def delete_resource(self, resource_id: str) -> dict:
         return self.request("DELETE", "/v1/resources/" + urllib.parse.quote(resource_id, safe=""))

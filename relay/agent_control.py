@@ -5,10 +5,11 @@ link (a config reload, a graceful stop).
 - ``target_health``: recorded per agent and resource, shown by ``resources list``, logged once
   per interval when a service does not answer; routing prefers agents whose service answers.
 - ``add_resources``: checked as at registration (token claims, revocation, quotas), endpoints
-  bound, then routed to the agent; answered with ``resources_added`` (``resources`` served,
+  bound, then routed to the agent and its link recorded again with them (so that the other
+  relays of a cluster forward here); answered with ``resources_added`` (``resources`` served,
   ``refused`` with a code and message each).
-- ``remove_resources``: no new streams of those resources go to the agent at once; the open
-  ones finish. Answered with ``resources_removed`` once routing has changed, so the agent
+- ``remove_resources``: no new streams of those resources go to the agent at once (the link's
+  record follows in the background); the open ones finish. Answered with ``resources_removed`` once routing has changed, so the agent
   knows no stream for them is still on its way after that answer over WSS (over QUIC a stream
   opened just before may still arrive; the agent serves it).
 
@@ -92,6 +93,7 @@ class AgentControl:
         if removed:
             log.info("agent %s deregistered %s (%s); their open streams finish", agent.agent_id,
                      ", ".join(f"{r['name']} ({r['id']})" for r in removed), why)
+            self.relay.spawn(self.relay.cluster.relink(agent))
         self._send(agent, {"type": "resources_removed", "resources": removed})
 
     # --- add_resources --------------------------------------------------------------------
@@ -142,6 +144,7 @@ class AgentControl:
                         entry["message"], entry["code"])
         if added:
             relay.mark_served(e["id"] for e in added)
+            await relay.cluster.relink(agent)
         self._send(agent, {"type": "resources_added", "resources": added, "refused": refused})
 
     def _send(self, agent: AgentSession, message: dict) -> None:

@@ -4,7 +4,8 @@
 
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
                        [--allow-remote-admin] [--service-host HOST] [--port-range LOW-HIGH]
-                       [--cert FILE --key FILE] [--server-name NAME]
+                       [--cert FILE --key FILE] [--server-name NAME] [--database URL] [--advertise URL]
+                       [--metrics-listen HOST:PORT]
                        [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
@@ -14,6 +15,7 @@
                        [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
                        (--org-only is the same as --customer-id cus_org; the relay decides)
     tunnel-relay resources delete ID
+    tunnel-relay cluster status [--output json]         the relays and which one holds each agent link
 
 Admin commands find the API through ``--state-dir`` (``RELAY_STATE_DIR``, default
 ``./relay-state``: ``admin.json`` and ``admin-token``) or ``--admin-url``
@@ -91,17 +93,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parse_port_range(text: str) -> tuple[int, int]:
-    """``LOW-HIGH`` as a pair of ports; ValueError with a clear message."""
-    low, sep, high = text.strip().partition("-")
-    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
-        raise ValueError(f"bad port range {text!r}: expected LOW-HIGH, e.g. 20000-29999")
-    pair = int(low), int(high)
-    if not 1 <= pair[0] <= pair[1] <= 65535:
-        raise ValueError(f"bad port range {text!r}: need 1 <= LOW <= HIGH <= 65535")
-    return pair
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="The tunnel relay (cloud side).")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -118,15 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"admin API address, loopback (env RELAY_ADMIN_LISTEN, default {DEFAULT_ADMIN_LISTEN})")
     serve.add_argument("--service-host", default=_env("RELAY_SERVICE_HOST", DEFAULT_SERVICE_HOST),
                        help=f"where resource endpoints are bound (env RELAY_SERVICE_HOST, default {DEFAULT_SERVICE_HOST})")
-    serve.add_argument("--port-range", default=_env("RELAY_PORT_RANGE", "%d-%d" % DEFAULT_PORT_RANGE),
-                       metavar="LOW-HIGH",
-                       help="ports for new resources' endpoints, for firewall rules (env RELAY_PORT_RANGE, default "
-                            "%d-%d; existing resources keep theirs; 'resources create --port' fixes one)"
-                            % DEFAULT_PORT_RANGE)
     serve.add_argument("--cert", default=_env("RELAY_CERT"), help="serve this certificate (PEM) instead of the generated one")
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,
                        help="extra DNS name or IP for the generated server certificate (repeatable; env RELAY_SERVER_NAME)")
+    serve.add_argument("--database", default=None, metavar="URL",
+                       help="state database: postgresql://USER@HOST:PORT/DBNAME joins the relays on it "
+                            "(env RELAY_DATABASE_URL; put the password there, in PGPASSWORD or in ~/.pgpass, "
+                            "not on the command line); default SQLite in the state directory")
+    serve.add_argument("--advertise", default=_env("RELAY_ADVERTISE_URL"), metavar="URL",
+                       help="the URL agents use to reach this relay, wss://HOST:PORT (env RELAY_ADVERTISE_URL; "
+                            "default from --listen)")
+    serve.add_argument("--peer-listen", default=_env("RELAY_PEER_LISTEN"), metavar="HOST:PORT",
+                       help="with a PostgreSQL --database: where the other relays connect to forward streams "
+                            "(mutual TLS with the cluster CA; env RELAY_PEER_LISTEN; default the host of --listen, "
+                            "a free port)")
+    serve.add_argument("--peer-advertise", default=_env("RELAY_PEER_ADVERTISE"), metavar="HOST",
+                       help="the host the other relays use to reach --peer-listen (env RELAY_PEER_ADVERTISE; "
+                            "default the host of --advertise)")
+    serve.add_argument("--port-range", default=_env("RELAY_PORT_RANGE", "%d-%d" % DEFAULT_PORT_RANGE),
+                       metavar="LOW-HIGH",
+                       help="TCP ports for new resources' endpoints, for firewall rules; the same on every relay "
+                            "of a cluster (env RELAY_PORT_RANGE, default %d-%d; existing resources keep theirs; "
+                            "'resources create --port' fixes one)" % DEFAULT_PORT_RANGE)
+    serve.add_argument("--drain-timeout", type=float, default=float(_env("RELAY_DRAIN_TIMEOUT", "30")),
+                       metavar="SECONDS",
+                       help="on SIGTERM, how long streams in flight may take to finish (env RELAY_DRAIN_TIMEOUT, "
+                            "default 30)")
+    serve.add_argument("--metrics-listen", default=_env("RELAY_METRICS_LISTEN"), metavar="HOST:PORT",
+                       help="serve /metrics (Prometheus), /live and /ready here, plain HTTP "
+                            "(env RELAY_METRICS_LISTEN; default: not served)")
     serve.add_argument("--log-format", choices=("plain", "json"), default=_env("RELAY_LOG_FORMAT", "plain"))
     serve.add_argument("--log-level", default=_env("RELAY_LOG_LEVEL", "info"),
                        type=str.lower, choices=("debug", "info", "warning", "error", "critical"))
@@ -184,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete = resource_cmds.add_parser("delete", help="delete a resource (drops its agents)")
     delete.add_argument("resource_id", metavar="ID")
     _add_admin_location(delete, suppress=True)
+
+    cluster = commands.add_parser("cluster", help="the relays sharing this relay's state database")
+    cluster_cmds = cluster.add_subparsers(dest="action", metavar="ACTION")
+    cluster_cmds.required = True
+    status = cluster_cmds.add_parser("status", help="the relays, and which relay holds each agent link")
+    _add_output(status)
+    _add_admin_location(status, suppress=True)
     return parser
 
 
@@ -245,12 +264,12 @@ def _print_resources(resources: list[dict], output: str, extended: bool) -> None
             rows.append((
                 r.get("id"), a.get("agent_id"), a.get("transport"), a.get("address"), a.get("version"),
                 a.get("hostname"), a.get("connected_since"), a.get("bytes_sent"), a.get("bytes_received"),
-                a.get("active_streams"), _target_cell(a),
+                a.get("active_streams"), _target_cell(a), a.get("relay_id"),
             ))
     print()
     print(_table(
         ("RESOURCE", "AGENT", "TRANSPORT", "ADDRESS", "VERSION", "HOSTNAME", "CONNECTED SINCE",
-         "BYTES SENT", "BYTES RECEIVED", "STREAMS", "TARGET"),
+         "BYTES SENT", "BYTES RECEIVED", "STREAMS", "TARGET", "RELAY"),
         rows,
     ))
 
@@ -262,6 +281,30 @@ def _target_cell(entry: dict) -> str:
         return ""
     error = entry.get("target_error")
     return f"{status}: {error}" if error else status
+
+
+def _print_cluster(status: dict, output: str) -> None:
+    if output == "json":
+        _print_json(status)
+        return
+    database = status.get("database") or {}
+    print(escape(f"relay {status.get('relay_id')} ({status.get('advertise_url')}), "
+          f"state database {database.get('url')} ({database.get('backend')})"))
+    print()
+    print(_table(
+        ("RELAY", "ADVERTISE URL", "PEER ADDRESS", "VERSION", "STARTED", "HEARTBEAT AGE", "LINKS", "STATE", ""),
+        [(r.get("id"), r.get("advertise_url"), r.get("peer_address") or "-", r.get("version"), r.get("started_at"),
+          f"{r.get('heartbeat_age')} s", r.get("links"), "draining" if r.get("draining") else "serving",
+          "(this relay)" if r.get("self") else "") for r in status.get("relays") or []],
+    ))
+    print()
+    print(_table(
+        ("AGENT", "INSTANCE", "SLOT", "EPOCH", "RELAY", "CUSTOMER", "RESOURCES", "TRANSPORT", "ADDRESS",
+         "CONNECTED SINCE"),
+        [(link.get("agent_id"), link.get("agent_instance"), link.get("slot"), link.get("epoch"), link.get("relay_id"),
+          link.get("customer_id"), ",".join(link.get("resources") or []), link.get("transport"), link.get("address"),
+          link.get("connected_since")) for link in status.get("links") or []],
+    ))
 
 
 # --------------------------------------------------------------------------- commands
@@ -284,6 +327,9 @@ def _client(args: argparse.Namespace):
 
 def _run_admin(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.command == "cluster":
+        _print_cluster(client.cluster_status(), args.output)
+        return 0
     if args.command == "customers":
         if args.action == "create":
             customer = client.create_customer(args.name)
@@ -322,16 +368,51 @@ def configure_logging(log_format: str = "plain", level: str = "info") -> None:
     logs.configure(log_format, level.upper())
 
 
+def _database_url(option: str | None) -> str | None:
+    """``--database``, else ``RELAY_DATABASE_URL``; refuses what the relay cannot use."""
+    from .store.database import is_postgres_url, redact_url
+
+    url = option or _env("RELAY_DATABASE_URL")
+    if not url:
+        return None
+    if not is_postgres_url(url) and not url.startswith("sqlite:///"):
+        raise CliError(f"unsupported database URL {redact_url(url)!r}: expected postgresql://USER@HOST:PORT/DBNAME")
+    if option and redact_url(option) != option:
+        logging.getLogger("relay").warning(
+            "the --database URL carries a password, which process listings show: put it in RELAY_DATABASE_URL, "
+            "PGPASSWORD or ~/.pgpass instead")
+    return url
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.strip().partition("-")
+    if not sep or not low.isdigit() or not high.isdigit() or not 0 < int(low) <= int(high) <= 65535:
+        raise ValueError(f"bad port range {text!r}: expected LOW-HIGH, e.g. 20000-29999")
+    return int(low), int(high)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     args.state_dir = _state_dir(args)
     try:
         args.listen_addr = parse_host_port(args.listen, 8443)
         args.admin_listen_addr = parse_host_port(args.admin_listen, 8442)
-        args.port_range = parse_port_range(args.port_range)
+        args.metrics_listen_addr = parse_host_port(args.metrics_listen) if args.metrics_listen else None
+        args.peer_listen_addr = parse_host_port(args.peer_listen, 0) if args.peer_listen else None
+        args.peer_advertise_host = args.peer_advertise.strip("[]") if args.peer_advertise else None
+        args.port_range = _port_range(args.port_range)
+        if args.drain_timeout < 0:
+            raise ValueError("--drain-timeout must be zero or more seconds")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if bool(args.cert) != bool(args.key):
         raise CliError("--cert and --key must be given together")
+    if args.advertise:
+        from .cluster import check_advertise_url
+
+        try:
+            args.advertise = check_advertise_url(args.advertise)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     names = list(args.server_name or [])
     env_names = _env("RELAY_SERVER_NAME")
     if env_names:
@@ -339,6 +420,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     args.server_name = names[0] if names else None
     args.server_names = names
     configure_logging(args.log_format, args.log_level)
+    args.database = _database_url(args.database)
     try:
         from .server import serve_main
     except ImportError as exc:

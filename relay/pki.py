@@ -42,6 +42,12 @@ log = logging.getLogger("relay.pki")
 CA_KEY_FILE = "ca-key.pem"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server-key.pem"
+#: The certificate a relay presents to the other relays of its cluster, both ways (mutual
+#: TLS on relay-to-relay links, relay.peering): clientAuth and serverAuth, OU "relay".
+PEER_CERT_FILE = "peer.pem"
+PEER_KEY_FILE = "peer-key.pem"
+#: The role a peer certificate names (organizational unit of its subject).
+PEER_ROLE = "relay"
 
 CA_VALIDITY = _dt.timedelta(days=3650)
 SERVER_VALIDITY = _dt.timedelta(days=365)
@@ -197,13 +203,23 @@ def _issue_server(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     sans: list[x509.GeneralName],
+    *,
+    peer: bool = False,
 ) -> None:
+    """Issue the server certificate, or with ``peer`` the relay-to-relay one (clientAuth too,
+    OU ``relay``)."""
     key = _new_key()
     common_name = next((str(s.value) for s in sans if isinstance(s, x509.DNSName)), "localhost")
     now = _now()
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    if peer:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, PEER_ROLE))
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    cert_name, key_name = (PEER_CERT_FILE, PEER_KEY_FILE) if peer else (SERVER_CERT_FILE, SERVER_KEY_FILE)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -224,7 +240,7 @@ def _issue_server(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
@@ -232,21 +248,22 @@ def _issue_server(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    write_private(directory / SERVER_KEY_FILE, _key_pem(key))
-    write_private(directory / SERVER_CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_private(directory / key_name, _key_pem(key))
+    write_private(directory / cert_name, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     log.info(
-        "issued the server certificate %s for %s",
-        directory / SERVER_CERT_FILE,
+        "issued the %s certificate %s for %s",
+        "relay-to-relay" if peer else "server",
+        directory / cert_name,
         ", ".join(str(s.value) for s in sans),
     )
 
 
 def _server_cert_reason(
-    directory: Path, ca_cert: x509.Certificate, sans: list[x509.GeneralName]
+    directory: Path, ca_cert: x509.Certificate, sans: list[x509.GeneralName], *, peer: bool = False
 ) -> str | None:
-    """Why the server certificate must be issued again, or ``None`` when it is fine."""
-    cert = _load_cert(directory / SERVER_CERT_FILE)
-    key = _load_key(directory / SERVER_KEY_FILE)
+    """Why the server (or ``peer``) certificate must be issued again, or ``None`` when it is fine."""
+    cert = _load_cert(directory / (PEER_CERT_FILE if peer else SERVER_CERT_FILE))
+    key = _load_key(directory / (PEER_KEY_FILE if peer else SERVER_KEY_FILE))
     if cert is None or key is None:
         return "missing"
     if not _same_public_key(cert, key):
@@ -327,7 +344,50 @@ def ensure_pki(
     return Pki(ca_path, str(directory / SERVER_CERT_FILE), str(directory / SERVER_KEY_FILE))
 
 
+def ensure_peer_cert(state_dir: str | os.PathLike, names: Iterable[str]) -> tuple[str, str]:
+    """The relay-to-relay certificate and key files in ``state_dir`` (issued by the cluster CA,
+    again when a name in ``names`` is missing or the CA changed); call after :func:`ensure_pki`."""
+    directory = ensure_state_dir(state_dir)
+    ca_cert = _load_cert(directory / CA_FILE)
+    ca_key = _load_key(directory / CA_KEY_FILE)
+    if ca_cert is None or ca_key is None:
+        raise ValueError(f"no CA in {directory}: cannot issue the relay-to-relay certificate")
+    sans = _wanted_sans(names)
+    reason = _server_cert_reason(directory, ca_cert, sans, peer=True)
+    if reason is not None:
+        _issue_server(directory, ca_cert, ca_key, sans, peer=True)
+    return str(directory / PEER_CERT_FILE), str(directory / PEER_KEY_FILE)
+
+
 # --------------------------------------------------------------------------- TLS contexts
+
+
+def peer_server_ssl_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
+    """The relay-to-relay listener's context: TLS 1.3, and a client certificate from the
+    cluster CA is required. OpenSSL checks the client certificate's purpose (clientAuth), which
+    only relay-to-relay certificates carry: a relay's agent-facing server certificate, or any
+    other certificate the CA issued for serving, is refused."""
+    context = server_ssl_context(cert_file, key_file)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def peer_client_ssl_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
+    """The context a relay dials another with: verifies the peer's certificate and host name
+    against the cluster CA, and presents this relay's relay-to-relay certificate."""
+    context = client_ssl_context(ca_file)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def peer_role(cert: dict | None) -> str | None:
+    """The role (OU) a peer certificate names, from ``SSLSocket.getpeercert()``'s dict."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "organizationalUnitName":
+                return value
+    return None
 
 
 def server_ssl_context(cert_file: str | os.PathLike, key_file: str | os.PathLike) -> ssl.SSLContext:

@@ -32,10 +32,14 @@ FULL_CODE = "relay_full"
 
 
 class QuotaExceeded(AuthError):
-    """A customer is over one of its quotas, or the relay is out of descriptors."""
+    """A customer is over one of its quotas, or the relay is out of descriptors. ``limit``
+    names the :class:`Limits` field that was hit and ``customer_id`` whose use hit it (None:
+    not known yet), for the metrics."""
 
-    def __init__(self, message: str, code: str = QUOTA_CODE) -> None:
+    def __init__(self, message: str, code: str = QUOTA_CODE, *, limit: str, customer_id: str | None) -> None:
         super().__init__(message, code=code, fatal=False)
+        self.limit = limit
+        self.customer_id = customer_id
 
 
 class RegistrationRate:
@@ -58,7 +62,8 @@ class RegistrationRate:
         if tokens < 1.0:
             bucket[0] = tokens
             raise QuotaExceeded(f"customer {customer_id} is over its quota of {int(self.capacity)} registrations "
-                                "per minute (TUNNEL_MAX_REGISTRATIONS_PER_MINUTE); retry later")
+                                "per minute (TUNNEL_MAX_REGISTRATIONS_PER_MINUTE); retry later",
+                                limit="max_registrations_per_minute", customer_id=customer_id)
         bucket[0] = tokens - 1.0
         if len(self._buckets) > 65536:  # forget full buckets: they hold nothing
             for key in [k for k, (t, at) in self._buckets.items()
@@ -128,7 +133,7 @@ class Descriptors:
     def _check(self, customer_id: str | None, total: int, n: int) -> None:
         if customer_id is None:
             if total > self.budget:
-                raise self._full()
+                raise self._full(None)
             return
         mine = self.of(customer_id) + n
         if mine > self.share:
@@ -137,16 +142,17 @@ class Descriptors:
             return
         holders = len(self._by_customer) + (customer_id not in self._by_customer)
         if total > self.hard_budget or mine > self.budget // holders:
-            raise self._full()
+            raise self._full(customer_id)
 
-    def _full(self) -> QuotaExceeded:
+    def _full(self, customer_id: str | None) -> QuotaExceeded:
         return QuotaExceeded(f"the relay is short of file descriptors ({self.used} in use, {self.budget} for "
                              f"customers, {self.open_files - self.budget} kept in reserve); retry later",
-                             code=FULL_CODE)
+                             code=FULL_CODE, limit="fd_reserve", customer_id=customer_id)
 
     def _over_share(self, customer_id: str) -> QuotaExceeded:
         return QuotaExceeded(f"customer {customer_id} is over its share of {self.share} relay file descriptors "
-                             "(agent links, endpoints and their connections; TUNNEL_CUSTOMER_FD_SHARE)")
+                             "(agent links, endpoints and their connections; TUNNEL_CUSTOMER_FD_SHARE)",
+                             limit="customer_fd_share", customer_id=customer_id)
 
     def take(self, customer_id: str | None, n: int = 1) -> None:
         """Count ``n`` descriptors already open (no check)."""

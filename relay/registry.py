@@ -5,15 +5,18 @@ Each connection to an endpoint becomes one stream on the link of one of the reso
 agents: one whose private service answers (CONTROL ``target_health``), then the one with the
 fewest active streams; when an agent leaves, new connections go to the others.
 
-With no agent, a new connection waits: for up to ``Limits.endpoint_hold_timeout`` (5 s), at
-most ``Limits.endpoint_hold_max`` per resource, while the resource lost its last agent (or the
-relay started) less than ``Limits.endpoint_hold_window`` ago. Its bytes wait in the kernel
-(reading paused); the first agent that registers gets the waiting connections in order. Past
-those bounds a connection is reset at once, and the relay logs why, once per interval.
+With no agent here, in a cluster, the connection goes to the relay holding one (relay.peering,
+relay.forward). When no relay serves the resource, a new connection waits: for up to
+``Limits.endpoint_hold_timeout`` (5 s), at most ``Limits.endpoint_hold_max`` per resource,
+while the resource lost its last agent (or the relay started, or, in a cluster, another relay
+last took one of its connections) less than ``Limits.endpoint_hold_window`` ago. Its bytes
+wait in the kernel (reading paused); an agent registering here gets the waiting connections at
+once, one registering on another relay within ``HOLD_POLL``. Past those bounds a connection is
+reset at once, and the relay logs why, once per interval.
 
-A new registration from the same agent process (same customer and ``instance``) supersedes its
-older links: they get no new streams and keep the ones they carry (an ``auto://`` agent moving
-to QUIC, or back to WSS after its QUIC path went silent).
+A new registration from the same agent process and slot (same customer, ``instance`` and
+``slot``) supersedes its older links: they get no new streams and keep the ones they carry (an
+``auto://`` agent moving to QUIC, or back to WSS after its QUIC path went silent).
 
 Deregistering one resource from an agent (its token revoked by a rotation, the resource
 deleted) ends only that resource there: the agent gets a CONTROL ``deregistered`` message,
@@ -24,7 +27,6 @@ resources. An agent left with nothing to serve gets an ``error`` and its link is
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections import Counter
@@ -37,6 +39,8 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
+from .forward import Forwarded
+from .metrics import RelayMetrics
 from .quotas import Descriptors, QuotaExceeded
 from .state import DEFAULT_PORT_RANGE
 
@@ -45,6 +49,8 @@ log = logging.getLogger("relay.registry")
 #: A recurring endpoint condition (no agent, unreachable service) is logged once per this many seconds.
 LOG_INTERVAL = 60.0
 REACHABLE, UNREACHABLE, UNKNOWN = "REACHABLE", "UNREACHABLE", "UNKNOWN"
+#: In a cluster, how often a waiting connection asks again which relay holds an agent (s).
+HOLD_POLL = 0.5
 
 
 @dataclass(eq=False)
@@ -58,7 +64,11 @@ class AgentSession:
     version: str
     hostname: str
     resources: dict[str, str]  # resource id -> name
+    #: The agent process (its random ``instance`` at auth) and which of its links this is;
+    #: ``epoch`` orders the link records of one agent slot across relays (relay.cluster).
     instance: str = ""
+    slot: int = 0
+    epoch: int = 0
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
     active_streams: int = 0
@@ -94,6 +104,7 @@ class AgentSession:
             "bytes_sent": self.link.bytes_sent,
             "bytes_received": self.link.bytes_received,
             "active_streams": self.active_streams,
+            "epoch": self.epoch,
         }
         if resource_id is not None:
             report = self.targets.get(resource_id) or {}
@@ -107,24 +118,27 @@ class AgentSession:
 class EndpointBridge(TcpBridge):
     """An integration worker's TCP connection to a resource endpoint."""
 
-    __slots__ = ("_endpoint", "agent", "held_until", "_early")
+    __slots__ = ("_endpoint", "agent", "forwarded")
 
     def __init__(self, endpoint: "Endpoint") -> None:
         super().__init__()
         self._endpoint = endpoint
         self.agent: AgentSession | None = None
-        #: While waiting for an agent: until when (loop time).
-        self.held_until: float | None = None
-        #: What a waiting connection sent before its reading paused (uvloop reads once right
-        #: after connection_made, whatever it was told): one read at most.
-        self._early: list[bytes] = []
+        #: While no stream exists yet (waiting for an agent, here or on another relay): what
+        #: the worker sent meanwhile (relay.forward.Forwarded).
+        self.forwarded: Forwarded | None = None
 
     def data_received(self, data: bytes) -> None:
-        if self.held_until is not None:
-            self._early.append(bytes(data))
-            self.transport.pause_reading()
+        if self.forwarded is not None:
+            self.forwarded.hold(data)
             return
         super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.forwarded is not None:
+            self.forwarded.eof = True
+            return True
+        return super().eof_received()
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         endpoint = self._endpoint
@@ -138,54 +152,81 @@ class EndpointBridge(TcpBridge):
                 registry.throttled.log(("descriptors", endpoint.customer_id), logging.WARNING,
                                        "resetting new connections to the endpoints of customer %s: %s",
                                        endpoint.customer_id, exc)
+                registry.metrics.stream_refused(endpoint, "quota", exc)
                 self.fail(ErrorCode.REFUSED)
                 return
             descriptors.take(endpoint.customer_id)
         self.on_done = self._released
         agent = endpoint.pick_agent()
-        if agent is None and endpoint.hold(self, transport):
-            return
-        self._start(agent, transport)
-
-    def _start(self, agent: "AgentSession | None", transport: asyncio.Transport) -> None:
-        """Open this connection's stream on ``agent``'s link (reset it when there is none)."""
-        endpoint = self._endpoint
-        stream = None
         if agent is not None:
-            try:
-                stream = agent.link.open_stream(endpoint.name.encode(), stream_handler(self))
-            except UsageError:  # the link began closing since it was picked
-                pass
-        if stream is None:
+            stream = self._open_on(agent)
+            if stream is None:
+                self.transport = transport
+                registry.metrics.stream_refused(endpoint, "link_closing")
+                self.fail(ErrorCode.REFUSED)
+                return
+            self.attach_stream(stream)
+            super().connection_made(transport)
+            return
+        if registry.forwarder is None and not endpoint.may_hold():
             self.transport = transport
-            if agent is None:
-                endpoint.log_refusal()
+            endpoint.log_refusal()
+            registry.metrics.stream_refused(endpoint, "no_agent")
             self.fail(ErrorCode.REFUSED)
             return
+        # No agent here: accepted at once; its bytes wait until a stream exists, on another
+        # relay's link (relay.peering) or on the link of an agent that comes back.
+        self.forwarded = Forwarded(self)
+        endpoint.bridges.add(self)
+        super().connection_made(transport)
+        registry.spawn(endpoint.find_agent(self))
+
+    def _open_on(self, agent: AgentSession):
+        """This connection's stream on ``agent``'s link (None when it began closing)."""
+        endpoint = self._endpoint
+        try:
+            stream = agent.link.open_stream(endpoint.name.encode(), stream_handler(self))
+        except UsageError:  # the link began closing since it was picked
+            return None
+        endpoint.registry.metrics.stream_opened(endpoint)
         self.agent = agent
         self.buffers = agent.buffers
         agent.active_streams += 1
         endpoint.bridges.add(self)
-        self.attach_stream(stream)
-        super().connection_made(transport)
-        if self.held_until is not None:
-            self.held_until = None
-            early, self._early = self._early, []
-            for data in early:
-                stream.write(data)
-            if self._tcp_eof:  # the worker half-closed while waiting
-                stream.write_eof()
-            if not stream.paused:
-                transport.resume_reading()
+        return stream
+
+    def start_waiting(self) -> None:
+        """No relay serves the resource: hold the connection, its bytes in the kernel."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def attach_local(self, agent: AgentSession) -> bool:
+        """A waiting connection goes to ``agent`` (False when its link began closing)."""
+        stream = self._open_on(agent)
+        if stream is None:
+            return False
+        self.forwarded.attach(stream, agent.buffers)
+        return True
+
+    def attach_peer(self, stream, buffers) -> None:
+        """A waiting connection goes to another relay over ``stream`` (relay.peering)."""
+        self._endpoint.registry.metrics.stream_opened(self._endpoint)
+        self.forwarded.attach(stream, buffers)
+
+    @property
+    def finished(self) -> bool:
+        return self.reset_code is not None or self.on_done is None
 
     def _released(self) -> None:
         endpoint = self._endpoint
+        registry = endpoint.registry
         if self.agent is not None:
             self.agent.active_streams -= 1
         endpoint.bridges.discard(self)
-        endpoint.unhold(self)
-        if endpoint.registry.descriptors is not None:
-            endpoint.registry.descriptors.give(endpoint.customer_id)
+        if registry.descriptors is not None:
+            registry.descriptors.give(endpoint.customer_id)
+        if self.stream is not None:
+            registry.metrics.stream_done(endpoint, self)
 
     def stream_reset(self, code: int) -> None:
         if code == ErrorCode.CONNECT_FAILED and self.agent is not None:
@@ -207,14 +248,12 @@ class Endpoint:
         self.agents: list[AgentSession] = []
         self.bridges: set[EndpointBridge] = set()
         self.server: asyncio.Server | None = None
-        #: Connections waiting for an agent, oldest first.
-        self.held: collections.OrderedDict[EndpointBridge, asyncio.Transport] = collections.OrderedDict()
-        #: Since when no agent serves it (monotonic), None while one does.
+        #: Connections held waiting for an agent (module docstring).
+        self.waiting: set[EndpointBridge] = set()
+        #: Since when no agent serves it (monotonic), None while one does here. In a cluster,
+        #: a connection another relay took counts as served too.
         self.agentless_since: float | None = time.monotonic()
-        #: Connections reset because the agent could not reach the private service: the
-        #: counter metrics read.
-        self.connect_failures = 0
-        self._hold_timer: asyncio.TimerHandle | None = None
+        self._arrived = asyncio.Event()  # set (and replaced) when an agent comes
 
     @property
     def address(self) -> str:
@@ -234,72 +273,81 @@ class Endpoint:
 
     # --- connections waiting for an agent ---------------------------------------------
 
-    def hold(self, bridge: EndpointBridge, transport: asyncio.Transport) -> bool:
-        """Keep ``bridge`` waiting for an agent, reading paused; False when the bounds say
-        reset it now (see the module docstring)."""
+    def may_hold(self) -> bool:
+        """Whether a new connection may wait for an agent now (the bounds of the module docstring)."""
         limits = self.registry.limits
         if self.agentless_since is None:  # its agents are all going away
             self.agentless_since = time.monotonic()
         if limits.endpoint_hold_timeout <= 0 or time.monotonic() - self.agentless_since > limits.endpoint_hold_window:
             return False
-        if len(self.held) >= limits.endpoint_hold_max:
+        if len(self.waiting) >= limits.endpoint_hold_max:
             self.registry.throttled.log(("hold-full", self.resource_id), logging.WARNING,
                                         "resource %s (%s): %d connections already wait for an agent "
                                         "(TUNNEL_ENDPOINT_HOLD_MAX); resetting more", self.resource_id, self.name,
-                                        len(self.held))
+                                        len(self.waiting))
             return False
-        transport.pause_reading()  # its bytes wait in the kernel
-        bridge.transport = transport  # so that a reset reaches it
-        loop = asyncio.get_running_loop()
-        bridge.held_until = loop.time() + limits.endpoint_hold_timeout
-        self.held[bridge] = transport
-        if self._hold_timer is None:
-            self._hold_timer = loop.call_at(bridge.held_until, self._hold_expired)
-        log.debug("resource %s: a connection waits up to %g s for an agent (%d waiting)", self.resource_id,
-                  limits.endpoint_hold_timeout, len(self.held))
         return True
 
-    def unhold(self, bridge: EndpointBridge) -> None:
-        self.held.pop(bridge, None)
-        if not self.held and self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._hold_timer = None
-
-    def release_held(self) -> None:
-        """An agent serves the resource now: hand it the waiting connections, oldest first."""
-        if self.held:
-            log.info("resource %s (%s): an agent is back; %d waiting connection(s) go to it", self.resource_id,
-                     self.name, len(self.held))
-        while self.held:
-            agent = self.pick_agent()
-            if agent is None:
-                return
-            bridge, transport = self.held.popitem(last=False)
-            bridge._start(agent, transport)
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._hold_timer = None
-
-    def _hold_expired(self) -> None:
-        self._hold_timer = None
+    async def find_agent(self, bridge: EndpointBridge) -> None:
+        """Take ``bridge`` (accepted, no stream yet) to an agent: through the relay holding
+        one (in a cluster), else wait here for one, within the bounds of the module
+        docstring; reset it when none comes."""
+        registry = self.registry
+        peering = registry.forwarder
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        expired = []
-        for bridge in self.held:
-            if bridge.held_until > now:
-                break
-            expired.append(bridge)
-        if expired:
-            self.registry.throttled.log(("hold-expired", self.resource_id), logging.WARNING,
-                                        "resource %s (%s): no agent came within %g s (TUNNEL_ENDPOINT_HOLD_TIMEOUT);"
-                                        " resetting %d waiting connection(s)", self.resource_id, self.name,
-                                        self.registry.limits.endpoint_hold_timeout, len(expired))
-        for bridge in expired:
-            self.held.pop(bridge, None)
-            bridge.held_until = None
+        deadline = None
+        try:
+            while True:
+                if peering is not None:
+                    try:
+                        target = await peering.open_forward(self.resource_id, stream_handler(bridge))
+                    except Exception:  # noqa: BLE001 - this connection waits or fails, nothing else
+                        log.exception("resource %s: forwarding a connection failed", self.resource_id)
+                        target = None
+                    if bridge.finished:
+                        if target is not None:
+                            target[0].reset(ErrorCode.CONNECTION_RESET)
+                        return
+                    if target is not None:
+                        self.agentless_since = None if self.agentless_since is None else time.monotonic()
+                        bridge.attach_peer(*target)
+                        return
+                agent = self.pick_agent()
+                if agent is not None and bridge.attach_local(agent):
+                    return
+                if bridge.finished:
+                    return
+                if deadline is None:
+                    if not self.may_hold():
+                        self.log_refusal()
+                        registry.metrics.stream_refused(self, "no_agent")
+                        bridge.fail(ErrorCode.REFUSED)
+                        return
+                    deadline = loop.time() + registry.limits.endpoint_hold_timeout
+                    self.waiting.add(bridge)
+                    bridge.start_waiting()
+                    log.debug("resource %s: a connection waits up to %g s for an agent (%d waiting)",
+                              self.resource_id, registry.limits.endpoint_hold_timeout, len(self.waiting))
+                left = deadline - loop.time()
+                if left <= 0:
+                    registry.throttled.log(("hold-expired", self.resource_id), logging.WARNING,
+                                           "resource %s (%s): no agent came within %g s "
+                                           "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
+                                           self.resource_id, self.name, registry.limits.endpoint_hold_timeout)
+                    registry.metrics.stream_refused(self, "no_agent")
+                    bridge.fail(ErrorCode.REFUSED)
+                    return
+                # An agent registering here wakes the waiters at once; another relay's is
+                # found by asking again (each HOLD_POLL while waiting).
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), min(left, HOLD_POLL) if peering else left)
+                except asyncio.TimeoutError:
+                    pass
+        except asyncio.CancelledError:
             bridge.fail(ErrorCode.REFUSED)
-        if self.held:
-            self._hold_timer = loop.call_at(next(iter(self.held)).held_until, self._hold_expired)
+            raise
+        finally:
+            self.waiting.discard(bridge)
 
     def log_refusal(self) -> None:
         since = self.agentless_since
@@ -314,7 +362,6 @@ class Endpoint:
 
     def connect_failed(self, agent: AgentSession) -> None:
         """``agent`` reset a connection because it could not reach the private service."""
-        self.connect_failures += 1
         report = agent.targets.get(self.resource_id) or {}
         self.registry.throttled.log(("connect-failed", self.resource_id), logging.WARNING,
                                     "resource %s (%s): a worker's connection was reset: agent %s cannot reach the "
@@ -322,10 +369,14 @@ class Endpoint:
                                     report.get("message") or "connection failed")
 
     def agents_changed(self) -> None:
-        """Keep ``agentless_since`` current; hand waiting connections to a new agent."""
+        """Keep ``agentless_since`` current; wake the connections waiting for an agent."""
         if any(not a.link.is_closing for a in self.agents):
             self.agentless_since = None
-            self.release_held()
+            if self.waiting:
+                log.info("resource %s (%s): an agent is back; %d waiting connection(s) go to it", self.resource_id,
+                         self.name, len(self.waiting))
+            self._arrived.set()
+            self._arrived = asyncio.Event()
         elif self.agentless_since is None:
             self.agentless_since = time.monotonic()
 
@@ -333,9 +384,6 @@ class Endpoint:
         """Reset the connections to this endpoint (only those riding ``agent``'s link, if given)."""
         for bridge in [b for b in self.bridges if agent is None or b.agent is agent]:
             bridge.fail(code)
-        if agent is None:
-            for bridge in list(self.held):
-                bridge.fail(code)
 
     def close(self) -> None:
         if self.server is not None:
@@ -346,25 +394,55 @@ class Endpoint:
 class Registry:
     """Live agents and endpoints; also what the admin API reads (``relay.admin.Registry``).
 
-    ``descriptors`` (optional) accounts for the endpoints' sockets per customer."""
+    ``descriptors`` (optional) accounts for the endpoints' sockets per customer; ``metrics``
+    counts their streams (a fresh :class:`relay.metrics.RelayMetrics` if not given)."""
 
-    def __init__(self, service_host: str, descriptors: Descriptors | None = None, limits: Limits | None = None,
-                 port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> None:
+    def __init__(self, service_host: str, descriptors: Descriptors | None = None,
+                 metrics: RelayMetrics | None = None, limits: Limits | None = None) -> None:
         self.service_host = service_host
         self.descriptors = descriptors
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self.limits = limits or DEFAULT_LIMITS
         #: Where new resources' endpoint ports are chosen (``serve --port-range``).
-        self.port_range = port_range
+        self.port_range = DEFAULT_PORT_RANGE
         self.endpoints: dict[str, Endpoint] = {}
         self.agents: set[AgentSession] = set()
         self._links = Counter()  # customer id -> registered agent links
         self.throttled = Throttled(log, LOG_INTERVAL)
+        #: Takes worker connections no local agent can serve to the relay holding one
+        #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
+        self.forwarder = None
+        #: False once the relay drains: endpoints bound later do not listen.
+        self.listening = True
+        self._binding: dict[str, asyncio.Future] = {}  # resource id -> bind in progress
         self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def links_of(self, customer_id: str) -> int:
         return self._links[customer_id]
 
     async def ensure_endpoint(self, resource: dict) -> Endpoint:
+        # One bind per resource at a time: a registration and the resource_created event
+        # (relay.cluster) may ask at once, and a second bind of the port would fail.
+        binding = self._binding.get(resource["id"])
+        while binding is not None:
+            await asyncio.shield(binding)
+            binding = self._binding.get(resource["id"])
+        if resource["id"] in self.endpoints:
+            return self.endpoints[resource["id"]]
+        done = self._binding[resource["id"]] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._bind(resource)
+        finally:
+            del self._binding[resource["id"]]
+            done.set_result(None)
+
+    async def _bind(self, resource: dict) -> Endpoint:
         endpoint = self.endpoints.get(resource["id"])
         if endpoint is None:
             customer_id = resource["customer_id"]
@@ -392,19 +470,6 @@ class Registry:
             self.descriptors.give(endpoint.customer_id)
         endpoint.close()
 
-    def bind_soon(self, resource: dict) -> None:
-        """Bind ``resource``'s endpoint in the background (a resource an operator created)."""
-        async def bind() -> None:
-            try:
-                await self.ensure_endpoint(resource)
-            except (OSError, QuotaExceeded) as exc:
-                log.error("resource %s: endpoint %s:%s not bound: %s", resource["id"], self.service_host,
-                          resource["port"], getattr(exc, "strerror", None) or exc)
-
-        task = asyncio.get_running_loop().create_task(bind())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def add_agent(self, agent: AgentSession) -> None:
         self._supersede(agent)
         self.agents.add(agent)
@@ -415,10 +480,11 @@ class Registry:
             endpoint.agents_changed()
 
     def _supersede(self, agent: AgentSession) -> None:
-        """The older links of ``agent``'s process take no new streams (module docstring)."""
+        """The older links of ``agent``'s process and slot take no new streams (module docstring)."""
         if not agent.instance:
             return
-        for older in [a for a in self.agents if a.instance == agent.instance and a.customer_id == agent.customer_id]:
+        for older in [a for a in self.agents if a.instance == agent.instance and a.slot == agent.slot
+                      and a.customer_id == agent.customer_id]:
             log.info("agent %s: superseded by %s (the same agent on a new %s link); its %d open stream(s) finish "
                      "on the old one", older.agent_id, agent.agent_id, agent.link.carrier, older.active_streams)
             self._unroute(older, list(older.resources))
@@ -521,11 +587,22 @@ class Registry:
             self.deregister(agent, resource_id, "deleted", "resource deleted")
         endpoint.end_streams()
 
+    def stop_listening(self) -> None:
+        """Drain: stop accepting worker connections (the ones open go on)."""
+        self.listening = False
+        for endpoint in self.endpoints.values():
+            if endpoint.server is not None:
+                endpoint.server.close()
+
+    def open_connections(self) -> int:
+        """Worker connections to this relay's endpoints still open."""
+        return sum(len(endpoint.bridges) for endpoint in self.endpoints.values())
+
     def close(self) -> None:
         for endpoint in self.endpoints.values():
             self._close_endpoint(endpoint)
-            for bridge in list(endpoint.held):
-                bridge.fail(ErrorCode.REFUSED)
+        for task in list(self._tasks):
+            task.cancel()  # connections waiting for an agent are reset
 
 
 def _refuse(link: Link, code: str, message: str) -> None:

@@ -1,16 +1,18 @@
 """``tunnel-relay serve``: agent listeners (TLS WebSocket on TCP and QUIC on UDP, one port
-number), agent authentication and registration, resource endpoints and the admin API.
+number), agent authentication and registration, resource endpoints and the admin API, on the
+state database of :mod:`relay.state` (SQLite in the state dir, or a cluster's PostgreSQL).
 
 Before it is registered a link may send one thing: one ``auth`` message. Anything else (a
 second ``auth``, another CONTROL type, a stream) gets a CONTROL ``error`` and the link is
 closed with ``PROTOCOL_ERROR`` (docs/PROTOCOL.md, "Control messages").
 
-Registration (:meth:`Relay._register`) runs in three steps: checks against the state with
-no ``await`` between them (token, quotas, resources, created when a customer-wide token names
-a new one); binding the endpoints of new resources (the only ``await``); and, again without
-an ``await``, checking that nothing was revoked or deleted meanwhile before the agent is
-added. The admin API's rotate and delete run on the same event loop without an ``await``
-either, so each of them happens wholly before or wholly after that last step.
+Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
+quotas, resources, created when a customer-wide token names a new one); binding the endpoints
+of new resources; and recording the link (:meth:`relay.cluster.Cluster.admit`), in the
+transaction that re-reads the resources' generations, before the agent is added with no
+``await`` in between. A rotation or deletion, on this relay or any other, commits either before
+that transaction (which then sees it and refuses) or after it (its event then finds the
+registration pending, or the agent in the registry): no revoked token gets in.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import secrets
 import signal
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -33,14 +36,18 @@ from tunnel.ops.process import tune_malloc
 from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
-from . import is_loopback_host
+from . import format_host_port, is_loopback_host
 from .quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
 from .registry import AgentSession, Registry
-from .state import state_write_failure
+from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 
 log = logging.getLogger("relay")
 
 MAX_RESOURCES_PER_AGENT = 64
+#: A draining relay tells its agents to move in tenths of its move window, at least this many at once.
+DRAIN_BATCH = 100
+#: ``agent.slot`` at auth: which of an agent's links (RELAY_LINKS) this is, 0 to this minus one.
+MAX_AGENT_SLOTS = 16
 #: Agent-supplied strings accepted at ``auth`` (docs/PROTOCOL.md): anything else is refused.
 RESOURCE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 AGENT_FIELDS = {
@@ -91,6 +98,7 @@ class AgentLinkHandler(LinkHandler):
         self.relay.throttled.log("before registration", logging.INFO,
                                  "agent link from %s sent %s before registration; closing it",
                                  _addr(self.link), what)
+        self.relay.metrics.spoke_before_auth(self.link.carrier)
         message = f"expected one auth message before anything else, got {what}"
         try:
             self.link.send_control({"type": "error", "code": "bad_request", "message": message})
@@ -108,27 +116,49 @@ class AgentLinkHandler(LinkHandler):
         if agent is not None:
             log.info("agent %s disconnected (%s)", agent.agent_id, describe_code(code, reason))
             relay.registry.remove_agent(agent)
+            relay.cluster.forget(agent)
             relay.mark_served(agent.resources)
 
 
 class Relay:
     def __init__(self, state, authority, registry: Registry, limits: Limits,
-                 descriptors: Descriptors | None = None) -> None:
+                 descriptors: Descriptors | None = None, *, cluster) -> None:
         self.state = state
         self.authority = authority
         self.registry = registry
         self.limits = limits
         self.descriptors = descriptors
+        #: What relay.metrics exports; shared with the registry.
+        self.metrics = registry.metrics
+        #: True while the listeners accept agents (``/ready``).
+        self.accepting = False
+        #: This relay's :class:`relay.cluster.Cluster`: records links, applies revocations.
+        self.cluster = cluster
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()
         self.rate = RegistrationRate(limits.max_registrations_per_minute)
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: Resources with a registration between its first and last step (never expired).
         self.registering: Counter = Counter()
+        #: This relay's links to the other relays (relay.peering), None outside a cluster.
+        self.peering = None
+        cluster.on_members = self.members_changed
+        cluster.on_resource_created = self.resource_created
         from .agent_control import AgentControl
 
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        """Where new resources' ports are chosen (``--port-range``; the same on every relay of
+        a cluster, so a load balancer can forward that range); kept by the registry, which
+        the admin API reads too."""
+        return self.registry.port_range
+
+    @port_range.setter
+    def port_range(self, value: tuple[int, int]) -> None:
+        self.registry.port_range = value
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -142,21 +172,40 @@ class Relay:
 
     async def authenticate(self, handler: AgentLinkHandler, message: dict) -> None:
         link = handler.link
-        if message.get("dry_run") is True:
-            self._check_only(link, message)
+        if self.cluster.draining:
+            self.metrics.auth_refused("unavailable")
+            _refuse(link, "unavailable", "relay draining: link to another relay", ErrorCode.NO_ERROR)
             return
         try:
+            if message.get("dry_run") is True:
+                await self._check_only(link, message)
+                return
             agent = await self._register(link, message)
+        except StateWriteFailed as exc:
+            self.metrics.auth_refused("unavailable")
+            self.state_failed(exc.reason)
+            _refuse(link, "unavailable", f"the relay cannot register agents now: {exc.reason}",
+                    ErrorCode.INTERNAL_ERROR)
+            return
+        except StoreUnavailable as exc:
+            # Not the agent's fault and not fatal: it retries with its backoff.
+            self.metrics.auth_refused("unavailable")
+            self.cluster.outages.refused("registration(s)", exc)
+            _refuse(link, "unavailable", UNREACHABLE_MESSAGE, ErrorCode.INTERNAL_ERROR)
+            return
         except QuotaExceeded as exc:
+            self.metrics.auth_refused(exc.code, exc)
             self.throttled.log(("quota", str(exc)), logging.WARNING, "agent from %s refused: %s", _addr(link), exc)
             _refuse(link, exc.code, str(exc), ErrorCode.ENHANCE_YOUR_CALM)
             return
         except AuthError as exc:
+            self.metrics.auth_refused(exc.code)
             log.warning("agent from %s refused: %s", _addr(link), exc)
             _refuse(link, exc.code, str(exc), ErrorCode.UNAUTHORIZED)
             return
         except Exception as exc:  # noqa: BLE001
             failure = state_write_failure(exc)
+            self.metrics.auth_refused("internal" if failure is None else "unavailable")
             if failure is None:
                 log.exception("agent from %s: registration failed", _addr(link))
                 _refuse(link, "internal", "registration failed", ErrorCode.INTERNAL_ERROR)
@@ -173,11 +222,14 @@ class Relay:
         link.send_control({
             "type": "registered",
             "agent_id": agent.agent_id,
+            "relay_id": self.cluster.relay_id,
             "resources": [
                 {"name": name, "id": rid, "endpoint": self.registry.endpoints[rid].address}
                 for rid, name in agent.resources.items()
             ],
         })
+        if self.cluster.members:
+            link.send_control(self.relays_message())
         link.handshake_done()
         log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s, host %s",
                  agent.agent_id, agent.customer_id,
@@ -185,7 +237,7 @@ class Relay:
                  link.carrier, _addr(link), agent.version, agent.hostname)
         self.mark_served(agent.resources)
 
-    def _check_only(self, link: Link, message: dict) -> None:
+    async def _check_only(self, link: Link, message: dict) -> None:
         """``tunnel-agent check``: verify the token and the resource names as a registration
         would, register nothing, answer ``checked`` (the agent closes the link)."""
         from .tokens import check_against_state
@@ -193,8 +245,10 @@ class Relay:
         try:
             token, resources, _info = _auth_fields(message)
             claims = self.authority.verify(token)
-            found = [check_against_state(claims, self.state, entry["name"], create=False) for entry in resources]
+            found = [await check_against_state(claims, self.state, entry["name"], create=False)
+                     for entry in resources]
         except AuthError as exc:
+            self.metrics.auth_refused(exc.code)
             log.warning("agent check from %s refused: %s", _addr(link), exc)
             _refuse(link, exc.code, str(exc), ErrorCode.UNAUTHORIZED)
             return
@@ -213,43 +267,47 @@ class Relay:
         token, resources, info = _auth_fields(message)
         claims = self.authority.verify(token)
 
-        # Step 1: quotas and resources, no await.
+        # Step 1: quotas and resources.
         customer_id = claims.customer_id
         self.rate.charge(customer_id)
         limits = self.limits
         self._check_link_quotas(link, customer_id)
 
-        wanted = [check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
-                                      before_create=self._before_create) for entry in resources]
+        wanted = [await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
+                                            before_create=self._before_create) for entry in resources]
         ids = {r["id"] for r in wanted}
         self.registering.update(ids)
         try:
             # Step 2: bind the endpoints of new resources.
             for resource in wanted:
                 await self.registry.ensure_endpoint(resource)
-            # Step 3, no await: nothing revoked or deleted meanwhile, then commit.
             if link.is_closing:
                 return None
-            self._check_link_quotas(link, customer_id)  # others may have registered meanwhile
-            for resource in wanted:
-                now = self.state.get_resource(resource["id"])
-                if now is None:
-                    self.registry.resource_deleted(resource["id"])  # the endpoint bound for it
-                    raise AuthError("resource deleted", code="deleted")
-                if claims.generation < now["generation"]:
-                    raise AuthError("registration token revoked", code="revoked")
+            agent_id = "agt_" + secrets.token_hex(8)
             agent = AgentSession(
-                agent_id="agt_" + secrets.token_hex(8),
+                agent_id=agent_id,
                 link=link,
                 customer_id=customer_id,
                 generation=claims.generation,
                 version=info["version"],
                 hostname=info["hostname"],
-                instance=info["instance"],
+                instance=info["instance"] or agent_id,
+                slot=info["slot"],
                 resources={r["id"]: r["name"] for r in wanted},
                 buffers=LinkBuffers(limits.session_window),
                 claims=claims,
             )
+            # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
+            # then, with no await, the checks that others' registrations may have changed.
+            await self.cluster.admit(agent)
+            if link.is_closing:
+                self.cluster.forget(agent)
+                return None
+            try:
+                self._check_link_quotas(link, customer_id)
+            except BaseException:
+                self.cluster.forget(agent)
+                raise
             self.registry.add_agent(agent)
             return agent
         finally:
@@ -258,11 +316,12 @@ class Relay:
                 if self.registering[rid] <= 0:
                     del self.registering[rid]
 
-    def _before_create(self, owner: str) -> None:
+    async def _before_create(self, owner: str) -> None:
         limit = self.limits.max_resources_per_customer
-        if self.state.count_resources(owner) >= limit:
+        if await self.state.count_resources(owner) >= limit:
             raise QuotaExceeded(f"customer {owner} is over its quota of {limit} "
-                                "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones")
+                                "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
+                                limit="max_resources_per_customer", customer_id=owner)
 
     async def resource_for(self, claims, name: str) -> dict:
         """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
@@ -270,13 +329,13 @@ class Relay:
         was revoked or deleted meanwhile. For resources added on a live link."""
         from .tokens import check_against_state
 
-        resource = check_against_state(claims, self.state, name, allocate=self._allocate_port,
-                                       before_create=self._before_create)
+        resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
+                                             before_create=self._before_create)
         rid = resource["id"]
         self.registering[rid] += 1
         try:
             await self.registry.ensure_endpoint(resource)
-            now = self.state.get_resource(rid)
+            now = await self.state.get_resource(rid)
             if now is None:
                 self.registry.resource_deleted(rid)
                 raise AuthError("resource deleted", code="deleted")
@@ -292,45 +351,52 @@ class Relay:
         limit = self.limits.max_links_per_customer
         if self.registry.links_of(customer_id) >= limit:
             raise QuotaExceeded(f"customer {customer_id} is over its quota of {limit} live agent links "
-                                "(TUNNEL_MAX_LINKS_PER_CUSTOMER)")
+                                "(TUNNEL_MAX_LINKS_PER_CUSTOMER)", limit="max_links_per_customer",
+                                customer_id=customer_id)
         if self.descriptors is not None and link.carrier == "wss":  # a QUIC link holds no descriptor
             self.descriptors.check_link(customer_id)
 
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port
 
-        return allocate_port(self.registry.service_host, taken, self.registry.port_range)
+        return allocate_port(self.registry.service_host, taken, self.port_range)
 
     def mark_served(self, resource_ids) -> None:
-        """Record that these resources were served until now (their idle time starts over)."""
+        """Record, in the background, that these resources were served until now (their idle
+        time starts over)."""
         ids = list(resource_ids)
-        if not ids:
-            return
+        if ids:
+            task = asyncio.get_running_loop().create_task(self._mark_served(ids))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _mark_served(self, ids: list[str]) -> None:
         try:
-            self.state.mark_served(ids, int(time.time()))
-        except Exception as exc:  # noqa: BLE001 - serving goes on without the record
-            failure = state_write_failure(exc)
-            if failure is None:
-                raise
-            self.state_failed(failure)
+            await self.state.mark_served(ids, int(time.time()))
+        except StateWriteFailed as exc:  # serving goes on without the record
+            self.state_failed(exc.reason)
+        except StoreUnavailable:
+            pass  # the outage is logged once; the next expiry round marks them again
 
     def state_failed(self, failure: str) -> None:
         self.throttled.log("state", logging.ERROR, "%s: %s; free space there (or fix it) and the relay resumes",
                            failure, self.state.state_dir)
 
-    def expire_idle_resources(self) -> list[dict]:
+    async def expire_idle_resources(self) -> list[dict]:
         """Delete the resources no agent has served for ``resource_idle_expiry`` (and that no
-        token names by id), freeing their ports; refresh the time of those served now."""
+        token names by id), freeing their ports; refresh the time of those served now (by this
+        relay: every relay refreshes its own, so none expires a resource another serves)."""
         served = [rid for rid, endpoint in self.registry.endpoints.items() if endpoint.agents]
-        self.mark_served(served)
+        if served:
+            await self.state.mark_served(served, int(time.time()))
         cutoff = int(time.time() - self.limits.resource_idle_expiry)
         expired = []
-        for resource in self.state.idle_resources(cutoff):
+        for resource in await self.state.idle_resources(cutoff):
             rid = resource["id"]
             if self.registering[rid] or self.registry.status(rid) == "AVAILABLE":
                 continue
-            self.registry.resource_deleted(rid)
-            self.state.delete_resource(rid)
+            # The "deleted" event closes its endpoint here and on every relay.
+            await self.state.delete_resource(rid)
             log.info("resource %s (%s) of customer %s expired: no agent served it for %.0f s; port %d freed",
                      rid, resource["name"], resource["customer_id"], self.limits.resource_idle_expiry,
                      resource["port"])
@@ -341,7 +407,10 @@ class Relay:
         interval = min(max(self.limits.resource_idle_expiry / 4, 0.5), 3600.0)
         while True:
             try:
-                self.expire_idle_resources()
+                await self.expire_idle_resources()
+            except StoreUnavailable as exc:
+                if isinstance(exc, StateWriteFailed):
+                    self.state_failed(exc.reason)
             except Exception as exc:  # noqa: BLE001
                 failure = state_write_failure(exc)
                 if failure is None:
@@ -350,10 +419,91 @@ class Relay:
                     self.state_failed(failure)
             await asyncio.sleep(interval)
 
-    async def drain(self) -> None:
-        """Graceful stop: no new streams, tell agents, close."""
+    # ---- the cluster, as agents see it
+
+    def relays_message(self) -> dict:
+        """CONTROL ``relays``: every live relay of the cluster (docs/PROTOCOL.md)."""
+        return {"type": "relays", "relays": [
+            {"id": m["id"], "url": m["advertise_url"], "draining": m["draining"]} for m in self.cluster.members]}
+
+    def members_changed(self, members: list[dict]) -> None:
+        """Relays joined, left or began draining: tell every agent here, link to new peers."""
+        message = self.relays_message()
+        for agent in list(self.registry.agents):
+            if not agent.link.is_closing:
+                try:
+                    agent.link.send_control(message)
+                except Exception:  # noqa: BLE001 - closing; its end removes the agent
+                    pass
+        if self.peering is not None:
+            self.peering.connect_members(members)
+
+    def resource_created(self, resource: dict) -> None:
+        """Any relay created a resource: bind its endpoint here too (same port everywhere)."""
+        if not self.registry.listening or resource.get("id") in self.registry.endpoints:
+            return
+        task = asyncio.get_running_loop().create_task(self._bind(resource))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _bind(self, resource: dict) -> None:
+        try:
+            await self.registry.ensure_endpoint(resource)
+        except OSError as exc:
+            log.error("resource %s: cannot bind endpoint %s:%s: %s", resource.get("id"), self.registry.service_host,
+                      resource.get("port"), exc.strerror or exc)
+        except (QuotaExceeded, KeyError, TypeError) as exc:
+            log.error("resource %s: endpoint not bound: %s", resource.get("id"), exc)
+
+    # ---- stopping
+
+    def in_flight(self) -> int:
+        """Streams still open: workers' connections here and streams from other relays."""
+        return self.registry.open_connections() + (len(self.peering.splices) if self.peering else 0)
+
+    async def drain(self, timeout: float = 0.0) -> None:
+        """Graceful stop (SIGTERM). The caller has stopped the agent listeners. Tell the other
+        relays (they forward here last), stop taking worker connections, tell every agent to
+        link elsewhere (CONTROL ``draining``; skipped when no other relay serves) and give them
+        until half of ``timeout`` (at most 10 s) to move, then GOAWAY the links left; wait for
+        the streams in flight up to ``timeout`` in all; then close what remains."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.cluster.drain()
+        self.registry.stop_listening()
+        agents = [a for a in self.registry.agents if not a.link.is_closing]
+        if not any(m["id"] != self.cluster.relay_id and not m["draining"] for m in self.cluster.members):
+            agents = []  # no other relay to move to: straight to GOAWAY
+        log.info("draining: telling %d agent link(s) to move; %d worker connection(s) and %d stream(s) from other "
+                 "relays in flight; waiting up to %.0f s", len(agents), self.registry.open_connections(),
+                 len(self.peering.splices) if self.peering else 0, timeout)
+        window = min(timeout / 2, 10.0)
+        move_by = loop.time() + window
+        # In tenths of the window, so that thousands of agents do not all register on the other
+        # relays in the same second.
+        batch = max(DRAIN_BATCH, -(-len(agents) // 10))
+        for first in range(0, len(agents), batch):
+            if first:
+                await asyncio.sleep(window / 10)
+            for agent in agents[first:first + batch]:
+                try:
+                    agent.link.send_control({"type": "draining", "relay_id": self.cluster.relay_id,
+                                             "message": "relay draining: link to another relay"})
+                except Exception:  # noqa: BLE001 - closing anyway
+                    pass
+        while loop.time() < move_by and any(not a.link.is_closing for a in agents):
+            await asyncio.sleep(0.05)
         for link in list(self.links):
             link.goaway(ErrorCode.NO_ERROR, "relay shutting down")
+        while loop.time() < deadline and self.in_flight():
+            await asyncio.sleep(0.05)
+        left = self.in_flight()
+        if left:
+            log.warning("drain timeout: resetting %d stream(s) still open", left)
+        else:
+            log.info("drained: no stream in flight")
+        if self.peering is not None:
+            self.peering.close()
         for link in list(self.links):
             link.close(ErrorCode.NO_ERROR, "relay shutting down")
         await asyncio.gather(*(link.wait_closed() for link in list(self.links)), return_exceptions=True)
@@ -393,6 +543,10 @@ def _agent_info(info) -> dict:
             result[name] = value
         else:
             raise AuthError(f"agent.{name} must be {what}, got {escape(str(value)[:64])!r}", code="bad_request")
+    slot = info.get("slot", 0)
+    if type(slot) is not int or not 0 <= slot < MAX_AGENT_SLOTS:
+        raise AuthError(f"agent.slot must be an integer from 0 to {MAX_AGENT_SLOTS - 1}", code="bad_request")
+    result["slot"] = slot
     return result
 
 
@@ -425,7 +579,7 @@ def serve_main(args) -> int:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:
         return 0
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         log.error("relay cannot start: %s", exc)
         return 1
 
@@ -434,9 +588,11 @@ async def _serve(args) -> int:
     from tunnel.bridge.listen import serve_links
 
     from . import admin, pki, tokens
-    from . import state as state_mod
+    from .cluster import Cluster, default_advertise_url
+    from .store.settings import StoreSettings
 
     limits = Limits.from_env()
+    settings = StoreSettings.from_env()
     before, open_files = raise_nofile_limit()
     descriptors = Descriptors(open_files, limits)
     log.info("open files: limit %d (raised from %d); %d for agents and endpoints, at most %d per customer, "
@@ -447,19 +603,23 @@ async def _serve(args) -> int:
     host, port = args.listen_addr
     admin_host, admin_port = args.admin_listen_addr
     allow_remote = getattr(args, "allow_remote_admin", False)
-    names = [host, *args.server_names]
+    advertise = args.advertise or default_advertise_url(host, port, args.server_names)
+    names = [host, urllib.parse.urlsplit(advertise).hostname, *args.server_names]
     if allow_remote and not is_loopback_host(admin_host):
         names.append(admin_host)
     keys = pki.ensure_pki(state_dir, extra_names=names, cert_file=args.cert, key_file=args.key)
     cert_file, key_file = keys.cert_file, keys.key_file
     ssl_context = pki.server_ssl_context(cert_file, key_file)
 
-    store = state_mod.RelayState(state_dir / "relay.db")
+    store = await _open_state(state_dir, args.database, settings)
     authority = tokens.TokenAuthority(state_dir)
-    registry = Registry(args.service_host, descriptors, limits, args.port_range)
-    relay = Relay(store, authority, registry, limits, descriptors)
-    relay.expire_idle_resources()
-    for resource in store.list_resources():
+    registry = Registry(args.service_host, descriptors, limits=limits)
+    cluster = Cluster(store, registry, advertise, settings)
+    await cluster.start()
+    relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
+    relay.port_range = args.port_range
+    await relay.expire_idle_resources()
+    for resource in await store.list_resources():
         try:
             await registry.ensure_endpoint(resource)
         except OSError as exc:
@@ -468,19 +628,27 @@ async def _serve(args) -> int:
         except QuotaExceeded as exc:
             log.error("resource %s: endpoint not bound: %s", resource["id"], exc)
 
+    if store.backend == "postgresql":
+        relay.peering = await _start_peering(args, relay, keys, names, limits)
+        registry.forwarder = relay.peering
+
+    metrics = await _start_metrics(relay, args.metrics_listen_addr, limits)
     listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
                                   key_file=str(key_file), limits=limits, on_link=relay.on_link)
+    if port == 0 and not args.advertise:
+        await cluster.readvertise(default_advertise_url(host, listeners.port, args.server_names))
+    relay.accepting = True
     port = listeners.port
     admin_token = admin.load_or_create_admin_token(state_dir)
     admin_server = await admin.start_admin_server(
         admin_host, admin_port, state=store, authority=authority, registry=registry, token=admin_token,
         state_dir=state_dir, allow_remote=allow_remote,
         ssl_context=pki.server_ssl_context(cert_file, key_file) if not is_loopback_host(admin_host) else None,
-        on_state_failure=relay.state_failed)
+        on_state_failure=relay.state_failed, cluster=cluster)
     admin_url = admin.admin_url(admin_server, tls=not is_loopback_host(admin_host))
-    log.info("relay %s listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
-             "resource endpoints on %s; state in %s", __version__, host, port, admin_url,
-             args.service_host, state_dir)
+    log.info("relay %s (%s) listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
+             "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
+             admin_url, args.service_host, state_dir, store.description)
     expiry = asyncio.get_running_loop().create_task(relay.expire_forever())
 
     stop = asyncio.Event()
@@ -488,11 +656,82 @@ async def _serve(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("relay stopping")
+    log.info("relay stopping: draining for up to %.0f s", args.drain_timeout)
+    relay.accepting = False
     expiry.cancel()
+    listeners.wss.close()  # no new agents; QUIC ones are refused while draining (its socket serves the others)
+    await relay.drain(args.drain_timeout)
     listeners.close()
     admin_server.close()
     admin.clear_admin_info(state_dir)
-    await relay.drain()
     registry.close()
+    # Writes the closing links started (served times), then leave the cluster.
+    if relay.tasks:
+        await asyncio.wait(set(relay.tasks), timeout=settings.db_query_timeout)
+    await cluster.stop()
+    await store.close()
+    if metrics is not None:
+        metrics.close()
     return 0
+
+
+async def _start_peering(args, relay: Relay, keys, names: list[str], limits: Limits):
+    """Listen for the other relays of the cluster at ``--peer-listen`` (default: the host of
+    ``--listen``, a free port) and record where they reach this one."""
+    from . import pki
+    from .peering import Peering
+
+    host, port = args.peer_listen_addr or (args.listen_addr[0], 0)
+    advertised_host = args.peer_advertise_host or urllib.parse.urlsplit(relay.cluster.advertise_url).hostname
+    cert_file, key_file = pki.ensure_peer_cert(args.state_dir, [*names, host, advertised_host])
+    peering = Peering(relay.cluster, relay.registry, limits,
+                      server_context=pki.peer_server_ssl_context(cert_file, key_file, keys.ca_file),
+                      client_context=pki.peer_client_ssl_context(cert_file, key_file, keys.ca_file))
+    try:
+        port = await peering.listen(host, port)
+    except OSError as exc:
+        raise OSError(f"cannot listen for other relays at --peer-listen {format_host_port(host, port)}: "
+                      f"{exc.strerror or exc}") from None
+    address = format_host_port(advertised_host, port)
+    await relay.cluster.set_peer_address(address)
+    peering.connect_members(relay.cluster.members)
+    log.info("relay-to-relay links on %s (mutual TLS, cluster CA)", address)
+    return peering
+
+
+async def _open_state(state_dir: Path, database: str | None, settings):
+    """The migrated state; a PostgreSQL that cannot be reached is retried with backoff for
+    ``db_startup_timeout`` before the relay gives up."""
+    from .state import RelayState
+    from .store.database import redact_url
+
+    where = redact_url(database) if database else "in the state directory"
+    deadline = time.monotonic() + settings.db_startup_timeout
+    delay = 0.5
+    while True:
+        try:
+            return await RelayState.open(state_dir, database, settings)
+        except StoreUnavailable as exc:
+            if isinstance(exc, StateWriteFailed):
+                raise StoreError(f"{exc.reason}: {state_dir}") from None
+            if time.monotonic() + delay > deadline:
+                raise StoreError(f"state database unreachable: {where}: {exc.reason}; "
+                                 f"gave up after {settings.db_startup_timeout:g} s") from None
+            log.warning("state database unreachable: %s: %s; retrying in %.1f s", where, exc.reason, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.db_reconnect_max)
+
+
+async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: Limits):
+    """``/metrics``, ``/live`` and ``/ready`` at ``--metrics-listen`` (None: not served)."""
+    if address is None:
+        return None
+    from .metrics import MetricsService
+
+    try:
+        service = await MetricsService(relay, limits).start(*address)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics at --metrics-listen {format_host_port(*address)}: "
+                      f"{exc.strerror or exc}") from None
+    log.info("metrics on http://%s/metrics (also /live and /ready)", format_host_port(address[0], service.port))
+    return service

@@ -1,19 +1,24 @@
-"""The relay's durable state: one SQLite file ``<state-dir>/relay.db`` (WAL).
-
-Tables (schema version in ``PRAGMA user_version``):
+"""The relay's durable state, through one async interface (:class:`RelayState`) over either
+back end of :mod:`relay.store`: SQLite in ``<state-dir>/relay.db`` (the default) or PostgreSQL
+(``--database postgresql://…``, shared by every relay of a cluster). Schema: see
+:mod:`relay.store.migrations`.
 
 - ``customers``  ``id`` (``cus_`` + 16 base32 chars), ``name``, ``created_at``
 - ``resources``  ``id`` (``res_…``), ``customer_id``, ``name``, ``port``, ``generation``,
   ``created_at``; one name per customer, one port per resource (kept across restarts)
 - ``tokens``     every registration JWT issued (audit): ``jti``, ``customer_id``,
   ``resource_id``, ``generation``, ``org_only``, ``issued_at``, ``expires_at``
+- ``relays``     the relays of the cluster, each kept alive by its heartbeat
+- ``agent_links`` (+ ``agent_link_resources``) which relay holds which agent link, with an epoch
 
-Migrations, applied in order: 1 creates the tables above; 2 adds
 ``resources.last_served_at`` (Unix seconds an agent last served the resource, NULL when
-never: then ``created_at`` counts), which drives the expiry of resources no agent serves.
+never: then ``created_at`` counts) drives the expiry of resources no agent serves.
 
 The built-in organisation customer ``cus_org`` (name ``organization``) is created on first use
 and owns the resources registered with ``--org-only`` tokens.
+
+Rotating a resource and deleting it publish events (``rotated``, ``deleted``) that every relay
+on the database receives (see :mod:`relay.cluster`); so do relays joining and leaving.
 
 Also the small file helpers every relay module uses: :func:`ensure_state_dir` (mode 0700) and
 :func:`write_private` (atomic, mode 0600), and :func:`state_write_failure`, which tells a full
@@ -24,60 +29,23 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import errno
 import os
 import random
 import secrets
 import socket
-import sqlite3
 import stat
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from .store.database import Database, Subscriber, open_database
+from .store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
+from .store.migrations import SCHEMA_VERSION, migrate
+from .store.settings import StoreSettings
 
 ORG_CUSTOMER_ID = "cus_org"
 ORG_CUSTOMER_NAME = "organization"
-SCHEMA_VERSION = 2
 DEFAULT_PORT_RANGE = (20000, 29999)
 MAX_NAME_LENGTH = 200
-
-_SCHEMA_V1 = """
-CREATE TABLE customers (
-    id          TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    created_at  TEXT NOT NULL
-);
-CREATE TABLE resources (
-    id          TEXT PRIMARY KEY,
-    customer_id TEXT NOT NULL REFERENCES customers(id),
-    name        TEXT NOT NULL,
-    port        INTEGER NOT NULL,
-    generation  INTEGER NOT NULL DEFAULT 0,
-    created_at  TEXT NOT NULL,
-    UNIQUE (customer_id, name),
-    UNIQUE (port)
-);
-CREATE TABLE tokens (
-    jti         TEXT PRIMARY KEY,
-    customer_id TEXT NOT NULL,
-    resource_id TEXT,
-    generation  INTEGER NOT NULL,
-    org_only    INTEGER NOT NULL,
-    issued_at   INTEGER NOT NULL,
-    expires_at  INTEGER NOT NULL
-);
-CREATE INDEX tokens_by_resource ON tokens(resource_id);
-"""
-
-# {now} is the migration time: resources that exist already get a full idle period.
-_SCHEMA_V2 = """
-ALTER TABLE resources ADD COLUMN last_served_at INTEGER;
-UPDATE resources SET last_served_at = {now};
-"""
-
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
-
 
 # --------------------------------------------------------------------------- files
 
@@ -110,27 +78,6 @@ def write_private(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> No
         except FileNotFoundError:
             pass
         raise
-
-
-def state_write_failure(exc: BaseException) -> str | None:
-    """A one-line description when ``exc`` is the state directory refusing a write (full,
-    read-only, I/O error); None for anything else (a bug, worth its traceback)."""
-    if isinstance(exc, sqlite3.OperationalError):
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        if code == 13:  # SQLITE_FULL
-            return "state directory full (no space left for the database)"
-        if code == 8:  # SQLITE_READONLY
-            return "state directory read-only (the database cannot be written)"
-        if code == 10:  # SQLITE_IOERR
-            return "state directory write failed (disk I/O error)"
-    elif isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return "state directory full (no space left on device)"
-        if exc.errno == errno.EROFS:
-            return "state directory read-only"
-        if exc.errno == errno.EIO:
-            return "state directory write failed (I/O error)"
-    return None
 
 
 # --------------------------------------------------------------------------- ids, names
@@ -189,225 +136,227 @@ def allocate_port(host: str, taken: set[int], port_range: tuple[int, int] = DEFA
 # --------------------------------------------------------------------------- the database
 
 
-class RelayState:
-    """Customers, resources and issued tokens in SQLite. Meant for the event-loop thread; every
-    call is a short transaction (a lock makes calls from another thread safe, too)."""
+class LinkRefused(Exception):
+    """An agent link cannot be recorded: its token was revoked or a resource deleted meanwhile.
+    ``code`` is the error code the agent gets (``revoked`` or ``deleted``), ``resource_id``
+    the resource concerned."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.state_dir = self.path.parent
-        ensure_state_dir(self.state_dir)
-        if not self.path.exists():
-            # Create the file with 0600 before SQLite opens it.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+    def __init__(self, code: str, message: str, resource_id: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.resource_id = resource_id
+
+
+_RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at"
+_LINK_COLUMNS = ("customer_id, agent_instance, slot, epoch, relay_id, agent_id, transport, address, version, "
+                 "hostname, connected_at")
+
+
+def _in_list(values: Iterable) -> str:
+    return "(" + ", ".join("?" for _ in values) + ")"
+
+
+class RelayState:
+    """Customers, resources, issued tokens, relays and agent links. Every method is a
+    coroutine that never blocks the event loop; while the database is unreachable they raise
+    :class:`relay.store.errors.StoreUnavailable`."""
+
+    def __init__(self, db: Database, state_dir: str | os.PathLike) -> None:
+        self.db = db
+        self.state_dir = Path(state_dir)
 
     @classmethod
-    def open_dir(cls, state_dir: str | os.PathLike) -> "RelayState":
-        from . import DATABASE_FILE
+    async def open(
+        cls,
+        state_dir: str | os.PathLike,
+        database_url: str | None = None,
+        settings: StoreSettings | None = None,
+    ) -> "RelayState":
+        """Open the database (``<state_dir>/relay.db`` unless ``database_url`` names another)
+        and migrate it to this code's schema. Raise ``StoreUnavailable``, ``SchemaTooNew``."""
+        settings = settings or StoreSettings()
+        db = await open_database(database_url, state_dir, settings)
+        try:
+            await migrate(db, db.description, timeout=settings.db_migration_timeout)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, state_dir)
 
-        return cls(Path(state_dir) / DATABASE_FILE)
+    @classmethod
+    async def open_dir(cls, state_dir: str | os.PathLike) -> "RelayState":
+        """The embedded default: SQLite in ``state_dir``."""
+        return await cls.open(state_dir)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    async def close(self) -> None:
+        await self.db.close()
 
-    def __enter__(self) -> "RelayState":
+    async def ping(self) -> None:
+        """Raise unless the database answers a query (the relay's ``/ready`` check)."""
+        await self.db.fetchval("SELECT 1 FROM customers LIMIT 1")
+
+    async def __aenter__(self) -> "RelayState":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
 
-    def _migrate(self) -> None:
-        with self._lock:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has schema version {version}, newer than this relay's {SCHEMA_VERSION}"
-                )
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    # Another process may have migrated meanwhile.
-                    if self._db.execute("PRAGMA user_version").fetchone()[0] < step:
-                        script = _MIGRATIONS[step].replace("{now}", str(int(time.time())))
-                        for statement in script.split(";"):
-                            if statement.strip():
-                                self._db.execute(statement)
-                        self._db.execute(f"PRAGMA user_version = {step}")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+    @property
+    def available(self) -> bool:
+        return self.db.available
+
+    @property
+    def description(self) -> str:
+        """Where the state lives (a URL without its password)."""
+        return self.db.description
+
+    @property
+    def backend(self) -> str:
+        return self.db.dialect.name
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Call ``callback(event)`` for every state event of every relay on this database."""
+        self.db.subscribe(callback)
 
     # ---- customers
 
-    def create_customer(self, name: str) -> dict:
+    async def create_customer(self, name: str) -> dict:
         name = validate_name(name, "customer name")
         customer = {"id": new_id("cus"), "name": name, "created_at": _now_iso()}
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO customers (id, name, created_at) VALUES (:id, :name, :created_at)", customer
-            )
+        await self.db.execute("INSERT INTO customers (id, name, created_at) VALUES (?, ?, ?)",
+                              customer["id"], customer["name"], customer["created_at"])
         return customer
 
-    def list_customers(self) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute("SELECT id, name, created_at FROM customers ORDER BY rowid")
-            return [dict(row) for row in rows]
+    async def list_customers(self) -> list[dict]:
+        return await self.db.fetch("SELECT id, name, created_at FROM customers ORDER BY {seq}")
 
-    def get_customer(self, customer_id: str) -> dict | None:
+    async def get_customer(self, customer_id: str) -> dict | None:
         """The customer, or ``None``. ``cus_org`` is created on first request."""
         if customer_id == ORG_CUSTOMER_ID:
-            return self.org_customer()
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, name, created_at FROM customers WHERE id = ?", (customer_id,)
-            ).fetchone()
-        return dict(row) if row else None
+            return await self.org_customer()
+        return await self.db.fetchrow("SELECT id, name, created_at FROM customers WHERE id = ?", customer_id)
 
-    def org_customer(self) -> dict:
+    async def org_customer(self) -> dict:
         """The built-in organisation customer, created lazily."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO customers (id, name, created_at) VALUES (?, ?, ?)",
-                (ORG_CUSTOMER_ID, ORG_CUSTOMER_NAME, _now_iso()),
-            )
-            row = self._db.execute(
-                "SELECT id, name, created_at FROM customers WHERE id = ?", (ORG_CUSTOMER_ID,)
-            ).fetchone()
-        return dict(row)
+        await self.db.execute(
+            "INSERT INTO customers (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            ORG_CUSTOMER_ID, ORG_CUSTOMER_NAME, _now_iso(),
+        )
+        return await self.db.fetchrow("SELECT id, name, created_at FROM customers WHERE id = ?", ORG_CUSTOMER_ID)
 
     # ---- resources
 
-    _RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at"
+    async def get_resource(self, resource_id: str) -> dict | None:
+        return await self.db.fetchrow(f"SELECT {_RESOURCE_COLUMNS} FROM resources WHERE id = ?", resource_id)
 
-    def get_resource(self, resource_id: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {self._RESOURCE_COLUMNS} FROM resources WHERE id = ?", (resource_id,)
-            ).fetchone()
-        return dict(row) if row else None
+    async def find_resource(self, customer_id: str, name: str) -> dict | None:
+        return await self.db.fetchrow(
+            f"SELECT {_RESOURCE_COLUMNS} FROM resources WHERE customer_id = ? AND name = ?", customer_id, name
+        )
 
-    def find_resource(self, customer_id: str, name: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {self._RESOURCE_COLUMNS} FROM resources WHERE customer_id = ? AND name = ?",
-                (customer_id, name),
-            ).fetchone()
-        return dict(row) if row else None
+    async def list_resources(self, customer_id: str | None = None) -> list[dict]:
+        if customer_id is None:
+            return await self.db.fetch(f"SELECT {_RESOURCE_COLUMNS} FROM resources ORDER BY {{seq}}")
+        return await self.db.fetch(
+            f"SELECT {_RESOURCE_COLUMNS} FROM resources WHERE customer_id = ? ORDER BY {{seq}}", customer_id
+        )
 
-    def list_resources(self, customer_id: str | None = None) -> list[dict]:
-        with self._lock:
-            if customer_id is None:
-                rows = self._db.execute(
-                    f"SELECT {self._RESOURCE_COLUMNS} FROM resources ORDER BY rowid"
-                )
-            else:
-                rows = self._db.execute(
-                    f"SELECT {self._RESOURCE_COLUMNS} FROM resources WHERE customer_id = ? "
-                    "ORDER BY rowid",
-                    (customer_id,),
-                )
-            return [dict(row) for row in rows]
+    async def resource_generations(self) -> dict[str, int]:
+        """Every resource's current generation (what a relay re-reads after an outage)."""
+        rows = await self.db.fetch("SELECT id, generation FROM resources")
+        return {row["id"]: int(row["generation"]) for row in rows}
 
-    def taken_ports(self) -> set[int]:
-        with self._lock:
-            return {row[0] for row in self._db.execute("SELECT port FROM resources")}
+    async def taken_ports(self) -> set[int]:
+        return {int(row["port"]) for row in await self.db.fetch("SELECT port FROM resources")}
 
-    def get_or_create_resource(
+    async def get_or_create_resource(
         self, customer_id: str, name: str, allocate_port: Callable[[set[int]], int]
     ) -> dict:
         """The customer's resource called ``name``; created with a port from
         ``allocate_port(taken_ports)`` when it does not exist. Raise ``KeyError`` for an
         unknown customer, ``ValueError`` for a bad name."""
         name = validate_name(name, "resource name")
-        existing = self.find_resource(customer_id, name)
+        existing = await self.find_resource(customer_id, name)
         if existing is not None:
             return existing
-        if self.get_customer(customer_id) is None:
+        if await self.get_customer(customer_id) is None:
             raise KeyError(f"unknown customer {customer_id}")
-        with self._lock:
-            taken = self.taken_ports()
-            for _ in range(16):
-                port = int(allocate_port(set(taken)))
-                if port in taken or not 0 < port <= 65535:
-                    raise RuntimeError(f"port allocator returned a taken or invalid port {port}")
-                resource = {
-                    "id": new_id("res"),
-                    "customer_id": customer_id,
-                    "name": name,
-                    "port": port,
-                    "generation": 0,
-                    "created_at": _now_iso(),
-                }
-                try:
-                    self._db.execute(
+        taken = await self.taken_ports()
+        for _ in range(16):
+            port = int(allocate_port(set(taken)))
+            if port in taken or not 0 < port <= 65535:
+                raise RuntimeError(f"port allocator returned a taken or invalid port {port}")
+            resource = {
+                "id": new_id("res"),
+                "customer_id": customer_id,
+                "name": name,
+                "port": port,
+                "generation": 0,
+                "created_at": _now_iso(),
+            }
+            try:
+                # Every relay binds the new resource's endpoint on this event.
+                async with self.db.transaction() as tx:
+                    await tx.execute(
                         "INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
-                        "VALUES (:id, :customer_id, :name, :port, :generation, :created_at)",
-                        resource,
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        resource["id"], customer_id, name, port, 0, resource["created_at"],
                     )
-                    return resource
-                except sqlite3.IntegrityError:
-                    # Another writer (another process on the same file) won the name or port.
-                    existing = self.find_resource(customer_id, name)
-                    if existing is not None:
-                        return existing
-                    taken = self.taken_ports()
-            raise RuntimeError("could not allocate a port for the resource")
+                    await tx.notify({"kind": "resource_created", "resource": resource})
+                return resource
+            except Conflict:
+                # Another writer (another relay or process) won the name or the port.
+                existing = await self.find_resource(customer_id, name)
+                if existing is not None:
+                    return existing
+                taken = await self.taken_ports()
+        raise RuntimeError("could not allocate a port for the resource")
 
-    def delete_resource(self, resource_id: str) -> bool:
-        """Delete the resource; its tokens stay in the audit table. True when it existed."""
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM resources WHERE id = ?", (resource_id,))
-            return cursor.rowcount > 0
+    async def delete_resource(self, resource_id: str) -> bool:
+        """Delete the resource (its tokens stay in the audit table) and tell every relay.
+        True when it existed."""
+        async with self.db.transaction() as tx:
+            deleted = await tx.execute("DELETE FROM resources WHERE id = ?", resource_id)
+            if deleted:
+                await tx.notify({"kind": "deleted", "resource_id": resource_id})
+        return deleted > 0
 
-    def rotate_resource(self, resource_id: str) -> int:
-        """Increment the resource's generation (revoking older tokens); return the new one.
-        Raise ``KeyError`` for an unknown resource."""
-        with self._lock:
-            row = self._db.execute(
-                "UPDATE resources SET generation = generation + 1 WHERE id = ? RETURNING generation",
-                (resource_id,),
-            ).fetchone()
-        if row is None:
-            raise KeyError(f"unknown resource {resource_id}")
-        return int(row[0])
+    async def rotate_resource(self, resource_id: str) -> int:
+        """Increment the resource's generation (revoking older tokens), tell every relay, and
+        return the new generation. Raise ``KeyError`` for an unknown resource."""
+        async with self.db.transaction() as tx:
+            generation = await tx.fetchval(
+                "UPDATE resources SET generation = generation + 1 WHERE id = ? RETURNING generation", resource_id
+            )
+            if generation is None:
+                raise KeyError(f"unknown resource {resource_id}")
+            await tx.notify({"kind": "rotated", "resource_id": resource_id, "generation": int(generation)})
+        return int(generation)
 
-    def count_resources(self, customer_id: str) -> int:
+    async def count_resources(self, customer_id: str) -> int:
         """How many resources ``customer_id`` has (its quota counts them)."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM resources WHERE customer_id = ?",
-                                    (customer_id,)).fetchone()[0]
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM resources WHERE customer_id = ?", customer_id))
 
-    def mark_served(self, resource_ids, at: int) -> None:
+    async def mark_served(self, resource_ids, at: int) -> None:
         """Record that agents served ``resource_ids`` at ``at`` (Unix seconds)."""
         ids = list(resource_ids)
-        with self._lock:
-            self._db.executemany("UPDATE resources SET last_served_at = ? WHERE id = ?",
-                                 [(int(at), rid) for rid in ids])
+        if not ids:
+            return
+        await self.db.execute(f"UPDATE resources SET last_served_at = ? WHERE id IN {_in_list(ids)}", int(at), *ids)
 
-    def idle_resources(self, served_before: int) -> list[dict]:
+    async def idle_resources(self, served_before: int) -> list[dict]:
         """Resources no agent has served since ``served_before`` (Unix seconds; never served:
         since created) and that no token names by id (those are the operator's to delete)."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {self._RESOURCE_COLUMNS} FROM resources r "
-                "WHERE COALESCE(r.last_served_at, CAST(strftime('%s', r.created_at) AS INTEGER)) < ? "
-                "AND NOT EXISTS (SELECT 1 FROM tokens t WHERE t.resource_id = r.id) ORDER BY rowid",
-                (int(served_before),),
-            )
-            return [dict(row) for row in rows]
+        return await self.db.fetch(
+            f"SELECT {_RESOURCE_COLUMNS} FROM resources r "
+            "WHERE COALESCE(r.last_served_at, {iso_epoch:r.created_at}) < ? "
+            "AND NOT EXISTS (SELECT 1 FROM tokens t WHERE t.resource_id = r.id) ORDER BY {seq}",
+            int(served_before),
+        )
 
     # ---- tokens (audit)
 
-    def record_token(
+    async def record_token(
         self,
         jti: str,
         customer_id: str,
@@ -417,24 +366,193 @@ class RelayState:
         issued_at: int,
         expires_at: int,
     ) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO tokens (jti, customer_id, resource_id, generation, org_only, issued_at, "
-                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (jti, customer_id, resource_id, int(generation), int(bool(org_only)), int(issued_at), int(expires_at)),
-            )
+        await self.db.execute(
+            "INSERT INTO tokens (jti, customer_id, resource_id, generation, org_only, issued_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            jti, customer_id, resource_id, int(generation), int(bool(org_only)), int(issued_at), int(expires_at),
+        )
 
-    def list_tokens(self, resource_id: str | None = None) -> list[dict]:
-        with self._lock:
-            if resource_id is None:
-                rows = self._db.execute("SELECT * FROM tokens ORDER BY issued_at, jti")
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM tokens WHERE resource_id = ? ORDER BY issued_at, jti", (resource_id,)
-                )
-            result = []
+    async def list_tokens(self, resource_id: str | None = None) -> list[dict]:
+        if resource_id is None:
+            rows = await self.db.fetch("SELECT * FROM tokens ORDER BY issued_at, jti")
+        else:
+            rows = await self.db.fetch("SELECT * FROM tokens WHERE resource_id = ? ORDER BY issued_at, jti",
+                                       resource_id)
+        for row in rows:
+            row["org_only"] = bool(row["org_only"])
+        return rows
+
+    # ---- relays (membership)
+
+    async def join_relay(self, relay_id: str, advertise_url: str, version: str, peer_address: str = "",
+                         draining: bool = False) -> None:
+        """Add (or renew) this relay's row and tell the others."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO relays (id, advertise_url, version, started_at, heartbeat_at, peer_address, draining) "
+                "VALUES (?, ?, ?, {now}, {now}, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "advertise_url = excluded.advertise_url, heartbeat_at = excluded.heartbeat_at, "
+                "peer_address = excluded.peer_address, draining = excluded.draining",
+                relay_id, advertise_url, version, peer_address, int(draining),
+            )
+            await tx.notify({"kind": "relay_joined", "relay_id": relay_id, "advertise_url": advertise_url})
+
+    async def set_draining(self, relay_id: str) -> None:
+        """Mark this relay as draining (no new agents; peers forward to it last) and tell the others."""
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE relays SET draining = 1 WHERE id = ?", relay_id)
+            await tx.notify({"kind": "relay_draining", "relay_id": relay_id})
+
+    async def heartbeat(self, relay_id: str) -> bool:
+        """Refresh this relay's row; False when it is gone (expired by the others)."""
+        return await self.db.execute("UPDATE relays SET heartbeat_at = {now} WHERE id = ?", relay_id) > 0
+
+    async def expire_relays(self, ttl: float) -> list[str]:
+        """Remove relays (and their agent links) silent for more than ``ttl`` seconds."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch("DELETE FROM relays WHERE heartbeat_at < {now} - ? RETURNING id", float(ttl))
             for row in rows:
-                item = dict(row)
-                item["org_only"] = bool(item["org_only"])
-                result.append(item)
-            return result
+                await tx.notify({"kind": "relay_left", "relay_id": row["id"], "expired": True})
+        return [row["id"] for row in rows]
+
+    async def leave_relay(self, relay_id: str) -> None:
+        """Remove this relay's row and its agent links (a clean stop) and tell the others."""
+        async with self.db.transaction() as tx:
+            if await tx.execute("DELETE FROM relays WHERE id = ?", relay_id):
+                await tx.notify({"kind": "relay_left", "relay_id": relay_id, "expired": False})
+
+    async def list_relays(self) -> list[dict]:
+        """Every relay with ``heartbeat_age`` (seconds, by the database's clock) and its
+        number of agent ``links``."""
+        return await self.db.fetch(
+            "SELECT r.id, r.advertise_url, r.version, r.started_at, r.heartbeat_at, r.draining, r.peer_address, "
+            "{now} - r.heartbeat_at AS heartbeat_age, "
+            "(SELECT COUNT(*) FROM agent_links l WHERE l.relay_id = r.id) AS links "
+            "FROM relays r ORDER BY r.started_at, r.id"
+        )
+
+    # ---- agent links
+
+    async def add_link(self, link: dict, resource_ids: list[str], token_generation: int) -> int:
+        """Record a new agent link (``link`` has the ``agent_links`` columns but ``epoch``)
+        serving ``resource_ids``; return its epoch, higher than any before it. Raise
+        :class:`LinkRefused` when a resource is gone or rotated past ``token_generation``
+        (checked in the same transaction, so a rotation cannot slip in between)."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(f"SELECT id, generation FROM resources WHERE id IN {_in_list(resource_ids)}",
+                                  *resource_ids)
+            generations = {row["id"]: int(row["generation"]) for row in rows}
+            for resource_id in resource_ids:
+                if resource_id not in generations:
+                    raise LinkRefused("deleted", "resource deleted", resource_id)
+                if generations[resource_id] > token_generation:
+                    raise LinkRefused("revoked", "registration token revoked", resource_id)
+            epoch = int(await tx.fetchval("{next_epoch}"))
+            await self._put_link(tx, {**link, "epoch": epoch}, resource_ids)
+        return epoch
+
+    async def restore_link(self, link: dict, resource_ids: list[str]) -> bool:
+        """Write ``link`` again at its own epoch (after an outage), unless a link of the same
+        agent slot with a higher epoch is recorded meanwhile. True when written."""
+        async with self.db.transaction() as tx:
+            return await self._put_link(tx, link, resource_ids)
+
+    @staticmethod
+    async def _put_link(tx, link: dict, resource_ids: list[str]) -> bool:
+        columns = [c.strip() for c in _LINK_COLUMNS.split(",")]
+        changed = await tx.execute(
+            f"INSERT INTO agent_links ({_LINK_COLUMNS}) VALUES {_in_list(columns)} "
+            "ON CONFLICT (customer_id, agent_instance, slot) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns[3:])
+            + " WHERE agent_links.epoch < excluded.epoch",
+            *[link[c] for c in columns],
+        )
+        if not changed:
+            return False
+        key = (link["customer_id"], link["agent_instance"], link["slot"])
+        await tx.execute("DELETE FROM agent_link_resources WHERE customer_id = ? AND agent_instance = ? AND slot = ?",
+                         *key)
+        for resource_id in resource_ids:
+            # A resource deleted meanwhile is simply not linked.
+            await tx.execute(
+                "INSERT INTO agent_link_resources (customer_id, agent_instance, slot, resource_id) "
+                "SELECT ?, ?, ?, id FROM resources WHERE id = ?", *key, resource_id,
+            )
+        return True
+
+    async def holders(self, resource_id: str, ttl: float) -> list[dict]:
+        """The relays holding an agent link of ``resource_id``, heard from within ``ttl``
+        seconds: ``relay_id``, ``peer_address``, ``draining``, ``epoch`` (the newest link's),
+        the relays not draining first, then newest epoch first (a stale row never wins over
+        a newer one)."""
+        rows = await self.db.fetch(
+            "SELECT l.relay_id, r.peer_address, r.draining, MAX(l.epoch) AS epoch "
+            "FROM agent_link_resources lr JOIN agent_links l ON l.customer_id = lr.customer_id "
+            "AND l.agent_instance = lr.agent_instance AND l.slot = lr.slot "
+            "JOIN relays r ON r.id = l.relay_id "
+            "WHERE lr.resource_id = ? AND r.heartbeat_at > {now} - ? "
+            "GROUP BY l.relay_id, r.peer_address, r.draining ORDER BY r.draining, MAX(l.epoch) DESC",
+            resource_id, float(ttl),
+        )
+        for row in rows:
+            row["draining"] = bool(row["draining"])
+            row["epoch"] = int(row["epoch"])
+        return rows
+
+    async def link_counts(self, ttl: float) -> dict[str, int]:
+        """Agent links per resource on relays heard from within ``ttl`` seconds."""
+        rows = await self.db.fetch(
+            "SELECT lr.resource_id, COUNT(*) AS n FROM agent_link_resources lr "
+            "JOIN agent_links l ON l.customer_id = lr.customer_id AND l.agent_instance = lr.agent_instance "
+            "AND l.slot = lr.slot JOIN relays r ON r.id = l.relay_id "
+            "WHERE r.heartbeat_at > {now} - ? GROUP BY lr.resource_id", float(ttl),
+        )
+        return {row["resource_id"]: int(row["n"]) for row in rows}
+
+    async def remove_link(self, customer_id: str, agent_instance: str, slot: int, epoch: int) -> bool:
+        """Remove the link row only if it is still the one at ``epoch`` (a newer link of the
+        same agent slot, on any relay, stays)."""
+        return await self.db.execute(
+            "DELETE FROM agent_links WHERE customer_id = ? AND agent_instance = ? AND slot = ? AND epoch = ?",
+            customer_id, agent_instance, int(slot), int(epoch),
+        ) > 0
+
+    async def list_links(self, relay_id: str | None = None) -> list[dict]:
+        """Agent links (all, or one relay's), newest epoch first, each with the relay's
+        ``advertise_url`` and the ``resources`` it serves."""
+        where, args = ("WHERE l.relay_id = ?", (relay_id,)) if relay_id else ("", ())
+        links = await self.db.fetch(
+            f"SELECT {', '.join('l.' + c.strip() for c in _LINK_COLUMNS.split(','))}, r.advertise_url "
+            f"FROM agent_links l JOIN relays r ON r.id = l.relay_id {where} ORDER BY l.epoch DESC", *args
+        )
+        served = await self.db.fetch(
+            "SELECT lr.customer_id, lr.agent_instance, lr.slot, lr.resource_id FROM agent_link_resources lr "
+            + ("JOIN agent_links l ON l.customer_id = lr.customer_id AND l.agent_instance = lr.agent_instance "
+               "AND l.slot = lr.slot WHERE l.relay_id = ?" if relay_id else ""), *args
+        )
+        by_key: dict[tuple, list[str]] = {}
+        for row in served:
+            by_key.setdefault((row["customer_id"], row["agent_instance"], row["slot"]), []).append(row["resource_id"])
+        for link in links:
+            link["resources"] = sorted(by_key.get((link["customer_id"], link["agent_instance"], link["slot"]), []))
+        return links
+
+
+__all__ = [
+    "DEFAULT_PORT_RANGE",
+    "ORG_CUSTOMER_ID",
+    "ORG_CUSTOMER_NAME",
+    "SCHEMA_VERSION",
+    "Conflict",
+    "LinkRefused",
+    "RelayState",
+    "StateWriteFailed",
+    "StoreSettings",
+    "StoreUnavailable",
+    "allocate_port",
+    "ensure_state_dir",
+    "new_id",
+    "state_write_failure",
+    "validate_name",
+    "write_private",
+]

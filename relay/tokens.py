@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import jwt
@@ -247,25 +247,27 @@ def _claims_from_payload(payload: dict) -> Claims:
     )
 
 
-def check_against_state(
+async def check_against_state(
     claims: Claims,
     state: RelayState,
     resource_name: str,
     allocate: Callable[[set[int]], int] | None = None,
-    before_create: Callable[[str], None] | None = None,
+    before_create: Callable[[str], Awaitable[None]] | None = None,
     *,
     create: bool = True,
 ) -> dict | None:
     """The resource ``resource_name`` that the verified ``claims`` may serve; created (port
     from ``allocate(taken_ports)``, default: a free port on 127.0.0.1) when the token is
-    customer-wide and the customer has no such resource yet, after ``before_create(customer_id)``
-    (which may raise, e.g. over quota). With ``create=False`` such a resource is not created
-    and the answer is None (a check-only registration). Raise :class:`AuthError`."""
+    customer-wide and the customer has no such resource yet, after ``await
+    before_create(customer_id)`` (which may raise, e.g. over quota). With ``create=False`` such
+    a resource is not created and the answer is None (a check-only registration). Raise
+    :class:`AuthError` (and :class:`relay.store.errors.StoreUnavailable` while the state
+    database is away)."""
     customer_id = ORG_CUSTOMER_ID if claims.org_only else claims.customer_id
-    if state.get_customer(customer_id) is None:
+    if await state.get_customer(customer_id) is None:
         raise AuthError("registration token's customer does not exist")
     if claims.resource_id is not None:
-        resource = state.get_resource(claims.resource_id)
+        resource = await state.get_resource(claims.resource_id)
         if resource is None or resource["customer_id"] != customer_id:
             raise AuthError("registration token's resource does not exist")
         if resource["name"] != resource_name:
@@ -273,7 +275,7 @@ def check_against_state(
         if claims.generation < resource["generation"]:
             raise AuthError("registration token revoked")
         return resource
-    resource = state.find_resource(customer_id, resource_name)
+    resource = await state.find_resource(customer_id, resource_name)
     if resource is not None:
         if claims.generation < resource["generation"]:
             raise AuthError("registration token revoked")
@@ -281,11 +283,11 @@ def check_against_state(
     if not create:
         return None
     if before_create is not None:
-        before_create(customer_id)
+        await before_create(customer_id)
     if allocate is None:
         allocate = lambda taken: allocate_port("127.0.0.1", taken)  # noqa: E731
     try:
-        return state.get_or_create_resource(customer_id, resource_name, allocate)
+        return await state.get_or_create_resource(customer_id, resource_name, allocate)
     except ValueError as exc:
         raise AuthError(str(exc), code="bad_request") from None
 

@@ -21,7 +21,7 @@ PYINSTALLER_VERSION="6.22.3"
 WORK="build/agent-binary"
 
 key=$( { cat "$0"; echo "$PYINSTALLER_VERSION"; "$PYTHON" -c 'import sys; print(sys.version)';
-         find agent tunnel -name '*.py' -o -name '*.pyi' | LC_ALL=C sort | xargs cat;
+         find agent tunnel -name '*.py' -o -name '*.pyi' -o -name '*.pxd' | LC_ALL=C sort | xargs cat;
          cat _frames.pyx tunnel/ops/_malloc.c setup.py pyproject.toml; } | sha256sum | cut -d' ' -f1)
 if [ -x "$OUT" ] && [ "$(cat "$OUT.sha256" 2>/dev/null)" = "$key" ]; then
   echo "$OUT is up to date (sources $key)"

@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# postgresql: the tests start their own server from its binaries (/usr/lib/postgresql/*/bin),
+# as the package's "postgres" user when run as root (runuser, from util-linux).
+# haproxy: the TCP load balancer of the cluster deployment example (deploy/cluster), which
+# tests/e2e/test_deploy_cluster.py runs in front of three relays.
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
               redis-server redis-tools wrk curl iptables iproute2 procps tinyproxy
-              systemd)
+              systemd util-linux prometheus gcc libc6-dev haproxy)
 missing=()
 [ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
 for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do
@@ -19,7 +23,7 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The tests start their own servers on private ports; keep the packaged ones from squatting.
-  for svc in nginx postgresql redis-server ssh tinyproxy; do
+  for svc in nginx postgresql redis-server ssh tinyproxy prometheus; do
     $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi

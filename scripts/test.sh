@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Set up (idempotently) and run the whole test suite, as CI does. Without arguments the unit
-# tests also run against the pure-Python twin of the codec (TUNNEL_PURE_PYTHON=1, about 10 s);
-# arguments (test paths, pytest options) select what runs, once, with the compiled codec.
+# Set up (idempotently) and run the whole test suite, as CI does. Without arguments the unit,
+# adapter and Link contract tests also run on the pure-Python twins of the compiled modules
+# (TUNNEL_PURE_PYTHON=1: the codec, the session, the WebSocket carrier, the link, the bridge;
+# about 45 s; the QUIC adapter tests touch none of them but the shared policy, which the
+# contract suite covers); arguments (test paths, pytest options) select what runs, once,
+# compiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if (($# == 0)); then
-  TUNNEL_PURE_PYTHON=1 python3 -m pytest -q -ra tests/unit
+  TUNNEL_PURE_PYTHON=1 python3 -m pytest -q -ra tests/unit tests/adapters tests/contract --ignore=tests/unit/relay \
+    --ignore=tests/adapters/test_quic.py
 fi
 exec python3 -m pytest -q -ra "$@" tests

@@ -1,7 +1,7 @@
 """Load clients: 64-byte round trips, connection rate, 1,000 concurrent streams, iperf3, wrk.
 
-All of them connect to a loopback ``host:port`` (the endpoint a system gives) and are bounded
-in count and in time.
+All of them connect to the ``host:port`` a system gives (loopback unless told otherwise) and
+are bounded in count and in time.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _connect(port: int, timeout: float = 5.0) -> socket.socket:
-    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
+def _connect(port: int, timeout: float = 5.0, host: str = LOOPBACK) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
@@ -55,9 +55,11 @@ class RttResult:
     count: int
 
 
-def round_trips(port: int, count: int, warmup: int = 200, max_seconds: float = 30.0) -> RttResult:
-    """``count`` sequential 64-byte round trips on one connection (after ``warmup`` ones)."""
-    s = _connect(port)
+def round_trips(port: int, count: int, warmup: int = 200, max_seconds: float = 30.0,
+                host: str = LOOPBACK) -> RttResult:
+    """``count`` sequential 64-byte round trips on one connection (after ``warmup`` ones),
+    fewer when ``max_seconds`` runs out first."""
+    s = _connect(port, timeout=max(5.0, max_seconds), host=host)
     samples: list[float] = []
     deadline = time.monotonic() + max_seconds
     try:
@@ -233,28 +235,48 @@ class IperfResult:
 
 
 def iperf3(reg: ProcessRegistry, port: int, seconds: float, parallel: int = 1,
-           reverse: bool = False, name: str = "iperf3-client") -> IperfResult:
-    argv = [IPERF3, "-c", LOOPBACK, "-p", str(port), "-t", str(seconds), "-J",
+           reverse: bool = False, name: str = "iperf3-client", host: str = LOOPBACK,
+           netns: str | None = None) -> IperfResult:
+    """``iperf3 -c host -p port -t seconds -J`` (inside ``netns`` when given)."""
+    argv = iperf3_argv(port, seconds, parallel, reverse, host)
+    # Through a tunnel the server may still be closing the previous test when the next
+    # client arrives ("the server is busy running a test"): retry for a few seconds.
+    deadline = time.monotonic() + 15
+    while True:
+        cp = reg.run(argv, name, timeout=seconds + 40, netns=netns)
+        try:
+            return parse_iperf3(cp.stdout, cp.stderr, cp.returncode)
+        except IperfBusy:
+            if time.monotonic() > deadline:
+                raise HarnessError("iperf3: the server stayed busy") from None
+            time.sleep(0.5)
+
+
+def iperf3_argv(port: int, seconds: float, parallel: int = 1, reverse: bool = False,
+                host: str = LOOPBACK) -> list[str]:
+    argv = [IPERF3, "-c", host, "-p", str(port), "-t", str(seconds), "-J",
             "--connect-timeout", "5000"]
     if parallel > 1:
         argv += ["-P", str(parallel)]
     if reverse:
         argv += ["-R"]
-    # Through a tunnel the server may still be closing the previous test when the next
-    # client arrives ("the server is busy running a test"): retry for a few seconds.
-    deadline = time.monotonic() + 15
-    while True:
-        cp = reg.run(argv, name, timeout=seconds + 40)
-        try:
-            data = json.loads(cp.stdout)
-        except json.JSONDecodeError:
-            raise HarnessError(f"iperf3 gave no JSON (rc={cp.returncode}): "
-                               f"{(cp.stdout + cp.stderr)[-400:]}") from None
-        err = data.get("error")
-        if err and "busy" in err and time.monotonic() < deadline:
-            time.sleep(0.5)
-            continue
-        break
+    return argv
+
+
+class IperfBusy(HarnessError):
+    """The iperf3 server was still busy with the previous test."""
+
+
+def parse_iperf3(stdout: str, stderr: str = "", returncode: int = 0) -> IperfResult:
+    """The receiver-side result of ``iperf3 -J`` output."""
+    try:
+        data = json.loads(stdout)
+    except json.JSONDecodeError:
+        raise HarnessError(f"iperf3 gave no JSON (rc={returncode}): "
+                           f"{(stdout + stderr)[-400:]}") from None
+    err = data.get("error")
+    if err and "busy" in err:
+        raise IperfBusy(err)
     if err:
         raise HarnessError(f"iperf3: {err}")
     end = data.get("end", {})
@@ -263,7 +285,7 @@ def iperf3(reg: ProcessRegistry, port: int, seconds: float, parallel: int = 1,
     if not recv:
         raise HarnessError("iperf3 JSON lacks end.sum_received")
     return IperfResult(float(recv["bits_per_second"]), int(recv["bytes"]),
-                       float(recv.get("seconds", seconds)), sent.get("retransmits"))
+                       float(recv.get("seconds", 0.0)), sent.get("retransmits"))
 
 
 @dataclass

@@ -57,9 +57,16 @@ def _rows(text: str) -> list[dict]:
 
 
 class OurRelay:
-    def __init__(self, reg: ProcessRegistry, state_dir: Path) -> None:
+    """A relay listening for agents on ``host`` (inside network namespace ``netns`` when
+    given; its admin API and resource endpoints stay on that namespace's loopback)."""
+
+    def __init__(self, reg: ProcessRegistry, state_dir: Path, host: str = LOOPBACK,
+                 netns: str | None = None) -> None:
         self.reg = reg
         self.state = Path(state_dir)
+        self.host = host
+        self.netns = netns
+        self._agents = 0
         self.port = 0
         self.admin_port = 0
         self.proc: subprocess.Popen | None = None
@@ -68,7 +75,8 @@ class OurRelay:
 
     def cmd(self, *args: str, timeout: float = 30.0) -> str:
         cp = self.reg.run(tool("tunnel-relay") + ["--state-dir", str(self.state), *args],
-                          f"relay-{args[0]}", timeout=timeout, env=self.env, cwd=REPO)
+                          f"relay-{args[0]}", timeout=timeout, env=self.env, cwd=REPO,
+                          netns=self.netns)
         if cp.returncode != 0:
             raise HarnessError(f"tunnel-relay {' '.join(args[:2])} failed (exit {cp.returncode}): "
                                f"{cp.stderr.strip()[-300:]}")
@@ -80,14 +88,14 @@ class OurRelay:
         self.admin_port = free_port()
         self.proc = self.reg.spawn(
             tool("tunnel-relay") + ["serve", "--state-dir", str(self.state),
-                                    "--listen", f"{LOOPBACK}:{self.port}",
+                                    "--listen", f"{self.host}:{self.port}",
                                     "--admin-listen", f"{LOOPBACK}:{self.admin_port}",
                                     "--service-host", LOOPBACK],
-            "relay", env=self.env, cwd=REPO)
+            "relay", env=self.env, cwd=REPO, netns=self.netns)
         alive = lambda: self.proc.poll() is None  # noqa: E731
         try:
             wait_until(lambda: (self.state / "admin.json").exists(), 30, "relay admin.json", alive)
-            wait_listening(self.port, 30, self.proc, "relay agent port")
+            wait_listening(self.port, 30, self.proc, "relay agent port", netns=self.netns)
 
             def listed() -> bool:
                 try:
@@ -109,37 +117,55 @@ class OurRelay:
         out = self.cmd("resources", "registration-jwt", "--customer-id", self.customer)
         return out.split()[-1]
 
-    def resource(self, name: str) -> dict | None:
-        for row in _rows(self.cmd("resources", "list", "--output", "json")):
-            if row.get("name") == name and row.get("customer_id", self.customer) == self.customer:
-                return row
-        return None
-
-    def expose(self, name: str, service_port: int, transport: str,
-               via_port: int | None = None) -> tuple[int, subprocess.Popen]:
+    def expose(self, name: str, service_port: int, transport: str) -> tuple[int, subprocess.Popen]:
         """Start an agent serving ``127.0.0.1:service_port`` as resource ``name``; return the
         endpoint port and the agent process once the resource is AVAILABLE."""
-        env = dict(self.env, RELAY_URL=f"{transport}://{LOOPBACK}:{via_port or self.port}",
-                   RELAY_CA_FILE=str(self.state / "ca.pem"), NAME=name, APP_HOST=LOOPBACK,
-                   APP_PORT=str(service_port), REGISTRATION_JWT=self.registration_jwt())
-        proc = self.reg.spawn(tool("tunnel-agent"), f"agent-{name}", env=env, cwd=REPO)
+        ports, proc = self.expose_many({name: service_port}, transport)
+        return ports[name], proc
 
-        def available() -> dict | None:
-            row = self.resource(name)
-            return row if row and row.get("status") == "AVAILABLE" else None
+    def expose_many(self, services: dict[str, int], transport: str,
+                    agent_netns: str | None = None) -> tuple[dict[str, int], subprocess.Popen]:
+        """Start one agent (inside ``agent_netns`` when given) serving each
+        ``name -> 127.0.0.1:port`` over one link (a config file when there are several);
+        return the endpoint port of each name and the agent process once all are AVAILABLE."""
+        self._agents += 1
+        env = dict(self.env, RELAY_URL=f"{transport}://{self.host}:{self.port}",
+                   RELAY_CA_FILE=str(self.state / "ca.pem"),
+                   REGISTRATION_JWT=self.registration_jwt())
+        if len(services) == 1:
+            [(name, port)] = services.items()
+            env.update(NAME=name, APP_HOST=LOOPBACK, APP_PORT=str(port))
+        else:
+            conf = self.state.parent / f"agent-{self._agents}.toml"
+            conf.write_text("".join(f'[[resources]]\nname = "{name}"\nhost = "{LOOPBACK}"\n'
+                                    f"port = {port}\n" for name, port in services.items()))
+            env["AGENT_CONFIG_FILE"] = str(conf)
+        label = "-".join(services)
+        proc = self.reg.spawn(tool("tunnel-agent"), f"agent-{label}", env=env, cwd=REPO,
+                              netns=agent_netns)
+
+        def available() -> dict[str, dict] | None:
+            rows = {row.get("name"): row for row in _rows(self.cmd("resources", "list", "--output", "json"))
+                    if row.get("customer_id", self.customer) == self.customer}
+            if all(rows.get(n, {}).get("status") == "AVAILABLE" for n in services):
+                return rows
+            return None
         try:
-            row = wait_until(available, 45, f"resource {name} AVAILABLE",
-                             lambda: proc.poll() is None, interval=0.2)
+            rows = wait_until(available, 45, f"resources {label} AVAILABLE",
+                              lambda: proc.poll() is None, interval=0.2)
         except HarnessError as e:
             self.reg.stop(proc)
             tail = log_tail(proc)
             last = tail.strip().splitlines()[-1:] or [""]
             raise HarnessError(f"{e} (agent: {last[0][:200]})\n{tail}") from None
-        host, _, port = str(row["endpoint"]).rpartition(":")
-        if host not in ("127.0.0.1", "localhost", ""):
-            self.reg.stop(proc)
-            raise HarnessError(f"endpoint {row['endpoint']} is not on loopback")
-        return int(port), proc
+        ports = {}
+        for name in services:
+            host, _, port = str(rows[name]["endpoint"]).rpartition(":")
+            if host not in ("127.0.0.1", "localhost", ""):
+                self.reg.stop(proc)
+                raise HarnessError(f"endpoint {rows[name]['endpoint']} is not on loopback")
+            ports[name] = int(port)
+        return ports, proc
 
     def stop(self) -> None:
         if self.proc is not None:

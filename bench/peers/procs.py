@@ -50,8 +50,9 @@ def free_port(kind: int = socket.SOCK_STREAM, both: bool = False) -> int:
 
 
 def _listening_ports() -> set[int]:
+    # thread-self: the calling thread's network namespace (see bench.wan.netns.call_in).
     ports: set[int] = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for name in ("/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"):
         try:
             lines = Path(name).read_text().splitlines()[1:]
         except OSError:
@@ -63,9 +64,13 @@ def _listening_ports() -> set[int]:
     return ports
 
 
-def is_listening(port: int) -> bool:
-    """True when some socket listens on TCP ``port`` (checked without connecting)."""
-    return port in _listening_ports()
+def is_listening(port: int, netns: str | None = None) -> bool:
+    """True when some socket listens on TCP ``port`` (checked without connecting), in the
+    network namespace ``netns`` (None: this one)."""
+    if netns is None:
+        return port in _listening_ports()
+    from bench.wan.netns import call_in
+    return port in call_in(netns, _listening_ports)
 
 
 def wait_until(cond: Callable[[], object], timeout: float, what: str,
@@ -84,9 +89,10 @@ def wait_until(cond: Callable[[], object], timeout: float, what: str,
 
 
 def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None,
-                   what: str = "") -> None:
+                   what: str = "", netns: str | None = None) -> None:
     alive = (lambda: proc.poll() is None) if proc is not None else None
-    wait_until(lambda: is_listening(port), timeout, what or f"port {port} to listen", alive)
+    wait_until(lambda: is_listening(port, netns), timeout, what or f"port {port} to listen", alive,
+               interval=0.05 if netns else 0.02)
 
 
 def raise_fd_limit() -> None:
@@ -118,8 +124,13 @@ class ProcessRegistry:
         self._n = 0
 
     def spawn(self, argv: Sequence[str], name: str, env: dict[str, str] | None = None,
-              cwd: Path | str | None = None, capture: bool = False) -> subprocess.Popen:
-        """Start ``argv``; stdout/stderr go to a log file (or a pipe when ``capture``)."""
+              cwd: Path | str | None = None, capture: bool = False,
+              netns: str | None = None) -> subprocess.Popen:
+        """Start ``argv`` (inside network namespace ``netns`` when given, by ``ip netns exec``,
+        which execs it: the pid is the command's); stdout/stderr go to a log file (or a pipe
+        when ``capture``)."""
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
         self._n += 1
         log = self.log_dir / f"{self._n:03d}-{name}.log"
         out = subprocess.PIPE if capture else open(log, "wb")
@@ -136,9 +147,9 @@ class ProcessRegistry:
         return proc
 
     def run(self, argv: Sequence[str], name: str, timeout: float, env: dict[str, str] | None = None,
-            cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+            cwd: Path | str | None = None, netns: str | None = None) -> subprocess.CompletedProcess:
         """Run ``argv`` to completion (bounded by ``timeout``) and capture its output."""
-        proc = self.spawn(argv, name, env=env, cwd=cwd, capture=True)
+        proc = self.spawn(argv, name, env=env, cwd=cwd, capture=True, netns=netns)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -1,4 +1,5 @@
-"""The private services every system exposes: echo, iperf3 server, nginx (static file)."""
+"""The private services every system exposes: echo, iperf3 server, nginx (static file), and
+the bulk upload/download service of the pytest-benchmark cases."""
 
 from __future__ import annotations
 
@@ -30,18 +31,31 @@ class Services:
                                   ("http", self.http)) if v}
 
 
-def start_echo(reg: ProcessRegistry) -> tuple[int, subprocess.Popen]:
+def start_echo(reg: ProcessRegistry, host: str = LOOPBACK,
+               netns: str | None = None) -> tuple[int, subprocess.Popen]:
+    """The echo server on ``host`` (inside network namespace ``netns`` when given)."""
     port = free_port()
-    p = reg.spawn([python(), "-m", "bench.peers.echo", "--port", str(port)], "echo",
-                  env=python_env(), cwd=REPO)
-    wait_listening(port, 15, p, "echo server")
+    p = reg.spawn([python(), "-m", "bench.peers.echo", "--host", host, "--port", str(port)],
+                  "echo", env=python_env(), cwd=REPO, netns=netns)
+    wait_listening(port, 15, p, "echo server", netns=netns)
     return port, p
 
 
-def start_iperf(reg: ProcessRegistry) -> tuple[int, subprocess.Popen]:
+def start_bulk(reg: ProcessRegistry, host: str = LOOPBACK) -> tuple[int, subprocess.Popen]:
+    """The bulk upload/download service (:mod:`bench.peers.bulk`) on ``host``."""
     port = free_port()
-    p = reg.spawn([IPERF3, "-s", "-B", LOOPBACK, "-p", str(port)], "iperf3-server")
-    wait_listening(port, 10, p, "iperf3 server")
+    p = reg.spawn([python(), "-m", "bench.peers.bulk", "--host", host, "--port", str(port)],
+                  "bulk", env=python_env(), cwd=REPO)
+    wait_listening(port, 15, p, "bulk service")
+    return port, p
+
+
+def start_iperf(reg: ProcessRegistry, host: str = LOOPBACK,
+                netns: str | None = None) -> tuple[int, subprocess.Popen]:
+    """``iperf3 -s`` on ``host`` (inside network namespace ``netns`` when given)."""
+    port = free_port()
+    p = reg.spawn([IPERF3, "-s", "-B", host, "-p", str(port)], "iperf3-server", netns=netns)
+    wait_listening(port, 10, p, "iperf3 server", netns=netns)
     return port, p
 
 

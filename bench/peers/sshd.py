@@ -1,10 +1,12 @@
-"""A private OpenSSH server on loopback and ``ssh -R`` clients (the agent-equivalent).
+"""A private OpenSSH server and ``ssh -R`` clients (the agent-equivalent).
 
 :class:`PrivateSshd` makes a temporary host key and user key in its own directory and runs
-``sshd -D -e -f <cfg>`` on a free loopback port with a config of its own (no PAM, key-only
-root login, TCP forwarding on, GatewayPorts off). :meth:`PrivateSshd.forward` starts
-``ssh -N -R 127.0.0.1:FWD:127.0.0.1:SERVICE`` as the agent-equivalent and waits until the
-remote listener exists; the forwarded port is the endpoint the integration worker uses.
+``sshd -D -e -f <cfg>`` on a free port of ``host`` (loopback by default; inside a network
+namespace when given) with a config of its own (no PAM, key-only root login, TCP forwarding
+on, GatewayPorts off). :meth:`PrivateSshd.forward` starts ``ssh -N -R
+127.0.0.1:FWD:127.0.0.1:SERVICE`` (one ``-R`` per service, all on one connection) as the
+agent-equivalent and waits until the remote listeners exist; the forwarded ports, on sshd's
+loopback, are the endpoints the integration worker uses.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 
 SSHD_CONFIG = """\
 Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {host}
 HostKey {dir}/host_ed25519
 PidFile {dir}/sshd.pid
 AuthorizedKeysFile {dir}/authorized_keys
@@ -53,9 +55,12 @@ def ssh_available() -> str | None:
 
 
 class PrivateSshd:
-    def __init__(self, reg: ProcessRegistry, directory: Path) -> None:
+    def __init__(self, reg: ProcessRegistry, directory: Path, host: str = LOOPBACK,
+                 netns: str | None = None) -> None:
         self.reg = reg
         self.dir = Path(directory)
+        self.host = host
+        self.netns = netns
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.key = self.dir / "user_ed25519"
@@ -75,39 +80,47 @@ class PrivateSshd:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.port = free_port()
         cfg = self.dir / "sshd_config"
-        cfg.write_text(SSHD_CONFIG.format(port=self.port, dir=self.dir))
-        self.proc = self.reg.spawn([SSHD, "-D", "-e", "-f", str(cfg)], "sshd")
+        cfg.write_text(SSHD_CONFIG.format(port=self.port, dir=self.dir, host=self.host))
+        self.proc = self.reg.spawn([SSHD, "-D", "-e", "-f", str(cfg)], "sshd", netns=self.netns)
         try:
-            wait_listening(self.port, 10, self.proc, "sshd")
+            wait_listening(self.port, 10, self.proc, "sshd", netns=self.netns)
         except HarnessError as e:
             raise HarnessError(f"{e}\n{log_tail(self.proc)}") from None
         return self.port
 
-    def client_argv(self, fwd_port: int, service_port: int, cipher: str | None = None,
-                    via_port: int | None = None) -> list[str]:
-        """``ssh -N -R`` argv; ``via_port`` dials sshd through another port (delay proxy)."""
+    def client_argv(self, forwards: list[tuple[int, int]], cipher: str | None = None) -> list[str]:
+        """``ssh -N`` argv with one ``-R 127.0.0.1:FWD:127.0.0.1:SERVICE`` per pair."""
         argv = [SSH, "-N", "-F", "/dev/null",
                 "-o", "ExitOnForwardFailure=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                 "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
                 "-o", "ServerAliveInterval=30",
-                "-i", str(self.key), "-p", str(via_port or self.port)]
+                "-i", str(self.key), "-p", str(self.port)]
         if cipher:
             argv += ["-c", cipher]
-        argv += ["-R", f"{LOOPBACK}:{fwd_port}:{LOOPBACK}:{service_port}", f"root@{LOOPBACK}"]
-        return argv
+        for fwd, service in forwards:
+            argv += ["-R", f"{LOOPBACK}:{fwd}:{LOOPBACK}:{service}"]
+        return argv + [f"root@{self.host}"]
 
-    def forward(self, service_port: int, cipher: str | None = None, via_port: int | None = None,
+    def forward(self, service_port: int, cipher: str | None = None,
                 name: str = "ssh") -> tuple[int, subprocess.Popen]:
         """Start an ``ssh -R`` client; return (endpoint port, client process)."""
-        fwd = free_port()
-        proc = self.reg.spawn(self.client_argv(fwd, service_port, cipher, via_port), name)
+        ports, proc = self.forward_many([service_port], cipher, name)
+        return ports[0], proc
+
+    def forward_many(self, service_ports: list[int], cipher: str | None = None, name: str = "ssh",
+                     netns: str | None = None) -> tuple[list[int], subprocess.Popen]:
+        """One ``ssh -R`` client (inside ``netns`` when given) forwarding every service over
+        one connection; return (endpoint ports in the same order, client process)."""
+        forwards = [(free_port(), svc) for svc in service_ports]
+        proc = self.reg.spawn(self.client_argv(forwards, cipher), name, netns=netns)
         try:
-            wait_listening(fwd, 20, proc, f"ssh -R listener on {fwd}")
+            for fwd, _ in forwards:
+                wait_listening(fwd, 20, proc, f"ssh -R listener on {fwd}", netns=self.netns)
         except HarnessError as e:
             self.reg.stop(proc)
             raise HarnessError(f"{e}\n{log_tail(proc)}") from None
-        return fwd, proc
+        return [fwd for fwd, _ in forwards], proc
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -20,10 +20,12 @@ import uvloop  # noqa: E402
 from tests.helpers import make_pki  # noqa: E402
 from tests.helpers.nginx import NGINX, nginx_available, start_nginx  # noqa: E402
 from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
-from tunnel.wire.errors import HandshakeError  # noqa: E402
 from tunnel.carriers.wss import open_wss_pipe, serve_wss_pipes  # noqa: E402
 from tunnel.core.limits import Limits  # noqa: E402
-from tunnel.wire.errors import LinkError  # noqa: E402
+from tunnel.wire.errors import (
+    HandshakeError,  # noqa: E402
+    LinkError,  # noqa: E402
+)
 
 pytestmark = pytest.mark.skipif(not nginx_available(), reason=f"nginx is not installed at {NGINX}")
 

@@ -5,22 +5,22 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import functools
 import ipaddress
 import os
 import struct
 
 import pytest
-import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.helpers import async_wait_until
 from tests.helpers.quic_flood import idle_quic_clients
-from tunnel.carriers import quic
-from tunnel.carriers.quic.udp import MAX_PATH_DATAGRAM_SIZE
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.carriers.quic import connect_quic, serve_quic
+from tunnel.carriers.quic.udp import MAX_PATH_DATAGRAM_SIZE
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import LinkError
@@ -84,30 +84,11 @@ def certs(tmp_path_factory):
     return {"ca": ca_path, "cert": cert_path, "key": key_path, "other_ca": other_ca}
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request):
-    """Run a coroutine on a fresh loop of the parametrised flavour."""
-
-    def runner(coro):
-        if request.param == "uvloop":
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-                return r.run(coro)
-        with asyncio.Runner() as r:
-            return r.run(coro)
-
-    return runner
 
 
 # --- helpers ---------------------------------------------------------------------------
 
-async def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    """Wait on a condition with a deadline (polling the loop, never a fixed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+wait_for = functools.partial(async_wait_until, timeout=60)
 
 
 class Recorder(LinkHandler):

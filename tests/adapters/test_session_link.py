@@ -10,10 +10,11 @@ import pytest
 
 from tunnel import codec as frames
 from tunnel.carriers.base import LinkHandler, StreamHandler
+from tunnel.carriers.pipe import Pipe
 from tunnel.carriers.session_link import SessionLink
 from tunnel.carriers.tcp import TcpPipe, open_tcp_link, serve_tcp_links
 from tunnel.core.limits import DEFAULT_LIMITS
-from tunnel.core.session import Role
+from tunnel.core.session import Role, Session
 from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import LinkError
 
@@ -431,5 +432,76 @@ def test_tcp_pipe_delivers_early_bytes(run):
         writer.close()
         srv.close()
         await srv.wait_closed()
+
+    run(main())
+
+
+class MemoryPipe(Pipe):
+    """A pipe the test feeds by hand: what it writes is recorded."""
+
+    peer_address = ("memory", 0)
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def set_receiver(self, receiver) -> None:
+        self.receiver = receiver
+
+    def write(self, buffers) -> None:
+        for b in buffers:
+            self.written += b
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class Calls(StreamHandler):
+    """Records every data call as it comes: ("one", bytes) or ("many", [bytes, ...])."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.stream = None
+
+    def data_received(self, data) -> None:
+        self.calls.append(("one", bytes(data)))
+
+    def data_received_many(self, pieces) -> None:
+        self.calls.append(("many", [bytes(p) for p in pieces]))
+
+    def reset_received(self, code) -> None:
+        self.calls.append(("reset", code))
+
+
+def test_data_of_one_read_reaches_the_handler_in_one_call(run):
+    """Several DATA frames of a stream in one received chunk: one handler call with all of
+    them (a bridge writes them with one writev), then the events that followed them."""
+    relay = Session(Role.RELAY, DEFAULT_LIMITS)  # writes the frames the link under test reads
+
+    async def main():
+        pipe = MemoryPipe()
+        link = SessionLink(pipe, Role.AGENT, DEFAULT_LIMITS)
+        calls = Calls()
+
+        class Accept(LinkHandler):
+            def stream_opened(self, stream):
+                calls.stream = stream
+                return calls
+
+        link.set_handler(Accept())
+        await asyncio.sleep(0)  # set_handler delivers from the loop
+        hello = b"".join(bytes(b) for b in relay.data_to_send())
+        data = [frames.encode_frame(FrameType.DATA, 0, 2, p) for p in (b"a", b"bb", b"ccc")]
+        link.pipe_data_received(hello + frames.encode_frame(FrameType.OPEN, 0, 2, b"db") + data[0])
+        # The stream's first frame came with its OPEN, as an event; from now on, batches.
+        assert calls.calls == [("one", b"a")]
+        link.pipe_data_received(b"".join(data))
+        assert calls.calls[1:] == [("many", [b"a", b"bb", b"ccc"])]
+        link.pipe_data_received(data[1])
+        link.pipe_data_received(data[2] + frames.encode_frame(FrameType.RESET, 0, 2, frames.encode_u32(5)))
+        assert calls.calls[2:] == [("one", b"bb"), ("one", b"ccc"), ("reset", 5)]
+        link.abort()
 
     run(main())

@@ -5,6 +5,7 @@ in, and a link's bridges never hold more than its LinkBuffers limit."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 from tunnel.bridge.tcp import LinkBuffers, TcpBridge
@@ -113,5 +114,42 @@ def test_a_link_never_holds_more_than_its_limit(run):
         assert buffers.held == 40 * 1024 and first.reset_code is None
         a.fail(ErrorCode.CONNECT_FAILED)
         assert buffers.held == 0
+
+    run(main())
+
+
+def test_pieces_of_one_batch_leave_in_one_write(run, monkeypatch, wait_until):
+    """The pieces a link delivers together go to the socket in one writev, in order, credited
+    once the kernel took them; what it does not take waits in the transport as a copy."""
+    calls = []
+    writev = os.writev
+
+    def counting(fd, buffers):
+        calls.append(len(buffers))
+        return writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", counting)
+
+    async def main():
+        stream = FakeStream()
+        bridge, peer = await _bridge_to_a_silent_peer(stream)
+        buf = bytearray(b"0123456789")
+        pieces = [memoryview(buf)[:4], b"abc", memoryview(buf)[4:]]
+        bridge.stream_data_many(pieces)
+        assert calls == [3] and stream.consumed == 13
+        # A batch far larger than the socket takes: the rest is copied into the transport.
+        big = bytearray(b"z" * (8 << 20))
+        bridge.stream_data_many([memoryview(big)[:1 << 20], memoryview(big)[1 << 20:]])
+        big.append(0)  # no view of it is kept
+        assert len(calls) == 2 and stream.consumed == 13 + _kernel_took(bridge, 8 << 20)
+        peer.setblocking(False)
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        while len(got) < 13 + (8 << 20):
+            got += await loop.sock_recv(peer, 1 << 20)
+        assert got == b"0123abc456789" + b"z" * (8 << 20)
+        await wait_until(lambda: stream.consumed == 13 + (8 << 20), 10, "the credit for the rest")
+        bridge.transport.close()
+        peer.close()
 
     run(main())

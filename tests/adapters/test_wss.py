@@ -18,15 +18,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import uvloop  # noqa: E402
 
-from tests.helpers import async_wait_for, make_pki  # noqa: E402
+from tests.helpers import async_wait_until, make_pki  # noqa: E402
 from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
 from tunnel.carriers.proxy import no_proxy_matches, proxy_for, redact  # noqa: E402
-from tunnel.wire.errors import HandshakeError  # noqa: E402
 from tunnel.carriers.wss import open_wss_pipe, parse_ws_url, serve_wss_pipes  # noqa: E402
 from tunnel.core.limits import Limits  # noqa: E402
-from tunnel.wire.errors import LinkError  # noqa: E402
+from tunnel.wire.errors import (
+    HandshakeError,  # noqa: E402
+    LinkError,  # noqa: E402
+)
 
 LIMITS = Limits()
 
@@ -36,18 +37,6 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
-def run(request):
-    """Run a coroutine to completion on a fresh loop of each flavour."""
-    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
-
-    def runner(coro, timeout: float = 120):
-        async def bounded():
-            async with asyncio.timeout(timeout):
-                return await coro
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(bounded())
-    return runner
 
 
 class Collector(PipeReceiver):
@@ -82,7 +71,7 @@ class Collector(PipeReceiver):
             self.lost.set_result(exc)
 
     async def wait_bytes(self, n: int, timeout: float = 60) -> None:
-        await async_wait_for(lambda: len(self.data) >= n or self.lost.done(), timeout, what=f"{n} bytes")
+        await async_wait_until(lambda: len(self.data) >= n or self.lost.done(), timeout, what=f"{n} bytes")
         assert len(self.data) >= n, f"pipe ended after {len(self.data)} of {n} bytes: {self.lost.result()!r}"
 
 
@@ -208,9 +197,9 @@ def test_receiver_set_late_gets_early_bytes(run, pki):
         async with Late(pki) as server:
             pipe, rec = await connect(server, pki)
             pipe.write([b"early bytes"])
-            await async_wait_for(lambda: held, what="server pipe")
+            await async_wait_until(lambda: held, what="server pipe")
             server_pipe = held[0]
-            await async_wait_for(lambda: server_pipe._early, what="early data")
+            await async_wait_until(lambda: server_pipe._early, what="early data")
             late = Collector(server_pipe)
             server_pipe.set_receiver(late)
             assert late.data == b"early bytes"

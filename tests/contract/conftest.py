@@ -3,7 +3,7 @@ path in the middle that a test can make go silent.
 
 Carriers: ``tcp`` (the session over plain TCP), ``wss`` (the session over TLS WebSocket) and
 ``quic``. The client side is the agent's, the server side the relay's. Every case of
-test_link_contract.py runs over each, on uvloop.
+test_link_contract.py runs over each, on uvloop and on asyncio (``run``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
-import uvloop
 
 from tests.helpers import make_pki
 from tunnel.carriers.base import Link, LinkHandler, LinkStream, StreamHandler
@@ -34,31 +33,6 @@ def carrier(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def opened() -> list:
-    """Pairs opened by the test, closed by ``run`` before its loop ends."""
-    return []
-
-
-@pytest.fixture
-def run(opened):
-    """``run(coro, timeout=60)`` on a fresh uvloop loop, failing past ``timeout`` seconds."""
-
-    def runner(coro, timeout: float = 60):
-        async def bounded():
-            try:
-                async with asyncio.timeout(timeout):
-                    return await coro
-            finally:
-                for pair in opened:
-                    pair.close()
-                for _ in range(5):
-                    await asyncio.sleep(0)
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-            return r.run(bounded())
-
-    return runner
 
 
 # --- recording handlers ----------------------------------------------------------------
@@ -263,7 +237,7 @@ class Pair:
 
 
 @pytest.fixture
-def open_pair(carrier, pki, opened):
+def open_pair(carrier, pki, cleanup):
     """``await open_pair(limits=..., server_limits=..., server_side=..., client_side=...,
     install=True, delay=0.0)``: a connected (client, server) pair over the carrier under test,
     each with its handler installed (``install=False``: install the client's yourself), over
@@ -307,7 +281,7 @@ def open_pair(carrier, pki, opened):
         if install:
             client.set_handler(client_side)
         pair = Pair(client, server_link, client_side, server_side, path, closers)
-        opened.append(pair)
+        cleanup.append(pair.close)
         return pair
 
     return make

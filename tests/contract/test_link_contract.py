@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from tests.contract.conftest import Recorder, Side
-from tests.helpers import async_wait_for as wait_for
+from tests.helpers import async_wait_until as wait_for
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import SessionClosed, StreamClosedError, UsageError

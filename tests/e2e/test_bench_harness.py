@@ -1,7 +1,7 @@
 """Smoke tests of the end-to-end benchmark harness pieces that do not need our tunnel:
-the delay proxies delay and forward exactly, ``ssh -R`` through a private sshd forwards,
-and the load clients measure against a local echo server. (bench/e2e.py itself is not run
-here: benchmarks stay out of the test run.)"""
+``ssh -R`` through a private sshd forwards, a CPU quota holds a process to its share, and
+the load clients measure against a local echo server. (bench/e2e.py itself is not run here:
+benchmarks stay out of the test run; the WAN path has its own tests in test_wan_path.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,12 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.peers import clients  # noqa: E402
-from bench.peers.procs import (ProcessRegistry, free_port, python, python_env,  # noqa: E402
-                               rss_bytes, wait_listening)
+from bench.peers import clients, cpucap  # noqa: E402
+from bench.peers.procs import ProcessRegistry, cpu_seconds, rss_bytes, wait_until  # noqa: E402
 from bench.peers.services import start_echo  # noqa: E402
-
-DELAY_MS = 25.0
 
 
 @pytest.fixture
@@ -42,17 +38,6 @@ def echo_port(reg):
     return port
 
 
-def start_delay_proxy(reg: ProcessRegistry, target_port: int, udp: bool = False) -> int:
-    port = free_port(both=udp)
-    argv = [python(), "-m", "bench.peers.delay", "--port", str(port),
-            "--target", f"127.0.0.1:{target_port}", "--delay-ms", str(DELAY_MS)]
-    if udp:
-        argv.append("--udp")
-    proc = reg.spawn(argv, "delay", env=python_env(), cwd=REPO)
-    wait_listening(port, 15, proc, "delay proxy")
-    return port
-
-
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -60,80 +45,6 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
         assert chunk, f"closed after {len(buf)} of {n} bytes"
         buf += chunk
     return bytes(buf)
-
-
-def test_tcp_delay_proxy_adds_delay_each_way(reg, echo_port):
-    port = start_delay_proxy(reg, echo_port)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(b"warm")
-        assert recv_exact(s, 4) == b"warm"
-        rtts = []
-        for i in range(5):
-            msg = bytes([i]) * 64
-            t0 = time.perf_counter()
-            s.sendall(msg)
-            assert recv_exact(s, 64) == msg
-            rtts.append(time.perf_counter() - t0)
-    # 25 ms each way: a round trip takes at least 50 ms, and not much more on loopback.
-    assert min(rtts) >= 2 * DELAY_MS / 1000 * 0.98, rtts
-    assert sorted(rtts)[2] < 2 * DELAY_MS / 1000 + 0.05, rtts
-
-
-def test_tcp_delay_proxy_forwards_exactly_with_half_close(reg, echo_port):
-    port = start_delay_proxy(reg, echo_port)
-    payload = os.urandom(3 << 20) + bytes(range(256)) * 100
-    got = bytearray()
-
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        def reader() -> None:
-            while True:
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    return
-                got.extend(chunk)
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)  # FIN goes through; the echo's reply keeps flowing back
-        t.join(20)
-        assert not t.is_alive(), "no EOF from the proxy after the echo finished"
-    assert len(got) == len(payload)
-    assert bytes(got) == payload
-
-
-def test_udp_delay_proxy_delays_and_keeps_order(reg):
-    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    server.bind(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def echo() -> None:
-        while not stop.is_set():
-            try:
-                data, addr = server.recvfrom(65536)
-            except socket.timeout:
-                continue
-            server.sendto(data, addr)
-    t = threading.Thread(target=echo, daemon=True)
-    t.start()
-    try:
-        port = start_delay_proxy(reg, server.getsockname()[1], udp=True)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
-            c.settimeout(5)
-            t0 = time.perf_counter()
-            c.sendto(b"ping", ("127.0.0.1", port))
-            assert c.recvfrom(100)[0] == b"ping"
-            assert time.perf_counter() - t0 >= 2 * DELAY_MS / 1000 * 0.98
-            msgs = [i.to_bytes(4, "big") * 100 for i in range(50)]
-            for m in msgs:
-                c.sendto(m, ("127.0.0.1", port))
-            back = [c.recvfrom(65536)[0] for _ in msgs]
-            assert back == msgs
-    finally:
-        stop.set()
-        t.join(2)
-        server.close()
 
 
 @pytest.mark.skipif(not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd"))
@@ -154,6 +65,34 @@ def test_ssh_reverse_forward_carries_bytes(reg, echo_port, tmp_path):
             assert recv_exact(s, len(data)) == data
         assert rss_bytes(proc.pid) > 0
         reg.stop(proc)
+    # Several forwards ride one ssh connection (as the WAN benchmark uses them).
+    ports, proc = sshd.forward_many([echo_port, echo_port])
+    for port in ports:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"both")
+            assert recv_exact(s, 4) == b"both"
+    reg.stop(proc)
+
+
+@pytest.mark.skipif(cpucap.unavailable_reason() is not None,
+                    reason=f"CPU quota: {cpucap.unavailable_reason()}")
+def test_cpu_cap_holds_a_busy_process_to_its_share(reg):
+    cores, want = 0.2, 0.2
+    busy = reg.spawn([sys.executable, "-c", "while True: pass"], "busy")
+    with cpucap.CpuCap(cores) as cap:
+        cap.add(busy.pid)
+        group = cap.dir
+        c0, t0 = cpu_seconds(busy.pid), time.monotonic()
+        wait_until(lambda: cpu_seconds(busy.pid) - c0 >= want, 30, "CPU time to accumulate",
+                   interval=0.01)
+        used, elapsed = cpu_seconds(busy.pid) - c0, time.monotonic() - t0
+    # The quota allows at most `cores` of each period (plus one period's quota at the start;
+    # CPU time is counted in clock ticks): never faster, however idle the machine.
+    assert elapsed >= (used - 0.03) / cores, (used, elapsed)
+    assert cap.throttled_seconds > 0
+    assert not group.exists()                     # removed, the process moved back out
+    assert f":cpu:/{group.name}" not in Path(f"/proc/{busy.pid}/cgroup").read_text()
+    reg.stop(busy)
 
 
 def test_clients_measure_an_echo_server(echo_port):

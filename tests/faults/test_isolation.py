@@ -17,6 +17,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from relay.state import ORG_CUSTOMER_ID, RelayState
 from relay.tokens import TokenAuthority, check_against_state
 from tests.faults.faultkit import echo_once, setup_agent
+from tests.helpers.sync_state import SyncState, new_loop
 from tunnel.wire.errors import AuthError
 
 NAMES = st.sampled_from(["db", "sftp", "api", "DB", "db-2"])  # collide across customers
@@ -29,7 +30,8 @@ class Isolation(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="iso-")
-        self.state = RelayState(f"{self.dir}/relay.db")
+        loop = new_loop()
+        self.state = SyncState(loop.run_until_complete(RelayState.open(self.dir)), loop)
         self.authority = TokenAuthority(private_key=Ed25519PrivateKey.generate())
         self.ports = itertools.count(20000)
         #: (customer, name) -> resource id; id -> (customer, name, generation)
@@ -80,7 +82,7 @@ class Isolation(RuleBasedStateMachine):
         owner = ORG_CUSTOMER_ID if claims.org_only else claims.customer_id
         assert owner == customer
         try:
-            got = check_against_state(claims, self.state, name, allocate=self._allocate)
+            got = self.state.run(check_against_state(claims, self.state.state, name, allocate=self._allocate))
         except AuthError:
             got = None
         # What the model allows.

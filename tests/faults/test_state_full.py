@@ -18,9 +18,10 @@ import pytest
 
 from relay.admin import AdminApi, HttpError
 from relay.admin_client import AdminClient, AdminError
+from relay.cluster import Cluster
 from relay.registry import Registry
 from relay.server import AgentLinkHandler, Relay
-from relay.state import RelayState
+from relay.state import RelayState, StateWriteFailed
 from relay.tokens import TokenAuthority
 from tests.faults.faultkit import FAST, register
 from tests.faults.test_registration_race import ADMIN_TOKEN, RecordingLink, _admin
@@ -43,25 +44,24 @@ def _fill(directory) -> int:
     return written
 
 
-def _fill_database(state: RelayState) -> None:
+async def _fill_database(state: RelayState) -> None:
     """Fill every page of the customers and resources tables (and their indexes): with
     ``max_page_count`` at the page count, any further row makes SQLite answer SQLITE_FULL."""
     import itertools
-    import sqlite3
 
-    customer = state.create_customer("filler")["id"]
+    customer = (await state.create_customer("filler"))["id"]
     ports = itertools.count(30000)
     n = itertools.count()
-    pages = state._db.execute("PRAGMA page_count").fetchone()[0]
-    state._db.execute(f"PRAGMA max_page_count = {pages + 8}")
+    pages = await state.db.fetchval("PRAGMA page_count")
+    await state.db.execute(f"PRAGMA max_page_count = {pages + 8}")
     for size in (180, 90, 40, 16, 4, 1):
         for write in (lambda: state.create_customer("x" * size),
                       lambda: state.get_or_create_resource(customer, f"{next(n)}" + "r" * size,
                                                            lambda taken: next(ports))):
             while True:
                 try:
-                    write()
-                except sqlite3.OperationalError as exc:
+                    await write()
+                except StateWriteFailed as exc:
                     assert "full" in str(exc), exc
                     break
 
@@ -102,37 +102,39 @@ def test_full_state_directory_on_a_real_relay(tmp_path):
 
 
 def test_full_database_in_process(tmp_path, caplog):
-    state = RelayState(tmp_path / "relay.db")
-    authority = TokenAuthority(tmp_path)
-    registry = Registry("127.0.0.1")
-    api = AdminApi(state=state, authority=authority, registry=registry, token=ADMIN_TOKEN)
-    customer = state.create_customer("acme")["id"]
-    token = authority.issue(customer)
-    caplog.set_level(logging.INFO)
-    _fill_database(state)  # SQLite's own SQLITE_FULL, as on a full disk
-    answers = []
-    for i in range(20):
-        try:
-            answers.append(_admin(api, "POST", "/v1/customers", {"name": f"c{i:03d}" + "x" * 150}))
-        except HttpError as exc:
-            answers.append((exc.status, exc.code, exc.message))
-    refused = [a for a in answers if a[0] == 503]
-    assert refused and all(a[1] == "state_write_failed" and a[2].startswith(FULL) for a in refused), answers
-
-    async def registration():
-        relay = Relay(state, authority, registry, Limits())
+    async def scenario():
+        state = await RelayState.open(tmp_path)
+        authority = TokenAuthority(tmp_path)
+        registry = Registry("127.0.0.1")
+        cluster = Cluster(state, registry, "wss://127.0.0.1:8443")
+        await cluster.start()
+        api = AdminApi(state=state, authority=authority, registry=registry, token=ADMIN_TOKEN, cluster=cluster)
+        customer = (await state.create_customer("acme"))["id"]
+        token = authority.issue(customer)
+        caplog.set_level(logging.INFO)
+        await _fill_database(state)  # SQLite's own SQLITE_FULL, as on a full disk
+        answers = []
+        for i in range(20):
+            try:
+                answers.append(await _admin(api, "POST", "/v1/customers", {"name": f"c{i:03d}" + "x" * 150}))
+            except HttpError as exc:
+                answers.append((exc.status, exc.code, exc.message))
+        relay = Relay(state, authority, registry, Limits(), cluster=cluster)
         link = RecordingLink()
         handler = AgentLinkHandler(relay, link)
         for _ in range(3):
             handler._authenticating = False
             handler.control_received({"type": "auth", "token": token, "resources": [{"name": "n" * 120}]})
             await asyncio.gather(*relay.tasks)
-        return link
+        await cluster.stop()
+        await state.close()
+        registry.close()
+        return answers, link
 
-    link = asyncio.run(registration())
+    answers, link = asyncio.run(scenario())
+    refused = [a for a in answers if a[0] == 503]
+    assert refused and all(a[1] == "state_write_failed" and a[2].startswith(FULL) for a in refused), answers
     assert link.sent and all(m["code"] == "unavailable" and FULL in m["message"] for m in link.sent), link.sent
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len([r for r in errors if FULL in r.getMessage()]) == 2, caplog.text  # the API's, the relay's
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
-    registry.close()
-    state.close()

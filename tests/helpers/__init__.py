@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import ipaddress
 import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Pki", "make_pki", "wait_for", "async_wait_for"]
+__all__ = ["Pki", "async_wait_until", "make_pki", "wait_until"]
 
 
 @dataclass
@@ -94,21 +95,34 @@ def make_pki(directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"
     return Pki(ca_file, cert_file, key_file)
 
 
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> None:
-    """Poll ``condition()`` until true; fail after ``timeout`` seconds."""
+def wait_until(check, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
+    """Poll ``check`` until it returns a truthy value (returned); fail the test after
+    ``timeout`` seconds. Exceptions while the thing is not up yet count as "not yet"."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception as exc:  # noqa: BLE001 - the thing may not be up yet
+            last_exc = exc
+            value = None
+        if value:
+            return value
         time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
-async def async_wait_for(condition, timeout: float = 10.0, interval: float = 0.01,
-                         what: str = "condition") -> None:
-    """Poll ``condition()`` from a coroutine until true; fail after ``timeout`` seconds."""
+async def async_wait_until(condition, timeout: float = 20.0, what: str = "condition", interval: float = 0.005):
+    """:func:`wait_until` for coroutines: polls from the event loop, never blocks it.
+    ``condition`` may be a coroutine function (it is awaited)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)

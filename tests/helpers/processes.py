@@ -11,28 +11,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import wait_until  # noqa: F401 - re-exported for the suites
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-
-
-def wait_until(check, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
-    """Poll ``check`` until it returns a truthy value; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception as exc:  # the thing may not be up yet
-            last_exc = exc
-            value = None
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
 def free_port() -> int:
@@ -113,16 +98,19 @@ class Proc:
 
 
 class Relay:
-    """``tunnel-relay serve`` on loopback with its own state dir and ports."""
+    """``tunnel-relay serve`` on a loopback address (``host``, default 127.0.0.1: agents,
+    admin API and resource endpoints) with its own state dir and ports."""
 
     def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 command_prefix: list[str] | None = None) -> None:
-        self.state_dir = workdir / "relay-state"
+                 command_prefix: list[str] | None = None, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir or workdir / "relay-state"
         self.workdir = workdir
         #: Where it listens for agents and binds endpoints (another address: a network namespace).
         self.host = host
         #: Prepended to its commands, e.g. ``ip netns exec NAME``.
         self.command_prefix = command_prefix or []
+        #: The admin API: on ``host`` (a loopback address), or the namespace's own loopback.
+        self.admin_host = "127.0.0.1" if self.command_prefix else host
         self.port = port or free_port()
         self.admin_port = free_port()
         self.proc: Proc | None = None
@@ -133,6 +121,10 @@ class Relay:
         self.serve_args: list[str] = []
 
     @property
+    def url(self) -> str:
+        return f"wss://{self.host}:{self.port}"
+
+    @property
     def ca_file(self) -> str:
         return str(self.state_dir / "ca.pem")
 
@@ -140,9 +132,10 @@ class Relay:
         """``tunnel-relay serve`` with ``args`` added to its options and ``env`` to its environment."""
         self.starts += 1
         cmd = [*self.command_prefix, PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen",
-               f"{self.host}:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}", "--service-host", self.host,
-               *self.serve_args, *args]
-        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"relay-{self.starts}.log",
+               f"{self.host}:{self.port}", "--admin-listen", f"{self.admin_host}:{self.admin_port}",
+               "--service-host", self.host, *self.serve_args, *args]
+        name = "relay" if self.host == "127.0.0.1" else f"relay-{self.host}"
+        self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"{name}-{self.starts}.log",
                          self.preexec_fn).start()
         wait_until(self._ready, 30, "the relay to start")
         return self

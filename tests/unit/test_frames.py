@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers.codecs import both_codecs, load_codec
 from tunnel.wire.constants import ALLOWED_FLAGS, PARTIAL, ErrorCode, Flags, FrameType
 from tunnel.wire.errors import FrameTooLarge, ProtocolError
 
@@ -19,17 +20,6 @@ KiB = 1024
 MAX = 256 * KiB
 
 
-def load_codec(kind):
-    """``tunnel._frames`` ("cython", None when not built) or ``tunnel.codec.pure`` ("python")."""
-    if kind == "python":
-        from tunnel.codec import pure as _frames_py
-
-        return _frames_py
-    try:
-        from tunnel import _frames
-    except ImportError:
-        return None
-    return _frames
 
 # (name, (type, flags, stream id, payload), wire bytes written by hand from docs/PROTOCOL.md)
 VECTORS = [
@@ -426,11 +416,6 @@ def split(data, wire):
     return [wire[a:b] for a, b in zip([0] + cuts, cuts + [len(wire)])]
 
 
-def both_codecs():
-    cy = load_codec("cython")
-    if cy is None:
-        pytest.skip("tunnel._frames is not built")
-    return cy, load_codec("python")
 
 
 def agree(chunks, max_frame_size):

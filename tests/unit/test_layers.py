@@ -12,7 +12,8 @@
   ``tunnel.carriers.base`` (the interface) and the bridge layer, never a carrier module, and
   neither imports the other.
 
-Every import counts, including the lazy ones inside functions.
+Every import counts, including the lazy ones inside functions, and the ``cimport`` lines of the
+``.pxd`` files that type the compiled per-message path.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def imports_of(path: Path, text: str | None = None) -> list[tuple[int, str]]:
     """(line, absolute module) for every import in ``path`` (``from X import y`` counts as
     ``X.y`` too, so that ``from tunnel import _frames`` names the codec)."""
     text = path.read_text() if text is None else text
-    if path.suffix == ".pyx":
+    if path.suffix in (".pyx", ".pxd"):
         found = []
         for lineno, line in enumerate(text.splitlines(), 1):
             m = re.match(r"\s*(?:from\s+([\w.]+)\s+c?import\s+([\w, ]+)|c?import\s+([\w.]+))", line)
@@ -90,7 +91,7 @@ def imports_of(path: Path, text: str | None = None) -> list[tuple[int, str]]:
 
 
 def sources() -> list[Path]:
-    files = [p for d in ("tunnel", "relay", "agent") for p in (ROOT / d).rglob("*.py")]
+    files = [p for d in ("tunnel", "relay", "agent") for pattern in ("*.py", "*.pxd") for p in (ROOT / d).rglob(pattern)]
     return sorted(files) + [ROOT / "_frames.pyx"]
 
 
@@ -138,6 +139,7 @@ def test_the_checker_sees_violations() -> None:
     in the agent."""
     core = ROOT / "tunnel" / "core" / "session.py"
     assert violations(core, "def f():\n    from tunnel.carriers import wss\n")
+    assert violations(ROOT / "tunnel" / "core" / "session.pxd", "from tunnel.carriers.session_link cimport SessionLinkStream\n")
     agent = ROOT / "agent" / "runner.py"
     assert violations(agent, "from tunnel.carriers.quic import connect_quic\n")
     assert violations(agent, "import relay.state\n")

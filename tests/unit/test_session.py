@@ -208,6 +208,47 @@ def test_open_with_fin_then_answer_closes_stream():
     assert s.open_stream_count == 0
 
 
+def test_receiver_collects_data_instead_of_events():
+    s = make()
+    s.receive_data(open_frame(1) + open_frame(3), 0)
+    assert s.pop_events() == [StreamOpened(1, b"db"), StreamOpened(3, b"db")]
+    s.set_receiver(1, "one")
+    s.set_receiver(3, "three")
+    s.receive_data(frame(T.DATA, 0, 3, b"a") + frame(T.DATA, 0, 1, b"bb") + frame(T.DATA, 0, 3, b"ccc")
+                   + frame(T.DATA, FIN, 1, b"") + frame(T.DATA, FIN, 3, b"d"), 0)
+    # One entry per stream, in the order the streams first got data; no DataReceived events,
+    # the other events after the data (the caller pops them second).
+    received = [(r, [bytes(p) for p in payloads]) for r, payloads in s.pop_received()]
+    assert received == [("three", [b"a", b"ccc", b"d"]), ("one", [b"bb"])]
+    assert s.pop_events() == [StreamEnded(1), StreamEnded(3)]
+    assert s.pop_received() == []
+    assert s.received_unconsumed == 7  # credit still waits for consume
+    s.consume(3, 5)
+    s.consume(1, 2)
+    assert s.received_unconsumed == 0
+
+
+def test_receiver_data_before_a_reset_in_the_same_input():
+    s = make()
+    s.receive_data(open_frame(1), 0)
+    s.pop_events()
+    s.set_receiver(1, "r")
+    s.receive_data(frame(T.DATA, 0, 1, b"last") + frame(T.RESET, 0, 1, u32(ErrorCode.CONNECTION_RESET)), 0)
+    assert [(r, [bytes(p) for p in ps]) for r, ps in s.pop_received()] == [("r", [b"last"])]
+    assert s.pop_events() == [StreamReset(1, ErrorCode.CONNECTION_RESET, True), StreamClosed(1)]
+
+
+def test_streams_without_receiver_keep_data_events():
+    s = make()
+    s.receive_data(open_frame(1) + open_frame(3), 0)
+    s.pop_events()
+    s.set_receiver(3, "r")
+    s.set_receiver(99, "nobody")  # unknown stream: nothing happens
+    s.receive_data(frame(T.DATA, 0, 1, b"x") + frame(T.DATA, 0, 3, b"y"), 0)
+    assert norm(s.pop_events()) == [DataReceived(1, b"x")]
+    assert [(r, [bytes(p) for p in ps]) for r, ps in s.pop_received()] == [("r", [b"y"])]
+
+
 @pytest.mark.parametrize("sid", [2, 0])
 def test_open_wrong_parity(sid):
     s = make()  # relay: the peer (agent) opens odd ids

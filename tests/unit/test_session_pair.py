@@ -33,12 +33,15 @@ TIGHT = DEFAULT_LIMITS.replace(
 
 
 class App:
-    """One side's application: writes its payloads (honouring paused), consumes at random."""
+    """One side's application: writes its payloads (honouring paused), consumes at random.
+    With ``receivers`` it takes stream data through ``Session.set_receiver`` and
+    ``pop_received`` instead of ``DataReceived`` events."""
 
-    def __init__(self, session: Session, rng: random.Random, limits) -> None:
+    def __init__(self, session: Session, rng: random.Random, limits, receivers: bool = False) -> None:
         self.s = session
         self.rng = rng
         self.limits = limits
+        self.receivers = receivers
         self.outgoing: dict[int, bytearray] = {}  # stream -> bytes still to write
         self.received: dict[int, bytearray] = {}
         self.unconsumed: dict[int, int] = {}
@@ -47,19 +50,30 @@ class App:
         self.eof_sent: set[int] = set()
         self.writable_events = 0
 
-    def handle(self, events, payload_for) -> None:
+    def opened(self, sid: int) -> None:
+        self.received[sid] = bytearray()
+        self.unconsumed[sid] = 0
+        if self.receivers:
+            self.s.set_receiver(sid, sid)
+
+    def data(self, sid: int, data) -> None:
+        assert sid not in self.ended
+        self.received[sid] += data
+        self.unconsumed[sid] += len(data)
+        # Memory bound: never more unconsumed than the window we granted (it may grow
+        # with the path up to max_stream_window).
+        assert self.unconsumed[sid] <= min(self.limits.max_stream_window, self.limits.session_window)
+
+    def handle(self, received, events, payload_for) -> None:
+        for sid, payloads in received:  # before the events, as Session.pop_received says
+            for data in payloads:
+                self.data(sid, data)
         for e in events:
             if isinstance(e, StreamOpened):
-                self.received[e.stream_id] = bytearray()
-                self.unconsumed[e.stream_id] = 0
+                self.opened(e.stream_id)
                 self.outgoing[e.stream_id] = bytearray(payload_for(e.stream_id, e.metadata))
             elif isinstance(e, DataReceived):
-                assert e.stream_id not in self.ended
-                self.received[e.stream_id] += e.data
-                self.unconsumed[e.stream_id] += len(e.data)
-                # Memory bound: never more unconsumed than the window we granted (it may grow
-                # with the path up to max_stream_window).
-                assert self.unconsumed[e.stream_id] <= min(self.limits.max_stream_window, self.limits.session_window)
+                self.data(e.stream_id, e.data)
             elif isinstance(e, StreamEnded):
                 self.ended.add(e.stream_id)
             elif isinstance(e, StreamClosed):
@@ -95,23 +109,29 @@ class App:
                 self.unconsumed[sid] -= k
 
 
-def pump(src: Session, dst: Session, rng: random.Random, now: float) -> int:
+def pump(src: Session, dst: Session, rng: random.Random, now: float, received: list | None = None) -> int:
+    """Move what ``src`` sends to ``dst`` in random pieces; what ``dst`` collects for stream
+    receivers goes to ``received``."""
     bufs = src.data_to_send(rng.choice([None, 1, 100, 4 * KiB, 64 * KiB]))
     data = b"".join(bytes(b) for b in bufs)
     pos = 0
     while pos < len(data):
         n = rng.choice([1, 7, 12, 100, 5000, len(data)])
         dst.receive_data(data[pos:pos + n], now)
+        if received is not None:
+            received.extend(dst.pop_received())
         pos += n
     return len(data)
 
 
-def run_pair(seed: int, nstreams: int, max_size: int, limits=TIGHT) -> None:
+def run_pair(seed: int, nstreams: int, max_size: int, limits=TIGHT, receivers: bool | None = None) -> None:
     rng = random.Random(seed)
     agent = Session(Role.AGENT, limits)
     relay = Session(Role.RELAY, limits)
-    a_app = App(agent, rng, limits)
-    r_app = App(relay, rng, limits)
+    # Each side takes its data as events or through stream receivers (as the seed says, unless
+    # ``receivers`` is given).
+    a_app = App(agent, rng, limits, receivers=rng.random() < 0.5 if receivers is None else receivers)
+    r_app = App(relay, rng, limits, receivers=rng.random() < 0.5 if receivers is None else receivers)
     up: dict[int, bytes] = {}
     down: dict[int, bytes] = {}
 
@@ -129,16 +149,17 @@ def run_pair(seed: int, nstreams: int, max_size: int, limits=TIGHT) -> None:
         data = rng.randbytes(rng.randint(0, max_size))
         up[sid] = data
         a_app.outgoing[sid] = bytearray(data)
-        a_app.received[sid] = bytearray()
-        a_app.unconsumed[sid] = 0
+        a_app.opened(sid)
     idle = 0
     for _ in range(100_000):
         now += 0.001
         a_app.step()
         r_app.step()
-        moved = pump(agent, relay, rng, now) + pump(relay, agent, rng, now)
-        a_app.handle(agent.pop_events(), None)
-        r_app.handle(relay.pop_events(), make_payload)
+        to_agent: list = []
+        to_relay: list = []
+        moved = pump(agent, relay, rng, now, to_relay) + pump(relay, agent, rng, now, to_agent)
+        a_app.handle(to_agent, agent.pop_events(), None)
+        r_app.handle(to_relay, relay.pop_events(), make_payload)
         if len(a_app.closed) == nstreams and len(r_app.closed) == nstreams:
             break
         consumed_all = not any(a_app.unconsumed.values()) and not any(r_app.unconsumed.values())
@@ -172,7 +193,11 @@ def test_pair_random(seed, nstreams, max_size):
 
 
 def test_pair_many_streams_seeded():
-    run_pair(1234, 40, 60_000)
+    run_pair(1234, 40, 60_000, receivers=False)
+
+
+def test_pair_many_streams_with_stream_receivers():
+    run_pair(1234, 40, 60_000, receivers=True)
 
 
 def test_pair_default_limits_bulk():

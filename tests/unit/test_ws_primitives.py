@@ -9,19 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers.codecs import both_codecs
 from tunnel.wire.errors import ProtocolError
 
 KEY = bytes.fromhex("37fa213d")  # the masking key of RFC 6455 section 5.7
 
 
-def both_codecs():
-    from tunnel.codec import pure as _frames_py
-
-    try:
-        from tunnel import _frames
-    except ImportError:
-        pytest.skip("tunnel._frames is not built")
-    return _frames, _frames_py
 
 
 def naive_mask(data: bytes, key: bytes, offset: int = 0) -> bytes:

@@ -26,7 +26,7 @@ from tunnel.carriers.base import Link
 from tunnel.core.limits import Limits
 from tunnel.wire.errors import LinkError
 
-__all__ = ["Dialer"]
+__all__ = ["Dialer", "dial_tls_link"]
 
 log = logging.getLogger("tunnel.bridge.dial")
 
@@ -170,3 +170,11 @@ class Dialer:
             raise LinkError(f"cannot load the relay CA file: {exc}") from None
         return await connect_wss(self.wss_url(), ssl_context=context, limits=self.limits, proxy=proxy,
                                  timeout=self.limits.handshake_timeout)
+
+
+async def dial_tls_link(address: str, *, ssl_context: ssl.SSLContext, limits: Limits, timeout: float) -> Link:
+    """A ready TLS WebSocket link to ``host:port`` with ``ssl_context`` (which may present a
+    client certificate): the links between relays. ``LinkError`` when it fails."""
+    from tunnel.carriers.wss import connect_wss
+
+    return await connect_wss(f"wss://{address}", ssl_context=ssl_context, limits=limits, timeout=timeout)

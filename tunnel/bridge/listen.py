@@ -11,12 +11,19 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
+from tunnel.carriers import handshakes
 from tunnel.carriers.base import Link
 from tunnel.carriers.quic import QuicServer, serve_quic
 from tunnel.carriers.wss import serve_wss
 from tunnel.core.limits import Limits
 
-__all__ = ["Listeners", "serve_links"]
+__all__ = ["Listeners", "handshake_failures", "serve_links", "serve_tls_links"]
+
+
+def handshake_failures() -> dict[tuple[str, str], int]:
+    """Handshakes the listeners of this process gave up before authentication, per
+    ``(transport, reason)`` (see :data:`tunnel.carriers.handshakes.FAILURES`)."""
+    return dict(handshakes.FAILURES)
 
 
 class Listeners:
@@ -45,3 +52,10 @@ async def serve_links(host: str, port: int, *, ssl_context: ssl.SSLContext, cert
         wss.close()
         raise
     return Listeners(wss, quic)
+
+
+async def serve_tls_links(host: str, port: int, *, ssl_context: ssl.SSLContext, limits: Limits,
+                          on_link: Callable[[Link], None]) -> asyncio.Server:
+    """Listen on TCP ``host:port`` only (TLS WebSocket; port 0: a free one), for links between
+    relays: ``ssl_context`` may require client certificates (``Link.peer_certificate``)."""
+    return await serve_wss(host, port, ssl_context=ssl_context, limits=limits, on_link=on_link)

@@ -23,7 +23,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tunnel.carriers.proxy import open_connect_tunnel, proxy_for, redact
+from tunnel.carriers.proxy import dial_tcp, open_connect_tunnel, proxy_for, redact
 from tunnel.wire.errors import LinkError
 
 from .dial import Dialer
@@ -84,21 +84,7 @@ def relay_proxy(dialer: Dialer) -> str | None:
 async def _open_tcp(host: str, port: int, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        last: OSError | None = None
-        for family, kind, proto, _, addr in infos:
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, addr)
-                return sock
-            except OSError as exc:
-                sock.close()
-                last = exc
-            except BaseException:
-                sock.close()
-                raise
-        raise last or OSError(f"no address for {host}")
+        return await dial_tcp(loop, host, port)
 
 
 _STATUS = re.compile(r"HTTP/1\.\d (\d{3})|\((\d{3})\)")

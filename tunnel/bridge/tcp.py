@@ -5,18 +5,26 @@ the agent bridges each stream it accepts to a connection it dials to the private
 
 - TCP → stream: bytes read are queued on the stream; while the stream is ``paused`` the
   socket is not read (``StreamHandler.writable`` resumes it).
-- stream → TCP: credit is returned with ``consume`` only for bytes the kernel took. Each
-  piece goes straight to the socket while nothing waits in the transport; what the kernel
-  does not take at once is copied into the transport (never a view: a view would keep the
-  carrier's whole read buffer alive) and stays unconsumed until the transport has drained
-  (its write buffer limits are zero, so ``resume_writing`` means empty). A slow TCP peer
-  stalls its own stream's window and nothing else, and every byte the bridge holds in user
-  space counts against the link's windows.
+- stream → TCP: credit is returned with ``consume`` only for bytes the kernel took. What
+  the link delivers at once (one piece, or the pieces of one received batch through
+  ``data_received_many``) goes straight to the socket in one ``write``/``writev`` while
+  nothing waits in the transport; what the kernel does not take at once is copied into the
+  transport (never a view: a view would keep the carrier's whole read buffer alive) and
+  stays unconsumed until the transport has drained (its write buffer limits are zero, so
+  ``resume_writing`` means empty). A slow TCP peer stalls its own stream's window and
+  nothing else, and every byte the bridge holds in user space counts against the link's
+  windows.
 - Per link, :class:`LinkBuffers` adds up what the bridges hold (pieces waiting for a dial,
   bytes in transports): a stream that would push it past its limit is reset
   (``FLOW_CONTROL_ERROR``), a second line behind the flow control that already bounds it.
 - A FIN travels as a half-close either way; a TCP reset becomes a stream RESET
   (``CONNECTION_RESET``) and a stream RESET becomes a TCP reset (RST via SO_LINGER 0).
+- For metrics, each bridge counts the bytes it moved each way (one addition per batch, read
+  by the relay's collectors at scrape time) and keeps the code its stream was reset with.
+
+The build compiles this module (``tcp.pxd`` gives the types), so :class:`TcpBridge` is an
+extension type: it cannot derive from ``asyncio.Protocol`` and need not (asyncio and uvloop
+only call its methods); Python classes may derive from it.
 """
 
 from __future__ import annotations
@@ -34,6 +42,22 @@ from tunnel.wire.constants import ErrorCode
 log = logging.getLogger("tunnel.bridge.tcp")
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+#: Most buffers one writev takes (the rest goes through the transport).
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def _joined(pieces, skip: int) -> bytes:
+    """The bytes of ``pieces`` after the first ``skip``, as one copy (a view would pin the
+    whole buffer the carrier decrypted it into)."""
+    parts = []
+    for data in pieces:
+        size = len(data)
+        if skip >= size:
+            skip -= size
+            continue
+        parts.append(data[skip:] if skip else data)
+        skip = 0
+    return b"".join(parts)
 
 
 class LinkBuffers:
@@ -59,7 +83,7 @@ class LinkBuffers:
         self.held -= n
 
 
-class TcpBridge(asyncio.Protocol):
+class TcpBridge:
     """asyncio protocol of the TCP side; :func:`stream_handler` gives its stream side.
 
     The stream may be attached after the TCP connection (relay: connection first) or the TCP
@@ -69,7 +93,7 @@ class TcpBridge(asyncio.Protocol):
     """
 
     __slots__ = ("stream", "transport", "buffers", "_fd", "_pending", "_unconsumed", "_tcp_write_paused",
-                 "_stream_eof", "_tcp_eof", "_done", "on_done")
+                 "_stream_eof", "_tcp_eof", "_done", "on_done", "bytes_from_tcp", "bytes_to_tcp", "reset_code")
 
     def __init__(self, stream: LinkStream | None = None, buffers: LinkBuffers | None = None) -> None:
         self.stream = stream
@@ -84,6 +108,13 @@ class TcpBridge(asyncio.Protocol):
         self._tcp_eof = False  # the TCP peer half-closed
         self._done = False
         self.on_done = None  # called once when the bridge is finished
+        #: Bytes read from the TCP connection (sent on the stream), and received from the
+        #: stream for the TCP connection.
+        self.bytes_from_tcp = 0
+        self.bytes_to_tcp = 0
+        #: The code the stream was reset with (by either side, or for a TCP error); None
+        #: while it has not been reset.
+        self.reset_code: int | None = None
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -94,6 +125,8 @@ class TcpBridge(asyncio.Protocol):
 
     def fail(self, code: int) -> None:
         """Give up before or during the bridge: reset the stream and the TCP connection."""
+        if not self._done and self.reset_code is None:
+            self.reset_code = code
         if self.stream is not None and not self._done:
             self.stream.reset(code)
         self._reset_tcp()
@@ -110,11 +143,9 @@ class TcpBridge(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
         pending, self._pending = self._pending, []
-        self._unhold(sum(map(len, pending)))
-        for chunk in pending:
-            if self._done:
-                break
-            self._write_tcp(chunk)
+        if pending:
+            self._unhold(sum(map(len, pending)))
+            self._write_tcp(pending)
         if self._stream_eof:
             self._write_tcp_eof()
         if self.stream is not None and self.stream.paused:
@@ -124,6 +155,7 @@ class TcpBridge(asyncio.Protocol):
         stream = self.stream
         if stream is None or self._done:
             return
+        self.bytes_from_tcp += len(data)
         stream.write(data)
         if stream.paused:
             self.transport.pause_reading()
@@ -141,7 +173,9 @@ class TcpBridge(asyncio.Protocol):
                 # An error, or a close before both directions ended: the stream cannot end
                 # cleanly any more.
                 if exc is not None or not (self._tcp_eof and self._stream_eof):
-                    self.stream.reset(ErrorCode.CONNECTION_RESET if exc is not None else ErrorCode.NO_ERROR)
+                    code = ErrorCode.CONNECTION_RESET if exc is not None else ErrorCode.NO_ERROR
+                    self.reset_code = code
+                    self.stream.reset(code)
             self._finish()
 
     def pause_writing(self) -> None:
@@ -172,8 +206,11 @@ class TcpBridge(asyncio.Protocol):
         if self.buffers is not None:
             self.buffers.release(n)
 
-    def _write_tcp(self, data) -> None:
-        n = len(data)
+    def _write_tcp(self, pieces) -> None:
+        """Write the buffers ``pieces`` (a list or tuple), in order, to the TCP connection."""
+        n = 0
+        for data in pieces:
+            n += len(data)
         transport = self.transport
         if transport.is_closing():
             self.stream.consume(n)  # nobody will take these: the connection is ending
@@ -182,7 +219,10 @@ class TcpBridge(asyncio.Protocol):
         if not self._tcp_write_paused and self._fd >= 0 and not transport.get_write_buffer_size():
             # Nothing waits in the transport: what the kernel takes now is consumed, zero copy.
             try:
-                sent = os.write(self._fd, data)
+                if len(pieces) == 1:
+                    sent = os.write(self._fd, pieces[0])
+                else:
+                    sent = os.writev(self._fd, pieces if len(pieces) <= _IOV_MAX else pieces[:_IOV_MAX])
             except BlockingIOError:
                 pass
             except OSError:
@@ -192,25 +232,31 @@ class TcpBridge(asyncio.Protocol):
                 self.stream.consume(sent)
                 if sent == n:
                     return
-                data = data[sent:]
         rest = n - sent
-        # A copy: a view would pin the whole buffer the carrier decrypted it into.
-        transport.write(bytes(data))
+        transport.write(_joined(pieces, sent))
         if not self._tcp_write_paused:
             self.stream.consume(rest)  # the transport sent it at once
         elif self._hold(rest):
             self._unconsumed += rest
 
     def stream_data(self, data) -> None:
+        self.stream_data_many((data,))
+
+    def stream_data_many(self, pieces) -> None:
+        """Bytes from the stream, several pieces that arrived together."""
         if self._done:
             return
+        n = 0
+        for data in pieces:
+            n += len(data)
+        self.bytes_to_tcp += n
         if self.transport is None:
             # Dial in progress: keep a copy (a view would pin the carrier's read buffer);
             # credit waits until it is written.
-            if self._hold(len(data)):
-                self._pending.append(bytes(data))
+            if self._hold(n):
+                self._pending.append(_joined(pieces, 0))
         else:
-            self._write_tcp(data)
+            self._write_tcp(pieces)
 
     def stream_eof(self) -> None:
         self._stream_eof = True
@@ -250,6 +296,8 @@ class TcpBridge(asyncio.Protocol):
             callback()
 
     def stream_reset(self, code: int) -> None:
+        if not self._done:
+            self.reset_code = code
         self._reset_tcp()
         self._finish()
 
@@ -263,8 +311,10 @@ class TcpBridge(asyncio.Protocol):
             self._maybe_close()
 
 
-class _StreamSide(StreamHandler):
-    """Routes StreamHandler calls to a TcpBridge (whose own method names belong to TCP)."""
+class _StreamSide:
+    """Routes :class:`~tunnel.carriers.base.StreamHandler` calls to a TcpBridge (whose own
+    method names belong to TCP). Compiled, so not derived from StreamHandler: it has all of
+    its methods."""
 
     __slots__ = ("bridge",)
 
@@ -273,6 +323,9 @@ class _StreamSide(StreamHandler):
 
     def data_received(self, data) -> None:
         self.bridge.stream_data(data)
+
+    def data_received_many(self, pieces: list) -> None:
+        self.bridge.stream_data_many(pieces)
 
     def eof_received(self) -> None:
         self.bridge.stream_eof()
@@ -293,12 +346,12 @@ def stream_handler(bridge: TcpBridge) -> StreamHandler:
 
 
 async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: int, timeout: float,
-                      on_result=None) -> None:
+                      on_result=None) -> OSError | asyncio.TimeoutError | None:
     """Agent side: dial ``host:port`` for ``stream``; reset it with CONNECT_FAILED on failure.
+    Returns why the dial failed (None once connected).
 
-    ``on_result(exc)`` (optional) hears the outcome: None once connected, else the exception
-    (``OSError``, ``socket.gaierror`` or ``TimeoutError``, before the stream is reset); the
-    caller then logs the failure."""
+    ``on_result(exc)`` (optional) hears the same outcome before the stream is reset (a report
+    it sends to the relay goes out ahead of the RESET); the caller then logs the failure."""
     loop = asyncio.get_running_loop()
     try:
         await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port), timeout)
@@ -309,6 +362,7 @@ async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: in
         if on_result is not None:
             on_result(exc)  # first: a report it sends to the relay goes out ahead of the RESET
         bridge.fail(ErrorCode.CONNECT_FAILED)
-        return
+        return exc
     if on_result is not None:
         on_result(None)
+    return None

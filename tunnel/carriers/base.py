@@ -33,6 +33,13 @@ class StreamHandler:
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the peer; ``data`` may be a view valid only during this call."""
 
+    def data_received_many(self, pieces: list) -> None:
+        """Several pieces of the peer's bytes that arrived together, in order, in one call
+        instead of one ``data_received`` each (a handler that writes them to a socket can
+        write them at once). Same rules as ``data_received``; the default calls it for each."""
+        for data in pieces:
+            self.data_received(data)
+
     def eof_received(self) -> None:
         """The peer half-closed: no more data will arrive."""
 
@@ -149,3 +156,9 @@ class Link(abc.ABC):
     def stream_count(self) -> int:
         """Streams currently open on this link."""
         return 0
+
+    @property
+    def peer_certificate(self) -> dict | None:
+        """The certificate the peer presented, verified, as ``ssl.SSLSocket.getpeercert()``
+        gives it (a TLS client certificate); None when it presented none."""
+        return None

@@ -62,14 +62,19 @@ class Dispatcher:
         try:
             method(*args)
         except Exception:
-            log.exception("stream %d handler failed; resetting it", stream.stream_id)
-            stream.reset(ErrorCode.INTERNAL_ERROR)
-            handler = stream.handler
-            if handler is not None and method.__name__ != "reset_received":
-                try:
-                    handler.reset_received(ErrorCode.INTERNAL_ERROR)
-                except Exception:
-                    log.exception("stream %d reset_received failed", stream.stream_id)
+            self.stream_failed(stream, method.__name__)
+
+    def stream_failed(self, stream: LinkStream, name: str) -> None:
+        """The handler callback ``name`` of ``stream`` raised (call this from the ``except``
+        block): reset that stream only and tell its handler."""
+        log.exception("stream %d handler failed; resetting it", stream.stream_id)
+        stream.reset(ErrorCode.INTERNAL_ERROR)
+        handler = stream.handler
+        if handler is not None and name != "reset_received":
+            try:
+                handler.reset_received(ErrorCode.INTERNAL_ERROR)
+            except Exception:
+                log.exception("stream %d reset_received failed", stream.stream_id)
 
     def stream_done(self, stream: LinkStream, method: Callable, *args) -> None:
         """A callback after which the stream is over (``reset_received``, ``closed``): an

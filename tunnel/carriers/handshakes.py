@@ -10,18 +10,31 @@ slot for milliseconds, idle ones sit oldest in line, and a burst of new connecti
 flush a handshake younger than ``evictable_after``.
 
 Bookkeeping with time passed in; evictions are logged sparsely (the first, then every
-thousandth).
+thousandth). :data:`FAILURES` counts the handshakes each listener gave up, by carrier and
+reason, for the relay's metrics.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Hashable
 
 log = logging.getLogger("tunnel.carriers.handshakes")
 
 #: With every slot taken, a handshake pending this long (seconds) may be evicted for a newcomer.
 EVICTABLE_AFTER = 1.0
+
+#: Handshakes the listeners of this process gave up, per ``(carrier, reason)``; reasons:
+#: ``full`` (refused, every slot taken), ``evicted``, ``timeout`` (``handshake_timeout``
+#: passed), ``tls`` (TLS handshake failed), ``upgrade`` (WebSocket upgrade refused),
+#: ``retry_token`` (a QUIC Retry token that does not validate).
+FAILURES: Counter = Counter()
+
+
+def handshake_failed(carrier: str, reason: str) -> None:
+    """Count one handshake given up (see :data:`FAILURES`)."""
+    FAILURES[carrier, reason] += 1
 
 
 class PendingHandshakes:

@@ -154,7 +154,7 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
     sock: socket.socket | None = None
     try:
         async with asyncio.timeout(timeout):
-            sock = await _dial(loop, proxy_host, proxy_port)
+            sock = await dial_tcp(loop, proxy_host, proxy_port)
             await loop.sock_sendall(sock, _connect_request(proxy_url, host, port))
             head = bytearray()
             while True:
@@ -197,7 +197,9 @@ async def open_connect_tunnel(proxy_url: str, host: str, port: int, timeout: flo
     return sock
 
 
-async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+async def dial_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket (TCP_NODELAY) to the first address of ``host``
+    that answers; the last error if none does."""
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     last: Exception | None = None
     for family, kind, proto, _, addr in infos:

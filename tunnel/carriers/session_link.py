@@ -2,13 +2,21 @@
 :class:`~tunnel.core.session.Session`, exposed as a :class:`~tunnel.carriers.base.Link`.
 
 It feeds pipe bytes into the session with ``loop.time()``, hands the session's events to
-the application through a :class:`~tunnel.carriers.dispatch.Dispatcher`, coalesces writes
+the application through a :class:`~tunnel.carriers.dispatch.Dispatcher`, delivers each
+stream's DATA once per received batch (the stream is the session's receiver, see
+``Session.set_receiver``: one ``data_received``, or one ``data_received_many`` for several
+payloads, per stream and batch, and no event object per frame), coalesces writes
 into one ``loop.call_soon`` flush (one ``pipe.write`` batch per flush, nothing while the pipe
 is paused, so backpressure flows into the per-stream send queues and from there into
 ``LinkStream.paused``) and keeps exactly one timer armed from ``session.next_timer()``.
 
 The TLS WebSocket pipe lives in :mod:`tunnel.carriers.wss`, a plain TCP one (tests,
 benchmarks) in :mod:`tunnel.carriers.tcp`.
+
+The build compiles this module (``session_link.pxd`` gives the types). A compiled class cannot
+derive from the ``Link`` ABC, so the link's code is in :class:`_SessionLinkBase` and
+:class:`SessionLink` adds the interface; :class:`SessionLinkStream` is registered as a
+``LinkStream``.
 """
 
 from __future__ import annotations
@@ -48,12 +56,13 @@ FLUSH_BATCH = 1024 * 1024
 CLOSE_GRACE = 5.0
 
 
-class SessionLinkStream(LinkStream):
-    """One stream of a :class:`SessionLink`."""
+class SessionLinkStream:
+    """One stream of a :class:`SessionLink` (a :class:`~tunnel.carriers.base.LinkStream`)."""
 
     __slots__ = ("stream_id", "metadata", "handler", "_link", "_unconsumed", "_eof_sent", "_done")
 
-    def __init__(self, link: "SessionLink", stream_id: int, metadata: bytes, handler: StreamHandler | None) -> None:
+    def __init__(self, link: "_SessionLinkBase", stream_id: int, metadata: bytes,
+                 handler: StreamHandler | None) -> None:
         self._link = link
         self.stream_id = stream_id
         self.metadata = metadata
@@ -125,8 +134,17 @@ class SessionLinkStream(LinkStream):
         return f"<SessionLinkStream {self.stream_id} {self.metadata!r}>"
 
 
-class SessionLink(Link, PipeReceiver):
-    """A :class:`~tunnel.carriers.base.Link` over a byte pipe, driven by a :class:`Session`."""
+LinkStream.register(SessionLinkStream)
+
+
+class _SessionLinkBase:
+    """The code of :class:`SessionLink` (see the module docstring)."""
+
+    __slots__ = (
+        "_loop", "carrier", "_pipe", "_limits", "_session", "_dispatch_to", "_handshake_release", "_streams",
+        "_flush_handle", "_timer_handle", "_timer_at", "_abort_handle", "_write_paused", "_pipe_closing",
+        "_pipe_lost", "_ready", "_closed",
+    )
 
     def __init__(self, pipe: Pipe, role: Role, limits: Limits = DEFAULT_LIMITS, carrier: str = "wss",
                  loop: asyncio.AbstractEventLoop | None = None,
@@ -179,6 +197,10 @@ class SessionLink(Link, PipeReceiver):
         return self._session.open_stream_count
 
     @property
+    def peer_certificate(self) -> dict | None:
+        return getattr(self._pipe, "peer_certificate", None)
+
+    @property
     def is_closing(self) -> bool:
         return self._session.is_closing or self._pipe_closing or self._pipe_lost
 
@@ -204,6 +226,8 @@ class SessionLink(Link, PipeReceiver):
         sid = self._session.open_stream(metadata)
         stream = SessionLinkStream(self, sid, bytes(metadata), handler)
         self._streams[sid] = stream
+        if not self._dispatch_to.holding:
+            self._session.set_receiver(sid, stream)
         self._schedule_flush()
         return stream
 
@@ -236,7 +260,10 @@ class SessionLink(Link, PipeReceiver):
     def pipe_data_received(self, data) -> None:
         session = self._session
         session.receive_data(data, self._loop.time())
-        # Dispatch now: DataReceived views into ``data`` are valid during this call only.
+        # Deliver and dispatch now: payloads are views into ``data``, valid during this call only.
+        received = session.pop_received()
+        if received:
+            self._deliver(received)
         self._process_events()
         if session.has_data_to_send or session.closed:
             self._schedule_flush()
@@ -339,6 +366,28 @@ class SessionLink(Link, PipeReceiver):
             self._schedule_flush()
         self._rearm_timer()
 
+    def _deliver(self, received: list) -> None:
+        """The DATA of streams the session collects for us (their receiver is the stream):
+        one handler call per stream and batch, so that a handler writing to a socket writes
+        the batch at once."""
+        for stream, payloads in received:
+            n = 0
+            for data in payloads:
+                n += len(data)
+            handler = stream.handler
+            if stream._done or handler is None:
+                # Nobody will consume these (reset meanwhile): credit them back.
+                self._session.consume(stream.stream_id, n)
+                continue
+            stream._unconsumed += n
+            try:
+                if len(payloads) == 1:
+                    handler.data_received(payloads[0])
+                else:
+                    handler.data_received_many(payloads)
+            except Exception:
+                self._dispatch_to.stream_failed(stream, "data_received")
+
     def _process_events(self) -> None:
         events = self._session.pop_events()
         if not events:
@@ -376,6 +425,8 @@ class SessionLink(Link, PipeReceiver):
             stream = SessionLinkStream(self, event.stream_id, event.metadata, None)
             self._streams[event.stream_id] = stream
             stream.handler = to.open(stream)
+            if stream.handler is not None and not stream._done:
+                self._session.set_receiver(event.stream_id, stream)
         elif kind is StreamEnded:
             stream = self._streams.get(event.stream_id)
             if stream is not None and stream.handler is not None and not stream._done:
@@ -403,3 +454,7 @@ class SessionLink(Link, PipeReceiver):
             log.info("peer sent GOAWAY (code %s): %s", event.code, event.reason)
         elif kind is ConnectionClosed:
             to.closed(event.code, event.reason)
+
+
+class SessionLink(_SessionLinkBase, Link, PipeReceiver):
+    """A :class:`~tunnel.carriers.base.Link` over a byte pipe, driven by a :class:`Session`."""

@@ -17,6 +17,10 @@ must be released in time or the connection is aborted. At most
 ``limits.max_pending_handshakes`` connections are in that phase at once; beyond that, a new
 connection evicts the oldest handshake of the busiest source address if it is stale, else it is
 closed at once (see :mod:`tunnel.carriers.handshakes`).
+
+The build compiles this module (``wss.pxd`` gives the types). A compiled class cannot derive
+from asyncio's protocol classes, so the pipe's code is in :class:`_WebSocketPipeBase` and
+:class:`WebSocketPipe` adds the bases.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from tunnel.carriers.handshakes import PendingHandshakes
+from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
 from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
 from tunnel.carriers.websocket import (
     ClientHandshake,
@@ -130,16 +134,15 @@ class Slot:
         self._pipe._cancel_deadline()
 
 
-class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
-    """One WebSocket connection as a byte pipe (see the module docstring).
+class _WebSocketPipeBase:
+    """The code of :class:`WebSocketPipe` (see the module docstring)."""
 
-    A buffered protocol: uvloop's TLS transport decrypts straight into :func:`_read_buffer`
-    (``SSLObject.read(n, buffer)``) instead of into a fresh 256 KiB ``bytes`` per read, which
-    glibc serves with mmap, mremap and munmap and the kernel with page faults: about a
-    fifth of the agent's CPU per small message, and one copy fewer for bulk data.
-    """
-
-    transport_name = "wss"
+    __slots__ = (
+        "client", "limits", "transport", "peer_address", "forwarded_for", "subprotocol", "_handshake", "_conn",
+        "_receiver", "_early", "_write_paused", "_lost", "_lost_exc", "_lost_delivered", "_error", "_closing",
+        "_close_timer", "_deadline", "_tls_task", "_pre_tls", "_raw_early", "_listener", "slot", "_rbuf", "_loop",
+        "_ready",
+    )
 
     def __init__(self, *, client: bool, limits: Limits, handshake, listener: "_Listener | None" = None) -> None:
         self.client = client
@@ -177,6 +180,11 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
     def upgraded(self) -> bool:
         return self._conn is not None
 
+    @property
+    def peer_certificate(self) -> dict | None:
+        """The peer's verified TLS certificate (``getpeercert()``), None without one."""
+        return self.transport.get_extra_info("peercert") if self.transport is not None else None
+
     def set_receiver(self, receiver: PipeReceiver) -> None:
         self._receiver = receiver
         early, self._early = self._early, None
@@ -195,10 +203,14 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             return
         transport = self.transport
         for out in conn.encode_messages(buffers):
-            if len(out) <= 16 and sum(map(len, out)) <= JOIN_BELOW:
-                transport.write(b"".join(out))
-            else:
-                transport.writelines(out)
+            if len(out) <= 16:
+                size = 0
+                for b in out:
+                    size += len(b)
+                if size <= JOIN_BELOW:
+                    transport.write(b"".join(out))
+                    continue
+            transport.writelines(out)
 
     def close(self) -> None:
         """Send a close frame after what is queued; close the transport once the peer answers
@@ -238,6 +250,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         if not listener.admit(self):
             log.warning("refusing connection from %s: %d handshakes pending", self.peer_address,
                         len(listener.handshakes))
+            handshake_failed("wss", "full")
             self._lost = True  # never counted, never reported
             transport.abort()
             return
@@ -293,6 +306,8 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
                 reason = "TLS handshake timed out" if isinstance(exc, (asyncio.CancelledError, TimeoutError)) \
                     else f"TLS handshake failed: {_tls_failure(exc)}"
                 log.info("wss %s: %s", self.peer_address, reason)
+                if not isinstance(exc, (asyncio.CancelledError, TimeoutError)):  # else the deadline counts it
+                    handshake_failed("wss", "tls")
                 self.connection_lost(LinkError(reason))
             return
         self._tls_task = None
@@ -425,6 +440,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         self.transport.write(hs.response)
         if not hs.accepted:
             log.info("wss %s: upgrade refused with %d (%s)", self.peer_address, hs.status, hs.reason)
+            handshake_failed("wss", "upgrade")
             self._error = HandshakeError(f"upgrade refused: {hs.reason}", hs.status)
             self._closing = True
             self.transport.close()
@@ -475,6 +491,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             return
         log.info("wss %s: handshake deadline of %.1fs passed", self.peer_address,
                  self.limits.handshake_timeout)
+        handshake_failed("wss", "timeout")
         self._error = LinkError("handshake deadline passed")
         self._closing = True
         if self._tls_task is not None:
@@ -488,6 +505,7 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
             self.slot.release()
         if self._lost:
             return
+        handshake_failed("wss", "evicted")
         self._error = LinkError("handshake evicted: too many handshakes in progress")
         self._closing = True
         if self._tls_task is not None:
@@ -504,6 +522,18 @@ class WebSocketPipe(Pipe, asyncio.BufferedProtocol):
         self._close_timer = None
         if not self._lost:
             self.transport.abort()
+
+
+class WebSocketPipe(_WebSocketPipeBase, Pipe, asyncio.BufferedProtocol):
+    """One WebSocket connection as a byte pipe (see the module docstring).
+
+    A buffered protocol: uvloop's TLS transport decrypts straight into :func:`_read_buffer`
+    (``SSLObject.read(n, buffer)``) instead of into a fresh 256 KiB ``bytes`` per read, which
+    glibc serves with mmap, mremap and munmap and the kernel with page faults: about a
+    fifth of the agent's CPU per small message, and one copy fewer for bulk data.
+    """
+
+    transport_name = "wss"
 
 
 class _Listener:

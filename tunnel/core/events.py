@@ -29,7 +29,8 @@ class StreamOpened(Event):
 class DataReceived(Event):
     """Stream bytes. The application must call ``consume(stream_id, len(data))`` once they
     have left its buffers; until then they count against the stream and session windows.
-    ``data`` may be a view into the receive buffer: copy it to keep it past this callback."""
+    ``data`` may be a view into the receive buffer: copy it to keep it past this callback.
+    Not reported for a stream given a receiver (``Session.set_receiver``)."""
 
     stream_id: int
     data: memoryview | bytes

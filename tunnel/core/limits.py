@@ -126,6 +126,9 @@ class Limits:
     #: Share of the other descriptors one customer may hold (agent links, endpoints and the
     #: connections to them), as a fraction.
     customer_fd_share: float = 0.5
+    # --- operations endpoints (relay --metrics-listen, agent METRICS_LISTEN) ---
+    #: Connections the /metrics, /live and /ready server serves at once; more are closed.
+    max_metrics_connections: int = 16
 
     def validate(self) -> "Limits":
         """Raise ``ValueError`` naming the first field out of range; return self."""

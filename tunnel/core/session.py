@@ -5,7 +5,9 @@ Design in a few lines:
 - Bytes in (:meth:`Session.receive_data`) go through the codec's ``FrameDecoder``, then a
   dispatch table indexed by frame type; per-stream frames drive the stream state TABLE
   (:data:`TRANSITIONS`, ``(state, input) -> new state``; anything missing is a violation).
-  Facts come out as events (:meth:`Session.pop_events`), never as callbacks.
+  Facts come out as events (:meth:`Session.pop_events`), never as callbacks. The DATA of a
+  stream given a receiver (:meth:`Session.set_receiver`) is collected per stream instead, for
+  :meth:`Session.pop_received`: no event object per frame on the adapter's hot path.
 - Bytes out (:meth:`Session.data_to_send`): control frames (small ``bytes``) wait in one
   deque and always go first; stream data waits, uncopied, as memoryviews in per-stream deques
   and is scheduled round-robin over the streams that have data and credit, one
@@ -139,12 +141,13 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (_S.HALF_CLOSED_REMOTE, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
 }
 
-# Fast form of the table for the hot path: _NEXT[state] is {input: new state}.
-_NEXT: list[dict[int, StreamState]] = [{} for _ in StreamState]
+# Fast form of the table for the hot path: _NEXT[state] is {input: new state}, as plain ints.
+_NEXT: list[dict[int, int]] = [{} for _ in StreamState]
 for (_state, _input), _new in TRANSITIONS.items():
-    _NEXT[_state][_input] = _new
+    _NEXT[_state][int(_input)] = int(_new)
 del _state, _input, _new
 
+_IDLE = int(_S.IDLE)
 _OPEN = int(_S.OPEN)
 _HCL = int(_S.HALF_CLOSED_LOCAL)
 _HCR = int(_S.HALF_CLOSED_REMOTE)
@@ -167,13 +170,13 @@ class _Stream:
     __slots__ = (
         "id", "local", "state", "queue", "buffered", "fin_pending", "send_window",
         "recv_limit", "received", "consumed", "window", "epoch_at", "epoch_consumed", "scheduled",
-        "paused", "last_activity", "turn_left",
+        "paused", "last_activity", "turn_left", "receiver", "inbox",
     )
 
     def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int, now: float) -> None:
         self.id = stream_id
         self.local = local
-        self.state = _S.IDLE
+        self.state = _IDLE
         self.queue: deque = deque()  # memoryviews of the application's data, uncopied
         self.buffered = 0  # bytes in queue
         self.fin_pending = False  # end_stream called; FIN goes out after the queue
@@ -188,6 +191,8 @@ class _Stream:
         self.paused = False  # reported paused; waits for StreamWritable
         self.last_activity = now
         self.turn_left = 0  # rest of a quantum cut short by max_bytes: resumed first
+        self.receiver = None  # set_receiver: DATA goes to pop_received, not DataReceived events
+        self.inbox: list | None = None  # payloads for the receiver since the last pop_received
 
 
 class Session:
@@ -220,6 +225,7 @@ class Session:
         self._recv_received = 0
         self._recv_consumed = 0
         self._closed = False
+        self._inbox_streams: list[_Stream] = []  # streams with payloads for pop_received
         self.bytes_sent = 0
         self.bytes_received = 0
         self._handlers = [
@@ -310,7 +316,9 @@ class Session:
         handlers = self._handlers
         try:
             for ftype, flags, sid, payload in decoded:
-                if not self._hello_received:
+                if ftype == _DATA and self._hello_received:
+                    self._on_data(flags, sid, payload)
+                elif not self._hello_received:
                     self._on_first_frame(ftype, sid, payload)
                 else:
                     handlers[ftype](flags, sid, payload)
@@ -325,6 +333,31 @@ class Session:
         events = self._events
         self._events = []
         return events
+
+    def set_receiver(self, stream_id: int, receiver: object) -> None:
+        """From now on, collect the stream's DATA payloads for :meth:`pop_received` (handed
+        back with ``receiver``, any object but None) instead of reporting ``DataReceived``
+        events. Nothing happens for a stream that is closed or unknown."""
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.receiver = receiver
+
+    def pop_received(self) -> list[tuple[object, list]]:
+        """The DATA payloads received since the last call for streams with a receiver: one
+        ``(receiver, payloads)`` per stream, in the order the streams first got data, the
+        payloads in order. The rules of ``DataReceived.data`` apply to each payload (consume
+        it; a view is valid only until the next ``receive_data``). Call it after each
+        ``receive_data`` and before :meth:`pop_events`: a stream's events (``StreamEnded``,
+        ``StreamReset``...) then follow its data, as they follow it on the wire."""
+        streams = self._inbox_streams
+        if not streams:
+            return []
+        self._inbox_streams = []
+        received = []
+        for s in streams:
+            received.append((s.receiver, s.inbox))
+            s.inbox = None
+        return received
 
     # --- frame handlers ---------------------------------------------------------------
 
@@ -386,7 +419,13 @@ class Session:
             self._queue_control(frames.encode_frame(FrameType.PING, 0, 0, ping))
         s.last_activity = self._now
         if n:
-            self._events.append(DataReceived(sid, payload))
+            if s.receiver is None:
+                self._events.append(DataReceived(sid, payload))
+            elif s.inbox is None:
+                s.inbox = [payload]
+                self._inbox_streams.append(s)
+            else:
+                s.inbox.append(payload)
         if flags & _FIN:
             s.state = _NEXT[s.state][_RECV_FIN]
             self._events.append(StreamEnded(sid))

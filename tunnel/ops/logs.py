@@ -16,11 +16,13 @@ import time
 
 # JWTs (three base64url parts, the first starting with '{"' encoded) and bearer tokens.
 _SECRET = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
+# The password of a URL (scheme://user:password@host), such as a database URL.
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]+@")
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def redact(text: str) -> str:
-    return _SECRET.sub("[redacted]", text)
+    return _URL_PASSWORD.sub(r"\1:[redacted]@", _SECRET.sub("[redacted]", text))
 
 
 def escape(text: str) -> str:

@@ -1,38 +1,65 @@
-"""Fixtures of the relay control-plane tests: a fake data-plane registry and a real admin API
-server on loopback, running its own event loop in a background thread."""
+"""Fixtures of the relay control-plane tests: the state on each back end, a fake data-plane
+registry, and a real admin API server on loopback running its own event loop in a background
+thread."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import threading
 from pathlib import Path
 
 import pytest
 
 from relay.admin import load_or_create_admin_token, start_admin_server
+from relay.cluster import Cluster
 from relay.state import RelayState
+from relay.store.settings import StoreSettings
 from relay.tokens import TokenAuthority
+from tests.helpers.sync_state import SyncState, new_loop
 
 # A uniquely named helper module (a bare ``import conftest`` could find another layer's).
 from relay_fakes import FakeRegistry
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def database_url(request, backend):
+    """``None`` (SQLite in the state dir) or a fresh PostgreSQL database."""
+    if backend == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def state(tmp_path, database_url):
+    """A migrated, empty :class:`SyncState` on each back end."""
+    loop = new_loop()
+    st = loop.run_until_complete(RelayState.open(tmp_path / "state", database_url))
+    sync = SyncState(st, loop)
+    try:
+        yield sync
+    finally:
+        sync.close()
+
+
 class AdminServerThread:
     """A real admin server on 127.0.0.1 (port chosen by the OS) in a background loop."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, database_url: str | None = None) -> None:
         self.state_dir = Path(state_dir)
+        self.database_url = database_url
         self.registry = FakeRegistry()
         # The relay runs on uvloop: serve the tests from it too when it is installed.
-        try:
-            import uvloop
-        except ImportError:  # pragma: no cover
-            self.loop = asyncio.new_event_loop()
-        else:
-            self.loop = uvloop.new_event_loop()
+        self.loop = new_loop()
         self._thread = threading.Thread(target=self._run, name="admin-server", daemon=True)
         self.state: RelayState | None = None
+        self.cluster: Cluster | None = None
         self.authority: TokenAuthority | None = None
         self.token = ""
         self.url = ""
@@ -43,11 +70,14 @@ class AdminServerThread:
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        self.state = RelayState.open_dir(self.state_dir)
+        self.state = await RelayState.open(self.state_dir, self.database_url)
+        self.cluster = Cluster(self.state, self.registry, "wss://127.0.0.1:8443", StoreSettings())
+        await self.cluster.start()
         self.authority = TokenAuthority(self.state_dir)
         self.token = load_or_create_admin_token(self.state_dir)
         self.server = await start_admin_server(
-            "127.0.0.1", 0, state=self.state, authority=self.authority, registry=self.registry, token=self.token
+            "127.0.0.1", 0, state=self.state, authority=self.authority, registry=self.registry, token=self.token,
+            cluster=self.cluster,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -58,7 +88,10 @@ class AdminServerThread:
         return self
 
     def call(self, fn, *args, **kwargs):
-        """Run ``fn`` on the server's loop thread and return its result."""
+        """Run ``fn`` on the server's loop thread and return its result (awaited when ``fn``
+        is a coroutine function)."""
+        if inspect.iscoroutinefunction(fn):
+            return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self.loop).result(timeout=60)
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
@@ -79,6 +112,10 @@ class AdminServerThread:
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
+            if self.cluster is not None:
+                await self.cluster.stop()
+            if self.state is not None:
+                await self.state.close()
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=60)
@@ -86,8 +123,6 @@ class AdminServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=60)
             self.loop.close()
-            if self.state is not None:
-                self.state.close()
 
 
 @pytest.fixture

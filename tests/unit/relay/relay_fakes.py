@@ -8,7 +8,10 @@ class FakeRegistry:
 
     def __init__(self, service_host: str = "127.0.0.1") -> None:
         self.service_host = service_host
+        #: Fake agents by resource id (the real registry's ``agents`` is a set of sessions;
+        #: the cluster resynchronises only after a PostgreSQL outage, never in these tests).
         self.agents: dict[str, list[dict]] = {}
+        self.endpoints: dict = {}
         self.dropped: list[tuple[str, int]] = []
         self.deleted: list[str] = []
 

@@ -214,3 +214,57 @@ def test_user_provided_files_must_be_usable(tmp_path):
         ensure_pki(tmp_path / "s", cert_file=a.cert_file, key_file=b.key_file)
     with pytest.raises(ValueError, match="not found"):
         ensure_pki(tmp_path / "s", cert_file=tmp_path / "missing.pem", key_file=a.key_file)
+
+
+def _mutual_handshake(server_context, client_context, server_name: str = "127.0.0.1"):
+    """A real TLS handshake over loopback; the peer certificate the server saw, or the error."""
+    import asyncio
+
+    from tests.helpers.sync_state import new_loop
+
+    async def go():
+        seen = {}
+
+        async def on_client(reader, writer):
+            seen["cert"] = writer.get_extra_info("peercert")
+            writer.write(b"ok")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context,
+                                                          server_hostname=server_name)
+            data = await reader.read(2)
+            writer.close()
+            return seen.get("cert") if data == b"ok" else None
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            return exc
+        finally:
+            server.close()
+
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(go(), 10))
+    finally:
+        loop.close()
+
+
+def test_relay_to_relay_links_take_relay_certificates_only(tmp_path):
+    """The peer listener requires a client certificate from the cluster CA valid for client
+    authentication: a relay's relay-to-relay certificate passes and names the role "relay";
+    its agent-facing server certificate (same CA) and no certificate at all are refused."""
+    keys = pki.ensure_pki(tmp_path)
+    cert, key = pki.ensure_peer_cert(tmp_path, ["127.0.0.1"])
+    server = pki.peer_server_ssl_context(cert, key, keys.ca_file)
+    seen = _mutual_handshake(server, pki.peer_client_ssl_context(cert, key, keys.ca_file))
+    assert isinstance(seen, dict) and pki.peer_role(seen) == pki.PEER_ROLE
+    as_server_cert = pki.peer_client_ssl_context(keys.cert_file, keys.key_file, keys.ca_file)
+    assert not isinstance(_mutual_handshake(server, as_server_cert), dict)
+    assert not isinstance(_mutual_handshake(server, pki.client_ssl_context(keys.ca_file)), dict)
+    # Another cluster's relay (another CA) is refused too.
+    other = pki.ensure_pki(tmp_path / "other")
+    other_cert, other_key = pki.ensure_peer_cert(tmp_path / "other", ["127.0.0.1"])
+    assert not isinstance(_mutual_handshake(server, pki.peer_client_ssl_context(other_cert, other_key, keys.ca_file)), dict)
+    assert other.ca_file != keys.ca_file

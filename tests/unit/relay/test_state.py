@@ -1,7 +1,9 @@
-"""relay.state: the SQLite registry of customers, resources and tokens; port allocation."""
+"""relay.state: customers, resources and tokens, the same contract on both back ends (SQLite
+and a real PostgreSQL: every test taking ``state`` runs on each); port allocation; files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -19,6 +21,16 @@ from relay.state import (
     new_id,
     write_private,
 )
+from relay.store.errors import Conflict, SchemaTooNew
+from tests.helpers.sync_state import new_loop
+
+
+def open_and_close(directory, url=None) -> None:
+    async def go():
+        st = await RelayState.open(directory, url)
+        await st.close()
+
+    asyncio.run(go())
 
 
 def counter_allocator(start: int = 21000):
@@ -33,12 +45,6 @@ def counter_allocator(start: int = 21000):
     return allocate
 
 
-@pytest.fixture
-def state(tmp_path):
-    with RelayState.open_dir(tmp_path / "state") as st:
-        yield st
-
-
 def test_ids_have_the_documented_shape():
     for _ in range(50):
         assert re.fullmatch(r"cus_[a-z2-7]{16}", new_id("cus"))
@@ -47,8 +53,7 @@ def test_ids_have_the_documented_shape():
 
 def test_database_file_schema_version_and_modes(tmp_path):
     directory = tmp_path / "state"
-    with RelayState.open_dir(directory):
-        pass
+    open_and_close(directory)
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     db = directory / "relay.db"
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
@@ -62,13 +67,12 @@ def test_database_file_schema_version_and_modes(tmp_path):
 
 def test_refuses_a_newer_schema(tmp_path):
     directory = tmp_path / "state"
-    with RelayState.open_dir(directory):
-        pass
+    open_and_close(directory)
     con = sqlite3.connect(directory / "relay.db")
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.close()
-    with pytest.raises(RuntimeError, match="newer"):
-        RelayState.open_dir(directory)
+    with pytest.raises(SchemaTooNew, match="newer than this relay"):
+        open_and_close(directory)
 
 
 def test_customers(state):
@@ -139,20 +143,30 @@ def test_unknown_customer_cannot_own_a_resource(state):
         state.get_or_create_resource("cus_aaaaaaaaaaaaaaaa", "db", counter_allocator())
 
 
-def test_ports_and_generations_survive_a_reopen(tmp_path):
+def test_ports_and_generations_survive_a_reopen(tmp_path, database_url):
     directory = tmp_path / "state"
-    with RelayState.open_dir(directory) as st:
-        customer = st.create_customer("acme")
-        db = st.get_or_create_resource(customer["id"], "db", counter_allocator(23456))
-        assert st.rotate_resource(db["id"]) == 1
-    with RelayState.open_dir(directory) as st:
 
-        def must_not_allocate(taken):
-            raise AssertionError("the port must be kept")
+    async def first():
+        async with await RelayState.open(directory, database_url) as st:
+            customer = await st.create_customer("acme")
+            db = await st.get_or_create_resource(customer["id"], "db", counter_allocator(23456))
+            assert await st.rotate_resource(db["id"]) == 1
+            return customer, db
 
-        again = st.get_or_create_resource(customer["id"], "db", must_not_allocate)
-        assert again["id"] == db["id"] and again["port"] == 23456 and again["generation"] == 1
-        assert st.get_customer(customer["id"]) == customer
+    def must_not_allocate(taken):
+        raise AssertionError("the port must be kept")
+
+    async def second(customer, db):
+        async with await RelayState.open(directory, database_url) as st:
+            again = await st.get_or_create_resource(customer["id"], "db", must_not_allocate)
+            assert again["id"] == db["id"] and again["port"] == 23456 and again["generation"] == 1
+            assert await st.get_customer(customer["id"]) == customer
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(second(*loop.run_until_complete(first())))
+    finally:
+        loop.close()
 
 
 def test_rotate_and_delete(state):
@@ -179,7 +193,7 @@ def test_record_token(state):
     assert [t["jti"] for t in tokens] == ["jti-1", "jti-2"]
     assert tokens[1]["org_only"] is True and tokens[1]["generation"] == 3
     assert [t["jti"] for t in state.list_tokens("res_aaaaaaaaaaaaaaaa")] == ["jti-2"]
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(Conflict):
         state.record_token("jti-1", customer["id"], None, 0, False, 1000, 2000)
 
 
@@ -231,23 +245,26 @@ def test_state_dir_is_tightened_and_private_writes(tmp_path):
 def test_migration_from_version_1_gives_existing_resources_a_full_idle_period(tmp_path):
     import time
 
-    from relay.state import _SCHEMA_V1
+    from test_store import V1_SCHEMA
 
     path = tmp_path / "relay.db"
     db = sqlite3.connect(path)
-    db.executescript(_SCHEMA_V1)
+    db.executescript(V1_SCHEMA)
     db.execute("INSERT INTO customers VALUES ('cus_aaaaaaaaaaaaaaaa', 'old', '2020-01-01T00:00:00Z')")
     db.execute("INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
                "VALUES ('res_aaaaaaaaaaaaaaaa', 'cus_aaaaaaaaaaaaaaaa', 'db', 21000, 0, '2020-01-01T00:00:00Z')")
-    db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
     before = int(time.time())
-    with RelayState(path) as st:
-        assert st._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
-        assert st.get_resource("res_aaaaaaaaaaaaaaaa")["name"] == "db"  # the existing methods, unchanged
-        assert st.idle_resources(before) == []  # served "now" as far as expiry goes
-        assert [r["id"] for r in st.idle_resources(before + 3600)] == ["res_aaaaaaaaaaaaaaaa"]
+
+    async def go():
+        async with await RelayState.open(tmp_path) as st:
+            assert await st.db.fetchval("PRAGMA user_version") == SCHEMA_VERSION
+            assert (await st.get_resource("res_aaaaaaaaaaaaaaaa"))["name"] == "db"  # the existing methods
+            assert await st.idle_resources(before) == []  # served "now" as far as expiry goes
+            assert [r["id"] for r in await st.idle_resources(before + 3600)] == ["res_aaaaaaaaaaaaaaaa"]
+
+    asyncio.run(go())
 
 
 def test_count_mark_and_idle_resources(state):
@@ -271,14 +288,30 @@ def test_state_write_failure_tells_a_full_directory_from_a_bug(tmp_path):
 
     from relay.state import state_write_failure
 
-    with RelayState(tmp_path / "relay.db") as st:
-        st._db.execute("CREATE TABLE filler (x BLOB)")
-        pages = st._db.execute("PRAGMA page_count").fetchone()[0]
-        st._db.execute(f"PRAGMA max_page_count = {pages}")
-        with pytest.raises(sqlite3.OperationalError) as full:
-            st._db.execute("INSERT INTO filler VALUES (zeroblob(100000))")
+    con = sqlite3.connect(tmp_path / "relay.db")
+    con.execute("CREATE TABLE filler (x BLOB)")
+    pages = con.execute("PRAGMA page_count").fetchone()[0]
+    con.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError) as full:
+        con.execute("INSERT INTO filler VALUES (zeroblob(100000))")
+    con.close()
     assert state_write_failure(full.value).startswith("state directory full")
     assert state_write_failure(OSError(errno.ENOSPC, "No space left on device")).startswith("state directory full")
     assert state_write_failure(OSError(errno.EROFS, "Read-only file system")) == "state directory read-only"
     assert state_write_failure(sqlite3.OperationalError("no such table: x")) is None
     assert state_write_failure(KeyError("x")) is None
+
+
+def test_a_full_sqlite_database_is_a_state_write_failure(tmp_path):
+    from relay.state import StateWriteFailed
+
+    async def go():
+        async with await RelayState.open(tmp_path) as st:
+            pages = await st.db.fetchval("PRAGMA page_count")
+            await st.db.execute(f"PRAGMA max_page_count = {pages}")
+            with pytest.raises(StateWriteFailed, match="^state directory full"):
+                for i in range(10000):
+                    await st.create_customer("x" * 200)
+            assert len(await st.list_customers()) > 0  # reads go on
+
+    asyncio.run(go())

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from relay.state import ORG_CUSTOMER_ID, RelayState
+from relay.state import ORG_CUSTOMER_ID
 from relay.tokens import AUDIENCE, ISSUER, Claims, TokenAuthority, check_against_state
 from tunnel.wire.errors import AuthError
 
@@ -272,10 +272,11 @@ def test_too_long(authority, key):
 # --------------------------------------------------------------------------- against state
 
 
-@pytest.fixture
-def state(tmp_path):
-    with RelayState.open_dir(tmp_path / "state") as st:
-        yield st
+# ``state`` (conftest.py): each back end in turn.
+
+
+def check(claims, state, name, allocate=None, **kwargs):
+    return state.run(check_against_state(claims, state.state, name, allocate, **kwargs))
 
 
 def alloc(taken: set[int]) -> int:
@@ -288,10 +289,10 @@ def alloc(taken: set[int]) -> int:
 def test_customer_wide_token_creates_and_reuses_resources(authority, state):
     customer = state.create_customer("acme")
     got = authority.verify(authority.issue(customer["id"]))
-    db = check_against_state(got, state, "db", alloc)
+    db = check(got, state, "db", alloc)
     assert db["customer_id"] == customer["id"] and db["name"] == "db" and db["port"] == 22000
-    assert check_against_state(got, state, "db", alloc) == db
-    api = check_against_state(got, state, "api", alloc)
+    assert check(got, state, "db", alloc) == db
+    api = check(got, state, "api", alloc)
     assert api["id"] != db["id"]
 
 
@@ -299,30 +300,30 @@ def test_check_only_creates_nothing(authority, state):
     """create=False (a dry-run registration): an unknown name is None and stays unknown."""
     customer = state.create_customer("acme")
     got = authority.verify(authority.issue(customer["id"]))
-    assert check_against_state(got, state, "db", alloc, create=False) is None
+    assert check(got, state, "db", alloc, create=False) is None
     assert state.find_resource(customer["id"], "db") is None
-    db = check_against_state(got, state, "db", alloc)
-    assert check_against_state(got, state, "db", alloc, create=False) == db
+    db = check(got, state, "db", alloc)
+    assert check(got, state, "db", alloc, create=False) == db
 
 
 def test_default_allocator_picks_a_free_port(authority, state):
     customer = state.create_customer("acme")
-    resource = check_against_state(authority.verify(authority.issue(customer["id"])), state, "db")
+    resource = check(authority.verify(authority.issue(customer["id"])), state, "db")
     assert 20000 <= resource["port"] <= 29999
 
 
 def test_unknown_customer(authority, state):
     with pytest.raises(AuthError, match="customer does not exist"):
-        check_against_state(authority.verify(authority.issue(CUSTOMER)), state, "db", alloc)
+        check(authority.verify(authority.issue(CUSTOMER)), state, "db", alloc)
 
 
 def test_resource_token_must_match_its_resource(authority, state):
     customer = state.create_customer("acme")
     db = state.get_or_create_resource(customer["id"], "db", alloc)
     got = authority.verify(authority.issue(customer["id"], db["id"], db["generation"]))
-    assert check_against_state(got, state, "db", alloc) == db
+    assert check(got, state, "db", alloc) == db
     with pytest.raises(AuthError, match="another resource name"):
-        check_against_state(got, state, "api", alloc)
+        check(got, state, "api", alloc)
     assert state.find_resource(customer["id"], "api") is None
 
 
@@ -332,7 +333,7 @@ def test_other_customers_resource_is_rejected(authority, state):
     db = state.get_or_create_resource(acme["id"], "db", alloc)
     got = authority.verify(authority.issue(evil["id"], db["id"], db["generation"]))
     with pytest.raises(AuthError, match="resource does not exist"):
-        check_against_state(got, state, "db", alloc)
+        check(got, state, "db", alloc)
 
 
 def test_deleted_resource_token_is_rejected(authority, state):
@@ -341,7 +342,7 @@ def test_deleted_resource_token_is_rejected(authority, state):
     got = authority.verify(authority.issue(acme["id"], db["id"]))
     state.delete_resource(db["id"])
     with pytest.raises(AuthError, match="resource does not exist"):
-        check_against_state(got, state, "db", alloc)
+        check(got, state, "db", alloc)
 
 
 def test_rotation_revokes_older_tokens(authority, state):
@@ -352,17 +353,17 @@ def test_rotation_revokes_older_tokens(authority, state):
     new_gen = state.rotate_resource(db["id"])
     new = authority.verify(authority.issue(acme["id"], db["id"], new_gen))
     with pytest.raises(AuthError, match="registration token revoked"):
-        check_against_state(old, state, "db", alloc)
+        check(old, state, "db", alloc)
     with pytest.raises(AuthError, match="registration token revoked"):
-        check_against_state(wide, state, "db", alloc)
-    assert check_against_state(new, state, "db", alloc)["id"] == db["id"]
+        check(wide, state, "db", alloc)
+    assert check(new, state, "db", alloc)["id"] == db["id"]
     # The customer-wide token still serves the customer's other resources.
-    assert check_against_state(wide, state, "api", alloc)["name"] == "api"
+    assert check(wide, state, "api", alloc)["name"] == "api"
 
 
 def test_org_only_token_maps_to_the_org_customer(authority, state):
     got = authority.verify(authority.issue(None, org_only=True))
-    resource = check_against_state(got, state, "test-db", alloc)
+    resource = check(got, state, "test-db", alloc)
     assert resource["customer_id"] == ORG_CUSTOMER_ID
     assert state.get_customer(ORG_CUSTOMER_ID)["name"] == "organization"
 
@@ -370,7 +371,7 @@ def test_org_only_token_maps_to_the_org_customer(authority, state):
 def test_bad_resource_name_is_a_bad_request(authority, state):
     acme = state.create_customer("acme")
     with pytest.raises(AuthError) as info:
-        check_against_state(authority.verify(authority.issue(acme["id"])), state, "x" * 500, alloc)
+        check(authority.verify(authority.issue(acme["id"])), state, "x" * 500, alloc)
     assert info.value.code == "bad_request"
 
 

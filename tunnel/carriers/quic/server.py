@@ -29,7 +29,7 @@ from aioquic.quic.packet import (
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from tunnel.carriers.base import Link
-from tunnel.carriers.handshakes import PendingHandshakes
+from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
 from tunnel.carriers.quic.compat import BoundedConnection, refuse_datagram
 from tunnel.carriers.quic.config import configuration, stream_limits
 from tunnel.carriers.quic.link import QuicLink
@@ -139,6 +139,7 @@ class QuicServer(asyncio.DatagramProtocol):
                                                           token=header.token, now=now)
             except ValueError:
                 self.refused += 1
+                handshake_failed("quic", "retry_token")
                 return
             retry_cid = header.destination_cid
         elif 2 * len(self._handshakes) >= self.limits.max_pending_handshakes:
@@ -146,6 +147,7 @@ class QuicServer(asyncio.DatagramProtocol):
             return
         if len(self._all) >= self.limits.max_quic_connections or not self._handshakes.make_room(now, self._evict):
             self.refused += 1
+            handshake_failed("quic", "full")
             self._transport.sendto(refuse_datagram(header.version, header.destination_cid, header.source_cid), addr)
             return
         self._accept(header, data, addr, original_cid, retry_cid)
@@ -162,6 +164,7 @@ class QuicServer(asyncio.DatagramProtocol):
     @staticmethod
     def _evict(link: QuicLink) -> None:
         """Give up a stale handshake to make room (see :mod:`tunnel.carriers.handshakes`)."""
+        handshake_failed("quic", "evicted")
         link.close(ErrorCode.TIMEOUT, "handshake evicted: too many handshakes in progress")
 
     def _accept(self, header, data: bytes, addr, original_cid: bytes, retry_cid: bytes | None) -> None:
@@ -213,6 +216,7 @@ class QuicServer(asyncio.DatagramProtocol):
 
     @staticmethod
     def _handshake_expired(link: QuicLink) -> None:
+        handshake_failed("quic", "timeout")
         link.close(ErrorCode.TIMEOUT, "handshake deadline exceeded")
 
     def _link_ready(self, link: QuicLink) -> None:

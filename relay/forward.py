@@ -1,0 +1,140 @@
+"""Streams that cross a relay-to-relay link (:mod:`relay.peering`), both ends.
+
+- :class:`Forwarded` (the relay a worker connected to, holding no agent of the resource):
+  the worker's TCP connection is accepted at once; while the relay finds the relay holding
+  an agent and opens a stream to it over their peer link (or, when no relay serves the
+  resource, waits for an agent: relay.registry.Endpoint.find_agent), what the worker sends
+  waits here (reading paused above :data:`EARLY_LIMIT`, and at once while waiting); then the
+  endpoint's :class:`TcpBridge` runs over the stream exactly as over an agent's.
+- :class:`Splice` (the relay holding the agent): joins the stream from the peer to a new
+  stream on the agent's link, both directions, with backpressure: a piece received on one
+  stream is queued on the other and credit goes back (``consume``) only once that queue is
+  below its high-water mark again, so what a forwarded stream holds here is bounded by its
+  windows, as on a worker's TCP connection. FIN and RESET (with its code) cross as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tunnel.carriers.base import LinkStream, StreamHandler
+from tunnel.wire.constants import ErrorCode
+from tunnel.wire.errors import StreamClosedError, UsageError
+
+log = logging.getLogger("relay.forward")
+
+#: Bytes a worker may send before its forwarded stream is open; reading pauses above it.
+EARLY_LIMIT = 256 * 1024
+
+
+class Forwarded:
+    """The forwarding state of one worker connection (an ``EndpointBridge`` with no local
+    agent); see the module docstring."""
+
+    __slots__ = ("bridge", "early", "held", "eof")
+
+    def __init__(self, bridge) -> None:
+        self.bridge = bridge
+        self.early: list[bytes] = []
+        self.held = 0
+        self.eof = False
+
+    def hold(self, data: bytes) -> None:
+        """Bytes from the worker before the stream exists."""
+        self.early.append(bytes(data))
+        self.held += len(data)
+        if self.held > EARLY_LIMIT and self.bridge.transport is not None:
+            self.bridge.transport.pause_reading()
+
+    def attach(self, stream: LinkStream, buffers) -> None:
+        """The stream to the holding relay is open: send what waited, then bridge as usual."""
+        bridge = self.bridge
+        bridge.buffers = buffers
+        bridge.attach_stream(stream)
+        bridge.forwarded = None
+        early, self.early = self.early, []
+        for data in early:
+            bridge.data_received(data)  # counted, and reading paused if the stream is
+        if self.eof:
+            bridge.eof_received()
+        elif bridge.transport is not None and not stream.paused:
+            bridge.transport.resume_reading()
+
+
+class _Half(StreamHandler):
+    """The handler of one stream of a :class:`Splice`: what it receives goes to the other."""
+
+    __slots__ = ("splice", "stream", "other", "held", "closed_")
+
+    def __init__(self, splice: "Splice") -> None:
+        self.splice = splice
+        self.stream: LinkStream | None = None
+        self.other: "_Half | None" = None
+        self.held = 0  # received, queued on the other stream, not consumed yet
+        self.closed_ = False
+
+    def data_received(self, data) -> None:
+        other = self.other.stream
+        n = len(data)
+        try:
+            other.write(bytes(data))  # a copy: ``data`` may be a view of the carrier's read buffer
+        except StreamClosedError:
+            self.stream.reset(ErrorCode.STREAM_CLOSED)
+            return
+        if other.paused:
+            self.held += n
+        else:
+            self.stream.consume(n)
+
+    def writable(self) -> None:
+        # Our queue drained: the other side's pieces waiting for it may be credited now.
+        other = self.other
+        if other.held:
+            n, other.held = other.held, 0
+            other.stream.consume(n)
+
+    def eof_received(self) -> None:
+        try:
+            self.other.stream.write_eof()
+        except StreamClosedError:
+            pass
+
+    def reset_received(self, code: int) -> None:
+        self.other.stream.reset(code)
+        self.splice._finish()
+
+    def closed(self) -> None:
+        self.closed_ = True
+        if self.other.closed_:
+            self.splice._finish()
+
+
+class Splice:
+    """Joins a stream from a peer relay to a stream on an agent's link (see the module
+    docstring); ``on_done`` is called once when both are over."""
+
+    __slots__ = ("peer", "agent", "on_done", "_done")
+
+    def __init__(self) -> None:
+        self.peer = _Half(self)
+        self.agent = _Half(self)
+        self.peer.other, self.agent.other = self.agent, self.peer
+        self.on_done = None
+        self._done = False
+
+    def connect(self, peer_stream: LinkStream, agent_link, metadata: bytes) -> StreamHandler:
+        """Open the agent's stream for ``peer_stream``; return the peer stream's handler.
+        Raises ``UsageError`` when the agent's link is closing."""
+        self.peer.stream = peer_stream
+        self.agent.stream = agent_link.open_stream(metadata, self.agent)
+        return self.peer
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            callback, self.on_done = self.on_done, None
+            if callback is not None:
+                callback()
+
+
+__all__ = ["EARLY_LIMIT", "Forwarded", "Splice", "UsageError"]

@@ -1,0 +1,110 @@
+"""The interface both back ends implement, and :func:`open_database` that picks one by URL.
+
+A :class:`Database` runs SQL written once for both dialects (``?`` placeholders, the markers
+of :mod:`relay.store.dialect`) and returns rows as dicts. Its calls are coroutines that never
+block the event loop: SQLite runs on one worker thread, PostgreSQL on asyncpg. Failures come
+out as :mod:`relay.store.errors` exceptions, never as driver exceptions.
+
+Events (dicts with a ``kind``) published in a transaction with :meth:`Transaction.notify` reach
+every subscriber of every relay on the database once the transaction commits: the publishing
+relay's own subscribers at once, in process; the other relays' through PostgreSQL's
+LISTEN/NOTIFY. A PostgreSQL database that comes back after an outage also delivers
+``{"kind": "reconnected"}`` to its own subscribers, who then re-read what they may have missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+from .dialect import Dialect
+from .errors import StoreError
+from .settings import StoreSettings
+
+log = logging.getLogger("relay.store")
+
+#: The notification channel every relay of a cluster listens on.
+CHANNEL = "tunnel_relay"
+
+Event = dict
+Subscriber = Callable[[Event], None]
+
+
+class Transaction(Protocol):
+    async def fetch(self, sql: str, *args: Any) -> list[dict]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> dict | None: ...
+
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run ``sql``; return the number of rows it changed."""
+
+    async def notify(self, event: Event) -> None:
+        """Publish ``event`` to every relay once this transaction commits."""
+
+
+class Database(Transaction, Protocol):
+    """Single statements outside a transaction run on their own (autocommit)."""
+
+    dialect: Dialect
+    #: The URL without its password, for logs and admin output.
+    description: str
+
+    @property
+    def available(self) -> bool: ...
+
+    def transaction(self, timeout: float | None = None) -> AbstractAsyncContextManager[Transaction]:
+        """A write transaction (exclusive on SQLite)."""
+
+    def subscribe(self, callback: Subscriber) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (``postgresql://user@host:port/db``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<malformed database URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_postgres_url(url: str | None) -> bool:
+    return bool(url) and url.split("://", 1)[0].lower() in ("postgresql", "postgres")
+
+
+async def open_database(url: str | None, state_dir: str | Path, settings: StoreSettings | None = None) -> Database:
+    """The database at ``url``: ``postgresql://…`` (or ``postgres://``), ``sqlite:///path``, or
+    ``None``/empty for ``<state_dir>/relay.db``. Not yet migrated. Raise ``ValueError`` for a URL
+    of another kind, :class:`StoreUnavailable` when PostgreSQL cannot be reached."""
+    settings = settings or StoreSettings()
+    if is_postgres_url(url):
+        try:
+            from .postgres import PostgresDatabase
+        except ImportError:
+            raise StoreError("PostgreSQL needs the asyncpg driver: pip install 'tunnel-agent-relay[postgresql]'") from None
+        return await PostgresDatabase.connect(url, settings)
+    from .sqlite import SqliteDatabase
+
+    if url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "sqlite" or not parts.path:
+            raise ValueError(f"unsupported database URL {redact_url(url)!r}: "
+                             "expected postgresql://user@host:port/dbname or sqlite:///path/to/relay.db")
+        path = Path(urllib.parse.unquote(parts.path))
+    else:
+        from .. import DATABASE_FILE
+
+        path = Path(state_dir) / DATABASE_FILE
+    return SqliteDatabase(path, settings)

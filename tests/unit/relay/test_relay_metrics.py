@@ -1,0 +1,128 @@
+"""relay.metrics without processes: readiness, labels from fixed sets, counters per resource.
+The e2e suite (tests/e2e/test_metrics.py) checks the values after real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from types import SimpleNamespace
+
+from relay.metrics import RelayMetrics, ready, reset_reason
+from relay.quotas import QuotaExceeded
+from relay.registry import Endpoint, EndpointBridge, Registry
+from relay.state import RelayState
+from relay.store.settings import StoreSettings
+from tests.helpers import async_wait_until
+from tests.helpers.tcp_proxy import TcpProxy
+from tunnel.ops.logs import Throttled
+from tunnel.wire.constants import ErrorCode
+
+
+def _relay(state, accepting=True):
+    return SimpleNamespace(state=state, accepting=accepting, throttled=Throttled(logging.getLogger("test")))
+
+
+class _BrokenState:
+    def ping(self):
+        raise sqlite3.OperationalError("disk I/O error at /secret/path")
+
+
+class _AsyncState:
+    def __init__(self, error=None):
+        self.error = error
+
+    async def ping(self):
+        await asyncio.sleep(0)
+        if self.error:
+            raise self.error
+
+
+def test_ready_needs_listeners_and_an_answering_state(tmp_path):
+    async def main():
+        state = await RelayState.open_dir(tmp_path)
+        assert await ready(_relay(state)) is None
+        assert await ready(_relay(state, accepting=False)) == "not accepting agents"
+        # The answer names the failure's kind, not its text (it may hold paths or addresses).
+        assert await ready(_relay(_BrokenState())) == "state unreachable (OperationalError)"
+        await state.close()
+        assert (await ready(_relay(state))).startswith("state unreachable (")
+
+    asyncio.run(main())
+
+
+def test_ready_follows_a_postgresql_state(tmp_path, postgres_server, postgres_url):
+    """The relay's state on PostgreSQL, reached through a proxy the test cuts: not ready while
+    the database is away, ready again once it is back."""
+    proxy = TcpProxy((postgres_server.host, postgres_server.port))
+    via_proxy = postgres_url.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    settings = StoreSettings(db_connect_timeout=1.0, db_query_timeout=1.0, db_reconnect_max=0.3)
+
+    async def main():
+        state = await RelayState.open(tmp_path, via_proxy, settings)
+        relay = _relay(state)
+        try:
+            assert await ready(relay) is None
+            proxy.cut()
+            answers = []
+
+            async def not_ready():
+                answers.append(await ready(relay))
+                return answers[-1] is not None
+
+            await async_wait_until(not_ready, 10, "the relay to be not ready")
+            assert answers[-1] == "state unreachable (StoreUnavailable)"
+            proxy.restore()
+
+            async def ready_again():
+                return await ready(relay) is None
+
+            await async_wait_until(ready_again, 20, "the relay to be ready again")
+        finally:
+            await state.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        proxy.close()
+
+
+def test_ready_awaits_a_coroutine_ping():
+    assert asyncio.run(ready(_relay(_AsyncState()))) is None
+    assert asyncio.run(ready(_relay(_AsyncState(ConnectionError("refused"))))) == "state unreachable (ConnectionError)"
+
+
+def test_reasons_come_from_fixed_sets():
+    assert reset_reason(ErrorCode.CONNECT_FAILED) == "connect_failed"
+    assert reset_reason(0xDEAD) == "other"  # a peer may send any number
+    metrics = RelayMetrics()
+    metrics.auth_refused("unauthorized")
+    metrics.auth_refused("anything a future version invents")
+    quota = QuotaExceeded("over", limit="max_links_per_customer", customer_id="cus_a")
+    metrics.auth_refused(quota.code, quota)
+    assert metrics.auth_failures == {"unauthorized": 1, "other": 1, "quota_exceeded": 1}
+    assert metrics.quota_hits == {("cus_a", "max_links_per_customer"): 1}
+
+
+def test_counters_per_resource_and_families():
+    registry = Registry("127.0.0.1")
+    metrics = registry.metrics
+    endpoint = registry.endpoints["res_a"] = Endpoint(registry, "res_a", "db", "cus_a", "127.0.0.1", 0)
+    metrics.stream_opened(endpoint)
+    metrics.stream_refused(endpoint, "no_agent")
+    metrics.stream_done(endpoint, SimpleNamespace(bytes_from_tcp=10, bytes_to_tcp=20, reset_code=None))
+    metrics.stream_done(endpoint, SimpleNamespace(bytes_from_tcp=1, bytes_to_tcp=2, reset_code=ErrorCode.TIMEOUT))
+    metrics.stream_done(endpoint, SimpleNamespace(bytes_from_tcp=0, bytes_to_tcp=0, reset_code=ErrorCode.NO_ERROR))
+    live = EndpointBridge(endpoint)
+    live.bytes_from_tcp, live.bytes_to_tcp = 100, 200
+    endpoint.bridges.add(live)  # a stream still open
+    samples = {(f.name, labels): value for f in metrics.families(registry) for _, labels, _, value in f.samples}
+    assert samples["tunnel_relay_streams_opened_total", ("cus_a", "res_a")] == 1
+    assert samples["tunnel_relay_streams_active", ("cus_a", "res_a")] == 1
+    assert samples["tunnel_relay_streams_refused_total", ("cus_a", "res_a", "no_agent")] == 1
+    assert samples["tunnel_relay_streams_failed_total", ("cus_a", "res_a", "timeout")] == 1
+    assert ("tunnel_relay_streams_failed_total", ("cus_a", "res_a", "no_error")) not in samples
+    assert samples["tunnel_relay_stream_bytes_total", ("cus_a", "res_a", "to_resource")] == 111
+    assert samples["tunnel_relay_stream_bytes_total", ("cus_a", "res_a", "from_resource")] == 222
+    assert samples["tunnel_relay_agents_connected", ("cus_a", "quic")] == 0
+    assert samples["tunnel_relay_resources_available", ("cus_a",)] == 0

@@ -1,0 +1,107 @@
+"""agent.links: which relay each of an agent's slots dials (RELAY_URL, the relays a relay
+names, other slots, draining relays), without the network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent import config as agent_config
+from agent.links import AgentLinks
+
+A, B, C = "wss://a.example:8443", "wss://b.example:8443", "wss://c.example:8443"
+
+
+def _links(relay_url: str, links: int = 2) -> AgentLinks:
+    conf = agent_config.load({"RELAY_URL": relay_url, "RELAY_LINKS": str(links), "REGISTRATION_JWT": "x",
+                              "NAME": "db", "APP_HOST": "127.0.0.1", "APP_PORT": "5432"})
+    return AgentLinks(conf)
+
+
+class FakeHandler:
+    def __init__(self, link) -> None:
+        self.link = link
+        self.moving = asyncio.get_running_loop().create_future()
+
+
+class FakeLink:
+    is_closing = False
+
+    def __init__(self) -> None:
+        self.goaways = []
+
+    def goaway(self, code, reason) -> None:
+        self.goaways.append(reason)
+        self.is_closing = True
+
+
+def _relays(*entries) -> dict:
+    return {"type": "relays", "relays": [{"id": rid, "url": url, "draining": draining}
+                                         for rid, url, draining in entries]}
+
+
+def test_relay_url_lists_relays_and_relay_links_is_bounded():
+    conf = agent_config.load({"RELAY_URL": f"{A}, {B}", "REGISTRATION_JWT": "x", "NAME": "db",
+                              "APP_HOST": "h", "APP_PORT": "1"})
+    assert conf.relay_urls == (A, B) and conf.relay_url == A and conf.relay_links == 2
+    for bad in ("0", "17", "two"):
+        with pytest.raises(agent_config.ConfigError, match="RELAY_LINKS"):
+            agent_config.load({"RELAY_URL": A, "RELAY_LINKS": bad, "REGISTRATION_JWT": "x", "NAME": "db",
+                               "APP_HOST": "h", "APP_PORT": "1"})
+    with pytest.raises(agent_config.ConfigError, match="RELAY_URL"):
+        agent_config.load({"RELAY_URL": f"{A},http://b", "REGISTRATION_JWT": "x", "NAME": "db",
+                           "APP_HOST": "h", "APP_PORT": "1"})
+
+
+def test_slots_take_distinct_relays_and_avoid_draining_ones(run):
+    async def go():
+        links = _links(A, links=2)
+        first, second = links.slots
+        assert (await links.dialer(first)).url == A
+        # The second slot waits: no other relay is known yet.
+        waiting = asyncio.ensure_future(links.dialer(second))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        first.relay_id = "rly_a"
+        links.registered(first, FakeLink())
+        links.control(first, FakeHandler(FakeLink()), _relays(("rly_a", A, False), ("rly_b", B, False),
+                                                               ("rly_c", C, True)))
+        assert (await asyncio.wait_for(waiting, 1)).url == B  # not A (held), not C (draining)
+        second.relay_id = "rly_b"
+        # The first slot's relay drains: it moves to the one relay free, and its old link gets
+        # GOAWAY only once the new one is registered.
+        old = FakeLink()
+        handler = FakeHandler(old)
+        links.control(first, handler, {"type": "draining", "relay_id": "rly_a"})
+        assert handler.moving.done()
+        links.control(first, handler, _relays(("rly_a", A, True), ("rly_b", B, False), ("rly_c", C, False)))
+        assert (await links.dialer(first)).url == C
+        assert not old.goaways
+        first.relay_id = "rly_c"
+        links.registered(first, FakeLink())
+        assert old.goaways == ["moved to another relay"]
+
+    run(go())
+
+
+def test_the_first_slot_tries_each_configured_relay_in_turn(run):
+    async def go():
+        links = _links(f"{A},{B}", links=1)
+        (slot,) = links.slots
+        tried = [(await links.dialer(slot)).url for _ in range(3)]
+        assert tried == [A, B, A]
+        links.registered(slot, FakeLink())
+        assert (await links.dialer(slot)).url == A  # a registration starts the turn again
+
+    run(go())
+
+
+def test_relays_a_relay_names_are_checked(run):
+    async def go():
+        links = _links(A)
+        links.control(links.slots[0], FakeHandler(FakeLink()), {"type": "relays", "relays": [
+            {"id": "rly_b", "url": "http://b.example"}, {"id": "rly_c", "url": C}, "junk", {"id": 5, "url": B}]})
+        assert links.relays == {"rly_c": {"url": C, "draining": False}}
+
+    run(go())
