@@ -278,8 +278,6 @@ class Agent:
             return None
         return self.config.target(name) or self.retiring.get(name)
 
-    serving = route  # the older name
-
     def _targets(self) -> list[Target]:
         return [t for t in self.config.targets if t.name not in self.dropped]
 
