@@ -297,7 +297,7 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         deadline = None
         try:
-            while True:
+            while not bridge.finished:  # the worker may close, or the resource go, meanwhile
                 if peering is not None:
                     try:
                         target = await peering.open_forward(self.resource_id, stream_handler(bridge))
@@ -314,8 +314,6 @@ class Endpoint:
                         return
                 agent = self.pick_agent()
                 if agent is not None and bridge.attach_local(agent):
-                    return
-                if bridge.finished:
                     return
                 if deadline is None:
                     if not self.may_hold():
