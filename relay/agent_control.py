@@ -9,7 +9,8 @@ link (a config reload, a graceful stop).
   relays of a cluster forward here); answered with ``resources_added`` (``resources`` served,
   ``refused`` with a code and message each).
 - ``remove_resources``: no new streams of those resources go to the agent at once (the link's
-  record follows in the background); the open ones finish. Answered with ``resources_removed`` once routing has changed, so the agent
+  record follows in the background; until it is written, streams other relays of a cluster
+  forwarded meanwhile still go to the agent); the open ones finish. Answered with ``resources_removed`` once routing has changed, so the agent
   knows no stream for them is still on its way after that answer over WSS (over QUIC a stream
   opened just before may still arrive; the agent serves it).
 
@@ -93,8 +94,18 @@ class AgentControl:
         if removed:
             log.info("agent %s deregistered %s (%s); their open streams finish", agent.agent_id,
                      ", ".join(f"{r['name']} ({r['id']})" for r in removed), why)
-            self.relay.spawn(self.relay.cluster.relink(agent))
+            ids = {r["id"] for r in removed}
+            agent.leaving.update(ids)
+            self.relay.spawn(self._relink(agent, ids))
         self._send(agent, {"type": "resources_removed", "resources": removed})
+
+    async def _relink(self, agent: AgentSession, left: set[str]) -> None:
+        """Record the link without the resources it left; until then streams other relays
+        forward for them still reach it (``AgentSession.leaving``)."""
+        try:
+            await self.relay.cluster.relink(agent)
+        finally:
+            agent.leaving.difference_update(left)
 
     # --- add_resources --------------------------------------------------------------------
 

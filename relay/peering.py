@@ -272,7 +272,11 @@ class Peering:
         except UnicodeDecodeError:
             resource_id = ""
         endpoint = self.registry.endpoints.get(resource_id)
-        agent = endpoint.pick_agent() if endpoint is not None else None
+        agent = None
+        if endpoint is not None:
+            # An agent that just stopped serving the resource still takes what the other
+            # relays sent before they read its link's new record.
+            agent = endpoint.pick_agent() or self.registry.leaving_agent(resource_id)
         if agent is None:
             stream.reset(ErrorCode.REFUSED)
             return None

@@ -77,6 +77,10 @@ class AgentSession:
     #: Resource id -> what the agent last reported of its private service (CONTROL
     #: ``target_health``): {"reachable": bool, "reason", "message", "since"}.
     targets: dict = field(default_factory=dict)
+    #: Resources the agent stopped serving (CONTROL ``remove_resources``) while its link's
+    #: record is rewritten without them: streams other relays forwarded meanwhile still go
+    #: to it (relay.peering), local workers' do not.
+    leaving: set = field(default_factory=set)
 
     def target_down(self, resource_id: str) -> bool:
         """True when the agent reported that it cannot reach ``resource_id``'s service."""
@@ -498,6 +502,7 @@ class Registry:
     def add_resource(self, agent: AgentSession, resource: dict) -> None:
         """``agent`` serves ``resource`` too from now on (registered on its live link)."""
         agent.resources[resource["id"]] = resource["name"]
+        agent.leaving.discard(resource["id"])
         endpoint = self.endpoints[resource["id"]]
         if agent not in endpoint.agents:
             endpoint.agents.append(agent)
@@ -509,6 +514,13 @@ class Registry:
         if agent.resources.pop(resource_id, None) is not None:
             agent.targets.pop(resource_id, None)
             self._unroute(agent, [resource_id])
+
+    def leaving_agent(self, resource_id: str) -> AgentSession | None:
+        """A live agent that is leaving ``resource_id`` (see ``AgentSession.leaving``)."""
+        for agent in self.agents:
+            if resource_id in agent.leaving and not agent.link.is_closing:
+                return agent
+        return None
 
     def target_health(self, agent: AgentSession, resource_id: str, report: dict) -> None:
         """``agent`` told how ``resource_id``'s private service answers."""
@@ -544,6 +556,7 @@ class Registry:
     def deregister(self, agent: AgentSession, resource_id: str, code: str, message: str) -> None:
         """End ``resource_id`` on ``agent`` only: tell it why, reset the resource's streams on
         its link; an agent left with no resource is refused and its link closed."""
+        agent.leaving.discard(resource_id)
         name = agent.resources.pop(resource_id, None)
         if name is None:
             return
