@@ -217,10 +217,6 @@ class EndpointBridge(TcpBridge):
         self._endpoint.registry.metrics.stream_opened(self._endpoint)
         self.forwarded.attach(stream, buffers)
 
-    @property
-    def finished(self) -> bool:
-        return self.reset_code is not None or self.on_done is None
-
     def _released(self) -> None:
         endpoint = self._endpoint
         registry = endpoint.registry
@@ -301,14 +297,14 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         deadline = None
         try:
-            while not bridge.finished:  # the worker may close, or the resource go, meanwhile
+            while not bridge.done:  # the worker may close, or the resource go, meanwhile
                 if peering is not None:
                     try:
                         target = await peering.open_forward(self.resource_id, stream_handler(bridge))
                     except Exception:  # noqa: BLE001 - this connection waits or fails, nothing else
                         log.exception("resource %s: forwarding a connection failed", self.resource_id)
                         target = None
-                    if bridge.finished:
+                    if bridge.done:
                         if target is not None:
                             target[0].reset(ErrorCode.CONNECTION_RESET)
                         return

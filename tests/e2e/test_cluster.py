@@ -11,22 +11,10 @@ import time
 
 import pytest
 
-from relay.admin_client import AdminClient, AdminError
+from relay.admin_client import AdminError
 from tests.helpers import wait_until
+from tests.helpers.cluster import admin, aliases_work
 from tests.helpers.processes import Relay, connect
-
-
-def _loopback_alias_works(host: str) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, 0))
-        except OSError:
-            return False
-    return True
-
-
-def admin(relay: Relay) -> AdminClient:
-    return AdminClient.discover(relay.state_dir, timeout=10)
 
 
 def agents_on(relay: Relay, resource_id: str) -> int:
@@ -44,7 +32,7 @@ def exchange(sock: socket.socket, data: bytes) -> None:
 
 
 def test_rotate_on_one_relay_drops_the_agent_on_the_other(tmp_path, postgres_url, agents, service_factory):
-    if not _loopback_alias_works("127.0.0.2"):
+    if not aliases_work():
         pytest.skip("127.0.0.2 is not a loopback address here")
     env = {"RELAY_DATABASE_URL": postgres_url, "RELAY_HEARTBEAT_INTERVAL": "1", "RELAY_MEMBER_TTL": "5"}
     first = Relay(tmp_path, host="127.0.0.1", state_dir=tmp_path / "first").start(**env)

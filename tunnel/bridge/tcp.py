@@ -116,6 +116,11 @@ class TcpBridge:
         #: while it has not been reset.
         self.reset_code: int | None = None
 
+    @property
+    def done(self) -> bool:
+        """The bridge is finished (both ends closed, or reset)."""
+        return self._done
+
     # --- wiring ---------------------------------------------------------------------------
 
     def attach_stream(self, stream: LinkStream) -> None:
