@@ -29,25 +29,23 @@ created, and agents already serving are not touched. Secrets are never printed.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import os
 import socket
-import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 from tunnel import __version__
 
+from .hints import CA_HINT, NEW_JWT, auth_fix, target_failure
+from .hints import describe as _why
+from .hints import jwt_claims as _jwt_claims
+
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 DEFAULT_TIMEOUT = 5.0
 #: A token expiring sooner than this is a warning.
 EXPIRY_WARNING_DAYS = 14
-NEW_JWT = "get a new one from the relay's operator: tunnel-relay resources registration-jwt --customer-id {customer}"
-CA_HINT = ("the relay's own CA is <state-dir>/ca.pem on the relay host (./relay-state/ca.pem by default): "
-           "copy it here and point RELAY_CA_FILE at it")
 
 
 @dataclass
@@ -140,9 +138,8 @@ class Preflight:
         self.conf, self.limits, self.dialer = conf, limits, dialer
         source = f"config file {self.config_file}" if self.config_file else "environment"
         targets = ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets)
-        port_note = "" if _url_has_port(conf.relay_url) else f" (no port in RELAY_URL: {dialer.port})"
         self.report.add("config", PASS, f"{source}: relay {dialer.scheme}://{_host_port(dialer.host, dialer.port)}"
-                        f"{port_note}; resources {targets}; token from {conf.token_source}; "
+                        f"; resources {targets}; token from {conf.token_source}; "
                         f"trust {('RELAY_CA_FILE ' + conf.ca_file) if conf.ca_file else 'the system store'}")
         self.check_runtime()
         return True
@@ -409,7 +406,7 @@ class Preflight:
         if kind == "error":
             message = str(answer.get("message", ""))[:300]
             self.report.add("jwt-accepted", FAIL, f"the relay refused it: {message} ({answer.get('code')})",
-                            _auth_fix(message, customer))
+                            auth_fix(message, customer))
             return
         self.report.add("jwt-accepted", FAIL, f"the relay did not answer the registration: {answer.get('reason')}",
                         "run the check again; if it persists, look at the relay's log for this address")
@@ -448,20 +445,16 @@ class Preflight:
     # --- the private services
 
     async def check_target(self, target) -> None:
-        from_env = self.environ.get("NAME") == target.name
-        where = f"{target.host}:{target.port}"
-        where_set = "" if from_env else f" of [[resources]] {target.name} in {self.config_file or 'the config file'}"
-        host_what = "APP_HOST" if from_env else "the host" + where_set
-        port_what = "APP_PORT (and APP_HOST)" if from_env else "the port or host" + where_set
         name = f"target {target.name}"
+        where = target.address
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
                 infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except (OSError, TimeoutError) as exc:
-            self.report.add(name, FAIL, f"{target.host} does not resolve from here: {_why(exc)}",
-                            f"fix {host_what}, or this host's DNS (/etc/resolv.conf, /etc/hosts): "
-                            "the agent dials it from here")
+            _, detail, fix = target_failure(target, exc if isinstance(exc, socket.gaierror) else
+                                            socket.gaierror(str(_why(exc))), self.timeout)
+            self.report.add(name, FAIL, detail, fix)
             return
         last: BaseException | None = None
         for family, kind, proto, _, addr in infos:
@@ -476,68 +469,23 @@ class Preflight:
                 last = exc
             finally:
                 sock.close()
-        if isinstance(last, ConnectionRefusedError):
-            self.report.add(name, FAIL, f"nothing listens on {where} (connection refused)",
-                            f"start the service, or fix {port_what}")
-        elif isinstance(last, TimeoutError):
-            self.report.add(name, FAIL, f"no answer from {where} within {self.timeout:g} s",
-                            f"a firewall drops it: let this host reach {where}, or fix {host_what}")
-        else:
-            self.report.add(name, FAIL, f"cannot connect to {where}: {_why(last)}",
-                            f"let this host reach {where} (routing, firewall), or fix {host_what}")
+        _, detail, fix = target_failure(target, last, self.timeout)
+        self.report.add(name, FAIL, detail, fix)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _jwt_claims(token: str) -> dict:
-    """The JWT's payload, decoded without verifying it (the relay verifies); ValueError if malformed."""
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        raise ValueError(f"expected three dot-separated parts, found {len(parts)}")
-    try:
-        header = json.loads(_b64url(parts[0]))
-        payload = json.loads(_b64url(parts[1]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValueError("its parts are not base64url-encoded JSON") from None
-    if not isinstance(header, dict) or not isinstance(payload, dict):
-        raise ValueError("its header and payload must be JSON objects")
-    if header.get("alg") != "EdDSA":
-        raise ValueError(f"algorithm {str(header.get('alg'))[:20]!r}, not the relay's EdDSA")
-    return payload
 
 
-def _b64url(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-def _auth_fix(message: str, customer: str) -> str:
-    new = NEW_JWT.format(customer=customer)
-    if "signature invalid" in message:
-        return ("this JWT was issued by another relay (or this relay's state was reset): " + new +
-                " on the relay RELAY_URL names")
-    if "expired" in message or "revoked" in message:
-        return new
-    if "customer does not exist" in message:
-        return "the customer was deleted or belongs to another relay: " + new
-    if "another resource name" in message or "resource does not exist" in message:
-        return "the JWT is for one resource: set NAME to that resource's name, or " + new
-    if "not yet valid" in message or "future" in message:
-        return "set this host's clock right (NTP)"
-    return new
 
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _url_has_port(url: str) -> bool:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(url).port is not None
-    except ValueError:
-        return False
 
 
 def _proxy_set(environ) -> bool:
@@ -550,18 +498,6 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _why(exc: BaseException | None) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return exc.strerror or str(exc)
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)  # asyncio's "Connect call failed (...)" hides the reason
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return str(exc) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- entry point

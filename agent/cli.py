@@ -1,4 +1,8 @@
-"""``tunnel-agent``: configured by environment variables or ``--config FILE``."""
+"""``tunnel-agent``: configured by environment variables or ``--config FILE``.
+
+Signals: SIGHUP reads the config file again (agent.runner.Agent.reload); SIGTERM and SIGINT
+stop gracefully (deregister, let open streams finish up to ``DRAIN_TIMEOUT``, exit 0); a
+second one stops at once."""
 
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(conf.log_format, conf.log_level)
     log.info("tunnel-agent %s starting: relay %s (%d link(s)), resources %s", __version__, ", ".join(conf.relay_urls),
-             conf.relay_links,
-             ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets))
+             conf.relay_links, ", ".join(f"{t.name} -> {t.address}" for t in conf.targets))
+    log.debug("settings: %s; DRAIN_TIMEOUT %g s; config file %s", _tunables(limits), conf.drain_timeout,
+              conf.config_file or "none")
     from tunnel.ops.process import tune_malloc
 
     tune_malloc()
@@ -54,17 +59,66 @@ def _parse_args(argv: list[str]):
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="tunnel-agent",
-        description="Dial out to a tunnel relay and serve private TCP services through it. "
-                    "Configured by RELAY_URL (one relay or several, comma-separated), RELAY_LINKS, NAME, "
-                    "APP_HOST, APP_PORT, REGISTRATION_JWT "
-                    "(or REGISTRATION_JWT_FILE), RELAY_CA_FILE, HTTPS_PROXY/NO_PROXY, METRICS_LISTEN, "
-                    "or a TOML file.",
-        epilog="'tunnel-agent check [--config FILE] [--output json]' checks the configuration, the way "
-               "to the relay, the registration JWT and each private service, and names the fix.")
-    parser.add_argument("--config", help="TOML configuration file (also AGENT_CONFIG_FILE)")
+        prog="tunnel-agent", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Dial out to a tunnel relay and serve private TCP services through it.",
+        epilog=ENVIRONMENT + "\n" + _tunables_help())
+    parser.add_argument("--config", help="TOML configuration file (also AGENT_CONFIG_FILE); SIGHUP reads it again")
     parser.add_argument("--version", action="version", version=f"tunnel-agent {__version__}")
     return parser.parse_args(argv)
+
+
+ENVIRONMENT = """\
+environment:
+  RELAY_URL              auto://HOST:PORT (QUIC, else WSS), wss://HOST:PORT or quic://HOST:PORT;
+                         the port is required (the relay's default is 8443); several relays
+                         (or load balancers) of one cluster: comma-separated
+  RELAY_LINKS            links kept to distinct relays of the cluster (default 2; all when fewer)
+  NAME                   the resource's name (agents with one NAME and customer serve it together)
+  APP_HOST, APP_PORT     the private service this agent reaches for NAME
+  REGISTRATION_JWT       the registration token, or REGISTRATION_JWT_FILE (a file holding it)
+  RELAY_CA_FILE          the relay's CA when it uses its own: <state-dir>/ca.pem on the relay host
+  HTTPS_PROXY, NO_PROXY  an HTTP CONNECT proxy for wss://
+  LOG_LEVEL              DEBUG, INFO (default), WARNING or ERROR
+  LOG_FORMAT             plain (default) or json
+  DRAIN_TIMEOUT          seconds SIGTERM lets open streams finish (default 30)
+  METRICS_LISTEN         host:port (or :port) to serve /metrics, /live and /ready on (default: off)
+  AGENT_CONFIG_FILE      the same as --config (several resources: README, "The config file")
+
+signals: SIGHUP reads the config file again; SIGTERM deregisters, lets open streams finish up
+to DRAIN_TIMEOUT and exits 0.
+
+'tunnel-agent check [--config FILE] [--output json]' checks the configuration, the way to the
+relay, the registration JWT and each private service, and names the fix.
+"""
+
+
+def _tunables_help() -> str:
+    """Every TUNNEL_* setting with its default, wrapped (docs/LIMITS.md says what each bounds)."""
+    import dataclasses
+    import textwrap
+
+    from tunnel.core.limits import DEFAULT_LIMITS
+
+    items = [f"TUNNEL_{f.name.upper()}={_number(getattr(DEFAULT_LIMITS, f.name))}"
+             for f in dataclasses.fields(DEFAULT_LIMITS)]
+    body = textwrap.fill("  ".join(items), width=96, initial_indent="  ", subsequent_indent="  ",
+                         break_on_hyphens=False)
+    return ("tunables (environment, defaults shown, in seconds and bytes; docs/LIMITS.md says what each "
+            "bounds):\n" + body)
+
+
+def _number(value) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _tunables(limits: Limits) -> str:
+    import dataclasses
+
+    from tunnel.core.limits import DEFAULT_LIMITS
+
+    changed = [f"{f.name}={_number(getattr(limits, f.name))}" for f in dataclasses.fields(limits)
+               if getattr(limits, f.name) != getattr(DEFAULT_LIMITS, f.name)]
+    return "tunables " + (", ".join(changed) if changed else "at their defaults")
 
 
 async def _run(conf, limits: Limits) -> int:
@@ -84,15 +138,26 @@ async def _run(conf, limits: Limits) -> int:
         log.info("metrics on http://%s:%d/metrics (also /live and /ready)", conf.metrics_listen[0], metrics.port)
     task = asyncio.ensure_future(links.run())
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+
+    def on_stop_signal() -> None:
+        if links.stopping:
+            log.info("stopping now")
+            task.cancel()
+        else:
+            links.stop()
+
+    for sig, callback in ((signal.SIGTERM, on_stop_signal), (signal.SIGINT, on_stop_signal),
+                          (getattr(signal, "SIGHUP", None), links.reload)):
+        if sig is None:
+            continue
         try:
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, callback)
         except NotImplementedError:  # Windows: Ctrl-C arrives as KeyboardInterrupt (see main)
             pass
     try:
         return await task
     except asyncio.CancelledError:
-        log.info("tunnel-agent stopping")
+        log.info("tunnel-agent stopped")
         return 0
     finally:
         if metrics is not None:

@@ -3,8 +3,9 @@ TOML file (``--config`` / ``AGENT_CONFIG_FILE``) for several resources.
 
 Environment::
 
-    RELAY_URL               wss://host:port, quic://host:port or auto://host:port; several relays
-                            (or load balancers) of one cluster: comma-separated
+    RELAY_URL               wss://host:port, quic://host:port or auto://host:port (the port is
+                            required: the relay listens on 8443 unless its operator chose another);
+                            several relays (or load balancers) of one cluster: comma-separated
     RELAY_LINKS             links kept to distinct relays of the cluster (default 2; all when fewer)
     NAME                    the resource name agents of one customer share
     APP_HOST, APP_PORT      the private service this agent reaches for that resource
@@ -14,20 +15,26 @@ Environment::
     RELAY_CA_FILE           trust anchor for a relay with a private CA (else the system store)
     HTTPS_PROXY, NO_PROXY   outbound HTTP CONNECT proxy (WSS only)
     LOG_FORMAT, LOG_LEVEL   plain|json, DEBUG|INFO|WARNING|ERROR
+    DRAIN_TIMEOUT           seconds SIGTERM lets open streams finish (default 30)
     METRICS_LISTEN          host:port (or :port) to serve /metrics, /live and /ready on
                             (plain HTTP; default: not served)
 
-File (every key optional where the environment gives it)::
+File (every key optional where the environment gives it; the environment wins)::
 
-    relay_url = "wss://relay.example.com:443"
+    relay_url = "auto://relay.example.com:8443"
     relay_links = 2
     registration_jwt_file = "/etc/tunnel-agent/jwt"
     ca_file = "/etc/tunnel-agent/ca.pem"
+    log_level = "INFO"
+    log_format = "plain"
+    drain_timeout = 30
     metrics_listen = "127.0.0.1:9464"
     [[resources]]
     name = "orders-db"
     host = "10.0.0.5"
     port = 5432
+
+SIGHUP re-reads the file (agent.reload); the README describes the format for users.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 SCHEMES = ("wss", "quic", "auto")
+#: The relay's default agent port (tunnel-relay serve --listen), named in messages.
+RELAY_DEFAULT_PORT = 8443
+DEFAULT_DRAIN_TIMEOUT = 30.0
 #: RELAY_LINKS: the most links one agent keeps (the relay accepts slots 0-15).
 MAX_RELAY_LINKS = 16
 DEFAULT_RELAY_LINKS = 2
@@ -57,6 +67,21 @@ class Target:
     name: str
     host: str
     port: int
+    #: Which setting names it, for messages that say what to fix ("APP_HOST" or
+    #: "[[resources]] NAME in FILE"); not part of equality.
+    origin: str = field(default="APP_HOST", compare=False)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def host_setting(self) -> str:
+        return "APP_HOST" if self.origin == "APP_HOST" else f"the host of {self.origin}"
+
+    @property
+    def port_setting(self) -> str:
+        return "APP_PORT" if self.origin == "APP_HOST" else f"the port of {self.origin}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,10 @@ class AgentConfig:
     log_level: str = "INFO"
     #: Where the token came from (a variable or file name, never the token), for `check`.
     token_source: str = ""
+    #: Seconds SIGTERM lets open streams finish before the agent closes its link.
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    #: The TOML file read (None: environment only); SIGHUP reads it again.
+    config_file: str | None = None
     #: ``(host, port)`` of the /metrics, /live and /ready server; None: not served.
     metrics_listen: tuple[str, int] | None = None
     #: Every relay RELAY_URL names (``relay_url`` is the first).
@@ -127,20 +156,12 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
 
     relay_url_list = env.get("RELAY_URL") or file_conf.get("relay_url")
-    if not relay_url_list:
-        raise ConfigError("RELAY_URL is not set (wss://host:port, quic://host:port or auto://host:port)")
+    if not relay_url_list or not str(relay_url_list).strip(" ,"):
+        raise ConfigError(f"RELAY_URL is not set: set it to auto://HOST:{RELAY_DEFAULT_PORT} (or wss:// or "
+                          "quic://), the relay's address and agent port; several relays: comma-separated")
     relay_urls = tuple(u.strip() for u in str(relay_url_list).split(",") if u.strip())
-    if not relay_urls:
-        raise ConfigError("RELAY_URL is empty (wss://host:port, quic://host:port or auto://host:port)")
     for relay_url in relay_urls:
-        parts = urlsplit(relay_url)
-        if parts.scheme not in SCHEMES or not parts.hostname:
-            raise ConfigError("RELAY_URL must look like wss://host:port, quic://host:port or auto://host:port "
-                              f"(several: comma-separated), got {relay_url!r}")
-        try:
-            parts.port
-        except ValueError:
-            raise ConfigError(f"RELAY_URL has a bad port: {relay_url!r}") from None
+        check_relay_url(relay_url)
     links_text = env.get("RELAY_LINKS") or file_conf.get("relay_links") or DEFAULT_RELAY_LINKS
     try:
         relay_links = int(links_text)
@@ -171,23 +192,30 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         if missing:
             raise ConfigError(f"{', '.join(missing)} not set (NAME, APP_HOST and APP_PORT go together)")
         targets.append(Target(_name(env["NAME"], "NAME"), env["APP_HOST"], _port(env["APP_PORT"], "APP_PORT")))
-    for i, entry in enumerate(file_conf.get("resources", [])):
+    resources = file_conf.get("resources", [])
+    if not isinstance(resources, list):
+        raise ConfigError(f"resources in {config_file} must be a list of tables: write each as [[resources]]")
+    for i, entry in enumerate(resources):
         if not isinstance(entry, dict) or not entry.get("host"):
             raise ConfigError(f"resources[{i}] in {config_file} needs name, host and port")
-        targets.append(Target(_name(entry.get("name"), f"resources[{i}].name"), str(entry["host"]),
-                              _port(entry.get("port"), f"resources[{i}].port")))
+        name = _name(entry.get("name"), f"resources[{i}].name")
+        targets.append(Target(name, str(entry["host"]), _port(entry.get("port"), f"resources[{i}].port"),
+                              origin=f"[[resources]] {name} in {config_file}"))
     if not targets:
         raise ConfigError("no resource configured: set NAME, APP_HOST and APP_PORT (or [[resources]] in a config file)")
-    if len({t.name for t in targets}) != len(targets):
-        raise ConfigError("resource names must be unique")
+    names = [t.name for t in targets]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"resource names must be unique; {', '.join(duplicates)} is configured twice")
 
     ca_file = env.get("RELAY_CA_FILE") or file_conf.get("ca_file") or None
     if ca_file:
         try:
             ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"RELAY_CA_FILE {ca_file} is not a readable PEM certificate file: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise ConfigError(f"RELAY_CA_FILE {ca_file} is not a readable PEM certificate file "
+                              f"({getattr(exc, 'strerror', None) or exc}): copy the relay's <state-dir>/ca.pem "
+                              "here and point RELAY_CA_FILE at the copy") from None
 
     log_format = env.get("LOG_FORMAT", file_conf.get("log_format", "plain"))
     if log_format not in ("plain", "json"):
@@ -195,6 +223,14 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     log_level = env.get("LOG_LEVEL", file_conf.get("log_level", "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    raw_drain = env.get("DRAIN_TIMEOUT", file_conf.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT))
+    try:
+        drain_timeout = float(raw_drain)
+    except (TypeError, ValueError):
+        raise ConfigError(f"DRAIN_TIMEOUT must be a number of seconds, got {raw_drain!r}") from None
+    if not 0 <= drain_timeout <= 86400:
+        raise ConfigError(f"DRAIN_TIMEOUT must be between 0 and 86400 seconds, got {raw_drain!r}")
+
     metrics_listen = None
     if env.get("METRICS_LISTEN") or file_conf.get("metrics_listen"):
         from tunnel.ops.metrics_http import parse_listen
@@ -204,4 +240,27 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
-                       metrics_listen, relay_urls, relay_links)
+                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links)
+
+
+def check_relay_url(url: str) -> None:
+    """Raise ConfigError naming the fix unless ``url`` is ``wss|quic|auto://host:port``."""
+    example = f"auto://relay.example.com:{RELAY_DEFAULT_PORT}"
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if "://" not in url:
+        raise ConfigError(f"RELAY_URL {url!r} has no scheme: write auto://{url} (or wss:// or quic://)")
+    if scheme not in SCHEMES:
+        hint = {"https": "wss", "ws": "wss", "http": "wss", "udp": "quic", "tcp": "wss"}.get(scheme)
+        fix = (f"write {hint}://{url.split('://', 1)[1]}" if hint else f"use wss://, quic:// or auto://, e.g. {example}")
+        raise ConfigError(f"RELAY_URL {url!r}: the agent speaks wss:// (TLS WebSocket), quic:// or auto:// "
+                          f"(QUIC, else WSS), not {scheme}://; {fix}")
+    if not parts.hostname:
+        raise ConfigError(f"RELAY_URL {url!r} has no host: write e.g. {example}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"RELAY_URL {url!r} has a bad port: write e.g. {example}") from None
+    if port is None:
+        raise ConfigError(f"RELAY_URL {url!r} has no port: write {scheme}://{parts.netloc}:{RELAY_DEFAULT_PORT} "
+                          f"(the relay's default agent port) or the port its operator gave you")

@@ -14,6 +14,11 @@ its own (its own backoff), all sharing one agent instance id and one set of reso
   no new stream on it) and it closes once its streams have ended.
 - **Revocation** of a resource on one link ends it on every slot (the names dropped are
   shared); a fatal refusal on any slot stops the agent with its exit code.
+- **One process, one view**: the private services' health (agent.health) is watched once and
+  reported on every slot's link; SIGHUP reads the config file once and applies it to every
+  slot; SIGTERM stops every slot gracefully (each drains its link up to ``DRAIN_TIMEOUT``).
+- **Reconnecting**: each slot on its own, within a second after a link loss and backing off
+  only while attempts keep failing (agent.runner).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
 
 from .config import AgentConfig
-from .runner import Agent, _close_when_idle
+from .health import TargetHealth
+from .runner import Agent, _close_when_idle, read_config, watch_config
 
 log = logging.getLogger("agent.links")
 
@@ -39,18 +45,23 @@ MAX_RELAYS = 64
 class AgentLinks:
     """The slots of one agent process (see the module docstring)."""
 
-    def __init__(self, config: AgentConfig, limits: Limits | None = None) -> None:
+    def __init__(self, config: AgentConfig, limits: Limits | None = None, environ=None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
+        self.environ = os.environ if environ is None else environ
         self.instance = os.urandom(6).hex()
-        self.dropped: set[str] = set()
+        #: Names a relay deregistered -> why (agent.runner.Agent.dropped), for every slot.
+        self.dropped: dict[str, str] = {}
+        self.health = TargetHealth(self.limits.connect_timeout, self.limits.target_check_interval,
+                                   on_change=self._health_changed)
         #: Relays learned from CONTROL ``relays``: id -> {"url", "draining"}.
         self.relays: dict[str, dict] = {}
         #: Links a slot left for another relay, closing once their streams end.
         self.retiring: set[Link] = set()
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
-        self.slots = [Agent(config, self.limits, slot=i, links=self) for i in range(config.relay_links)]
+        self.slots = [Agent(config, self.limits, environ=self.environ, slot=i, links=self)
+                      for i in range(config.relay_links)]
         #: Per slot: the URL it dials or holds now, and how many times it tried the configured ones.
         self._urls: dict[int, str] = {}
         self._turn: dict[int, int] = {}
@@ -93,9 +104,10 @@ class AgentLinks:
         self._turn[agent.slot] = self._turn.get(agent.slot, 0) + 1
         self._moving.discard(agent.slot)
         self._urls[agent.slot] = url
-        if agent.dialer is not None and getattr(agent.dialer, "url", None) == url:
-            return agent.dialer  # keeps its QUIC probe state under auto://
-        return Dialer(url, ca_file=self.config.ca_file, limits=self.limits)
+        current = agent.dialer
+        if current is not None and getattr(current, "url", None) == url and current.ca_file == self.config.ca_file:
+            return current  # keeps its QUIC probe state under auto://
+        return Dialer(url, ca_file=self.config.ca_file, limits=self.limits, proxy_env=self.environ)
 
     # ---- what the links report
 
@@ -147,7 +159,37 @@ class AgentLinks:
                                                             for r in learned.values()) or "none")
             self._changed.set()
 
+    def _health_changed(self, name: str) -> None:
+        for agent in self.slots:
+            agent.health_changed(name)
+
+    def _targets(self):
+        return [t for t in self.config.targets if t.name not in self.dropped]
+
     # ---- life
+
+    def reload(self, why: str = "SIGHUP") -> bool:
+        """Read the config file again (once) and apply it on every slot (agent.runner); False
+        when it is refused."""
+        new = read_config(self.config, self.environ, why)
+        if new is None:
+            return False
+        if new.relay_links != self.config.relay_links:
+            log.warning("%s: relay_links changed: takes effect at the next start", why)
+        self.config = new
+        for agent in self.slots:
+            agent.apply_config(new, why)
+        self._changed.set()  # RELAY_URL may have changed: waiting slots look again
+        return True
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM) of every slot (agent.runner.Agent.stop)."""
+        for agent in self.slots:
+            agent.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return any(agent.stopping for agent in self.slots)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -155,11 +197,18 @@ class AgentLinks:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self) -> int:
-        """Run every slot until one stops for good (a fatal refusal): its exit code."""
+        """Run every slot until one stops for good (a fatal refusal: its exit code) or a
+        graceful stop ended them all (0)."""
         tasks = [asyncio.get_running_loop().create_task(agent.run()) for agent in self.slots]
+        self._spawn(self.health.run(self._targets))
+        if self.limits.config_watch_interval > 0 and self.config.config_file:
+            self._spawn(watch_config(self.config.config_file, self.limits.config_watch_interval, self.reload))
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            return next(iter(done)).result()
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            code = next(iter(done)).result()
+            if code == 0 and pending:
+                await asyncio.wait(pending)  # a graceful stop: every slot drains its link
+            return code
         finally:
             for task in tasks:
                 task.cancel()

@@ -158,8 +158,17 @@ class AgentMetrics:
                 failed[target.name, f"{target.host}:{target.port}", reason] += 0
         for labels, n in sorted(failed.items()):
             failures.add(labels, n)
+        reachable = Family("tunnel_agent_target_reachable", "gauge",
+                           "1 while the resource's private service answers, 0 while it does not (agent.health: "
+                           "the last dial or check); absent before the first.", ("resource",))
+        health = getattr(self.agent, "health", None)
+        for target in self.agent.config.targets:
+            known = health.states.get(target.name) if health is not None else None
+            if known is not None and known.reachable is not None:
+                reachable.add((target.name,), int(known.reachable))
         info = Family("tunnel_agent_build_info", "gauge", "The agent's version.", ("version",)).add((__version__,), 1)
-        return [state, transport, reconnects, rtt, active, moved, opened, failures, info, *process_families()]
+        return [state, transport, reconnects, rtt, active, moved, opened, failures, reachable, info,
+                *process_families()]
 
     def render(self) -> bytes:
         return render(self.families())

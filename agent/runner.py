@@ -1,18 +1,34 @@
 """The agent's life: dial the relay, register, serve streams, and when the link drops,
-reconnect with jittered exponential backoff, forever.
+reconnect, forever.
+
+Reconnecting: the first attempt after a link loss comes within ``Limits.reconnect_delay``
+(1 s, jittered); each failed attempt doubles the delay up to ``Limits.reconnect_max_delay``
+(30 s); a link that stayed up ``HEALTHY_PERIOD`` starts over. A whole fleet coming back at once
+after a relay restart is spread by the relay's handshake admission (tunnel.carriers.handshakes):
+agents it turns away back off. With several links (agent.links, ``RELAY_LINKS``) each slot is
+one :class:`Agent` with its own delays; a slot whose relay drains moves at once, without delay.
 
 Each stream the relay opens names a resource; the agent dials only the ``host:port``
 configured for that name and refuses any other (it never dials an address the relay sends).
+Dials and a light periodic check tell the agent whether each service answers (agent.health);
+the relay hears it (CONTROL ``target_health``).
 
 When the relay deregisters one resource (CONTROL ``deregistered``: its token was revoked or it
-was deleted), the agent stops serving that resource for the rest of its life (its streams
-end, later registrations leave it out) and goes on with the others; with none left it exits
-with code 3.
+was deleted), the agent stops serving that resource (its streams end, later registrations leave
+it out) and goes on with the others; with none left it exits with code 3.
+
+:meth:`Agent.reload` (SIGHUP, or a changed file under ``Limits.config_watch_interval``) applies
+a new config file on the live link: added resources register (CONTROL ``add_resources``),
+removed ones stop taking streams and keep those they have (``remove_resources``), changed
+targets apply to new streams; a changed relay, CA or token moves to a new link and drains the
+old one. :meth:`Agent.stop` (SIGTERM) deregisters every resource, lets open streams finish up
+to ``DRAIN_TIMEOUT`` and closes the link; ``run`` then returns 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -24,9 +40,11 @@ from tunnel.bridge.tcp import LinkBuffers, TcpBridge, dial_bridge, stream_handle
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode, describe_code
-from tunnel.wire.errors import AuthError, LinkError
+from tunnel.wire.errors import AuthError, LinkError, TunnelError
 
-from .config import AgentConfig
+from . import hints
+from .config import AgentConfig, ConfigError, Target
+from .health import TargetHealth
 
 log = logging.getLogger("agent")
 
@@ -34,46 +52,36 @@ log = logging.getLogger("agent")
 FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
 #: What the relay accepts as ``agent.hostname`` (docs/LIMITS.md); other characters become '-'.
 _HOSTNAME_OUTSIDE = re.compile(r"[^A-Za-z0-9._-]")
+#: How long the agent waits for the relay to confirm ``add_resources``/``remove_resources``.
+CONTROL_ANSWER_TIMEOUT = 5.0
+#: Failures that mean "the relay cannot be reached now"; the agent retries.
+LINK_FAILURES = (LinkError, OSError, asyncio.TimeoutError, ConnectionError)
+#: What sending on a link that is closing may raise.
+SEND_FAILURES = (TunnelError, OSError)
 
 
 class Backoff:
-    """Jittered exponential backoff: a random delay in [ceiling/10, ceiling], the ceiling
-    doubling from ``base`` per attempt up to ``cap``.
+    """Reconnect delays: attempt ``n`` (0 after a success) waits a random time in
+    [ceiling/4, ceiling], the ceiling ``first * 2**n`` capped at ``cap``: within a second
+    after a link loss, then 2, 4, 8 ... 30 s while attempts keep failing."""
 
-    After an *established* link drops (:meth:`link_lost`) the ceiling starts at ``spread``
-    instead: when a relay restarts every agent loses its link in the same instant, and
-    delays drawn from [0.05, 0.5] s would bring most of them back in the same second. Drawn
-    over ``spread`` seconds and growing from there, no second sees more than about a sixth of
-    a fleet (tests/faults/test_reconnect.py measures it for 500 agents).
-    """
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None,
-                 spread: float = 10.0) -> None:
-        self.base = base
+    def __init__(self, first: float = 1.0, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.first = first
         self.cap = cap
-        self.spread = spread
         self.attempt = 0
-        self._start = base
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self._start * (2 ** min(self.attempt, 32)))
+        ceiling = min(self.cap, self.first * (2 ** min(self.attempt, 32)))
         self.attempt += 1
-        return self._rng.uniform(ceiling / 10, ceiling)
+        return self._rng.uniform(ceiling / 4, ceiling)
 
     def reset(self) -> None:
         self.attempt = 0
-        self._start = self.base
-
-    def link_lost(self) -> None:
-        """An established link dropped: spread the reconnects from here (see the class doc)."""
-        if self._start < self.spread:
-            self._start = self.spread
-            self.attempt = 0
 
 
 class AgentLinkHandler(LinkHandler):
-    """The agent's side of one link: registration answer, streams, closing."""
+    """The agent's side of one link: registration answer, streams, control, closing."""
 
     def __init__(self, agent: "Agent", link: Link) -> None:
         self.agent = agent
@@ -88,10 +96,20 @@ class AgentLinkHandler(LinkHandler):
         self.buffers = LinkBuffers(agent.limits.session_window)
         #: Resource name -> the bridges of its streams on this link.
         self.bridges: dict[str, set[TcpBridge]] = {}
+        #: The resources the relay routes to this link.
+        self.names: set[str] = set()
+        #: Set while no stream is open on this link.
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._answers: dict[str, asyncio.Future] = {}  # "added"/"removed" -> the pending request
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(b) for b in self.bridges.values())
 
     def stream_opened(self, stream: LinkStream):
         name = stream.metadata.decode("utf-8", "replace")
-        target = self.agent.serving(name)
+        target = self.agent.route(name)
         if target is None:
             log.warning("refusing a stream for resource %r: not served by this agent", name[:128])
             stream.reset(ErrorCode.REFUSED)
@@ -99,9 +117,20 @@ class AgentLinkHandler(LinkHandler):
         bridge = TcpBridge(stream, self.buffers)
         bridges = self.bridges.setdefault(name, set())
         bridges.add(bridge)
-        bridge.on_done = lambda: bridges.discard(bridge)
+        self.idle.clear()
+        log.debug("stream %d for %s: dialling %s", stream.stream_id, name, target.address)
+
+        def done() -> None:
+            bridges.discard(bridge)
+            log.debug("stream %d for %s: ended", stream.stream_id, name)
+            if not self.open_streams:
+                self.idle.set()
+
+        bridge.on_done = done
+        health = self.agent.health
         task = asyncio.get_running_loop().create_task(
-            dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout))
+            dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout,
+                        on_result=lambda exc: health.result(target, exc)))
         self.agent.tasks.add(task)
         task.add_done_callback(self.agent.tasks.discard)
         if self.agent.metrics is not None:
@@ -111,6 +140,7 @@ class AgentLinkHandler(LinkHandler):
     def control_received(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "registered" and not self.registered.done():
+            self.names = {str(r.get("name")) for r in message.get("resources", []) if isinstance(r, dict)}
             # Known at once: a ``relays`` message right behind this one must see this slot's
             # relay as taken, before the registering task resumes.
             relay_id = message.get("relay_id")
@@ -120,6 +150,10 @@ class AgentLinkHandler(LinkHandler):
             self._deregistered(message)
         elif kind in ("relays", "draining") and self.agent.links is not None:
             self.agent.links.control(self.agent, self, message)
+        elif kind in ("resources_added", "resources_removed"):
+            future = self._answers.pop(kind, None)
+            if future is not None and not future.done():
+                future.set_result(message)
         elif kind == "error":
             code = str(message.get("code", "error"))
             text = str(message.get("message", ""))[:512]
@@ -127,18 +161,42 @@ class AgentLinkHandler(LinkHandler):
             if not self.registered.done():
                 self.registered.set_exception(self.error)
 
+    async def request(self, kind: str, names: list[str], answer: str, **extra) -> dict | None:
+        """Send ``add_resources``/``remove_resources`` for ``names``; the relay's answer, or
+        None when none came in time (a relay older than these messages ignores them)."""
+        future = asyncio.get_running_loop().create_future()
+        self._answers[answer] = future
+        try:
+            self.link.send_control({"type": kind, "resources": [{"name": n} for n in names], **extra})
+            return await asyncio.wait_for(asyncio.shield(future), CONTROL_ANSWER_TIMEOUT)
+        except (asyncio.TimeoutError, *SEND_FAILURES):
+            return None
+        finally:
+            self._answers.pop(answer, None)
+
+    def send_health(self, names) -> None:
+        entries = self.agent.health.report(n for n in names if n in self.names)
+        if entries and not self.link.is_closing:
+            try:
+                self.link.send_control({"type": "target_health", "resources": entries})
+            except SEND_FAILURES:
+                pass
+
     def _deregistered(self, message: dict) -> None:
         """The relay stopped routing one resource to us: end it here, keep the others."""
         resource = message.get("resource") if isinstance(message.get("resource"), dict) else {}
         name = resource.get("name")
-        if not isinstance(name, str) or self.agent.serving(name) is None:
+        if not isinstance(name, str) or self.agent.route(name) is None:
             return
         code = str(message.get("code", "deregistered"))[:64]
         text = str(message.get("message", ""))[:512]
         agent = self.agent
-        agent.dropped.add(name)
+        agent.dropped[name] = f"{text} ({code})"
+        self.names.discard(name)
         for bridge in list(self.bridges.pop(name, ())):
             bridge.fail(ErrorCode.UNAUTHORIZED)
+        if not self.open_streams:
+            self.idle.set()
         left = [t.name for t in agent.config.targets if t.name not in agent.dropped]
         if left:
             log.warning("relay deregistered resource %s (%s): %s (%s); no longer serving it, still serving %s",
@@ -157,43 +215,71 @@ class AgentLinkHandler(LinkHandler):
             self.registered.set_exception(self.error or LinkError(f"link closed during registration: {reason or code}"))
         if not self.closed.done():
             self.closed.set_result((code, reason))
+        for future in self._answers.values():
+            if not future.done():
+                future.set_result(None)
 
 
 class Agent:
-    """Runs until a fatal error (then ``run`` returns an exit code) or cancellation."""
+    """Runs until a fatal error (then ``run`` returns an exit code), :meth:`stop` (0) or
+    cancellation."""
 
-    #: A link that stayed up this long resets the backoff.
+    #: A link that stayed up this long starts the reconnect delays over.
     HEALTHY_PERIOD = 30.0
 
-    def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None, *, slot: int = 0,
-                 links=None) -> None:
+    def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None,
+                 environ=None, *, slot: int = 0, links=None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
+        self.environ = os.environ if environ is None else environ
         #: Which of the agent's links this life keeps, and the :class:`agent.links.AgentLinks`
         #: choosing its relay (None: one link to RELAY_URL).
         self.slot = slot
         self.links = links
         #: The relay id the last registration answered with.
         self.relay_id: str | None = None
-        if dialer is None:
-            from tunnel.bridge.dial import Dialer
-
-            dialer = Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits)
-        self.dialer = dialer
+        self.dialer = dialer if dialer is not None else self._dialer(config)
         # As secrets.token_hex(6), without hashlib and hmac; one per agent process (all slots).
         self.instance = links.instance if links is not None else os.urandom(6).hex()
         self.tasks: set[asyncio.Task] = set()
-        self.backoff = Backoff()
-        #: The link being served (the newest one, under auto:// after a move to QUIC).
+        self.backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
+        #: The link being served and its handler (the newest one after a move).
         self.link: Link | None = None
-        #: Names the relay deregistered: not served, not registered again, until a restart.
-        self.dropped: set[str] = links.dropped if links is not None else set()
+        self.handler: AgentLinkHandler | None = None
+        #: Older links told to go away, finishing their streams.
+        self.draining: set[Link] = set()
+        #: Names the relay deregistered (or refused on a live link) -> why: not served, not
+        #: registered again until a restart or a new token (shared by every slot).
+        self.dropped: dict[str, str] = links.dropped if links is not None else {}
+        #: Resources a reload removed, still served on the link until the relay confirms.
+        self.retiring: dict[str, Target] = {}
+        #: The agent_id the relay gave the current link.
+        self.agent_id: str | None = None
+        #: Whether each private service answers: one watcher per process (every slot's links
+        #: hear its changes).
+        self.health = links.health if links is not None else TargetHealth(
+            self.limits.connect_timeout, self.limits.target_check_interval, on_change=self.health_changed)
         #: :class:`agent.metrics.AgentMetrics` when METRICS_LISTEN is set, else None.
         self.metrics = None
+        self._stopping: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._switch_to = None  # (config, dialer) a reload asked to move to
 
-    def serving(self, name: str):
+    def _dialer(self, config: AgentConfig):
+        from tunnel.bridge.dial import Dialer
+
+        return Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits, proxy_env=self.environ)
+
+    # --- what is served -----------------------------------------------------------------
+
+    def route(self, name: str) -> Target | None:
         """The target of resource ``name`` if this agent serves it, else None."""
-        return None if name in self.dropped else self.config.target(name)
+        if name in self.dropped:
+            return None
+        return self.config.target(name) or self.retiring.get(name)
+
+    def _targets(self) -> list[Target]:
+        return [t for t in self.config.targets if t.name not in self.dropped]
 
     def _auth_message(self) -> dict:
         hostname = _HOSTNAME_OUTSIDE.sub("-", socket.gethostname())[:253] or "unknown"
@@ -201,8 +287,15 @@ class Agent:
             "type": "auth",
             "token": self.config.token,
             "agent": {"version": __version__, "hostname": hostname, "instance": self.instance, "slot": self.slot},
-            "resources": [{"name": t.name} for t in self.config.targets if t.name not in self.dropped],
+            "resources": [{"name": t.name} for t in self._targets()],
         }
+
+    def health_changed(self, name: str) -> None:
+        """Tell the relay that ``name``'s service started or stopped answering."""
+        if self.handler is not None:
+            self.handler.send_health([name])
+
+    # --- registering ----------------------------------------------------------------------
 
     async def register(self, link: Link) -> AgentLinkHandler:
         handler = AgentLinkHandler(self, link)
@@ -219,106 +312,412 @@ class Agent:
         for res in answer.get("resources", []):
             log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
                      link.carrier, res.get("endpoint"))
+        self.agent_id = str(answer.get("agent_id", ""))[:64] or None
+        handler.send_health(handler.names)
         if self.metrics is not None:
             self.metrics.registered(link)
         if self.links is not None:
             self.links.registered(self, link)
         return handler
 
+    # --- the loop -------------------------------------------------------------------------
+
     async def run(self) -> int:
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        if self.links is None:  # else agent.links runs one of each for every slot
+            self._spawn(self.health.run(self._targets))
+            if self.limits.config_watch_interval > 0 and self.config.config_file:
+                self._spawn(self._watch_config(self.limits.config_watch_interval))
         try:
             return await self._run()
         except asyncio.CancelledError:
-            # Stopping (SIGTERM): say goodbye so the relay fails over at once instead of
-            # waiting for its keepalive timeout.
-            if self.link is not None and not self.link.is_closing:
-                self.link.close(ErrorCode.NO_ERROR, "agent stopping")
-                try:
-                    await asyncio.wait_for(self.link.wait_closed(), 2.0)
-                except (asyncio.TimeoutError, Exception):
-                    pass
+            # Stopped hard (a second signal): close at once; the relay fails over now
+            # instead of at its keepalive timeout.
+            for link in [self.link, *self.draining]:
+                if link is not None and not link.is_closing:
+                    link.close(ErrorCode.NO_ERROR, "agent stopping")
             raise
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM): deregister, let open streams finish up to the drain
+        timeout, close; ``run`` returns 0."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
+        first = True
         while True:
-            started = loop.time()
-            served = False
+            if self.stopping:
+                log.info("stopped")
+                return 0
+            level = logging.WARNING
             if self.metrics is not None:
                 self.metrics.connecting()
+            if self.links is not None:
+                dialer = await self._unless_stopping(self.links.dialer(self), close=False)
+                if dialer is None:
+                    continue
+                self.dialer = dialer
             try:
-                if self.links is not None:
-                    self.dialer = await self.links.dialer(self)
-                link = self.link = await self.dialer.dial()
-                log.info("connected to %s over %s", self.dialer.url.split("://", 1)[-1], link.carrier)
-                handler = await self.register(link)
-                served = True
-                await self.serve(link, handler)
-            except LinkMoved:
-                continue  # the relay drains: link elsewhere at once (agent.links)
+                link = await self._unless_stopping(self.dialer.dial())
+                if link is None:
+                    continue
+                self.link = link
+                log.info("connected to %s over %s", _relay_name(self.dialer.url), link.carrier)
+                handler = self.handler = await self.register(link)
             except AuthError as exc:
+                self._forget_link()
                 if exc.fatal:
-                    log.error("%s; not retrying: fix the registration token and restart the agent", exc)
+                    fix = hints.auth_fix(str(exc), hints.token_customer(self.config.token))
+                    log.error("%s -> fix: %s; not retrying: fix the registration token and restart the agent",
+                              exc, fix)
                     return 3
-                log.warning("%s", exc)
-            except (LinkError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                log.warning("relay %s unreachable: %s", self.dialer.url, _describe(exc))
-            if loop.time() - started >= self.HEALTHY_PERIOD:
-                self.backoff.reset()
-            if served:
-                self.backoff.link_lost()
+                what = str(exc)
+            except LINK_FAILURES as exc:
+                self._forget_link()
+                what = "relay unreachable: " + hints.relay_failure(
+                    exc, host=self.dialer.host, port=self.dialer.port, ca_file=self.config.ca_file)
+                if first:
+                    what += " (the agent keeps trying)"
+            else:
+                registered_at = loop.time()
+                outcome = await self.serve(link, handler)
+                if outcome is None:
+                    return await self._stop_gracefully()
+                if outcome is MOVED:
+                    continue  # the relay drains: link elsewhere at once (agent.links)
+                code, reason, error = outcome
+                if loop.time() - registered_at >= self.HEALTHY_PERIOD:
+                    self.backoff.reset()
+                if isinstance(error, AuthError) and error.fatal:
+                    log.error("%s; not retrying: fix the registration token and restart the agent", error)
+                    return 3
+                if code == ErrorCode.NO_ERROR:
+                    level, what = logging.INFO, f"the relay closed the link ({reason or 'no reason given'})"
+                else:
+                    what = f"relay unreachable: link lost ({error or describe_code(code, reason)})"
+            first = False
             delay = self.backoff.next_delay()
-            log.info("reconnecting in %.1f s", delay)
+            log.log(level, "%s; reconnecting in %.1f s", what, delay)
             if self.metrics is not None:
                 self.metrics.waiting()
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
-    async def serve(self, link: Link, handler: AgentLinkHandler) -> None:
-        """Serve ``link`` until it closes; under auto://, move to QUIC when it becomes reachable."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if self.dialer.may_move_to_quic:
-                done, _ = await asyncio.wait({handler.closed, handler.moving}, timeout=min(self.dialer.reprobe_interval, 5.0),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if handler.moving.done() and not handler.closed.done():
-                    raise LinkMoved()
-                if not done and self.dialer.should_probe_quic(loop.time()):
+    def _forget_link(self) -> None:
+        self.link = self.handler = None
+
+    async def serve(self, link: Link, handler: AgentLinkHandler):
+        """Serve until the link closes, ``(code, reason, error)``; a stop is asked, None; or
+        the relay drains and this slot moves to another, :data:`MOVED` (the old link finishes
+        its streams). Under auto://, move to QUIC when it is reachable again; after a reload
+        that changed the relay's settings, move to a link made with them."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                wake = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({handler.closed, handler.moving, stop, wake},
+                                       timeout=self.dialer.next_probe_in(), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+                if stop.done():
+                    return None
+                if handler.closed.done():
+                    break
+                if handler.moving.done():
+                    self._forget_link()
+                    return MOVED
+                self._wake.clear()
+                moved = None
+                if self._switch_to is not None:
+                    moved = await self._switch(link)
+                elif self.dialer.next_probe_in() == 0:
                     moved = await self._try_quic(link)
-                    if moved is not None:
-                        link, handler = moved
-                        self.link = link
-                    continue
-            await asyncio.wait({handler.closed, handler.moving}, return_when=asyncio.FIRST_COMPLETED)
-            if not handler.closed.done():
-                raise LinkMoved()
-            break
+                if moved is not None:
+                    link, handler = moved
+                    self.link, self.handler = link, handler
+        finally:
+            stop.cancel()
         code, reason = handler.closed.result()
-        if handler.error is not None:
-            raise handler.error
-        raise LinkError(f"link closed: {describe_code(code, reason)}")
+        if link.carrier == "quic" and code == ErrorCode.TIMEOUT:
+            self.dialer.quic_went_silent()
+        self._forget_link()
+        return code, reason, handler.error
 
     async def _try_quic(self, old: Link):
         new = await self.dialer.probe_quic()
         if new is None:
-            log.debug("QUIC still unreachable (%s); staying on WSS", self.dialer.last_quic_error)
+            log.debug("QUIC still unreachable (%s); staying on WSS, next try in %g s", self.dialer.last_quic_error,
+                      self.dialer.reprobe_interval)
             return None
         try:
             handler = await self.register(new)
-        except (AuthError, LinkError, OSError, asyncio.TimeoutError) as exc:
-            log.info("QUIC reachable again but registration over it failed: %s", _describe(exc))
+        except (AuthError, *LINK_FAILURES) as exc:
+            log.info("QUIC reachable again but registration over it failed: %s", hints.describe(exc))
             new.close()
+            self.dialer.carrier = old.carrier
             return None
-        log.info("QUIC is reachable again: moved to QUIC, draining the WebSocket link")
-        old.goaway(ErrorCode.NO_ERROR, "moving to QUIC")
-        task = asyncio.get_running_loop().create_task(_close_when_idle(old))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        log.info("QUIC is reachable again: moved to QUIC; the WebSocket link finishes its %d open stream(s)",
+                 old.stream_count)
+        self._drain_old(old, "moving to QUIC")
         return new, handler
 
+    def _drain_old(self, old: Link, why: str) -> None:
+        old.goaway(ErrorCode.NO_ERROR, why)
+        self.draining.add(old)
+        task = self._spawn(_close_when_idle(old))
+        task.add_done_callback(lambda _: self.draining.discard(old))
 
-class LinkMoved(Exception):
-    """The relay of this link drains: this slot links elsewhere while the old link finishes
-    its streams (agent.links)."""
+    async def _unless_stopping(self, awaitable, close: bool = True):
+        """``awaitable``'s result, or None (it cancelled) once a stop is asked (a link it
+        still returned is closed when ``close``)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        try:
+            link = await task
+        except BaseException:  # noqa: BLE001 - cancelled, or failed while cancelling
+            return None
+        if link is not None and close:
+            link.close(ErrorCode.NO_ERROR, "agent stopping")
+        return None
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less when a stop is asked."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- stopping -------------------------------------------------------------------------
+
+    async def _stop_gracefully(self) -> int:
+        link, handler = self.link, self.handler
+        drain = self.config.drain_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        if link is not None and handler is not None and not link.is_closing:
+            names = sorted(handler.names)
+            log.info("stopping: deregistering %s; open streams (%d) may finish for up to %g s (DRAIN_TIMEOUT)",
+                     ", ".join(names) or "nothing", handler.open_streams, drain)
+            answer = await handler.request("remove_resources", names, "resources_removed", reason="stopping")
+            if answer is None:
+                link.goaway(ErrorCode.NO_ERROR, "agent stopping")  # a relay without remove_resources
+            handler.names.clear()
+            try:
+                await asyncio.wait_for(_all_idle(handler, self.draining), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                log.warning("DRAIN_TIMEOUT (%g s) reached with %d stream(s) open: resetting them", drain,
+                            handler.open_streams + sum(old.stream_count for old in self.draining))
+        for old in [link, *self.draining]:
+            if old is not None and not old.is_closing:
+                old.close(ErrorCode.NO_ERROR, "agent stopped")
+        for old in [link, *self.draining]:
+            if old is not None:
+                try:
+                    await asyncio.wait_for(old.wait_closed(), 2.0)
+                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - stopping anyway
+                    pass
+        log.info("stopped")
+        return 0
+
+    # --- reloading ------------------------------------------------------------------------
+
+    def reload(self, why: str = "SIGHUP") -> bool:
+        """Read the config file again and apply it (see the module docstring); False (and the
+        old configuration kept) when the file is refused. With several links, agent.links
+        reads it once and applies it to every slot."""
+        if self.links is not None:
+            return self.links.reload(why)
+        new = read_config(self.config, self.environ, why)
+        return new is not None and self.apply_config(new, why)
+
+    def apply_config(self, new: AgentConfig, why: str) -> bool:
+        """Serve ``new`` (a config file read again) from now on."""
+        old = self.config
+        announce = self.slot == 0  # one summary per process
+        before = {t.name: t for t in old.targets}
+        after = {t.name: t for t in new.targets}
+        added = [n for n in after if n not in before]
+        removed = [n for n in before if n not in after]
+        changed = [n for n in after if n in before and after[n] != before[n]]
+        connection = [k for k in ("relay_urls", "ca_file", "token") if getattr(old, k) != getattr(new, k)]
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level)
+        if not (added or removed or changed or connection or new != old):
+            if announce:
+                log.info("%s: config file %s read again: nothing changed", why, old.config_file)
+            return True
+        handler = self.handler
+        for name in removed:
+            if handler is not None and name in handler.names:
+                self.retiring[name] = before[name]
+            self.health.forget(name)
+        self.config = new
+        if announce:
+            log.info("%s: config file %s read again: added %s; removed %s (their open streams finish); targets "
+                     "changed for new streams %s; unchanged %s%s", why, old.config_file, _names(added),
+                     _names(removed), _names(f"{n} -> {after[n].address}" for n in changed),
+                     _names(n for n in after if n not in added and n not in changed),
+                     f"; {', '.join(connection)} changed: moving to a new link" if connection else "")
+            if new.log_format != old.log_format:
+                log.warning("log_format changed: takes effect at the next start")
+        if connection:
+            if "token" in connection:
+                self.dropped.clear()  # a new token may serve what the old one lost
+            try:
+                # With several links the slot's relay is chosen again when it moves.
+                dialer = self._dialer(new) if self.links is None else None
+            except ValueError as exc:
+                log.error("%s; keeping the previous relay settings", exc)
+                self.config = dataclasses.replace(new, relay_url=old.relay_url, ca_file=old.ca_file,
+                                                  token=old.token, relay_urls=old.relay_urls)
+            else:
+                self._switch_to = (old, dialer)
+                if self._wake is not None:
+                    self._wake.set()
+                if handler is None:  # not connected: the next dial uses them
+                    self._switch_to = None
+                    if dialer is not None:
+                        self.dialer = dialer
+                return True
+        if handler is not None:
+            self._spawn(self._apply(handler, added, removed))
+        else:
+            self.retiring.clear()
+        return True
+
+    async def _apply(self, handler: AgentLinkHandler, added: list[str], removed: list[str]) -> None:
+        """Tell the relay what a reload added and removed on ``handler``'s link."""
+        removed = [n for n in removed if n in handler.names]
+        if removed:
+            answer = await handler.request("remove_resources", removed, "resources_removed", reason="reload")
+            if answer is None and not handler.link.is_closing:
+                log.warning("the relay did not confirm removing %s: it may route their streams here until the "
+                            "next reconnect (they are refused)", _names(removed))
+            for name in removed:
+                handler.names.discard(name)
+                self.retiring.pop(name, None)
+            if answer is not None:
+                log.info("deregistered %s; their open streams finish", _names(removed))
+        added = [n for n in added if n not in self.dropped]
+        if not added:
+            return
+        answer = await handler.request("add_resources", added, "resources_added")
+        if answer is None:
+            if not handler.link.is_closing:
+                log.warning("the relay did not answer adding %s: they register at the next reconnect", _names(added))
+            return
+        for res in answer.get("resources") or []:
+            if isinstance(res, dict) and res.get("name") in added:
+                handler.names.add(res["name"])
+                log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
+                         handler.link.carrier, res.get("endpoint"))
+        for res in answer.get("refused") or []:
+            if isinstance(res, dict) and res.get("name") in added:
+                name = res["name"]
+                why = f"{str(res.get('message', ''))[:300]} ({str(res.get('code', 'refused'))[:64]})"
+                self.dropped[name] = why
+                log.error("the relay refused resource %s: %s -> fix: %s; the others go on", name, why,
+                          hints.auth_fix(why, hints.token_customer(self.config.token)))
+        handler.send_health(added)
+
+    async def _switch(self, old_link: Link):
+        """Move to a link made with the relay settings a reload brought; keep the old link
+        (and settings) when that fails."""
+        previous, dialer = self._switch_to
+        self._switch_to = None
+        try:
+            if dialer is None:
+                dialer = await self.links.dialer(self)
+            link = await dialer.dial()
+            handler = await self.register(link)
+        except (AuthError, *LINK_FAILURES) as exc:
+            log.error("the new relay settings do not work: %s; staying on the current link with the previous ones",
+                      hints.relay_failure(exc, host=dialer.host, port=dialer.port, ca_file=self.config.ca_file)
+                      if not isinstance(exc, AuthError) else exc)
+            self.config = dataclasses.replace(self.config, relay_url=previous.relay_url, ca_file=previous.ca_file,
+                                              token=previous.token, relay_urls=previous.relay_urls)
+            return None
+        self.dialer = dialer
+        self.retiring.clear()
+        log.info("moved to the new relay settings (%s over %s); the previous link finishes its %d open stream(s)",
+                 _relay_name(dialer.url), link.carrier, old_link.stream_count)
+        self._drain_old(old_link, "agent reconfigured")
+        return link, handler
+
+    async def _watch_config(self, interval: float) -> None:
+        await watch_config(self.config.config_file, interval, self.reload)
+
+
+class _Moved:
+    """What :meth:`Agent.serve` returns when the relay drains and the slot moves."""
+
+    def __repr__(self) -> str:
+        return "MOVED"
+
+
+MOVED = _Moved()
+
+
+async def watch_config(path: str, interval: float, reload) -> None:
+    """Call ``reload(why)`` whenever the file at ``path`` changes (checked every ``interval``)."""
+    seen = _file_stamp(path)
+    while True:
+        await asyncio.sleep(interval)
+        stamp = _file_stamp(path)
+        if stamp != seen:
+            seen = stamp
+            reload(f"{path} changed")
+
+
+def read_config(old: AgentConfig, environ, why: str) -> AgentConfig | None:
+    """``old``'s config file read again; None (logged) when there is none or it is refused."""
+    from . import config as agent_config
+
+    if not old.config_file:
+        log.warning("%s: there is no config file to read again (the agent runs on environment variables); "
+                    "restart it to change them", why)
+        return None
+    try:
+        return agent_config.load(environ, old.config_file)
+    except ConfigError as exc:
+        log.error("%s: config file %s refused: %s; still running the previous configuration", why,
+                  old.config_file, exc)
+        return None
+
+
+async def _all_idle(handler: AgentLinkHandler, draining: set[Link]) -> None:
+    """Until ``handler``'s link has no open stream (or closed) and the older links closed."""
+    while handler.open_streams and not handler.closed.done():
+        idle = asyncio.ensure_future(handler.idle.wait())
+        try:
+            await asyncio.wait({idle, handler.closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+    for old in list(draining):
+        await old.wait_closed()
 
 
 async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
@@ -330,10 +729,18 @@ async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
         link.close(ErrorCode.NO_ERROR, "drain timeout")
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
+def _file_stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
+
+def _names(names) -> str:
+    names = list(names)
+    return ", ".join(names) if names else "none"
+
+
+def _relay_name(url: str) -> str:
+    return url.split("://", 1)[-1]

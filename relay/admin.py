@@ -12,16 +12,23 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``):
 
     GET    /v1/health                   {"status": "ok"}
     GET    /v1/customers                [{"id", "name", "created_at"}]
-    POST   /v1/customers                {"name"} -> {"id", "name", "created_at"}   (201)
+    POST   /v1/customers                {"name"} -> {"id", "name", "created_at"}   (201; 409 when
+                                        a customer of that name, ignoring case, exists)
     GET    /v1/resources[?extended=1]   [{"id", "name", "customer_id", "status", "endpoint",
-                                          "agents"[, "agents_detail"]}]
+                                          "agents", "target_status", "target_error"
+                                          [, "agents_detail"]}]
+    POST   /v1/resources                {"customer_id", "name", "port"?} -> the resource (201):
+                                        created ahead of its agents, its endpoint on ``port``
+                                        (else one of the relay's --port-range); 409 when the
+                                        name or port is taken
     POST   /v1/registration-jwt         {"customer_id"?, "org_only"?, "resource_id"?,
                                          "rotate"?, "ttl_seconds"?} -> {"jwt"}
     DELETE /v1/resources/{id}           {"id", "deleted": true}
     GET    /v1/cluster                  {"relay_id", "advertise_url", "database", "relays", "links"}
 
 The live view (agents per resource) comes from a :class:`Registry` the data plane provides:
-``status`` and ``agents`` are this relay's (what a worker connecting here gets), while
+``status`` and ``agents`` count every relay's agents, ``target_status`` (whether the private
+service answers) what this relay's agents report, while
 ``agents_detail`` lists the agent links of every relay on the state database, each with its
 ``relay_id`` and ``relay_url``; live counters (bytes, streams) are known for this relay's only.
 Rotation and deletion reach the agents of every relay through the state's events (see
@@ -52,7 +59,7 @@ import orjson
 from tunnel.ops.logs import Throttled
 
 from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import RelayState, ensure_state_dir, state_write_failure, write_private
+from .state import DEFAULT_PORT_RANGE, RelayState, ensure_state_dir, state_write_failure, write_private
 from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
 from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
@@ -74,6 +81,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    409: "Conflict",
     411: "Length Required",
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
@@ -95,6 +103,10 @@ class Registry(Protocol):
     def drop_agents(self, resource_id: str, below_generation: int) -> int: ...
 
     def resource_deleted(self, resource_id: str) -> None: ...
+
+    # Optional: ``port_range``, where new resources' endpoint ports are chosen (default
+    # relay.state.DEFAULT_PORT_RANGE).
+
 
 
 class HttpError(Exception):
@@ -216,7 +228,7 @@ class AdminApi:
         table: dict[str, dict[str, Callable]] = {
             "/v1/health": {"GET": self.get_health},
             "/v1/customers": {"GET": self.get_customers, "POST": self.post_customers},
-            "/v1/resources": {"GET": self.get_resources},
+            "/v1/resources": {"GET": self.get_resources, "POST": self.post_resources},
             "/v1/registration-jwt": {"POST": self.post_registration_jwt},
             "/v1/cluster": {"GET": self.get_cluster},
         }
@@ -246,6 +258,11 @@ class AdminApi:
     async def post_customers(self, *, payload: dict, **_) -> tuple[int, Any]:
         _only_fields(payload, {"name"})
         name = payload.get("name")
+        if isinstance(name, str):
+            same = [c for c in await self.state.list_customers() if c["name"].casefold() == name.strip().casefold()]
+            if same:
+                raise HttpError(409, "conflict", f"a customer named {same[0]['name']!r} exists already "
+                                f"({same[0]['id']}): use its id, or choose another name")
         try:
             customer = await self.state.create_customer(name)
         except ValueError as exc:
@@ -289,6 +306,8 @@ class AdminApi:
             "status": "AVAILABLE" if total else "UNAVAILABLE",
             "endpoint": format_host_port(self.registry.service_host, resource["port"]),
             "agents": total,
+            # Whether the private service answers, as this relay's agents of it report.
+            **_target_view(agents),
         }
         if counts is not None:
             view["agents_here"] = len(agents)
@@ -330,6 +349,50 @@ class AdminApi:
         if resource is None:
             raise HttpError(404, "not_found", f"no such resource: {resource_id}")
         return 200, self._resource_view(resource, True, await self._links_by_resource(), await self._cluster_counts())
+
+    async def post_resources(self, *, payload: dict, **_) -> tuple[int, Any]:
+        """Create a resource ahead of its agents, optionally on a fixed endpoint port; every
+        relay binds its endpoint on the ``resource_created`` event."""
+        from .state import allocate_port, validate_name
+
+        _only_fields(payload, {"customer_id", "name", "port"})
+        customer_id = _typed(payload, "customer_id", str)
+        name = _typed(payload, "name", str)
+        port = _typed(payload, "port", int)
+        if not customer_id or not name:
+            raise HttpError(400, "bad_request", "customer_id and name are required")
+        from .server import RESOURCE_NAME
+
+        if not RESOURCE_NAME.fullmatch(name):
+            raise HttpError(400, "bad_request", "name must be 1-128 letters, digits, '.', '_' or '-' (the agents' NAME)")
+        validate_name(name, "resource name")
+        if port is not None and not 1 <= port <= 65535:
+            raise HttpError(400, "bad_request", "port must be in [1, 65535]")
+        if await self.state.get_customer(customer_id) is None:
+            raise HttpError(404, "not_found", f"no such customer: {customer_id}")
+        existing = await self.state.find_resource(customer_id, name)
+        if existing is not None:
+            raise HttpError(409, "conflict", f"customer {customer_id} has a resource {name!r} already "
+                            f"({existing['id']}, endpoint port {existing['port']})")
+        host = self.registry.service_host
+        if port is not None:
+            if port in await self.state.taken_ports():
+                raise HttpError(409, "conflict", f"port {port} is the endpoint of another resource")
+            try:
+                allocate_port(host, set(), (port, port))
+            except (ValueError, RuntimeError, OSError):
+                raise HttpError(409, "conflict", f"port {port} cannot be bound on {host} (in use?)") from None
+            choose = lambda _taken: port  # noqa: E731
+        else:
+            port_range = getattr(self.registry, "port_range", DEFAULT_PORT_RANGE)
+            choose = lambda taken_now: allocate_port(host, taken_now, port_range)  # noqa: E731
+        try:
+            resource = await self.state.get_or_create_resource(customer_id, name, choose)
+        except RuntimeError as exc:
+            raise HttpError(409, "conflict", str(exc)) from None
+        log.info("created resource %s (%s) of customer %s, endpoint port %d", resource["id"], name, customer_id,
+                 resource["port"])
+        return 201, self._resource_view(resource, False)
 
     async def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
         # The "deleted" event closes the endpoint and drops the agents, here and on every relay.
@@ -385,6 +448,19 @@ class AdminApi:
         )
         log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
         return 200, {"jwt": token}
+
+
+def _target_view(agents: list[dict]) -> dict:
+    """The resource's ``target_status``: REACHABLE when an agent reaches its private service,
+    UNREACHABLE when the agents that told say they cannot (``target_error`` says why), else
+    UNKNOWN."""
+    statuses = [a.get("target_status") for a in agents]
+    if "REACHABLE" in statuses:
+        return {"target_status": "REACHABLE", "target_error": None}
+    failing = [a for a in agents if a.get("target_status") == "UNREACHABLE"]
+    if failing:
+        return {"target_status": "UNREACHABLE", "target_error": failing[0].get("target_error")}
+    return {"target_status": "UNKNOWN", "target_error": None}
 
 
 def _parse_json_object(body: bytes) -> dict:

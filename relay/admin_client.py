@@ -62,6 +62,11 @@ def discover(
         if directory is None:
             raise AdminError("no admin URL: give --admin-url (RELAY_ADMIN_URL) or --state-dir")
         info_path = directory / ADMIN_INFO_FILE
+        if not directory.is_dir():
+            raise AdminError(
+                f"no relay state directory {state_dir} ({directory.resolve()}): run the command where the relay "
+                "keeps its state, or give it with --state-dir DIR (RELAY_STATE_DIR; the directory of "
+                "`tunnel-relay serve --state-dir`), or give --admin-url with RELAY_ADMIN_TOKEN")
         try:
             info = json.loads(info_path.read_text("utf-8"))
             admin_url = info["url"]
@@ -177,6 +182,12 @@ class AdminClient:
 
     def create_customer(self, name: str) -> dict:
         return self.request("POST", "/v1/customers", {"name": name})
+
+    def create_resource(self, customer_id: str, name: str, port: int | None = None) -> dict:
+        body: dict[str, Any] = {"customer_id": customer_id, "name": name}
+        if port is not None:
+            body["port"] = port
+        return self.request("POST", "/v1/resources", body)
 
     def list_resources(self, extended: bool = False) -> list[dict]:
         return self.request("GET", "/v1/resources" + ("?extended=1" if extended else ""))

@@ -3,13 +3,14 @@
 ::
 
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
-                       [--allow-remote-admin] [--service-host HOST] [--cert FILE --key FILE]
-                       [--server-name NAME] [--database URL] [--advertise URL]
+                       [--allow-remote-admin] [--service-host HOST] [--port-range LOW-HIGH]
+                       [--cert FILE --key FILE] [--server-name NAME] [--database URL] [--advertise URL]
                        [--metrics-listen HOST:PORT]
                        [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
     tunnel-relay resources list [--extended] [--output json]
+    tunnel-relay resources create --customer-id ID NAME [--port PORT]   prints id and endpoint
     tunnel-relay resources registration-jwt (--customer-id ID | --org-only)
                        [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
                        (--org-only is the same as --customer-id cus_org; the relay decides)
@@ -38,6 +39,7 @@ from typing import Any
 from tunnel.ops.logs import escape
 
 from . import DEFAULT_STATE_DIR, __version__, parse_host_port
+from .state import DEFAULT_PORT_RANGE
 
 PROG = "tunnel-relay"
 DEFAULT_LISTEN = "0.0.0.0:8443"
@@ -125,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--peer-advertise", default=_env("RELAY_PEER_ADVERTISE"), metavar="HOST",
                        help="the host the other relays use to reach --peer-listen (env RELAY_PEER_ADVERTISE; "
                             "default the host of --advertise)")
-    serve.add_argument("--port-range", default=_env("RELAY_PORT_RANGE", "20000-29999"), metavar="LOW-HIGH",
-                       help="TCP ports for new resources' endpoints; the same on every relay of a cluster "
-                            "(env RELAY_PORT_RANGE, default 20000-29999)")
+    serve.add_argument("--port-range", default=_env("RELAY_PORT_RANGE", "%d-%d" % DEFAULT_PORT_RANGE),
+                       metavar="LOW-HIGH",
+                       help="TCP ports for new resources' endpoints, for firewall rules; the same on every relay "
+                            "of a cluster (env RELAY_PORT_RANGE, default %d-%d; existing resources keep theirs; "
+                            "'resources create --port' fixes one)" % DEFAULT_PORT_RANGE)
     serve.add_argument("--drain-timeout", type=float, default=float(_env("RELAY_DRAIN_TIMEOUT", "30")),
                        metavar="SECONDS",
                        help="on SIGTERM, how long streams in flight may take to finish (env RELAY_DRAIN_TIMEOUT, "
@@ -159,11 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     rlist.add_argument("--extended", action="store_true", help="add each agent's details")
     _add_output(rlist)
     _add_admin_location(rlist, suppress=True)
-    jwt_cmd = resource_cmds.add_parser("registration-jwt", help="print a registration JWT for agents")
+    rcreate = resource_cmds.add_parser(
+        "create", help="create a resource before its agents register (optionally on a fixed port)",
+        description="Create a resource ahead of its agents, e.g. to give it a fixed endpoint port for a "
+                    "firewall rule. Agents of the customer that register NAME serve it.")
+    rcreate.add_argument("name", metavar="NAME", help="the resource name its agents use (their NAME)")
+    rcreate.add_argument("--customer-id", metavar="ID", required=True, help="the customer owning it (cus_...)")
+    rcreate.add_argument("--port", type=_positive_int, metavar="PORT",
+                         help="the endpoint's port on the relay's --service-host (default: one of --port-range)")
+    _add_output(rcreate)
+    _add_admin_location(rcreate, suppress=True)
+    jwt_cmd = resource_cmds.add_parser(
+        "registration-jwt", help="print a registration JWT for agents",
+        description="Print a registration JWT: the token agents present (REGISTRATION_JWT) to register "
+                    "resources. Give --customer-id for a customer's agents, or --org-only for the "
+                    "organisation's own test resources.",
+        epilog="A customer-wide token lets agents register any resource name for that customer (created "
+               "at first use); with --resource-id it serves that one resource only, and --rotate revokes "
+               "every older token of it.")
     # Whom the token is for is the relay's one rule (relay.tokens.token_subject), not argparse's.
-    jwt_cmd.add_argument("--customer-id", metavar="ID")
+    jwt_cmd.add_argument("--customer-id", metavar="ID",
+                         help="the customer whose agents use the token: the id 'customers create' printed "
+                              "(cus_...; 'customers list' shows them); needed unless --org-only")
     jwt_cmd.add_argument("--org-only", action="store_true",
-                         help="for an organisation-only test resource (the same as --customer-id cus_org)")
+                         help="a token for the organisation's own test resources instead of a customer's: they "
+                              "belong to the built-in customer cus_org (the same as --customer-id cus_org)")
     jwt_cmd.add_argument("--resource-id", metavar="ID", help="limit the token to this resource")
     jwt_cmd.add_argument("--rotate", action="store_true",
                          help="revoke every older token of --resource-id and drop the agents using them")
@@ -228,9 +252,9 @@ def _print_resources(resources: list[dict], output: str, extended: bool) -> None
         _print_json(resources)
         return
     print(_table(
-        ("ID", "NAME", "CUSTOMER", "STATUS", "ENDPOINT", "AGENTS"),
-        [(r.get("id"), r.get("name"), r.get("customer_id"), r.get("status"), r.get("endpoint"), r.get("agents"))
-         for r in resources],
+        ("ID", "NAME", "CUSTOMER", "STATUS", "ENDPOINT", "AGENTS", "TARGET"),
+        [(r.get("id"), r.get("name"), r.get("customer_id"), r.get("status"), r.get("endpoint"), r.get("agents"),
+          _target_cell(r)) for r in resources],
     ))
     if not extended:
         return
@@ -240,14 +264,23 @@ def _print_resources(resources: list[dict], output: str, extended: bool) -> None
             rows.append((
                 r.get("id"), a.get("agent_id"), a.get("transport"), a.get("address"), a.get("version"),
                 a.get("hostname"), a.get("connected_since"), a.get("bytes_sent"), a.get("bytes_received"),
-                a.get("active_streams"), a.get("relay_id"),
+                a.get("active_streams"), _target_cell(a), a.get("relay_id"),
             ))
     print()
     print(_table(
         ("RESOURCE", "AGENT", "TRANSPORT", "ADDRESS", "VERSION", "HOSTNAME", "CONNECTED SINCE",
-         "BYTES SENT", "BYTES RECEIVED", "STREAMS", "RELAY"),
+         "BYTES SENT", "BYTES RECEIVED", "STREAMS", "TARGET", "RELAY"),
         rows,
     ))
+
+
+def _target_cell(entry: dict) -> str:
+    """The TARGET column: whether the private service answers the agent(s), and why not."""
+    status = entry.get("target_status")
+    if not status:
+        return ""
+    error = entry.get("target_error")
+    return f"{status}: {error}" if error else status
 
 
 def _print_cluster(status: dict, output: str) -> None:
@@ -306,6 +339,12 @@ def _run_admin(args: argparse.Namespace) -> int:
         return 0
     if args.action == "list":
         _print_resources(client.list_resources(args.extended), args.output, args.extended)
+    elif args.action == "create":
+        resource = client.create_resource(args.customer_id, args.name, args.port)
+        if args.output == "json":
+            _print_json(resource)
+        else:
+            print(f"{resource.get('id')} {resource.get('endpoint')}")
     elif args.action == "registration-jwt":
         if args.rotate and not args.resource_id:
             raise CliError("--rotate needs --resource-id (and --customer-id)")

@@ -295,6 +295,26 @@ class Cluster:
     async def _add_link(self, session) -> int:
         return await self.state.add_link(self._link_row(session), list(session.resources), session.generation)
 
+    async def relink(self, session) -> None:
+        """``session`` serves other resources now (CONTROL ``add_resources`` or
+        ``remove_resources`` on its live link): record its link with them (at a new epoch), so
+        that the other relays forward their workers here, or stop to. A failure is logged:
+        the next resync writes the link again."""
+        try:
+            if session.resources:
+                session.epoch = await self._add_link(session)
+                if session.link.is_closing:  # closed meanwhile: its removal saw the old epoch
+                    self.forget(session)
+            elif session.epoch:
+                await self.state.remove_link(session.customer_id, session.instance, session.slot, session.epoch)
+        except LinkRefused as exc:
+            # Revoked or deleted meanwhile: that event drops the resource from the agent.
+            log.info("agent %s: link not recorded again: %s", session.agent_id, exc)
+        except (Conflict, StoreError) as exc:
+            self.registry.throttled.log(("relink", type(exc).__name__), logging.WARNING,
+                                        "cannot record agent %s's resources in the state database: %s",
+                                        session.agent_id, exc)
+
     def forget(self, session) -> None:
         """The link closed: remove its row (at its epoch) in the background."""
         if session.epoch:

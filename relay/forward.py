@@ -2,9 +2,10 @@
 
 - :class:`Forwarded` (the relay a worker connected to, holding no agent of the resource):
   the worker's TCP connection is accepted at once; while the relay finds the relay holding
-  an agent and opens a stream to it over their peer link, what the worker sends waits here
-  (reading paused above :data:`EARLY_LIMIT`); then the endpoint's :class:`TcpBridge` runs
-  over the peer stream exactly as over an agent's.
+  an agent and opens a stream to it over their peer link (or, when no relay serves the
+  resource, waits for an agent: relay.registry.Endpoint.find_agent), what the worker sends
+  waits here (reading paused above :data:`EARLY_LIMIT`, and at once while waiting); then the
+  endpoint's :class:`TcpBridge` runs over the stream exactly as over an agent's.
 - :class:`Splice` (the relay holding the agent): joins the stream from the peer to a new
   stream on the agent's link, both directions, with backpressure: a piece received on one
   stream is queued on the other and credit goes back (``consume``) only once that queue is
@@ -14,10 +15,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from tunnel.bridge.tcp import stream_handler
 from tunnel.carriers.base import LinkStream, StreamHandler
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import StreamClosedError, UsageError
@@ -32,18 +31,17 @@ class Forwarded:
     """The forwarding state of one worker connection (an ``EndpointBridge`` with no local
     agent); see the module docstring."""
 
-    __slots__ = ("bridge", "early", "held", "eof", "task")
+    __slots__ = ("bridge", "early", "held", "eof")
 
     def __init__(self, bridge) -> None:
         self.bridge = bridge
         self.early: list[bytes] = []
         self.held = 0
         self.eof = False
-        self.task: asyncio.Task | None = None
 
     def hold(self, data: bytes) -> None:
         """Bytes from the worker before the stream exists."""
-        self.early.append(data)
+        self.early.append(bytes(data))
         self.held += len(data)
         if self.held > EARLY_LIMIT and self.bridge.transport is not None:
             self.bridge.transport.pause_reading()
@@ -61,33 +59,6 @@ class Forwarded:
             bridge.eof_received()
         elif bridge.transport is not None and not stream.paused:
             bridge.transport.resume_reading()
-
-
-async def forward(bridge, endpoint, peering) -> None:
-    """Find the relay holding an agent of ``endpoint``'s resource, open a stream to it over
-    the peer link and attach ``bridge`` (a worker connection) to it; reset the connection
-    when no relay can take it."""
-    state = bridge.forwarded
-    try:
-        target = await peering.open_forward(endpoint.resource_id, stream_handler(bridge))
-    except asyncio.CancelledError:
-        bridge.fail(ErrorCode.REFUSED)
-        raise
-    except Exception:  # noqa: BLE001 - this connection fails, nothing else
-        log.exception("resource %s: forwarding a connection failed", endpoint.resource_id)
-        target = None
-    if bridge.done:
-        if target is not None:
-            target[0].reset(ErrorCode.CONNECTION_RESET)
-        return
-    if target is None:
-        endpoint.registry.throttled.log(("no holder", endpoint.resource_id), logging.INFO,
-                                        "resource %s: no relay holds an agent; refusing a connection",
-                                        endpoint.resource_id)
-        bridge.fail(ErrorCode.REFUSED)
-        return
-    stream, buffers = target
-    state.attach(stream, buffers)
 
 
 class _Half(StreamHandler):
@@ -166,4 +137,4 @@ class Splice:
                 callback()
 
 
-__all__ = ["EARLY_LIMIT", "Forwarded", "Splice", "UsageError", "forward"]
+__all__ = ["EARLY_LIMIT", "Forwarded", "Splice", "UsageError"]

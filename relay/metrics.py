@@ -138,6 +138,9 @@ class RelayMetrics:
                            "Resources at least one agent serves, per customer.", ("customer",))
         resource_agents = Family("tunnel_relay_resource_agents", "gauge",
                                  "Agents serving each resource.", ("customer", "resource"))
+        unreachable = Family("tunnel_relay_resource_agents_target_unreachable", "gauge",
+                             "Agents of each resource that report they cannot reach its private service "
+                             "(CONTROL target_health).", ("customer", "resource"))
         opened = Family("tunnel_relay_streams_opened_total", "counter",
                         "Connections to a resource endpoint that became a stream to an agent.",
                         ("customer", "resource"))
@@ -168,6 +171,7 @@ class RelayMetrics:
             up[customer] += live > 0
             labels = (customer, rid)
             resource_agents.add(labels, live)
+            unreachable.add(labels, sum(1 for a in endpoint.agents if not a.link.is_closing and a.target_down(rid)))
             streams = self._streams.get(endpoint) or _Streams()
             opened.add(labels, streams.opened)
             active.add(labels, len(endpoint.bridges))
@@ -211,7 +215,7 @@ class RelayMetrics:
         for transport, histogram in sorted(self.rtt.items()):
             rtt.add_histogram((transport,), histogram)
         info = Family("tunnel_relay_build_info", "gauge", "The relay's version.", ("version",)).add((__version__,), 1)
-        return [agents, resources, available, resource_agents, opened, active, refused, failed, moved, handshakes,
+        return [agents, resources, available, resource_agents, unreachable, opened, active, refused, failed, moved, handshakes,
                 auth, quotas, rtt, info, *process_families()]
 
     def render(self, registry) -> bytes:

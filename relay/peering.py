@@ -29,13 +29,13 @@ import asyncio
 import logging
 import re
 
-from tunnel.bridge.tcp import LinkBuffers, TcpBridge
+from tunnel.bridge.tcp import LinkBuffers
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import LinkError, UsageError
 
-from .forward import Forwarded, Splice, forward
+from .forward import Splice
 from .pki import PEER_ROLE, peer_role
 from .store.errors import StoreError, StoreUnavailable
 
@@ -113,8 +113,6 @@ class Peering:
         self._tasks: set[asyncio.Task] = set()
         #: Splices of streams from peers to agents here, in flight.
         self.splices: set[Splice] = set()
-        #: Worker connections here riding a peer link (or finding one).
-        self.forwarded: set[TcpBridge] = set()
         self.server: asyncio.Server | None = None
         self._accepted: set[Link] = set()
         self.closed = False
@@ -237,29 +235,6 @@ class Peering:
 
     # ---- forwarding (the relay the worker reached)
 
-    def forward(self, bridge, endpoint, transport) -> None:
-        """``bridge`` (an ``EndpointBridge``) was accepted with no local agent: take it to
-        the relay holding one (see the module docstring)."""
-        registry = self.registry
-        descriptors = registry.descriptors
-        registry.metrics.stream_opened(endpoint)
-        endpoint.bridges.add(bridge)
-        self.forwarded.add(bridge)
-
-        def done() -> None:
-            endpoint.bridges.discard(bridge)
-            self.forwarded.discard(bridge)
-            if descriptors is not None:
-                descriptors.give(endpoint.customer_id)
-            registry.metrics.stream_done(endpoint, bridge)
-
-        bridge.on_done = done
-        bridge.forwarded = Forwarded(bridge)
-        TcpBridge.connection_made(bridge, transport)
-        task = asyncio.get_running_loop().create_task(forward(bridge, endpoint, self))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def holders(self, resource_id: str) -> list[dict]:
         """The relays holding an agent of ``resource_id`` (see :meth:`RelayState.holders`)."""
         try:
@@ -297,7 +272,11 @@ class Peering:
         except UnicodeDecodeError:
             resource_id = ""
         endpoint = self.registry.endpoints.get(resource_id)
-        agent = endpoint.pick_agent() if endpoint is not None else None
+        agent = None
+        if endpoint is not None:
+            # An agent that just stopped serving the resource still takes what the other
+            # relays sent before they read its link's new record.
+            agent = endpoint.pick_agent() or self.registry.leaving_agent(resource_id)
         if agent is None:
             stream.reset(ErrorCode.REFUSED)
             return None
@@ -318,10 +297,6 @@ class Peering:
         return handler
 
     # ---- life
-
-    def in_flight(self) -> int:
-        """Streams over peer links still open (both directions)."""
-        return len(self.splices) + len(self.forwarded)
 
     def stop_listening(self) -> None:
         if self.server is not None:

@@ -2,8 +2,21 @@
 resource where integration workers connect.
 
 Each connection to an endpoint becomes one stream on the link of one of the resource's
-agents, chosen by fewest active streams; when an agent leaves, new connections go to the
-others. With no agent the connection is refused with a reset.
+agents: one whose private service answers (CONTROL ``target_health``), then the one with the
+fewest active streams; when an agent leaves, new connections go to the others.
+
+With no agent here, in a cluster, the connection goes to the relay holding one (relay.peering,
+relay.forward). When no relay serves the resource, a new connection waits: for up to
+``Limits.endpoint_hold_timeout`` (5 s), at most ``Limits.endpoint_hold_max`` per resource,
+while the resource lost its last agent (or the relay started, or, in a cluster, another relay
+last took one of its connections) less than ``Limits.endpoint_hold_window`` ago. Its bytes
+wait in the kernel (reading paused); an agent registering here gets the waiting connections at
+once, one registering on another relay within ``HOLD_POLL``. Past those bounds a connection is
+reset at once, and the relay logs why, once per interval.
+
+A new registration from the same agent process and slot (same customer, ``instance`` and
+``slot``) supersedes its older links: they get no new streams and keep the ones they carry (an
+``auto://`` agent moving to QUIC, or back to WSS after its QUIC path went silent).
 
 Deregistering one resource from an agent (its token revoked by a rotation, the resource
 deleted) ends only that resource there: the agent gets a CONTROL ``deregistered`` message,
@@ -21,14 +34,23 @@ from dataclasses import dataclass, field
 
 from tunnel.bridge.tcp import LinkBuffers, TcpBridge, stream_handler
 from tunnel.carriers.base import Link
+from tunnel.core.limits import DEFAULT_LIMITS, Limits
 from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
+from .forward import Forwarded
 from .metrics import RelayMetrics
 from .quotas import Descriptors, QuotaExceeded
+from .state import DEFAULT_PORT_RANGE
 
 log = logging.getLogger("relay.registry")
+
+#: A recurring endpoint condition (no agent, unreachable service) is logged once per this many seconds.
+LOG_INTERVAL = 60.0
+REACHABLE, UNREACHABLE, UNKNOWN = "REACHABLE", "UNREACHABLE", "UNKNOWN"
+#: In a cluster, how often a waiting connection asks again which relay holds an agent (s).
+HOLD_POLL = 0.5
 
 
 @dataclass(eq=False)
@@ -50,10 +72,32 @@ class AgentSession:
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
     active_streams: int = 0
+    #: The verified claims of the agent's registration token (adding resources checks them).
+    claims: object = None
+    #: Resource id -> what the agent last reported of its private service (CONTROL
+    #: ``target_health``): {"reachable": bool, "reason", "message", "since"}.
+    targets: dict = field(default_factory=dict)
+    #: Resources the agent stopped serving (CONTROL ``remove_resources``) while its link's
+    #: record is rewritten without them: streams other relays forwarded meanwhile still go
+    #: to it (relay.peering), local workers' do not.
+    leaving: set = field(default_factory=set)
 
-    def describe(self) -> dict:
+    def target_down(self, resource_id: str) -> bool:
+        """True when the agent reported that it cannot reach ``resource_id``'s service."""
+        report = self.targets.get(resource_id)
+        return report is not None and not report["reachable"]
+
+    def target_status(self, resource_id: str) -> str:
+        report = self.targets.get(resource_id)
+        if report is None:
+            return UNKNOWN
+        return REACHABLE if report["reachable"] else UNREACHABLE
+
+    def describe(self, resource_id: str | None = None) -> dict:
+        """The agent as ``resources list --extended`` shows it (with its view of
+        ``resource_id``'s private service when given)."""
         host, port = self.link.peer_address[:2]
-        return {
+        view = {
             "agent_id": self.agent_id,
             "transport": self.link.carrier,
             "address": f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}",
@@ -66,6 +110,13 @@ class AgentSession:
             "active_streams": self.active_streams,
             "epoch": self.epoch,
         }
+        if resource_id is not None:
+            report = self.targets.get(resource_id) or {}
+            view["target_status"] = self.target_status(resource_id)
+            view["target_error"] = report.get("message") if report and not report["reachable"] else None
+            since = report.get("since")
+            view["target_since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else None
+        return view
 
 
 class EndpointBridge(TcpBridge):
@@ -77,8 +128,9 @@ class EndpointBridge(TcpBridge):
         super().__init__()
         self._endpoint = endpoint
         self.agent: AgentSession | None = None
-        #: While the stream to another relay is being opened (relay.forward.Forwarded).
-        self.forwarded = None
+        #: While no stream exists yet (waiting for an agent, here or on another relay): what
+        #: the worker sent meanwhile (relay.forward.Forwarded).
+        self.forwarded: Forwarded | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.forwarded is not None:
@@ -108,45 +160,82 @@ class EndpointBridge(TcpBridge):
                 self.fail(ErrorCode.REFUSED)
                 return
             descriptors.take(endpoint.customer_id)
+        self.on_done = self._released
         agent = endpoint.pick_agent()
-        stream = None
         if agent is not None:
-            try:
-                stream = agent.link.open_stream(endpoint.name.encode(), stream_handler(self))
-            except UsageError:  # the link began closing since it was picked
-                pass
-        if stream is None and agent is None and registry.forwarder is not None:
-            registry.forwarder.forward(self, endpoint, transport)
+            stream = self._open_on(agent)
+            if stream is None:
+                self.transport = transport
+                registry.metrics.stream_refused(endpoint, "link_closing")
+                self.fail(ErrorCode.REFUSED)
+                return
+            self.attach_stream(stream)
+            super().connection_made(transport)
             return
-        if stream is None:
+        if registry.forwarder is None and not endpoint.may_hold():
             self.transport = transport
-            if agent is None:
-                log.info("resource %s: no agent available, refusing a connection", endpoint.resource_id)
-            if descriptors is not None:
-                descriptors.give(endpoint.customer_id)
-            registry.metrics.stream_refused(endpoint, "no_agent" if agent is None else "link_closing")
+            endpoint.log_refusal()
+            registry.metrics.stream_refused(endpoint, "no_agent")
             self.fail(ErrorCode.REFUSED)
             return
-        registry.metrics.stream_opened(endpoint)
+        # No agent here: accepted at once; its bytes wait until a stream exists, on another
+        # relay's link (relay.peering) or on the link of an agent that comes back.
+        self.forwarded = Forwarded(self)
+        endpoint.bridges.add(self)
+        super().connection_made(transport)
+        registry.spawn(endpoint.find_agent(self))
+
+    def _open_on(self, agent: AgentSession):
+        """This connection's stream on ``agent``'s link (None when it began closing)."""
+        endpoint = self._endpoint
+        try:
+            stream = agent.link.open_stream(endpoint.name.encode(), stream_handler(self))
+        except UsageError:  # the link began closing since it was picked
+            return None
+        endpoint.registry.metrics.stream_opened(endpoint)
         self.agent = agent
         self.buffers = agent.buffers
         agent.active_streams += 1
         endpoint.bridges.add(self)
+        return stream
 
-        def done() -> None:
-            agent.active_streams -= 1
-            endpoint.bridges.discard(self)
-            if descriptors is not None:
-                descriptors.give(endpoint.customer_id)
+    def start_waiting(self) -> None:
+        """No relay serves the resource: hold the connection, its bytes in the kernel."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def attach_local(self, agent: AgentSession) -> bool:
+        """A waiting connection goes to ``agent`` (False when its link began closing)."""
+        stream = self._open_on(agent)
+        if stream is None:
+            return False
+        self.forwarded.attach(stream, agent.buffers)
+        return True
+
+    def attach_peer(self, stream, buffers) -> None:
+        """A waiting connection goes to another relay over ``stream`` (relay.peering)."""
+        self._endpoint.registry.metrics.stream_opened(self._endpoint)
+        self.forwarded.attach(stream, buffers)
+
+    def _released(self) -> None:
+        endpoint = self._endpoint
+        registry = endpoint.registry
+        if self.agent is not None:
+            self.agent.active_streams -= 1
+        endpoint.bridges.discard(self)
+        if registry.descriptors is not None:
+            registry.descriptors.give(endpoint.customer_id)
+        if self.stream is not None:
             registry.metrics.stream_done(endpoint, self)
 
-        self.on_done = done
-        self.attach_stream(stream)
-        super().connection_made(transport)
+    def stream_reset(self, code: int) -> None:
+        if code == ErrorCode.CONNECT_FAILED and self.agent is not None:
+            self._endpoint.connect_failed(self.agent)
+        super().stream_reset(code)
 
 
 class Endpoint:
-    """A resource's listening socket and the agents serving it."""
+    """A resource's listening socket, the agents serving it and the connections waiting for one."""
 
     def __init__(self, registry: "Registry", resource_id: str, name: str, customer_id: str, host: str,
                  port: int) -> None:
@@ -159,6 +248,12 @@ class Endpoint:
         self.agents: list[AgentSession] = []
         self.bridges: set[EndpointBridge] = set()
         self.server: asyncio.Server | None = None
+        #: Connections held waiting for an agent (module docstring).
+        self.waiting: set[EndpointBridge] = set()
+        #: Since when no agent serves it (monotonic), None while one does here. In a cluster,
+        #: a connection another relay took counts as served too.
+        self.agentless_since: float | None = time.monotonic()
+        self._arrived = asyncio.Event()  # set (and replaced) when an agent comes
 
     @property
     def address(self) -> str:
@@ -170,8 +265,118 @@ class Endpoint:
                                                reuse_address=True, backlog=1024)
 
     def pick_agent(self) -> AgentSession | None:
+        """An agent whose private service answers (as far as it told), then the one with the
+        fewest active streams; None when no agent serves the resource."""
         live = [a for a in self.agents if not a.link.is_closing]
-        return min(live, key=lambda a: a.active_streams) if live else None
+        rid = self.resource_id
+        return min(live, key=lambda a: (a.target_down(rid), a.active_streams)) if live else None
+
+    # --- connections waiting for an agent ---------------------------------------------
+
+    def may_hold(self) -> bool:
+        """Whether a new connection may wait for an agent now (the bounds of the module docstring)."""
+        limits = self.registry.limits
+        if self.agentless_since is None:  # its agents are all going away
+            self.agentless_since = time.monotonic()
+        if limits.endpoint_hold_timeout <= 0 or time.monotonic() - self.agentless_since > limits.endpoint_hold_window:
+            return False
+        if len(self.waiting) >= limits.endpoint_hold_max:
+            self.registry.throttled.log(("hold-full", self.resource_id), logging.WARNING,
+                                        "resource %s (%s): %d connections already wait for an agent "
+                                        "(TUNNEL_ENDPOINT_HOLD_MAX); resetting more", self.resource_id, self.name,
+                                        len(self.waiting))
+            return False
+        return True
+
+    async def find_agent(self, bridge: EndpointBridge) -> None:
+        """Take ``bridge`` (accepted, no stream yet) to an agent: through the relay holding
+        one (in a cluster), else wait here for one, within the bounds of the module
+        docstring; reset it when none comes."""
+        registry = self.registry
+        peering = registry.forwarder
+        loop = asyncio.get_running_loop()
+        deadline = None
+        try:
+            while not bridge.done:  # the worker may close, or the resource go, meanwhile
+                if peering is not None:
+                    try:
+                        target = await peering.open_forward(self.resource_id, stream_handler(bridge))
+                    except Exception:  # noqa: BLE001 - this connection waits or fails, nothing else
+                        log.exception("resource %s: forwarding a connection failed", self.resource_id)
+                        target = None
+                    if bridge.done:
+                        if target is not None:
+                            target[0].reset(ErrorCode.CONNECTION_RESET)
+                        return
+                    if target is not None:
+                        self.agentless_since = None if self.agentless_since is None else time.monotonic()
+                        bridge.attach_peer(*target)
+                        return
+                agent = self.pick_agent()
+                if agent is not None and bridge.attach_local(agent):
+                    return
+                if deadline is None:
+                    if not self.may_hold():
+                        self.log_refusal()
+                        registry.metrics.stream_refused(self, "no_agent")
+                        bridge.fail(ErrorCode.REFUSED)
+                        return
+                    deadline = loop.time() + registry.limits.endpoint_hold_timeout
+                    self.waiting.add(bridge)
+                    bridge.start_waiting()
+                    log.debug("resource %s: a connection waits up to %g s for an agent (%d waiting)",
+                              self.resource_id, registry.limits.endpoint_hold_timeout, len(self.waiting))
+                left = deadline - loop.time()
+                if left <= 0:
+                    registry.throttled.log(("hold-expired", self.resource_id), logging.WARNING,
+                                           "resource %s (%s): no agent came within %g s "
+                                           "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
+                                           self.resource_id, self.name, registry.limits.endpoint_hold_timeout)
+                    registry.metrics.stream_refused(self, "no_agent")
+                    bridge.fail(ErrorCode.REFUSED)
+                    return
+                # An agent registering here wakes the waiters at once; another relay's is
+                # found by asking again (each HOLD_POLL while waiting).
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), min(left, HOLD_POLL) if peering else left)
+                except asyncio.TimeoutError:
+                    pass
+        except asyncio.CancelledError:
+            bridge.fail(ErrorCode.REFUSED)
+            raise
+        finally:
+            self.waiting.discard(bridge)
+
+    def log_refusal(self) -> None:
+        since = self.agentless_since
+        if since is None:
+            why = "its agents are leaving"
+        else:
+            why = (f"no agent has served it for {time.monotonic() - since:.0f} s (waiting connections are held only "
+                   f"{self.registry.limits.endpoint_hold_window:g} s after the last agent left or the relay started)")
+        self.registry.throttled.log(("no-agent", self.resource_id), logging.INFO,
+                                    "resource %s (%s): %s; resetting new connections at once", self.resource_id,
+                                    self.name, why)
+
+    def connect_failed(self, agent: AgentSession) -> None:
+        """``agent`` reset a connection because it could not reach the private service."""
+        report = agent.targets.get(self.resource_id) or {}
+        self.registry.throttled.log(("connect-failed", self.resource_id), logging.WARNING,
+                                    "resource %s (%s): a worker's connection was reset: agent %s cannot reach the "
+                                    "private service (%s)", self.resource_id, self.name, agent.agent_id,
+                                    report.get("message") or "connection failed")
+
+    def agents_changed(self) -> None:
+        """Keep ``agentless_since`` current; wake the connections waiting for an agent."""
+        if any(not a.link.is_closing for a in self.agents):
+            self.agentless_since = None
+            if self.waiting:
+                log.info("resource %s (%s): an agent is back; %d waiting connection(s) go to it", self.resource_id,
+                         self.name, len(self.waiting))
+            self._arrived.set()
+            self._arrived = asyncio.Event()
+        elif self.agentless_since is None:
+            self.agentless_since = time.monotonic()
 
     def end_streams(self, agent: AgentSession | None = None, code: int = ErrorCode.REFUSED) -> None:
         """Reset the connections to this endpoint (only those riding ``agent``'s link, if given)."""
@@ -191,20 +396,30 @@ class Registry:
     counts their streams (a fresh :class:`relay.metrics.RelayMetrics` if not given)."""
 
     def __init__(self, service_host: str, descriptors: Descriptors | None = None,
-                 metrics: RelayMetrics | None = None) -> None:
+                 metrics: RelayMetrics | None = None, limits: Limits | None = None) -> None:
         self.service_host = service_host
         self.descriptors = descriptors
         self.metrics = metrics if metrics is not None else RelayMetrics()
+        self.limits = limits or DEFAULT_LIMITS
+        #: Where new resources' endpoint ports are chosen (``serve --port-range``).
+        self.port_range = DEFAULT_PORT_RANGE
         self.endpoints: dict[str, Endpoint] = {}
         self.agents: set[AgentSession] = set()
         self._links = Counter()  # customer id -> registered agent links
-        self.throttled = Throttled(log)
+        self.throttled = Throttled(log, LOG_INTERVAL)
         #: Takes worker connections no local agent can serve to the relay holding one
-        #: (relay.peering.Peering, in a cluster); None: refused.
+        #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
         self.forwarder = None
         #: False once the relay drains: endpoints bound later do not listen.
         self.listening = True
         self._binding: dict[str, asyncio.Future] = {}  # resource id -> bind in progress
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def links_of(self, customer_id: str) -> int:
         return self._links[customer_id]
@@ -254,10 +469,67 @@ class Registry:
         endpoint.close()
 
     def add_agent(self, agent: AgentSession) -> None:
+        self._supersede(agent)
         self.agents.add(agent)
         self._links[agent.customer_id] += 1
         for resource_id in agent.resources:
-            self.endpoints[resource_id].agents.append(agent)
+            endpoint = self.endpoints[resource_id]
+            endpoint.agents.append(agent)
+            endpoint.agents_changed()
+
+    def _supersede(self, agent: AgentSession) -> None:
+        """The older links of ``agent``'s process and slot take no new streams (module docstring)."""
+        if not agent.instance:
+            return
+        for older in [a for a in self.agents if a.instance == agent.instance and a.slot == agent.slot
+                      and a.customer_id == agent.customer_id]:
+            log.info("agent %s: superseded by %s (the same agent on a new %s link); its %d open stream(s) finish "
+                     "on the old one", older.agent_id, agent.agent_id, agent.link.carrier, older.active_streams)
+            self._unroute(older, list(older.resources))
+
+    def _unroute(self, agent: AgentSession, resource_ids) -> None:
+        """No new streams of ``resource_ids`` go to ``agent``; its open ones carry on."""
+        for resource_id in resource_ids:
+            endpoint = self.endpoints.get(resource_id)
+            if endpoint is not None and agent in endpoint.agents:
+                endpoint.agents.remove(agent)
+                endpoint.agents_changed()
+
+    def add_resource(self, agent: AgentSession, resource: dict) -> None:
+        """``agent`` serves ``resource`` too from now on (registered on its live link)."""
+        agent.resources[resource["id"]] = resource["name"]
+        agent.leaving.discard(resource["id"])
+        endpoint = self.endpoints[resource["id"]]
+        if agent not in endpoint.agents:
+            endpoint.agents.append(agent)
+        endpoint.agents_changed()
+
+    def remove_resource(self, agent: AgentSession, resource_id: str) -> None:
+        """``agent`` stops serving ``resource_id`` at its own request: no new streams; the
+        open ones finish."""
+        if agent.resources.pop(resource_id, None) is not None:
+            agent.targets.pop(resource_id, None)
+            self._unroute(agent, [resource_id])
+
+    def leaving_agent(self, resource_id: str) -> AgentSession | None:
+        """A live agent that is leaving ``resource_id`` (see ``AgentSession.leaving``)."""
+        for agent in self.agents:
+            if resource_id in agent.leaving and not agent.link.is_closing:
+                return agent
+        return None
+
+    def target_health(self, agent: AgentSession, resource_id: str, report: dict) -> None:
+        """``agent`` told how ``resource_id``'s private service answers."""
+        before = agent.targets.get(resource_id)
+        agent.targets[resource_id] = report
+        name = agent.resources.get(resource_id, "?")
+        if not report["reachable"]:
+            self.throttled.log(("target", resource_id, agent.agent_id), logging.WARNING,
+                               "resource %s (%s): agent %s cannot reach the private service: %s", resource_id, name,
+                               agent.agent_id, report["message"])
+        elif before is not None and not before["reachable"]:
+            log.info("resource %s (%s): agent %s reaches the private service again", resource_id, name,
+                     agent.agent_id)
 
     def remove_agent(self, agent: AgentSession) -> None:
         if agent not in self.agents:
@@ -266,10 +538,7 @@ class Registry:
         self._links[agent.customer_id] -= 1
         if self._links[agent.customer_id] <= 0:
             del self._links[agent.customer_id]
-        for resource_id in agent.resources:
-            endpoint = self.endpoints.get(resource_id)
-            if endpoint is not None and agent in endpoint.agents:
-                endpoint.agents.remove(agent)
+        self._unroute(agent, list(agent.resources))
 
     def status(self, resource_id: str) -> str:
         endpoint = self.endpoints.get(resource_id)
@@ -278,18 +547,21 @@ class Registry:
 
     def agents_of(self, resource_id: str) -> list[dict]:
         endpoint = self.endpoints.get(resource_id)
-        return [a.describe() for a in endpoint.agents] if endpoint else []
+        return [a.describe(resource_id) for a in endpoint.agents] if endpoint else []
 
     def deregister(self, agent: AgentSession, resource_id: str, code: str, message: str) -> None:
         """End ``resource_id`` on ``agent`` only: tell it why, reset the resource's streams on
         its link; an agent left with no resource is refused and its link closed."""
+        agent.leaving.discard(resource_id)
         name = agent.resources.pop(resource_id, None)
         if name is None:
             return
+        agent.targets.pop(resource_id, None)
         endpoint = self.endpoints.get(resource_id)
         if endpoint is not None:
             if agent in endpoint.agents:
                 endpoint.agents.remove(agent)
+                endpoint.agents_changed()
             endpoint.end_streams(agent, ErrorCode.UNAUTHORIZED)
         if not agent.resources:
             log.info("agent %s: %s (resource %s, its last); disconnecting", agent.agent_id, message, resource_id)
@@ -336,6 +608,8 @@ class Registry:
     def close(self) -> None:
         for endpoint in self.endpoints.values():
             self._close_endpoint(endpoint)
+        for task in list(self._tasks):
+            task.cancel()  # connections waiting for an agent are reset
 
 
 def _refuse(link: Link, code: str, message: str) -> None:

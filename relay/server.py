@@ -80,7 +80,8 @@ class AgentLinkHandler(LinkHandler):
 
     def control_received(self, message: dict) -> None:
         if self.agent is not None:
-            return  # unknown types are ignored (forward compatibility)
+            self.relay.control.received(self.agent, message)  # relay.agent_control
+            return
         kind = message.get("type")
         if kind == "auth" and not self._authenticating:
             self._authenticating = True
@@ -141,13 +142,29 @@ class Relay:
         self.registering: Counter = Counter()
         #: This relay's links to the other relays (relay.peering), None outside a cluster.
         self.peering = None
-        #: Where new resources' ports are chosen (``--port-range``; the same on every relay
-        #: of a cluster, so a load balancer can forward that range).
-        from .state import DEFAULT_PORT_RANGE
-
-        self.port_range = DEFAULT_PORT_RANGE
         cluster.on_members = self.members_changed
         cluster.on_resource_created = self.resource_created
+        from .agent_control import AgentControl
+
+        #: CONTROL messages of registered agents.
+        self.control = AgentControl(self)
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        """Where new resources' ports are chosen (``--port-range``; the same on every relay of
+        a cluster, so a load balancer can forward that range); kept by the registry, which
+        the admin API reads too."""
+        return self.registry.port_range
+
+    @port_range.setter
+    def port_range(self, value: tuple[int, int]) -> None:
+        self.registry.port_range = value
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def on_link(self, link: Link) -> None:
         self.links.add(link)
@@ -256,14 +273,8 @@ class Relay:
         limits = self.limits
         self._check_link_quotas(link, customer_id)
 
-        async def before_create(owner: str) -> None:
-            if await self.state.count_resources(owner) >= limits.max_resources_per_customer:
-                raise QuotaExceeded(f"customer {owner} is over its quota of {limits.max_resources_per_customer} "
-                                    "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
-                                    limit="max_resources_per_customer", customer_id=owner)
-
         wanted = [await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
-                                            before_create=before_create) for entry in resources]
+                                            before_create=self._before_create) for entry in resources]
         ids = {r["id"] for r in wanted}
         self.registering.update(ids)
         try:
@@ -284,6 +295,7 @@ class Relay:
                 slot=info["slot"],
                 resources={r["id"]: r["name"] for r in wanted},
                 buffers=LinkBuffers(limits.session_window),
+                claims=claims,
             )
             # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
             # then, with no await, the checks that others' registrations may have changed.
@@ -303,6 +315,37 @@ class Relay:
                 self.registering[rid] -= 1
                 if self.registering[rid] <= 0:
                     del self.registering[rid]
+
+    async def _before_create(self, owner: str) -> None:
+        limit = self.limits.max_resources_per_customer
+        if await self.state.count_resources(owner) >= limit:
+            raise QuotaExceeded(f"customer {owner} is over its quota of {limit} "
+                                "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
+                                limit="max_resources_per_customer", customer_id=owner)
+
+    async def resource_for(self, claims, name: str) -> dict:
+        """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
+        (created if need be, its endpoint bound), checked again after the bind: AuthError if it
+        was revoked or deleted meanwhile. For resources added on a live link."""
+        from .tokens import check_against_state
+
+        resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
+                                             before_create=self._before_create)
+        rid = resource["id"]
+        self.registering[rid] += 1
+        try:
+            await self.registry.ensure_endpoint(resource)
+            now = await self.state.get_resource(rid)
+            if now is None:
+                self.registry.resource_deleted(rid)
+                raise AuthError("resource deleted", code="deleted")
+            if claims.generation < now["generation"]:
+                raise AuthError("registration token revoked", code="revoked")
+            return resource
+        finally:
+            self.registering[rid] -= 1
+            if self.registering[rid] <= 0:
+                del self.registering[rid]
 
     def _check_link_quotas(self, link: Link, customer_id: str) -> None:
         limit = self.limits.max_links_per_customer
@@ -570,7 +613,7 @@ async def _serve(args) -> int:
 
     store = await _open_state(state_dir, args.database, settings)
     authority = tokens.TokenAuthority(state_dir)
-    registry = Registry(args.service_host, descriptors)
+    registry = Registry(args.service_host, descriptors, limits=limits)
     cluster = Cluster(store, registry, advertise, settings)
     await cluster.start()
     relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)

@@ -67,7 +67,9 @@ def test_url_validation():
         Dialer("http://relay:443", ca_file=None, limits=LIMITS)
     with pytest.raises(ValueError):
         Dialer("quic://:443", ca_file=None, limits=LIMITS)
-    d = Dialer("auto://relay.example", ca_file=None, limits=LIMITS, proxy_env={})
+    with pytest.raises(ValueError, match="without a port"):
+        Dialer("wss://relay.example", ca_file=None, limits=LIMITS)
+    d = Dialer("auto://relay.example:443", ca_file=None, limits=LIMITS, proxy_env={})
     assert (d.host, d.port, d.probe_timeout, d.reprobe_interval) == ("relay.example", 443, 3.0, 60.0)
     assert d.wss_url() == "wss://relay.example:443"
     assert not d.should_probe_quic(time.monotonic())  # nothing dialled yet

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -223,5 +224,36 @@ def test_database_stopped_and_restarted_under_load(cluster, agents, service_fact
         for t in threads:
             t.join(30)
     assert not failures
+    for relay in c.relays:
+        assert "Traceback" not in relay.proc.log()
+
+
+def test_agent_restart_under_forwarded_connections_fails_none(cluster, agents, service_factory):
+    """Workers reach the resource through a relay that holds no agent of it (forwarded to the
+    one that does); the agent restarts within two seconds: connections made while no relay
+    serves the resource wait and are served once it is back, none reset."""
+    from tests.helpers.steady import SteadyConnections
+
+    c = cluster()
+    r1, r2, _ = c.relays
+    customer = r1.create_customer("acme")
+    token = r1.jwt("--customer-id", customer)
+    service = service_factory("echo")
+    first = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    db = r2.wait_available(customer, "db")
+    addr = (HOSTS[0], int(db["endpoint"].rsplit(":", 1)[1]))  # r1's endpoint: forwarded to r2
+    with SteadyConnections(addr) as steady:
+        wait_until(lambda: steady.count_ok() >= 10, 20, "forwarded traffic before the restart")
+        first.signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert first.proc.wait(15) == 0, first.log()[-2000:]
+        second = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+        wait_until(lambda: "serving resource db" in second.log(), 20, "the new agent to register")
+        registered = time.monotonic()
+        wait_until(lambda: steady.count_ok(since=registered) >= 10, 20, "forwarded traffic after the restart")
+    gap = [a for a in steady.snapshot() if stopped <= a.started <= registered]
+    assert gap, "no connection was made while no relay served the resource"
+    assert not steady.failures(), steady.failures()[:5]
+    assert "waiting connection(s) go to it" not in r1.proc.log()  # r1 never had an agent: it forwarded
     for relay in c.relays:
         assert "Traceback" not in relay.proc.log()

@@ -32,8 +32,9 @@ def scratch_root(tmp_path: Path, units: dict[str, str], binaries=("tunnel-relay"
     for name, text in units.items():
         (root / "etc/systemd/system" / name).write_text(text)
     (root / "usr/local/bin").mkdir(parents=True)
-    for name in binaries:
-        stub = root / "usr/local/bin" / name
+    (root / "bin").mkdir()
+    for path in [f"usr/local/bin/{name}" for name in binaries] + ["bin/kill"]:  # kill: ExecReload
+        stub = root / path
         stub.write_text("#!/bin/sh\n")
         stub.chmod(0o755)
     return root

@@ -139,8 +139,10 @@ test_isolation_model = Isolation.TestCase
 
 def test_same_resource_name_two_customers_distinct_endpoints(relay, agents, service_factory):
     svc_a, svc_b = service_factory("echo"), service_factory("speak-first", b"I am customer B's service")
-    a, _, _, addr_a = setup_agent(relay, agents, svc_a, "wss", customer_name="alpha")
-    b, _, _, addr_b = setup_agent(relay, agents, svc_b, "quic", customer_name="beta")
+    # No idle check of the services: their connection counts are the streams' alone.
+    quiet = {"TUNNEL_TARGET_CHECK_INTERVAL": "0"}
+    a, _, _, addr_a = setup_agent(relay, agents, svc_a, "wss", customer_name="alpha", **quiet)
+    b, _, _, addr_b = setup_agent(relay, agents, svc_b, "quic", customer_name="beta", **quiet)
     assert addr_a != addr_b
     ra, rb = relay.resource(a, "db"), relay.resource(b, "db")
     assert ra["id"] != rb["id"] and ra["customer_id"] == a and rb["customer_id"] == b

@@ -31,8 +31,8 @@ def agents(tmp_path):
 def service_factory():
     services = []
 
-    def make(mode: str = "echo", greeting: bytes = b"") -> PrivateService:
-        s = PrivateService(mode, greeting)
+    def make(mode: str = "echo", greeting: bytes = b"", port: int = 0) -> PrivateService:
+        s = PrivateService(mode, greeting, port)
         services.append(s)
         return s
 

@@ -102,10 +102,15 @@ class Relay:
     admin API and resource endpoints) with its own state dir and ports."""
 
     def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 state_dir: Path | None = None) -> None:
-        self.host = host
+                 command_prefix: list[str] | None = None, state_dir: Path | None = None) -> None:
         self.state_dir = state_dir or workdir / "relay-state"
         self.workdir = workdir
+        #: Where it listens for agents and binds endpoints (another address: a network namespace).
+        self.host = host
+        #: Prepended to its commands, e.g. ``ip netns exec NAME``.
+        self.command_prefix = command_prefix or []
+        #: The admin API: on ``host`` (a loopback address), or the namespace's own loopback.
+        self.admin_host = "127.0.0.1" if self.command_prefix else host
         self.port = port or free_port()
         self.admin_port = free_port()
         self.proc: Proc | None = None
@@ -126,9 +131,9 @@ class Relay:
     def start(self, *args: str, **env) -> "Relay":
         """``tunnel-relay serve`` with ``args`` added to its options and ``env`` to its environment."""
         self.starts += 1
-        cmd = [PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen", f"{self.host}:{self.port}",
-               "--admin-listen", f"{self.host}:{self.admin_port}", "--service-host", self.host, *self.serve_args,
-               *args]
+        cmd = [*self.command_prefix, PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen",
+               f"{self.host}:{self.port}", "--admin-listen", f"{self.admin_host}:{self.admin_port}",
+               "--service-host", self.host, *self.serve_args, *args]
         name = "relay" if self.host == "127.0.0.1" else f"relay-{self.host}"
         self.proc = Proc("relay", cmd, _env(**env), self.workdir / f"{name}-{self.starts}.log",
                          self.preexec_fn).start()
@@ -146,7 +151,8 @@ class Relay:
         return self.cli("customers", "list", check=False).returncode == 0
 
     def cli(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        out = subprocess.run([PY, "-m", "relay", "--state-dir", str(self.state_dir), *args], env=_env(**(env or {})),
+        out = subprocess.run([*self.command_prefix, PY, "-m", "relay", "--state-dir", str(self.state_dir), *args],
+                             env=_env(**(env or {})),
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
         if check and out.returncode:
             raise AssertionError(f"tunnel-relay {' '.join(args)} failed ({out.returncode}): {out.stderr}")
@@ -217,13 +223,13 @@ class PrivateService:
     until EOF and records the sha256 of what it read.
     """
 
-    def __init__(self, mode: str = "echo", greeting: bytes = b"") -> None:
+    def __init__(self, mode: str = "echo", greeting: bytes = b"", port: int = 0) -> None:
         self.mode = mode
         self.greeting = greeting
         self.record = ServiceRecord()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.connections = 0

@@ -25,8 +25,12 @@ def test_env_config():
 
 @pytest.mark.parametrize("change, message", [
     ({"RELAY_URL": None}, "RELAY_URL is not set"),
-    ({"RELAY_URL": "http://relay:1"}, "RELAY_URL must look like"),
+    ({"RELAY_URL": "http://relay:1"}, "not http://; write wss://relay:1"),
+    ({"RELAY_URL": "https://relay:8443"}, "not https://; write wss://relay:8443"),
+    ({"RELAY_URL": "relay.example:8443"}, "has no scheme: write auto://relay.example:8443"),
+    ({"RELAY_URL": "wss://relay"}, "has no port: write wss://relay:8443"),
     ({"RELAY_URL": "wss://relay:notaport"}, "bad port"),
+    ({"DRAIN_TIMEOUT": "soon"}, "DRAIN_TIMEOUT must be a number"),
     ({"REGISTRATION_JWT": None}, "REGISTRATION_JWT"),
     ({"APP_PORT": "0"}, "APP_PORT must be between"),
     ({"APP_PORT": "pg"}, "APP_PORT must be a TCP port"),
@@ -69,15 +73,17 @@ def test_systemd_credential_serves_without_a_path(tmp_path):
         agent_config.load({**env, "CREDENTIALS_DIRECTORY": str(tmp_path)})
 
 
-def test_backoff_is_jittered_exponential_and_capped():
-    b = Backoff(base=0.5, cap=30, rng=random.Random(1))
+def test_backoff_first_retry_within_a_second_then_exponential_and_capped():
+    b = Backoff(first=1.0, cap=30, rng=random.Random(1))
     delays = [b.next_delay() for _ in range(20)]
-    assert all(0 < d <= 30 for d in delays)
-    assert max(delays[:3]) <= 2.0  # grows from the base
-    assert max(delays[10:]) > 5  # ...up to the cap
+    assert 0.25 <= delays[0] <= 1.0  # the first attempt after a loss: within a second
+    for n, d in enumerate(delays):
+        ceiling = min(30.0, 2 ** n)
+        assert ceiling / 4 <= d <= ceiling  # doubling while attempts fail ...
+    assert max(delays[6:]) > 15  # ... up to the cap
     assert len(set(delays)) == len(delays)  # jittered
     b.reset()
-    assert b.next_delay() <= 0.5
+    assert b.next_delay() <= 1.0
 
 
 class FakeStream(LinkStream):
@@ -142,3 +148,102 @@ def test_agent_dials_only_the_configured_address(monkeypatch):
 
     asyncio.run(main())
     assert dialled == [("10.0.0.5", 5432)]
+
+
+# --------------------------------------------------------------------------- messages that name the fix
+
+
+def test_relay_failures_name_the_fix():
+    import ssl
+
+    from agent import hints
+    from tunnel.wire.errors import LinkError
+
+    def wrapped(cause):
+        try:
+            raise LinkError(f"connecting to wss://r:8443: {cause}") from cause
+        except LinkError as exc:
+            return exc
+
+    verify = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+                                             "unable to get local issuer certificate (_ssl.c:1006)")
+    verify.verify_message = "unable to get local issuer certificate"
+    text = hints.relay_failure(wrapped(verify), host="r", port=8443, ca_file="/etc/ca.pem")
+    assert "not trusted by RELAY_CA_FILE /etc/ca.pem" in text and "<state-dir>/ca.pem" in text
+    text = hints.relay_failure(wrapped(verify), host="r", port=8443, ca_file=None)
+    assert "RELAY_CA_FILE is not set" in text
+    refused = ConnectionRefusedError(111, "Connect call failed ('10.0.0.1', 8443)")
+    assert "is the relay running?" in hints.relay_failure(wrapped(refused), host="r", port=8443, ca_file=None)
+    assert "does not resolve" in hints.relay_failure(wrapped(__import__("socket").gaierror(-2, "Name or service "
+                                                                                              "not known")),
+                                                     host="r", port=8443, ca_file=None)
+
+
+def test_target_failures_name_the_setting_to_fix():
+    import socket
+
+    from agent import hints
+
+    env_target = agent_config.Target("db", "db.invalid", 5432)
+    file_target = agent_config.Target("sftp", "10.0.0.2", 22, origin="[[resources]] sftp in agent.toml")
+    reason, detail, fix = hints.target_failure(env_target, socket.gaierror(-2, "Name or service not known"), 10)
+    assert reason == hints.DNS and "db.invalid does not resolve" in detail and "fix APP_HOST" in fix
+    reason, detail, fix = hints.target_failure(file_target, ConnectionRefusedError(111, "refused"), 10)
+    assert reason == hints.REFUSED and "10.0.0.2:22" in detail
+    assert "the port of [[resources]] sftp in agent.toml" in fix
+    # asyncio's error when every address of a name refused (localhost: ::1 and 127.0.0.1).
+    both = OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 22, 0, 0), "
+                   "[Errno 111] Connect call failed ('127.0.0.1', 22)")
+    assert hints.target_failure(file_target, both, 10)[0] == hints.REFUSED
+    assert hints.target_failure(file_target, TimeoutError(), 10)[0] == hints.TIMEOUT
+
+
+# --------------------------------------------------------------------------- target health
+
+
+def test_target_health_logs_and_reports_changes_once():
+    from agent.health import TargetHealth
+
+    now = [100.0]
+    changed = []
+    health = TargetHealth(10.0, 30.0, on_change=changed.append, clock=lambda: now[0])
+    target = agent_config.Target("db", "10.0.0.5", 5432)
+    assert health.due(target)  # never tried
+    assert health.report(["db"]) == []  # nothing known yet: nothing said
+    health.result(target, ConnectionRefusedError(111, "refused"))
+    health.result(target, ConnectionRefusedError(111, "refused"))
+    assert changed == ["db"]  # the second failure of the same kind is no news
+    [entry] = health.report(["db", "other"])
+    assert entry["name"] == "db" and entry["reachable"] is False and entry["reason"] == "refused"
+    assert "10.0.0.5" not in str(entry)  # the private address stays with the agent
+    health.result(target, None)
+    assert changed == ["db", "db"] and health.report(["db"])[0]["reachable"] is True
+    assert not health.due(target)
+    now[0] += 31
+    assert health.due(target)  # idle for an interval: checked again
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def test_reload_applies_a_new_file_and_refuses_a_bad_one(tmp_path):
+    jwt = tmp_path / "jwt"
+    jwt.write_text("a.b.c\n")
+    config = tmp_path / "agent.toml"
+
+    def write(resources):
+        config.write_text('relay_url = "wss://relay:8443"\n' + "".join(
+            f'[[resources]]\nname = "{n}"\nhost = "10.0.0.1"\nport = {p}\n' for n, p in resources.items()))
+
+    write({"a": 1, "b": 2, "c": 3})
+    env = {"REGISTRATION_JWT_FILE": str(jwt)}
+    agent = Agent(agent_config.load(env, str(config)), dialer=object(), environ=env)
+    write({"a": 1, "c": 4, "d": 5})
+    assert agent.reload()
+    assert [t.name for t in agent.config.targets] == ["a", "c", "d"]
+    assert agent.route("c").port == 4 and agent.route("b") is None  # not linked: nothing retires
+    config.write_text("relay_url = \n")
+    assert not agent.reload()
+    assert [t.name for t in agent.config.targets] == ["a", "c", "d"]  # the old configuration runs on
+    env_only = Agent(agent_config.load(BASE), dialer=object(), environ=BASE)
+    assert not env_only.reload()  # nothing to read again

@@ -105,3 +105,41 @@ def test_relays_a_relay_names_are_checked(run):
         assert links.relays == {"rly_c": {"url": C, "draining": False}}
 
     run(go())
+
+
+def test_one_process_view_health_reload_and_stop_reach_every_slot(tmp_path, run):
+    """The slots share one health watcher, whose changes go to every slot's link; a reload
+    reads the file once and applies it to every slot; a stop reaches every slot."""
+    jwt = tmp_path / "jwt"
+    jwt.write_text("a.b.c\n")
+    config = tmp_path / "agent.toml"
+
+    def write(resources):
+        config.write_text(f'relay_url = "{A},{B}"\nrelay_links = 2\n' + "".join(
+            f'[[resources]]\nname = "{n}"\nhost = "127.0.0.1"\nport = {p}\n' for n, p in resources.items()))
+
+    async def go():
+        write({"a": 1, "b": 2})
+        env = {"REGISTRATION_JWT_FILE": str(jwt)}
+        links = AgentLinks(agent_config.load(env, str(config)), environ=env)
+        first, second = links.slots
+        assert first.health is second.health is links.health
+        told = []
+        for agent in links.slots:
+            agent.health_changed = lambda name, slot=agent.slot: told.append((slot, name))
+        links.health.result(links.config.target("a"), ConnectionRefusedError(111, "refused"))
+        assert told == [(0, "a"), (1, "a")]
+        write({"a": 1, "c": 3})
+        assert links.reload()
+        assert [t.name for t in links.config.targets] == ["a", "c"]
+        assert all([t.name for t in agent.config.targets] == ["a", "c"] for agent in links.slots)
+        config.write_text("relay_url = \n")
+        assert not links.reload()
+        assert all([t.name for t in agent.config.targets] == ["a", "c"] for agent in links.slots)
+        for agent in links.slots:
+            agent._stopping = asyncio.Event()
+        assert not links.stopping
+        links.stop()
+        assert links.stopping and all(agent.stopping for agent in links.slots)
+
+    run(go())

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent import config as agent_config
+from agent.health import TargetHealth
 from agent.metrics import AgentMetrics, dial_reason
 
 ENV = {"RELAY_URL": "wss://relay.example:8443", "REGISTRATION_JWT": "x.y.z", "NAME": "db",
@@ -98,5 +99,11 @@ def test_state_readiness_and_bytes_across_links():
         assert samples["tunnel_agent_streams_opened_total", ("db",)] == 1
         assert samples["tunnel_agent_dial_failures_total", ("db", "10.0.0.5:5432", "refused")] == 1
         assert samples["tunnel_agent_dial_failures_total", ("db", "10.0.0.5:5432", "timeout")] == 0
+        assert ("tunnel_agent_target_reachable", ("db",)) not in samples  # nothing known yet
+        health = agent.health = TargetHealth(5.0, 30.0)
+        health.result(target, ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+        assert _samples(metrics)["tunnel_agent_target_reachable", ("db",)] == 0
+        health.result(target, None)
+        assert _samples(metrics)["tunnel_agent_target_reachable", ("db",)] == 1
 
     asyncio.run(main())

@@ -2,14 +2,20 @@
 
 ``auto`` tries QUIC first with a short timeout (``Limits.quic_probe_timeout``, default 3 s)
 and falls back to TLS WebSocket when UDP is blocked; while it rides WSS,
-:meth:`Dialer.should_probe_quic` turns true every ``Limits.quic_reprobe_interval`` (default
-60 s) and :meth:`Dialer.probe_quic` tries QUIC once: the agent registers over the new link
-and drains the WSS one. The relay's certificate is always verified (``ca_file`` or the system
-store); WSS honours ``HTTPS_PROXY``/``NO_PROXY`` (HTTP CONNECT), QUIC never uses a proxy.
+:meth:`Dialer.next_probe_in` counts down ``Limits.quic_reprobe_interval`` (default 60 s) and
+:meth:`Dialer.probe_quic` tries QUIC once: the agent registers over the new link and drains
+the WSS one. Under ``auto`` a QUIC link keeps a shorter liveness bound,
+``Limits.auto_quic_keepalive_timeout`` (default 4 s, PINGs every quarter of it; QUIC's idle
+timeout is the same, and QUIC uses the smaller of both sides' values, so the relay gives up on
+a silent path as soon), because WSS is there to fall back on; after a QUIC link went silent
+(:meth:`Dialer.quic_went_silent`) the next dial goes straight to WSS and QUIC waits for the
+next re-probe. The relay's certificate is always verified (``ca_file`` or the system store);
+WSS honours ``HTTPS_PROXY``/``NO_PROXY`` (HTTP CONNECT), QUIC never uses a proxy.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
@@ -21,6 +27,8 @@ from tunnel.core.limits import Limits
 from tunnel.wire.errors import LinkError
 
 __all__ = ["Dialer", "dial_tls_link"]
+
+log = logging.getLogger("tunnel.bridge.dial")
 
 SCHEMES = ("quic", "wss", "auto")
 
@@ -44,16 +52,25 @@ class Dialer:
             port = parts.port
         except ValueError:
             raise ValueError(f"RELAY_URL with a bad port: {url!r}") from None
+        if port is None:
+            raise ValueError(f"RELAY_URL without a port: {url!r}")
         self.url = url
         self.scheme = scheme
         self.host = parts.hostname
-        self.port = port or 443
+        self.port = port
         self.path = parts.path or ""
         self.ca_file = ca_file
         self.limits = limits
         self.environ = proxy_env
         self.probe_timeout = limits.quic_probe_timeout
         self.reprobe_interval = limits.quic_reprobe_interval
+        #: The limits of QUIC links: under ``auto``, the shorter liveness bound.
+        self.quic_limits = limits
+        if scheme == "auto" and limits.auto_quic_keepalive_timeout < limits.keepalive_timeout:
+            bound = limits.auto_quic_keepalive_timeout
+            self.quic_limits = limits.replace(keepalive_timeout=bound,
+                                              keepalive_interval=min(limits.keepalive_interval, bound / 4))
+        self._skip_quic = False
         #: Carrier of the last link :meth:`dial` or :meth:`probe_quic` returned.
         self.carrier: str | None = None
         #: Why the last QUIC attempt under ``auto`` failed (for logs; never holds secrets).
@@ -69,11 +86,35 @@ class Dialer:
         elif self.scheme == "wss":
             link = await self._wss()
         else:
-            link = await self.probe_quic(timeout=self.probe_timeout)
+            link = None
+            if self._skip_quic:
+                self._skip_quic = False
+                log.info("the last QUIC link went silent: dialling WSS; QUIC again in %g s", self.reprobe_interval)
+            else:
+                link = await self.probe_quic(timeout=self.probe_timeout)
+                if link is None:
+                    log.info("QUIC to %s:%d unreachable (%s): dialling WSS; QUIC again every %g s", self.host,
+                             self.port, self.last_quic_error, self.reprobe_interval)
             if link is None:
                 link = await self._wss()
         self.carrier = link.carrier
         return link
+
+    def quic_went_silent(self) -> None:
+        """Under ``auto``: the QUIC link died of silence; the next :meth:`dial` goes straight to
+        WSS and QUIC is tried again after the re-probe interval."""
+        if self.scheme == "auto":
+            self._skip_quic = True
+            self._last_probe = time.monotonic()
+
+    def next_probe_in(self, now: float | None = None) -> float | None:
+        """Seconds until QUIC is worth trying again (0: now); None unless ``auto`` rides WSS."""
+        if not self.may_move_to_quic:
+            return None
+        if self._last_probe is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, self._last_probe + self.reprobe_interval - now)
 
     @property
     def may_move_to_quic(self) -> bool:
@@ -90,6 +131,8 @@ class Dialer:
     async def probe_quic(self, timeout: float | None = None) -> Link | None:
         """Try QUIC once (probe timeout); a ready link, or None when it fails."""
         self._last_probe = time.monotonic()
+        log.debug("trying QUIC to %s:%d (timeout %g s)", self.host, self.port,
+                  self.probe_timeout if timeout is None else timeout)
         try:
             link = await self._quic(self.probe_timeout if timeout is None else timeout)
         except LinkError as exc:
@@ -105,7 +148,7 @@ class Dialer:
         from tunnel.carriers.quic.client import connect_quic
 
         return await connect_quic(self.host, self.port, ca_file=self.ca_file, server_name=self.host,
-                                  limits=self.limits, timeout=timeout)
+                                  limits=self.quic_limits, timeout=timeout)
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.ca_file)

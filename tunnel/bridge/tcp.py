@@ -350,16 +350,24 @@ def stream_handler(bridge: TcpBridge) -> StreamHandler:
     return _StreamSide(bridge)
 
 
-async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: int,
-                      timeout: float) -> OSError | asyncio.TimeoutError | None:
+async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: int, timeout: float,
+                      on_result=None) -> OSError | asyncio.TimeoutError | None:
     """Agent side: dial ``host:port`` for ``stream``; reset it with CONNECT_FAILED on failure.
-    Returns why the dial failed (None once connected)."""
+    Returns why the dial failed (None once connected).
+
+    ``on_result(exc)`` (optional) hears the same outcome before the stream is reset (a report
+    it sends to the relay goes out ahead of the RESET); the caller then logs the failure."""
     loop = asyncio.get_running_loop()
     try:
         await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
-        log.info("stream %d: connect to %s:%d failed: %s", stream.stream_id, host, port,
-                 exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)
+        log.log(logging.DEBUG if on_result is not None else logging.INFO, "stream %d: connect to %s:%d failed: %s",
+                stream.stream_id, host, port,
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)
+        if on_result is not None:
+            on_result(exc)  # first: a report it sends to the relay goes out ahead of the RESET
         bridge.fail(ErrorCode.CONNECT_FAILED)
         return exc
+    if on_result is not None:
+        on_result(None)
     return None

@@ -241,7 +241,9 @@ class _SessionLinkBase:
 
     def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         if self._session.closed:
-            self._close_pipe()
+            # A GOAWAY that closed the session (nothing left to drain) may still be queued:
+            # the flush sends it, then closes the pipe.
+            self._schedule_flush()
             return
         self._session.close(code, reason)
         self._schedule_flush()

@@ -304,7 +304,7 @@ class _WebSocketPipeBase:
             raw.abort()
             if not self._lost:
                 reason = "TLS handshake timed out" if isinstance(exc, (asyncio.CancelledError, TimeoutError)) \
-                    else f"TLS handshake failed: {exc}"
+                    else f"TLS handshake failed: {_tls_failure(exc)}"
                 log.info("wss %s: %s", self.peer_address, reason)
                 if not isinstance(exc, (asyncio.CancelledError, TimeoutError)):  # else the deadline counts it
                     handshake_failed("wss", "tls")
@@ -577,6 +577,17 @@ def parse_ws_url(url: str) -> tuple[str, str, int, str]:
     if parts.query:
         path += "?" + parts.query
     return scheme, parts.hostname, port, path
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a server-side TLS handshake failed, in words (a client that gives up mid-handshake
+    leaves an exception without a message)."""
+    if isinstance(exc, (ConnectionError, EOFError)) or (isinstance(exc, ssl.SSLError) and "EOF" in str(exc)):
+        return ("the client closed the connection during the handshake (an agent does so when it does not trust "
+                "the relay's certificate: check its RELAY_CA_FILE)")
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 async def open_wss_pipe(url: str, *, ssl_context: ssl.SSLContext | None, limits: Limits,

@@ -16,7 +16,8 @@ from tunnel.wire.constants import MAX_FRAME_SIZE_CAP, MAX_WINDOW, MIN_FRAME_SIZE
 KiB = 1024
 MiB = 1024 * KiB
 #: Fields where 0 is a meaningful value (off, or "derive it").
-_MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso")
+_MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso", "target_check_interval", "config_watch_interval",
+                "endpoint_hold_timeout")
 #: Values of ``quic_congestion_control``.
 QUIC_CONGESTION_CONTROLS = ("bbr", "cubic", "reno")
 
@@ -92,6 +93,28 @@ class Limits:
     quic_probe_timeout: float = 3.0
     #: ``auto://``: while on WSS, how often QUIC is tried again (seconds).
     quic_reprobe_interval: float = 60.0
+    #: ``auto://``: the agent's QUIC link is given up after this much silence (seconds; it
+    #: PINGs every quarter of it, and QUIC's idle timeout is this, so the relay notices too).
+    auto_quic_keepalive_timeout: float = 4.0
+    # --- the agent's life ---
+    #: The first reconnect after a link loss comes within this (seconds, jittered) ...
+    reconnect_delay: float = 1.0
+    #: ... and each failed attempt doubles the delay, up to this.
+    reconnect_max_delay: float = 30.0
+    #: A private service with no successful dial for this long is checked with a TCP
+    #: connection (seconds; 0: only real dials tell).
+    target_check_interval: float = 30.0
+    #: The agent's config file is polled for changes this often (seconds; 0: only SIGHUP).
+    config_watch_interval: float = 0.0
+    # --- the relay's resource endpoints ---
+    #: A worker connection to a resource no agent serves waits this long for one (seconds;
+    #: 0: reset at once) ...
+    endpoint_hold_timeout: float = 5.0
+    #: ... at most this many per resource (more are reset at once) ...
+    endpoint_hold_max: int = 64
+    #: ... and only within this long after the resource's last agent left or the relay
+    #: started (seconds); later, a resource with no agent resets new connections at once.
+    endpoint_hold_window: float = 60.0
     # --- relay quotas, per customer (docs/LIMITS.md, "Quotas") ---
     #: Resources one customer may have; registering a new name beyond it is refused.
     max_resources_per_customer: int = 256
@@ -136,6 +159,8 @@ class Limits:
             raise ValueError("quic_gso must be 0 or 1")
         if self.quic_congestion_control not in QUIC_CONGESTION_CONTROLS:
             raise ValueError(f"quic_congestion_control must be one of {', '.join(QUIC_CONGESTION_CONTROLS)}")
+        if self.reconnect_max_delay < self.reconnect_delay:
+            raise ValueError("reconnect_max_delay must be at least reconnect_delay")
         if not 0 < self.customer_fd_share <= 1:
             raise ValueError("customer_fd_share must be in (0, 1]")
         for field in dataclasses.fields(self):

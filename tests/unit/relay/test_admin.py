@@ -171,6 +171,8 @@ def test_resources_status_endpoint_and_agents(api):
         "status": "UNAVAILABLE",
         "endpoint": f"127.0.0.1:{db['port']}",
         "agents": 0,
+        "target_status": "UNKNOWN",
+        "target_error": None,
     }]
     server.registry.agents[db["id"]] = [fake_agent("agt_1"), fake_agent("agt_2", transport="quic")]
     status, body, _ = api.request("GET", "/v1/resources")
@@ -413,3 +415,67 @@ def test_clear_admin_info(tmp_path):
     clear_admin_info(tmp_path, "http://127.0.0.1:1")
     assert not info.exists()
     clear_admin_info(tmp_path)
+
+
+# --------------------------------------------------------------------------- the agents' view, names, ports
+
+
+def test_target_status_of_a_resource_follows_its_agents(api):
+    server = api.server
+    customer = server.call(server.state.create_customer, "acme")
+    db = make_resource(server, customer["id"], "db")
+    down = fake_agent("agt_1", target_status="UNREACHABLE", target_error="connection refused: nothing listens")
+    server.registry.agents[db["id"]] = [down]
+    _, body, _ = api.request("GET", "/v1/resources")
+    assert (body[0]["target_status"], body[0]["target_error"]) == ("UNREACHABLE", "connection refused: nothing listens")
+    server.registry.agents[db["id"]] = [down, fake_agent("agt_2", target_status="REACHABLE")]
+    _, body, _ = api.request("GET", "/v1/resources?extended=1")
+    assert (body[0]["target_status"], body[0]["target_error"]) == ("REACHABLE", None)
+    assert [a["target_status"] for a in body[0]["agents_detail"]] == ["UNREACHABLE", "REACHABLE"]
+    server.registry.agents[db["id"]] = [fake_agent("agt_3")]  # said nothing yet
+    _, body, _ = api.request("GET", "/v1/resources")
+    assert body[0]["target_status"] == "UNKNOWN"
+
+
+def test_customer_names_are_unique_ignoring_case(api):
+    status, first, _ = api.request("POST", "/v1/customers", {"name": "Acme"})
+    assert status == 201
+    for name in ("Acme", "acme", " ACME "):
+        status, body, _ = api.request("POST", "/v1/customers", {"name": name})
+        assert status == 409 and body["error"] == "conflict", body
+        assert first["id"] in body["message"] and "use its id" in body["message"]
+    status, customers, _ = api.request("GET", "/v1/customers")
+    assert [c["name"] for c in customers] == ["Acme"]
+
+
+def test_create_a_resource_on_a_fixed_port_or_from_the_range(api):
+    server = api.server
+    customer = server.call(server.state.create_customer, "acme")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        fixed = probe.getsockname()[1]
+    status, created, _ = api.request("POST", "/v1/resources", {"customer_id": customer["id"], "name": "db",
+                                                                "port": fixed})
+    assert status == 201, created
+    assert created["endpoint"] == f"127.0.0.1:{fixed}" and created["status"] == "UNAVAILABLE"
+    assert server.call(server.state.get_resource, created["id"])["port"] == fixed
+    server.registry.port_range = (28000, 28009)
+    status, ranged, _ = api.request("POST", "/v1/resources", {"customer_id": customer["id"], "name": "api"})
+    assert status == 201 and 28000 <= int(ranged["endpoint"].rsplit(":", 1)[1]) <= 28009
+    # Conflicts: the name, a port another resource has, a port something else holds.
+    for payload, fragment in (({"name": "db"}, "has a resource 'db' already"),
+                              ({"name": "db2", "port": fixed}, "endpoint of another resource")):
+        status, body, _ = api.request("POST", "/v1/resources", {"customer_id": customer["id"], **payload})
+        assert status == 409 and fragment in body["message"], body
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        status, body, _ = api.request("POST", "/v1/resources", {"customer_id": customer["id"], "name": "db3",
+                                                                 "port": busy.getsockname()[1]})
+        assert status == 409 and "cannot be bound" in body["message"]
+    for payload, status_code in (({"customer_id": "cus_nope", "name": "x"}, 404),
+                                 ({"customer_id": customer["id"], "name": "bad name"}, 400),
+                                 ({"customer_id": customer["id"], "name": "x", "port": 70000}, 400),
+                                 ({"customer_id": customer["id"]}, 400)):
+        status, body, _ = api.request("POST", "/v1/resources", payload)
+        assert status == status_code, (payload, body)

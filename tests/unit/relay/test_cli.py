@@ -68,6 +68,18 @@ def test_help():
     result = run(["resources", "registration-jwt", "--help"])
     for option in ("--customer-id", "--org-only", "--resource-id", "--rotate", "--ttl"):
         assert option in result.stdout
+    # Both ways to name whom the token is for are explained, not just listed.
+    text = " ".join(result.stdout.split())
+    assert "--customer-id ID the customer whose agents use the token" in text
+    assert "--org-only a token for the organisation's own test resources" in text and "cus_org" in text
+
+
+def test_a_missing_state_directory_is_named_as_such(tmp_path):
+    """Admin commands run from another directory: the message names the missing state
+    directory and --state-dir, not "the relay is not running"."""
+    result = run(["customers", "list"], cwd=tmp_path)
+    one_line_error(result, "no relay state directory ./relay-state")
+    assert "--state-dir" in result.stderr and "not running" not in result.stderr
 
 
 def test_customers_create_and_list(relay):
@@ -98,7 +110,7 @@ def test_resources_list_formats(relay):
     table = relay("resources", "list")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "CUSTOMER", "STATUS", "ENDPOINT", "AGENTS"]
+    assert lines[0].split() == ["ID", "NAME", "CUSTOMER", "STATUS", "ENDPOINT", "AGENTS", "TARGET"]
     # Columns are aligned: every row's STATUS starts where the header's does.
     column = lines[0].index("STATUS")
     assert lines[1][column:].startswith("AVAILABLE") and lines[1].split()[:2] == [db["id"], "db"]
@@ -108,7 +120,8 @@ def test_resources_list_formats(relay):
     as_json = json.loads(relay("resources", "list", "--output", "json").stdout)
     assert [r["id"] for r in as_json] == [db["id"], api["id"]]
     assert as_json[0] == {"id": db["id"], "name": "db", "customer_id": customer["id"], "status": "AVAILABLE",
-                          "endpoint": f"127.0.0.1:{db['port']}", "agents": 1}
+                          "endpoint": f"127.0.0.1:{db['port']}", "agents": 1, "target_status": "UNKNOWN",
+                          "target_error": None}
 
     extended = json.loads(relay("resources", "list", "--extended", "-o", "json").stdout)
     assert extended[0]["agents_detail"][0]["agent_id"] == "agt_one"
@@ -199,7 +212,8 @@ def test_wrong_token(admin_server, tmp_path):
 
 
 def test_relay_not_running(tmp_path):
-    one_line_error(run(["customers", "list", "--state-dir", str(tmp_path / "nothing")]), "not running")
+    (tmp_path / "stopped").mkdir()
+    one_line_error(run(["customers", "list", "--state-dir", str(tmp_path / "stopped")]), "not running")
     # A stale admin.json pointing at a closed port.
     state = tmp_path / "stale"
     state.mkdir()

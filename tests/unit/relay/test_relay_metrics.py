@@ -126,3 +126,26 @@ def test_counters_per_resource_and_families():
     assert samples["tunnel_relay_stream_bytes_total", ("cus_a", "res_a", "from_resource")] == 222
     assert samples["tunnel_relay_agents_connected", ("cus_a", "quic")] == 0
     assert samples["tunnel_relay_resources_available", ("cus_a",)] == 0
+
+
+def test_agents_that_cannot_reach_the_service_are_counted():
+    from relay.registry import AgentSession
+
+    registry = Registry("127.0.0.1")
+    endpoint = registry.endpoints["res_a"] = Endpoint(registry, "res_a", "db", "cus_a", "127.0.0.1", 0)
+    link = SimpleNamespace(is_closing=False, carrier="wss")
+    agents = [AgentSession(f"agt_{i}", link, "cus_a", 0, "1", "h", {"res_a": "db"}) for i in range(3)]
+    endpoint.agents.extend(agents)
+    registry.target_health(agents[0], "res_a", {"reachable": False, "reason": "refused", "message": "refused",
+                                                 "since": 1})
+    registry.target_health(agents[1], "res_a", {"reachable": True, "since": 1})
+
+    def unreachable():
+        return {labels: value for f in registry.metrics.families(registry) for _, labels, _, value in f.samples
+                if f.name == "tunnel_relay_resource_agents_target_unreachable"}
+
+    assert unreachable() == {("cus_a", "res_a"): 1}
+    assert endpoint.pick_agent() is not agents[0]  # routing prefers an agent whose service answers
+    registry.target_health(agents[0], "res_a", {"reachable": True, "since": 2})
+    assert unreachable() == {("cus_a", "res_a"): 0}
+

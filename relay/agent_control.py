@@ -1,0 +1,183 @@
+"""CONTROL messages a registered agent sends on its live link (docs/PROTOCOL.md, "Control
+messages"): how its private services answer, and resources it adds or removes without a new
+link (a config reload, a graceful stop).
+
+- ``target_health``: recorded per agent and resource, shown by ``resources list``, logged once
+  per interval when a service does not answer; routing prefers agents whose service answers.
+- ``add_resources``: checked as at registration (token claims, revocation, quotas), endpoints
+  bound, then routed to the agent and its link recorded again with them (so that the other
+  relays of a cluster forward here); answered with ``resources_added`` (``resources`` served,
+  ``refused`` with a code and message each).
+- ``remove_resources``: no new streams of those resources go to the agent at once (the link's
+  record follows in the background; until it is written, streams other relays of a cluster
+  forwarded meanwhile still go to the agent); the open ones finish. Answered with ``resources_removed`` once routing has changed, so the agent
+  knows no stream for them is still on its way after that answer over WSS (over QUIC a stream
+  opened just before may still arrive; the agent serves it).
+
+Malformed messages are ignored with a log line (the link stays up: the agent registered).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from tunnel.ops.logs import escape
+from tunnel.wire.errors import AuthError
+
+from .quotas import QuotaExceeded
+from .registry import AgentSession
+
+if TYPE_CHECKING:
+    from .server import Relay
+
+log = logging.getLogger("relay.agents")
+
+#: ``target_health`` reasons an agent may give (agent.hints).
+TARGET_REASONS = frozenset({"dns", "refused", "timeout", "unreachable", "error"})
+MAX_MESSAGE = 200
+
+
+class AgentControl:
+    """Handles the CONTROL messages of registered agents for one relay."""
+
+    def __init__(self, relay: "Relay") -> None:
+        self.relay = relay
+
+    def received(self, agent: AgentSession, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "target_health":
+            self.target_health(agent, message)
+        elif kind == "remove_resources":
+            self.remove_resources(agent, message)
+        elif kind == "add_resources":
+            self.relay.spawn(self.add_resources(agent, message))
+        # Unknown types are ignored (forward compatibility).
+
+    # --- target_health ------------------------------------------------------------------
+
+    def target_health(self, agent: AgentSession, message: dict) -> None:
+        by_name = {name: rid for rid, name in agent.resources.items()}
+        entries = message.get("resources")
+        if not isinstance(entries, list):
+            return
+        for entry in entries[:64]:
+            if not isinstance(entry, dict) or entry.get("name") not in by_name:
+                continue
+            reachable = entry.get("reachable")
+            if not isinstance(reachable, bool):
+                continue
+            since = entry.get("since")
+            report = {"reachable": reachable,
+                      "since": int(since) if isinstance(since, int) and 0 < since < 2 ** 40 else int(time.time())}
+            if not reachable:
+                reason = entry.get("reason")
+                report["reason"] = reason if reason in TARGET_REASONS else "error"
+                report["message"] = escape(str(entry.get("message") or "connection failed")[:MAX_MESSAGE])
+            self.relay.registry.target_health(agent, by_name[entry["name"]], report)
+
+    # --- remove_resources -----------------------------------------------------------------
+
+    def remove_resources(self, agent: AgentSession, message: dict) -> None:
+        names = _names(message)
+        if names is None:
+            return
+        by_name = {name: rid for rid, name in agent.resources.items()}
+        removed = []
+        for name in names:
+            rid = by_name.get(name)
+            if rid is not None:
+                self.relay.registry.remove_resource(agent, rid)
+                removed.append({"name": name, "id": rid})
+        why = message.get("reason") if message.get("reason") in ("reload", "stopping") else "asked"
+        if removed:
+            log.info("agent %s deregistered %s (%s); their open streams finish", agent.agent_id,
+                     ", ".join(f"{r['name']} ({r['id']})" for r in removed), why)
+            ids = {r["id"] for r in removed}
+            agent.leaving.update(ids)
+            self.relay.spawn(self._relink(agent, ids))
+        self._send(agent, {"type": "resources_removed", "resources": removed})
+
+    async def _relink(self, agent: AgentSession, left: set[str]) -> None:
+        """Record the link without the resources it left; until then streams other relays
+        forward for them still reach it (``AgentSession.leaving``)."""
+        try:
+            await self.relay.cluster.relink(agent)
+        finally:
+            agent.leaving.difference_update(left)
+
+    # --- add_resources --------------------------------------------------------------------
+
+    async def add_resources(self, agent: AgentSession, message: dict) -> None:
+        names = _names(message)
+        if names is None:
+            return
+        relay = self.relay
+        added, refused = [], []
+        new = [n for n in dict.fromkeys(names) if n not in agent.resources.values()]
+        from .server import MAX_RESOURCES_PER_AGENT
+
+        if len(agent.resources) + len(new) > MAX_RESOURCES_PER_AGENT:
+            refused = [{"name": n, "code": "bad_request",
+                        "message": f"an agent serves at most {MAX_RESOURCES_PER_AGENT} resources"} for n in new]
+            new = []
+        if new and agent.claims is None:
+            refused = [{"name": n, "code": "unavailable", "message": "this link cannot add resources: register again"}
+                       for n in new]
+            new = []
+        if new:
+            try:
+                _fresh(agent.claims)
+                relay.rate.charge(agent.customer_id)
+            except (AuthError, QuotaExceeded) as exc:
+                refused = [{"name": n, "code": exc.code, "message": str(exc)} for n in new]
+                new = []
+        for name in new:
+            try:
+                resource = await relay.resource_for(agent.claims, name)
+            except (AuthError, QuotaExceeded) as exc:
+                refused.append({"name": name, "code": exc.code, "message": str(exc)})
+                continue
+            except OSError as exc:
+                refused.append({"name": name, "code": "unavailable",
+                                "message": f"the relay cannot bind the endpoint: {exc.strerror or exc}"})
+                continue
+            if agent.link.is_closing:
+                return
+            relay.registry.add_resource(agent, resource)
+            added.append({"name": name, "id": resource["id"],
+                          "endpoint": relay.registry.endpoints[resource["id"]].address})
+        for entry in added:
+            log.info("agent %s now serves %s (%s) too", agent.agent_id, entry["name"], entry["id"])
+        for entry in refused:
+            log.warning("agent %s: adding resource %s refused: %s (%s)", agent.agent_id, entry["name"],
+                        entry["message"], entry["code"])
+        if added:
+            relay.mark_served(e["id"] for e in added)
+            await relay.cluster.relink(agent)
+        self._send(agent, {"type": "resources_added", "resources": added, "refused": refused})
+
+    def _send(self, agent: AgentSession, message: dict) -> None:
+        try:
+            agent.link.send_control(message)
+        except Exception:  # noqa: BLE001 - the link is closing; its end removes the agent
+            pass
+
+
+def _names(message: dict) -> list[str] | None:
+    from .server import RESOURCE_NAME, _valid
+
+    entries = message.get("resources")
+    if (not isinstance(entries, list) or len(entries) > 64
+            or not all(isinstance(e, dict) and _valid(RESOURCE_NAME, e.get("name")) for e in entries)):
+        log.info("ignoring a malformed %s message", str(message.get("type"))[:32])
+        return None
+    return [e["name"] for e in entries]
+
+
+def _fresh(claims) -> None:
+    """The registration token must still be valid to add resources with it."""
+    expires = getattr(claims, "expires_at", None)
+    if expires is not None and expires <= time.time():
+        raise AuthError("registration token expired: reconnect with a new one", code="unauthorized")

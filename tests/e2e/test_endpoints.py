@@ -1,0 +1,41 @@
+"""Endpoint ports an operator can write firewall rules for: ``serve --port-range`` for new
+resources, ``resources create --port`` for one resource; and customer names that stay unique."""
+
+from __future__ import annotations
+
+import socket
+
+from tests.helpers.processes import free_port
+
+
+def test_port_range_and_a_fixed_port(relay, agents, service_factory):
+    relay.stop()
+    low = 31000 + free_port() % 2000
+    relay.start("--port-range", f"{low}-{low + 9}")
+    service = service_factory("echo")
+    customer = relay.create_customer("acme")
+    token = relay.jwt("--customer-id", customer)
+    fixed = free_port()
+    created = relay.cli("resources", "create", "--customer-id", customer, "pinned", "--port", str(fixed))
+    rid, endpoint = created.stdout.split()
+    assert endpoint == f"127.0.0.1:{fixed}"
+    # Bound at once, before any agent: a worker's connection waits for one there.
+    with socket.create_connection(("127.0.0.1", fixed), timeout=10):
+        pass
+    for name in ("pinned", "ranged"):
+        agents.start(f"wss://127.0.0.1:{relay.port}", token, name, service.port, ca_file=relay.ca_file)
+    relay.wait_available(customer, "pinned")
+    relay.wait_available(customer, "ranged")
+    assert relay.resource(customer, "pinned")["id"] == rid
+    assert relay.endpoint(customer, "pinned")[1] == fixed
+    assert low <= relay.endpoint(customer, "ranged")[1] <= low + 9
+    with socket.create_connection(("127.0.0.1", fixed), timeout=10) as s:
+        s.sendall(b"ping")
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(16) == b"ping"
+    taken = relay.cli("resources", "create", "--customer-id", customer, "again", "--port", str(fixed), check=False)
+    assert taken.returncode == 1 and "HTTP 409" in taken.stderr and "endpoint of another resource" in taken.stderr
+    twice = relay.cli("customers", "create", "ACME", check=False)
+    assert twice.returncode == 1 and f"a customer named 'acme' exists already ({customer})" in twice.stderr
+    bad = relay.cli("serve", "--port-range", "9-1", check=False)
+    assert bad.returncode == 1 and "bad port range '9-1'" in bad.stderr

@@ -1,0 +1,167 @@
+"""SIGTERM stops an agent gracefully: it deregisters its resources (the relay sends new streams
+to the group's other agents at once), lets open streams finish up to ``DRAIN_TIMEOUT`` (default
+30 s), closes its link and exits 0. A rolling restart of a group of two agents under a steady
+``pgbench`` run (a real PostgreSQL the test starts) fails no transaction."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.processes import connect, free_port, wait_until
+from tests.helpers.steady import SteadyConnections
+
+
+def _echo(s: socket.socket, data: bytes) -> bool:
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        got += chunk
+    return got == data
+
+
+def _start(relay, agents, token, port, **env):
+    return agents.start(f"wss://127.0.0.1:{relay.port}", token, "db", port, ca_file=relay.ca_file, **env)
+
+
+def test_sigterm_deregisters_drains_and_exits_zero(relay, agents, service_factory):
+    service = service_factory("echo")
+    customer = relay.create_customer("acme")
+    token = relay.jwt("--customer-id", customer)
+    stopping = _start(relay, agents, token, service.port)
+    relay.wait_available(customer, "db")
+    addr = relay.endpoint(customer, "db")
+    open_stream = connect(addr)  # rides the agent about to stop
+    assert _echo(open_stream, b"before")
+    other = _start(relay, agents, token, service.port)
+    relay.wait_available(customer, "db", agents=2)
+
+    with SteadyConnections(addr) as steady:
+        wait_until(lambda: steady.count_ok() >= 5, 20, "traffic through both agents")
+        stopping.signal(signal.SIGTERM)
+        wait_until(lambda: relay.resource(customer, "db")["agents"] == 1, 10, "the stopping agent to deregister")
+        deregistered = time.monotonic()
+        wait_until(lambda: steady.count_ok(since=deregistered) >= 10, 20, "traffic through the other agent")
+        assert stopping.alive(), "the agent left before its open stream finished"
+        # The open stream goes on during the drain.
+        assert _echo(open_stream, b"during the drain")
+    assert not steady.failures(), steady.failures()[:3]
+    open_stream.close()
+    assert stopping.proc.wait(15) == 0
+    log = stopping.log()
+    assert "stopping: deregistering db; open streams (1) may finish for up to 30 s (DRAIN_TIMEOUT)" in log
+    tail = log.split("stopping: deregistering")[1]
+    assert "dialling" not in tail, "a new stream reached the stopping agent"
+
+    # DRAIN_TIMEOUT bounds the wait: the stream still open then is reset, and exit is 0.
+    stuck = connect(addr)
+    assert _echo(stuck, b"held open")
+    other.signal(signal.SIGTERM)  # DRAIN_TIMEOUT 30 s: would wait for `stuck`
+    quick = _start(relay, agents, token, service.port, DRAIN_TIMEOUT="1")
+    relay.wait_available(customer, "db")
+    stuck2 = connect(addr)  # the only agent now: `quick`
+    assert _echo(stuck2, b"held open too")
+    t0 = time.monotonic()
+    quick.signal(signal.SIGTERM)
+    assert quick.proc.wait(15) == 0
+    assert time.monotonic() - t0 < 5
+    assert "DRAIN_TIMEOUT (1 s) reached with 1 stream(s) open" in quick.log()
+    for s in (stuck, stuck2):
+        s.close()
+    assert other.proc.wait(15) == 0
+
+
+# --------------------------------------------------------------------------- pgbench
+
+PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of its own on 127.0.0.1 (a non-root user runs it), trust auth."""
+    if PG_BIN is None or not shutil.which("pgbench") or not shutil.which("psql"):
+        pytest.skip("PostgreSQL server binaries and pgbench are not installed")
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("no postgres user to run the server as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    else:
+        user, as_user = None, []
+    # Not under pytest's temporary directory: that one is private to the user running the tests.
+    data = Path(tempfile.mkdtemp(prefix="tunnel-pg-"))
+    if user is not None:
+        os.chown(data, user.pw_uid, user.pw_gid)
+    port = free_port()
+    subprocess.run([*as_user, f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True, timeout=120)
+    options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={data} -c fsync=off "
+               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
+    subprocess.run([*as_user, f"{PG_BIN}/pg_ctl", "-D", str(data), "-o", options, "-l", str(data / "server.log"),
+                    "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=90)
+    try:
+        yield port
+    finally:
+        subprocess.run([*as_user, f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _pg(*args: str, port: int, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PGUSER": "postgres", "PGDATABASE": "postgres", "PGHOST": "127.0.0.1",
+           "PGPORT": str(port), "PGCONNECT_TIMEOUT": "20"}
+    return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_rolling_restart_of_two_agents_under_pgbench_fails_no_transaction(relay, agents, postgres):
+    customer = relay.create_customer("acme")
+    token = relay.jwt("--customer-id", customer)
+    group = [_start(relay, agents, token, postgres), _start(relay, agents, token, postgres)]
+    relay.wait_available(customer, "db", agents=2)
+    _, endpoint = relay.endpoint(customer, "db")
+    init = _pg("pgbench", "-i", "-s", "1", "-q", port=postgres)
+    assert init.returncode == 0, init.stderr
+    check = _pg("psql", "-Atc", "select count(*) from pgbench_branches", port=endpoint)
+    assert check.returncode == 0 and check.stdout.strip() == "1", check.stderr
+
+    # One new connection per transaction (-C): every transaction crosses the restart.
+    bench = subprocess.Popen(
+        ["pgbench", "-C", "-c", "4", "-j", "2", "-T", "15", "-n", "-P", "5"],
+        env={**os.environ, "PGUSER": "postgres", "PGDATABASE": "postgres", "PGHOST": "127.0.0.1",
+             "PGPORT": str(endpoint)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: relay.resource(customer, "db")["agents_detail"][0]["bytes_received"] > 0, 20,
+                   "pgbench traffic")
+        for i in range(2):
+            old = group[i]
+            old.signal(signal.SIGTERM)
+            assert old.proc.wait(40) == 0, old.log()[-2000:]
+            group[i] = _start(relay, agents, token, postgres)
+            wait_until(lambda: "serving resource db" in group[i].log(), 20, "the restarted agent to register")
+            relay.wait_available(customer, "db", agents=2)
+        assert bench.poll() is None, "the rolling restart outlasted the pgbench run"
+        out, _ = bench.communicate(timeout=90)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    print(out[-1500:])
+    assert bench.returncode == 0, out[-3000:]
+    assert "aborted" not in out, out[-3000:]
+    processed = int(out.split("number of transactions actually processed: ")[1].split()[0])
+    failed = int(out.split("number of failed transactions: ")[1].split()[0])
+    assert failed == 0 and processed > 20, out[-3000:]

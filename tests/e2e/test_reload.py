@@ -1,0 +1,117 @@
+"""SIGHUP (or a changed file, with ``TUNNEL_CONFIG_WATCH_INTERVAL``) re-reads the agent's config
+file on its live link: added resources register, removed ones stop taking new streams and
+finish the open ones, changed targets apply to new streams, unchanged resources and their
+streams are not touched; a bad file is refused and the old configuration keeps running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+from tests.helpers.processes import PY, Proc, _env, connect, wait_until
+
+
+def _toml(relay_url: str, ca_file: str, jwt_file: str, resources: dict) -> str:
+    lines = [f'relay_url = "{relay_url}"', f'ca_file = "{ca_file}"', f'registration_jwt_file = "{jwt_file}"']
+    for name, port in resources.items():
+        lines += ["[[resources]]", f'name = "{name}"', 'host = "127.0.0.1"', f"port = {port}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _echo(s: socket.socket, data: bytes) -> bool:
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        got += chunk
+    return got == data
+
+
+def _start(tmp_path, relay, customer, services, **env):
+    jwt = tmp_path / "agent.jwt"
+    jwt.write_text(relay.jwt("--customer-id", customer))
+    config = tmp_path / "agent.toml"
+    write = lambda resources: _write(config, _toml(f"wss://127.0.0.1:{relay.port}", relay.ca_file, str(jwt),  # noqa: E731
+                                                   {n: services[s].port for n, s in resources.items()}))
+    return config, write, jwt
+
+
+def test_sighup_applies_a_new_config_without_touching_what_did_not_change(tmp_path, relay, service_factory):
+    services = {k: service_factory("echo") for k in ("a", "b", "c1", "c2", "d")}
+    customer = relay.create_customer("acme")
+    config, write, _ = _start(tmp_path, relay, customer, services)
+    write({"a": "a", "b": "b", "c": "c1"})
+    # No idle check of the services: their connection counts are the streams' alone.
+    agent = Proc("agent", [PY, "-m", "agent", "--config", str(config)],
+                 _env(LOG_LEVEL="DEBUG", TUNNEL_TARGET_CHECK_INTERVAL="0"), tmp_path / "agent.log").start()
+    try:
+        for name in ("a", "b", "c"):
+            relay.wait_available(customer, name)
+        agent_ids = {a["agent_id"] for r in relay.resources(extended=True) for a in r["agents_detail"]}
+        streams = {name: connect(relay.endpoint(customer, name)) for name in ("a", "b", "c")}
+        for name, s in streams.items():
+            assert _echo(s, f"{name} before".encode())
+        assert services["c1"].connections == 1
+
+        # Remove b, move c to another service, add d; a unchanged.
+        write({"a": "a", "c": "c2", "d": "d"})
+        agent.signal(signal.SIGHUP)
+        relay.wait_available(customer, "d")
+        wait_until(lambda: relay.resource(customer, "b")["agents"] == 0, 10, "b to be deregistered")
+        log = agent.log()
+        assert "SIGHUP: config file" in log and "added d; removed b (their open streams finish); targets changed " \
+            f"for new streams c -> 127.0.0.1:{services['c2'].port}; unchanged a" in log
+        # The open streams of a, b and c carry on where they were.
+        for name, s in streams.items():
+            assert _echo(s, f"{name} after the reload".encode()), f"the open stream of {name} broke"
+        # New streams: c on its new service, b nowhere (no agent: held, then reset).
+        with connect(relay.endpoint(customer, "c")) as s:
+            assert _echo(s, b"new c")
+        assert services["c1"].connections == 1 and services["c2"].connections == 1
+        with connect(relay.endpoint(customer, "d")) as s:
+            assert _echo(s, b"new d")
+        # Nothing reconnected: the same agent, the same link.
+        assert {a["agent_id"] for r in relay.resources(extended=True) for a in r["agents_detail"]} == agent_ids
+        assert "disconnected" not in relay.proc.log()
+        streams.pop("b").close()
+
+        # A bad file is refused; the running configuration goes on.
+        _write(config, "relay_url = \n[[resources]\n")
+        agent.signal(signal.SIGHUP)
+        wait_until(lambda: "refused" in agent.log() and "still running the previous configuration" in agent.log(), 10,
+                   "the refusal")
+        assert "is not valid TOML" in agent.log()
+        for name, s in streams.items():
+            assert _echo(s, f"{name} after the bad file".encode())
+        with connect(relay.endpoint(customer, "d")) as s:
+            assert _echo(s, b"d still served")
+        assert agent.alive()
+        for s in streams.values():
+            s.close()
+    finally:
+        assert agent.stop() == 0
+
+
+def test_a_watched_config_file_applies_when_it_changes(tmp_path, relay, service_factory):
+    services = {k: service_factory("echo") for k in ("a", "e")}
+    customer = relay.create_customer("acme")
+    config, write, _ = _start(tmp_path, relay, customer, services)
+    write({"a": "a"})
+    agent = Proc("agent", [PY, "-m", "agent", "--config", str(config)],
+                 _env(TUNNEL_CONFIG_WATCH_INTERVAL="0.5"), tmp_path / "agent.log").start()
+    try:
+        relay.wait_available(customer, "a")
+        write({"a": "a", "e": "e"})
+        relay.wait_available(customer, "e", timeout=15)
+        assert "agent.toml changed: config file" in agent.log()
+    finally:
+        assert agent.stop() == 0
