@@ -28,6 +28,6 @@ if ((${#missing[@]})); then
   done
 fi
 
-python3 -m pip install -q --upgrade pip >/dev/null
+python3 -m pip install -q --upgrade pip "setuptools>=77" >/dev/null  # setuptools 77: the SPDX licence (python setup.py build_ext too)
 python3 -m pip install -q -e ".[test]"
 python3 -c "import tunnel.codec as f, tunnel.ops._malloc; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"

@@ -21,3 +21,10 @@ def test_every_source_package_is_distributed():
         for path in (ROOT / top).rglob("__init__.py")
     }
     assert source <= shipped, f"not distributed: {sorted(source - shipped)}"
+
+
+def test_licence_is_an_spdx_expression():
+    # A TOML table here makes every `pip install` print setuptools' deprecation warning.
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in config["build-system"]["requires"]
