@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.helpers import netns
-from tests.helpers.processes import Relay, connect, recv_all, wait_until
+from tests.helpers.processes import Relay, connect, echoed, recv_all, wait_until
 from tests.helpers.steady import SteadyConnections
 
 
@@ -31,17 +31,6 @@ def _echo_once(addr, data: bytes) -> bool:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
         return recv_all(s) == data
-
-
-def _echo_on(s: socket.socket, data: bytes) -> bool:
-    s.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = s.recv(65536)
-        if not chunk:
-            return False
-        got += chunk
-    return got == data
 
 
 def test_auto_prefers_quic(relay, agents, service_factory):
@@ -93,7 +82,7 @@ def test_udp_blocked_then_unblocked_then_silent(ns_relay, agents, service_factor
     print(f"UDP blocked: serving over WSS {time.monotonic() - started:.1f} s after the start")
     addr = relay.endpoint(customer, "db")
     old = connect(addr)  # a stream on WSS that stays open across the move
-    assert _echo_on(old, b"on wss before the move")
+    assert echoed(old, b"on wss before the move")
     # The re-probes fail while UDP stays blocked, and say so at DEBUG.
     wait_until(lambda: agent.log().count("trying QUIC to") >= 2 and "QUIC still unreachable" in agent.log(), 20,
                "a failed QUIC re-probe")
@@ -108,7 +97,7 @@ def test_udp_blocked_then_unblocked_then_silent(ns_relay, agents, service_factor
     print(f"UDP unblocked: new streams on QUIC {moved:.1f} s later (re-probe interval 3 s)")
     assert "QUIC is reachable again: moved to QUIC; the WebSocket link finishes its 1 open stream(s)" in agent.log()
     assert _echo_once(addr, b"a new stream, on quic")
-    assert _echo_on(old, b"the old stream still flows on wss")
+    assert echoed(old, b"the old stream still flows on wss")
     old.close()
 
     # 3. The QUIC path goes silent: given up within seconds (TUNNEL_AUTO_QUIC_KEEPALIVE_TIMEOUT,

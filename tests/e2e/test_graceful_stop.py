@@ -10,7 +10,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,19 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import connect, free_port, wait_until
+from tests.helpers.processes import connect, echoed, free_port, wait_until
 from tests.helpers.steady import SteadyConnections
-
-
-def _echo(s: socket.socket, data: bytes) -> bool:
-    s.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = s.recv(65536)
-        if not chunk:
-            return False
-        got += chunk
-    return got == data
 
 
 def _start(relay, agents, token, port, **env):
@@ -45,7 +33,7 @@ def test_sigterm_deregisters_drains_and_exits_zero(relay, agents, service_factor
     relay.wait_available(customer, "db")
     addr = relay.endpoint(customer, "db")
     open_stream = connect(addr)  # rides the agent about to stop
-    assert _echo(open_stream, b"before")
+    assert echoed(open_stream, b"before")
     other = _start(relay, agents, token, service.port)
     relay.wait_available(customer, "db", agents=2)
 
@@ -57,7 +45,7 @@ def test_sigterm_deregisters_drains_and_exits_zero(relay, agents, service_factor
         wait_until(lambda: steady.count_ok(since=deregistered) >= 10, 20, "traffic through the other agent")
         assert stopping.alive(), "the agent left before its open stream finished"
         # The open stream goes on during the drain.
-        assert _echo(open_stream, b"during the drain")
+        assert echoed(open_stream, b"during the drain")
     assert not steady.failures(), steady.failures()[:3]
     open_stream.close()
     assert stopping.proc.wait(15) == 0
@@ -68,12 +56,12 @@ def test_sigterm_deregisters_drains_and_exits_zero(relay, agents, service_factor
 
     # DRAIN_TIMEOUT bounds the wait: the stream still open then is reset, and exit is 0.
     stuck = connect(addr)
-    assert _echo(stuck, b"held open")
+    assert echoed(stuck, b"held open")
     other.signal(signal.SIGTERM)  # DRAIN_TIMEOUT 30 s: would wait for `stuck`
     quick = _start(relay, agents, token, service.port, DRAIN_TIMEOUT="1")
     relay.wait_available(customer, "db")
     stuck2 = connect(addr)  # the only agent now: `quick`
-    assert _echo(stuck2, b"held open too")
+    assert echoed(stuck2, b"held open too")
     t0 = time.monotonic()
     quick.signal(signal.SIGTERM)
     assert quick.proc.wait(15) == 0

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
-from tests.helpers.processes import PY, Proc, _env, connect, wait_until
+from tests.helpers.processes import PY, Proc, _env, connect, echoed, wait_until
 
 
 def _toml(relay_url: str, ca_file: str, jwt_file: str, resources: dict) -> str:
@@ -25,22 +24,11 @@ def _write(path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _echo(s: socket.socket, data: bytes) -> bool:
-    s.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = s.recv(65536)
-        if not chunk:
-            return False
-        got += chunk
-    return got == data
-
-
 def _start(tmp_path, relay, customer, services, **env):
     jwt = tmp_path / "agent.jwt"
     jwt.write_text(relay.jwt("--customer-id", customer))
     config = tmp_path / "agent.toml"
-    write = lambda resources: _write(config, _toml(f"wss://127.0.0.1:{relay.port}", relay.ca_file, str(jwt),  # noqa: E731
+    write = lambda resources: _write(config, _toml(f"wss://127.0.0.1:{relay.port}", relay.ca_file, str(jwt),
                                                    {n: services[s].port for n, s in resources.items()}))
     return config, write, jwt
 
@@ -59,7 +47,7 @@ def test_sighup_applies_a_new_config_without_touching_what_did_not_change(tmp_pa
         agent_ids = {a["agent_id"] for r in relay.resources(extended=True) for a in r["agents_detail"]}
         streams = {name: connect(relay.endpoint(customer, name)) for name in ("a", "b", "c")}
         for name, s in streams.items():
-            assert _echo(s, f"{name} before".encode())
+            assert echoed(s, f"{name} before".encode())
         assert services["c1"].connections == 1
 
         # Remove b, move c to another service, add d; a unchanged.
@@ -72,13 +60,13 @@ def test_sighup_applies_a_new_config_without_touching_what_did_not_change(tmp_pa
             f"for new streams c -> 127.0.0.1:{services['c2'].port}; unchanged a" in log
         # The open streams of a, b and c carry on where they were.
         for name, s in streams.items():
-            assert _echo(s, f"{name} after the reload".encode()), f"the open stream of {name} broke"
+            assert echoed(s, f"{name} after the reload".encode()), f"the open stream of {name} broke"
         # New streams: c on its new service, b nowhere (no agent: held, then reset).
         with connect(relay.endpoint(customer, "c")) as s:
-            assert _echo(s, b"new c")
+            assert echoed(s, b"new c")
         assert services["c1"].connections == 1 and services["c2"].connections == 1
         with connect(relay.endpoint(customer, "d")) as s:
-            assert _echo(s, b"new d")
+            assert echoed(s, b"new d")
         # Nothing reconnected: the same agent, the same link.
         assert {a["agent_id"] for r in relay.resources(extended=True) for a in r["agents_detail"]} == agent_ids
         assert "disconnected" not in relay.proc.log()
@@ -91,9 +79,9 @@ def test_sighup_applies_a_new_config_without_touching_what_did_not_change(tmp_pa
                    "the refusal")
         assert "is not valid TOML" in agent.log()
         for name, s in streams.items():
-            assert _echo(s, f"{name} after the bad file".encode())
+            assert echoed(s, f"{name} after the bad file".encode())
         with connect(relay.endpoint(customer, "d")) as s:
-            assert _echo(s, b"d still served")
+            assert echoed(s, b"d still served")
         assert agent.alive()
         for s in streams.values():
             s.close()

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers import wait_until  # noqa: F401 - re-exported for the suites
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -53,7 +53,7 @@ class Proc:
         self.preexec_fn = preexec_fn  # e.g. resource limits for the child
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
@@ -128,7 +128,7 @@ class Relay:
     def ca_file(self) -> str:
         return str(self.state_dir / "ca.pem")
 
-    def start(self, *args: str, **env) -> "Relay":
+    def start(self, *args: str, **env) -> Relay:
         """``tunnel-relay serve`` with ``args`` added to its options and ``env`` to its environment."""
         self.starts += 1
         cmd = [*self.command_prefix, PY, "-m", "relay", "serve", "--state-dir", str(self.state_dir), "--listen",
@@ -278,6 +278,18 @@ def connect(addr: tuple[str, int], timeout: float = 20.0) -> socket.socket:
     s = socket.create_connection(addr, timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
+
+
+def echoed(s: socket.socket, data: bytes) -> bool:
+    """Send ``data`` on ``s`` (to an echo service) and tell whether exactly it came back."""
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        got += chunk
+    return got == data
 
 
 def recv_all(s: socket.socket) -> bytes:
