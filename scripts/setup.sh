@@ -28,6 +28,10 @@ if ((${#missing[@]})); then
   done
 fi
 
-python3 -m pip install -q --upgrade pip "setuptools>=77" >/dev/null  # setuptools 77: the SPDX licence (python setup.py build_ext too)
-python3 -m pip install -q -e ".[test]"
+# pip's notices (root user, editable installs) are shown only when an install fails.
+pip_log=$(mktemp)
+trap 'rm -f "$pip_log"' EXIT
+python3 -m pip install -q --upgrade pip "setuptools>=77" >"$pip_log" 2>&1 \
+  || { cat "$pip_log"; exit 1; }  # setuptools 77: the SPDX licence (python setup.py build_ext too)
+python3 -m pip install -q -e ".[test]" >"$pip_log" 2>&1 || { cat "$pip_log"; exit 1; }
 python3 -c "import tunnel.codec as f, tunnel.ops._malloc; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"
