@@ -12,7 +12,8 @@
     tunnel-relay resources list [--extended] [--output json]
     tunnel-relay resources create --customer-id ID NAME [--port PORT]   prints id and endpoint
     tunnel-relay resources registration-jwt (--customer-id ID | --org-only)
-                       [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
+                       [--resource-id ID [--rotate]] [--ttl SECONDS] [--output FILE]
+                       prints the JWT, or writes it to FILE with mode 0600
                        (--org-only is the same as --customer-id cus_org; the relay decides)
     tunnel-relay resources delete ID
     tunnel-relay cluster status [--output json]         the relays and which one holds each agent link
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "relay's certificate (admin commands verify it with <state-dir>/ca.pem or --admin-ca-file)")
 
     customers = commands.add_parser("customers", help="manage customers")
+    _add_admin_location(customers, suppress=True)  # global options before or after the subcommand
     customer_cmds = customers.add_subparsers(dest="action", metavar="ACTION")
     customer_cmds.required = True
     create = customer_cmds.add_parser("create", help="create a customer; prints its id")
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_location(clist, suppress=True)
 
     resources = commands.add_parser("resources", help="manage resources and registration tokens")
+    _add_admin_location(resources, suppress=True)  # global options before or after the subcommand
     resource_cmds = resources.add_subparsers(dest="action", metavar="ACTION")
     resource_cmds.required = True
     rlist = resource_cmds.add_parser("list", help="list resources with their status and endpoint")
@@ -192,12 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     jwt_cmd.add_argument("--rotate", action="store_true",
                          help="revoke every older token of --resource-id and drop the agents using them")
     jwt_cmd.add_argument("--ttl", type=_positive_int, metavar="SECONDS", help="lifetime (default one year)")
+    jwt_cmd.add_argument("--output", "-o", metavar="FILE",
+                         help="write the token to FILE, readable by its owner only (mode 0600), "
+                              "instead of printing it")
     _add_admin_location(jwt_cmd, suppress=True)
     delete = resource_cmds.add_parser("delete", help="delete a resource (drops its agents)")
     delete.add_argument("resource_id", metavar="ID")
     _add_admin_location(delete, suppress=True)
 
     cluster = commands.add_parser("cluster", help="the relays sharing this relay's state database")
+    _add_admin_location(cluster, suppress=True)  # global options before or after the subcommand
     cluster_cmds = cluster.add_subparsers(dest="action", metavar="ACTION")
     cluster_cmds.required = True
     status = cluster_cmds.add_parser("status", help="the relays, and which relay holds each agent link")
@@ -348,17 +355,32 @@ def _run_admin(args: argparse.Namespace) -> int:
     elif args.action == "registration-jwt":
         if args.rotate and not args.resource_id:
             raise CliError("--rotate needs --resource-id (and --customer-id)")
-        print(client.registration_jwt(
+        token = client.registration_jwt(
             args.customer_id,
             org_only=args.org_only,
             resource_id=args.resource_id,
             rotate=args.rotate,
             ttl_seconds=args.ttl,
-        ))
+        )
+        if args.output:
+            _write_secret(args.output, token + "\n")
+        else:
+            print(token)
     elif args.action == "delete":
         client.delete_resource(args.resource_id)
         print(f"deleted {args.resource_id}")
     return 0
+
+
+def _write_secret(path: str, text: str) -> None:
+    """``text`` into ``path`` with mode 0600, also when the file was already there with another."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
 
 
 def configure_logging(log_format: str = "plain", level: str = "info") -> None:

@@ -247,3 +247,28 @@ def test_reload_applies_a_new_file_and_refuses_a_bad_one(tmp_path):
     assert [t.name for t in agent.config.targets] == ["a", "c", "d"]  # the old configuration runs on
     env_only = Agent(agent_config.load(BASE), dialer=object(), environ=BASE)
     assert not env_only.reload()  # nothing to read again
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["check"], []),
+    (["check", "--config", "a.toml", "-o", "json"], ["--config", "a.toml", "-o", "json"]),
+    (["--config", "a.toml", "check"], ["--config", "a.toml"]),
+    (["--config", "a.toml", "check", "--timeout", "2"], ["--config", "a.toml", "--timeout", "2"]),
+    (["--config", "check", "check"], ["--config", "check"]),  # a config file named "check"
+])
+def test_check_takes_global_options_before_or_after_it(monkeypatch, argv, expected):
+    from agent import check, cli
+
+    seen = []
+    monkeypatch.setattr(check, "main", lambda args: seen.append(args) or 0)
+    assert cli.main(argv) == 0
+    assert seen == [expected]
+
+
+def test_usage_line_shows_check(capsys):
+    from agent import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.startswith("usage: tunnel-agent") and "--config FILE" in usage and "check" in usage

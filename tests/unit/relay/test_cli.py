@@ -155,6 +155,25 @@ def test_registration_jwt_commands(relay):
     assert server.registry.dropped == [(db["id"], 1)]
 
 
+def test_registration_jwt_output_file_is_private(relay, tmp_path):
+    """--output FILE writes the token with mode 0600, also over a file that was world-readable."""
+    server = relay.server
+    customer = server.call(server.state.create_customer, "acme")
+    path = tmp_path / "agent.jwt"
+    path.write_text("old")
+    path.chmod(0o644)
+    result = relay("resources", "registration-jwt", "--customer-id", customer["id"], "--output", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert server.authority.verify(path.read_text().strip()).customer_id == customer["id"]
+    fresh = tmp_path / "fresh.jwt"
+    assert relay("resources", "registration-jwt", "--org-only", "-o", str(fresh)).returncode == 0
+    assert fresh.stat().st_mode & 0o777 == 0o600
+    one_line_error(relay("resources", "registration-jwt", "--org-only", "--output", str(tmp_path / "no" / "x")),
+                   "cannot write")
+
+
 def test_registration_jwt_usage_errors(relay):
     server = relay.server
     customer = server.call(server.state.create_customer, "acme")
@@ -194,6 +213,15 @@ def test_state_dir_from_the_environment_and_global_option(admin_server, tmp_path
     result = run(["customers", "list"], env={"RELAY_STATE_DIR": str(admin_server.state_dir)}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     result = run(["--state-dir", str(admin_server.state_dir), "customers", "list"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("where", ["first", "group", "last"])
+def test_global_options_before_or_after_the_subcommand(admin_server, tmp_path, where):
+    option = ["--state-dir", str(admin_server.state_dir)]
+    args = {"first": [*option, "customers", "list"], "group": ["customers", *option, "list"],
+            "last": ["customers", "list", *option]}[where]
+    result = run(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
 
