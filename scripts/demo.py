@@ -94,7 +94,11 @@ def main() -> int:
     parser.add_argument("--state-dir", default=os.environ.get("RELAY_STATE_DIR", "relay-state"))
     parser.add_argument("--transport", default="wss", choices=("wss", "quic", "auto"))
     parser.add_argument("--megabytes", type=int, default=1024, help="size of the throughput run")
+    parser.add_argument("--service-port", type=int, default=SERVICE_PORT, help="the sample service's port")
+    parser.add_argument("--port", type=int, default=8443, help="the relay's agent port")
+    parser.add_argument("--admin-port", type=int, default=8442, help="the relay's admin API port (loopback)")
     args = parser.parse_args()
+    service_port, relay_port = args.service_port, args.port
     state = Path(args.state_dir).resolve()
     logs = state / "logs"
     procs: list[subprocess.Popen] = []
@@ -107,26 +111,29 @@ def main() -> int:
         return proc
 
     try:
-        print(f"1. sample private service on 127.0.0.1:{SERVICE_PORT}")
-        if port_open(SERVICE_PORT):
-            raise SystemExit(f"port {SERVICE_PORT} is busy: stop what listens there first")
-        service = start("service", [sys.executable, str(ROOT / "scripts" / "sample_service.py"), str(SERVICE_PORT)])
-        wait_for("the sample service", lambda: port_open(SERVICE_PORT), proc=service)
+        print(f"1. sample private service on 127.0.0.1:{service_port}")
+        for port, option in ((service_port, "--service-port"), (relay_port, "--port"), (args.admin_port, "--admin-port")):
+            if port_open(port):
+                raise SystemExit(f"port {port} is busy: stop what listens there first, or give {option} PORT")
+        service = start("service", [sys.executable, str(ROOT / "scripts" / "sample_service.py"), str(service_port)])
+        wait_for("the sample service", lambda: port_open(service_port), proc=service)
 
-        print(f"2. relay (state in {state}, agents on :8443, admin on 127.0.0.1:8442)")
-        relay = start("relay", tool("tunnel-relay") + ["serve", "--state-dir", str(state)])
-        wait_for("the relay's admin API", lambda: (state / "admin.json").exists() and port_open(8443), proc=relay)
+        print(f"2. relay (state in {state}, agents on :{relay_port}, admin on 127.0.0.1:{args.admin_port})")
+        relay = start("relay", tool("tunnel-relay") + ["serve", "--state-dir", str(state), "--listen",
+                                                       f"0.0.0.0:{relay_port}", "--admin-listen",
+                                                       f"127.0.0.1:{args.admin_port}"])
+        wait_for("the relay's admin API", lambda: (state / "admin.json").exists() and port_open(relay_port),
+                 proc=relay)
 
         customers = json.loads(relay_cmd("customers", "list", "--output", "json", state=state))
         customer = next((c["id"] for c in customers if c["name"] == "demo"), None) \
             or relay_cmd("customers", "create", "demo", state=state)
         jwt_file = state / "demo-agent.jwt"
-        jwt_file.write_text(relay_cmd("resources", "registration-jwt", "--customer-id", customer, state=state))
-        jwt_file.chmod(0o600)
+        relay_cmd("resources", "registration-jwt", "--customer-id", customer, "--output", str(jwt_file), state=state)
         print(f"3. customer {customer}; registration JWT written to {jwt_file} (mode 0600)")
 
-        env = dict(ENV, RELAY_URL=f"{args.transport}://127.0.0.1:8443", RELAY_CA_FILE=str(state / "ca.pem"),
-                   NAME="demo-http", APP_HOST="127.0.0.1", APP_PORT=str(SERVICE_PORT),
+        env = dict(ENV, RELAY_URL=f"{args.transport}://127.0.0.1:{relay_port}", RELAY_CA_FILE=str(state / "ca.pem"),
+                   NAME="demo-http", APP_HOST="127.0.0.1", APP_PORT=str(service_port),
                    REGISTRATION_JWT_FILE=str(jwt_file))
         agent = start("agent", tool("tunnel-agent"), env=env)
         print(f"4. agent dialling {env['RELAY_URL']}")
@@ -148,10 +155,11 @@ def main() -> int:
         print(f"   {got / 1e6:.0f} MB in {secs:.2f} s = {got / secs / 1e6:.0f} MB/s ({got * 8 / secs / 1e9:.2f} Gbit/s)")
 
         print(f"""
-Each part by hand (logs of this run are in {logs}):
+Each part by hand (logs of this run are in {logs}; the programs are in {Path(sys.prefix) / "bin"}:
+`. {Path(sys.prefix) / "bin" / "activate"}` puts them on PATH):
   tunnel-relay serve --state-dir {state}
   tunnel-relay --state-dir {state} customers create acme
-  tunnel-relay --state-dir {state} resources registration-jwt --customer-id <id> > agent.jwt
+  tunnel-relay --state-dir {state} resources registration-jwt --customer-id <id> --output agent.jwt
   RELAY_URL=wss://127.0.0.1:8443 RELAY_CA_FILE={state}/ca.pem NAME=my-db \\
     APP_HOST=127.0.0.1 APP_PORT=5432 REGISTRATION_JWT_FILE=agent.jwt tunnel-agent
   tunnel-relay --state-dir {state} resources list --extended

@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --python-only
-exec python3 scripts/demo.py "$@"
+# The virtual environment setup.sh made: its python, and tunnel-relay/tunnel-agent on PATH.
+VENV="${VENV:-.venv}"
+[[ "$VENV" = /* ]] || VENV="$PWD/$VENV"
+export PATH="$VENV/bin:$PATH"
+exec "$VENV/bin/python" scripts/demo.py "$@"

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: system packages the tests and the
-# benchmarks use, then the project itself (builds the Cython codec and tunnel.ops._malloc) with
-# its test extras.
+# benchmarks use, then a virtual environment (.venv, or $VENV) made from `python3` (or $PYTHON)
+# that holds the project (builds the Cython codec and tunnel.ops._malloc) with its test extras.
+# A virtual environment because Debian's own Python is externally managed (PEP 668): pip refuses
+# to install into it. `--python-only` installs only what that needs (a C compiler, and for
+# Debian's Python its venv module and headers). Every script after it runs $VENV/bin/python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+BASE_PYTHON="${PYTHON:-python3}"
 
 # postgresql: the tests start their own server from its binaries (/usr/lib/postgresql/*/bin),
 # as the package's "postgres" user when run as root (runuser, from util-linux).
@@ -13,7 +18,14 @@ DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgr
               redis-server redis-tools wrk curl iptables iproute2 procps tinyproxy
               systemd util-linux prometheus gcc libc6-dev haproxy)
 missing=()
-[ "${1:-}" = "--python-only" ] && DEB_PACKAGES=()
+[ "${1:-}" = "--python-only" ] && DEB_PACKAGES=(gcc libc6-dev)
+# Debian splits the venv module (with ensurepip) and the C headers out of python3.
+if ! "$VENV/bin/python" -c '' 2>/dev/null && ! "$BASE_PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+  DEB_PACKAGES+=(python3-venv)
+fi
+if ! "$BASE_PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+  DEB_PACKAGES+=(python3-dev)
+fi
 for p in "${DEB_PACKAGES[@]+"${DEB_PACKAGES[@]}"}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
@@ -28,10 +40,28 @@ if ((${#missing[@]})); then
   done
 fi
 
+# The virtual environment, made once; made again when its Python no longer runs (the Python it
+# was made from is gone).
+if ! "$VENV/bin/python" -c '' 2>/dev/null; then
+  rm -rf "$VENV"
+  "$BASE_PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+compiled() { "$PY" -c "import tunnel.codec as f, tunnel.ops._malloc; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"; }
+# The install (an editable one: the .py files are used in place) is redone only when what it
+# builds or pins changed: the compiled sources (.pyx, .c, each .pxd and the .py beside it),
+# setup.py or pyproject.toml. It takes a minute or more; the check takes a moment.
+key=$( { "$PY" -c 'import sys; print(sys.version)'; cat pyproject.toml setup.py _frames.pyx tunnel/ops/_malloc.c;
+         find tunnel -name '*.pxd' | LC_ALL=C sort | while read -r pxd; do cat "$pxd" "${pxd%.pxd}.py"; done; } \
+       | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VENV/.installed" 2>/dev/null)" = "$key" ] && compiled 2>/dev/null; then
+  exit 0
+fi
 # pip's notices (root user, editable installs) are shown only when an install fails.
 pip_log=$(mktemp)
 trap 'rm -f "$pip_log"' EXIT
-python3 -m pip install -q --upgrade pip "setuptools>=77" >"$pip_log" 2>&1 \
+"$PY" -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=77" >"$pip_log" 2>&1 \
   || { cat "$pip_log"; exit 1; }  # setuptools 77: the SPDX licence (python setup.py build_ext too)
-python3 -m pip install -q -e ".[test]" >"$pip_log" 2>&1 || { cat "$pip_log"; exit 1; }
-python3 -c "import tunnel.codec as f, tunnel.ops._malloc; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[test]" >"$pip_log" 2>&1 || { cat "$pip_log"; exit 1; }
+compiled
+echo "$key" > "$VENV/.installed"

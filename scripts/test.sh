@@ -8,8 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The virtual environment setup.sh made: its python runs the tests, and the tests start their
+# processes with it (sys.executable).
+VENV="${VENV:-.venv}"
+[[ "$VENV" = /* ]] || VENV="$PWD/$VENV"
+export PATH="$VENV/bin:$PATH"
 if (($# == 0)); then
-  TUNNEL_PURE_PYTHON=1 python3 -m pytest -q -ra tests/unit tests/adapters tests/contract --ignore=tests/unit/relay \
+  TUNNEL_PURE_PYTHON=1 "$VENV/bin/python" -m pytest -q -ra tests/unit tests/adapters tests/contract --ignore=tests/unit/relay \
     --ignore=tests/adapters/test_quic.py
 fi
-exec python3 -m pytest -q -ra "$@" tests
+exec "$VENV/bin/python" -m pytest -q -ra "$@" tests
