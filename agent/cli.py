@@ -145,13 +145,12 @@ async def _run(conf, limits: Limits) -> int:
     from .links import AgentLinks
 
     links = AgentLinks(conf, limits)
-    agent = links.slots[0]  # metrics follow the first link
     metrics = None
     if conf.metrics_listen is not None:
         from .metrics import serve_metrics
 
         try:
-            metrics = await serve_metrics(agent, conf.metrics_listen, limits)
+            metrics = await serve_metrics(links.slots, conf.metrics_listen, limits)
         except OSError as exc:
             log.error("cannot serve metrics at METRICS_LISTEN %s:%d: %s", *conf.metrics_listen, exc.strerror or exc)
             return 2

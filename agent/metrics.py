@@ -4,9 +4,11 @@ without it loads nothing of this.
 
 The runner reports what happens with one call each (connecting, registered, waiting to
 reconnect, a stream dialling its target); the rest (round trip, bytes, open streams) is read
-from the links at scrape time. Labels: ``relay`` is the ``host:port`` of ``RELAY_URL``,
-``resource`` and ``target`` come from the agent's own configuration, ``reason`` is a fixed
-word; nothing the relay sends becomes a label.
+from the links at scrape time, over every slot (``RELAY_LINKS``). Labels: ``relay`` is the
+``host:port`` of the relay a slot is linked to or dials (a ``RELAY_URL`` entry, or a relay of
+the cluster as the relays advertise it: at most 64, agent.links), ``resource`` and ``target``
+come from the agent's own configuration, ``reason`` is a fixed word; nothing else the relay
+sends becomes a label.
 """
 
 from __future__ import annotations
@@ -44,24 +46,28 @@ def dial_reason(exc: BaseException) -> str:
     return "other"
 
 
-class AgentMetrics:
-    """What the agent counts and exports; ``agent`` is the :class:`agent.runner.Agent`."""
+def relay_label(dialer) -> str:
+    """The ``relay`` label of a dialler: the ``host:port`` it dials (no scheme, path or user info)."""
+    host = f"[{dialer.host}]" if ":" in dialer.host else dialer.host
+    return f"{host}:{dialer.port}"
 
-    def __init__(self, agent) -> None:
+
+class SlotMetrics:
+    """What one slot of the agent (one link at a time, agent.links) reports, as the runner's
+    ``metrics``; :class:`AgentMetrics` reads every slot's at scrape time."""
+
+    def __init__(self, shared: AgentMetrics, agent) -> None:
+        self.shared = shared
         self.agent = agent
-        dialer = agent.dialer
-        host = f"[{dialer.host}]" if ":" in dialer.host else dialer.host
-        #: The ``relay`` label: where RELAY_URL points (no scheme, path or user info).
-        self.relay = f"{host}:{dialer.port}"
         self.state = "connecting"
-        self.reconnects = 0
-        self.opened: Counter = Counter()  # resource -> streams
-        self.dial_failures: Counter = Counter()  # (resource, target, reason) -> n
-        #: Registered links not closed yet, and the bytes of those that closed.
-        self.links: set[Link] = set()
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self._tasks: set[asyncio.Task] = set()
+        self.reconnects: Counter = Counter()  # relay -> n
+        #: Registered links not closed yet -> the relay each is linked to.
+        self.links: dict[Link, str] = {}
+
+    @property
+    def relay(self) -> str:
+        """The relay this slot holds or dials now."""
+        return relay_label(self.agent.dialer)
 
     # --- events (one call each from the runner) -----------------------------------------
 
@@ -71,21 +77,51 @@ class AgentMetrics:
     def registered(self, link: Link) -> None:
         self.state = "registered"
         if link not in self.links:
-            self.links.add(link)
-            task = asyncio.get_running_loop().create_task(self._keep_bytes(link))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.links[link] = self.relay
+            self.shared.keep_bytes(self, link)
 
     def waiting(self) -> None:
-        """The link is down (or was refused); the agent reconnects after its backoff."""
+        """The link is down (or was refused); the slot reconnects after its backoff."""
         self.state = "waiting"
-        self.reconnects += 1
+        self.reconnects[self.relay] += 1
 
     def stream_dialing(self, name: str, task: asyncio.Task) -> None:
-        """A stream for resource ``name`` arrived; ``task`` dials its target
+        self.shared.stream_dialing(name, task)
+
+    def live(self) -> list[Link]:
+        return [link for link in self.links if not link.is_closing]
+
+
+#: Which state a relay shows when two slots report on it (a slot waiting for a free relay
+#: keeps the label of the last one it dialled): the furthest along.
+_STATE_RANK = {"waiting": 0, "connecting": 1, "registered": 2}
+
+
+class AgentMetrics:
+    """What the agent counts and exports, over every slot: ``agents`` are the slots'
+    :class:`agent.runner.Agent` (each gets its :class:`SlotMetrics` as ``metrics``); series
+    with a ``relay`` label are per relay a slot is or was linked to."""
+
+    def __init__(self, agents) -> None:
+        self.agents = list(agents)
+        self.slots = [SlotMetrics(self, agent) for agent in self.agents]
+        for agent, slot in zip(self.agents, self.slots):
+            agent.metrics = slot
+        self.opened: Counter = Counter()  # resource -> streams
+        self.dial_failures: Counter = Counter()  # (resource, target, reason) -> n
+        #: Bytes of the links that closed: (relay, direction) -> n.
+        self.closed_bytes: Counter = Counter()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def config(self):
+        return self.agents[0].config  # a reload gives every slot the same
+
+    def stream_dialing(self, name: str, task: asyncio.Task) -> None:
+        """A stream for resource ``name`` arrived on any slot; ``task`` dials its target
         (:func:`tunnel.bridge.tcp.dial_bridge`, whose result says why it failed)."""
         self.opened[name] += 1
-        target = self.agent.config.target(name)
+        target = self.config.target(name)
         where = f"{target.host}:{target.port}" if target is not None else ""
         task.add_done_callback(partial(self._dialed, name, where))
 
@@ -96,63 +132,83 @@ class AgentMetrics:
         if exc is not None:
             self.dial_failures[name, where, dial_reason(exc)] += 1
 
-    async def _keep_bytes(self, link: Link) -> None:
-        """Once ``link`` is over, move its byte counts to the totals."""
+    def keep_bytes(self, slot: SlotMetrics, link: Link) -> None:
+        task = asyncio.get_running_loop().create_task(self._keep_bytes(slot, link))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_bytes(self, slot: SlotMetrics, link: Link) -> None:
+        """Once ``link`` is over, move its byte counts to its relay's totals."""
         try:
             await link.wait_closed()
         finally:
-            self.links.discard(link)
-            self.bytes_sent += link.bytes_sent
-            self.bytes_received += link.bytes_received
+            relay = slot.links.pop(link)
+            self.closed_bytes[relay, "sent"] += link.bytes_sent
+            self.closed_bytes[relay, "received"] += link.bytes_received
 
     # --- exposition ---------------------------------------------------------------------
 
-    def _live(self) -> list[Link]:
-        return [link for link in self.links if not link.is_closing]
-
     def ready(self) -> str | None:
-        """None once registered with a live link; else why not."""
-        if self.state == "registered" and self._live():
+        """None once a slot is registered with a live link; else why not."""
+        if any(slot.state == "registered" and slot.live() for slot in self.slots):
             return None
-        return f"not registered with the relay ({self.state})"
+        states = sorted({slot.state for slot in self.slots}, key=_STATE_RANK.get, reverse=True)
+        return f"not registered with the relay ({', '.join(states)})"
 
     def families(self) -> list[Family]:
-        relay = self.relay
-        live = self._live()
-        current = self.agent.link
+        states: dict[str, str] = {}
+        riding: dict[str, str] = {}
+        rtts: dict[str, float] = {}
+        active: Counter = Counter()
+        moved: Counter = Counter(self.closed_bytes)
+        reconnects: Counter = Counter()
+        for slot in self.slots:
+            relay = slot.relay
+            if _STATE_RANK[slot.state] >= _STATE_RANK.get(states.get(relay, "waiting"), 0):
+                states[relay] = slot.state
+            reconnects.update(slot.reconnects)
+            live = slot.live()
+            current = slot.agent.link
+            if current is not None and current in live:
+                riding[slot.links[current]] = current.carrier
+                if current.rtt is not None:
+                    rtts[slot.links[current]] = current.rtt
+            for link, link_relay in slot.links.items():
+                moved[link_relay, "sent"] += link.bytes_sent
+                moved[link_relay, "received"] += link.bytes_received
+                if not link.is_closing:
+                    active[link_relay] += link.stream_count
+        relays = sorted({*states, *riding, *reconnects, *active, *(relay for relay, _ in moved)})
         state = Family("tunnel_agent_link_state", "gauge",
-                       "The agent's link to the relay: 1 for its current state.", ("relay", "state"))
-        for name in STATES:
-            state.add((relay, name), int(name == self.state))
+                       "Each relay the agent links to: 1 for the state of its link.", ("relay", "state"))
         transport = Family("tunnel_agent_link_transport", "gauge",
-                           "1 for the transport the registered link rides.", ("relay", "transport"))
-        riding = current.carrier if current is not None and current in live else None
-        for name in sorted({*TRANSPORTS, *([riding] if riding else [])}):
-            transport.add((relay, name), int(name == riding))
-        reconnects = Family("tunnel_agent_reconnects_total", "counter",
-                            "Times the agent lost (or could not get) its link and dialled the relay again.",
-                            ("relay",)).add((relay,), self.reconnects)
+                           "1 for the transport the registered link to each relay rides.", ("relay", "transport"))
+        reconnect = Family("tunnel_agent_reconnects_total", "counter",
+                           "Times the agent lost (or could not get) a link and dialled the relay again.", ("relay",))
         rtt = Family("tunnel_agent_link_rtt_seconds", "gauge",
-                     "The last round trip a keepalive PING measured on the current link.", ("relay",))
-        if riding and current.rtt is not None:
-            rtt.add((relay,), current.rtt)
-        active = Family("tunnel_agent_streams_active", "gauge", "Streams open now.", ("relay",)) \
-            .add((relay,), sum(link.stream_count for link in live))
-        sent, received = self.bytes_sent, self.bytes_received
-        for link in self.links:
-            sent += link.bytes_sent
-            received += link.bytes_received
-        moved = Family("tunnel_agent_link_bytes_total", "counter",
-                       "Stream payload bytes over the agent's links, sent to and received from the relay.",
-                       ("relay", "direction"))
-        moved.add((relay, "sent"), sent).add((relay, "received"), received)
+                     "The last round trip a keepalive PING measured on the current link to each relay.", ("relay",))
+        streams = Family("tunnel_agent_streams_active", "gauge", "Streams open now, per relay.", ("relay",))
+        moved_family = Family("tunnel_agent_link_bytes_total", "counter",
+                              "Stream payload bytes over the agent's links, sent to and received from each relay.",
+                              ("relay", "direction"))
+        for relay in relays:
+            if relay in states:
+                for name in STATES:
+                    state.add((relay, name), int(name == states[relay]))
+                for name in sorted({*TRANSPORTS, *([riding[relay]] if relay in riding else [])}):
+                    transport.add((relay, name), int(name == riding.get(relay)))
+            reconnect.add((relay,), reconnects[relay])
+            if relay in rtts:
+                rtt.add((relay,), rtts[relay])
+            streams.add((relay,), active[relay])
+            moved_family.add((relay, "sent"), moved[relay, "sent"]).add((relay, "received"), moved[relay, "received"])
         opened = Family("tunnel_agent_streams_opened_total", "counter",
-                        "Streams the relay opened, per resource.", ("resource",))
+                        "Streams the relays opened, per resource.", ("resource",))
         failures = Family("tunnel_agent_dial_failures_total", "counter",
                           "Dials to a private service that failed, per resource, target and reason.",
                           ("resource", "target", "reason"))
         failed = Counter(self.dial_failures)
-        for target in self.agent.config.targets:
+        for target in self.config.targets:
             opened.add((target.name,), self.opened[target.name])
             for reason in DIAL_REASONS:
                 failed[target.name, f"{target.host}:{target.port}", reason] += 0
@@ -161,20 +217,20 @@ class AgentMetrics:
         reachable = Family("tunnel_agent_target_reachable", "gauge",
                            "1 while the resource's private service answers, 0 while it does not (agent.health: "
                            "the last dial or check); absent before the first.", ("resource",))
-        health = getattr(self.agent, "health", None)
-        for target in self.agent.config.targets:
+        health = getattr(self.agents[0], "health", None)
+        for target in self.config.targets:
             known = health.states.get(target.name) if health is not None else None
             if known is not None and known.reachable is not None:
                 reachable.add((target.name,), int(known.reachable))
         info = Family("tunnel_agent_build_info", "gauge", "The agent's version.", ("version",)).add((__version__,), 1)
-        return [state, transport, reconnects, rtt, active, moved, opened, failures, reachable, info,
+        return [state, transport, reconnect, rtt, streams, moved_family, opened, failures, reachable, info,
                 *process_families()]
 
     def render(self) -> bytes:
         return render(self.families())
 
 
-async def serve_metrics(agent, address: tuple[str, int], limits: Limits) -> OpsServer:
-    """Give ``agent`` its :class:`AgentMetrics` and serve them at ``address``."""
-    metrics = agent.metrics = AgentMetrics(agent)
+async def serve_metrics(agents, address: tuple[str, int], limits: Limits) -> OpsServer:
+    """Give every slot of ``agents`` (agent.links' slots) its metrics and serve them at ``address``."""
+    metrics = AgentMetrics(agents)
     return await serve_ops(*address, render=metrics.render, ready=metrics.ready, limits=limits)

@@ -259,7 +259,7 @@ class Agent:
         #: hear its changes).
         self.health = links.health if links is not None else TargetHealth(
             self.limits.connect_timeout, self.limits.target_check_interval, on_change=self.health_changed)
-        #: :class:`agent.metrics.AgentMetrics` when METRICS_LISTEN is set, else None.
+        #: This slot's :class:`agent.metrics.SlotMetrics` when METRICS_LISTEN is set, else None.
         self.metrics = None
         self._stopping: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None

@@ -16,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${1:-dist/tunnel-agent}"
-PYTHON="${PYTHON:-python3}"
+# The quick start's virtual environment when there is one (its Python has the venv module).
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 PYINSTALLER_VERSION="6.22.3"
 WORK="build/agent-binary"
 

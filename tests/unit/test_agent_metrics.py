@@ -64,11 +64,13 @@ def test_state_readiness_and_bytes_across_links():
         target = agent_config.Target("db", "10.0.0.5", 5432)
         agent = SimpleNamespace(dialer=SimpleNamespace(host="::1", port=8443), link=None,
                                 config=SimpleNamespace(targets=(target,), target=lambda name: target))
-        metrics = AgentMetrics(agent)
+        metrics = AgentMetrics([agent]).slots[0]
+        assert agent.metrics is metrics
+        metrics = metrics.shared
         relay = "[::1]:8443"
         assert metrics.ready() == "not registered with the relay (connecting)"
         first = agent.link = FakeLink()
-        metrics.registered(first)
+        agent.metrics.registered(first)
         first.bytes_sent, first.bytes_received = 100, 200
         assert metrics.ready() is None
         samples = _samples(metrics)
@@ -79,12 +81,12 @@ def test_state_readiness_and_bytes_across_links():
 
         first.is_closing = True  # the link is lost
         first.closed.set()
-        metrics.waiting()
+        agent.metrics.waiting()
         assert metrics.ready() == "not registered with the relay (waiting)"
         await asyncio.sleep(0)
         second = agent.link = FakeLink()
-        metrics.connecting()
-        metrics.registered(second)
+        agent.metrics.connecting()
+        agent.metrics.registered(second)
         second.bytes_sent = 5
         samples = _samples(metrics)
         assert samples["tunnel_agent_reconnects_total", (relay,)] == 1
@@ -93,7 +95,7 @@ def test_state_readiness_and_bytes_across_links():
 
         dial = asyncio.get_running_loop().create_future()
         dial.set_result(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
-        metrics.stream_dialing("db", dial)
+        agent.metrics.stream_dialing("db", dial)
         await asyncio.sleep(0)
         samples = _samples(metrics)
         assert samples["tunnel_agent_streams_opened_total", ("db",)] == 1
@@ -105,5 +107,46 @@ def test_state_readiness_and_bytes_across_links():
         assert _samples(metrics)["tunnel_agent_target_reachable", ("db",)] == 0
         health.result(target, None)
         assert _samples(metrics)["tunnel_agent_target_reachable", ("db",)] == 1
+
+    asyncio.run(main())
+
+
+def test_every_slot_counted_and_labelled_by_its_relay():
+    """RELAY_LINKS=2: streams and bytes on either slot's link count, each slot's series under
+    the relay it is linked to, not the first RELAY_URL."""
+    async def main():
+        from agent.links import AgentLinks
+
+        conf = agent_config.load({**ENV, "RELAY_URL": "wss://a.example:8443,wss://b.example:8443"})
+        links = AgentLinks(conf, environ={})
+        metrics = AgentMetrics(links.slots)
+        assert [agent.metrics for agent in links.slots] == metrics.slots
+        first, second = links.slots
+        second.dialer = SimpleNamespace(host="b.example", port=8443)  # agent.links chose relay b
+        for agent, sent in ((first, 10), (second, 20)):
+            agent.link = FakeLink()
+            agent.metrics.registered(agent.link)
+            agent.link.bytes_sent = sent
+            for _ in range(sent // 10):
+                done = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                agent.metrics.stream_dialing("db", done)
+        samples = _samples(metrics)
+        assert samples["tunnel_agent_streams_opened_total", ("db",)] == 3
+        for relay, sent in (("a.example:8443", 10), ("b.example:8443", 20)):
+            assert samples["tunnel_agent_link_bytes_total", (relay, "sent")] == sent
+            assert samples["tunnel_agent_link_state", (relay, "registered")] == 1
+            assert samples["tunnel_agent_streams_active", (relay,)] == 2
+        # Slot b's link is lost: its bytes stay with relay b; the slot redials b.
+        second.link.is_closing = True
+        second.link.closed.set()
+        second.metrics.waiting()
+        await asyncio.sleep(0)
+        samples = _samples(metrics)
+        assert samples["tunnel_agent_link_bytes_total", ("b.example:8443", "sent")] == 20
+        assert samples["tunnel_agent_link_state", ("b.example:8443", "waiting")] == 1
+        assert samples["tunnel_agent_reconnects_total", ("b.example:8443",)] == 1
+        assert samples["tunnel_agent_reconnects_total", ("a.example:8443",)] == 0
+        assert metrics.ready() is None  # slot a still serves
 
     asyncio.run(main())

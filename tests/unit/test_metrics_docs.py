@@ -24,7 +24,7 @@ def exported() -> dict[str, str]:
     """Family name -> type, as relay and agent build them."""
     agent = SimpleNamespace(dialer=SimpleNamespace(host="relay.example", port=443), link=None,
                             config=SimpleNamespace(targets=[]))
-    families = [*RelayMetrics().families(Registry("127.0.0.1")), *AgentMetrics(agent).families()]
+    families = [*RelayMetrics().families(Registry("127.0.0.1")), *AgentMetrics([agent]).families()]
     return {f.name: f.kind for f in families}
 
 
