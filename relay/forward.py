@@ -64,7 +64,7 @@ class Forwarded:
 class _Half(StreamHandler):
     """The handler of one stream of a :class:`Splice`: what it receives goes to the other."""
 
-    __slots__ = ("splice", "stream", "other", "held", "closed_")
+    __slots__ = ("splice", "stream", "other", "held", "closed_", "received")
 
     def __init__(self, splice: "Splice") -> None:
         self.splice = splice
@@ -72,10 +72,12 @@ class _Half(StreamHandler):
         self.other: "_Half | None" = None
         self.held = 0  # received, queued on the other stream, not consumed yet
         self.closed_ = False
+        self.received = 0  # payload bytes received on this stream
 
     def data_received(self, data) -> None:
         other = self.other.stream
         n = len(data)
+        self.received += n
         try:
             other.write(bytes(data))  # a copy: ``data`` may be a view of the carrier's read buffer
         except StreamClosedError:
@@ -121,6 +123,14 @@ class Splice:
         self.peer.other, self.agent.other = self.agent, self.peer
         self.on_done = None
         self._done = False
+
+    @property
+    def bytes_to_agent(self) -> int:
+        return self.peer.received
+
+    @property
+    def bytes_from_agent(self) -> int:
+        return self.agent.received
 
     def connect(self, peer_stream: LinkStream, agent_link, metadata: bytes) -> StreamHandler:
         """Open the agent's stream for ``peer_stream``; return the peer stream's handler.

@@ -287,10 +287,12 @@ class Peering:
             stream.reset(ErrorCode.REFUSED)
             return None
         agent.active_streams += 1
+        agent.flows[splice] = endpoint.resource_id
         self.splices.add(splice)
 
         def done() -> None:
             agent.active_streams -= 1
+            agent.flow_done(splice)
             self.splices.discard(splice)
 
         splice.on_done = done

@@ -81,6 +81,27 @@ class AgentSession:
     #: record is rewritten without them: streams other relays forwarded meanwhile still go
     #: to it (relay.peering), local workers' do not.
     leaving: set = field(default_factory=set)
+    #: Streams open on the link -> the resource each is for (an EndpointBridge, or a
+    #: relay.forward.Splice of a stream another relay forwarded); with the bytes of those that
+    #: ended, ``resource_bytes`` gives each resource's own bytes.
+    flows: dict = field(default_factory=dict)
+    done_bytes: Counter = field(default_factory=Counter)  # (resource id, "sent"|"received") -> n
+
+    def flow_done(self, flow) -> None:
+        """A stream of the link ended: keep its bytes under its resource."""
+        resource_id = self.flows.pop(flow, None)
+        if resource_id is not None:
+            self.done_bytes[resource_id, "sent"] += flow.bytes_to_agent
+            self.done_bytes[resource_id, "received"] += flow.bytes_from_agent
+
+    def resource_bytes(self, resource_id: str) -> tuple[int, int]:
+        """Stream payload bytes of ``resource_id`` on this link: (sent to the agent, received)."""
+        sent, received = self.done_bytes[resource_id, "sent"], self.done_bytes[resource_id, "received"]
+        for flow, rid in self.flows.items():
+            if rid == resource_id:
+                sent += flow.bytes_to_agent
+                received += flow.bytes_from_agent
+        return sent, received
 
     def target_down(self, resource_id: str) -> bool:
         """True when the agent reported that it cannot reach ``resource_id``'s service."""
@@ -111,6 +132,9 @@ class AgentSession:
             "epoch": self.epoch,
         }
         if resource_id is not None:
+            # The link's totals cover every resource it serves; each resource row shows its own.
+            view["link_bytes_sent"], view["link_bytes_received"] = view["bytes_sent"], view["bytes_received"]
+            view["bytes_sent"], view["bytes_received"] = self.resource_bytes(resource_id)
             report = self.targets.get(resource_id) or {}
             view["target_status"] = self.target_status(resource_id)
             view["target_error"] = report.get("message") if report and not report["reachable"] else None
@@ -123,6 +147,14 @@ class EndpointBridge(TcpBridge):
     """An integration worker's TCP connection to a resource endpoint."""
 
     __slots__ = ("_endpoint", "agent", "forwarded")
+
+    @property
+    def bytes_to_agent(self) -> int:
+        return self.bytes_from_tcp
+
+    @property
+    def bytes_from_agent(self) -> int:
+        return self.bytes_to_tcp
 
     def __init__(self, endpoint: "Endpoint") -> None:
         super().__init__()
@@ -196,6 +228,7 @@ class EndpointBridge(TcpBridge):
         self.agent = agent
         self.buffers = agent.buffers
         agent.active_streams += 1
+        agent.flows[self] = endpoint.resource_id
         endpoint.bridges.add(self)
         return stream
 
@@ -222,6 +255,7 @@ class EndpointBridge(TcpBridge):
         registry = endpoint.registry
         if self.agent is not None:
             self.agent.active_streams -= 1
+            self.agent.flow_done(self)
         endpoint.bridges.discard(self)
         if registry.descriptors is not None:
             registry.descriptors.give(endpoint.customer_id)

@@ -103,3 +103,32 @@ def test_a_watched_config_file_applies_when_it_changes(tmp_path, relay, service_
         assert "agent.toml changed: config file" in agent.log()
     finally:
         assert agent.stop() == 0
+
+
+def test_extended_listing_shows_each_resources_own_bytes(tmp_path, relay, service_factory):
+    """One agent link serving two resources: ``resources list --extended`` shows on each row the
+    bytes of that resource's streams (none for the idle one), the link's totals beside them."""
+    services = {k: service_factory("echo") for k in ("busy", "idle")}
+    customer = relay.create_customer("acme")
+    config, write, _ = _start(tmp_path, relay, customer, services)
+    write({"busy": "busy", "idle": "idle"})
+    agent = Proc("agent", [PY, "-m", "agent", "--config", str(config)], _env(TUNNEL_TARGET_CHECK_INTERVAL="0"),
+                 tmp_path / "agent.log").start()
+    try:
+        for name in ("busy", "idle"):
+            relay.wait_available(customer, name)
+        payload = b"x" * 100_000
+        with connect(relay.endpoint(customer, "busy")) as s:
+            assert echoed(s, payload)
+
+        def rows():
+            by_name = {r["name"]: r["agents_detail"][0] for r in relay.resources(extended=True)}
+            return by_name if by_name["busy"]["bytes_received"] >= len(payload) else None
+
+        rows = wait_until(rows, 10, "the busy resource's bytes")
+        busy, idle = rows["busy"], rows["idle"]
+        assert busy["bytes_sent"] >= len(payload) and busy["bytes_received"] >= len(payload)
+        assert (idle["bytes_sent"], idle["bytes_received"]) == (0, 0)
+        assert busy["link_bytes_received"] == idle["link_bytes_received"] >= busy["bytes_received"]
+    finally:
+        agent.stop()
