@@ -85,12 +85,12 @@ class AgentControl:
             return
         by_name = {name: rid for rid, name in agent.resources.items()}
         removed = []
+        why = message.get("reason") if message.get("reason") in ("reload", "stopping") else "asked"
         for name in names:
             rid = by_name.get(name)
             if rid is not None:
-                self.relay.registry.remove_resource(agent, rid)
+                self.relay.registry.remove_resource(agent, rid, why)
                 removed.append({"name": name, "id": rid})
-        why = message.get("reason") if message.get("reason") in ("reload", "stopping") else "asked"
         if removed:
             log.info("agent %s deregistered %s (%s); their open streams finish", agent.agent_id,
                      ", ".join(f"{r['name']} ({r['id']})" for r in removed), why)

@@ -9,7 +9,9 @@ With no agent here, in a cluster, the connection goes to the relay holding one (
 relay.forward). When no relay serves the resource, a new connection waits: for up to
 ``Limits.endpoint_hold_timeout`` (5 s), at most ``Limits.endpoint_hold_max`` per resource,
 while the resource lost its last agent (or the relay started, or, in a cluster, another relay
-last took one of its connections) less than ``Limits.endpoint_hold_window`` ago. Its bytes
+last took one of its connections) less than ``Limits.endpoint_hold_window`` ago, and not
+because its agents deregistered it on purpose (a config reload without it, a graceful stop:
+then new connections are refused at once, ``deregistered`` in logs and metrics). Its bytes
 wait in the kernel (reading paused); an agent registering here gets the waiting connections at
 once, one registering on another relay within ``HOLD_POLL``. Past those bounds a connection is
 reset at once, and the relay logs why, once per interval.
@@ -51,6 +53,9 @@ LOG_INTERVAL = 60.0
 REACHABLE, UNREACHABLE, UNKNOWN = "REACHABLE", "UNREACHABLE", "UNKNOWN"
 #: In a cluster, how often a waiting connection asks again which relay holds an agent (s).
 HOLD_POLL = 0.5
+#: Why agents deregistered a resource (CONTROL ``remove_resources`` ``reason``), as logged.
+RELEASE_REASONS = {"reload": "their config no longer has it", "stopping": "they stopped",
+                   "asked": "on request"}
 
 
 @dataclass(eq=False)
@@ -287,6 +292,10 @@ class Endpoint:
         #: Since when no agent serves it (monotonic), None while one does here. In a cluster,
         #: a connection another relay took counts as served too.
         self.agentless_since: float | None = time.monotonic()
+        #: Why its last agent here deregistered it on purpose (CONTROL ``remove_resources``:
+        #: ``reload``, ``stopping``), until an agent serves it again: new connections are then
+        #: refused at once, not held as in an outage.
+        self.released: str | None = None
         self._arrived = asyncio.Event()  # set (and replaced) when an agent comes
 
     @property
@@ -349,6 +358,14 @@ class Endpoint:
                 agent = self.pick_agent()
                 if agent is not None and bridge.attach_local(agent):
                     return
+                if deadline is None and self.released is not None:
+                    registry.throttled.log(("released", self.resource_id), logging.INFO,
+                                           "resource %s (%s): its agents deregistered it (%s); resetting new "
+                                           "connections at once", self.resource_id, self.name,
+                                           RELEASE_REASONS.get(self.released, self.released))
+                    registry.metrics.stream_refused(self, "deregistered")
+                    bridge.fail(ErrorCode.REFUSED)
+                    return
                 if deadline is None:
                     if not self.may_hold():
                         self.log_refusal()
@@ -404,6 +421,7 @@ class Endpoint:
         """Keep ``agentless_since`` current; wake the connections waiting for an agent."""
         if any(not a.link.is_closing for a in self.agents):
             self.agentless_since = None
+            self.released = None
             if self.waiting:
                 log.info("resource %s (%s): an agent is back; %d waiting connection(s) go to it", self.resource_id,
                          self.name, len(self.waiting))
@@ -538,12 +556,16 @@ class Registry:
             endpoint.agents.append(agent)
         endpoint.agents_changed()
 
-    def remove_resource(self, agent: AgentSession, resource_id: str) -> None:
-        """``agent`` stops serving ``resource_id`` at its own request: no new streams; the
-        open ones finish."""
+    def remove_resource(self, agent: AgentSession, resource_id: str, reason: str = "asked") -> None:
+        """``agent`` stops serving ``resource_id`` at its own request (``reason``: ``reload``,
+        ``stopping``, ``asked``): no new streams; the open ones finish. The last agent here
+        leaving so makes the endpoint refuse new connections at once (``Endpoint.released``)."""
         if agent.resources.pop(resource_id, None) is not None:
             agent.targets.pop(resource_id, None)
             self._unroute(agent, [resource_id])
+            endpoint = self.endpoints.get(resource_id)
+            if endpoint is not None and endpoint.pick_agent() is None:
+                endpoint.released = reason
 
     def leaving_agent(self, resource_id: str) -> AgentSession | None:
         """A live agent that is leaving ``resource_id`` (see ``AgentSession.leaving``)."""

@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.helpers.processes import PY, Proc, _env, connect, echoed, wait_until
+import socket
+
+from tests.helpers.processes import PY, Proc, Relay, _env, connect, echoed, free_port, wait_until
+from tests.helpers.prometheus import fetch
 
 
 def _toml(relay_url: str, ca_file: str, jwt_file: str, resources: dict) -> str:
@@ -132,3 +135,51 @@ def test_extended_listing_shows_each_resources_own_bytes(tmp_path, relay, servic
         assert busy["link_bytes_received"] == idle["link_bytes_received"] >= busy["bytes_received"]
     finally:
         agent.stop()
+
+
+def test_a_resource_removed_on_purpose_refuses_at_once(tmp_path, service_factory):
+    """SIGHUP without a resource, then SIGTERM: a worker connecting to a resource its agent
+    deregistered on purpose is reset at once with that reason (log and metrics), not held as in
+    an outage (here the hold would last two minutes)."""
+    metrics_port = free_port()
+    relay = Relay(tmp_path).start(TUNNEL_ENDPOINT_HOLD_TIMEOUT="120",
+                                  RELAY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
+    services = {k: service_factory("echo") for k in ("a", "b")}
+    customer = relay.create_customer("acme")
+    config, write, _ = _start(tmp_path, relay, customer, services)
+    write({"a": "a", "b": "b"})
+    agent = Proc("agent", [PY, "-m", "agent", "--config", str(config)], _env(TUNNEL_TARGET_CHECK_INTERVAL="0"),
+                 tmp_path / "agent.log").start()
+
+    def refused_at_once(name: str) -> None:
+        with connect(relay.endpoint(customer, name)) as s:
+            s.settimeout(30)  # far below the hold: a held connection would time out here
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            except socket.timeout:
+                raise AssertionError(f"the connection to {name} was held, not refused") from None
+
+    try:
+        for name in ("a", "b"):
+            relay.wait_available(customer, name)
+        write({"a": "a"})
+        agent.signal(signal.SIGHUP)
+        wait_until(lambda: relay.resource(customer, "b")["agents"] == 0, 10, "b to be deregistered")
+        refused_at_once("b")
+        with connect(relay.endpoint(customer, "a")) as s:
+            assert echoed(s, b"a still served")
+        assert agent.stop() == 0  # a graceful stop deregisters a
+        refused_at_once("a")
+        log = relay.proc.log()
+        assert "(b): its agents deregistered it (their config no longer has it)" in log
+        assert "(a): its agents deregistered it (they stopped)" in log
+        assert "no agent came within" not in log
+        _, body = fetch(f"http://127.0.0.1:{metrics_port}/metrics")
+        refusals = [line for line in body.decode().splitlines()
+                    if line.startswith("tunnel_relay_streams_refused_total") and 'reason="deregistered"' in line]
+        assert len(refusals) == 2 and all(line.endswith(" 1") for line in refusals), refusals
+    finally:
+        agent.stop()
+        relay.stop()
