@@ -218,6 +218,14 @@ class RelayState:
         """Call ``callback(event)`` for every state event of every relay on this database."""
         self.db.subscribe(callback)
 
+    async def public_can_connect(self) -> bool:
+        """PostgreSQL: True when every role (PUBLIC, PostgreSQL's default) may connect to this
+        database, so any of them may LISTEN to the relays' events and send forged ones
+        (docs/CLUSTER.md, "Setting up PostgreSQL"). SQLite: False."""
+        if self.backend != "postgresql":
+            return False
+        return bool(await self.db.fetchval("SELECT has_database_privilege('public', current_database(), 'CONNECT')"))
+
     # ---- customers
 
     async def create_customer(self, name: str) -> dict:

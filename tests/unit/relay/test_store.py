@@ -252,14 +252,15 @@ def test_events_reach_the_other_relays_on_postgres(tmp_path, postgres_url):
             b.subscribe(lambda event: arrived.put_nowait((time.monotonic(), event)))
             customer = await a.create_customer("acme")
             db = await a.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
-            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "resource_created", "resource": db}
+            # Other relays hear the kind of change only (a hint to re-read the tables).
+            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "resource_created", "hint": True}
             start = time.monotonic()
             await a.rotate_resource(db["id"])
             at, event = await asyncio.wait_for(arrived.get(), 2)
-            assert event == {"kind": "rotated", "resource_id": db["id"], "generation": 1}
+            assert event == {"kind": "rotated", "hint": True}
             assert at - start < 2
             await a.delete_resource(db["id"])
-            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "deleted", "resource_id": db["id"]}
+            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "deleted", "hint": True}
             # A rolled-back transaction publishes nothing.
             with pytest.raises(RuntimeError):
                 async with a.db.transaction() as tx:
@@ -481,6 +482,41 @@ def test_a_revocation_arriving_during_registration_refuses_it(tmp_path, state):
     state.run(cluster.admit(accepted))
     assert [(link["agent_id"], link["epoch"]) for link in state.list_links()] == [("agt_1", accepted.epoch)]
     state.run(cluster.stop())
+
+
+def test_a_rotation_hinted_during_registration_refuses_it(state):
+    """As above, but heard as a notification is now: a hint naming only its kind. The relay
+    re-reads the table, and the registration in flight is refused all the same; a hint with no
+    change behind it (anyone may send one) refuses nothing and drops nobody."""
+    from tunnel.wire.errors import AuthError
+
+    customer = state.create_customer("acme")
+    db = state.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
+    registry = RecordingRegistry([db["id"]])
+    cluster = Cluster(state.state, registry, "wss://127.0.0.1:8443", FAST)
+    state.run(cluster.start())
+    real_add_link = state.state.add_link
+    rotate = [False]
+
+    async def add_link_then_hear_a_hint(*args):
+        epoch = await real_add_link(*args)
+        if rotate[0]:  # committed by another relay, which publishes the hint
+            await state.db.execute("UPDATE resources SET generation = generation + 1 WHERE id = ?", db["id"])
+        cluster.on_event({"kind": "rotated", "hint": True})
+        return epoch
+
+    state.state.add_link = add_link_then_hear_a_hint
+    try:
+        accepted = FakeSession(customer["id"], {db["id"]: "db"})
+        state.run(cluster.admit(accepted))  # a forged hint: nothing changed
+        assert registry.deleted == [] and all(generation == 0 for _, generation in registry.dropped)
+        rotate[0] = True
+        with pytest.raises(AuthError) as info:
+            state.run(cluster.admit(FakeSession(customer["id"], {db["id"]: "db"})))
+        assert info.value.code == "revoked" and (db["id"], 1) in registry.dropped
+    finally:
+        state.state.add_link = real_add_link
+        state.run(cluster.stop())
 
 
 def test_admitting_after_the_relay_was_taken_for_gone_and_after_a_deletion(state):
