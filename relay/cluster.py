@@ -260,6 +260,7 @@ class Cluster:
         self._reread_again = True
         while self._reread_again:
             self._reread_again = False
+            before = self._judged()
             try:
                 resources = {row["id"]: row for row in await self.state.list_resources()}
             except StoreUnavailable:
@@ -267,7 +268,7 @@ class Cluster:
             except StoreError as exc:
                 log.warning("cannot re-read the resources after an event: %s", exc)
                 return
-            self._apply_generations({rid: int(row["generation"]) for rid, row in resources.items()})
+            self._apply_generations({rid: int(row["generation"]) for rid, row in resources.items()}, *before)
             for rid, row in resources.items():
                 if rid not in self.registry.endpoints and rid not in self._bind_asked:
                     self._bind_asked.add(rid)
@@ -275,19 +276,27 @@ class Cluster:
                         self.on_resource_created(row)
             self._bind_asked &= resources.keys()
 
-    def _apply_generations(self, generations: dict[str, int]) -> None:
+    def _judged(self) -> tuple[set[str], list]:
+        """The endpoints and registrations in flight a read about to start can judge: their
+        resources were committed before it, so one missing from it was deleted. (A resource
+        created while the read runs is bound, or registered, after it: not judged by it.)"""
+        return set(self.registry.endpoints), list(self._pending)
+
+    def _apply_generations(self, generations: dict[str, int], endpoints: set[str], pending: list) -> None:
         """Drop what ``generations`` (every resource's, as read from the table) revokes:
         agents below their resource's generation, resources gone, and the registrations in
-        flight that either concerns."""
-        for resource_id in list(self.registry.endpoints):
+        flight that either concerns (of ``endpoints`` and ``pending``, see :meth:`_judged`)."""
+        for resource_id in endpoints & set(self.registry.endpoints):
             if resource_id not in generations:
                 self._delete(resource_id)
-            else:
+            elif generations[resource_id] > 0:  # no token is below generation 0
                 dropped = self.registry.drop_agents(resource_id, below_generation=generations[resource_id])
                 if dropped:
                     log.info("resource %s rotated to generation %d: dropped %d agent(s) here", resource_id,
                              generations[resource_id], dropped)
-        for session in self._pending:
+        for session in pending:
+            if session not in self._pending:
+                continue
             for resource_id in session.resources:
                 if resource_id not in generations:
                     self._pending[session] = ("deleted", "resource deleted")
@@ -399,8 +408,9 @@ class Cluster:
         self._resyncing = True
         try:
             await self._join()
+            before = self._judged()
             generations = await self.state.resource_generations()
-            self._apply_generations(generations)
+            self._apply_generations(generations, *before)
             live = {}
             for session in list(self.registry.agents):
                 if session.epoch:
