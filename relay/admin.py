@@ -13,7 +13,8 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``):
     GET    /v1/health                   {"status": "ok"}
     GET    /v1/customers                [{"id", "name", "created_at"}]
     POST   /v1/customers                {"name"} -> {"id", "name", "created_at"}   (201; 409 when
-                                        a customer of that name, ignoring case, exists)
+                                        a customer of that name, ignoring case, width and
+                                        look-alike letters, exists: relay.state.name_key)
     GET    /v1/resources[?extended=1]   [{"id", "name", "customer_id", "status", "endpoint",
                                           "agents", "target_status", "target_error"
                                           [, "agents_detail"]}]
@@ -59,7 +60,7 @@ import orjson
 from tunnel.ops.logs import Throttled
 
 from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import DEFAULT_PORT_RANGE, RelayState, ensure_state_dir, state_write_failure, write_private
+from .state import DEFAULT_PORT_RANGE, NameTaken, RelayState, ensure_state_dir, state_write_failure, write_private
 from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
 from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
@@ -258,13 +259,12 @@ class AdminApi:
     async def post_customers(self, *, payload: dict, **_) -> tuple[int, Any]:
         _only_fields(payload, {"name"})
         name = payload.get("name")
-        if isinstance(name, str):
-            same = [c for c in await self.state.list_customers() if c["name"].casefold() == name.strip().casefold()]
-            if same:
-                raise HttpError(409, "conflict", f"a customer named {same[0]['name']!r} exists already "
-                                f"({same[0]['id']}): use its id, or choose another name")
         try:
             customer = await self.state.create_customer(name)
+        except NameTaken as exc:
+            same = exc.existing
+            raise HttpError(409, "conflict", f"a customer named {same['name']!r} exists already "
+                            f"({same['id']}): use its id, or choose another name") from None
         except ValueError as exc:
             raise HttpError(400, "bad_request", str(exc)) from None
         return 201, customer

@@ -11,6 +11,10 @@ database.
   its own epoch only. See docs/CLUSTER.md for why the epoch.
 - **Revocation.** ``rotated`` and ``deleted`` events, from any relay, drop the affected
   agents here (through the registry), including agents whose registration is in flight.
+  Events from other relays are hints (anyone who can connect to PostgreSQL can send one):
+  on each, this relay re-reads the resources table and acts on what it says: agents below a
+  resource's generation dropped, endpoints of resources gone closed, endpoints of new
+  resources bound. A forged event changes nothing the tables do not already say.
 - **Outages.** While the database is away the relay keeps its agents and streams; refusals
   are summed up in the log once per ``outage_log_interval``. When it returns, the relay
   re-joins, re-reads every resource's generation (revocations it missed) and rewrites its
@@ -116,6 +120,11 @@ class Cluster:
         #: Called with a resource's row when any relay creates one (every relay binds its endpoint).
         self.on_resource_created = None
         self._members_task: asyncio.Task | None = None
+        #: Re-reading the resources after a hint; set again when a hint arrives meanwhile.
+        self._reread_task: asyncio.Task | None = None
+        self._reread_again = False
+        #: Resources whose endpoint a re-read already asked for (asked once each).
+        self._bind_asked: set[str] = set()
 
     # ---- life
 
@@ -153,7 +162,8 @@ class Cluster:
 
     async def stop(self) -> None:
         """Leave: remove this relay's row and its links (best effort within the query timeout)."""
-        tasks = [t for t in (self._heartbeat_task, self._members_task, *self._tasks) if t is not None]
+        tasks = [t for t in (self._heartbeat_task, self._members_task, self._reread_task, *self._tasks)
+                 if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -195,7 +205,16 @@ class Cluster:
         members = [{"id": r["id"], "advertise_url": r["advertise_url"], "peer_address": r.get("peer_address") or "",
                     "draining": bool(r["draining"])} for r in rows if float(r["heartbeat_age"]) <= ttl]
         changed = members != self.members
+        before = {m["id"]: m for m in self.members}
+        after = {m["id"]: m for m in members}
+        for relay_id in after.keys() - before.keys() - {self.relay_id}:
+            log.info("relay %s joined (%s)", relay_id, after[relay_id]["advertise_url"])
+        for relay_id in before.keys() - after.keys() - {self.relay_id}:
+            log.info("relay %s left", relay_id)
         self.members = members
+        if self.relay_id in before and self.relay_id not in after:
+            log.warning("relay %s was taken for gone by the other relays; joining again", self.relay_id)
+            self._spawn(self.resync())
         if changed and self.on_members is not None:
             self.on_members(members)
 
@@ -212,7 +231,13 @@ class Cluster:
     def on_event(self, event: dict) -> None:
         kind = event.get("kind")
         if kind in ("relay_joined", "relay_left", "relay_draining"):
-            self._members_changed()
+            self._members_changed()  # read from the relays table, whoever sent it
+        if event.get("hint"):
+            # From another relay, or anyone who can connect: the tables say what happened.
+            if kind in ("resource_created", "rotated", "deleted"):
+                self._reread_resources()
+            return
+        # Published by this process, in process: the change it made.
         if kind == "resource_created":
             resource = event.get("resource")
             if isinstance(resource, dict) and self.on_resource_created is not None:
@@ -221,16 +246,62 @@ class Cluster:
             self._revoke(event.get("resource_id"), int(event.get("generation", 0)))
         elif kind == "deleted":
             self._delete(event.get("resource_id"))
-        elif kind == "relay_joined" and event.get("relay_id") != self.relay_id:
-            log.info("relay %s joined (%s)", event.get("relay_id"), event.get("advertise_url"))
-        elif kind == "relay_left" and event.get("relay_id") != self.relay_id:
-            log.info("relay %s left%s", event.get("relay_id"), " (expired)" if event.get("expired") else "")
-        elif kind == "relay_left" and event.get("expired"):
-            log.warning("relay %s was taken for gone by the other relays; joining again", self.relay_id)
-            self._spawn(self.resync())
         elif kind == "reconnected":
             self.outages.flush()
             self._spawn(self.resync())
+
+    def _reread_resources(self) -> None:
+        if self._reread_task is not None and not self._reread_task.done():
+            self._reread_again = True
+            return
+        self._reread_task = asyncio.get_running_loop().create_task(self._reread_loop())
+
+    async def _reread_loop(self) -> None:
+        self._reread_again = True
+        while self._reread_again:
+            self._reread_again = False
+            before = self._judged()
+            try:
+                resources = {row["id"]: row for row in await self.state.list_resources()}
+            except StoreUnavailable:
+                return  # the reconnection resyncs
+            except StoreError as exc:
+                log.warning("cannot re-read the resources after an event: %s", exc)
+                return
+            self._apply_generations({rid: int(row["generation"]) for rid, row in resources.items()}, *before)
+            for rid, row in resources.items():
+                if rid not in self.registry.endpoints and rid not in self._bind_asked:
+                    self._bind_asked.add(rid)
+                    if self.on_resource_created is not None:
+                        self.on_resource_created(row)
+            self._bind_asked &= resources.keys()
+
+    def _judged(self) -> tuple[set[str], list]:
+        """The endpoints and registrations in flight a read about to start can judge: their
+        resources were committed before it, so one missing from it was deleted. (A resource
+        created while the read runs is bound, or registered, after it: not judged by it.)"""
+        return set(self.registry.endpoints), list(self._pending)
+
+    def _apply_generations(self, generations: dict[str, int], endpoints: set[str], pending: list) -> None:
+        """Drop what ``generations`` (every resource's, as read from the table) revokes:
+        agents below their resource's generation, resources gone, and the registrations in
+        flight that either concerns (of ``endpoints`` and ``pending``, see :meth:`_judged`)."""
+        for resource_id in endpoints & set(self.registry.endpoints):
+            if resource_id not in generations:
+                self._delete(resource_id)
+            elif generations[resource_id] > 0:  # no token is below generation 0
+                dropped = self.registry.drop_agents(resource_id, below_generation=generations[resource_id])
+                if dropped:
+                    log.info("resource %s rotated to generation %d: dropped %d agent(s) here", resource_id,
+                             generations[resource_id], dropped)
+        for session in pending:
+            if session not in self._pending:
+                continue
+            for resource_id in session.resources:
+                if resource_id not in generations:
+                    self._pending[session] = ("deleted", "resource deleted")
+                elif session.generation < generations[resource_id]:
+                    self._pending[session] = ("revoked", "registration token revoked")
 
     def _revoke(self, resource_id, generation: int) -> None:
         if not isinstance(resource_id, str):
@@ -281,6 +352,10 @@ class Cluster:
                 # This relay's row is gone (the others took it for dead): join again, once.
                 await self._join()
                 session.epoch = await self._add_link(session)
+            reread = self._reread_task
+            if reread is not None and not reread.done():
+                # A hint heard meanwhile: what it makes us read may refuse this registration.
+                await asyncio.wait({reread}, timeout=self.settings.db_query_timeout)
         except LinkRefused as exc:
             if exc.code == "deleted":
                 # Its endpoint may have been bound after the deletion was heard: close it.
@@ -333,15 +408,9 @@ class Cluster:
         self._resyncing = True
         try:
             await self._join()
+            before = self._judged()
             generations = await self.state.resource_generations()
-            for resource_id in list(self.registry.endpoints):
-                if resource_id not in generations:
-                    self._delete(resource_id)
-                else:
-                    dropped = self.registry.drop_agents(resource_id, below_generation=generations[resource_id])
-                    if dropped:
-                        log.info("resource %s was rotated while the database was away: dropped %d agent(s)",
-                                 resource_id, dropped)
+            self._apply_generations(generations, *before)
             live = {}
             for session in list(self.registry.agents):
                 if session.epoch:

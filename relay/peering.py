@@ -5,9 +5,12 @@ resource, whichever relays its agents are linked to (proxy peering, as Teleport'
   (``--peer-listen``; recorded in ``relays.peer_address``): the project's session over TLS
   WebSocket, TLS 1.3 with a client certificate required on both sides: the relay-to-relay
   certificate the cluster CA issues to every relay (``peer.pem``, clientAuth, OU ``relay``;
-  :mod:`relay.pki`). A connection whose certificate does not name the role ``relay`` is closed.
-  After the TLS handshake the dialling relay sends CONTROL ``{"type": "peer", "relay_id": …}``
-  and the other answers the same; then either side opens streams. One link per pair of
+  :mod:`relay.pki`). A connection whose certificate does not name the role ``relay`` is closed,
+  on either side: a relay dialling another checks it before it says anything, so a server
+  certificate of the same CA (which a TLS-terminating proxy in front of a relay holds) is never
+  sent a stream. After the TLS handshake the dialling relay sends CONTROL ``{"type": "peer",
+  "relay_id": …}`` and the other answers the same, the id the dialler read in the membership
+  row (else the link is closed); then either side opens streams. One link per pair of
   relays: the relay with the smaller id dials the others as they join; either dials on demand
   when it has a stream to forward and no link; when both links exist, the one dialled by the
   smaller id stays and the other is told to go away (its streams finish).
@@ -62,10 +65,12 @@ class PeerLink:
 class PeerLinkHandler(LinkHandler):
     """Greeting, then streams from the peer (to the agents here) and the link's end."""
 
-    def __init__(self, peering: "Peering", link: Link, dialed: bool) -> None:
+    def __init__(self, peering: "Peering", link: Link, dialed: bool, expected: str | None = None) -> None:
         self.peering = peering
         self.link = link
         self.dialed = dialed
+        #: Dialling side: the relay id of the membership row dialled.
+        self.expected = expected
         self.peer: PeerLink | None = None
         self.greeted: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -75,6 +80,10 @@ class PeerLinkHandler(LinkHandler):
         relay_id = message.get("relay_id")
         if not isinstance(relay_id, str) or not RELAY_ID.fullmatch(relay_id) or relay_id == self.peering.relay_id:
             self.link.close(ErrorCode.PROTOCOL_ERROR, "bad peer greeting")
+            return
+        if self.dialed and relay_id != self.expected:
+            log.warning("peer link to relay %s closed: the relay there greets as %s", self.expected, relay_id)
+            self.link.close(ErrorCode.UNAUTHORIZED, "not the relay dialled")
             return
         if not self.dialed:
             self.link.send_control(self.peering.greeting())
@@ -200,7 +209,13 @@ class Peering:
             self.registry.throttled.log(("peer dial", relay_id), logging.WARNING,
                                         "cannot reach relay %s at %s: %s", relay_id, address, exc)
             return None
-        handler = PeerLinkHandler(self, link, dialed=True)
+        role = peer_role(link.peer_certificate)
+        if role != PEER_ROLE:
+            log.warning("peer link to relay %s at %s refused: its certificate names role %r, not %r",
+                        relay_id, address, role, PEER_ROLE)
+            link.close(ErrorCode.UNAUTHORIZED, "not a relay certificate")
+            return None
+        handler = PeerLinkHandler(self, link, dialed=True, expected=relay_id)
         link.set_handler(handler)
         link.send_control(self.greeting())
         try:
@@ -208,10 +223,6 @@ class Peering:
         except (LinkError, asyncio.TimeoutError) as exc:
             link.close(ErrorCode.TIMEOUT, "no peer greeting")
             log.warning("relay %s at %s did not greet: %s", relay_id, address, exc or "timed out")
-            return None
-        if peer.relay_id != relay_id:
-            # The address now belongs to another relay process (a restart): keep the link to
-            # that one, but it is not the one asked for.
             return None
         return self._live(relay_id)
 

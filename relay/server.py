@@ -612,6 +612,10 @@ async def _serve(args) -> int:
     ssl_context = pki.server_ssl_context(cert_file, key_file)
 
     store = await _open_state(state_dir, args.database, settings)
+    if await store.public_can_connect():
+        log.warning("every database role may connect to %s (PostgreSQL's default): REVOKE CONNECT ON DATABASE "
+                    "… FROM PUBLIC, and give the relays a role of their own (docs/CLUSTER.md, \"Setting up "
+                    "PostgreSQL\")", store.description)
     authority = tokens.TokenAuthority(state_dir)
     registry = Registry(args.service_host, descriptors, limits=limits)
     cluster = Cluster(store, registry, advertise, settings)

@@ -3,7 +3,9 @@ back end of :mod:`relay.store`: SQLite in ``<state-dir>/relay.db`` (the default)
 (``--database postgresql://…``, shared by every relay of a cluster). Schema: see
 :mod:`relay.store.migrations`.
 
-- ``customers``  ``id`` (``cus_`` + 16 base32 chars), ``name``, ``created_at``
+- ``customers``  ``id`` (``cus_`` + 16 base32 chars), ``name``, ``created_at``, ``name_key``
+  (:func:`name_key`, unique: one customer per name, whatever the case, width or look-alike
+  letters)
 - ``resources``  ``id`` (``res_…``), ``customer_id``, ``name``, ``port``, ``generation``,
   ``created_at``; one name per customer, one port per resource (kept across restarts)
 - ``tokens``     every registration JWT issued (audit): ``jti``, ``customer_id``,
@@ -34,6 +36,7 @@ import random
 import secrets
 import socket
 import stat
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -103,6 +106,40 @@ def validate_name(name: object, what: str = "name") -> str:
     if not name.isprintable():
         raise ValueError(f"{what} must not contain control characters")
     return name
+
+
+#: Letters of other scripts that look like a Latin letter in common fonts, mapped to it: the
+#: lower-case Cyrillic, Greek and Latin rows of Unicode's confusables list (UTS #39) whose
+#: skeleton is one Latin letter, those keyboards and homograph attacks use. Not the whole list
+#: (tens of thousands of rows, most of them sequences, symbols and other scripts): enough that a
+#: customer name cannot be spelt again with these look-alikes; names in other scripts stay
+#: distinct, as do accented letters (``é`` is not ``e``).
+CONFUSABLES = str.maketrans({
+    # Cyrillic
+    "а": "a", "с": "c", "ԁ": "d", "е": "e", "һ": "h", "і": "i", "ј": "j", "ӏ": "l", "о": "o", "р": "p",
+    "ԛ": "q", "ѕ": "s", "ѵ": "v", "ԝ": "w", "х": "x", "у": "y", "ү": "y",
+    # Greek
+    "α": "a", "ϲ": "c", "ι": "i", "ϳ": "j", "ν": "v", "ο": "o", "ρ": "p", "γ": "y",
+    # Latin
+    "ı": "i", "ɑ": "a", "ɡ": "g", "ǀ": "l", "ſ": "f",
+})
+
+
+def name_key(name: str) -> str:
+    """The skeleton two display names share when people would take them for one: NFKC
+    (fullwidth ``ａ`` is ``a``), case-folded, surrounding spaces dropped and runs of spaces
+    made one, look-alike letters of :data:`CONFUSABLES` mapped to Latin (Cyrillic ``аcme`` is
+    ``acme``)."""
+    folded = " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+    return unicodedata.normalize("NFKC", folded.translate(CONFUSABLES))
+
+
+class NameTaken(ValueError):
+    """A customer of that name, or of a name that looks the same, exists: ``existing`` is it."""
+
+    def __init__(self, existing: dict) -> None:
+        super().__init__(f"a customer named {existing['name']!r} exists already ({existing['id']})")
+        self.existing = existing
 
 
 # --------------------------------------------------------------------------- ports
@@ -178,10 +215,12 @@ class RelayState:
         db = await open_database(database_url, state_dir, settings)
         try:
             await migrate(db, db.description, timeout=settings.db_migration_timeout)
+            state = cls(db, state_dir)
+            await state.fill_name_keys()
         except BaseException:
             await db.close()
             raise
-        return cls(db, state_dir)
+        return state
 
     @classmethod
     async def open_dir(cls, state_dir: str | os.PathLike) -> "RelayState":
@@ -218,14 +257,58 @@ class RelayState:
         """Call ``callback(event)`` for every state event of every relay on this database."""
         self.db.subscribe(callback)
 
+    async def public_can_connect(self) -> bool:
+        """PostgreSQL: True when every role (PUBLIC, PostgreSQL's default) may connect to this
+        database, so any of them may LISTEN to the relays' events and send forged ones
+        (docs/CLUSTER.md, "Setting up PostgreSQL"). SQLite: False."""
+        if self.backend != "postgresql":
+            return False
+        return bool(await self.db.fetchval("SELECT has_database_privilege('public', current_database(), 'CONNECT')"))
+
     # ---- customers
 
     async def create_customer(self, name: str) -> dict:
+        """A new customer called ``name``. Raise :class:`NameTaken` when one of that name, or
+        of a look-alike (:func:`name_key`), exists, even one created at the same moment on
+        another relay; ``ValueError`` for a bad name."""
         name = validate_name(name, "customer name")
+        key = name_key(name)
+        existing = await self._customer_like(key)
+        if existing is not None:
+            raise NameTaken(existing)
         customer = {"id": new_id("cus"), "name": name, "created_at": _now_iso()}
-        await self.db.execute("INSERT INTO customers (id, name, created_at) VALUES (?, ?, ?)",
-                              customer["id"], customer["name"], customer["created_at"])
+        try:
+            await self.db.execute("INSERT INTO customers (id, name, created_at, name_key) VALUES (?, ?, ?, ?)",
+                                  customer["id"], customer["name"], customer["created_at"], key)
+        except Conflict:
+            existing = await self._customer_like(key)
+            if existing is None:
+                raise
+            raise NameTaken(existing) from None
         return customer
+
+    async def _customer_like(self, key: str) -> dict | None:
+        row = await self.db.fetchrow("SELECT id, name, created_at FROM customers WHERE name_key = ?", key)
+        if row is not None:
+            return row
+        # Rows older than name_key whose skeleton another row had (left NULL).
+        for row in await self.db.fetch("SELECT id, name, created_at FROM customers WHERE name_key IS NULL "
+                                       "AND id <> ? ORDER BY {seq}", ORG_CUSTOMER_ID):
+            if name_key(row["name"]) == key:
+                return row
+        return None
+
+    async def fill_name_keys(self) -> None:
+        """Give rows made before schema step 5 their ``name_key`` (the first of a skeleton
+        wins; later look-alikes keep NULL and are still found by :meth:`create_customer`)."""
+        rows = await self.db.fetch("SELECT id, name FROM customers WHERE name_key IS NULL AND id <> ? "
+                                   "ORDER BY {seq}", ORG_CUSTOMER_ID)
+        for row in rows:
+            try:
+                await self.db.execute("UPDATE customers SET name_key = ? WHERE id = ? AND name_key IS NULL",
+                                      name_key(row["name"]), row["id"])
+            except Conflict:
+                pass
 
     async def list_customers(self) -> list[dict]:
         return await self.db.fetch("SELECT id, name, created_at FROM customers ORDER BY {seq}")
@@ -545,12 +628,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "Conflict",
     "LinkRefused",
+    "NameTaken",
     "RelayState",
     "StateWriteFailed",
     "StoreSettings",
     "StoreUnavailable",
     "allocate_port",
     "ensure_state_dir",
+    "name_key",
     "new_id",
     "state_write_failure",
     "validate_name",

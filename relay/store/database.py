@@ -7,8 +7,12 @@ out as :mod:`relay.store.errors` exceptions, never as driver exceptions.
 
 Events (dicts with a ``kind``) published in a transaction with :meth:`Transaction.notify` reach
 every subscriber of every relay on the database once the transaction commits: the publishing
-relay's own subscribers at once, in process; the other relays' through PostgreSQL's
-LISTEN/NOTIFY. A PostgreSQL database that comes back after an outage also delivers
+relay's own subscribers at once, in process, as published; the other relays' through
+PostgreSQL's LISTEN/NOTIFY as a **hint** only: ``{"kind": KIND, "hint": True}``. Any role that
+can connect to the database can LISTEN and NOTIFY on any channel, so a notification carries no
+data (just its kind and an opaque id of the publishing process, to skip its own echo) and is
+never trusted: a subscriber that hears a hint re-reads the tables under its own role
+(:mod:`relay.cluster`). A PostgreSQL database that comes back after an outage also delivers
 ``{"kind": "reconnected"}`` to its own subscribers, who then re-read what they may have missed.
 """
 
@@ -29,6 +33,8 @@ log = logging.getLogger("relay.store")
 
 #: The notification channel every relay of a cluster listens on.
 CHANNEL = "tunnel_relay"
+#: The kinds of change a notification may name; any other notification is ignored.
+HINT_KINDS = frozenset({"resource_created", "rotated", "deleted", "relay_joined", "relay_left", "relay_draining"})
 
 Event = dict
 Subscriber = Callable[[Event], None]

@@ -118,6 +118,14 @@ MIGRATIONS: tuple[Step, ...] = (
     Step(4, "relays.peer_address", (
         "ALTER TABLE relays ADD COLUMN peer_address TEXT NOT NULL DEFAULT ''",
     )),
+    # One customer per name, under concurrency: name_key is the name's skeleton
+    # (relay.state.name_key: NFKC, case-folded, look-alike letters mapped), unique. Rows made
+    # before this step get theirs when a relay opens the database (NULL for a second of a
+    # skeleton, which stays as it was; new names are checked against it too).
+    Step(5, "customers.name_key", (
+        "ALTER TABLE customers ADD COLUMN name_key TEXT",
+        "CREATE UNIQUE INDEX customers_by_name_key ON customers(name_key)",
+    )),
 )
 
 #: The newest schema version this code knows.

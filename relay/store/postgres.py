@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from .database import CHANNEL, Event, Subscriber, redact_url
+from .database import CHANNEL, HINT_KINDS, Event, Subscriber, redact_url
 from .dialect import POSTGRES
 from .errors import Conflict, StoreError, StoreUnavailable
 from .settings import StoreSettings
@@ -277,14 +277,16 @@ class PostgresDatabase:
                 log.exception("state event subscriber failed on %s", event.get("kind"))
 
     def _on_notification(self, conn, pid: int, channel: str, payload: str) -> None:
+        # Anyone who can connect may NOTIFY: only the kind is taken, as a hint to re-read.
         try:
             event = json.loads(payload)
         except ValueError:
-            log.warning("ignoring a malformed notification on %s", channel)
+            event = None
+        if not isinstance(event, dict) or event.get("kind") not in HINT_KINDS:
             return
-        if not isinstance(event, dict) or event.pop("origin", None) == self.origin:
+        if event.get("origin") == self.origin:
             return  # ours: already delivered in process at commit
-        self._deliver(event)
+        self._deliver({"kind": event["kind"], "hint": True})
 
     async def close(self) -> None:
         self._closed = True
@@ -325,7 +327,8 @@ class _Transaction:
         return await self._db._one(self._conn, sql, args, "count", self._timeout)
 
     async def notify(self, event: Event) -> None:
-        # PostgreSQL delivers it to every listener at commit, and never if we roll back.
-        payload = json.dumps({**event, "origin": self._db.origin}, separators=(",", ":"))
+        # PostgreSQL delivers it to every listener at commit, and never if we roll back. Every
+        # role that can connect may LISTEN: the payload names the kind of change, nothing more.
+        payload = json.dumps({"kind": event["kind"], "origin": self._db.origin}, separators=(",", ":"))
         await self.execute("SELECT pg_notify(?, ?)", CHANNEL, payload)
         self.events.append(event)

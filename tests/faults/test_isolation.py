@@ -34,6 +34,7 @@ class Isolation(RuleBasedStateMachine):
         self.state = SyncState(loop.run_until_complete(RelayState.open(self.dir)), loop)
         self.authority = TokenAuthority(private_key=Ed25519PrivateKey.generate())
         self.ports = itertools.count(20000)
+        self.serial = itertools.count()
         #: (customer, name) -> resource id; id -> (customer, name, generation)
         self.by_name: dict[tuple[str, str], str] = {}
         self.resources: dict[str, list] = {}
@@ -50,7 +51,8 @@ class Isolation(RuleBasedStateMachine):
 
     @rule(target=customers, name=st.sampled_from(["acme", "globex", "acme"]))
     def create_customer(self, name):
-        return self.state.create_customer(name)["id"]
+        # Customer names are unique (relay.state.name_key): a serial keeps them apart.
+        return self.state.create_customer(f"{name} {next(self.serial)}")["id"]
 
     @rule(target=customers)
     def org(self):

@@ -55,7 +55,7 @@ async def _fill_database(state: RelayState) -> None:
     pages = await state.db.fetchval("PRAGMA page_count")
     await state.db.execute(f"PRAGMA max_page_count = {pages + 8}")
     for size in (180, 90, 40, 16, 4, 1):
-        for write in (lambda: state.create_customer("x" * size),
+        for write in (lambda: state.create_customer(f"{next(n)}" + "x" * size),  # names are unique
                       lambda: state.get_or_create_resource(customer, f"{next(n)}" + "r" * size,
                                                            lambda taken: next(ports))):
             while True:

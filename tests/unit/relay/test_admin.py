@@ -437,6 +437,26 @@ def test_target_status_of_a_resource_follows_its_agents(api):
     assert body[0]["target_status"] == "UNKNOWN"
 
 
+def test_ten_concurrent_creates_through_the_api_make_one_customer(admin_server):
+    import concurrent.futures
+
+    def create(name):
+        client = Api(admin_server)
+        try:
+            status, body, _ = client.request("POST", "/v1/customers", {"name": name})
+            return status, body
+        finally:
+            client.close()
+
+    names = ["acme"] * 4 + ["\u0430cme", "acm\uff45", "ACME", "a\u0441me", " acme", "\uff41cme"]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(create, names))
+    made = [body for status, body in results if status == 201]
+    assert len(made) == 1, results
+    assert sorted(status for status, _ in results) == [201] + [409] * 9
+    assert all(made[0]["id"] in body["message"] for status, body in results if status == 409)
+
+
 def test_customer_names_are_unique_ignoring_case(api):
     status, first, _ = api.request("POST", "/v1/customers", {"name": "Acme"})
     assert status == 201

@@ -311,7 +311,7 @@ def test_a_full_sqlite_database_is_a_state_write_failure(tmp_path):
             await st.db.execute(f"PRAGMA max_page_count = {pages}")
             with pytest.raises(StateWriteFailed, match="^state directory full"):
                 for i in range(10000):
-                    await st.create_customer("x" * 200)
+                    await st.create_customer(f"{i:05d}" + "x" * 195)  # names are unique
             assert len(await st.list_customers()) > 0  # reads go on
 
     asyncio.run(go())

@@ -252,14 +252,15 @@ def test_events_reach_the_other_relays_on_postgres(tmp_path, postgres_url):
             b.subscribe(lambda event: arrived.put_nowait((time.monotonic(), event)))
             customer = await a.create_customer("acme")
             db = await a.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
-            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "resource_created", "resource": db}
+            # Other relays hear the kind of change only (a hint to re-read the tables).
+            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "resource_created", "hint": True}
             start = time.monotonic()
             await a.rotate_resource(db["id"])
             at, event = await asyncio.wait_for(arrived.get(), 2)
-            assert event == {"kind": "rotated", "resource_id": db["id"], "generation": 1}
+            assert event == {"kind": "rotated", "hint": True}
             assert at - start < 2
             await a.delete_resource(db["id"])
-            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "deleted", "resource_id": db["id"]}
+            assert (await asyncio.wait_for(arrived.get(), 2))[1] == {"kind": "deleted", "hint": True}
             # A rolled-back transaction publishes nothing.
             with pytest.raises(RuntimeError):
                 async with a.db.transaction() as tx:
@@ -483,6 +484,41 @@ def test_a_revocation_arriving_during_registration_refuses_it(tmp_path, state):
     state.run(cluster.stop())
 
 
+def test_a_rotation_hinted_during_registration_refuses_it(state):
+    """As above, but heard as a notification is now: a hint naming only its kind. The relay
+    re-reads the table, and the registration in flight is refused all the same; a hint with no
+    change behind it (anyone may send one) refuses nothing and drops nobody."""
+    from tunnel.wire.errors import AuthError
+
+    customer = state.create_customer("acme")
+    db = state.get_or_create_resource(customer["id"], "db", lambda taken: 21000)
+    registry = RecordingRegistry([db["id"]])
+    cluster = Cluster(state.state, registry, "wss://127.0.0.1:8443", FAST)
+    state.run(cluster.start())
+    real_add_link = state.state.add_link
+    rotate = [False]
+
+    async def add_link_then_hear_a_hint(*args):
+        epoch = await real_add_link(*args)
+        if rotate[0]:  # committed by another relay, which publishes the hint
+            await state.db.execute("UPDATE resources SET generation = generation + 1 WHERE id = ?", db["id"])
+        cluster.on_event({"kind": "rotated", "hint": True})
+        return epoch
+
+    state.state.add_link = add_link_then_hear_a_hint
+    try:
+        accepted = FakeSession(customer["id"], {db["id"]: "db"})
+        state.run(cluster.admit(accepted))  # a forged hint: nothing changed
+        assert registry.deleted == [] and all(generation == 0 for _, generation in registry.dropped)
+        rotate[0] = True
+        with pytest.raises(AuthError) as info:
+            state.run(cluster.admit(FakeSession(customer["id"], {db["id"]: "db"})))
+        assert info.value.code == "revoked" and (db["id"], 1) in registry.dropped
+    finally:
+        state.state.add_link = real_add_link
+        state.run(cluster.stop())
+
+
 def test_admitting_after_the_relay_was_taken_for_gone_and_after_a_deletion(state):
     from tunnel.wire.errors import AuthError
 
@@ -594,3 +630,71 @@ def test_holders_put_serving_relays_first_then_the_newest_link(state):
     # A slot that moved: its newer link replaces the row, and the old relay no longer holds it.
     state.add_link(link_row(customer["id"], instance="inst1", relay_id="rly_c", agent_id="agt_moved"), [db["id"]], 0)
     assert [h["relay_id"] for h in state.holders(db["id"], 30.0)] == ["rly_c", "rly_d"]
+
+
+# --------------------------------------------------------------------------- customer names
+
+
+def test_ten_concurrent_creates_of_one_name_make_one_customer(state):
+    from relay.state import NameTaken
+
+    async def create(name):
+        try:
+            return await state.state.create_customer(name)
+        except NameTaken as exc:
+            return exc
+
+    async def all_at_once():
+        return await asyncio.gather(*[create("acme") for _ in range(10)])
+
+    results = state.run(all_at_once())
+    made = [r for r in results if isinstance(r, dict)]
+    assert len(made) == 1 and all(isinstance(r, NameTaken) and r.existing["id"] == made[0]["id"]
+                                  for r in results if r is not made[0])
+    assert [c["name"] for c in state.list_customers()] == ["acme"]
+
+
+def test_look_alikes_of_an_existing_name_are_refused(state):
+    from relay.state import NameTaken
+
+    acme = state.create_customer("acme")
+    for name in ("\u0430cme", "acm\uff45", "ACME", " acme ", "\uff21\uff23\uff2d\uff25", "a\u0441m\u0435"):
+        with pytest.raises(NameTaken) as info:
+            state.create_customer(name)
+        assert info.value.existing["id"] == acme["id"], name
+    for name in ("acmé", "acme2", "ac me"):  # different names stay possible
+        state.create_customer(name)
+    with pytest.raises(NameTaken):
+        state.create_customer("ac  me")
+
+
+def test_names_made_before_the_unique_key_are_keyed_when_the_relay_opens(tmp_path):
+    """A relay.db of schema version 4 holding two customers of one name (the race this key
+    closes): both stay, the first gets the key, and a third is refused."""
+    import asyncio as _asyncio
+
+    from relay.state import NameTaken
+
+    async def go():
+        st = await RelayState.open(tmp_path)
+        await st.db.execute("UPDATE customers SET name_key = NULL")
+        await st.db.execute("DROP INDEX customers_by_name_key")
+        await st.db.execute("ALTER TABLE customers DROP COLUMN name_key")
+        for cid in ("cus_a", "cus_b"):
+            await st.db.execute("INSERT INTO customers (id, name, created_at) VALUES (?, 'acme', 'x')", cid)
+        await st.close()
+        db = sqlite3.connect(tmp_path / "relay.db")
+        db.execute("PRAGMA user_version = 4")
+        db.execute("DELETE FROM schema_migrations WHERE version = 5")
+        db.commit()
+        db.close()
+        st = await RelayState.open(tmp_path)
+        try:
+            keys = await st.db.fetch("SELECT id, name_key FROM customers ORDER BY id")
+            assert [(r["id"], r["name_key"]) for r in keys] == [("cus_a", "acme"), ("cus_b", None)]
+            with pytest.raises(NameTaken):
+                await st.create_customer("\u0430cme")
+        finally:
+            await st.close()
+
+    _asyncio.run(go())
