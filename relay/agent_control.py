@@ -27,6 +27,7 @@ from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
 from .quotas import QuotaExceeded
+from .store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 from .registry import AgentSession
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class AgentControl:
         new = [n for n in dict.fromkeys(names) if n not in agent.resources.values()]
         from .server import MAX_RESOURCES_PER_AGENT
 
-        if len(agent.resources) + len(new) > MAX_RESOURCES_PER_AGENT:
+        if len(agent.resources) + agent.adding + len(new) > MAX_RESOURCES_PER_AGENT:
             refused = [{"name": n, "code": "bad_request",
                         "message": f"an agent serves at most {MAX_RESOURCES_PER_AGENT} resources"} for n in new]
             new = []
@@ -133,21 +134,35 @@ class AgentControl:
             except (AuthError, QuotaExceeded) as exc:
                 refused = [{"name": n, "code": exc.code, "message": str(exc)} for n in new]
                 new = []
-        for name in new:
-            try:
-                resource = await relay.resource_for(agent.claims, name)
-            except (AuthError, QuotaExceeded) as exc:
-                refused.append({"name": name, "code": exc.code, "message": str(exc)})
-                continue
-            except OSError as exc:
-                refused.append({"name": name, "code": "unavailable",
-                                "message": f"the relay cannot bind the endpoint: {exc.strerror or exc}"})
-                continue
-            if agent.link.is_closing:
-                return
-            relay.registry.add_resource(agent, resource)
-            added.append({"name": name, "id": resource["id"],
-                          "endpoint": relay.registry.endpoints[resource["id"]].address})
+        # Counted against the link's limit from the check above until added or refused, so that
+        # concurrent messages cannot all pass it.
+        agent.adding += len(new)
+        try:
+            for name in new:
+                try:
+                    resource = await relay.resource_for(agent.claims, name)
+                except (AuthError, QuotaExceeded) as exc:
+                    refused.append({"name": name, "code": exc.code, "message": str(exc)})
+                    continue
+                except OSError as exc:
+                    refused.append({"name": name, "code": "unavailable",
+                                    "message": f"the relay cannot bind the endpoint: {exc.strerror or exc}"})
+                    continue
+                except StoreUnavailable as exc:
+                    refused.append({"name": name, "code": "unavailable", "message": UNREACHABLE_MESSAGE})
+                    relay.cluster.outages.refused("resource addition(s)", exc)
+                    continue
+                except Exception:  # noqa: BLE001 - refused, never an unretrieved task exception
+                    log.exception("agent %s: adding resource %s failed", agent.agent_id, name)
+                    refused.append({"name": name, "code": "internal", "message": "adding the resource failed"})
+                    continue
+                if agent.link.is_closing:
+                    return
+                relay.registry.add_resource(agent, resource)
+                added.append({"name": name, "id": resource["id"],
+                              "endpoint": relay.registry.endpoints[resource["id"]].address})
+        finally:
+            agent.adding -= len(new)
         for entry in added:
             log.info("agent %s now serves %s (%s) too", agent.agent_id, entry["name"], entry["id"])
         for entry in refused:

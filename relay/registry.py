@@ -81,6 +81,9 @@ class AgentSession:
     #: record is rewritten without them: streams other relays forwarded meanwhile still go
     #: to it (relay.peering), local workers' do not.
     leaving: set = field(default_factory=set)
+    #: Resources of ``add_resources`` messages being added now: they count against the
+    #: per-link limit from the check on (relay.agent_control).
+    adding: int = 0
 
     def target_down(self, resource_id: str) -> bool:
         """True when the agent reported that it cannot reach ``resource_id``'s service."""

@@ -37,7 +37,7 @@ from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
 from . import format_host_port, is_loopback_host
-from .quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
+from .quotas import FULL_CODE, Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
 from .registry import AgentSession, Registry
 from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 
@@ -274,7 +274,8 @@ class Relay:
         self._check_link_quotas(link, customer_id)
 
         wanted = [await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
-                                            before_create=self._before_create) for entry in resources]
+                                            before_create=self._before_create, quota=self._resource_quota)
+                  for entry in resources]
         ids = {r["id"] for r in wanted}
         self.registering.update(ids)
         try:
@@ -317,11 +318,23 @@ class Relay:
                     del self.registering[rid]
 
     async def _before_create(self, owner: str) -> None:
+        """A first, cheap check before a port is chosen (:meth:`_resource_quota` decides)."""
+        self._resource_quota(owner, await self.state.count_resources(owner))
+
+    def _resource_quota(self, owner: str, count: int) -> None:
+        """Refuse a new resource of ``owner``, who has ``count``, beyond its quota of resources
+        or its share of the port range (checked again in the creating transaction)."""
         limit = self.limits.max_resources_per_customer
-        if await self.state.count_resources(owner) >= limit:
+        if count >= limit:
             raise QuotaExceeded(f"customer {owner} is over its quota of {limit} "
                                 "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
                                 limit="max_resources_per_customer", customer_id=owner)
+        low, high = self.port_range
+        share = max(1, int((high - low + 1) * self.limits.customer_port_share))
+        if count >= share:
+            raise QuotaExceeded(f"customer {owner} is over its share of {share} endpoint ports of the relay's "
+                                f"--port-range {low}-{high} (TUNNEL_CUSTOMER_PORT_SHARE); delete unused resources",
+                                limit="customer_port_share", customer_id=owner)
 
     async def resource_for(self, claims, name: str) -> dict:
         """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
@@ -330,7 +343,7 @@ class Relay:
         from .tokens import check_against_state
 
         resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
-                                             before_create=self._before_create)
+                                             before_create=self._before_create, quota=self._resource_quota)
         rid = resource["id"]
         self.registering[rid] += 1
         try:
@@ -359,7 +372,12 @@ class Relay:
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port
 
-        return allocate_port(self.registry.service_host, taken, self.port_range)
+        try:
+            return allocate_port(self.registry.service_host, taken, self.port_range)
+        except RuntimeError:
+            low, high = self.port_range
+            raise QuotaExceeded(f"the relay has no free endpoint port in its --port-range {low}-{high}; "
+                                "retry later", code=FULL_CODE, limit="port_range", customer_id=None) from None
 
     def mark_served(self, resource_ids) -> None:
         """Record, in the background, that these resources were served until now (their idle

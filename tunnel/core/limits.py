@@ -131,6 +131,9 @@ class Limits:
     #: Share of the other descriptors one customer may hold (agent links, endpoints and the
     #: connections to them), as a fraction.
     customer_fd_share: float = 0.5
+    #: Share of the relay's endpoint port range (``--port-range``) one customer's resources
+    #: may hold, as a fraction.
+    customer_port_share: float = 0.5
     # --- operations endpoints (relay --metrics-listen, agent METRICS_LISTEN) ---
     #: Connections the /metrics, /live and /ready server serves at once; more are closed.
     max_metrics_connections: int = 16
@@ -163,6 +166,8 @@ class Limits:
             raise ValueError("reconnect_max_delay must be at least reconnect_delay")
         if not 0 < self.customer_fd_share <= 1:
             raise ValueError("customer_fd_share must be in (0, 1]")
+        if not 0 < self.customer_port_share <= 1:
+            raise ValueError("customer_port_share must be in (0, 1]")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, str) and value <= 0 and field.name not in _MAY_BE_ZERO:
