@@ -39,6 +39,7 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
+from . import format_host_port
 from .forward import Forwarded
 from .metrics import RelayMetrics
 from .quotas import Descriptors, QuotaExceeded
@@ -416,6 +417,9 @@ class Registry:
         #: False once the relay drains: endpoints bound later do not listen.
         self.listening = True
         self._binding: dict[str, asyncio.Future] = {}  # resource id -> bind in progress
+        #: Resource id -> why its endpoint cannot be bound here (logged once; ``resources list``
+        #: shows it); cleared when a bind succeeds or the resource is deleted.
+        self.bind_errors: dict[str, str] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -438,10 +442,19 @@ class Registry:
             return self.endpoints[resource["id"]]
         done = self._binding[resource["id"]] = asyncio.get_running_loop().create_future()
         try:
-            return await self._bind(resource)
+            endpoint = await self._bind(resource)
+        except OSError as exc:
+            why = f"cannot bind {format_host_port(self.service_host, resource['port'])}: {exc.strerror or exc}"
+            if self.bind_errors.get(resource["id"]) != why:
+                log.error("resource %s (%s): endpoint not served on this relay: %s", resource["id"],
+                          resource.get("name"), why)
+            self.bind_errors[resource["id"]] = why
+            raise
         finally:
             del self._binding[resource["id"]]
             done.set_result(None)
+        self.bind_errors.pop(resource["id"], None)
+        return endpoint
 
     async def _bind(self, resource: dict) -> Endpoint:
         endpoint = self.endpoints.get(resource["id"])
@@ -589,6 +602,7 @@ class Registry:
         return len(dropped)
 
     def resource_deleted(self, resource_id: str) -> None:
+        self.bind_errors.pop(resource_id, None)
         endpoint = self.endpoints.pop(resource_id, None)
         if endpoint is None:
             return

@@ -281,7 +281,11 @@ class Relay:
         try:
             # Step 2: bind the endpoints of new resources.
             for resource in wanted:
-                await self.registry.ensure_endpoint(resource)
+                try:
+                    await self.registry.ensure_endpoint(resource)
+                except OSError:
+                    raise AuthError(f"resource {resource['name']}: the relay {self.registry.bind_errors[resource['id']]}"
+                                    "; retry later", code="unavailable", fatal=False) from None
             if link.is_closing:
                 return None
             agent_id = "agt_" + secrets.token_hex(8)
@@ -467,9 +471,8 @@ class Relay:
     async def _bind(self, resource: dict) -> None:
         try:
             await self.registry.ensure_endpoint(resource)
-        except OSError as exc:
-            log.error("resource %s: cannot bind endpoint %s:%s: %s", resource.get("id"), self.registry.service_host,
-                      resource.get("port"), exc.strerror or exc)
+        except OSError:
+            pass  # logged once by the registry, shown by resources list
         except (QuotaExceeded, KeyError, TypeError) as exc:
             log.error("resource %s: endpoint not bound: %s", resource.get("id"), exc)
 
@@ -637,15 +640,9 @@ async def _serve(args) -> int:
     relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
     relay.port_range = args.port_range
     await relay.expire_idle_resources()
-    for resource in await store.list_resources():
-        try:
-            await registry.ensure_endpoint(resource)
-        except OSError as exc:
-            log.error("resource %s: cannot bind endpoint %s:%s: %s", resource["id"], args.service_host,
-                      resource["port"], exc.strerror or exc)
-        except QuotaExceeded as exc:
-            log.error("resource %s: endpoint not bound: %s", resource["id"], exc)
 
+    # The relay's own listeners first, so that no endpoint port (a fixed one, say) can take
+    # their address; an endpoint that cannot bind is logged and reported, never fatal.
     if store.backend == "postgresql":
         relay.peering = await _start_peering(args, relay, keys, names, limits)
         registry.forwarder = relay.peering
@@ -664,6 +661,8 @@ async def _serve(args) -> int:
         ssl_context=pki.server_ssl_context(cert_file, key_file) if not is_loopback_host(admin_host) else None,
         on_state_failure=relay.state_failed, cluster=cluster)
     admin_url = admin.admin_url(admin_server, tls=not is_loopback_host(admin_host))
+    for resource in await store.list_resources():
+        await relay._bind(resource)
     log.info("relay %s (%s) listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
              "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
              admin_url, args.service_host, state_dir, store.description)
