@@ -4,6 +4,8 @@ link (a config reload, a graceful stop).
 
 - ``target_health``: recorded per agent and resource, shown by ``resources list``, logged once
   per interval when a service does not answer; routing prefers agents whose service answers.
+  Per customer, at most ``max_target_reports_per_minute`` entries are taken and
+  ``max_target_log_lines_per_minute`` lines logged.
 - ``add_resources``: checked as at registration (token claims, revocation, quotas), endpoints
   bound, then routed to the agent and its link recorded again with them (so that the other
   relays of a cluster forward here); answered with ``resources_added`` (``resources`` served,
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING
 from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
-from .quotas import QuotaExceeded
+from .quotas import PerCustomerRate, QuotaExceeded
 from .store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 from .registry import AgentSession
 
@@ -45,6 +47,8 @@ class AgentControl:
 
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
+        #: ``target_health`` entries taken per customer (``max_target_reports_per_minute``).
+        self.reports = PerCustomerRate(relay.limits.max_target_reports_per_minute)
 
     def received(self, agent: AgentSession, message: dict) -> None:
         kind = message.get("type")
@@ -63,7 +67,14 @@ class AgentControl:
         entries = message.get("resources")
         if not isinstance(entries, list):
             return
-        for entry in entries[:64]:
+        entries = entries[:64]
+        taken = self.reports.take(agent.customer_id, len(entries))
+        if taken < len(entries):
+            self.relay.throttled.log(("target reports", agent.customer_id), logging.WARNING,
+                                     "customer %s: over %d private service reports per minute "
+                                     "(TUNNEL_MAX_TARGET_REPORTS_PER_MINUTE); ignoring the rest", agent.customer_id,
+                                     int(self.reports.capacity))
+        for entry in entries[:taken]:
             if not isinstance(entry, dict) or entry.get("name") not in by_name:
                 continue
             reachable = entry.get("reachable")

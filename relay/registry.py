@@ -42,7 +42,7 @@ from tunnel.wire.errors import UsageError
 from . import format_host_port
 from .forward import Forwarded
 from .metrics import RelayMetrics
-from .quotas import Descriptors, QuotaExceeded
+from .quotas import Descriptors, PerCustomerRate, QuotaExceeded
 from .state import DEFAULT_PORT_RANGE
 
 log = logging.getLogger("relay.registry")
@@ -411,6 +411,8 @@ class Registry:
         self.agents: set[AgentSession] = set()
         self._links = Counter()  # customer id -> registered agent links
         self.throttled = Throttled(log, LOG_INTERVAL)
+        #: What one customer's ``target_health`` reports may log (on top of ``throttled``).
+        self._target_lines = PerCustomerRate(self.limits.max_target_log_lines_per_minute)
         #: Takes worker connections no local agent can serve to the relay holding one
         #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
         self.forwarder = None
@@ -540,12 +542,31 @@ class Registry:
         agent.targets[resource_id] = report
         name = agent.resources.get(resource_id, "?")
         if not report["reachable"]:
-            self.throttled.log(("target", resource_id, agent.agent_id), logging.WARNING,
-                               "resource %s (%s): agent %s cannot reach the private service: %s", resource_id, name,
-                               agent.agent_id, report["message"])
+            self._target_log(agent, ("target", resource_id, agent.agent_id), logging.WARNING,
+                             "resource %s (%s): agent %s cannot reach the private service: %s", resource_id, name,
+                             agent.agent_id, report["message"])
         elif before is not None and not before["reachable"]:
-            log.info("resource %s (%s): agent %s reaches the private service again", resource_id, name,
-                     agent.agent_id)
+            self._target_log(agent, None, logging.INFO, "resource %s (%s): agent %s reaches the private service again",
+                             resource_id, name, agent.agent_id)
+
+    def _target_log(self, agent: AgentSession, key, level: int, msg: str, *args) -> None:
+        """A line about a private service, within its customer's budget
+        (``max_target_log_lines_per_minute``): the many resources and agents of one customer
+        cannot flood the log, and the others' lines still get through."""
+        customer = agent.customer_id
+        if key is not None and not self.throttled.would_log(key):
+            self.throttled.log(key, level, msg, *args)  # counted, not logged
+            return
+        if not self._target_lines.take(customer):
+            self.throttled.log(("target lines", customer), logging.WARNING,
+                               "customer %s: private service reports over %d log lines per minute "
+                               "(TUNNEL_MAX_TARGET_LOG_LINES_PER_MINUTE); holding the rest back", customer,
+                               self.limits.max_target_log_lines_per_minute)
+            return
+        if key is None:
+            log.log(level, msg, *args)
+        else:
+            self.throttled.log(key, level, msg, *args)
 
     def remove_agent(self, agent: AgentSession) -> None:
         if agent not in self.agents:

@@ -212,3 +212,33 @@ def test_running_out_of_ports_is_relay_full_for_the_one_asking(tmp_path, caplog)
     assert again.sent[0]["type"] == "registered", again.sent
     assert added["refused"][0]["code"] == "relay_full", added
     _no_uncaught(caplog)
+
+
+def test_target_health_floods_make_a_bounded_number_of_log_lines(tmp_path, caplog):
+    """Issue 20, item 6: 420 ``target_health`` messages (26,880 entries, 64 distinct targets,
+    flipping between down and up) from one customer made 27,020 relay log lines in 3 s."""
+    caplog.set_level(logging.INFO)
+
+    async def run():
+        async with _relay(tmp_path, max_target_log_lines_per_minute=30) as relay:
+            flooder = (await relay.state.create_customer("flooder"))["id"]
+            victim = (await relay.state.create_customer("victim"))["id"]
+            names = [f"t{i}" for i in range(MAX_RESOURCES_PER_AGENT)]
+            flood = _auth(relay, relay.authority.issue(flooder), names)
+            quiet = _auth(relay, relay.authority.issue(victim), ["db"])
+            await _settled(relay, [flood, quiet])
+            caplog.clear()
+            for i in range(420):
+                flood.handler.control_received({"type": "target_health", "resources": [
+                    {"name": n, "reachable": bool(i % 2), "reason": "refused", "message": f"no {i}"}
+                    for n in names]})
+            quiet.handler.control_received({"type": "target_health", "resources": [
+                {"name": "db", "reachable": False, "reason": "refused", "message": "connection refused"}]})
+            return flooder, flood.handler.agent.agent_id, quiet.handler.agent.agent_id
+
+    flooder, flooding, victim = asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records]
+    theirs = [line for line in lines if flooding in line or flooder in line]
+    print(len(theirs), theirs[-3:])
+    assert len(theirs) <= 40, len(theirs)
+    assert any(victim in line and "cannot reach the private service" in line for line in lines), lines[-5:]

@@ -123,6 +123,12 @@ class Limits:
     #: Registrations (``auth`` messages with a valid token) per customer and minute; a burst
     #: of one minute's worth is allowed.
     max_registrations_per_minute: int = 600
+    #: ``target_health`` entries the relay takes from one customer's agents per minute (a
+    #: burst of one minute's worth); more are ignored.
+    max_target_reports_per_minute: int = 6000
+    #: Lines one customer's ``target_health`` reports may make the relay log per minute
+    #: (a burst of one minute's worth); more are counted in one line per minute.
+    max_target_log_lines_per_minute: int = 30
     #: A resource no agent has served for this long is deleted and its port freed (seconds),
     #: unless an operator issued a JWT naming it (``--resource-id``).
     resource_idle_expiry: float = 30 * 86400.0
