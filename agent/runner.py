@@ -6,7 +6,8 @@ Reconnecting: the first attempt after a link loss comes within ``Limits.reconnec
 (30 s); a link that stayed up ``HEALTHY_PERIOD`` starts over. A whole fleet coming back at once
 after a relay restart is spread by the relay's handshake admission (tunnel.carriers.handshakes):
 agents it turns away back off. With several links (agent.links, ``RELAY_LINKS``) each slot is
-one :class:`Agent` with its own delays; a slot whose relay drains moves at once, without delay.
+one :class:`Agent` with its own delays; a slot whose relay drains moves at once, without delay,
+unless it registered there less than ``HEALTHY_PERIOD`` ago: then it waits as a reconnect would.
 
 Each stream the relay opens names a resource; the agent dials only the ``host:port``
 configured for that name and refuses any other (it never dials an address the relay sends).
@@ -405,7 +406,17 @@ class Agent:
                 if outcome is None:
                     return await self._stop_gracefully()
                 if outcome is MOVED:
-                    continue  # the relay drains: link elsewhere at once (agent.links)
+                    # The relay drains: link elsewhere (agent.links), at once after a link that
+                    # served a while; a link told to move soon after it registered backs off,
+                    # so that a relay answering every registration so cannot spin the agent.
+                    if loop.time() - registered_at >= self.HEALTHY_PERIOD:
+                        self.backoff.reset()
+                        continue
+                    delay = self.backoff.next_delay()
+                    log.info("moving again %.1f s after registering; moving in %.1f s", loop.time() - registered_at,
+                             delay)
+                    await self._sleep(delay)
+                    continue
                 code, reason, error = outcome
                 if loop.time() - registered_at >= self.HEALTHY_PERIOD:
                     self.backoff.reset()
