@@ -11,7 +11,10 @@ its own (its own backoff), all sharing one agent instance id and one set of reso
   agent keeps one link per relay.
 - **Drain.** CONTROL ``draining`` from a relay: the slot marks that relay draining, dials
   another at once and registers there; only then does the old link get GOAWAY (the relay opens
-  no new stream on it) and it closes once its streams have ended.
+  no new stream on it) and it closes once its streams have ended, or after ``DRAIN_TIMEOUT``.
+  A slot told to move again soon after it registered backs off as a reconnect would, and at
+  most ``MAX_RETIRING`` left links finish their streams at once (the oldest is closed), so a
+  relay answering every registration with ``draining`` cannot spin or grow the agent.
 - **Revocation** of a resource on one link ends it on every slot (the names dropped are
   shared); a fatal refusal on any slot stops the agent with its exit code.
 - **One process, one view**: the private services' health (agent.health) is watched once and
@@ -40,6 +43,9 @@ log = logging.getLogger("agent.links")
 
 #: Most relays remembered from a ``relays`` message (a relay sending more is cut short).
 MAX_RELAYS = 64
+#: Most links left for another relay and still finishing their streams; beyond, the oldest
+#: is closed at once.
+MAX_RETIRING = 4
 
 
 class AgentLinks:
@@ -56,8 +62,9 @@ class AgentLinks:
                                    on_change=self._health_changed)
         #: Relays learned from CONTROL ``relays``: id -> {"url", "draining"}.
         self.relays: dict[str, dict] = {}
-        #: Links a slot left for another relay, closing once their streams end.
-        self.retiring: set[Link] = set()
+        #: Links a slot left for another relay, closing once their streams end (or after
+        #: DRAIN_TIMEOUT), oldest first; at most MAX_RETIRING.
+        self.retiring: dict[Link, None] = {}
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
         self.slots = [Agent(config, self.limits, environ=self.environ, slot=i, links=self)
@@ -121,11 +128,17 @@ class AgentLinks:
         self._changed.set()
 
     async def _close_retired(self, link: Link) -> None:
-        self.retiring.add(link)
+        while len(self.retiring) >= MAX_RETIRING:
+            oldest = next(iter(self.retiring))
+            del self.retiring[oldest]
+            log.info("closing a link left for another relay with %d open stream(s): more than %d links are being "
+                     "left", oldest.stream_count, MAX_RETIRING)
+            oldest.close(ErrorCode.NO_ERROR, "too many links being left")
+        self.retiring[link] = None
         try:
-            await _close_when_idle(link)
+            await _close_when_idle(link, self.config.drain_timeout)
         finally:
-            self.retiring.discard(link)
+            self.retiring.pop(link, None)
 
     def control(self, agent: Agent, handler, message: dict) -> None:
         """CONTROL ``relays`` or ``draining`` on one of ``agent``'s links."""

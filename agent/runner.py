@@ -6,7 +6,8 @@ Reconnecting: the first attempt after a link loss comes within ``Limits.reconnec
 (30 s); a link that stayed up ``HEALTHY_PERIOD`` starts over. A whole fleet coming back at once
 after a relay restart is spread by the relay's handshake admission (tunnel.carriers.handshakes):
 agents it turns away back off. With several links (agent.links, ``RELAY_LINKS``) each slot is
-one :class:`Agent` with its own delays; a slot whose relay drains moves at once, without delay.
+one :class:`Agent` with its own delays; a slot whose relay drains moves at once, without delay,
+unless it registered there less than ``HEALTHY_PERIOD`` ago: then it waits as a reconnect would.
 
 Each stream the relay opens names a resource; the agent dials only the ``host:port``
 configured for that name and refuses any other (it never dials an address the relay sends).
@@ -253,6 +254,11 @@ class Agent:
         self.dropped: dict[str, str] = links.dropped if links is not None else {}
         #: Resources a reload removed, still served on the link until the relay confirms.
         self.retiring: dict[str, Target] = {}
+        #: Resources the relay refused on the live link for a passing reason (a quota, a full
+        #: relay) -> why: asked for again with backoff (:meth:`_add_later`), left out of the
+        #: next ``auth`` (so that they cannot get the others refused) and added after it.
+        self.waiting: dict[str, str] = {}
+        self._waiting_task: asyncio.Task | None = None
         #: The agent_id the relay gave the current link.
         self.agent_id: str | None = None
         #: Whether each private service answers: one watcher per process (every slot's links
@@ -283,11 +289,13 @@ class Agent:
 
     def _auth_message(self) -> dict:
         hostname = _HOSTNAME_OUTSIDE.sub("-", socket.gethostname())[:253] or "unknown"
+        names = [t.name for t in self._targets()]
+        first = [n for n in names if n not in self.waiting] or names
         return {
             "type": "auth",
             "token": self.config.token,
             "agent": {"version": __version__, "hostname": hostname, "instance": self.instance, "slot": self.slot},
-            "resources": [{"name": t.name} for t in self._targets()],
+            "resources": [{"name": n} for n in first],
         }
 
     def health_changed(self, name: str) -> None:
@@ -314,6 +322,10 @@ class Agent:
                      link.carrier, res.get("endpoint"))
         self.agent_id = str(answer.get("agent_id", ""))[:64] or None
         handler.send_health(handler.names)
+        for name in handler.names:
+            self.waiting.pop(name, None)
+        if self.waiting:
+            self._add_later(handler, at_once=True)
         if self.metrics is not None:
             self.metrics.registered(link)
         if self.links is not None:
@@ -394,7 +406,17 @@ class Agent:
                 if outcome is None:
                     return await self._stop_gracefully()
                 if outcome is MOVED:
-                    continue  # the relay drains: link elsewhere at once (agent.links)
+                    # The relay drains: link elsewhere (agent.links), at once after a link that
+                    # served a while; a link told to move soon after it registered backs off,
+                    # so that a relay answering every registration so cannot spin the agent.
+                    if loop.time() - registered_at >= self.HEALTHY_PERIOD:
+                        self.backoff.reset()
+                        continue
+                    delay = self.backoff.next_delay()
+                    log.info("moving again %.1f s after registering; moving in %.1f s", loop.time() - registered_at,
+                             delay)
+                    await self._sleep(delay)
+                    continue
                 code, reason, error = outcome
                 if loop.time() - registered_at >= self.HEALTHY_PERIOD:
                     self.backoff.reset()
@@ -634,14 +656,63 @@ class Agent:
                 handler.names.add(res["name"])
                 log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
                          handler.link.carrier, res.get("endpoint"))
+        self._refused(handler, answer, added)
+        handler.send_health(added)
+
+    def _refused(self, handler: AgentLinkHandler, answer: dict, asked: list[str]) -> None:
+        """The ``refused`` entries of a ``resources_added`` answer: dropped for good when
+        retrying is futile (revoked, deleted, malformed), else waiting for another try."""
         for res in answer.get("refused") or []:
-            if isinstance(res, dict) and res.get("name") in added:
-                name = res["name"]
-                why = f"{str(res.get('message', ''))[:300]} ({str(res.get('code', 'refused'))[:64]})"
+            if not (isinstance(res, dict) and res.get("name") in asked):
+                continue
+            name = res["name"]
+            code = str(res.get("code", "refused"))[:64]
+            why = f"{str(res.get('message', ''))[:300]} ({code})"
+            if code in FATAL_CODES:
+                self.waiting.pop(name, None)
                 self.dropped[name] = why
                 log.error("the relay refused resource %s: %s -> fix: %s; the others go on", name, why,
                           hints.auth_fix(why, hints.token_customer(self.config.token)))
-        handler.send_health(added)
+            else:
+                if name not in self.waiting:
+                    log.warning("the relay refused resource %s for now: %s; the agent asks again later, the "
+                                "others go on", name, why)
+                self.waiting[name] = why
+        if self.waiting:
+            self._add_later(handler)
+
+    def _add_later(self, handler: AgentLinkHandler, at_once: bool = False) -> None:
+        """Ask ``handler``'s relay again, with backoff, for the resources waiting (one task)."""
+        if self._waiting_task is None or self._waiting_task.done():
+            self._waiting_task = self._spawn(self._retry_waiting(handler, at_once))
+
+    async def _retry_waiting(self, handler: AgentLinkHandler, at_once: bool) -> None:
+        backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
+        while self.waiting and self.handler is handler and not handler.link.is_closing:
+            if not at_once:
+                await self._sleep(backoff.next_delay())
+            at_once = False
+            if self.stopping or self.handler is not handler or handler.link.is_closing:
+                return
+            names = [n for n in self.waiting if self.route(n) is not None and n not in handler.names]
+            for name in [n for n in self.waiting if n not in names]:
+                del self.waiting[name]  # removed by a reload, or dropped meanwhile
+            if not names:
+                return
+            answer = await handler.request("add_resources", names, "resources_added")
+            if answer is None:
+                continue
+            for res in answer.get("resources") or []:
+                if isinstance(res, dict) and res.get("name") in names:
+                    self.waiting.pop(res["name"], None)
+                    handler.names.add(res["name"])
+                    log.info("serving resource %s (%s) via %s; integration endpoint %s (refused before)",
+                             res.get("name"), res.get("id"), handler.link.carrier, res.get("endpoint"))
+            for res in answer.get("refused") or []:
+                if isinstance(res, dict) and res.get("name") in names and \
+                        str(res.get("code", "refused"))[:64] in FATAL_CODES:
+                    self._refused(handler, {"refused": [res]}, names)
+            handler.send_health(n for n in names if n in handler.names)
 
     async def _switch(self, old_link: Link):
         """Move to a link made with the relay settings a reload brought; keep the old link

@@ -309,6 +309,10 @@ class AdminApi:
             # Whether the private service answers, as this relay's agents of it report.
             **_target_view(agents),
         }
+        bind_error = getattr(self.registry, "bind_errors", {}).get(resource["id"])
+        if bind_error:
+            # The endpoint is not served on this relay (its port is taken here).
+            view["endpoint_error"] = bind_error
         if counts is not None:
             view["agents_here"] = len(agents)
         if extended:
@@ -376,6 +380,9 @@ class AdminApi:
                             f"({existing['id']}, endpoint port {existing['port']})")
         host = self.registry.service_host
         if port is not None:
+            low, high = getattr(self.registry, "port_range", DEFAULT_PORT_RANGE)
+            if not low <= port <= high:
+                raise HttpError(400, "bad_request", f"port {port} is outside the relay's --port-range {low}-{high}")
             if port in await self.state.taken_ports():
                 raise HttpError(409, "conflict", f"port {port} is the endpoint of another resource")
             try:

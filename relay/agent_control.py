@@ -4,6 +4,8 @@ link (a config reload, a graceful stop).
 
 - ``target_health``: recorded per agent and resource, shown by ``resources list``, logged once
   per interval when a service does not answer; routing prefers agents whose service answers.
+  Per customer, at most ``max_target_reports_per_minute`` entries are taken and
+  ``max_target_log_lines_per_minute`` lines logged.
 - ``add_resources``: checked as at registration (token claims, revocation, quotas), endpoints
   bound, then routed to the agent and its link recorded again with them (so that the other
   relays of a cluster forward here); answered with ``resources_added`` (``resources`` served,
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING
 from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
-from .quotas import QuotaExceeded
+from .quotas import PerCustomerRate, QuotaExceeded
+from .store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 from .registry import AgentSession
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ class AgentControl:
 
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
+        #: ``target_health`` entries taken per customer (``max_target_reports_per_minute``).
+        self.reports = PerCustomerRate(relay.limits.max_target_reports_per_minute)
 
     def received(self, agent: AgentSession, message: dict) -> None:
         kind = message.get("type")
@@ -62,7 +67,14 @@ class AgentControl:
         entries = message.get("resources")
         if not isinstance(entries, list):
             return
-        for entry in entries[:64]:
+        entries = entries[:64]
+        taken = self.reports.take(agent.customer_id, len(entries))
+        if taken < len(entries):
+            self.relay.throttled.log(("target reports", agent.customer_id), logging.WARNING,
+                                     "customer %s: over %d private service reports per minute "
+                                     "(TUNNEL_MAX_TARGET_REPORTS_PER_MINUTE); ignoring the rest", agent.customer_id,
+                                     int(self.reports.capacity))
+        for entry in entries[:taken]:
             if not isinstance(entry, dict) or entry.get("name") not in by_name:
                 continue
             reachable = entry.get("reachable")
@@ -118,7 +130,7 @@ class AgentControl:
         new = [n for n in dict.fromkeys(names) if n not in agent.resources.values()]
         from .server import MAX_RESOURCES_PER_AGENT
 
-        if len(agent.resources) + len(new) > MAX_RESOURCES_PER_AGENT:
+        if len(agent.resources) + agent.adding + len(new) > MAX_RESOURCES_PER_AGENT:
             refused = [{"name": n, "code": "bad_request",
                         "message": f"an agent serves at most {MAX_RESOURCES_PER_AGENT} resources"} for n in new]
             new = []
@@ -133,21 +145,35 @@ class AgentControl:
             except (AuthError, QuotaExceeded) as exc:
                 refused = [{"name": n, "code": exc.code, "message": str(exc)} for n in new]
                 new = []
-        for name in new:
-            try:
-                resource = await relay.resource_for(agent.claims, name)
-            except (AuthError, QuotaExceeded) as exc:
-                refused.append({"name": name, "code": exc.code, "message": str(exc)})
-                continue
-            except OSError as exc:
-                refused.append({"name": name, "code": "unavailable",
-                                "message": f"the relay cannot bind the endpoint: {exc.strerror or exc}"})
-                continue
-            if agent.link.is_closing:
-                return
-            relay.registry.add_resource(agent, resource)
-            added.append({"name": name, "id": resource["id"],
-                          "endpoint": relay.registry.endpoints[resource["id"]].address})
+        # Counted against the link's limit from the check above until added or refused, so that
+        # concurrent messages cannot all pass it.
+        agent.adding += len(new)
+        try:
+            for name in new:
+                try:
+                    resource = await relay.resource_for(agent.claims, name)
+                except (AuthError, QuotaExceeded) as exc:
+                    refused.append({"name": name, "code": exc.code, "message": str(exc)})
+                    continue
+                except OSError as exc:
+                    refused.append({"name": name, "code": "unavailable",
+                                    "message": f"the relay cannot bind the endpoint: {exc.strerror or exc}"})
+                    continue
+                except StoreUnavailable as exc:
+                    refused.append({"name": name, "code": "unavailable", "message": UNREACHABLE_MESSAGE})
+                    relay.cluster.outages.refused("resource addition(s)", exc)
+                    continue
+                except Exception:  # noqa: BLE001 - refused, never an unretrieved task exception
+                    log.exception("agent %s: adding resource %s failed", agent.agent_id, name)
+                    refused.append({"name": name, "code": "internal", "message": "adding the resource failed"})
+                    continue
+                if agent.link.is_closing:
+                    return
+                relay.registry.add_resource(agent, resource)
+                added.append({"name": name, "id": resource["id"],
+                              "endpoint": relay.registry.endpoints[resource["id"]].address})
+        finally:
+            agent.adding -= len(new)
         for entry in added:
             log.info("agent %s now serves %s (%s) too", agent.agent_id, entry["name"], entry["id"])
         for entry in refused:

@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     rcreate.add_argument("name", metavar="NAME", help="the resource name its agents use (their NAME)")
     rcreate.add_argument("--customer-id", metavar="ID", required=True, help="the customer owning it (cus_...)")
     rcreate.add_argument("--port", type=_positive_int, metavar="PORT",
-                         help="the endpoint's port on the relay's --service-host (default: one of --port-range)")
+                         help="the endpoint's port on the relay's --service-host, within its --port-range "
+                              "(default: any free one of it)")
     _add_output(rcreate)
     _add_admin_location(rcreate, suppress=True)
     jwt_cmd = resource_cmds.add_parser(

@@ -2,7 +2,8 @@
 exhaust the relay for another (docs/LIMITS.md, "Quotas").
 
 - :class:`RegistrationRate`: ``auth`` messages with a valid token, per customer and minute
-  (a token bucket holding one minute's worth).
+  (a token bucket holding one minute's worth, :class:`PerCustomerRate`, which also bounds
+  what ``target_health`` reports can make the relay do and log).
 - :class:`Descriptors`: the relay raises its open-file soft limit to the hard limit at start
   (:func:`raise_nofile_limit`) and keeps ``fd_reserve`` descriptors free for the admin API,
   the database and handshakes in progress. What it counts (agent links over TCP, resource
@@ -42,8 +43,9 @@ class QuotaExceeded(AuthError):
         self.customer_id = customer_id
 
 
-class RegistrationRate:
-    """``max_registrations_per_minute`` per customer, as a token bucket refilled continuously."""
+class PerCustomerRate:
+    """``per_minute`` per customer, as a token bucket holding one minute's worth, refilled
+    continuously."""
 
     def __init__(self, per_minute: int, clock=time.monotonic) -> None:
         self.capacity = float(per_minute)
@@ -51,24 +53,32 @@ class RegistrationRate:
         self._clock = clock
         self._buckets: dict[str, list[float]] = {}  # customer -> [tokens, at]
 
-    def charge(self, customer_id: str) -> None:
-        """Count one registration; raise :class:`QuotaExceeded` beyond the rate."""
+    def take(self, customer_id: str, n: int = 1) -> int:
+        """Take up to ``n`` tokens of ``customer_id``'s bucket; return how many it had."""
         now = self._clock()
         bucket = self._buckets.get(customer_id)
         if bucket is None:
             bucket = self._buckets[customer_id] = [self.capacity, now]
         tokens = min(self.capacity, bucket[0] + (now - bucket[1]) * self.per_second)
         bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            raise QuotaExceeded(f"customer {customer_id} is over its quota of {int(self.capacity)} registrations "
-                                "per minute (TUNNEL_MAX_REGISTRATIONS_PER_MINUTE); retry later",
-                                limit="max_registrations_per_minute", customer_id=customer_id)
-        bucket[0] = tokens - 1.0
+        taken = min(n, int(tokens))
+        bucket[0] = tokens - taken
         if len(self._buckets) > 65536:  # forget full buckets: they hold nothing
             for key in [k for k, (t, at) in self._buckets.items()
                         if t + (now - at) * self.per_second >= self.capacity]:
                 del self._buckets[key]
+        return taken
+
+
+class RegistrationRate(PerCustomerRate):
+    """``max_registrations_per_minute`` per customer."""
+
+    def charge(self, customer_id: str) -> None:
+        """Count one registration; raise :class:`QuotaExceeded` beyond the rate."""
+        if not self.take(customer_id):
+            raise QuotaExceeded(f"customer {customer_id} is over its quota of {int(self.capacity)} registrations "
+                                "per minute (TUNNEL_MAX_REGISTRATIONS_PER_MINUTE); retry later",
+                                limit="max_registrations_per_minute", customer_id=customer_id)
 
 
 def raise_nofile_limit() -> tuple[int, int]:

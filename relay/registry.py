@@ -41,9 +41,10 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
+from . import format_host_port
 from .forward import Forwarded
 from .metrics import RelayMetrics
-from .quotas import Descriptors, QuotaExceeded
+from .quotas import Descriptors, PerCustomerRate, QuotaExceeded
 from .state import DEFAULT_PORT_RANGE
 
 log = logging.getLogger("relay.registry")
@@ -107,6 +108,9 @@ class AgentSession:
                 sent += flow.bytes_to_agent
                 received += flow.bytes_from_agent
         return sent, received
+    #: Resources of ``add_resources`` messages being added now: they count against the
+    #: per-link limit from the check on (relay.agent_control).
+    adding: int = 0
 
     def target_down(self, resource_id: str) -> bool:
         """True when the agent reported that it cannot reach ``resource_id``'s service."""
@@ -459,12 +463,17 @@ class Registry:
         self.agents: set[AgentSession] = set()
         self._links = Counter()  # customer id -> registered agent links
         self.throttled = Throttled(log, LOG_INTERVAL)
+        #: What one customer's ``target_health`` reports may log (on top of ``throttled``).
+        self._target_lines = PerCustomerRate(self.limits.max_target_log_lines_per_minute)
         #: Takes worker connections no local agent can serve to the relay holding one
         #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
         self.forwarder = None
         #: False once the relay drains: endpoints bound later do not listen.
         self.listening = True
         self._binding: dict[str, asyncio.Future] = {}  # resource id -> bind in progress
+        #: Resource id -> why its endpoint cannot be bound here (logged once; ``resources list``
+        #: shows it); cleared when a bind succeeds or the resource is deleted.
+        self.bind_errors: dict[str, str] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -487,10 +496,19 @@ class Registry:
             return self.endpoints[resource["id"]]
         done = self._binding[resource["id"]] = asyncio.get_running_loop().create_future()
         try:
-            return await self._bind(resource)
+            endpoint = await self._bind(resource)
+        except OSError as exc:
+            why = f"cannot bind {format_host_port(self.service_host, resource['port'])}: {exc.strerror or exc}"
+            if self.bind_errors.get(resource["id"]) != why:
+                log.error("resource %s (%s): endpoint not served on this relay: %s", resource["id"],
+                          resource.get("name"), why)
+            self.bind_errors[resource["id"]] = why
+            raise
         finally:
             del self._binding[resource["id"]]
             done.set_result(None)
+        self.bind_errors.pop(resource["id"], None)
+        return endpoint
 
     async def _bind(self, resource: dict) -> Endpoint:
         endpoint = self.endpoints.get(resource["id"])
@@ -580,12 +598,31 @@ class Registry:
         agent.targets[resource_id] = report
         name = agent.resources.get(resource_id, "?")
         if not report["reachable"]:
-            self.throttled.log(("target", resource_id, agent.agent_id), logging.WARNING,
-                               "resource %s (%s): agent %s cannot reach the private service: %s", resource_id, name,
-                               agent.agent_id, report["message"])
+            self._target_log(agent, ("target", resource_id, agent.agent_id), logging.WARNING,
+                             "resource %s (%s): agent %s cannot reach the private service: %s", resource_id, name,
+                             agent.agent_id, report["message"])
         elif before is not None and not before["reachable"]:
-            log.info("resource %s (%s): agent %s reaches the private service again", resource_id, name,
-                     agent.agent_id)
+            self._target_log(agent, None, logging.INFO, "resource %s (%s): agent %s reaches the private service again",
+                             resource_id, name, agent.agent_id)
+
+    def _target_log(self, agent: AgentSession, key, level: int, msg: str, *args) -> None:
+        """A line about a private service, within its customer's budget
+        (``max_target_log_lines_per_minute``): the many resources and agents of one customer
+        cannot flood the log, and the others' lines still get through."""
+        customer = agent.customer_id
+        if key is not None and not self.throttled.would_log(key):
+            self.throttled.log(key, level, msg, *args)  # counted, not logged
+            return
+        if not self._target_lines.take(customer):
+            self.throttled.log(("target lines", customer), logging.WARNING,
+                               "customer %s: private service reports over %d log lines per minute "
+                               "(TUNNEL_MAX_TARGET_LOG_LINES_PER_MINUTE); holding the rest back", customer,
+                               self.limits.max_target_log_lines_per_minute)
+            return
+        if key is None:
+            log.log(level, msg, *args)
+        else:
+            self.throttled.log(key, level, msg, *args)
 
     def remove_agent(self, agent: AgentSession) -> None:
         if agent not in self.agents:
@@ -642,6 +679,7 @@ class Registry:
         return len(dropped)
 
     def resource_deleted(self, resource_id: str) -> None:
+        self.bind_errors.pop(resource_id, None)
         endpoint = self.endpoints.pop(resource_id, None)
         if endpoint is None:
             return

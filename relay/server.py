@@ -37,7 +37,7 @@ from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
 from . import format_host_port, is_loopback_host
-from .quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
+from .quotas import FULL_CODE, Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
 from .registry import AgentSession, Registry
 from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 
@@ -274,13 +274,18 @@ class Relay:
         self._check_link_quotas(link, customer_id)
 
         wanted = [await check_against_state(claims, self.state, entry["name"], allocate=self._allocate_port,
-                                            before_create=self._before_create) for entry in resources]
+                                            before_create=self._before_create, quota=self._resource_quota)
+                  for entry in resources]
         ids = {r["id"] for r in wanted}
         self.registering.update(ids)
         try:
             # Step 2: bind the endpoints of new resources.
             for resource in wanted:
-                await self.registry.ensure_endpoint(resource)
+                try:
+                    await self.registry.ensure_endpoint(resource)
+                except OSError:
+                    raise AuthError(f"resource {resource['name']}: the relay {self.registry.bind_errors[resource['id']]}"
+                                    "; retry later", code="unavailable", fatal=False) from None
             if link.is_closing:
                 return None
             agent_id = "agt_" + secrets.token_hex(8)
@@ -317,11 +322,23 @@ class Relay:
                     del self.registering[rid]
 
     async def _before_create(self, owner: str) -> None:
+        """A first, cheap check before a port is chosen (:meth:`_resource_quota` decides)."""
+        self._resource_quota(owner, await self.state.count_resources(owner))
+
+    def _resource_quota(self, owner: str, count: int) -> None:
+        """Refuse a new resource of ``owner``, who has ``count``, beyond its quota of resources
+        or its share of the port range (checked again in the creating transaction)."""
         limit = self.limits.max_resources_per_customer
-        if await self.state.count_resources(owner) >= limit:
+        if count >= limit:
             raise QuotaExceeded(f"customer {owner} is over its quota of {limit} "
                                 "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
                                 limit="max_resources_per_customer", customer_id=owner)
+        low, high = self.port_range
+        share = max(1, int((high - low + 1) * self.limits.customer_port_share))
+        if count >= share:
+            raise QuotaExceeded(f"customer {owner} is over its share of {share} endpoint ports of the relay's "
+                                f"--port-range {low}-{high} (TUNNEL_CUSTOMER_PORT_SHARE); delete unused resources",
+                                limit="customer_port_share", customer_id=owner)
 
     async def resource_for(self, claims, name: str) -> dict:
         """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
@@ -330,7 +347,7 @@ class Relay:
         from .tokens import check_against_state
 
         resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
-                                             before_create=self._before_create)
+                                             before_create=self._before_create, quota=self._resource_quota)
         rid = resource["id"]
         self.registering[rid] += 1
         try:
@@ -359,7 +376,12 @@ class Relay:
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port
 
-        return allocate_port(self.registry.service_host, taken, self.port_range)
+        try:
+            return allocate_port(self.registry.service_host, taken, self.port_range)
+        except RuntimeError:
+            low, high = self.port_range
+            raise QuotaExceeded(f"the relay has no free endpoint port in its --port-range {low}-{high}; "
+                                "retry later", code=FULL_CODE, limit="port_range", customer_id=None) from None
 
     def mark_served(self, resource_ids) -> None:
         """Record, in the background, that these resources were served until now (their idle
@@ -449,9 +471,8 @@ class Relay:
     async def _bind(self, resource: dict) -> None:
         try:
             await self.registry.ensure_endpoint(resource)
-        except OSError as exc:
-            log.error("resource %s: cannot bind endpoint %s:%s: %s", resource.get("id"), self.registry.service_host,
-                      resource.get("port"), exc.strerror or exc)
+        except OSError:
+            pass  # logged once by the registry, shown by resources list
         except (QuotaExceeded, KeyError, TypeError) as exc:
             log.error("resource %s: endpoint not bound: %s", resource.get("id"), exc)
 
@@ -623,15 +644,9 @@ async def _serve(args) -> int:
     relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
     relay.port_range = args.port_range
     await relay.expire_idle_resources()
-    for resource in await store.list_resources():
-        try:
-            await registry.ensure_endpoint(resource)
-        except OSError as exc:
-            log.error("resource %s: cannot bind endpoint %s:%s: %s", resource["id"], args.service_host,
-                      resource["port"], exc.strerror or exc)
-        except QuotaExceeded as exc:
-            log.error("resource %s: endpoint not bound: %s", resource["id"], exc)
 
+    # The relay's own listeners first, so that no endpoint port (a fixed one, say) can take
+    # their address; an endpoint that cannot bind is logged and reported, never fatal.
     if store.backend == "postgresql":
         relay.peering = await _start_peering(args, relay, keys, names, limits)
         registry.forwarder = relay.peering
@@ -650,6 +665,8 @@ async def _serve(args) -> int:
         ssl_context=pki.server_ssl_context(cert_file, key_file) if not is_loopback_host(admin_host) else None,
         on_state_failure=relay.state_failed, cluster=cluster)
     admin_url = admin.admin_url(admin_server, tls=not is_loopback_host(admin_host))
+    for resource in await store.list_resources():
+        await relay._bind(resource)
     log.info("relay %s (%s) listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
              "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
              admin_url, args.service_host, state_dir, store.description)

@@ -353,11 +353,17 @@ class RelayState:
         return {int(row["port"]) for row in await self.db.fetch("SELECT port FROM resources")}
 
     async def get_or_create_resource(
-        self, customer_id: str, name: str, allocate_port: Callable[[set[int]], int]
+        self, customer_id: str, name: str, allocate_port: Callable[[set[int]], int],
+        quota: Callable[[int], None] | None = None,
     ) -> dict:
         """The customer's resource called ``name``; created with a port from
         ``allocate_port(taken_ports)`` when it does not exist. Raise ``KeyError`` for an
-        unknown customer, ``ValueError`` for a bad name."""
+        unknown customer, ``ValueError`` for a bad name.
+
+        ``quota(count)``, given the customer's number of resources, is called in the creating
+        transaction with the customer's row locked (PostgreSQL; SQLite's write transaction is
+        exclusive), so that concurrent creations, on any relay, are counted one after the
+        other; whatever it raises refuses the creation."""
         name = validate_name(name, "resource name")
         existing = await self.find_resource(customer_id, name)
         if existing is not None:
@@ -380,6 +386,11 @@ class RelayState:
             try:
                 # Every relay binds the new resource's endpoint on this event.
                 async with self.db.transaction() as tx:
+                    if quota is not None:
+                        lock = " FOR UPDATE" if self.db.dialect.is_postgres else ""
+                        await tx.fetchval(f"SELECT id FROM customers WHERE id = ?{lock}", customer_id)
+                        quota(int(await tx.fetchval("SELECT COUNT(*) FROM resources WHERE customer_id = ?",
+                                                    customer_id)))
                     await tx.execute(
                         "INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
                         "VALUES (?, ?, ?, ?, ?, ?)",

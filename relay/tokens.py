@@ -253,13 +253,16 @@ async def check_against_state(
     resource_name: str,
     allocate: Callable[[set[int]], int] | None = None,
     before_create: Callable[[str], Awaitable[None]] | None = None,
+    quota: Callable[[str, int], None] | None = None,
     *,
     create: bool = True,
 ) -> dict | None:
     """The resource ``resource_name`` that the verified ``claims`` may serve; created (port
     from ``allocate(taken_ports)``, default: a free port on 127.0.0.1) when the token is
     customer-wide and the customer has no such resource yet, after ``await
-    before_create(customer_id)`` (which may raise, e.g. over quota). With ``create=False`` such
+    before_create(customer_id)`` (which may raise, e.g. over quota) and with ``quota(customer_id,
+    count)`` checked in the creating transaction (see
+    :meth:`relay.state.RelayState.get_or_create_resource`). With ``create=False`` such
     a resource is not created and the answer is None (a check-only registration). Raise
     :class:`AuthError` (and :class:`relay.store.errors.StoreUnavailable` while the state
     database is away)."""
@@ -287,7 +290,9 @@ async def check_against_state(
     if allocate is None:
         allocate = lambda taken: allocate_port("127.0.0.1", taken)  # noqa: E731
     try:
-        return await state.get_or_create_resource(customer_id, resource_name, allocate)
+        return await state.get_or_create_resource(
+            customer_id, resource_name, allocate,
+            quota=None if quota is None else lambda count: quota(customer_id, count))
     except ValueError as exc:
         raise AuthError(str(exc), code="bad_request") from None
 

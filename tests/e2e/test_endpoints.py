@@ -15,7 +15,11 @@ def test_port_range_and_a_fixed_port(relay, agents, service_factory):
     service = service_factory("echo")
     customer = relay.create_customer("acme")
     token = relay.jwt("--customer-id", customer)
-    fixed = free_port()
+    outside = relay.cli("resources", "create", "--customer-id", customer, "pinned", "--port", str(low + 10),
+                        check=False)
+    assert outside.returncode == 1 and "HTTP 400" in outside.stderr, outside.stderr
+    assert f"port {low + 10} is outside the relay's --port-range {low}-{low + 9}" in outside.stderr
+    fixed = low + 9
     created = relay.cli("resources", "create", "--customer-id", customer, "pinned", "--port", str(fixed))
     rid, endpoint = created.stdout.split()
     assert endpoint == f"127.0.0.1:{fixed}"
@@ -39,3 +43,26 @@ def test_port_range_and_a_fixed_port(relay, agents, service_factory):
     assert twice.returncode == 1 and f"a customer named 'acme' exists already ({customer})" in twice.stderr
     bad = relay.cli("serve", "--port-range", "9-1", check=False)
     assert bad.returncode == 1 and "bad port range '9-1'" in bad.stderr
+
+
+def test_an_endpoint_on_the_metrics_port_never_stops_the_relay(relay):
+    """A resource's port later given to the relay's own --metrics-listen (issue 20, item 8): the
+    relay binds its own listeners first, starts and serves; the endpoint is logged once and
+    shown as not served here."""
+    import json
+    import urllib.request
+
+    relay.stop()
+    port = free_port()
+    low = port - 3
+    relay.start("--port-range", f"{low}-{low + 9}")
+    customer = relay.create_customer("acme")
+    relay.cli("resources", "create", "--customer-id", customer, "pinned", "--port", str(port))
+    relay.stop()
+    relay.start("--port-range", f"{low}-{low + 9}", "--metrics-listen", f"127.0.0.1:{port}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=10) as answer:
+        assert answer.status == 200
+    listed = json.loads(relay.cli("resources", "list", "--output", "json").stdout)
+    assert len(listed) == 1 and "cannot bind" in listed[0]["endpoint_error"], listed
+    assert relay.proc.log().count("endpoint not served on this relay") == 1
+    assert relay.proc.alive()

@@ -23,22 +23,30 @@ class _Handler(LinkHandler):
         self.link = link
 
     def control_received(self, message: dict) -> None:
-        if message.get("type") != "auth" or self.relay.link is not None:
+        if message.get("type") != "auth" or (self.relay.link is not None and not self.relay.drain_every_auth):
             return
         names = [r.get("name") for r in message.get("resources", [])]
         self.link.send_control({"type": "registered", "agent_id": "agt_hostile", "resources": [
             {"name": n, "id": f"res_{i}", "endpoint": "-"} for i, n in enumerate(names)]})
         self.link.handshake_done()
         self.relay.link = self.link
+        self.relay.auths += 1
         self.relay.registered.set()
+        if self.relay.drain_every_auth:
+            # Move elsewhere, to a relay nobody knows; this link is never closed from here.
+            self.link.send_control({"type": "draining", "relay_id": "rly_nowhere", "message": "go away"})
 
 
 class HostileRelay:
     """``async with HostileRelay(workdir) as relay``: listening on ``relay.url`` with its own CA
     in ``relay.ca_file``; ``await relay.wait_agent()`` returns the agent's link."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, drain_every_auth: bool = False) -> None:
         self.workdir = Path(workdir)
+        #: Answer every ``auth`` with ``registered`` and then ``draining`` (not only the first).
+        self.drain_every_auth = drain_every_auth
+        #: ``auth`` messages answered.
+        self.auths = 0
         self.port = free_port()
         self.url = f"wss://127.0.0.1:{self.port}"
         self.link = None

@@ -123,6 +123,12 @@ class Limits:
     #: Registrations (``auth`` messages with a valid token) per customer and minute; a burst
     #: of one minute's worth is allowed.
     max_registrations_per_minute: int = 600
+    #: ``target_health`` entries the relay takes from one customer's agents per minute (a
+    #: burst of one minute's worth); more are ignored.
+    max_target_reports_per_minute: int = 6000
+    #: Lines one customer's ``target_health`` reports may make the relay log per minute
+    #: (a burst of one minute's worth); more are counted in one line per minute.
+    max_target_log_lines_per_minute: int = 30
     #: A resource no agent has served for this long is deleted and its port freed (seconds),
     #: unless an operator issued a JWT naming it (``--resource-id``).
     resource_idle_expiry: float = 30 * 86400.0
@@ -131,6 +137,9 @@ class Limits:
     #: Share of the other descriptors one customer may hold (agent links, endpoints and the
     #: connections to them), as a fraction.
     customer_fd_share: float = 0.5
+    #: Share of the relay's endpoint port range (``--port-range``) one customer's resources
+    #: may hold, as a fraction.
+    customer_port_share: float = 0.5
     # --- operations endpoints (relay --metrics-listen, agent METRICS_LISTEN) ---
     #: Connections the /metrics, /live and /ready server serves at once; more are closed.
     max_metrics_connections: int = 16
@@ -163,6 +172,8 @@ class Limits:
             raise ValueError("reconnect_max_delay must be at least reconnect_delay")
         if not 0 < self.customer_fd_share <= 1:
             raise ValueError("customer_fd_share must be in (0, 1]")
+        if not 0 < self.customer_port_share <= 1:
+            raise ValueError("customer_port_share must be in (0, 1]")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, str) and value <= 0 and field.name not in _MAY_BE_ZERO:

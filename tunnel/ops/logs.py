@@ -83,6 +83,11 @@ class Throttled:
         self._clock = clock
         self._seen: dict = {}  # key -> [last logged at, held back since]
 
+    def would_log(self, key) -> bool:
+        """True when :meth:`log` with ``key`` would log now."""
+        entry = self._seen.get(key)
+        return entry is None or self._clock() - entry[0] >= self.interval
+
     def log(self, key, level: int, msg: str, *args) -> bool:
         """Log ``msg % args`` unless ``key`` was logged less than ``interval`` ago; True if logged."""
         now = self._clock()

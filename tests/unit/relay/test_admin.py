@@ -474,6 +474,11 @@ def test_create_a_resource_on_a_fixed_port_or_from_the_range(api):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         fixed = probe.getsockname()[1]
+    server.registry.port_range = (fixed, fixed)
+    status, body, _ = api.request("POST", "/v1/resources", {"customer_id": customer["id"], "name": "db",
+                                                            "port": fixed + 1})
+    assert status == 400 and f"outside the relay's --port-range {fixed}-{fixed}" in body["message"], body
+    server.registry.port_range = (1024, 65535)
     status, created, _ = api.request("POST", "/v1/resources", {"customer_id": customer["id"], "name": "db",
                                                                 "port": fixed})
     assert status == 201, created
@@ -482,6 +487,7 @@ def test_create_a_resource_on_a_fixed_port_or_from_the_range(api):
     server.registry.port_range = (28000, 28009)
     status, ranged, _ = api.request("POST", "/v1/resources", {"customer_id": customer["id"], "name": "api"})
     assert status == 201 and 28000 <= int(ranged["endpoint"].rsplit(":", 1)[1]) <= 28009
+    server.registry.port_range = (1024, 65535)
     # Conflicts: the name, a port another resource has, a port something else holds.
     for payload, fragment in (({"name": "db"}, "has a resource 'db' already"),
                               ({"name": "db2", "port": fixed}, "endpoint of another resource")):
