@@ -628,3 +628,29 @@ def test_connect_and_serve_wss_links(run, pki):
         finally:
             server.close()
     run(main())
+
+
+# --- the kernel's unsent queue ----------------------------------------------------------
+
+@pytest.mark.parametrize("lowat", [64 * 1024, 0])
+def test_link_socket_bounds_unsent_bytes_in_the_kernel(run, pki, lowat):
+    """TCP_NOTSENT_LOWAT on both ends of the link (Limits.link_notsent_lowat; 0: the kernel's)."""
+    import dataclasses
+    import socket
+
+    limits = dataclasses.replace(LIMITS, link_notsent_lowat=lowat)
+
+    def unsent_bound(pipe) -> int:
+        sock = pipe.transport.get_extra_info("socket")
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+
+    async def main():
+        with socket.socket() as probe:
+            default = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        async with Server(pki, limits=limits) as server:
+            pipe, rec = await connect(server, pki, limits=limits)
+            pipe.write([b"x"])
+            await async_wait_until(lambda: server.receivers and server.receivers[0].data, what="a byte")
+            assert unsent_bound(pipe) == unsent_bound(server.pipes[0]) == (lowat or default)
+            pipe.abort()
+    run(main())

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 from tunnel.carriers import tls as tls_engine
 from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
-from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
+from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay, set_notsent_lowat
 from tunnel.carriers.websocket import (
     ClientHandshake,
     CloseCode,
@@ -243,6 +243,7 @@ class _WebSocketPipeBase:
         peer = transport.get_extra_info("peername")
         self.peer_address = tuple(peer) if isinstance(peer, (tuple, list)) else (peer,)
         set_nodelay(transport)
+        set_notsent_lowat(transport, self.limits.link_notsent_lowat)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         if self.client:
             transport.write(self._handshake.request())
