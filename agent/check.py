@@ -8,7 +8,7 @@ Checks, in order (a check that cannot run because an earlier one failed is ``ski
 
 =================  ==========================================================================
 ``config``         the environment (or ``--config`` file) is a valid agent configuration
-``runtime``        version, Python, event loop (uvloop or asyncio) and frame codec in use
+``runtime``        version, Python, event loop (uvloop or asyncio), frame codec and TLS engine in use
 ``relay-dns``      the relay's host name resolves
 ``proxy``          ``HTTPS_PROXY`` is reachable and allows ``CONNECT`` to the relay
 ``relay-tcp``      a TCP connection to the relay (through the proxy when there is one)
@@ -146,6 +146,7 @@ class Preflight:
 
     def check_runtime(self) -> None:
         from tunnel import codec
+        from tunnel.bridge.probe import tls_engine
 
         try:
             import uvloop
@@ -154,7 +155,7 @@ class Preflight:
             loop = "asyncio (uvloop is not installed)"
         build = "single-file build" if getattr(sys, "frozen", False) else sys.executable
         self.report.add("runtime", PASS, f"tunnel-agent {__version__}, Python {sys.version.split()[0]} ({build}), "
-                        f"{loop}, {codec.IMPLEMENTATION} frame codec")
+                        f"{loop}, {codec.IMPLEMENTATION} frame codec, TLS engine {tls_engine()}")
 
     # --- the way to the relay
 

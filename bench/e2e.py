@@ -12,6 +12,8 @@ service of its own (echo server, iperf3 server, nginx):
     direct          the service port itself
     ssh-default     ``ssh -R`` through a private sshd, OpenSSH's default cipher
     ssh-aes128gcm   the same with ``-c aes128-gcm@openssh.com``
+    stunnel         stunnel4 on both sides: TLS 1.3 AES-128-GCM in C, one TLS connection per
+                    worker connection, no multiplexing (what TLS alone costs; not in the WAN group)
     tunnel-wss      our relay + agent over TLS WebSocket
     tunnel-quic     our relay + agent over QUIC
 
@@ -19,7 +21,7 @@ The agent-equivalent (ssh client / tunnel-agent) is the process whose RSS and CP
 and, in the ``capped`` group, the one held to ``--cap-cores`` of a core (cgroup CPU quota: the
 800 MHz-class host). The ``wan`` group runs every system again across a packet-level path
 between two network namespaces (``bench/wan``: delay, rate limit, loss) at each ``--wan-loss``.
-Results: a table on stdout (values, then ratios to ssh-aes128gcm and to direct),
+Results: a table on stdout (values, then ratios to ssh-aes128gcm, to stunnel and to direct),
 ``bench/results/latest.json`` and ``bench/results/latest.png``. See bench/E2E.md.
 """
 
@@ -52,11 +54,12 @@ from bench.peers.procs import (LOOPBACK, HarnessError, ProcessRegistry, cpu_hz, 
                                rss_bytes)
 from bench.peers.services import start_services  # noqa: E402
 from bench.peers.sshd import PrivateSshd, ssh_available  # noqa: E402
+from bench.peers.stunnel import Stunnel, stunnel_available  # noqa: E402
 from bench.peers.ours import OurRelay, ours_available  # noqa: E402
 from bench.wan import measure as wan  # noqa: E402
 from bench.wan.path import unavailable_reason as wan_unavailable  # noqa: E402
 
-SYSTEMS = ["direct", "ssh-default", "ssh-aes128gcm", "tunnel-wss", "tunnel-quic"]
+SYSTEMS = ["direct", "ssh-default", "ssh-aes128gcm", "stunnel", "tunnel-wss", "tunnel-quic"]
 REFERENCE = "ssh-aes128gcm"
 SSH_CIPHERS = {"ssh-default": None, "ssh-aes128gcm": "aes128-gcm@openssh.com"}
 OUR_TRANSPORTS = {"tunnel-wss": "wss", "tunnel-quic": "quic"}
@@ -183,6 +186,7 @@ class Exposure:
         self.tmp = tmp
         self.sshd: PrivateSshd | None = None
         self.relay: OurRelay | None = None
+        self.stunnel: Stunnel | None = None
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
@@ -192,12 +196,18 @@ class Exposure:
         elif self.system in OUR_TRANSPORTS:
             self.relay = OurRelay(self.reg, self.tmp / "relay-state")
             self.relay.start()
+        elif self.system == "stunnel":
+            self.stunnel = Stunnel(self.reg, self.tmp / "stunnel")
+            self.stunnel.start()
 
     def expose(self, service: str, port: int) -> tuple[int, int | None]:
         if self.system == "direct":
             return port, None
         if self.sshd is not None:
             ep, proc = self.sshd.forward(port, SSH_CIPHERS[self.system], name=f"ssh-{service}")
+        elif self.stunnel is not None:
+            ep, proc, worker_side = self.stunnel.forward(port, name=f"stunnel-{service}")
+            self.procs.append(worker_side)
         else:
             assert self.relay is not None
             ep, proc = self.relay.expose(f"bench-{service}", port, OUR_TRANSPORTS[self.system])
@@ -440,6 +450,9 @@ def tables(res: Results, systems: list[str]) -> str:
     text = "\n".join(out)
     if REFERENCE in systems:
         text += f"\n\nRatio to `{REFERENCE}`:\n\n" + "\n".join(ratio_table(res, systems, REFERENCE, keys))
+    if "stunnel" in systems:
+        text += "\n\nRatio to `stunnel` (TLS in C, no multiplexing):\n\n" + "\n".join(
+            ratio_table(res, systems, "stunnel", keys))
     if "direct" in systems:
         text += "\n\nRatio to `direct`:\n\n" + "\n".join(ratio_table(res, systems, "direct", keys))
     return text
@@ -496,7 +509,7 @@ def chart(res: Results, systems: list[str], path: Path, title: str) -> bool:
     height = 0.8 / n
     lo, hi = 1.0, 1.0
     colors = {"direct": "#9e9e9e", "ssh-default": "#f4a261", "ssh-aes128gcm": "#e76f51",
-              "tunnel-wss": "#2a9d8f", "tunnel-quic": "#264653"}
+              "stunnel": "#8d99ae", "tunnel-wss": "#2a9d8f", "tunnel-quic": "#264653"}
     for i, s in enumerate(systems):
         ys, xs = [], []
         for j, k in enumerate(keys):
@@ -645,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         ssh_reason = ssh_available() if any(s in SSH_CIPHERS for s in systems) else None
         for system in systems:
             reason = (ours_reason if system in OUR_TRANSPORTS else
-                      ssh_reason if system in SSH_CIPHERS else None)
+                      ssh_reason if system in SSH_CIPHERS else
+                      stunnel_available() if system == "stunnel" else None)
             if reason:
                 res.skipped[system] = reason
                 say(system, f"SKIPPED: {reason}")
@@ -660,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(system, f"SKIPPED (setup failed): {str(e).splitlines()[0][:200]}")
         # On the WAN the cipher does not matter (ssh's channel window does): without an
         # explicit --systems, ssh-aes128gcm alone stands for ssh -R there.
-        wan_systems = [s for s in runnable if args.systems or s != "ssh-default"]
+        # stunnel has no place on the WAN path (bench/wan runs ssh and ours only).
+        wan_systems = [s for s in runnable if (args.systems or s != "ssh-default") and s != "stunnel"]
         if "wan" in groups and wan_systems:
             res.notes["wan"] = wan.measure(wan_systems, st.wan, reg, res.put, say, res.errors)
     except KeyboardInterrupt:

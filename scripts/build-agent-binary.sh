@@ -52,16 +52,18 @@ EOF
 "$WORK/venv/bin/pyinstaller" --onefile --noconfirm --clean --log-level WARN \
   --name tunnel-agent --distpath "$WORK/dist" --workpath "$WORK/work" --specpath "$WORK" \
   --exclude-module relay --exclude-module tkinter --exclude-module pytest --exclude-module setuptools \
+  --collect-submodules aiofastnet \
   "$WORK/tunnel_agent.py"
 install -m 0755 "$WORK/dist/tunnel-agent" "$OUT"
 echo "$key" > "$OUT.sha256"
-# The binary must carry the compiled codec and uvloop, not fall back to the slow paths
+# The binary must carry the compiled codec, uvloop and the TLS engine, not fall back to the slow paths
 # (the check's runtime line says which it loaded; the rest of that check fails here).
 env -i "$OUT" --version
 runtime=$(env -i RELAY_URL=wss://127.0.0.1:1 REGISTRATION_JWT=a.b.c NAME=x APP_HOST=127.0.0.1 APP_PORT=1 \
           "$OUT" check --timeout 1 | grep '^PASS  runtime' || true)
 case "$runtime" in
-  *uvloop*"cython frame codec"*) echo "$runtime" ;;
-  *) echo "the binary lacks uvloop or the compiled codec: ${runtime:-no runtime line}" >&2; rm -f "$OUT"; exit 1 ;;
+  *uvloop*"cython frame codec"*"TLS engine openssl"*) echo "$runtime" ;;
+  *) echo "the binary lacks uvloop, the compiled codec or the TLS engine: ${runtime:-no runtime line}" >&2
+     rm -f "$OUT"; exit 1 ;;
 esac
 echo "built $OUT ($(du -h "$OUT" | cut -f1)) in $(( $(date +%s) - start )) s"

@@ -14,9 +14,10 @@ BASE_PYTHON="${PYTHON:-python3}"
 # as the package's "postgres" user when run as root (runuser, from util-linux).
 # haproxy: the TCP load balancer of the cluster deployment example (deploy/cluster), which
 # tests/e2e/test_deploy_cluster.py runs in front of three relays.
+# stunnel4: bench/e2e.py's C TLS tunnel without multiplexing, the peer that shows what TLS alone costs.
 DEB_PACKAGES=(openssh-server openssh-client iperf3 nginx-light postgresql postgresql-client
               redis-server redis-tools wrk curl iptables iproute2 procps tinyproxy
-              systemd util-linux prometheus gcc libc6-dev haproxy)
+              systemd util-linux prometheus gcc libc6-dev haproxy stunnel4)
 missing=()
 [ "${1:-}" = "--python-only" ] && DEB_PACKAGES=(gcc libc6-dev)
 # Debian splits the venv module (with ensurepip) and the C headers out of python3.

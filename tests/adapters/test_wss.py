@@ -1,5 +1,5 @@
 """The TLS WebSocket carrier (tunnel.carriers.wss, tunnel.carriers.proxy) on loopback, under uvloop and stock
-asyncio: exact bytes both ways, big transfers with backpressure, the handshake deadline and
+asyncio and on both TLS engines: exact bytes both ways, big transfers with backpressure, the handshake deadline and
 the pending-handshake cap, garbage input, a CONNECT proxy, interop with the `websockets`
 library, and the SessionLink helpers on top."""
 
@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 
 from tests.helpers import async_wait_until, make_pki  # noqa: E402
+from tunnel.carriers import tls  # noqa: E402
 from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
 from tunnel.carriers.proxy import no_proxy_matches, proxy_for, redact  # noqa: E402
 from tunnel.carriers.wss import open_wss_pipe, parse_ws_url, serve_wss_pipes  # noqa: E402
@@ -35,6 +36,15 @@ LIMITS = Limits()
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(params=["openssl", "ssl"], autouse=True)
+def tls_engine(request):
+    """Every case on both TLS engines (tunnel.carriers.tls): the default and TUNNEL_TLS_ENGINE=ssl."""
+    before = tls.engine()
+    tls.select(request.param)
+    yield request.param
+    tls.select(before)
 
 
 
@@ -617,4 +627,30 @@ def test_connect_and_serve_wss_links(run, pki):
             await asyncio.wait_for(links[0].wait_closed(), 30)
         finally:
             server.close()
+    run(main())
+
+
+# --- the kernel's unsent queue ----------------------------------------------------------
+
+@pytest.mark.parametrize("lowat", [64 * 1024, 0])
+def test_link_socket_bounds_unsent_bytes_in_the_kernel(run, pki, lowat):
+    """TCP_NOTSENT_LOWAT on both ends of the link (Limits.link_notsent_lowat; 0: the kernel's)."""
+    import dataclasses
+    import socket
+
+    limits = dataclasses.replace(LIMITS, link_notsent_lowat=lowat)
+
+    def unsent_bound(pipe) -> int:
+        sock = pipe.transport.get_extra_info("socket")
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+
+    async def main():
+        with socket.socket() as probe:
+            default = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        async with Server(pki, limits=limits) as server:
+            pipe, rec = await connect(server, pki, limits=limits)
+            pipe.write([b"x"])
+            await async_wait_until(lambda: server.receivers and server.receivers[0].data, what="a byte")
+            assert unsent_bound(pipe) == unsent_bound(server.pipes[0]) == (lowat or default)
+            pipe.abort()
     run(main())

@@ -1,5 +1,5 @@
 """Smoke tests of the end-to-end benchmark harness pieces that do not need our tunnel:
-``ssh -R`` through a private sshd forwards, a CPU quota holds a process to its share, and
+``ssh -R`` through a private sshd forwards, so does a stunnel pair, a CPU quota holds a process to its share, and
 the load clients measure against a local echo server. (bench/e2e.py itself is not run here:
 benchmarks stay out of the test run; the WAN path has its own tests in test_wan_path.py.)"""
 
@@ -72,6 +72,21 @@ def test_ssh_reverse_forward_carries_bytes(reg, echo_port, tmp_path):
             s.sendall(b"both")
             assert recv_exact(s, 4) == b"both"
     reg.stop(proc)
+
+
+@pytest.mark.skipif(not shutil.which("stunnel4") and not shutil.which("stunnel"), reason="stunnel4 not installed")
+def test_stunnel_pair_carries_bytes(reg, echo_port, tmp_path):
+    from bench.peers.stunnel import Stunnel
+
+    tunnel = Stunnel(reg, tmp_path / "stunnel")
+    tunnel.start()
+    endpoint, service_side, worker_side = tunnel.forward(echo_port)
+    for _ in range(2):  # one TLS connection per worker connection
+        with socket.create_connection(("127.0.0.1", endpoint), timeout=10) as s:
+            data = os.urandom(100_000)
+            s.sendall(data)
+            assert recv_exact(s, len(data)) == data
+    assert rss_bytes(service_side.pid) > 0 and worker_side.poll() is None
 
 
 @pytest.mark.skipif(cpucap.unavailable_reason() is not None,

@@ -11,6 +11,7 @@ is the caller's business.
 - :func:`tls_handshake`: the TLS handshake the WSS link makes; when the certificate is not
   trusted, a second, unverified handshake fetches the certificate so the caller can say why.
 - :func:`read_ca_file`: the subjects of the certificates in a CA file.
+- :func:`tls_engine`: the TLS engine the WSS link runs on (:mod:`tunnel.carriers.tls`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from tunnel.carriers import tls
 from tunnel.carriers.proxy import dial_tcp, open_connect_tunnel, proxy_for, redact
 from tunnel.wire.errors import LinkError
 
 from .dial import Dialer
 
 __all__ = ["CertFacts", "ProxyOutcome", "TlsOutcome", "proxy_connect", "read_ca_file", "redact",
-           "relay_proxy", "tcp_connect", "tls_handshake"]
+           "relay_proxy", "tcp_connect", "tls_engine", "tls_handshake"]
 
 # OpenSSL's X509_V_ERR_* codes that ``ssl.SSLCertVerificationError.verify_code`` carries.
 CERT_EXPIRED = 10
@@ -120,6 +122,11 @@ async def tcp_connect(dialer: Dialer, timeout: float) -> socket.socket:
     if proxy:
         return await open_connect_tunnel(proxy, dialer.host, dialer.port, timeout)
     return await _open_tcp(dialer.host, dialer.port, timeout)
+
+
+def tls_engine() -> str:
+    """The TLS engine the WSS link runs on, in words (:func:`tunnel.carriers.tls.describe`)."""
+    return tls.describe()
 
 
 async def tls_handshake(dialer: Dialer, timeout: float) -> TlsOutcome:

@@ -24,6 +24,20 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
         pass
 
 
+def set_notsent_lowat(transport: asyncio.BaseTransport, nbytes: int) -> None:
+    """Bound the bytes the kernel holds unsent on the TCP socket under ``transport`` to
+    ``nbytes`` (``TCP_NOTSENT_LOWAT``; nothing for 0, other sockets or other systems)."""
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if sock is None or nbytes <= 0 or option is None:
+        return
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, option, nbytes)
+    except (OSError, AttributeError):  # pragma: no cover - exotic transports
+        pass
+
+
 class PipeReceiver:
     """What a pipe calls; the SessionLink implements it."""
 

@@ -33,8 +33,9 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 
+from tunnel.carriers import tls as tls_engine
 from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
-from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
+from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay, set_notsent_lowat
 from tunnel.carriers.websocket import (
     ClientHandshake,
     CloseCode,
@@ -242,6 +243,7 @@ class _WebSocketPipeBase:
         peer = transport.get_extra_info("peername")
         self.peer_address = tuple(peer) if isinstance(peer, (tuple, list)) else (peer,)
         set_nodelay(transport)
+        set_notsent_lowat(transport, self.limits.link_notsent_lowat)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         if self.client:
             transport.write(self._handshake.request())
@@ -296,8 +298,8 @@ class _WebSocketPipeBase:
     async def _start_tls(self, raw: asyncio.Transport) -> None:
         listener = self._listener
         try:
-            tls = await self._loop.start_tls(
-                raw, self, listener.ssl_context, server_side=True,
+            tls = await tls_engine.start_tls(
+                self._loop, raw, self, listener.ssl_context, server_side=True,
                 ssl_handshake_timeout=listener.limits.handshake_timeout)
         except BaseException as exc:  # noqa: BLE001 - every failure ends this connection only
             self._tls_task = None
@@ -617,14 +619,14 @@ async def open_wss_pipe(url: str, *, ssl_context: ssl.SSLContext | None, limits:
             if proxy:
                 sock = await open_connect_tunnel(proxy, host, port, None)
                 try:
-                    _, pipe = await loop.create_connection(
-                        factory, sock=sock, ssl=tls, server_hostname=host if tls else None)
+                    _, pipe = await tls_engine.create_connection(
+                        loop, factory, sock=sock, ssl=tls, server_hostname=host if tls else None)
                 except BaseException:
                     sock.close()
                     raise
             else:
-                _, pipe = await loop.create_connection(
-                    factory, host, port, ssl=tls, server_hostname=host if tls else None)
+                _, pipe = await tls_engine.create_connection(
+                    loop, factory, host, port, ssl=tls, server_hostname=host if tls else None)
             await pipe._ready
     except LinkError:
         if pipe is not None:
@@ -653,9 +655,10 @@ async def serve_wss_pipes(host: str, port: int, *, ssl_context: ssl.SSLContext |
     """
     loop = asyncio.get_running_loop()
     listener = _Listener(limits, ssl_context, on_pipe)
+    tls = ssl_context is not None
     if sock is not None:
-        return await loop.create_server(listener, sock=sock)
-    return await loop.create_server(listener, host, port, reuse_address=True, backlog=1024)
+        return await tls_engine.create_server(loop, listener, sock=sock, tls=tls)
+    return await tls_engine.create_server(loop, listener, host, port, tls=tls, reuse_address=True, backlog=1024)
 
 
 # --- the session on top -------------------------------------------------------------------

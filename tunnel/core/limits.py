@@ -17,7 +17,7 @@ KiB = 1024
 MiB = 1024 * KiB
 #: Fields where 0 is a meaningful value (off, or "derive it").
 _MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso", "target_check_interval", "config_watch_interval",
-                "endpoint_hold_timeout")
+                "endpoint_hold_timeout", "link_notsent_lowat")
 #: Values of ``quic_congestion_control``.
 QUIC_CONGESTION_CONTROLS = ("bbr", "cubic", "reno")
 
@@ -73,6 +73,10 @@ class Limits:
     #: Largest WebSocket message the receiver assembles (frames are a byte stream, so this
     #: only bounds a single WebSocket frame's declared length).
     max_ws_frame_size: int = 4 * MiB
+    #: WSS: bytes the kernel may hold unsent on the link's TCP socket (TCP_NOTSENT_LOWAT, both
+    #: sides): what a small frame waits behind when a bulk stream fills the link; 0 leaves the
+    #: kernel's default (the whole send buffer, megabytes on a long fat path).
+    link_notsent_lowat: int = 128 * KiB
     #: Agent dial timeout towards the private service (seconds).
     connect_timeout: float = 10.0
     #: QUIC connections one relay holds at once; more are refused (CONNECTION_REFUSED).
