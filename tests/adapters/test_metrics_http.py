@@ -63,7 +63,7 @@ def test_a_failing_collector_closes_that_connection_only(run, cleanup):
         server = await serve_ops("127.0.0.1", 0, render=render, ready=lambda: None, limits=Limits())
         cleanup.append(server.close)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         assert await reader.read() == b""
         writer.close()
         assert (await _get(server.port, "/metrics"))[::2] == (200, b"ok\n")
@@ -81,19 +81,19 @@ def test_bounds(run, cleanup):
         # A head beyond max_http_header_size: 431, nothing more read.
         status, _, _ = await _request(server.port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 2048 + b"\r\n\r\n")
         assert status == 431
-        # Two idle connections take both places; a third is closed at once.
+        # Two idle connections take both places; a request on a third closes the older one
+        # and is served.
         idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
         while server.connections < 2:
             await asyncio.sleep(0.01)
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        assert await asyncio.wait_for(reader.read(), 0.4) == b""  # well before the idle ones time out
-        writer.close()
-        # The idle ones are closed by the deadline, and the server serves again.
+        assert (await _get(server.port, "/live"))[0] == 200
+        assert await asyncio.wait_for(idle[0][0].read(), 0.4) == b""  # well before its deadline
+        # The other is closed by the deadline, and the server serves again.
         started = loop.time()
-        for idle_reader, idle_writer in idle:
-            assert await asyncio.wait_for(idle_reader.read(), 5) == b""
-            idle_writer.close()
+        assert await asyncio.wait_for(idle[1][0].read(), 5) == b""
         assert loop.time() - started < 2
+        for _, idle_writer in idle:
+            idle_writer.close()
         assert (await _get(server.port, "/live"))[0] == 200
 
     run(main())

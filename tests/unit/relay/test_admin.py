@@ -342,8 +342,8 @@ def test_connection_close_is_honoured(admin_server):
         (b"GET /v1/health HTTP/1.1\r\n folded: x\r\n\r\n", 400),
         (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nContent-Length: abc\r\n\r\n", 400),
         (b"POST /v1/customers HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
-        (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-        (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nContent-Length: 2000000\r\n\r\n", 413),
+        (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAUTH\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAUTH\r\nContent-Length: 2000000\r\n\r\n", 413),
         (b"GET /v1/health HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
     ],
 )
@@ -357,7 +357,7 @@ def test_malformed_requests(admin_server, request_bytes, status):
 
 
 def test_no_body_is_read_without_the_token(admin_server):
-    response = raw_exchange(admin_server.port, b"POST /v1/customers HTTP/1.1\r\nContent-Length: 900000\r\n\r\n")
+    response = raw_exchange(admin_server.port, b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
     assert status_of(response) == 401
     assert b"Connection: close" in response
 
@@ -373,7 +373,7 @@ def test_truncated_body_is_not_processed(admin_server):
     # The client promises more than it sends, then half-closes: nothing is created.
     with socket.create_connection(("127.0.0.1", admin_server.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/customers HTTP/1.1\r\nAuthorization: Bearer " + admin_server.token.encode()
+            b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + admin_server.token.encode()
             + b"\r\nContent-Length: 100\r\n\r\n{\"name\": \"x\"}"
         )
         sock.shutdown(socket.SHUT_WR)
