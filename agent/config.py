@@ -44,11 +44,9 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
-SCHEMES = ("wss", "quic", "auto")
-#: The relay's default agent port (tunnel-relay serve --listen), named in messages.
-RELAY_DEFAULT_PORT = 8443
+from tunnel.bridge.dial import RELAY_DEFAULT_PORT, parse_relay_url
+
 DEFAULT_DRAIN_TIMEOUT = 30.0
 #: RELAY_LINKS: the most links one agent keeps (the relay accepts slots 0-15).
 MAX_RELAY_LINKS = 16
@@ -244,23 +242,9 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
 
 
 def check_relay_url(url: str) -> None:
-    """Raise ConfigError naming the fix unless ``url`` is ``wss|quic|auto://host:port``."""
-    example = f"auto://relay.example.com:{RELAY_DEFAULT_PORT}"
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if "://" not in url:
-        raise ConfigError(f"RELAY_URL {url!r} has no scheme: write auto://{url} (or wss:// or quic://)")
-    if scheme not in SCHEMES:
-        hint = {"https": "wss", "ws": "wss", "http": "wss", "udp": "quic", "tcp": "wss"}.get(scheme)
-        fix = (f"write {hint}://{url.split('://', 1)[1]}" if hint else f"use wss://, quic:// or auto://, e.g. {example}")
-        raise ConfigError(f"RELAY_URL {url!r}: the agent speaks wss:// (TLS WebSocket), quic:// or auto:// "
-                          f"(QUIC, else WSS), not {scheme}://; {fix}")
-    if not parts.hostname:
-        raise ConfigError(f"RELAY_URL {url!r} has no host: write e.g. {example}")
+    """Raise ConfigError naming the fix unless ``url`` is ``wss|quic|auto://host:port``
+    (:func:`tunnel.bridge.dial.parse_relay_url`'s message)."""
     try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"RELAY_URL {url!r} has a bad port: write e.g. {example}") from None
-    if port is None:
-        raise ConfigError(f"RELAY_URL {url!r} has no port: write {scheme}://{parts.netloc}:{RELAY_DEFAULT_PORT} "
-                          f"(the relay's default agent port) or the port its operator gave you")
+        parse_relay_url(url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,9 +1,9 @@
 """The relay's admin API: HTTP/1.1 + JSON on loopback (plain HTTP), or beyond loopback
 with ``--allow-remote-admin`` over TLS only (the relay's own certificate), bearer token.
 
-A small, strict server on asyncio streams: request line and headers at most 16 KiB,
+HTTP/1.1 by :mod:`tunnel.ops.http11` (h11): request line and headers at most 16 KiB,
 ``Content-Length`` bodies at most 1 MiB (no chunked bodies), keep-alive with an idle timeout,
-the token compared in constant time. Every error is a JSON object
+pipelined requests answered in order, the token compared in constant time. Every error is a JSON object
 ``{"error": "<code>", "message": "<text>"}``. A state directory that refuses writes (full,
 read-only) answers 503 ``state_write_failed`` with one clear message, logged once per
 interval, instead of a 500 and a traceback per request.
@@ -51,12 +51,13 @@ import re
 import secrets
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
+from tunnel.ops.http11 import HttpLimits, HttpServer, Request, Response
 from tunnel.ops.logs import Throttled
 
 from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
@@ -71,26 +72,11 @@ MAX_BODY_SIZE = 1024 * 1024
 HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
+#: Loopback (or TLS with the token) only: one address, so the per-client bound is the total.
+HTTP_LIMITS = HttpLimits(head_timeout=HEAD_TIMEOUT, idle_timeout=IDLE_TIMEOUT, body_timeout=BODY_TIMEOUT,
+                         max_head_size=MAX_HEAD_SIZE, max_connections=64, max_per_client=64)
 
 _RESOURCE_PATH = re.compile(r"^/v1/resources/([A-Za-z0-9_]{1,64})$")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_REASONS = {
-    200: "OK",
-    201: "Created",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    409: "Conflict",
-    411: "Length Required",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
 
 
 class Registry(Protocol):
@@ -508,165 +494,50 @@ def _flag(query: dict, name: str) -> bool:
 # --------------------------------------------------------------------------- HTTP/1.1
 
 
-def _response(status: int, body: Any, *, keep_alive: bool, extra: dict[str, str] | None = None,
-              head_only: bool = False) -> bytes:
-    data = orjson.dumps(body) + b"\n"
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(data)}",
-        "Cache-Control: no-store",
-        "Connection: " + ("keep-alive" if keep_alive else "close"),
-    ]
-    for key, value in (extra or {}).items():
-        lines.append(f"{key}: {value}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + data
+_ERROR_CODES = {400: "bad_request", 408: "timeout", 413: "body_too_large", 431: "header_too_large",
+                501: "not_implemented", 505: "http_version"}
+
+
+def _json_response(status: int, body: Any, extra: dict[str, str] | None = None) -> Response:
+    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+               ("Connection", "keep-alive"), *(extra or {}).items()]
+    return Response(status, orjson.dumps(body) + b"\n", headers)
 
 
 def _error_body(exc: HttpError) -> dict:
     return {"error": exc.code, "message": exc.message}
 
 
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
-        raise HttpError(400, "bad_request", "undecodable request head") from None
-    lines = text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise HttpError(400, "bad_request", "malformed request line")
-    method, target, version = parts
-    if not _TOKEN_RE.match(method):
-        raise HttpError(400, "bad_request", "malformed method")
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        if version.startswith("HTTP/"):
-            raise HttpError(505, "http_version", "only HTTP/1.1 is supported")
-        raise HttpError(400, "bad_request", "malformed request line")
-    if not target.startswith("/") or any(ord(c) < 0x21 or ord(c) > 0x7E for c in target):
-        raise HttpError(400, "bad_request", "malformed request target")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        if line[0] in " \t":
-            raise HttpError(400, "bad_request", "obsolete header folding is not accepted")
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN_RE.match(name):
-            raise HttpError(400, "bad_request", "malformed header line")
-        key = name.lower()
-        value = value.strip(" \t")
-        if key in headers:
-            if key in ("content-length", "authorization", "host", "transfer-encoding"):
-                raise HttpError(400, "bad_request", f"duplicate {name} header")
-            headers[key] += ", " + value
-        else:
-            headers[key] = value
-    return method, target, version, headers
+def _http_error_body(status: int, message: str) -> tuple[bytes, list[tuple[str, str]]]:
+    body = {"error": _ERROR_CODES.get(status, "bad_request"), "message": message}
+    return orjson.dumps(body) + b"\n", [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
 
 
-class _Connection:
-    def __init__(self, api: AdminApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.api = api
-        self.reader = reader
-        self.writer = writer
-
-    async def run(self) -> None:
-        try:
-            first = True
-            while True:
-                keep_alive = await self._one_request(HEAD_TIMEOUT if first else IDLE_TIMEOUT)
-                first = False
-                if not keep_alive:
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except Exception:  # noqa: BLE001
-            log.exception("admin connection failed")
-        finally:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
-
-    async def _send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def _one_request(self, head_timeout: float) -> bool:
-        try:
-            head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), head_timeout)
-        except asyncio.TimeoutError:
-            return False
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial.strip():
-                await self._send(_response(400, {"error": "bad_request", "message": "incomplete request"},
-                                           keep_alive=False))
-            return False
-        except asyncio.LimitOverrunError:
-            await self._send(_response(431, {"error": "header_too_large",
-                                             "message": f"request head exceeds {MAX_HEAD_SIZE} bytes"},
-                                       keep_alive=False))
-            return False
-        if len(head) > MAX_HEAD_SIZE:
-            await self._send(_response(431, {"error": "header_too_large",
-                                             "message": f"request head exceeds {MAX_HEAD_SIZE} bytes"},
-                                       keep_alive=False))
-            return False
-        try:
-            method, target, version, headers = _parse_head(head.lstrip(b"\r\n"))
-        except HttpError as exc:
-            await self._send(_response(exc.status, _error_body(exc), keep_alive=False, extra=exc.headers))
-            return False
-
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            keep_alive = "close" not in connection
-        else:
-            keep_alive = "keep-alive" in connection
-
+def _request_handler(api: AdminApi) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        method, target, headers = request.method, request.target, request.headers
         try:
             # Route and token first: nobody unauthenticated gets a body read.
-            authorized = self.api.authorize(method, target, headers)
-            body = await self._read_body(headers)
+            authorized = api.authorize(method, target, headers)
+            if "transfer-encoding" in headers:
+                raise HttpError(501, "not_implemented", "chunked bodies are not supported; send Content-Length")
+            body = await request.read_body(MAX_BODY_SIZE)
         except HttpError as exc:
             # An unread body would be taken for the next request: close after answering.
-            unread = "content-length" in headers or "transfer-encoding" in headers
-            await self._send(_response(exc.status, _error_body(exc), keep_alive=keep_alive and not unread,
-                                       extra=exc.headers))
-            return keep_alive and not unread
-
+            response = _json_response(exc.status, _error_body(exc), exc.headers)
+            response.close = "content-length" in headers or "transfer-encoding" in headers
+            return response
         try:
-            status, payload = await self.api.handle(method, target, headers, body, authorized)
+            status, payload = await api.handle(method, target, headers, body, authorized)
             extra: dict[str, str] = {}
         except HttpError as exc:
             status, payload, extra = exc.status, _error_body(exc), exc.headers
         except Exception:  # noqa: BLE001
             log.exception("admin request %s %s failed", method, urllib.parse.urlsplit(target).path)
             status, payload, extra = 500, {"error": "internal", "message": "internal error"}, {}
-        await self._send(_response(status, payload, keep_alive=keep_alive, extra=extra,
-                                   head_only=method == "HEAD"))
-        return keep_alive
+        return _json_response(status, payload, extra)
 
-    async def _read_body(self, headers: dict[str, str]) -> bytes:
-        if "transfer-encoding" in headers:
-            raise HttpError(501, "not_implemented", "chunked bodies are not supported; send Content-Length")
-        raw = headers.get("content-length")
-        if raw is None:
-            return b""
-        if not raw.isdigit() or len(raw) > 12:
-            raise HttpError(400, "bad_request", "malformed Content-Length")
-        length = int(raw)
-        if length > MAX_BODY_SIZE:
-            raise HttpError(413, "body_too_large", f"body exceeds {MAX_BODY_SIZE} bytes")
-        if length == 0:
-            return b""
-        try:
-            return await asyncio.wait_for(self.reader.readexactly(length), BODY_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise HttpError(408, "timeout", "body not received in time") from None
+    return handle
 
 
 # --------------------------------------------------------------------------- starting
@@ -701,11 +572,8 @@ async def start_admin_server(
     api = AdminApi(state=state, authority=authority, registry=registry, token=token,
                    on_state_failure=on_state_failure, cluster=cluster)
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _Connection(api, reader, writer).run()
-
-    server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEAD_SIZE, ssl=ssl_context,
-                                        ssl_handshake_timeout=HEAD_TIMEOUT if ssl_context else None)
+    http = HttpServer(_request_handler(api), HTTP_LIMITS, _http_error_body)
+    server = await http.start(host, port, ssl_context)
     url = admin_url(server, tls=ssl_context is not None)
     directory = Path(state_dir) if state_dir is not None else state.state_dir
     write_private(directory / ADMIN_INFO_FILE, orjson.dumps({"url": url}) + b"\n")

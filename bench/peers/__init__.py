@@ -2,7 +2,8 @@
 
 - :mod:`bench.peers.procs`: process registry (process groups, cleanup on exit and Ctrl-C),
   free loopback ports, readiness checks, RSS / CPU sampling from ``/proc``.
-- :mod:`bench.peers.services`: the private services (echo, iperf3 server, nginx).
+- :mod:`bench.peers.services`: the private services (echo, iperf3 server, nginx);
+  :mod:`bench.peers.serve`: the one command line of the echo and bulk services.
 - :mod:`bench.peers.cpucap`: a process held to a fraction of a core (cgroup CPU quota).
 - :mod:`bench.peers.sshd`: a private sshd and ``ssh -R`` clients.
 - :mod:`bench.peers.ours`: our relay and agents, driven through the CLI contract.

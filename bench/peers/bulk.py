@@ -11,10 +11,11 @@ Each connection starts with 9 bytes: ``U`` or ``D`` and a big-endian 64-bit coun
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import socket
 import struct
+
+from bench.peers.serve import main as serve_main
 
 HEADER = struct.Struct(">cQ")
 CHUNK = memoryview(bytes(range(256)) * 1024)   # 256 KiB written again and again
@@ -73,28 +74,8 @@ class Bulk(asyncio.Protocol):
         self.can_write.set()
 
 
-async def serve(host: str, port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(Bulk, host, port, backlog=1024, reuse_address=True)
-    async with server:
-        await server.serve_forever()
-
-
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    args = ap.parse_args(argv)
-    try:
-        import uvloop  # type: ignore
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    try:
-        runner(serve(args.host, args.port))
-    except KeyboardInterrupt:
-        pass
+    serve_main(Bulk, __doc__, argv, backlog=1024)
 
 
 if __name__ == "__main__":

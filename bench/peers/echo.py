@@ -8,9 +8,10 @@ Echoes every byte back; on the client's FIN it finishes writing and closes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import socket
+
+from bench.peers.serve import main as serve_main
 
 
 class Echo(asyncio.Protocol):
@@ -33,27 +34,8 @@ class Echo(asyncio.Protocol):
         return False
 
 
-async def serve(host: str, port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, host, port, backlog=4096, reuse_address=True)
-    async with server:
-        await server.serve_forever()
-
-
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    args = ap.parse_args(argv)
-    try:
-        import uvloop  # type: ignore
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    try:
-        runner(serve(args.host, args.port))
-    except KeyboardInterrupt:
-        pass
+    serve_main(Echo, __doc__, argv, backlog=4096)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,29 @@ class Transaction(Protocol):
         """Publish ``event`` to every relay once this transaction commits."""
 
 
+class Statements:
+    """fetch/fetchrow/fetchval/execute, written once for both back ends and for their
+    transactions: each implements ``_run(sql, args, mode)`` with ``mode`` one of ``"all"``
+    (rows as dicts), ``"one"`` (the first row or None), ``"value"`` (its first column or None),
+    ``"count"`` (rows changed)."""
+
+    async def _run(self, sql: str, args: tuple, mode: str) -> Any:
+        raise NotImplementedError
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict]:
+        return await self._run(sql, args, "all")
+
+    async def fetchrow(self, sql: str, *args: Any) -> dict | None:
+        return await self._run(sql, args, "one")
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._run(sql, args, "value")
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run ``sql``; return the number of rows it changed."""
+        return await self._run(sql, args, "count")
+
+
 class Database(Transaction, Protocol):
     """Single statements outside a transaction run on their own (autocommit)."""
 

@@ -14,7 +14,8 @@ marker              SQLite                                      PostgreSQL
 ``{iso_epoch:C}``   ``strftime('%s', C)``                       ``EXTRACT(EPOCH FROM C)``
 ==================  ==========================================  ==========================
 
-Placeholders: ``?`` for sqlite3, ``$1 … $n`` for asyncpg. The schema version is kept in
+Placeholders: ``?`` for sqlite3, ``$1 … $n`` for asyncpg (numbered by :func:`number_placeholders`, which
+leaves a ``?`` in a string literal, quoted identifier or comment alone). The schema version is kept in
 ``PRAGMA user_version`` on SQLite (as relay.db files have always had it, so that an older relay
 refuses a newer file) and in the ``schema_migrations`` table on PostgreSQL (both keep a history
 row per step in ``schema_migrations``). Migrations run in one transaction that SQLite's
@@ -75,13 +76,41 @@ class Dialect:
         """``sql`` with the markers replaced and ``?`` turned into this driver's placeholders."""
         text = _MARKER.sub(lambda m: self.markers[m.group(1)], sql)
         text = _ISO_EPOCH.sub(lambda m: self.markers["iso_epoch"].format(m.group(1)), text)
-        if not self.numbered_placeholders:
-            return text
-        parts = text.split("?")
-        out = [parts[0]]
-        for n, part in enumerate(parts[1:], 1):
-            out.append(f"${n}{part}")
-        return "".join(out)
+        return number_placeholders(text) if self.numbered_placeholders else text
+
+
+#: What a ``?`` can hide in: a string literal (``''`` escapes a quote), a quoted identifier, a
+#: dollar-quoted string (``$tag$ … $tag$``), a comment; or a ``?`` that is a placeholder.
+_SQL_TOKEN = re.compile(r"""
+      (?P<string>  [Ee]'(?:[^'\\]|\\.|'')*' | '(?:[^']|'')*' )
+    | (?P<ident>   "(?:[^"]|"")*" )
+    | (?P<dollar>  (?P<tag>\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$) .*? (?P=tag) )
+    | (?P<line>    --[^\n]* )
+    | (?P<block>   /\*.*?\*/ )
+    | (?P<unclosed> ['"] | \$(?:[A-Za-z_][A-Za-z0-9_]*)?\$ | /\* )
+    | (?P<param>   \? )
+""", re.VERBOSE | re.DOTALL)
+
+
+def number_placeholders(sql: str) -> str:
+    """``sql`` with each ``?`` placeholder turned into ``$1``, ``$2``… in order; a ``?`` in a
+    string literal, a quoted identifier or a comment stays as it is. ``ValueError`` for a
+    literal or comment that is never closed (its placeholders could not be told apart)."""
+    out: list[str] = []
+    position = 0
+    count = 0
+    for match in _SQL_TOKEN.finditer(sql):
+        kind = match.lastgroup
+        if kind == "unclosed":
+            raise ValueError(f"unterminated literal or comment at offset {match.start()} of {sql!r}")
+        if kind != "param":
+            continue
+        count += 1
+        out.append(sql[position:match.start()])
+        out.append(f"${count}")
+        position = match.end()
+    out.append(sql[position:])
+    return "".join(out)
 
 
 SQLITE = Dialect(

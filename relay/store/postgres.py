@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from .database import CHANNEL, HINT_KINDS, Event, Subscriber, redact_url
+from .database import CHANNEL, HINT_KINDS, Event, Statements, Subscriber, redact_url
 from .dialect import POSTGRES
 from .errors import Conflict, StoreError, StoreUnavailable
 from .settings import StoreSettings
@@ -51,7 +51,7 @@ _UNREACHABLE = (
 _CONFLICT = (asyncpg.exceptions.IntegrityConstraintViolationError,)
 
 
-class PostgresDatabase:
+class PostgresDatabase(Statements):
     dialect = POSTGRES
 
     def __init__(self, url: str, settings: StoreSettings) -> None:
@@ -220,25 +220,14 @@ class PostgresDatabase:
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
 
-    async def _autocommit(self, sql: str, args: tuple, mode: str) -> Any:
+    async def _run(self, sql: str, args: tuple, mode: str) -> Any:
+        """One statement on a connection of the pool (autocommit)."""
         self._check()
         try:
             async with self._pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
                 return await self._one(conn, sql, args, mode, None)
         except (asyncpg.PostgresError,) + _UNREACHABLE as exc:
             raise self._translate(exc) from None
-
-    async def fetch(self, sql: str, *args: Any) -> list[dict]:
-        return await self._autocommit(sql, args, "all")
-
-    async def fetchrow(self, sql: str, *args: Any) -> dict | None:
-        return await self._autocommit(sql, args, "one")
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        return await self._autocommit(sql, args, "value")
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        return await self._autocommit(sql, args, "count")
 
     @contextlib.asynccontextmanager
     async def transaction(self, timeout: float | None = None):
@@ -307,24 +296,15 @@ class PostgresDatabase:
                 pool.terminate()
 
 
-class _Transaction:
+class _Transaction(Statements):
     def __init__(self, db: PostgresDatabase, conn, timeout: float | None) -> None:
         self._db = db
         self._conn = conn
         self._timeout = timeout
         self.events: list[Event] = []
 
-    async def fetch(self, sql: str, *args: Any) -> list[dict]:
-        return await self._db._one(self._conn, sql, args, "all", self._timeout)
-
-    async def fetchrow(self, sql: str, *args: Any) -> dict | None:
-        return await self._db._one(self._conn, sql, args, "one", self._timeout)
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        return await self._db._one(self._conn, sql, args, "value", self._timeout)
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        return await self._db._one(self._conn, sql, args, "count", self._timeout)
+    async def _run(self, sql: str, args: tuple, mode: str) -> Any:
+        return await self._db._one(self._conn, sql, args, mode, self._timeout)
 
     async def notify(self, event: Event) -> None:
         # PostgreSQL delivers it to every listener at commit, and never if we roll back. Every

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .database import Event, Subscriber
+from .database import Event, Statements, Subscriber
 from .dialect import SQLITE
 from .errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 from .settings import StoreSettings
@@ -38,26 +38,13 @@ def _translate(exc: sqlite3.Error) -> StoreError:
     return StoreError(str(exc))
 
 
-class _Statements:
-    """fetch/fetchrow/fetchval/execute on the worker thread (shared by the database and its
-    transactions)."""
+class _Statements(Statements):
+    """Statements on the worker thread (the database's and its transactions')."""
 
     _db: "SqliteDatabase"
 
     async def _run(self, sql: str, args: tuple, mode: str) -> Any:
         return await self._db._on_thread(self._db._statement, SQLITE.render(sql), args, mode)
-
-    async def fetch(self, sql: str, *args: Any) -> list[dict]:
-        return await self._run(sql, args, "all")
-
-    async def fetchrow(self, sql: str, *args: Any) -> dict | None:
-        return await self._run(sql, args, "one")
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        return await self._run(sql, args, "value")
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        return await self._run(sql, args, "count")
 
 
 class _Transaction(_Statements):

@@ -67,7 +67,7 @@ def test_url_validation():
         Dialer("http://relay:443", ca_file=None, limits=LIMITS)
     with pytest.raises(ValueError):
         Dialer("quic://:443", ca_file=None, limits=LIMITS)
-    with pytest.raises(ValueError, match="without a port"):
+    with pytest.raises(ValueError, match="has no port"):
         Dialer("wss://relay.example", ca_file=None, limits=LIMITS)
     d = Dialer("auto://relay.example:443", ca_file=None, limits=LIMITS, proxy_env={})
     assert (d.host, d.port, d.probe_timeout, d.reprobe_interval) == ("relay.example", 443, 3.0, 60.0)

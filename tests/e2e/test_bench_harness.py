@@ -19,17 +19,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.peers import clients, cpucap  # noqa: E402
-from bench.peers.procs import ProcessRegistry, cpu_seconds, rss_bytes, wait_until  # noqa: E402
+from bench.peers.procs import cpu_seconds, rss_bytes, wait_until  # noqa: E402
 from bench.peers.services import start_echo  # noqa: E402
-
-
-@pytest.fixture
-def reg(tmp_path):
-    r = ProcessRegistry(tmp_path / "logs")
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 @pytest.fixture

@@ -206,7 +206,9 @@ def _imported_modules(tmp_path: Path, **env) -> str:
 
 
 def test_agent_without_metrics_listen_imports_none_of_it(tmp_path):
-    metrics_modules = re.compile(r"\| +(agent\.metrics|tunnel\.ops\.metrics_http|tunnel\.ops\.exposition)$", re.M)
+    metrics_modules = re.compile(
+        r"\| +(agent\.metrics|tunnel\.ops\.metrics_http|tunnel\.ops\.exposition|tunnel\.ops\.http11|h11)$", re.M)
     assert metrics_modules.findall(_imported_modules(tmp_path / "off")) == []
     on = _imported_modules(tmp_path / "on", METRICS_LISTEN=f"127.0.0.1:{free_port()}")
-    assert set(metrics_modules.findall(on)) == {"agent.metrics", "tunnel.ops.metrics_http", "tunnel.ops.exposition"}
+    assert set(metrics_modules.findall(on)) == {"agent.metrics", "tunnel.ops.metrics_http", "tunnel.ops.exposition",
+                                                "tunnel.ops.http11", "h11"}

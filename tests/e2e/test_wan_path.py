@@ -25,7 +25,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.peers.ours import OurRelay  # noqa: E402
-from bench.peers.procs import ProcessRegistry  # noqa: E402
 from bench.peers.services import start_echo  # noqa: E402
 from bench.wan import Direction, PathSpec, WanPath, call_in, unavailable_reason  # noqa: E402
 
@@ -157,15 +156,6 @@ def test_holds_the_rate_with_a_bounded_queue():
     mbit = sum(size for _, size in arrivals[1:]) * 8 / seconds / 1e6
     assert mbit <= rate_mbit * 1.1, mbit                 # never faster than the bottleneck
     assert mbit >= rate_mbit * 0.5, mbit                 # and not starved (a loaded machine is late)
-
-
-@pytest.fixture
-def reg(tmp_path):
-    r = ProcessRegistry(tmp_path / "logs")
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 @pytest.mark.parametrize("transport", ["wss", "quic"])

@@ -44,3 +44,16 @@ def service_factory():
 @pytest.fixture(params=["wss", "quic"])
 def transport(request):
     return request.param
+
+
+@pytest.fixture
+def reg(tmp_path):
+    """A :class:`bench.peers.procs.ProcessRegistry` (the benchmark harness's processes, logs in
+    the test's directory), closed with every process it started."""
+    from bench.peers.procs import ProcessRegistry
+
+    r = ProcessRegistry(tmp_path / "logs")
+    try:
+        yield r
+    finally:
+        r.close()

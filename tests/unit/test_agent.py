@@ -47,6 +47,23 @@ def test_config_errors_are_one_clear_message(change, message):
     assert "x.y.z" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["relay.example:8443", "http://relay:1", "ftp://relay:1", "wss://relay",
+                                 "wss://:8443", "wss://relay:notaport", "quic://relay:99999"])
+def test_one_relay_url_parser_one_message(url):
+    from tunnel.bridge.dial import Dialer, parse_relay_url
+    from tunnel.core.limits import Limits
+
+    with pytest.raises(ValueError) as parsed:
+        parse_relay_url(url)
+    with pytest.raises(agent_config.ConfigError) as configured:
+        agent_config.load({**BASE, "RELAY_URL": url})
+    with pytest.raises(ValueError) as dialled:
+        Dialer(url, ca_file=None, limits=Limits())
+    assert str(configured.value) == str(dialled.value) == str(parsed.value)
+    assert str(parsed.value).startswith(f"RELAY_URL {url!r}")
+
+
+
 def test_jwt_file_and_toml_resources(tmp_path):
     jwt = tmp_path / "jwt"
     jwt.write_text("a.b.c\n")

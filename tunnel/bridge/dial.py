@@ -21,16 +21,60 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from tunnel.carriers.base import Link
 from tunnel.core.limits import Limits
 from tunnel.wire.errors import LinkError
 
-__all__ = ["Dialer", "dial_tls_link"]
+__all__ = ["Dialer", "RELAY_DEFAULT_PORT", "RelayUrl", "dial_tls_link", "parse_relay_url"]
 
 log = logging.getLogger("tunnel.bridge.dial")
 
 SCHEMES = ("quic", "wss", "auto")
+#: The relay's agent port when its operator chose none (tunnel-relay serve --listen).
+RELAY_DEFAULT_PORT = 8443
+#: Schemes people write by habit, and the one they meant.
+_SCHEME_HINTS = {"https": "wss", "ws": "wss", "http": "wss", "udp": "quic", "tcp": "wss"}
+
+
+@dataclass(frozen=True, slots=True)
+class RelayUrl:
+    """One relay of ``RELAY_URL``, parsed."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+
+def parse_relay_url(url: str) -> RelayUrl:
+    """``wss|quic|auto://host:port[/path]`` parsed; ``ValueError`` whose message names the
+    fix otherwise. The one parser of ``RELAY_URL`` (config, dialler and ``tunnel-agent check``
+    give the same message for the same mistake)."""
+    example = f"auto://relay.example.com:{RELAY_DEFAULT_PORT}"
+    if "://" not in url:
+        raise ValueError(f"RELAY_URL {url!r} has no scheme: write auto://{url} (or wss:// or quic://)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        raise ValueError(f"RELAY_URL {url!r} is not a URL: write e.g. {example}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        hint = _SCHEME_HINTS.get(scheme)
+        fix = f"write {hint}://{url.split('://', 1)[1]}" if hint else f"use wss://, quic:// or auto://, e.g. {example}"
+        raise ValueError(f"RELAY_URL {url!r}: the agent speaks wss:// (TLS WebSocket), quic:// or auto:// "
+                         f"(QUIC, else WSS), not {scheme}://; {fix}")
+    if not parts.hostname:
+        raise ValueError(f"RELAY_URL {url!r} has no host: write e.g. {example}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"RELAY_URL {url!r} has a bad port: write e.g. {example}") from None
+    if port is None:
+        raise ValueError(f"RELAY_URL {url!r} has no port: write {scheme}://{parts.netloc}:{RELAY_DEFAULT_PORT} "
+                         f"(the relay's default agent port) or the port its operator gave you")
+    return RelayUrl(scheme, parts.hostname, port, parts.path or "")
 
 
 class Dialer:
@@ -42,23 +86,13 @@ class Dialer:
 
     def __init__(self, url: str, *, ca_file: str | None, limits: Limits,
                  proxy_env: Mapping[str, str] = os.environ) -> None:
-        parts = urllib.parse.urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in SCHEMES:
-            raise ValueError(f"RELAY_URL must start with quic://, wss:// or auto://, got {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"RELAY_URL without a host: {url!r}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"RELAY_URL with a bad port: {url!r}") from None
-        if port is None:
-            raise ValueError(f"RELAY_URL without a port: {url!r}")
+        parsed = parse_relay_url(url)
+        scheme = parsed.scheme
         self.url = url
         self.scheme = scheme
-        self.host = parts.hostname
-        self.port = port
-        self.path = parts.path or ""
+        self.host = parsed.host
+        self.port = parsed.port
+        self.path = parsed.path
         self.ca_file = ca_file
         self.limits = limits
         self.environ = proxy_env

@@ -6,27 +6,26 @@
 - ``GET /ready``: 200 ``ready`` when ``ready()`` returns None, else 503 with its answer (a
   short reason that names no secret, e.g. ``not registered with the relay``).
 
-One request per connection (``Connection: close``), ``GET`` or ``HEAD`` only. Each
-connection must send its request head (at most ``max_http_header_size``) and be answered
-within ``handshake_timeout``; at most ``max_metrics_connections`` are served at once and
-further ones are closed at once, so the port cannot be used to exhaust the process's
-descriptors. Collectors run on the event loop, between its other callbacks: they read the
-live state without locks.
+One request per connection (``Connection: close``), ``GET`` or ``HEAD`` only, served by
+:mod:`tunnel.ops.http11` (h11): each connection must send its request head (at most
+``max_http_header_size``) within ``handshake_timeout``; at most ``max_metrics_connections``
+are open at once, at most half of them from one address, and a newcomer that finds no place
+closes the oldest connection still waiting for its request head, so idle or half-sent
+connections (slowloris) can never keep a ``/live`` or ``/ready`` probe out. Collectors run
+on the event loop, between its other callbacks: they read the live state without locks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 from collections.abc import Awaitable, Callable
 
 from tunnel.core.limits import Limits
 from tunnel.ops.exposition import CONTENT_TYPE
+from tunnel.ops.http11 import HttpLimits, HttpServer, Request, Response
 
 __all__ = ["OpsServer", "parse_listen", "serve_ops"]
-
-log = logging.getLogger("tunnel.ops.metrics_http")
 
 ReadyCheck = Callable[[], "str | None | Awaitable[str | None]"]
 
@@ -52,82 +51,56 @@ class OpsServer:
         self.render = render
         self.ready = ready
         self.limits = limits
-        self.server: asyncio.AbstractServer | None = None
-        self.connections = 0
+        self.http = HttpServer(self._handle, HttpLimits(
+            head_timeout=limits.handshake_timeout, body_timeout=limits.handshake_timeout,
+            max_head_size=limits.max_http_header_size, max_connections=limits.max_metrics_connections,
+            max_per_client=max(2, limits.max_metrics_connections // 2)), _error_body)
+
+    @property
+    def server(self) -> asyncio.AbstractServer | None:
+        return self.http.server
+
+    @property
+    def connections(self) -> int:
+        return self.http.connections
 
     @property
     def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
+        return self.http.server.sockets[0].getsockname()[1]
 
     async def start(self, host: str, port: int) -> "OpsServer":
-        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True,
-                                                 limit=self.limits.max_http_header_size)
+        await self.http.start(host, port)
         return self
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        self.http.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= self.limits.max_metrics_connections:
-            writer.transport.abort()
-            return
-        self.connections += 1
-        try:
-            await asyncio.wait_for(self._answer(reader, writer), self.limits.handshake_timeout)
-        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except Exception:  # noqa: BLE001 - a bug in a collector must not take the process down
-            log.exception("metrics endpoint failed")
-        finally:
-            self.connections -= 1
-            writer.close()
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.LimitOverrunError, ValueError):
-            await _respond(writer, 431, b"request head too large\n")
-            return
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await _respond(writer, 400, b"bad request\n")
-            return
-        method, target, _version = parts
-        if method not in ("GET", "HEAD"):
-            await _respond(writer, 405, b"only GET and HEAD\n", head_only=False, extra=b"Allow: GET, HEAD\r\n")
-            return
-        path = target.split("?", 1)[0]
-        head_only = method == "HEAD"
+    async def _handle(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return _text(405, b"only GET and HEAD\n", [("Allow", "GET, HEAD")])
+        path = request.target.split("?", 1)[0]
         if path == "/metrics":
-            await _respond(writer, 200, self.render(), head_only, content_type=CONTENT_TYPE.encode())
-        elif path == "/live":
-            await _respond(writer, 200, b"live\n", head_only)
-        elif path == "/ready":
+            return _text(200, self.render(), content_type=CONTENT_TYPE)
+        if path == "/live":
+            return _text(200, b"live\n")
+        if path == "/ready":
             answer = self.ready()
             if inspect.isawaitable(answer):
                 answer = await answer
             if answer is None:
-                await _respond(writer, 200, b"ready\n", head_only)
-            else:
-                await _respond(writer, 503, f"not ready: {answer}\n".encode(), head_only)
-        else:
-            await _respond(writer, 404, b"not found: try /metrics, /live or /ready\n", head_only)
+                return _text(200, b"ready\n")
+            return _text(503, f"not ready: {answer}\n".encode())
+        return _text(404, b"not found: try /metrics, /live or /ready\n")
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+def _text(status: int, body: bytes, extra: list[tuple[str, str]] = (),
+          content_type: str = "text/plain; charset=utf-8") -> Response:
+    return Response(status, body, [("Content-Type", content_type), ("Cache-Control", "no-store"), *extra],
+                    close=True)
 
 
-async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, head_only: bool = False,
-                   content_type: bytes = b"text/plain; charset=utf-8", extra: bytes = b"") -> None:
-    writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n"
-                 b"Cache-Control: no-store\r\n\r\n"
-                 % (status, _REASONS[status].encode(), content_type, len(body), extra))
-    if not head_only:
-        writer.write(body)
-    await writer.drain()
+def _error_body(status: int, message: str) -> tuple[bytes, list[tuple[str, str]]]:
+    return (message + "\n").encode(), [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
 
 async def serve_ops(host: str, port: int, *, render: Callable[[], bytes], ready: ReadyCheck,

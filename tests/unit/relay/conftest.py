@@ -20,7 +20,7 @@ from relay.tokens import TokenAuthority
 from tests.helpers.sync_state import SyncState, new_loop
 
 # A uniquely named helper module (a bare ``import conftest`` could find another layer's).
-from relay_fakes import FakeRegistry
+from relay_fakes import FakeRegistry, run
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -132,3 +132,14 @@ def admin_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def relay(admin_server):
+    """Runs ``tunnel-relay`` with ``--state-dir`` of the running admin server."""
+
+    def invoke(*args: str, **kwargs):
+        return run([*args, "--state-dir", str(admin_server.state_dir)], secret=admin_server.token, **kwargs)
+
+    invoke.server = admin_server
+    return invoke

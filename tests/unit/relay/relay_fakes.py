@@ -1,6 +1,40 @@
-"""Fakes of the relay control-plane tests (imported by conftest.py and the test modules)."""
+"""Fakes of the relay control-plane tests, and the runner of ``python -m relay`` commands
+(imported by conftest.py and the test modules)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def run(args: list[str], *, env: dict | None = None, cwd: Path | None = None, secret: str | None = None):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    environment["PYTHONPATH"] = str(REPO) + os.pathsep + environment.get("PYTHONPATH", "")
+    environment.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd or REPO,
+        timeout=120,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    if secret:
+        assert secret not in result.stdout and secret not in result.stderr
+    return result
+
+
+def one_line_error(result, fragment: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tunnel-relay: error: ")
+    assert fragment in lines[0], lines[0]
 
 
 class FakeRegistry:

@@ -342,8 +342,8 @@ def test_connection_close_is_honoured(admin_server):
         (b"GET /v1/health HTTP/1.1\r\n folded: x\r\n\r\n", 400),
         (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nContent-Length: abc\r\n\r\n", 400),
         (b"POST /v1/customers HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
-        (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-        (b"POST /v1/customers HTTP/1.1\r\nAUTH\r\nContent-Length: 2000000\r\n\r\n", 413),
+        (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAUTH\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAUTH\r\nContent-Length: 2000000\r\n\r\n", 413),
         (b"GET /v1/health HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
     ],
 )
@@ -357,7 +357,7 @@ def test_malformed_requests(admin_server, request_bytes, status):
 
 
 def test_no_body_is_read_without_the_token(admin_server):
-    response = raw_exchange(admin_server.port, b"POST /v1/customers HTTP/1.1\r\nContent-Length: 900000\r\n\r\n")
+    response = raw_exchange(admin_server.port, b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
     assert status_of(response) == 401
     assert b"Connection: close" in response
 
@@ -373,7 +373,7 @@ def test_truncated_body_is_not_processed(admin_server):
     # The client promises more than it sends, then half-closes: nothing is created.
     with socket.create_connection(("127.0.0.1", admin_server.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/customers HTTP/1.1\r\nAuthorization: Bearer " + admin_server.token.encode()
+            b"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + admin_server.token.encode()
             + b"\r\nContent-Length: 100\r\n\r\n{\"name\": \"x\"}"
         )
         sock.shutdown(socket.SHUT_WR)
@@ -505,3 +505,99 @@ def test_create_a_resource_on_a_fixed_port_or_from_the_range(api):
                                  ({"customer_id": customer["id"]}, 400)):
         status, body, _ = api.request("POST", "/v1/resources", payload)
         assert status == status_code, (payload, body)
+
+
+# --------------------------------------------------------------------------- smuggling, slow clients
+
+
+def _responses(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a stream of responses (each with Content-Length) into (status, body) pairs."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        out.append((status_of(head), rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def test_pipelined_requests_are_answered_in_order(admin_server):
+    auth = b"Authorization: Bearer " + admin_server.token.encode() + b"\r\n"
+    body = b'{"name": "piped"}'
+    answers = _responses(raw_exchange(
+        admin_server.port,
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"POST /v1/customers HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        + b"GET /v1/customers HTTP/1.1\r\nHost: x\r\n" + auth + b"Connection: close\r\n\r\n"))
+    assert [status for status, _ in answers] == [200, 201, 200]
+    assert [c["name"] for c in json.loads(answers[2][1])] == ["piped"]
+
+
+@pytest.mark.parametrize("framing", [
+    # Both framings: a front end that honours Content-Length and one that honours chunked
+    # would see different requests.
+    b"Content-Length: 60\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 60\r\n",
+    # Two different lengths.
+    b"Content-Length: 5\r\nContent-Length: 60\r\n",
+    b"Content-Length: 5, 60\r\n",
+])
+def test_conflicting_body_framing_is_refused(admin_server, framing):
+    auth = b"Authorization: Bearer " + admin_server.token.encode() + b"\r\n"
+    smuggled = b"POST /v1/customers HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 17\r\n\r\n{\"name\": \"evil\"}"
+    response = raw_exchange(
+        admin_server.port,
+        b"POST /v1/customers HTTP/1.1\r\nHost: x\r\n" + auth + framing + b"\r\n0\r\n\r\n" + smuggled)
+    answers = _responses(response)
+    assert [status for status, _ in answers] == [400]
+    assert b"Connection: close" in response
+    assert admin_server.call(admin_server.state.list_customers) == []
+
+
+def test_a_body_never_reads_as_a_request(admin_server):
+    # A GET with a body that holds a request: one answer, and the body is not served.
+    auth = b"Authorization: Bearer " + admin_server.token.encode() + b"\r\n"
+    inner = b"DELETE /v1/resources/abc HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+    response = raw_exchange(
+        admin_server.port,
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(inner)
+        + inner)
+    assert [status for status, _ in _responses(response)] == [200]
+
+
+def test_header_flood_is_refused(admin_server):
+    flood = b"".join(b"X-%d: v\r\n" % i for i in range(4000))  # small headers, 40 KB in all
+    response = raw_exchange(admin_server.port, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n" + flood + b"\r\n")
+    assert status_of(response) == 431 and b"Connection: close" in response
+
+
+def test_a_trickled_head_does_not_renew_its_deadline(admin_server, monkeypatch):
+    import dataclasses
+
+    import relay.admin
+
+    monkeypatch.setattr(relay.admin, "HTTP_LIMITS", dataclasses.replace(relay.admin.HTTP_LIMITS, head_timeout=0.5))
+
+    async def main():
+        server = await start_admin_server("127.0.0.1", 0, state=admin_server.state, authority=admin_server.authority,
+                                          registry=admin_server.registry, token="t",
+                                          state_dir=admin_server.state.state_dir)
+        try:
+            loop = asyncio.get_running_loop()
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            started = loop.time()
+            closed = asyncio.ensure_future(reader.read())
+            # One byte every 50 ms, for up to 50 s: the deadline counts from the connection.
+            for byte in b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+                if closed.done():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.wait([closed], timeout=0.05)
+            assert closed.done() and closed.result() == b""
+            assert loop.time() - started < 5
+            writer.close()
+        finally:
+            server.close()
+
+    admin_server.call(main)

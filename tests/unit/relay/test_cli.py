@@ -3,46 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from relay_fakes import fake_agent
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def run(args: list[str], *, env: dict | None = None, cwd: Path | None = None, secret: str | None = None):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    environment["PYTHONPATH"] = str(REPO) + os.pathsep + environment.get("PYTHONPATH", "")
-    environment.update(env or {})
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=cwd or REPO,
-        timeout=120,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    if secret:
-        assert secret not in result.stdout and secret not in result.stderr
-    return result
-
-
-@pytest.fixture
-def relay(admin_server):
-    """Runs ``tunnel-relay`` with ``--state-dir`` of the running admin server."""
-
-    def invoke(*args: str, **kwargs):
-        return run([*args, "--state-dir", str(admin_server.state_dir)], secret=admin_server.token, **kwargs)
-
-    invoke.server = admin_server
-    return invoke
+from relay_fakes import fake_agent, one_line_error, run
 
 
 def alloc(taken):
@@ -50,14 +15,6 @@ def alloc(taken):
     while port in taken:
         port += 1
     return port
-
-
-def one_line_error(result, fragment: str) -> None:
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tunnel-relay: error: ")
-    assert fragment in lines[0], lines[0]
 
 
 def test_help():

@@ -10,21 +10,9 @@ import sys
 import time
 
 import pytest
-from relay_fakes import fake_agent
-from test_cli import REPO, one_line_error, run
+from relay_fakes import REPO, fake_agent, one_line_error, run
 
 from relay.cluster import check_advertise_url, default_advertise_url
-
-
-@pytest.fixture
-def relay(admin_server):
-    """Runs ``tunnel-relay`` with ``--state-dir`` of the running admin server."""
-
-    def invoke(*args: str, **kwargs):
-        return run([*args, "--state-dir", str(admin_server.state_dir)], secret=admin_server.token, **kwargs)
-
-    invoke.server = admin_server
-    return invoke
 
 
 def test_cluster_status(relay):

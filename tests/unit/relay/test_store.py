@@ -73,6 +73,23 @@ def test_dialects_render_one_text_two_ways():
     assert SQLITE.migration_lock() == []
 
 
+def test_placeholders_are_numbered_outside_literals_and_comments():
+    sql = ("SELECT ?, 'why?', 'it''s ?', E'\\'?', \"odd?name\", $$ ? $$, $q$ ?$ $q$ -- later?\n"
+           "FROM t /* ? */ WHERE a = ? AND b = ?")
+    assert POSTGRES.render(sql) == ("SELECT $1, 'why?', 'it''s ?', E'\\'?', \"odd?name\", $$ ? $$, $q$ ?$ $q$ -- later?\n"
+                                    "FROM t /* ? */ WHERE a = $2 AND b = $3")
+    assert SQLITE.render(sql) == sql
+    for unclosed in ("SELECT '?", 'SELECT "?', "SELECT /* ?", "SELECT $$ ?"):
+        with pytest.raises(ValueError, match="unterminated"):
+            POSTGRES.render(unclosed)
+
+
+def test_a_question_mark_in_a_literal_is_text_on_both_back_ends(state):
+    db = state.state.db
+    assert state.run(db.fetchval("SELECT 'why?' || ? || '?'", "not")) == "why?not?"
+    assert state.run(db.fetchrow("SELECT ? AS a, /* ? */ 'b?' AS b", "x")) == {"a": "x", "b": "b?"}
+
+
 def test_settings_are_documented_and_overridable():
     doc = (ROOT / "docs" / "CLUSTER.md").read_text()
     missing = [f.name for f in dataclasses.fields(StoreSettings) if f"`RELAY_{f.name.upper()}`" not in doc]
