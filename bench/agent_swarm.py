@@ -39,6 +39,8 @@ class Handler(LinkHandler):
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.registered = loop.create_future()
+        # A refusal after the wait gave up is not news (the failure is in the events file).
+        self.registered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.closed = loop.create_future()
         self.draining = loop.create_future()
 
