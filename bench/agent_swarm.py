@@ -1,9 +1,10 @@
 """Many simulated agents in one process, speaking the real protocol: each one a TLS WebSocket
 link (the project's carrier and session, ``tunnel.bridge.dial.dial_tls_link``), an ``auth``
 with its own resource name, the ``registered`` answer, then an idle link kept alive by the
-session's keepalive. A link that drops is dialled again with the agent's own jittered
-backoff (``agent.runner.Backoff``); CONTROL ``draining`` moves it to the next relay at once,
-as the real agent does.
+session's keepalive. A link that drops is dialled again as the agent's loop
+(``agent.runner.Agent.run``) does it: the agent's own jittered backoff (``agent.runner.Backoff``
+with the agent's ``Limits.reconnect_delay``/``reconnect_max_delay``), started over after a link
+that stayed up ``Agent.HEALTHY_PERIOD``; CONTROL ``draining`` moves it to the next relay at once.
 
     python bench/agent_swarm.py --relay-url wss://127.0.0.1:8443,wss://127.0.0.2:8443 \\
         --ca-file relay-state/ca.pem --token-file jwt --agents 2500 --first 0 --events events.jsonl
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.runner import Backoff  # noqa: E402
+from agent.runner import Agent, Backoff  # noqa: E402
 from tunnel.bridge.dial import dial_tls_link  # noqa: E402
 from tunnel.carriers.base import LinkHandler  # noqa: E402
 from tunnel.core.limits import Limits  # noqa: E402
@@ -38,6 +39,8 @@ class Handler(LinkHandler):
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.registered = loop.create_future()
+        # A refusal after the wait gave up is not news (the failure is in the events file).
+        self.registered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.closed = loop.create_future()
         self.draining = loop.create_future()
 
@@ -73,7 +76,8 @@ class Swarm:
         self.events.write(json.dumps({"t": round(time.time(), 3), "event": event, "agent": agent}) + "\n")
 
     async def agent(self, i: int) -> None:
-        backoff = Backoff()
+        backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
+        loop = asyncio.get_running_loop()
         relay = i % len(self.urls)
         instance = f"swarm{os.getpid():x}{i:x}"
         while True:
@@ -91,7 +95,7 @@ class Swarm:
                                                  "slot": 0}})
                     await asyncio.wait_for(asyncio.shield(handler.registered), self.limits.handshake_timeout)
                 served = True
-                backoff.reset()
+                registered_at = loop.time()
                 self.registered += 1
                 self.links.add(link)
                 self.record("registered", i)
@@ -106,8 +110,8 @@ class Swarm:
             except (OSError, RuntimeError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
                 if handler is None or not served:
                     self.record("failed:" + type(exc).__name__, i)
-            if served:
-                backoff.link_lost()
+            if served and loop.time() - registered_at >= Agent.HEALTHY_PERIOD:
+                backoff.reset()
             await asyncio.sleep(backoff.next_delay())
 
     async def run(self, first: int, count: int) -> None:

@@ -3,6 +3,7 @@
 
     python bench/e2e.py                 # full run (~14 minutes on 2 cores, ~7 of them WAN)
     python bench/e2e.py --quick         # short durations (~7 minutes)
+    python bench/e2e.py --smoke         # every step once, briefly (the tests' check of the harness)
     python bench/e2e.py --systems direct,tunnel-wss --metrics rtt,throughput
     python bench/e2e.py --metrics wan --wan-loss 1     # the WAN path alone, 1 % loss
 
@@ -129,7 +130,12 @@ class Settings:
     cap_cores: float = 0.31
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "Settings":
+    def for_mode(cls, quick: bool, smoke: bool = False) -> "Settings":
+        if smoke:
+            # Every step once, as short as it still measures: proves the harness runs (the tests
+            # run it so), not a figure to publish.
+            return cls(tput_seconds=1, rtt_count=200, conn_seconds=0.5, http_seconds=1, streams=100,
+                       pg_seconds=1, wan=wan.WanSettings(tput_seconds=2, hol_seconds=4, hol_warmup=1.0))
         if quick:
             return cls(tput_seconds=2, rtt_count=2000, conn_seconds=1.5, http_seconds=2,
                        streams=1000, pg_seconds=4, wan=wan.WanSettings(tput_seconds=5, hol_seconds=8,
@@ -475,7 +481,7 @@ def metadata(args, st: Settings, res: Results, systems: list[str], groups: list[
         ours = "unknown"
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "mode": "quick" if args.quick else "full",
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "systems": systems, "groups": groups, "reference": REFERENCE,
         "skipped": res.skipped, "errors": res.errors, "notes": res.notes,
         "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_hz_nominal": hz,
@@ -580,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short durations (about 7 minutes)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="each step once, as short as possible: checks the harness, figures not comparable")
     ap.add_argument("--systems", help=f"comma list of {', '.join(SYSTEMS)} (default: all)")
     ap.add_argument("--metrics", help=f"comma list of metric groups {', '.join(GROUPS)} "
                                       "(default: all)")
@@ -610,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         return replot(args.replot, args.results_dir)
     systems = parse_list(args.systems, SYSTEMS, "systems")
     groups = parse_list(args.metrics, GROUPS, "metric groups")
-    st = Settings.for_mode(args.quick)
+    st = Settings.for_mode(args.quick, args.smoke)
     st.cap_cores = args.cap_cores
     try:
         losses = tuple(float(x) / 100 for x in args.wan_loss.split(",") if x.strip())
@@ -714,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs kept in {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 130 if interrupted else 0
+    return 130 if interrupted else 1 if args.smoke and res.errors else 0
 
 
 if __name__ == "__main__":

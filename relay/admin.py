@@ -264,7 +264,10 @@ class AdminApi:
         from .cluster import link_view
 
         by_resource: dict[str, list[dict]] = {}
+        unreachable = self.cluster.unreachable if self.cluster is not None else ()
         for link in await self.state.list_links():
+            if link["relay_id"] in unreachable:
+                continue
             view = link_view(link)
             for resource_id in view["resources"]:
                 by_resource.setdefault(resource_id, []).append(view)
@@ -274,7 +277,7 @@ class AdminApi:
         """Agent links per resource on every live relay (a cluster on PostgreSQL), else None."""
         if self.cluster is None or self.state.backend != "postgresql":
             return None
-        return await self.state.link_counts(self.cluster.settings.member_ttl)
+        return await self.state.link_counts(self.cluster.settings.member_ttl, self.cluster.unreachable)
 
     def _resource_view(self, resource: dict, extended: bool, links: dict[str, list[dict]] | None = None,
                        counts: dict[str, int] | None = None) -> dict:

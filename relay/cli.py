@@ -302,7 +302,7 @@ def _print_cluster(status: dict, output: str) -> None:
     print(_table(
         ("RELAY", "ADVERTISE URL", "PEER ADDRESS", "VERSION", "STARTED", "HEARTBEAT AGE", "LINKS", "STATE", ""),
         [(r.get("id"), r.get("advertise_url"), r.get("peer_address") or "-", r.get("version"), r.get("started_at"),
-          f"{r.get('heartbeat_age')} s", r.get("links"), "draining" if r.get("draining") else "serving",
+          f"{r.get('heartbeat_age')} s", r.get("links"), "draining" if r.get("draining") else "unreachable" if r.get("unreachable") else "serving",
           "(this relay)" if r.get("self") else "") for r in status.get("relays") or []],
     ))
     print()

@@ -115,6 +115,9 @@ class Cluster:
         self.draining = False
         #: The live relays as last read (``id``, ``advertise_url``, ``peer_address``, ``draining``).
         self.members: list[dict] = []
+        #: Relays whose peer link was lost and cannot be dialled again (relay.peering): their
+        #: agent links are neither counted nor routed to from here until they answer again.
+        self.unreachable: set[str] = set()
         #: Called with :attr:`members` after each change heard (relays joining, leaving, draining).
         self.on_members = None
         #: Called with a resource's row when any relay creates one (every relay binds its endpoint).
@@ -450,6 +453,7 @@ class Cluster:
                 "links": int(r["links"]),
                 "draining": bool(r["draining"]),
                 "peer_address": r.get("peer_address") or "",
+                "unreachable": r["id"] in self.unreachable,
                 "self": r["id"] == self.relay_id,
             } for r in relays],
             "links": [link_view(link) for link in links],

@@ -24,6 +24,12 @@ resource, whichever relays its agents are linked to (proxy peering, as Teleport'
 - **Backpressure.** End to end: worker TCP ↔ peer stream (the usual TCP bridge, credit only
   for bytes the kernel took) and peer stream ↔ agent stream (credit only once the other queue
   is below its high-water mark); each hop's windows bound what it holds.
+- **A lost peer link.** When the link to a relay that is still a member closes, this relay
+  dials it again at once; if that fails (the relay crashed, or another process now answers at
+  its address) the relay is *unreachable* from here (``Cluster.unreachable``): its agent links
+  are no longer counted (``resources list``) nor routed to, and the dial is retried every
+  :data:`PEER_REDIAL_INTERVAL` until it answers (counted again) or its row expires after the
+  member TTL (the backstop for partitions, where the other relays may still reach it).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ log = logging.getLogger("relay.peering")
 RELAY_ID = re.compile(r"rly_[a-z0-9]{1,64}")
 #: Longest wait for a peer link to be dialled and greeted.
 PEER_HANDSHAKE_TIMEOUT = 5.0
+#: Seconds between dials of a relay whose peer link was lost and could not be dialled again.
+PEER_REDIAL_INTERVAL = 1.0
 
 
 class PeerLink:
@@ -118,6 +126,7 @@ class Peering:
         #: relay id -> the link kept to it.
         self.links: dict[str, PeerLink] = {}
         self._dialing: dict[str, asyncio.Task] = {}
+        self._redialing: dict[str, asyncio.Task] = {}
         self._holders: dict[str, list[dict]] = {}  # last answer per resource (database outages)
         self._tasks: set[asyncio.Task] = set()
         #: Splices of streams from peers to agents here, in flight.
@@ -170,6 +179,7 @@ class Peering:
             self.links[relay_id] = keep
             return peer
         self.links[relay_id] = peer
+        self._reachable(relay_id)
         log.info("peer link to relay %s up (%s)", relay_id, "dialled here" if dialed_by == self.relay_id
                  else "dialled by it")
         return peer
@@ -179,6 +189,42 @@ class Peering:
         if self.links.get(peer.relay_id) is peer:
             del self.links[peer.relay_id]
             log.info("peer link to relay %s closed", peer.relay_id)
+            self._redial(peer.relay_id)
+
+    def _member(self, relay_id: str) -> dict | None:
+        for relay in self.cluster.members:
+            if relay["id"] == relay_id:
+                return relay
+        return None
+
+    def _reachable(self, relay_id: str) -> None:
+        if relay_id in self.cluster.unreachable:
+            self.cluster.unreachable.discard(relay_id)
+            log.info("relay %s reachable again: its agent links count again", relay_id)
+
+    def _redial(self, relay_id: str) -> None:
+        """The link to ``relay_id`` was lost: dial it again now (see the module docstring)."""
+        if self.closed or relay_id in self._redialing:
+            return
+        member = self._member(relay_id)
+        if member is None or not member.get("peer_address") or member.get("draining"):
+            return  # it left, or drains (its agents move away): nothing to recount
+        task = self._redialing[relay_id] = asyncio.get_running_loop().create_task(self._redial_until_back(relay_id))
+        task.add_done_callback(lambda _t: self._redialing.pop(relay_id, None))
+
+    async def _redial_until_back(self, relay_id: str) -> None:
+        while not self.closed:
+            member = self._member(relay_id)
+            if member is None or not member.get("peer_address"):
+                self.cluster.unreachable.discard(relay_id)  # expired: its links are gone with it
+                return
+            if await self.link_to(relay_id, member["peer_address"]) is not None:
+                return  # _add counted it again
+            if relay_id not in self.cluster.unreachable:
+                self.cluster.unreachable.add(relay_id)
+                log.warning("relay %s unreachable since its peer link was lost: its agent links are not counted "
+                            "here until it answers or its membership expires", relay_id)
+            await asyncio.sleep(PEER_REDIAL_INTERVAL)
 
     def _live(self, relay_id: str) -> PeerLink | None:
         peer = self.links.get(relay_id)
@@ -243,22 +289,24 @@ class Peering:
         for relay_id, peer in list(self.links.items()):
             if relay_id not in present:
                 peer.link.close(ErrorCode.NO_ERROR, "relay left the cluster")
+        self.cluster.unreachable.intersection_update(present)
 
     # ---- forwarding (the relay the worker reached)
 
     async def holders(self, resource_id: str) -> list[dict]:
-        """The relays holding an agent of ``resource_id`` (see :meth:`RelayState.holders`)."""
+        """The relays holding an agent of ``resource_id`` (see :meth:`RelayState.holders`),
+        but those unreachable from here."""
         try:
             rows = await self.cluster.state.holders(resource_id, self.cluster.settings.member_ttl)
+            self._holders[resource_id] = rows
         except StoreUnavailable:
-            return self._holders.get(resource_id, [])
+            rows = self._holders.get(resource_id, [])
         except Exception as exc:  # noqa: BLE001 - a database fault: the last answer serves
             self.registry.throttled.log(("holders", type(exc).__name__), logging.WARNING,
                                         "cannot read which relays hold agents (%s); using the last answer",
                                         exc if isinstance(exc, StoreError) else type(exc).__name__)
-            return self._holders.get(resource_id, [])
-        self._holders[resource_id] = rows
-        return rows
+            rows = self._holders.get(resource_id, [])
+        return [row for row in rows if row["relay_id"] not in self.cluster.unreachable]
 
     async def open_forward(self, resource_id: str, handler) -> tuple[LinkStream, LinkBuffers] | None:
         """A stream for ``resource_id`` to a relay holding one of its agents, with the link's
@@ -317,7 +365,7 @@ class Peering:
 
     def close(self) -> None:
         self.closed = True
-        for task in list(self._tasks) + list(self._dialing.values()):
+        for task in list(self._tasks) + list(self._dialing.values()) + list(self._redialing.values()):
             task.cancel()
         self.stop_listening()
         for peer in list(self.links.values()):

@@ -593,13 +593,17 @@ class RelayState:
             row["epoch"] = int(row["epoch"])
         return rows
 
-    async def link_counts(self, ttl: float) -> dict[str, int]:
-        """Agent links per resource on relays heard from within ``ttl`` seconds."""
+    async def link_counts(self, ttl: float, exclude: Iterable[str] = ()) -> dict[str, int]:
+        """Agent links per resource on relays heard from within ``ttl`` seconds, but the
+        relays in ``exclude``."""
+        exclude = sorted(exclude)
         rows = await self.db.fetch(
             "SELECT lr.resource_id, COUNT(*) AS n FROM agent_link_resources lr "
             "JOIN agent_links l ON l.customer_id = lr.customer_id AND l.agent_instance = lr.agent_instance "
             "AND l.slot = lr.slot JOIN relays r ON r.id = l.relay_id "
-            "WHERE r.heartbeat_at > {now} - ? GROUP BY lr.resource_id", float(ttl),
+            "WHERE r.heartbeat_at > {now} - ? "
+            + (f"AND r.id NOT IN {_in_list(exclude)} " if exclude else "")
+            + "GROUP BY lr.resource_id", float(ttl), *exclude,
         )
         return {row["resource_id"]: int(row["n"]) for row in rows}
 

@@ -257,3 +257,38 @@ def test_agent_restart_under_forwarded_connections_fails_none(cluster, agents, s
     assert "waiting connection(s) go to it" not in r1.proc.log()  # r1 never had an agent: it forwarded
     for relay in c.relays:
         assert "Traceback" not in relay.proc.log()
+
+
+def test_a_killed_relays_agents_stop_counting_within_5_s(cluster, agents, service_factory):
+    # The membership TTL is long here (the default), so only the lost peer link can make the
+    # other relays stop counting the dead relay's agent link in time.
+    c = cluster(RELAY_MEMBER_TTL="20")
+    r1, r2, r3 = c.relays
+    customer = r1.create_customer("acme")
+    token = r1.jwt("--customer-id", customer)
+    service = service_factory("drain-then-echo")
+    agent = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    r2.wait_available(customer, "db")
+
+    def view(relay: Relay) -> dict:
+        return next(r for r in admin(relay).list_resources(extended=True) if r["name"] == "db")
+
+    for relay in (r1, r3):
+        wait_until(lambda: view(relay)["agents"] == 1, 20, "the agent counted everywhere")
+    # The agent cannot link again (stopped), and its relay dies without a word.
+    agent.signal(signal.SIGSTOP)
+    try:
+        r2.proc.kill()
+        killed = time.monotonic()
+        wait_until(lambda: all(view(relay)["status"] == "UNAVAILABLE" for relay in (r1, r3)), 10,
+                   "the other relays to stop counting the dead relay's agent")
+        assert time.monotonic() - killed <= 5.0
+        for relay in (r1, r3):
+            assert view(relay)["agents"] == 0 and view(relay)["agents_detail"] == []
+            assert "unreachable" in relay.cli("cluster", "status").stdout
+    finally:
+        agent.signal(signal.SIGCONT)
+    # The agent links again (to a relay it learned of) and is counted everywhere.
+    for relay in (r1, r3):
+        wait_until(lambda: view(relay)["agents"] == 1, 30, "the agent back")
+    assert "Traceback" not in r1.proc.log() + r3.proc.log()

@@ -1,0 +1,63 @@
+"""Short forms of the benchmarks behind the published figures (README, bench/README.md,
+docs/CLUSTER.md), so that a refactor cannot silently break one: the end-to-end harness with
+every metric group once (``bench/e2e.py --smoke``: each system, each group, one WAN point) and
+the cluster scale benchmark with a few hundred simulated agents, one kill and one drain. They
+check that each benchmark runs and measures, not the figures (benchmarks are not timed tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.e2e import GROUPS, METRIC_BY_KEY, add_wan_metrics  # noqa: E402
+from bench.peers import cpucap  # noqa: E402
+from bench.wan.path import unavailable_reason as wan_unavailable  # noqa: E402
+from tests.helpers.cluster import aliases_work  # noqa: E402
+
+SYSTEMS = ("ssh-aes128gcm", "tunnel-wss", "tunnel-quic")
+
+
+def test_e2e_harness_measures_every_group(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "e2e.py"), "--smoke", "--systems", ",".join(SYSTEMS),
+         "--wan-loss", "1", "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "latest.json").read_text())
+    meta = data["metadata"]
+    assert not meta["errors"] and not meta["skipped"], (meta["errors"], meta["skipped"])
+    groups = set(GROUPS)
+    if cpucap.unavailable_reason():
+        groups.discard("capped")
+    if wan_unavailable():
+        groups.discard("wan")
+    add_wan_metrics((0.01,))
+    measured = {(row["system"], METRIC_BY_KEY[row["metric"]].group) for row in data["rows"]}
+    missing = [(system, group) for system in SYSTEMS for group in sorted(groups) if (system, group) not in measured]
+    assert not missing, f"no figure for {missing}"
+
+
+@pytest.mark.skipif(not aliases_work(), reason="127.0.0.2/.3 are not loopback addresses here")
+def test_cluster_scale_brings_a_killed_relays_agents_back(tmp_path):
+    out = tmp_path / "cluster-scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cluster_scale.py"), "--agents", "300", "--swarms", "1",
+         "--timeout", "120", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    on_victim = results["restart_kill"]["links_on_the_restarted_relay_before"]
+    assert on_victim == 100
+    # Every agent of the killed relay registered again (a simulator that cannot reconnect
+    # never gets here: the run times out waiting for them).
+    assert results["restart_kill"]["registrations"] >= on_victim
+    assert results["restart_drain"]["registrations"] >= on_victim
+    assert all(kib and kib > 0 for kib in results["memory"]["kib_per_idle_link"])
