@@ -284,8 +284,9 @@ class Relay:
                 try:
                     await self.registry.ensure_endpoint(resource)
                 except OSError:
-                    raise AuthError(f"resource {resource['name']}: the relay {self.registry.bind_errors[resource['id']]}"
-                                    "; retry later", code="unavailable", fatal=False) from None
+                    why = self.registry.bind_errors.get(resource["id"], "cannot bind its endpoint")
+                    raise AuthError(f"resource {resource['name']}: the relay {why}; retry later", code="unavailable",
+                                    fatal=False) from None
             if link.is_closing:
                 return None
             agent_id = "agt_" + secrets.token_hex(8)
