@@ -265,3 +265,31 @@ def test_target_health_floods_make_a_bounded_number_of_log_lines(tmp_path, caplo
     print(len(theirs), theirs[-3:])
     assert len(theirs) <= 40, len(theirs)
     assert any(victim in line and "cannot reach the private service" in line for line in lines), lines[-5:]
+
+
+def test_an_endpoint_that_cannot_bind_is_refused_as_unavailable_and_logged_once(tmp_path, caplog):
+    """Issue 20, item 8: agents of a resource whose port something else holds on this relay
+    get ``unavailable`` (they retry), the relay logs it once and lists it, and goes on."""
+    caplog.set_level(logging.INFO)
+    low, high = _free_range(1)
+    held = socket.socket()
+    held.bind(("127.0.0.1", low))
+    held.listen()
+
+    async def run():
+        async with _relay(tmp_path) as relay:
+            customer = (await relay.state.create_customer("acme"))["id"]
+            await relay.state.get_or_create_resource(customer, "db", lambda taken: low)
+            token = relay.authority.issue(customer)
+            links = [_auth(relay, token, ["db"]) for _ in range(3)]
+            await _settled(relay, links)
+            return links, dict(relay.registry.bind_errors)
+
+    try:
+        links, errors = asyncio.run(run())
+    finally:
+        held.close()
+    assert {link.sent[0]["code"] for link in links} == {"unavailable"}, [link.sent for link in links]
+    assert f"cannot bind 127.0.0.1:{low}" in links[0].sent[0]["message"]
+    assert len(errors) == 1 and f"127.0.0.1:{low}" in next(iter(errors.values()))
+    assert caplog.text.count("endpoint not served on this relay") == 1
