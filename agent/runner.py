@@ -413,8 +413,8 @@ class Agent:
                         self.backoff.reset()
                         continue
                     delay = self.backoff.next_delay()
-                    log.info("moving again %.1f s after registering; moving in %.1f s", loop.time() - registered_at,
-                             delay)
+                    log.info("told to move %.1f s after registering: linking again in %.1f s (backing off)",
+                             loop.time() - registered_at, delay)
                     await self._sleep(delay)
                     continue
                 code, reason, error = outcome
