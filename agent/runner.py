@@ -325,7 +325,7 @@ class Agent:
         for name in handler.names:
             self.waiting.pop(name, None)
         if self.waiting:
-            self._add_later(handler, at_once=True)
+            self._add_later(at_once=True)
         if self.metrics is not None:
             self.metrics.registered(link)
         if self.links is not None:
@@ -413,8 +413,8 @@ class Agent:
                         self.backoff.reset()
                         continue
                     delay = self.backoff.next_delay()
-                    log.info("moving again %.1f s after registering; moving in %.1f s", loop.time() - registered_at,
-                             delay)
+                    log.info("told to move %.1f s after registering: linking again in %.1f s (backing off)",
+                             loop.time() - registered_at, delay)
                     await self._sleep(delay)
                     continue
                 code, reason, error = outcome
@@ -656,10 +656,10 @@ class Agent:
                 handler.names.add(res["name"])
                 log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
                          handler.link.carrier, res.get("endpoint"))
-        self._refused(handler, answer, added)
+        self._refused(answer, added)
         handler.send_health(added)
 
-    def _refused(self, handler: AgentLinkHandler, answer: dict, asked: list[str]) -> None:
+    def _refused(self, answer: dict, asked: list[str]) -> None:
         """The ``refused`` entries of a ``resources_added`` answer: dropped for good when
         retrying is futile (revoked, deleted, malformed), else waiting for another try."""
         for res in answer.get("refused") or []:
@@ -679,24 +679,29 @@ class Agent:
                                 "others go on", name, why)
                 self.waiting[name] = why
         if self.waiting:
-            self._add_later(handler)
+            self._add_later()
 
-    def _add_later(self, handler: AgentLinkHandler, at_once: bool = False) -> None:
-        """Ask ``handler``'s relay again, with backoff, for the resources waiting (one task)."""
-        if self._waiting_task is None or self._waiting_task.done():
-            self._waiting_task = self._spawn(self._retry_waiting(handler, at_once))
+    def _add_later(self, at_once: bool = False) -> None:
+        """Ask the relay of the current link again, with backoff, for the resources waiting
+        (one task; ``at_once``: a new link, ask it now)."""
+        if self._waiting_task is not None and not self._waiting_task.done():
+            if not at_once:
+                return
+            self._waiting_task.cancel()
+        self._waiting_task = self._spawn(self._retry_waiting(at_once))
 
-    async def _retry_waiting(self, handler: AgentLinkHandler, at_once: bool) -> None:
+    async def _retry_waiting(self, at_once: bool) -> None:
         backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
-        while self.waiting and self.handler is handler and not handler.link.is_closing:
+        while self.waiting:
             if not at_once:
                 await self._sleep(backoff.next_delay())
             at_once = False
-            if self.stopping or self.handler is not handler or handler.link.is_closing:
-                return
+            handler = self.handler
+            if self.stopping or handler is None or handler.link.is_closing:
+                return  # the next registration asks again
             names = [n for n in self.waiting if self.route(n) is not None and n not in handler.names]
             for name in [n for n in self.waiting if n not in names]:
-                del self.waiting[name]  # removed by a reload, or dropped meanwhile
+                del self.waiting[name]  # removed by a reload, dropped, or served meanwhile
             if not names:
                 return
             answer = await handler.request("add_resources", names, "resources_added")
@@ -708,10 +713,10 @@ class Agent:
                     handler.names.add(res["name"])
                     log.info("serving resource %s (%s) via %s; integration endpoint %s (refused before)",
                              res.get("name"), res.get("id"), handler.link.carrier, res.get("endpoint"))
-            for res in answer.get("refused") or []:
-                if isinstance(res, dict) and res.get("name") in names and \
-                        str(res.get("code", "refused"))[:64] in FATAL_CODES:
-                    self._refused(handler, {"refused": [res]}, names)
+            futile = [res for res in answer.get("refused") or []
+                      if isinstance(res, dict) and str(res.get("code", "refused"))[:64] in FATAL_CODES]
+            if futile:
+                self._refused({"refused": futile}, names)
             handler.send_health(n for n in names if n in handler.names)
 
     async def _switch(self, old_link: Link):

@@ -29,8 +29,8 @@ from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
 from .quotas import PerCustomerRate, QuotaExceeded
-from .store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 from .registry import AgentSession
+from .store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 
 if TYPE_CHECKING:
     from .server import Relay

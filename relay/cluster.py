@@ -342,19 +342,20 @@ class Cluster:
             "connected_at": float(session.connected_since),
         }
 
-    async def admit(self, session) -> None:
+    async def admit(self, session, quota=None) -> None:
         """Record ``session``'s link; raise :class:`AuthError` if its token was revoked or a
         resource deleted meanwhile (here or on any relay), :class:`StoreUnavailable` if the
-        database is away. On return the caller adds the session to the registry at once
-        (before any other await)."""
+        database is away, what ``quota(count)`` raises given the customer's other live links
+        in the cluster (:meth:`relay.state.RelayState.add_link`). On return the caller adds the
+        session to the registry at once (before any other await)."""
         self._pending[session] = None
         try:
             try:
-                session.epoch = await self._add_link(session)
+                session.epoch = await self._add_link(session, quota)
             except Conflict:
                 # This relay's row is gone (the others took it for dead): join again, once.
                 await self._join()
-                session.epoch = await self._add_link(session)
+                session.epoch = await self._add_link(session, quota)
             reread = self._reread_task
             if reread is not None and not reread.done():
                 # A hint heard meanwhile: what it makes us read may refuse this registration.
@@ -370,8 +371,9 @@ class Cluster:
             self.forget(session)
             raise AuthError(refusal[1], code=refusal[0])
 
-    async def _add_link(self, session) -> int:
-        return await self.state.add_link(self._link_row(session), list(session.resources), session.generation)
+    async def _add_link(self, session, quota=None) -> int:
+        return await self.state.add_link(self._link_row(session), list(session.resources), session.generation,
+                                         quota, self.settings.member_ttl)
 
     async def relink(self, session) -> None:
         """``session`` serves other resources now (CONTROL ``add_resources`` or

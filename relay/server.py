@@ -284,8 +284,9 @@ class Relay:
                 try:
                     await self.registry.ensure_endpoint(resource)
                 except OSError:
-                    raise AuthError(f"resource {resource['name']}: the relay {self.registry.bind_errors[resource['id']]}"
-                                    "; retry later", code="unavailable", fatal=False) from None
+                    why = self.registry.bind_errors.get(resource["id"], "cannot bind its endpoint")
+                    raise AuthError(f"resource {resource['name']}: the relay {why}; retry later", code="unavailable",
+                                    fatal=False) from None
             if link.is_closing:
                 return None
             agent_id = "agt_" + secrets.token_hex(8)
@@ -304,7 +305,7 @@ class Relay:
             )
             # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
             # then, with no await, the checks that others' registrations may have changed.
-            await self.cluster.admit(agent)
+            await self.cluster.admit(agent, quota=lambda count: self._links_quota(customer_id, count))
             if link.is_closing:
                 self.cluster.forget(agent)
                 return None
@@ -365,13 +366,18 @@ class Relay:
                 del self.registering[rid]
 
     def _check_link_quotas(self, link: Link, customer_id: str) -> None:
+        self._links_quota(customer_id, self.registry.links_of(customer_id))
+        if self.descriptors is not None and link.carrier == "wss":  # a QUIC link holds no descriptor
+            self.descriptors.check_link(customer_id)
+
+    def _links_quota(self, customer_id: str, count: int) -> None:
+        """Refuse another link of ``customer_id``, who has ``count`` (on this relay, or on every
+        relay of the cluster as the database counts them when the link is recorded)."""
         limit = self.limits.max_links_per_customer
-        if self.registry.links_of(customer_id) >= limit:
+        if count >= limit:
             raise QuotaExceeded(f"customer {customer_id} is over its quota of {limit} live agent links "
                                 "(TUNNEL_MAX_LINKS_PER_CUSTOMER)", limit="max_links_per_customer",
                                 customer_id=customer_id)
-        if self.descriptors is not None and link.carrier == "wss":  # a QUIC link holds no descriptor
-            self.descriptors.check_link(customer_id)
 
     def _allocate_port(self, taken: set[int]) -> int:
         from .state import allocate_port

@@ -527,12 +527,26 @@ class RelayState:
 
     # ---- agent links
 
-    async def add_link(self, link: dict, resource_ids: list[str], token_generation: int) -> int:
+    async def add_link(self, link: dict, resource_ids: list[str], token_generation: int,
+                       quota: Callable[[int], None] | None = None, live_within: float = 0.0) -> int:
         """Record a new agent link (``link`` has the ``agent_links`` columns but ``epoch``)
         serving ``resource_ids``; return its epoch, higher than any before it. Raise
         :class:`LinkRefused` when a resource is gone or rotated past ``token_generation``
-        (checked in the same transaction, so a rotation cannot slip in between)."""
+        (checked in the same transaction, so a rotation cannot slip in between).
+
+        ``quota(count)``, given the customer's other links on relays heard from within
+        ``live_within`` seconds, is called in the transaction with the customer's row locked
+        (as :meth:`get_or_create_resource`'s), so that concurrent links on every relay are
+        counted one after the other; whatever it raises refuses the link."""
         async with self.db.transaction() as tx:
+            if quota is not None:
+                lock = " FOR UPDATE" if self.db.dialect.is_postgres else ""
+                await tx.fetchval(f"SELECT id FROM customers WHERE id = ?{lock}", link["customer_id"])
+                quota(int(await tx.fetchval(
+                    "SELECT COUNT(*) FROM agent_links l JOIN relays r ON r.id = l.relay_id "
+                    "WHERE l.customer_id = ? AND r.heartbeat_at > {now} - ? "
+                    "AND NOT (l.agent_instance = ? AND l.slot = ?)",
+                    link["customer_id"], float(live_within), link["agent_instance"], int(link["slot"]))))
             rows = await tx.fetch(f"SELECT id, generation FROM resources WHERE id IN {_in_list(resource_ids)}",
                                   *resource_ids)
             generations = {row["id"]: int(row["generation"]) for row in rows}

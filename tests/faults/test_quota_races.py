@@ -27,9 +27,10 @@ from tunnel.core.limits import Limits
 
 
 @contextlib.asynccontextmanager
-async def _relay(tmp_path, database: str | None = None, port_range: tuple[int, int] | None = None, **limits):
+async def _relay(tmp_path, database: str | None = None, port_range: tuple[int, int] | None = None,
+                 service_host: str = "127.0.0.1", **limits):
     state = await RelayState.open(tmp_path, database)
-    registry = Registry("127.0.0.1")
+    registry = Registry(service_host)
     cluster = Cluster(state, registry, "wss://127.0.0.1:8443")
     await cluster.start()
     relay = Relay(state, TokenAuthority(tmp_path), registry, Limits(**limits), cluster=cluster)
@@ -91,6 +92,28 @@ def test_concurrent_registrations_hold_the_resource_quota(tmp_path, database, ca
     assert sorted(codes) == ["quota_exceeded"] * 16 + ["registered"] * 4, codes
     refusal = next(link.sent[0] for link in links if link.sent[0]["type"] == "error")
     assert "over its quota of 4 resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER)" in refusal["message"]
+
+
+def test_concurrent_links_on_two_relays_hold_the_customers_link_quota(tmp_path, postgres_url, caplog):
+    """Links per customer are counted across the relays of a cluster, in the database."""
+    caplog.set_level(logging.INFO)
+
+    async def run():
+        async with _relay(tmp_path, postgres_url, max_links_per_customer=4) as one, \
+                _relay(tmp_path, postgres_url, service_host="127.0.0.2", max_links_per_customer=4) as two:
+            customer = (await one.state.create_customer("acme"))["id"]
+            token = one.authority.issue(customer)
+            first = _auth(one, token, ["db"])  # creates the resource
+            await _settled(one, [first])
+            links = [_auth(relay, token, ["db"]) for _ in range(10) for relay in (one, two)]
+            await async_wait_until(lambda: all(link.sent for link in links), 30, "every registration answered")
+            await asyncio.gather(*one.tasks, *two.tasks, return_exceptions=True)
+            return [first, *links], await one.state.list_links()
+
+    links, rows = asyncio.run(run())
+    codes = _codes(links)
+    assert sorted(codes) == ["quota_exceeded"] * 17 + ["registered"] * 4, codes
+    assert len(rows) == 4, rows
 
 
 def test_concurrent_add_resources_stay_within_the_per_link_limit(tmp_path, caplog):
@@ -242,3 +265,31 @@ def test_target_health_floods_make_a_bounded_number_of_log_lines(tmp_path, caplo
     print(len(theirs), theirs[-3:])
     assert len(theirs) <= 40, len(theirs)
     assert any(victim in line and "cannot reach the private service" in line for line in lines), lines[-5:]
+
+
+def test_an_endpoint_that_cannot_bind_is_refused_as_unavailable_and_logged_once(tmp_path, caplog):
+    """Issue 20, item 8: agents of a resource whose port something else holds on this relay
+    get ``unavailable`` (they retry), the relay logs it once and lists it, and goes on."""
+    caplog.set_level(logging.INFO)
+    low, high = _free_range(1)
+    held = socket.socket()
+    held.bind(("127.0.0.1", low))
+    held.listen()
+
+    async def run():
+        async with _relay(tmp_path) as relay:
+            customer = (await relay.state.create_customer("acme"))["id"]
+            await relay.state.get_or_create_resource(customer, "db", lambda taken: low)
+            token = relay.authority.issue(customer)
+            links = [_auth(relay, token, ["db"]) for _ in range(3)]
+            await _settled(relay, links)
+            return links, dict(relay.registry.bind_errors)
+
+    try:
+        links, errors = asyncio.run(run())
+    finally:
+        held.close()
+    assert {link.sent[0]["code"] for link in links} == {"unavailable"}, [link.sent for link in links]
+    assert f"cannot bind 127.0.0.1:{low}" in links[0].sent[0]["message"]
+    assert len(errors) == 1 and f"127.0.0.1:{low}" in next(iter(errors.values()))
+    assert caplog.text.count("endpoint not served on this relay") == 1

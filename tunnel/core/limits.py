@@ -122,7 +122,7 @@ class Limits:
     # --- relay quotas, per customer (docs/LIMITS.md, "Quotas") ---
     #: Resources one customer may have; registering a new name beyond it is refused.
     max_resources_per_customer: int = 256
-    #: Live agent links one customer may hold on one relay.
+    #: Live agent links one customer may hold (across the relays of a cluster).
     max_links_per_customer: int = 512
     #: Registrations (``auth`` messages with a valid token) per customer and minute; a burst
     #: of one minute's worth is allowed.
