@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from tests.helpers import async_wait_until, make_pki  # noqa: E402
+from tests.helpers import async_wait_until  # noqa: E402
 from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
 from tunnel.carriers.proxy import no_proxy_matches, proxy_for, redact  # noqa: E402
 from tunnel.carriers.wss import open_wss_pipe, parse_ws_url, serve_wss_pipes  # noqa: E402
@@ -30,11 +30,6 @@ from tunnel.wire.errors import (
 )
 
 LIMITS = Limits()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 
