@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_quic import Recorder, make_ca, make_server_cert, wait_for  # noqa: E402
+from test_quic import Recorder, wait_for  # noqa: E402
 
 from tunnel.bridge.dial import Dialer  # noqa: E402
 from tunnel.carriers.quic import serve_quic  # noqa: E402
@@ -22,14 +22,6 @@ from tunnel.core.limits import Limits  # noqa: E402
 pytestmark = pytest.mark.timeout(180)
 LIMITS = Limits(handshake_timeout=10)
 FAST = LIMITS.replace(quic_probe_timeout=1.5, quic_reprobe_interval=30)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dialcerts")
-    ca_key, ca_cert, ca_path = make_ca(str(d))
-    cert_path, key_path = make_server_cert(str(d), ca_key, ca_cert)
-    return {"ca": ca_path, "cert": cert_path, "key": key_path}
 
 
 def _accept(links):

@@ -17,7 +17,6 @@ if str(ROOT) not in sys.path:
 
 import uvloop  # noqa: E402
 
-from tests.helpers import make_pki  # noqa: E402
 from tests.helpers.nginx import NGINX, nginx_available, start_nginx  # noqa: E402
 from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
 from tunnel.carriers.wss import open_wss_pipe, serve_wss_pipes  # noqa: E402
@@ -30,11 +29,6 @@ from tunnel.wire.errors import (
 pytestmark = pytest.mark.skipif(not nginx_available(), reason=f"nginx is not installed at {NGINX}")
 
 LIMITS = Limits()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class Collector(PipeReceiver):

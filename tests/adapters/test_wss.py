@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from tests.helpers import async_wait_until, make_pki  # noqa: E402
+from tests.helpers import async_wait_until  # noqa: E402
 from tunnel.carriers import tls  # noqa: E402
 from tunnel.carriers.pipe import PipeReceiver  # noqa: E402
 from tunnel.carriers.proxy import no_proxy_matches, proxy_for, redact  # noqa: E402
@@ -33,11 +33,6 @@ from tunnel.wire.errors import (
 LIMITS = Limits()
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture(params=["openssl", "ssl"], autouse=True)
 def tls_engine(request):
     """Every case on both TLS engines (tunnel.carriers.tls): the default and TUNNEL_TLS_ENGINE=ssl."""
@@ -45,8 +40,6 @@ def tls_engine(request):
     tls.select(request.param)
     yield request.param
     tls.select(before)
-
-
 
 
 class Collector(PipeReceiver):

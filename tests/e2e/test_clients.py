@@ -4,50 +4,21 @@ packages (installed by scripts/setup.sh) and are started here on private loopbac
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
 import re
 import shutil
 import socket
 import subprocess
-import tempfile
 
 import pytest
 
 from tests.helpers.nginx import nginx_available, start_nginx
 from tests.helpers.processes import connect, free_port, recv_all, wait_until
 
-PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1] if glob.glob("/usr/lib/postgresql/*/bin") else None
-
 
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def postgres():
-    if PG_BIN is None or not shutil.which("psql"):
-        pytest.skip("PostgreSQL is not installed (scripts/setup.sh installs it)")
-    user = pwd.getpwnam("postgres")
-    base = tempfile.mkdtemp(prefix="tunnel-pg-")
-    os.chown(base, user.pw_uid, user.pw_gid)
-    data, port = os.path.join(base, "data"), free_port()
-
-    def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True, text=True, timeout=120)
-
-    out = as_postgres(f"{PG_BIN}/initdb", "-D", data, "--auth=trust", "-U", "postgres", "--no-sync")
-    assert out.returncode == 0, out.stderr
-    out = as_postgres(f"{PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(base, "pg.log"), "-w", "-t", "60", "start",
-                      "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=64")
-    assert out.returncode == 0, out.stderr + out.stdout
-    try:
-        yield port
-    finally:
-        as_postgres(f"{PG_BIN}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,19 +5,14 @@ to the group's other agents at once), lets open streams finish up to ``DRAIN_TIM
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import connect, echoed, free_port, wait_until
+from tests.helpers.processes import connect, echoed, wait_until
 from tests.helpers.steady import SteadyConnections
 
 
@@ -73,40 +68,6 @@ def test_sigterm_deregisters_drains_and_exits_zero(relay, agents, service_factor
 
 
 # --------------------------------------------------------------------------- pgbench
-
-PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
-
-
-@pytest.fixture
-def postgres():
-    """A PostgreSQL server of its own on 127.0.0.1 (a non-root user runs it), trust auth."""
-    if PG_BIN is None or not shutil.which("pgbench") or not shutil.which("psql"):
-        pytest.skip("PostgreSQL server binaries and pgbench are not installed")
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("no postgres user to run the server as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    else:
-        user, as_user = None, []
-    # Not under pytest's temporary directory: that one is private to the user running the tests.
-    data = Path(tempfile.mkdtemp(prefix="tunnel-pg-"))
-    if user is not None:
-        os.chown(data, user.pw_uid, user.pw_gid)
-    port = free_port()
-    subprocess.run([*as_user, f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-                   check=True, capture_output=True, timeout=120)
-    options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={data} -c fsync=off "
-               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
-    subprocess.run([*as_user, f"{PG_BIN}/pg_ctl", "-D", str(data), "-o", options, "-l", str(data / "server.log"),
-                    "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=90)
-    try:
-        yield port
-    finally:
-        subprocess.run([*as_user, f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def _pg(*args: str, port: int, timeout: float = 120) -> subprocess.CompletedProcess:

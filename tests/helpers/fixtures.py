@@ -57,3 +57,17 @@ def reg(tmp_path):
         yield r
     finally:
         r.close()
+
+
+@pytest.fixture
+def postgres():
+    """The port of a PostgreSQL server of its own on 127.0.0.1 (superuser ``postgres``, trust
+    auth): the private service of the psql and pgbench tests."""
+    import shutil
+
+    from tests.helpers.postgres import bin_dir, trust_server
+
+    if bin_dir() is None or not shutil.which("psql") or not shutil.which("pgbench"):
+        pytest.skip("PostgreSQL server binaries, psql and pgbench are not installed (scripts/setup.sh installs them)")
+    with trust_server() as port:
+        yield port

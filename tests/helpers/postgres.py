@@ -9,6 +9,7 @@ cluster's private Unix socket.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -149,3 +150,33 @@ class PostgresServer:
     def url(self, database: str, *, password: bool = True) -> str:
         secret = f":{self.password}" if password else ""
         return f"postgresql://{USER}{secret}@{self.host}:{self.port}/{database}"
+
+
+@contextlib.contextmanager
+def trust_server(max_connections: int = 64):
+    """A PostgreSQL cluster of its own on 127.0.0.1 whose superuser ``postgres`` needs no
+    password (trust), for real clients (psql, pgbench) through the tunnel; yields its port and
+    destroys the cluster afterwards."""
+    binaries = bin_dir()
+    if binaries is None:
+        raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+    user = _server_user()
+    as_user = ["runuser", "-u", user, "--"] if user else []
+    # Not under pytest's temporary directory: that one is private to the user running the tests.
+    data = Path(tempfile.mkdtemp(prefix="tunnel-pg-"))
+    if user:
+        info = pwd.getpwnam(user)
+        os.chown(data, info.pw_uid, info.pw_gid)
+    port = _free_port("127.0.0.1")
+    subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True, timeout=120)
+    options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={data} -c fsync=off "
+               f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={max_connections}")
+    try:
+        subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l",
+                        str(data / "server.log"), "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=90)
+        yield port
+    finally:
+        subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(data, ignore_errors=True)

@@ -284,6 +284,7 @@ class _Connection:
     async def _send(self, response: Response, head_only: bool) -> None:
         headers = [("Content-Length", str(len(response.body))), *response.headers]
         if response.close:
+            headers = [(name, value) for name, value in headers if name.lower() != "connection"]
             headers.append(("Connection", "close"))
         data = self.h11.send(h11.Response(status_code=response.status, headers=headers,
                                           reason=_REASONS.get(response.status, b"")))
