@@ -104,6 +104,8 @@ class AgentConfig:
     relay_urls: tuple[str, ...] = ()
     #: RELAY_LINKS: how many links to distinct relays to keep.
     relay_links: int = DEFAULT_RELAY_LINKS
+    #: Where ``ca_file`` was set, as messages name it: RELAY_CA_FILE, or ca_file in the file.
+    ca_setting: str = "RELAY_CA_FILE"
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -209,13 +211,14 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         raise ConfigError(f"resource names must be unique; {', '.join(duplicates)} is configured twice")
 
     ca_file = env.get("RELAY_CA_FILE") or file_conf.get("ca_file") or None
+    ca_setting = "RELAY_CA_FILE" if env.get("RELAY_CA_FILE") or not ca_file else f"ca_file in {config_file}"
     if ca_file:
         try:
             ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"RELAY_CA_FILE {ca_file} is not a readable PEM certificate file "
+            raise ConfigError(f"{ca_setting} {ca_file} is not a readable PEM certificate file "
                               f"({getattr(exc, 'strerror', None) or exc}): copy the relay's <state-dir>/ca.pem "
-                              "here and point RELAY_CA_FILE at the copy") from None
+                              f"here and point {ca_setting.split(' ')[0]} at the copy") from None
 
     log_format = env.get("LOG_FORMAT", file_conf.get("log_format", "plain"))
     if log_format not in ("plain", "json"):
@@ -240,7 +243,19 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
-                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links)
+                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links, ca_setting)
+
+
+def _with_port(url: str) -> str:
+    """``url`` as a suggested fix: with the relay's default port when it names none (the agent
+    requires one)."""
+    try:
+        if urlsplit(url).port is not None:
+            return url
+    except ValueError:  # a bad port: the check after this one names it
+        return url
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{parts.netloc}:{RELAY_DEFAULT_PORT}").geturl()
 
 
 def check_relay_url(url: str) -> None:
@@ -249,10 +264,12 @@ def check_relay_url(url: str) -> None:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if "://" not in url:
-        raise ConfigError(f"RELAY_URL {url!r} has no scheme: write auto://{url} (or wss:// or quic://)")
+        raise ConfigError(f"RELAY_URL {url!r} has no scheme: write {_with_port('auto://' + url)} (or wss:// or "
+                          "quic://)")
     if scheme not in SCHEMES:
         hint = {"https": "wss", "ws": "wss", "http": "wss", "udp": "quic", "tcp": "wss"}.get(scheme)
-        fix = (f"write {hint}://{url.split('://', 1)[1]}" if hint else f"use wss://, quic:// or auto://, e.g. {example}")
+        fix = (f"write {_with_port(hint + '://' + url.split('://', 1)[1])}" if hint
+               else f"use wss://, quic:// or auto://, e.g. {example}")
         raise ConfigError(f"RELAY_URL {url!r}: the agent speaks wss:// (TLS WebSocket), quic:// or auto:// "
                           f"(QUIC, else WSS), not {scheme}://; {fix}")
     if not parts.hostname:

@@ -272,3 +272,23 @@ def test_usage_line_shows_check(capsys):
         cli.main(["--help"])
     usage = capsys.readouterr().out.splitlines()[0]
     assert usage.startswith("usage: tunnel-agent") and "--config FILE" in usage and "check" in usage
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1", "relay.example", "relay.example:9000", "https://relay.example",
+                                 "http://relay.example:1", "ws://[::1]"])
+def test_a_suggested_relay_url_is_one_the_agent_accepts(url):
+    import re
+
+    with pytest.raises(agent_config.ConfigError) as info:
+        agent_config.check_relay_url(url)
+    suggested = re.search(r"write (\S+)", str(info.value)).group(1)
+    agent_config.check_relay_url(suggested)  # no error: following the advice works
+
+
+def test_ca_file_from_the_config_file_is_named_so(tmp_path):
+    conf = tmp_path / "agent.toml"
+    conf.write_text('ca_file = "/nonexistent/ca.pem"\n')
+    with pytest.raises(agent_config.ConfigError, match=f"^ca_file in {conf} /nonexistent/ca.pem is not"):
+        agent_config.load(BASE, str(conf))
+    with pytest.raises(agent_config.ConfigError, match="^RELAY_CA_FILE /elsewhere.pem is not"):
+        agent_config.load({**BASE, "RELAY_CA_FILE": "/elsewhere.pem"}, str(conf))
