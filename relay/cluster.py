@@ -116,6 +116,8 @@ class Cluster:
         #: Called with a resource's row when any relay creates one (every relay binds its endpoint).
         self.on_resource_created = None
         self._members_task: asyncio.Task | None = None
+        #: Relays whose joining was logged (each once, though it records itself several times).
+        self._announced: set[str] = set()
 
     # ---- life
 
@@ -135,9 +137,24 @@ class Cluster:
         await self._join()
 
     async def set_peer_address(self, address: str) -> None:
-        """Record where the other relays reach this one (its peer listener)."""
+        """Record where the other relays reach this one (its peer listener); forget this
+        relay's previous run."""
         self.peer_address = address
         await self._join()
+        await self._forget_previous_run()
+        await self._refresh_members()
+
+    async def _forget_previous_run(self) -> None:
+        """Remove the row (and agent links) of this relay's previous run when it stopped without
+        leaving (killed, crashed) and has not expired yet: the same advertise URL from the same
+        peer host. Else this relay (and the others) would dial it and wait for it until it expires."""
+        host = self.peer_address.rpartition(":")[0]
+        for row in await self.state.list_relays():
+            if (row["id"] != self.relay_id and row["advertise_url"] == self.advertise_url
+                    and (row.get("peer_address") or "").rpartition(":")[0] == host):
+                await self.state.leave_relay(row["id"])
+                log.info("relay %s was this relay's previous run (the same %s): removed with its agent links",
+                         row["id"], self.advertise_url)
 
     async def _join(self) -> None:
         await self.state.join_relay(self.relay_id, self.advertise_url, __version__, self.peer_address,
@@ -222,8 +239,13 @@ class Cluster:
         elif kind == "deleted":
             self._delete(event.get("resource_id"))
         elif kind == "relay_joined" and event.get("relay_id") != self.relay_id:
-            log.info("relay %s joined (%s)", event.get("relay_id"), event.get("advertise_url"))
+            # A relay records itself again as it learns its addresses: logged once.
+            relay_id = str(event.get("relay_id"))[:64]
+            if relay_id not in self._announced and relay_id not in {m["id"] for m in self.members}:
+                self._announced.add(relay_id)
+                log.info("relay %s joined (%s)", relay_id, event.get("advertise_url"))
         elif kind == "relay_left" and event.get("relay_id") != self.relay_id:
+            self._announced.discard(event.get("relay_id"))
             log.info("relay %s left%s", event.get("relay_id"), " (expired)" if event.get("expired") else "")
         elif kind == "relay_left" and event.get("expired"):
             log.warning("relay %s was taken for gone by the other relays; joining again", self.relay_id)
