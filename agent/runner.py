@@ -357,7 +357,7 @@ class Agent:
         first = True
         while True:
             if self.stopping:
-                log.info("stopped")
+                self._log_stopped()
                 return 0
             level = logging.WARNING
             if self.metrics is not None:
@@ -540,8 +540,16 @@ class Agent:
                     await asyncio.wait_for(old.wait_closed(), 2.0)
                 except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - stopping anyway
                     pass
-        log.info("stopped")
+        self._log_stopped()
         return 0
+
+    def _log_stopped(self) -> None:
+        # One slot of several (agent.links) ends quietly: the process says "stopped" once, when
+        # every slot has drained (agent.cli).
+        if self.links is None:
+            log.info("stopped")
+        else:
+            log.debug("link %d stopped", self.slot)
 
     # --- reloading ------------------------------------------------------------------------
 
