@@ -540,7 +540,10 @@ def main(argv: list[str]) -> int:
     except ImportError:  # pragma: no cover - asyncio serves as well
         runner = asyncio.run
     report = runner(Preflight(os.environ, args.config, args.timeout).run())
-    print(report.json() if args.output == "json" else report.text())
+    try:
+        print(report.json() if args.output == "json" else report.text(), flush=True)
+    except BrokenPipeError:  # piped into e.g. `head`: no traceback
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
     return 0 if report.ok else 1
 
 

@@ -292,3 +292,22 @@ def test_ca_file_from_the_config_file_is_named_so(tmp_path):
         agent_config.load(BASE, str(conf))
     with pytest.raises(agent_config.ConfigError, match="^RELAY_CA_FILE /elsewhere.pem is not"):
         agent_config.load({**BASE, "RELAY_CA_FILE": "/elsewhere.pem"}, str(conf))
+
+
+def test_check_piped_into_a_reader_that_left_prints_no_traceback():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    read, write = os.pipe()
+    os.close(read)  # like `| head -1` that has exited
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "TUNNEL_"))},
+           "RELAY_URL": "127.0.0.1", "PYTHONPATH": str(root)}
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent", "check"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, timeout=60, cwd=root, env=env)
+    finally:
+        os.close(write)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
