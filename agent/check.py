@@ -140,7 +140,7 @@ class Preflight:
         targets = ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in conf.targets)
         self.report.add("config", PASS, f"{source}: relay {dialer.scheme}://{_host_port(dialer.host, dialer.port)}"
                         f"; resources {targets}; token from {conf.token_source}; "
-                        f"trust {('RELAY_CA_FILE ' + conf.ca_file) if conf.ca_file else 'the system store'}")
+                        f"trust {(conf.ca_setting + ' ' + conf.ca_file) if conf.ca_file else 'the system store'}")
         self.check_runtime()
         return True
 
@@ -283,14 +283,24 @@ class Preflight:
                             f"use one of those names in RELAY_URL, or have the operator add {self.dialer.host} "
                             "(tunnel-relay serve --server-name NAME)")
         elif ca_file:
+            setting = self.conf.ca_setting
             try:
-                anchors = ", ".join(repr(s) for s in read_ca_file(ca_file)) or "no certificate"
+                held = read_ca_file(ca_file)
             except (OSError, ValueError):
+                held = []
                 anchors = "unreadable certificates"
+            else:
+                anchors = ", ".join(repr(name) for name, _ in held) or "no certificate"
+            if cert and any(name == cert.issuer for name, _ in held):
+                # The same name, another CA (one host's relays, or a relay whose state was reset):
+                # the key identifiers tell them apart.
+                keys = ", ".join(key_id or "none" for name, key_id in held if name == cert.issuer)
+                issuer = f"{issuer} (key id {cert.issuer_key_id or 'unknown'})"
+                anchors = f"another CA of the same name (key id {keys})"
             self.report.add("relay-tls", FAIL,
-                            f"certificate not trusted: issued by {issuer}, but RELAY_CA_FILE {ca_file} holds "
+                            f"certificate not trusted: issued by {issuer}, but {setting} {ca_file} holds "
                             f"{anchors} ({outcome.verify_message})",
-                            f"RELAY_CA_FILE is the wrong file: {CA_HINT}")
+                            f"{setting} is the wrong file: {CA_HINT.replace('RELAY_CA_FILE', setting.split()[0])}")
         else:
             self.report.add("relay-tls", FAIL,
                             f"certificate not trusted: issued by {issuer}, which the system store does not "
@@ -531,7 +541,10 @@ def main(argv: list[str]) -> int:
     except ImportError:  # pragma: no cover - asyncio serves as well
         runner = asyncio.run
     report = runner(Preflight(os.environ, args.config, args.timeout).run())
-    print(report.json() if args.output == "json" else report.text())
+    try:
+        print(report.json() if args.output == "json" else report.text(), flush=True)
+    except BrokenPipeError:  # piped into e.g. `head`: no traceback
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
     return 0 if report.ok else 1
 
 

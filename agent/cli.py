@@ -174,7 +174,10 @@ async def _run(conf, limits: Limits) -> int:
         except NotImplementedError:  # Windows: Ctrl-C arrives as KeyboardInterrupt (see main)
             pass
     try:
-        return await task
+        code = await task
+        if code == 0 and links.stopping:
+            log.info("stopped")  # every link drained
+        return code
     except asyncio.CancelledError:
         log.info("tunnel-agent stopped")
         return 0

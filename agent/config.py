@@ -102,6 +102,8 @@ class AgentConfig:
     relay_urls: tuple[str, ...] = ()
     #: RELAY_LINKS: how many links to distinct relays to keep.
     relay_links: int = DEFAULT_RELAY_LINKS
+    #: Where ``ca_file`` was set, as messages name it: RELAY_CA_FILE, or ca_file in the file.
+    ca_setting: str = "RELAY_CA_FILE"
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -207,13 +209,14 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         raise ConfigError(f"resource names must be unique; {', '.join(duplicates)} is configured twice")
 
     ca_file = env.get("RELAY_CA_FILE") or file_conf.get("ca_file") or None
+    ca_setting = "RELAY_CA_FILE" if env.get("RELAY_CA_FILE") or not ca_file else f"ca_file in {config_file}"
     if ca_file:
         try:
             ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"RELAY_CA_FILE {ca_file} is not a readable PEM certificate file "
+            raise ConfigError(f"{ca_setting} {ca_file} is not a readable PEM certificate file "
                               f"({getattr(exc, 'strerror', None) or exc}): copy the relay's <state-dir>/ca.pem "
-                              "here and point RELAY_CA_FILE at the copy") from None
+                              f"here and point {ca_setting.split(' ')[0]} at the copy") from None
 
     log_format = env.get("LOG_FORMAT", file_conf.get("log_format", "plain"))
     if log_format not in ("plain", "json"):
@@ -238,7 +241,7 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
-                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links)
+                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links, ca_setting)
 
 
 def check_relay_url(url: str) -> None:

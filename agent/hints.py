@@ -26,8 +26,10 @@ CA_HINT = ("the relay's own CA is <state-dir>/ca.pem on the relay host (./relay-
 # --------------------------------------------------------------------------- the relay
 
 
-def relay_failure(exc: BaseException, *, host: str, port: int, ca_file: str | None) -> str:
-    """One line on why the relay at ``host:port`` could not be reached, and the fix."""
+def relay_failure(exc: BaseException, *, host: str, port: int, ca_file: str | None,
+                  ca_setting: str = "RELAY_CA_FILE") -> str:
+    """One line on why the relay at ``host:port`` could not be reached, and the fix;
+    ``ca_setting`` names where ``ca_file`` was set (RELAY_CA_FILE, or ca_file in a config file)."""
     root = exc
     while root.__cause__ is not None and root.__cause__ is not root:
         root = root.__cause__
@@ -41,7 +43,7 @@ def relay_failure(exc: BaseException, *, host: str, port: int, ca_file: str | No
         if "expired" in lowered:
             return f"the relay's certificate expired ({text}): ask the relay's operator to renew it"
         if ca_file:
-            return (f"the relay's certificate is not trusted by RELAY_CA_FILE {ca_file} ({text}): it is the wrong "
+            return (f"the relay's certificate is not trusted by {ca_setting} {ca_file} ({text}): it is the wrong "
                     f"file; {CA_HINT}")
         return (f"the relay's certificate is not trusted by this system's store ({text}): RELAY_CA_FILE is not "
                 f"set; {CA_HINT}")

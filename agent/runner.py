@@ -369,7 +369,7 @@ class Agent:
         first = True
         while True:
             if self.stopping:
-                log.info("stopped")
+                self._log_stopped()
                 return 0
             level = logging.WARNING
             if self.metrics is not None:
@@ -397,7 +397,8 @@ class Agent:
             except LINK_FAILURES as exc:
                 self._forget_link()
                 what = "relay unreachable: " + hints.relay_failure(
-                    exc, host=self.dialer.host, port=self.dialer.port, ca_file=self.config.ca_file)
+                    exc, host=self.dialer.host, port=self.dialer.port, ca_file=self.config.ca_file,
+                    ca_setting=self.config.ca_setting)
                 if first:
                     what += " (the agent keeps trying)"
             else:
@@ -561,8 +562,16 @@ class Agent:
                     await asyncio.wait_for(old.wait_closed(), 2.0)
                 except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - stopping anyway
                     pass
-        log.info("stopped")
+        self._log_stopped()
         return 0
+
+    def _log_stopped(self) -> None:
+        # One slot of several (agent.links) ends quietly: the process says "stopped" once, when
+        # every slot has drained (agent.cli).
+        if self.links is None:
+            log.info("stopped")
+        else:
+            log.debug("link %d stopped", self.slot)
 
     # --- reloading ------------------------------------------------------------------------
 
@@ -614,7 +623,7 @@ class Agent:
             except ValueError as exc:
                 log.error("%s; keeping the previous relay settings", exc)
                 self.config = dataclasses.replace(new, relay_url=old.relay_url, ca_file=old.ca_file,
-                                                  token=old.token, relay_urls=old.relay_urls)
+                                                  ca_setting=old.ca_setting, token=old.token, relay_urls=old.relay_urls)
             else:
                 self._switch_to = (old, dialer)
                 if self._wake is not None:
@@ -731,10 +740,11 @@ class Agent:
             handler = await self.register(link)
         except (AuthError, *LINK_FAILURES) as exc:
             log.error("the new relay settings do not work: %s; staying on the current link with the previous ones",
-                      hints.relay_failure(exc, host=dialer.host, port=dialer.port, ca_file=self.config.ca_file)
+                      hints.relay_failure(exc, host=dialer.host, port=dialer.port, ca_file=self.config.ca_file,
+                                          ca_setting=self.config.ca_setting)
                       if not isinstance(exc, AuthError) else exc)
             self.config = dataclasses.replace(self.config, relay_url=previous.relay_url, ca_file=previous.ca_file,
-                                              token=previous.token, relay_urls=previous.relay_urls)
+                                              ca_setting=previous.ca_setting, token=previous.token, relay_urls=previous.relay_urls)
             return None
         self.dialer = dialer
         self.retiring.clear()

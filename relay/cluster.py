@@ -147,9 +147,24 @@ class Cluster:
         await self._join()
 
     async def set_peer_address(self, address: str) -> None:
-        """Record where the other relays reach this one (its peer listener)."""
+        """Record where the other relays reach this one (its peer listener); forget this
+        relay's previous run."""
         self.peer_address = address
         await self._join()
+        await self._forget_previous_run()
+        await self._refresh_members()
+
+    async def _forget_previous_run(self) -> None:
+        """Remove the row (and agent links) of this relay's previous run when it stopped without
+        leaving (killed, crashed) and has not expired yet: the same advertise URL from the same
+        peer host. Else this relay (and the others) would dial it and wait for it until it expires."""
+        host = self.peer_address.rpartition(":")[0]
+        for row in await self.state.list_relays():
+            if (row["id"] != self.relay_id and row["advertise_url"] == self.advertise_url
+                    and (row.get("peer_address") or "").rpartition(":")[0] == host):
+                await self.state.leave_relay(row["id"])
+                log.info("relay %s was this relay's previous run (the same %s): removed with its agent links",
+                         row["id"], self.advertise_url)
 
     async def _join(self) -> None:
         await self.state.join_relay(self.relay_id, self.advertise_url, __version__, self.peer_address,

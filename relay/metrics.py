@@ -233,7 +233,8 @@ async def ready(relay) -> str | None:
             await answer
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         relay.throttled.log("ready", logging.WARNING, "readiness check: the relay state does not answer: %s", exc)
-        return f"state unreachable ({type(exc).__name__})"
+        # Words for the operator, not the exception's class or text (paths, addresses): the log has those.
+        return "state database unreachable (the relay's log says why)"
     return None
 
 

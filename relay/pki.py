@@ -157,14 +157,15 @@ def _same_public_key(cert: x509.Certificate, key) -> bool:
 def _issue_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     hostname = socket.gethostname() or "localhost"
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    # Each relay state's CA named apart (a host's relays, a reset state): its key id in the name.
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tunnel-relay"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"tunnel-relay CA ({hostname})"[:64]),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"tunnel-relay CA {ski.digest[:4].hex()} ({hostname})"[:64]),
         ]
     )
     now = _now()
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -10,8 +10,10 @@ relay.forward). When no relay serves the resource, a new connection waits: for u
 ``Limits.endpoint_hold_timeout`` (5 s), at most ``Limits.endpoint_hold_max`` per resource,
 while the resource lost its last agent (or the relay started, or, in a cluster, another relay
 last took one of its connections) less than ``Limits.endpoint_hold_window`` ago, and not
-because its agents deregistered it on purpose (a config reload without it, a graceful stop:
-then new connections are refused at once, ``deregistered`` in logs and metrics). Its bytes
+because its agents deregistered it on purpose (a config reload without it: then new
+connections are refused at once, ``deregistered`` in logs and metrics; after a graceful stop,
+which an agent restart begins with, they are held, and refused with that reason when none
+comes back). Its bytes
 wait in the kernel (reading paused); an agent registering here gets the waiting connections at
 once, one registering on another relay within ``HOLD_POLL``. Past those bounds a connection is
 reset at once, and the relay logs why, once per interval.
@@ -297,8 +299,9 @@ class Endpoint:
         #: a connection another relay took counts as served too.
         self.agentless_since: float | None = time.monotonic()
         #: Why its last agent here deregistered it on purpose (CONTROL ``remove_resources``:
-        #: ``reload``, ``stopping``), until an agent serves it again: new connections are then
-        #: refused at once, not held as in an outage.
+        #: ``reload``, ``stopping``, ``asked``), until an agent serves it again: new connections
+        #: are then refused at once, not held as in an outage; but after a graceful stop (an
+        #: agent restarting stops first) they are held as before, and only the reason differs.
         self.released: str | None = None
         self._arrived = asyncio.Event()  # set (and replaced) when an agent comes
 
@@ -362,7 +365,7 @@ class Endpoint:
                 agent = self.pick_agent()
                 if agent is not None and bridge.attach_local(agent):
                     return
-                if deadline is None and self.released is not None:
+                if deadline is None and self.released is not None and self.released != "stopping":
                     registry.throttled.log(("released", self.resource_id), logging.INFO,
                                            "resource %s (%s): its agents deregistered it (%s); resetting new "
                                            "connections at once", self.resource_id, self.name,
@@ -383,11 +386,18 @@ class Endpoint:
                               self.resource_id, registry.limits.endpoint_hold_timeout, len(self.waiting))
                 left = deadline - loop.time()
                 if left <= 0:
-                    registry.throttled.log(("hold-expired", self.resource_id), logging.WARNING,
-                                           "resource %s (%s): no agent came within %g s "
-                                           "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
-                                           self.resource_id, self.name, registry.limits.endpoint_hold_timeout)
-                    registry.metrics.stream_refused(self, "no_agent")
+                    if self.released == "stopping":
+                        registry.throttled.log(("hold-expired", self.resource_id), logging.INFO,
+                                               "resource %s (%s): its agents stopped (a graceful stop) and none "
+                                               "came back within %g s (TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting "
+                                               "waiting connections", self.resource_id, self.name,
+                                               registry.limits.endpoint_hold_timeout)
+                    else:
+                        registry.throttled.log(("hold-expired", self.resource_id), logging.WARNING,
+                                               "resource %s (%s): no agent came within %g s "
+                                               "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
+                                               self.resource_id, self.name, registry.limits.endpoint_hold_timeout)
+                    registry.metrics.stream_refused(self, "no_agent" if self.released is None else "deregistered")
                     bridge.fail(ErrorCode.REFUSED)
                     return
                 # An agent registering here wakes the waiters at once; another relay's is

@@ -611,6 +611,13 @@ def serve_main(args) -> int:
         return 1
 
 
+def open_files_line(before: int, limit: int, descriptors: Descriptors) -> str:
+    """The start-up line on the open-file limit (raised from ``before`` only when it was)."""
+    raised = f" (raised from {before})" if limit != before else ""
+    return (f"open files: limit {limit}{raised}; {descriptors.budget} for agents and endpoints, at most "
+            f"{descriptors.share} per customer, {limit - descriptors.budget} kept in reserve")
+
+
 async def _serve(args) -> int:
     from tunnel.bridge.listen import serve_links
 
@@ -622,9 +629,7 @@ async def _serve(args) -> int:
     settings = StoreSettings.from_env()
     before, open_files = raise_nofile_limit()
     descriptors = Descriptors(open_files, limits)
-    log.info("open files: limit %d (raised from %d); %d for agents and endpoints, at most %d per customer, "
-             "%d kept in reserve", open_files, before, descriptors.budget, descriptors.share,
-             open_files - descriptors.budget)
+    log.info("%s", open_files_line(before, open_files, descriptors))
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     host, port = args.listen_addr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -317,3 +318,49 @@ def test_certificate_expired_or_for_another_name(tmp_path, service_factory, kind
     tls = by_name(report)["relay-tls"]
     assert code == 1 and failed(report) == {"relay-tls"}, report
     assert words in tls["detail"] and fix in tls["fix"], tls
+
+
+def test_a_wrong_ca_is_told_apart_and_named_by_its_setting(setup, tmp_path):
+    """Two relays' CAs never read as the same name; a CA of the same name (an older relay's, or
+    one made by hand) is told apart by key id; ``ca_file`` from the config file is named so."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from relay import pki
+
+    relay, _, token, service = setup
+    other = Relay(tmp_path / "other")
+    pki.ensure_pki(other.state_dir, extra_names=["127.0.0.1"])
+    code, report = run_check(f"wss://127.0.0.1:{relay.port}", token, ca_file=other.ca_file, app_port=service.port)
+    detail = by_name(report)["relay-tls"]["detail"]
+    issuer, held = re.search(r"issued by '([^']+)'.* holds '([^']+)'", detail).groups()
+    assert issuer != held, detail
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    twin = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    same = tmp_path / "same-name.pem"
+    same.write_bytes(twin.public_bytes(serialization.Encoding.PEM))
+    code, report = run_check(f"wss://127.0.0.1:{relay.port}", token, ca_file=str(same), app_port=service.port)
+    detail = by_name(report)["relay-tls"]["detail"]
+    assert "holds another CA of the same name (key id " in detail and detail.count("key id") == 2, detail
+    ids = re.findall(r"key id ([0-9a-f:]+)", detail)
+    assert len(ids) == 2 and ids[0] != ids[1], detail
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'ca_file = "{other.ca_file}"\n')
+    code, report = run_check(f"wss://127.0.0.1:{relay.port}", token, ca_file=None, app_port=service.port,
+                             AGENT_CONFIG_FILE=str(conf))
+    tls, config = by_name(report)["relay-tls"], by_name(report)["config"]
+    assert f"trust ca_file in {conf} {other.ca_file}" in config["detail"], config
+    assert f"but ca_file in {conf} {other.ca_file} holds" in tls["detail"], tls
+    assert f"ca_file in {conf} is the wrong file" in tls["fix"] and "RELAY_CA_FILE" not in tls["fix"], tls

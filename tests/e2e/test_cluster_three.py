@@ -292,3 +292,21 @@ def test_a_killed_relays_agents_stop_counting_within_5_s(cluster, agents, servic
     for relay in (r1, r3):
         wait_until(lambda: view(relay)["agents"] == 1, 30, "the agent back")
     assert "Traceback" not in r1.proc.log() + r3.proc.log()
+
+
+def test_a_relay_restarted_after_a_kill_forgets_its_previous_run(cluster):
+    """kill -9 and a restart before the old run expired: the new run removes the old one's row
+    (no relay dials or waits for it), and the others log its joining once."""
+    c = cluster(RELAY_MEMBER_TTL="60")  # the old row would stay a minute
+    r1, r2, _ = c.relays
+    old = admin(r2).cluster_status()["relay_id"]
+    r2.proc.kill()
+    c.restart(r2)
+    new = admin(r2).cluster_status()["relay_id"]
+    log = r2.proc.log()
+    assert f"relay {old} was this relay's previous run" in log, log[-3000:]
+    assert f"cannot reach relay {old}" not in log
+    wait_until(lambda: old not in {r["id"] for r in admin(r1).cluster_status()["relays"]}, 10,
+               "the old run to be gone for the others")
+    wait_until(lambda: f"relay {new} joined" in r1.proc.log(), 10, "r1 to hear of the new run")
+    assert r1.proc.log().count(f"relay {new} joined") == 1

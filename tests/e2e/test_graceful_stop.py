@@ -48,6 +48,9 @@ def test_sigterm_deregisters_drains_and_exits_zero(relay, agents, service_factor
     assert "stopping: deregistering db; open streams (1) may finish for up to 30 s (DRAIN_TIMEOUT)" in log
     tail = log.split("stopping: deregistering")[1]
     assert "dialling" not in tail, "a new stream reached the stopping agent"
+    # "stopped" once, when the drain is over (not first by the link slot that had no relay).
+    assert [line.split(" agent: ")[1] for line in tail.splitlines() if " agent: " in line][-1:] == ["stopped"]
+    assert log.count(" agent: stopped") == 1, log[-2000:]
 
     # DRAIN_TIMEOUT bounds the wait: the stream still open then is reset, and exit is 0.
     stuck = connect(addr)

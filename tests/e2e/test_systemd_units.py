@@ -158,3 +158,26 @@ def test_agent_runs_as_the_unit_runs_it(relay, service_factory, tmp_path):
     finally:
         assert agent.stop() == 0, agent.log()[-2000:]
     assert token not in agent.log()
+
+
+def test_the_readme_puts_the_programs_where_the_units_run_them(tmp_path):
+    """The README's systemd section links tunnel-relay and tunnel-agent into /usr/local/bin (the
+    units' ExecStart): done as it says in a scratch root without them, the units verify clean."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    steps = readme.split("### The relay as a service (systemd)")[1].split("```sh")[1].split("```")[0]
+    links = [shlex.split(line)[1:] for line in steps.splitlines() if line.startswith("sudo ln ")]
+    assert links, "the README does not say how the programs reach /usr/local/bin"
+    root = scratch_root(tmp_path, ours(), binaries=())
+    for args in links:
+        *sources, dest = [a for a in args[1:] if not a.startswith("-")]
+        assert dest == "/usr/local/bin/", args
+        for source in sources:  # what `pip install` put into the virtual environment
+            stub = root / source.lstrip("/")
+            stub.parent.mkdir(parents=True, exist_ok=True)
+            stub.write_text("#!/bin/sh\n")
+            stub.chmod(0o755)
+            (root / dest.lstrip("/") / Path(source).name).symlink_to(source)
+    out = verify(root, *NAMES)
+    assert clean(out), out.stdout + out.stderr

@@ -289,3 +289,42 @@ def test_usage_line_shows_check(capsys):
         cli.main(["--help"])
     usage = capsys.readouterr().out.splitlines()[0]
     assert usage.startswith("usage: tunnel-agent") and "--config FILE" in usage and "check" in usage
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1", "relay.example", "relay.example:9000", "https://relay.example",
+                                 "http://relay.example:1", "ws://[::1]"])
+def test_a_suggested_relay_url_is_one_the_agent_accepts(url):
+    import re
+
+    with pytest.raises(agent_config.ConfigError) as info:
+        agent_config.check_relay_url(url)
+    suggested = re.search(r"write (\S+)", str(info.value)).group(1)
+    agent_config.check_relay_url(suggested)  # no error: following the advice works
+
+
+def test_ca_file_from_the_config_file_is_named_so(tmp_path):
+    conf = tmp_path / "agent.toml"
+    conf.write_text('ca_file = "/nonexistent/ca.pem"\n')
+    with pytest.raises(agent_config.ConfigError, match=f"^ca_file in {conf} /nonexistent/ca.pem is not"):
+        agent_config.load(BASE, str(conf))
+    with pytest.raises(agent_config.ConfigError, match="^RELAY_CA_FILE /elsewhere.pem is not"):
+        agent_config.load({**BASE, "RELAY_CA_FILE": "/elsewhere.pem"}, str(conf))
+
+
+def test_check_piped_into_a_reader_that_left_prints_no_traceback():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    read, write = os.pipe()
+    os.close(read)  # like `| head -1` that has exited
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "TUNNEL_"))},
+           "RELAY_URL": "127.0.0.1", "PYTHONPATH": str(root)}
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent", "check"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, timeout=60, cwd=root, env=env)
+    finally:
+        os.close(write)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr

@@ -48,13 +48,26 @@ class RelayUrl:
     path: str
 
 
+def _with_port(url: str) -> str:
+    """``url`` as a suggested fix: with the relay's default port when it names none (the agent
+    requires one)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.port is not None:
+            return url
+    except ValueError:  # a bad port: the check after this one names it
+        return url
+    return parts._replace(netloc=f"{parts.netloc}:{RELAY_DEFAULT_PORT}").geturl()
+
+
 def parse_relay_url(url: str) -> RelayUrl:
     """``wss|quic|auto://host:port[/path]`` parsed; ``ValueError`` whose message names the
     fix otherwise. The one parser of ``RELAY_URL`` (config, dialler and ``tunnel-agent check``
     give the same message for the same mistake)."""
     example = f"auto://relay.example.com:{RELAY_DEFAULT_PORT}"
     if "://" not in url:
-        raise ValueError(f"RELAY_URL {url!r} has no scheme: write auto://{url} (or wss:// or quic://)")
+        raise ValueError(f"RELAY_URL {url!r} has no scheme: write {_with_port('auto://' + url)} "
+                         "(or wss:// or quic://)")
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
@@ -62,7 +75,8 @@ def parse_relay_url(url: str) -> RelayUrl:
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         hint = _SCHEME_HINTS.get(scheme)
-        fix = f"write {hint}://{url.split('://', 1)[1]}" if hint else f"use wss://, quic:// or auto://, e.g. {example}"
+        fix = (f"write {_with_port(hint + '://' + url.split('://', 1)[1])}" if hint
+               else f"use wss://, quic:// or auto://, e.g. {example}")
         raise ValueError(f"RELAY_URL {url!r}: the agent speaks wss:// (TLS WebSocket), quic:// or auto:// "
                          f"(QUIC, else WSS), not {scheme}://; {fix}")
     if not parts.hostname:

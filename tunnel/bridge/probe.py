@@ -10,7 +10,7 @@ is the caller's business.
 - :func:`tcp_connect`: a TCP connection to the relay (through the proxy when there is one).
 - :func:`tls_handshake`: the TLS handshake the WSS link makes; when the certificate is not
   trusted, a second, unverified handshake fetches the certificate so the caller can say why.
-- :func:`read_ca_file`: the subjects of the certificates in a CA file.
+- :func:`read_ca_file`: the subjects and key identifiers of the certificates in a CA file.
 - :func:`tls_engine`: the TLS engine the WSS link runs on (:mod:`tunnel.carriers.tls`).
 """
 
@@ -50,6 +50,8 @@ class CertFacts:
     names: tuple[str, ...]
     not_before: _dt.datetime
     not_after: _dt.datetime
+    #: The issuer's key identifier (hex, from the authority key identifier), "" when absent.
+    issuer_key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,17 @@ def _facts(der: bytes) -> CertFacts:
         names = tuple(str(n.value) for n in san)
     except x509.ExtensionNotFound:
         names = ()
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        aki = None
     return CertFacts(_name(cert.subject), _name(cert.issuer), names,
-                     cert.not_valid_before_utc, cert.not_valid_after_utc)
+                     cert.not_valid_before_utc, cert.not_valid_after_utc, _key_id(aki))
+
+
+def _key_id(raw: bytes | None) -> str:
+    """A key identifier as people compare them: the first 8 bytes in hex, colon-separated."""
+    return ":".join(f"{b:02x}" for b in raw[:8]) if raw else ""
 
 
 def _name(name) -> str:
@@ -196,12 +207,20 @@ def _name(name) -> str:
     return str(common[0].value) if common else name.rfc4514_string()
 
 
-def read_ca_file(path: str) -> list[str]:
-    """Subjects (common names) of the certificates in the PEM file ``path``."""
+def read_ca_file(path: str) -> list[tuple[str, str]]:
+    """(subject common name, subject key identifier) of each certificate in the PEM file ``path``."""
     from cryptography import x509
 
     with open(path, "rb") as f:
-        return [_name(c.subject) for c in x509.load_pem_x509_certificates(f.read())]
+        certs = x509.load_pem_x509_certificates(f.read())
+    held = []
+    for c in certs:
+        try:
+            ski = c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        except x509.ExtensionNotFound:
+            ski = None
+        held.append((_name(c.subject), _key_id(ski)))
+    return held
 
 
 def _os_error(exc: BaseException) -> str:

@@ -60,3 +60,14 @@ def test_descriptors_budget_share_and_reserve():
 def test_a_small_limit_keeps_half_free():
     d = Descriptors(256, Limits(fd_reserve=512))
     assert d.budget == 128 and d.share == 64
+
+
+def test_the_open_files_line_says_raised_only_when_it_was():
+    from relay.quotas import Descriptors
+    from relay.server import open_files_line
+    from tunnel.core.limits import Limits
+
+    same = open_files_line(20000, 20000, Descriptors(20000, Limits()))
+    assert same.startswith("open files: limit 20000; ") and "raised" not in same
+    raised = open_files_line(1024, 20000, Descriptors(20000, Limits()))
+    assert raised.startswith("open files: limit 20000 (raised from 1024); ")
