@@ -93,6 +93,8 @@ environment:
                          the port is required (the relay's default is 8443); several relays
                          (or load balancers) of one cluster: comma-separated
   RELAY_LINKS            links kept to distinct relays of the cluster (default 2; all when fewer)
+  RELAY_ALLOW_HOSTS      relays the cluster may name beyond RELAY_URL's hosts and domain:
+                         host names, .domain, addresses, networks (comma-separated)
   NAME                   the resource's name (agents with one NAME and customer serve it together)
   APP_HOST, APP_PORT     the private service this agent reaches for NAME
   REGISTRATION_JWT       the registration token, or REGISTRATION_JWT_FILE (a file holding it)

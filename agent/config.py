@@ -7,6 +7,11 @@ Environment::
                             required: the relay listens on 8443 unless its operator chose another);
                             several relays (or load balancers) of one cluster: comma-separated
     RELAY_LINKS             links kept to distinct relays of the cluster (default 2; all when fewer)
+    RELAY_ALLOW_HOSTS       relays the agent may dial when the cluster names them (CONTROL
+                            ``relays``) besides those within RELAY_URL's domain (see
+                            :func:`relay_allowed`): comma-separated host names, ``.example.com``
+                            (that domain and every name under it), IP addresses or networks
+                            (``10.1.0.0/16``)
     NAME                    the resource name agents of one customer share
     APP_HOST, APP_PORT      the private service this agent reaches for that resource
     REGISTRATION_JWT        the registration token (or REGISTRATION_JWT_FILE: a file holding it;
@@ -23,6 +28,7 @@ File (every key optional where the environment gives it; the environment wins)::
 
     relay_url = "auto://relay.example.com:8443"
     relay_links = 2
+    relay_allow_hosts = [".relays.example.net"]
     registration_jwt_file = "/etc/tunnel-agent/jwt"
     ca_file = "/etc/tunnel-agent/ca.pem"
     log_level = "INFO"
@@ -39,6 +45,7 @@ SIGHUP re-reads the file (agent.reload); the README describes the format for use
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -104,6 +111,12 @@ class AgentConfig:
     relay_links: int = DEFAULT_RELAY_LINKS
     #: Where ``ca_file`` was set, as messages name it: RELAY_CA_FILE, or ca_file in the file.
     ca_setting: str = "RELAY_CA_FILE"
+    #: RELAY_ALLOW_HOSTS: learned relays allowed beyond RELAY_URL's domain (relay_allowed).
+    relay_allow_hosts: tuple[str, ...] = ()
+
+    def relay_allowed(self, url: str) -> bool:
+        """May this agent dial (and send its token to) ``url``, a relay the cluster named?"""
+        return relay_allowed(url, self.relay_urls or (self.relay_url,), self.relay_allow_hosts)
 
     def target(self, name: str) -> Target | None:
         for t in self.targets:
@@ -208,6 +221,15 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     if duplicates:
         raise ConfigError(f"resource names must be unique; {', '.join(duplicates)} is configured twice")
 
+    allow = env.get("RELAY_ALLOW_HOSTS") or file_conf.get("relay_allow_hosts") or ()
+    if isinstance(allow, str):
+        allow = allow.split(",")
+    if not isinstance(allow, (list, tuple)) or not all(isinstance(h, str) for h in allow):
+        raise ConfigError("relay_allow_hosts must be a list of host names, .domains, addresses or networks")
+    relay_allow_hosts = tuple(h.strip().lower().rstrip(".") for h in allow if h.strip())
+    for entry in relay_allow_hosts:
+        _check_allow_entry(entry)
+
     ca_file = env.get("RELAY_CA_FILE") or file_conf.get("ca_file") or None
     ca_setting = "RELAY_CA_FILE" if env.get("RELAY_CA_FILE") or not ca_file else f"ca_file in {config_file}"
     if ca_file:
@@ -241,7 +263,78 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
-                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links, ca_setting)
+                       drain_timeout, config_file, metrics_listen, relay_urls, relay_links, ca_setting,
+                       relay_allow_hosts)
+
+
+def _check_allow_entry(entry: str) -> None:
+    if "/" in entry or _is_ip(entry):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+            return
+        except ValueError:
+            raise ConfigError(f"RELAY_ALLOW_HOSTS: {entry!r} is not an IP address or network") from None
+    name = entry[2:] if entry.startswith("*.") else entry.lstrip(".")
+    if not name or not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", name) or ".." in name:
+        raise ConfigError(f"RELAY_ALLOW_HOSTS: {entry!r} is not a host name, .domain, address or network")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _domain(host: str) -> str | None:
+    """The domain a configured relay host vouches for: the host without its first label
+    (``relay.example.com`` -> ``example.com``), when at least two labels remain; None for an
+    address or a name of one or two labels (those vouch for themselves only)."""
+    if _is_ip(host):
+        return None
+    labels = host.split(".")
+    return ".".join(labels[1:]) if len(labels) >= 3 else None
+
+
+def relay_allowed(url: str, relay_urls, allow_hosts=()) -> bool:
+    """Whether an agent configured with ``relay_urls`` (RELAY_URL) and ``allow_hosts``
+    (RELAY_ALLOW_HOSTS) may dial ``url``, a relay the cluster named (its database holds the
+    relays' ``--advertise`` URLs, so whoever can write there could name any host): its host is
+
+    - a RELAY_URL host, or under the domain of one (``relay-2.example.com`` for RELAY_URL
+      ``wss://relay.example.com:8443``: the host without its first label, when at least two
+      labels remain; addresses and shorter names vouch for themselves only);
+    - or allowed by RELAY_ALLOW_HOSTS: that name, a ``.domain`` (or ``*.domain``) it is or is
+      under, an address or a network holding it.
+
+    The agent still checks the relay's certificate as for RELAY_URL."""
+    try:
+        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    except ValueError:
+        return False
+    if not host:
+        return False
+    for configured in relay_urls:
+        own = (urlsplit(configured).hostname or "").lower().rstrip(".")
+        domain = _domain(own)
+        if host == own or (domain and host.endswith("." + domain)):
+            return True
+    address = None
+    if _is_ip(host):
+        address = ipaddress.ip_address(host)
+    for entry in allow_hosts:
+        if "/" in entry or _is_ip(entry):
+            if address is not None and address in ipaddress.ip_network(entry, strict=False):
+                return True
+            continue
+        if entry.startswith((".", "*.")):
+            domain = entry[2:] if entry.startswith("*.") else entry[1:]
+            if host == domain or host.endswith("." + domain):
+                return True
+        elif host == entry:
+            return True
+    return False
 
 
 def check_relay_url(url: str) -> None:

@@ -60,8 +60,10 @@ class AgentLinks:
         self.dropped: dict[str, str] = {}
         self.health = TargetHealth(self.limits.connect_timeout, self.limits.target_check_interval,
                                    on_change=self._health_changed)
-        #: Relays learned from CONTROL ``relays``: id -> {"url", "draining"}.
+        #: Relays learned from CONTROL ``relays``: id -> {"url", "draining"}; only those the
+        #: configuration allows (AgentConfig.relay_allowed): the others are never dialled.
         self.relays: dict[str, dict] = {}
+        self._refused: set[str] = set()
         #: Links a slot left for another relay, closing once their streams end (or after
         #: DRAIN_TIMEOUT), oldest first; at most MAX_RETIRING.
         self.retiring: dict[Link, None] = {}
@@ -159,11 +161,15 @@ class AgentLinks:
         if not isinstance(relays, list):
             return
         learned = {}
+        refused = []
         for entry in relays[:MAX_RELAYS]:
             if not isinstance(entry, dict):
                 continue
             relay_id, url = entry.get("id"), entry.get("url")
             if not isinstance(relay_id, str) or not isinstance(url, str) or not _dialable(url):
+                continue
+            if not self.config.relay_allowed(url):
+                refused.append(url)
                 continue
             learned[relay_id[:64]] = {"url": url, "draining": entry.get("draining") is True}
         if learned != self.relays:
@@ -171,6 +177,10 @@ class AgentLinks:
             log.info("relays of the cluster: %s", ", ".join(f"{r['url']}{' (draining)' if r['draining'] else ''}"
                                                             for r in learned.values()) or "none")
             self._changed.set()
+        if refused and set(refused) != self._refused:
+            log.warning("not dialling %s, named by the cluster: outside RELAY_URL's domain and RELAY_ALLOW_HOSTS",
+                        ", ".join(refused))
+        self._refused = set(refused)
 
     def _health_changed(self, name: str) -> None:
         for agent in self.slots:
@@ -190,6 +200,7 @@ class AgentLinks:
         if new.relay_links != self.config.relay_links:
             log.warning("%s: relay_links changed: takes effect at the next start", why)
         self.config = new
+        self.relays = {rid: r for rid, r in self.relays.items() if new.relay_allowed(r["url"])}
         for agent in self.slots:
             agent.apply_config(new, why)
         self._changed.set()  # RELAY_URL may have changed: waiting slots look again

@@ -55,6 +55,8 @@ FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
 _HOSTNAME_OUTSIDE = re.compile(r"[^A-Za-z0-9._-]")
 #: How long the agent waits for the relay to confirm ``add_resources``/``remove_resources``.
 CONTROL_ANSWER_TIMEOUT = 5.0
+#: Most of a config file the watcher compares (a larger file is compared by its first MiB).
+MAX_CONFIG_FILE = 1 << 20
 #: Failures that mean "the relay cannot be reached now"; the agent retries.
 LINK_FAILURES = (LinkError, OSError, asyncio.TimeoutError, ConnectionError)
 #: What sending on a link that is closing may raise.
@@ -767,14 +769,23 @@ class _Moved:
 MOVED = _Moved()
 
 
-async def watch_config(path: str, interval: float, reload) -> None:
-    """Call ``reload(why)`` whenever the file at ``path`` changes (checked every ``interval``)."""
-    seen = _file_stamp(path)
+async def watch_config(path: str, interval: float, reload, sleep=asyncio.sleep) -> None:
+    """Call ``reload(why)`` whenever the file at ``path`` changes (checked every ``interval``).
+    A change applies once two checks in a row find the same file (inode, mtime, size and
+    content): a file being written in place is not applied half-written, as long as its
+    writer pauses less than ``interval``. Writing a new file and renaming it into place is
+    atomic (README, "Changing it while the agent runs")."""
+    seen = _file_version(path)
+    pending = None
     while True:
-        await asyncio.sleep(interval)
-        stamp = _file_stamp(path)
-        if stamp != seen:
-            seen = stamp
+        await sleep(interval)
+        version = _file_version(path)
+        if version == seen:
+            pending = None
+        elif version != pending:
+            pending = version  # changed since the last check: wait for it to settle
+        else:
+            seen, pending = version, None
             reload(f"{path} changed")
 
 
@@ -815,12 +826,17 @@ async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
         link.close(ErrorCode.NO_ERROR, "drain timeout")
 
 
-def _file_stamp(path: str):
+def _file_version(path: str):
+    """What tells one state of a config file from another: its stat stamp and content digest."""
+    import hashlib
+
     try:
         st = os.stat(path)
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read(MAX_CONFIG_FILE + 1)).digest()
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size, digest
 
 
 def _names(names) -> str:

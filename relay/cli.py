@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra DNS name or IP for the generated server certificate (repeatable; env RELAY_SERVER_NAME)")
     serve.add_argument("--database", default=None, metavar="URL",
                        help="state database: postgresql://USER@HOST:PORT/DBNAME joins the relays on it "
-                            "(env RELAY_DATABASE_URL; put the password there, in PGPASSWORD or in ~/.pgpass, "
+                            "(env RELAY_DATABASE_URL, or a file named by RELAY_DATABASE_URL_FILE, or the systemd "
+                            "credential database-url; put the password there, in PGPASSWORD or in ~/.pgpass, "
                             "not on the command line); default SQLite in the state directory")
     serve.add_argument("--advertise", default=_env("RELAY_ADVERTISE_URL"), metavar="URL",
                        help="the URL agents use to reach this relay, wss://HOST:PORT (env RELAY_ADVERTISE_URL; "
@@ -391,11 +392,34 @@ def configure_logging(log_format: str = "plain", level: str = "info") -> None:
     logs.configure(log_format, level.upper())
 
 
+#: The systemd credential (LoadCredential=database-url:FILE) that holds the database URL.
+DATABASE_CREDENTIAL = "database-url"
+
+
 def _database_url(option: str | None) -> str | None:
-    """``--database``, else ``RELAY_DATABASE_URL``; refuses what the relay cannot use."""
+    """``--database``, else ``RELAY_DATABASE_URL``, else the file ``RELAY_DATABASE_URL_FILE``
+    names, else the systemd credential ``database-url`` (in ``$CREDENTIALS_DIRECTORY``; empty:
+    none); refuses what the relay cannot use."""
     from .store.database import is_postgres_url, redact_url
 
     url = option or _env("RELAY_DATABASE_URL")
+    if not url and _env("RELAY_DATABASE_URL_FILE"):
+        path = _env("RELAY_DATABASE_URL_FILE")
+        try:
+            with open(path, encoding="utf-8") as f:
+                url = f.read().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read RELAY_DATABASE_URL_FILE {path}: {exc.strerror or exc}") from None
+        if not url:
+            raise CliError(f"RELAY_DATABASE_URL_FILE {path} is empty")
+    if not url and _env("CREDENTIALS_DIRECTORY"):
+        try:
+            with open(os.path.join(_env("CREDENTIALS_DIRECTORY"), DATABASE_CREDENTIAL), encoding="utf-8") as f:
+                url = f.read().strip()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise CliError(f"cannot read the systemd credential {DATABASE_CREDENTIAL}: {exc.strerror or exc}") from None
     if not url:
         return None
     if not is_postgres_url(url) and not url.startswith("sqlite:///"):

@@ -280,19 +280,19 @@ class Cluster:
             self._reread_again = False
             before = self._judged()
             try:
-                resources = {row["id"]: row for row in await self.state.list_resources()}
+                generations = await self.state.resource_generations()
+                self._apply_generations(generations, *before)
+                for rid in generations.keys() - self.registry.endpoints.keys() - self._bind_asked:
+                    self._bind_asked.add(rid)
+                    row = await self.state.get_resource(rid)
+                    if row is not None and self.on_resource_created is not None:
+                        self.on_resource_created(row)
             except StoreUnavailable:
                 return  # the reconnection resyncs
             except StoreError as exc:
                 log.warning("cannot re-read the resources after an event: %s", exc)
                 return
-            self._apply_generations({rid: int(row["generation"]) for rid, row in resources.items()}, *before)
-            for rid, row in resources.items():
-                if rid not in self.registry.endpoints and rid not in self._bind_asked:
-                    self._bind_asked.add(rid)
-                    if self.on_resource_created is not None:
-                        self.on_resource_created(row)
-            self._bind_asked &= resources.keys()
+            self._bind_asked &= generations.keys()
 
     def _judged(self) -> tuple[set[str], list]:
         """The endpoints and registrations in flight a read about to start can judge: their

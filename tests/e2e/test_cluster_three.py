@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.cluster import HOSTS, Cluster, admin, aliases_work, cluster  # noqa: F401 - a fixture
+from tests.helpers.cluster import AGENT_ENV, HOSTS, Cluster, admin, aliases_work, cluster  # noqa: F401 - a fixture
 from tests.helpers.processes import Relay, connect, recv_all
 
 pytestmark = pytest.mark.skipif(not aliases_work(), reason="127.0.0.2/.3 are not loopback addresses here")
@@ -61,8 +61,8 @@ def test_exact_bytes_through_every_relay(cluster, agents, service_factory):
     service = service_factory("drain-then-echo")
     # "db": one agent linked to the second relay only; "api": one agent with two links,
     # told about the first relay only (it learns the others).
-    agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
-    agents.start(r1.url, token, "api", service.port, ca_file=c.ca_file)
+    agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1", **AGENT_ENV)
+    agents.start(r1.url, token, "api", service.port, ca_file=c.ca_file, **AGENT_ENV)
     db = r2.wait_available(customer, "db")
     api = r1.wait_available(customer, "api")
     wait_until(lambda: len(links_of(r3, api["id"])) == 2, 20, "the api agent's second link")
@@ -99,7 +99,7 @@ def test_kill_9_of_the_relay_the_agent_was_told_about(cluster, agents, service_f
     customer = r1.create_customer("acme")
     token = r1.jwt("--customer-id", customer)
     service = service_factory("drain-then-echo")
-    agent = agents.start(r1.url, token, "db", service.port, ca_file=c.ca_file)
+    agent = agents.start(r1.url, token, "db", service.port, ca_file=c.ca_file, **AGENT_ENV)
     db = r1.wait_available(customer, "db")
     port = int(db["endpoint"].rsplit(":", 1)[1])
     wait_until(lambda: len(links_of(r2, db["id"])) == 2, 20, "the agent's second link")
@@ -131,7 +131,7 @@ def test_drain_during_a_transfer_loses_no_stream(cluster, agents, service_factor
     token = r1.jwt("--customer-id", customer)
     service = service_factory("drain-then-echo")
     # One link, on the relay that will drain: its streams stay there, new ones go elsewhere.
-    agents.start(r1.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    agents.start(r1.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1", **AGENT_ENV)
     db = r1.wait_available(customer, "db")
     port = int(db["endpoint"].rsplit(":", 1)[1])
     payload = os.urandom(4 * 1024 * 1024)
@@ -173,7 +173,7 @@ def test_rotation_on_one_relay_drops_the_agent_everywhere(cluster, agents, servi
     customer = r1.create_customer("acme")
     token = r1.jwt("--customer-id", customer)
     service = service_factory("echo")
-    agent = agents.start(c.urls(1, 2), token, "db", service.port, ca_file=c.ca_file)
+    agent = agents.start(c.urls(1, 2), token, "db", service.port, ca_file=c.ca_file, **AGENT_ENV)
     db = r2.wait_available(customer, "db")
     wait_until(lambda: {link["relay_url"] for link in links_of(r1, db["id"])} == {r2.url, r3.url}, 20,
                "links on the second and third relays")
@@ -191,7 +191,7 @@ def test_database_stopped_and_restarted_under_load(cluster, agents, service_fact
     customer = r1.create_customer("acme")
     token = r1.jwt("--customer-id", customer)
     service = service_factory("drain-then-echo")
-    agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1", **AGENT_ENV)
     db = r2.wait_available(customer, "db")
     port = int(db["endpoint"].rsplit(":", 1)[1])
     assert all(_serves((host, port)) for host in HOSTS)  # each relay now knows who holds the agent
@@ -239,7 +239,7 @@ def test_agent_restart_under_forwarded_connections_fails_none(cluster, agents, s
     customer = r1.create_customer("acme")
     token = r1.jwt("--customer-id", customer)
     service = service_factory("echo")
-    first = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    first = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1", **AGENT_ENV)
     db = r2.wait_available(customer, "db")
     addr = (HOSTS[0], int(db["endpoint"].rsplit(":", 1)[1]))  # r1's endpoint: forwarded to r2
     with SteadyConnections(addr) as steady:
@@ -247,7 +247,7 @@ def test_agent_restart_under_forwarded_connections_fails_none(cluster, agents, s
         first.signal(signal.SIGTERM)
         stopped = time.monotonic()
         assert first.proc.wait(15) == 0, first.log()[-2000:]
-        second = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+        second = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1", **AGENT_ENV)
         wait_until(lambda: "serving resource db" in second.log(), 20, "the new agent to register")
         registered = time.monotonic()
         wait_until(lambda: steady.count_ok(since=registered) >= 10, 20, "forwarded traffic after the restart")

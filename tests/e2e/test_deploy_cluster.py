@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.cluster import HOSTS, admin, aliases_work, cluster  # noqa: F401 - a fixture
+from tests.helpers.cluster import AGENT_ENV, HOSTS, admin, aliases_work, cluster  # noqa: F401 - a fixture
 from tests.helpers.processes import ROOT, Proc, _env, connect, free_port, recv_all
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -78,7 +78,7 @@ def test_rolling_restart_behind_haproxy_loses_no_stream(tmp_path, cluster, agent
         service = service_factory("drain-then-echo")
         # Agents know the balancer only; each learns the relays and keeps two links.
         for _ in range(2):
-            agents.start(f"wss://{LB}:{r1.port}", token, "db", service.port, ca_file=c.ca_file)
+            agents.start(f"wss://{LB}:{r1.port}", token, "db", service.port, ca_file=c.ca_file, **AGENT_ENV)
         db = r1.wait_available(customer, "db", agents=4)
         port = int(db["endpoint"].rsplit(":", 1)[1])
         assert low <= port <= high

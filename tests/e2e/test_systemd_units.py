@@ -86,6 +86,17 @@ def test_units_say_what_matters(name):
         assert "RestartPreventExitStatus=2 3" in lines
     else:
         assert {"StateDirectory=tunnel-relay", "Environment=RELAY_STATE_DIR=/var/lib/tunnel-relay"} <= lines
+        # The database URL is a credential (without the file: SQLite, the default), never in the environment.
+        assert {"LoadCredential=database-url:/etc/tunnel-relay/database-url",
+                "SetCredential=database-url:sqlite:///var/lib/tunnel-relay/relay.db"} <= lines
+        assert not any(line.startswith("Environment=RELAY_DATABASE_URL") for line in lines)
+
+
+def test_the_readme_installs_secrets_readable_by_root_only():
+    readme = (ROOT / "README.md").read_text()
+    assert "install -m 0600 deploy/systemd/tunnel-relay.env.example /etc/tunnel-relay/relay.env" in readme
+    assert "install -m 0644 deploy/systemd/tunnel-relay.env.example" not in readme
+    assert "/etc/tunnel-relay/database-url" in readme and "RELAY_DATABASE_URL_FILE" in readme
 
 
 def test_broken_units_fail(tmp_path):

@@ -23,6 +23,8 @@ class _Handler(LinkHandler):
         self.link = link
 
     def control_received(self, message: dict) -> None:
+        if message.get("type") == "auth":
+            self.relay.auths.append(message)
         if message.get("type") != "auth" or (self.relay.link is not None and not self.relay.drain_every_auth):
             return
         names = [r.get("name") for r in message.get("resources", [])]
@@ -30,7 +32,7 @@ class _Handler(LinkHandler):
             {"name": n, "id": f"res_{i}", "endpoint": "-"} for i, n in enumerate(names)]})
         self.link.handshake_done()
         self.relay.link = self.link
-        self.relay.auths += 1
+        self.relay.answered += 1
         self.relay.registered.set()
         if self.relay.drain_every_auth:
             # Move elsewhere, to a relay nobody knows; this link is never closed from here.
@@ -41,24 +43,27 @@ class HostileRelay:
     """``async with HostileRelay(workdir) as relay``: listening on ``relay.url`` with its own CA
     in ``relay.ca_file``; ``await relay.wait_agent()`` returns the agent's link."""
 
-    def __init__(self, workdir: Path, drain_every_auth: bool = False) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", drain_every_auth: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.host = host
         #: Answer every ``auth`` with ``registered`` and then ``draining`` (not only the first).
         self.drain_every_auth = drain_every_auth
-        #: ``auth`` messages answered.
-        self.auths = 0
         self.port = free_port()
-        self.url = f"wss://127.0.0.1:{self.port}"
+        self.url = f"wss://{host}:{self.port}"
         self.link = None
+        #: Every ``auth`` received (tokens included), from any link.
+        self.auths: list[dict] = []
+        #: ``auth`` messages answered with ``registered``.
+        self.answered = 0
         self.registered = asyncio.Event()
         self.ca_file = ""
         self._server = None
 
     async def __aenter__(self) -> "HostileRelay":
-        keys = pki.ensure_pki(self.workdir / "hostile-pki", ["127.0.0.1"])
+        keys = pki.ensure_pki(self.workdir / "hostile-pki", ["127.0.0.1", self.host])
         self.ca_file = keys.ca_file
         context = pki.server_ssl_context(keys.cert_file, keys.key_file)
-        self._server = await serve_wss("127.0.0.1", self.port, ssl_context=context, limits=Limits(),
+        self._server = await serve_wss(self.host, self.port, ssl_context=context, limits=Limits(),
                                        on_link=lambda link: link.set_handler(_Handler(self, link)))
         return self
 

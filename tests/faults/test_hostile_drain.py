@@ -23,14 +23,14 @@ def test_a_relay_that_always_drains_cannot_spin_the_agent(tmp_path, agents, serv
             agent = agents.start(relay.url, "x.y.z", "db", service.port, ca_file=relay.ca_file, LOG_LEVEL="INFO")
             await relay.wait_agent()
             loop = asyncio.get_running_loop()
-            start_fds, start_rss, start_auths = fd_count(agent.pid), rss_kib(agent.pid), relay.auths
+            start_fds, start_rss, start_auths = fd_count(agent.pid), rss_kib(agent.pid), relay.answered
             start_lines = agent.log().count("\n")
             most_fds = start_fds
             end = loop.time() + WINDOW
             while loop.time() < end:  # sampled through the window
                 most_fds = max(most_fds, fd_count(agent.pid))
                 await asyncio.sleep(0.2)
-            return (agent, relay.auths - start_auths, start_fds, most_fds, rss_kib(agent.pid) - start_rss,
+            return (agent, relay.answered - start_auths, start_fds, most_fds, rss_kib(agent.pid) - start_rss,
                     agent.log().count("\n") - start_lines)
 
     agent, auths, start_fds, most_fds, grown_kib, lines = asyncio.run(main())

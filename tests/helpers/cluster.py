@@ -14,6 +14,9 @@ from tests.helpers.processes import Relay
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 ENV = {"RELAY_HEARTBEAT_INTERVAL": "1", "RELAY_MEMBER_TTL": "4", "RELAY_DRAIN_TIMEOUT": "4"}
+#: What an agent of these relays needs to dial the ones it learns: addresses vouch only for
+#: themselves (agent.config.relay_allowed).
+AGENT_ENV = {"RELAY_ALLOW_HOSTS": "127.0.0.0/8"}
 
 
 def aliases_work() -> bool:

@@ -10,7 +10,8 @@ import pytest
 from agent import config as agent_config
 from agent.links import AgentLinks
 
-A, B, C = "wss://a.example:8443", "wss://b.example:8443", "wss://c.example:8443"
+# One cluster's relays, under one domain (agent.config.relay_allowed).
+A, B, C = "wss://a.relays.example:8443", "wss://b.relays.example:8443", "wss://c.relays.example:8443"
 
 
 def _links(relay_url: str, links: int = 2) -> AgentLinks:
@@ -101,7 +102,8 @@ def test_relays_a_relay_names_are_checked(run):
     async def go():
         links = _links(A)
         links.control(links.slots[0], FakeHandler(FakeLink()), {"type": "relays", "relays": [
-            {"id": "rly_b", "url": "http://b.example"}, {"id": "rly_c", "url": C}, "junk", {"id": 5, "url": B}]})
+            {"id": "rly_b", "url": "http://b.example"}, {"id": "rly_c", "url": C}, "junk", {"id": 5, "url": B},
+            {"id": "rly_d", "url": "wss://relays.example.attacker.net:8443"}]})
         assert links.relays == {"rly_c": {"url": C, "draining": False}}
 
     run(go())

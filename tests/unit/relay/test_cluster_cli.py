@@ -89,3 +89,32 @@ def test_a_relay_on_sqlite_does_not_import_it_either(tmp_path):
     out = subprocess.run([sys.executable, "-c", PROBE.format(imports=imports)], capture_output=True, text=True,
                          cwd=REPO, check=True)
     assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize("source", ["RELAY_DATABASE_URL_FILE", "CREDENTIALS_DIRECTORY"])
+def test_the_database_url_from_a_file_or_a_systemd_credential(tmp_path, source):
+    """The password stays out of relay.env and process listings: the URL is read from a file
+    (mode 0600) or from the credential systemd hands the unit (LoadCredential=database-url:…)."""
+    secret_dir = tmp_path / "credentials"
+    secret_dir.mkdir()
+    (secret_dir / "database-url").write_text("postgresql://relay:hunter2secret@127.0.0.1:1/tunnel\n")
+    env = {"RELAY_DB_STARTUP_TIMEOUT": "1"}
+    env[source] = str(secret_dir / "database-url") if source == "RELAY_DATABASE_URL_FILE" else str(secret_dir)
+    result = run(["serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--admin-listen",
+                  "127.0.0.1:0"], env=env, secret="hunter2secret")
+    assert result.returncode == 1
+    assert "relay cannot start: state database unreachable: postgresql://relay@127.0.0.1:1/tunnel" in result.stderr
+    assert "process listings show" not in result.stderr
+
+
+def test_an_empty_credential_means_the_embedded_database_and_a_missing_file_is_an_error(tmp_path, monkeypatch):
+    missing = run(["serve", "--state-dir", str(tmp_path / "s")],
+                  env={"RELAY_DATABASE_URL_FILE": str(tmp_path / "nope")})
+    one_line_error(missing, "cannot read RELAY_DATABASE_URL_FILE")
+    from relay.cli import _database_url
+
+    (tmp_path / "database-url").write_text("")
+    for name in ("RELAY_DATABASE_URL", "RELAY_DATABASE_URL_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert _database_url(None) is None
