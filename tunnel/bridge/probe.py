@@ -132,7 +132,8 @@ def tls_engine() -> str:
 
 
 async def tls_handshake(dialer: Dialer, timeout: float) -> TlsOutcome:
-    """The WSS link's TLS handshake (TLS 1.3, the agent's trust anchors, the URL's host name).
+    """The WSS link's TLS handshake (TLS 1.3, the agent's trust anchors, the URL's host name, the
+    link's TLS engine).
     Raises what :func:`tcp_connect` raises when the relay cannot be reached at all."""
     try:
         context = dialer.ssl_context()
@@ -165,10 +166,10 @@ async def _handshake(dialer: Dialer, context: ssl.SSLContext, timeout: float) ->
     transport = None
     try:
         async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(asyncio.Protocol, sock=sock, ssl=context,
-                                                        server_hostname=dialer.host)
-        tls = transport.get_extra_info("ssl_object")
-        return tls.getpeercert(binary_form=True) or b"", tls.version() or ""
+            transport, _ = await tls.create_connection(loop, asyncio.Protocol, sock=sock, ssl=context,
+                                                       server_hostname=dialer.host)
+        ssl_object = transport.get_extra_info("ssl_object")
+        return ssl_object.getpeercert(binary_form=True) or b"", ssl_object.version() or ""
     except BaseException:
         if transport is None:
             sock.close()
