@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+from tests.helpers import wait_until
 from tests.helpers.processes import free_port
 
 
@@ -39,3 +40,28 @@ def test_port_range_and_a_fixed_port(relay, agents, service_factory):
     assert twice.returncode == 1 and f"a customer named 'acme' exists already ({customer})" in twice.stderr
     bad = relay.cli("serve", "--port-range", "9-1", check=False)
     assert bad.returncode == 1 and "bad port range '9-1'" in bad.stderr
+
+
+def test_an_endpoint_port_taken_by_another_process_is_a_clear_refusal(relay, agents, service_factory):
+    """A resource's port held by an unrelated process on the relay's host (as a client's
+    ephemeral port inside --port-range can be): the agent is told why and retries, the relay
+    logs one line, no traceback; once the port is free the agent registers."""
+    customer = relay.create_customer("acme")
+    token = relay.jwt("--customer-id", customer)
+    port = free_port()
+    relay.cli("resources", "create", "--customer-id", customer, "db", "--port", str(port))
+    relay.stop()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen(1)
+    try:
+        relay.start()
+        agent = agents.start(f"wss://127.0.0.1:{relay.port}", token, "db", service_factory("echo").port,
+                             ca_file=relay.ca_file)
+        wait_until(lambda: "cannot listen on its endpoint" in agent.log(), 30, "the agent to be told why")
+        assert f"127.0.0.1:{port}" in agent.log() and agent.alive()
+        assert "cannot listen on its endpoint" in relay.proc.log()
+    finally:
+        squatter.close()
+    relay.wait_available(customer, "db", timeout=60)
+    assert "Traceback" not in relay.proc.log() + agent.log()
