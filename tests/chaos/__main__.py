@@ -8,14 +8,16 @@ import json
 import sys
 from pathlib import Path
 
-from tests.chaos.harness import FAULTS, Settings, run, unavailable_reason
+from tests.chaos.harness import FAULTS, Settings, available_faults, run, unavailable_reason
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=180.0, help="how long faults are injected")
     parser.add_argument("--seed", type=int, default=1, help="the faults' seed (the same seed replays them)")
-    parser.add_argument("--faults", default=",".join(FAULTS), help="comma list of the faults to draw from")
+    parser.add_argument("--faults", default=",".join(available_faults()),
+                        help=f"comma list of the faults to draw from (default: {', '.join(FAULTS)}; "
+                             "the blackholes need root and iptables)")
     parser.add_argument("--max-stream", type=int, default=8 << 20, help="largest echo stream, bytes")
     parser.add_argument("--no-pgbench", action="store_true", help="no pgbench workload")
     parser.add_argument("--out", type=Path, help="write report.json and faults.jsonl here")

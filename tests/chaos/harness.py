@@ -554,6 +554,7 @@ class Chaos:
         violations = []
         counts: dict[str, dict[str, int]] = {}
         attributed: dict[str, int] = {}
+        failures: list[dict] = []
         for a in self.report.attempts:
             kind_counts = counts.setdefault(a.kind, {"ok": 0, "failed": 0, "corrupt": 0, "hung": 0})
             kind_counts[a.outcome.split(":")[0]] += 1
@@ -562,10 +563,14 @@ class Chaos:
             if a.outcome.startswith(("corrupt", "hung")):
                 violations.append(f"{a.kind} stream ({a.size} bytes) at {a.started - started:.1f} s: {a.outcome}")
                 continue
-            causes = [f for lo, hi, f in windows if a.started <= hi and a.ended >= lo]
+            # The latest fault that began before the attempt ended, among those whose window it meets.
+            causes = [f for lo, hi, f in windows if a.started <= hi and a.ended >= lo and f.start <= a.ended]
             if causes:
                 key = f"{causes[-1].kind} {causes[-1].target}"
                 attributed[key] = attributed.get(key, 0) + 1
+                failures.append({"kind": a.kind, "start": round(a.started - started, 1),
+                                 "end": round(a.ended - started, 1), "size": a.size, "outcome": a.outcome,
+                                 "fault": key})
             else:
                 violations.append(f"{a.kind} attempt at {a.started - started:.1f}-{a.ended - started:.1f} s failed "
                                   f"outside every fault window: {a.outcome}")
@@ -588,7 +593,8 @@ class Chaos:
                        for f in self.report.faults],
             "attempts": counts, "bytes_echoed_exactly": sum(a.size for a in self.report.attempts
                                                              if a.outcome == "ok" and a.kind == "echo"),
-            "failures_attributed": attributed, "resources": resources, "violations": violations,
+            "failures_attributed": attributed, "failures": failures, "resources": resources,
+            "violations": violations,
         }
 
     def close(self) -> None:
@@ -624,7 +630,14 @@ def unavailable_reason() -> str | None:
         return "haproxy is not installed (scripts/setup.sh)"
     if bin_dir() is None or not shutil.which("pgbench"):
         return "PostgreSQL is not installed (scripts/setup.sh)"
-    return iptables_available()
+    return None
+
+
+def available_faults() -> tuple[str, ...]:
+    """:data:`FAULTS`, without the blackholes where iptables cannot be used."""
+    if iptables_available() is None:
+        return FAULTS
+    return tuple(f for f in FAULTS if not f.startswith("blackhole"))
 
 
 def run(settings: Settings, out: Path | None = None) -> dict:
