@@ -59,6 +59,10 @@ AGENT_FIELDS = {
 LOG_INTERVAL = 60.0
 
 
+class EndpointUnavailable(Exception):
+    """A resource's endpoint cannot be bound on this relay's host (its port is taken)."""
+
+
 class AgentLinkHandler(LinkHandler):
     """One agent link on the relay: waits for one ``auth``, then serves as a registered agent."""
 
@@ -193,6 +197,13 @@ class Relay:
             self.cluster.outages.refused("registration(s)", exc)
             _refuse(link, "unavailable", UNREACHABLE_MESSAGE, ErrorCode.INTERNAL_ERROR)
             return
+        except EndpointUnavailable as exc:
+            # Another process holds the port on this host (e.g. a client's ephemeral port
+            # inside --port-range): not the agent's fault, and no traceback, once a minute.
+            self.metrics.auth_refused("unavailable")
+            self.throttled.log(("endpoint", str(exc)), logging.WARNING, "agent from %s refused: %s", _addr(link), exc)
+            _refuse(link, "unavailable", str(exc), ErrorCode.INTERNAL_ERROR)
+            return
         except QuotaExceeded as exc:
             self.metrics.auth_refused(exc.code, exc)
             self.throttled.log(("quota", str(exc)), logging.WARNING, "agent from %s refused: %s", _addr(link), exc)
@@ -285,8 +296,8 @@ class Relay:
                     await self.registry.ensure_endpoint(resource)
                 except OSError:
                     why = self.registry.bind_errors.get(resource["id"], "cannot bind its endpoint")
-                    raise AuthError(f"resource {resource['name']}: the relay {why}; retry later", code="unavailable",
-                                    fatal=False) from None
+                    raise EndpointUnavailable(f"resource {resource['name']}: this relay cannot listen on its "
+                                              f"endpoint ({why}); the agent retries") from None
             if link.is_closing:
                 return None
             agent_id = "agt_" + secrets.token_hex(8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+from tests.helpers import wait_until
 from tests.helpers.processes import free_port
 
 
@@ -66,3 +67,31 @@ def test_an_endpoint_on_the_metrics_port_never_stops_the_relay(relay):
     assert len(listed) == 1 and "cannot bind" in listed[0]["endpoint_error"], listed
     assert relay.proc.log().count("endpoint not served on this relay") == 1
     assert relay.proc.alive()
+
+
+def test_an_endpoint_port_taken_by_another_process_is_a_clear_refusal(relay, agents, service_factory):
+    """A resource's port held by an unrelated process on the relay's host (as a client's
+    ephemeral port inside --port-range can be): the agent is told why and retries, the relay
+    logs one line, no traceback; once the port is free the agent registers."""
+    port = free_port()
+    span = ("--port-range", f"{port - 3}-{port + 6}")  # fixed ports stay within the range
+    relay.stop()
+    relay.start(*span)
+    customer = relay.create_customer("acme")
+    token = relay.jwt("--customer-id", customer)
+    relay.cli("resources", "create", "--customer-id", customer, "db", "--port", str(port))
+    relay.stop()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen(1)
+    try:
+        relay.start(*span)
+        agent = agents.start(f"wss://127.0.0.1:{relay.port}", token, "db", service_factory("echo").port,
+                             ca_file=relay.ca_file)
+        wait_until(lambda: "cannot listen on its endpoint" in agent.log(), 30, "the agent to be told why")
+        assert f"127.0.0.1:{port}" in agent.log() and agent.alive()
+        assert "cannot listen on its endpoint" in relay.proc.log()
+    finally:
+        squatter.close()
+    relay.wait_available(customer, "db", timeout=60)
+    assert "Traceback" not in relay.proc.log() + agent.log()
