@@ -51,6 +51,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from tunnel.bridge.dial import RELAY_DEFAULT_PORT, parse_relay_url
 
