@@ -38,8 +38,8 @@ from typing import Any
 
 from tunnel.ops.logs import escape
 
-from . import DEFAULT_STATE_DIR, __version__, parse_host_port
-from .state import DEFAULT_PORT_RANGE
+from relay import DEFAULT_STATE_DIR, __version__, parse_host_port
+from relay.state.relay_state import DEFAULT_PORT_RANGE
 
 PROG = "tunnel-relay"
 DEFAULT_LISTEN = "0.0.0.0:8443"
@@ -315,7 +315,7 @@ def _state_dir(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace):
-    from .admin_client import AdminClient
+    from relay.control.admin_client import AdminClient
 
     return AdminClient.discover(
         _state_dir(args),
@@ -370,7 +370,7 @@ def configure_logging(log_format: str = "plain", level: str = "info") -> None:
 
 def _database_url(option: str | None) -> str | None:
     """``--database``, else ``RELAY_DATABASE_URL``; refuses what the relay cannot use."""
-    from .store.database import is_postgres_url, redact_url
+    from relay.state.store.database import is_postgres_url, redact_url
 
     url = option or _env("RELAY_DATABASE_URL")
     if not url:
@@ -407,7 +407,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if bool(args.cert) != bool(args.key):
         raise CliError("--cert and --key must be given together")
     if args.advertise:
-        from .cluster import check_advertise_url
+        from relay.state.cluster import check_advertise_url
 
         try:
             args.advertise = check_advertise_url(args.advertise)
@@ -422,7 +422,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     args.database = _database_url(args.database)
     try:
-        from .server import serve_main
+        from relay.control.server import serve_main
     except ImportError as exc:
         raise CliError(f"the relay server is not available: {exc}") from None
     result = serve_main(args)
@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 1
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        from .admin_client import AdminError
+        from relay.control.admin_client import AdminError
 
         if isinstance(exc, (AdminError, CliError)):
             message = str(exc)

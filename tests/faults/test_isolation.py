@@ -14,8 +14,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from relay.state import ORG_CUSTOMER_ID, RelayState
-from relay.tokens import TokenAuthority, check_against_state
+from relay.state.relay_state import ORG_CUSTOMER_ID, RelayState
+from relay.control.tokens import TokenAuthority, check_against_state
 from tests.faults.faultkit import echo_once, setup_agent
 from tests.helpers.sync_state import SyncState, new_loop
 from tunnel.wire.errors import AuthError

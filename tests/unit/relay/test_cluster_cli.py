@@ -13,7 +13,7 @@ import pytest
 from relay_fakes import fake_agent
 from test_cli import REPO, one_line_error, run
 
-from relay.cluster import check_advertise_url, default_advertise_url
+from relay.state.cluster import check_advertise_url, default_advertise_url
 
 
 @pytest.fixture

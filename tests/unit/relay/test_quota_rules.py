@@ -1,10 +1,10 @@
-"""relay.quotas: registrations per minute and the relay's descriptor budget, on fake time."""
+"""relay.data.quotas: registrations per minute and the relay's descriptor budget, on fake time."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.quotas import FULL_CODE, QUOTA_CODE, Descriptors, QuotaExceeded, RegistrationRate
+from relay.data.quotas import FULL_CODE, QUOTA_CODE, Descriptors, QuotaExceeded, RegistrationRate
 from tunnel.core.limits import Limits
 
 

@@ -1,4 +1,4 @@
-"""relay.store and the cluster tables: migrations (from empty, from a v1 relay.db, concurrent,
+"""relay.state.store and the cluster tables: migrations (from empty, from a v1 relay.db, concurrent,
 too new), events across relays, agent links and their epochs, membership, and PostgreSQL
 going away (stopped, hung, cut off from one relay) and coming back. Tests taking ``state`` run
 on both back ends; the others name theirs."""
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from relay.cluster import Cluster
-from relay.state import LinkRefused, RelayState
-from relay.store.database import redact_url
-from relay.store.dialect import MIGRATION_LOCK_KEY, POSTGRES, SQLITE
-from relay.store.errors import SchemaTooNew, StoreUnavailable
-from relay.store.migrations import SCHEMA_VERSION
-from relay.store.settings import StoreSettings
+from relay.state.cluster import Cluster
+from relay.state.relay_state import LinkRefused, RelayState
+from relay.state.store.database import redact_url
+from relay.state.store.dialect import MIGRATION_LOCK_KEY, POSTGRES, SQLITE
+from relay.state.store.errors import SchemaTooNew, StoreUnavailable
+from relay.state.store.migrations import SCHEMA_VERSION
+from relay.state.store.settings import StoreSettings
 from tests.helpers import async_wait_until
 from tests.helpers.sync_state import new_loop
 from tests.helpers.tcp_proxy import TcpProxy
@@ -172,8 +172,8 @@ def test_postgres_migrates_from_empty_and_refuses_a_newer_schema(tmp_path, postg
 
 MIGRATE_ONE = """
 import asyncio, sys
-from relay.store.migrations import migrate
-from relay.store.database import open_database
+from relay.state.store.migrations import migrate
+from relay.state.store.database import open_database
 async def main():
     db = await open_database(sys.argv[1], sys.argv[2])
     before, after = await migrate(db, 'test')

@@ -32,7 +32,7 @@ service answers) what this relay's agents report, while
 ``agents_detail`` lists the agent links of every relay on the state database, each with its
 ``relay_id`` and ``relay_url``; live counters (bytes, streams) are known for this relay's only.
 Rotation and deletion reach the agents of every relay through the state's events (see
-:mod:`relay.cluster`). While the state database is unreachable, every endpoint but
+:mod:`relay.state.cluster`). While the state database is unreachable, every endpoint but
 ``/v1/health`` answers 503 ``{"error": "unavailable", "message": "state database unreachable"}``.
 
 Files: ``<state>/admin-token`` (0600, created once) and ``<state>/admin.json``
@@ -58,10 +58,10 @@ import orjson
 
 from tunnel.ops.logs import Throttled
 
-from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import DEFAULT_PORT_RANGE, RelayState, ensure_state_dir, state_write_failure, write_private
-from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
-from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
+from relay import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
+from relay.state.relay_state import DEFAULT_PORT_RANGE, RelayState, ensure_state_dir, state_write_failure, write_private
+from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
+from relay.control.tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
 log = logging.getLogger("relay.admin")
 
@@ -275,7 +275,7 @@ class AdminApi:
         return 200, await self.cluster.status()
 
     async def _links_by_resource(self) -> dict[str, list[dict]]:
-        from .cluster import link_view
+        from relay.state.cluster import link_view
 
         by_resource: dict[str, list[dict]] = {}
         for link in await self.state.list_links():
@@ -353,7 +353,7 @@ class AdminApi:
     async def post_resources(self, *, payload: dict, **_) -> tuple[int, Any]:
         """Create a resource ahead of its agents, optionally on a fixed endpoint port; every
         relay binds its endpoint on the ``resource_created`` event."""
-        from .state import allocate_port, validate_name
+        from relay.state.relay_state import allocate_port, validate_name
 
         _only_fields(payload, {"customer_id", "name", "port"})
         customer_id = _typed(payload, "customer_id", str)
@@ -361,7 +361,7 @@ class AdminApi:
         port = _typed(payload, "port", int)
         if not customer_id or not name:
             raise HttpError(400, "bad_request", "customer_id and name are required")
-        from .server import RESOURCE_NAME
+        from relay.control.server import RESOURCE_NAME
 
         if not RESOURCE_NAME.fullmatch(name):
             raise HttpError(400, "bad_request", "name must be 1-128 letters, digits, '.', '_' or '-' (the agents' NAME)")

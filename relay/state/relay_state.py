@@ -1,7 +1,7 @@
 """The relay's durable state, through one async interface (:class:`RelayState`) over either
 back end of :mod:`relay.store`: SQLite in ``<state-dir>/relay.db`` (the default) or PostgreSQL
 (``--database postgresql://…``, shared by every relay of a cluster). Schema: see
-:mod:`relay.store.migrations`.
+:mod:`relay.state.store.migrations`.
 
 - ``customers``  ``id`` (``cus_`` + 16 base32 chars), ``name``, ``created_at``
 - ``resources``  ``id`` (``res_…``), ``customer_id``, ``name``, ``port``, ``generation``,
@@ -37,10 +37,10 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .store.database import Database, Subscriber, open_database
-from .store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
-from .store.migrations import SCHEMA_VERSION, migrate
-from .store.settings import StoreSettings
+from relay.state.store.database import Database, Subscriber, open_database
+from relay.state.store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
+from relay.state.store.migrations import SCHEMA_VERSION, migrate
+from relay.state.store.settings import StoreSettings
 
 ORG_CUSTOMER_ID = "cus_org"
 ORG_CUSTOMER_NAME = "organization"

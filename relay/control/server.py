@@ -36,10 +36,10 @@ from tunnel.ops.process import tune_malloc
 from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
-from . import format_host_port, is_loopback_host
-from .quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
-from .registry import AgentSession, Registry
-from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
+from relay import format_host_port, is_loopback_host
+from relay.data.quotas import Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
+from relay.data.registry import AgentSession, Registry
+from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 
 log = logging.getLogger("relay")
 
@@ -144,7 +144,7 @@ class Relay:
         self.peering = None
         cluster.on_members = self.members_changed
         cluster.on_resource_created = self.resource_created
-        from .agent_control import AgentControl
+        from relay.control.agent_control import AgentControl
 
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
@@ -240,7 +240,7 @@ class Relay:
     async def _check_only(self, link: Link, message: dict) -> None:
         """``tunnel-agent check``: verify the token and the resource names as a registration
         would, register nothing, answer ``checked`` (the agent closes the link)."""
-        from .tokens import check_against_state
+        from relay.control.tokens import check_against_state
 
         try:
             token, resources, _info = _auth_fields(message)
@@ -262,7 +262,7 @@ class Relay:
                  claims.customer_id)
 
     async def _register(self, link: Link, message: dict) -> AgentSession | None:
-        from .tokens import check_against_state
+        from relay.control.tokens import check_against_state
 
         token, resources, info = _auth_fields(message)
         claims = self.authority.verify(token)
@@ -327,7 +327,7 @@ class Relay:
         """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
         (created if need be, its endpoint bound), checked again after the bind: AuthError if it
         was revoked or deleted meanwhile. For resources added on a live link."""
-        from .tokens import check_against_state
+        from relay.control.tokens import check_against_state
 
         resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
                                              before_create=self._before_create)
@@ -357,7 +357,7 @@ class Relay:
             self.descriptors.check_link(customer_id)
 
     def _allocate_port(self, taken: set[int]) -> int:
-        from .state import allocate_port
+        from relay.state.relay_state import allocate_port
 
         return allocate_port(self.registry.service_host, taken, self.port_range)
 
@@ -587,9 +587,10 @@ def serve_main(args) -> int:
 async def _serve(args) -> int:
     from tunnel.bridge.listen import serve_links
 
-    from . import admin, pki, tokens
-    from .cluster import Cluster, default_advertise_url
-    from .store.settings import StoreSettings
+    from relay.control import admin, tokens
+    from relay.state import pki
+    from relay.state.cluster import Cluster, default_advertise_url
+    from relay.state.store.settings import StoreSettings
 
     limits = Limits.from_env()
     settings = StoreSettings.from_env()
@@ -678,8 +679,8 @@ async def _serve(args) -> int:
 async def _start_peering(args, relay: Relay, keys, names: list[str], limits: Limits):
     """Listen for the other relays of the cluster at ``--peer-listen`` (default: the host of
     ``--listen``, a free port) and record where they reach this one."""
-    from . import pki
-    from .peering import Peering
+    from relay.state import pki
+    from relay.data.peering import Peering
 
     host, port = args.peer_listen_addr or (args.listen_addr[0], 0)
     advertised_host = args.peer_advertise_host or urllib.parse.urlsplit(relay.cluster.advertise_url).hostname
@@ -702,8 +703,8 @@ async def _start_peering(args, relay: Relay, keys, names: list[str], limits: Lim
 async def _open_state(state_dir: Path, database: str | None, settings):
     """The migrated state; a PostgreSQL that cannot be reached is retried with backoff for
     ``db_startup_timeout`` before the relay gives up."""
-    from .state import RelayState
-    from .store.database import redact_url
+    from relay.state.relay_state import RelayState
+    from relay.state.store.database import redact_url
 
     where = redact_url(database) if database else "in the state directory"
     deadline = time.monotonic() + settings.db_startup_timeout
@@ -726,7 +727,7 @@ async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: 
     """``/metrics``, ``/live`` and ``/ready`` at ``--metrics-listen`` (None: not served)."""
     if address is None:
         return None
-    from .metrics import MetricsService
+    from relay.data.metrics import MetricsService
 
     try:
         service = await MetricsService(relay, limits).start(*address)

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .database import Event, Subscriber
-from .dialect import SQLITE
-from .errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
-from .settings import StoreSettings
+from relay.state.store.database import Event, Subscriber
+from relay.state.store.dialect import SQLITE
+from relay.state.store.errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
+from relay.state.store.settings import StoreSettings
 
 log = logging.getLogger("relay.store")
 
@@ -73,7 +73,7 @@ class SqliteDatabase(_Statements):
     dialect = SQLITE
 
     def __init__(self, path: str | os.PathLike, settings: StoreSettings | None = None) -> None:
-        from ..state import ensure_state_dir
+        from relay.state.relay_state import ensure_state_dir
 
         self.path = Path(path)
         self.description = f"sqlite:///{self.path}"

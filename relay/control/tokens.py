@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from tunnel.wire.errors import AuthError
 
-from .state import ORG_CUSTOMER_ID, RelayState, allocate_port, ensure_state_dir
+from relay.state.relay_state import ORG_CUSTOMER_ID, RelayState, allocate_port, ensure_state_dir
 
 ISSUER = "tunnel-relay"
 AUDIENCE = "tunnel-agent"

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
-from .quotas import QuotaExceeded
-from .registry import AgentSession
+from relay.data.quotas import QuotaExceeded
+from relay.data.registry import AgentSession
 
 if TYPE_CHECKING:
-    from .server import Relay
+    from relay.control.server import Relay
 
 log = logging.getLogger("relay.agents")
 
@@ -116,7 +116,7 @@ class AgentControl:
         relay = self.relay
         added, refused = [], []
         new = [n for n in dict.fromkeys(names) if n not in agent.resources.values()]
-        from .server import MAX_RESOURCES_PER_AGENT
+        from relay.control.server import MAX_RESOURCES_PER_AGENT
 
         if len(agent.resources) + len(new) > MAX_RESOURCES_PER_AGENT:
             refused = [{"name": n, "code": "bad_request",
@@ -166,7 +166,7 @@ class AgentControl:
 
 
 def _names(message: dict) -> list[str] | None:
-    from .server import RESOURCE_NAME, _valid
+    from relay.control.server import RESOURCE_NAME, _valid
 
     entries = message.get("resources")
     if (not isinstance(entries, list) or len(entries) > 64

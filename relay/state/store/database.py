@@ -21,9 +21,9 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from .dialect import Dialect
-from .errors import StoreError
-from .settings import StoreSettings
+from relay.state.store.dialect import Dialect
+from relay.state.store.errors import StoreError
+from relay.state.store.settings import StoreSettings
 
 log = logging.getLogger("relay.store")
 
@@ -91,11 +91,11 @@ async def open_database(url: str | None, state_dir: str | Path, settings: StoreS
     settings = settings or StoreSettings()
     if is_postgres_url(url):
         try:
-            from .postgres import PostgresDatabase
+            from relay.state.store.postgres import PostgresDatabase
         except ImportError:
             raise StoreError("PostgreSQL needs the asyncpg driver: pip install 'tunnel-agent-relay[postgresql]'") from None
         return await PostgresDatabase.connect(url, settings)
-    from .sqlite import SqliteDatabase
+    from relay.state.store.sqlite import SqliteDatabase
 
     if url:
         parts = urllib.parse.urlsplit(url)
@@ -104,7 +104,7 @@ async def open_database(url: str | None, state_dir: str | Path, settings: StoreS
                              "expected postgresql://user@host:port/dbname or sqlite:///path/to/relay.db")
         path = Path(urllib.parse.unquote(parts.path))
     else:
-        from .. import DATABASE_FILE
+        from relay import DATABASE_FILE
 
         path = Path(state_dir) / DATABASE_FILE
     return SqliteDatabase(path, settings)

@@ -1,7 +1,7 @@
 """The schema, as one ordered list of versioned steps that both back ends run.
 
 A step is a list of statements written once (``?`` placeholders and the dialect markers of
-:mod:`relay.store.dialect`). :func:`migrate` runs, at start and in one exclusive transaction,
+:mod:`relay.state.store.dialect`). :func:`migrate` runs, at start and in one exclusive transaction,
 every step above the database's version, so two relays starting at once never both migrate,
 and a database newer than :data:`SCHEMA_VERSION` is refused. A schema change is a new step
 appended here, never an edit of a step that has shipped.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .errors import SchemaTooNew
+from relay.state.store.errors import SchemaTooNew
 
 log = logging.getLogger("relay.store")
 

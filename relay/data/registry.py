@@ -39,10 +39,10 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
-from .forward import Forwarded
-from .metrics import RelayMetrics
-from .quotas import Descriptors, QuotaExceeded
-from .state import DEFAULT_PORT_RANGE
+from relay.data.forward import Forwarded
+from relay.data.metrics import RelayMetrics
+from relay.data.quotas import Descriptors, QuotaExceeded
+from relay.state.relay_state import DEFAULT_PORT_RANGE
 
 log = logging.getLogger("relay.registry")
 

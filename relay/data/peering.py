@@ -5,7 +5,7 @@ resource, whichever relays its agents are linked to (proxy peering, as Teleport'
   (``--peer-listen``; recorded in ``relays.peer_address``): the project's session over TLS
   WebSocket, TLS 1.3 with a client certificate required on both sides: the relay-to-relay
   certificate the cluster CA issues to every relay (``peer.pem``, clientAuth, OU ``relay``;
-  :mod:`relay.pki`). A connection whose certificate does not name the role ``relay`` is closed.
+  :mod:`relay.state.pki`). A connection whose certificate does not name the role ``relay`` is closed.
   After the TLS handshake the dialling relay sends CONTROL ``{"type": "peer", "relay_id": …}``
   and the other answers the same; then either side opens streams. One link per pair of
   relays: the relay with the smaller id dials the others as they join; either dials on demand
@@ -35,9 +35,9 @@ from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import LinkError, UsageError
 
-from .forward import Splice
-from .pki import PEER_ROLE, peer_role
-from .store.errors import StoreError, StoreUnavailable
+from relay.data.forward import Splice
+from relay.state.pki import PEER_ROLE, peer_role
+from relay.state.store.errors import StoreError, StoreUnavailable
 
 log = logging.getLogger("relay.peering")
 
