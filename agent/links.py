@@ -34,7 +34,7 @@ from tunnel.wire.constants import ErrorCode
 
 from .config import AgentConfig
 from .health import TargetHealth
-from .runner import Agent, _close_when_idle, read_config, watch_config
+from .runner import Agent, close_when_idle, read_config, watch_config
 
 log = logging.getLogger("agent.links")
 
@@ -123,7 +123,7 @@ class AgentLinks:
     async def _close_retired(self, link: Link) -> None:
         self.retiring.add(link)
         try:
-            await _close_when_idle(link)
+            await close_when_idle(link)
         finally:
             self.retiring.discard(link)
 

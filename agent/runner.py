@@ -474,7 +474,7 @@ class Agent:
     def _drain_old(self, old: Link, why: str) -> None:
         old.goaway(ErrorCode.NO_ERROR, why)
         self.draining.add(old)
-        task = self._spawn(_close_when_idle(old))
+        task = self._spawn(close_when_idle(old))
         task.add_done_callback(lambda _: self.draining.discard(old))
 
     async def _unless_stopping(self, awaitable, close: bool = True):
@@ -720,7 +720,7 @@ async def _all_idle(handler: AgentLinkHandler, draining: set[Link]) -> None:
         await old.wait_closed()
 
 
-async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
+async def close_when_idle(link: Link, timeout: float = 300.0) -> None:
     """A link told to go away closes by itself once its last stream ended; close it anyway
     after ``timeout``."""
     try:

@@ -36,10 +36,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tunnel.ops import logs
 from tunnel.ops.logs import escape
 
 from relay import DEFAULT_STATE_DIR, __version__, parse_host_port
+from relay.control.admin_client import AdminClient, AdminError
+from relay.state.cluster import check_advertise_url
 from relay.state.relay_state import DEFAULT_PORT_RANGE
+from relay.state.store.database import is_postgres_url, redact_url
 
 PROG = "tunnel-relay"
 DEFAULT_LISTEN = "0.0.0.0:8443"
@@ -315,8 +319,6 @@ def _state_dir(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace):
-    from relay.control.admin_client import AdminClient
-
     return AdminClient.discover(
         _state_dir(args),
         admin_url=args.admin_url or _env("RELAY_ADMIN_URL"),
@@ -363,15 +365,11 @@ def _run_admin(args: argparse.Namespace) -> int:
 
 def configure_logging(log_format: str = "plain", level: str = "info") -> None:
     """The project's logging set-up: plain or JSON lines, secrets redacted."""
-    from tunnel.ops import logs
-
     logs.configure(log_format, level.upper())
 
 
 def _database_url(option: str | None) -> str | None:
     """``--database``, else ``RELAY_DATABASE_URL``; refuses what the relay cannot use."""
-    from relay.state.store.database import is_postgres_url, redact_url
-
     url = option or _env("RELAY_DATABASE_URL")
     if not url:
         return None
@@ -407,8 +405,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     if bool(args.cert) != bool(args.key):
         raise CliError("--cert and --key must be given together")
     if args.advertise:
-        from relay.state.cluster import check_advertise_url
-
         try:
             args.advertise = check_advertise_url(args.advertise)
         except ValueError as exc:
@@ -422,7 +418,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     args.database = _database_url(args.database)
     try:
-        from relay.control.server import serve_main
+        # Only here: the server (uvloop, aioquic, the carriers, the store) would add about 1 s
+        # to every admin command (python -X importtime on a loaded 2-core machine).
+        from relay.serve import serve_main
     except ImportError as exc:
         raise CliError(f"the relay server is not available: {exc}") from None
     result = serve_main(args)
@@ -446,8 +444,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 1
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        from relay.control.admin_client import AdminError
-
         if isinstance(exc, (AdminError, CliError)):
             message = str(exc)
         elif isinstance(exc, (ValueError, OSError)):

@@ -59,9 +59,12 @@ import orjson
 from tunnel.ops.logs import Throttled
 
 from relay import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from relay.state.relay_state import DEFAULT_PORT_RANGE, RelayState, ensure_state_dir, state_write_failure, write_private
-from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
+from relay.control.names import RESOURCE_NAME
 from relay.control.tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
+from relay.state.cluster import link_view
+from relay.state.relay_state import (DEFAULT_PORT_RANGE, RelayState, allocate_port, ensure_state_dir, state_write_failure,
+                                     validate_name, write_private)
+from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
 
 log = logging.getLogger("relay.admin")
 
@@ -275,8 +278,6 @@ class AdminApi:
         return 200, await self.cluster.status()
 
     async def _links_by_resource(self) -> dict[str, list[dict]]:
-        from relay.state.cluster import link_view
-
         by_resource: dict[str, list[dict]] = {}
         for link in await self.state.list_links():
             view = link_view(link)
@@ -353,16 +354,12 @@ class AdminApi:
     async def post_resources(self, *, payload: dict, **_) -> tuple[int, Any]:
         """Create a resource ahead of its agents, optionally on a fixed endpoint port; every
         relay binds its endpoint on the ``resource_created`` event."""
-        from relay.state.relay_state import allocate_port, validate_name
-
         _only_fields(payload, {"customer_id", "name", "port"})
         customer_id = _typed(payload, "customer_id", str)
         name = _typed(payload, "name", str)
         port = _typed(payload, "port", int)
         if not customer_id or not name:
             raise HttpError(400, "bad_request", "customer_id and name are required")
-        from relay.control.server import RESOURCE_NAME
-
         if not RESOURCE_NAME.fullmatch(name):
             raise HttpError(400, "bad_request", "name must be 1-128 letters, digits, '.', '_' or '-' (the agents' NAME)")
         validate_name(name, "resource name")

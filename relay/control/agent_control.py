@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
+from relay.control.names import MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
 from relay.data.quotas import QuotaExceeded
 from relay.data.registry import AgentSession
 
@@ -116,8 +117,6 @@ class AgentControl:
         relay = self.relay
         added, refused = [], []
         new = [n for n in dict.fromkeys(names) if n not in agent.resources.values()]
-        from relay.control.server import MAX_RESOURCES_PER_AGENT
-
         if len(agent.resources) + len(new) > MAX_RESOURCES_PER_AGENT:
             refused = [{"name": n, "code": "bad_request",
                         "message": f"an agent serves at most {MAX_RESOURCES_PER_AGENT} resources"} for n in new]
@@ -166,11 +165,9 @@ class AgentControl:
 
 
 def _names(message: dict) -> list[str] | None:
-    from relay.control.server import RESOURCE_NAME, _valid
-
     entries = message.get("resources")
     if (not isinstance(entries, list) or len(entries) > 64
-            or not all(isinstance(e, dict) and _valid(RESOURCE_NAME, e.get("name")) for e in entries)):
+            or not all(isinstance(e, dict) and valid(RESOURCE_NAME, e.get("name")) for e in entries)):
         log.info("ignoring a malformed %s message", str(message.get("type"))[:32])
         return None
     return [e["name"] for e in entries]

@@ -25,6 +25,7 @@ from tunnel import __version__
 from tunnel.bridge.listen import handshake_failures
 from tunnel.core.limits import Limits
 from tunnel.ops.exposition import Family, Histogram, process_families, render
+from tunnel.ops.metrics_http import serve_ops
 from tunnel.wire.constants import ErrorCode
 
 log = logging.getLogger("relay.metrics")
@@ -248,8 +249,6 @@ class MetricsService:
         self._sampler: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> "MetricsService":
-        from tunnel.ops.metrics_http import serve_ops
-
         relay = self.relay
         self.server = await serve_ops(host, port, render=lambda: relay.metrics.render(relay.registry),
                                       ready=lambda: ready(relay), limits=self.limits)

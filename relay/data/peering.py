@@ -29,6 +29,8 @@ import asyncio
 import logging
 import re
 
+from tunnel.bridge.dial import dial_tls_link
+from tunnel.bridge.listen import serve_tls_links
 from tunnel.bridge.tcp import LinkBuffers
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
@@ -128,8 +130,6 @@ class Peering:
 
     async def listen(self, host: str, port: int) -> int:
         """Accept peer links on ``host:port`` (0: a free port); return the port."""
-        from tunnel.bridge.listen import serve_tls_links
-
         self.server = await serve_tls_links(host, port, ssl_context=self.server_context, limits=self.limits,
                                             on_link=self._on_link)
         return self.server.sockets[0].getsockname()[1]
@@ -191,8 +191,6 @@ class Peering:
             return None
 
     async def _dial(self, relay_id: str, address: str) -> PeerLink | None:
-        from tunnel.bridge.dial import dial_tls_link
-
         try:
             link = await dial_tls_link(address, ssl_context=self.client_context, limits=self.limits,
                                        timeout=PEER_HANDSHAKE_TIMEOUT)

@@ -20,9 +20,9 @@ and owns the resources registered with ``--org-only`` tokens.
 Rotating a resource and deleting it publish events (``rotated``, ``deleted``) that every relay
 on the database receives (see :mod:`relay.cluster`); so do relays joining and leaving.
 
-Also the small file helpers every relay module uses: :func:`ensure_state_dir` (mode 0700) and
-:func:`write_private` (atomic, mode 0600), and :func:`state_write_failure`, which tells a full
-or read-only state directory apart from a bug.
+Also, from below it, the small file helpers every relay module uses: :func:`ensure_state_dir`
+(mode 0700) and :func:`write_private` (atomic, mode 0600) from :mod:`relay.state.files`, and
+:func:`state_write_failure`, which tells a full or read-only state directory apart from a bug.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ import os
 import random
 import secrets
 import socket
-import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from relay.state.store.database import Database, Subscriber, open_database
+from relay.state.files import ensure_state_dir, write_private
+from relay.state.store.connect import open_database
+from relay.state.store.database import Database, Subscriber
 from relay.state.store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
 from relay.state.store.migrations import SCHEMA_VERSION, migrate
 from relay.state.store.settings import StoreSettings
@@ -46,39 +47,6 @@ ORG_CUSTOMER_ID = "cus_org"
 ORG_CUSTOMER_NAME = "organization"
 DEFAULT_PORT_RANGE = (20000, 29999)
 MAX_NAME_LENGTH = 200
-
-# --------------------------------------------------------------------------- files
-
-
-def ensure_state_dir(path: str | os.PathLike) -> Path:
-    """Create the state directory (mode 0700) if needed; tighten it when others can read it."""
-    directory = Path(path)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = directory.stat()
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(directory, 0o700)
-    return directory
-
-
-def write_private(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically (temp file + rename) with ``mode`` from the first byte on."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
 
 # --------------------------------------------------------------------------- ids, names
 

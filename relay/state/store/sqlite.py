@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from relay.state.files import ensure_state_dir
 from relay.state.store.database import Event, Subscriber
 from relay.state.store.dialect import SQLITE
 from relay.state.store.errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
@@ -73,8 +74,6 @@ class SqliteDatabase(_Statements):
     dialect = SQLITE
 
     def __init__(self, path: str | os.PathLike, settings: StoreSettings | None = None) -> None:
-        from relay.state.relay_state import ensure_state_dir
-
         self.path = Path(path)
         self.description = f"sqlite:///{self.path}"
         self.settings = settings or StoreSettings()

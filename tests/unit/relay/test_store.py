@@ -173,7 +173,7 @@ def test_postgres_migrates_from_empty_and_refuses_a_newer_schema(tmp_path, postg
 MIGRATE_ONE = """
 import asyncio, sys
 from relay.state.store.migrations import migrate
-from relay.state.store.database import open_database
+from relay.state.store.connect import open_database
 async def main():
     db = await open_database(sys.argv[1], sys.argv[2])
     before, after = await migrate(db, 'test')
