@@ -9,7 +9,6 @@ import ast
 import importlib
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
