@@ -34,6 +34,7 @@ from tunnel.wire.constants import ErrorCode
 
 from .config import AgentConfig
 from .health import TargetHealth
+from .settings import AgentSettings
 from .runner import Agent, close_when_idle, read_config, watch_config
 
 log = logging.getLogger("agent.links")
@@ -45,14 +46,16 @@ MAX_RELAYS = 64
 class AgentLinks:
     """The slots of one agent process (see the module docstring)."""
 
-    def __init__(self, config: AgentConfig, limits: Limits | None = None, environ=None) -> None:
+    def __init__(self, config: AgentConfig, limits: Limits | None = None, environ=None,
+                 settings: AgentSettings | None = None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
+        self.settings = settings or AgentSettings.from_env()
         self.environ = os.environ if environ is None else environ
         self.instance = os.urandom(6).hex()
         #: Names a relay deregistered -> why (agent.runner.Agent.dropped), for every slot.
         self.dropped: dict[str, str] = {}
-        self.health = TargetHealth(self.limits.connect_timeout, self.limits.target_check_interval,
+        self.health = TargetHealth(self.settings.connect_timeout, self.settings.target_check_interval,
                                    on_change=self._health_changed)
         #: Relays learned from CONTROL ``relays``: id -> {"url", "draining"}.
         self.relays: dict[str, dict] = {}
@@ -60,7 +63,7 @@ class AgentLinks:
         self.retiring: set[Link] = set()
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
-        self.slots = [Agent(config, self.limits, environ=self.environ, slot=i, links=self)
+        self.slots = [Agent(config, self.limits, environ=self.environ, slot=i, links=self, settings=self.settings)
                       for i in range(config.relay_links)]
         #: Per slot: the URL it dials or holds now, and how many times it tried the configured ones.
         self._urls: dict[int, str] = {}
@@ -201,8 +204,8 @@ class AgentLinks:
         graceful stop ended them all (0)."""
         tasks = [asyncio.get_running_loop().create_task(agent.run()) for agent in self.slots]
         self._spawn(self.health.run(self._targets))
-        if self.limits.config_watch_interval > 0 and self.config.config_file:
-            self._spawn(watch_config(self.config.config_file, self.limits.config_watch_interval, self.reload))
+        if self.settings.config_watch_interval > 0 and self.config.config_file:
+            self._spawn(watch_config(self.config.config_file, self.settings.config_watch_interval, self.reload))
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             code = next(iter(done)).result()

@@ -1,8 +1,8 @@
 """The agent's life: dial the relay, register, serve streams, and when the link drops,
 reconnect, forever.
 
-Reconnecting: the first attempt after a link loss comes within ``Limits.reconnect_delay``
-(1 s, jittered); each failed attempt doubles the delay up to ``Limits.reconnect_max_delay``
+Reconnecting: the first attempt after a link loss comes within ``AgentSettings.reconnect_delay``
+(1 s, jittered); each failed attempt doubles the delay up to ``AgentSettings.reconnect_max_delay``
 (30 s); a link that stayed up ``HEALTHY_PERIOD`` starts over. A whole fleet coming back at once
 after a relay restart is spread by the relay's handshake admission (tunnel.carriers.handshakes):
 agents it turns away back off. With several links (agent.links, ``RELAY_LINKS``) each slot is
@@ -17,7 +17,7 @@ When the relay deregisters one resource (CONTROL ``deregistered``: its token was
 was deleted), the agent stops serving that resource (its streams end, later registrations leave
 it out) and goes on with the others; with none left it exits with code 3.
 
-:meth:`Agent.reload` (SIGHUP, or a changed file under ``Limits.config_watch_interval``) applies
+:meth:`Agent.reload` (SIGHUP, or a changed file under ``AgentSettings.config_watch_interval``) applies
 a new config file on the live link: added resources register (CONTROL ``add_resources``),
 removed ones stop taking streams and keep those they have (``remove_resources``), changed
 targets apply to new streams; a changed relay, CA or token moves to a new link and drains the
@@ -45,6 +45,7 @@ from tunnel.wire.errors import AuthError, LinkError, TunnelError
 from . import hints
 from .config import AgentConfig, ConfigError, Target
 from .health import TargetHealth
+from .settings import AgentSettings
 
 log = logging.getLogger("agent")
 
@@ -129,7 +130,7 @@ class AgentLinkHandler(LinkHandler):
         bridge.on_done = done
         health = self.agent.health
         task = asyncio.get_running_loop().create_task(
-            dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout,
+            dial_bridge(stream, bridge, target.host, target.port, self.agent.settings.connect_timeout,
                         on_result=lambda exc: health.result(target, exc)))
         self.agent.tasks.add(task)
         task.add_done_callback(self.agent.tasks.discard)
@@ -228,9 +229,10 @@ class Agent:
     HEALTHY_PERIOD = 30.0
 
     def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None,
-                 environ=None, *, slot: int = 0, links=None) -> None:
+                 environ=None, *, slot: int = 0, links=None, settings: AgentSettings | None = None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
+        self.settings = settings or AgentSettings.from_env()
         self.environ = os.environ if environ is None else environ
         #: Which of the agent's links this life keeps, and the :class:`agent.links.AgentLinks`
         #: choosing its relay (None: one link to RELAY_URL).
@@ -242,7 +244,7 @@ class Agent:
         # As secrets.token_hex(6), without hashlib and hmac; one per agent process (all slots).
         self.instance = links.instance if links is not None else os.urandom(6).hex()
         self.tasks: set[asyncio.Task] = set()
-        self.backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
+        self.backoff = Backoff(self.settings.reconnect_delay, self.settings.reconnect_max_delay)
         #: The link being served and its handler (the newest one after a move).
         self.link: Link | None = None
         self.handler: AgentLinkHandler | None = None
@@ -258,7 +260,7 @@ class Agent:
         #: Whether each private service answers: one watcher per process (every slot's links
         #: hear its changes).
         self.health = links.health if links is not None else TargetHealth(
-            self.limits.connect_timeout, self.limits.target_check_interval, on_change=self.health_changed)
+            self.settings.connect_timeout, self.settings.target_check_interval, on_change=self.health_changed)
         #: :class:`agent.metrics.AgentMetrics` when METRICS_LISTEN is set, else None.
         self.metrics = None
         self._stopping: asyncio.Event | None = None
@@ -327,8 +329,8 @@ class Agent:
         self._wake = asyncio.Event()
         if self.links is None:  # else agent.links runs one of each for every slot
             self._spawn(self.health.run(self._targets))
-            if self.limits.config_watch_interval > 0 and self.config.config_file:
-                self._spawn(self._watch_config(self.limits.config_watch_interval))
+            if self.settings.config_watch_interval > 0 and self.config.config_file:
+                self._spawn(self._watch_config(self.settings.config_watch_interval))
         try:
             return await self._run()
         except asyncio.CancelledError:

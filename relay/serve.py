@@ -22,6 +22,7 @@ from relay.data.metrics import MetricsService
 from relay.data.peering import Peering
 from relay.data.quotas import Descriptors, QuotaExceeded, raise_nofile_limit
 from relay.data.registry import Registry
+from relay.settings import RelaySettings
 from relay.state import pki
 from relay.state.cluster import Cluster, default_advertise_url
 from relay.state.relay_state import RelayState
@@ -53,9 +54,10 @@ def serve_main(args) -> int:
 
 async def _serve(args) -> int:
     limits = Limits.from_env()
+    relay_settings = RelaySettings.from_env()
     settings = StoreSettings.from_env()
     before, open_files = raise_nofile_limit()
-    descriptors = Descriptors(open_files, limits)
+    descriptors = Descriptors(open_files, relay_settings)
     log.info("open files: limit %d (raised from %d); %d for agents and endpoints, at most %d per customer, "
              "%d kept in reserve", open_files, before, descriptors.budget, descriptors.share,
              open_files - descriptors.budget)
@@ -74,10 +76,10 @@ async def _serve(args) -> int:
 
     store = await _open_state(state_dir, args.database, settings)
     authority = tokens.TokenAuthority(state_dir)
-    registry = Registry(args.service_host, descriptors, limits=limits)
+    registry = Registry(args.service_host, descriptors, settings=relay_settings)
     cluster = Cluster(store, registry, advertise, settings)
     await cluster.start()
-    relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
+    relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster, settings=relay_settings)
     relay.port_range = args.port_range
     await relay.expire_idle_resources()
     for resource in await store.list_resources():
@@ -93,7 +95,7 @@ async def _serve(args) -> int:
         relay.peering = await _start_peering(args, relay, keys, names, limits)
         registry.forwarder = relay.peering
 
-    metrics = await _start_metrics(relay, args.metrics_listen_addr, limits)
+    metrics = await _start_metrics(relay, args.metrics_listen_addr, limits, relay_settings)
     listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
                                   key_file=str(key_file), limits=limits, on_link=relay.on_link)
     if port == 0 and not args.advertise:
@@ -177,12 +179,12 @@ async def _open_state(state_dir: Path, database: str | None, settings):
             delay = min(delay * 2, settings.db_reconnect_max)
 
 
-async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: Limits):
+async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: Limits, settings: RelaySettings):
     """``/metrics``, ``/live`` and ``/ready`` at ``--metrics-listen`` (None: not served)."""
     if address is None:
         return None
     try:
-        service = await MetricsService(relay, limits).start(*address)
+        service = await MetricsService(relay, limits, settings).start(*address)
     except OSError as exc:
         raise OSError(f"cannot serve metrics at --metrics-listen {format_host_port(*address)}: "
                       f"{exc.strerror or exc}") from None

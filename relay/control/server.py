@@ -36,6 +36,7 @@ from relay.control.names import AGENT_FIELDS, MAX_AGENT_SLOTS, MAX_RESOURCES_PER
 from relay.control.tokens import check_against_state
 from relay.data.quotas import Descriptors, QuotaExceeded, RegistrationRate
 from relay.data.registry import AgentSession, Registry
+from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
 from relay.state.relay_state import allocate_port
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable, state_write_failure
 
@@ -110,11 +111,12 @@ class AgentLinkHandler(LinkHandler):
 
 class Relay:
     def __init__(self, state, authority, registry: Registry, limits: Limits,
-                 descriptors: Descriptors | None = None, *, cluster) -> None:
+                 descriptors: Descriptors | None = None, *, cluster, settings: RelaySettings = DEFAULT_RELAY_SETTINGS) -> None:
         self.state = state
         self.authority = authority
         self.registry = registry
         self.limits = limits
+        self.settings = settings
         self.descriptors = descriptors
         #: What relay.metrics exports; shared with the registry.
         self.metrics = registry.metrics
@@ -124,7 +126,7 @@ class Relay:
         self.cluster = cluster
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()
-        self.rate = RegistrationRate(limits.max_registrations_per_minute)
+        self.rate = RegistrationRate(settings.max_registrations_per_minute)
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: Resources with a registration between its first and last step (never expired).
         self.registering: Counter = Counter()
@@ -299,7 +301,7 @@ class Relay:
                     del self.registering[rid]
 
     async def _before_create(self, owner: str) -> None:
-        limit = self.limits.max_resources_per_customer
+        limit = self.settings.max_resources_per_customer
         if await self.state.count_resources(owner) >= limit:
             raise QuotaExceeded(f"customer {owner} is over its quota of {limit} "
                                 "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
@@ -328,7 +330,7 @@ class Relay:
                 del self.registering[rid]
 
     def _check_link_quotas(self, link: Link, customer_id: str) -> None:
-        limit = self.limits.max_links_per_customer
+        limit = self.settings.max_links_per_customer
         if self.registry.links_of(customer_id) >= limit:
             raise QuotaExceeded(f"customer {customer_id} is over its quota of {limit} live agent links "
                                 "(TUNNEL_MAX_LINKS_PER_CUSTOMER)", limit="max_links_per_customer",
@@ -367,7 +369,7 @@ class Relay:
         served = [rid for rid, endpoint in self.registry.endpoints.items() if endpoint.agents]
         if served:
             await self.state.mark_served(served, int(time.time()))
-        cutoff = int(time.time() - self.limits.resource_idle_expiry)
+        cutoff = int(time.time() - self.settings.resource_idle_expiry)
         expired = []
         for resource in await self.state.idle_resources(cutoff):
             rid = resource["id"]
@@ -376,13 +378,13 @@ class Relay:
             # The "deleted" event closes its endpoint here and on every relay.
             await self.state.delete_resource(rid)
             log.info("resource %s (%s) of customer %s expired: no agent served it for %.0f s; port %d freed",
-                     rid, resource["name"], resource["customer_id"], self.limits.resource_idle_expiry,
+                     rid, resource["name"], resource["customer_id"], self.settings.resource_idle_expiry,
                      resource["port"])
             expired.append(resource)
         return expired
 
     async def expire_forever(self) -> None:
-        interval = min(max(self.limits.resource_idle_expiry / 4, 0.5), 3600.0)
+        interval = min(max(self.settings.resource_idle_expiry / 4, 0.5), 3600.0)
         while True:
             try:
                 await self.expire_idle_resources()

@@ -28,6 +28,8 @@ from tunnel.ops.exposition import Family, Histogram, process_families, render
 from tunnel.ops.metrics_http import serve_ops
 from tunnel.wire.constants import ErrorCode
 
+from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
+
 log = logging.getLogger("relay.metrics")
 
 #: Upper bounds (seconds) of the link round trip histogram's buckets.
@@ -242,16 +244,18 @@ class MetricsService:
     """The ``/metrics``, ``/live`` and ``/ready`` server of a relay, and the sampler that feeds
     the round-trip histogram every ``keepalive_interval``."""
 
-    def __init__(self, relay, limits: Limits) -> None:
+    def __init__(self, relay, limits: Limits, settings: RelaySettings = DEFAULT_RELAY_SETTINGS) -> None:
         self.relay = relay
         self.limits = limits
+        self.settings = settings
         self.server = None
         self._sampler: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> "MetricsService":
         relay = self.relay
         self.server = await serve_ops(host, port, render=lambda: relay.metrics.render(relay.registry),
-                                      ready=lambda: ready(relay), limits=self.limits)
+                                      ready=lambda: ready(relay), limits=self.limits,
+                                      max_connections=self.settings.max_metrics_connections)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
         return self
 

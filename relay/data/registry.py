@@ -7,9 +7,9 @@ fewest active streams; when an agent leaves, new connections go to the others.
 
 With no agent here, in a cluster, the connection goes to the relay holding one (relay.peering,
 relay.forward). When no relay serves the resource, a new connection waits: for up to
-``Limits.endpoint_hold_timeout`` (5 s), at most ``Limits.endpoint_hold_max`` per resource,
+``RelaySettings.endpoint_hold_timeout`` (5 s), at most ``RelaySettings.endpoint_hold_max`` per resource,
 while the resource lost its last agent (or the relay started, or, in a cluster, another relay
-last took one of its connections) less than ``Limits.endpoint_hold_window`` ago. Its bytes
+last took one of its connections) less than ``RelaySettings.endpoint_hold_window`` ago. Its bytes
 wait in the kernel (reading paused); an agent registering here gets the waiting connections at
 once, one registering on another relay within ``HOLD_POLL``. Past those bounds a connection is
 reset at once, and the relay logs why, once per interval.
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 from tunnel.bridge.tcp import LinkBuffers, TcpBridge, stream_handler
 from tunnel.carriers.base import Link
-from tunnel.core.limits import DEFAULT_LIMITS, Limits
 from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
@@ -43,6 +42,7 @@ from relay.data.forward import Forwarded
 from relay.data.metrics import RelayMetrics
 from relay.data.quotas import Descriptors, QuotaExceeded
 from relay.state.relay_state import DEFAULT_PORT_RANGE
+from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
 
 log = logging.getLogger("relay.registry")
 
@@ -275,12 +275,12 @@ class Endpoint:
 
     def may_hold(self) -> bool:
         """Whether a new connection may wait for an agent now (the bounds of the module docstring)."""
-        limits = self.registry.limits
+        settings = self.registry.settings
         if self.agentless_since is None:  # its agents are all going away
             self.agentless_since = time.monotonic()
-        if limits.endpoint_hold_timeout <= 0 or time.monotonic() - self.agentless_since > limits.endpoint_hold_window:
+        if settings.endpoint_hold_timeout <= 0 or time.monotonic() - self.agentless_since > settings.endpoint_hold_window:
             return False
-        if len(self.waiting) >= limits.endpoint_hold_max:
+        if len(self.waiting) >= settings.endpoint_hold_max:
             self.registry.throttled.log(("hold-full", self.resource_id), logging.WARNING,
                                         "resource %s (%s): %d connections already wait for an agent "
                                         "(TUNNEL_ENDPOINT_HOLD_MAX); resetting more", self.resource_id, self.name,
@@ -321,17 +321,17 @@ class Endpoint:
                         registry.metrics.stream_refused(self, "no_agent")
                         bridge.fail(ErrorCode.REFUSED)
                         return
-                    deadline = loop.time() + registry.limits.endpoint_hold_timeout
+                    deadline = loop.time() + registry.settings.endpoint_hold_timeout
                     self.waiting.add(bridge)
                     bridge.start_waiting()
                     log.debug("resource %s: a connection waits up to %g s for an agent (%d waiting)",
-                              self.resource_id, registry.limits.endpoint_hold_timeout, len(self.waiting))
+                              self.resource_id, registry.settings.endpoint_hold_timeout, len(self.waiting))
                 left = deadline - loop.time()
                 if left <= 0:
                     registry.throttled.log(("hold-expired", self.resource_id), logging.WARNING,
                                            "resource %s (%s): no agent came within %g s "
                                            "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
-                                           self.resource_id, self.name, registry.limits.endpoint_hold_timeout)
+                                           self.resource_id, self.name, registry.settings.endpoint_hold_timeout)
                     registry.metrics.stream_refused(self, "no_agent")
                     bridge.fail(ErrorCode.REFUSED)
                     return
@@ -353,7 +353,7 @@ class Endpoint:
             why = "its agents are leaving"
         else:
             why = (f"no agent has served it for {time.monotonic() - since:.0f} s (waiting connections are held only "
-                   f"{self.registry.limits.endpoint_hold_window:g} s after the last agent left or the relay started)")
+                   f"{self.registry.settings.endpoint_hold_window:g} s after the last agent left or the relay started)")
         self.registry.throttled.log(("no-agent", self.resource_id), logging.INFO,
                                     "resource %s (%s): %s; resetting new connections at once", self.resource_id,
                                     self.name, why)
@@ -396,11 +396,11 @@ class Registry:
     counts their streams (a fresh :class:`relay.metrics.RelayMetrics` if not given)."""
 
     def __init__(self, service_host: str, descriptors: Descriptors | None = None,
-                 metrics: RelayMetrics | None = None, limits: Limits | None = None) -> None:
+                 metrics: RelayMetrics | None = None, settings: RelaySettings | None = None) -> None:
         self.service_host = service_host
         self.descriptors = descriptors
         self.metrics = metrics if metrics is not None else RelayMetrics()
-        self.limits = limits or DEFAULT_LIMITS
+        self.settings = settings or DEFAULT_RELAY_SETTINGS
         #: Where new resources' endpoint ports are chosen (``serve --port-range``).
         self.port_range = DEFAULT_PORT_RANGE
         self.endpoints: dict[str, Endpoint] = {}

@@ -55,11 +55,11 @@ CARRIER_INTERFACE = "tunnel.carriers.base"
 #: Orders inside a layer or an entrypoint: each part imports only from itself and the parts
 #: before it. A part is a tuple of module prefixes; ``=name`` matches that module only.
 ORDERS = [
-    [("=relay",), ("relay.state",), ("relay.data",), ("relay.control",), ("relay.cli", "relay.serve", "relay.__main__")],
+    [("=relay", "relay.settings"), ("relay.state",), ("relay.data",), ("relay.control",), ("relay.cli", "relay.serve", "relay.__main__")],
     [("relay.state.files",), ("relay.state.store",), ("relay.state.relay_state",), ("relay.state.cluster", "relay.state.pki")],
     [("relay.control.names", "relay.control.tokens", "relay.control.admin_client"),
      ("relay.control.server", "relay.control.agent_control"), ("relay.control.admin",)],
-    [("=agent", "agent.config"), ("agent.hints",), ("agent.health", "agent.metrics"), ("agent.runner",), ("agent.links",),
+    [("=agent", "agent.config", "agent.settings"), ("agent.hints",), ("agent.health", "agent.metrics"), ("agent.runner",), ("agent.links",),
      ("agent.check",), ("agent.cli", "agent.__main__")],
     [("tunnel.carriers.base",), ("tunnel.carriers.dispatch", "tunnel.carriers.handshakes", "tunnel.carriers.pipe",
                                  "tunnel.carriers.proxy"),

@@ -24,7 +24,11 @@ from collections.abc import Awaitable, Callable
 from tunnel.core.limits import Limits
 from tunnel.ops.exposition import CONTENT_TYPE
 
-__all__ = ["OpsServer", "parse_listen", "serve_ops"]
+__all__ = ["MAX_CONNECTIONS", "OpsServer", "parse_listen", "serve_ops"]
+
+#: Connections served at once by default (the relay's and the agent's settings,
+#: ``max_metrics_connections``); more are closed.
+MAX_CONNECTIONS = 16
 
 log = logging.getLogger("tunnel.ops.metrics_http")
 
@@ -48,10 +52,12 @@ def parse_listen(value: str, what: str) -> tuple[str, int]:
 class OpsServer:
     """Serves ``/metrics``, ``/live`` and ``/ready``; see the module docstring."""
 
-    def __init__(self, render: Callable[[], bytes], ready: ReadyCheck, limits: Limits) -> None:
+    def __init__(self, render: Callable[[], bytes], ready: ReadyCheck, limits: Limits,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.render = render
         self.ready = ready
         self.limits = limits
+        self.max_connections = max_connections
         self.server: asyncio.AbstractServer | None = None
         self.connections = 0
 
@@ -69,7 +75,7 @@ class OpsServer:
             self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= self.limits.max_metrics_connections:
+        if self.connections >= self.max_connections:
             writer.transport.abort()
             return
         self.connections += 1
@@ -131,7 +137,7 @@ async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, head_
 
 
 async def serve_ops(host: str, port: int, *, render: Callable[[], bytes], ready: ReadyCheck,
-                    limits: Limits) -> OpsServer:
-    """Listen on ``host:port`` (port 0: a free one, see ``.port``); raises ``OSError`` if the
-    address cannot be bound."""
-    return await OpsServer(render, ready, limits).start(host, port)
+                    limits: Limits, max_connections: int = MAX_CONNECTIONS) -> OpsServer:
+    """Listen on ``host:port`` (port 0: a free one, see ``.port``), serving at most
+    ``max_connections`` at once; raises ``OSError`` if the address cannot be bound."""
+    return await OpsServer(render, ready, limits, max_connections).start(host, port)

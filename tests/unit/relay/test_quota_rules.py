@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.data.quotas import FULL_CODE, QUOTA_CODE, Descriptors, QuotaExceeded, RegistrationRate
-from tunnel.core.limits import Limits
+from relay.settings import RelaySettings
 
 
 def test_registration_rate_allows_a_minutes_burst_then_the_rate():
@@ -34,7 +34,7 @@ def _try_take(d: Descriptors, customer_id: str) -> bool:
 
 
 def test_descriptors_budget_share_and_reserve():
-    d = Descriptors(1024, Limits(fd_reserve=512, customer_fd_share=0.5))
+    d = Descriptors(1024, RelaySettings(fd_reserve=512, customer_fd_share=0.5))
     assert (d.budget, d.hard_budget, d.share) == (512, 768, 256)
     for _ in range(256):
         assert _try_take(d, "cus_a")
@@ -58,5 +58,5 @@ def test_descriptors_budget_share_and_reserve():
 
 
 def test_a_small_limit_keeps_half_free():
-    d = Descriptors(256, Limits(fd_reserve=512))
+    d = Descriptors(256, RelaySettings(fd_reserve=512))
     assert d.budget == 128 and d.share == 64
