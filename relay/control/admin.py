@@ -96,7 +96,7 @@ _REASONS = {
 
 
 class Registry(Protocol):
-    """What the admin API (and :class:`relay.cluster.Cluster`, for revocations) needs from
+    """What the admin API (and :class:`relay.state.cluster.Cluster`, for revocations) needs from
     the data plane."""
 
     service_host: str
@@ -163,7 +163,7 @@ class AdminApi:
         self.state = state
         self.authority = authority
         self.registry = registry
-        #: This relay's :class:`relay.cluster.Cluster` (relay id, links, outage log).
+        #: This relay's :class:`relay.state.cluster.Cluster` (relay id, links, outage log).
         self.cluster = cluster
         self._token = token.encode("utf-8")
         if on_state_failure is None:

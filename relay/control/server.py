@@ -122,7 +122,7 @@ class Relay:
         self.metrics = registry.metrics
         #: True while the listeners accept agents (``/ready``).
         self.accepting = False
-        #: This relay's :class:`relay.cluster.Cluster`: records links, applies revocations.
+        #: This relay's :class:`relay.state.cluster.Cluster`: records links, applies revocations.
         self.cluster = cluster
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()

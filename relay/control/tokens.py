@@ -261,7 +261,7 @@ async def check_against_state(
     customer-wide and the customer has no such resource yet, after ``await
     before_create(customer_id)`` (which may raise, e.g. over quota). With ``create=False`` such
     a resource is not created and the answer is None (a check-only registration). Raise
-    :class:`AuthError` (and :class:`relay.store.errors.StoreUnavailable` while the state
+    :class:`AuthError` (and :class:`relay.state.store.errors.StoreUnavailable` while the state
     database is away)."""
     customer_id = ORG_CUSTOMER_ID if claims.org_only else claims.customer_id
     if await state.get_customer(customer_id) is None:

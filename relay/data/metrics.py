@@ -4,7 +4,7 @@
 Most of what is exported is read at scrape time from what the relay keeps anyway (the
 registry's agents and endpoints, each link's round trip, each bridge's byte counts); events
 nothing else remembers (streams opened, refused and failed, refused registrations, quota hits)
-are plain integer counters bumped by one-line calls from :mod:`relay.server` and
+are plain integer counters bumped by one-line calls from :mod:`relay.control.server` and
 :mod:`relay.data.registry`. Counters of a resource live as long as its endpoint.
 
 Labels: ``customer`` and ``resource`` are the relay's own ids (``cus_…``, ``res_…``), never
@@ -86,7 +86,7 @@ class RelayMetrics:
 
     def stream_refused(self, endpoint, reason: str, quota=None) -> None:
         """A connection to ``endpoint`` reset at once (``reason`` one of :data:`REFUSALS`);
-        ``quota``: the :class:`relay.quotas.QuotaExceeded` behind it."""
+        ``quota``: the :class:`relay.data.quotas.QuotaExceeded` behind it."""
         self._of(endpoint).refused[reason] += 1
         if quota is not None:
             self.quota_hits[quota.customer_id or "", quota.limit] += 1
@@ -103,7 +103,7 @@ class RelayMetrics:
 
     def auth_refused(self, code: str, quota=None) -> None:
         """A registration (or a check) refused with CONTROL ``error`` ``code``; ``quota``: the
-        :class:`relay.quotas.QuotaExceeded` behind it."""
+        :class:`relay.data.quotas.QuotaExceeded` behind it."""
         self.auth_failures[code if code in AUTH_CODES else "other"] += 1
         if quota is not None:
             self.quota_hits[quota.customer_id or "", quota.limit] += 1

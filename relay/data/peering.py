@@ -15,7 +15,7 @@ resource, whichever relays its agents are linked to (proxy peering, as Teleport'
   relay reads which relays hold an agent link of R (``agent_links`` of relays heard from within
   the member TTL, relays not draining first, then newest epoch first: a stale row never wins
   over a newer link), opens a stream named R (its id, as the OPEN metadata) over the peer link
-  to the first it can reach, and bridges the worker to it (:mod:`relay.forward`). The holding
+  to the first it can reach, and bridges the worker to it (:mod:`relay.data.forward`). The holding
   relay joins that stream to a new stream on its agent's link (fewest active streams, as for
   its own workers). While the database is away the last answer for R is used.
 - **Backpressure.** End to end: worker TCP ↔ peer stream (the usual TCP bridge, credit only

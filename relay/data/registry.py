@@ -390,10 +390,10 @@ class Endpoint:
 
 
 class Registry:
-    """Live agents and endpoints; also what the admin API reads (``relay.admin.Registry``).
+    """Live agents and endpoints; also what the admin API reads (``relay.control.admin.Registry``).
 
     ``descriptors`` (optional) accounts for the endpoints' sockets per customer; ``metrics``
-    counts their streams (a fresh :class:`relay.metrics.RelayMetrics` if not given)."""
+    counts their streams (a fresh :class:`relay.data.metrics.RelayMetrics` if not given)."""
 
     def __init__(self, service_host: str, descriptors: Descriptors | None = None,
                  metrics: RelayMetrics | None = None, settings: RelaySettings | None = None) -> None:

@@ -1,5 +1,5 @@
 """The relay's durable state, through one async interface (:class:`RelayState`) over either
-back end of :mod:`relay.store`: SQLite in ``<state-dir>/relay.db`` (the default) or PostgreSQL
+back end of :mod:`relay.state.store`: SQLite in ``<state-dir>/relay.db`` (the default) or PostgreSQL
 (``--database postgresql://…``, shared by every relay of a cluster). Schema: see
 :mod:`relay.state.store.migrations`.
 
@@ -18,7 +18,7 @@ The built-in organisation customer ``cus_org`` (name ``organization``) is create
 and owns the resources registered with ``--org-only`` tokens.
 
 Rotating a resource and deleting it publish events (``rotated``, ``deleted``) that every relay
-on the database receives (see :mod:`relay.cluster`); so do relays joining and leaving.
+on the database receives (see :mod:`relay.state.cluster`); so do relays joining and leaving.
 
 Also, from below it, the small file helpers every relay module uses: :func:`ensure_state_dir`
 (mode 0700) and :func:`write_private` (atomic, mode 0600) from :mod:`relay.state.files`, and
@@ -127,7 +127,7 @@ def _in_list(values: Iterable) -> str:
 class RelayState:
     """Customers, resources, issued tokens, relays and agent links. Every method is a
     coroutine that never blocks the event loop; while the database is unreachable they raise
-    :class:`relay.store.errors.StoreUnavailable`."""
+    :class:`relay.state.store.errors.StoreUnavailable`."""
 
     def __init__(self, db: Database, state_dir: str | os.PathLike) -> None:
         self.db = db

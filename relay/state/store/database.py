@@ -2,9 +2,9 @@
 one by URL).
 
 A :class:`Database` runs SQL written once for both dialects (``?`` placeholders, the markers
-of :mod:`relay.store.dialect`) and returns rows as dicts. Its calls are coroutines that never
+of :mod:`relay.state.store.dialect`) and returns rows as dicts. Its calls are coroutines that never
 block the event loop: SQLite runs on one worker thread, PostgreSQL on asyncpg. Failures come
-out as :mod:`relay.store.errors` exceptions, never as driver exceptions.
+out as :mod:`relay.state.store.errors` exceptions, never as driver exceptions.
 
 Events (dicts with a ``kind``) published in a transaction with :meth:`Transaction.notify` reach
 every subscriber of every relay on the database once the transaction commits: the publishing

@@ -125,7 +125,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
 async def migrate(db, where: str, *, timeout: float | None = None) -> tuple[int, int]:
-    """Bring ``db`` (a :class:`relay.store.database.Database`) to :data:`SCHEMA_VERSION`.
+    """Bring ``db`` (a :class:`relay.state.store.database.Database`) to :data:`SCHEMA_VERSION`.
     Return ``(version before, version after)``. Raise :class:`SchemaTooNew` when the database
     is ahead of this code (``where`` names it in the message)."""
     dialect = db.dialect
