@@ -252,6 +252,35 @@ def test_the_private_import_check_bites() -> None:
     assert not private_imports(agent_control, "from tunnel import _frames\nfrom relay.control.names import valid\n")
 
 
+# --- imports at the top of the relay's modules ----------------------------------------------
+
+#: Imports inside functions in relay/, each with its reason.
+LAZY_IMPORTS = {
+    ("relay/cli.py", "relay.serve"): "the server would add about 1 s to every admin command (measured)",
+    ("relay/state/store/connect.py", "relay.state.store.postgres"): "asyncpg is an optional dependency",
+}
+
+
+def lazy_imports(path: Path, text: str | None = None) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text() if text is None else text, str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom):
+                    found.append((sub.lineno, sub.module or ""))
+                elif isinstance(sub, ast.Import):
+                    found.extend((sub.lineno, alias.name) for alias in sub.names)
+    return found
+
+
+def test_relay_imports_at_the_top() -> None:
+    wrong = [f"{path.relative_to(ROOT)}:{lineno}: {module}"
+             for path in sorted((ROOT / "relay").rglob("*.py")) for lineno, module in lazy_imports(path)
+             if (str(path.relative_to(ROOT)), module) not in LAZY_IMPORTS]
+    assert not wrong, "imports inside functions (move them to the top, or measure and list them):\n" + "\n".join(wrong)
+
+
 # --- no import cycle ------------------------------------------------------------------------
 
 
