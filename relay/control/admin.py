@@ -59,12 +59,13 @@ import orjson
 from tunnel.ops.logs import Throttled
 
 from relay import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from relay.control.names import RESOURCE_NAME
-from relay.control.tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 from relay.state.cluster import link_view
 from relay.state.relay_state import (DEFAULT_PORT_RANGE, RelayState, allocate_port, ensure_state_dir, state_write_failure,
                                      validate_name, write_private)
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
+
+from .names import RESOURCE_NAME
+from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
 log = logging.getLogger("relay.admin")
 

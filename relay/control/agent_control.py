@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING
 from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
-from relay.control.names import MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
 from relay.data.quotas import QuotaExceeded
 from relay.data.registry import AgentSession
 
+from .names import MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
+
 if TYPE_CHECKING:
-    from relay.control.server import Relay
+    from .server import Relay
 
 log = logging.getLogger("relay.agents")
 

@@ -31,14 +31,15 @@ from tunnel.ops.logs import Throttled, escape
 from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
-from relay.control.agent_control import AgentControl
-from relay.control.names import AGENT_FIELDS, MAX_AGENT_SLOTS, MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
-from relay.control.tokens import check_against_state
 from relay.data.quotas import Descriptors, QuotaExceeded, RegistrationRate
 from relay.data.registry import AgentSession, Registry
 from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
 from relay.state.relay_state import allocate_port
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable, state_write_failure
+
+from .agent_control import AgentControl
+from .names import AGENT_FIELDS, MAX_AGENT_SLOTS, MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
+from .tokens import check_against_state
 
 log = logging.getLogger("relay")
 

@@ -37,9 +37,10 @@ from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import LinkError, UsageError
 
-from relay.data.forward import Splice
 from relay.state.pki import PEER_ROLE, peer_role
 from relay.state.store.errors import StoreError, StoreUnavailable
+
+from .forward import Splice
 
 log = logging.getLogger("relay.peering")
 

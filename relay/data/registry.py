@@ -38,11 +38,12 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
-from relay.data.forward import Forwarded
-from relay.data.metrics import RelayMetrics
-from relay.data.quotas import Descriptors, QuotaExceeded
 from relay.state.relay_state import DEFAULT_PORT_RANGE
 from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
+
+from .forward import Forwarded
+from .metrics import RelayMetrics
+from .quotas import Descriptors, QuotaExceeded
 
 log = logging.getLogger("relay.registry")
 

@@ -29,9 +29,10 @@ from tunnel import __version__
 from tunnel.wire.errors import AuthError
 
 from relay import format_host_port
-from relay.state.relay_state import LinkRefused, RelayState, new_id
-from relay.state.store.errors import Conflict, StoreError, StoreUnavailable
-from relay.state.store.settings import StoreSettings
+
+from .relay_state import LinkRefused, RelayState, new_id
+from .store.errors import Conflict, StoreError, StoreUnavailable
+from .store.settings import StoreSettings
 
 log = logging.getLogger("relay.cluster")
 

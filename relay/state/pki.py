@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relay import CA_FILE
-from relay.state.relay_state import ensure_state_dir, write_private
+
+from .relay_state import ensure_state_dir, write_private
 
 log = logging.getLogger("relay.pki")
 

@@ -36,12 +36,12 @@ import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from relay.state.files import ensure_state_dir, write_private
-from relay.state.store.connect import open_database
-from relay.state.store.database import Database, Subscriber
-from relay.state.store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
-from relay.state.store.migrations import SCHEMA_VERSION, migrate
-from relay.state.store.settings import StoreSettings
+from .files import ensure_state_dir, write_private
+from .store.connect import open_database
+from .store.database import Database, Subscriber
+from .store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
+from .store.migrations import SCHEMA_VERSION, migrate
+from .store.settings import StoreSettings
 
 ORG_CUSTOMER_ID = "cus_org"
 ORG_CUSTOMER_NAME = "organization"

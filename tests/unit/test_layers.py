@@ -263,12 +263,14 @@ LAZY_IMPORTS = {
 
 def lazy_imports(path: Path, text: str | None = None) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text() if text is None else text, str(path))
+    own = module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for sub in ast.walk(node):
                 if isinstance(sub, ast.ImportFrom):
-                    found.append((sub.lineno, sub.module or ""))
+                    found.append((sub.lineno, resolve(package, sub.level, sub.module)))
                 elif isinstance(sub, ast.Import):
                     found.extend((sub.lineno, alias.name) for alias in sub.names)
     return found

@@ -7,10 +7,11 @@ import urllib.parse
 from pathlib import Path
 
 from relay import DATABASE_FILE
-from relay.state.store.database import Database, is_postgres_url, redact_url
-from relay.state.store.errors import StoreError
-from relay.state.store.settings import StoreSettings
-from relay.state.store.sqlite import SqliteDatabase
+
+from .database import Database, is_postgres_url, redact_url
+from .errors import StoreError
+from .settings import StoreSettings
+from .sqlite import SqliteDatabase
 
 
 async def open_database(url: str | None, state_dir: str | Path, settings: StoreSettings | None = None) -> Database:
@@ -20,7 +21,7 @@ async def open_database(url: str | None, state_dir: str | Path, settings: StoreS
     settings = settings or StoreSettings()
     if is_postgres_url(url):
         try:  # asyncpg is an optional dependency (the postgresql extra)
-            from relay.state.store.postgres import PostgresDatabase
+            from .postgres import PostgresDatabase
         except ImportError:
             raise StoreError("PostgreSQL needs the asyncpg driver: pip install 'tunnel-agent-relay[postgresql]'") from None
         return await PostgresDatabase.connect(url, settings)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from relay.state.store.dialect import Dialect
+from .dialect import Dialect
 
 log = logging.getLogger("relay.store")
 

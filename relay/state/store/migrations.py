@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from relay.state.store.errors import SchemaTooNew
+from .errors import SchemaTooNew
 
 log = logging.getLogger("relay.store")
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import asyncpg
 
-from relay.state.store.database import CHANNEL, Event, Subscriber, redact_url
-from relay.state.store.dialect import POSTGRES
-from relay.state.store.errors import Conflict, StoreError, StoreUnavailable
-from relay.state.store.settings import StoreSettings
+from .database import CHANNEL, Event, Subscriber, redact_url
+from .dialect import POSTGRES
+from .errors import Conflict, StoreError, StoreUnavailable
+from .settings import StoreSettings
 
 log = logging.getLogger("relay.store")
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from relay.state.files import ensure_state_dir
-from relay.state.store.database import Event, Subscriber
-from relay.state.store.dialect import SQLITE
-from relay.state.store.errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
-from relay.state.store.settings import StoreSettings
+
+from .database import Event, Subscriber
+from .dialect import SQLITE
+from .errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
+from .settings import StoreSettings
 
 log = logging.getLogger("relay.store")
 
