@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from relay.state.files import ensure_state_dir
-
 from .database import Event, Subscriber
 from .dialect import SQLITE
 from .errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 from .settings import StoreSettings
+from ..files import ensure_state_dir
 
 log = logging.getLogger("relay.store")
 
