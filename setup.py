@@ -11,38 +11,33 @@ twin ``tunnel.codec.pure`` (``TUNNEL_PURE_PYTHON=1`` forces the twin); without `
 import glob
 import os
 
+from Cython.Build import cythonize  # a build requirement (pyproject.toml)
 from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXTRA_COMPILE_ARGS = ["-O3"] if os.name == "posix" else []
 
-if os.path.exists(os.path.join(HERE, "_frames.pyx")):
-    from Cython.Build import cythonize
-
-    codec = cythonize(
-        [Extension("tunnel._frames", ["_frames.pyx"], extra_compile_args=EXTRA_COMPILE_ARGS)],
-        compiler_directives={
-            "language_level": 3,
-            "boundscheck": False,
-            "wraparound": False,
-            "cdivision": True,
-            "initializedcheck": False,
-        },
-    )
-else:  # an sdist without the .pyx still carries the generated C
-    codec = [Extension("tunnel._frames", ["_frames.c"], extra_compile_args=EXTRA_COMPILE_ARGS)]
+codec = cythonize(
+    [Extension("tunnel._frames", ["_frames.pyx"], extra_compile_args=EXTRA_COMPILE_ARGS)],
+    compiler_directives={
+        "language_level": 3,
+        "boundscheck": False,
+        "wraparound": False,
+        "cdivision": True,
+        "initializedcheck": False,
+    },
+)
 
 malloc = Extension("tunnel.ops._malloc", ["tunnel/ops/_malloc.c"], extra_compile_args=EXTRA_COMPILE_ARGS)
 
 # The per-message path (WebSocket framing, session, link, bridge): every module of tunnel/ with
 # a .pxd beside its .py is compiled by Cython from that .py (the .pxd declares the types of its
-# hot classes and methods) into an extension module of the same name. The .py files stay the
-# pure-Python twins: TUNNEL_PURE_PYTHON=1 loads them (tunnel/__init__.py). Python semantics
+# hot classes and methods) into an extension module of the same name, written under
+# tunnel/_compiled/ (tunnel.core.session -> tunnel/_compiled/core/session.*.so) so that the .py
+# files stay importable as the pure-Python twins: tunnel/__init__.py chooses. Python semantics
 # throughout (bounds checks, negative indices, division), so that both behave the same; the
 # annotations stay hints. No pickling support and no introspectable functions: less code,
 # about 0.25 MB less resident in the agent.
-from Cython.Build import cythonize  # noqa: E402 - a build requirement (pyproject.toml)
-
 HOT_PATH = sorted(os.path.relpath(path, HERE)[:-4].replace(os.sep, ".")
                   for path in glob.glob(os.path.join(HERE, "tunnel", "**", "*.pxd"), recursive=True))
 hot_path = cythonize(
@@ -51,5 +46,14 @@ hot_path = cythonize(
     compiler_directives={"language_level": 3, "annotation_typing": False, "auto_pickle": False, "binding": False},
     quiet=True,
 )
+for extension in hot_path:
+    # Generated under its own name (what cimports and imports refer to), stored under _compiled/.
+    extension.name = "tunnel._compiled." + extension.name.removeprefix("tunnel.")
+    # An in-place build copies into the folder without creating it.
+    os.makedirs(os.path.join(HERE, *extension.name.split(".")[:-1]), exist_ok=True)
+    # Builds before tunnel/_compiled/ wrote the extension beside its .py, where it would shadow
+    # the twin: remove such leftovers.
+    for stale in glob.glob(os.path.join(HERE, extension.sources[0][: -len(".c")] + ".*.so")):
+        os.remove(stale)
 
 setup(ext_modules=codec + [malloc] + hot_path)

@@ -147,6 +147,7 @@ class Preflight:
     def check_runtime(self) -> None:
         from tunnel import codec
         from tunnel.bridge.probe import tls_engine
+        from tunnel.core import session
 
         try:
             import uvloop
@@ -155,7 +156,8 @@ class Preflight:
             loop = "asyncio (uvloop is not installed)"
         build = "single-file build" if getattr(sys, "frozen", False) else sys.executable
         self.report.add("runtime", PASS, f"tunnel-agent {__version__}, Python {sys.version.split()[0]} ({build}), "
-                        f"{loop}, {codec.IMPLEMENTATION} frame codec, TLS engine {tls_engine()}")
+                        f"{loop}, {codec.IMPLEMENTATION} frame codec, TLS engine {tls_engine()}, "
+                        f"{'pure-Python' if session.__file__.endswith('.py') else 'compiled'} per-message path")
 
     # --- the way to the relay
 

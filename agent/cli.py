@@ -16,6 +16,7 @@ from tunnel.core.limits import Limits
 from tunnel.ops import logs
 
 from . import config as agent_config
+from .settings import DEFAULT_AGENT_SETTINGS, AgentSettings
 
 log = logging.getLogger("agent")
 
@@ -34,13 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conf = agent_config.load(config_file=config_file)
         limits = Limits.from_env()
+        settings = AgentSettings.from_env()
     except (agent_config.ConfigError, ValueError) as exc:
         print(f"tunnel-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(conf.log_format, conf.log_level)
     log.info("tunnel-agent %s starting: relay %s (%d link(s)), resources %s", __version__, ", ".join(conf.relay_urls),
              conf.relay_links, ", ".join(f"{t.name} -> {t.address}" for t in conf.targets))
-    log.debug("settings: %s; DRAIN_TIMEOUT %g s; config file %s", _tunables(limits), conf.drain_timeout,
+    log.debug("settings: %s; DRAIN_TIMEOUT %g s; config file %s", _tunables(limits, settings), conf.drain_timeout,
               conf.config_file or "none")
     from tunnel.ops.process import tune_malloc
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        return runner(_run(conf, limits))
+        return runner(_run(conf, limits, settings))
     except KeyboardInterrupt:
         return 0
 
@@ -121,8 +123,8 @@ def _tunables_help() -> str:
 
     from tunnel.core.limits import DEFAULT_LIMITS
 
-    items = [f"TUNNEL_{f.name.upper()}={_number(getattr(DEFAULT_LIMITS, f.name))}"
-             for f in dataclasses.fields(DEFAULT_LIMITS)]
+    items = [f"TUNNEL_{f.name.upper()}={_number(getattr(defaults, f.name))}"
+             for defaults in (DEFAULT_LIMITS, DEFAULT_AGENT_SETTINGS) for f in dataclasses.fields(defaults)]
     body = textwrap.fill("  ".join(items), width=96, initial_indent="  ", subsequent_indent="  ",
                          break_on_hyphens=False)
     return ("tunables (environment, defaults shown, in seconds and bytes; docs/LIMITS.md says what each "
@@ -133,26 +135,27 @@ def _number(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def _tunables(limits: Limits) -> str:
+def _tunables(limits: Limits, settings: AgentSettings) -> str:
     import dataclasses
 
     from tunnel.core.limits import DEFAULT_LIMITS
 
-    changed = [f"{f.name}={_number(getattr(limits, f.name))}" for f in dataclasses.fields(limits)
-               if getattr(limits, f.name) != getattr(DEFAULT_LIMITS, f.name)]
+    changed = [f"{f.name}={_number(getattr(values, f.name))}"
+               for values, defaults in ((limits, DEFAULT_LIMITS), (settings, DEFAULT_AGENT_SETTINGS))
+               for f in dataclasses.fields(values) if getattr(values, f.name) != getattr(defaults, f.name)]
     return "tunables " + (", ".join(changed) if changed else "at their defaults")
 
 
-async def _run(conf, limits: Limits) -> int:
+async def _run(conf, limits: Limits, settings: AgentSettings) -> int:
     from .links import AgentLinks
 
-    links = AgentLinks(conf, limits)
+    links = AgentLinks(conf, limits, settings=settings)
     metrics = None
     if conf.metrics_listen is not None:
         from .metrics import serve_metrics
 
         try:
-            metrics = await serve_metrics(links.slots, conf.metrics_listen, limits)
+            metrics = await serve_metrics(links.slots, conf.metrics_listen, limits, settings)
         except OSError as exc:
             log.error("cannot serve metrics at METRICS_LISTEN %s:%d: %s", *conf.metrics_listen, exc.strerror or exc)
             return 2

@@ -1,6 +1,6 @@
 """Whether each private service answers: learnt from the agent's real dials and, while a
 service sees none, from a light periodic check (one TCP connection opened and closed, every
-``Limits.target_check_interval``; 0 turns the check off).
+``AgentSettings.target_check_interval``; 0 turns the check off).
 
 A change is logged once (WARNING when a service stops answering, with the fix; INFO when it
 answers again) and handed to ``on_change``, which tells the relay (CONTROL ``target_health``,

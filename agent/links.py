@@ -37,7 +37,8 @@ from tunnel.wire.constants import ErrorCode
 
 from .config import AgentConfig
 from .health import TargetHealth
-from .runner import Agent, _close_when_idle, read_config, watch_config
+from .settings import AgentSettings
+from .runner import Agent, close_when_idle, read_config, watch_config
 
 log = logging.getLogger("agent.links")
 
@@ -51,14 +52,16 @@ MAX_RETIRING = 4
 class AgentLinks:
     """The slots of one agent process (see the module docstring)."""
 
-    def __init__(self, config: AgentConfig, limits: Limits | None = None, environ=None) -> None:
+    def __init__(self, config: AgentConfig, limits: Limits | None = None, environ=None,
+                 settings: AgentSettings | None = None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
+        self.settings = settings or AgentSettings.from_env()
         self.environ = os.environ if environ is None else environ
         self.instance = os.urandom(6).hex()
         #: Names a relay deregistered -> why (agent.runner.Agent.dropped), for every slot.
         self.dropped: dict[str, str] = {}
-        self.health = TargetHealth(self.limits.connect_timeout, self.limits.target_check_interval,
+        self.health = TargetHealth(self.settings.connect_timeout, self.settings.target_check_interval,
                                    on_change=self._health_changed)
         #: Relays learned from CONTROL ``relays``: id -> {"url", "draining"}; only those the
         #: configuration allows (AgentConfig.relay_allowed): the others are never dialled.
@@ -69,7 +72,7 @@ class AgentLinks:
         self.retiring: dict[Link, None] = {}
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
-        self.slots = [Agent(config, self.limits, environ=self.environ, slot=i, links=self)
+        self.slots = [Agent(config, self.limits, environ=self.environ, slot=i, links=self, settings=self.settings)
                       for i in range(config.relay_links)]
         #: Per slot: the URL it dials or holds now, and how many times it tried the configured ones.
         self._urls: dict[int, str] = {}
@@ -138,7 +141,7 @@ class AgentLinks:
             oldest.close(ErrorCode.NO_ERROR, "too many links being left")
         self.retiring[link] = None
         try:
-            await _close_when_idle(link, self.config.drain_timeout)
+            await close_when_idle(link, self.config.drain_timeout)
         finally:
             self.retiring.pop(link, None)
 
@@ -225,8 +228,8 @@ class AgentLinks:
         graceful stop ended them all (0)."""
         tasks = [asyncio.get_running_loop().create_task(agent.run()) for agent in self.slots]
         self._spawn(self.health.run(self._targets))
-        if self.limits.config_watch_interval > 0 and self.config.config_file:
-            self._spawn(watch_config(self.config.config_file, self.limits.config_watch_interval, self.reload))
+        if self.settings.config_watch_interval > 0 and self.config.config_file:
+            self._spawn(watch_config(self.config.config_file, self.settings.config_watch_interval, self.reload))
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             code = next(iter(done)).result()

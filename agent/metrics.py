@@ -25,6 +25,8 @@ from tunnel.core.limits import Limits
 from tunnel.ops.exposition import Family, process_families, render
 from tunnel.ops.metrics_http import OpsServer, serve_ops
 
+from .settings import AgentSettings
+
 #: The states of the agent's link to its relay.
 STATES = ("connecting", "registered", "waiting")
 TRANSPORTS = ("wss", "quic")
@@ -230,7 +232,8 @@ class AgentMetrics:
         return render(self.families())
 
 
-async def serve_metrics(agents, address: tuple[str, int], limits: Limits) -> OpsServer:
+async def serve_metrics(agents, address: tuple[str, int], limits: Limits, settings: AgentSettings) -> OpsServer:
     """Give every slot of ``agents`` (agent.links' slots) its metrics and serve them at ``address``."""
     metrics = AgentMetrics(agents)
-    return await serve_ops(*address, render=metrics.render, ready=metrics.ready, limits=limits)
+    return await serve_ops(*address, render=metrics.render, ready=metrics.ready, limits=limits,
+                           max_connections=settings.max_metrics_connections)

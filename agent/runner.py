@@ -1,8 +1,8 @@
 """The agent's life: dial the relay, register, serve streams, and when the link drops,
 reconnect, forever.
 
-Reconnecting: the first attempt after a link loss comes within ``Limits.reconnect_delay``
-(1 s, jittered); each failed attempt doubles the delay up to ``Limits.reconnect_max_delay``
+Reconnecting: the first attempt after a link loss comes within ``AgentSettings.reconnect_delay``
+(1 s, jittered); each failed attempt doubles the delay up to ``AgentSettings.reconnect_max_delay``
 (30 s); a link that stayed up ``HEALTHY_PERIOD`` starts over. A whole fleet coming back at once
 after a relay restart is spread by the relay's handshake admission (tunnel.carriers.handshakes):
 agents it turns away back off. With several links (agent.links, ``RELAY_LINKS``) each slot is
@@ -18,7 +18,7 @@ When the relay deregisters one resource (CONTROL ``deregistered``: its token was
 was deleted), the agent stops serving that resource (its streams end, later registrations leave
 it out) and goes on with the others; with none left it exits with code 3.
 
-:meth:`Agent.reload` (SIGHUP, or a changed file under ``Limits.config_watch_interval``) applies
+:meth:`Agent.reload` (SIGHUP, or a changed file under ``AgentSettings.config_watch_interval``) applies
 a new config file on the live link: added resources register (CONTROL ``add_resources``),
 removed ones stop taking streams and keep those they have (``remove_resources``), changed
 targets apply to new streams; a changed relay, CA or token moves to a new link and drains the
@@ -46,6 +46,7 @@ from tunnel.wire.errors import AuthError, LinkError, TunnelError
 from . import hints
 from .config import AgentConfig, ConfigError, Target
 from .health import TargetHealth
+from .settings import AgentSettings
 
 log = logging.getLogger("agent")
 
@@ -132,7 +133,7 @@ class AgentLinkHandler(LinkHandler):
         bridge.on_done = done
         health = self.agent.health
         task = asyncio.get_running_loop().create_task(
-            dial_bridge(stream, bridge, target.host, target.port, self.agent.limits.connect_timeout,
+            dial_bridge(stream, bridge, target.host, target.port, self.agent.settings.connect_timeout,
                         on_result=lambda exc: health.result(target, exc)))
         self.agent.tasks.add(task)
         task.add_done_callback(self.agent.tasks.discard)
@@ -231,9 +232,10 @@ class Agent:
     HEALTHY_PERIOD = 30.0
 
     def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None,
-                 environ=None, *, slot: int = 0, links=None) -> None:
+                 environ=None, *, slot: int = 0, links=None, settings: AgentSettings | None = None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
+        self.settings = settings or AgentSettings.from_env()
         self.environ = os.environ if environ is None else environ
         #: Which of the agent's links this life keeps, and the :class:`agent.links.AgentLinks`
         #: choosing its relay (None: one link to RELAY_URL).
@@ -245,7 +247,7 @@ class Agent:
         # As secrets.token_hex(6), without hashlib and hmac; one per agent process (all slots).
         self.instance = links.instance if links is not None else os.urandom(6).hex()
         self.tasks: set[asyncio.Task] = set()
-        self.backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
+        self.backoff = Backoff(self.settings.reconnect_delay, self.settings.reconnect_max_delay)
         #: The link being served and its handler (the newest one after a move).
         self.link: Link | None = None
         self.handler: AgentLinkHandler | None = None
@@ -266,7 +268,7 @@ class Agent:
         #: Whether each private service answers: one watcher per process (every slot's links
         #: hear its changes).
         self.health = links.health if links is not None else TargetHealth(
-            self.limits.connect_timeout, self.limits.target_check_interval, on_change=self.health_changed)
+            self.settings.connect_timeout, self.settings.target_check_interval, on_change=self.health_changed)
         #: This slot's :class:`agent.metrics.SlotMetrics` when METRICS_LISTEN is set, else None.
         self.metrics = None
         self._stopping: asyncio.Event | None = None
@@ -341,8 +343,8 @@ class Agent:
         self._wake = asyncio.Event()
         if self.links is None:  # else agent.links runs one of each for every slot
             self._spawn(self.health.run(self._targets))
-            if self.limits.config_watch_interval > 0 and self.config.config_file:
-                self._spawn(self._watch_config(self.limits.config_watch_interval))
+            if self.settings.config_watch_interval > 0 and self.config.config_file:
+                self._spawn(self._watch_config(self.settings.config_watch_interval))
         try:
             return await self._run()
         except asyncio.CancelledError:
@@ -499,7 +501,7 @@ class Agent:
     def _drain_old(self, old: Link, why: str) -> None:
         old.goaway(ErrorCode.NO_ERROR, why)
         self.draining.add(old)
-        task = self._spawn(_close_when_idle(old))
+        task = self._spawn(close_when_idle(old))
         task.add_done_callback(lambda _: self.draining.discard(old))
 
     async def _unless_stopping(self, awaitable, close: bool = True):
@@ -702,7 +704,7 @@ class Agent:
         self._waiting_task = self._spawn(self._retry_waiting(at_once))
 
     async def _retry_waiting(self, at_once: bool) -> None:
-        backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
+        backoff = Backoff(self.settings.reconnect_delay, self.settings.reconnect_max_delay)
         while self.waiting:
             if not at_once:
                 await self._sleep(backoff.next_delay())
@@ -817,7 +819,7 @@ async def _all_idle(handler: AgentLinkHandler, draining: set[Link]) -> None:
         await old.wait_closed()
 
 
-async def _close_when_idle(link: Link, timeout: float = 300.0) -> None:
+async def close_when_idle(link: Link, timeout: float = 300.0) -> None:
     """A link told to go away closes by itself once its last stream ended; close it anyway
     after ``timeout``."""
     try:

@@ -3,7 +3,7 @@ link (the project's carrier and session, ``tunnel.bridge.dial.dial_tls_link``), 
 with its own resource name, the ``registered`` answer, then an idle link kept alive by the
 session's keepalive. A link that drops is dialled again as the agent's loop
 (``agent.runner.Agent.run``) does it: the agent's own jittered backoff (``agent.runner.Backoff``
-with the agent's ``Limits.reconnect_delay``/``reconnect_max_delay``), started over after a link
+with the agent's ``AgentSettings.reconnect_delay``/``reconnect_max_delay``), started over after a link
 that stayed up ``Agent.HEALTHY_PERIOD``; CONTROL ``draining`` moves it to the next relay at once.
 
     python bench/agent_swarm.py --relay-url wss://127.0.0.1:8443,wss://127.0.0.2:8443 \\
@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.runner import Agent, Backoff  # noqa: E402
+from agent.settings import AgentSettings  # noqa: E402
 from tunnel.bridge.dial import dial_tls_link  # noqa: E402
 from tunnel.carriers.base import LinkHandler  # noqa: E402
 from tunnel.core.limits import Limits  # noqa: E402
@@ -65,6 +66,7 @@ class Swarm:
         self.urls = [u.strip() for u in args.relay_url.split(",") if u.strip()]
         self.token = Path(args.token_file).read_text().strip()
         self.limits = Limits.from_env()
+        self.settings = AgentSettings.from_env()
         self.context = ssl.create_default_context(cafile=args.ca_file)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_3
         self.events = open(args.events, "a", buffering=1)
@@ -76,7 +78,7 @@ class Swarm:
         self.events.write(json.dumps({"t": round(time.time(), 3), "event": event, "agent": agent}) + "\n")
 
     async def agent(self, i: int) -> None:
-        backoff = Backoff(self.limits.reconnect_delay, self.limits.reconnect_max_delay)
+        backoff = Backoff(self.settings.reconnect_delay, self.settings.reconnect_max_delay)
         loop = asyncio.get_running_loop()
         relay = i % len(self.urls)
         instance = f"swarm{os.getpid():x}{i:x}"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers.postgres import PostgresServer  # noqa: E402
 
-RELAY_IMPORTS = ("import uvloop, tunnel.bridge.listen, relay.server, relay.admin, relay.pki, relay.tokens")
+RELAY_IMPORTS = ("import uvloop, tunnel.bridge.listen, relay.serve, relay.control.admin, relay.state.pki, relay.control.tokens")
 
 RSS_PROBE = """
 import sys, asyncio

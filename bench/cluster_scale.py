@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from relay.admin_client import AdminClient  # noqa: E402
+from relay.control.admin_client import AdminClient  # noqa: E402
 from tests.helpers.postgres import PostgresServer  # noqa: E402
 from tests.helpers.processes import Proc, Relay, _env, free_port, wait_until  # noqa: E402
 

@@ -1,18 +1,20 @@
 """The relay (cloud side): accepts agents, keeps customers, resources and tokens, and gives
 integration workers a local ``host:port`` per resource.
 
-Control plane modules (no network data plane here):
+In layers, each importing only from those below it (tests/unit/test_layers.py holds them):
 
-- :mod:`relay.state`        customers, resources, tokens, relays, agent links; port choice
-- :mod:`relay.store`        its back ends (SQLite, PostgreSQL), shared migrations, events
-- :mod:`relay.cluster`      membership, agent links, revocation on every relay, outages
-- :mod:`relay.pki`          self-signed CA + server certificate, TLS contexts
-- :mod:`relay.tokens`       Ed25519 registration JWTs (issue, verify, check against state)
-- :mod:`relay.quotas`       per-customer quotas and the relay's open-file budget
-- :mod:`relay.admin`        HTTP/1.1 + JSON admin API (bearer token; loopback, or TLS beyond it)
-- :mod:`relay.admin_client` the client the CLI uses
-- :mod:`relay.metrics`      ``/metrics``, ``/live`` and ``/ready`` (``--metrics-listen``)
-- :mod:`relay.cli`          ``tunnel-relay`` entry point
+- :mod:`relay` (this module)  the names of the state directory's files, address parsing
+- :mod:`relay.settings`       the relay's settings (endpoints, quotas, descriptors)
+- :mod:`relay.state`          state: ``relay_state`` (customers, resources, tokens, relays,
+  agent links; port choice) over ``store/`` (SQLite or PostgreSQL, shared migrations, events),
+  ``cluster`` (membership, agent links, revocation on every relay), ``pki`` (CA, certificates,
+  TLS contexts), ``files`` (the state directory)
+- :mod:`relay.data`           data plane: ``registry`` (endpoints, agents, held connections),
+  ``forward`` and ``peering`` (relay-to-relay forwarding), ``quotas``, ``metrics``
+- :mod:`relay.control`        control plane: ``server`` (agent links, authentication,
+  registration), ``agent_control`` (CONTROL messages), ``names``, ``tokens`` (Ed25519 JWTs),
+  ``admin`` (the HTTP/1.1 + JSON admin API) and ``admin_client``
+- :mod:`relay.cli`, :mod:`relay.serve`  the entrypoints: ``tunnel-relay`` and its ``serve``
 """
 
 from __future__ import annotations

@@ -37,10 +37,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tunnel.ops import logs
 from tunnel.ops.logs import escape
 
-from . import DEFAULT_STATE_DIR, __version__, parse_host_port
-from .state import DEFAULT_PORT_RANGE
+from relay import DEFAULT_STATE_DIR, __version__, parse_host_port
+from relay.control.admin_client import AdminClient, AdminError
+from relay.state.cluster import check_advertise_url
+from relay.state.relay_state import DEFAULT_PORT_RANGE
+from relay.state.store.database import is_postgres_url, redact_url
 
 PROG = "tunnel-relay"
 DEFAULT_LISTEN = "0.0.0.0:8443"
@@ -324,8 +328,6 @@ def _state_dir(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace):
-    from .admin_client import AdminClient
-
     return AdminClient.discover(
         _state_dir(args),
         admin_url=args.admin_url or _env("RELAY_ADMIN_URL"),
@@ -387,8 +389,6 @@ def _write_secret(path: str, text: str) -> None:
 
 def configure_logging(log_format: str = "plain", level: str = "info") -> None:
     """The project's logging set-up: plain or JSON lines, secrets redacted."""
-    from tunnel.ops import logs
-
     logs.configure(log_format, level.upper())
 
 
@@ -400,8 +400,6 @@ def _database_url(option: str | None) -> str | None:
     """``--database``, else ``RELAY_DATABASE_URL``, else the file ``RELAY_DATABASE_URL_FILE``
     names, else the systemd credential ``database-url`` (in ``$CREDENTIALS_DIRECTORY``; empty:
     none); refuses what the relay cannot use."""
-    from .store.database import is_postgres_url, redact_url
-
     url = option or _env("RELAY_DATABASE_URL")
     if not url and _env("RELAY_DATABASE_URL_FILE"):
         path = _env("RELAY_DATABASE_URL_FILE")
@@ -454,8 +452,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     if bool(args.cert) != bool(args.key):
         raise CliError("--cert and --key must be given together")
     if args.advertise:
-        from .cluster import check_advertise_url
-
         try:
             args.advertise = check_advertise_url(args.advertise)
         except ValueError as exc:
@@ -469,7 +465,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     args.database = _database_url(args.database)
     try:
-        from .server import serve_main
+        # Only here: the server (uvloop, aioquic, the carriers, the store) would add about 1 s
+        # to every admin command (python -X importtime on a loaded 2-core machine).
+        from relay.serve import serve_main
     except ImportError as exc:
         raise CliError(f"the relay server is not available: {exc}") from None
     result = serve_main(args)
@@ -493,8 +491,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 1
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        from .admin_client import AdminError
-
         if isinstance(exc, (AdminError, CliError)):
             message = str(exc)
         elif isinstance(exc, (ValueError, OSError)):

@@ -3,8 +3,9 @@
 # adapter and Link contract tests also run on the pure-Python twins of the compiled modules
 # (TUNNEL_PURE_PYTHON=1: the codec, the session, the WebSocket carrier, the link, the bridge;
 # about 45 s; the QUIC adapter tests touch none of them but the shared policy, which the
-# contract suite covers); arguments (test paths, pytest options) select what runs, once,
-# compiled.
+# contract suite covers); tests/e2e/test_pure_build.py runs relays and an agent on the twins
+# in every run. Arguments (test paths, pytest options) select what runs, once, compiled.
+# setup.sh re-runs the build, so an edited .py of the compiled path never runs stale here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

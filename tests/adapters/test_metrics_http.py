@@ -72,11 +72,12 @@ def test_a_failing_collector_closes_that_connection_only(run, cleanup):
 
 
 def test_bounds(run, cleanup):
-    limits = Limits().replace(max_metrics_connections=2, handshake_timeout=0.5, max_http_header_size=1024)
+    limits = Limits().replace(handshake_timeout=0.5, max_http_header_size=1024)
 
     async def main():
         loop = asyncio.get_running_loop()
-        server = await serve_ops("127.0.0.1", 0, render=lambda: b"", ready=lambda: None, limits=limits)
+        server = await serve_ops("127.0.0.1", 0, render=lambda: b"", ready=lambda: None, limits=limits,
+                                 max_connections=2)
         cleanup.append(server.close)
         # A head beyond max_http_header_size: 431, nothing more read.
         status, _, _ = await _request(server.port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 2048 + b"\r\n\r\n")

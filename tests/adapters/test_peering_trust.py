@@ -5,9 +5,9 @@ front of a relay) gets no link and no forwarded traffic."""
 
 from __future__ import annotations
 
-from relay import pki
-from relay.peering import Peering
-from relay.registry import Registry
+from relay.state import pki
+from relay.data.peering import Peering
+from relay.data.registry import Registry
 from tunnel.bridge.listen import serve_tls_links
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.core.limits import DEFAULT_LIMITS

@@ -1,4 +1,4 @@
-"""relay.registry: an endpoint is bound once however many ask at once (a registration and the
+"""relay.data.registry: an endpoint is bound once however many ask at once (a registration and the
 ``resource_created`` event of the same resource race on every relay of a cluster); a connection
 waiting for an agent is dropped cleanly when its worker goes first."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from relay.registry import Registry
+from relay.data.registry import Registry
 
 
 def test_concurrent_binds_of_one_resource_share_one_endpoint(run, cleanup):
@@ -69,7 +69,7 @@ class _Link:
 def test_a_worker_gone_while_it_waits_gets_no_stream(run, cleanup):
     """A connection waiting for an agent whose worker reset it before the agent came is not
     handed to that agent (it would hold a stream nobody reads, counted for ever)."""
-    from relay.registry import AgentSession, EndpointBridge
+    from relay.data.registry import AgentSession, EndpointBridge
     from tunnel.bridge.tcp import LinkBuffers
 
     async def go():
@@ -119,8 +119,8 @@ def test_a_stream_forwarded_while_the_agent_leaves_still_reaches_it(run):
     """Between an agent's ``remove_resources`` (a graceful stop) and the rewrite of its link's
     record, another relay may still forward a worker here: it goes to that agent (which still
     serves it), not to a reset; local workers' connections no longer do."""
-    from relay.peering import Peering
-    from relay.registry import AgentSession, Endpoint
+    from relay.data.peering import Peering
+    from relay.data.registry import AgentSession, Endpoint
     from tunnel.core.limits import DEFAULT_LIMITS
     from tunnel.wire.constants import ErrorCode
 
@@ -146,8 +146,8 @@ def test_a_stream_forwarded_while_the_agent_leaves_still_reaches_it(run):
 def test_remove_resources_keeps_the_agent_for_forwarded_streams_until_its_record_is_rewritten(run):
     from types import SimpleNamespace
 
-    from relay.agent_control import AgentControl
-    from relay.registry import AgentSession, Endpoint
+    from relay.control.agent_control import AgentControl
+    from relay.data.registry import AgentSession, Endpoint
 
     class Cluster:
         def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""relay.forward.Splice: a stream from another relay joined to a stream on an agent's link,
+"""relay.data.forward.Splice: a stream from another relay joined to a stream on an agent's link,
 over real sessions on TCP: exact bytes, backpressure (a stalled agent stalls the forwarding
 relay's writer; what the splicing relay holds stays within the windows), FIN and RESET across."""
 
@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import os
 
-from relay.forward import Splice
+from relay.data.forward import Splice
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.carriers.tcp import open_tcp_link, serve_tcp_links
 from tunnel.core.limits import DEFAULT_LIMITS

@@ -487,7 +487,7 @@ class Chaos:
         self._record(fault)
 
     def _relay_rows(self) -> list[dict]:
-        from relay.admin_client import AdminClient
+        from relay.control.admin_client import AdminClient
 
         for relay in self.cluster.relays:
             if relay.proc.alive():

@@ -85,6 +85,7 @@ def test_check_and_serve_without_python(binary, relay, service_factory, tmp_path
     runtime = next(c for c in report["checks"] if c["name"] == "runtime")["detail"]
     assert "single-file build" in runtime and "uvloop" in runtime and "cython frame codec" in runtime
     assert "TLS engine openssl (aiofastnet" in runtime
+    assert "compiled per-message path" in runtime
 
     agent = Proc("agent-binary", without_python([binary], env), os.environ.copy(), tmp_path / "agent-binary.log")
     agent.start()

@@ -106,7 +106,7 @@ def test_text_output_one_line_per_check(setup):
 def test_wrong_or_missing_ca_file(setup, tmp_path):
     relay, _, token, service = setup
     other = Relay(tmp_path)  # another relay's CA: a natural mix-up
-    from relay import pki
+    from relay.state import pki
 
     pki.ensure_pki(other.state_dir, extra_names=["127.0.0.1"])
     for ca_file, words in ((other.ca_file, "RELAY_CA_FILE is the wrong file"), (None, "RELAY_CA_FILE is not set")):
@@ -119,7 +119,7 @@ def test_wrong_or_missing_ca_file(setup, tmp_path):
 
 def test_expired_jwt_and_jwt_from_another_relay(setup, tmp_path):
     relay, customer, token, service = setup
-    from relay.tokens import TokenAuthority
+    from relay.control.tokens import TokenAuthority
 
     expired, _ = TokenAuthority(relay.state_dir).issue_with_claims(customer, ttl_seconds=60, now=time.time() - 3600)
     code, report = run_check(f"wss://127.0.0.1:{relay.port}", expired, ca_file=relay.ca_file, app_port=service.port)
@@ -330,7 +330,7 @@ def test_a_wrong_ca_is_told_apart_and_named_by_its_setting(setup, tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from relay import pki
+    from relay.state import pki
 
     relay, _, token, service = setup
     other = Relay(tmp_path / "other")

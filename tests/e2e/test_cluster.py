@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from relay.admin_client import AdminError
+from relay.control.admin_client import AdminError
 from tests.helpers import wait_until
 from tests.helpers.cluster import admin, aliases_work
 from tests.helpers.processes import Relay, connect

@@ -14,7 +14,7 @@ import threading
 
 import asyncpg
 
-from relay.state import RelayState
+from relay.state.relay_state import RelayState
 from tests.helpers import wait_until
 from tests.helpers.processes import Relay, connect, free_port
 

@@ -54,13 +54,14 @@ def test_check_agrees_on_a_url_without_port():
 def test_help_lists_the_environment_and_every_tunable():
     import dataclasses
 
+    from agent.settings import AgentSettings
     from tunnel.core.limits import Limits
 
     text = subprocess.run([PY, "-m", "agent", "--help"], env=_env(), capture_output=True, text=True,
                           timeout=60, cwd=ROOT).stdout
     for name in ("RELAY_URL", "RELAY_CA_FILE", "LOG_LEVEL", "LOG_FORMAT", "DRAIN_TIMEOUT", "SIGHUP"):
         assert name in text
-    for field in dataclasses.fields(Limits):
+    for field in (*dataclasses.fields(Limits), *dataclasses.fields(AgentSettings)):
         assert f"TUNNEL_{field.name.upper()}=" in text
 
 

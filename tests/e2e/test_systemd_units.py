@@ -137,7 +137,7 @@ def test_env_examples_are_valid(tmp_path):
     agent_env = env_file(UNITS / "tunnel-agent.env.example")
     assert not any(k.startswith("REGISTRATION_JWT") for k in agent_env), "the JWT belongs in the credential"
     ca = tmp_path / "ca.pem"
-    from relay import pki
+    from relay.state import pki
 
     pki.ensure_pki(tmp_path / "state")
     ca.write_bytes((tmp_path / "state" / "ca.pem").read_bytes())

@@ -30,6 +30,7 @@ def test_agent_serves_on_plain_asyncio_and_the_pure_codec(relay, agents, service
     assert out.returncode == 0, out.stdout + out.stderr
     runtime = next(c for c in report["checks"] if c["name"] == "runtime")["detail"]
     assert "asyncio (uvloop is not installed)" in runtime and "python frame codec" in runtime
+    assert "pure-Python per-message path" in runtime
 
     for transport in ("wss", "quic"):
         name = f"db-{transport}"

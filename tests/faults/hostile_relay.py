@@ -10,7 +10,7 @@ import socket
 import threading
 from pathlib import Path
 
-from relay import pki
+from relay.state import pki
 from tests.helpers.processes import free_port
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.carriers.wss import serve_wss

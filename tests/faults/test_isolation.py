@@ -1,7 +1,7 @@
 """Customers stay apart: no JWT of one customer registers into, takes over or receives the
 streams of another's resource, even with colliding resource names, rotations and
 organisation-only tokens. A stateful model checks relay.tokens.check_against_state against
-relay.state; a real-process test checks two customers that both name their resource "db"."""
+relay.state.relay_state; a real-process test checks two customers that both name their resource "db"."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from relay.state import ORG_CUSTOMER_ID, RelayState
-from relay.tokens import TokenAuthority, check_against_state
+from relay.state.relay_state import ORG_CUSTOMER_ID, RelayState
+from relay.control.tokens import TokenAuthority, check_against_state
 from tests.faults.faultkit import echo_once, setup_agent
 from tests.helpers.sync_state import SyncState, new_loop
 from tunnel.wire.errors import AuthError

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from relay.admin_client import AdminClient, AdminError
+from relay.control.admin_client import AdminClient, AdminError
 from tests.faults.faultkit import FAST, register
 
 

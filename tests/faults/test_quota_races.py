@@ -16,24 +16,27 @@ import socket
 
 import pytest
 
-from relay.cluster import Cluster
-from relay.registry import Registry
-from relay.server import MAX_RESOURCES_PER_AGENT, AgentLinkHandler, Relay
-from relay.state import RelayState
-from relay.tokens import TokenAuthority
+from relay.state.cluster import Cluster
+from relay.data.registry import Registry
+from relay.control.names import MAX_RESOURCES_PER_AGENT
+from relay.control.server import AgentLinkHandler, Relay
+from relay.state.relay_state import RelayState
+from relay.control.tokens import TokenAuthority
 from tests.faults.test_registration_race import RecordingLink
 from tests.helpers import async_wait_until
+from relay.settings import RelaySettings
 from tunnel.core.limits import Limits
 
 
 @contextlib.asynccontextmanager
 async def _relay(tmp_path, database: str | None = None, port_range: tuple[int, int] | None = None,
-                 service_host: str = "127.0.0.1", **limits):
+                 service_host: str = "127.0.0.1", **settings):
     state = await RelayState.open(tmp_path, database)
-    registry = Registry(service_host)
+    relay_settings = RelaySettings(**settings)
+    registry = Registry(service_host, settings=relay_settings)
     cluster = Cluster(state, registry, "wss://127.0.0.1:8443")
     await cluster.start()
-    relay = Relay(state, TokenAuthority(tmp_path), registry, Limits(**limits), cluster=cluster)
+    relay = Relay(state, TokenAuthority(tmp_path), registry, Limits(), cluster=cluster, settings=relay_settings)
     if port_range is not None:
         relay.port_range = port_range
     try:

@@ -1,6 +1,6 @@
 """Agents coming back after a relay restart: quickly, all of them, and without a storm.
 
-The rule: an agent's first reconnect after a link loss comes within ``Limits.reconnect_delay``
+The rule: an agent's first reconnect after a link loss comes within ``AgentSettings.reconnect_delay``
 (1 s, jittered); only repeated failures back off (doubling to 30 s). A fleet that comes back in
 the same second is spread by the relay's handshake admission (tunnel.carriers.handshakes:
 ``max_pending_handshakes`` slots, stale ones evicted, newcomers beyond refused), not by making
@@ -27,6 +27,7 @@ import time
 import pytest
 
 from agent.runner import Backoff
+from agent.settings import DEFAULT_AGENT_SETTINGS as AGENT
 from tests.faults.faultkit import FAST, serves, wait_until
 from tunnel.carriers.handshakes import PendingHandshakes
 from tunnel.core.limits import DEFAULT_LIMITS
@@ -41,7 +42,7 @@ class Fleet:
     def __init__(self, down_for: float, seed: int, fleet: int = FLEET) -> None:
         limits = DEFAULT_LIMITS
         self.down_for = down_for
-        self.backoffs = [Backoff(limits.reconnect_delay, limits.reconnect_max_delay,
+        self.backoffs = [Backoff(AGENT.reconnect_delay, AGENT.reconnect_max_delay,
                                  random.Random(seed * 1_000_003 + i)) for i in range(fleet)]
         self.pending = PendingHandshakes(limits.max_pending_handshakes)
         self.events: list = []
@@ -115,7 +116,7 @@ def test_500_agents_return_fast_and_the_relay_spreads_the_herd(down_for):
     for seed in range(5):
         fleet = Fleet(down_for, seed).run()
         assert len(fleet.back) == FLEET, f"seed {seed}: {FLEET - len(fleet.back)} agents never came back"
-        assert max(fleet.first_attempt.values()) <= limits.reconnect_delay, "an agent waited over a second to try"
+        assert max(fleet.first_attempt.values()) <= AGENT.reconnect_delay, "an agent waited over a second to try"
         assert fleet.max_pending <= limits.max_pending_handshakes
         assert fleet.attempts_on_relay <= 4 * FLEET, f"seed {seed}: {fleet.attempts_on_relay} attempts hit the relay"
         last = max(fleet.back.values()) - down_for
@@ -124,7 +125,7 @@ def test_500_agents_return_fast_and_the_relay_spreads_the_herd(down_for):
             # The relay's throughput (2.5 s for 500) plus the delays of a few refusals.
             assert last <= 10.0, f"seed {seed}: the last agent came back {last:.1f} s after the relay"
         else:
-            assert last <= 2 * limits.reconnect_max_delay, f"seed {seed}: last back after {last:.1f} s"
+            assert last <= 2 * AGENT.reconnect_max_delay, f"seed {seed}: last back after {last:.1f} s"
     print(f"relay down {down_for} s: all {FLEET} agents back within {worst:.1f} s of its return")
 
 

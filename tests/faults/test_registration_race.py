@@ -15,12 +15,12 @@ import json
 import logging
 import socket
 
-from relay.admin import AdminApi
-from relay.cluster import Cluster
-from relay.registry import Registry
-from relay.server import AgentLinkHandler, Relay
-from relay.state import RelayState
-from relay.tokens import TokenAuthority
+from relay.control.admin import AdminApi
+from relay.state.cluster import Cluster
+from relay.data.registry import Registry
+from relay.control.server import AgentLinkHandler, Relay
+from relay.state.relay_state import RelayState
+from relay.control.tokens import TokenAuthority
 from tunnel.carriers.base import Link
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode

@@ -13,7 +13,7 @@ import socket
 import ssl
 import subprocess
 
-from relay import pki
+from relay.state import pki
 from tests.faults.faultkit import FAST
 from tests.helpers.processes import PY, ROOT, Relay, _env, free_port
 

@@ -62,7 +62,7 @@ def _secrets_session(relay, agents, service_factory, tmp_path):
     for name in ("admin-token", "signing-key.pem"):
         assert stat.S_IMODE((relay.state_dir / name).stat().st_mode) & 0o077 == 0, name
     # Exception messages from the token checks never quote the token.
-    from relay.tokens import TokenAuthority
+    from relay.control.tokens import TokenAuthority
     from tunnel.wire.errors import AuthError
 
     authority = TokenAuthority(relay.state_dir)

@@ -16,13 +16,13 @@ import subprocess
 
 import pytest
 
-from relay.admin import AdminApi, HttpError
-from relay.admin_client import AdminClient, AdminError
-from relay.cluster import Cluster
-from relay.registry import Registry
-from relay.server import AgentLinkHandler, Relay
-from relay.state import RelayState, StateWriteFailed
-from relay.tokens import TokenAuthority
+from relay.control.admin import AdminApi, HttpError
+from relay.control.admin_client import AdminClient, AdminError
+from relay.state.cluster import Cluster
+from relay.data.registry import Registry
+from relay.control.server import AgentLinkHandler, Relay
+from relay.state.relay_state import RelayState, StateWriteFailed
+from relay.control.tokens import TokenAuthority
 from tests.faults.faultkit import FAST, register
 from tests.faults.test_registration_race import ADMIN_TOKEN, RecordingLink, _admin
 from tests.helpers.processes import Relay as RelayProcess

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from relay.admin_client import AdminClient
+from relay.control.admin_client import AdminClient
 from tests.helpers.processes import Relay
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")

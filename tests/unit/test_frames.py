@@ -170,9 +170,11 @@ def test_encode_frame_payload_types(codec):
 
 def test_compiled_codec_is_in_use():
     """CI builds the extension: the pure twin may only be in use when explicitly forced."""
-    if os.environ.get("TUNNEL_PURE_PYTHON", "") not in ("", "0"):
-        pytest.skip("TUNNEL_PURE_PYTHON forces the pure-Python codec")
+    import tunnel
     import tunnel.codec
+
+    if tunnel.PURE_PYTHON:
+        pytest.skip("TUNNEL_PURE_PYTHON forces the pure-Python codec")
 
     assert tunnel.codec.IMPLEMENTATION == "cython", (
         "tunnel._frames is not built: run `pip install -e .` or `python setup.py build_ext --inplace`"

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from agent.metrics import AgentMetrics
-from relay.metrics import RelayMetrics
-from relay.registry import Registry
+from relay.data.metrics import RelayMetrics
+from relay.data.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"

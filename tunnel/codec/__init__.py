@@ -1,17 +1,16 @@
 """The frame codec in use: the compiled ``tunnel._frames`` when it is built, else the
-pure-Python twin ``tunnel.codec.pure`` (same API, same behaviour). Set
-``TUNNEL_PURE_PYTHON=1`` to force the twin (debugging, tests).
+pure-Python twin ``tunnel.codec.pure`` (same API, same behaviour). ``TUNNEL_PURE_PYTHON=1``
+forces the twin (debugging, tests; read once, as ``tunnel.PURE_PYTHON``).
 
 ``IMPLEMENTATION`` says which one was loaded (``"cython"`` or ``"python"``). The API is
 documented in ``tunnel/_frames.pyi``.
 """
 
-import os
-
+from tunnel import PURE_PYTHON
 from tunnel.wire.constants import ALLOWED_FLAGS, HEADER_SIZE, MAX_GOAWAY_REASON, PARTIAL, Flags, FrameType  # noqa: F401
 from tunnel.wire.errors import FrameTooLarge, ProtocolError  # noqa: F401
 
-if os.environ.get("TUNNEL_PURE_PYTHON", "") not in ("", "0"):
+if PURE_PYTHON:
     from tunnel.codec import pure as _impl
 else:
     try:

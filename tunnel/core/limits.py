@@ -1,8 +1,11 @@
-"""One configuration object for every limit the tunnel enforces.
+"""One configuration object for every limit of a link (session, carriers, bridge).
 
 Each denial-of-service bound is a named field here and is checked in one place
 (:meth:`Limits.validate`). Relay and agent accept overrides through environment variables
-named ``TUNNEL_<FIELD>`` in upper case (see :meth:`Limits.from_env`) and docs/LIMITS.md.
+named ``TUNNEL_<FIELD>`` in upper case (see :meth:`Limits.from_env`) and docs/LIMITS.md. The
+relay's own settings (endpoints, quotas) are :class:`relay.settings.RelaySettings`, the
+agent's (reconnects, target checks) :class:`agent.settings.AgentSettings`: same variables,
+read by :func:`env_overrides`.
 """
 
 from __future__ import annotations
@@ -16,16 +19,14 @@ from tunnel.wire.constants import MAX_FRAME_SIZE_CAP, MAX_WINDOW, MIN_FRAME_SIZE
 KiB = 1024
 MiB = 1024 * KiB
 #: Fields where 0 is a meaningful value (off, or "derive it").
-_MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso", "target_check_interval", "config_watch_interval",
-                "endpoint_hold_timeout", "link_notsent_lowat")
+_MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso", "link_notsent_lowat")
 #: Values of ``quic_congestion_control``.
 QUIC_CONGESTION_CONTROLS = ("bbr", "cubic", "reno")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """Limits of one link, and the relay's per-customer quotas. Receive-side values are
-    announced to the peer in HELLO."""
+    """Limits of one link. Receive-side values are announced to the peer in HELLO."""
 
     #: Largest frame payload we accept (and send at most the peer's).
     max_frame_size: int = 256 * KiB
@@ -77,8 +78,6 @@ class Limits:
     #: sides): what a small frame waits behind when a bulk stream fills the link; 0 leaves the
     #: kernel's default (the whole send buffer, megabytes on a long fat path).
     link_notsent_lowat: int = 128 * KiB
-    #: Agent dial timeout towards the private service (seconds).
-    connect_timeout: float = 10.0
     #: QUIC connections one relay holds at once; more are refused (CONNECTION_REFUSED).
     max_quic_connections: int = 10000
     #: QUIC: bytes handed to aioquic beyond what it already sent, per stream ...
@@ -100,53 +99,6 @@ class Limits:
     #: ``auto://``: the agent's QUIC link is given up after this much silence (seconds; it
     #: PINGs every quarter of it, and QUIC's idle timeout is this, so the relay notices too).
     auto_quic_keepalive_timeout: float = 4.0
-    # --- the agent's life ---
-    #: The first reconnect after a link loss comes within this (seconds, jittered) ...
-    reconnect_delay: float = 1.0
-    #: ... and each failed attempt doubles the delay, up to this.
-    reconnect_max_delay: float = 30.0
-    #: A private service with no successful dial for this long is checked with a TCP
-    #: connection (seconds; 0: only real dials tell).
-    target_check_interval: float = 30.0
-    #: The agent's config file is polled for changes this often (seconds; 0: only SIGHUP).
-    config_watch_interval: float = 0.0
-    # --- the relay's resource endpoints ---
-    #: A worker connection to a resource no agent serves waits this long for one (seconds;
-    #: 0: reset at once) ...
-    endpoint_hold_timeout: float = 5.0
-    #: ... at most this many per resource (more are reset at once) ...
-    endpoint_hold_max: int = 64
-    #: ... and only within this long after the resource's last agent left or the relay
-    #: started (seconds); later, a resource with no agent resets new connections at once.
-    endpoint_hold_window: float = 60.0
-    # --- relay quotas, per customer (docs/LIMITS.md, "Quotas") ---
-    #: Resources one customer may have; registering a new name beyond it is refused.
-    max_resources_per_customer: int = 256
-    #: Live agent links one customer may hold (across the relays of a cluster).
-    max_links_per_customer: int = 512
-    #: Registrations (``auth`` messages with a valid token) per customer and minute; a burst
-    #: of one minute's worth is allowed.
-    max_registrations_per_minute: int = 600
-    #: ``target_health`` entries the relay takes from one customer's agents per minute (a
-    #: burst of one minute's worth); more are ignored.
-    max_target_reports_per_minute: int = 6000
-    #: Lines one customer's ``target_health`` reports may make the relay log per minute
-    #: (a burst of one minute's worth); more are counted in one line per minute.
-    max_target_log_lines_per_minute: int = 30
-    #: A resource no agent has served for this long is deleted and its port freed (seconds),
-    #: unless an operator issued a JWT naming it (``--resource-id``).
-    resource_idle_expiry: float = 30 * 86400.0
-    #: Open-file descriptors the relay keeps free for its admin API, database, handshakes.
-    fd_reserve: int = 512
-    #: Share of the other descriptors one customer may hold (agent links, endpoints and the
-    #: connections to them), as a fraction.
-    customer_fd_share: float = 0.5
-    #: Share of the relay's endpoint port range (``--port-range``) one customer's resources
-    #: may hold, as a fraction.
-    customer_port_share: float = 0.5
-    # --- operations endpoints (relay --metrics-listen, agent METRICS_LISTEN) ---
-    #: Connections the /metrics, /live and /ready server serves at once; more are closed.
-    max_metrics_connections: int = 16
 
     def validate(self) -> "Limits":
         """Raise ``ValueError`` naming the first field out of range; return self."""
@@ -172,16 +124,7 @@ class Limits:
             raise ValueError("quic_gso must be 0 or 1")
         if self.quic_congestion_control not in QUIC_CONGESTION_CONTROLS:
             raise ValueError(f"quic_congestion_control must be one of {', '.join(QUIC_CONGESTION_CONTROLS)}")
-        if self.reconnect_max_delay < self.reconnect_delay:
-            raise ValueError("reconnect_max_delay must be at least reconnect_delay")
-        if not 0 < self.customer_fd_share <= 1:
-            raise ValueError("customer_fd_share must be in (0, 1]")
-        if not 0 < self.customer_port_share <= 1:
-            raise ValueError("customer_port_share must be in (0, 1]")
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, str) and value <= 0 and field.name not in _MAY_BE_ZERO:
-                raise ValueError(f"{field.name} must be positive")
+        check_positive(self, _MAY_BE_ZERO)
         return self
 
     def replace(self, **changes) -> "Limits":
@@ -190,18 +133,35 @@ class Limits:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Limits":
         """Defaults overridden by ``TUNNEL_MAX_FRAME_SIZE=...`` style variables."""
-        environ = os.environ if environ is None else environ
-        changes = {}
-        for field in dataclasses.fields(cls):
-            raw = environ.get("TUNNEL_" + field.name.upper())
-            if raw is None:
-                continue
-            kind = {"int": int, int: int, "str": str, str: str}.get(field.type, float)
-            try:
-                changes[field.name] = kind(raw)
-            except ValueError:
-                raise ValueError(f"TUNNEL_{field.name.upper()} must be a number, got {raw!r}") from None
-        return dataclasses.replace(cls(), **changes).validate()
+        return dataclasses.replace(cls(), **env_overrides(cls, environ)).validate()
+
+
+def env_overrides(cls, environ: Mapping[str, str] | None = None) -> dict:
+    """The fields of the dataclass ``cls`` that ``TUNNEL_<FIELD>`` variables of ``environ``
+    (default: the process's) set, converted to the field's type."""
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for field in dataclasses.fields(cls):
+        raw = environ.get("TUNNEL_" + field.name.upper())
+        if raw is None:
+            continue
+        kind = {"int": int, int: int, "str": str, str: str}.get(field.type, float)
+        try:
+            changes[field.name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"TUNNEL_{field.name.upper()} must be a number, got {raw!r}") from None
+    return changes
+
+
+def check_positive(settings, may_be_zero: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` naming the first numeric field of ``settings`` (a dataclass) that
+    is not positive (or, for ``may_be_zero``, negative)."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, str):
+            continue
+        if value < 0 or (value == 0 and field.name not in may_be_zero):
+            raise ValueError(f"{field.name} must be positive")
 
 
 DEFAULT_LIMITS = Limits().validate()

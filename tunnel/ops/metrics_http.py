@@ -25,7 +25,11 @@ from tunnel.core.limits import Limits
 from tunnel.ops.exposition import CONTENT_TYPE
 from tunnel.ops.http11 import HttpLimits, HttpServer, Request, Response
 
-__all__ = ["OpsServer", "parse_listen", "serve_ops"]
+__all__ = ["MAX_CONNECTIONS", "OpsServer", "parse_listen", "serve_ops"]
+
+#: Connections served at once by default (the relay's and the agent's settings,
+#: ``max_metrics_connections``); more are closed.
+MAX_CONNECTIONS = 16
 
 ReadyCheck = Callable[[], "str | None | Awaitable[str | None]"]
 
@@ -47,14 +51,15 @@ def parse_listen(value: str, what: str) -> tuple[str, int]:
 class OpsServer:
     """Serves ``/metrics``, ``/live`` and ``/ready``; see the module docstring."""
 
-    def __init__(self, render: Callable[[], bytes], ready: ReadyCheck, limits: Limits) -> None:
+    def __init__(self, render: Callable[[], bytes], ready: ReadyCheck, limits: Limits,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.render = render
         self.ready = ready
         self.limits = limits
         self.http = HttpServer(self._handle, HttpLimits(
             head_timeout=limits.handshake_timeout, body_timeout=limits.handshake_timeout,
-            max_head_size=limits.max_http_header_size, max_connections=limits.max_metrics_connections,
-            max_per_client=max(2, limits.max_metrics_connections // 2)), _error_body)
+            max_head_size=limits.max_http_header_size, max_connections=max_connections,
+            max_per_client=max(2, max_connections // 2)), _error_body)
 
     @property
     def server(self) -> asyncio.AbstractServer | None:
@@ -104,7 +109,7 @@ def _error_body(status: int, message: str) -> tuple[bytes, list[tuple[str, str]]
 
 
 async def serve_ops(host: str, port: int, *, render: Callable[[], bytes], ready: ReadyCheck,
-                    limits: Limits) -> OpsServer:
-    """Listen on ``host:port`` (port 0: a free one, see ``.port``); raises ``OSError`` if the
-    address cannot be bound."""
-    return await OpsServer(render, ready, limits).start(host, port)
+                    limits: Limits, max_connections: int = MAX_CONNECTIONS) -> OpsServer:
+    """Listen on ``host:port`` (port 0: a free one, see ``.port``), serving at most
+    ``max_connections`` at once; raises ``OSError`` if the address cannot be bound."""
+    return await OpsServer(render, ready, limits, max_connections).start(host, port)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.admin import load_or_create_admin_token, start_admin_server
-from relay.cluster import Cluster
-from relay.state import RelayState
-from relay.store.settings import StoreSettings
-from relay.tokens import TokenAuthority
+from relay.control.admin import load_or_create_admin_token, start_admin_server
+from relay.state.cluster import Cluster
+from relay.state.relay_state import RelayState
+from relay.state.store.settings import StoreSettings
+from relay.control.tokens import TokenAuthority
 from tests.helpers.sync_state import SyncState, new_loop
 
 # A uniquely named helper module (a bare ``import conftest`` could find another layer's).

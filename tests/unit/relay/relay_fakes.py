@@ -38,7 +38,7 @@ def one_line_error(result, fragment: str) -> None:
 
 
 class FakeRegistry:
-    """The data plane's registry as the admin API sees it (relay.admin.Registry)."""
+    """The data plane's registry as the admin API sees it (relay.control.admin.Registry)."""
 
     def __init__(self, service_host: str = "127.0.0.1") -> None:
         self.service_host = service_host

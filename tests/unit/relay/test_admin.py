@@ -1,4 +1,4 @@
-"""relay.admin: the admin API over a real loopback socket, with a fake data-plane registry."""
+"""relay.control.admin: the admin API over a real loopback socket, with a fake data-plane registry."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import stat
 import pytest
 from relay_fakes import fake_agent
 
-from relay.admin import start_admin_server
-from relay.state import ORG_CUSTOMER_ID
-from relay.tokens import check_against_state
+from relay.control.admin import start_admin_server
+from relay.state.relay_state import ORG_CUSTOMER_ID
+from relay.control.tokens import check_against_state
 from tunnel.wire.errors import AuthError
 
 
@@ -382,7 +382,7 @@ def test_truncated_body_is_not_processed(admin_server):
 
 
 def test_refuses_non_loopback_host_unless_forced_and_tls(tmp_path, admin_server):
-    from relay import pki
+    from relay.state import pki
 
     server = admin_server
     keys = pki.ensure_pki(tmp_path / "pki")
@@ -406,7 +406,7 @@ def test_refuses_non_loopback_host_unless_forced_and_tls(tmp_path, admin_server)
 
 
 def test_clear_admin_info(tmp_path):
-    from relay.admin import clear_admin_info
+    from relay.control.admin import clear_admin_info
 
     info = tmp_path / "admin.json"
     info.write_text(json.dumps({"url": "http://127.0.0.1:1"}))
@@ -575,9 +575,9 @@ def test_header_flood_is_refused(admin_server):
 def test_a_trickled_head_does_not_renew_its_deadline(admin_server, monkeypatch):
     import dataclasses
 
-    import relay.admin
+    import relay.control.admin as admin_module
 
-    monkeypatch.setattr(relay.admin, "HTTP_LIMITS", dataclasses.replace(relay.admin.HTTP_LIMITS, head_timeout=0.5))
+    monkeypatch.setattr(admin_module, "HTTP_LIMITS", dataclasses.replace(admin_module.HTTP_LIMITS, head_timeout=0.5))
 
     async def main():
         server = await start_admin_server("127.0.0.1", 0, state=admin_server.state, authority=admin_server.authority,

@@ -134,7 +134,7 @@ def test_registration_jwt_output_file_is_private(relay, tmp_path):
 def test_registration_jwt_usage_errors(relay):
     server = relay.server
     customer = server.call(server.state.create_customer, "acme")
-    # Whom a token is for is the relay's one rule (relay.tokens.token_subject), the API's words.
+    # Whom a token is for is the relay's one rule (relay.control.tokens.token_subject), the API's words.
     one_line_error(relay("resources", "registration-jwt", "--customer-id", customer["id"], "--org-only"),
                    "HTTP 400: an organisation-only token belongs to cus_org")
     one_line_error(relay("resources", "registration-jwt"), "HTTP 400: a customer id is required")

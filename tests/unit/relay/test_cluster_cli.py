@@ -12,7 +12,7 @@ import time
 import pytest
 from relay_fakes import REPO, fake_agent, one_line_error, run
 
-from relay.cluster import check_advertise_url, default_advertise_url
+from relay.state.cluster import check_advertise_url, default_advertise_url
 
 
 def test_cluster_status(relay):
@@ -83,8 +83,8 @@ def test_the_agent_never_imports_the_postgres_driver():
 
 
 def test_a_relay_on_sqlite_does_not_import_it_either(tmp_path):
-    imports = ("import json, asyncio, relay.server, relay.cluster\n"
-               "from relay.state import RelayState\n"
+    imports = ("import json, asyncio, relay.serve, relay.state.cluster\n"
+               "from relay.state.relay_state import RelayState\n"
                f"asyncio.run(RelayState.open({str(tmp_path)!r})).db.close_sync()")
     out = subprocess.run([sys.executable, "-c", PROBE.format(imports=imports)], capture_output=True, text=True,
                          cwd=REPO, check=True)

@@ -1,4 +1,4 @@
-"""relay.pki: the private CA, the server certificate, and TLS 1.3 contexts that accept each other."""
+"""relay.state.pki: the private CA, the server certificate, and TLS 1.3 contexts that accept each other."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import stat
 import pytest
 from cryptography import x509
 
-from relay import pki
-from relay.pki import client_ssl_context, ensure_pki, server_ssl_context
+from relay.state import pki
+from relay.state.pki import client_ssl_context, ensure_pki, server_ssl_context
 
 
 def _mode(path) -> int:

@@ -1,11 +1,11 @@
-"""relay.quotas: registrations per minute and the relay's descriptor budget, on fake time."""
+"""relay.data.quotas: registrations per minute and the relay's descriptor budget, on fake time."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.quotas import FULL_CODE, QUOTA_CODE, Descriptors, QuotaExceeded, RegistrationRate
-from tunnel.core.limits import Limits
+from relay.data.quotas import FULL_CODE, QUOTA_CODE, Descriptors, QuotaExceeded, RegistrationRate
+from relay.settings import RelaySettings
 
 
 def test_registration_rate_allows_a_minutes_burst_then_the_rate():
@@ -34,7 +34,7 @@ def _try_take(d: Descriptors, customer_id: str) -> bool:
 
 
 def test_descriptors_budget_share_and_reserve():
-    d = Descriptors(1024, Limits(fd_reserve=512, customer_fd_share=0.5))
+    d = Descriptors(1024, RelaySettings(fd_reserve=512, customer_fd_share=0.5))
     assert (d.budget, d.hard_budget, d.share) == (512, 768, 256)
     for _ in range(256):
         assert _try_take(d, "cus_a")
@@ -58,13 +58,13 @@ def test_descriptors_budget_share_and_reserve():
 
 
 def test_a_small_limit_keeps_half_free():
-    d = Descriptors(256, Limits(fd_reserve=512))
+    d = Descriptors(256, RelaySettings(fd_reserve=512))
     assert d.budget == 128 and d.share == 64
 
 
 def test_the_open_files_line_says_raised_only_when_it_was():
-    from relay.quotas import Descriptors
-    from relay.server import open_files_line
+    from relay.data.quotas import Descriptors
+    from relay.serve import open_files_line
     from tunnel.core.limits import Limits
 
     same = open_files_line(20000, 20000, Descriptors(20000, Limits()))

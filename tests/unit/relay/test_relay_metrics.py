@@ -1,4 +1,4 @@
-"""relay.metrics without processes: readiness, labels from fixed sets, counters per resource.
+"""relay.data.metrics without processes: readiness, labels from fixed sets, counters per resource.
 The e2e suite (tests/e2e/test_metrics.py) checks the values after real traffic."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import logging
 import sqlite3
 from types import SimpleNamespace
 
-from relay.metrics import RelayMetrics, ready, reset_reason
-from relay.quotas import QuotaExceeded
-from relay.registry import Endpoint, EndpointBridge, Registry
-from relay.state import RelayState
-from relay.store.settings import StoreSettings
+from relay.data.metrics import RelayMetrics, ready, reset_reason
+from relay.data.quotas import QuotaExceeded
+from relay.data.registry import Endpoint, EndpointBridge, Registry
+from relay.state.relay_state import RelayState
+from relay.state.store.settings import StoreSettings
 from tests.helpers import async_wait_until
 from tests.helpers.tcp_proxy import TcpProxy
 from tunnel.ops.logs import Throttled
@@ -133,7 +133,7 @@ def test_counters_per_resource_and_families():
 
 
 def test_agents_that_cannot_reach_the_service_are_counted():
-    from relay.registry import AgentSession
+    from relay.data.registry import AgentSession
 
     registry = Registry("127.0.0.1")
     endpoint = registry.endpoints["res_a"] = Endpoint(registry, "res_a", "db", "cus_a", "127.0.0.1", 0)

@@ -1,4 +1,4 @@
-"""relay.state: customers, resources and tokens, the same contract on both back ends (SQLite
+"""relay.state.relay_state: customers, resources and tokens, the same contract on both back ends (SQLite
 and a real PostgreSQL: every test taking ``state`` runs on each); port allocation; files."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import stat
 
 import pytest
 
-from relay.state import (
+from relay.state.relay_state import (
     ORG_CUSTOMER_ID,
     SCHEMA_VERSION,
     RelayState,
@@ -21,7 +21,7 @@ from relay.state import (
     new_id,
     write_private,
 )
-from relay.store.errors import Conflict, SchemaTooNew
+from relay.state.store.errors import Conflict, SchemaTooNew
 from tests.helpers.sync_state import new_loop
 
 
@@ -286,7 +286,7 @@ def test_count_mark_and_idle_resources(state):
 def test_state_write_failure_tells_a_full_directory_from_a_bug(tmp_path):
     import errno
 
-    from relay.state import state_write_failure
+    from relay.state.relay_state import state_write_failure
 
     con = sqlite3.connect(tmp_path / "relay.db")
     con.execute("CREATE TABLE filler (x BLOB)")
@@ -303,7 +303,7 @@ def test_state_write_failure_tells_a_full_directory_from_a_bug(tmp_path):
 
 
 def test_a_full_sqlite_database_is_a_state_write_failure(tmp_path):
-    from relay.state import StateWriteFailed
+    from relay.state.relay_state import StateWriteFailed
 
     async def go():
         async with await RelayState.open(tmp_path) as st:

@@ -1,4 +1,4 @@
-"""relay.store and the cluster tables: migrations (from empty, from a v1 relay.db, concurrent,
+"""relay.state.store and the cluster tables: migrations (from empty, from a v1 relay.db, concurrent,
 too new), events across relays, agent links and their epochs, membership, and PostgreSQL
 going away (stopped, hung, cut off from one relay) and coming back. Tests taking ``state`` run
 on both back ends; the others name theirs."""
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from relay.cluster import Cluster
-from relay.state import LinkRefused, RelayState
-from relay.store.database import redact_url
-from relay.store.dialect import MIGRATION_LOCK_KEY, POSTGRES, SQLITE
-from relay.store.errors import SchemaTooNew, StoreUnavailable
-from relay.store.migrations import SCHEMA_VERSION
-from relay.store.settings import StoreSettings
+from relay.state.cluster import Cluster
+from relay.state.relay_state import LinkRefused, RelayState
+from relay.state.store.database import redact_url
+from relay.state.store.dialect import MIGRATION_LOCK_KEY, POSTGRES, SQLITE
+from relay.state.store.errors import SchemaTooNew, StoreUnavailable
+from relay.state.store.migrations import SCHEMA_VERSION
+from relay.state.store.settings import StoreSettings
 from tests.helpers import async_wait_until
 from tests.helpers.sync_state import new_loop
 from tests.helpers.tcp_proxy import TcpProxy
@@ -189,8 +189,8 @@ def test_postgres_migrates_from_empty_and_refuses_a_newer_schema(tmp_path, postg
 
 MIGRATE_ONE = """
 import asyncio, sys
-from relay.store.migrations import migrate
-from relay.store.database import open_database
+from relay.state.store.migrations import migrate
+from relay.state.store.connect import open_database
 async def main():
     db = await open_database(sys.argv[1], sys.argv[2])
     before, after = await migrate(db, 'test')
@@ -653,7 +653,7 @@ def test_holders_put_serving_relays_first_then_the_newest_link(state):
 
 
 def test_ten_concurrent_creates_of_one_name_make_one_customer(state):
-    from relay.state import NameTaken
+    from relay.state.relay_state import NameTaken
 
     async def create(name):
         try:
@@ -672,7 +672,7 @@ def test_ten_concurrent_creates_of_one_name_make_one_customer(state):
 
 
 def test_look_alikes_of_an_existing_name_are_refused(state):
-    from relay.state import NameTaken
+    from relay.state.relay_state import NameTaken
 
     acme = state.create_customer("acme")
     for name in ("\u0430cme", "acm\uff45", "ACME", " acme ", "\uff21\uff23\uff2d\uff25", "a\u0441m\u0435"):
@@ -690,7 +690,7 @@ def test_names_made_before_the_unique_key_are_keyed_when_the_relay_opens(tmp_pat
     closes): both stay, the first gets the key, and a third is refused."""
     import asyncio as _asyncio
 
-    from relay.state import NameTaken
+    from relay.state.relay_state import NameTaken
 
     async def go():
         st = await RelayState.open(tmp_path)

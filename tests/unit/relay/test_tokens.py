@@ -1,4 +1,4 @@
-"""relay.tokens: Ed25519 registration JWTs, their verification and the checks against state."""
+"""relay.control.tokens: Ed25519 registration JWTs, their verification and the checks against state."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from relay.state import ORG_CUSTOMER_ID
-from relay.tokens import AUDIENCE, ISSUER, Claims, TokenAuthority, check_against_state
+from relay.state.relay_state import ORG_CUSTOMER_ID
+from relay.control.tokens import AUDIENCE, ISSUER, Claims, TokenAuthority, check_against_state
 from tunnel.wire.errors import AuthError
 
 CUSTOMER = "cus_abcdefghijklmnop"
@@ -376,7 +376,7 @@ def test_bad_resource_name_is_a_bad_request(authority, state):
 
 
 def test_token_subject_is_one_rule_for_org_only_tokens(authority):
-    from relay.tokens import token_subject
+    from relay.control.tokens import token_subject
 
     assert token_subject(None, True) == (ORG_CUSTOMER_ID, True)
     assert token_subject(ORG_CUSTOMER_ID, False) == (ORG_CUSTOMER_ID, True)

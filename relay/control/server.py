@@ -1,6 +1,7 @@
-"""``tunnel-relay serve``: agent listeners (TLS WebSocket on TCP and QUIC on UDP, one port
-number), agent authentication and registration, resource endpoints and the admin API, on the
-state database of :mod:`relay.state` (SQLite in the state dir, or a cluster's PostgreSQL).
+"""The agents' side of the relay (:class:`Relay`, started by :mod:`relay.serve`): agent links
+(TLS WebSocket on TCP and QUIC on UDP, one port number), agent authentication and
+registration, on the state of :mod:`relay.state` (SQLite in the state dir, or a cluster's
+PostgreSQL).
 
 Before it is registered a link may send one thing: one ``auth`` message. Anything else (a
 second ``auth``, another CONTROL type, a stream) gets a CONTROL ``error`` and the link is
@@ -8,7 +9,7 @@ closed with ``PROTOCOL_ERROR`` (docs/PROTOCOL.md, "Control messages").
 
 Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
 quotas, resources, created when a customer-wide token names a new one); binding the endpoints
-of new resources; and recording the link (:meth:`relay.cluster.Cluster.admit`), in the
+of new resources; and recording the link (:meth:`relay.state.cluster.Cluster.admit`), in the
 transaction that re-reads the resources' generations, before the agent is added with no
 ``await`` in between. A rotation or deletion, on this relay or any other, commits either before
 that transaction (which then sees it and refuses) or after it (its event then finds the
@@ -19,42 +20,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
-import signal
 import time
-import urllib.parse
 from collections import Counter
-from pathlib import Path
 
-from tunnel import __version__
 from tunnel.bridge.tcp import LinkBuffers
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.ops.logs import Throttled, escape
-from tunnel.ops.process import tune_malloc
 from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
-from . import format_host_port, is_loopback_host
-from .quotas import FULL_CODE, Descriptors, QuotaExceeded, RegistrationRate, raise_nofile_limit
-from .registry import AgentSession, Registry
-from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
+from relay.data.quotas import FULL_CODE, Descriptors, QuotaExceeded, RegistrationRate
+from relay.data.registry import AgentSession, Registry
+from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
+from relay.state.relay_state import allocate_port
+from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable, state_write_failure
+
+from .agent_control import AgentControl
+from .names import AGENT_FIELDS, MAX_AGENT_SLOTS, MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
+from .tokens import check_against_state
 
 log = logging.getLogger("relay")
 
-MAX_RESOURCES_PER_AGENT = 64
 #: A draining relay tells its agents to move in tenths of its move window, at least this many at once.
 DRAIN_BATCH = 100
-#: ``agent.slot`` at auth: which of an agent's links (RELAY_LINKS) this is, 0 to this minus one.
-MAX_AGENT_SLOTS = 16
-#: Agent-supplied strings accepted at ``auth`` (docs/PROTOCOL.md): anything else is refused.
-RESOURCE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
-AGENT_FIELDS = {
-    "version": (re.compile(r"[A-Za-z0-9._+-]{1,64}"), "1-64 letters, digits, '.', '_', '+' or '-'"),
-    "hostname": (re.compile(r"[A-Za-z0-9._-]{1,253}"), "1-253 letters, digits, '.', '_' or '-'"),
-    "instance": (re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits, '_' or '-'"),
-}
 #: A recurring condition (quota, full state directory) is logged once per this many seconds.
 LOG_INTERVAL = 60.0
 
@@ -126,21 +116,22 @@ class AgentLinkHandler(LinkHandler):
 
 class Relay:
     def __init__(self, state, authority, registry: Registry, limits: Limits,
-                 descriptors: Descriptors | None = None, *, cluster) -> None:
+                 descriptors: Descriptors | None = None, *, cluster, settings: RelaySettings = DEFAULT_RELAY_SETTINGS) -> None:
         self.state = state
         self.authority = authority
         self.registry = registry
         self.limits = limits
+        self.settings = settings
         self.descriptors = descriptors
         #: What relay.metrics exports; shared with the registry.
         self.metrics = registry.metrics
         #: True while the listeners accept agents (``/ready``).
         self.accepting = False
-        #: This relay's :class:`relay.cluster.Cluster`: records links, applies revocations.
+        #: This relay's :class:`relay.state.cluster.Cluster`: records links, applies revocations.
         self.cluster = cluster
         self.links: set[Link] = set()
         self.tasks: set[asyncio.Task] = set()
-        self.rate = RegistrationRate(limits.max_registrations_per_minute)
+        self.rate = RegistrationRate(settings.max_registrations_per_minute)
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: Resources with a registration between its first and last step (never expired).
         self.registering: Counter = Counter()
@@ -148,8 +139,6 @@ class Relay:
         self.peering = None
         cluster.on_members = self.members_changed
         cluster.on_resource_created = self.resource_created
-        from .agent_control import AgentControl
-
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
 
@@ -251,8 +240,6 @@ class Relay:
     async def _check_only(self, link: Link, message: dict) -> None:
         """``tunnel-agent check``: verify the token and the resource names as a registration
         would, register nothing, answer ``checked`` (the agent closes the link)."""
-        from .tokens import check_against_state
-
         try:
             token, resources, _info = _auth_fields(message)
             claims = self.authority.verify(token)
@@ -273,8 +260,6 @@ class Relay:
                  claims.customer_id)
 
     async def _register(self, link: Link, message: dict) -> AgentSession | None:
-        from .tokens import check_against_state
-
         token, resources, info = _auth_fields(message)
         claims = self.authority.verify(token)
 
@@ -340,13 +325,13 @@ class Relay:
     def _resource_quota(self, owner: str, count: int) -> None:
         """Refuse a new resource of ``owner``, who has ``count``, beyond its quota of resources
         or its share of the port range (checked again in the creating transaction)."""
-        limit = self.limits.max_resources_per_customer
+        limit = self.settings.max_resources_per_customer
         if count >= limit:
             raise QuotaExceeded(f"customer {owner} is over its quota of {limit} "
                                 "resources (TUNNEL_MAX_RESOURCES_PER_CUSTOMER); delete unused ones",
                                 limit="max_resources_per_customer", customer_id=owner)
         low, high = self.port_range
-        share = max(1, int((high - low + 1) * self.limits.customer_port_share))
+        share = max(1, int((high - low + 1) * self.settings.customer_port_share))
         if count >= share:
             raise QuotaExceeded(f"customer {owner} is over its share of {share} endpoint ports of the relay's "
                                 f"--port-range {low}-{high} (TUNNEL_CUSTOMER_PORT_SHARE); delete unused resources",
@@ -356,8 +341,6 @@ class Relay:
         """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
         (created if need be, its endpoint bound), checked again after the bind: AuthError if it
         was revoked or deleted meanwhile. For resources added on a live link."""
-        from .tokens import check_against_state
-
         resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
                                              before_create=self._before_create, quota=self._resource_quota)
         rid = resource["id"]
@@ -384,15 +367,13 @@ class Relay:
     def _links_quota(self, customer_id: str, count: int) -> None:
         """Refuse another link of ``customer_id``, who has ``count`` (on this relay, or on every
         relay of the cluster as the database counts them when the link is recorded)."""
-        limit = self.limits.max_links_per_customer
+        limit = self.settings.max_links_per_customer
         if count >= limit:
             raise QuotaExceeded(f"customer {customer_id} is over its quota of {limit} live agent links "
                                 "(TUNNEL_MAX_LINKS_PER_CUSTOMER)", limit="max_links_per_customer",
                                 customer_id=customer_id)
 
     def _allocate_port(self, taken: set[int]) -> int:
-        from .state import allocate_port
-
         try:
             return allocate_port(self.registry.service_host, taken, self.port_range)
         except RuntimeError:
@@ -428,7 +409,7 @@ class Relay:
         served = [rid for rid, endpoint in self.registry.endpoints.items() if endpoint.agents]
         if served:
             await self.state.mark_served(served, int(time.time()))
-        cutoff = int(time.time() - self.limits.resource_idle_expiry)
+        cutoff = int(time.time() - self.settings.resource_idle_expiry)
         expired = []
         for resource in await self.state.idle_resources(cutoff):
             rid = resource["id"]
@@ -437,13 +418,13 @@ class Relay:
             # The "deleted" event closes its endpoint here and on every relay.
             await self.state.delete_resource(rid)
             log.info("resource %s (%s) of customer %s expired: no agent served it for %.0f s; port %d freed",
-                     rid, resource["name"], resource["customer_id"], self.limits.resource_idle_expiry,
+                     rid, resource["name"], resource["customer_id"], self.settings.resource_idle_expiry,
                      resource["port"])
             expired.append(resource)
         return expired
 
     async def expire_forever(self) -> None:
-        interval = min(max(self.limits.resource_idle_expiry / 4, 0.5), 3600.0)
+        interval = min(max(self.settings.resource_idle_expiry / 4, 0.5), 3600.0)
         while True:
             try:
                 await self.expire_idle_resources()
@@ -481,11 +462,13 @@ class Relay:
         """Any relay created a resource: bind its endpoint here too (same port everywhere)."""
         if not self.registry.listening or resource.get("id") in self.registry.endpoints:
             return
-        task = asyncio.get_running_loop().create_task(self._bind(resource))
+        task = asyncio.get_running_loop().create_task(self.bind(resource))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _bind(self, resource: dict) -> None:
+    async def bind(self, resource: dict) -> None:
+        """Bind ``resource``'s endpoint here; a port that cannot be bound is logged (once, by the
+        registry) and shown by ``resources list``, never raised."""
         try:
             await self.registry.ensure_endpoint(resource)
         except OSError:
@@ -547,10 +530,6 @@ class Relay:
         await asyncio.gather(*(link.wait_closed() for link in list(self.links)), return_exceptions=True)
 
 
-def _valid(pattern: re.Pattern, value) -> bool:
-    return isinstance(value, str) and pattern.fullmatch(value) is not None
-
-
 def _auth_fields(message: dict) -> tuple[str, list, dict]:
     """The token, resources and agent strings of an ``auth`` message, checked; AuthError
     (``bad_request``) for anything malformed."""
@@ -559,7 +538,7 @@ def _auth_fields(message: dict) -> tuple[str, list, dict]:
     if not isinstance(token, str) or not token:
         raise AuthError("no registration token", code="bad_request")
     if (not isinstance(resources, list) or not resources or len(resources) > MAX_RESOURCES_PER_AGENT
-            or not all(isinstance(r, dict) and _valid(RESOURCE_NAME, r.get("name")) for r in resources)):
+            or not all(isinstance(r, dict) and valid(RESOURCE_NAME, r.get("name")) for r in resources)):
         raise AuthError("resources must be a list of 1 to 64 objects with a name "
                         "(letters, digits, '.', '_', '-'; at most 128 characters)", code="bad_request")
     return token, resources, _agent_info(message.get("agent"))
@@ -577,7 +556,7 @@ def _agent_info(info) -> dict:
         value = info.get(name)
         if value is None or value == "":
             result[name] = ""
-        elif _valid(pattern, value):
+        elif valid(pattern, value):
             result[name] = value
         else:
             raise AuthError(f"agent.{name} must be {what}, got {escape(str(value)[:64])!r}", code="bad_request")
@@ -602,179 +581,3 @@ def _addr(link: Link) -> str:
         return f"{host}:{port}"
     except Exception:
         return "?"
-
-
-def serve_main(args) -> int:
-    """Entry point of ``tunnel-relay serve`` (``args`` from relay.cli)."""
-    tune_malloc()
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-        uvloop = None
-    try:
-        if uvloop is not None:
-            return uvloop.run(_serve(args))
-        return asyncio.run(_serve(args))
-    except KeyboardInterrupt:
-        return 0
-    except (OSError, ValueError, StoreError) as exc:
-        log.error("relay cannot start: %s", exc)
-        return 1
-
-
-def open_files_line(before: int, limit: int, descriptors: Descriptors) -> str:
-    """The start-up line on the open-file limit (raised from ``before`` only when it was)."""
-    raised = f" (raised from {before})" if limit != before else ""
-    return (f"open files: limit {limit}{raised}; {descriptors.budget} for agents and endpoints, at most "
-            f"{descriptors.share} per customer, {limit - descriptors.budget} kept in reserve")
-
-
-async def _serve(args) -> int:
-    from tunnel.bridge.listen import serve_links
-
-    from . import admin, pki, tokens
-    from .cluster import Cluster, default_advertise_url
-    from .store.settings import StoreSettings
-
-    limits = Limits.from_env()
-    settings = StoreSettings.from_env()
-    before, open_files = raise_nofile_limit()
-    descriptors = Descriptors(open_files, limits)
-    log.info("%s", open_files_line(before, open_files, descriptors))
-    state_dir = Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    host, port = args.listen_addr
-    admin_host, admin_port = args.admin_listen_addr
-    allow_remote = getattr(args, "allow_remote_admin", False)
-    advertise = args.advertise or default_advertise_url(host, port, args.server_names)
-    names = [host, urllib.parse.urlsplit(advertise).hostname, *args.server_names]
-    if allow_remote and not is_loopback_host(admin_host):
-        names.append(admin_host)
-    keys = pki.ensure_pki(state_dir, extra_names=names, cert_file=args.cert, key_file=args.key)
-    cert_file, key_file = keys.cert_file, keys.key_file
-    ssl_context = pki.server_ssl_context(cert_file, key_file)
-
-    store = await _open_state(state_dir, args.database, settings)
-    if await store.public_can_connect():
-        log.warning("every database role may connect to %s (PostgreSQL's default): REVOKE CONNECT ON DATABASE "
-                    "… FROM PUBLIC, and give the relays a role of their own (docs/CLUSTER.md, \"Setting up "
-                    "PostgreSQL\")", store.description)
-    authority = tokens.TokenAuthority(state_dir)
-    registry = Registry(args.service_host, descriptors, limits=limits)
-    cluster = Cluster(store, registry, advertise, settings)
-    await cluster.start()
-    relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
-    relay.port_range = args.port_range
-    await relay.expire_idle_resources()
-
-    # The relay's own listeners first, so that no endpoint port (a fixed one, say) can take
-    # their address; an endpoint that cannot bind is logged and reported, never fatal.
-    if store.backend == "postgresql":
-        relay.peering = await _start_peering(args, relay, keys, names, limits)
-        registry.forwarder = relay.peering
-
-    metrics = await _start_metrics(relay, args.metrics_listen_addr, limits)
-    listeners = await serve_links(host, port, ssl_context=ssl_context, cert_file=str(cert_file),
-                                  key_file=str(key_file), limits=limits, on_link=relay.on_link)
-    if port == 0 and not args.advertise:
-        await cluster.readvertise(default_advertise_url(host, listeners.port, args.server_names))
-    relay.accepting = True
-    port = listeners.port
-    admin_token = admin.load_or_create_admin_token(state_dir)
-    admin_server = await admin.start_admin_server(
-        admin_host, admin_port, state=store, authority=authority, registry=registry, token=admin_token,
-        state_dir=state_dir, allow_remote=allow_remote,
-        ssl_context=pki.server_ssl_context(cert_file, key_file) if not is_loopback_host(admin_host) else None,
-        on_state_failure=relay.state_failed, cluster=cluster)
-    admin_url = admin.admin_url(admin_server, tls=not is_loopback_host(admin_host))
-    for resource in await store.list_resources():
-        await relay._bind(resource)
-    log.info("relay %s (%s) listening for agents on %s:%d (wss on TCP, quic on UDP); admin API on %s; "
-             "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
-             admin_url, args.service_host, state_dir, store.description)
-    expiry = asyncio.get_running_loop().create_task(relay.expire_forever())
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("relay stopping: draining for up to %.0f s", args.drain_timeout)
-    relay.accepting = False
-    expiry.cancel()
-    listeners.wss.close()  # no new agents; QUIC ones are refused while draining (its socket serves the others)
-    await relay.drain(args.drain_timeout)
-    listeners.close()
-    admin_server.close()
-    admin.clear_admin_info(state_dir)
-    registry.close()
-    # Writes the closing links started (served times), then leave the cluster.
-    if relay.tasks:
-        await asyncio.wait(set(relay.tasks), timeout=settings.db_query_timeout)
-    await cluster.stop()
-    await store.close()
-    if metrics is not None:
-        metrics.close()
-    return 0
-
-
-async def _start_peering(args, relay: Relay, keys, names: list[str], limits: Limits):
-    """Listen for the other relays of the cluster at ``--peer-listen`` (default: the host of
-    ``--listen``, a free port) and record where they reach this one."""
-    from . import pki
-    from .peering import Peering
-
-    host, port = args.peer_listen_addr or (args.listen_addr[0], 0)
-    advertised_host = args.peer_advertise_host or urllib.parse.urlsplit(relay.cluster.advertise_url).hostname
-    cert_file, key_file = pki.ensure_peer_cert(args.state_dir, [*names, host, advertised_host])
-    peering = Peering(relay.cluster, relay.registry, limits,
-                      server_context=pki.peer_server_ssl_context(cert_file, key_file, keys.ca_file),
-                      client_context=pki.peer_client_ssl_context(cert_file, key_file, keys.ca_file))
-    try:
-        port = await peering.listen(host, port)
-    except OSError as exc:
-        raise OSError(f"cannot listen for other relays at --peer-listen {format_host_port(host, port)}: "
-                      f"{exc.strerror or exc}") from None
-    address = format_host_port(advertised_host, port)
-    await relay.cluster.set_peer_address(address)
-    peering.connect_members(relay.cluster.members)
-    log.info("relay-to-relay links on %s (mutual TLS, cluster CA)", address)
-    return peering
-
-
-async def _open_state(state_dir: Path, database: str | None, settings):
-    """The migrated state; a PostgreSQL that cannot be reached is retried with backoff for
-    ``db_startup_timeout`` before the relay gives up."""
-    from .state import RelayState
-    from .store.database import redact_url
-
-    where = redact_url(database) if database else "in the state directory"
-    deadline = time.monotonic() + settings.db_startup_timeout
-    delay = 0.5
-    while True:
-        try:
-            return await RelayState.open(state_dir, database, settings)
-        except StoreUnavailable as exc:
-            if isinstance(exc, StateWriteFailed):
-                raise StoreError(f"{exc.reason}: {state_dir}") from None
-            if time.monotonic() + delay > deadline:
-                raise StoreError(f"state database unreachable: {where}: {exc.reason}; "
-                                 f"gave up after {settings.db_startup_timeout:g} s") from None
-            log.warning("state database unreachable: %s: %s; retrying in %.1f s", where, exc.reason, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, settings.db_reconnect_max)
-
-
-async def _start_metrics(relay: Relay, address: tuple[str, int] | None, limits: Limits):
-    """``/metrics``, ``/live`` and ``/ready`` at ``--metrics-listen`` (None: not served)."""
-    if address is None:
-        return None
-    from .metrics import MetricsService
-
-    try:
-        service = await MetricsService(relay, limits).start(*address)
-    except OSError as exc:
-        raise OSError(f"cannot serve metrics at --metrics-listen {format_host_port(*address)}: "
-                      f"{exc.strerror or exc}") from None
-    log.info("metrics on http://%s/metrics (also /live and /ready)", format_host_port(address[0], service.port))
-    return service

@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING
 from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
-from .quotas import PerCustomerRate, QuotaExceeded
-from .registry import AgentSession
-from .store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
+from relay.data.quotas import PerCustomerRate, QuotaExceeded
+from relay.data.registry import AgentSession
+from relay.state.store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
+
+from .names import MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
 
 if TYPE_CHECKING:
     from .server import Relay
@@ -48,7 +50,7 @@ class AgentControl:
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
         #: ``target_health`` entries taken per customer (``max_target_reports_per_minute``).
-        self.reports = PerCustomerRate(relay.limits.max_target_reports_per_minute)
+        self.reports = PerCustomerRate(relay.settings.max_target_reports_per_minute)
 
     def received(self, agent: AgentSession, message: dict) -> None:
         kind = message.get("type")
@@ -128,8 +130,6 @@ class AgentControl:
         relay = self.relay
         added, refused = [], []
         new = [n for n in dict.fromkeys(names) if n not in agent.resources.values()]
-        from .server import MAX_RESOURCES_PER_AGENT
-
         if len(agent.resources) + agent.adding + len(new) > MAX_RESOURCES_PER_AGENT:
             refused = [{"name": n, "code": "bad_request",
                         "message": f"an agent serves at most {MAX_RESOURCES_PER_AGENT} resources"} for n in new]
@@ -192,11 +192,9 @@ class AgentControl:
 
 
 def _names(message: dict) -> list[str] | None:
-    from .server import RESOURCE_NAME, _valid
-
     entries = message.get("resources")
     if (not isinstance(entries, list) or len(entries) > 64
-            or not all(isinstance(e, dict) and _valid(RESOURCE_NAME, e.get("name")) for e in entries)):
+            or not all(isinstance(e, dict) and valid(RESOURCE_NAME, e.get("name")) for e in entries)):
         log.info("ignoring a malformed %s message", str(message.get("type"))[:32])
         return None
     return [e["name"] for e in entries]

@@ -5,7 +5,7 @@ resource, whichever relays its agents are linked to (proxy peering, as Teleport'
   (``--peer-listen``; recorded in ``relays.peer_address``): the project's session over TLS
   WebSocket, TLS 1.3 with a client certificate required on both sides: the relay-to-relay
   certificate the cluster CA issues to every relay (``peer.pem``, clientAuth, OU ``relay``;
-  :mod:`relay.pki`). A connection whose certificate does not name the role ``relay`` is closed,
+  :mod:`relay.state.pki`). A connection whose certificate does not name the role ``relay`` is closed,
   on either side: a relay dialling another checks it before it says anything, so a server
   certificate of the same CA (which a TLS-terminating proxy in front of a relay holds) is never
   sent a stream. After the TLS handshake the dialling relay sends CONTROL ``{"type": "peer",
@@ -18,7 +18,7 @@ resource, whichever relays its agents are linked to (proxy peering, as Teleport'
   relay reads which relays hold an agent link of R (``agent_links`` of relays heard from within
   the member TTL, relays not draining first, then newest epoch first: a stale row never wins
   over a newer link), opens a stream named R (its id, as the OPEN metadata) over the peer link
-  to the first it can reach, and bridges the worker to it (:mod:`relay.forward`). The holding
+  to the first it can reach, and bridges the worker to it (:mod:`relay.data.forward`). The holding
   relay joins that stream to a new stream on its agent's link (fewest active streams, as for
   its own workers). While the database is away the last answer for R is used.
 - **Backpressure.** End to end: worker TCP ↔ peer stream (the usual TCP bridge, credit only
@@ -38,15 +38,18 @@ import asyncio
 import logging
 import re
 
+from tunnel.bridge.dial import dial_tls_link
+from tunnel.bridge.listen import serve_tls_links
 from tunnel.bridge.tcp import LinkBuffers
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import LinkError, UsageError
 
+from relay.state.pki import PEER_ROLE, peer_role
+from relay.state.store.errors import StoreError, StoreUnavailable
+
 from .forward import Splice
-from .pki import PEER_ROLE, peer_role
-from .store.errors import StoreError, StoreUnavailable
 
 log = logging.getLogger("relay.peering")
 
@@ -146,8 +149,6 @@ class Peering:
 
     async def listen(self, host: str, port: int) -> int:
         """Accept peer links on ``host:port`` (0: a free port); return the port."""
-        from tunnel.bridge.listen import serve_tls_links
-
         self.server = await serve_tls_links(host, port, ssl_context=self.server_context, limits=self.limits,
                                             on_link=self._on_link)
         return self.server.sockets[0].getsockname()[1]
@@ -246,8 +247,6 @@ class Peering:
             return None
 
     async def _dial(self, relay_id: str, address: str) -> PeerLink | None:
-        from tunnel.bridge.dial import dial_tls_link
-
         try:
             link = await dial_tls_link(address, ssl_context=self.client_context, limits=self.limits,
                                        timeout=PEER_HANDSHAKE_TIMEOUT)

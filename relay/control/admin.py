@@ -33,7 +33,7 @@ service answers) what this relay's agents report, while
 ``agents_detail`` lists the agent links of every relay on the state database, each with its
 ``relay_id`` and ``relay_url``; live counters (bytes, streams) are known for this relay's only.
 Rotation and deletion reach the agents of every relay through the state's events (see
-:mod:`relay.cluster`). While the state database is unreachable, every endpoint but
+:mod:`relay.state.cluster`). While the state database is unreachable, every endpoint but
 ``/v1/health`` answers 503 ``{"error": "unavailable", "message": "state database unreachable"}``.
 
 Files: ``<state>/admin-token`` (0600, created once) and ``<state>/admin.json``
@@ -60,9 +60,13 @@ import orjson
 from tunnel.ops.http11 import HttpLimits, HttpServer, Request, Response
 from tunnel.ops.logs import Throttled
 
-from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
-from .state import DEFAULT_PORT_RANGE, NameTaken, RelayState, ensure_state_dir, state_write_failure, write_private
-from .store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
+from relay import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
+from relay.state.cluster import link_view
+from relay.state.relay_state import (DEFAULT_PORT_RANGE, NameTaken, RelayState, allocate_port, ensure_state_dir, state_write_failure,
+                                     validate_name, write_private)
+from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable
+
+from .names import RESOURCE_NAME
 from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, TokenAuthority, token_subject
 
 log = logging.getLogger("relay.admin")
@@ -80,7 +84,7 @@ _RESOURCE_PATH = re.compile(r"^/v1/resources/([A-Za-z0-9_]{1,64})$")
 
 
 class Registry(Protocol):
-    """What the admin API (and :class:`relay.cluster.Cluster`, for revocations) needs from
+    """What the admin API (and :class:`relay.state.cluster.Cluster`, for revocations) needs from
     the data plane."""
 
     service_host: str
@@ -147,7 +151,7 @@ class AdminApi:
         self.state = state
         self.authority = authority
         self.registry = registry
-        #: This relay's :class:`relay.cluster.Cluster` (relay id, links, outage log).
+        #: This relay's :class:`relay.state.cluster.Cluster` (relay id, links, outage log).
         self.cluster = cluster
         self._token = token.encode("utf-8")
         if on_state_failure is None:
@@ -261,8 +265,6 @@ class AdminApi:
         return 200, await self.cluster.status()
 
     async def _links_by_resource(self) -> dict[str, list[dict]]:
-        from .cluster import link_view
-
         by_resource: dict[str, list[dict]] = {}
         unreachable = self.cluster.unreachable if self.cluster is not None else ()
         for link in await self.state.list_links():
@@ -346,16 +348,12 @@ class AdminApi:
     async def post_resources(self, *, payload: dict, **_) -> tuple[int, Any]:
         """Create a resource ahead of its agents, optionally on a fixed endpoint port; every
         relay binds its endpoint on the ``resource_created`` event."""
-        from .state import allocate_port, validate_name
-
         _only_fields(payload, {"customer_id", "name", "port"})
         customer_id = _typed(payload, "customer_id", str)
         name = _typed(payload, "name", str)
         port = _typed(payload, "port", int)
         if not customer_id or not name:
             raise HttpError(400, "bad_request", "customer_id and name are required")
-        from .server import RESOURCE_NAME
-
         if not RESOURCE_NAME.fullmatch(name):
             raise HttpError(400, "bad_request", "name must be 1-128 letters, digits, '.', '_' or '-' (the agents' NAME)")
         validate_name(name, "resource name")

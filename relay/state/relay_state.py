@@ -1,7 +1,7 @@
 """The relay's durable state, through one async interface (:class:`RelayState`) over either
-back end of :mod:`relay.store`: SQLite in ``<state-dir>/relay.db`` (the default) or PostgreSQL
+back end of :mod:`relay.state.store`: SQLite in ``<state-dir>/relay.db`` (the default) or PostgreSQL
 (``--database postgresql://…``, shared by every relay of a cluster). Schema: see
-:mod:`relay.store.migrations`.
+:mod:`relay.state.store.migrations`.
 
 - ``customers``  ``id`` (``cus_`` + 16 base32 chars), ``name``, ``created_at``, ``name_key``
   (:func:`name_key`, unique: one customer per name, whatever the case, width or look-alike
@@ -20,11 +20,11 @@ The built-in organisation customer ``cus_org`` (name ``organization``) is create
 and owns the resources registered with ``--org-only`` tokens.
 
 Rotating a resource and deleting it publish events (``rotated``, ``deleted``) that every relay
-on the database receives (see :mod:`relay.cluster`); so do relays joining and leaving.
+on the database receives (see :mod:`relay.state.cluster`); so do relays joining and leaving.
 
-Also the small file helpers every relay module uses: :func:`ensure_state_dir` (mode 0700) and
-:func:`write_private` (atomic, mode 0600), and :func:`state_write_failure`, which tells a full
-or read-only state directory apart from a bug.
+Also, from below it, the small file helpers every relay module uses: :func:`ensure_state_dir`
+(mode 0700) and :func:`write_private` (atomic, mode 0600) from :mod:`relay.state.files`, and
+:func:`state_write_failure`, which tells a full or read-only state directory apart from a bug.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ import os
 import random
 import secrets
 import socket
-import stat
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .store.database import Database, Subscriber, open_database
+from .files import ensure_state_dir, write_private
+from .store.connect import open_database
+from .store.database import Database, Subscriber
 from .store.errors import Conflict, StateWriteFailed, StoreUnavailable, state_write_failure
 from .store.migrations import SCHEMA_VERSION, migrate
 from .store.settings import StoreSettings
@@ -49,39 +50,6 @@ ORG_CUSTOMER_ID = "cus_org"
 ORG_CUSTOMER_NAME = "organization"
 DEFAULT_PORT_RANGE = (20000, 29999)
 MAX_NAME_LENGTH = 200
-
-# --------------------------------------------------------------------------- files
-
-
-def ensure_state_dir(path: str | os.PathLike) -> Path:
-    """Create the state directory (mode 0700) if needed; tighten it when others can read it."""
-    directory = Path(path)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = directory.stat()
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(directory, 0o700)
-    return directory
-
-
-def write_private(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically (temp file + rename) with ``mode`` from the first byte on."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
 
 # --------------------------------------------------------------------------- ids, names
 
@@ -196,7 +164,7 @@ def _in_list(values: Iterable) -> str:
 class RelayState:
     """Customers, resources, issued tokens, relays and agent links. Every method is a
     coroutine that never blocks the event loop; while the database is unreachable they raise
-    :class:`relay.store.errors.StoreUnavailable`."""
+    :class:`relay.state.store.errors.StoreUnavailable`."""
 
     def __init__(self, db: Database, state_dir: str | os.PathLike) -> None:
         self.db = db

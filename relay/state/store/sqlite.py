@@ -22,6 +22,7 @@ from .database import Event, Statements, Subscriber
 from .dialect import SQLITE
 from .errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 from .settings import StoreSettings
+from ..files import ensure_state_dir
 
 log = logging.getLogger("relay.store")
 
@@ -60,8 +61,6 @@ class SqliteDatabase(_Statements):
     dialect = SQLITE
 
     def __init__(self, path: str | os.PathLike, settings: StoreSettings | None = None) -> None:
-        from ..state import ensure_state_dir
-
         self.path = Path(path)
         self.description = f"sqlite:///{self.path}"
         self.settings = settings or StoreSettings()

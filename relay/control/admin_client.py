@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, CA_FILE
+from relay import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, CA_FILE
 
 DEFAULT_TIMEOUT = 15.0
 

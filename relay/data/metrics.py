@@ -4,8 +4,8 @@
 Most of what is exported is read at scrape time from what the relay keeps anyway (the
 registry's agents and endpoints, each link's round trip, each bridge's byte counts); events
 nothing else remembers (streams opened, refused and failed, refused registrations, quota hits)
-are plain integer counters bumped by one-line calls from :mod:`relay.server` and
-:mod:`relay.registry`. Counters of a resource live as long as its endpoint.
+are plain integer counters bumped by one-line calls from :mod:`relay.control.server` and
+:mod:`relay.data.registry`. Counters of a resource live as long as its endpoint.
 
 Labels: ``customer`` and ``resource`` are the relay's own ids (``cus_…``, ``res_…``), never
 names an agent sent; their number is bounded by the customers an operator created and by
@@ -25,7 +25,10 @@ from tunnel import __version__
 from tunnel.bridge.listen import handshake_failures
 from tunnel.core.limits import Limits
 from tunnel.ops.exposition import Family, Histogram, process_families, render
+from tunnel.ops.metrics_http import serve_ops
 from tunnel.wire.constants import ErrorCode
+
+from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
 
 log = logging.getLogger("relay.metrics")
 
@@ -83,7 +86,7 @@ class RelayMetrics:
 
     def stream_refused(self, endpoint, reason: str, quota=None) -> None:
         """A connection to ``endpoint`` reset at once (``reason`` one of :data:`REFUSALS`);
-        ``quota``: the :class:`relay.quotas.QuotaExceeded` behind it."""
+        ``quota``: the :class:`relay.data.quotas.QuotaExceeded` behind it."""
         self._of(endpoint).refused[reason] += 1
         if quota is not None:
             self.quota_hits[quota.customer_id or "", quota.limit] += 1
@@ -100,7 +103,7 @@ class RelayMetrics:
 
     def auth_refused(self, code: str, quota=None) -> None:
         """A registration (or a check) refused with CONTROL ``error`` ``code``; ``quota``: the
-        :class:`relay.quotas.QuotaExceeded` behind it."""
+        :class:`relay.data.quotas.QuotaExceeded` behind it."""
         self.auth_failures[code if code in AUTH_CODES else "other"] += 1
         if quota is not None:
             self.quota_hits[quota.customer_id or "", quota.limit] += 1
@@ -242,18 +245,18 @@ class MetricsService:
     """The ``/metrics``, ``/live`` and ``/ready`` server of a relay, and the sampler that feeds
     the round-trip histogram every ``keepalive_interval``."""
 
-    def __init__(self, relay, limits: Limits) -> None:
+    def __init__(self, relay, limits: Limits, settings: RelaySettings = DEFAULT_RELAY_SETTINGS) -> None:
         self.relay = relay
         self.limits = limits
+        self.settings = settings
         self.server = None
         self._sampler: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> "MetricsService":
-        from tunnel.ops.metrics_http import serve_ops
-
         relay = self.relay
         self.server = await serve_ops(host, port, render=lambda: relay.metrics.render(relay.registry),
-                                      ready=lambda: ready(relay), limits=self.limits)
+                                      ready=lambda: ready(relay), limits=self.limits,
+                                      max_connections=self.settings.max_metrics_connections)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
         return self
 

@@ -1,9 +1,10 @@
-"""The interface both back ends implement, and :func:`open_database` that picks one by URL.
+"""The interface both back ends implement (:func:`relay.state.store.connect.open_database` picks
+one by URL).
 
 A :class:`Database` runs SQL written once for both dialects (``?`` placeholders, the markers
-of :mod:`relay.store.dialect`) and returns rows as dicts. Its calls are coroutines that never
+of :mod:`relay.state.store.dialect`) and returns rows as dicts. Its calls are coroutines that never
 block the event loop: SQLite runs on one worker thread, PostgreSQL on asyncpg. Failures come
-out as :mod:`relay.store.errors` exceptions, never as driver exceptions.
+out as :mod:`relay.state.store.errors` exceptions, never as driver exceptions.
 
 Events (dicts with a ``kind``) published in a transaction with :meth:`Transaction.notify` reach
 every subscriber of every relay on the database once the transaction commits: the publishing
@@ -22,12 +23,9 @@ import logging
 import urllib.parse
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any, Protocol
 
 from .dialect import Dialect
-from .errors import StoreError
-from .settings import StoreSettings
 
 log = logging.getLogger("relay.store")
 
@@ -111,29 +109,3 @@ def redact_url(url: str) -> str:
 
 def is_postgres_url(url: str | None) -> bool:
     return bool(url) and url.split("://", 1)[0].lower() in ("postgresql", "postgres")
-
-
-async def open_database(url: str | None, state_dir: str | Path, settings: StoreSettings | None = None) -> Database:
-    """The database at ``url``: ``postgresql://…`` (or ``postgres://``), ``sqlite:///path``, or
-    ``None``/empty for ``<state_dir>/relay.db``. Not yet migrated. Raise ``ValueError`` for a URL
-    of another kind, :class:`StoreUnavailable` when PostgreSQL cannot be reached."""
-    settings = settings or StoreSettings()
-    if is_postgres_url(url):
-        try:
-            from .postgres import PostgresDatabase
-        except ImportError:
-            raise StoreError("PostgreSQL needs the asyncpg driver: pip install 'tunnel-agent-relay[postgresql]'") from None
-        return await PostgresDatabase.connect(url, settings)
-    from .sqlite import SqliteDatabase
-
-    if url:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "sqlite" or not parts.path:
-            raise ValueError(f"unsupported database URL {redact_url(url)!r}: "
-                             "expected postgresql://user@host:port/dbname or sqlite:///path/to/relay.db")
-        path = Path(urllib.parse.unquote(parts.path))
-    else:
-        from .. import DATABASE_FILE
-
-        path = Path(state_dir) / DATABASE_FILE
-    return SqliteDatabase(path, settings)

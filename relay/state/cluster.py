@@ -32,8 +32,9 @@ import urllib.parse
 from tunnel import __version__
 from tunnel.wire.errors import AuthError
 
-from . import format_host_port
-from .state import LinkRefused, RelayState, new_id
+from relay import format_host_port
+
+from .relay_state import LinkRefused, RelayState, new_id
 from .store.errors import Conflict, StoreError, StoreUnavailable
 from .store.settings import StoreSettings
 

@@ -34,8 +34,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from . import CA_FILE
-from .state import ensure_state_dir, write_private
+from relay import CA_FILE
+
+from .relay_state import ensure_state_dir, write_private
 
 log = logging.getLogger("relay.pki")
 

@@ -7,9 +7,9 @@ fewest active streams; when an agent leaves, new connections go to the others.
 
 With no agent here, in a cluster, the connection goes to the relay holding one (relay.peering,
 relay.forward). When no relay serves the resource, a new connection waits: for up to
-``Limits.endpoint_hold_timeout`` (5 s), at most ``Limits.endpoint_hold_max`` per resource,
+``RelaySettings.endpoint_hold_timeout`` (5 s), at most ``RelaySettings.endpoint_hold_max`` per resource,
 while the resource lost its last agent (or the relay started, or, in a cluster, another relay
-last took one of its connections) less than ``Limits.endpoint_hold_window`` ago, and not
+last took one of its connections) less than ``RelaySettings.endpoint_hold_window`` ago, and not
 because its agents deregistered it on purpose (a config reload without it: then new
 connections are refused at once, ``deregistered`` in logs and metrics; after a graceful stop,
 which an agent restart begins with, they are held, and refused with that reason when none
@@ -38,16 +38,17 @@ from dataclasses import dataclass, field
 
 from tunnel.bridge.tcp import LinkBuffers, TcpBridge, stream_handler
 from tunnel.carriers.base import Link
-from tunnel.core.limits import DEFAULT_LIMITS, Limits
 from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
-from . import format_host_port
+from relay import format_host_port
+from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
+from relay.state.relay_state import DEFAULT_PORT_RANGE
+
 from .forward import Forwarded
 from .metrics import RelayMetrics
 from .quotas import Descriptors, PerCustomerRate, QuotaExceeded
-from .state import DEFAULT_PORT_RANGE
 
 log = logging.getLogger("relay.registry")
 
@@ -325,12 +326,12 @@ class Endpoint:
 
     def may_hold(self) -> bool:
         """Whether a new connection may wait for an agent now (the bounds of the module docstring)."""
-        limits = self.registry.limits
+        settings = self.registry.settings
         if self.agentless_since is None:  # its agents are all going away
             self.agentless_since = time.monotonic()
-        if limits.endpoint_hold_timeout <= 0 or time.monotonic() - self.agentless_since > limits.endpoint_hold_window:
+        if settings.endpoint_hold_timeout <= 0 or time.monotonic() - self.agentless_since > settings.endpoint_hold_window:
             return False
-        if len(self.waiting) >= limits.endpoint_hold_max:
+        if len(self.waiting) >= settings.endpoint_hold_max:
             self.registry.throttled.log(("hold-full", self.resource_id), logging.WARNING,
                                         "resource %s (%s): %d connections already wait for an agent "
                                         "(TUNNEL_ENDPOINT_HOLD_MAX); resetting more", self.resource_id, self.name,
@@ -379,11 +380,11 @@ class Endpoint:
                         registry.metrics.stream_refused(self, "no_agent")
                         bridge.fail(ErrorCode.REFUSED)
                         return
-                    deadline = loop.time() + registry.limits.endpoint_hold_timeout
+                    deadline = loop.time() + registry.settings.endpoint_hold_timeout
                     self.waiting.add(bridge)
                     bridge.start_waiting()
                     log.debug("resource %s: a connection waits up to %g s for an agent (%d waiting)",
-                              self.resource_id, registry.limits.endpoint_hold_timeout, len(self.waiting))
+                              self.resource_id, registry.settings.endpoint_hold_timeout, len(self.waiting))
                 left = deadline - loop.time()
                 if left <= 0:
                     if self.released == "stopping":
@@ -391,12 +392,12 @@ class Endpoint:
                                                "resource %s (%s): its agents stopped (a graceful stop) and none "
                                                "came back within %g s (TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting "
                                                "waiting connections", self.resource_id, self.name,
-                                               registry.limits.endpoint_hold_timeout)
+                                               registry.settings.endpoint_hold_timeout)
                     else:
                         registry.throttled.log(("hold-expired", self.resource_id), logging.WARNING,
                                                "resource %s (%s): no agent came within %g s "
                                                "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
-                                               self.resource_id, self.name, registry.limits.endpoint_hold_timeout)
+                                               self.resource_id, self.name, registry.settings.endpoint_hold_timeout)
                     registry.metrics.stream_refused(self, "no_agent" if self.released is None else "deregistered")
                     bridge.fail(ErrorCode.REFUSED)
                     return
@@ -418,7 +419,7 @@ class Endpoint:
             why = "its agents are leaving"
         else:
             why = (f"no agent has served it for {time.monotonic() - since:.0f} s (waiting connections are held only "
-                   f"{self.registry.limits.endpoint_hold_window:g} s after the last agent left or the relay started)")
+                   f"{self.registry.settings.endpoint_hold_window:g} s after the last agent left or the relay started)")
         self.registry.throttled.log(("no-agent", self.resource_id), logging.INFO,
                                     "resource %s (%s): %s; resetting new connections at once", self.resource_id,
                                     self.name, why)
@@ -456,17 +457,17 @@ class Endpoint:
 
 
 class Registry:
-    """Live agents and endpoints; also what the admin API reads (``relay.admin.Registry``).
+    """Live agents and endpoints; also what the admin API reads (``relay.control.admin.Registry``).
 
     ``descriptors`` (optional) accounts for the endpoints' sockets per customer; ``metrics``
-    counts their streams (a fresh :class:`relay.metrics.RelayMetrics` if not given)."""
+    counts their streams (a fresh :class:`relay.data.metrics.RelayMetrics` if not given)."""
 
     def __init__(self, service_host: str, descriptors: Descriptors | None = None,
-                 metrics: RelayMetrics | None = None, limits: Limits | None = None) -> None:
+                 metrics: RelayMetrics | None = None, settings: RelaySettings | None = None) -> None:
         self.service_host = service_host
         self.descriptors = descriptors
         self.metrics = metrics if metrics is not None else RelayMetrics()
-        self.limits = limits or DEFAULT_LIMITS
+        self.settings = settings or DEFAULT_RELAY_SETTINGS
         #: Where new resources' endpoint ports are chosen (``serve --port-range``).
         self.port_range = DEFAULT_PORT_RANGE
         self.endpoints: dict[str, Endpoint] = {}
@@ -474,7 +475,7 @@ class Registry:
         self._links = Counter()  # customer id -> registered agent links
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: What one customer's ``target_health`` reports may log (on top of ``throttled``).
-        self._target_lines = PerCustomerRate(self.limits.max_target_log_lines_per_minute)
+        self._target_lines = PerCustomerRate(self.settings.max_target_log_lines_per_minute)
         #: Takes worker connections no local agent can serve to the relay holding one
         #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
         self.forwarder = None
@@ -627,7 +628,7 @@ class Registry:
             self.throttled.log(("target lines", customer), logging.WARNING,
                                "customer %s: private service reports over %d log lines per minute "
                                "(TUNNEL_MAX_TARGET_LOG_LINES_PER_MINUTE); holding the rest back", customer,
-                               self.limits.max_target_log_lines_per_minute)
+                               self.settings.max_target_log_lines_per_minute)
             return
         if key is None:
             log.log(level, msg, *args)

@@ -1,4 +1,4 @@
-"""Streams that cross a relay-to-relay link (:mod:`relay.peering`), both ends.
+"""Streams that cross a relay-to-relay link (:mod:`relay.data.peering`), both ends.
 
 - :class:`Forwarded` (the relay a worker connected to, holding no agent of the resource):
   the worker's TCP connection is accepted at once; while the relay finds the relay holding

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from tunnel.wire.errors import AuthError
 
-from .state import ORG_CUSTOMER_ID, RelayState, allocate_port, ensure_state_dir
+from relay.state.relay_state import ORG_CUSTOMER_ID, RelayState, allocate_port, ensure_state_dir
 
 ISSUER = "tunnel-relay"
 AUDIENCE = "tunnel-agent"
@@ -264,7 +264,7 @@ async def check_against_state(
     count)`` checked in the creating transaction (see
     :meth:`relay.state.RelayState.get_or_create_resource`). With ``create=False`` such
     a resource is not created and the answer is None (a check-only registration). Raise
-    :class:`AuthError` (and :class:`relay.store.errors.StoreUnavailable` while the state
+    :class:`AuthError` (and :class:`relay.state.store.errors.StoreUnavailable` while the state
     database is away)."""
     customer_id = ORG_CUSTOMER_ID if claims.org_only else claims.customer_id
     if await state.get_customer(customer_id) is None:

@@ -22,8 +22,9 @@ import logging
 import resource
 import time
 
-from tunnel.core.limits import Limits
 from tunnel.wire.errors import AuthError
+
+from relay.settings import RelaySettings
 
 log = logging.getLogger("relay.quotas")
 
@@ -34,7 +35,7 @@ FULL_CODE = "relay_full"
 
 class QuotaExceeded(AuthError):
     """A customer is over one of its quotas, or the relay is out of descriptors. ``limit``
-    names the :class:`Limits` field that was hit and ``customer_id`` whose use hit it (None:
+    names the :class:`relay.settings.RelaySettings` field that was hit and ``customer_id`` whose use hit it (None:
     not known yet), for the metrics."""
 
     def __init__(self, message: str, code: str = QUOTA_CODE, *, limit: str, customer_id: str | None) -> None:
@@ -113,8 +114,8 @@ class Descriptors:
     Unattributed use (an agent link before it authenticated) counts against the total only.
     """
 
-    def __init__(self, open_files: int, limits: Limits) -> None:
-        reserve = limits.fd_reserve
+    def __init__(self, open_files: int, settings: RelaySettings) -> None:
+        reserve = settings.fd_reserve
         if open_files - reserve < open_files // 2:
             log.warning("open-file limit %d is low for a reserve of %d (TUNNEL_FD_RESERVE): keeping half of it free",
                         open_files, reserve)
@@ -122,7 +123,7 @@ class Descriptors:
         self.open_files = open_files
         self.budget = open_files - reserve
         self.hard_budget = open_files - reserve // 2
-        self.share = max(1, int(self.budget * limits.customer_fd_share))
+        self.share = max(1, int(self.budget * settings.customer_fd_share))
         self.used = 0
         self._by_customer: dict[str, int] = {}
 

@@ -1,7 +1,7 @@
 """The schema, as one ordered list of versioned steps that both back ends run.
 
 A step is a list of statements written once (``?`` placeholders and the dialect markers of
-:mod:`relay.store.dialect`). :func:`migrate` runs, at start and in one exclusive transaction,
+:mod:`relay.state.store.dialect`). :func:`migrate` runs, at start and in one exclusive transaction,
 every step above the database's version, so two relays starting at once never both migrate,
 and a database newer than :data:`SCHEMA_VERSION` is refused. A schema change is a new step
 appended here, never an edit of a step that has shipped.
@@ -133,7 +133,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
 async def migrate(db, where: str, *, timeout: float | None = None) -> tuple[int, int]:
-    """Bring ``db`` (a :class:`relay.store.database.Database`) to :data:`SCHEMA_VERSION`.
+    """Bring ``db`` (a :class:`relay.state.store.database.Database`) to :data:`SCHEMA_VERSION`.
     Return ``(version before, version after)``. Raise :class:`SchemaTooNew` when the database
     is ahead of this code (``where`` names it in the message)."""
     dialect = db.dialect

@@ -1,0 +1,2 @@
+"""Control plane: agent links and registration, registration JWTs, the admin API and its
+client."""
