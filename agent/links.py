@@ -148,7 +148,7 @@ class AgentLinks:
     def control(self, agent: Agent, handler, message: dict) -> None:
         """CONTROL ``relays`` or ``draining`` on one of ``agent``'s links."""
         if message.get("type") == "relays":
-            self._learn(message.get("relays"))
+            self._learn(message.get("relays"), agent.relay_id)
             return
         relay_id = message.get("relay_id")
         if isinstance(relay_id, str) and relay_id in self.relays:
@@ -160,7 +160,7 @@ class AgentLinks:
             handler.moving.set_result(None)
         self._changed.set()
 
-    def _learn(self, relays) -> None:
+    def _learn(self, relays, sender: str | None = None) -> None:
         if not isinstance(relays, list):
             return
         learned = {}
@@ -172,7 +172,8 @@ class AgentLinks:
             if not isinstance(relay_id, str) or not isinstance(url, str) or not _dialable(url):
                 continue
             if not self.config.relay_allowed(url):
-                refused.append(url)
+                if relay_id != sender:  # the relay linked already, under another name: not news
+                    refused.append(url)
                 continue
             learned[relay_id[:64]] = {"url": url, "draining": entry.get("draining") is True}
         if learned != self.relays:

@@ -10,7 +10,8 @@ resource, whichever relays its agents are linked to (proxy peering, as Teleport'
   certificate of the same CA (which a TLS-terminating proxy in front of a relay holds) is never
   sent a stream. After the TLS handshake the dialling relay sends CONTROL ``{"type": "peer",
   "relay_id": …}`` and the other answers the same, the id the dialler read in the membership
-  row (else the link is closed); then either side opens streams. One link per pair of
+  row (else the link is closed); the listener answers only a live relay of the membership
+  table (read again when the id is new to it). Then either side opens streams. One link per pair of
   relays: the relay with the smaller id dials the others as they join; either dials on demand
   when it has a stream to forward and no link; when both links exist, the one dialled by the
   smaller id stays and the other is told to go away (its streams finish).
@@ -84,6 +85,8 @@ class PeerLinkHandler(LinkHandler):
         self.expected = expected
         self.peer: PeerLink | None = None
         self.greeted: asyncio.Future = asyncio.get_running_loop().create_future()
+        #: Listening side: the membership check of the greeting, once it came.
+        self.checking: asyncio.Task | None = None
 
     def control_received(self, message: dict) -> None:
         if message.get("type") != "peer" or self.peer is not None:
@@ -96,9 +99,25 @@ class PeerLinkHandler(LinkHandler):
             log.warning("peer link to relay %s closed: the relay there greets as %s", self.expected, relay_id)
             self.link.close(ErrorCode.UNAUTHORIZED, "not the relay dialled")
             return
-        if not self.dialed:
-            self.link.send_control(self.peering.greeting())
-            self.link.handshake_done()
+        if self.dialed:
+            self._greeted(relay_id)
+        elif self.checking is None:
+            self.checking = self.peering._spawn(self._check_member(relay_id))
+
+    async def _check_member(self, relay_id: str) -> None:
+        # Listening side: the greeting must name a live relay of the membership table.
+        if not await self.peering.cluster.is_member(relay_id):
+            log.warning("peer link from %s refused: %s is not a live relay of the cluster",
+                        self.link.peer_address[:2], relay_id)
+            self.link.close(ErrorCode.UNAUTHORIZED, "not a relay of the cluster")
+            return
+        if self.link.is_closing:
+            return
+        self.link.send_control(self.peering.greeting())
+        self.link.handshake_done()
+        self._greeted(relay_id)
+
+    def _greeted(self, relay_id: str) -> None:
         self.peer = self.peering._add(relay_id, self.link, self.peering.relay_id if self.dialed else relay_id)
         if not self.greeted.done():
             self.greeted.set_result(self.peer)
@@ -271,6 +290,12 @@ class Peering:
             return None
         return self._live(relay_id)
 
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def connect_members(self, relays: list[dict]) -> None:
         """Dial, in the background, the live relays with a larger id that have no link yet (the
         smaller id dials, so a pair gets one link); close links to relays that left."""
@@ -282,9 +307,7 @@ class Peering:
             present.add(relay_id)
             if (relay_id > self.relay_id and relay.get("peer_address") and self._live(relay_id) is None
                     and relay_id not in self._dialing):
-                task = asyncio.get_running_loop().create_task(self.link_to(relay_id, relay["peer_address"]))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self.link_to(relay_id, relay["peer_address"]))
         for relay_id, peer in list(self.links.items()):
             if relay_id not in present:
                 peer.link.close(ErrorCode.NO_ERROR, "relay left the cluster")

@@ -129,6 +129,8 @@ class Cluster:
         self._reread_again = False
         #: Resources whose endpoint a re-read already asked for (asked once each).
         self._bind_asked: set[str] = set()
+        #: Set once stop() begins: leaving is not being taken for gone.
+        self._stopping = False
 
     # ---- life
 
@@ -181,6 +183,7 @@ class Cluster:
 
     async def stop(self) -> None:
         """Leave: remove this relay's row and its links (best effort within the query timeout)."""
+        self._stopping = True
         tasks = [t for t in (self._heartbeat_task, self._members_task, self._reread_task, *self._tasks)
                  if t is not None]
         for task in tasks:
@@ -231,13 +234,27 @@ class Cluster:
         for relay_id in before.keys() - after.keys() - {self.relay_id}:
             log.info("relay %s left", relay_id)
         self.members = members
-        if self.relay_id in before and self.relay_id not in after:
+        if self.relay_id in before and self.relay_id not in after and not self._stopping:
             log.warning("relay %s was taken for gone by the other relays; joining again", self.relay_id)
             self._spawn(self.resync())
         if changed and self.on_members is not None:
             self.on_members(members)
 
+    async def is_member(self, relay_id: str) -> bool:
+        """Whether ``relay_id`` is a live relay of the membership table (read again when it is
+        not among the members last read: it may have just joined). False while the database
+        cannot say."""
+        if any(m["id"] == relay_id for m in self.members):
+            return True
+        try:
+            await self._refresh_members()
+        except StoreError:
+            return False
+        return any(m["id"] == relay_id for m in self.members)
+
     def _members_changed(self) -> None:
+        if self._stopping:
+            return
         if self._members_task is None or self._members_task.done():
             self._members_task = asyncio.get_running_loop().create_task(self._refresh_members_quietly())
 

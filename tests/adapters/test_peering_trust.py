@@ -1,13 +1,17 @@
-"""relay.peering, the dialling side: a relay forwards a worker's stream only to a peer whose
-certificate names the role ``relay`` and that greets with the relay id the membership row
-gave. The agent-facing server certificate (same CA, held by any TLS-terminating proxy in
-front of a relay) gets no link and no forwarded traffic."""
+"""relay.peering: a relay forwards a worker's stream only to a peer whose certificate names the
+role ``relay`` and that greets with the relay id the membership row gave; the agent-facing
+server certificate (same CA, held by any TLS-terminating proxy in front of a relay) gets no
+link and no forwarded traffic. The listening side answers only a live relay of the membership
+table."""
 
 from __future__ import annotations
 
-from relay.state import pki
+import asyncio
+
 from relay.data.peering import Peering
 from relay.data.registry import Registry
+from relay.state import pki
+from tunnel.bridge.dial import dial_tls_link
 from tunnel.bridge.listen import serve_tls_links
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.core.limits import DEFAULT_LIMITS
@@ -25,15 +29,19 @@ class _State:
 
 
 class _Cluster:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str = "") -> None:
         self.relay_id = HERE
         self.state = _State(address)
-        self.members = [{"id": THERE}]
+        self.asked: list[str] = []
 
         class settings:
             member_ttl = 5.0
 
         self.settings = settings
+
+    async def is_member(self, relay_id: str) -> bool:
+        self.asked.append(relay_id)
+        return relay_id == THERE
 
 
 class _FakePeer(LinkHandler):
@@ -100,3 +108,51 @@ def test_a_peer_greeting_with_another_relay_id_gets_no_forwarded_traffic(run, tm
     cert, key = pki.ensure_peer_cert(tmp_path, ["127.0.0.1"])
     opened, seen = run(_forward_to_fake(tmp_path, cert, key, greet_as="rly_cccccccccccccccc"))
     assert not opened and "streams" not in seen
+
+
+class _Dialler(LinkHandler):
+    def __init__(self, seen: dict) -> None:
+        self.seen = seen
+
+    def control_received(self, message: dict) -> None:
+        self.seen.setdefault("answers", []).append(message)
+
+    def stream_opened(self, stream):
+        return None
+
+    def link_closed(self, code: int, reason: str) -> None:
+        self.seen["closed"] = reason
+
+
+async def _greet_listener(state_dir, greet_as: str) -> tuple[dict, list[str]]:
+    keys = pki.ensure_pki(state_dir)
+    cert, key = pki.ensure_peer_cert(state_dir, ["127.0.0.1"])
+    cluster = _Cluster()
+    peering = Peering(cluster, Registry("127.0.0.1"), DEFAULT_LIMITS,
+                      server_context=pki.peer_server_ssl_context(cert, key, keys.ca_file), client_context=None)
+    port = await peering.listen("127.0.0.1", 0)
+    seen: dict = {}
+    link = await dial_tls_link(f"127.0.0.1:{port}", ssl_context=pki.peer_client_ssl_context(cert, key, keys.ca_file),
+                               limits=DEFAULT_LIMITS, timeout=10)
+    try:
+        link.set_handler(_Dialler(seen))
+        link.send_control({"type": "peer", "relay_id": greet_as})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while "answers" not in seen and "closed" not in seen:
+            assert loop.time() < deadline, "no answer and no close"
+            await asyncio.sleep(0.02)
+        return seen, cluster.asked
+    finally:
+        link.close()
+        peering.close()
+
+
+def test_the_listener_answers_a_relay_of_the_membership_table(run, tmp_path):
+    seen, asked = run(_greet_listener(tmp_path, THERE))
+    assert seen["answers"] == [{"type": "peer", "relay_id": HERE}] and asked == [THERE]
+
+
+def test_the_listener_closes_a_link_greeting_as_no_relay_of_the_cluster(run, tmp_path):
+    seen, asked = run(_greet_listener(tmp_path, "rly_cccccccccccccccc"))
+    assert "answers" not in seen and "not a relay of the cluster" in seen["closed"]
