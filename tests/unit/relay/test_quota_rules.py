@@ -67,7 +67,7 @@ def test_the_open_files_line_says_raised_only_when_it_was():
     from relay.serve import open_files_line
     from tunnel.core.limits import Limits
 
-    same = open_files_line(20000, 20000, Descriptors(20000, Limits()))
+    same = open_files_line(20000, 20000, Descriptors(20000, RelaySettings()))
     assert same.startswith("open files: limit 20000; ") and "raised" not in same
-    raised = open_files_line(1024, 20000, Descriptors(20000, Limits()))
+    raised = open_files_line(1024, 20000, Descriptors(20000, RelaySettings()))
     assert raised.startswith("open files: limit 20000 (raised from 1024); ")
