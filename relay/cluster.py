@@ -11,6 +11,8 @@ database.
   its own epoch only. See docs/CLUSTER.md for why the epoch.
 - **Revocation.** ``rotated`` and ``deleted`` events, from any relay, drop the affected
   agents here (through the registry), including agents whose registration is in flight.
+  ``resource_updated`` events carry a resource's new source rule (relay.access) to its
+  endpoint here.
 - **Outages.** While the database is away the relay keeps its agents and streams; refusals
   are summed up in the log once per ``outage_log_interval``. When it returns, the relay
   re-joins, re-reads every resource's generation (revocations it missed) and rewrites its
@@ -28,7 +30,7 @@ import urllib.parse
 from tunnel import __version__
 from tunnel.wire.errors import AuthError
 
-from . import format_host_port
+from . import access, format_host_port
 from .state import LinkRefused, RelayState, new_id
 from .store.errors import Conflict, StoreError, StoreUnavailable
 from .store.settings import StoreSettings
@@ -217,6 +219,10 @@ class Cluster:
             resource = event.get("resource")
             if isinstance(resource, dict) and self.on_resource_created is not None:
                 self.on_resource_created(resource)
+        elif kind == "resource_updated":
+            resource_id, allow_cidrs = event.get("resource_id"), event.get("allow_cidrs")
+            if isinstance(resource_id, str) and (allow_cidrs is None or isinstance(allow_cidrs, str)):
+                self.registry.resource_updated(resource_id, allow_cidrs)
         elif kind == "rotated":
             self._revoke(event.get("resource_id"), int(event.get("generation", 0)))
         elif kind == "deleted":
@@ -342,6 +348,10 @@ class Cluster:
                     if dropped:
                         log.info("resource %s was rotated while the database was away: dropped %d agent(s)",
                                  resource_id, dropped)
+            for resource_id, allow_cidrs in (await self.state.resource_rules()).items():
+                endpoint = self.registry.endpoints.get(resource_id)
+                if endpoint is not None and access.format_cidrs(endpoint.allow) != allow_cidrs:
+                    self.registry.resource_updated(resource_id, allow_cidrs)
             live = {}
             for session in list(self.registry.agents):
                 if session.epoch:

@@ -36,7 +36,7 @@ TRANSPORTS = ("wss", "quic")
 AUTH_CODES = frozenset({"unauthorized", "bad_request", "revoked", "deleted", "quota_exceeded", "relay_full",
                         "unavailable", "internal"})
 #: Why a connection to an endpoint was reset at once.
-REFUSALS = ("no_agent", "link_closing", "quota")
+REFUSALS = ("no_agent", "link_closing", "quota", "not_allowed")
 
 
 def reset_reason(code: int) -> str:

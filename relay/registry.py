@@ -39,6 +39,7 @@ from tunnel.ops.logs import Throttled
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
 
+from . import access
 from .forward import Forwarded
 from .metrics import RelayMetrics
 from .quotas import Descriptors, QuotaExceeded
@@ -147,6 +148,16 @@ class EndpointBridge(TcpBridge):
     def connection_made(self, transport: asyncio.Transport) -> None:
         endpoint = self._endpoint
         registry = endpoint.registry
+        peer = transport.get_extra_info("peername")
+        if not access.allowed(endpoint.allow_rule, str(peer[0]) if peer else ""):
+            self.transport = transport
+            registry.throttled.log(("not-allowed", endpoint.resource_id), logging.WARNING,
+                                   "resource %s (%s): closing connections from sources outside its allow list "
+                                   "(%s), e.g. %s", endpoint.resource_id, endpoint.name,
+                                   access.format_cidrs(endpoint.allow_rule), peer[0] if peer else "?")
+            registry.metrics.stream_refused(endpoint, "not_allowed")
+            self.fail(ErrorCode.REFUSED)
+            return
         descriptors = registry.descriptors
         if descriptors is not None:
             try:
@@ -238,13 +249,15 @@ class Endpoint:
     """A resource's listening socket, the agents serving it and the connections waiting for one."""
 
     def __init__(self, registry: "Registry", resource_id: str, name: str, customer_id: str, host: str,
-                 port: int) -> None:
+                 port: int, allow: tuple | None = None) -> None:
         self.registry = registry
         self.resource_id = resource_id
         self.name = name
         self.customer_id = customer_id
         self.host = host
         self.port = port
+        #: The resource's own source rule (relay.access); None: the relay's default applies.
+        self.allow = allow
         self.agents: list[AgentSession] = []
         self.bridges: set[EndpointBridge] = set()
         self.server: asyncio.Server | None = None
@@ -258,6 +271,11 @@ class Endpoint:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def allow_rule(self) -> tuple | None:
+        """The networks that may connect: the resource's own list, else the relay's default."""
+        return self.allow if self.allow is not None else self.registry.service_allow
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -398,6 +416,9 @@ class Registry:
     def __init__(self, service_host: str, descriptors: Descriptors | None = None,
                  metrics: RelayMetrics | None = None, limits: Limits | None = None) -> None:
         self.service_host = service_host
+        #: Who may reach endpoints whose resource has no list of its own (``--service-allow``;
+        #: None: any source).
+        self.service_allow: tuple | None = None
         self.descriptors = descriptors
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.limits = limits or DEFAULT_LIMITS
@@ -448,7 +469,7 @@ class Registry:
                 self.descriptors.check(customer_id)
                 self.descriptors.take(customer_id)
             endpoint = Endpoint(self, resource["id"], resource["name"], customer_id, self.service_host,
-                                resource["port"])
+                                resource["port"], _rule(resource["id"], resource.get("allow_cidrs")))
             try:
                 await endpoint.start()
             except BaseException:
@@ -585,6 +606,14 @@ class Registry:
             self.deregister(agent, resource_id, "revoked", "registration token revoked")
         return len(dropped)
 
+    def resource_updated(self, resource_id: str, allow_cidrs: str | None) -> None:
+        """The resource's source rule changed (on any relay): new connections follow it."""
+        endpoint = self.endpoints.get(resource_id)
+        if endpoint is not None:
+            endpoint.allow = _rule(resource_id, allow_cidrs)
+            log.info("resource %s (%s): endpoint open to %s", resource_id, endpoint.name,
+                     access.format_cidrs(endpoint.allow_rule) or "any source")
+
     def resource_deleted(self, resource_id: str) -> None:
         endpoint = self.endpoints.pop(resource_id, None)
         if endpoint is None:
@@ -610,6 +639,17 @@ class Registry:
             self._close_endpoint(endpoint)
         for task in list(self._tasks):
             task.cancel()  # connections waiting for an agent are reset
+
+
+def _rule(resource_id: str, allow_cidrs: str | None) -> tuple | None:
+    """The networks of a stored rule; one that does not parse (written by hand into the
+    database) lets nobody in rather than everybody."""
+    try:
+        return access.stored_cidrs(allow_cidrs)
+    except ValueError as exc:
+        log.error("resource %s: unusable allow list in the state database (%s): refusing every connection",
+                  resource_id, exc)
+        return ()
 
 
 def _refuse(link: Link, code: str, message: str) -> None:

@@ -614,6 +614,7 @@ async def _serve(args) -> int:
     store = await _open_state(state_dir, args.database, settings)
     authority = tokens.TokenAuthority(state_dir)
     registry = Registry(args.service_host, descriptors, limits=limits)
+    registry.service_allow = getattr(args, "service_allow", None) or None
     cluster = Cluster(store, registry, advertise, settings)
     await cluster.start()
     relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)

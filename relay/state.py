@@ -5,7 +5,8 @@ back end of :mod:`relay.store`: SQLite in ``<state-dir>/relay.db`` (the default)
 
 - ``customers``  ``id`` (``cus_`` + 16 base32 chars), ``name``, ``created_at``
 - ``resources``  ``id`` (``res_…``), ``customer_id``, ``name``, ``port``, ``generation``,
-  ``created_at``; one name per customer, one port per resource (kept across restarts)
+  ``created_at``, ``allow_cidrs`` (who may reach its endpoint, :mod:`relay.access`; NULL: the
+  relay default); one name per customer, one port per resource (kept across restarts)
 - ``tokens``     every registration JWT issued (audit): ``jti``, ``customer_id``,
   ``resource_id``, ``generation``, ``org_only``, ``issued_at``, ``expires_at``
 - ``relays``     the relays of the cluster, each kept alive by its heartbeat
@@ -147,7 +148,7 @@ class LinkRefused(Exception):
         self.resource_id = resource_id
 
 
-_RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at"
+_RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at, allow_cidrs"
 _LINK_COLUMNS = ("customer_id, agent_instance, slot, epoch, relay_id, agent_id, transport, address, version, "
                  "hostname, connected_at")
 
@@ -270,11 +271,11 @@ class RelayState:
         return {int(row["port"]) for row in await self.db.fetch("SELECT port FROM resources")}
 
     async def get_or_create_resource(
-        self, customer_id: str, name: str, allocate_port: Callable[[set[int]], int]
+        self, customer_id: str, name: str, allocate_port: Callable[[set[int]], int], allow_cidrs: str | None = None
     ) -> dict:
         """The customer's resource called ``name``; created with a port from
-        ``allocate_port(taken_ports)`` when it does not exist. Raise ``KeyError`` for an
-        unknown customer, ``ValueError`` for a bad name."""
+        ``allocate_port(taken_ports)`` (and the source rule ``allow_cidrs``) when it does not
+        exist. Raise ``KeyError`` for an unknown customer, ``ValueError`` for a bad name."""
         name = validate_name(name, "resource name")
         existing = await self.find_resource(customer_id, name)
         if existing is not None:
@@ -293,14 +294,15 @@ class RelayState:
                 "port": port,
                 "generation": 0,
                 "created_at": _now_iso(),
+                "allow_cidrs": allow_cidrs,
             }
             try:
                 # Every relay binds the new resource's endpoint on this event.
                 async with self.db.transaction() as tx:
                     await tx.execute(
-                        "INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        resource["id"], customer_id, name, port, 0, resource["created_at"],
+                        "INSERT INTO resources (id, customer_id, name, port, generation, created_at, allow_cidrs) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        resource["id"], customer_id, name, port, 0, resource["created_at"], allow_cidrs,
                     )
                     await tx.notify({"kind": "resource_created", "resource": resource})
                 return resource
@@ -320,6 +322,21 @@ class RelayState:
             if deleted:
                 await tx.notify({"kind": "deleted", "resource_id": resource_id})
         return deleted > 0
+
+    async def set_resource_allow(self, resource_id: str, allow_cidrs: str | None) -> dict | None:
+        """Set who may reach the resource's endpoint (``allow_cidrs``, None: the relay
+        default) and tell every relay; the updated resource, or None when it does not exist."""
+        async with self.db.transaction() as tx:
+            changed = await tx.execute("UPDATE resources SET allow_cidrs = ? WHERE id = ?", allow_cidrs, resource_id)
+            if not changed:
+                return None
+            await tx.notify({"kind": "resource_updated", "resource_id": resource_id, "allow_cidrs": allow_cidrs})
+        return await self.get_resource(resource_id)
+
+    async def resource_rules(self) -> dict[str, str | None]:
+        """Every resource's ``allow_cidrs`` (what a relay re-reads after an outage)."""
+        rows = await self.db.fetch("SELECT id, allow_cidrs FROM resources")
+        return {row["id"]: row["allow_cidrs"] for row in rows}
 
     async def rotate_resource(self, resource_id: str) -> int:
         """Increment the resource's generation (revoking older tokens), tell every relay, and

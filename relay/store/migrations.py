@@ -118,6 +118,11 @@ MIGRATIONS: tuple[Step, ...] = (
     Step(4, "relays.peer_address", (
         "ALTER TABLE relays ADD COLUMN peer_address TEXT NOT NULL DEFAULT ''",
     )),
+    # Who may reach a resource's endpoint (relay.access): source CIDRs, comma-separated;
+    # NULL: the relay's --service-allow applies.
+    Step(5, "resources.allow_cidrs", (
+        "ALTER TABLE resources ADD COLUMN allow_cidrs TEXT",
+    )),
 )
 
 #: The newest schema version this code knows.

@@ -121,7 +121,7 @@ def test_resources_list_formats(relay):
     assert [r["id"] for r in as_json] == [db["id"], api["id"]]
     assert as_json[0] == {"id": db["id"], "name": "db", "customer_id": customer["id"], "status": "AVAILABLE",
                           "endpoint": f"127.0.0.1:{db['port']}", "agents": 1, "target_status": "UNKNOWN",
-                          "target_error": None}
+                          "target_error": None, "allow": None, "effective_allow": None}
 
     extended = json.loads(relay("resources", "list", "--extended", "-o", "json").stdout)
     assert extended[0]["agents_detail"][0]["agent_id"] == "agt_one"
