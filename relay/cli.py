@@ -5,7 +5,7 @@
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
                        [--allow-remote-admin] [--service-host HOST] [--port-range LOW-HIGH]
                        [--cert FILE --key FILE] [--server-name NAME] [--database URL] [--advertise URL]
-                       [--metrics-listen HOST:PORT] [--service-allow CIDR[,CIDR…]]
+                       [--metrics-listen HOST:PORT] [--service-allow CIDR[,CIDR…]] [--audit-log FILE|-]
                        [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sources that may connect to resource endpoints, unless a resource has its own list "
                             "('resources create|update --allow'); others are closed at once "
                             "(env RELAY_SERVICE_ALLOW; default: any source)")
+    serve.add_argument("--audit-log", default=_env("RELAY_AUDIT_LOG"), metavar="FILE",
+                       help="write one JSON line per worker connection, when it ends, to FILE ('-': the log "
+                            "stream); SIGHUP reopens FILE (env RELAY_AUDIT_LOG; default: no audit log)")
     serve.add_argument("--cert", default=_env("RELAY_CERT"), help="serve this certificate (PEM) instead of the generated one")
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,

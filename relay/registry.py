@@ -41,7 +41,7 @@ from tunnel.wire.errors import UsageError
 
 from . import access
 from .forward import Forwarded
-from .metrics import RelayMetrics
+from .metrics import RelayMetrics, reset_reason
 from .quotas import Descriptors, QuotaExceeded
 from .state import DEFAULT_PORT_RANGE
 
@@ -123,12 +123,18 @@ class AgentSession:
 class EndpointBridge(TcpBridge):
     """An integration worker's TCP connection to a resource endpoint."""
 
-    __slots__ = ("_endpoint", "agent", "forwarded")
+    __slots__ = ("_endpoint", "agent", "forwarded", "opened_at", "worker", "refused", "peer_relay")
 
     def __init__(self, endpoint: "Endpoint") -> None:
         super().__init__()
         self._endpoint = endpoint
         self.agent: AgentSession | None = None
+        #: For the audit log: when the worker connected (Unix seconds), from where, why it
+        #: was refused (None: it was not), and whether another relay carried it.
+        self.opened_at = 0.0
+        self.worker = None
+        self.refused: str | None = None
+        self.peer_relay = False
         #: While no stream exists yet (waiting for an agent, here or on another relay): what
         #: the worker sent meanwhile (relay.forward.Forwarded).
         self.forwarded: Forwarded | None = None
@@ -148,15 +154,16 @@ class EndpointBridge(TcpBridge):
     def connection_made(self, transport: asyncio.Transport) -> None:
         endpoint = self._endpoint
         registry = endpoint.registry
+        self.opened_at = time.time()
         peer = transport.get_extra_info("peername")
+        self.worker = peer
         if not access.allowed(endpoint.allow_rule, str(peer[0]) if peer else ""):
             self.transport = transport
             registry.throttled.log(("not-allowed", endpoint.resource_id), logging.WARNING,
                                    "resource %s (%s): closing connections from sources outside its allow list "
                                    "(%s), e.g. %s", endpoint.resource_id, endpoint.name,
                                    access.format_cidrs(endpoint.allow_rule), peer[0] if peer else "?")
-            registry.metrics.stream_refused(endpoint, "not_allowed")
-            self.fail(ErrorCode.REFUSED)
+            self.refuse("not_allowed")
             return
         descriptors = registry.descriptors
         if descriptors is not None:
@@ -167,8 +174,7 @@ class EndpointBridge(TcpBridge):
                 registry.throttled.log(("descriptors", endpoint.customer_id), logging.WARNING,
                                        "resetting new connections to the endpoints of customer %s: %s",
                                        endpoint.customer_id, exc)
-                registry.metrics.stream_refused(endpoint, "quota", exc)
-                self.fail(ErrorCode.REFUSED)
+                self.refuse("quota", exc)
                 return
             descriptors.take(endpoint.customer_id)
         self.on_done = self._released
@@ -177,8 +183,7 @@ class EndpointBridge(TcpBridge):
             stream = self._open_on(agent)
             if stream is None:
                 self.transport = transport
-                registry.metrics.stream_refused(endpoint, "link_closing")
-                self.fail(ErrorCode.REFUSED)
+                self.refuse("link_closing")
                 return
             self.attach_stream(stream)
             super().connection_made(transport)
@@ -186,8 +191,7 @@ class EndpointBridge(TcpBridge):
         if registry.forwarder is None and not endpoint.may_hold():
             self.transport = transport
             endpoint.log_refusal()
-            registry.metrics.stream_refused(endpoint, "no_agent")
-            self.fail(ErrorCode.REFUSED)
+            self.refuse("no_agent")
             return
         # No agent here: accepted at once; its bytes wait until a stream exists, on another
         # relay's link (relay.peering) or on the link of an agent that comes back.
@@ -195,6 +199,15 @@ class EndpointBridge(TcpBridge):
         endpoint.bridges.add(self)
         super().connection_made(transport)
         registry.spawn(endpoint.find_agent(self))
+
+    def refuse(self, reason: str, quota=None) -> None:
+        """Close the connection at once (``reason`` one of relay.metrics.REFUSALS)."""
+        self.refused = reason
+        self._endpoint.registry.metrics.stream_refused(self._endpoint, reason, quota)
+        audit_now = self.on_done is None  # else _released records it
+        self.fail(ErrorCode.REFUSED)
+        if audit_now:
+            self._audit()
 
     def _open_on(self, agent: AgentSession):
         """This connection's stream on ``agent``'s link (None when it began closing)."""
@@ -226,6 +239,7 @@ class EndpointBridge(TcpBridge):
     def attach_peer(self, stream, buffers) -> None:
         """A waiting connection goes to another relay over ``stream`` (relay.peering)."""
         self._endpoint.registry.metrics.stream_opened(self._endpoint)
+        self.peer_relay = True
         self.forwarded.attach(stream, buffers)
 
     def _released(self) -> None:
@@ -238,6 +252,30 @@ class EndpointBridge(TcpBridge):
             registry.descriptors.give(endpoint.customer_id)
         if self.stream is not None:
             registry.metrics.stream_done(endpoint, self)
+        self._audit()
+
+    def _audit(self) -> None:
+        """One audit line for this connection, now that it ended (relay.audit)."""
+        registry = self._endpoint.registry
+        if registry.audit is None:
+            return
+        endpoint, agent, worker = self._endpoint, self.agent, self.worker
+        code = self.reset_code
+        if self.refused is not None:
+            end, reason = "refused", self.refused
+        elif code is None or code == ErrorCode.NO_ERROR:
+            # "no_error": one side closed before the other direction ended (a reset with no error).
+            end, reason = "closed", "eof" if code is None else "no_error"
+        else:
+            end, reason = "reset", reset_reason(code)
+        registry.audit.connection(
+            opened=self.opened_at, closed=time.time(), customer=endpoint.customer_id,
+            resource=endpoint.resource_id, resource_name=endpoint.name,
+            worker=worker,
+            relay=registry.relay_id, agent_instance=agent.instance if agent is not None else None,
+            agent=agent.agent_id if agent is not None else None,
+            transport=agent.link.carrier if agent is not None else "relay" if self.peer_relay else None,
+            bytes_to_resource=self.bytes_from_tcp, bytes_from_resource=self.bytes_to_tcp, end=end, reason=reason)
 
     def stream_reset(self, code: int) -> None:
         if code == ErrorCode.CONNECT_FAILED and self.agent is not None:
@@ -336,8 +374,7 @@ class Endpoint:
                 if deadline is None:
                     if not self.may_hold():
                         self.log_refusal()
-                        registry.metrics.stream_refused(self, "no_agent")
-                        bridge.fail(ErrorCode.REFUSED)
+                        bridge.refuse("no_agent")
                         return
                     deadline = loop.time() + registry.limits.endpoint_hold_timeout
                     self.waiting.add(bridge)
@@ -350,8 +387,7 @@ class Endpoint:
                                            "resource %s (%s): no agent came within %g s "
                                            "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
                                            self.resource_id, self.name, registry.limits.endpoint_hold_timeout)
-                    registry.metrics.stream_refused(self, "no_agent")
-                    bridge.fail(ErrorCode.REFUSED)
+                    bridge.refuse("no_agent")
                     return
                 # An agent registering here wakes the waiters at once; another relay's is
                 # found by asking again (each HOLD_POLL while waiting).
@@ -428,6 +464,10 @@ class Registry:
         self.agents: set[AgentSession] = set()
         self._links = Counter()  # customer id -> registered agent links
         self.throttled = Throttled(log, LOG_INTERVAL)
+        #: Where finished worker connections are recorded (relay.audit.AuditLog; None: nowhere),
+        #: and this relay's id there.
+        self.audit = None
+        self.relay_id = ""
         #: Takes worker connections no local agent can serve to the relay holding one
         #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
         self.forwarder = None
