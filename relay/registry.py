@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tunnel.bridge.proxy_protocol import format_worker
 from tunnel.bridge.tcp import LinkBuffers, TcpBridge, stream_handler
 from tunnel.carriers.base import Link
 from tunnel.core.limits import DEFAULT_LIMITS, Limits
@@ -70,6 +71,8 @@ class AgentSession:
     instance: str = ""
     slot: int = 0
     epoch: int = 0
+    #: What the agent announced it understands (``agent.features`` at auth).
+    features: frozenset = frozenset()
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
     active_streams: int = 0
@@ -180,7 +183,7 @@ class EndpointBridge(TcpBridge):
         self.on_done = self._released
         agent = endpoint.pick_agent()
         if agent is not None:
-            stream = self._open_on(agent)
+            stream = self._open_on(agent, transport)
             if stream is None:
                 self.transport = transport
                 self.refuse("link_closing")
@@ -209,11 +212,12 @@ class EndpointBridge(TcpBridge):
         if audit_now:
             self._audit()
 
-    def _open_on(self, agent: AgentSession):
+    def _open_on(self, agent: AgentSession, transport: asyncio.Transport | None = None):
         """This connection's stream on ``agent``'s link (None when it began closing)."""
         endpoint = self._endpoint
         try:
-            stream = agent.link.open_stream(endpoint.name.encode(), stream_handler(self))
+            worker = self.worker_field(transport) if "worker_address" in agent.features else b""
+            stream = agent.link.open_stream(open_metadata(agent, endpoint.name, worker), stream_handler(self))
         except UsageError:  # the link began closing since it was picked
             return None
         endpoint.registry.metrics.stream_opened(endpoint)
@@ -222,6 +226,12 @@ class EndpointBridge(TcpBridge):
         agent.active_streams += 1
         endpoint.bridges.add(self)
         return stream
+
+    def worker_field(self, transport: asyncio.Transport | None = None) -> bytes:
+        """The worker's address and the endpoint it reached, for OPEN metadata (b"" unknown)."""
+        transport = transport or self.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        return format_worker(self.worker, local) if self.worker and local else b""
 
     def start_waiting(self) -> None:
         """No relay serves the resource: hold the connection, its bytes in the kernel."""
@@ -356,7 +366,8 @@ class Endpoint:
             while not bridge.done:  # the worker may close, or the resource go, meanwhile
                 if peering is not None:
                     try:
-                        target = await peering.open_forward(self.resource_id, stream_handler(bridge))
+                        target = await peering.open_forward(self.resource_id, stream_handler(bridge),
+                                                            bridge.worker_field())
                     except Exception:  # noqa: BLE001 - this connection waits or fails, nothing else
                         log.exception("resource %s: forwarding a connection failed", self.resource_id)
                         target = None
@@ -679,6 +690,14 @@ class Registry:
             self._close_endpoint(endpoint)
         for task in list(self._tasks):
             task.cancel()  # connections waiting for an agent are reset
+
+
+def open_metadata(agent: AgentSession, name: str, worker: bytes) -> bytes:
+    """The OPEN metadata of a stream for ``agent``: the resource name, and the worker's
+    address when the agent understands it (docs/PROTOCOL.md, "Worker address")."""
+    if worker and "worker_address" in agent.features:
+        return name.encode() + b"\0" + worker
+    return name.encode()
 
 
 def _rule(resource_id: str, allow_cidrs: str | None) -> tuple | None:

@@ -55,6 +55,8 @@ AGENT_FIELDS = {
     "hostname": (re.compile(r"[A-Za-z0-9._-]{1,253}"), "1-253 letters, digits, '.', '_' or '-'"),
     "instance": (re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits, '_' or '-'"),
 }
+#: Optional abilities an agent may announce at ``auth`` (``agent.features``, docs/PROTOCOL.md).
+AGENT_FEATURES = frozenset({"worker_address"})
 #: A recurring condition (quota, full state directory) is logged once per this many seconds.
 LOG_INTERVAL = 60.0
 
@@ -293,6 +295,7 @@ class Relay:
                 hostname=info["hostname"],
                 instance=info["instance"] or agent_id,
                 slot=info["slot"],
+                features=info["features"],
                 resources={r["id"]: r["name"] for r in wanted},
                 buffers=LinkBuffers(limits.session_window),
                 claims=claims,
@@ -547,6 +550,10 @@ def _agent_info(info) -> dict:
     if type(slot) is not int or not 0 <= slot < MAX_AGENT_SLOTS:
         raise AuthError(f"agent.slot must be an integer from 0 to {MAX_AGENT_SLOTS - 1}", code="bad_request")
     result["slot"] = slot
+    # What the agent understands beyond the base protocol; unknown names are ignored.
+    features = info.get("features")
+    result["features"] = frozenset(f for f in features[:16] if f in AGENT_FEATURES) \
+        if isinstance(features, list) else frozenset()
     return result
 
 
