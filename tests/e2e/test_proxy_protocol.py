@@ -119,3 +119,43 @@ def test_a_bad_proxy_protocol_value_is_refused(tmp_path):
                          capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and "proxy_protocol" in out.stderr and "must be 2" in out.stderr
+
+
+def test_the_worker_address_crosses_a_cluster(tmp_path, postgres_url, nginx):
+    if not aliases_work():
+        pytest.skip("127.0.0.2 is not a loopback address here")
+    import shutil as _shutil
+
+    from tests.helpers.processes import Relay
+
+    pp_port, _, _ = nginx
+    env = {"RELAY_DATABASE_URL": postgres_url, "RELAY_HEARTBEAT_INTERVAL": "1", "RELAY_MEMBER_TTL": "5"}
+    first = Relay(tmp_path, host="127.0.0.1", state_dir=tmp_path / "first").start(**env)
+    second = agent = None
+    try:
+        customer = first.create_customer("acme")
+        (tmp_path / "agent.jwt").write_text(first.jwt("--customer-id", customer) + "\n")
+        _shutil.copytree(first.state_dir, tmp_path / "second", ignore=_shutil.ignore_patterns("admin.json"))
+        second = Relay(tmp_path, host="127.0.0.2", state_dir=tmp_path / "second").start(**env)
+        config = tmp_path / "agent.toml"
+        config.write_text(f'relay_url = "{first.url}"\nca_file = "{first.ca_file}"\n'
+                          f'registration_jwt_file = "{tmp_path / "agent.jwt"}"\n'
+                          f'[[resources]]\nname = "web"\nhost = "127.0.0.1"\nport = {pp_port}\nproxy_protocol = 2\n')
+        agent = Proc("agent", [PY, "-m", "agent", "--config", str(config)], _env(RELAY_LINKS="1"),
+                     tmp_path / "agent.log").start()
+        first.wait_available(customer, "web")
+        _, port = second.endpoint(customer, "web")
+
+        def answer():
+            try:
+                return get(("127.0.0.2", port), "127.0.0.5")
+            except OSError:
+                return None
+
+        # The second relay holds no agent: it forwards to the first, which passes the address on.
+        got = wait_until(answer, 20, "the second relay's endpoint to answer")
+        assert b"worker 127.0.0.5:" in got, got
+    finally:
+        for proc in (agent, second, first):
+            if proc is not None:
+                proc.stop()
