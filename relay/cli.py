@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-log", default=_env("RELAY_AUDIT_LOG"), metavar="FILE",
                        help="write one JSON line per worker connection, when it ends, to FILE ('-': the log "
                             "stream); SIGHUP reopens FILE (env RELAY_AUDIT_LOG; default: no audit log)")
+    serve.add_argument("--agent-cert-ttl", type=_positive_int, default=int(_env("RELAY_AGENT_CERT_TTL", "86400")),
+                       metavar="SECONDS",
+                       help="lifetime of the client certificates the relay's CA issues to enrolled agents "
+                            "(env RELAY_AGENT_CERT_TTL, default 86400: 24 h; 60 to 2592000)")
     serve.add_argument("--cert", default=_env("RELAY_CERT"), help="serve this certificate (PEM) instead of the generated one")
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,
@@ -431,6 +435,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             from .access import parse_cidrs
 
             args.service_allow = parse_cidrs(args.service_allow)
+        if not 60 <= args.agent_cert_ttl <= 30 * 24 * 3600:
+            raise ValueError("--agent-cert-ttl must be 60 to 2592000 seconds")
         if args.drain_timeout < 0:
             raise ValueError("--drain-timeout must be zero or more seconds")
     except ValueError as exc:

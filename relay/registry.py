@@ -73,6 +73,8 @@ class AgentSession:
     epoch: int = 0
     #: What the agent announced it understands (``agent.features`` at auth).
     features: frozenset = frozenset()
+    #: When this link last asked for a certificate (monotonic; relay.agent_control).
+    enrolled_at: float | None = None
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
     active_streams: int = 0

@@ -55,6 +55,8 @@ AGENT_FIELDS = {
     "hostname": (re.compile(r"[A-Za-z0-9._-]{1,253}"), "1-253 letters, digits, '.', '_' or '-'"),
     "instance": (re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits, '_' or '-'"),
 }
+#: Lifetime of agents' client certificates (s): ``serve --agent-cert-ttl``.
+DEFAULT_AGENT_CERT_TTL = 24 * 3600
 #: Optional abilities an agent may announce at ``auth`` (``agent.features``, docs/PROTOCOL.md).
 AGENT_FEATURES = frozenset({"worker_address"})
 #: A recurring condition (quota, full state directory) is logged once per this many seconds.
@@ -150,6 +152,26 @@ class Relay:
 
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
+        #: Where the CA that signs agents' certificates lives, and their lifetime (s).
+        self.state_dir: Path | None = None
+        self.agent_cert_ttl = DEFAULT_AGENT_CERT_TTL
+        self._agent_ca = None
+
+    def agent_ca(self):
+        """The relay CA's certificate and key (read once), which sign agents' certificates."""
+        if self._agent_ca is None:
+            from cryptography import x509
+            from cryptography.hazmat.primitives import serialization
+
+            from . import CA_FILE
+            from .pki import CA_KEY_FILE
+
+            if self.state_dir is None:
+                raise ValueError("no state directory")
+            cert = x509.load_pem_x509_certificate((self.state_dir / CA_FILE).read_bytes())
+            key = serialization.load_pem_private_key((self.state_dir / CA_KEY_FILE).read_bytes(), None)
+            self._agent_ca = (cert, key)
+        return self._agent_ca
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -631,6 +653,8 @@ async def _serve(args) -> int:
     await cluster.start()
     relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster)
     relay.port_range = args.port_range
+    relay.state_dir = state_dir
+    relay.agent_cert_ttl = getattr(args, "agent_cert_ttl", None) or DEFAULT_AGENT_CERT_TTL
     await relay.expire_idle_resources()
     for resource in await store.list_resources():
         try:
