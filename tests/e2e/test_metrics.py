@@ -118,6 +118,9 @@ def test_prometheus_scrapes_relay_and_agents(relay, agents, service_factory, rel
             f'tunnel_agent_dial_failures_total{{instance="{dead_agent}",resource="dead",reason="refused"}}': 3,
             f'tunnel_agent_reconnects_total{{instance="{db_agent}"}}': 0,
             'min(up)': 1,
+            # Names (read again when a scrape finds them 2 s old: they may lag a scrape or two).
+            f'tunnel_relay_customer_info{{customer="{customer}",name="acme"}}': 1,
+            f'tunnel_relay_resource_info{{resource="{ids["db"]}",name="db",customer="{customer}"}}': 1,
         }
         at_least = {
             'tunnel_relay_auth_failures_total{reason="unauthorized"}': 1,
