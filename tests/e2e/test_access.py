@@ -66,8 +66,8 @@ def test_an_endpoint_admits_only_the_sources_allowed(relay, agents, service_fact
             f'reason="not_allowed"}} 3')
     assert line in body.decode()
     log = relay.proc.log()
-    # Logged once per interval, not per connection.
-    assert log.count("outside its allow list") == 1 and "Traceback" not in log
+    # Logged once per interval (a minute), not per connection.
+    assert 1 <= log.count("outside its allow list") < 3 and "Traceback" not in log
 
     unusable = relay.cli("serve", "--service-allow", "nonsense", check=False)
     assert unusable.returncode == 1 and "not a CIDR: 'nonsense'" in unusable.stderr

@@ -44,6 +44,7 @@ def test_every_connection_leaves_one_line_with_exact_bytes(relay, agents, servic
             assert recv_all(s) == data
     # A worker that resets its connection mid-stream.
     with connect(addr) as s:
+        reset_port = s.getsockname()[1]
         s.sendall(b"x" * 10)
         assert s.recv(10)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -61,7 +62,7 @@ def test_every_connection_leaves_one_line_with_exact_bytes(relay, agents, servic
         assert r["agent_instance"] == agent["instance"] and r["agent"] == agent["agent_id"]
         assert r["transport"] == "wss" and r["type"] == "connection"
         assert r["opened"] <= r["closed"] and r["duration_s"] >= 0
-    reset = records[-1]
+    reset = by_port[reset_port]
     assert reset["end"] == "reset" and reset["reason"] == "connection_reset" and reset["bytes_to_resource"] == 10
     assert audit.stat().st_mode & 0o777 == 0o640
 
