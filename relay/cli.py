@@ -14,7 +14,8 @@
                                                         prints id and endpoint
     tunnel-relay resources update ID --allow CIDR[,CIDR…]|default   who may reach its endpoint
     tunnel-relay resources registration-jwt (--customer-id ID | --org-only)
-                       [--resource-id ID [--rotate]] [--ttl SECONDS]   prints the JWT
+                       [--resource-id ID [--rotate]] [--ttl SECONDS] [--output FILE]
+                       prints the JWT (or writes it to FILE, mode 0600)
                        (--org-only is the same as --customer-id cus_org; the relay decides)
     tunnel-relay resources delete ID
     tunnel-relay cluster status [--output json]         the relays and which one holds each agent link
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     jwt_cmd.add_argument("--rotate", action="store_true",
                          help="revoke every older token of --resource-id and drop the agents using them")
     jwt_cmd.add_argument("--ttl", type=_positive_int, metavar="SECONDS", help="lifetime (default one year)")
+    jwt_cmd.add_argument("--output", "-o", metavar="FILE", dest="output_file",
+                         help="write the token to FILE (mode 0600, replaced atomically) instead of printing it")
     _add_admin_location(jwt_cmd, suppress=True)
     delete = resource_cmds.add_parser("delete", help="delete a resource (drops its agents)")
     delete.add_argument("resource_id", metavar="ID")
@@ -379,13 +382,20 @@ def _run_admin(args: argparse.Namespace) -> int:
     elif args.action == "registration-jwt":
         if args.rotate and not args.resource_id:
             raise CliError("--rotate needs --resource-id (and --customer-id)")
-        print(client.registration_jwt(
+        token = client.registration_jwt(
             args.customer_id,
             org_only=args.org_only,
             resource_id=args.resource_id,
             rotate=args.rotate,
             ttl_seconds=args.ttl,
-        ))
+        )
+        if args.output_file:
+            from .state import write_private
+
+            write_private(args.output_file, (token + "\n").encode("ascii"))
+            print(f"registration JWT written to {escape(args.output_file)} (mode 0600)", file=sys.stderr)
+        else:
+            print(token)
     elif args.action == "delete":
         client.delete_resource(args.resource_id)
         print(f"deleted {args.resource_id}")

@@ -142,6 +142,14 @@ def test_registration_jwt_commands(relay):
     assert result.stdout == token + "\n" and token.count(".") == 2
     assert server.authority.verify(token).customer_id == customer["id"]
 
+    path = server.state_dir.parent / "agent.jwt"
+    path.write_text("old, world-readable\n")
+    path.chmod(0o644)
+    written = relay("resources", "registration-jwt", "--customer-id", customer["id"], "--output", str(path))
+    assert written.returncode == 0 and written.stdout == "" and "mode 0600" in written.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert server.authority.verify(path.read_text().strip()).customer_id == customer["id"]
+
     org = relay("resources", "registration-jwt", "--org-only", "--ttl", "600")
     claims = server.authority.verify(org.stdout.strip())
     assert claims.org_only and claims.expires_at - claims.issued_at == 600
