@@ -11,8 +11,8 @@ database.
   its own epoch only. See docs/CLUSTER.md for why the epoch.
 - **Revocation.** ``rotated`` and ``deleted`` events, from any relay, drop the affected
   agents here (through the registry), including agents whose registration is in flight.
-  ``resource_updated`` events carry a resource's new source rule (relay.access) to its
-  endpoint here.
+  A ``resource_updated`` event has every relay read the resources' source rules
+  (relay.access) again and apply the changed ones to its endpoints.
 - **Outages.** While the database is away the relay keeps its agents and streams; refusals
   are summed up in the log once per ``outage_log_interval``. When it returns, the relay
   re-joins, re-reads every resource's generation (revocations it missed) and rewrites its
@@ -220,9 +220,7 @@ class Cluster:
             if isinstance(resource, dict) and self.on_resource_created is not None:
                 self.on_resource_created(resource)
         elif kind == "resource_updated":
-            resource_id, allow_cidrs = event.get("resource_id"), event.get("allow_cidrs")
-            if isinstance(resource_id, str) and (allow_cidrs is None or isinstance(allow_cidrs, str)):
-                self.registry.resource_updated(resource_id, allow_cidrs)
+            self._spawn(self._reread_rules())
         elif kind == "rotated":
             self._revoke(event.get("resource_id"), int(event.get("generation", 0)))
         elif kind == "deleted":
@@ -255,6 +253,20 @@ class Cluster:
             if resource_id in session.resources:
                 self._pending[session] = ("deleted", "resource deleted")
         log.info("resource %s deleted", resource_id)
+
+    async def _reread_rules(self) -> None:
+        """A resource's source rule changed on some relay: read the rules from the table (the
+        event is only a hint) and apply the ones that differ here."""
+        try:
+            await self._apply_rules()
+        except StoreError as exc:
+            log.warning("cannot read the resources' allow lists (%s); the next resync applies them", exc)
+
+    async def _apply_rules(self) -> None:
+        for resource_id, allow_cidrs in (await self.state.resource_rules()).items():
+            endpoint = self.registry.endpoints.get(resource_id)
+            if endpoint is not None and access.format_cidrs(endpoint.allow) != allow_cidrs:
+                self.registry.resource_updated(resource_id, allow_cidrs)
 
     # ---- agent links
 
@@ -348,10 +360,7 @@ class Cluster:
                     if dropped:
                         log.info("resource %s was rotated while the database was away: dropped %d agent(s)",
                                  resource_id, dropped)
-            for resource_id, allow_cidrs in (await self.state.resource_rules()).items():
-                endpoint = self.registry.endpoints.get(resource_id)
-                if endpoint is not None and access.format_cidrs(endpoint.allow) != allow_cidrs:
-                    self.registry.resource_updated(resource_id, allow_cidrs)
+            await self._apply_rules()
             live = {}
             for session in list(self.registry.agents):
                 if session.epoch:

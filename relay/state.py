@@ -330,7 +330,8 @@ class RelayState:
             changed = await tx.execute("UPDATE resources SET allow_cidrs = ? WHERE id = ?", allow_cidrs, resource_id)
             if not changed:
                 return None
-            await tx.notify({"kind": "resource_updated", "resource_id": resource_id, "allow_cidrs": allow_cidrs})
+            # A hint: every relay reads the rules again from this table (relay.cluster).
+            await tx.notify({"kind": "resource_updated", "resource_id": resource_id})
         return await self.get_resource(resource_id)
 
     async def resource_rules(self) -> dict[str, str | None]:
