@@ -39,6 +39,7 @@ File (every key optional where the environment gives it; the environment wins)::
     name = "orders-db"
     host = "10.0.0.5"
     port = 5432
+    proxy_protocol = 2         # optional: a PROXY v2 header with the worker's address first
 
 SIGHUP re-reads the file (agent.reload); the README describes the format for users.
 """
@@ -76,6 +77,9 @@ class Target:
     #: Which setting names it, for messages that say what to fix ("APP_HOST" or
     #: "[[resources]] NAME in FILE"); not part of equality.
     origin: str = field(default="APP_HOST", compare=False)
+    #: 2: send the service a PROXY protocol v2 header with the worker's address
+    #: (``proxy_protocol = 2`` in the resource's table); 0: none.
+    proxy_protocol: int = 0
 
     @property
     def address(self) -> str:
@@ -213,8 +217,12 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
         if not isinstance(entry, dict) or not entry.get("host"):
             raise ConfigError(f"resources[{i}] in {config_file} needs name, host and port")
         name = _name(entry.get("name"), f"resources[{i}].name")
+        proxy_protocol = entry.get("proxy_protocol", 0)
+        if proxy_protocol not in (0, 2) or isinstance(proxy_protocol, bool):
+            raise ConfigError(f"resources[{i}].proxy_protocol in {config_file} must be 2 (send a PROXY protocol v2 "
+                              f"header to the service) or 0 (none), got {proxy_protocol!r}")
         targets.append(Target(name, str(entry["host"]), _port(entry.get("port"), f"resources[{i}].port"),
-                              origin=f"[[resources]] {name} in {config_file}"))
+                              origin=f"[[resources]] {name} in {config_file}", proxy_protocol=proxy_protocol))
     if not targets:
         raise ConfigError("no resource configured: set NAME, APP_HOST and APP_PORT (or [[resources]] in a config file)")
     names = [t.name for t in targets]

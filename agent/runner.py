@@ -37,6 +37,7 @@ import re
 import socket
 
 from tunnel import __version__
+from tunnel.bridge.proxy_protocol import ProxyV2Bridge, parse_metadata, proxy_v2_header
 from tunnel.bridge.tcp import LinkBuffers, TcpBridge, dial_bridge, stream_handler
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
@@ -112,13 +113,16 @@ class AgentLinkHandler(LinkHandler):
         return sum(len(b) for b in self.bridges.values())
 
     def stream_opened(self, stream: LinkStream):
-        name = stream.metadata.decode("utf-8", "replace")
+        name, worker = parse_metadata(stream.metadata)
         target = self.agent.route(name)
         if target is None:
             log.warning("refusing a stream for resource %r: not served by this agent", name[:128])
             stream.reset(ErrorCode.REFUSED)
             return None
-        bridge = TcpBridge(stream, self.buffers)
+        if target.proxy_protocol == 2:
+            bridge = ProxyV2Bridge(stream, self.buffers, proxy_v2_header(worker))
+        else:
+            bridge = TcpBridge(stream, self.buffers)
         bridges = self.bridges.setdefault(name, set())
         bridges.add(bridge)
         self.idle.clear()
@@ -298,7 +302,8 @@ class Agent:
         return {
             "type": "auth",
             "token": self.config.token,
-            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance, "slot": self.slot},
+            "agent": {"version": __version__, "hostname": hostname, "instance": self.instance, "slot": self.slot,
+                      "features": ["worker_address"]},
             "resources": [{"name": n} for n in first],
         }
 

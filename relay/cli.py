@@ -5,12 +5,14 @@
     tunnel-relay serve [--state-dir DIR] [--listen HOST:PORT] [--admin-listen HOST:PORT]
                        [--allow-remote-admin] [--service-host HOST] [--port-range LOW-HIGH]
                        [--cert FILE --key FILE] [--server-name NAME] [--database URL] [--advertise URL]
-                       [--metrics-listen HOST:PORT]
+                       [--metrics-listen HOST:PORT] [--service-allow CIDR[,CIDR…]] [--audit-log FILE|-]
                        [--log-format plain|json] [--log-level LEVEL]
     tunnel-relay customers create NAME                  prints the new customer's id
     tunnel-relay customers list [--output json]
     tunnel-relay resources list [--extended] [--output json]
-    tunnel-relay resources create --customer-id ID NAME [--port PORT]   prints id and endpoint
+    tunnel-relay resources create --customer-id ID NAME [--port PORT] [--allow CIDR[,CIDR…]]
+                                                        prints id and endpoint
+    tunnel-relay resources update ID --allow CIDR[,CIDR…]|default   who may reach its endpoint
     tunnel-relay resources registration-jwt (--customer-id ID | --org-only)
                        [--resource-id ID [--rotate]] [--ttl SECONDS] [--output FILE]
                        prints the JWT, or writes it to FILE with mode 0600
@@ -42,6 +44,7 @@ from tunnel.ops.logs import escape
 
 from relay import DEFAULT_STATE_DIR, __version__, parse_host_port
 from relay.control.admin_client import AdminClient, AdminError
+from relay.state.access import parse_cidrs
 from relay.state.cluster import check_advertise_url
 from relay.state.relay_state import DEFAULT_PORT_RANGE
 from relay.state.store.database import is_postgres_url, redact_url
@@ -114,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"admin API address, loopback (env RELAY_ADMIN_LISTEN, default {DEFAULT_ADMIN_LISTEN})")
     serve.add_argument("--service-host", default=_env("RELAY_SERVICE_HOST", DEFAULT_SERVICE_HOST),
                        help=f"where resource endpoints are bound (env RELAY_SERVICE_HOST, default {DEFAULT_SERVICE_HOST})")
+    serve.add_argument("--service-allow", default=_env("RELAY_SERVICE_ALLOW"), metavar="CIDR[,CIDR...]",
+                       help="sources that may connect to resource endpoints, unless a resource has its own list "
+                            "('resources create|update --allow'); others are closed at once "
+                            "(env RELAY_SERVICE_ALLOW; default: any source)")
+    serve.add_argument("--audit-log", default=_env("RELAY_AUDIT_LOG"), metavar="FILE",
+                       help="write one JSON line per worker connection, when it ends, to FILE ('-': the log "
+                            "stream); SIGHUP reopens FILE (env RELAY_AUDIT_LOG; default: no audit log)")
+    serve.add_argument("--agent-cert-ttl", type=_positive_int, default=int(_env("RELAY_AGENT_CERT_TTL", "86400")),
+                       metavar="SECONDS",
+                       help="lifetime of the client certificates the relay's CA issues to enrolled agents "
+                            "(env RELAY_AGENT_CERT_TTL, default 86400: 24 h; 60 to 2592000)")
     serve.add_argument("--cert", default=_env("RELAY_CERT"), help="serve this certificate (PEM) instead of the generated one")
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,
@@ -180,8 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     rcreate.add_argument("--port", type=_positive_int, metavar="PORT",
                          help="the endpoint's port on the relay's --service-host, within its --port-range "
                               "(default: any free one of it)")
+    rcreate.add_argument("--allow", metavar="CIDR[,CIDR...]",
+                         help="sources that may connect to its endpoint (default: the relay's --service-allow)")
     _add_output(rcreate)
     _add_admin_location(rcreate, suppress=True)
+    rupdate = resource_cmds.add_parser(
+        "update", help="change who may reach a resource's endpoint",
+        description="Change a resource's settings on every relay of the cluster. Connections already open stay.")
+    rupdate.add_argument("resource_id", metavar="ID")
+    rupdate.add_argument("--allow", metavar="CIDR[,CIDR...]", required=True,
+                         help="sources that may connect to its endpoint, e.g. 10.1.0.0/16,192.0.2.7; "
+                              "'default' returns to the relay's --service-allow")
+    _add_output(rupdate)
+    _add_admin_location(rupdate, suppress=True)
     jwt_cmd = resource_cmds.add_parser(
         "registration-jwt", help="print a registration JWT for agents",
         description="Print a registration JWT: the token agents present (REGISTRATION_JWT) to register "
@@ -351,11 +376,18 @@ def _run_admin(args: argparse.Namespace) -> int:
     if args.action == "list":
         _print_resources(client.list_resources(args.extended), args.output, args.extended)
     elif args.action == "create":
-        resource = client.create_resource(args.customer_id, args.name, args.port)
+        resource = client.create_resource(args.customer_id, args.name, args.port, args.allow)
         if args.output == "json":
             _print_json(resource)
         else:
             print(f"{resource.get('id')} {resource.get('endpoint')}")
+    elif args.action == "update":
+        resource = client.update_resource(args.resource_id, args.allow)
+        if args.output == "json":
+            _print_json(resource)
+        else:
+            print(escape(f"{resource.get('id')} allow {','.join(resource.get('effective_allow') or ['any source'])}"
+                         + ("" if resource.get("allow") else " (relay default)")))
     elif args.action == "registration-jwt":
         if args.rotate and not args.resource_id:
             raise CliError("--rotate needs --resource-id (and --customer-id)")
@@ -445,6 +477,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         args.peer_listen_addr = parse_host_port(args.peer_listen, 0) if args.peer_listen else None
         args.peer_advertise_host = args.peer_advertise.strip("[]") if args.peer_advertise else None
         args.port_range = _port_range(args.port_range)
+        if args.service_allow:
+            args.service_allow = parse_cidrs(args.service_allow)
+        if not 60 <= args.agent_cert_ttl <= 30 * 24 * 3600:
+            raise ValueError("--agent-cert-ttl must be 60 to 2592000 seconds")
         if args.drain_timeout < 0:
             raise ValueError("--drain-timeout must be zero or more seconds")
     except ValueError as exc:

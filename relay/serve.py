@@ -17,7 +17,8 @@ from tunnel.ops.process import tune_malloc
 
 from relay import format_host_port, is_loopback_host
 from relay.control import admin, tokens
-from relay.control.server import Relay
+from relay.control.server import DEFAULT_AGENT_CERT_TTL, Relay
+from relay.data.audit import AuditLog
 from relay.data.metrics import MetricsService
 from relay.data.peering import Peering
 from relay.data.quotas import Descriptors, raise_nofile_limit
@@ -86,10 +87,18 @@ async def _serve(args) -> int:
                     "PostgreSQL\")", store.description)
     authority = tokens.TokenAuthority(state_dir)
     registry = Registry(args.service_host, descriptors, settings=relay_settings)
+    registry.service_allow = getattr(args, "service_allow", None) or None
     cluster = Cluster(store, registry, advertise, settings)
+    registry.relay_id = cluster.relay_id
+    audit = _open_audit(getattr(args, "audit_log", None))
+    if audit is not None:
+        audit.start(asyncio.get_running_loop())
+        registry.audit = audit
     await cluster.start()
     relay = Relay(store, authority, registry, limits, descriptors, cluster=cluster, settings=relay_settings)
     relay.port_range = args.port_range
+    relay.state_dir = state_dir
+    relay.agent_cert_ttl = getattr(args, "agent_cert_ttl", None) or DEFAULT_AGENT_CERT_TTL
     await relay.expire_idle_resources()
 
     # The relay's own listeners first, so that no endpoint port (a fixed one, say) can take
@@ -123,6 +132,8 @@ async def _serve(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (systemctl reload, logrotate) reopens the audit log; never stops the relay.
+    loop.add_signal_handler(signal.SIGHUP, audit.reopen if audit is not None else lambda: None)
     await stop.wait()
     log.info("relay stopping: draining for up to %.0f s", args.drain_timeout)
     relay.accepting = False
@@ -133,6 +144,8 @@ async def _serve(args) -> int:
     admin_server.close()
     admin.clear_admin_info(state_dir)
     registry.close()
+    if audit is not None:
+        await audit.close()
     # Writes the closing links started (served times), then leave the cluster.
     if relay.tasks:
         await asyncio.wait(set(relay.tasks), timeout=settings.db_query_timeout)
@@ -141,6 +154,18 @@ async def _serve(args) -> int:
     if metrics is not None:
         metrics.close()
     return 0
+
+
+def _open_audit(path: str | None) -> AuditLog | None:
+    """The audit log of ``--audit-log`` (None when not asked for)."""
+    if not path:
+        return None
+    try:
+        audit = AuditLog(path)
+    except OSError as exc:
+        raise OSError(f"cannot open the audit log --audit-log {path}: {exc.strerror or exc}") from None
+    log.info("audit log: one line per worker connection to %s", "the log stream" if path == "-" else path)
+    return audit
 
 
 async def _start_peering(args, relay: Relay, keys, names: list[str], limits: Limits):

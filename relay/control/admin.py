@@ -16,12 +16,15 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``):
                                         a customer of that name, ignoring case, width and
                                         look-alike letters, exists: relay.state.name_key)
     GET    /v1/resources[?extended=1]   [{"id", "name", "customer_id", "status", "endpoint",
-                                          "agents", "target_status", "target_error"
-                                          [, "agents_detail"]}]
-    POST   /v1/resources                {"customer_id", "name", "port"?} -> the resource (201):
-                                        created ahead of its agents, its endpoint on ``port``
-                                        (else one of the relay's --port-range); 409 when the
-                                        name or port is taken
+                                          "agents", "target_status", "target_error", "allow",
+                                          "effective_allow" [, "agents_detail"]}]
+    POST   /v1/resources                {"customer_id", "name", "port"?, "allow"?} -> the resource
+                                        (201): created ahead of its agents, its endpoint on
+                                        ``port`` (else one of the relay's --port-range); 409 when
+                                        the name or port is taken
+    PATCH  /v1/resources/{id}           {"allow": ["CIDR", …] | "CIDR,CIDR" | null} -> the
+                                        resource: the sources that may reach its endpoint (null:
+                                        the relay's --service-allow), on every relay of a cluster
     POST   /v1/registration-jwt         {"customer_id"?, "org_only"?, "resource_id"?,
                                          "rotate"?, "ttl_seconds"?} -> {"jwt"}
     DELETE /v1/resources/{id}           {"id", "deleted": true}
@@ -61,6 +64,7 @@ from tunnel.ops.http11 import HttpLimits, HttpServer, Request, Response
 from tunnel.ops.logs import Throttled
 
 from relay import ADMIN_INFO_FILE, ADMIN_TOKEN_FILE, format_host_port, is_loopback_host
+from relay.state import access
 from relay.state.cluster import link_view
 from relay.state.relay_state import (DEFAULT_PORT_RANGE, NameTaken, RelayState, allocate_port, ensure_state_dir, state_write_failure,
                                      validate_name, write_private)
@@ -94,6 +98,8 @@ class Registry(Protocol):
     def drop_agents(self, resource_id: str, below_generation: int) -> int: ...
 
     def resource_deleted(self, resource_id: str) -> None: ...
+
+    def resource_updated(self, resource_id: str, allow_cidrs: str | None) -> None: ...
 
     # Optional: ``port_range``, where new resources' endpoint ports are chosen (default
     # relay.state.DEFAULT_PORT_RANGE).
@@ -229,7 +235,7 @@ class AdminApi:
             match = _RESOURCE_PATH.match(path)
             if match is None:
                 return None, []
-            methods = {"DELETE": self.delete_resource, "GET": self.get_resource}
+            methods = {"DELETE": self.delete_resource, "GET": self.get_resource, "PATCH": self.patch_resource}
             args = (match.group(1),)
         if method == "HEAD" and "GET" in methods:
             method = "GET"
@@ -299,6 +305,10 @@ class AdminApi:
             "agents": total,
             # Whether the private service answers, as this relay's agents of it report.
             **_target_view(agents),
+            # Who may reach the endpoint: the resource's own list (None: the relay default).
+            "allow": _cidr_list(resource.get("allow_cidrs")),
+            "effective_allow": _cidr_list(resource.get("allow_cidrs")
+                                          or access.format_cidrs(getattr(self.registry, "service_allow", None))),
         }
         bind_error = getattr(self.registry, "bind_errors", {}).get(resource["id"])
         if bind_error:
@@ -348,10 +358,11 @@ class AdminApi:
     async def post_resources(self, *, payload: dict, **_) -> tuple[int, Any]:
         """Create a resource ahead of its agents, optionally on a fixed endpoint port; every
         relay binds its endpoint on the ``resource_created`` event."""
-        _only_fields(payload, {"customer_id", "name", "port"})
+        _only_fields(payload, {"customer_id", "name", "port", "allow"})
         customer_id = _typed(payload, "customer_id", str)
         name = _typed(payload, "name", str)
         port = _typed(payload, "port", int)
+        allow_cidrs = _allow_field(payload)
         if not customer_id or not name:
             raise HttpError(400, "bad_request", "customer_id and name are required")
         if not RESOURCE_NAME.fullmatch(name):
@@ -381,12 +392,26 @@ class AdminApi:
             port_range = getattr(self.registry, "port_range", DEFAULT_PORT_RANGE)
             choose = lambda taken_now: allocate_port(host, taken_now, port_range)  # noqa: E731
         try:
-            resource = await self.state.get_or_create_resource(customer_id, name, choose)
+            resource = await self.state.get_or_create_resource(customer_id, name, choose, allow_cidrs)
         except RuntimeError as exc:
             raise HttpError(409, "conflict", str(exc)) from None
         log.info("created resource %s (%s) of customer %s, endpoint port %d", resource["id"], name, customer_id,
                  resource["port"])
         return 201, self._resource_view(resource, False)
+
+    async def patch_resource(self, resource_id: str, *, payload: dict, **_) -> tuple[int, Any]:
+        """Change who may reach the resource's endpoint; every relay applies it on the
+        ``resource_updated`` event."""
+        _only_fields(payload, {"allow"})
+        if "allow" not in payload:
+            raise HttpError(400, "bad_request", "nothing to update: give allow")
+        allow_cidrs = _allow_field(payload)
+        resource = await self.state.set_resource_allow(resource_id, allow_cidrs)
+        if resource is None:
+            raise HttpError(404, "not_found", f"no such resource: {resource_id}")
+        log.info("resource %s: endpoint open to %s", resource_id,
+                 allow_cidrs or "the relay default (--service-allow)")
+        return 200, self._resource_view(resource, False)
 
     async def delete_resource(self, resource_id: str, **_) -> tuple[int, Any]:
         # The "deleted" event closes the endpoint and drops the agents, here and on every relay.
@@ -455,6 +480,22 @@ def _target_view(agents: list[dict]) -> dict:
     if failing:
         return {"target_status": "UNREACHABLE", "target_error": failing[0].get("target_error")}
     return {"target_status": "UNKNOWN", "target_error": None}
+
+
+def _allow_field(payload: dict) -> str | None:
+    """The ``allow`` field, checked and in its stored form; None when absent, null or
+    ``"default"`` (the relay's --service-allow applies)."""
+    value = payload.get("allow")
+    if value is None or value == "default":
+        return None
+    try:
+        return access.format_cidrs(access.parse_cidrs(value))
+    except ValueError as exc:
+        raise HttpError(400, "bad_request", str(exc)) from None
+
+
+def _cidr_list(text: str | None) -> list[str] | None:
+    return text.split(",") if text else None
 
 
 def _parse_json_object(body: bytes) -> dict:

@@ -183,11 +183,18 @@ class AdminClient:
     def create_customer(self, name: str) -> dict:
         return self.request("POST", "/v1/customers", {"name": name})
 
-    def create_resource(self, customer_id: str, name: str, port: int | None = None) -> dict:
+    def create_resource(self, customer_id: str, name: str, port: int | None = None,
+                        allow: str | list[str] | None = None) -> dict:
         body: dict[str, Any] = {"customer_id": customer_id, "name": name}
         if port is not None:
             body["port"] = port
+        if allow is not None:
+            body["allow"] = allow
         return self.request("POST", "/v1/resources", body)
+
+    def update_resource(self, resource_id: str, allow: str | list[str] | None) -> dict:
+        """Set who may reach the resource's endpoint (None or ``"default"``: the relay default)."""
+        return self.request("PATCH", f"/v1/resources/{urllib.parse.quote(resource_id, safe='')}", {"allow": allow})
 
     def list_resources(self, extended: bool = False) -> list[dict]:
         return self.request("GET", "/v1/resources" + ("?extended=1" if extended else ""))

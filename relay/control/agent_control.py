@@ -16,6 +16,11 @@ link (a config reload, a graceful stop).
   knows no stream for them is still on its way after that answer over WSS (over QUIC a stream
   opened just before may still arrive; the agent serves it).
 
+- ``enroll``: ``{"csr": PEM}``; the relay's CA signs a short-lived client certificate for
+  this agent instance, scoped to what its registration token allows (relay.state.enrolment), and
+  answers ``enrolled`` (``certificate`` PEM chain, ``expires_at`` Unix seconds) or
+  ``enroll_failed`` (``code``, ``message``). At most one per link each ``ENROL_INTERVAL``.
+
 Malformed messages are ignored with a log line (the link stays up: the agent registered).
 """
 
@@ -30,6 +35,7 @@ from tunnel.wire.errors import AuthError
 
 from relay.data.quotas import PerCustomerRate, QuotaExceeded
 from relay.data.registry import AgentSession
+from relay.state.enrolment import EnrolmentRefused, issue_agent_certificate
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 
 from .names import MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
@@ -42,6 +48,8 @@ log = logging.getLogger("relay.agents")
 #: ``target_health`` reasons an agent may give (agent.hints).
 TARGET_REASONS = frozenset({"dns", "refused", "timeout", "unreachable", "error"})
 MAX_MESSAGE = 200
+#: A link may ask for a certificate at most once per this many seconds (signing costs CPU).
+ENROL_INTERVAL = 10.0
 
 
 class AgentControl:
@@ -60,7 +68,49 @@ class AgentControl:
             self.remove_resources(agent, message)
         elif kind == "add_resources":
             self.relay.spawn(self.add_resources(agent, message))
+        elif kind == "enroll":
+            self.enroll(agent, message)
         # Unknown types are ignored (forward compatibility).
+
+    # --- enroll -------------------------------------------------------------------------
+
+    def enroll(self, agent: AgentSession, message: dict) -> None:
+        relay = self.relay
+        now = time.monotonic()
+        if agent.enrolled_at is not None and now - agent.enrolled_at < ENROL_INTERVAL:
+            self._reply(agent, {"type": "enroll_failed", "code": "too_many",
+                                "message": f"one certificate per link every {ENROL_INTERVAL:g} s"})
+            return
+        agent.enrolled_at = now
+        claims = agent.claims
+        try:
+            ca_cert, ca_key = relay.agent_ca()
+            issued = issue_agent_certificate(
+                message.get("csr"), ca_cert=ca_cert, ca_key=ca_key, customer_id=agent.customer_id,
+                resource_ids=[claims.resource_id] if getattr(claims, "resource_id", None) else None,
+                instance=agent.instance, ttl=relay.agent_cert_ttl)
+        except EnrolmentRefused as exc:
+            relay.throttled.log(("enroll", agent.customer_id), logging.WARNING,
+                                "agent %s (customer %s): certificate request refused: %s", agent.agent_id,
+                                agent.customer_id, exc)
+            self._reply(agent, {"type": "enroll_failed", "code": "bad_request", "message": str(exc)})
+            return
+        except (OSError, ValueError) as exc:
+            log.error("agent %s: cannot issue a certificate: %s", agent.agent_id, exc)
+            self._reply(agent, {"type": "enroll_failed", "code": "unavailable",
+                                "message": "the relay cannot issue certificates now"})
+            return
+        log.info("agent %s (instance %s, customer %s): issued certificate %x, valid until %s", agent.agent_id,
+                 agent.instance, agent.customer_id, issued.serial, issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self._reply(agent, {"type": "enrolled", "certificate": issued.certificate.decode("ascii"),
+                            "expires_at": int(issued.not_after.timestamp())})
+
+    @staticmethod
+    def _reply(agent: AgentSession, message: dict) -> None:
+        try:
+            agent.link.send_control(message)
+        except Exception:  # noqa: BLE001 - the link is closing; its end removes the agent
+            pass
 
     # --- target_health ------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ AGENT_FIELDS = {
     "hostname": (re.compile(r"[A-Za-z0-9._-]{1,253}"), "1-253 letters, digits, '.', '_' or '-'"),
     "instance": (re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits, '_' or '-'"),
 }
+#: Optional abilities an agent may announce at ``auth`` (``agent.features``, docs/PROTOCOL.md).
+AGENT_FEATURES = frozenset({"worker_address"})
 
 
 def valid(pattern: re.Pattern, value) -> bool:

@@ -38,13 +38,15 @@ from relay.state.relay_state import allocate_port
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable, state_write_failure
 
 from .agent_control import AgentControl
-from .names import AGENT_FIELDS, MAX_AGENT_SLOTS, MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
+from .names import AGENT_FEATURES, AGENT_FIELDS, MAX_AGENT_SLOTS, MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
 from .tokens import check_against_state
 
 log = logging.getLogger("relay")
 
 #: A draining relay tells its agents to move in tenths of its move window, at least this many at once.
 DRAIN_BATCH = 100
+#: Lifetime of agents' client certificates (s): ``serve --agent-cert-ttl``.
+DEFAULT_AGENT_CERT_TTL = 24 * 3600
 #: A recurring condition (quota, full state directory) is logged once per this many seconds.
 LOG_INTERVAL = 60.0
 
@@ -141,6 +143,26 @@ class Relay:
         cluster.on_resource_created = self.resource_created
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
+        #: Where the CA that signs agents' certificates lives, and their lifetime (s).
+        self.state_dir: Path | None = None
+        self.agent_cert_ttl = DEFAULT_AGENT_CERT_TTL
+        self._agent_ca = None
+
+    def agent_ca(self):
+        """The relay CA's certificate and key (read once), which sign agents' certificates."""
+        if self._agent_ca is None:
+            from cryptography import x509
+            from cryptography.hazmat.primitives import serialization
+
+            from . import CA_FILE
+            from .pki import CA_KEY_FILE
+
+            if self.state_dir is None:
+                raise ValueError("no state directory")
+            cert = x509.load_pem_x509_certificate((self.state_dir / CA_FILE).read_bytes())
+            key = serialization.load_pem_private_key((self.state_dir / CA_KEY_FILE).read_bytes(), None)
+            self._agent_ca = (cert, key)
+        return self._agent_ca
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -295,6 +317,7 @@ class Relay:
                 hostname=info["hostname"],
                 instance=info["instance"] or agent_id,
                 slot=info["slot"],
+                features=info["features"],
                 resources={r["id"]: r["name"] for r in wanted},
                 buffers=LinkBuffers(limits.session_window),
                 claims=claims,
@@ -564,6 +587,10 @@ def _agent_info(info) -> dict:
     if type(slot) is not int or not 0 <= slot < MAX_AGENT_SLOTS:
         raise AuthError(f"agent.slot must be an integer from 0 to {MAX_AGENT_SLOTS - 1}", code="bad_request")
     result["slot"] = slot
+    # What the agent understands beyond the base protocol; unknown names are ignored.
+    features = info.get("features")
+    result["features"] = frozenset(f for f in features[:16] if f in AGENT_FEATURES) \
+        if isinstance(features, list) else frozenset()
     return result
 
 

@@ -9,7 +9,11 @@ are plain integer counters bumped by one-line calls from :mod:`relay.control.ser
 
 Labels: ``customer`` and ``resource`` are the relay's own ids (``cus_…``, ``res_…``), never
 names an agent sent; their number is bounded by the customers an operator created and by
-``max_resources_per_customer`` each. Every other label takes a fixed set of words.
+``max_resources_per_customer`` each. Every other label takes a fixed set of words, except the
+``name`` of the two info series (``tunnel_relay_resource_info``, ``tunnel_relay_customer_info``,
+value 1), which carry the names to join on ids in queries (escaped by the exposition writer);
+customer names are re-read from the state when a scrape comes ``NAMES_REFRESH`` seconds or more
+after the last read (that scrape still shows the previous names; nobody scraping, no query).
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ TRANSPORTS = ("wss", "quic")
 #: The ``code`` of the CONTROL ``error`` the relay answers a refused ``auth`` with.
 AUTH_CODES = frozenset({"unauthorized", "bad_request", "revoked", "deleted", "quota_exceeded", "relay_full",
                         "unavailable", "internal"})
+#: How stale the customers' names (for ``tunnel_relay_customer_info``) may get before a scrape
+#: has them read again (s).
+NAMES_REFRESH = 2.0
 #: Why a connection to an endpoint was reset at once.
-REFUSALS = ("no_agent", "deregistered", "link_closing", "quota")
+REFUSALS = ("no_agent", "deregistered", "link_closing", "quota", "not_allowed")
 
 
 def reset_reason(code: int) -> str:
@@ -72,6 +79,8 @@ class RelayMetrics:
         self.quota_hits: Counter = Counter()  # (customer, limit) -> n
         self.rtt = {transport: Histogram(RTT_BUCKETS) for transport in TRANSPORTS}
         self._rtt_seen: dict = {}  # AgentSession -> the last round trip sampled
+        #: Customer id -> name, as last read from the state (MetricsService refreshes it).
+        self.customer_names: dict[str, str] = {}
 
     # --- events (one call each from the relay) ------------------------------------------
 
@@ -158,6 +167,14 @@ class RelayMetrics:
                        "Bytes through each resource's streams: to_resource (from workers) and from_resource.",
                        ("customer", "resource", "direction"))
 
+        resource_info = Family("tunnel_relay_resource_info", "gauge",
+                               "Each resource with an endpoint here, with its name (value 1): join on resource.",
+                               ("resource", "name", "customer"))
+        customer_info = Family("tunnel_relay_customer_info", "gauge",
+                               "Each customer, with its name (value 1): join on customer.", ("customer", "name"))
+        for customer, name in sorted(self.customer_names.items()):
+            customer_info.add((customer, name), 1)
+
         by_customer: Counter = Counter()
         customers = set()
         for agent in registry.agents:
@@ -173,6 +190,7 @@ class RelayMetrics:
             live = sum(1 for a in endpoint.agents if not a.link.is_closing)
             up[customer] += live > 0
             labels = (customer, rid)
+            resource_info.add((rid, endpoint.name, customer), 1)
             resource_agents.add(labels, live)
             unreachable.add(labels, sum(1 for a in endpoint.agents if not a.link.is_closing and a.target_down(rid)))
             streams = self._streams.get(endpoint) or _Streams()
@@ -219,7 +237,7 @@ class RelayMetrics:
             rtt.add_histogram((transport,), histogram)
         info = Family("tunnel_relay_build_info", "gauge", "The relay's version.", ("version",)).add((__version__,), 1)
         return [agents, resources, available, resource_agents, unreachable, opened, active, refused, failed, moved, handshakes,
-                auth, quotas, rtt, info, *process_families()]
+                auth, quotas, rtt, info, resource_info, customer_info, *process_families()]
 
     def render(self, registry) -> bytes:
         return render(self.families(registry))
@@ -251,14 +269,21 @@ class MetricsService:
         self.settings = settings
         self.server = None
         self._sampler: asyncio.Task | None = None
+        self._names: asyncio.Task | None = None  # reading the customers' names
+        self._names_read = float("-inf")
 
     async def start(self, host: str, port: int) -> "MetricsService":
         relay = self.relay
-        self.server = await serve_ops(host, port, render=lambda: relay.metrics.render(relay.registry),
-                                      ready=lambda: ready(relay), limits=self.limits,
-                                      max_connections=self.settings.max_metrics_connections)
+        self.server = await serve_ops(host, port, render=self._render, ready=lambda: ready(relay),
+                                      limits=self.limits, max_connections=self.settings.max_metrics_connections)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+        self._read_names()
         return self
+
+    def _render(self) -> bytes:
+        if self._names is None and time.monotonic() - self._names_read >= NAMES_REFRESH:
+            self._read_names()
+        return self.relay.metrics.render(self.relay.registry)
 
     @property
     def port(self) -> int:
@@ -271,7 +296,24 @@ class MetricsService:
             relay.metrics.sample_rtt(relay.registry.agents)
             await asyncio.sleep(max(self.limits.keepalive_interval - (time.monotonic() - started), 0.1))
 
+    def _read_names(self) -> None:
+        self._names_read = time.monotonic()
+        self._names = asyncio.get_running_loop().create_task(self._names_now())
+
+    async def _names_now(self) -> None:
+        """Read the customers' names (every relay of a cluster reads the same table)."""
+        relay = self.relay
+        try:
+            customers = await relay.state.list_customers()
+            relay.metrics.customer_names = {c["id"]: c["name"] for c in customers}
+        except Exception as exc:  # noqa: BLE001 - the last names serve until the state answers
+            relay.throttled.log("metrics-names", logging.DEBUG, "customer names not read: %s", exc)
+        finally:
+            self._names = None
+
     def close(self) -> None:
+        if self._names is not None:
+            self._names.cancel()
         if self._sampler is not None:
             self._sampler.cancel()
         if self.server is not None:

@@ -51,6 +51,7 @@ from relay.state.pki import PEER_ROLE, peer_role
 from relay.state.store.errors import StoreError, StoreUnavailable
 
 from .forward import Splice
+from .registry import open_metadata
 
 log = logging.getLogger("relay.peering")
 
@@ -64,10 +65,12 @@ PEER_REDIAL_INTERVAL = 1.0
 class PeerLink:
     """One live, greeted link to another relay."""
 
-    __slots__ = ("relay_id", "link", "dialed_by", "buffers")
+    __slots__ = ("relay_id", "link", "dialed_by", "buffers", "features")
 
     def __init__(self, relay_id: str, link: Link, dialed_by: str, limits: Limits) -> None:
         self.relay_id = relay_id
+        #: What the peer announced it understands (``features`` of its greeting).
+        self.features: frozenset = frozenset()
         self.link = link
         self.dialed_by = dialed_by
         #: What the worker bridges of this link hold in user space (bounded by its window).
@@ -119,6 +122,9 @@ class PeerLinkHandler(LinkHandler):
 
     def _greeted(self, relay_id: str) -> None:
         self.peer = self.peering._add(relay_id, self.link, self.peering.relay_id if self.dialed else relay_id)
+        features = message.get("features")
+        if isinstance(features, list):
+            self.peer.features = frozenset(f for f in features[:16] if f == "worker_address")
         if not self.greeted.done():
             self.greeted.set_result(self.peer)
 
@@ -162,7 +168,7 @@ class Peering:
         return self.cluster.relay_id
 
     def greeting(self) -> dict:
-        return {"type": "peer", "relay_id": self.relay_id}
+        return {"type": "peer", "relay_id": self.relay_id, "features": ["worker_address"]}
 
     # ---- listening
 
@@ -330,9 +336,10 @@ class Peering:
             rows = self._holders.get(resource_id, [])
         return [row for row in rows if row["relay_id"] not in self.cluster.unreachable]
 
-    async def open_forward(self, resource_id: str, handler) -> tuple[LinkStream, LinkBuffers] | None:
+    async def open_forward(self, resource_id: str, handler, worker: bytes = b"") -> tuple[LinkStream, LinkBuffers] | None:
         """A stream for ``resource_id`` to a relay holding one of its agents, with the link's
-        buffer account; None when no such relay can be reached."""
+        buffer account; None when no such relay can be reached. ``worker``: the worker's
+        address field (relay.registry.open_metadata), for peers that understand it."""
         for holder in await self.holders(resource_id):
             if holder["relay_id"] == self.relay_id or not holder["peer_address"]:
                 continue
@@ -340,7 +347,10 @@ class Peering:
             if peer is None:
                 continue
             try:
-                return peer.link.open_stream(resource_id.encode("ascii"), handler), peer.buffers
+                metadata = resource_id.encode("ascii")
+                if worker and "worker_address" in peer.features:
+                    metadata += b"\0" + worker
+                return peer.link.open_stream(metadata, handler), peer.buffers
             except UsageError:
                 continue  # began closing meanwhile
         return None
@@ -348,8 +358,9 @@ class Peering:
     # ---- streams from peers (the relay holding the agent)
 
     def stream_from_peer(self, stream: LinkStream):
+        resource_field, _, worker = bytes(stream.metadata).partition(b"\0")
         try:
-            resource_id = stream.metadata.decode("ascii")
+            resource_id = resource_field.decode("ascii")
         except UnicodeDecodeError:
             resource_id = ""
         endpoint = self.registry.endpoints.get(resource_id)
@@ -363,7 +374,7 @@ class Peering:
             return None
         splice = Splice()
         try:
-            handler = splice.connect(stream, agent.link, endpoint.name.encode())
+            handler = splice.connect(stream, agent.link, open_metadata(agent, endpoint.name, worker))
         except UsageError:
             stream.reset(ErrorCode.REFUSED)
             return None

@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tunnel.bridge.proxy_protocol import format_worker
 from tunnel.bridge.tcp import LinkBuffers, TcpBridge, stream_handler
 from tunnel.carriers.base import Link
 from tunnel.ops.logs import Throttled
@@ -44,10 +45,11 @@ from tunnel.wire.errors import UsageError
 
 from relay import format_host_port
 from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
+from relay.state import access
 from relay.state.relay_state import DEFAULT_PORT_RANGE
 
 from .forward import Forwarded
-from .metrics import RelayMetrics
+from .metrics import RelayMetrics, reset_reason
 from .quotas import Descriptors, PerCustomerRate, QuotaExceeded
 
 log = logging.getLogger("relay.registry")
@@ -78,6 +80,10 @@ class AgentSession:
     instance: str = ""
     slot: int = 0
     epoch: int = 0
+    #: What the agent announced it understands (``agent.features`` at auth).
+    features: frozenset = frozenset()
+    #: When this link last asked for a certificate (monotonic; relay.agent_control).
+    enrolled_at: float | None = None
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
     active_streams: int = 0
@@ -158,7 +164,7 @@ class AgentSession:
 class EndpointBridge(TcpBridge):
     """An integration worker's TCP connection to a resource endpoint."""
 
-    __slots__ = ("_endpoint", "agent", "forwarded")
+    __slots__ = ("_endpoint", "agent", "forwarded", "opened_at", "worker", "refused", "peer_relay")
 
     @property
     def bytes_to_agent(self) -> int:
@@ -172,6 +178,12 @@ class EndpointBridge(TcpBridge):
         super().__init__()
         self._endpoint = endpoint
         self.agent: AgentSession | None = None
+        #: For the audit log: when the worker connected (Unix seconds), from where, why it
+        #: was refused (None: it was not), and whether another relay carried it.
+        self.opened_at = 0.0
+        self.worker = None
+        self.refused: str | None = None
+        self.peer_relay = False
         #: While no stream exists yet (waiting for an agent, here or on another relay): what
         #: the worker sent meanwhile (relay.forward.Forwarded).
         self.forwarded: Forwarded | None = None
@@ -191,6 +203,17 @@ class EndpointBridge(TcpBridge):
     def connection_made(self, transport: asyncio.Transport) -> None:
         endpoint = self._endpoint
         registry = endpoint.registry
+        self.opened_at = time.time()
+        peer = transport.get_extra_info("peername")
+        self.worker = peer
+        if not access.allowed(endpoint.allow_rule, str(peer[0]) if peer else ""):
+            self.transport = transport
+            registry.throttled.log(("not-allowed", endpoint.resource_id), logging.WARNING,
+                                   "resource %s (%s): closing connections from sources outside its allow list "
+                                   "(%s), e.g. %s", endpoint.resource_id, endpoint.name,
+                                   access.format_cidrs(endpoint.allow_rule), peer[0] if peer else "?")
+            self.refuse("not_allowed")
+            return
         descriptors = registry.descriptors
         if descriptors is not None:
             try:
@@ -200,18 +223,16 @@ class EndpointBridge(TcpBridge):
                 registry.throttled.log(("descriptors", endpoint.customer_id), logging.WARNING,
                                        "resetting new connections to the endpoints of customer %s: %s",
                                        endpoint.customer_id, exc)
-                registry.metrics.stream_refused(endpoint, "quota", exc)
-                self.fail(ErrorCode.REFUSED)
+                self.refuse("quota", exc)
                 return
             descriptors.take(endpoint.customer_id)
         self.on_done = self._released
         agent = endpoint.pick_agent()
         if agent is not None:
-            stream = self._open_on(agent)
+            stream = self._open_on(agent, transport)
             if stream is None:
                 self.transport = transport
-                registry.metrics.stream_refused(endpoint, "link_closing")
-                self.fail(ErrorCode.REFUSED)
+                self.refuse("link_closing")
                 return
             self.attach_stream(stream)
             super().connection_made(transport)
@@ -219,8 +240,7 @@ class EndpointBridge(TcpBridge):
         if registry.forwarder is None and not endpoint.may_hold():
             self.transport = transport
             endpoint.log_refusal()
-            registry.metrics.stream_refused(endpoint, "no_agent")
-            self.fail(ErrorCode.REFUSED)
+            self.refuse("no_agent")
             return
         # No agent here: accepted at once; its bytes wait until a stream exists, on another
         # relay's link (relay.peering) or on the link of an agent that comes back.
@@ -229,11 +249,21 @@ class EndpointBridge(TcpBridge):
         super().connection_made(transport)
         registry.spawn(endpoint.find_agent(self))
 
-    def _open_on(self, agent: AgentSession):
+    def refuse(self, reason: str, quota=None) -> None:
+        """Close the connection at once (``reason`` one of relay.metrics.REFUSALS)."""
+        self.refused = reason
+        self._endpoint.registry.metrics.stream_refused(self._endpoint, reason, quota)
+        audit_now = self.on_done is None  # else _released records it
+        self.fail(ErrorCode.REFUSED)
+        if audit_now:
+            self._audit()
+
+    def _open_on(self, agent: AgentSession, transport: asyncio.Transport | None = None):
         """This connection's stream on ``agent``'s link (None when it began closing)."""
         endpoint = self._endpoint
         try:
-            stream = agent.link.open_stream(endpoint.name.encode(), stream_handler(self))
+            worker = self.worker_field(transport) if "worker_address" in agent.features else b""
+            stream = agent.link.open_stream(open_metadata(agent, endpoint.name, worker), stream_handler(self))
         except UsageError:  # the link began closing since it was picked
             return None
         endpoint.registry.metrics.stream_opened(endpoint)
@@ -243,6 +273,12 @@ class EndpointBridge(TcpBridge):
         agent.flows[self] = endpoint.resource_id
         endpoint.bridges.add(self)
         return stream
+
+    def worker_field(self, transport: asyncio.Transport | None = None) -> bytes:
+        """The worker's address and the endpoint it reached, for OPEN metadata (b"" unknown)."""
+        transport = transport or self.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        return format_worker(self.worker, local) if self.worker and local else b""
 
     def start_waiting(self) -> None:
         """No relay serves the resource: hold the connection, its bytes in the kernel."""
@@ -260,6 +296,7 @@ class EndpointBridge(TcpBridge):
     def attach_peer(self, stream, buffers) -> None:
         """A waiting connection goes to another relay over ``stream`` (relay.peering)."""
         self._endpoint.registry.metrics.stream_opened(self._endpoint)
+        self.peer_relay = True
         self.forwarded.attach(stream, buffers)
 
     def _released(self) -> None:
@@ -273,6 +310,30 @@ class EndpointBridge(TcpBridge):
             registry.descriptors.give(endpoint.customer_id)
         if self.stream is not None:
             registry.metrics.stream_done(endpoint, self)
+        self._audit()
+
+    def _audit(self) -> None:
+        """One audit line for this connection, now that it ended (relay.audit)."""
+        registry = self._endpoint.registry
+        if registry.audit is None:
+            return
+        endpoint, agent, worker = self._endpoint, self.agent, self.worker
+        code = self.reset_code
+        if self.refused is not None:
+            end, reason = "refused", self.refused
+        elif code is None or code == ErrorCode.NO_ERROR:
+            # "no_error": one side closed before the other direction ended (a reset with no error).
+            end, reason = "closed", "eof" if code is None else "no_error"
+        else:
+            end, reason = "reset", reset_reason(code)
+        registry.audit.connection(
+            opened=self.opened_at, closed=time.time(), customer=endpoint.customer_id,
+            resource=endpoint.resource_id, resource_name=endpoint.name,
+            worker=worker,
+            relay=registry.relay_id, agent_instance=agent.instance if agent is not None else None,
+            agent=agent.agent_id if agent is not None else None,
+            transport=agent.link.carrier if agent is not None else "relay" if self.peer_relay else None,
+            bytes_to_resource=self.bytes_from_tcp, bytes_from_resource=self.bytes_to_tcp, end=end, reason=reason)
 
     def stream_reset(self, code: int) -> None:
         if code == ErrorCode.CONNECT_FAILED and self.agent is not None:
@@ -284,13 +345,15 @@ class Endpoint:
     """A resource's listening socket, the agents serving it and the connections waiting for one."""
 
     def __init__(self, registry: "Registry", resource_id: str, name: str, customer_id: str, host: str,
-                 port: int) -> None:
+                 port: int, allow: tuple | None = None) -> None:
         self.registry = registry
         self.resource_id = resource_id
         self.name = name
         self.customer_id = customer_id
         self.host = host
         self.port = port
+        #: The resource's own source rule (relay.access); None: the relay's default applies.
+        self.allow = allow
         self.agents: list[AgentSession] = []
         self.bridges: set[EndpointBridge] = set()
         self.server: asyncio.Server | None = None
@@ -309,6 +372,11 @@ class Endpoint:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def allow_rule(self) -> tuple | None:
+        """The networks that may connect: the resource's own list, else the relay's default."""
+        return self.allow if self.allow is not None else self.registry.service_allow
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -351,7 +419,8 @@ class Endpoint:
             while not bridge.done:  # the worker may close, or the resource go, meanwhile
                 if peering is not None:
                     try:
-                        target = await peering.open_forward(self.resource_id, stream_handler(bridge))
+                        target = await peering.open_forward(self.resource_id, stream_handler(bridge),
+                                                            bridge.worker_field())
                     except Exception:  # noqa: BLE001 - this connection waits or fails, nothing else
                         log.exception("resource %s: forwarding a connection failed", self.resource_id)
                         target = None
@@ -371,14 +440,12 @@ class Endpoint:
                                            "resource %s (%s): its agents deregistered it (%s); resetting new "
                                            "connections at once", self.resource_id, self.name,
                                            RELEASE_REASONS.get(self.released, self.released))
-                    registry.metrics.stream_refused(self, "deregistered")
-                    bridge.fail(ErrorCode.REFUSED)
+                    bridge.refuse("deregistered")
                     return
                 if deadline is None:
                     if not self.may_hold():
                         self.log_refusal()
-                        registry.metrics.stream_refused(self, "no_agent")
-                        bridge.fail(ErrorCode.REFUSED)
+                        bridge.refuse("no_agent")
                         return
                     deadline = loop.time() + registry.settings.endpoint_hold_timeout
                     self.waiting.add(bridge)
@@ -398,8 +465,7 @@ class Endpoint:
                                                "resource %s (%s): no agent came within %g s "
                                                "(TUNNEL_ENDPOINT_HOLD_TIMEOUT); resetting waiting connections",
                                                self.resource_id, self.name, registry.settings.endpoint_hold_timeout)
-                    registry.metrics.stream_refused(self, "no_agent" if self.released is None else "deregistered")
-                    bridge.fail(ErrorCode.REFUSED)
+                    bridge.refuse("no_agent" if self.released is None else "deregistered")
                     return
                 # An agent registering here wakes the waiters at once; another relay's is
                 # found by asking again (each HOLD_POLL while waiting).
@@ -465,6 +531,9 @@ class Registry:
     def __init__(self, service_host: str, descriptors: Descriptors | None = None,
                  metrics: RelayMetrics | None = None, settings: RelaySettings | None = None) -> None:
         self.service_host = service_host
+        #: Who may reach endpoints whose resource has no list of its own (``--service-allow``;
+        #: None: any source).
+        self.service_allow: tuple | None = None
         self.descriptors = descriptors
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.settings = settings or DEFAULT_RELAY_SETTINGS
@@ -476,6 +545,10 @@ class Registry:
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: What one customer's ``target_health`` reports may log (on top of ``throttled``).
         self._target_lines = PerCustomerRate(self.settings.max_target_log_lines_per_minute)
+        #: Where finished worker connections are recorded (relay.data.audit.AuditLog; None: nowhere),
+        #: and this relay's id there.
+        self.audit = None
+        self.relay_id = ""
         #: Takes worker connections no local agent can serve to the relay holding one
         #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
         self.forwarder = None
@@ -529,7 +602,7 @@ class Registry:
                 self.descriptors.check(customer_id)
                 self.descriptors.take(customer_id)
             endpoint = Endpoint(self, resource["id"], resource["name"], customer_id, self.service_host,
-                                resource["port"])
+                                resource["port"], _rule(resource["id"], resource.get("allow_cidrs")))
             try:
                 await endpoint.start()
             except BaseException:
@@ -689,6 +762,14 @@ class Registry:
             self.deregister(agent, resource_id, "revoked", "registration token revoked")
         return len(dropped)
 
+    def resource_updated(self, resource_id: str, allow_cidrs: str | None) -> None:
+        """The resource's source rule changed (on any relay): new connections follow it."""
+        endpoint = self.endpoints.get(resource_id)
+        if endpoint is not None:
+            endpoint.allow = _rule(resource_id, allow_cidrs)
+            log.info("resource %s (%s): endpoint open to %s", resource_id, endpoint.name,
+                     access.format_cidrs(endpoint.allow_rule) or "any source")
+
     def resource_deleted(self, resource_id: str) -> None:
         self.bind_errors.pop(resource_id, None)
         endpoint = self.endpoints.pop(resource_id, None)
@@ -715,6 +796,25 @@ class Registry:
             self._close_endpoint(endpoint)
         for task in list(self._tasks):
             task.cancel()  # connections waiting for an agent are reset
+
+
+def open_metadata(agent: AgentSession, name: str, worker: bytes) -> bytes:
+    """The OPEN metadata of a stream for ``agent``: the resource name, and the worker's
+    address when the agent understands it (docs/PROTOCOL.md, "Worker address")."""
+    if worker and "worker_address" in agent.features:
+        return name.encode() + b"\0" + worker
+    return name.encode()
+
+
+def _rule(resource_id: str, allow_cidrs: str | None) -> tuple | None:
+    """The networks of a stored rule; one that does not parse (written by hand into the
+    database) lets nobody in rather than everybody."""
+    try:
+        return access.stored_cidrs(allow_cidrs)
+    except ValueError as exc:
+        log.error("resource %s: unusable allow list in the state database (%s): refusing every connection",
+                  resource_id, exc)
+        return ()
 
 
 def _refuse(link: Link, code: str, message: str) -> None:

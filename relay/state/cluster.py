@@ -15,6 +15,8 @@ database.
   on each, this relay re-reads the resources table and acts on what it says: agents below a
   resource's generation dropped, endpoints of resources gone closed, endpoints of new
   resources bound. A forged event changes nothing the tables do not already say.
+  A ``resource_updated`` event has every relay read the resources' source rules
+  (relay.state.access) again and apply the changed ones to its endpoints.
 - **Outages.** While the database is away the relay keeps its agents and streams; refusals
   are summed up in the log once per ``outage_log_interval``. When it returns, the relay
   re-joins, re-reads every resource's generation (revocations it missed) and rewrites its
@@ -34,6 +36,7 @@ from tunnel.wire.errors import AuthError
 
 from relay import format_host_port
 
+from . import access
 from .relay_state import LinkRefused, RelayState, new_id
 from .store.errors import Conflict, StoreError, StoreUnavailable
 from .store.settings import StoreSettings
@@ -272,12 +275,16 @@ class Cluster:
             # From another relay, or anyone who can connect: the tables say what happened.
             if kind in ("resource_created", "rotated", "deleted"):
                 self._reread_resources()
+            elif kind == "resource_updated":
+                self._spawn(self._reread_rules())
             return
         # Published by this process, in process: the change it made.
         if kind == "resource_created":
             resource = event.get("resource")
             if isinstance(resource, dict) and self.on_resource_created is not None:
                 self.on_resource_created(resource)
+        elif kind == "resource_updated":
+            self._spawn(self._reread_rules())
         elif kind == "rotated":
             self._revoke(event.get("resource_id"), int(event.get("generation", 0)))
         elif kind == "deleted":
@@ -356,6 +363,20 @@ class Cluster:
             if resource_id in session.resources:
                 self._pending[session] = ("deleted", "resource deleted")
         log.info("resource %s deleted", resource_id)
+
+    async def _reread_rules(self) -> None:
+        """A resource's source rule changed on some relay: read the rules from the table (the
+        event is only a hint) and apply the ones that differ here."""
+        try:
+            await self._apply_rules()
+        except StoreError as exc:
+            log.warning("cannot read the resources' allow lists (%s); the next resync applies them", exc)
+
+    async def _apply_rules(self) -> None:
+        for resource_id, allow_cidrs in (await self.state.resource_rules()).items():
+            endpoint = self.registry.endpoints.get(resource_id)
+            if endpoint is not None and access.format_cidrs(endpoint.allow) != allow_cidrs:
+                self.registry.resource_updated(resource_id, allow_cidrs)
 
     # ---- agent links
 
@@ -449,6 +470,7 @@ class Cluster:
             before = self._judged()
             generations = await self.state.resource_generations()
             self._apply_generations(generations, *before)
+            await self._apply_rules()
             live = {}
             for session in list(self.registry.agents):
                 if session.epoch:

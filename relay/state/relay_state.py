@@ -7,7 +7,8 @@ back end of :mod:`relay.state.store`: SQLite in ``<state-dir>/relay.db`` (the de
   (:func:`name_key`, unique: one customer per name, whatever the case, width or look-alike
   letters)
 - ``resources``  ``id`` (``res_…``), ``customer_id``, ``name``, ``port``, ``generation``,
-  ``created_at``; one name per customer, one port per resource (kept across restarts)
+  ``created_at``, ``allow_cidrs`` (who may reach its endpoint, :mod:`relay.access`; NULL: the
+  relay default); one name per customer, one port per resource (kept across restarts)
 - ``tokens``     every registration JWT issued (audit): ``jti``, ``customer_id``,
   ``resource_id``, ``generation``, ``org_only``, ``issued_at``, ``expires_at``
 - ``relays``     the relays of the cluster, each kept alive by its heartbeat
@@ -152,7 +153,7 @@ class LinkRefused(Exception):
         self.resource_id = resource_id
 
 
-_RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at"
+_RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at, allow_cidrs"
 _LINK_COLUMNS = ("customer_id, agent_instance, slot, epoch, relay_id, agent_id, transport, address, version, "
                  "hostname, connected_at")
 
@@ -322,11 +323,11 @@ class RelayState:
 
     async def get_or_create_resource(
         self, customer_id: str, name: str, allocate_port: Callable[[set[int]], int],
-        quota: Callable[[int], None] | None = None,
+        quota: Callable[[int], None] | None = None, allow_cidrs: str | None = None,
     ) -> dict:
         """The customer's resource called ``name``; created with a port from
-        ``allocate_port(taken_ports)`` when it does not exist. Raise ``KeyError`` for an
-        unknown customer, ``ValueError`` for a bad name.
+        ``allocate_port(taken_ports)`` (and the source rule ``allow_cidrs``) when it does not
+        exist. Raise ``KeyError`` for an unknown customer, ``ValueError`` for a bad name.
 
         ``quota(count)``, given the customer's number of resources, is called in the creating
         transaction with the customer's row locked (PostgreSQL; SQLite's write transaction is
@@ -350,6 +351,7 @@ class RelayState:
                 "port": port,
                 "generation": 0,
                 "created_at": _now_iso(),
+                "allow_cidrs": allow_cidrs,
             }
             try:
                 # Every relay binds the new resource's endpoint on this event.
@@ -360,9 +362,9 @@ class RelayState:
                         quota(int(await tx.fetchval("SELECT COUNT(*) FROM resources WHERE customer_id = ?",
                                                     customer_id)))
                     await tx.execute(
-                        "INSERT INTO resources (id, customer_id, name, port, generation, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        resource["id"], customer_id, name, port, 0, resource["created_at"],
+                        "INSERT INTO resources (id, customer_id, name, port, generation, created_at, allow_cidrs) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        resource["id"], customer_id, name, port, 0, resource["created_at"], allow_cidrs,
                     )
                     await tx.notify({"kind": "resource_created", "resource": resource})
                 return resource
@@ -382,6 +384,22 @@ class RelayState:
             if deleted:
                 await tx.notify({"kind": "deleted", "resource_id": resource_id})
         return deleted > 0
+
+    async def set_resource_allow(self, resource_id: str, allow_cidrs: str | None) -> dict | None:
+        """Set who may reach the resource's endpoint (``allow_cidrs``, None: the relay
+        default) and tell every relay; the updated resource, or None when it does not exist."""
+        async with self.db.transaction() as tx:
+            changed = await tx.execute("UPDATE resources SET allow_cidrs = ? WHERE id = ?", allow_cidrs, resource_id)
+            if not changed:
+                return None
+            # A hint: every relay reads the rules again from this table (relay.cluster).
+            await tx.notify({"kind": "resource_updated", "resource_id": resource_id})
+        return await self.get_resource(resource_id)
+
+    async def resource_rules(self) -> dict[str, str | None]:
+        """Every resource's ``allow_cidrs`` (what a relay re-reads after an outage)."""
+        rows = await self.db.fetch("SELECT id, allow_cidrs FROM resources")
+        return {row["id"]: row["allow_cidrs"] for row in rows}
 
     async def rotate_resource(self, resource_id: str) -> int:
         """Increment the resource's generation (revoking older tokens), tell every relay, and

@@ -118,6 +118,9 @@ def test_prometheus_scrapes_relay_and_agents(relay, agents, service_factory, rel
             f'tunnel_agent_dial_failures_total{{instance="{dead_agent}",resource="dead",reason="refused"}}': 3,
             f'tunnel_agent_reconnects_total{{instance="{db_agent}"}}': 0,
             'min(up)': 1,
+            # Names (read again when a scrape finds them 2 s old: they may lag a scrape or two).
+            f'tunnel_relay_customer_info{{customer="{customer}",name="acme"}}': 1,
+            f'tunnel_relay_resource_info{{resource="{ids["db"]}",name="db",customer="{customer}"}}': 1,
         }
         at_least = {
             'tunnel_relay_auth_failures_total{reason="unauthorized"}': 1,
@@ -212,3 +215,37 @@ def test_agent_without_metrics_listen_imports_none_of_it(tmp_path):
     on = _imported_modules(tmp_path / "on", METRICS_LISTEN=f"127.0.0.1:{free_port()}")
     assert set(metrics_modules.findall(on)) == {"agent.metrics", "tunnel.ops.metrics_http", "tunnel.ops.exposition",
                                                 "tunnel.ops.http11", "h11"}
+
+
+def test_info_series_give_names_to_ids(relay, agents, service_factory, relay_metrics_port, tmp_path):
+    hostile = 'Ac"me \\ } x="1" ünï'
+    customer = relay.create_customer(hostile)
+    token = relay.jwt("--customer-id", customer)
+    service = service_factory("echo")
+    agents.start(relay.url, token, "orders-db", service.port, ca_file=relay.ca_file)
+    rid = relay.wait_available(customer, "orders-db")["id"]
+    url = f"http://127.0.0.1:{relay_metrics_port}/metrics"
+    escaped = 'Ac\\"me \\\\ } x=\\"1\\" ünï'
+    line = f'tunnel_relay_customer_info{{customer="{customer}",name="{escaped}"}} 1\n'
+    wait_until(lambda: line in fetch(url)[1].decode(), 10, "the customer's name in /metrics")
+    body = fetch(url)[1]
+    assert f'tunnel_relay_resource_info{{resource="{rid}",name="orders-db",customer="{customer}"}} 1\n' in body.decode()
+    assert promtool_check(body) == "", promtool_check(body)
+    assert _echo(relay.endpoint(customer, "orders-db"), 100)
+
+    # A dashboard query joins the names to the ids.
+    prometheus = Prometheus(tmp_path, {"relay": [f"127.0.0.1:{relay_metrics_port}"]}).start()
+    try:
+        wait_until(prometheus.targets_up, 30, "Prometheus to scrape the relay")
+        dashboard = {t["legendFormat"]: t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"]
+                     for t in p.get("targets", [])}
+        streams = dashboard["{{name}}"].replace("$__rate_interval", "1m").replace("$customer", ".*")
+        links = dashboard["{{customer_name}}"].replace("$customer", ".*")
+
+        def joined():
+            a, b = prometheus.query(streams.replace("$resource", ".*")), prometheus.query(links)
+            return a and b and (a[0]["metric"].get("name"), b[0]["metric"].get("customer_name"))
+
+        assert wait_until(joined, 30, "the dashboard's joins to show names") == ("orders-db", hostile)
+    finally:
+        prometheus.stop()

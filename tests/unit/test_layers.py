@@ -56,7 +56,8 @@ CARRIER_INTERFACE = "tunnel.carriers.base"
 #: before it. A part is a tuple of module prefixes; ``=name`` matches that module only.
 ORDERS = [
     [("=relay", "relay.settings"), ("relay.state",), ("relay.data",), ("relay.control",), ("relay.cli", "relay.serve", "relay.__main__")],
-    [("relay.state.files",), ("relay.state.store",), ("relay.state.relay_state",), ("relay.state.cluster", "relay.state.pki")],
+    [("relay.state.files", "relay.state.access"), ("relay.state.store",), ("relay.state.relay_state",),
+     ("relay.state.cluster", "relay.state.pki", "relay.state.enrolment")],
     [("relay.control.names", "relay.control.tokens", "relay.control.admin_client"),
      ("relay.control.server", "relay.control.agent_control"), ("relay.control.admin",)],
     [("=agent", "agent.config", "agent.settings"), ("agent.hints",), ("agent.health", "agent.metrics"), ("agent.runner",), ("agent.links",),

@@ -126,6 +126,11 @@ MIGRATIONS: tuple[Step, ...] = (
         "ALTER TABLE customers ADD COLUMN name_key TEXT",
         "CREATE UNIQUE INDEX customers_by_name_key ON customers(name_key)",
     )),
+    # Who may reach a resource's endpoint (relay.state.access): source CIDRs, comma-separated;
+    # NULL: the relay's --service-allow applies.
+    Step(6, "resources.allow_cidrs", (
+        "ALTER TABLE resources ADD COLUMN allow_cidrs TEXT",
+    )),
 )
 
 #: The newest schema version this code knows.

@@ -48,6 +48,7 @@ class FakeRegistry:
         self.endpoints: dict = {}
         self.dropped: list[tuple[str, int]] = []
         self.deleted: list[str] = []
+        self.updated: list[tuple[str, str | None]] = []
 
     def agents_of(self, resource_id: str) -> list[dict]:
         return [{k: v for k, v in a.items() if k != "generation"} for a in self.agents.get(resource_id, [])]
@@ -58,6 +59,9 @@ class FakeRegistry:
         kept = [a for a in before if a.get("generation", 0) >= below_generation]
         self.agents[resource_id] = kept
         return len(before) - len(kept)
+
+    def resource_updated(self, resource_id: str, allow_cidrs: str | None) -> None:
+        self.updated.append((resource_id, allow_cidrs))
 
     def resource_deleted(self, resource_id: str) -> None:
         self.deleted.append(resource_id)

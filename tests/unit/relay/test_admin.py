@@ -173,6 +173,8 @@ def test_resources_status_endpoint_and_agents(api):
         "agents": 0,
         "target_status": "UNKNOWN",
         "target_error": None,
+        "allow": None,
+        "effective_allow": None,
     }]
     server.registry.agents[db["id"]] = [fake_agent("agt_1"), fake_agent("agt_2", transport="quic")]
     status, body, _ = api.request("GET", "/v1/resources")

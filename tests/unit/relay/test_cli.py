@@ -78,7 +78,7 @@ def test_resources_list_formats(relay):
     assert [r["id"] for r in as_json] == [db["id"], api["id"]]
     assert as_json[0] == {"id": db["id"], "name": "db", "customer_id": customer["id"], "status": "AVAILABLE",
                           "endpoint": f"127.0.0.1:{db['port']}", "agents": 1, "target_status": "UNKNOWN",
-                          "target_error": None}
+                          "target_error": None, "allow": None, "effective_allow": None}
 
     extended = json.loads(relay("resources", "list", "--extended", "-o", "json").stdout)
     assert extended[0]["agents_detail"][0]["agent_id"] == "agt_one"
@@ -98,6 +98,14 @@ def test_registration_jwt_commands(relay):
     token = result.stdout.strip()
     assert result.stdout == token + "\n" and token.count(".") == 2
     assert server.authority.verify(token).customer_id == customer["id"]
+
+    path = server.state_dir.parent / "agent.jwt"
+    path.write_text("old, world-readable\n")
+    path.chmod(0o644)
+    written = relay("resources", "registration-jwt", "--customer-id", customer["id"], "--output", str(path))
+    assert written.returncode == 0 and written.stdout == "" and "mode 0600" in written.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert server.authority.verify(path.read_text().strip()).customer_id == customer["id"]
 
     org = relay("resources", "registration-jwt", "--org-only", "--ttl", "600")
     claims = server.authority.verify(org.stdout.strip())

@@ -153,3 +153,20 @@ def test_agents_that_cannot_reach_the_service_are_counted():
     registry.target_health(agents[0], "res_a", {"reachable": True, "since": 2})
     assert unreachable() == {("cus_a", "res_a"): 0}
 
+
+
+def test_info_series_carry_names_escaped():
+    from tests.helpers.prometheus import prometheus_available, promtool_check
+
+    registry = Registry("127.0.0.1")
+    registry.endpoints["res_a"] = Endpoint(registry, "res_a", "orders-db", "cus_a", "127.0.0.1", 0)
+    hostile = 'Ac"me\\ } x="1"\nfake_metric 1 ünï'
+    registry.metrics.customer_names = {"cus_a": hostile, "cus_b": "plain"}
+    text = registry.metrics.render(registry).decode()
+    assert 'tunnel_relay_resource_info{resource="res_a",name="orders-db",customer="cus_a"} 1\n' in text
+    assert ('tunnel_relay_customer_info{customer="cus_a",name="Ac\\"me\\\\ } x=\\"1\\"\\nfake_metric 1 ünï"} 1\n'
+            in text)
+    assert 'tunnel_relay_customer_info{customer="cus_b",name="plain"} 1\n' in text
+    assert "\nfake_metric" not in text
+    if prometheus_available():
+        assert promtool_check(text.encode()) == ""

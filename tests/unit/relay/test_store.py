@@ -697,12 +697,13 @@ def test_names_made_before_the_unique_key_are_keyed_when_the_relay_opens(tmp_pat
         await st.db.execute("UPDATE customers SET name_key = NULL")
         await st.db.execute("DROP INDEX customers_by_name_key")
         await st.db.execute("ALTER TABLE customers DROP COLUMN name_key")
+        await st.db.execute("ALTER TABLE resources DROP COLUMN allow_cidrs")  # step 6, after this one
         for cid in ("cus_a", "cus_b"):
             await st.db.execute("INSERT INTO customers (id, name, created_at) VALUES (?, 'acme', 'x')", cid)
         await st.close()
         db = sqlite3.connect(tmp_path / "relay.db")
         db.execute("PRAGMA user_version = 4")
-        db.execute("DELETE FROM schema_migrations WHERE version = 5")
+        db.execute("DELETE FROM schema_migrations WHERE version >= 5")
         db.commit()
         db.close()
         st = await RelayState.open(tmp_path)
