@@ -400,6 +400,7 @@ def _run_admin(args: argparse.Namespace) -> int:
         )
         if args.output:
             _write_secret(args.output, token + "\n")
+            print(f"registration JWT written to {escape(args.output)} (mode 0600)", file=sys.stderr)
         else:
             print(token)
     elif args.action == "delete":

@@ -24,6 +24,9 @@ import secrets
 import time
 from collections import Counter
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from tunnel.bridge.tcp import LinkBuffers
 from tunnel.carriers.base import Link, LinkHandler, LinkStream
 from tunnel.core.limits import Limits
@@ -31,9 +34,11 @@ from tunnel.ops.logs import Throttled, escape
 from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
+from relay import CA_FILE
 from relay.data.quotas import FULL_CODE, Descriptors, QuotaExceeded, RegistrationRate
 from relay.data.registry import AgentSession, Registry
 from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
+from relay.state.pki import CA_KEY_FILE
 from relay.state.relay_state import allocate_port
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable, state_write_failure
 
@@ -151,12 +156,6 @@ class Relay:
     def agent_ca(self):
         """The relay CA's certificate and key (read once), which sign agents' certificates."""
         if self._agent_ca is None:
-            from cryptography import x509
-            from cryptography.hazmat.primitives import serialization
-
-            from . import CA_FILE
-            from .pki import CA_KEY_FILE
-
             if self.state_dir is None:
                 raise ValueError("no state directory")
             cert = x509.load_pem_x509_certificate((self.state_dir / CA_FILE).read_bytes())

@@ -313,7 +313,7 @@ class EndpointBridge(TcpBridge):
         self._audit()
 
     def _audit(self) -> None:
-        """One audit line for this connection, now that it ended (relay.audit)."""
+        """One audit line for this connection, now that it ended (relay.data.audit)."""
         registry = self._endpoint.registry
         if registry.audit is None:
             return
@@ -352,7 +352,7 @@ class Endpoint:
         self.customer_id = customer_id
         self.host = host
         self.port = port
-        #: The resource's own source rule (relay.access); None: the relay's default applies.
+        #: The resource's own source rule (relay.state.access); None: the relay's default applies.
         self.allow = allow
         self.agents: list[AgentSession] = []
         self.bridges: set[EndpointBridge] = set()

@@ -7,7 +7,7 @@ back end of :mod:`relay.state.store`: SQLite in ``<state-dir>/relay.db`` (the de
   (:func:`name_key`, unique: one customer per name, whatever the case, width or look-alike
   letters)
 - ``resources``  ``id`` (``res_…``), ``customer_id``, ``name``, ``port``, ``generation``,
-  ``created_at``, ``allow_cidrs`` (who may reach its endpoint, :mod:`relay.access`; NULL: the
+  ``created_at``, ``allow_cidrs`` (who may reach its endpoint, :mod:`relay.state.access`; NULL: the
   relay default); one name per customer, one port per resource (kept across restarts)
 - ``tokens``     every registration JWT issued (audit): ``jti``, ``customer_id``,
   ``resource_id``, ``generation``, ``org_only``, ``issued_at``, ``expires_at``

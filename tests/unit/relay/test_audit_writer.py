@@ -4,7 +4,7 @@ import asyncio
 import json
 import logging
 
-from relay import audit as audit_module
+from relay.data import audit as audit_module
 from relay.data.audit import AuditLog
 
 

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from relay import pki
+from relay.state import pki
 from relay.state.enrolment import EnrolmentRefused, issue_agent_certificate
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
