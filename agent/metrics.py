@@ -91,6 +91,7 @@ class SlotMetrics:
         self.shared.stream_dialing(name, task)
 
     def live(self) -> list[Link]:
+        """This slot's registered links that are not closing."""
         return [link for link in self.links if not link.is_closing]
 
 
@@ -117,6 +118,7 @@ class AgentMetrics:
 
     @property
     def config(self):
+        """The agent's configuration (its resources)."""
         return self.agents[0].config  # a reload gives every slot the same
 
     def stream_dialing(self, name: str, task: asyncio.Task) -> None:
@@ -135,6 +137,7 @@ class AgentMetrics:
             self.dial_failures[name, where, dial_reason(exc)] += 1
 
     def keep_bytes(self, slot: SlotMetrics, link: Link) -> None:
+        """Keep ``link``'s byte counts under its relay once it closes."""
         task = asyncio.get_running_loop().create_task(self._keep_bytes(slot, link))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -59,9 +59,9 @@ LOG_INTERVAL = 60.0
 REACHABLE, UNREACHABLE, UNKNOWN = "REACHABLE", "UNREACHABLE", "UNKNOWN"
 #: In a cluster, how often a waiting connection asks again which relay holds an agent (s).
 HOLD_POLL = 0.5
-#: Why agents deregistered a resource (CONTROL ``remove_resources`` ``reason``), as logged.
-RELEASE_REASONS = {"reload": "their config no longer has it", "stopping": "they stopped",
-                   "asked": "on request"}
+#: Why agents deregistered a resource (CONTROL ``remove_resources`` ``reason``), as logged
+#: when new connections are refused at once for it (not after ``stopping``: those are held).
+RELEASE_REASONS = {"reload": "their config no longer has it", "asked": "on request"}
 
 
 @dataclass(eq=False)

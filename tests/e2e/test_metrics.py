@@ -103,7 +103,8 @@ def test_prometheus_scrapes_relay_and_agents(relay, agents, service_factory, rel
             f'tunnel_relay_stream_bytes_total{{resource="{ids["db"]}",direction="from_resource"}}': total,
             f'tunnel_relay_streams_active{{resource="{ids["db"]}"}}': 0,
             f'tunnel_relay_streams_failed_total{{resource="{ids["dead"]}",reason="connect_failed"}}': 3,
-            f'tunnel_relay_streams_refused_total{{resource="{ids["gone"]}",reason="no_agent"}}': 2,
+            # Its agent stopped gracefully: held, then refused with that reason.
+            f'tunnel_relay_streams_refused_total{{resource="{ids["gone"]}",reason="deregistered"}}': 2,
             f'tunnel_relay_resource_agents{{resource="{ids["gone"]}"}}': 0,
             f'tunnel_relay_agents_connected{{customer="{customer}",transport="wss"}}': 1,
             f'tunnel_relay_agents_connected{{customer="{customer}",transport="quic"}}': 1,
