@@ -179,3 +179,12 @@ def test_relay_openssl_configuration_picks_the_suite(run, tmp_path, conf, suite)
     finally:
         server.kill()
         server.wait(30)
+
+
+def test_bad_engine_setting_stops_the_agent_with_a_clear_error():
+    env = dict(os.environ, TUNNEL_TLS_ENGINE="boringssl", PYTHONPATH=str(ROOT), RELAY_URL="wss://127.0.0.1:1",
+               REGISTRATION_JWT="a.b.c", NAME="x", APP_HOST="127.0.0.1", APP_PORT="1")
+    out = subprocess.run([sys.executable, "-m", "agent"], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "tunnel-agent: TUNNEL_TLS_ENGINE must be one of openssl, ssl, got 'boringssl'"
