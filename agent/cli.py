@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         conf = agent_config.load(config_file=config_file)
         limits = Limits.from_env()
         settings = AgentSettings.from_env()
+        # Imports the WSS carrier, which reads TUNNEL_TLS_ENGINE: a bad value is a config error too.
+        from tunnel.ops.process import tune_malloc
     except (agent_config.ConfigError, ValueError) as exc:
         print(f"tunnel-agent: {exc}", file=sys.stderr)
         return 2
@@ -44,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
              conf.relay_links, ", ".join(f"{t.name} -> {t.address}" for t in conf.targets))
     log.debug("settings: %s; DRAIN_TIMEOUT %g s; config file %s", _tunables(limits, settings), conf.drain_timeout,
               conf.config_file or "none")
-    from tunnel.ops.process import tune_malloc
-
     tune_malloc()
     try:
         import uvloop

@@ -4,6 +4,7 @@ interleaved (A/B).
     python bench/roundtrip_cpu.py                                  # this tree, 3 runs
     python bench/roundtrip_cpu.py --trees /tmp/base,. --runs 4     # A, B, A, B, ...
     python bench/roundtrip_cpu.py --trees .,.:pure                 # compiled, then the twins
+    python bench/roundtrip_cpu.py --trees .,.:ssl                  # TLS engines: openssl, ssl
 
 Each run starts, from the tree under test (``python -m relay`` / ``python -m agent`` with
 ``PYTHONPATH`` and the working directory set to it): a relay on loopback, the echo service,
@@ -13,7 +14,8 @@ a warm-up) and reads utime+stime of the agent and the relay from ``/proc/PID/sta
 them. Printed per run: load average before it, p50/p99 of the round trip, CPU µs per round
 trip of each process, agent idle VmRSS; then the medians per tree.
 
-A tree written ``PATH:pure`` runs with ``TUNNEL_PURE_PYTHON=1`` (the pure-Python twins).
+A tree written ``PATH:pure`` runs with ``TUNNEL_PURE_PYTHON=1`` (the pure-Python twins),
+``PATH:ssl`` with ``TUNNEL_TLS_ENGINE=ssl`` (the event loop's TLS transport).
 """
 
 from __future__ import annotations
@@ -44,14 +46,18 @@ class Tree:
         path, _, mode = spec.partition(":")
         self.path = Path(path).resolve()
         self.pure = mode == "pure"
-        self.name = self.path.name + (":pure" if self.pure else "")
-        self.label = str(self.path) + (":pure" if self.pure else "")
+        self.ssl_engine = mode == "ssl"
+        suffix = f":{mode}" if mode in ("pure", "ssl") else ""
+        self.name = self.path.name + suffix
+        self.label = str(self.path) + suffix
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "TUNNEL_PURE_PYTHON"}
+        env = {k: v for k, v in os.environ.items() if k not in ("TUNNEL_PURE_PYTHON", "TUNNEL_TLS_ENGINE")}
         env.update(PYTHONPATH=str(self.path), PYTHONUNBUFFERED="1")
         if self.pure:
             env["TUNNEL_PURE_PYTHON"] = "1"
+        if self.ssl_engine:
+            env["TUNNEL_TLS_ENGINE"] = "ssl"
         env.update(extra or {})
         return env
 

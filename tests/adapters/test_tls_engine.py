@@ -44,7 +44,6 @@ def _on_engine(pipe) -> bool:
 
 
 def test_openssl_engine_is_the_default_on_both_ends(run, pki, engine):
-    assert "TUNNEL_TLS_ENGINE" not in os.environ or os.environ["TUNNEL_TLS_ENGINE"] == "openssl"
     assert engine("openssl") == "openssl"
 
     async def main():
@@ -129,3 +128,63 @@ def test_setting_names_the_engine():
     assert engine_of("").stdout.strip() == "openssl"
     bad = engine_of("boringssl")
     assert bad.returncode != 0 and "TUNNEL_TLS_ENGINE must be one of openssl, ssl" in bad.stderr
+
+
+SERVE_ONE = """
+import asyncio, sys
+import uvloop
+from tests.helpers import make_pki
+from tunnel.carriers.wss import serve_wss_pipes
+from tunnel.core.limits import Limits
+
+async def main():
+    pki = make_pki(__import__("pathlib").Path(sys.argv[1]))
+    done = asyncio.get_running_loop().create_future()
+
+    def on_pipe(pipe, slot):
+        slot.release()
+        done.set_result(pipe.transport.get_extra_info("cipher")[0])
+
+    server = await serve_wss_pipes("127.0.0.1", 0, ssl_context=pki.server_context(), limits=Limits(), on_pipe=on_pipe)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    print(await asyncio.wait_for(done, 60), flush=True)
+
+uvloop.run(main())
+"""
+
+
+@pytest.mark.parametrize("conf, suite", [(None, "TLS_AES_256_GCM_SHA384"),
+                                         ("deploy/openssl/tls13-aes128.cnf", "TLS_AES_128_GCM_SHA256")])
+def test_relay_openssl_configuration_picks_the_suite(run, tmp_path, conf, suite):
+    """deploy/openssl/tls13-aes128.cnf on the relay alone makes every link AES-128-GCM (the server
+    chooses); the agent's process is left as it is."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("OPENSSL_CONF", None)
+    if conf:
+        env["OPENSSL_CONF"] = str(ROOT / conf)
+    server = subprocess.Popen([sys.executable, "-c", SERVE_ONE, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    try:
+        port = int(server.stdout.readline())
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+
+        async def main():
+            pipe = await open_wss_pipe(f"wss://localhost:{port}", ssl_context=ctx, limits=LIMITS, timeout=30)
+            try:
+                return pipe.transport.get_extra_info("cipher")[0]
+            finally:
+                pipe.abort()
+        assert run(main()) == suite
+        assert server.stdout.readline().strip() == suite
+    finally:
+        server.kill()
+        server.wait(30)
+
+
+def test_bad_engine_setting_stops_the_agent_with_a_clear_error():
+    env = dict(os.environ, TUNNEL_TLS_ENGINE="boringssl", PYTHONPATH=str(ROOT), RELAY_URL="wss://127.0.0.1:1",
+               REGISTRATION_JWT="a.b.c", NAME="x", APP_HOST="127.0.0.1", APP_PORT="1")
+    out = subprocess.run([sys.executable, "-m", "agent"], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "tunnel-agent: TUNNEL_TLS_ENGINE must be one of openssl, ssl, got 'boringssl'"
