@@ -48,7 +48,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.helpers import wait_until
@@ -453,7 +453,8 @@ class Chaos:
             rules = []
             for src, dst in ((HOSTS[a], HOSTS[b]), (HOSTS[b], HOSTS[a])):
                 for port in ports:
-                    rules += [["-s", src, "-d", dst, "--dport", str(port)], ["-s", src, "-d", dst, "--sport", str(port)]]
+                    rules += [["-s", src, "-d", dst, "--dport", str(port)],
+                              ["-s", src, "-d", dst, "--sport", str(port)]]
             self.blackhole.drop(*rules)
             time.sleep(rng.uniform(3.0, 10.0))
             self.blackhole.lift()
