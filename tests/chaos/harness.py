@@ -440,11 +440,13 @@ class Chaos:
         elif kind == "blackhole_agent":
             name = rng.choice(("a1", "a2"))
             ports = local_ports(self.agents[name].pid, self.cluster.relays[0].port)
-            port = rng.choice(ports) if ports else None
+            pick = rng.random()  # drawn whatever the ports, so that the seed's later draws do not shift
+            port = ports[int(pick * len(ports))] if ports else None
+            hold = rng.uniform(3.0, 10.0)
             fault.target = f"agent-{name} link from port {port}"
             if port is not None:
                 self.blackhole.drop(["--sport", str(port)], ["--dport", str(port)])
-                time.sleep(rng.uniform(3.0, 10.0))
+                time.sleep(hold)
                 self.blackhole.lift()
         elif kind == "blackhole_peer":
             a, b = rng.sample(range(3), 2)
