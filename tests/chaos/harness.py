@@ -48,7 +48,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.helpers import wait_until
@@ -440,11 +440,13 @@ class Chaos:
         elif kind == "blackhole_agent":
             name = rng.choice(("a1", "a2"))
             ports = local_ports(self.agents[name].pid, self.cluster.relays[0].port)
-            port = rng.choice(ports) if ports else None
+            pick = rng.random()  # drawn whatever the ports, so that the seed's later draws do not shift
+            port = ports[int(pick * len(ports))] if ports else None
+            hold = rng.uniform(3.0, 10.0)
             fault.target = f"agent-{name} link from port {port}"
             if port is not None:
                 self.blackhole.drop(["--sport", str(port)], ["--dport", str(port)])
-                time.sleep(rng.uniform(3.0, 10.0))
+                time.sleep(hold)
                 self.blackhole.lift()
         elif kind == "blackhole_peer":
             a, b = rng.sample(range(3), 2)
@@ -453,7 +455,8 @@ class Chaos:
             rules = []
             for src, dst in ((HOSTS[a], HOSTS[b]), (HOSTS[b], HOSTS[a])):
                 for port in ports:
-                    rules += [["-s", src, "-d", dst, "--dport", str(port)], ["-s", src, "-d", dst, "--sport", str(port)]]
+                    rules += [["-s", src, "-d", dst, "--dport", str(port)],
+                              ["-s", src, "-d", dst, "--sport", str(port)]]
             self.blackhole.drop(*rules)
             time.sleep(rng.uniform(3.0, 10.0))
             self.blackhole.lift()

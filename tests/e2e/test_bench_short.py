@@ -1,7 +1,8 @@
 """Short forms of the benchmarks behind the published figures (README, bench/README.md,
 docs/CLUSTER.md), so that a refactor cannot silently break one: the end-to-end harness with
-every metric group once (``bench/e2e.py --smoke``: each system, each group, one WAN point) and
-the cluster scale benchmark with a few hundred simulated agents, one kill and one drain. They
+every metric group once (``bench/e2e.py --smoke``: each system, each group, one WAN point), the
+cluster scale benchmark with a few hundred simulated agents, one kill and one drain, and the
+relay-to-relay hop (``bench/bench_forwarding.py``) with short runs. They
 check that each benchmark runs and measures, not the figures (benchmarks are not timed tests)."""
 
 from __future__ import annotations
@@ -61,3 +62,15 @@ def test_cluster_scale_brings_a_killed_relays_agents_back(tmp_path):
     assert results["restart_kill"]["registrations"] >= on_victim
     assert results["restart_drain"]["registrations"] >= on_victim
     assert all(kib and kib > 0 for kib in results["memory"]["kib_per_idle_link"])
+
+
+@pytest.mark.skipif(not aliases_work(), reason="127.0.0.2/.3 are not loopback addresses here")
+def test_forwarding_benchmark_measures_both_paths(tmp_path):
+    out = tmp_path / "forwarding.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_forwarding.py"), "--rounds", "200", "--bulk-mib", "4",
+         "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for path in ("local agent (relay 2)", "forwarded (relay 1 -> relay 2)"):
+        assert all(results[path][k] > 0 for k in ("rtt_p50_us", "connections_per_s", "bulk_mbit_s")), results
