@@ -102,12 +102,13 @@ class PeerLinkHandler(LinkHandler):
             log.warning("peer link to relay %s closed: the relay there greets as %s", self.expected, relay_id)
             self.link.close(ErrorCode.UNAUTHORIZED, "not the relay dialled")
             return
+        features = message.get("features")
         if self.dialed:
-            self._greeted(relay_id)
+            self._greeted(relay_id, features)
         elif self.checking is None:
-            self.checking = self.peering._spawn(self._check_member(relay_id))
+            self.checking = self.peering._spawn(self._check_member(relay_id, features))
 
-    async def _check_member(self, relay_id: str) -> None:
+    async def _check_member(self, relay_id: str, features) -> None:
         # Listening side: the greeting must name a live relay of the membership table.
         if not await self.peering.cluster.is_member(relay_id):
             log.warning("peer link from %s refused: %s is not a live relay of the cluster",
@@ -118,11 +119,10 @@ class PeerLinkHandler(LinkHandler):
             return
         self.link.send_control(self.peering.greeting())
         self.link.handshake_done()
-        self._greeted(relay_id)
+        self._greeted(relay_id, features)
 
-    def _greeted(self, relay_id: str) -> None:
+    def _greeted(self, relay_id: str, features) -> None:
         self.peer = self.peering._add(relay_id, self.link, self.peering.relay_id if self.dialed else relay_id)
-        features = message.get("features")
         if isinstance(features, list):
             self.peer.features = frozenset(f for f in features[:16] if f == "worker_address")
         if not self.greeted.done():

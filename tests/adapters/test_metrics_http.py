@@ -118,10 +118,11 @@ async def _open(port: int, host: str = "127.0.0.1", data: bytes = b""):
 def test_slowloris_cannot_keep_probes_out(run, cleanup):
     # Issue 20's report: half-sent requests, renewed before the deadline, and idle connections
     # left /ready answering 1 probe in 36. Every probe is answered now.
-    limits = Limits().replace(max_metrics_connections=4, handshake_timeout=5.0)
+    limits = Limits().replace(handshake_timeout=5.0)
 
     async def main():
-        server = await serve_ops("127.0.0.1", 0, render=lambda: b"", ready=lambda: None, limits=limits)
+        server = await serve_ops("127.0.0.1", 0, render=lambda: b"", ready=lambda: None, limits=limits,
+                                 max_connections=4)
         cleanup.append(server.close)
         attackers = []
         for round_ in range(3):
@@ -138,10 +139,11 @@ def test_slowloris_cannot_keep_probes_out(run, cleanup):
 
 
 def test_one_address_cannot_take_every_place(run, cleanup):
-    limits = Limits().replace(max_metrics_connections=4, handshake_timeout=5.0)
+    limits = Limits().replace(handshake_timeout=5.0)
 
     async def main():
-        server = await serve_ops("127.0.0.1", 0, render=lambda: b"", ready=lambda: None, limits=limits)
+        server = await serve_ops("127.0.0.1", 0, render=lambda: b"", ready=lambda: None, limits=limits,
+                                 max_connections=4)
         cleanup.append(server.close)
         greedy = [await _open(server.port, "127.0.0.2") for _ in range(6)]
         await _wait_for(lambda: server.connections == 2)  # half of the places at most

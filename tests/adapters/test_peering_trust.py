@@ -33,6 +33,8 @@ class _Cluster:
         self.relay_id = HERE
         self.state = _State(address)
         self.asked: list[str] = []
+        self.members: list[dict] = []
+        self.unreachable: set[str] = set()
 
         class settings:
             member_ttl = 5.0
@@ -150,7 +152,7 @@ async def _greet_listener(state_dir, greet_as: str) -> tuple[dict, list[str]]:
 
 def test_the_listener_answers_a_relay_of_the_membership_table(run, tmp_path):
     seen, asked = run(_greet_listener(tmp_path, THERE))
-    assert seen["answers"] == [{"type": "peer", "relay_id": HERE}] and asked == [THERE]
+    assert seen["answers"] == [{"type": "peer", "relay_id": HERE, "features": ["worker_address"]}] and asked == [THERE]
 
 
 def test_the_listener_closes_a_link_greeting_as_no_relay_of_the_cluster(run, tmp_path):

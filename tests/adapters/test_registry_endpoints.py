@@ -148,6 +148,7 @@ def test_remove_resources_keeps_the_agent_for_forwarded_streams_until_its_record
 
     from relay.control.agent_control import AgentControl
     from relay.data.registry import AgentSession, Endpoint
+    from relay.settings import DEFAULT_RELAY_SETTINGS
 
     class Cluster:
         def __init__(self) -> None:
@@ -165,7 +166,7 @@ def test_remove_resources_keeps_the_agent_for_forwarded_streams_until_its_record
         agent = AgentSession("agt_a", link, "cus_a", 0, "1", "h", {"res_a": "db"})
         registry.add_agent(agent)
         cluster = Cluster()
-        relay = SimpleNamespace(registry=registry, cluster=cluster,
+        relay = SimpleNamespace(registry=registry, cluster=cluster, settings=DEFAULT_RELAY_SETTINGS,
                                 spawn=lambda coro: asyncio.get_running_loop().create_task(coro))
         AgentControl(relay).received(agent, {"type": "remove_resources", "resources": [{"name": "db"}],
                                              "reason": "stopping"})
