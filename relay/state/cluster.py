@@ -134,6 +134,8 @@ class Cluster:
         self._bind_asked: set[str] = set()
         #: Set once stop() begins: leaving is not being taken for gone.
         self._stopping = False
+        #: When the database came back after an outage (monotonic); see :meth:`_expire`.
+        self._reconnected_at = float("-inf")
 
     # ---- life
 
@@ -219,6 +221,12 @@ class Cluster:
                 log.warning("heartbeat failed: %s", exc)
 
     async def _expire(self) -> None:
+        # No relay could heartbeat while the database was away: until every relay has had the
+        # time to reconnect (at most db_reconnect_max) and a TTL more, a silent row says nothing
+        # about its relay (else the first relay back would remove every other relay with its
+        # agent links after any outage longer than the TTL).
+        if time.monotonic() - self._reconnected_at < self.settings.member_ttl + self.settings.db_reconnect_max:
+            return
         for relay_id in await self.state.expire_relays(self.settings.member_ttl):
             log.info("relay %s stopped heartbeating: removed with its agent links", relay_id)
 
@@ -290,6 +298,7 @@ class Cluster:
         elif kind == "deleted":
             self._delete(event.get("resource_id"))
         elif kind == "reconnected":
+            self._reconnected_at = time.monotonic()
             self.outages.flush()
             self._spawn(self.resync())
 

@@ -228,6 +228,37 @@ def test_database_stopped_and_restarted_under_load(cluster, agents, service_fact
         assert "Traceback" not in relay.proc.log()
 
 
+def test_a_database_outage_longer_than_the_member_ttl_expires_no_relay(cluster, agents, service_factory,
+                                                                      postgres_server):
+    """No relay could heartbeat while the database was away: when it returns, none takes the
+    others for gone (their rows and agent links stay), and forwarded streams go on."""
+    c = cluster()  # the member TTL is 4 s here; the relays reconnect at their own pace
+    r1, r2, r3 = c.relays
+    customer = r1.create_customer("acme")
+    token = r1.jwt("--customer-id", customer)
+    service = service_factory("drain-then-echo")
+    agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    db = r2.wait_available(customer, "db")
+    port = int(db["endpoint"].rsplit(":", 1)[1])
+    postgres_server.stop()
+    try:
+        down = time.monotonic()
+        wait_until(lambda: time.monotonic() - down > 8, 12, "an outage twice the member TTL", interval=0.5)
+    finally:
+        postgres_server.start()
+    wait_until(lambda: all(relay.cli("customers", "list", check=False).returncode == 0 for relay in c.relays), 30,
+               "admin calls on every relay again")
+    back = time.monotonic()
+    # Two TTLs after the return: every relay still there, the agent's link still recorded.
+    wait_until(lambda: time.monotonic() - back > 8, 12, "two member TTLs", interval=0.5)
+    status = admin(r1).cluster_status()
+    assert len(status["relays"]) == 3 and len(links_of(r1, db["id"])) == 1, status
+    for relay in c.relays:
+        assert "stopped heartbeating" not in relay.proc.log()
+        assert "taken for gone" not in relay.proc.log()
+    assert _serves((HOSTS[0], port)) and _serves((HOSTS[2], port))
+
+
 def test_agent_restart_under_forwarded_connections_fails_none(cluster, agents, service_factory):
     """Workers reach the resource through a relay that holds no agent of it (forwarded to the
     one that does); the agent restarts within two seconds: connections made while no relay
