@@ -36,9 +36,10 @@ from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
 
 from .config import AgentConfig
+from .config_watch import read_config, watch_config
 from .health import TargetHealth
 from .settings import AgentSettings
-from .runner import Agent, close_when_idle, read_config, watch_config
+from .runner import Agent, close_when_idle
 
 log = logging.getLogger("agent.links")
 

@@ -10,16 +10,16 @@ one :class:`Agent` with its own delays; a slot whose relay drains moves at once,
 unless it registered there less than ``HEALTHY_PERIOD`` ago: then it waits as a reconnect would.
 
 Each stream the relay opens names a resource; the agent dials only the ``host:port``
-configured for that name and refuses any other (it never dials an address the relay sends).
-Dials and a light periodic check tell the agent whether each service answers (agent.health);
+configured for that name and refuses any other (it never dials an address the relay sends;
+agent.link_handler). Dials and a light periodic check tell the agent whether each service answers (agent.health);
 the relay hears it (CONTROL ``target_health``).
 
 When the relay deregisters one resource (CONTROL ``deregistered``: its token was revoked or it
 was deleted), the agent stops serving that resource (its streams end, later registrations leave
 it out) and goes on with the others; with none left it exits with code 3.
 
-:meth:`Agent.reload` (SIGHUP, or a changed file under ``AgentSettings.config_watch_interval``) applies
-a new config file on the live link: added resources register (CONTROL ``add_resources``),
+:meth:`Agent.reload` (SIGHUP, or a changed file under ``AgentSettings.config_watch_interval``:
+agent.config_watch) applies a new config file on the live link: added resources register (CONTROL ``add_resources``),
 removed ones stop taking streams and keep those they have (``remove_resources``), changed
 targets apply to new streams; a changed relay, CA or token moves to a new link and drains the
 old one. :meth:`Agent.stop` (SIGTERM) deregisters every resource, lets open streams finish up
@@ -37,32 +37,24 @@ import re
 import socket
 
 from tunnel import __version__
-from tunnel.bridge.proxy_protocol import ProxyV2Bridge, parse_metadata, proxy_v2_header
-from tunnel.bridge.tcp import LinkBuffers, TcpBridge, dial_bridge, stream_handler
-from tunnel.carriers.base import Link, LinkHandler, LinkStream
+from tunnel.carriers.base import Link
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode, describe_code
-from tunnel.wire.errors import AuthError, LinkError, TunnelError
+from tunnel.wire.errors import AuthError, LinkError
 
 from . import hints
-from .config import AgentConfig, ConfigError, Target
+from .config import AgentConfig, Target
+from .config_watch import read_config, watch_config
 from .health import TargetHealth
+from .link_handler import FATAL_CODES, AgentLinkHandler
 from .settings import AgentSettings
 
 log = logging.getLogger("agent")
 
-#: Error codes from the relay after which retrying with the same token is futile.
-FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
 #: What the relay accepts as ``agent.hostname`` (docs/LIMITS.md); other characters become '-'.
 _HOSTNAME_OUTSIDE = re.compile(r"[^A-Za-z0-9._-]")
-#: How long the agent waits for the relay to confirm ``add_resources``/``remove_resources``.
-CONTROL_ANSWER_TIMEOUT = 5.0
-#: Most of a config file the watcher compares (a larger file is compared by its first MiB).
-MAX_CONFIG_FILE = 1 << 20
 #: Failures that mean "the relay cannot be reached now"; the agent retries.
 LINK_FAILURES = (LinkError, OSError, asyncio.TimeoutError, ConnectionError)
-#: What sending on a link that is closing may raise.
-SEND_FAILURES = (TunnelError, OSError)
 
 
 class Backoff:
@@ -83,149 +75,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-class AgentLinkHandler(LinkHandler):
-    """The agent's side of one link: registration answer, streams, control, closing."""
-
-    def __init__(self, agent: "Agent", link: Link) -> None:
-        self.agent = agent
-        self.link = link
-        loop = asyncio.get_running_loop()
-        self.registered: asyncio.Future = loop.create_future()
-        self.closed: asyncio.Future = loop.create_future()
-        #: Set when the relay drains and asks this link to move elsewhere (agent.links).
-        self.moving: asyncio.Future = loop.create_future()
-        self.error: AuthError | None = None
-        #: What this link's bridges hold in user space, bounded by the window we announced.
-        self.buffers = LinkBuffers(agent.limits.session_window)
-        #: Resource name -> the bridges of its streams on this link.
-        self.bridges: dict[str, set[TcpBridge]] = {}
-        #: The resources the relay routes to this link.
-        self.names: set[str] = set()
-        #: Set while no stream is open on this link.
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self._answers: dict[str, asyncio.Future] = {}  # "added"/"removed" -> the pending request
-
-    @property
-    def open_streams(self) -> int:
-        return sum(len(b) for b in self.bridges.values())
-
-    def stream_opened(self, stream: LinkStream):
-        name, worker = parse_metadata(stream.metadata)
-        target = self.agent.route(name)
-        if target is None:
-            log.warning("refusing a stream for resource %r: not served by this agent", name[:128])
-            stream.reset(ErrorCode.REFUSED)
-            return None
-        if target.proxy_protocol == 2:
-            bridge = ProxyV2Bridge(stream, self.buffers, proxy_v2_header(worker))
-        else:
-            bridge = TcpBridge(stream, self.buffers)
-        bridges = self.bridges.setdefault(name, set())
-        bridges.add(bridge)
-        self.idle.clear()
-        log.debug("stream %d for %s: dialling %s", stream.stream_id, name, target.address)
-
-        def done() -> None:
-            bridges.discard(bridge)
-            log.debug("stream %d for %s: ended", stream.stream_id, name)
-            if not self.open_streams:
-                self.idle.set()
-
-        bridge.on_done = done
-        health = self.agent.health
-        task = asyncio.get_running_loop().create_task(
-            dial_bridge(stream, bridge, target.host, target.port, self.agent.settings.connect_timeout,
-                        on_result=lambda exc: health.result(target, exc)))
-        self.agent.tasks.add(task)
-        task.add_done_callback(self.agent.tasks.discard)
-        if self.agent.metrics is not None:
-            self.agent.metrics.stream_dialing(name, task)
-        return stream_handler(bridge)
-
-    def control_received(self, message: dict) -> None:
-        kind = message.get("type")
-        if kind == "registered" and not self.registered.done():
-            self.names = {str(r.get("name")) for r in message.get("resources", []) if isinstance(r, dict)}
-            # Known at once: a ``relays`` message right behind this one must see this slot's
-            # relay as taken, before the registering task resumes.
-            relay_id = message.get("relay_id")
-            self.agent.relay_id = relay_id if isinstance(relay_id, str) else None
-            self.registered.set_result(message)
-        elif kind == "deregistered":
-            self._deregistered(message)
-        elif kind in ("relays", "draining") and self.agent.links is not None:
-            self.agent.links.control(self.agent, self, message)
-        elif kind in ("resources_added", "resources_removed"):
-            future = self._answers.pop(kind, None)
-            if future is not None and not future.done():
-                future.set_result(message)
-        elif kind == "error":
-            code = str(message.get("code", "error"))
-            text = str(message.get("message", ""))[:512]
-            self.error = AuthError(f"relay refused this agent: {text} ({code})", code=code, fatal=code in FATAL_CODES)
-            if not self.registered.done():
-                self.registered.set_exception(self.error)
-
-    async def request(self, kind: str, names: list[str], answer: str, **extra) -> dict | None:
-        """Send ``add_resources``/``remove_resources`` for ``names``; the relay's answer, or
-        None when none came in time (a relay older than these messages ignores them)."""
-        future = asyncio.get_running_loop().create_future()
-        self._answers[answer] = future
-        try:
-            self.link.send_control({"type": kind, "resources": [{"name": n} for n in names], **extra})
-            return await asyncio.wait_for(asyncio.shield(future), CONTROL_ANSWER_TIMEOUT)
-        except (asyncio.TimeoutError, *SEND_FAILURES):
-            return None
-        finally:
-            self._answers.pop(answer, None)
-
-    def send_health(self, names) -> None:
-        entries = self.agent.health.report(n for n in names if n in self.names)
-        if entries and not self.link.is_closing:
-            try:
-                self.link.send_control({"type": "target_health", "resources": entries})
-            except SEND_FAILURES:
-                pass
-
-    def _deregistered(self, message: dict) -> None:
-        """The relay stopped routing one resource to us: end it here, keep the others."""
-        resource = message.get("resource") if isinstance(message.get("resource"), dict) else {}
-        name = resource.get("name")
-        if not isinstance(name, str) or self.agent.route(name) is None:
-            return
-        code = str(message.get("code", "deregistered"))[:64]
-        text = str(message.get("message", ""))[:512]
-        agent = self.agent
-        agent.dropped[name] = f"{text} ({code})"
-        self.names.discard(name)
-        for bridge in list(self.bridges.pop(name, ())):
-            bridge.fail(ErrorCode.UNAUTHORIZED)
-        if not self.open_streams:
-            self.idle.set()
-        left = [t.name for t in agent.config.targets if t.name not in agent.dropped]
-        if left:
-            log.warning("relay deregistered resource %s (%s): %s (%s); no longer serving it, still serving %s",
-                        name, resource.get("id"), text, code, ", ".join(left))
-            return
-        self.error = AuthError(f"relay deregistered every resource of this agent, the last {name}: {text} ({code})",
-                               code=code, fatal=True)
-        self.link.close(ErrorCode.UNAUTHORIZED, "no resource left to serve")
-
-    def link_closed(self, code: int, reason: str) -> None:
-        if code == ErrorCode.UNAUTHORIZED and self.error is None:
-            # The refusal itself, when the carrier closed before the error message arrived.
-            self.error = AuthError(f"relay refused this agent: {reason[:512] or 'unauthorized'} (unauthorized)",
-                                   code="unauthorized", fatal=True)
-        if not self.registered.done():
-            self.registered.set_exception(self.error or LinkError(f"link closed during registration: {reason or code}"))
-        if not self.closed.done():
-            self.closed.set_result((code, reason))
-        for future in self._answers.values():
-            if not future.done():
-                future.set_result(None)
 
 
 class Agent:
@@ -776,42 +625,6 @@ class _Moved:
 MOVED = _Moved()
 
 
-async def watch_config(path: str, interval: float, reload, sleep=asyncio.sleep) -> None:
-    """Call ``reload(why)`` whenever the file at ``path`` changes (checked every ``interval``).
-    A change applies once two checks in a row find the same file (inode, mtime, size and
-    content): a file being written in place is not applied half-written, as long as its
-    writer pauses less than ``interval``. Writing a new file and renaming it into place is
-    atomic (README, "Changing it while the agent runs")."""
-    seen = _file_version(path)
-    pending = None
-    while True:
-        await sleep(interval)
-        version = _file_version(path)
-        if version == seen:
-            pending = None
-        elif version != pending:
-            pending = version  # changed since the last check: wait for it to settle
-        else:
-            seen, pending = version, None
-            reload(f"{path} changed")
-
-
-def read_config(old: AgentConfig, environ, why: str) -> AgentConfig | None:
-    """``old``'s config file read again; None (logged) when there is none or it is refused."""
-    from . import config as agent_config
-
-    if not old.config_file:
-        log.warning("%s: there is no config file to read again (the agent runs on environment variables); "
-                    "restart it to change them", why)
-        return None
-    try:
-        return agent_config.load(environ, old.config_file)
-    except ConfigError as exc:
-        log.error("%s: config file %s refused: %s; still running the previous configuration", why,
-                  old.config_file, exc)
-        return None
-
-
 async def _all_idle(handler: AgentLinkHandler, draining: set[Link]) -> None:
     """Until ``handler``'s link has no open stream (or closed) and the older links closed."""
     while handler.open_streams and not handler.closed.done():
@@ -831,19 +644,6 @@ async def close_when_idle(link: Link, timeout: float = 300.0) -> None:
         await asyncio.wait_for(link.wait_closed(), timeout)
     except asyncio.TimeoutError:
         link.close(ErrorCode.NO_ERROR, "drain timeout")
-
-
-def _file_version(path: str):
-    """What tells one state of a config file from another: its stat stamp and content digest."""
-    import hashlib
-
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read(MAX_CONFIG_FILE + 1)).digest()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size, digest
 
 
 def _names(names) -> str:

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tunnel import codec as frames  # noqa: E402
 from tunnel.core.events import DataReceived  # noqa: E402
 from tunnel.core.limits import DEFAULT_LIMITS  # noqa: E402
-from tunnel.core.session import Role, Session  # noqa: E402
+from tunnel.core.session import Session  # noqa: E402
+from tunnel.core.session_state import Role  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tunnel import codec as frames  # noqa: E402
 from tunnel.core.events import ConnectionClosed, DataReceived  # noqa: E402
 from tunnel.core.limits import Limits  # noqa: E402
-from tunnel.core.session import Role, Session  # noqa: E402
+from tunnel.core.session import Session  # noqa: E402
+from tunnel.core.session_state import Role  # noqa: E402
 from tunnel.wire.constants import ErrorCode, FrameType  # noqa: E402
 
 LIMITS = Limits(max_frame_size=16 * 1024, initial_stream_window=64 * 1024, session_window=256 * 1024,

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 from tunnel.ops.logs import escape
 from tunnel.wire.errors import AuthError
 
+from relay.data.endpoints import AgentSession
 from relay.data.quotas import PerCustomerRate, QuotaExceeded
-from relay.data.registry import AgentSession
 from relay.state.enrolment import EnrolmentRefused, issue_agent_certificate
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 

@@ -23,6 +23,7 @@ import logging
 import secrets
 import time
 from collections import Counter
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -35,8 +36,9 @@ from tunnel.wire.constants import ErrorCode, describe_code
 from tunnel.wire.errors import AuthError
 
 from relay import CA_FILE
+from relay.data.endpoints import AgentSession
 from relay.data.quotas import FULL_CODE, Descriptors, QuotaExceeded, RegistrationRate
-from relay.data.registry import AgentSession, Registry
+from relay.data.registry import Registry
 from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
 from relay.state.pki import CA_KEY_FILE
 from relay.state.relay_state import allocate_port

@@ -3,7 +3,7 @@
 - :class:`Forwarded` (the relay a worker connected to, holding no agent of the resource):
   the worker's TCP connection is accepted at once; while the relay finds the relay holding
   an agent and opens a stream to it over their peer link (or, when no relay serves the
-  resource, waits for an agent: relay.registry.Endpoint.find_agent), what the worker sends
+  resource, waits for an agent: relay.data.endpoints.Endpoint.find_agent), what the worker sends
   waits here (reading paused above :data:`EARLY_LIMIT`, and at once while waiting); then the
   endpoint's :class:`TcpBridge` runs over the stream exactly as over an agent's.
 - :class:`Splice` (the relay holding the agent): joins the stream from the peer to a new

@@ -4,8 +4,8 @@
 Most of what is exported is read at scrape time from what the relay keeps anyway (the
 registry's agents and endpoints, each link's round trip, each bridge's byte counts); events
 nothing else remembers (streams opened, refused and failed, refused registrations, quota hits)
-are plain integer counters bumped by one-line calls from :mod:`relay.control.server` and
-:mod:`relay.data.registry`. Counters of a resource live as long as its endpoint.
+are plain integer counters bumped by one-line calls from :mod:`relay.control.server`,
+:mod:`relay.data.registry` and :mod:`relay.data.endpoints`. Counters of a resource live as long as its endpoint.
 
 Labels: ``customer`` and ``resource`` are the relay's own ids (``cus_…``, ``res_…``), never
 names an agent sent; their number is bounded by the customers an operator created and by

@@ -51,7 +51,7 @@ from relay.state.pki import PEER_ROLE, peer_role
 from relay.state.store.errors import StoreError, StoreUnavailable
 
 from .forward import Splice
-from .registry import open_metadata
+from .endpoints import open_metadata
 
 log = logging.getLogger("relay.peering")
 
@@ -339,7 +339,7 @@ class Peering:
     async def open_forward(self, resource_id: str, handler, worker: bytes = b"") -> tuple[LinkStream, LinkBuffers] | None:
         """A stream for ``resource_id`` to a relay holding one of its agents, with the link's
         buffer account; None when no such relay can be reached. ``worker``: the worker's
-        address field (relay.registry.open_metadata), for peers that understand it."""
+        address field (relay.data.endpoints.open_metadata), for peers that understand it."""
         for holder in await self.holders(resource_id):
             if holder["relay_id"] == self.relay_id or not holder["peer_address"]:
                 continue

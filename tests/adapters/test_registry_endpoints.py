@@ -69,7 +69,7 @@ class _Link:
 def test_a_worker_gone_while_it_waits_gets_no_stream(run, cleanup):
     """A connection waiting for an agent whose worker reset it before the agent came is not
     handed to that agent (it would hold a stream nobody reads, counted for ever)."""
-    from relay.data.registry import AgentSession, EndpointBridge
+    from relay.data.endpoints import AgentSession, EndpointBridge
     from tunnel.bridge.tcp import LinkBuffers
 
     async def go():
@@ -120,7 +120,7 @@ def test_a_stream_forwarded_while_the_agent_leaves_still_reaches_it(run):
     record, another relay may still forward a worker here: it goes to that agent (which still
     serves it), not to a reset; local workers' connections no longer do."""
     from relay.data.peering import Peering
-    from relay.data.registry import AgentSession, Endpoint
+    from relay.data.endpoints import AgentSession, Endpoint
     from tunnel.core.limits import DEFAULT_LIMITS
     from tunnel.wire.constants import ErrorCode
 
@@ -147,7 +147,7 @@ def test_remove_resources_keeps_the_agent_for_forwarded_streams_until_its_record
     from types import SimpleNamespace
 
     from relay.control.agent_control import AgentControl
-    from relay.data.registry import AgentSession, Endpoint
+    from relay.data.endpoints import AgentSession, Endpoint
     from relay.settings import DEFAULT_RELAY_SETTINGS
 
     class Cluster:

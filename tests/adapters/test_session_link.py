@@ -14,7 +14,8 @@ from tunnel.carriers.pipe import Pipe
 from tunnel.carriers.session_link import SessionLink
 from tunnel.carriers.tcp import TcpPipe, open_tcp_link, serve_tcp_links
 from tunnel.core.limits import DEFAULT_LIMITS
-from tunnel.core.session import Role, Session
+from tunnel.core.session import Session
+from tunnel.core.session_state import Role
 from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import LinkError
 

@@ -12,7 +12,7 @@ from relay.data.forward import Splice
 from tunnel.carriers.base import LinkHandler, StreamHandler
 from tunnel.carriers.tcp import open_tcp_link, serve_tcp_links
 from tunnel.core.limits import DEFAULT_LIMITS
-from tunnel.core.session import Role
+from tunnel.core.session_state import Role
 from tunnel.wire.constants import ErrorCode
 
 KiB = 1024

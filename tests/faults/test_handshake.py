@@ -64,7 +64,7 @@ async def _authenticated_time(relay, token: str, name: str = "probe", transport:
 def test_upgraded_but_silent_client_is_cut_at_the_deadline(strict_relay):
     from tunnel.carriers.session_link import SessionLink
     from tunnel.carriers.wss import open_wss_pipe
-    from tunnel.core.session import Role
+    from tunnel.core.session_state import Role
 
     async def main():
         ctx = ssl.create_default_context(cafile=strict_relay.ca_file)

@@ -109,7 +109,7 @@ class Recorder(LinkHandler):
 async def _link(relay, token: str | None):
     from tunnel.carriers.session_link import SessionLink
     from tunnel.carriers.wss import open_wss_pipe
-    from tunnel.core.session import Role
+    from tunnel.core.session_state import Role
 
     ctx = ssl.create_default_context(cafile=relay.ca_file)
     pipe = await open_wss_pipe(f"wss://127.0.0.1:{relay.port}", ssl_context=ctx, limits=Limits(), timeout=10)

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from agent import config as agent_config
-from agent.runner import Agent, AgentLinkHandler, Backoff
+from agent.link_handler import AgentLinkHandler
+from agent.runner import Agent, Backoff
 from tunnel.carriers.base import LinkStream
 from tunnel.wire.constants import ErrorCode
 

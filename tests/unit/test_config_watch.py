@@ -1,4 +1,4 @@
-"""agent.runner.watch_config: a config file being written in place is never applied
+"""agent.config_watch.watch_config: a config file being written in place is never applied
 half-written (a valid prefix would deregister the resources still to come); a change applies
 once two checks in a row find the same file. Time is the watcher's ``sleep``, driven here."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from agent import config as agent_config
-from agent.runner import watch_config
+from agent.config_watch import watch_config
 
 HEAD = 'relay_url = "wss://127.0.0.1:8443"\nregistration_jwt_file = "{jwt}"\n'
 RESOURCE = '[[resources]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\n'

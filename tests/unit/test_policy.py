@@ -25,7 +25,8 @@ from tunnel.core.policy import (
     stream_credit,
     tuned_window,
 )
-from tunnel.core.session import Role, Session
+from tunnel.core.session import Session
+from tunnel.core.session_state import Role
 from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import FloodError, ProtocolError, VersionMismatch
 

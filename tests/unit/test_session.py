@@ -22,7 +22,8 @@ from tunnel.core.events import (
     StreamWritable,
 )
 from tunnel.core.limits import DEFAULT_LIMITS, Limits
-from tunnel.core.session import TRANSITIONS, Role, Session, StreamInput, StreamState
+from tunnel.core.session import Session
+from tunnel.core.session_state import TRANSITIONS, Role, StreamInput, StreamState
 from tunnel.wire.constants import MAX_WINDOW, PARTIAL, ErrorCode, Flags, FrameType
 from tunnel.wire.errors import SessionClosed, UsageError
 from tunnel.wire.errors import StreamClosedError

@@ -41,7 +41,8 @@ from tunnel.core.events import (
     StreamWritable,
 )
 from tunnel.core.limits import DEFAULT_LIMITS, Limits
-from tunnel.core.session import Role, Session
+from tunnel.core.session import Session
+from tunnel.core.session_state import Role
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import LinkError, SessionClosed, StreamClosedError
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from tunnel.carriers.pipe import Pipe, PipeReceiver, set_nodelay
 from tunnel.carriers.session_link import SessionLink
 from tunnel.core.limits import DEFAULT_LIMITS, Limits
-from tunnel.core.session import Role
+from tunnel.core.session_state import Role
 from tunnel.wire.constants import ErrorCode
 
 __all__ = ["TcpPipe", "open_tcp_link", "serve_tcp_links"]

@@ -667,7 +667,7 @@ async def connect_wss(url: str, *, ssl_context: ssl.SSLContext | None, limits: L
                       proxy: str | None = None, timeout: float | None = None):
     """Agent side: dial ``url`` and return a ready :class:`tunnel.carriers.session_link.SessionLink`."""
     from tunnel.carriers.session_link import SessionLink
-    from tunnel.core.session import Role
+    from tunnel.core.session_state import Role
 
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
@@ -690,7 +690,7 @@ async def serve_wss(host: str, port: int, *, ssl_context: ssl.SSLContext | None,
     """Relay side: every accepted agent becomes a SessionLink passed to ``on_link``; call
     ``link.handshake_done()`` once it has authenticated (that releases its handshake slot)."""
     from tunnel.carriers.session_link import SessionLink
-    from tunnel.core.session import Role
+    from tunnel.core.session_state import Role
 
     def on_pipe(pipe: WebSocketPipe, slot: Slot) -> None:
         link = SessionLink(pipe, Role.RELAY, limits, carrier="wss", on_handshake_done=slot.release)

@@ -4,7 +4,8 @@ Design in a few lines:
 
 - Bytes in (:meth:`Session.receive_data`) go through the codec's ``FrameDecoder``, then a
   dispatch table indexed by frame type; per-stream frames drive the stream state TABLE
-  (:data:`TRANSITIONS`, ``(state, input) -> new state``; anything missing is a violation).
+  (:data:`tunnel.core.session_state.TRANSITIONS`, ``(state, input) -> new state``; anything
+  missing is a violation).
   Facts come out as events (:meth:`Session.pop_events`), never as callbacks. The DATA of a
   stream given a receiver (:meth:`Session.set_receiver`) is collected per stream instead, for
   :meth:`Session.pop_received`: no event object per frame on the adapter's hot path.
@@ -21,6 +22,8 @@ Design in a few lines:
 - The link's rules (HELLO checks, keepalive, PING, floods, going away, stream admission,
   half-close deadlines, send watermarks) are :class:`tunnel.core.policy.LinkPolicy` and
   friends, which the QUIC carrier obeys too; this module applies them to a byte pipe.
+- What it keeps (the link's fields and what can be read of them, each stream's record) is
+  :mod:`tunnel.core.session_state`; this module holds what changes it.
 - No clock: every time is the ``now`` the caller passes; :meth:`Session.next_timer` and
   :meth:`Session.handle_timer` drive keepalive and half-close timeouts.
 - Peer mistakes never raise: a stream-level one resets the stream (``StreamReset`` with
@@ -29,9 +32,6 @@ Design in a few lines:
 """
 
 from __future__ import annotations
-
-from collections import deque
-from enum import IntEnum
 
 from tunnel import codec as frames
 from tunnel.core.events import (
@@ -52,18 +52,16 @@ from tunnel.core.limits import DEFAULT_LIMITS, Limits
 from tunnel.core.policy import (
     KEEPALIVE_PING,
     KEEPALIVE_TIMEOUT,
-    LinkPolicy,
-    SendWatermarks,
     accept_hello,
     hello_payload,
     session_credit,
     stream_credit,
 )
+from tunnel.core.session_state import TRANSITIONS, Role, SessionState, StreamInput, StreamRecord, StreamState
 from tunnel.wire.constants import (
     HEADER_SIZE,
     MAX_STREAM_ID,
     MAX_WINDOW,
-    MIN_FRAME_SIZE,
     ErrorCode,
     Flags,
     FrameType,
@@ -79,67 +77,11 @@ from tunnel.wire.errors import (
     UsageError,
 )
 
-__all__ = ["Role", "Session", "StreamState", "StreamInput", "TRANSITIONS"]
-
-
-class Role(IntEnum):
-    #: The dialling side; opens odd stream ids.
-    AGENT = 1
-    #: The accepting side; opens even stream ids.
-    RELAY = 2
-
-
-class StreamState(IntEnum):
-    IDLE = 0
-    OPEN = 1
-    HALF_CLOSED_LOCAL = 2
-    HALF_CLOSED_REMOTE = 3
-    CLOSED = 4
-
-
-class StreamInput(IntEnum):
-    SEND_OPEN = 0
-    SEND_OPEN_FIN = 1
-    RECV_OPEN = 2
-    RECV_OPEN_FIN = 3
-    SEND_DATA = 4
-    RECV_DATA = 5
-    SEND_FIN = 6
-    RECV_FIN = 7
-    SEND_RESET = 8
-    RECV_RESET = 9
-    RECV_WINDOW_UPDATE = 10
+__all__ = ["Session"]
 
 
 _S = StreamState
 _I = StreamInput
-
-#: The stream state machine: ``(state, input) -> new state``. A pair that is missing is a
-#: violation: by the peer (``RECV_*``: STREAM_CLOSED for data after FIN, else PROTOCOL_ERROR)
-#: or by the application (``SEND_*``: :class:`tunnel.wire.errors.StreamClosedError`).
-TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
-    (_S.IDLE, _I.SEND_OPEN): _S.OPEN,
-    (_S.IDLE, _I.SEND_OPEN_FIN): _S.HALF_CLOSED_LOCAL,
-    (_S.IDLE, _I.RECV_OPEN): _S.OPEN,
-    (_S.IDLE, _I.RECV_OPEN_FIN): _S.HALF_CLOSED_REMOTE,
-    (_S.OPEN, _I.SEND_DATA): _S.OPEN,
-    (_S.OPEN, _I.RECV_DATA): _S.OPEN,
-    (_S.OPEN, _I.SEND_FIN): _S.HALF_CLOSED_LOCAL,
-    (_S.OPEN, _I.RECV_FIN): _S.HALF_CLOSED_REMOTE,
-    (_S.OPEN, _I.SEND_RESET): _S.CLOSED,
-    (_S.OPEN, _I.RECV_RESET): _S.CLOSED,
-    (_S.OPEN, _I.RECV_WINDOW_UPDATE): _S.OPEN,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_DATA): _S.HALF_CLOSED_LOCAL,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_FIN): _S.CLOSED,
-    (_S.HALF_CLOSED_LOCAL, _I.SEND_RESET): _S.CLOSED,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_RESET): _S.CLOSED,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_LOCAL,
-    (_S.HALF_CLOSED_REMOTE, _I.SEND_DATA): _S.HALF_CLOSED_REMOTE,
-    (_S.HALF_CLOSED_REMOTE, _I.SEND_FIN): _S.CLOSED,
-    (_S.HALF_CLOSED_REMOTE, _I.SEND_RESET): _S.CLOSED,
-    (_S.HALF_CLOSED_REMOTE, _I.RECV_RESET): _S.CLOSED,
-    (_S.HALF_CLOSED_REMOTE, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
-}
 
 # Fast form of the table for the hot path: _NEXT[state] is {input: new state}, as plain ints.
 _NEXT: list[dict[int, int]] = [{} for _ in StreamState]
@@ -147,7 +89,6 @@ for (_state, _input), _new in TRANSITIONS.items():
     _NEXT[_state][int(_input)] = int(_new)
 del _state, _input, _new
 
-_IDLE = int(_S.IDLE)
 _OPEN = int(_S.OPEN)
 _HCL = int(_S.HALF_CLOSED_LOCAL)
 _HCR = int(_S.HALF_CLOSED_REMOTE)
@@ -166,68 +107,11 @@ _MAX_CONTROL_BACKLOG = 1024 * 1024
 _INF = float("inf")
 
 
-class _Stream:
-    __slots__ = (
-        "id", "local", "state", "queue", "buffered", "fin_pending", "send_window",
-        "recv_limit", "received", "consumed", "window", "epoch_at", "epoch_consumed", "scheduled",
-        "paused", "last_activity", "turn_left", "receiver", "inbox",
-    )
-
-    def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int, now: float) -> None:
-        self.id = stream_id
-        self.local = local
-        self.state = _IDLE
-        self.queue: deque = deque()  # memoryviews of the application's data, uncopied
-        self.buffered = 0  # bytes in queue
-        self.fin_pending = False  # end_stream called; FIN goes out after the queue
-        self.send_window = send_window  # credit the peer gave us
-        self.recv_limit = recv_window  # stream offset the peer may send up to
-        self.received = 0  # stream offset received
-        self.consumed = 0  # stream offset the application consumed
-        self.window = recv_window  # our receive window for this stream (grows: policy.retune)
-        self.epoch_at = now  # window auto-tuning: start of the epoch ...
-        self.epoch_consumed = 0  # ... and what was consumed then
-        self.scheduled = False  # in Session._active
-        self.paused = False  # reported paused; waits for StreamWritable
-        self.last_activity = now
-        self.turn_left = 0  # rest of a quantum cut short by max_bytes: resumed first
-        self.receiver = None  # set_receiver: DATA goes to pop_received, not DataReceived events
-        self.inbox: list | None = None  # payloads for the receiver since the last pop_received
-
-
-class Session:
+class Session(SessionState):
     """One link's multiplexer. See the module docstring; events in :mod:`tunnel.core.events`."""
 
     def __init__(self, role: Role, limits: Limits = DEFAULT_LIMITS, now: float = 0.0) -> None:
-        self._role = Role(role)
-        self._limits = limits
-        self._now = now
-        self._local_parity = 1 if self._role == Role.AGENT else 0
-        self._decoder = frames.FrameDecoder(limits.max_frame_size)
-        self._events: list[Event] = []
-        self._control: deque = deque()
-        self._control_bytes = 0
-        self._streams: dict[int, _Stream] = {}
-        self._active: deque = deque()  # streams with data (or a FIN) and credit, round-robin
-        self._policy = LinkPolicy(limits, now)
-        self._send = SendWatermarks(limits)
-        self._next_local_id = 1 if self._role == Role.AGENT else 2
-        self._last_local_id = 0
-        self._last_peer_id = 0
-        # Peer's HELLO.
-        self._hello_received = False
-        self._version: int | None = None
-        self._peer_stream_window = 0
-        self._peer_max_frame = MIN_FRAME_SIZE
-        self._send_session_window = 0
-        # Our receive side, as byte counts across all streams.
-        self._recv_limit = limits.session_window  # what the peer may send in all
-        self._recv_received = 0
-        self._recv_consumed = 0
-        self._closed = False
-        self._inbox_streams: list[_Stream] = []  # streams with payloads for pop_received
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        SessionState.__init__(self, role, limits, now)
         self._handlers = [
             self._on_data,
             self._on_open,
@@ -239,65 +123,6 @@ class Session:
             self._on_control,
         ]
         self._queue_control(frames.encode_frame(FrameType.HELLO, 0, 0, hello_payload(limits)))
-
-    # --- properties -------------------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        """Both HELLOs exchanged and the link not closed: streams may be opened."""
-        return self._hello_received and not self._closed
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def version(self) -> int | None:
-        return self._version
-
-    @property
-    def open_stream_count(self) -> int:
-        return len(self._streams)
-
-    @property
-    def rtt(self) -> float | None:
-        return self._policy.rtt
-
-    @property
-    def goaway_sent(self) -> bool:
-        return self._policy.goaway_sent
-
-    @property
-    def goaway_received(self) -> bool:
-        return self._policy.goaway_received
-
-    @property
-    def is_closing(self) -> bool:
-        """GOAWAY sent or received, or closed."""
-        return self._closed or self._policy.going_away
-
-    @property
-    def has_data_to_send(self) -> bool:
-        """True if :meth:`data_to_send` would return something now."""
-        if self._control:
-            return True
-        if self._closed or not self._active:
-            return False
-        return self._send_session_window > 0 or any(not s.buffered for s in self._active)
-
-    @property
-    def send_buffered_total(self) -> int:
-        """Outgoing stream bytes queued across all streams."""
-        return self._send.total
-
-    @property
-    def received_unconsumed(self) -> int:
-        """Received DATA bytes the application has not consumed yet (bounded by the window)."""
-        return self._recv_received - self._recv_consumed
-
-    def stream_ids(self) -> list[int]:
-        """Ids of the streams still tracked (not yet closed both ways)."""
-        return list(self._streams)
 
     # --- input ------------------------------------------------------------------------
 
@@ -449,7 +274,7 @@ class Session:
             self._queue_reply(frames.encode_frame(FrameType.RESET, 0, sid, frames.encode_u32(refusal)))
             return
         fin = bool(flags & _FIN)
-        s = _Stream(sid, False, self._peer_stream_window, self._limits.initial_stream_window, self._now)
+        s = StreamRecord(sid, False, self._peer_stream_window, self._limits.initial_stream_window, self._now)
         s.state = _NEXT[s.state][_I.RECV_OPEN_FIN if fin else _I.RECV_OPEN]
         self._streams[sid] = s
         self._events.append(StreamOpened(sid, bytes(payload)))
@@ -530,16 +355,16 @@ class Session:
 
     # --- stream bookkeeping -----------------------------------------------------------
 
-    def _enter_half_closed(self, s: _Stream) -> None:
+    def _enter_half_closed(self, s: StreamRecord) -> None:
         self._policy.half_closed(s, self._now)
 
-    def _drop_queue(self, s: _Stream) -> None:
+    def _drop_queue(self, s: StreamRecord) -> None:
         if s.buffered:
             self._send.remove(s, s.buffered)
             s.queue.clear()
         s.fin_pending = False
 
-    def _forget(self, s: _Stream) -> None:
+    def _forget(self, s: StreamRecord) -> None:
         """The stream is closed both ways: report it and keep nothing of it."""
         s.state = _CLOSED
         del self._streams[s.id]
@@ -552,7 +377,7 @@ class Session:
         self._events.append(StreamClosed(s.id))
         self._check_drained()
 
-    def _stream_error(self, s: _Stream, code: int) -> None:
+    def _stream_error(self, s: StreamRecord, code: int) -> None:
         """The peer broke one stream's rules: reset that stream, keep the link."""
         self._queue_control(frames.encode_frame(FrameType.RESET, 0, s.id, frames.encode_u32(code)))
         self._drop_queue(s)
@@ -704,7 +529,7 @@ class Session:
 
     # --- application API --------------------------------------------------------------
 
-    def _stream_for_send(self, stream_id: int) -> _Stream:
+    def _stream_for_send(self, stream_id: int) -> StreamRecord:
         s = self._streams.get(stream_id)
         if s is None:
             raise StreamClosedError(f"stream {stream_id} is closed or unknown")
@@ -728,7 +553,7 @@ class Session:
             raise UsageError(f"OPEN metadata of {len(metadata)} bytes exceeds max_open_metadata")
         self._next_local_id = sid + 2
         self._last_local_id = sid
-        s = _Stream(sid, True, self._peer_stream_window, self._limits.initial_stream_window, self._now)
+        s = StreamRecord(sid, True, self._peer_stream_window, self._limits.initial_stream_window, self._now)
         s.state = _NEXT[s.state][_I.SEND_OPEN_FIN if end_stream else _I.SEND_OPEN]
         self._streams[sid] = s
         self._queue_control(frames.encode_frame(FrameType.OPEN, _FIN if end_stream else 0, sid, metadata))

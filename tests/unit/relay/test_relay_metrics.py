@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 from relay.data.metrics import RelayMetrics, ready, reset_reason
 from relay.data.quotas import QuotaExceeded
-from relay.data.registry import Endpoint, EndpointBridge, Registry
+from relay.data.endpoints import Endpoint, EndpointBridge
+from relay.data.registry import Registry
 from relay.state.relay_state import RelayState
 from relay.state.store.settings import StoreSettings
 from tests.helpers import async_wait_until
@@ -133,7 +134,7 @@ def test_counters_per_resource_and_families():
 
 
 def test_agents_that_cannot_reach_the_service_are_counted():
-    from relay.data.registry import AgentSession
+    from relay.data.endpoints import AgentSession
 
     registry = Registry("127.0.0.1")
     endpoint = registry.endpoints["res_a"] = Endpoint(registry, "res_a", "db", "cus_a", "127.0.0.1", 0)

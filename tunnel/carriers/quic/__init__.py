@@ -2,7 +2,8 @@
 "QUIC mapping"), one QUIC stream per tunneled stream, so that loss on one stream does not
 stall the others.
 
-- :mod:`~tunnel.carriers.quic.link`: the link and its streams, on the shared link policy;
+- :mod:`~tunnel.carriers.quic.link` and :mod:`~tunnel.carriers.quic.stream`: the link and its
+  streams, on the shared link policy;
 - :mod:`~tunnel.carriers.quic.client` / :mod:`~tunnel.carriers.quic.server`: dialling and
   accepting (admission, Retry, connection-ID demultiplexing);
 - :mod:`~tunnel.carriers.quic.udp`: sockets, batched sends with GSO, the path's datagram size;
@@ -12,7 +13,8 @@ stall the others.
 """
 
 from tunnel.carriers.quic.client import connect_quic
-from tunnel.carriers.quic.link import QuicLink, QuicLinkStream
+from tunnel.carriers.quic.link import QuicLink
 from tunnel.carriers.quic.server import QuicServer, serve_quic
+from tunnel.carriers.quic.stream import QuicLinkStream
 
 __all__ = ["QuicLink", "QuicLinkStream", "QuicServer", "connect_quic", "serve_quic"]
