@@ -392,7 +392,7 @@ class AdminApi:
             port_range = getattr(self.registry, "port_range", DEFAULT_PORT_RANGE)
             choose = lambda taken_now: allocate_port(host, taken_now, port_range)  # noqa: E731
         try:
-            resource = await self.state.get_or_create_resource(customer_id, name, choose, allow_cidrs)
+            resource = await self.state.get_or_create_resource(customer_id, name, choose, allow_cidrs=allow_cidrs)
         except RuntimeError as exc:
             raise HttpError(409, "conflict", str(exc)) from None
         log.info("created resource %s (%s) of customer %s, endpoint port %d", resource["id"], name, customer_id,
