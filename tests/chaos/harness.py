@@ -348,7 +348,9 @@ class Chaos:
     def _write_config(self, name: str, resources: dict, token_file: Path) -> None:
         path = self.work / f"{name}.toml"
         lines = [f'relay_url = "wss://{LB}:{self.cluster.relays[0].port}"',
-                 f'ca_file = "{self.cluster.ca_file}"', f'registration_jwt_file = "{token_file}"']
+                 f'ca_file = "{self.cluster.ca_file}"', f'registration_jwt_file = "{token_file}"',
+                 # the relays the cluster names sit on other loopback addresses than the balancer
+                 'relay_allow_hosts = ["127.0.0.0/8"]']
         for resource, port in resources.items():
             lines += ["[[resources]]", f'name = "{resource}"', 'host = "127.0.0.1"', f"port = {port}"]
         tmp = path.with_suffix(".tmp")

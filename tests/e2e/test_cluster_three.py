@@ -237,7 +237,7 @@ def test_a_database_outage_longer_than_the_member_ttl_expires_no_relay(cluster, 
     customer = r1.create_customer("acme")
     token = r1.jwt("--customer-id", customer)
     service = service_factory("drain-then-echo")
-    agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1", **AGENT_ENV)
     db = r2.wait_available(customer, "db")
     port = int(db["endpoint"].rsplit(":", 1)[1])
     postgres_server.stop()
@@ -298,7 +298,7 @@ def test_a_killed_relays_agents_stop_counting_within_5_s(cluster, agents, servic
     customer = r1.create_customer("acme")
     token = r1.jwt("--customer-id", customer)
     service = service_factory("drain-then-echo")
-    agent = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1")
+    agent = agents.start(r2.url, token, "db", service.port, ca_file=c.ca_file, RELAY_LINKS="1", **AGENT_ENV)
     r2.wait_available(customer, "db")
 
     def view(relay: Relay) -> dict:
