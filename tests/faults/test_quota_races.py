@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 
 import pytest
@@ -149,18 +150,18 @@ def test_concurrent_add_resources_stay_within_the_per_link_limit(tmp_path, caplo
 
 
 def _free_range(n: int) -> tuple[int, int]:
-    """``n`` consecutive ports free on 127.0.0.1 now."""
+    """``n`` consecutive ports free on 127.0.0.1 now, below the kernel's ephemeral range (so that
+    no outgoing connection of a busy test run takes one meanwhile), probed as the relay binds its
+    endpoints (SO_REUSEADDR: a port in TIME_WAIT is free to a listener)."""
+    rng = random.Random()
     for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            low = s.getsockname()[1]
-        if low + n > 65535:
-            continue
+        low = rng.randrange(12000, 19000 - n)
         socks = []
         try:
             for port in range(low, low + n):
                 sock = socket.socket()
                 socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", port))
             return low, low + n - 1
         except OSError:
