@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A customer-wide token lets agents register any resource name for that customer (created "
                "at first use); with --resource-id it serves that one resource only, and --rotate revokes "
                "every older token of it.")
-    # Whom the token is for is the relay's one rule (relay.tokens.token_subject), not argparse's.
+    # Whom the token is for is the relay's one rule (relay.control.tokens.token_subject), not argparse's.
     jwt_cmd.add_argument("--customer-id", metavar="ID",
                          help="the customer whose agents use the token: the id 'customers create' printed "
                               "(cus_...; 'customers list' shows them); needed unless --org-only")

@@ -132,7 +132,7 @@ def load_or_create_admin_token(state_dir: str | os.PathLike) -> str:
     return token
 
 
-#: The name relay.server uses.
+#: The name relay.control.server uses.
 ensure_admin_token = load_or_create_admin_token
 
 
@@ -294,7 +294,7 @@ class AdminApi:
         except Exception:  # noqa: BLE001 - the listing must not fail on one broken entry
             log.exception("registry.agents_of failed for %s", resource["id"])
             agents = []
-        # In a cluster every relay reaches every agent (relay.peering): count them all.
+        # In a cluster every relay reaches every agent (relay.data.peering): count them all.
         total = len(agents) if counts is None else max(len(agents), counts.get(resource["id"], 0))
         view = {
             "id": resource["id"],

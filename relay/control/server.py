@@ -83,7 +83,7 @@ class AgentLinkHandler(LinkHandler):
 
     def control_received(self, message: dict) -> None:
         if self.agent is not None:
-            self.relay.control.received(self.agent, message)  # relay.agent_control
+            self.relay.control.received(self.agent, message)  # relay.control.agent_control
             return
         kind = message.get("type")
         if kind == "auth" and not self._authenticating:
@@ -144,7 +144,7 @@ class Relay:
         self.throttled = Throttled(log, LOG_INTERVAL)
         #: Resources with a registration between its first and last step (never expired).
         self.registering: Counter = Counter()
-        #: This relay's links to the other relays (relay.peering), None outside a cluster.
+        #: This relay's links to the other relays (relay.data.peering), None outside a cluster.
         self.peering = None
         cluster.on_members = self.members_changed
         cluster.on_resource_created = self.resource_created

@@ -6,8 +6,8 @@ Each connection to an endpoint becomes one stream on the link of one of the reso
 agents: one whose private service answers (CONTROL ``target_health``), then the one with the
 fewest active streams; when an agent leaves, new connections go to the others.
 
-With no agent here, in a cluster, the connection goes to the relay holding one (relay.peering,
-relay.forward). When no relay serves the resource, a new connection waits: for up to
+With no agent here, in a cluster, the connection goes to the relay holding one (relay.data.peering,
+relay.data.forward). When no relay serves the resource, a new connection waits: for up to
 ``RelaySettings.endpoint_hold_timeout`` (5 s), at most ``RelaySettings.endpoint_hold_max`` per resource,
 while the resource lost its last agent (or the relay started, or, in a cluster, another relay
 last took one of its connections) less than ``RelaySettings.endpoint_hold_window`` ago, and not
@@ -66,13 +66,13 @@ class AgentSession:
     hostname: str
     resources: dict[str, str]  # resource id -> name
     #: The agent process (its random ``instance`` at auth) and which of its links this is;
-    #: ``epoch`` orders the link records of one agent slot across relays (relay.cluster).
+    #: ``epoch`` orders the link records of one agent slot across relays (relay.state.cluster).
     instance: str = ""
     slot: int = 0
     epoch: int = 0
     #: What the agent announced it understands (``agent.features`` at auth).
     features: frozenset = frozenset()
-    #: When this link last asked for a certificate (monotonic; relay.agent_control).
+    #: When this link last asked for a certificate (monotonic; relay.control.agent_control).
     enrolled_at: float | None = None
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
@@ -84,10 +84,10 @@ class AgentSession:
     targets: dict = field(default_factory=dict)
     #: Resources the agent stopped serving (CONTROL ``remove_resources``) while its link's
     #: record is rewritten without them: streams other relays forwarded meanwhile still go
-    #: to it (relay.peering), local workers' do not.
+    #: to it (relay.data.peering), local workers' do not.
     leaving: set = field(default_factory=set)
     #: Streams open on the link -> the resource each is for (an EndpointBridge, or a
-    #: relay.forward.Splice of a stream another relay forwarded); with the bytes of those that
+    #: relay.data.forward.Splice of a stream another relay forwarded); with the bytes of those that
     #: ended, ``resource_bytes`` gives each resource's own bytes.
     flows: dict = field(default_factory=dict)
     done_bytes: Counter = field(default_factory=Counter)  # (resource id, "sent"|"received") -> n
@@ -108,7 +108,7 @@ class AgentSession:
                 received += flow.bytes_from_agent
         return sent, received
     #: Resources of ``add_resources`` messages being added now: they count against the
-    #: per-link limit from the check on (relay.agent_control).
+    #: per-link limit from the check on (relay.control.agent_control).
     adding: int = 0
 
     def target_down(self, resource_id: str) -> bool:
@@ -175,7 +175,7 @@ class EndpointBridge(TcpBridge):
         self.refused: str | None = None
         self.peer_relay = False
         #: While no stream exists yet (waiting for an agent, here or on another relay): what
-        #: the worker sent meanwhile (relay.forward.Forwarded).
+        #: the worker sent meanwhile (relay.data.forward.Forwarded).
         self.forwarded: Forwarded | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -233,7 +233,7 @@ class EndpointBridge(TcpBridge):
             self.refuse("no_agent")
             return
         # No agent here: accepted at once; its bytes wait until a stream exists, on another
-        # relay's link (relay.peering) or on the link of an agent that comes back.
+        # relay's link (relay.data.peering) or on the link of an agent that comes back.
         self.forwarded = Forwarded(self)
         endpoint.bridges.add(self)
         super().connection_made(transport)
@@ -284,7 +284,7 @@ class EndpointBridge(TcpBridge):
         return True
 
     def attach_peer(self, stream, buffers) -> None:
-        """A waiting connection goes to another relay over ``stream`` (relay.peering)."""
+        """A waiting connection goes to another relay over ``stream`` (relay.data.peering)."""
         self._endpoint.registry.metrics.stream_opened(self._endpoint)
         self.peer_relay = True
         self.forwarded.attach(stream, buffers)

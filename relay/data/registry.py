@@ -67,7 +67,7 @@ class Registry:
         self.audit = None
         self.relay_id = ""
         #: Takes worker connections no local agent can serve to the relay holding one
-        #: (relay.peering.Peering, in a cluster); None: they wait here for an agent.
+        #: (relay.data.peering.Peering, in a cluster); None: they wait here for an agent.
         self.forwarder = None
         #: False once the relay drains: endpoints bound later do not listen.
         self.listening = True
@@ -88,7 +88,7 @@ class Registry:
 
     async def ensure_endpoint(self, resource: dict) -> Endpoint:
         # One bind per resource at a time: a registration and the resource_created event
-        # (relay.cluster) may ask at once, and a second bind of the port would fail.
+        # (relay.state.cluster) may ask at once, and a second bind of the port would fail.
         binding = self._binding.get(resource["id"])
         while binding is not None:
             await asyncio.shield(binding)

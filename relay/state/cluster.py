@@ -113,13 +113,13 @@ class Cluster:
         self._tasks: set[asyncio.Task] = set()
         self._heartbeat_task: asyncio.Task | None = None
         self._resyncing = False
-        #: Where the other relays reach this one (relay.peering), "" without peering.
+        #: Where the other relays reach this one (relay.data.peering), "" without peering.
         self.peer_address = ""
         #: True once this relay drains (relays.draining).
         self.draining = False
         #: The live relays as last read (``id``, ``advertise_url``, ``peer_address``, ``draining``).
         self.members: list[dict] = []
-        #: Relays whose peer link was lost and cannot be dialled again (relay.peering): their
+        #: Relays whose peer link was lost and cannot be dialled again (relay.data.peering): their
         #: agent links are neither counted nor routed to from here until they answer again.
         self.unreachable: set[str] = set()
         #: Called with :attr:`members` after each change heard (relays joining, leaving, draining).

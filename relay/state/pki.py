@@ -44,7 +44,7 @@ CA_KEY_FILE = "ca-key.pem"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server-key.pem"
 #: The certificate a relay presents to the other relays of its cluster, both ways (mutual
-#: TLS on relay-to-relay links, relay.peering): clientAuth and serverAuth, OU "relay".
+#: TLS on relay-to-relay links, relay.data.peering): clientAuth and serverAuth, OU "relay".
 PEER_CERT_FILE = "peer.pem"
 PEER_KEY_FILE = "peer-key.pem"
 #: The role a peer certificate names (organizational unit of its subject).

@@ -392,7 +392,7 @@ class RelayState:
             changed = await tx.execute("UPDATE resources SET allow_cidrs = ? WHERE id = ?", allow_cidrs, resource_id)
             if not changed:
                 return None
-            # A hint: every relay reads the rules again from this table (relay.cluster).
+            # A hint: every relay reads the rules again from this table (relay.state.cluster).
             await tx.notify({"kind": "resource_updated", "resource_id": resource_id})
         return await self.get_resource(resource_id)
 

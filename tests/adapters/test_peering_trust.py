@@ -1,4 +1,4 @@
-"""relay.peering: a relay forwards a worker's stream only to a peer whose certificate names the
+"""relay.data.peering: a relay forwards a worker's stream only to a peer whose certificate names the
 role ``relay`` and that greets with the relay id the membership row gave; the agent-facing
 server certificate (same CA, held by any TLS-terminating proxy in front of a relay) gets no
 link and no forwarded traffic. The listening side answers only a live relay of the membership

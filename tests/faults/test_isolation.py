@@ -1,6 +1,6 @@
 """Customers stay apart: no JWT of one customer registers into, takes over or receives the
 streams of another's resource, even with colliding resource names, rotations and
-organisation-only tokens. A stateful model checks relay.tokens.check_against_state against
+organisation-only tokens. A stateful model checks relay.control.tokens.check_against_state against
 relay.state.relay_state; a real-process test checks two customers that both name their resource "db"."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """One rule for organisation-only tokens, on the CLI and the API alike
-(relay.tokens.token_subject): ``--org-only``, ``--customer-id cus_org`` and both mean the
+(relay.control.tokens.token_subject): ``--org-only``, ``--customer-id cus_org`` and both mean the
 same token, and every token the relay issues works. ``--org-only`` with another customer is
 refused with the same words by both.
 

@@ -13,7 +13,7 @@ PostgreSQL's LISTEN/NOTIFY as a **hint** only: ``{"kind": KIND, "hint": True}``.
 can connect to the database can LISTEN and NOTIFY on any channel, so a notification carries no
 data (just its kind and an opaque id of the publishing process, to skip its own echo) and is
 never trusted: a subscriber that hears a hint re-reads the tables under its own role
-(:mod:`relay.cluster`). A PostgreSQL database that comes back after an outage also delivers
+(:mod:`relay.state.cluster`). A PostgreSQL database that comes back after an outage also delivers
 ``{"kind": "reconnected"}`` to its own subscribers, who then re-read what they may have missed.
 """
 

@@ -113,7 +113,7 @@ MIGRATIONS: tuple[Step, ...] = (
         ("sqlite", "INSERT INTO sequences (name, value) VALUES ('link_epoch', 0)"),
         ("postgresql", "CREATE SEQUENCE link_epoch"),
     )),
-    # Where the other relays reach this one to forward streams (relay.peering): host:port of
+    # Where the other relays reach this one to forward streams (relay.data.peering): host:port of
     # its peer listener, empty when it has none (SQLite: a single relay).
     Step(4, "relays.peer_address", (
         "ALTER TABLE relays ADD COLUMN peer_address TEXT NOT NULL DEFAULT ''",
