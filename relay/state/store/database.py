@@ -75,6 +75,24 @@ class Statements:
         return await self._run(sql, args, "count")
 
 
+class Subscribers:
+    """The event subscribers of a back end: :meth:`subscribe` adds one, :meth:`_deliver` calls
+    each with an event (one that raises is logged and does not stop the others)."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, callback: Subscriber) -> None:
+        self._subscribers.append(callback)
+
+    def _deliver(self, event: Event) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # one subscriber must not stop the others
+                log.exception("state event subscriber failed on %s", event.get("kind"))
+
+
 class Database(Transaction, Protocol):
     """Single statements outside a transaction run on their own (autocommit)."""
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from .database import CHANNEL, HINT_KINDS, Event, Statements, Subscriber, redact_url
+from .database import CHANNEL, HINT_KINDS, Event, Statements, Subscribers, redact_url
 from .dialect import POSTGRES
 from .errors import Conflict, StoreError, StoreUnavailable
 from .settings import StoreSettings
@@ -51,7 +51,7 @@ _UNREACHABLE = (
 _CONFLICT = (asyncpg.exceptions.IntegrityConstraintViolationError,)
 
 
-class PostgresDatabase(Statements):
+class PostgresDatabase(Statements, Subscribers):
     dialect = POSTGRES
 
     def __init__(self, url: str, settings: StoreSettings) -> None:
@@ -63,7 +63,7 @@ class PostgresDatabase(Statements):
         self.origin = secrets.token_hex(8)
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
-        self._subscribers: list[Subscriber] = []
+        Subscribers.__init__(self)
         self._available = False
         self._reason = "not connected yet"
         self._down_since = 0.0
@@ -254,16 +254,6 @@ class PostgresDatabase(Statements):
             self._deliver(event)
 
     # ---- events
-
-    def subscribe(self, callback: Subscriber) -> None:
-        self._subscribers.append(callback)
-
-    def _deliver(self, event: Event) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:  # one subscriber must not stop the others
-                log.exception("state event subscriber failed on %s", event.get("kind"))
 
     def _on_notification(self, conn, pid: int, channel: str, payload: str) -> None:
         # Anyone who can connect may NOTIFY: only the kind is taken, as a hint to re-read.

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .database import Event, Statements, Subscriber
+from .database import Event, Statements, Subscribers
 from .dialect import SQLITE
 from .errors import Conflict, StateWriteFailed, StoreError, StoreUnavailable, state_write_failure
 from .settings import StoreSettings
@@ -57,7 +57,7 @@ class _Transaction(_Statements):
         self.events.append(event)
 
 
-class SqliteDatabase(_Statements):
+class SqliteDatabase(_Statements, Subscribers):
     dialect = SQLITE
 
     def __init__(self, path: str | os.PathLike, settings: StoreSettings | None = None) -> None:
@@ -71,7 +71,7 @@ class SqliteDatabase(_Statements):
         self._db = self
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
         self._lock = asyncio.Lock()
-        self._subscribers: list[Subscriber] = []
+        Subscribers.__init__(self)
         self._conn = self._executor.submit(self._open).result()
 
     def _open(self) -> sqlite3.Connection:
@@ -133,16 +133,6 @@ class SqliteDatabase(_Statements):
             self._conn.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # no transaction left to roll back
-
-    def subscribe(self, callback: Subscriber) -> None:
-        self._subscribers.append(callback)
-
-    def _deliver(self, event: Event) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:  # one subscriber must not stop the others
-                log.exception("state event subscriber failed on %s", event.get("kind"))
 
     async def close(self) -> None:
         try:
