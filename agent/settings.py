@@ -5,13 +5,12 @@ One object, overridable by the same ``TUNNEL_<FIELD>`` environment variables as 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
-from tunnel.core.limits import check_positive, env_overrides
+from tunnel.core.limits import TunnelSettings, check_positive
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class AgentSettings:
+class AgentSettings(TunnelSettings):
     #: Agent dial timeout towards the private service (seconds).
     connect_timeout: float = 10.0
     #: The first reconnect after a link loss comes within this (seconds, jittered) ...
@@ -33,14 +32,6 @@ class AgentSettings:
             raise ValueError("reconnect_max_delay must be at least reconnect_delay")
         check_positive(self, ("target_check_interval", "config_watch_interval"))
         return self
-
-    def replace(self, **changes) -> "AgentSettings":
-        return dataclasses.replace(self, **changes).validate()
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "AgentSettings":
-        """Defaults overridden by ``TUNNEL_RECONNECT_DELAY=...`` style variables."""
-        return dataclasses.replace(cls(), **env_overrides(cls, environ)).validate()
 
 
 DEFAULT_AGENT_SETTINGS = AgentSettings().validate()

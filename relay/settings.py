@@ -5,13 +5,12 @@ as the link's :class:`tunnel.core.limits.Limits` (docs/LIMITS.md)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
-from tunnel.core.limits import check_positive, env_overrides
+from tunnel.core.limits import TunnelSettings, check_positive
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RelaySettings:
+class RelaySettings(TunnelSettings):
     # --- the relay's resource endpoints ---
     #: A worker connection to a resource no agent serves waits this long for one (seconds;
     #: 0: reset at once) ...
@@ -58,14 +57,6 @@ class RelaySettings:
             raise ValueError("customer_port_share must be in (0, 1]")
         check_positive(self, ("endpoint_hold_timeout",))
         return self
-
-    def replace(self, **changes) -> "RelaySettings":
-        return dataclasses.replace(self, **changes).validate()
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "RelaySettings":
-        """Defaults overridden by ``TUNNEL_ENDPOINT_HOLD_TIMEOUT=...`` style variables."""
-        return dataclasses.replace(cls(), **env_overrides(cls, environ)).validate()
 
 
 DEFAULT_RELAY_SETTINGS = RelaySettings().validate()

@@ -5,7 +5,7 @@ Each denial-of-service bound is a named field here and is checked in one place
 named ``TUNNEL_<FIELD>`` in upper case (see :meth:`Limits.from_env`) and docs/LIMITS.md. The
 relay's own settings (endpoints, quotas) are :class:`relay.settings.RelaySettings`, the
 agent's (reconnects, target checks) :class:`agent.settings.AgentSettings`: same variables,
-read by :func:`env_overrides`.
+all three :class:`TunnelSettings`, read by :func:`env_overrides`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,25 @@ _MAY_BE_ZERO = ("quic_max_datagram_size", "quic_gso", "link_notsent_lowat")
 QUIC_CONGESTION_CONTROLS = ("bbr", "cubic", "reno")
 
 
+class TunnelSettings:
+    """What a frozen settings dataclass overridable by ``TUNNEL_<FIELD>`` variables shares:
+    :meth:`replace` and :meth:`from_env`, both ending in the class's own ``validate()``."""
+
+    __slots__ = ()
+
+    def replace(self, **changes):
+        """A copy with ``changes``, validated."""
+        return dataclasses.replace(self, **changes).validate()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None):
+        """Defaults overridden by ``TUNNEL_<FIELD>=...`` variables of ``environ`` (default: the
+        process's), validated."""
+        return dataclasses.replace(cls(), **env_overrides(cls, environ)).validate()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(TunnelSettings):
     """Limits of one link. Receive-side values are announced to the peer in HELLO."""
 
     #: Largest frame payload we accept (and send at most the peer's).
@@ -126,14 +143,6 @@ class Limits:
             raise ValueError(f"quic_congestion_control must be one of {', '.join(QUIC_CONGESTION_CONTROLS)}")
         check_positive(self, _MAY_BE_ZERO)
         return self
-
-    def replace(self, **changes) -> "Limits":
-        return dataclasses.replace(self, **changes).validate()
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Limits":
-        """Defaults overridden by ``TUNNEL_MAX_FRAME_SIZE=...`` style variables."""
-        return dataclasses.replace(cls(), **env_overrides(cls, environ)).validate()
 
 
 def env_overrides(cls, environ: Mapping[str, str] | None = None) -> dict:
