@@ -89,6 +89,8 @@ METRICS = [
     Metric("http_rps", "HTTP requests/s (wrk -t2 -c32)", "req/s", True, "http"),
     Metric("http_p50", "HTTP latency p50", "ms", False, "http"),
     Metric("http_p99", "HTTP latency p99", "ms", False, "http"),
+    Metric("redis_set_rps", "redis-benchmark SET (-P 16, 50 clients)", "req/s", True, "redis"),
+    Metric("redis_get_rps", "redis-benchmark GET (-P 16, 50 clients)", "req/s", True, "redis"),
     Metric("agent_rss_idle", "agent RSS idle", "MB", False, "streams", True),
     Metric("agent_rss_1000", "agent RSS, 1,000 streams", "MB", False, "streams", True),
     Metric("streams_1000_ok", "streams completed of 1,000", "count", True, "streams"),
@@ -100,9 +102,9 @@ METRICS = [
     Metric("capped_rtt_p99", "agent capped: 64 B round trip p99", "us", False, "capped"),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-GROUPS = ["rtt", "connrate", "throughput", "http", "pgbench", "streams", "capped", "wan"]
+GROUPS = ["rtt", "connrate", "throughput", "http", "redis", "pgbench", "streams", "capped", "wan"]
 GROUP_SERVICES = {"rtt": {"echo"}, "connrate": {"echo"}, "streams": {"echo"},
-                  "throughput": {"iperf"}, "http": {"http"}, "capped": {"iperf", "echo"},
+                  "throughput": {"iperf"}, "http": {"http"}, "redis": {"redis"}, "capped": {"iperf", "echo"},
                   "pgbench": set()}  # one PostgreSQL for the whole run (main)
 
 
@@ -128,6 +130,7 @@ class Settings:
     wan: wan.WanSettings
     pg_seconds: int = 10
     cap_cores: float = 0.31
+    redis_requests: int = 1_000_000
 
     @classmethod
     def for_mode(cls, quick: bool, smoke: bool = False) -> "Settings":
@@ -135,10 +138,11 @@ class Settings:
             # Every step once, as short as it still measures: proves the harness runs (the tests
             # run it so), not a figure to publish.
             return cls(tput_seconds=1, rtt_count=200, conn_seconds=0.5, http_seconds=1, streams=100,
-                       pg_seconds=1, wan=wan.WanSettings(tput_seconds=2, hol_seconds=4, hol_warmup=1.0))
+                       pg_seconds=1, redis_requests=20_000,
+                       wan=wan.WanSettings(tput_seconds=2, hol_seconds=4, hol_warmup=1.0))
         if quick:
             return cls(tput_seconds=2, rtt_count=2000, conn_seconds=1.5, http_seconds=2,
-                       streams=1000, pg_seconds=4, wan=wan.WanSettings(tput_seconds=5, hol_seconds=8,
+                       streams=1000, pg_seconds=4, redis_requests=200_000, wan=wan.WanSettings(tput_seconds=5, hol_seconds=8,
                                                          hol_warmup=2.0))
         return cls(tput_seconds=10, rtt_count=20000, conn_seconds=5.0, http_seconds=10,
                    streams=1000, wan=wan.WanSettings())
@@ -373,6 +377,16 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
                 res.put(system, "http_p99", r.p99_ms)
             run("http", http)
             show("http_rps", "http_p50", "http_p99")
+
+        if "redis" in groups:
+            say(system, f"redis-benchmark -t set,get -P 16 -c 50 -n {st.redis_requests}")
+
+            def redis() -> None:
+                rates = clients.redis_benchmark(reg, endpoints["redis"][0], st.redis_requests)
+                res.put(system, "redis_set_rps", rates["SET"])
+                res.put(system, "redis_get_rps", rates["GET"])
+            run("redis", redis)
+            show("redis_set_rps", "redis_get_rps")
 
         if "pgbench" in groups and database is not None:
             pg_ep, _ = exp.expose("postgres", database.port)
@@ -656,6 +670,10 @@ def main(argv: list[str] | None = None) -> int:
             except (HarnessError, RuntimeError, OSError) as e:
                 res.notes["pgbench"] = f"skipped: {e}"
                 say("pgbench", f"SKIPPED: {e}")
+        if "redis" in local_groups and not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+            res.notes["redis"] = "skipped: redis-server or redis-benchmark not installed (scripts/setup.sh)"
+            say("redis", "SKIPPED: redis-server or redis-benchmark not installed")
+            local_groups.remove("redis")
         missing = [t for t in ("iperf3", "wrk", "nginx") if not shutil.which(t)
                    and not os.path.exists(f"/usr/sbin/{t}")]
         if missing:
