@@ -82,6 +82,8 @@ METRICS = [
     Metric("tput_16", "throughput, 16 streams", "Gbit/s", True, "throughput"),
     Metric("agent_cpu_s_per_gb", "agent CPU per GB (1 stream)", "s/GB", False, "throughput", True),
     Metric("agent_cycles_per_byte", "agent cycles per byte", "cycles/B", False, "throughput", True),
+    Metric("relay_cpu_s_per_gb", "relay-side CPU per GB (1 stream: relay, sshd, stunnel's worker side)", "s/GB",
+           False, "throughput", True),
     Metric("rtt_p50", "64 B round trip p50", "us", False, "rtt"),
     Metric("rtt_p99", "64 B round trip p99", "us", False, "rtt"),
     Metric("conn_rate_1", "new connections/s, sequential", "conn/s", True, "connrate"),
@@ -198,6 +200,7 @@ class Exposure:
         self.relay: OurRelay | None = None
         self.stunnel: Stunnel | None = None
         self.procs: list[subprocess.Popen] = []
+        self.worker_sides: dict[str, int] = {}
 
     def start(self) -> None:
         if self.system in SSH_CIPHERS:
@@ -218,11 +221,21 @@ class Exposure:
         elif self.stunnel is not None:
             ep, proc, worker_side = self.stunnel.forward(port, name=f"stunnel-{service}")
             self.procs.append(worker_side)
+            self.worker_sides[service] = worker_side.pid
         else:
             assert self.relay is not None
             ep, proc = self.relay.expose(f"bench-{service}", port, OUR_TRANSPORTS[self.system])
         self.procs.append(proc)
         return ep, proc.pid
+
+    def relay_side_pid(self, service: str) -> int | None:
+        """The process on the workers' side that ``service``'s bytes cross (the relay, sshd with
+        its session processes, stunnel's worker side); None for direct."""
+        if self.relay is not None and self.relay.proc is not None:
+            return self.relay.proc.pid
+        if self.sshd is not None and self.sshd.proc is not None:
+            return self.sshd.proc.pid
+        return self.worker_sides.get(service)
 
     def stop(self) -> None:
         self.reg.stop_all(self.procs)
@@ -343,17 +356,22 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
             say(system, f"iperf3 1 stream, {st.tput_seconds}s")
 
             def one() -> None:
+                side = exp.relay_side_pid("iperf")
                 c0 = cpu_seconds(ip_pid) if ip_pid else 0.0
+                s0 = cpu_seconds(side) if side else 0.0
                 r = clients.iperf3(reg, ip_ep, st.tput_seconds)
                 c1 = cpu_seconds(ip_pid) if ip_pid else 0.0
+                s1 = cpu_seconds(side) if side else 0.0
                 res.put(system, "tput_1", r.bits_per_second / 1e9)
+                if side and r.bytes:
+                    res.put(system, "relay_cpu_s_per_gb", (s1 - s0) / (r.bytes / 1e9))
                 if ip_pid and r.bytes:
                     res.put(system, "agent_cpu_s_per_gb", (c1 - c0) / (r.bytes / 1e9))
                     if hz:
                         res.put(system, "agent_cycles_per_byte", (c1 - c0) * hz / r.bytes)
             with prof("throughput", {"agent": ip_pid, "relay": relay_pid}):
                 run("throughput x1", one)
-            show("tput_1", "agent_cpu_s_per_gb", "agent_cycles_per_byte")
+            show("tput_1", "agent_cpu_s_per_gb", "agent_cycles_per_byte", "relay_cpu_s_per_gb")
             say(system, f"iperf3 1 stream reverse (-R), {st.tput_seconds}s")
             run("throughput x1 -R", lambda: res.put(
                 system, "tput_1_rev",
