@@ -192,8 +192,8 @@ class Bench:
             time.sleep(5)
             pids = tree(agent.pid)
             idle = rss_kib(pids)
-            threads, maps = mappings(pids[-1])
             if detail:
+                threads, maps = mappings(pids[-1])
                 print(f"{name}: {idle / 1024:.1f} MiB idle over {len(pids)} process(es); the agent's "
                       f"{threads} thread(s) and its largest mappings (KiB resident):")
                 print("  " + ", ".join(f"{n} {kib}" for kib, n in maps[:14]))
@@ -221,7 +221,7 @@ class Bench:
         return {"name": name, "version_s": statistics.median(versions), "registered_s": registered,
                 "idle_rss_mib": idle / 1024, "busy_rss_mib": peak / 1024, "processes": len(pids),
                 "cpu_ns_per_byte": statistics.median(per_byte) if per_byte else float("nan"),
-                "mib_per_s": statistics.median(rates) if rates else float("nan"), "threads": threads,
+                "mib_per_s": statistics.median(rates) if rates else float("nan"),
                 "capped": group is not None}
 
     def close(self) -> None:

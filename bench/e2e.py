@@ -144,8 +144,8 @@ class Settings:
                        wan=wan.WanSettings(tput_seconds=2, hol_seconds=4, hol_warmup=1.0))
         if quick:
             return cls(tput_seconds=2, rtt_count=2000, conn_seconds=1.5, http_seconds=2,
-                       streams=1000, pg_seconds=4, redis_requests=200_000, wan=wan.WanSettings(tput_seconds=5, hol_seconds=8,
-                                                         hol_warmup=2.0))
+                       streams=1000, pg_seconds=4, redis_requests=200_000,
+                       wan=wan.WanSettings(tput_seconds=5, hol_seconds=8, hol_warmup=2.0))
         return cls(tput_seconds=10, rtt_count=20000, conn_seconds=5.0, http_seconds=10,
                    streams=1000, wan=wan.WanSettings())
 
