@@ -93,6 +93,8 @@ METRICS = [
     Metric("http_p99", "HTTP latency p99", "ms", False, "http"),
     Metric("redis_set_rps", "redis-benchmark SET (-P 16, 50 clients)", "req/s", True, "redis"),
     Metric("redis_get_rps", "redis-benchmark GET (-P 16, 50 clients)", "req/s", True, "redis"),
+    Metric("redis_agent_cpu_us", "redis-benchmark: agent CPU per request", "us", False, "redis", True),
+    Metric("redis_relay_cpu_us", "redis-benchmark: relay-side CPU per request", "us", False, "redis", True),
     Metric("agent_rss_idle", "agent RSS idle", "MB", False, "streams", True),
     Metric("agent_rss_1000", "agent RSS, 1,000 streams", "MB", False, "streams", True),
     Metric("streams_1000_ok", "streams completed of 1,000", "count", True, "streams"),
@@ -400,11 +402,19 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
             say(system, f"redis-benchmark -t set,get -P 16 -c 50 -n {st.redis_requests}")
 
             def redis() -> None:
-                rates = clients.redis_benchmark(reg, endpoints["redis"][0], st.redis_requests)
+                port, agent = endpoints["redis"]
+                side = exp.relay_side_pid("redis")
+                a0, s0 = (cpu_seconds(agent) if agent else 0.0), (cpu_seconds(side) if side else 0.0)
+                rates = clients.redis_benchmark(reg, port, st.redis_requests)
                 res.put(system, "redis_set_rps", rates["SET"])
                 res.put(system, "redis_get_rps", rates["GET"])
+                requests = 2 * st.redis_requests  # SET and GET
+                if agent:
+                    res.put(system, "redis_agent_cpu_us", (cpu_seconds(agent) - a0) / requests * 1e6)
+                if side:
+                    res.put(system, "redis_relay_cpu_us", (cpu_seconds(side) - s0) / requests * 1e6)
             run("redis", redis)
-            show("redis_set_rps", "redis_get_rps")
+            show("redis_set_rps", "redis_get_rps", "redis_agent_cpu_us", "redis_relay_cpu_us")
 
         if "pgbench" in groups and database is not None:
             pg_ep, _ = exp.expose("postgres", database.port)
