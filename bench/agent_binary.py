@@ -11,7 +11,12 @@ Each COMMAND starts an agent (``dist/tunnel-agent``, or ``"python -m agent"``). 
   plus the real process) after 5 s idle, registered;
 - *CPU per byte*: the agent tree's user+system CPU time (from /proc) while ``--mib`` MiB flow
   worker -> relay -> agent -> private service, divided by the bytes, with the tree in a cgroup
-  v1 CPU group of ``cpu.cfs_quota_us / cpu.cfs_period_us`` = ``--quota`` (root only).
+  v1 CPU group of ``cpu.cfs_quota_us / cpu.cfs_period_us`` = ``--quota`` (root only);
+  ``--mib 0`` measures start and idle RSS only.
+
+``--detail`` also prints, per build, where the idle RSS lies: the threads and the resident
+kilobytes of each mapping of the agent's process (``/proc/PID/smaps``: shared libraries by
+file, the heap, anonymous mappings such as thread stacks and malloc arenas).
 
 The relay runs from this checkout with the interpreter that runs this script, uncapped.
 Prints one Markdown table. Run on an otherwise idle machine; note the load average shown.
@@ -80,6 +85,22 @@ def rss_kib(pids: list[int]) -> int:
         except OSError:
             pass
     return total
+
+
+def mappings(pid: int) -> tuple[int, list[tuple[int, str]]]:
+    """The threads of ``pid`` and its resident KiB per mapping name (a file's mappings summed;
+    anonymous ones by their kind), largest first."""
+    by_name: dict[str, int] = {}
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else "[anonymous]"
+            name = os.path.basename(name) if name.startswith("/") else name
+        elif head[0] == "Rss:":
+            by_name[name] = by_name.get(name, 0) + int(head[1])
+    threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    return threads, sorted(((kib, n) for n, kib in by_name.items()), reverse=True)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -151,7 +172,7 @@ class Bench:
         (group / "cpu.cfs_quota_us").write_text(str(int(period * self.quota)))
         return group
 
-    def measure(self, name: str, command: list[str], mib: int, repeat: int) -> dict:
+    def measure(self, name: str, command: list[str], mib: int, repeat: int, detail: bool = False) -> dict:
         versions = []
         for _ in range(7):
             t0 = time.perf_counter()
@@ -171,11 +192,16 @@ class Bench:
             time.sleep(5)
             pids = tree(agent.pid)
             idle = rss_kib(pids)
+            if detail:
+                threads, maps = mappings(pids[-1])
+                print(f"{name}: {idle / 1024:.1f} MiB idle over {len(pids)} process(es); the agent's "
+                      f"{threads} thread(s) and its largest mappings (KiB resident):")
+                print("  " + ", ".join(f"{n} {kib}" for kib, n in maps[:14]))
             host, _, port = self.resource(name)["endpoint"].rpartition(":")
             chunk = b"\0" * (1 << 20)
             total = mib << 20
             per_byte, rates = [], []
-            for _ in range(repeat):
+            for _ in range(repeat if mib else 0):
                 before_cpu, before_sink = cpu_seconds(pids), self.sink.received
                 t1 = time.perf_counter()
                 with socket.create_connection((host, int(port))) as s:
@@ -194,7 +220,8 @@ class Bench:
                 group.rmdir()
         return {"name": name, "version_s": statistics.median(versions), "registered_s": registered,
                 "idle_rss_mib": idle / 1024, "busy_rss_mib": peak / 1024, "processes": len(pids),
-                "cpu_ns_per_byte": statistics.median(per_byte), "mib_per_s": statistics.median(rates),
+                "cpu_ns_per_byte": statistics.median(per_byte) if per_byte else float("nan"),
+                "mib_per_s": statistics.median(rates) if rates else float("nan"),
                 "capped": group is not None}
 
     def close(self) -> None:
@@ -208,6 +235,7 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--quota", type=float, default=0.31)
     parser.add_argument("--repeat", type=int, default=5, help="bulk runs per build (medians are shown)")
+    parser.add_argument("--detail", action="store_true", help="print each idle agent's threads and mappings")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.quota)
@@ -215,7 +243,7 @@ def main() -> int:
             rows = []
             for spec in args.builds:
                 name, _, command = spec.partition("=")
-                rows.append(bench.measure(name, shlex.split(command), args.mib, args.repeat))
+                rows.append(bench.measure(name, shlex.split(command), args.mib, args.repeat, args.detail))
         finally:
             bench.close()
     print(f"load average before/after: {os.getloadavg()[0]:.2f}; agent cap {args.quota} core "

@@ -82,6 +82,8 @@ METRICS = [
     Metric("tput_16", "throughput, 16 streams", "Gbit/s", True, "throughput"),
     Metric("agent_cpu_s_per_gb", "agent CPU per GB (1 stream)", "s/GB", False, "throughput", True),
     Metric("agent_cycles_per_byte", "agent cycles per byte", "cycles/B", False, "throughput", True),
+    Metric("relay_cpu_s_per_gb", "relay-side CPU per GB (1 stream: relay, sshd, stunnel's worker side)", "s/GB",
+           False, "throughput", True),
     Metric("rtt_p50", "64 B round trip p50", "us", False, "rtt"),
     Metric("rtt_p99", "64 B round trip p99", "us", False, "rtt"),
     Metric("conn_rate_1", "new connections/s, sequential", "conn/s", True, "connrate"),
@@ -89,6 +91,10 @@ METRICS = [
     Metric("http_rps", "HTTP requests/s (wrk -t2 -c32)", "req/s", True, "http"),
     Metric("http_p50", "HTTP latency p50", "ms", False, "http"),
     Metric("http_p99", "HTTP latency p99", "ms", False, "http"),
+    Metric("redis_set_rps", "redis-benchmark SET (-P 16, 50 clients)", "req/s", True, "redis"),
+    Metric("redis_get_rps", "redis-benchmark GET (-P 16, 50 clients)", "req/s", True, "redis"),
+    Metric("redis_agent_cpu_us", "redis-benchmark: agent CPU per request", "us", False, "redis", True),
+    Metric("redis_relay_cpu_us", "redis-benchmark: relay-side CPU per request", "us", False, "redis", True),
     Metric("agent_rss_idle", "agent RSS idle", "MB", False, "streams", True),
     Metric("agent_rss_1000", "agent RSS, 1,000 streams", "MB", False, "streams", True),
     Metric("streams_1000_ok", "streams completed of 1,000", "count", True, "streams"),
@@ -100,9 +106,9 @@ METRICS = [
     Metric("capped_rtt_p99", "agent capped: 64 B round trip p99", "us", False, "capped"),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-GROUPS = ["rtt", "connrate", "throughput", "http", "pgbench", "streams", "capped", "wan"]
+GROUPS = ["rtt", "connrate", "throughput", "http", "redis", "pgbench", "streams", "capped", "wan"]
 GROUP_SERVICES = {"rtt": {"echo"}, "connrate": {"echo"}, "streams": {"echo"},
-                  "throughput": {"iperf"}, "http": {"http"}, "capped": {"iperf", "echo"},
+                  "throughput": {"iperf"}, "http": {"http"}, "redis": {"redis"}, "capped": {"iperf", "echo"},
                   "pgbench": set()}  # one PostgreSQL for the whole run (main)
 
 
@@ -128,6 +134,7 @@ class Settings:
     wan: wan.WanSettings
     pg_seconds: int = 10
     cap_cores: float = 0.31
+    redis_requests: int = 1_000_000
 
     @classmethod
     def for_mode(cls, quick: bool, smoke: bool = False) -> "Settings":
@@ -135,11 +142,12 @@ class Settings:
             # Every step once, as short as it still measures: proves the harness runs (the tests
             # run it so), not a figure to publish.
             return cls(tput_seconds=1, rtt_count=200, conn_seconds=0.5, http_seconds=1, streams=100,
-                       pg_seconds=1, wan=wan.WanSettings(tput_seconds=2, hol_seconds=4, hol_warmup=1.0))
+                       pg_seconds=1, redis_requests=20_000,
+                       wan=wan.WanSettings(tput_seconds=2, hol_seconds=4, hol_warmup=1.0))
         if quick:
             return cls(tput_seconds=2, rtt_count=2000, conn_seconds=1.5, http_seconds=2,
-                       streams=1000, pg_seconds=4, wan=wan.WanSettings(tput_seconds=5, hol_seconds=8,
-                                                         hol_warmup=2.0))
+                       streams=1000, pg_seconds=4, redis_requests=200_000,
+                       wan=wan.WanSettings(tput_seconds=5, hol_seconds=8, hol_warmup=2.0))
         return cls(tput_seconds=10, rtt_count=20000, conn_seconds=5.0, http_seconds=10,
                    streams=1000, wan=wan.WanSettings())
 
@@ -194,6 +202,7 @@ class Exposure:
         self.relay: OurRelay | None = None
         self.stunnel: Stunnel | None = None
         self.procs: list[subprocess.Popen] = []
+        self.worker_sides: dict[str, int] = {}
 
     def start(self) -> None:
         if self.system in SSH_CIPHERS:
@@ -214,11 +223,21 @@ class Exposure:
         elif self.stunnel is not None:
             ep, proc, worker_side = self.stunnel.forward(port, name=f"stunnel-{service}")
             self.procs.append(worker_side)
+            self.worker_sides[service] = worker_side.pid
         else:
             assert self.relay is not None
             ep, proc = self.relay.expose(f"bench-{service}", port, OUR_TRANSPORTS[self.system])
         self.procs.append(proc)
         return ep, proc.pid
+
+    def relay_side_pid(self, service: str) -> int | None:
+        """The process on the workers' side that ``service``'s bytes cross (the relay, sshd with
+        its session processes, stunnel's worker side); None for direct."""
+        if self.relay is not None and self.relay.proc is not None:
+            return self.relay.proc.pid
+        if self.sshd is not None and self.sshd.proc is not None:
+            return self.sshd.proc.pid
+        return self.worker_sides.get(service)
 
     def stop(self) -> None:
         self.reg.stop_all(self.procs)
@@ -339,17 +358,22 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
             say(system, f"iperf3 1 stream, {st.tput_seconds}s")
 
             def one() -> None:
+                side = exp.relay_side_pid("iperf")
                 c0 = cpu_seconds(ip_pid) if ip_pid else 0.0
+                s0 = cpu_seconds(side) if side else 0.0
                 r = clients.iperf3(reg, ip_ep, st.tput_seconds)
                 c1 = cpu_seconds(ip_pid) if ip_pid else 0.0
+                s1 = cpu_seconds(side) if side else 0.0
                 res.put(system, "tput_1", r.bits_per_second / 1e9)
+                if side and r.bytes:
+                    res.put(system, "relay_cpu_s_per_gb", (s1 - s0) / (r.bytes / 1e9))
                 if ip_pid and r.bytes:
                     res.put(system, "agent_cpu_s_per_gb", (c1 - c0) / (r.bytes / 1e9))
                     if hz:
                         res.put(system, "agent_cycles_per_byte", (c1 - c0) * hz / r.bytes)
             with prof("throughput", {"agent": ip_pid, "relay": relay_pid}):
                 run("throughput x1", one)
-            show("tput_1", "agent_cpu_s_per_gb", "agent_cycles_per_byte")
+            show("tput_1", "agent_cpu_s_per_gb", "agent_cycles_per_byte", "relay_cpu_s_per_gb")
             say(system, f"iperf3 1 stream reverse (-R), {st.tput_seconds}s")
             run("throughput x1 -R", lambda: res.put(
                 system, "tput_1_rev",
@@ -373,6 +397,24 @@ def measure_system(system: str, groups: list[str], st: Settings, reg: ProcessReg
                 res.put(system, "http_p99", r.p99_ms)
             run("http", http)
             show("http_rps", "http_p50", "http_p99")
+
+        if "redis" in groups:
+            say(system, f"redis-benchmark -t set,get -P 16 -c 50 -n {st.redis_requests}")
+
+            def redis() -> None:
+                port, agent = endpoints["redis"]
+                side = exp.relay_side_pid("redis")
+                a0, s0 = (cpu_seconds(agent) if agent else 0.0), (cpu_seconds(side) if side else 0.0)
+                rates = clients.redis_benchmark(reg, port, st.redis_requests)
+                res.put(system, "redis_set_rps", rates["SET"])
+                res.put(system, "redis_get_rps", rates["GET"])
+                requests = 2 * st.redis_requests  # SET and GET
+                if agent:
+                    res.put(system, "redis_agent_cpu_us", (cpu_seconds(agent) - a0) / requests * 1e6)
+                if side:
+                    res.put(system, "redis_relay_cpu_us", (cpu_seconds(side) - s0) / requests * 1e6)
+            run("redis", redis)
+            show("redis_set_rps", "redis_get_rps", "redis_agent_cpu_us", "redis_relay_cpu_us")
 
         if "pgbench" in groups and database is not None:
             pg_ep, _ = exp.expose("postgres", database.port)
@@ -656,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
             except (HarnessError, RuntimeError, OSError) as e:
                 res.notes["pgbench"] = f"skipped: {e}"
                 say("pgbench", f"SKIPPED: {e}")
+        if "redis" in local_groups and not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+            res.notes["redis"] = "skipped: redis-server or redis-benchmark not installed (scripts/setup.sh)"
+            say("redis", "SKIPPED: redis-server or redis-benchmark not installed")
+            local_groups.remove("redis")
         missing = [t for t in ("iperf3", "wrk", "nginx") if not shutil.which(t)
                    and not os.path.exists(f"/usr/sbin/{t}")]
         if missing:

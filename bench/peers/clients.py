@@ -21,6 +21,7 @@ from .procs import LOOPBACK, HarnessError, ProcessRegistry
 
 IPERF3 = shutil.which("iperf3") or "/usr/bin/iperf3"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
 PAYLOAD = bytes(range(64))
 
 
@@ -328,3 +329,16 @@ def wrk(reg: ProcessRegistry, port: int, seconds: float, threads: int = 2,
     return WrkResult(float(m.group(1)), _ms(lat.get("50", "nan")) if "50" in lat else float("nan"),
                      _ms(lat["99"]) if "99" in lat else float("nan"),
                      int(reqs.group(1)) if reqs else 0, errors)
+
+
+def redis_benchmark(reg: ProcessRegistry, port: int, requests: int, pipeline: int = 16,
+                    connections: int = 50) -> dict[str, float]:
+    """``redis-benchmark -t set,get -P pipeline``: requests per second of each test
+    (``{"SET": ..., "GET": ...}``)."""
+    argv = [REDIS_BENCHMARK, "-h", LOOPBACK, "-p", str(port), "-t", "set,get", "-n", str(requests),
+            "-P", str(pipeline), "-c", str(connections), "--csv"]
+    cp = reg.run(argv, "redis-benchmark", timeout=300)
+    rates = {name: float(rps) for name, rps in re.findall(r'^"(SET|GET)","([\d.]+)"', cp.stdout, re.M)}
+    if cp.returncode != 0 or set(rates) != {"SET", "GET"}:
+        raise HarnessError(f"redis-benchmark failed (rc={cp.returncode}): {(cp.stdout + cp.stderr)[-400:]}")
+    return rates

@@ -1,5 +1,5 @@
-"""The private services every system exposes: echo, iperf3 server, nginx (static file), and
-the bulk upload/download service of the pytest-benchmark cases."""
+"""The private services every system exposes: echo, iperf3 server, nginx (static file), a
+Redis server, and the bulk upload/download service of the pytest-benchmark cases."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .procs import LOOPBACK, REPO, HarnessError, ProcessRegistry, free_port, pyt
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 IPERF3 = shutil.which("iperf3") or "/usr/bin/iperf3"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 # 1 KiB static page: a small API-style response.
 STATIC_BODY = (b"<!doctype html><title>bench</title><pre>" + b"x" * 960 + b"</pre>\n")[:1024]
@@ -24,11 +25,12 @@ class Services:
     echo: int = 0
     iperf: int = 0
     http: int = 0
+    redis: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def ports(self) -> dict[str, int]:
         return {k: v for k, v in (("echo", self.echo), ("iperf", self.iperf),
-                                  ("http", self.http)) if v}
+                                  ("http", self.http), ("redis", self.redis)) if v}
 
 
 def start_echo(reg: ProcessRegistry, host: str = LOOPBACK,
@@ -101,8 +103,19 @@ def start_nginx(reg: ProcessRegistry, tmp: Path | None = None) -> tuple[int, sub
     return port, p
 
 
+def start_redis(reg: ProcessRegistry, tmp: Path) -> tuple[int, subprocess.Popen]:
+    """A private ``redis-server`` on loopback: in memory only (no snapshots, no append-only
+    file), so the figures are the network path's and Redis's, not the disk's."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    p = reg.spawn([REDIS_SERVER, "--bind", LOOPBACK, "--port", str(port), "--save", "", "--appendonly", "no",
+                   "--dir", str(tmp), "--protected-mode", "no", "--maxclients", "1000"], "redis-server")
+    wait_listening(port, 10, p, "redis-server")
+    return port, p
+
+
 def start_services(reg: ProcessRegistry, which: set[str], tmp: Path) -> Services:
-    """Start the services named in ``which`` (subset of echo, iperf, http)."""
+    """Start the services named in ``which`` (subset of echo, iperf, http, redis)."""
     s = Services()
     if "echo" in which:
         s.echo, p = start_echo(reg)
@@ -112,5 +125,8 @@ def start_services(reg: ProcessRegistry, which: set[str], tmp: Path) -> Services
         s.procs.append(p)
     if "http" in which:
         s.http, p = start_nginx(reg, tmp / "nginx")
+        s.procs.append(p)
+    if "redis" in which:
+        s.redis, p = start_redis(reg, tmp / "redis")
         s.procs.append(p)
     return s

@@ -114,3 +114,13 @@ def test_wrk_latency_units():
     assert clients._ms("250.00us") == pytest.approx(0.25)
     assert clients._ms("1.50ms") == pytest.approx(1.5)
     assert clients._ms("2.00s") == pytest.approx(2000)
+
+
+@pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("redis-benchmark")),
+                    reason="redis-server / redis-benchmark not installed")
+def test_redis_benchmark_against_a_private_redis(reg, tmp_path):
+    from bench.peers.services import start_redis
+
+    port, _ = start_redis(reg, tmp_path / "redis")
+    rates = clients.redis_benchmark(reg, port, 2000, pipeline=16, connections=4)
+    assert set(rates) == {"SET", "GET"} and all(r > 0 for r in rates.values())

@@ -8,6 +8,7 @@ check that each benchmark runs and measures, not the figures (benchmarks are not
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def test_e2e_harness_measures_every_group(tmp_path):
         groups.discard("capped")
     if wan_unavailable():
         groups.discard("wan")
+    if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+        groups.discard("redis")
     add_wan_metrics((0.01,))
     measured = {(row["system"], METRIC_BY_KEY[row["metric"]].group) for row in data["rows"]}
     missing = [(system, group) for system in SYSTEMS for group in sorted(groups) if (system, group) not in measured]
@@ -69,8 +72,11 @@ def test_forwarding_benchmark_measures_both_paths(tmp_path):
     out = tmp_path / "forwarding.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_forwarding.py"), "--rounds", "200", "--bulk-mib", "4",
-         "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+         "--pg-seconds", "1", "--pg-repeat", "1", "--out", str(out)], capture_output=True, text=True, timeout=600,
+        cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     for path in ("local agent (relay 2)", "forwarded (relay 1 -> relay 2)"):
         assert all(results[path][k] > 0 for k in ("rtt_p50_us", "connections_per_s", "bulk_mbit_s")), results
+        assert results["pgbench_select_tps"][path][0] > 0, results
+        assert results["pgbench_cpu_us_per_transaction"][path]["relay 2"] > 0, results
