@@ -171,6 +171,43 @@ async def _client(args) -> dict:
     return result
 
 
+def _handshakes(args) -> dict:
+    """CPU per handshake of the engine itself: client and server ``QuicConnection`` wired
+    together in memory (no sockets, no event loop), until both report HandshakeCompleted."""
+    connection = importlib.import_module(f"{args.engine}.quic.connection")
+    events = importlib.import_module(f"{args.engine}.quic.events")
+    _, _, Configuration = _modules(args.engine)
+    import ssl
+
+    server_config = Configuration(is_client=False, alpn_protocols=["bench"])
+    server_config.load_cert_chain(args.cert, args.key)
+    client_config = Configuration(is_client=True, alpn_protocols=["bench"], server_name="bench")
+    client_config.verify_mode = ssl.CERT_NONE
+    addr = ("127.0.0.1", 4433)
+    cpu0 = _cpu()
+    for i in range(args.handshakes):
+        client = connection.QuicConnection(configuration=client_config)
+        server = connection.QuicConnection(configuration=server_config,
+                                           original_destination_connection_id=client.original_destination_connection_id)
+        now = float(i)
+        client.connect(addr, now=now)
+        done = set()
+        while len(done) < 2:
+            moved = False
+            for a, b, side in ((client, server, "s"), (server, client, "c")):
+                for data, _ in a.datagrams_to_send(now=now):
+                    b.receive_datagram(data, addr, now=now)
+                    moved = True
+            for conn, side in ((client, "c"), (server, "s")):
+                while (event := conn.next_event()) is not None:
+                    if isinstance(event, events.HandshakeCompleted):
+                        done.add(side)
+            if not moved and len(done) < 2:
+                raise SystemExit("handshake stalled")
+            now += 0.001
+    return {"handshake_cpu_ms": (_cpu() - cpu0) / args.handshakes * 1000}
+
+
 def _certificate(folder: str) -> tuple[str, str]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -221,11 +258,19 @@ def _one_run(system: tuple[str, str, str], args, cert: tuple[str, str], path) ->
         if out.returncode:
             raise SystemExit(f"{label}: client failed: {out.stderr[-2000:]}")
         server.wait(timeout=30)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
+    if args.handshakes:
+        out = subprocess.run([python, __file__, "--role", "handshakes", "--handshakes", str(args.handshakes),
+                              "--cert", cert[0], "--key", cert[1], *common], capture_output=True, text=True,
+                             env=env, timeout=args.timeout)
+        if out.returncode:
+            raise SystemExit(f"{label}: handshakes failed: {out.stderr[-2000:]}")
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def main() -> None:
@@ -241,9 +286,11 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, default=1000.0)
     parser.add_argument("--loss", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--handshakes", type=int, default=200,
+                        help="in-memory handshakes per run for the CPU per handshake (0: none)")
     parser.add_argument("--json", help="write every run here")
     # Internal: one side of one run.
-    parser.add_argument("--role", choices=("server", "client"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("server", "client", "handshakes"), help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -252,6 +299,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "server":
         asyncio.run(_serve(args))
+        return
+    if args.role == "handshakes":
+        print(json.dumps(_handshakes(args)))
         return
     if args.role == "client":
         print(json.dumps(asyncio.run(_client(args))))
@@ -282,18 +332,21 @@ def main() -> None:
                     runs[system[0]].append(run)
                     print(f"{rep} {system[0]:14} {run['gbit_s']:.3f} Gbit/s  client {run['client_cpu_s_per_gb']:.1f}"
                           f" s/GB  server {run['server_cpu_s_per_gb']:.1f} s/GB ({run['server_us_per_datagram']:.1f}"
-                          f" us/datagram)  64 B rtt p50 {run['rtt_p50_ms']:.2f} p99 {run['rtt_p99_ms']:.2f} ms",
+                          f" us/datagram)  64 B rtt p50 {run['rtt_p50_ms']:.2f} p99 {run['rtt_p99_ms']:.2f} ms"
+                          f"  handshake {run.get('handshake_cpu_ms', float('nan')):.2f} ms CPU",
                           flush=True)
         finally:
             if path is not None:
                 path.__exit__(None, None, None)
     print(f"# medians of {args.repeat}; load average at the end {os.getloadavg()[0]:.2f}")
-    print("| system | Gbit/s | client CPU s/GB | server CPU s/GB | server µs/datagram | 64 B p50 ms | p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| system | Gbit/s | client CPU s/GB | server CPU s/GB | server µs/datagram | 64 B p50 ms | p99 ms |"
+          " handshake CPU ms (both sides) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, results in runs.items():
         med = {key: statistics.median(r[key] for r in results) for key in results[0]}
         print(f"| {label} | {med['gbit_s']:.3f} | {med['client_cpu_s_per_gb']:.1f} | {med['server_cpu_s_per_gb']:.1f}"
-              f" | {med['server_us_per_datagram']:.1f} | {med['rtt_p50_ms']:.2f} | {med['rtt_p99_ms']:.2f} |")
+              f" | {med['server_us_per_datagram']:.1f} | {med['rtt_p50_ms']:.2f} | {med['rtt_p99_ms']:.2f}"
+              f" | {med.get('handshake_cpu_ms', float('nan')):.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
 
