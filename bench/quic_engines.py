@@ -235,7 +235,8 @@ def _free_udp_port(host: str) -> int:
 
 def _one_run(system: tuple[str, str, str], args, cert: tuple[str, str], path) -> dict:
     label, engine, python = system
-    common = ["--engine", engine, "--loop", args.loop, "--datagram-size", str(args.datagram_size), "--megabytes", str(args.megabytes)]
+    common = ["--engine", engine, "--loop", args.loop, "--datagram-size", str(args.datagram_size),
+              "--megabytes", str(args.megabytes)]
     if args.congestion:
         common += ["--congestion", args.congestion]
     server_host, client_ns, server_ns = "127.0.0.1", None, None

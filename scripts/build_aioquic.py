@@ -90,7 +90,8 @@ cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).pub
 client = QuicConnection(configuration=QuicConfiguration(is_client=True, server_name="smoke", verify_mode=0))
 server_conf = QuicConfiguration(is_client=False)
 server_conf.certificate, server_conf.private_key = cert, key
-server = QuicConnection(configuration=server_conf, original_destination_connection_id=client.original_destination_connection_id)
+server = QuicConnection(configuration=server_conf,
+                        original_destination_connection_id=client.original_destination_connection_id)
 t = 0.0
 client.connect(("1.2.3.4", 4433), now=t)
 payload = bytes(range(256)) * 4096

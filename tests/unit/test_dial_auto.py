@@ -44,7 +44,7 @@ def dialer(url: str = "auto://relay.example:8443", *, wss: bool, quic: bool):
     async def fake_wss():
         d.tried.append("wss")
         if not d.reachable["wss"]:
-            raise LinkError("connection refused")
+            raise LinkError("connection refused") from ConnectionRefusedError(111, "Connection refused")
         return FakeLink("wss")
 
     async def fake_quic(timeout):
@@ -75,8 +75,11 @@ def test_auto_falls_back_to_quic_with_the_probe_timeout(clock):
 
 def test_auto_with_both_failing_raises_naming_both(clock):
     d = dialer(wss=False, quic=False)
-    with pytest.raises(LinkError, match=r"connection refused \(QUIC too: QUIC connection timed out after 1.0 s\)"):
+    both = r"connection refused \(QUIC too: QUIC connection timed out after 1.0 s\)"
+    with pytest.raises(LinkError, match=both) as info:
         asyncio.run(d.dial())
+    # WSS's failure, with its own cause, is what the agent's diagnosis (agent.hints) reads.
+    assert isinstance(info.value.__cause__.__cause__, ConnectionRefusedError)
 
 
 def test_on_quic_wss_is_retried_on_the_interval_and_taken_when_it_answers(clock):

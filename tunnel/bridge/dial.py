@@ -131,13 +131,14 @@ class Dialer:
         self.last_quic_error: str | None = None
         #: Why the last WSS attempt under ``auto`` failed (for logs; never holds secrets).
         self.last_wss_error: str | None = None
+        self._wss_failure: LinkError | None = None
         self._last_probe: float | None = None
 
     # --- public ----------------------------------------------------------------------
 
     async def dial(self) -> Link:
-        """A ready link (HELLOs exchanged), or ``LinkError`` (under ``auto``, WSS's when
-        both carriers failed)."""
+        """A ready link (HELLOs exchanged), or ``LinkError`` (under ``auto``, when both
+        carriers failed, one naming both and caused by WSS's: the diagnosis is WSS's)."""
         if self.scheme == "quic":
             link = await self._quic(self.limits.handshake_timeout)
         elif self.scheme == "wss":
@@ -147,7 +148,7 @@ class Dialer:
             if link is None:
                 link = await self.probe_quic(timeout=self.probe_timeout)
                 if link is None:
-                    raise LinkError(f"{self.last_wss_error} (QUIC too: {self.last_quic_error})")
+                    raise LinkError(f"{self.last_wss_error} (QUIC too: {self.last_quic_error})") from self._wss_failure
                 log.info("WSS to %s:%d failed (%s): riding QUIC; WSS again every %g s", self.host, self.port,
                          self.last_wss_error, self.reprobe_interval)
         self.carrier = link.carrier
@@ -174,9 +175,9 @@ class Dialer:
         try:
             link = await self._wss()
         except LinkError as exc:
-            self.last_wss_error = str(exc)
+            self.last_wss_error, self._wss_failure = str(exc), exc
             return None
-        self.last_wss_error = None
+        self.last_wss_error = self._wss_failure = None
         self.carrier = "wss"
         return link
 
