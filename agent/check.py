@@ -13,7 +13,7 @@ Checks, in order (a check that cannot run because an earlier one failed is ``ski
 ``proxy``          ``HTTPS_PROXY`` is reachable and allows ``CONNECT`` to the relay
 ``relay-tcp``      a TCP connection to the relay (through the proxy when there is one)
 ``relay-tls``      the TLS handshake, and the relay's certificate trusted (if not: why not)
-``relay-quic``     a QUIC link (``quic://``: required; ``auto://``: a warning when blocked)
+``relay-quic``     a QUIC link (``quic://``: required; ``auto://``, whose fallback it is: a warning when blocked)
 ``jwt``            the registration JWT is well formed and within its validity
 ``jwt-accepted``   the relay accepts it: a real, check-only registration (``dry_run``)
 ``target NAME``    each resource's ``host:port`` resolves and accepts a TCP connection
@@ -221,12 +221,14 @@ class Preflight:
         try:
             sock = await tcp_connect(self.dialer, self.timeout)
         except Exception as exc:  # noqa: BLE001 - OSError, TimeoutError, LinkError: all a failure to report
-            status = WARN if self.dialer.scheme == "quic" else FAIL
+            status = FAIL if self.dialer.scheme == "wss" else WARN
             fix = (f"start the relay, or fix the port in RELAY_URL; a firewall must let this host reach {target} over TCP"
                    if isinstance(exc, ConnectionRefusedError) else
                    f"a firewall must let this host reach {target} over TCP (outbound); check the relay runs")
-            if status == WARN:
+            if self.dialer.scheme == "quic":
                 fix = "quic:// uses UDP only; TCP matters for wss:// and auto:// (" + fix + ")"
+            elif self.dialer.scheme == "auto":
+                fix = "auto:// rides QUIC while TCP is blocked, if relay-quic passes (" + fix + ")"
             self.report.add("relay-tcp", status, f"cannot connect to {target}: {_why(exc)}", fix)
             return False
         sock.close()
@@ -323,7 +325,8 @@ class Preflight:
         quic = Dialer(f"quic://{target}", ca_file=self.conf.ca_file, limits=self.limits, proxy_env=self.environ)
         link = await quic.probe_quic(timeout=self.timeout)
         if link is not None:
-            self.report.add("relay-quic", PASS, f"QUIC link to {target} (UDP) up")
+            self.report.add("relay-quic", PASS, f"QUIC link to {target} (UDP) up"
+                            + ("; auto:// rides WSS and falls back to it" if scheme == "auto" else ""))
             return link
         error = quic.last_quic_error or "failed"
         if "certificate" in error.lower():
@@ -331,12 +334,12 @@ class Preflight:
                             "see relay-tls (the same certificate serves TCP and UDP)")
         elif scheme == "auto":
             self.report.add("relay-quic", WARN, f"QUIC (UDP {self.dialer.port}) blocked or unanswered: {error}; "
-                            "auto:// uses WSS meanwhile",
-                            f"allow outbound UDP to {target} for QUIC (faster, no head-of-line blocking)")
+                            "auto:// rides WSS and has no fallback when TCP fails",
+                            f"allow outbound UDP to {target} so that auto:// can fall back to QUIC")
         else:
             self.report.add("relay-quic", FAIL, f"QUIC (UDP {self.dialer.port}) blocked or unanswered: {error}",
-                            f"allow outbound UDP to {target}, or use RELAY_URL=auto://{target} to fall back "
-                            "to WSS over TCP")
+                            f"allow outbound UDP to {target}, or use RELAY_URL=auto://{target} (WSS over TCP, "
+                            "QUIC when TCP is blocked)")
         return None
 
     # --- the registration token
@@ -379,6 +382,9 @@ class Preflight:
                 quic_link.close()
             return
         link = quic_link
+        if link is not None and self.dialer.scheme == "auto" and reachable and self.report.status("relay-tls") != FAIL:
+            link.close()  # auto:// registers over WSS when it can: check the carrier it rides
+            link = None
         if link is None:
             if self.dialer.scheme == "quic" or not reachable or self.report.status("relay-tls") == FAIL:
                 self.report.add("jwt-accepted", SKIP, "no link to the relay")

@@ -91,7 +91,7 @@ def _parse_args(argv: list[str]):
 
 ENVIRONMENT = """\
 environment:
-  RELAY_URL              auto://HOST:PORT (QUIC, else WSS), wss://HOST:PORT or quic://HOST:PORT;
+  RELAY_URL              auto://HOST:PORT (WSS, else QUIC), wss://HOST:PORT or quic://HOST:PORT;
                          the port is required (the relay's default is 8443); several relays
                          (or load balancers) of one cluster: comma-separated
   RELAY_LINKS            links kept to distinct relays of the cluster (default 2; all when fewer)

@@ -299,7 +299,7 @@ class Agent:
     async def serve(self, link: Link, handler: AgentLinkHandler):
         """Serve until the link closes, ``(code, reason, error)``; a stop is asked, None; or
         the relay drains and this slot moves to another, :data:`MOVED` (the old link finishes
-        its streams). Under auto://, move to QUIC when it is reachable again; after a reload
+        its streams). Under auto://, move back to WSS when it is reachable again; after a reload
         that changed the relay's settings, move to a link made with them."""
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -322,34 +322,32 @@ class Agent:
                 if self._switch_to is not None:
                     moved = await self._switch(link)
                 elif self.dialer.next_probe_in() == 0:
-                    moved = await self._try_quic(link)
+                    moved = await self._try_wss(link)
                 if moved is not None:
                     link, handler = moved
                     self.link, self.handler = link, handler
         finally:
             stop.cancel()
         code, reason = handler.closed.result()
-        if link.carrier == "quic" and code == ErrorCode.TIMEOUT:
-            self.dialer.quic_went_silent()
         self._forget_link()
         return code, reason, handler.error
 
-    async def _try_quic(self, old: Link):
-        new = await self.dialer.probe_quic()
+    async def _try_wss(self, old: Link):
+        new = await self.dialer.probe_wss()
         if new is None:
-            log.debug("QUIC still unreachable (%s); staying on WSS, next try in %g s", self.dialer.last_quic_error,
+            log.debug("WSS still unreachable (%s); staying on QUIC, next try in %g s", self.dialer.last_wss_error,
                       self.dialer.reprobe_interval)
             return None
         try:
             handler = await self.register(new)
         except (AuthError, *LINK_FAILURES) as exc:
-            log.info("QUIC reachable again but registration over it failed: %s", hints.describe(exc))
+            log.info("WSS reachable again but registration over it failed: %s", hints.describe(exc))
             new.close()
             self.dialer.carrier = old.carrier
             return None
-        log.info("QUIC is reachable again: moved to QUIC; the WebSocket link finishes its %d open stream(s)",
+        log.info("WSS is reachable again: moved to WSS; the QUIC link finishes its %d open stream(s)",
                  old.stream_count)
-        self._drain_old(old, "moving to QUIC")
+        self._drain_old(old, "moving to WSS")
         return new, handler
 
     def _drain_old(self, old: Link, why: str) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: system packages the tests and the
 # benchmarks use, then a virtual environment (.venv, or $VENV) made from `python3` (or $PYTHON)
-# that holds the project (builds the Cython codec and tunnel.ops._malloc) with its test extras.
+# that holds the project (builds the Cython codec and tunnel.ops._malloc) with its test extras,
+# and aioquic's packet path compiled with Cython in place (scripts/build_aioquic.py).
 # A virtual environment because Debian's own Python is externally managed (PEP 668): pip refuses
 # to install into it. `--python-only` installs only what that needs (a C compiler, and for
 # Debian's Python its venv module and headers). Every script after it runs $VENV/bin/python.
@@ -55,7 +56,12 @@ compiled() { "$PY" -c "import tunnel.codec as f, tunnel.ops._malloc; assert f.IM
 key=$( { "$PY" -c 'import sys; print(sys.version)'; cat pyproject.toml setup.py _frames.pyx tunnel/ops/_malloc.c;
          find tunnel -name '*.pxd' | LC_ALL=C sort | while read -r pxd; do cat "$pxd" "${pxd%.pxd}.py"; done; } \
        | sha256sum | cut -d' ' -f1)
+# aioquic's hot modules compiled in the venv: its own stamp makes this a moment once done (or
+# once it fell back to pure Python, which it says); the first time about 80 s of CPU, or a copy
+# from ~/.cache/tunnel-build/ when another venv on this machine built the same.
+build_aioquic() { "$PY" scripts/build_aioquic.py; }
 if [ "$(cat "$VENV/.installed" 2>/dev/null)" = "$key" ] && compiled 2>/dev/null; then
+  build_aioquic
   exit 0
 fi
 # pip's notices (root user, editable installs) are shown only when an install fails.
@@ -63,6 +69,7 @@ pip_log=$(mktemp)
 trap 'rm -f "$pip_log"' EXIT
 "$PY" -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=77" >"$pip_log" 2>&1 \
   || { cat "$pip_log"; exit 1; }  # setuptools 77: the SPDX licence (python setup.py build_ext too)
-"$PY" -m pip install -q --disable-pip-version-check -e ".[test]" >"$pip_log" 2>&1 || { cat "$pip_log"; exit 1; }
+"$PY" -m pip install -q --disable-pip-version-check -e ".[test,build]" >"$pip_log" 2>&1 || { cat "$pip_log"; exit 1; }
 compiled
 echo "$key" > "$VENV/.installed"
+build_aioquic

@@ -42,18 +42,6 @@ async def _serve_wss(certs, links, port=0):
     return server, server.sockets[0].getsockname()[1]
 
 
-def _free_udp_port_with_tcp(tcp_port: int) -> bool:
-    """True when nothing listens on UDP ``tcp_port`` (so QUIC there is unreachable)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind(("127.0.0.1", tcp_port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def test_url_validation():
     with pytest.raises(ValueError):
         Dialer("http://relay:443", ca_file=None, limits=LIMITS)
@@ -64,7 +52,7 @@ def test_url_validation():
     d = Dialer("auto://relay.example:443", ca_file=None, limits=LIMITS, proxy_env={})
     assert (d.host, d.port, d.probe_timeout, d.reprobe_interval) == ("relay.example", 443, 3.0, 60.0)
     assert d.wss_url() == "wss://relay.example:443"
-    assert not d.should_probe_quic(time.monotonic())  # nothing dialled yet
+    assert d.next_probe_in(time.monotonic()) is None  # nothing dialled yet
 
 
 def test_quic_scheme(certs):
@@ -76,7 +64,7 @@ def test_quic_scheme(certs):
         link = await d.dial()
         assert link.carrier == "quic" and d.carrier == "quic"
         await wait_for(lambda: links)
-        assert not d.should_probe_quic(time.monotonic() + 1000)
+        assert d.next_probe_in(time.monotonic() + 1000) is None  # only auto re-probes
         link.close()
         server.close()
 
@@ -106,60 +94,61 @@ def test_wss_scheme(certs):
         link = await d.dial()
         assert link.carrier == "wss"
         await wait_for(lambda: links)
-        assert not d.should_probe_quic(time.monotonic() + 1000)  # only auto re-probes
+        assert d.next_probe_in(time.monotonic() + 1000) is None  # only auto re-probes
         link.close()
         server.close()
 
     asyncio.run(main())
 
 
-def test_auto_prefers_quic(certs):
+def test_auto_rides_wss(certs):
+    """auto:// dials WSS and never tries QUIC while WSS works (the faster carrier: bench/)."""
+
     async def main():
         wss_links, quic_links = [], []
         server, port = await _serve_wss(certs, wss_links)
         quic = await serve_quic("127.0.0.1", port, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
                                 on_link=_accept(quic_links))
+        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=FAST, proxy_env={})
+        link = await d.dial()
+        assert link.carrier == "wss" and d.carrier == "wss"
+        await wait_for(lambda: wss_links)
+        assert not quic_links and d.last_quic_error is None
+        assert d.next_probe_in(time.monotonic() + 1000) is None  # on WSS: nothing to move to
+        link.close()
+        quic.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_auto_falls_back_to_quic_then_reprobes_wss(certs):
+    """TCP refused: auto:// rides QUIC; WSS is tried again on the re-probe interval and taken
+    once it answers."""
+
+    async def main():
+        wss_links, quic_links = [], []
+        quic = await serve_quic("127.0.0.1", 0, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
+                                on_link=_accept(quic_links))
+        port = quic.port
         d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=FAST, proxy_env={})
         link = await d.dial()
         assert link.carrier == "quic" and d.carrier == "quic"
+        assert d.last_wss_error
         await wait_for(lambda: quic_links)
-        assert not wss_links
-        assert not d.should_probe_quic(time.monotonic() + 1000)
-        link.close()
-        quic.close()
-        server.close()
-
-    asyncio.run(main())
-
-
-def test_auto_falls_back_to_wss_then_reprobes(certs):
-    async def main():
-        wss_links, quic_links = [], []
-        server, port = await _serve_wss(certs, wss_links)
-        assert _free_udp_port_with_tcp(port)
-        d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=FAST, proxy_env={})
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        link = await d.dial()
-        assert link.carrier == "wss" and d.carrier == "wss"
-        assert loop.time() - t0 < 1.5 + 5  # probe timeout, then WSS
-        assert d.last_quic_error
-        await wait_for(lambda: wss_links)
         now = time.monotonic()
-        assert not d.should_probe_quic(now)
-        assert d.should_probe_quic(now + 31)
-        # Still no UDP listener: the probe fails, and the interval restarts.
-        assert await d.probe_quic() is None
-        assert not d.should_probe_quic(time.monotonic())
-        # QUIC comes up on the same port number: the next probe returns a ready link.
-        quic = await serve_quic("127.0.0.1", port, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
-                                on_link=_accept(quic_links))
-        assert d.should_probe_quic(time.monotonic() + 31)
-        qlink = await d.probe_quic()
-        assert qlink is not None and qlink.carrier == "quic" and d.carrier == "quic"
-        await wait_for(lambda: quic_links)
-        assert not d.should_probe_quic(time.monotonic() + 1000)
-        qlink.close()
+        assert d.next_probe_in(now) > 0
+        assert d.next_probe_in(now + 31) == 0
+        # Still no TCP listener: the probe fails, and the interval restarts.
+        assert await d.probe_wss() is None
+        assert d.next_probe_in(time.monotonic()) > 0
+        # WSS comes up on the same port number: the next probe returns a ready link.
+        server, _ = await _serve_wss(certs, wss_links, port=port)
+        wlink = await d.probe_wss()
+        assert wlink is not None and wlink.carrier == "wss" and d.carrier == "wss"
+        await wait_for(lambda: wss_links)
+        assert d.next_probe_in(time.monotonic() + 1000) is None
+        wlink.close()
         link.close()
         quic.close()
         server.close()
@@ -167,22 +156,21 @@ def test_auto_falls_back_to_wss_then_reprobes(certs):
     asyncio.run(main())
 
 
-def test_auto_with_udp_silently_dropped_falls_back(certs):
-    """UDP black hole (a socket that never answers): the probe times out, WSS takes over."""
+def test_auto_with_both_unreachable_raises(certs):
+    """No TCP listener and a UDP black hole: the QUIC attempt times out, and the error names both."""
+    from tunnel.wire.errors import LinkError
 
     async def main():
-        wss_links = []
-        server, port = await _serve_wss(certs, wss_links)
         hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        hole.bind(("127.0.0.1", port))  # swallows every datagram
+        hole.bind(("127.0.0.1", 0))  # swallows every datagram; nothing listens on TCP there
+        port = hole.getsockname()[1]
         try:
             d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=LIMITS.replace(quic_probe_timeout=0.5),
                        proxy_env={})
-            link = await d.dial()
-            assert link.carrier == "wss"
-            link.close()
+            with pytest.raises(LinkError, match="QUIC too"):
+                await d.dial()
+            assert d.last_wss_error and d.last_quic_error
         finally:
             hole.close()
-            server.close()
 
     asyncio.run(main())

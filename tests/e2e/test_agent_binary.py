@@ -87,6 +87,8 @@ def test_check_and_serve_without_python(binary, relay, service_factory, tmp_path
     assert "TLS engine openssl (aiofastnet" in runtime
     assert "compiled per-message path" in runtime
 
+    # Served over QUIC (auto:// would ride WSS): the binary carries aioquic too.
+    env["RELAY_URL"] = f"quic://127.0.0.1:{relay.port}"
     agent = Proc("agent-binary", without_python([binary], env), os.environ.copy(), tmp_path / "agent-binary.log")
     agent.start()
     try:

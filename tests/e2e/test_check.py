@@ -75,6 +75,10 @@ def test_healthy_setup_passes_and_leaves_serving_agents_alone(setup, agents):
         assert {n for n, c in checks.items() if c["status"] == "pass"} >= expected, report
         assert checks["relay-quic"]["status"] == ("skip" if scheme == "wss" else "pass"), report
         assert before["id"] in checks["jwt-accepted"]["detail"]
+        # auto:// registers over the carrier it rides (WSS), and nothing calls QUIC faster
+        # without having measured it.
+        assert ("over quic" if scheme == "quic" else "over wss") in checks["jwt-accepted"]["detail"]
+        assert "faster" not in json.dumps(report)
 
     # The check-only registrations joined nothing and created nothing; the agent still serves.
     after = relay.resource(customer, "db")
@@ -253,6 +257,7 @@ def test_udp_blocked_fails_quic_and_warns_auto(setup):
         checks = by_name(report)
         assert code == 0 and checks["relay-quic"]["status"] == "warn", report
         assert "over wss" in checks["jwt-accepted"]["detail"]
+        assert "faster" not in checks["relay-quic"]["fix"] and "fall back to QUIC" in checks["relay-quic"]["fix"]
     finally:
         subprocess.run(["iptables", "-w", "5", "-D", *rule], check=True, timeout=30)
 
