@@ -9,7 +9,7 @@ installed package, where Python's import system prefers them (no source of aioqu
 this repository). The extension modules are added to the package's RECORD, so ``pip
 uninstall`` or an upgrade of aioquic removes them with it.
 
-Idempotent: a stamp in the package keyed by the Python, aioquic and Cython versions and what
+Idempotent: a stamp in the package keyed by the extension ABI, the aioquic and Cython versions and what
 this script compiles how is checked first (a moment). The build takes about 80 s of CPU (45 s on two idle cores;
 7 minutes on a machine loaded 6x over); what it built is kept under ``~/.cache/tunnel-build/``
 (``$TUNNEL_BUILD_CACHE``) by the same key, so another virtual environment or a fresh clone on
@@ -134,7 +134,10 @@ def stamp_key(version: str) -> str:
         cython = importlib.metadata.version("Cython")
     except importlib.metadata.PackageNotFoundError:
         cython = "none"
-    parts = [sys.version, version, cython, SUFFIX, repr(MODULES), repr(DIRECTIVES), repr(COMPILE_ARGS)]
+    # The extension ABI (e.g. cpython-311-x86_64-linux-gnu), not the patch release: modules built
+    # under one 3.11 serve another 3.11's virtualenv (the quick start's, on Debian's Python) from
+    # the cache, and the check after each copy still guards them.
+    parts = [version, cython, SUFFIX, repr(MODULES), repr(DIRECTIVES), repr(COMPILE_ARGS)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
