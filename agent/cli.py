@@ -107,6 +107,8 @@ environment:
   DRAIN_TIMEOUT          seconds SIGTERM lets open streams finish (default 30)
   METRICS_LISTEN         host:port (or :port) to serve /metrics, /live and /ready on (default: off)
   AGENT_CONFIG_FILE      the same as --config (several resources: README, "The config file")
+  AGENT_STATE_DIR        the agent's key and certificate after enrolment (default: FILE.state
+                         beside the config file; environment only: no enrolment unless set)
 
 signals: SIGHUP reads the config file again; SIGTERM deregisters, lets open streams finish up
 to DRAIN_TIMEOUT and exits 0.
@@ -147,9 +149,27 @@ def _tunables(limits: Limits, settings: AgentSettings) -> str:
 
 
 async def _run(conf, limits: Limits, settings: AgentSettings) -> int:
+    from .identity import AgentIdentity, IdentityError
     from .links import AgentLinks
 
-    links = AgentLinks(conf, limits, settings=settings)
+    identity = None
+    if conf.state_dir:
+        try:
+            identity = AgentIdentity.open(conf.state_dir)
+        except IdentityError as exc:
+            log.error("%s", exc)
+            return 2
+        if identity is None:
+            if not conf.token:
+                log.error("the agent state directory %s is in use by another agent process, and no registration "
+                          "JWT is set: give this agent its own AGENT_STATE_DIR", conf.state_dir)
+                return 2
+            log.warning("the agent state directory %s is in use by another agent process: this one links with its "
+                        "registration JWT only (give it its own AGENT_STATE_DIR to enrol)", conf.state_dir)
+        elif identity.enrolled:
+            log.info("agent instance %s: certificate in %s, expires %s", identity.instance, conf.state_dir,
+                     identity.expires())
+    links = AgentLinks(conf, limits, settings=settings, identity=identity)
     metrics = None
     if conf.metrics_listen is not None:
         from .metrics import serve_metrics
