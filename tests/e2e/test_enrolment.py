@@ -6,14 +6,16 @@ its certificate over the live link before two thirds of its lifetime."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
+import subprocess
 
 import pytest
 from cryptography import x509
 
-from tests.helpers.processes import connect, echoed, wait_until
+from tests.helpers.processes import PY, ROOT, _env, connect, echoed, wait_until
 
 FAST = {"TUNNEL_KEEPALIVE_INTERVAL": "1", "TUNNEL_KEEPALIVE_TIMEOUT": "3"}
 
@@ -51,6 +53,16 @@ def test_enrolled_agent_links_by_certificate_without_its_jwt_across_a_relay_rest
     assert uris == [f"tunnel:customer/{customer}", f"tunnel:instance/{instance}", "tunnel:scope/customer"]
     assert not [p for p in state.iterdir() if p.name.endswith(".tmp")]
     first.stop()
+    if carrier == "wss" and engine == "openssl":
+        # tunnel-agent check without a JWT: the certificate instead of the token.
+        out = subprocess.run([PY, "-m", "agent", "check", "--output", "json", "--timeout", "3"], cwd=ROOT,
+                             env=_env(RELAY_URL=url, NAME="db", APP_HOST="127.0.0.1", APP_PORT=service.port,
+                                      RELAY_CA_FILE=relay.ca_file, AGENT_STATE_DIR=str(state)),
+                             capture_output=True, text=True, timeout=120)
+        checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+        assert out.returncode == 0, out.stdout
+        assert checks["certificate"]["status"] == "pass" and instance in checks["certificate"]["detail"]
+        assert checks["jwt"]["status"] == checks["jwt-accepted"]["status"] == "skip"
 
     # The relay restarts; the agent comes back without any JWT, by its certificate alone.
     relay.stop()
