@@ -18,6 +18,12 @@ When the relay deregisters one resource (CONTROL ``deregistered``: its token was
 was deleted), the agent stops serving that resource (its streams end, later registrations leave
 it out) and goes on with the others; with none left it exits with code 3.
 
+With a state directory (agent.identity), the agent enrols after a registration by its JWT
+(CONTROL ``enroll`` with a CSR for its key; the certificate is stored atomically), links by
+that certificate from then on (no token in ``auth``: WSS presents it at the TLS layer, QUIC
+sends it and signs the relay's nonce), and renews it over the live link before two thirds of
+its lifetime (:meth:`Agent._keep_enrolled`).
+
 :meth:`Agent.reload` (SIGHUP, or a changed file under ``AgentSettings.config_watch_interval``:
 agent.config_watch) applies a new config file on the live link: added resources register (CONTROL ``add_resources``),
 removed ones stop taking streams and keep those they have (``remove_resources``), changed

@@ -3,9 +3,16 @@
 registration, on the state of :mod:`relay.state` (SQLite in the state dir, or a cluster's
 PostgreSQL).
 
-Before it is registered a link may send one thing: one ``auth`` message. Anything else (a
-second ``auth``, another CONTROL type, a stream) gets a CONTROL ``error`` and the link is
-closed with ``PROTOCOL_ERROR`` (docs/PROTOCOL.md, "Control messages").
+Before it is registered a link may send one thing: one ``auth`` message (and, when the relay
+asked with ``prove``, one ``proof``). Anything else (a second ``auth``, another CONTROL type,
+a stream) gets a CONTROL ``error`` and the link is closed with ``PROTOCOL_ERROR``
+(docs/PROTOCOL.md, "Control messages").
+
+An ``auth`` with a registration token is checked against the token authority; one without
+authenticates by the agent's certificate (docs/PROTOCOL.md, "Enrolment"): verified by OpenSSL
+at the TLS layer on WSS, or sent in ``auth`` and its key proved by signing a nonce on QUIC
+(:meth:`Relay._certificate_identity`), then checked against the revocation list and turned
+into the claims of a token of the certificate's scope (:meth:`Relay._certificate_claims`).
 
 Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
 quotas, resources, created when a customer-wide token names a new one); binding the endpoints
@@ -126,6 +133,8 @@ class AgentLinkHandler(LinkHandler):
     def link_closed(self, code: int, reason: str) -> None:
         relay = self.relay
         relay.links.discard(self.link)
+        if self.proof is not None and not self.proof.done():
+            self.proof.set_result(None)  # no proof will come: the registration ends now
         agent = self.agent
         if self._counted and relay.descriptors is not None:
             self._counted = False
