@@ -148,27 +148,44 @@ def _tunables(limits: Limits, settings: AgentSettings) -> str:
     return "tunables " + (", ".join(changed) if changed else "at their defaults")
 
 
+def _open_identity(conf):
+    """The agent's key and certificate (agent.identity) from ``conf.state_dir``, or None: no
+    state directory, another agent process holds it, or the default one beside the config
+    file cannot be made (then the JWT alone, with a warning). ValueError when the agent cannot
+    start that way."""
+    from .identity import AgentIdentity, IdentityError, StateDirUnavailable
+
+    if not conf.state_dir:
+        return None
+    try:
+        identity = AgentIdentity.open(conf.state_dir)
+    except StateDirUnavailable as exc:
+        if conf.state_dir_set or not conf.token:
+            raise ValueError(str(exc)) from None
+        log.warning("%s; linking with the registration JWT only (set AGENT_STATE_DIR to enrol)", exc)
+        return None
+    except IdentityError as exc:
+        raise ValueError(str(exc)) from None
+    if identity is None:
+        if not conf.token:
+            raise ValueError(f"the agent state directory {conf.state_dir} is in use by another agent process, and "
+                             "no registration JWT is set: give this agent its own AGENT_STATE_DIR")
+        log.warning("the agent state directory %s is in use by another agent process: this one links with its "
+                    "registration JWT only (give it its own AGENT_STATE_DIR to enrol)", conf.state_dir)
+    elif identity.enrolled:
+        log.info("agent instance %s: certificate in %s, expires %s", identity.instance, conf.state_dir,
+                 identity.expires())
+    return identity
+
+
 async def _run(conf, limits: Limits, settings: AgentSettings) -> int:
-    from .identity import AgentIdentity, IdentityError
     from .links import AgentLinks
 
-    identity = None
-    if conf.state_dir:
-        try:
-            identity = AgentIdentity.open(conf.state_dir)
-        except IdentityError as exc:
-            log.error("%s", exc)
-            return 2
-        if identity is None:
-            if not conf.token:
-                log.error("the agent state directory %s is in use by another agent process, and no registration "
-                          "JWT is set: give this agent its own AGENT_STATE_DIR", conf.state_dir)
-                return 2
-            log.warning("the agent state directory %s is in use by another agent process: this one links with its "
-                        "registration JWT only (give it its own AGENT_STATE_DIR to enrol)", conf.state_dir)
-        elif identity.enrolled:
-            log.info("agent instance %s: certificate in %s, expires %s", identity.instance, conf.state_dir,
-                     identity.expires())
+    try:
+        identity = _open_identity(conf)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     links = AgentLinks(conf, limits, settings=settings, identity=identity)
     metrics = None
     if conf.metrics_listen is not None:

@@ -126,6 +126,9 @@ class AgentConfig:
     relay_allow_hosts: tuple[str, ...] = ()
     #: AGENT_STATE_DIR: where the agent's key and certificate live (None: no enrolment).
     state_dir: str | None = None
+    #: False when ``state_dir`` is the default beside the config file (not set by the user):
+    #: one that cannot be created then means no enrolment rather than an error.
+    state_dir_set: bool = False
 
     def relay_allowed(self, url: str) -> bool:
         """May this agent dial (and send its token to) ``url``, a relay the cluster named?"""
@@ -284,7 +287,7 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
             raise ConfigError(str(exc)) from None
     return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
                        drain_timeout, config_file, metrics_listen, relay_urls, relay_links, ca_setting,
-                       relay_allow_hosts, state_dir)
+                       relay_allow_hosts, state_dir, bool(env.get("AGENT_STATE_DIR") or file_conf.get("state_dir")))
 
 
 def _check_allow_entry(entry: str) -> None:

@@ -53,6 +53,10 @@ class IdentityError(Exception):
     """The state directory or its files cannot be used; the message names the fix."""
 
 
+class StateDirUnavailable(IdentityError):
+    """The state directory cannot be created or written (as opposed to being unsafe)."""
+
+
 def default_state_dir(config_file: str | None, environ) -> str | None:
     """``AGENT_STATE_DIR``, else ``<config file without suffix>.state`` beside the config
     file, else None (environment-only configuration: no enrolment)."""
@@ -126,7 +130,7 @@ class AgentIdentity:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise IdentityError(f"cannot create the agent state directory {directory} (AGENT_STATE_DIR): "
+            raise StateDirUnavailable(f"cannot create the agent state directory {directory} (AGENT_STATE_DIR): "
                                 f"{exc.strerror or exc}; create it (mode 0700) or point AGENT_STATE_DIR "
                                 "at a writable directory") from None
         if not directory.is_dir():
@@ -135,7 +139,7 @@ class AgentIdentity:
         try:
             lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise IdentityError(f"cannot write in the agent state directory {directory}: {exc.strerror or exc}; "
+            raise StateDirUnavailable(f"cannot write in the agent state directory {directory}: {exc.strerror or exc}; "
                                 "make it writable by the agent's user") from None
         import fcntl
 

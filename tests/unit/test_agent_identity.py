@@ -131,3 +131,21 @@ def test_csr_names_the_instance_only(tmp_path):
         serialization.load_pem_private_key((tmp_path / "state" / "agent-key.pem").read_bytes(), None) \
         .public_key().public_bytes(serialization.Encoding.DER, public)
     identity.close()
+
+
+def test_a_default_state_dir_that_cannot_be_made_means_the_jwt_alone(tmp_path, caplog):
+    import dataclasses
+
+    from agent.cli import _open_identity
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {"RELAY_URL": "wss://relay.example.com:8443", "NAME": "db", "APP_HOST": "127.0.0.1", "APP_PORT": "5432",
+           "REGISTRATION_JWT": "a.b.c"}
+    conf = dataclasses.replace(load(env), state_dir=str(blocker / "agent.state"))
+    assert _open_identity(conf) is None  # the default beside the config file: a warning
+    assert "linking with the registration JWT only" in caplog.text
+    with pytest.raises(ValueError, match="cannot create the agent state directory"):
+        _open_identity(dataclasses.replace(conf, state_dir_set=True))  # AGENT_STATE_DIR given: an error
+    with pytest.raises(ValueError, match="cannot create"):
+        _open_identity(dataclasses.replace(conf, token=""))  # nothing else to link with
