@@ -1,8 +1,9 @@
 """Enrolment end to end, real relay and agent processes over real TLS (docs/PROTOCOL.md,
 "Enrolment"): an agent with a state directory enrols after its first registration by JWT,
 keeps its key (0600) and certificate there, and from then on links by its certificate
-without the JWT, on WSS (both TLS engines) and on QUIC, across a relay restart; it renews
-its certificate over the live link before two thirds of its lifetime."""
+without the JWT, on WSS (both TLS engines) and on QUIC, across a relay restart, and to every
+relay of a cluster on PostgreSQL; it renews its certificate over the live link before two
+thirds of its lifetime."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import subprocess
 import pytest
 from cryptography import x509
 
+from tests.helpers.cluster import AGENT_ENV, aliases_work, cluster  # noqa: F401 - a fixture
 from tests.helpers.processes import PY, ROOT, _env, connect, echoed, wait_until
 
 FAST = {"TUNNEL_KEEPALIVE_INTERVAL": "1", "TUNNEL_KEEPALIVE_TIMEOUT": "3"}
@@ -119,3 +121,27 @@ def test_state_directory_with_loose_permissions_is_refused(relay, agents, servic
     assert agent.proc.returncode == 2
     assert f"chmod 700 {state}" in agent.log()
     assert not (state / "agent-key.pem").exists()
+
+
+@pytest.mark.skipif(not aliases_work(), reason="127.0.0.2/.3 are not loopback addresses here")
+def test_enrolled_agent_links_by_certificate_to_every_relay_of_a_cluster(cluster, agents, service_factory,
+                                                                         tmp_path):
+    c = cluster()
+    r1, r2, r3 = c.relays
+    customer = r1.create_customer("acme")
+    token = r1.jwt("--customer-id", customer)
+    service = service_factory("echo")
+    env = dict(AGENT_STATE_DIR=str(tmp_path / "agent-state"), **AGENT_ENV, **FAST)
+    first = agents.start(c.urls(1, 2), token, "db", service.port, ca_file=c.ca_file, **env)
+    wait_until(lambda: "enrolled as" in first.log(), 30, "the agent to enrol")
+    serial = _serial(tmp_path / "agent-state" / "agent-cert.pem")
+    first.stop()
+
+    # No JWT: both links (the second and third relays) by the certificate the first issued,
+    # and a worker on the first relay reaches the service through either.
+    agents.start(c.urls(1, 2), "", "db", service.port, ca_file=c.ca_file, **env)
+    for relay in (r2, r3):
+        wait_until(lambda: f"by certificate {serial:x}" in relay.proc.log(), 30, f"a link by certificate to {relay.host}")
+    r1.wait_available(customer, "db")
+    assert _serves(r1, customer, "db")
+    assert "Traceback" not in "".join(r.proc.log() for r in c.relays)
