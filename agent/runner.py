@@ -355,6 +355,10 @@ class Agent:
                 what = "relay unreachable: " + hints.relay_failure(
                     exc, host=self.dialer.host, port=self.dialer.port, ca_file=self.config.ca_file,
                     ca_setting=self.config.ca_setting)
+                if self._certified() and self.dialer.scheme != "quic" and "handshake" in str(exc).lower():
+                    # The relay's TLS layer refuses a certificate of another CA with an alert.
+                    what += (f" (the agent presented its certificate {self.identity.cert_file}: if the relay's CA "
+                             "changed, remove that file and enrol again with a registration JWT)")
                 if first:
                     what += " (the agent keeps trying)"
             else:

@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 
 from tests.helpers.cluster import AGENT_ENV, aliases_work, cluster  # noqa: F401 - a fixture
-from tests.helpers.processes import PY, ROOT, _env, connect, echoed, wait_until
+from tests.helpers.processes import PY, ROOT, Relay, _env, connect, echoed, wait_until
 
 FAST = {"TUNNEL_KEEPALIVE_INTERVAL": "1", "TUNNEL_KEEPALIVE_TIMEOUT": "3"}
 
@@ -145,3 +145,28 @@ def test_enrolled_agent_links_by_certificate_to_every_relay_of_a_cluster(cluster
     r1.wait_available(customer, "db")
     assert _serves(r1, customer, "db")
     assert "Traceback" not in "".join(r.proc.log() for r in c.relays)
+
+
+def test_a_relay_with_another_ca_refuses_the_certificate_and_the_agent_says_what_to_do(
+        relay, agents, service_factory, tmp_path):
+    service = service_factory("echo")
+    customer = relay.create_customer("acme")
+    state = tmp_path / "agent-state"
+    env = dict(AGENT_STATE_DIR=str(state), **FAST)
+    first = agents.start(relay.url, relay.jwt("--customer-id", customer), "db", service.port, ca_file=relay.ca_file,
+                         **env)
+    wait_until(lambda: "enrolled as" in first.log(), 30, "the agent to enrol")
+    first.stop()
+    relay.stop()
+
+    # Another relay (its own CA) on the same address: its TLS layer refuses the certificate.
+    other = Relay(tmp_path / "other", port=relay.port)
+    (tmp_path / "other").mkdir()
+    other.start()
+    try:
+        agent = agents.start(other.url, "", "db", service.port, ca_file=other.ca_file, **env)
+        wait_until(lambda: "remove that file and enrol again" in agent.log(), 30, "the agent's hint")
+        assert agent.alive()  # it keeps trying: the operator may restore the relay's CA
+        assert "registered: customer" not in other.proc.log()
+    finally:
+        other.stop()
