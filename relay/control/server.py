@@ -416,14 +416,7 @@ class Relay:
             if len(identity.resource_ids) != 1:
                 raise AuthError("the agent certificate names more than one resource", code="unauthorized")
             resource_id = identity.resource_ids[0]
-            resource = await self.state.get_resource(resource_id)
-            if resource is None or resource["customer_id"] != customer_id:
-                raise AuthError(f"the agent certificate's resource {escape(resource_id[:64])} does not exist for "
-                                f"customer {escape(customer_id[:64])}", code="unauthorized")
-            outside = [name for name in names if name != resource["name"]]
-            if outside:
-                raise AuthError(f"the agent certificate allows resource {resource['name']} only, not "
-                                f"{', '.join(outside)}", code="unauthorized")
+            resource = await self._certificate_scope(customer_id, resource_id, names)
             generation = resource["generation"]
         else:
             found = [await self.state.find_resource(customer_id, name) for name in names]
@@ -431,6 +424,19 @@ class Relay:
         return Claims(customer_id=customer_id, resource_id=resource_id, generation=generation,
                       org_only=customer_id == ORG_CUSTOMER_ID, jti=f"cert:{identity.serial:x}",
                       expires_at=identity.not_after)
+
+    async def _certificate_scope(self, customer_id: str, resource_id: str, names: list[str]) -> dict:
+        """The resource a resource-scoped agent certificate allows; AuthError when it is gone,
+        another customer's, or ``names`` ask for another."""
+        resource = await self.state.get_resource(resource_id)
+        if resource is None or resource["customer_id"] != customer_id:
+            raise AuthError(f"the agent certificate's resource {escape(resource_id[:64])} does not exist for "
+                            f"customer {escape(customer_id[:64])}", code="unauthorized")
+        outside = [name for name in names if name != resource["name"]]
+        if outside:
+            raise AuthError(f"the agent certificate allows resource {resource['name']} only, not "
+                            f"{', '.join(outside)}", code="unauthorized")
+        return resource
 
     async def _before_create(self, owner: str) -> None:
         """A first, cheap check before a port is chosen (:meth:`_resource_quota` decides)."""
@@ -455,6 +461,8 @@ class Relay:
         """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
         (created if need be, its endpoint bound), checked again after the bind: AuthError if it
         was revoked or deleted meanwhile. For resources added on a live link."""
+        if claims.jti.startswith("cert:") and claims.resource_id is not None:
+            await self._certificate_scope(claims.customer_id, claims.resource_id, [name])
         resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
                                              before_create=self._before_create, quota=self._resource_quota)
         rid = resource["id"]

@@ -1,7 +1,8 @@
 """Links that authenticate by an agent certificate, against hostile certificates
 (docs/PROTOCOL.md, "Enrolment"): one from another CA and an expired one fail the TLS handshake
 (OpenSSL verifies with the relay's CA as the only trust anchor); one naming a resource of
-another customer, one asked to serve a resource outside its scope, one that is not an agent
+another customer, one asked to serve a resource outside its scope (at registration or added on
+the live link), one that is not an agent
 certificate (the relay's own relay-to-relay certificate), and a revoked one are refused with
 a clear error and a closed link; on QUIC, where the certificate travels in ``auth``, one from
 another CA and a wrong proof of its key are refused the same. The relay goes on serving."""
@@ -69,7 +70,8 @@ def _agent_cert(tmp_path, ca, *, customer: str, resources, instance: str = "inst
     return str(cert_file), str(key_file), key
 
 
-async def _link_with(relay, cert_file: str, key_file: str, names, transport: str = "wss", certificate=None):
+async def _link_with(relay, cert_file: str, key_file: str, names, transport: str = "wss", certificate=None,
+                     add: str | None = None):
     """Dial with the certificate (WSS: at the TLS layer; QUIC: in ``auth``), authenticate
     without a token; the recorder, or the exception the dial raised."""
     from tunnel.carriers.quic import connect_quic
@@ -96,6 +98,9 @@ async def _link_with(relay, cert_file: str, key_file: str, names, transport: str
         await until(lambda: recorder.first("registered") or recorder.closed, 15, "the relay's answer")
     except Exception as exc:  # noqa: BLE001 - the TLS alert may surface here
         return exc
+    if add is not None and recorder.first("registered"):  # then ask for one more on the live link
+        link.send_control({"type": "add_resources", "resources": [{"name": add}]})
+        await until(lambda: recorder.first("resources_added"), 15, "the relay's answer")
     link.close()
     return recorder
 
@@ -129,7 +134,7 @@ def test_hostile_certificates_are_refused(relay, tmp_path):
         # The relay-to-relay certificate: the same CA, clientAuth too, but not an agent's.
         peer = pki.ensure_peer_cert(relay.state_dir, ["127.0.0.1"])
         answers["not an agent"] = await _link_with(relay, *peer, ["db"])
-        answers["good"] = await _link_with(relay, good[0], good[1], ["db"])
+        answers["good"] = await _link_with(relay, good[0], good[1], ["db"], add="other")
         # QUIC: the certificate in auth, its key proved by signing the relay's nonce.
         with open(cases["another CA"][0]) as f:
             answers["quic another CA"] = await _link_with(relay, "", "", ["db"], "quic", certificate=f.read())
@@ -148,6 +153,8 @@ def test_hostile_certificates_are_refused(relay, tmp_path):
     assert "the agent certificate has expired (unauthorized)" in _refusal(answers["quic expired"])
     good_answer = answers["good"]
     assert isinstance(good_answer, Recorder) and good_answer.first("registered"), good_answer
+    assert good_answer.first("resources_added") == {"type": "resources_added", "resources": [], "refused": [
+        {"name": "other", "code": "unauthorized", "message": "the agent certificate allows resource db only, not other"}]}
     log = relay.proc.log()
     assert "by certificate" in log and "Traceback" not in log
 
