@@ -26,11 +26,10 @@ an agent without one does not pay its memory.
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import errno
 import os
-import secrets
 import stat
+import time
 from pathlib import Path
 
 KEY_FILE = "agent-key.pem"
@@ -79,7 +78,7 @@ def _check_private(path: Path, what: str, allowed: int) -> None:
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory, fsync, rename:
     a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -264,4 +263,4 @@ class AgentIdentity:
         """The certificate's end for log lines (UTC, ISO 8601)."""
         if self.not_after is None:
             return "never enrolled"
-        return _dt.datetime.fromtimestamp(self.not_after, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after))
