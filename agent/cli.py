@@ -16,6 +16,7 @@ from tunnel.core.limits import Limits
 from tunnel.ops import logs
 
 from . import config as agent_config
+from .identity import HELPER as IDENTITY_HELPER
 from .settings import DEFAULT_AGENT_SETTINGS, AgentSettings
 
 log = logging.getLogger("agent")
@@ -24,6 +25,10 @@ log = logging.getLogger("agent")
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == [IDENTITY_HELPER]:  # the key helper process (agent.identity), not for users
+        from .identity import helper_main
+
+        return helper_main(argv[1:])
     command = _command_index(argv)
     if command is not None:  # global options may come before the subcommand, as users type them
         from .check import main as check_main

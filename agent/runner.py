@@ -199,12 +199,14 @@ class Agent:
     def prove(self, link: Link, message: dict) -> None:
         """CONTROL ``prove`` during registration: sign the relay's nonce with the agent's key."""
         nonce = message.get("nonce")
-        if not self._certified() or not isinstance(nonce, str) or len(nonce) > 256:
-            return
+        if self._certified() and isinstance(nonce, str) and len(nonce) <= 256:
+            self._spawn(self._prove(link, nonce))
+
+    async def _prove(self, link: Link, nonce: str) -> None:
         try:
-            signature = self.identity.sign(PROOF_CONTEXT + base64.b64decode(nonce, validate=True))
+            signature = await self.identity.sign(PROOF_CONTEXT + base64.b64decode(nonce, validate=True))
             link.send_control({"type": "proof", "signature": base64.b64encode(signature).decode("ascii")})
-        except (ValueError, TunnelError, OSError) as exc:
+        except (ValueError, IdentityError, TunnelError, OSError) as exc:
             log.warning("cannot answer the relay's certificate challenge: %s", exc)
 
     # --- enrolment --------------------------------------------------------------------------
@@ -228,7 +230,12 @@ class Agent:
         """Ask for a certificate over ``handler``'s link and store it; seconds until the next try."""
         identity = self.identity
         renewing = identity.enrolled
-        answer = await handler.enroll(identity.csr(self.instance), self.limits.handshake_timeout)
+        try:
+            csr = await identity.csr(self.instance)
+        except IdentityError as exc:
+            log.error("cannot make a certificate request: %s", exc)
+            return ENROL_RETRY
+        answer = await handler.enroll(csr, self.limits.handshake_timeout)
         if answer is None:
             return ENROL_RETRY
         if answer.get("type") != "enrolled":
@@ -237,7 +244,7 @@ class Agent:
                         str(answer.get("code", "error"))[:32], ENROL_RETRY)
             return ENROL_RETRY
         try:
-            identity.store(answer.get("certificate"), time.time())
+            await identity.store(answer.get("certificate"), time.time())
         except (IdentityError, OSError) as exc:
             log.error("cannot store the agent's certificate in %s: %s", identity.directory, exc)
             return ENROL_RETRY

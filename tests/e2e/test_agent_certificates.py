@@ -77,6 +77,10 @@ def test_enrolled_agent_links_by_certificate_without_its_jwt_across_a_relay_rest
     assert f"instance {instance}, by certificate {cert.serial_number:x}" in registered[-1]
     assert "Traceback" not in second.log() + relay.proc.log()
     assert "REGISTRATION_JWT" not in second.log()
+    if carrier == "wss":
+        # The key is used by a helper process: the agent itself never loads cryptography (10 MB).
+        with open(f"/proc/{second.pid}/maps") as maps:
+            assert "cryptography" not in maps.read()
 
 
 def test_certificate_renewed_over_the_live_link_then_used_by_new_links(relay, agents, service_factory, tmp_path):

@@ -1,10 +1,11 @@
 """The agent's identity files (agent.identity): the state directory's modes and lock, the key
-made once, the certificate checked against the key and swapped atomically, and the renewal
+made once (by the helper process, as every use of the key), the certificate checked against the key and swapped atomically, and the renewal
 schedule on passed-in time (renewed at 60 % of the lifetime left when it was written, never
 presented within EXPIRY_MARGIN of its end)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import stat
@@ -22,6 +23,10 @@ from relay.state.enrolment import issue_agent_certificate
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 
 
+def _store(identity: AgentIdentity, certificate: str, now: float) -> None:
+    asyncio.run(identity.store(certificate, now))
+
+
 @pytest.fixture
 def ca():
     key = ec.generate_private_key(ec.SECP256R1())
@@ -33,7 +38,7 @@ def ca():
 
 
 def _issue(identity: AgentIdentity, ca, ttl: int = 3600, instance: str = "abc123") -> str:
-    issued = issue_agent_certificate(identity.csr(instance), ca_cert=ca[0], ca_key=ca[1], customer_id="cus_x",
+    issued = issue_agent_certificate(asyncio.run(identity.csr(instance)), ca_cert=ca[0], ca_key=ca[1], customer_id="cus_x",
                                      resource_ids=None, instance=instance, ttl=ttl, now=NOW)
     return issued.certificate.decode()
 
@@ -46,7 +51,7 @@ def test_key_made_once_with_private_modes_and_certificate_stored_atomically(tmp_
     assert not identity.enrolled and identity.renew_at() is None and not identity.usable(NOW.timestamp())
     key = (state / "agent-key.pem").read_bytes()
     written = NOW.timestamp()
-    identity.store(_issue(identity, ca), written)
+    _store(identity, _issue(identity, ca), written)
     assert identity.instance == "abc123" and identity.customer_id == "cus_x" and identity.resource_ids is None
     assert [p.name for p in state.iterdir() if p.name.endswith(".tmp")] == []
     identity.close()
@@ -61,12 +66,12 @@ def test_key_made_once_with_private_modes_and_certificate_stored_atomically(tmp_
 def test_renewal_schedule_on_passed_in_time(tmp_path, ca):
     identity = AgentIdentity.open(tmp_path / "state")
     start = NOW.timestamp()
-    identity.store(_issue(identity, ca, ttl=600), start)
+    _store(identity, _issue(identity, ca, ttl=600), start)
     assert identity.renew_at() == pytest.approx(start + 360)  # before two thirds of 600 s
     assert identity.usable(start + 599 - EXPIRY_MARGIN)
     assert not identity.usable(start + 600 - EXPIRY_MARGIN)  # not presented that close to its end
     renewed_at = start + 361
-    identity.store(_issue(identity, ca, ttl=600), renewed_at)  # the relay's clock still says NOW
+    _store(identity, _issue(identity, ca, ttl=600), renewed_at)  # the relay's clock still says NOW
     assert identity.renew_at() == pytest.approx(renewed_at + 0.6 * (start + 600 - renewed_at))
     identity.close()
 
@@ -74,10 +79,10 @@ def test_renewal_schedule_on_passed_in_time(tmp_path, ca):
 def test_a_certificate_for_another_key_is_refused_and_the_old_one_kept(tmp_path, ca):
     one = AgentIdentity.open(tmp_path / "one")
     other = AgentIdentity.open(tmp_path / "other")
-    one.store(_issue(one, ca), NOW.timestamp())
+    _store(one, _issue(one, ca), NOW.timestamp())
     before = (tmp_path / "one" / "agent-cert.pem").read_bytes()
     with pytest.raises(IdentityError, match="not for the key"):
-        one.store(_issue(other, ca, instance="zzz"), NOW.timestamp())
+        _store(one, _issue(other, ca, instance="zzz"), NOW.timestamp())
     assert (tmp_path / "one" / "agent-cert.pem").read_bytes() == before and one.instance == "abc123"
     one.close()
     other.close()
@@ -116,7 +121,7 @@ def test_state_dir_defaults_and_a_jwt_is_optional_once_enrolled(tmp_path, ca):
     with pytest.raises(ConfigError, match="REGISTRATION_JWT"):
         load(env)
     identity = AgentIdentity.open(tmp_path / "state")
-    identity.store(_issue(identity, ca), NOW.timestamp())
+    _store(identity, _issue(identity, ca), NOW.timestamp())
     identity.close()
     conf = load(env)
     assert conf.token == "" and conf.state_dir == str(tmp_path / "state")
@@ -124,7 +129,7 @@ def test_state_dir_defaults_and_a_jwt_is_optional_once_enrolled(tmp_path, ca):
 
 def test_csr_names_the_instance_only(tmp_path):
     identity = AgentIdentity.open(tmp_path / "state")
-    csr = x509.load_pem_x509_csr(identity.csr("inst-1").encode())
+    csr = x509.load_pem_x509_csr(asyncio.run(identity.csr("inst-1")).encode())
     assert csr.is_signature_valid and csr.subject.rfc4514_string() == "CN=inst-1" and len(csr.extensions) == 0
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     assert csr.public_key().public_bytes(serialization.Encoding.DER, public) == \
