@@ -337,7 +337,7 @@ def _sign(key_file: str) -> str:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    data = base64.b64decode(sys.stdin.buffer.read(), validate=True)
+    data = base64.b64decode(sys.stdin.buffer.read().strip(), validate=True)
     return base64.b64encode(_load_key(key_file).sign(data, ec.ECDSA(hashes.SHA256()))).decode("ascii")
 
 
