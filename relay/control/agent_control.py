@@ -26,6 +26,7 @@ Malformed messages are ignored with a log line (the link stays up: the agent reg
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -83,6 +84,11 @@ class AgentControl:
             return
         agent.enrolled_at = now
         claims = agent.claims
+        jti = getattr(claims, "jti", "")
+        if jti.startswith("cert:") and relay.state.agent_certificate_revoked(int(jti[5:], 16)):
+            self._reply(agent, {"type": "enroll_failed", "code": "revoked",
+                                "message": "this agent's certificate is revoked: enrol again with a registration JWT"})
+            return
         try:
             ca_cert, ca_key = relay.agent_ca()
             issued = issue_agent_certificate(
@@ -102,8 +108,27 @@ class AgentControl:
             return
         log.info("agent %s (instance %s, customer %s): issued certificate %x, valid until %s", agent.agent_id,
                  agent.instance, agent.customer_id, issued.serial, issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        self._reply(agent, {"type": "enrolled", "certificate": issued.certificate.decode("ascii"),
-                            "expires_at": int(issued.not_after.timestamp())})
+        answer = {"type": "enrolled", "certificate": issued.certificate.decode("ascii"),
+                  "expires_at": int(issued.not_after.timestamp())}
+        recorded = relay.state.record_agent_certificate(
+            serial=issued.serial, instance=agent.instance, customer_id=agent.customer_id,
+            resource_ids=[claims.resource_id] if getattr(claims, "resource_id", None) else None,
+            not_after=int(issued.not_after.timestamp()))
+        if inspect.isawaitable(recorded):
+            relay.spawn(self._reply_recorded(agent, recorded, answer))
+        else:
+            self._reply(agent, answer)
+
+    async def _reply_recorded(self, agent: AgentSession, recorded, answer: dict) -> None:
+        """Send ``answer`` once the issued certificate is recorded (so that a revocation finds it)."""
+        try:
+            await recorded
+        except Exception as exc:  # noqa: BLE001 - no certificate the relays cannot revoke
+            log.error("agent %s: cannot record its certificate: %s", agent.agent_id, exc)
+            self._reply(agent, {"type": "enroll_failed", "code": "unavailable",
+                                "message": "the relay cannot issue certificates now"})
+            return
+        self._reply(agent, answer)
 
     @staticmethod
     def _reply(agent: AgentSession, message: dict) -> None:

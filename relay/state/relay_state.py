@@ -635,6 +635,16 @@ class RelayState:
             link["resources"] = sorted(by_key.get((link["customer_id"], link["agent_instance"], link["slot"]), []))
         return links
 
+    # ---- agent certificates (the revocation store replaces these)
+
+    def agent_certificate_revoked(self, serial: int) -> bool:
+        """Whether the agent certificate ``serial`` is revoked (answered from memory)."""
+        return False
+
+    async def record_agent_certificate(self, *, serial: int, instance: str, customer_id: str,
+                                       resource_ids: list[str] | None, not_after: int) -> None:
+        """Record a certificate the relay's CA issued to an agent instance."""
+
 
 __all__ = [
     "DEFAULT_PORT_RANGE",
