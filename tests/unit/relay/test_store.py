@@ -256,8 +256,8 @@ def test_rotate_and_delete_are_published_once_in_process(state):
         state.rotate_resource(db["id"])
     state.run(asyncio.sleep(0.2))  # a notification of our own, if one came back, would be here now
     assert events == [{"kind": "resource_created", "resource": db},
-                      {"kind": "rotated", "resource_id": db["id"], "generation": 1},
-                      {"kind": "deleted", "resource_id": db["id"]}]
+                      {"kind": "rotated", "resource_id": db["id"], "generation": 1, "serials": []},
+                      {"kind": "deleted", "resource_id": db["id"], "serials": []}]
 
 
 def test_events_reach_the_other_relays_on_postgres(tmp_path, postgres_url):

@@ -1,0 +1,115 @@
+"""The relay's record of agent identities (relay.state.relay_state, schema step 7) on both back
+ends: certificates recorded at enrolment, an instance revoked with its certificates, the
+revoked set answered from memory, rotation and deletion revoking the certificates scoped to
+that resource only, a revoked instance's links refused, expired rows pruned."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+
+from relay.state.relay_state import CERTIFICATE_RETENTION, REVOKED_AGENT_RETENTION, LinkRefused
+
+from test_store import link_row
+
+
+def later(hours: float = 24) -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=hours)
+
+
+def test_revoking_an_instance_revokes_its_certificates_and_refuses_it_everywhere(state):
+    acme = state.create_customer("acme")["id"]
+    globex = state.create_customer("globex")["id"]
+    db = state.get_or_create_resource(acme, "db", lambda taken: 21001)
+    big = 2 ** 158 + 7  # certificate serials take up to 159 bits
+    state.record_agent_certificate(serial=big, instance="inst-a", customer_id=acme, resource_ids=[db["id"]],
+                                   not_after=later())
+    state.record_agent_certificate(serial=5, instance="inst-a", customer_id=acme, resource_ids=[db["id"]],
+                                   not_after=later())
+    state.record_agent_certificate(serial=6, instance="inst-b", customer_id=acme, resource_ids=None,
+                                   not_after=later())
+    state.record_agent_certificate(serial=7, instance="inst-a", customer_id=globex, resource_ids=None,
+                                   not_after=later())
+    assert not state.agent_certificate_revoked(big)
+
+    with pytest.raises(ValueError, match="several customers"):
+        state.revoke_agent("inst-a")
+    with pytest.raises(KeyError):
+        state.revoke_agent("nobody", acme)
+    assert state.revoke_agent("inst-a", acme) == {"customer_id": acme, "instance": "inst-a", "certificates": 2}
+    # From memory at once, on this relay.
+    assert state.agent_certificate_revoked(big) and state.agent_certificate_revoked(5)
+    assert not state.agent_certificate_revoked(6) and not state.agent_certificate_revoked(7)
+    assert state.agent_instance_revoked(acme, "inst-a") and not state.agent_instance_revoked(globex, "inst-a")
+
+    # No new certificate for it (recorded revoked, the enrolment refused), and no link.
+    with pytest.raises(LinkRefused) as refused:
+        state.record_agent_certificate(serial=8, instance="inst-a", customer_id=acme, resource_ids=None,
+                                       not_after=later())
+    assert refused.value.code == "revoked" and state.agent_certificate_revoked(8)
+    state.join_relay("rly_a", "wss://relay-a:443", "0.1.0")
+    with pytest.raises(LinkRefused) as refused:
+        state.add_link(link_row(acme, instance="inst-a"), [db["id"]], 0, quota=lambda count: None)
+    assert refused.value.code == "revoked"
+    state.add_link(link_row(acme, instance="inst-b"), [db["id"]], 0)
+
+    agents = {(a["customer_id"], a["instance"]): a for a in state.list_agents(live_within=60)}
+    a = agents[acme, "inst-a"]
+    assert (a["certificates"], a["serial"], a["links"], a["revoked_reason"]) == (3, 8, 0, "revoked by the operator")
+    assert a["revoked_at"] is not None and a["resource_ids"] is None
+    b = agents[acme, "inst-b"]
+    assert (b["serial"], b["resource_ids"], b["revoked_at"], b["links"]) == (6, None, None, 1)
+    assert [a["instance"] for a in state.list_agents(globex)] == ["inst-a"]
+
+
+def test_a_relay_reads_the_revocations_of_another(state, tmp_path, database_url):
+    """What a relay re-reads on a hint (or at start): another RelayState on the same database."""
+    from relay.state.relay_state import RelayState
+    acme = state.create_customer("acme")["id"]
+    state.record_agent_certificate(serial=11, instance="inst-a", customer_id=acme, resource_ids=None,
+                                   not_after=later())
+    other = state.run(RelayState.open(tmp_path / "state" if database_url is None else tmp_path / "other",
+                                      database_url))
+    try:
+        assert not other.agent_certificate_revoked(11)
+        state.revoke_agent("inst-a")
+        state.run(other.read_revocations())
+        assert other.agent_certificate_revoked(11) and other.agent_instance_revoked(acme, "inst-a")
+    finally:
+        state.run(other.close())
+
+
+def test_rotation_and_deletion_revoke_the_certificates_scoped_to_that_resource_only(state):
+    acme = state.create_customer("acme")["id"]
+    db = state.get_or_create_resource(acme, "db", lambda taken: 21002)
+    api = state.get_or_create_resource(acme, "api", lambda taken: 21003)
+    for serial, scope in ((21, [db["id"]]), (22, [api["id"]]), (23, None)):
+        state.record_agent_certificate(serial=serial, instance=f"inst-{serial}", customer_id=acme,
+                                       resource_ids=scope, not_after=later())
+    events = []
+    state.subscribe(events.append)
+    state.rotate_resource(db["id"])
+    assert state.agent_certificate_revoked(21) and not state.agent_certificate_revoked(22)
+    assert events[-1]["serials"] == ["21"]
+    state.delete_resource(api["id"])
+    assert state.agent_certificate_revoked(22)
+    # A customer-wide certificate serves the customer's other resources: it stays.
+    assert not state.agent_certificate_revoked(23)
+    reasons = {a["instance"]: a["revoked_reason"] for a in state.list_agents(acme)}
+    assert reasons == {"inst-21": "registration token rotated", "inst-22": "resource deleted", "inst-23": None}
+    # The instances themselves are not revoked: they may enrol again with a new token.
+    assert not state.agent_instance_revoked(acme, "inst-21")
+
+
+def test_expired_records_are_pruned_after_their_retention(state):
+    acme = state.create_customer("acme")["id"]
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=CERTIFICATE_RETENTION + 60)
+    state.record_agent_certificate(serial=31, instance="old", customer_id=acme, resource_ids=None, not_after=old)
+    state.record_agent_certificate(serial=32, instance="new", customer_id=acme, resource_ids=None, not_after=later())
+    state.revoke_agent("new")
+    assert state.prune_agent_certificates() == 1
+    assert [a["instance"] for a in state.list_agents()] == ["new"]
+    assert state.prune_agent_certificates(now=time.time() + REVOKED_AGENT_RETENTION + CERTIFICATE_RETENTION) == 2
+    assert state.list_agents() == []
