@@ -77,19 +77,20 @@ class AgentControl:
 
     # --- enroll -------------------------------------------------------------------------
 
-    async def enroll(self, agent: AgentSession, message: dict) -> None:
+    async def enroll(self, agent: AgentSession, message: dict) -> bool:
+        """Answer ``enroll`` with ``enrolled`` (True) or ``enroll_failed`` (False)."""
         relay = self.relay
         now = time.monotonic()
         if agent.enrolled_at is not None and now - agent.enrolled_at < ENROL_INTERVAL:
             self._reply(agent, {"type": "enroll_failed", "code": "too_many",
                                 "message": f"one certificate per link every {ENROL_INTERVAL:g} s"})
-            return
+            return False
         agent.enrolled_at = now
         if relay.state.agent_instance_revoked(agent.customer_id, agent.instance) or (
                 agent.cert_serial is not None and relay.state.agent_certificate_revoked(agent.cert_serial)):
             self._reply(agent, {"type": "enroll_failed", "code": "revoked",
                                 "message": f"agent instance {agent.instance} is revoked: no certificate for it"})
-            return
+            return False
         claims = agent.claims
         resource_ids = [claims.resource_id] if getattr(claims, "resource_id", None) else None
         try:
@@ -102,12 +103,12 @@ class AgentControl:
                                 "agent %s (customer %s): certificate request refused: %s", agent.agent_id,
                                 agent.customer_id, exc)
             self._reply(agent, {"type": "enroll_failed", "code": "bad_request", "message": str(exc)})
-            return
+            return False
         except (OSError, ValueError) as exc:
             log.error("agent %s: cannot issue a certificate: %s", agent.agent_id, exc)
             self._reply(agent, {"type": "enroll_failed", "code": "unavailable",
                                 "message": "the relay cannot issue certificates now"})
-            return
+            return False
         try:
             # Recorded before the agent has it: a certificate the table does not hold cannot be revoked.
             await relay.state.record_agent_certificate(serial=issued.serial, instance=agent.instance,
@@ -115,20 +116,21 @@ class AgentControl:
                                                        not_after=issued.not_after)
         except LinkRefused as exc:
             self._reply(agent, {"type": "enroll_failed", "code": "revoked", "message": str(exc)})
-            return
+            return False
         except StoreUnavailable as exc:
             relay.cluster.outages.refused("enrolment(s)", exc)
             self._reply(agent, {"type": "enroll_failed", "code": "unavailable", "message": UNREACHABLE_MESSAGE})
-            return
+            return False
         except Exception:  # noqa: BLE001 - refused, never an unretrieved task exception
             log.exception("agent %s: recording its certificate failed", agent.agent_id)
             self._reply(agent, {"type": "enroll_failed", "code": "unavailable",
                                 "message": "the relay cannot issue certificates now"})
-            return
+            return False
         log.info("agent %s (instance %s, customer %s): issued certificate %x, valid until %s", agent.agent_id,
                  agent.instance, agent.customer_id, issued.serial, issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"))
         self._reply(agent, {"type": "enrolled", "certificate": issued.certificate.decode("ascii"),
                             "expires_at": int(issued.not_after.timestamp())})
+        return True
 
     @staticmethod
     def _reply(agent: AgentSession, message: dict) -> None:

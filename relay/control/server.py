@@ -7,6 +7,12 @@ Before it is registered a link may send one thing: one ``auth`` message. Anythin
 second ``auth``, another CONTROL type, a stream) gets a CONTROL ``error`` and the link is
 closed with ``PROTOCOL_ERROR`` (docs/PROTOCOL.md, "Control messages").
 
+A relay started with ``--require-agent-certificates`` refuses an ``auth`` by registration token
+(``certificate_required``), unless the agent announced ``enroll`` in ``agent.features``: that
+link is admitted for enrolment only (:meth:`Relay._admit_to_enrol`): answered ``enroll_only``,
+never registered nor routed to, it may send ``enroll`` and nothing else, and is closed once it
+has its certificate or after ``ENROL_ONLY_TIMEOUT``.
+
 Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
 quotas, resources, created when a customer-wide token names a new one); binding the endpoints
 of new resources; and recording the link (:meth:`relay.state.cluster.Cluster.admit`), in the
@@ -56,6 +62,8 @@ DRAIN_BATCH = 100
 DEFAULT_AGENT_CERT_TTL = 24 * 3600
 #: A recurring condition (quota, full state directory) is logged once per this many seconds.
 LOG_INTERVAL = 60.0
+#: How long a link admitted for enrolment only (``--require-agent-certificates``) may stay.
+ENROL_ONLY_TIMEOUT = 30.0
 
 
 class EndpointUnavailable(Exception):
@@ -69,6 +77,8 @@ class AgentLinkHandler(LinkHandler):
         self.relay = relay
         self.link = link
         self.agent: AgentSession | None = None
+        #: Admitted to enrol and nothing else (``--require-agent-certificates``).
+        self.enroll_only = False
         self._authenticating = False
         self._counted = link.carrier == "wss"  # a TCP connection: one descriptor
         if self._counted and relay.descriptors is not None:
@@ -82,6 +92,10 @@ class AgentLinkHandler(LinkHandler):
         return None
 
     def control_received(self, message: dict) -> None:
+        if self.enroll_only:
+            if message.get("type") == "enroll":
+                self.relay.spawn(self._enrol_then_close(message))
+            return  # anything else is ignored: this link serves nothing
         if self.agent is not None:
             self.relay.control.received(self.agent, message)  # relay.control.agent_control
             return
@@ -93,6 +107,10 @@ class AgentLinkHandler(LinkHandler):
             task.add_done_callback(self.relay.tasks.discard)
             return
         self._refuse_early("a second auth" if kind == "auth" else f"a {str(kind)[:32]!r} message")
+
+    async def _enrol_then_close(self, message: dict) -> None:
+        if await self.relay.control.enroll(self.agent, message):
+            self.link.close(ErrorCode.NO_ERROR, "enrolled: link again with the certificate")
 
     def _refuse_early(self, what: str) -> None:
         """Anything but one ``auth`` before registration closes the link."""
@@ -150,6 +168,8 @@ class Relay:
         cluster.on_resource_created = self.resource_created
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
+        #: ``--require-agent-certificates``: token links are admitted to enrol only.
+        self.require_agent_certificates = False
         #: Where the CA that signs agents' certificates lives, and their lifetime (s).
         self.state_dir: Path | None = None
         self.agent_cert_ttl = DEFAULT_AGENT_CERT_TTL
@@ -195,6 +215,9 @@ class Relay:
         try:
             if message.get("dry_run") is True:
                 await self._check_only(link, message)
+                return
+            if self.require_agent_certificates and message.get("token"):
+                await self._admit_to_enrol(handler, message)
                 return
             agent = await self._register(link, message)
         except StateWriteFailed as exc:
@@ -259,6 +282,42 @@ class Relay:
                  ", ".join(f"{n} ({r})" for r, n in agent.resources.items()),
                  link.carrier, _addr(link), agent.version, agent.hostname)
         self.mark_served(agent.resources)
+
+    async def _admit_to_enrol(self, handler: AgentLinkHandler, message: dict) -> None:
+        """``--require-agent-certificates`` and a token ``auth``: refused, unless the agent can
+        enrol (``enroll`` in ``agent.features``); then, its token and resources checked as a
+        registration would (nothing created), the link may get a certificate and nothing else."""
+        link = handler.link
+        token, resources, info = _auth_fields(message)
+        if "enroll" not in info["features"]:
+            raise AuthError("this relay requires agent certificates (--require-agent-certificates): enrol with "
+                            "an agent that supports it, then link with the certificate", code="certificate_required")
+        claims = self.authority.verify(token)
+        self.rate.charge(claims.customer_id)
+        for entry in resources:
+            await check_against_state(claims, self.state, entry["name"], create=False)
+        agent_id = "agt_" + secrets.token_hex(8)
+        instance = info["instance"] or agent_id
+        if self.state.agent_instance_revoked(claims.customer_id, instance):
+            raise AuthError(f"agent instance {instance} is revoked: a new instance enrols with a registration "
+                            "token", code="revoked")
+        if link.is_closing:
+            return
+        handler.agent = AgentSession(
+            agent_id=agent_id, link=link, customer_id=claims.customer_id, generation=claims.generation,
+            version=info["version"], hostname=info["hostname"], instance=instance, slot=info["slot"],
+            features=info["features"], resources={}, claims=claims)
+        handler.enroll_only = True
+        if handler._counted and self.descriptors is not None:
+            self.descriptors.attribute(claims.customer_id)
+        link.send_control({"type": "enroll_only", "agent_id": agent_id, "relay_id": self.cluster.relay_id,
+                           "message": "this relay requires agent certificates: send enroll, then link with the "
+                                      "certificate; this link serves no resource"})
+        link.handshake_done()
+        asyncio.get_running_loop().call_later(ENROL_ONLY_TIMEOUT, _close_unless_closing, link,
+                                              "enrolment window over: link with the certificate")
+        log.info("agent %s (instance %s, customer %s) admitted to enrol only, %s from %s", agent_id, instance,
+                 claims.customer_id, link.carrier, _addr(link))
 
     async def _check_only(self, link: Link, message: dict) -> None:
         """``tunnel-agent check``: verify the token and the resource names as a registration
@@ -601,6 +660,11 @@ def _refuse(link: Link, code: str, message: str, close_code: int) -> None:
     except Exception:  # noqa: BLE001 - closing anyway
         pass
     link.close(close_code, message)
+
+
+def _close_unless_closing(link: Link, reason: str) -> None:
+    if not link.is_closing:
+        link.close(ErrorCode.NO_ERROR, reason)
 
 
 def _addr(link: Link) -> str:
