@@ -307,7 +307,7 @@ class Cluster:
             if kind in ("rotated", "deleted", "agents_revoked"):
                 self._reread_revocations()
             return
-        if kind in ("rotated", "deleted", "agents_revoked"):
+        if kind == "agents_revoked" or (kind in ("rotated", "deleted") and event.get("serials")):
             # The state has these revocations in memory already (it heard them first).
             self._drop_revoked()
         # Published by this process, in process: the change it made.

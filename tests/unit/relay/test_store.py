@@ -698,6 +698,8 @@ def test_names_made_before_the_unique_key_are_keyed_when_the_relay_opens(tmp_pat
         await st.db.execute("DROP INDEX customers_by_name_key")
         await st.db.execute("ALTER TABLE customers DROP COLUMN name_key")
         await st.db.execute("ALTER TABLE resources DROP COLUMN allow_cidrs")  # step 6, after this one
+        await st.db.execute("DROP TABLE agent_certificates")  # step 7
+        await st.db.execute("DROP TABLE revoked_agents")
         for cid in ("cus_a", "cus_b"):
             await st.db.execute("INSERT INTO customers (id, name, created_at) VALUES (?, 'acme', 'x')", cid)
         await st.close()
