@@ -113,3 +113,36 @@ def test_expired_records_are_pruned_after_their_retention(state):
     assert [a["instance"] for a in state.list_agents()] == ["new"]
     assert state.prune_agent_certificates(now=time.time() + REVOKED_AGENT_RETENTION + CERTIFICATE_RETENTION) == 2
     assert state.list_agents() == []
+
+
+def test_the_admin_api_refuses_what_it_cannot_revoke(admin_server):
+    """GET /v1/agents, and POST /v1/agents/{instance}/revoke's refusals (the revocation itself:
+    tests/faults/test_agent_identities.py, on a real relay)."""
+    from test_admin import Api
+
+    api = Api(admin_server)
+    try:
+        server = admin_server
+        acme = server.call(server.state.create_customer, "acme")["id"]
+        globex = server.call(server.state.create_customer, "globex")["id"]
+        for serial, customer in ((41, acme), (42, globex)):
+            server.call(server.state.record_agent_certificate, serial=serial, instance="inst-a", customer_id=customer,
+                        resource_ids=None, not_after=later())
+        status, listed, _ = api.request("GET", f"/v1/agents?customer_id={acme}")
+        assert status == 200 and [(a["instance"], a["serial"], a["scope"], a["identity"], a["linked"])
+                                  for a in listed] == [("inst-a", "29", "customer", "certificate", False)]
+        status, body, _ = api.request("POST", "/v1/agents/inst-a/revoke", {})
+        assert status == 409 and "several customers" in body["message"]
+        status, body, _ = api.request("POST", "/v1/agents/inst-zz/revoke", {"customer_id": acme})
+        assert status == 404 and "no agent instance inst-zz of customer" in body["message"]
+        status, body, _ = api.request("POST", "/v1/agents/inst-a/revoke", {"customer_id": acme, "reason": "a\nb"})
+        assert status == 400 and body["error"] == "bad_request"
+        status, body, _ = api.request("POST", "/v1/agents/inst-a/revoke", {"instance": "x"})
+        assert status == 400 and "unknown field" in body["message"]
+        status, body, _ = api.request("POST", "/v1/agents/in%20st/revoke", {})
+        assert status == 404
+        status, body, _ = api.request("GET", "/v1/agents", token="wrong")
+        assert status == 401
+        assert not server.call(server.state.list_agents)[0]["revoked_at"]
+    finally:
+        api.close()
