@@ -385,7 +385,8 @@ class AdminApi:
                 "version": link["version"], "hostname": link["hostname"],
                 "connected_since": link["connected_since"], "bytes_sent": None, "bytes_received": None,
                 "active_streams": None, "instance": link["agent_instance"], "epoch": link["epoch"],
-                "relay_id": link["relay_id"], "relay_url": link["relay_url"],
+                "relay_id": link["relay_id"], "relay_url": link["relay_url"], "identity": link["identity"],
+                "cert_serial": link["cert_serial"], "cert_expires_at": link["cert_expires_at"],
             })
         return detail
 

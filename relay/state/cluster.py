@@ -346,7 +346,7 @@ class Cluster:
             self._drop_revoked()
 
     def _revoked(self, session) -> bool:
-        serial = getattr(session, "cert_serial", None)
+        serial = session.cert_serial
         return (self.state.agent_instance_revoked(session.customer_id, session.instance)
                 or (serial is not None and self.state.agent_certificate_revoked(serial)))
 
@@ -462,6 +462,7 @@ class Cluster:
             "version": session.version,
             "hostname": session.hostname,
             "connected_at": float(session.connected_since),
+            "cert_serial": None if session.cert_serial is None else str(session.cert_serial),
         }
 
     async def admit(self, session, quota=None) -> None:
@@ -606,6 +607,10 @@ def link_view(link: dict) -> dict:
         "version": link["version"],
         "hostname": link["hostname"],
         "connected_since": _iso(link["connected_at"]),
+        # How the link authenticated (as relay.data.endpoints.AgentSession.describe says it).
+        "identity": "token" if link.get("cert_serial") is None else "certificate",
+        "cert_serial": None if link.get("cert_serial") is None else format(int(link["cert_serial"]), "x"),
+        "cert_expires_at": None if link.get("cert_not_after") is None else _iso(link["cert_not_after"]),
     }
 
 

@@ -13,6 +13,7 @@ back end of :mod:`relay.state.store`: SQLite in ``<state-dir>/relay.db`` (the de
   ``resource_id``, ``generation``, ``org_only``, ``issued_at``, ``expires_at``
 - ``relays``     the relays of the cluster, each kept alive by its heartbeat
 - ``agent_links`` (+ ``agent_link_resources``) which relay holds which agent link, with an epoch
+  and ``cert_serial`` (the certificate it authenticated with; NULL: a registration token)
 - ``agent_certificates`` every client certificate the CA issued at an enrolment: ``serial``
   (decimal text), ``customer_id``, ``instance``, ``resource_ids`` (comma-separated; NULL: the
   customer's every resource), ``issued_at``, ``not_after``, ``revoked_at``, ``revoked_reason``;
@@ -174,7 +175,7 @@ class LinkRefused(Exception):
 
 _RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at, allow_cidrs"
 _LINK_COLUMNS = ("customer_id, agent_instance, slot, epoch, relay_id, agent_id, transport, address, version, "
-                 "hostname, connected_at")
+                 "hostname, connected_at, cert_serial")
 
 
 def _in_list(values: Iterable) -> str:
@@ -753,7 +754,7 @@ class RelayState:
             "ON CONFLICT (customer_id, agent_instance, slot) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in columns[3:])
             + " WHERE agent_links.epoch < excluded.epoch",
-            *[link[c] for c in columns],
+            *[link.get(c) for c in columns],  # cert_serial may be left out: a token link
         )
         if not changed:
             return False
@@ -811,11 +812,13 @@ class RelayState:
 
     async def list_links(self, relay_id: str | None = None) -> list[dict]:
         """Agent links (all, or one relay's), newest epoch first, each with the relay's
-        ``advertise_url`` and the ``resources`` it serves."""
+        ``advertise_url``, the ``resources`` it serves and its certificate's ``cert_not_after``
+        (None: a token link, or a certificate not recorded)."""
         where, args = ("WHERE l.relay_id = ?", (relay_id,)) if relay_id else ("", ())
         links = await self.db.fetch(
-            f"SELECT {', '.join('l.' + c.strip() for c in _LINK_COLUMNS.split(','))}, r.advertise_url "
-            f"FROM agent_links l JOIN relays r ON r.id = l.relay_id {where} ORDER BY l.epoch DESC", *args
+            f"SELECT {', '.join('l.' + c.strip() for c in _LINK_COLUMNS.split(','))}, r.advertise_url, "
+            "c.not_after AS cert_not_after FROM agent_links l JOIN relays r ON r.id = l.relay_id "
+            f"LEFT JOIN agent_certificates c ON c.serial = l.cert_serial {where} ORDER BY l.epoch DESC", *args
         )
         served = await self.db.fetch(
             "SELECT lr.customer_id, lr.agent_instance, lr.slot, lr.resource_id FROM agent_link_resources lr "

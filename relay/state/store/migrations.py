@@ -134,8 +134,9 @@ MIGRATIONS: tuple[Step, ...] = (
     # Agent identities (relay.state.relay_state, "agent certificates"): every client certificate
     # the relay's CA issued at an enrolment (serial as decimal text: up to 159 bits; resource_ids
     # comma-separated, NULL for a customer-wide scope; times in Unix seconds), and the agent
-    # instances revoked as a whole (their links refused, token or certificate alike).
-    Step(7, "agent_certificates, revoked_agents", (
+    # instances revoked as a whole (their links refused, token or certificate alike); and the
+    # certificate each agent link authenticated with (NULL: a registration token).
+    Step(7, "agent_certificates, revoked_agents, agent_links.cert_serial", (
         """CREATE TABLE agent_certificates (
             serial         TEXT PRIMARY KEY,
             customer_id    TEXT NOT NULL,
@@ -155,6 +156,7 @@ MIGRATIONS: tuple[Step, ...] = (
             reason      TEXT NOT NULL,
             PRIMARY KEY (customer_id, instance)
         )""",
+        "ALTER TABLE agent_links ADD COLUMN cert_serial TEXT",
     )),
 )
 

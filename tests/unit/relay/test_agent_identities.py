@@ -146,3 +146,22 @@ def test_the_admin_api_refuses_what_it_cannot_revoke(admin_server):
         assert not server.call(server.state.list_agents)[0]["revoked_at"]
     finally:
         api.close()
+
+
+def test_a_link_record_names_its_certificate_for_the_other_relays(state):
+    """What ``resources list --extended`` shows of another relay's links: the certificate a
+    link authenticated with (serial, expiry), or ``token``."""
+    from relay.state.cluster import link_view
+
+    acme = state.create_customer("acme")["id"]
+    db = state.get_or_create_resource(acme, "db", lambda taken: 21004)
+    expiry = later()
+    state.record_agent_certificate(serial=51, instance="inst-c", customer_id=acme, resource_ids=None, not_after=expiry)
+    state.join_relay("rly_a", "wss://relay-a:443", "0.1.0")
+    state.add_link({**link_row(acme, instance="inst-c"), "cert_serial": "51"}, [db["id"]], 0)
+    state.add_link(link_row(acme, instance="inst-t", agent_id="agt_2"), [db["id"]], 0)
+    views = {v["agent_instance"]: v for v in map(link_view, state.list_links())}
+    assert (views["inst-c"]["identity"], views["inst-c"]["cert_serial"], views["inst-c"]["cert_expires_at"]) == (
+        "certificate", "33", expiry.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert (views["inst-t"]["identity"], views["inst-t"]["cert_serial"], views["inst-t"]["cert_expires_at"]) == (
+        "token", None, None)

@@ -462,6 +462,7 @@ class FakeSession:
         self.resources = resources
         self.instance = "inst1"
         self.slot = 0
+        self.cert_serial = None
         self.epoch = 0
         self.connected_since = time.time()
 
@@ -700,6 +701,7 @@ def test_names_made_before_the_unique_key_are_keyed_when_the_relay_opens(tmp_pat
         await st.db.execute("ALTER TABLE resources DROP COLUMN allow_cidrs")  # step 6, after this one
         await st.db.execute("DROP TABLE agent_certificates")  # step 7
         await st.db.execute("DROP TABLE revoked_agents")
+        await st.db.execute("ALTER TABLE agent_links DROP COLUMN cert_serial")
         for cid in ("cus_a", "cus_b"):
             await st.db.execute("INSERT INTO customers (id, name, created_at) VALUES (?, 'acme', 'x')", cid)
         await st.close()
