@@ -47,6 +47,7 @@ def test_agents_list_and_revoke(relay):
         table = (await cli("agents", "list")).stdout
         assert (await cli("agents", "list", "--customer", other, "--output", "json")).stdout.strip() == "[]"
         detail = (await asyncio.to_thread(relay.resource, customer, "db"))["agents_detail"]
+        extended = (await cli("resources", "list", "--extended")).stdout
 
         revoked = await cli("agents", "revoke", "inst-a")
         # Dropped at once, told why.
@@ -59,9 +60,9 @@ def test_agents_list_and_revoke(relay):
         a.close()
         b.close()
         c.close()
-        return enrolled, listed, table, detail, revoked, a_rec, c_rec, after, renewed, unknown
+        return enrolled, listed, table, detail, extended, revoked, a_rec, c_rec, after, renewed, unknown
 
-    enrolled, listed, table, detail, revoked, a_rec, c_rec, after, renewed, unknown = asyncio.run(main())
+    enrolled, listed, table, detail, extended, revoked, a_rec, c_rec, after, renewed, unknown = asyncio.run(main())
     cert = x509.load_pem_x509_certificates(enrolled["certificate"].encode())[0]
     a = listed["inst-a"]
     assert (a["customer_id"], a["identity"], a["scope"], a["resource_ids"]) == (customer, "certificate", "resource",
@@ -74,6 +75,8 @@ def test_agents_list_and_revoke(relay):
     # resources list --extended: each link's identity (these links registered by token).
     assert sorted((d["instance"], d["identity"], d["cert_serial"]) for d in detail) == [
         ("inst-a", "token", None), ("inst-b", "token", None)]
+    header, rows = extended.split("\n\n")[1].splitlines()[0], extended.split("\n\n")[1].splitlines()[1:]
+    assert "INSTANCE  IDENTITY" in header and all(" token " in row for row in rows) and len(rows) == 2
 
     assert f"revoked agent instance inst-a of customer {customer} (1 certificate(s))" in revoked.stdout
     assert a_rec.messages[-1]["type"] == "error" and a_rec.messages[-1]["code"] == "revoked"
