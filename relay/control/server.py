@@ -294,6 +294,7 @@ class Relay:
                             "an agent that supports it, then link with the certificate", code="certificate_required")
         claims = self.authority.verify(token)
         self.rate.charge(claims.customer_id)
+        self._check_link_quotas(link, claims.customer_id)
         for entry in resources:
             await check_against_state(claims, self.state, entry["name"], create=False)
         agent_id = "agt_" + secrets.token_hex(8)
