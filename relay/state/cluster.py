@@ -356,7 +356,7 @@ class Cluster:
         for session in [s for s in self.registry.agents if self._revoked(s)]:
             log.info("agent %s (instance %s of customer %s): revoked; dropping its link", session.agent_id,
                      session.instance, session.customer_id)
-            self.registry.drop_agent(session, "revoked", "agent revoked: enrol again with a registration token")
+            self.registry.drop_agent(session, "revoked", "agent instance or its certificate revoked")
         for session in self._pending:
             if self._revoked(session):
                 self._pending[session] = ("revoked", "agent revoked")
