@@ -17,7 +17,7 @@ from tunnel.wire.errors import AuthError, LinkError, TunnelError
 log = logging.getLogger("agent")
 
 #: Error codes from the relay after which retrying with the same token is futile.
-FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
+FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted", "certificate_required"}
 #: How long the agent waits for the relay to confirm ``add_resources``/``remove_resources``.
 CONTROL_ANSWER_TIMEOUT = 5.0
 #: What sending on a link that is closing may raise.
@@ -93,6 +93,9 @@ class AgentLinkHandler(LinkHandler):
             # relay as taken, before the registering task resumes.
             relay_id = message.get("relay_id")
             self.agent.relay_id = relay_id if isinstance(relay_id, str) else None
+            self.registered.set_result(message)
+        elif kind == "enroll_only" and not self.registered.done():
+            # --require-agent-certificates: this link may enrol and serves nothing (Agent.register).
             self.registered.set_result(message)
         elif kind == "deregistered":
             self._deregistered(message)

@@ -68,6 +68,11 @@ LINK_FAILURES = (LinkError, OSError, asyncio.TimeoutError, ConnectionError)
 ENROL_RETRY = 60.0
 
 
+class Enrolled(LinkError):
+    """A link the relay admitted to enrol only (``--require-agent-certificates``) gave the
+    agent its certificate and closed: link again at once, by the certificate."""
+
+
 class Backoff:
     """Reconnect delays: attempt ``n`` (0 after a success) waits a random time in
     [ceiling/4, ceiling], the ceiling ``first * 2**n`` capped at ``cap``: within a second
@@ -181,6 +186,10 @@ class Agent:
                       "features": ["worker_address"]},
             "resources": [{"name": n} for n in first],
         }
+        if self.identity is not None:
+            # A relay that requires certificates admits a token link of an agent that can
+            # enrol, to enrol only (``enroll_only``).
+            message["agent"]["features"].append("enroll")
         if self._certified():
             # The relay takes the identity from the certificate: verified at the TLS layer on
             # WSS, sent here and proved by a signed nonce on QUIC (whose TLS stack cannot ask
@@ -252,6 +261,20 @@ class Agent:
                  identity.instance, identity.expires())
         return identity.renew_at() - time.time()
 
+    async def _enrol_only(self, handler: AgentLinkHandler) -> None:
+        """The relay requires certificates and admitted this token link to enrol and nothing
+        else: enrol over it and close it; raise :class:`Enrolled` (link again by the
+        certificate) or, when no certificate came, a LinkError (retry with backoff)."""
+        identity = self.identity
+        log.info("the relay requires agent certificates and admitted this link to enrol only: enrolling")
+        async with identity.busy:
+            if not self._certified():
+                await self._enrol(handler)
+        handler.link.close(ErrorCode.NO_ERROR, "enrolled: linking again with the certificate")
+        if not self._certified():
+            raise LinkError("the relay requires agent certificates and the enrolment failed")
+        raise Enrolled("enrolled over a link admitted to enrol only")
+
     def health_changed(self, name: str) -> None:
         """Tell the relay that ``name``'s service started or stopped answering."""
         if self.handler is not None:
@@ -276,6 +299,8 @@ class Agent:
         except BaseException:
             link.close(ErrorCode.UNAUTHORIZED, "registration refused")
             raise
+        if answer.get("type") == "enroll_only":
+            await self._enrol_only(handler)
         for res in answer.get("resources", []):
             log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
                      link.carrier, res.get("endpoint"))
@@ -349,6 +374,11 @@ class Agent:
                 self.link = link
                 log.info("connected to %s over %s", _relay_name(self.dialer.url), link.carrier)
                 handler = self.handler = await self.register(link)
+            except Enrolled:
+                self._forget_link()
+                self.backoff.reset()
+                first = False
+                continue
             except AuthError as exc:
                 self._forget_link()
                 if exc.fatal:

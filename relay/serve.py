@@ -99,6 +99,7 @@ async def _serve(args) -> int:
     relay.port_range = args.port_range
     relay.state_dir = state_dir
     relay.agent_cert_ttl = getattr(args, "agent_cert_ttl", None) or DEFAULT_AGENT_CERT_TTL
+    relay.require_agent_certificates = bool(getattr(args, "require_agent_certificates", False))
     await relay.expire_idle_resources()
 
     # The relay's own listeners first, so that no endpoint port (a fixed one, say) can take

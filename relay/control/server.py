@@ -14,6 +14,12 @@ at the TLS layer on WSS, or sent in ``auth`` and its key proved by signing a non
 (:meth:`Relay._certificate_identity`), then checked against the revocation list and turned
 into the claims of a token of the certificate's scope (:meth:`Relay._certificate_claims`).
 
+A relay started with ``--require-agent-certificates`` refuses an ``auth`` by registration token
+(``certificate_required``), unless the agent announced ``enroll`` in ``agent.features``: that
+link is admitted for enrolment only (:meth:`Relay._admit_to_enrol`): answered ``enroll_only``,
+never registered nor routed to, it may send ``enroll`` and nothing else, and is closed once it
+has its certificate or after ``ENROL_ONLY_TIMEOUT``.
+
 Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
 quotas, resources, created when a customer-wide token names a new one); binding the endpoints
 of new resources; and recording the link (:meth:`relay.state.cluster.Cluster.admit`), in the
@@ -72,6 +78,8 @@ DRAIN_BATCH = 100
 DEFAULT_AGENT_CERT_TTL = 24 * 3600
 #: A recurring condition (quota, full state directory) is logged once per this many seconds.
 LOG_INTERVAL = 60.0
+#: How long a link admitted for enrolment only (``--require-agent-certificates``) may stay.
+ENROL_ONLY_TIMEOUT = 30.0
 
 
 class EndpointUnavailable(Exception):
@@ -85,6 +93,8 @@ class AgentLinkHandler(LinkHandler):
         self.relay = relay
         self.link = link
         self.agent: AgentSession | None = None
+        #: Admitted to enrol and nothing else (``--require-agent-certificates``).
+        self.enroll_only = False
         self._authenticating = False
         #: While a link proves its certificate's key: the future its ``proof`` fills.
         self.proof: asyncio.Future | None = None
@@ -100,6 +110,10 @@ class AgentLinkHandler(LinkHandler):
         return None
 
     def control_received(self, message: dict) -> None:
+        if self.enroll_only:
+            if message.get("type") == "enroll":
+                self.relay.spawn(self._enrol_then_close(message))
+            return  # anything else is ignored: this link serves nothing
         if self.agent is not None:
             self.relay.control.received(self.agent, message)  # relay.control.agent_control
             return
@@ -114,6 +128,10 @@ class AgentLinkHandler(LinkHandler):
             task.add_done_callback(self.relay.tasks.discard)
             return
         self._refuse_early("a second auth" if kind == "auth" else f"a {str(kind)[:32]!r} message")
+
+    async def _enrol_then_close(self, message: dict) -> None:
+        if await self.relay.control.enroll(self.agent, message):
+            self.link.close(ErrorCode.NO_ERROR, "enrolled: link again with the certificate")
 
     def _refuse_early(self, what: str) -> None:
         """Anything but one ``auth`` before registration closes the link."""
@@ -173,6 +191,8 @@ class Relay:
         cluster.on_resource_created = self.resource_created
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
+        #: ``--require-agent-certificates``: token links are admitted to enrol only.
+        self.require_agent_certificates = False
         #: Where the CA that signs agents' certificates lives, and their lifetime (s).
         self.state_dir: Path | None = None
         self.agent_cert_ttl = DEFAULT_AGENT_CERT_TTL
@@ -218,6 +238,9 @@ class Relay:
         try:
             if message.get("dry_run") is True:
                 await self._check_only(link, message)
+                return
+            if self.require_agent_certificates and message.get("token"):
+                await self._admit_to_enrol(handler, message)
                 return
             agent = await self._register(handler, message)
         except StateWriteFailed as exc:
@@ -285,6 +308,43 @@ class Relay:
                  f", by certificate {jti[5:]}" if jti.startswith("cert:") else "")
         self.mark_served(agent.resources)
 
+    async def _admit_to_enrol(self, handler: AgentLinkHandler, message: dict) -> None:
+        """``--require-agent-certificates`` and a token ``auth``: refused, unless the agent can
+        enrol (``enroll`` in ``agent.features``); then, its token and resources checked as a
+        registration would (nothing created), the link may get a certificate and nothing else."""
+        link = handler.link
+        token, resources, info = _auth_fields(message)
+        if "enroll" not in info["features"]:
+            raise AuthError("this relay requires agent certificates (--require-agent-certificates): enrol with "
+                            "an agent that supports it, then link with the certificate", code="certificate_required")
+        claims = self.authority.verify(token)
+        self.rate.charge(claims.customer_id)
+        self._check_link_quotas(link, claims.customer_id)
+        for entry in resources:
+            await check_against_state(claims, self.state, entry["name"], create=False)
+        agent_id = "agt_" + secrets.token_hex(8)
+        instance = info["instance"] or agent_id
+        if self.state.agent_instance_revoked(claims.customer_id, instance):
+            raise AuthError(f"agent instance {instance} is revoked: a new instance enrols with a registration "
+                            "token", code="revoked")
+        if link.is_closing:
+            return
+        handler.agent = AgentSession(
+            agent_id=agent_id, link=link, customer_id=claims.customer_id, generation=claims.generation,
+            version=info["version"], hostname=info["hostname"], instance=instance, slot=info["slot"],
+            features=info["features"], resources={}, claims=claims)
+        handler.enroll_only = True
+        if handler._counted and self.descriptors is not None:
+            self.descriptors.attribute(claims.customer_id)
+        link.send_control({"type": "enroll_only", "agent_id": agent_id, "relay_id": self.cluster.relay_id,
+                           "message": "this relay requires agent certificates: send enroll, then link with the "
+                                      "certificate; this link serves no resource"})
+        link.handshake_done()
+        asyncio.get_running_loop().call_later(ENROL_ONLY_TIMEOUT, _close_unless_closing, link,
+                                              "enrolment window over: link with the certificate")
+        log.info("agent %s (instance %s, customer %s) admitted to enrol only, %s from %s", agent_id, instance,
+                 claims.customer_id, link.carrier, _addr(link))
+
     async def _check_only(self, link: Link, message: dict) -> None:
         """``tunnel-agent check``: verify the token and the resource names as a registration
         would, register nothing, answer ``checked`` (the agent closes the link)."""
@@ -310,6 +370,7 @@ class Relay:
     async def _register(self, handler: AgentLinkHandler, message: dict) -> AgentSession | None:
         link = handler.link
         token, resources, info = _auth_fields(message)
+        identity = None
         if token is None:
             identity = await self._certificate_identity(handler, message)
             claims = await self._certificate_claims(identity, [entry["name"] for entry in resources])
@@ -354,6 +415,8 @@ class Relay:
                 buffers=LinkBuffers(limits.session_window),
                 claims=claims,
             )
+            if identity is not None:
+                agent.cert_serial, agent.cert_not_after = identity.serial, identity.not_after
             # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
             # then, with no await, the checks that others' registrations may have changed.
             await self.cluster.admit(agent, quota=lambda count: self._links_quota(customer_id, count))
@@ -700,6 +763,11 @@ def _refuse(link: Link, code: str, message: str, close_code: int) -> None:
     except Exception:  # noqa: BLE001 - closing anyway
         pass
     link.close(close_code, message)
+
+
+def _close_unless_closing(link: Link, reason: str) -> None:
+    if not link.is_closing:
+        link.close(ErrorCode.NO_ERROR, reason)
 
 
 def _addr(link: Link) -> str:
