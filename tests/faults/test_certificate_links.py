@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import json
 import ssl
 
 from cryptography import x509
@@ -27,6 +28,7 @@ from relay.state import pki
 from relay.state.enrolment import PROOF_CONTEXT, issue_agent_certificate
 from relay.state.relay_state import RelayState
 from tests.faults.faultkit import Recorder, auth_message, until
+from tests.faults.test_enrolment import csr as make_csr
 from tests.faults.test_registration_race import RecordingLink
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode
@@ -71,7 +73,7 @@ def _agent_cert(tmp_path, ca, *, customer: str, resources, instance: str = "inst
 
 
 async def _link_with(relay, cert_file: str, key_file: str, names, transport: str = "wss", certificate=None,
-                     add: str | None = None):
+                     add: str | None = None, enroll: str | None = None):
     """Dial with the certificate (WSS: at the TLS layer; QUIC: in ``auth``), authenticate
     without a token; the recorder, or the exception the dial raised."""
     from tunnel.carriers.quic import connect_quic
@@ -101,6 +103,9 @@ async def _link_with(relay, cert_file: str, key_file: str, names, transport: str
     if add is not None and recorder.first("registered"):  # then ask for one more on the live link
         link.send_control({"type": "add_resources", "resources": [{"name": add}]})
         await until(lambda: recorder.first("resources_added"), 15, "the relay's answer")
+    if enroll is not None and recorder.first("registered"):  # renew over the live link with this CSR
+        link.send_control({"type": "enroll", "csr": enroll})
+        await until(lambda: recorder.first("enrolled") or recorder.first("enroll_failed"), 15, "the relay's answer")
     link.close()
     return recorder
 
@@ -180,6 +185,23 @@ def _peercert(customer: str, instance: str = "inst-r", serial: int = 0xABC) -> d
             "subjectAltName": (("URI", f"tunnel:customer/{customer}"), ("URI", f"tunnel:instance/{instance}"),
                                ("URI", "tunnel:scope/customer")),
             "serialNumber": f"{serial:X}", "notAfter": "Jan  1 00:00:00 2100 GMT"}
+
+
+def test_renewal_over_a_certificate_link_keeps_the_certificate_scope(relay, tmp_path):
+    customer = relay.create_customer("acme")
+    rid = relay.cli("resources", "create", "--customer-id", customer, "db").stdout.split()[0]
+    cert_file, key_file, _key = _agent_cert(tmp_path, _relay_ca(relay), customer=customer, resources=[rid],
+                                            instance="inst-r")
+    recorder = asyncio.run(_link_with(relay, cert_file, key_file, ["db"], enroll=make_csr("inst-r")))
+    enrolled = recorder.first("enrolled")
+    assert enrolled is not None, recorder.messages
+    renewed = x509.load_pem_x509_certificates(enrolled["certificate"].encode())[0]
+    uris = renewed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+    assert uris == [f"tunnel:customer/{customer}", "tunnel:instance/inst-r", f"tunnel:resource/{rid}"]
+    [listed] = json.loads(relay.cli("agents", "list", "--output", "json").stdout)
+    assert (listed["serial"], listed["scope"], listed["resource_ids"]) == (
+        format(renewed.serial_number, "x"), "resource", [rid])
 
 
 async def _authenticate(tmp_path, revoked: bool, make=None, name: str = "acme"):
