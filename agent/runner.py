@@ -266,9 +266,12 @@ class Agent:
         else: enrol over it and close it; raise :class:`Enrolled` (link again by the
         certificate) or, when no certificate came, a LinkError (retry with backoff)."""
         identity = self.identity
+        if identity is None or self._certified():  # not asked for: no state directory, or a link by certificate
+            handler.link.close(ErrorCode.NO_ERROR, "unexpected enroll_only")
+            raise LinkError("the relay answered enroll_only to a link that cannot or need not enrol")
         log.info("the relay requires agent certificates and admitted this link to enrol only: enrolling")
         async with identity.busy:
-            if not self._certified():
+            if not self._certified():  # another slot may have enrolled meanwhile
                 await self._enrol(handler)
         handler.link.close(ErrorCode.NO_ERROR, "enrolled: linking again with the certificate")
         if not self._certified():
