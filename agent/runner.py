@@ -261,12 +261,12 @@ class Agent:
                  identity.instance, identity.expires())
         return identity.renew_at() - time.time()
 
-    async def _enrol_only(self, handler: AgentLinkHandler) -> None:
+    async def _enrol_only(self, handler: AgentLinkHandler, by_token: bool) -> None:
         """The relay requires certificates and admitted this token link to enrol and nothing
         else: enrol over it and close it; raise :class:`Enrolled` (link again by the
         certificate) or, when no certificate came, a LinkError (retry with backoff)."""
         identity = self.identity
-        if identity is None or self._certified():  # not asked for: no state directory, or a link by certificate
+        if identity is None or not by_token:  # not asked for: no state directory, or a link by certificate
             handler.link.close(ErrorCode.NO_ERROR, "unexpected enroll_only")
             raise LinkError("the relay answered enroll_only to a link that cannot or need not enrol")
         log.info("the relay requires agent certificates and admitted this link to enrol only: enrolling")
@@ -303,7 +303,7 @@ class Agent:
             link.close(ErrorCode.UNAUTHORIZED, "registration refused")
             raise
         if answer.get("type") == "enroll_only":
-            await self._enrol_only(handler)
+            await self._enrol_only(handler, "token" in message)
         for res in answer.get("resources", []):
             log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
                      link.carrier, res.get("endpoint"))
