@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from tunnel import __version__
 
 from .hints import CA_HINT, NEW_JWT, auth_fix, target_failure
+from .identity import CERT_FILE
 from .hints import describe as _why
 from .hints import jwt_claims as _jwt_claims
 
@@ -345,6 +346,9 @@ class Preflight:
     # --- the registration token
 
     def check_jwt(self) -> None:
+        if not self.conf.token:  # enrolled: links by the certificate in the state directory
+            self.check_certificate()
+            return
         try:
             self.claims = _jwt_claims(self.conf.token)
         except ValueError as exc:
@@ -375,7 +379,33 @@ class Preflight:
         else:
             self.report.add("jwt", PASS, f"customer {customer}, {scope}, valid until {when}")
 
+    def check_certificate(self) -> None:
+        """The agent's certificate (agent.identity) when no JWT is set."""
+        from cryptography import x509
+
+        path = os.path.join(self.conf.state_dir, CERT_FILE)
+        self.report.add("jwt", SKIP, f"no registration JWT: the agent links by its certificate {path}")
+        try:
+            cert = x509.load_pem_x509_certificates(open(path, "rb").read())[0]
+        except (OSError, ValueError, IndexError) as exc:
+            self.report.add("certificate", FAIL, f"cannot read the agent certificate {path}: {exc}",
+                            "set REGISTRATION_JWT to enrol again")
+            return
+        end = cert.not_valid_after_utc.timestamp()
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(end))
+        if end <= time.time():
+            self.report.add("certificate", FAIL, f"the agent certificate expired on {when}",
+                            "set REGISTRATION_JWT to enrol again")
+        else:
+            self.report.add("certificate", PASS, f"{cert.subject.rfc4514_string()}, valid until {when} "
+                            "(renewed over the live link)")
+
     async def check_registration(self, quic_link, reachable: bool) -> None:
+        if not self.conf.token:
+            self.report.add("jwt-accepted", SKIP, "no registration JWT: the agent links by its certificate")
+            if quic_link is not None:
+                quic_link.close()
+            return
         if self.report.status("jwt") == FAIL and self.claims is None:
             self.report.add("jwt-accepted", SKIP, "the JWT is malformed")
             if quic_link is not None:

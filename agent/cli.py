@@ -16,6 +16,7 @@ from tunnel.core.limits import Limits
 from tunnel.ops import logs
 
 from . import config as agent_config
+from .identity import HELPER as IDENTITY_HELPER
 from .settings import DEFAULT_AGENT_SETTINGS, AgentSettings
 
 log = logging.getLogger("agent")
@@ -24,6 +25,10 @@ log = logging.getLogger("agent")
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == [IDENTITY_HELPER]:  # the key helper process (agent.identity), not for users
+        from .identity import helper_main
+
+        return helper_main(argv[1:])
     command = _command_index(argv)
     if command is not None:  # global options may come before the subcommand, as users type them
         from .check import main as check_main
@@ -107,6 +112,8 @@ environment:
   DRAIN_TIMEOUT          seconds SIGTERM lets open streams finish (default 30)
   METRICS_LISTEN         host:port (or :port) to serve /metrics, /live and /ready on (default: off)
   AGENT_CONFIG_FILE      the same as --config (several resources: README, "The config file")
+  AGENT_STATE_DIR        the agent's key and certificate after enrolment (default: FILE.state
+                         beside the config file; environment only: no enrolment unless set)
 
 signals: SIGHUP reads the config file again; SIGTERM deregisters, lets open streams finish up
 to DRAIN_TIMEOUT and exits 0.
@@ -146,10 +153,45 @@ def _tunables(limits: Limits, settings: AgentSettings) -> str:
     return "tunables " + (", ".join(changed) if changed else "at their defaults")
 
 
+def _open_identity(conf):
+    """The agent's key and certificate (agent.identity) from ``conf.state_dir``, or None: no
+    state directory, another agent process holds it, or the default one beside the config
+    file cannot be made (then the JWT alone, with a warning). ValueError when the agent cannot
+    start that way."""
+    from .identity import AgentIdentity, IdentityError, StateDirUnavailable
+
+    if not conf.state_dir:
+        return None
+    try:
+        identity = AgentIdentity.open(conf.state_dir)
+    except StateDirUnavailable as exc:
+        if conf.state_dir_set or not conf.token:
+            raise ValueError(str(exc)) from None
+        log.warning("%s; linking with the registration JWT only (set AGENT_STATE_DIR to enrol)", exc)
+        return None
+    except IdentityError as exc:
+        raise ValueError(str(exc)) from None
+    if identity is None:
+        if not conf.token:
+            raise ValueError(f"the agent state directory {conf.state_dir} is in use by another agent process, and "
+                             "no registration JWT is set: give this agent its own AGENT_STATE_DIR")
+        log.warning("the agent state directory %s is in use by another agent process: this one links with its "
+                    "registration JWT only (give it its own AGENT_STATE_DIR to enrol)", conf.state_dir)
+    elif identity.enrolled:
+        log.info("agent instance %s: certificate in %s, expires %s", identity.instance, conf.state_dir,
+                 identity.expires())
+    return identity
+
+
 async def _run(conf, limits: Limits, settings: AgentSettings) -> int:
     from .links import AgentLinks
 
-    links = AgentLinks(conf, limits, settings=settings)
+    try:
+        identity = _open_identity(conf)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    links = AgentLinks(conf, limits, settings=settings, identity=identity)
     metrics = None
     if conf.metrics_listen is not None:
         from .metrics import serve_metrics

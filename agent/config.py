@@ -23,6 +23,9 @@ Environment::
     DRAIN_TIMEOUT           seconds SIGTERM lets open streams finish (default 30)
     METRICS_LISTEN          host:port (or :port) to serve /metrics, /live and /ready on
                             (plain HTTP; default: not served)
+    AGENT_STATE_DIR         the agent's key and client certificate (agent.identity; default
+                            <config file without suffix>.state beside the config file; with
+                            environment variables only, no enrolment unless it is set)
 
 File (every key optional where the environment gives it; the environment wins)::
 
@@ -35,6 +38,7 @@ File (every key optional where the environment gives it; the environment wins)::
     log_format = "plain"
     drain_timeout = 30
     metrics_listen = "127.0.0.1:9464"
+    state_dir = "/var/lib/tunnel-agent"
     [[resources]]
     name = "orders-db"
     host = "10.0.0.5"
@@ -55,6 +59,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tunnel.bridge.dial import RELAY_DEFAULT_PORT, parse_relay_url
+
+from .identity import CERT_FILE, default_state_dir
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
 #: RELAY_LINKS: the most links one agent keeps (the relay accepts slots 0-15).
@@ -118,6 +124,11 @@ class AgentConfig:
     ca_setting: str = "RELAY_CA_FILE"
     #: RELAY_ALLOW_HOSTS: learned relays allowed beyond RELAY_URL's domain (relay_allowed).
     relay_allow_hosts: tuple[str, ...] = ()
+    #: AGENT_STATE_DIR: where the agent's key and certificate live (None: no enrolment).
+    state_dir: str | None = None
+    #: False when ``state_dir`` is the default beside the config file (not set by the user):
+    #: one that cannot be created then means no enrolment rather than an error.
+    state_dir_set: bool = False
 
     def relay_allowed(self, url: str) -> bool:
         """May this agent dial (and send its token to) ``url``, a relay the cluster named?"""
@@ -188,6 +199,7 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     if not 1 <= relay_links <= MAX_RELAY_LINKS:
         raise ConfigError(f"RELAY_LINKS must be a number from 1 to {MAX_RELAY_LINKS}, got {links_text!r}")
 
+    state_dir = env.get("AGENT_STATE_DIR") or file_conf.get("state_dir") or default_state_dir(config_file, env)
     credential = os.path.join(env["CREDENTIALS_DIRECTORY"], CREDENTIAL_NAME) if env.get("CREDENTIALS_DIRECTORY") else ""
     if env.get("REGISTRATION_JWT"):
         token, token_source = env["REGISTRATION_JWT"].strip(), "REGISTRATION_JWT"
@@ -200,6 +212,8 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
     elif credential and os.path.exists(credential):
         token = _read_secret_file(credential, f"systemd credential {CREDENTIAL_NAME}")
         token_source = f"systemd credential {CREDENTIAL_NAME}"
+    elif state_dir and os.path.exists(os.path.join(state_dir, CERT_FILE)):
+        token, token_source = "", f"the certificate in {state_dir}"  # enrolled: links by mutual TLS
     else:
         raise ConfigError("REGISTRATION_JWT (or REGISTRATION_JWT_FILE) is not set: "
                           "get one with 'tunnel-relay resources registration-jwt --customer-id ID'")
@@ -273,7 +287,7 @@ def load(environ: Mapping[str, str] | None = None, config_file: str | None = Non
             raise ConfigError(str(exc)) from None
     return AgentConfig(relay_urls[0], token, tuple(targets), ca_file, log_format, log_level, token_source,
                        drain_timeout, config_file, metrics_listen, relay_urls, relay_links, ca_setting,
-                       relay_allow_hosts)
+                       relay_allow_hosts, state_dir, bool(env.get("AGENT_STATE_DIR") or file_conf.get("state_dir")))
 
 
 def _check_allow_entry(entry: str) -> None:

@@ -93,6 +93,9 @@ def auth_fix(message: str, customer: str) -> str:
     if "signature invalid" in message or "malformed" in message:
         return ("this JWT was issued by another relay (or this relay's state was reset): " + new +
                 " on the relay RELAY_URL names")
+    if "certificate_required" in message:
+        return ("this relay requires agent certificates: give the agent a state directory (AGENT_STATE_DIR) "
+                "so that it enrols with its JWT")
     if "expired" in message or "revoked" in message:
         return new
     if "customer does not exist" in message:

@@ -17,7 +17,7 @@ from tunnel.wire.errors import AuthError, LinkError, TunnelError
 log = logging.getLogger("agent")
 
 #: Error codes from the relay after which retrying with the same token is futile.
-FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted"}
+FATAL_CODES = {"unauthorized", "revoked", "bad_request", "deleted", "certificate_required"}
 #: How long the agent waits for the relay to confirm ``add_resources``/``remove_resources``.
 CONTROL_ANSWER_TIMEOUT = 5.0
 #: What sending on a link that is closing may raise.
@@ -94,14 +94,19 @@ class AgentLinkHandler(LinkHandler):
             relay_id = message.get("relay_id")
             self.agent.relay_id = relay_id if isinstance(relay_id, str) else None
             self.registered.set_result(message)
+        elif kind == "enroll_only" and not self.registered.done():
+            # --require-agent-certificates: this link may enrol and serves nothing (Agent.register).
+            self.registered.set_result(message)
         elif kind == "deregistered":
             self._deregistered(message)
         elif kind in ("relays", "draining") and self.agent.links is not None:
             self.agent.links.control(self.agent, self, message)
-        elif kind in ("resources_added", "resources_removed"):
-            future = self._answers.pop(kind, None)
+        elif kind in ("resources_added", "resources_removed", "enrolled", "enroll_failed"):
+            future = self._answers.pop("enroll" if kind.startswith("enrol") else kind, None)
             if future is not None and not future.done():
                 future.set_result(message)
+        elif kind == "prove" and not self.registered.done():
+            self.agent.prove(self.link, message)
         elif kind == "error":
             code = str(message.get("code", "error"))
             text = str(message.get("message", ""))[:512]
@@ -121,6 +126,19 @@ class AgentLinkHandler(LinkHandler):
             return None
         finally:
             self._answers.pop(answer, None)
+
+    async def enroll(self, csr: str, timeout: float) -> dict | None:
+        """Send ``enroll`` with ``csr``; the relay's ``enrolled`` or ``enroll_failed``, or None
+        when the link closed or no answer came within ``timeout``."""
+        future = asyncio.get_running_loop().create_future()
+        self._answers["enroll"] = future
+        try:
+            self.link.send_control({"type": "enroll", "csr": csr})
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except (asyncio.TimeoutError, *SEND_FAILURES):
+            return None
+        finally:
+            self._answers.pop("enroll", None)
 
     def send_health(self, names) -> None:
         entries = self.agent.health.report(n for n in names if n in self.names)

@@ -54,12 +54,14 @@ class AgentLinks:
     """The slots of one agent process (see the module docstring)."""
 
     def __init__(self, config: AgentConfig, limits: Limits | None = None, environ=None,
-                 settings: AgentSettings | None = None) -> None:
+                 settings: AgentSettings | None = None, identity=None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
         self.settings = settings or AgentSettings.from_env()
         self.environ = os.environ if environ is None else environ
-        self.instance = os.urandom(6).hex()
+        #: The key and certificate every slot presents (agent.identity), None without a state dir.
+        self.identity = identity
+        self.instance = identity.instance if identity is not None and identity.instance else os.urandom(6).hex()
         #: Names a relay deregistered -> why (agent.runner.Agent.dropped), for every slot.
         self.dropped: dict[str, str] = {}
         self.health = TargetHealth(self.settings.connect_timeout, self.settings.target_check_interval,

@@ -18,6 +18,12 @@ When the relay deregisters one resource (CONTROL ``deregistered``: its token was
 was deleted), the agent stops serving that resource (its streams end, later registrations leave
 it out) and goes on with the others; with none left it exits with code 3.
 
+With a state directory (agent.identity), the agent enrols after a registration by its JWT
+(CONTROL ``enroll`` with a CSR for its key; the certificate is stored atomically), links by
+that certificate from then on (no token in ``auth``: WSS presents it at the TLS layer, QUIC
+sends it and signs the relay's nonce), and renews it over the live link before two thirds of
+its lifetime (:meth:`Agent._keep_enrolled`).
+
 :meth:`Agent.reload` (SIGHUP, or a changed file under ``AgentSettings.config_watch_interval``:
 agent.config_watch) applies a new config file on the live link: added resources register (CONTROL ``add_resources``),
 removed ones stop taking streams and keep those they have (``remove_resources``), changed
@@ -29,23 +35,26 @@ to ``DRAIN_TIMEOUT`` and closes the link; ``run`` then returns 0.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import os
 import random
 import re
 import socket
+import time
 
 from tunnel import __version__
 from tunnel.carriers.base import Link
 from tunnel.core.limits import Limits
 from tunnel.wire.constants import ErrorCode, describe_code
-from tunnel.wire.errors import AuthError, LinkError
+from tunnel.wire.errors import AuthError, LinkError, TunnelError
 
 from . import hints
 from .config import AgentConfig, Target
 from .config_watch import read_config, watch_config
 from .health import TargetHealth
+from .identity import PROOF_CONTEXT, AgentIdentity, IdentityError
 from .link_handler import FATAL_CODES, AgentLinkHandler
 from .settings import AgentSettings
 
@@ -55,6 +64,13 @@ log = logging.getLogger("agent")
 _HOSTNAME_OUTSIDE = re.compile(r"[^A-Za-z0-9._-]")
 #: Failures that mean "the relay cannot be reached now"; the agent retries.
 LINK_FAILURES = (LinkError, OSError, asyncio.TimeoutError, ConnectionError)
+#: After a failed enrolment or renewal, the next try comes this much later (s).
+ENROL_RETRY = 60.0
+
+
+class Enrolled(LinkError):
+    """A link the relay admitted to enrol only (``--require-agent-certificates``) gave the
+    agent its certificate and closed: link again at once, by the certificate."""
 
 
 class Backoff:
@@ -85,7 +101,8 @@ class Agent:
     HEALTHY_PERIOD = 30.0
 
     def __init__(self, config: AgentConfig, limits: Limits | None = None, dialer=None,
-                 environ=None, *, slot: int = 0, links=None, settings: AgentSettings | None = None) -> None:
+                 environ=None, *, slot: int = 0, links=None, settings: AgentSettings | None = None,
+                 identity: AgentIdentity | None = None) -> None:
         self.config = config
         self.limits = limits or Limits.from_env()
         self.settings = settings or AgentSettings.from_env()
@@ -97,8 +114,12 @@ class Agent:
         #: The relay id the last registration answered with.
         self.relay_id: str | None = None
         self.dialer = dialer if dialer is not None else self._dialer(config)
-        # As secrets.token_hex(6), without hashlib and hmac; one per agent process (all slots).
-        self.instance = links.instance if links is not None else os.urandom(6).hex()
+        #: The key and certificate of the state directory (agent.identity), None without one.
+        self.identity = links.identity if links is not None else identity
+        # As secrets.token_hex(6), without hashlib and hmac; one per agent process (all slots),
+        # or the one the certificate names.
+        self.instance = links.instance if links is not None else (
+            self.identity.instance if self.identity is not None and self.identity.instance else os.urandom(6).hex())
         self.tasks: set[asyncio.Task] = set()
         self.backoff = Backoff(self.settings.reconnect_delay, self.settings.reconnect_max_delay)
         #: The link being served and its handler (the newest one after a move).
@@ -144,17 +165,118 @@ class Agent:
     def _targets(self) -> list[Target]:
         return [t for t in self.config.targets if t.name not in self.dropped]
 
-    def _auth_message(self) -> dict:
+    def _certified(self) -> bool:
+        """Whether links present the certificate (and ``auth`` carries no token)."""
+        return self.identity is not None and self.identity.usable(time.time())
+
+    def _client_certificate(self) -> tuple[str, str] | None:
+        """The files WSS links present at the TLS layer (Dialer.client_certificate)."""
+        if not self._certified():
+            return None
+        return str(self.identity.cert_file), str(self.identity.key_file)
+
+    def _auth_message(self, carrier: str = "wss") -> dict:
         hostname = _HOSTNAME_OUTSIDE.sub("-", socket.gethostname())[:253] or "unknown"
         names = [t.name for t in self._targets()]
         first = [n for n in names if n not in self.waiting] or names
-        return {
+        message = {
             "type": "auth",
             "token": self.config.token,
             "agent": {"version": __version__, "hostname": hostname, "instance": self.instance, "slot": self.slot,
                       "features": ["worker_address"]},
             "resources": [{"name": n} for n in first],
         }
+        if self.identity is not None:
+            # A relay that requires certificates admits a token link of an agent that can
+            # enrol, to enrol only (``enroll_only``).
+            message["agent"]["features"].append("enroll")
+        if self._certified():
+            # The relay takes the identity from the certificate: verified at the TLS layer on
+            # WSS, sent here and proved by a signed nonce on QUIC (whose TLS stack cannot ask
+            # for a client certificate).
+            del message["token"]
+            if carrier == "quic":
+                message["certificate"] = self.identity.certificate_pem()
+        elif not self.config.token:
+            expired = self.identity is not None and self.identity.enrolled
+            raise AuthError(("the agent's certificate expired at " + self.identity.expires() if expired
+                             else "no registration JWT and no agent certificate")
+                            + ": set REGISTRATION_JWT (tunnel-relay resources registration-jwt) to enrol again",
+                            code="unauthorized", fatal=True)
+        return message
+
+    def prove(self, link: Link, message: dict) -> None:
+        """CONTROL ``prove`` during registration: sign the relay's nonce with the agent's key."""
+        nonce = message.get("nonce")
+        if self._certified() and isinstance(nonce, str) and len(nonce) <= 256:
+            self._spawn(self._prove(link, nonce))
+
+    async def _prove(self, link: Link, nonce: str) -> None:
+        try:
+            signature = await self.identity.sign(PROOF_CONTEXT + base64.b64decode(nonce, validate=True))
+            link.send_control({"type": "proof", "signature": base64.b64encode(signature).decode("ascii")})
+        except (ValueError, IdentityError, TunnelError, OSError) as exc:
+            log.warning("cannot answer the relay's certificate challenge: %s", exc)
+
+    # --- enrolment --------------------------------------------------------------------------
+
+    async def _keep_enrolled(self, handler: AgentLinkHandler) -> None:
+        """While ``handler``'s link lives: enrol at once when the agent has no usable
+        certificate (it registered with its JWT), else renew when the certificate's renewal
+        time comes (agent.identity). One slot at a time; the others find it done."""
+        identity = self.identity
+        while not handler.closed.done():
+            async with identity.busy:
+                now = time.time()
+                due = identity.renew_at()
+                if not (identity.usable(now) and due is not None and now < due):
+                    delay = await self._enrol(handler)
+                else:
+                    delay = due - now
+            await asyncio.sleep(min(max(delay, 1.0), 3600.0))
+
+    async def _enrol(self, handler: AgentLinkHandler) -> float:
+        """Ask for a certificate over ``handler``'s link and store it; seconds until the next try."""
+        identity = self.identity
+        renewing = identity.enrolled
+        try:
+            csr = await identity.csr(self.instance)
+        except IdentityError as exc:
+            log.error("cannot make a certificate request: %s", exc)
+            return ENROL_RETRY
+        answer = await handler.enroll(csr, self.limits.handshake_timeout)
+        if answer is None:
+            return ENROL_RETRY
+        if answer.get("type") != "enrolled":
+            log.warning("the relay refused to %s this agent's certificate: %s (%s); trying again in %.0f s",
+                        "renew" if renewing else "issue", str(answer.get("message", ""))[:256],
+                        str(answer.get("code", "error"))[:32], ENROL_RETRY)
+            return ENROL_RETRY
+        try:
+            await identity.store(answer.get("certificate"), time.time())
+        except (IdentityError, OSError) as exc:
+            log.error("cannot store the agent's certificate in %s: %s", identity.directory, exc)
+            return ENROL_RETRY
+        log.info("%s as %s, certificate expires %s", "renewed the certificate" if renewing else "enrolled",
+                 identity.instance, identity.expires())
+        return identity.renew_at() - time.time()
+
+    async def _enrol_only(self, handler: AgentLinkHandler, by_token: bool) -> None:
+        """The relay requires certificates and admitted this token link to enrol and nothing
+        else: enrol over it and close it; raise :class:`Enrolled` (link again by the
+        certificate) or, when no certificate came, a LinkError (retry with backoff)."""
+        identity = self.identity
+        if identity is None or not by_token:  # not asked for: no state directory, or a link by certificate
+            handler.link.close(ErrorCode.NO_ERROR, "unexpected enroll_only")
+            raise LinkError("the relay answered enroll_only to a link that cannot or need not enrol")
+        log.info("the relay requires agent certificates and admitted this link to enrol only: enrolling")
+        async with identity.busy:
+            if not self._certified():  # another slot may have enrolled meanwhile
+                await self._enrol(handler)
+        handler.link.close(ErrorCode.NO_ERROR, "enrolled: linking again with the certificate")
+        if not self._certified():
+            raise LinkError("the relay requires agent certificates and the enrolment failed")
+        raise Enrolled("enrolled over a link admitted to enrol only")
 
     def health_changed(self, name: str) -> None:
         """Tell the relay that ``name``'s service started or stopped answering."""
@@ -166,7 +288,12 @@ class Agent:
     async def register(self, link: Link) -> AgentLinkHandler:
         handler = AgentLinkHandler(self, link)
         link.set_handler(handler)
-        link.send_control(self._auth_message())
+        try:
+            message = self._auth_message(link.carrier)
+        except AuthError:
+            link.close(ErrorCode.NO_ERROR, "no credentials")
+            raise
+        link.send_control(message)
         try:
             answer = await asyncio.wait_for(asyncio.shield(handler.registered), self.limits.handshake_timeout)
         except asyncio.TimeoutError:
@@ -175,9 +302,14 @@ class Agent:
         except BaseException:
             link.close(ErrorCode.UNAUTHORIZED, "registration refused")
             raise
+        if answer.get("type") == "enroll_only":
+            await self._enrol_only(handler, "token" in message)
         for res in answer.get("resources", []):
             log.info("serving resource %s (%s) via %s; integration endpoint %s", res.get("name"), res.get("id"),
                      link.carrier, res.get("endpoint"))
+        if self.identity is not None:
+            task = self._spawn(self._keep_enrolled(handler))
+            handler.closed.add_done_callback(lambda _f: task.cancel())
         self.agent_id = str(answer.get("agent_id", ""))[:64] or None
         handler.send_health(handler.names)
         for name in handler.names:
@@ -237,6 +369,7 @@ class Agent:
                 if dialer is None:
                     continue
                 self.dialer = dialer
+            self.dialer.client_certificate = self._client_certificate
             try:
                 link = await self._unless_stopping(self.dialer.dial())
                 if link is None:
@@ -244,6 +377,11 @@ class Agent:
                 self.link = link
                 log.info("connected to %s over %s", _relay_name(self.dialer.url), link.carrier)
                 handler = self.handler = await self.register(link)
+            except Enrolled:
+                self._forget_link()
+                self.backoff.reset()
+                first = False
+                continue
             except AuthError as exc:
                 self._forget_link()
                 if exc.fatal:
@@ -257,6 +395,10 @@ class Agent:
                 what = "relay unreachable: " + hints.relay_failure(
                     exc, host=self.dialer.host, port=self.dialer.port, ca_file=self.config.ca_file,
                     ca_setting=self.config.ca_setting)
+                if self._certified() and self.dialer.scheme != "quic" and "handshake" in str(exc).lower():
+                    # The relay's TLS layer refuses a certificate of another CA with an alert.
+                    what += (f" (the agent presented its certificate {self.identity.cert_file}: if the relay's CA "
+                             "changed, remove that file and enrol again with a registration JWT)")
                 if first:
                     what += " (the agent keeps trying)"
             else:
@@ -592,6 +734,7 @@ class Agent:
         try:
             if dialer is None:
                 dialer = await self.links.dialer(self)
+            dialer.client_certificate = self._client_certificate
             link = await dialer.dial()
             handler = await self.register(link)
         except (AuthError, *LINK_FAILURES) as exc:

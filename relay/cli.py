@@ -19,6 +19,10 @@
                        (--org-only is the same as --customer-id cus_org; the relay decides)
     tunnel-relay resources delete ID
     tunnel-relay cluster status [--output json]         the relays and which one holds each agent link
+    tunnel-relay agents list [--customer ID] [--output json]
+                       agent instances: customer, certificate scope, serial and expiry, revoked, linked now
+    tunnel-relay agents revoke INSTANCE [--customer ID] [--reason TEXT]
+                       revoke its certificates and drop its links on every relay
 
 Admin commands find the API through ``--state-dir`` (``RELAY_STATE_DIR``, default
 ``./relay-state``: ``admin.json`` and ``admin-token``) or ``--admin-url``
@@ -128,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS",
                        help="lifetime of the client certificates the relay's CA issues to enrolled agents "
                             "(env RELAY_AGENT_CERT_TTL, default 86400: 24 h; 60 to 2592000)")
+    serve.add_argument("--require-agent-certificates", action="store_true",
+                       default=_env("RELAY_REQUIRE_AGENT_CERTIFICATES", "").lower() in ("1", "true", "yes", "on"),
+                       help="refuse agent links that authenticate with a registration JWT only; a JWT link is "
+                            "then admitted to enrol (get a certificate) and nothing else "
+                            "(env RELAY_REQUIRE_AGENT_CERTIFICATES=1; default: JWT links are served)")
     serve.add_argument("--cert", default=_env("RELAY_CERT"), help="serve this certificate (PEM) instead of the generated one")
     serve.add_argument("--key", default=_env("RELAY_KEY"), help="private key (PEM) of --cert")
     serve.add_argument("--server-name", action="append", default=None,
@@ -234,6 +243,32 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("resource_id", metavar="ID")
     _add_admin_location(delete, suppress=True)
 
+    agents = commands.add_parser("agents", help="agent instances: their identities and revocation")
+    _add_admin_location(agents, suppress=True)  # global options before or after the subcommand
+    agent_cmds = agents.add_subparsers(dest="action", metavar="ACTION")
+    agent_cmds.required = True
+    alist = agent_cmds.add_parser(
+        "list", help="agent instances: customer, certificate scope, serial, expiry, revoked, linked now",
+        description="Every agent instance the relays know: by the client certificates their CA issued at "
+                    "enrolment, by a revocation, or by a live link (IDENTITY 'token': linked with a "
+                    "registration JWT only).")
+    alist.add_argument("--customer", "--customer-id", dest="customer", metavar="ID", help="this customer's only")
+    _add_output(alist)
+    _add_admin_location(alist, suppress=True)
+    revoke = agent_cmds.add_parser(
+        "revoke", help="revoke an agent instance: its certificates, its renewal and its links everywhere",
+        description="Revoke an agent instance: its certificates are revoked, its links (by certificate or by "
+                    "token) dropped on every relay of the cluster within seconds, and it gets no new "
+                    "certificate and no link under that instance again. The registration JWT stays valid: "
+                    "other agents (new instances) still enrol with it; rotate it too "
+                    "('resources registration-jwt --rotate') if it may have been copied.")
+    revoke.add_argument("instance", metavar="INSTANCE", help="the agent instance ('agents list' shows them)")
+    revoke.add_argument("--customer", "--customer-id", dest="customer", metavar="ID",
+                        help="the customer of the instance (needed when several customers have one of that name)")
+    revoke.add_argument("--reason", metavar="TEXT", help="recorded with the revocation (agents list shows it)")
+    _add_output(revoke)
+    _add_admin_location(revoke, suppress=True)
+
     cluster = commands.add_parser("cluster", help="the relays sharing this relay's state database")
     _add_admin_location(cluster, suppress=True)  # global options before or after the subcommand
     cluster_cmds = cluster.add_subparsers(dest="action", metavar="ACTION")
@@ -300,15 +335,36 @@ def _print_resources(resources: list[dict], output: str, extended: bool) -> None
     for r in resources:
         for a in r.get("agents_detail") or []:
             rows.append((
-                r.get("id"), a.get("agent_id"), a.get("transport"), a.get("address"), a.get("version"),
-                a.get("hostname"), a.get("connected_since"), a.get("bytes_sent"), a.get("bytes_received"),
-                a.get("active_streams"), _target_cell(a), a.get("relay_id"),
+                r.get("id"), a.get("agent_id"), a.get("instance"), _identity_cell(a), a.get("transport"),
+                a.get("address"), a.get("version"), a.get("hostname"), a.get("connected_since"), a.get("bytes_sent"),
+                a.get("bytes_received"), a.get("active_streams"), _target_cell(a), a.get("relay_id"),
             ))
     print()
     print(_table(
-        ("RESOURCE", "AGENT", "TRANSPORT", "ADDRESS", "VERSION", "HOSTNAME", "CONNECTED SINCE",
-         "BYTES SENT", "BYTES RECEIVED", "STREAMS", "TARGET", "RELAY"),
+        ("RESOURCE", "AGENT", "INSTANCE", "IDENTITY", "TRANSPORT", "ADDRESS", "VERSION", "HOSTNAME",
+         "CONNECTED SINCE", "BYTES SENT", "BYTES RECEIVED", "STREAMS", "TARGET", "RELAY"),
         rows,
+    ))
+
+
+def _identity_cell(agent: dict) -> str:
+    """How a link authenticated: ``token``, or ``cert SERIAL until EXPIRY``."""
+    if agent.get("cert_serial"):
+        return f"cert {agent['cert_serial']} until {agent.get('cert_expires_at')}"
+    return agent.get("identity") or "token"
+
+
+def _print_agents(agents: list[dict], output: str) -> None:
+    if output == "json":
+        _print_json(agents)
+        return
+    print(_table(
+        ("INSTANCE", "CUSTOMER", "IDENTITY", "SCOPE", "SERIAL", "EXPIRES", "REVOKED", "LINKED"),
+        [(a.get("instance"), a.get("customer_id"), a.get("identity"),
+          "customer" if a.get("scope") == "customer" else ",".join(a.get("resource_ids") or []) or "-",
+          a.get("serial") or "-", a.get("expires_at") or "-",
+          f"{a.get('revoked_at')} ({a.get('revoked_reason')})" if a.get("revoked") else "no",
+          f"yes ({a.get('links')})" if a.get("linked") else "no") for a in agents],
     ))
 
 
@@ -363,6 +419,17 @@ def _client(args: argparse.Namespace):
 
 def _run_admin(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.command == "agents":
+        if args.action == "list":
+            _print_agents(client.list_agents(args.customer), args.output)
+            return 0
+        revoked = client.revoke_agent(args.instance, args.customer, args.reason)
+        if args.output == "json":
+            _print_json(revoked)
+        else:
+            print(escape(f"revoked agent instance {revoked.get('instance')} of customer {revoked.get('customer_id')} "
+                         f"({revoked.get('certificates')} certificate(s)); its links are dropped on every relay"))
+        return 0
     if args.command == "cluster":
         _print_cluster(client.cluster_status(), args.output)
         return 0

@@ -15,7 +15,7 @@ from tunnel.bridge.listen import serve_links
 from tunnel.core.limits import Limits
 from tunnel.ops.process import tune_malloc
 
-from relay import format_host_port, is_loopback_host
+from relay import CA_FILE, format_host_port, is_loopback_host
 from relay.control import admin, tokens
 from relay.control.server import DEFAULT_AGENT_CERT_TTL, Relay
 from relay.data.audit import AuditLog
@@ -78,7 +78,7 @@ async def _serve(args) -> int:
         names.append(admin_host)
     keys = pki.ensure_pki(state_dir, extra_names=names, cert_file=args.cert, key_file=args.key)
     cert_file, key_file = keys.cert_file, keys.key_file
-    ssl_context = pki.server_ssl_context(cert_file, key_file)
+    ssl_context = pki.agent_server_ssl_context(cert_file, key_file, state_dir / CA_FILE)
 
     store = await _open_state(state_dir, args.database, settings)
     if await store.public_can_connect():
@@ -99,6 +99,7 @@ async def _serve(args) -> int:
     relay.port_range = args.port_range
     relay.state_dir = state_dir
     relay.agent_cert_ttl = getattr(args, "agent_cert_ttl", None) or DEFAULT_AGENT_CERT_TTL
+    relay.require_agent_certificates = bool(getattr(args, "require_agent_certificates", False))
     await relay.expire_idle_resources()
 
     # The relay's own listeners first, so that no endpoint port (a fixed one, say) can take

@@ -29,6 +29,17 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer <admin token>``):
                                          "rotate"?, "ttl_seconds"?} -> {"jwt"}
     DELETE /v1/resources/{id}           {"id", "deleted": true}
     GET    /v1/cluster                  {"relay_id", "advertise_url", "database", "relays", "links"}
+    GET    /v1/agents[?customer_id=ID]  [{"customer_id", "instance", "identity" ("certificate" or
+                                          "token"), "scope", "resource_ids", "serial" (hex),
+                                          "issued_at", "expires_at", "certificates", "revoked",
+                                          "revoked_at", "revoked_reason", "linked", "links"}]:
+                                        every agent instance known by a certificate, a
+                                        revocation or a live link, on every relay
+    POST   /v1/agents/{instance}/revoke {"customer_id"?, "reason"?} -> {"customer_id", "instance",
+                                        "certificates", "revoked": true}: its certificates
+                                        revoked, its links (token or certificate) dropped on
+                                        every relay, its renewal refused (404 when unknown, 409
+                                        when several customers have that instance: give one)
 
 The live view (agents per resource) comes from a :class:`Registry` the data plane provides:
 ``status`` and ``agents`` count every relay's agents, ``target_status`` (whether the private
@@ -53,6 +64,7 @@ import os
 import re
 import secrets
 import ssl
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -85,6 +97,8 @@ HTTP_LIMITS = HttpLimits(head_timeout=HEAD_TIMEOUT, idle_timeout=IDLE_TIMEOUT, b
                          max_head_size=MAX_HEAD_SIZE, max_connections=64, max_per_client=64)
 
 _RESOURCE_PATH = re.compile(r"^/v1/resources/([A-Za-z0-9_]{1,64})$")
+_REVOKE_PATH = re.compile(r"^/v1/agents/([A-Za-z0-9_-]{1,64})/revoke$")
+MAX_REASON = 200
 
 
 class Registry(Protocol):
@@ -100,6 +114,8 @@ class Registry(Protocol):
     def resource_deleted(self, resource_id: str) -> None: ...
 
     def resource_updated(self, resource_id: str, allow_cidrs: str | None) -> None: ...
+
+    def drop_agent(self, agent, code: str, message: str) -> None: ...
 
     # Optional: ``port_range``, where new resources' endpoint ports are chosen (default
     # relay.state.DEFAULT_PORT_RANGE).
@@ -228,14 +244,19 @@ class AdminApi:
             "/v1/resources": {"GET": self.get_resources, "POST": self.post_resources},
             "/v1/registration-jwt": {"POST": self.post_registration_jwt},
             "/v1/cluster": {"GET": self.get_cluster},
+            "/v1/agents": {"GET": self.get_agents},
         }
         methods = table.get(path)
         args: tuple = ()
         if methods is None:
             match = _RESOURCE_PATH.match(path)
-            if match is None:
-                return None, []
-            methods = {"DELETE": self.delete_resource, "GET": self.get_resource, "PATCH": self.patch_resource}
+            if match is not None:
+                methods = {"DELETE": self.delete_resource, "GET": self.get_resource, "PATCH": self.patch_resource}
+            else:
+                match = _REVOKE_PATH.match(path)
+                if match is None:
+                    return None, []
+                methods = {"POST": self.post_agent_revoke}
             args = (match.group(1),)
         if method == "HEAD" and "GET" in methods:
             method = "GET"
@@ -269,6 +290,33 @@ class AdminApi:
         if self.cluster is None:
             raise HttpError(404, "not_found", "this relay has no cluster view")
         return 200, await self.cluster.status()
+
+    async def get_agents(self, *, query: dict, **_) -> tuple[int, Any]:
+        customer_id = (query.get("customer_id") or [None])[-1]
+        # Links of relays heard from lately (without a cluster view: every recorded link).
+        live_within = self.cluster.settings.member_ttl if self.cluster is not None else 1e12
+        agents = await self.state.list_agents(customer_id, live_within)
+        return 200, [_agent_view(agent) for agent in agents]
+
+    async def post_agent_revoke(self, instance: str, *, payload: dict, **_) -> tuple[int, Any]:
+        """Revoke an agent instance: the ``agents_revoked`` event drops its links here at once
+        and, through the hint, on every relay."""
+        _only_fields(payload, {"customer_id", "reason"})
+        customer_id = _typed(payload, "customer_id", str)
+        reason = _typed(payload, "reason", str) or "revoked by the operator"
+        if len(reason) > MAX_REASON or not reason.isprintable():
+            raise HttpError(400, "bad_request", f"reason must be at most {MAX_REASON} printable characters")
+        try:
+            revoked = await self.state.revoke_agent(instance, customer_id, reason)
+        except KeyError:
+            whose = f" of customer {customer_id}" if customer_id else ""
+            raise HttpError(404, "not_found", f"no agent instance {instance}{whose} (no certificate, no live "
+                            "link): 'agents list' shows them") from None
+        except ValueError as exc:
+            raise HttpError(409, "conflict", str(exc)) from None
+        log.info("revoked agent instance %s of customer %s (%d certificate(s)): %s", instance,
+                 revoked["customer_id"], revoked["certificates"], reason)
+        return 200, {**revoked, "revoked": True}
 
     async def _links_by_resource(self) -> dict[str, list[dict]]:
         by_resource: dict[str, list[dict]] = {}
@@ -337,7 +385,8 @@ class AdminApi:
                 "version": link["version"], "hostname": link["hostname"],
                 "connected_since": link["connected_since"], "bytes_sent": None, "bytes_received": None,
                 "active_streams": None, "instance": link["agent_instance"], "epoch": link["epoch"],
-                "relay_id": link["relay_id"], "relay_url": link["relay_url"],
+                "relay_id": link["relay_id"], "relay_url": link["relay_url"], "identity": link["identity"],
+                "cert_serial": link["cert_serial"], "cert_expires_at": link["cert_expires_at"],
             })
         return detail
 
@@ -467,6 +516,32 @@ class AdminApi:
         )
         log.info("issued registration token %s for %s", claims.jti, resource_id or customer_id)
         return 200, {"jwt": token}
+
+
+def _agent_view(agent: dict) -> dict:
+    """An agent instance of :meth:`RelayState.list_agents` as the admin API shows it: serials
+    in hex (as the relay logs them when it issues one), times in ISO 8601 UTC."""
+    certified = agent["serial"] is not None
+    return {
+        "customer_id": agent["customer_id"],
+        "instance": agent["instance"],
+        "identity": "certificate" if certified else "token",
+        "scope": None if not certified else "customer" if agent["resource_ids"] is None else "resource",
+        "resource_ids": agent["resource_ids"],
+        "serial": format(agent["serial"], "x") if certified else None,
+        "issued_at": _iso(agent["issued_at"]),
+        "expires_at": _iso(agent["not_after"]),
+        "certificates": agent["certificates"],
+        "revoked": agent["revoked_at"] is not None,
+        "revoked_at": _iso(agent["revoked_at"]),
+        "revoked_reason": agent["revoked_reason"],
+        "linked": agent["links"] > 0,
+        "links": agent["links"],
+    }
+
+
+def _iso(seconds) -> str | None:
+    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(seconds)))
 
 
 def _target_view(agents: list[dict]) -> dict:

@@ -229,3 +229,15 @@ class AdminClient:
 
     def delete_resource(self, resource_id: str) -> dict:
         return self.request("DELETE", "/v1/resources/" + urllib.parse.quote(resource_id, safe=""))
+
+    def list_agents(self, customer_id: str | None = None) -> list[dict]:
+        query = "?customer_id=" + urllib.parse.quote(customer_id, safe="") if customer_id else ""
+        return self.request("GET", "/v1/agents" + query)
+
+    def revoke_agent(self, instance: str, customer_id: str | None = None, reason: str | None = None) -> dict:
+        body: dict[str, Any] = {}
+        if customer_id is not None:
+            body["customer_id"] = customer_id
+        if reason is not None:
+            body["reason"] = reason
+        return self.request("POST", f"/v1/agents/{urllib.parse.quote(instance, safe='')}/revoke", body)

@@ -20,6 +20,8 @@ link (a config reload, a graceful stop).
   this agent instance, scoped to what its registration token allows (relay.state.enrolment), and
   answers ``enrolled`` (``certificate`` PEM chain, ``expires_at`` Unix seconds) or
   ``enroll_failed`` (``code``, ``message``). At most one per link each ``ENROL_INTERVAL``.
+  The certificate is recorded in the state database before the agent gets it; a revoked
+  instance (``agents revoke``) gets ``enroll_failed`` ``revoked``.
 
 Malformed messages are ignored with a log line (the link stays up: the agent registered).
 """
@@ -36,6 +38,7 @@ from tunnel.wire.errors import AuthError
 from relay.data.endpoints import AgentSession
 from relay.data.quotas import PerCustomerRate, QuotaExceeded
 from relay.state.enrolment import EnrolmentRefused, issue_agent_certificate
+from relay.state.relay_state import LinkRefused
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StoreUnavailable
 
 from .names import MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
@@ -69,41 +72,65 @@ class AgentControl:
         elif kind == "add_resources":
             self.relay.spawn(self.add_resources(agent, message))
         elif kind == "enroll":
-            self.enroll(agent, message)
+            self.relay.spawn(self.enroll(agent, message))
         # Unknown types are ignored (forward compatibility).
 
     # --- enroll -------------------------------------------------------------------------
 
-    def enroll(self, agent: AgentSession, message: dict) -> None:
+    async def enroll(self, agent: AgentSession, message: dict) -> bool:
+        """Answer ``enroll`` with ``enrolled`` (True) or ``enroll_failed`` (False)."""
         relay = self.relay
         now = time.monotonic()
         if agent.enrolled_at is not None and now - agent.enrolled_at < ENROL_INTERVAL:
             self._reply(agent, {"type": "enroll_failed", "code": "too_many",
                                 "message": f"one certificate per link every {ENROL_INTERVAL:g} s"})
-            return
+            return False
         agent.enrolled_at = now
+        if relay.state.agent_instance_revoked(agent.customer_id, agent.instance) or (
+                agent.cert_serial is not None and relay.state.agent_certificate_revoked(agent.cert_serial)):
+            self._reply(agent, {"type": "enroll_failed", "code": "revoked",
+                                "message": f"agent instance {agent.instance} is revoked: no certificate for it"})
+            return False
         claims = agent.claims
+        resource_ids = [claims.resource_id] if getattr(claims, "resource_id", None) else None
         try:
             ca_cert, ca_key = relay.agent_ca()
             issued = issue_agent_certificate(
                 message.get("csr"), ca_cert=ca_cert, ca_key=ca_key, customer_id=agent.customer_id,
-                resource_ids=[claims.resource_id] if getattr(claims, "resource_id", None) else None,
-                instance=agent.instance, ttl=relay.agent_cert_ttl)
+                resource_ids=resource_ids, instance=agent.instance, ttl=relay.agent_cert_ttl)
         except EnrolmentRefused as exc:
             relay.throttled.log(("enroll", agent.customer_id), logging.WARNING,
                                 "agent %s (customer %s): certificate request refused: %s", agent.agent_id,
                                 agent.customer_id, exc)
             self._reply(agent, {"type": "enroll_failed", "code": "bad_request", "message": str(exc)})
-            return
+            return False
         except (OSError, ValueError) as exc:
             log.error("agent %s: cannot issue a certificate: %s", agent.agent_id, exc)
             self._reply(agent, {"type": "enroll_failed", "code": "unavailable",
                                 "message": "the relay cannot issue certificates now"})
-            return
+            return False
+        try:
+            # Recorded before the agent has it: a certificate the table does not hold cannot be revoked.
+            await relay.state.record_agent_certificate(serial=issued.serial, instance=agent.instance,
+                                                       customer_id=agent.customer_id, resource_ids=resource_ids,
+                                                       not_after=issued.not_after)
+        except LinkRefused as exc:
+            self._reply(agent, {"type": "enroll_failed", "code": "revoked", "message": str(exc)})
+            return False
+        except StoreUnavailable as exc:
+            relay.cluster.outages.refused("enrolment(s)", exc)
+            self._reply(agent, {"type": "enroll_failed", "code": "unavailable", "message": UNREACHABLE_MESSAGE})
+            return False
+        except Exception:  # noqa: BLE001 - refused, never an unretrieved task exception
+            log.exception("agent %s: recording its certificate failed", agent.agent_id)
+            self._reply(agent, {"type": "enroll_failed", "code": "unavailable",
+                                "message": "the relay cannot issue certificates now"})
+            return False
         log.info("agent %s (instance %s, customer %s): issued certificate %x, valid until %s", agent.agent_id,
                  agent.instance, agent.customer_id, issued.serial, issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"))
         self._reply(agent, {"type": "enrolled", "certificate": issued.certificate.decode("ascii"),
                             "expires_at": int(issued.not_after.timestamp())})
+        return True
 
     @staticmethod
     def _reply(agent: AgentSession, message: dict) -> None:

@@ -17,7 +17,7 @@ AGENT_FIELDS = {
     "instance": (re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits, '_' or '-'"),
 }
 #: Optional abilities an agent may announce at ``auth`` (``agent.features``, docs/PROTOCOL.md).
-AGENT_FEATURES = frozenset({"worker_address"})
+AGENT_FEATURES = frozenset({"worker_address", "enroll"})
 
 
 def valid(pattern: re.Pattern, value) -> bool:

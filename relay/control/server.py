@@ -3,9 +3,22 @@
 registration, on the state of :mod:`relay.state` (SQLite in the state dir, or a cluster's
 PostgreSQL).
 
-Before it is registered a link may send one thing: one ``auth`` message. Anything else (a
-second ``auth``, another CONTROL type, a stream) gets a CONTROL ``error`` and the link is
-closed with ``PROTOCOL_ERROR`` (docs/PROTOCOL.md, "Control messages").
+Before it is registered a link may send one thing: one ``auth`` message (and, when the relay
+asked with ``prove``, one ``proof``). Anything else (a second ``auth``, another CONTROL type,
+a stream) gets a CONTROL ``error`` and the link is closed with ``PROTOCOL_ERROR``
+(docs/PROTOCOL.md, "Control messages").
+
+An ``auth`` with a registration token is checked against the token authority; one without
+authenticates by the agent's certificate (docs/PROTOCOL.md, "Enrolment"): verified by OpenSSL
+at the TLS layer on WSS, or sent in ``auth`` and its key proved by signing a nonce on QUIC
+(:meth:`Relay._certificate_identity`), then checked against the revocation list and turned
+into the claims of a token of the certificate's scope (:meth:`Relay._certificate_claims`).
+
+A relay started with ``--require-agent-certificates`` refuses an ``auth`` by registration token
+(``certificate_required``), unless the agent announced ``enroll`` in ``agent.features``: that
+link is admitted for enrolment only (:meth:`Relay._admit_to_enrol`): answered ``enroll_only``,
+never registered nor routed to, it may send ``enroll`` and nothing else, and is closed once it
+has its certificate or after ``ENROL_ONLY_TIMEOUT``.
 
 Registration (:meth:`Relay._register`) runs in three steps: checks against the state (token,
 quotas, resources, created when a customer-wide token names a new one); binding the endpoints
@@ -19,6 +32,7 @@ registration pending, or the agent in the registry): no revoked token gets in.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import secrets
 import time
@@ -40,13 +54,21 @@ from relay.data.endpoints import AgentSession
 from relay.data.quotas import FULL_CODE, Descriptors, QuotaExceeded, RegistrationRate
 from relay.data.registry import Registry
 from relay.settings import DEFAULT_RELAY_SETTINGS, RelaySettings
+from relay.state.enrolment import (
+    NONCE_SIZE,
+    AgentIdentity,
+    EnrolmentRefused,
+    check_proof,
+    identity_from_peercert,
+    verify_presented,
+)
 from relay.state.pki import CA_KEY_FILE
-from relay.state.relay_state import allocate_port
+from relay.state.relay_state import ORG_CUSTOMER_ID, allocate_port
 from relay.state.store.errors import UNREACHABLE_MESSAGE, StateWriteFailed, StoreUnavailable, state_write_failure
 
 from .agent_control import AgentControl
 from .names import AGENT_FEATURES, AGENT_FIELDS, MAX_AGENT_SLOTS, MAX_RESOURCES_PER_AGENT, RESOURCE_NAME, valid
-from .tokens import check_against_state
+from .tokens import Claims, check_against_state
 
 log = logging.getLogger("relay")
 
@@ -56,6 +78,8 @@ DRAIN_BATCH = 100
 DEFAULT_AGENT_CERT_TTL = 24 * 3600
 #: A recurring condition (quota, full state directory) is logged once per this many seconds.
 LOG_INTERVAL = 60.0
+#: How long a link admitted for enrolment only (``--require-agent-certificates``) may stay.
+ENROL_ONLY_TIMEOUT = 30.0
 
 
 class EndpointUnavailable(Exception):
@@ -69,7 +93,11 @@ class AgentLinkHandler(LinkHandler):
         self.relay = relay
         self.link = link
         self.agent: AgentSession | None = None
+        #: Admitted to enrol and nothing else (``--require-agent-certificates``).
+        self.enroll_only = False
         self._authenticating = False
+        #: While a link proves its certificate's key: the future its ``proof`` fills.
+        self.proof: asyncio.Future | None = None
         self._counted = link.carrier == "wss"  # a TCP connection: one descriptor
         if self._counted and relay.descriptors is not None:
             relay.descriptors.take(None)
@@ -82,10 +110,17 @@ class AgentLinkHandler(LinkHandler):
         return None
 
     def control_received(self, message: dict) -> None:
+        if self.enroll_only:
+            if message.get("type") == "enroll":
+                self.relay.spawn(self._enrol_then_close(message))
+            return  # anything else is ignored: this link serves nothing
         if self.agent is not None:
             self.relay.control.received(self.agent, message)  # relay.control.agent_control
             return
         kind = message.get("type")
+        if kind == "proof" and self.proof is not None and not self.proof.done():
+            self.proof.set_result(message.get("signature"))
+            return
         if kind == "auth" and not self._authenticating:
             self._authenticating = True
             task = asyncio.get_running_loop().create_task(self.relay.authenticate(self, message))
@@ -93,6 +128,10 @@ class AgentLinkHandler(LinkHandler):
             task.add_done_callback(self.relay.tasks.discard)
             return
         self._refuse_early("a second auth" if kind == "auth" else f"a {str(kind)[:32]!r} message")
+
+    async def _enrol_then_close(self, message: dict) -> None:
+        if await self.relay.control.enroll(self.agent, message):
+            self.link.close(ErrorCode.NO_ERROR, "enrolled: link again with the certificate")
 
     def _refuse_early(self, what: str) -> None:
         """Anything but one ``auth`` before registration closes the link."""
@@ -112,6 +151,8 @@ class AgentLinkHandler(LinkHandler):
     def link_closed(self, code: int, reason: str) -> None:
         relay = self.relay
         relay.links.discard(self.link)
+        if self.proof is not None and not self.proof.done():
+            self.proof.set_result(None)  # no proof will come: the registration ends now
         agent = self.agent
         if self._counted and relay.descriptors is not None:
             self._counted = False
@@ -150,6 +191,8 @@ class Relay:
         cluster.on_resource_created = self.resource_created
         #: CONTROL messages of registered agents.
         self.control = AgentControl(self)
+        #: ``--require-agent-certificates``: token links are admitted to enrol only.
+        self.require_agent_certificates = False
         #: Where the CA that signs agents' certificates lives, and their lifetime (s).
         self.state_dir: Path | None = None
         self.agent_cert_ttl = DEFAULT_AGENT_CERT_TTL
@@ -196,7 +239,10 @@ class Relay:
             if message.get("dry_run") is True:
                 await self._check_only(link, message)
                 return
-            agent = await self._register(link, message)
+            if self.require_agent_certificates and message.get("token"):
+                await self._admit_to_enrol(handler, message)
+                return
+            agent = await self._register(handler, message)
         except StateWriteFailed as exc:
             self.metrics.auth_refused("unavailable")
             self.state_failed(exc.reason)
@@ -254,11 +300,50 @@ class Relay:
         if self.cluster.members:
             link.send_control(self.relays_message())
         link.handshake_done()
-        log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s, host %s",
+        jti = getattr(agent.claims, "jti", "")
+        log.info("agent %s registered: customer %s, resources %s, %s from %s, version %s, host %s, instance %s%s",
                  agent.agent_id, agent.customer_id,
                  ", ".join(f"{n} ({r})" for r, n in agent.resources.items()),
-                 link.carrier, _addr(link), agent.version, agent.hostname)
+                 link.carrier, _addr(link), agent.version, agent.hostname, agent.instance,
+                 f", by certificate {jti[5:]}" if jti.startswith("cert:") else "")
         self.mark_served(agent.resources)
+
+    async def _admit_to_enrol(self, handler: AgentLinkHandler, message: dict) -> None:
+        """``--require-agent-certificates`` and a token ``auth``: refused, unless the agent can
+        enrol (``enroll`` in ``agent.features``); then, its token and resources checked as a
+        registration would (nothing created), the link may get a certificate and nothing else."""
+        link = handler.link
+        token, resources, info = _auth_fields(message)
+        if "enroll" not in info["features"]:
+            raise AuthError("this relay requires agent certificates (--require-agent-certificates): enrol with "
+                            "an agent that supports it, then link with the certificate", code="certificate_required")
+        claims = self.authority.verify(token)
+        self.rate.charge(claims.customer_id)
+        self._check_link_quotas(link, claims.customer_id)
+        for entry in resources:
+            await check_against_state(claims, self.state, entry["name"], create=False)
+        agent_id = "agt_" + secrets.token_hex(8)
+        instance = info["instance"] or agent_id
+        if self.state.agent_instance_revoked(claims.customer_id, instance):
+            raise AuthError(f"agent instance {instance} is revoked: a new instance enrols with a registration "
+                            "token", code="revoked")
+        if link.is_closing:
+            return
+        handler.agent = AgentSession(
+            agent_id=agent_id, link=link, customer_id=claims.customer_id, generation=claims.generation,
+            version=info["version"], hostname=info["hostname"], instance=instance, slot=info["slot"],
+            features=info["features"], resources={}, claims=claims)
+        handler.enroll_only = True
+        if handler._counted and self.descriptors is not None:
+            self.descriptors.attribute(claims.customer_id)
+        link.send_control({"type": "enroll_only", "agent_id": agent_id, "relay_id": self.cluster.relay_id,
+                           "message": "this relay requires agent certificates: send enroll, then link with the "
+                                      "certificate; this link serves no resource"})
+        link.handshake_done()
+        asyncio.get_running_loop().call_later(ENROL_ONLY_TIMEOUT, _close_unless_closing, link,
+                                              "enrolment window over: link with the certificate")
+        log.info("agent %s (instance %s, customer %s) admitted to enrol only, %s from %s", agent_id, instance,
+                 claims.customer_id, link.carrier, _addr(link))
 
     async def _check_only(self, link: Link, message: dict) -> None:
         """``tunnel-agent check``: verify the token and the resource names as a registration
@@ -282,9 +367,16 @@ class Relay:
         log.info("agent check from %s: registration token accepted for customer %s", _addr(link),
                  claims.customer_id)
 
-    async def _register(self, link: Link, message: dict) -> AgentSession | None:
+    async def _register(self, handler: AgentLinkHandler, message: dict) -> AgentSession | None:
+        link = handler.link
         token, resources, info = _auth_fields(message)
-        claims = self.authority.verify(token)
+        identity = None
+        if token is None:
+            identity = await self._certificate_identity(handler, message)
+            claims = await self._certificate_claims(identity, [entry["name"] for entry in resources])
+            info["instance"] = identity.instance
+        else:
+            claims = self.authority.verify(token)
 
         # Step 1: quotas and resources.
         customer_id = claims.customer_id
@@ -323,6 +415,8 @@ class Relay:
                 buffers=LinkBuffers(limits.session_window),
                 claims=claims,
             )
+            if identity is not None:
+                agent.cert_serial, agent.cert_not_after = identity.serial, identity.not_after
             # Step 3: record the link, refused if anything was revoked or deleted meanwhile;
             # then, with no await, the checks that others' registrations may have changed.
             await self.cluster.admit(agent, quota=lambda count: self._links_quota(customer_id, count))
@@ -341,6 +435,71 @@ class Relay:
                 self.registering[rid] -= 1
                 if self.registering[rid] <= 0:
                     del self.registering[rid]
+
+    async def _certificate_identity(self, handler: AgentLinkHandler, message: dict) -> AgentIdentity:
+        """Who a link without a token is, from its client certificate: verified by OpenSSL at
+        the TLS layer (WSS), or sent in ``auth`` and proved by signing a nonce (QUIC, where the
+        TLS stack cannot ask for one: docs/PROTOCOL.md, "Enrolment"); then checked against
+        the revocation list. AuthError otherwise."""
+        link = handler.link
+        try:
+            peer = link.peer_certificate
+            if peer:
+                identity = identity_from_peercert(peer)
+            elif message.get("certificate") is not None:
+                identity, key = verify_presented(message["certificate"], self.agent_ca()[0])
+                nonce = secrets.token_bytes(NONCE_SIZE)
+                handler.proof = asyncio.get_running_loop().create_future()
+                link.send_control({"type": "prove", "nonce": base64.b64encode(nonce).decode("ascii")})
+                try:
+                    signature = await asyncio.wait_for(handler.proof, self.limits.handshake_timeout)
+                except asyncio.TimeoutError:
+                    raise AuthError("no proof of the agent certificate's key in time", code="unauthorized") from None
+                check_proof(key, nonce, signature)
+            else:
+                raise AuthError("no registration token and no agent certificate: enrol with a registration JWT",
+                                code="unauthorized")
+        except EnrolmentRefused as exc:
+            raise AuthError(str(exc), code="unauthorized") from None
+        if identity.not_after <= time.time():
+            raise AuthError("the agent certificate has expired: enrol again with a registration JWT",
+                            code="unauthorized")
+        if self.state.agent_certificate_revoked(identity.serial):
+            raise AuthError(f"the certificate of agent instance {identity.instance} is revoked: enrol again with a "
+                            "registration JWT", code="revoked")
+        return identity
+
+    async def _certificate_claims(self, identity: AgentIdentity, names: list[str]) -> Claims:
+        """The claims a registration token of the certificate's scope would carry; the
+        generation is the resources' current one (a rotation drops the agent as it drops
+        tokens; revoking the certificate keeps it out)."""
+        customer_id = identity.customer_id
+        resource_id = None
+        if identity.resource_ids is not None:
+            if len(identity.resource_ids) != 1:
+                raise AuthError("the agent certificate names more than one resource", code="unauthorized")
+            resource_id = identity.resource_ids[0]
+            resource = await self._certificate_scope(customer_id, resource_id, names)
+            generation = resource["generation"]
+        else:
+            found = [await self.state.find_resource(customer_id, name) for name in names]
+            generation = max([r["generation"] for r in found if r is not None] or [0])
+        return Claims(customer_id=customer_id, resource_id=resource_id, generation=generation,
+                      org_only=customer_id == ORG_CUSTOMER_ID, jti=f"cert:{identity.serial:x}",
+                      expires_at=identity.not_after)
+
+    async def _certificate_scope(self, customer_id: str, resource_id: str, names: list[str]) -> dict:
+        """The resource a resource-scoped agent certificate allows; AuthError when it is gone,
+        another customer's, or ``names`` ask for another."""
+        resource = await self.state.get_resource(resource_id)
+        if resource is None or resource["customer_id"] != customer_id:
+            raise AuthError(f"the agent certificate's resource {escape(resource_id[:64])} does not exist for "
+                            f"customer {escape(customer_id[:64])}", code="unauthorized")
+        outside = [name for name in names if name != resource["name"]]
+        if outside:
+            raise AuthError(f"the agent certificate allows resource {resource['name']} only, not "
+                            f"{', '.join(outside)}", code="unauthorized")
+        return resource
 
     async def _before_create(self, owner: str) -> None:
         """A first, cheap check before a port is chosen (:meth:`_resource_quota` decides)."""
@@ -365,6 +524,8 @@ class Relay:
         """The resource ``name`` the verified ``claims`` may serve, as a registration finds it
         (created if need be, its endpoint bound), checked again after the bind: AuthError if it
         was revoked or deleted meanwhile. For resources added on a live link."""
+        if claims.jti.startswith("cert:") and claims.resource_id is not None:
+            await self._certificate_scope(claims.customer_id, claims.resource_id, [name])
         resource = await check_against_state(claims, self.state, name, allocate=self._allocate_port,
                                              before_create=self._before_create, quota=self._resource_quota)
         rid = resource["id"]
@@ -554,12 +715,13 @@ class Relay:
         await asyncio.gather(*(link.wait_closed() for link in list(self.links)), return_exceptions=True)
 
 
-def _auth_fields(message: dict) -> tuple[str, list, dict]:
-    """The token, resources and agent strings of an ``auth`` message, checked; AuthError
-    (``bad_request``) for anything malformed."""
+def _auth_fields(message: dict) -> tuple[str | None, list, dict]:
+    """The token (None: the link authenticates by certificate), resources and agent
+    strings of an ``auth`` message, checked; AuthError (``bad_request``) for anything
+    malformed."""
     token = message.get("token")
     resources = message.get("resources")
-    if not isinstance(token, str) or not token:
+    if token is not None and (not isinstance(token, str) or not token):
         raise AuthError("no registration token", code="bad_request")
     if (not isinstance(resources, list) or not resources or len(resources) > MAX_RESOURCES_PER_AGENT
             or not all(isinstance(r, dict) and valid(RESOURCE_NAME, r.get("name")) for r in resources)):
@@ -601,6 +763,11 @@ def _refuse(link: Link, code: str, message: str, close_code: int) -> None:
     except Exception:  # noqa: BLE001 - closing anyway
         pass
     link.close(close_code, message)
+
+
+def _close_unless_closing(link: Link, reason: str) -> None:
+    if not link.is_closing:
+        link.close(ErrorCode.NO_ERROR, reason)
 
 
 def _addr(link: Link) -> str:

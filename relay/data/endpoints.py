@@ -74,6 +74,10 @@ class AgentSession:
     features: frozenset = frozenset()
     #: When this link last asked for a certificate (monotonic; relay.control.agent_control).
     enrolled_at: float | None = None
+    #: The client certificate the link authenticated with (serial, expiry as an aware
+    #: datetime); None for a link authenticated by registration token.
+    cert_serial: int | None = None
+    cert_not_after: object = None
     buffers: LinkBuffers | None = None
     connected_since: float = field(default_factory=time.time)
     active_streams: int = 0
@@ -133,6 +137,10 @@ class AgentSession:
             "version": self.version,
             "hostname": self.hostname,
             "instance": self.instance,
+            # How the link authenticated: "certificate" (serial in hex, as logged at issue) or "token".
+            "identity": "token" if self.cert_serial is None else "certificate",
+            "cert_serial": None if self.cert_serial is None else format(self.cert_serial, "x"),
+            "cert_expires_at": _iso_time(self.cert_not_after),
             "connected_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.connected_since)),
             "bytes_sent": self.link.bytes_sent,
             "bytes_received": self.link.bytes_received,
@@ -149,6 +157,14 @@ class AgentSession:
             since = report.get("since")
             view["target_since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else None
         return view
+
+
+def _iso_time(when) -> str | None:
+    """An aware datetime (or Unix seconds) as ``YYYY-MM-DDTHH:MM:SSZ``; None stays None."""
+    if when is None:
+        return None
+    seconds = when.timestamp() if hasattr(when, "timestamp") else float(when)
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 class EndpointBridge(TcpBridge):

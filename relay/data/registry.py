@@ -269,6 +269,15 @@ class Registry:
         except Exception:  # noqa: BLE001 - the link may be closing; its end removes the agent
             pass
 
+    def drop_agent(self, agent: AgentSession, code: str, message: str) -> None:
+        """End ``agent``'s link (revoked): its streams reset, the agent told why, the link closed."""
+        for resource_id in list(agent.resources):
+            endpoint = self.endpoints.get(resource_id)
+            if endpoint is not None:
+                endpoint.end_streams(agent, ErrorCode.UNAUTHORIZED)
+        _refuse(agent.link, code, message)
+        self.remove_agent(agent)
+
     def drop_agents(self, resource_id: str, below_generation: int) -> int:
         """Deregister ``resource_id`` from the agents registered with an older token generation."""
         endpoint = self.endpoints.get(resource_id)

@@ -17,6 +17,9 @@ database.
   resources bound. A forged event changes nothing the tables do not already say.
   A ``resource_updated`` event has every relay read the resources' source rules
   (relay.state.access) again and apply the changed ones to its endpoints.
+  An ``agents_revoked`` event (``agents revoke``), and ``rotated`` and ``deleted`` (which
+  revoke the certificates scoped to that resource), have every relay read the revoked
+  serials and instances again and drop the links they name, token or certificate.
 - **Outages.** While the database is away the relay keeps its agents and streams; refusals
   are summed up in the log once per ``outage_log_interval``. When it returns, the relay
   re-joins, re-reads every resource's generation (revocations it missed) and rewrites its
@@ -44,6 +47,8 @@ from .store.settings import StoreSettings
 log = logging.getLogger("relay.cluster")
 
 ADVERTISE_SCHEMES = ("wss", "quic", "auto")
+#: Expired agent certificate records are pruned at most once per this many seconds.
+PRUNE_INTERVAL = 3600.0
 
 
 def default_advertise_url(listen_host: str, port: int, server_names: list[str] | None = None) -> str:
@@ -136,6 +141,11 @@ class Cluster:
         self._stopping = False
         #: When the database came back after an outage (monotonic); see :meth:`_expire`.
         self._reconnected_at = float("-inf")
+        #: Reading the revocations after a hint; set again when a hint arrives meanwhile.
+        self._revocations_task: asyncio.Task | None = None
+        self._revocations_again = False
+        #: When expired certificate rows were last pruned (monotonic).
+        self._pruned_at = float("-inf")
 
     # ---- life
 
@@ -189,8 +199,8 @@ class Cluster:
     async def stop(self) -> None:
         """Leave: remove this relay's row and its links (best effort within the query timeout)."""
         self._stopping = True
-        tasks = [t for t in (self._heartbeat_task, self._members_task, self._reread_task, *self._tasks)
-                 if t is not None]
+        tasks = [t for t in (self._heartbeat_task, self._members_task, self._reread_task, self._revocations_task,
+                             *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -215,6 +225,7 @@ class Cluster:
                     await self.resync()
                 await self._expire()
                 await self._refresh_members()
+                await self._prune()
             except StoreUnavailable:
                 pass  # the database logs the outage once and reconnects; resync follows
             except StoreError as exc:
@@ -229,6 +240,14 @@ class Cluster:
             return
         for relay_id in await self.state.expire_relays(self.settings.member_ttl):
             log.info("relay %s stopped heartbeating: removed with its agent links", relay_id)
+
+    async def _prune(self) -> None:
+        if time.monotonic() - self._pruned_at < PRUNE_INTERVAL:
+            return
+        self._pruned_at = time.monotonic()
+        pruned = await self.state.prune_agent_certificates()
+        if pruned:
+            log.info("pruned %d expired agent certificate record(s)", pruned)
 
     # ---- events from every relay
 
@@ -285,7 +304,12 @@ class Cluster:
                 self._reread_resources()
             elif kind == "resource_updated":
                 self._spawn(self._reread_rules())
+            if kind in ("rotated", "deleted", "agents_revoked"):
+                self._reread_revocations()
             return
+        if kind == "agents_revoked" or (kind in ("rotated", "deleted") and event.get("serials")):
+            # The state has these revocations in memory already (it heard them first).
+            self._drop_revoked()
         # Published by this process, in process: the change it made.
         if kind == "resource_created":
             resource = event.get("resource")
@@ -301,6 +325,41 @@ class Cluster:
             self._reconnected_at = time.monotonic()
             self.outages.flush()
             self._spawn(self.resync())
+
+    def _reread_revocations(self) -> None:
+        if self._revocations_task is not None and not self._revocations_task.done():
+            self._revocations_again = True
+            return
+        self._revocations_task = asyncio.get_running_loop().create_task(self._revocations_loop())
+
+    async def _revocations_loop(self) -> None:
+        self._revocations_again = True
+        while self._revocations_again:
+            self._revocations_again = False
+            try:
+                await self.state.read_revocations()
+            except StoreUnavailable:
+                return  # the reconnection resyncs
+            except StoreError as exc:
+                log.warning("cannot re-read the revoked agents after an event: %s", exc)
+                return
+            self._drop_revoked()
+
+    def _revoked(self, session) -> bool:
+        serial = session.cert_serial
+        return (self.state.agent_instance_revoked(session.customer_id, session.instance)
+                or (serial is not None and self.state.agent_certificate_revoked(serial)))
+
+    def _drop_revoked(self) -> None:
+        """Drop the links (and refuse the registrations in flight) of revoked agent instances
+        and certificates, as the state now knows them."""
+        for session in [s for s in self.registry.agents if self._revoked(s)]:
+            log.info("agent %s (instance %s of customer %s): revoked; dropping its link", session.agent_id,
+                     session.instance, session.customer_id)
+            self.registry.drop_agent(session, "revoked", "agent instance or its certificate revoked")
+        for session in self._pending:
+            if self._revoked(session):
+                self._pending[session] = ("revoked", "agent revoked")
 
     def _reread_resources(self) -> None:
         if self._reread_task is not None and not self._reread_task.done():
@@ -403,6 +462,7 @@ class Cluster:
             "version": session.version,
             "hostname": session.hostname,
             "connected_at": float(session.connected_since),
+            "cert_serial": None if session.cert_serial is None else str(session.cert_serial),
         }
 
     async def admit(self, session, quota=None) -> None:
@@ -411,6 +471,9 @@ class Cluster:
         database is away, what ``quota(count)`` raises given the customer's other live links
         in the cluster (:meth:`relay.state.RelayState.add_link`). On return the caller adds the
         session to the registry at once (before any other await)."""
+        if self._revoked(session):
+            raise AuthError(f"agent instance {session.instance} is revoked: a new instance enrols with a "
+                            "registration token", code="revoked")
         self._pending[session] = None
         try:
             try:
@@ -480,6 +543,8 @@ class Cluster:
             generations = await self.state.resource_generations()
             self._apply_generations(generations, *before)
             await self._apply_rules()
+            await self.state.read_revocations()
+            self._drop_revoked()
             live = {}
             for session in list(self.registry.agents):
                 if session.epoch:
@@ -542,6 +607,10 @@ def link_view(link: dict) -> dict:
         "version": link["version"],
         "hostname": link["hostname"],
         "connected_since": _iso(link["connected_at"]),
+        # How the link authenticated (as relay.data.endpoints.AgentSession.describe says it).
+        "identity": "token" if link.get("cert_serial") is None else "certificate",
+        "cert_serial": None if link.get("cert_serial") is None else format(int(link["cert_serial"]), "x"),
+        "cert_expires_at": None if link.get("cert_not_after") is None else _iso(link["cert_not_after"]),
     }
 
 

@@ -14,14 +14,17 @@ it is told so rather than silently given less.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as _dt
+import ssl
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 #: The role a client certificate of an agent names (organizational unit of its subject).
 AGENT_ROLE = "agent"
@@ -117,3 +120,94 @@ def issue_agent_certificate(csr_pem, *, ca_cert: x509.Certificate, ca_key, custo
     )
     pem = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
     return Issued(pem, serial, not_after)
+
+
+# --------------------------------------------------------------------------- links by certificate
+
+#: What an agent signs, followed by the relay's nonce, to prove it holds its certificate's key
+#: when TLS did not carry the certificate (QUIC: docs/PROTOCOL.md, "Enrolment").
+PROOF_CONTEXT = b"tunnel agent certificate proof v1\x00"
+#: Bytes of the nonce an agent signs.
+NONCE_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentIdentity:
+    """Who a verified agent certificate says the agent is: its customer, its instance, the
+    resources it may serve (None: every resource of the customer), serial and end (Unix s)."""
+
+    customer_id: str
+    instance: str
+    resource_ids: tuple[str, ...] | None
+    serial: int
+    not_after: int
+
+
+def _identity(role: str | None, uris: list[str], serial: int, not_after: int) -> AgentIdentity:
+    if role != AGENT_ROLE:
+        raise EnrolmentRefused("the client certificate is not an agent certificate")
+    customers = [u[len("tunnel:customer/"):] for u in uris if u.startswith("tunnel:customer/")]
+    instances = [u[len("tunnel:instance/"):] for u in uris if u.startswith("tunnel:instance/")]
+    resources = tuple(u[len("tunnel:resource/"):] for u in uris if u.startswith("tunnel:resource/"))
+    wide = "tunnel:scope/customer" in uris
+    if len(customers) != 1 or len(instances) != 1 or not customers[0] or not instances[0] or wide == bool(resources):
+        raise EnrolmentRefused("the agent certificate does not name one customer, one instance and its scope")
+    return AgentIdentity(customers[0], instances[0], None if wide else resources, serial, not_after)
+
+
+def identity_from_peercert(cert: dict) -> AgentIdentity:
+    """The identity in a certificate OpenSSL verified at the TLS layer (``getpeercert()``'s
+    dict); :class:`EnrolmentRefused` when it is not an agent certificate of this relay's CA."""
+    role = next((value for rdn in cert.get("subject", ()) for key, value in rdn
+                 if key == "organizationalUnitName"), None)
+    uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+    try:
+        serial = int(cert.get("serialNumber", ""), 16)
+        not_after = int(ssl.cert_time_to_seconds(cert["notAfter"]))
+    except (KeyError, TypeError, ValueError):
+        raise EnrolmentRefused("the client certificate lacks a serial number or an end of validity") from None
+    return _identity(role, uris, serial, not_after)
+
+
+def verify_presented(chain_pem, ca_cert: x509.Certificate, now: _dt.datetime | None = None) -> tuple[AgentIdentity, object]:
+    """Verify a certificate an agent sent in ``auth`` (PEM, the agent's first) against the
+    relay's CA as the only trust anchor (path, validity, clientAuth usage), as OpenSSL does
+    for one presented at the TLS layer; return its identity and public key (which must then
+    sign the relay's nonce). :class:`EnrolmentRefused` says why it is refused."""
+    if not isinstance(chain_pem, str) or not chain_pem or len(chain_pem) > 4 * MAX_CSR_SIZE:
+        raise EnrolmentRefused("certificate must be a PEM certificate chain")
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise EnrolmentRefused("certificate is not a PEM certificate chain") from None
+    leaf = chain[0]
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    if now >= leaf.not_valid_after_utc:
+        raise EnrolmentRefused("the agent certificate has expired")
+    try:
+        PolicyBuilder().store(Store([ca_cert])).time(now).build_client_verifier().verify(leaf, chain[1:])
+    except VerificationError:
+        raise EnrolmentRefused("the agent certificate was not issued by this relay's CA (or is not valid now)") from None
+    try:
+        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    role = next((a.value for a in leaf.subject if a.oid == NameOID.ORGANIZATIONAL_UNIT_NAME), None)
+    return _identity(role, uris, leaf.serial_number, int(leaf.not_valid_after_utc.timestamp())), leaf.public_key()
+
+
+def check_proof(public_key, nonce: bytes, signature) -> None:
+    """:class:`EnrolmentRefused` unless ``signature`` (base64) is the agent key's signature of
+    :data:`PROOF_CONTEXT` + ``nonce``."""
+    try:
+        raw = base64.b64decode(signature, validate=True) if isinstance(signature, str) and len(signature) < 2048 else b""
+        data = PROOF_CONTEXT + nonce
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(raw, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(raw, data)
+        else:
+            raise EnrolmentRefused("links prove EC or Ed25519 agent keys only")
+    except (InvalidSignature, ValueError):
+        raise EnrolmentRefused("the proof of the agent certificate's key does not verify") from None

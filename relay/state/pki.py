@@ -375,6 +375,19 @@ def peer_server_ssl_context(cert_file: str, key_file: str, ca_file: str) -> ssl.
     return context
 
 
+def agent_server_ssl_context(cert_file: str | os.PathLike, key_file: str | os.PathLike,
+                             ca_file: str | os.PathLike) -> ssl.SSLContext:
+    """The agent listener's context: TLS 1.3, serving ``cert_file``, and asking for (not
+    requiring) a client certificate, verified by OpenSSL with the relay's CA (``ca_file``) as
+    its only trust anchor and clientAuth as its purpose: enrolled agents link with theirs,
+    agents with a registration JWT send none. A certificate that fails verification (another
+    CA, expired) fails the handshake."""
+    context = server_ssl_context(cert_file, key_file)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cafile=os.fspath(ca_file))
+    return context
+
+
 def peer_client_ssl_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
     """The context a relay dials another with: verifies the peer's certificate and host name
     against the cluster CA, and presents this relay's relay-to-relay certificate."""

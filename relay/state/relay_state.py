@@ -13,6 +13,14 @@ back end of :mod:`relay.state.store`: SQLite in ``<state-dir>/relay.db`` (the de
   ``resource_id``, ``generation``, ``org_only``, ``issued_at``, ``expires_at``
 - ``relays``     the relays of the cluster, each kept alive by its heartbeat
 - ``agent_links`` (+ ``agent_link_resources``) which relay holds which agent link, with an epoch
+  and ``cert_serial`` (the certificate it authenticated with; NULL: a registration token)
+- ``agent_certificates`` every client certificate the CA issued at an enrolment: ``serial``
+  (decimal text), ``customer_id``, ``instance``, ``resource_ids`` (comma-separated; NULL: the
+  customer's every resource), ``issued_at``, ``not_after``, ``revoked_at``, ``revoked_reason``;
+  rows expired for :data:`CERTIFICATE_RETENTION` are pruned
+- ``revoked_agents`` agent instances revoked as a whole (``agents revoke``): ``customer_id``,
+  ``instance``, ``revoked_at``, ``reason``; no link of theirs is admitted (token or certificate)
+  and no certificate issued, for :data:`REVOKED_AGENT_RETENTION`
 
 ``resources.last_served_at`` (Unix seconds an agent last served the resource, NULL when
 never: then ``created_at`` counts) drives the expiry of resources no agent serves.
@@ -21,7 +29,11 @@ The built-in organisation customer ``cus_org`` (name ``organization``) is create
 and owns the resources registered with ``--org-only`` tokens.
 
 Rotating a resource and deleting it publish events (``rotated``, ``deleted``) that every relay
-on the database receives (see :mod:`relay.state.cluster`); so do relays joining and leaving.
+on the database receives (see :mod:`relay.state.cluster`); so do relays joining and leaving,
+and revoking an agent instance (``agents_revoked``). Both also revoke the certificates whose
+scope names that resource (a customer-wide one stays: the agent keeps its other resources).
+The revoked serials and instances are kept in memory too (:meth:`RelayState.agent_certificate_revoked`,
+:meth:`RelayState.agent_instance_revoked`), read at open and again on every hint.
 
 Also, from below it, the small file helpers every relay module uses: :func:`ensure_state_dir`
 (mode 0700) and :func:`write_private` (atomic, mode 0600) from :mod:`relay.state.files`, and
@@ -51,6 +63,14 @@ ORG_CUSTOMER_ID = "cus_org"
 ORG_CUSTOMER_NAME = "organization"
 DEFAULT_PORT_RANGE = (20000, 29999)
 MAX_NAME_LENGTH = 200
+#: Certificate rows are pruned this long (s) after they expired.
+CERTIFICATE_RETENTION = 7 * 24 * 3600
+#: An instance revoked as a whole stays refused this long (s): longer than any certificate
+#: (relay.state.enrolment.MAX_TTL) issued to it before could live.
+REVOKED_AGENT_RETENTION = 31 * 24 * 3600
+#: Revoked serials are remembered until their certificate expired this long ago (s): a peer's
+#: clock may lag behind.
+EXPIRY_SKEW = 3600.0
 
 # --------------------------------------------------------------------------- ids, names
 
@@ -155,7 +175,7 @@ class LinkRefused(Exception):
 
 _RESOURCE_COLUMNS = "id, customer_id, name, port, generation, created_at, allow_cidrs"
 _LINK_COLUMNS = ("customer_id, agent_instance, slot, epoch, relay_id, agent_id, transport, address, version, "
-                 "hostname, connected_at")
+                 "hostname, connected_at, cert_serial")
 
 
 def _in_list(values: Iterable) -> str:
@@ -170,6 +190,12 @@ class RelayState:
     def __init__(self, db: Database, state_dir: str | os.PathLike) -> None:
         self.db = db
         self.state_dir = Path(state_dir)
+        #: Revoked certificate serial -> its expiry, and revoked (customer, instance) -> when
+        #: (Unix seconds): what :meth:`agent_certificate_revoked` answers from.
+        self._revoked_serials: dict[int, float] = {}
+        self._revoked_agents: dict[tuple[str, str], float] = {}
+        # This process's own revocations, as they commit (first subscriber: before the cluster's).
+        db.subscribe(self._heard)
 
     @classmethod
     async def open(
@@ -186,6 +212,7 @@ class RelayState:
             await migrate(db, db.description, timeout=settings.db_migration_timeout)
             state = cls(db, state_dir)
             await state.fill_name_keys()
+            await state.read_revocations()
         except BaseException:
             await db.close()
             raise
@@ -382,7 +409,8 @@ class RelayState:
         async with self.db.transaction() as tx:
             deleted = await tx.execute("DELETE FROM resources WHERE id = ?", resource_id)
             if deleted:
-                await tx.notify({"kind": "deleted", "resource_id": resource_id})
+                serials = await self._revoke_scoped(tx, resource_id, "resource deleted")
+                await tx.notify({"kind": "deleted", "resource_id": resource_id, "serials": serials})
         return deleted > 0
 
     async def set_resource_allow(self, resource_id: str, allow_cidrs: str | None) -> dict | None:
@@ -410,7 +438,9 @@ class RelayState:
             )
             if generation is None:
                 raise KeyError(f"unknown resource {resource_id}")
-            await tx.notify({"kind": "rotated", "resource_id": resource_id, "generation": int(generation)})
+            serials = await self._revoke_scoped(tx, resource_id, "registration token rotated")
+            await tx.notify({"kind": "rotated", "resource_id": resource_id, "generation": int(generation),
+                             "serials": serials})
         return int(generation)
 
     async def count_resources(self, customer_id: str) -> int:
@@ -461,6 +491,167 @@ class RelayState:
         for row in rows:
             row["org_only"] = bool(row["org_only"])
         return rows
+
+    # ---- agent certificates (identities) and revocation
+
+    def agent_certificate_revoked(self, serial: int) -> bool:
+        """Whether the agent certificate ``serial`` was revoked (from memory: the revoked
+        serials as last read, and this relay's own revocations as they commit)."""
+        return serial in self._revoked_serials
+
+    def agent_instance_revoked(self, customer_id: str, instance: str) -> bool:
+        """Whether agent ``instance`` of ``customer_id`` was revoked as a whole (from memory)."""
+        return (customer_id, instance) in self._revoked_agents
+
+    async def record_agent_certificate(self, *, serial: int, instance: str, customer_id: str,
+                                       resource_ids: list[str] | None, not_after: _dt.datetime) -> None:
+        """Record a certificate the CA just issued (before the agent gets it). Raise
+        :class:`LinkRefused` (``revoked``) when the instance was revoked meanwhile, on any
+        relay: the row is then recorded revoked, so that the certificate is never accepted."""
+        now = _dt.datetime.now(_dt.timezone.utc).timestamp()
+        scope = ",".join(resource_ids) if resource_ids is not None else None
+        async with self.db.transaction() as tx:
+            # The customer's row locked, as revoke_agent locks it: one after the other.
+            await self._lock_customer(tx, customer_id)
+            revoked = await tx.fetchrow("SELECT reason FROM revoked_agents WHERE customer_id = ? AND instance = ?",
+                                        customer_id, instance)
+            await tx.execute(
+                "INSERT INTO agent_certificates (serial, customer_id, instance, resource_ids, issued_at, not_after, "
+                "revoked_at, revoked_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                str(int(serial)), customer_id, instance, scope, now, not_after.timestamp(),
+                now if revoked else None, revoked["reason"] if revoked else None)
+        if revoked:
+            self._revoked_serials[int(serial)] = not_after.timestamp()
+            raise LinkRefused("revoked", f"agent instance {instance} is revoked", "")
+
+    async def _lock_customer(self, tx, customer_id: str) -> None:
+        lock = " FOR UPDATE" if self.db.dialect.is_postgres else ""
+        await tx.fetchval(f"SELECT id FROM customers WHERE id = ?{lock}", customer_id)
+
+    @staticmethod
+    async def _revoke_scoped(tx, resource_id: str, reason: str) -> list[str]:
+        """Revoke (in ``tx``) the live certificates whose scope names ``resource_id``; their serials."""
+        rows = await tx.fetch(
+            "UPDATE agent_certificates SET revoked_at = ?, revoked_reason = ? WHERE revoked_at IS NULL "
+            "AND ',' || resource_ids || ',' LIKE ? RETURNING serial",
+            _dt.datetime.now(_dt.timezone.utc).timestamp(), reason, f"%,{resource_id},%")
+        return [row["serial"] for row in rows]
+
+    async def revoke_agent(self, instance: str, customer_id: str | None = None,
+                           reason: str = "revoked by the operator") -> dict:
+        """Revoke agent ``instance`` (of ``customer_id``; optional when only one customer has
+        an instance of that name): its certificates, its renewals, and every link of it, token
+        or certificate, on every relay (event ``agents_revoked``). Return ``{"customer_id",
+        "instance", "certificates"}`` (how many were revoked now). Raise ``KeyError`` when no
+        certificate or live link of that instance is known, ``ValueError`` when several customers
+        have one (give ``customer_id``)."""
+        if customer_id is None:
+            owners = {row["customer_id"] for row in await self.db.fetch(
+                "SELECT customer_id FROM agent_certificates WHERE instance = ? UNION "
+                "SELECT customer_id FROM agent_links WHERE agent_instance = ?", instance, instance)}
+            if not owners:
+                raise KeyError(f"no agent instance {instance}")
+            if len(owners) > 1:
+                raise ValueError(f"agent instance {instance} exists for several customers "
+                                 f"({', '.join(sorted(owners))}): give the customer")
+            customer_id = owners.pop()
+        now = _dt.datetime.now(_dt.timezone.utc).timestamp()
+        async with self.db.transaction() as tx:
+            await self._lock_customer(tx, customer_id)
+            known = await tx.fetchval(
+                "SELECT COUNT(*) FROM agent_certificates WHERE customer_id = ? AND instance = ?",
+                customer_id, instance)
+            known = int(known) + int(await tx.fetchval(
+                "SELECT COUNT(*) FROM agent_links WHERE customer_id = ? AND agent_instance = ?", customer_id, instance))
+            if not known and not await tx.fetchval(
+                    "SELECT 1 FROM revoked_agents WHERE customer_id = ? AND instance = ?", customer_id, instance):
+                raise KeyError(f"no agent instance {instance} of customer {customer_id}")
+            rows = await tx.fetch(
+                "UPDATE agent_certificates SET revoked_at = ?, revoked_reason = ? WHERE customer_id = ? "
+                "AND instance = ? AND revoked_at IS NULL RETURNING serial, not_after",
+                now, reason, customer_id, instance)
+            await tx.execute(
+                "INSERT INTO revoked_agents (customer_id, instance, revoked_at, reason) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (customer_id, instance) DO NOTHING", customer_id, instance, now, reason)
+            # In process the event carries what changed; other relays get a hint and re-read.
+            await tx.notify({"kind": "agents_revoked", "agents": [[customer_id, instance, now]],
+                             "serials": [[row["serial"], float(row["not_after"])] for row in rows]})
+        return {"customer_id": customer_id, "instance": instance, "certificates": len(rows)}
+
+    def _heard(self, event: dict) -> None:
+        """This process's revocations, into memory as they commit (hints: :meth:`read_revocations`)."""
+        if event.get("hint") or event.get("kind") not in ("agents_revoked", "rotated", "deleted"):
+            return
+        far = _dt.datetime.now(_dt.timezone.utc).timestamp() + CERTIFICATE_RETENTION
+        for entry in event.get("serials") or ():
+            serial, not_after = entry if isinstance(entry, list) else (entry, far)
+            self._revoked_serials[int(serial)] = float(not_after)
+        for customer_id, instance, at in event.get("agents") or ():
+            self._revoked_agents[customer_id, instance] = float(at)
+
+    async def read_revocations(self) -> None:
+        """Read the revoked serials (of certificates not long expired) and instances again.
+        Revocations are never undone: what was read is added, and only what has aged out
+        (:data:`EXPIRY_SKEW`, :data:`REVOKED_AGENT_RETENTION`) is forgotten."""
+        now = _dt.datetime.now(_dt.timezone.utc).timestamp()
+        serials = await self.db.fetch(
+            "SELECT serial, not_after FROM agent_certificates WHERE revoked_at IS NOT NULL AND not_after > ?",
+            now - EXPIRY_SKEW)
+        agents = await self.db.fetch("SELECT customer_id, instance, revoked_at FROM revoked_agents "
+                                     "WHERE revoked_at > ?", now - REVOKED_AGENT_RETENTION)
+        for row in serials:
+            self._revoked_serials[int(row["serial"])] = float(row["not_after"])
+        for row in agents:
+            self._revoked_agents[row["customer_id"], row["instance"]] = float(row["revoked_at"])
+        self._revoked_serials = {s: t for s, t in self._revoked_serials.items() if t > now - EXPIRY_SKEW}
+        self._revoked_agents = {k: t for k, t in self._revoked_agents.items()
+                                if t > now - REVOKED_AGENT_RETENTION}
+
+    async def prune_agent_certificates(self, now: float | None = None) -> int:
+        """Delete certificate rows expired for :data:`CERTIFICATE_RETENTION` and instance
+        revocations older than :data:`REVOKED_AGENT_RETENTION`; how many rows went."""
+        now = _dt.datetime.now(_dt.timezone.utc).timestamp() if now is None else now
+        pruned = await self.db.execute("DELETE FROM agent_certificates WHERE not_after < ?",
+                                       now - CERTIFICATE_RETENTION)
+        return pruned + await self.db.execute("DELETE FROM revoked_agents WHERE revoked_at < ?",
+                                              now - REVOKED_AGENT_RETENTION)
+
+    async def list_agents(self, customer_id: str | None = None, live_within: float = 0.0) -> list[dict]:
+        """Every agent instance known by a certificate, a revocation or a link on a relay heard
+        from within ``live_within`` seconds (all customers', or one's): ``customer_id``,
+        ``instance``, ``resource_ids`` (its newest certificate's scope; None: customer-wide),
+        ``serial`` (int), ``issued_at`` and ``not_after`` (Unix seconds) of that certificate
+        (None: linked by token only), ``certificates`` (how many are recorded), ``revoked_at``,
+        ``revoked_reason``, ``links`` (live links now)."""
+        where, args = ("WHERE customer_id = ?", (customer_id,)) if customer_id else ("", ())
+        agents: dict[tuple[str, str], dict] = {}
+
+        def entry(customer: str, instance: str) -> dict:
+            return agents.setdefault((customer, instance), {
+                "customer_id": customer, "instance": instance, "resource_ids": None, "serial": None,
+                "issued_at": None, "not_after": None, "certificates": 0, "revoked_at": None,
+                "revoked_reason": None, "links": 0})
+
+        for row in await self.db.fetch(
+                "SELECT serial, customer_id, instance, resource_ids, issued_at, not_after, revoked_at, revoked_reason "
+                f"FROM agent_certificates {where} ORDER BY issued_at", *args):
+            agent = entry(row["customer_id"], row["instance"])
+            agent["certificates"] += 1
+            agent.update(serial=int(row["serial"]), issued_at=float(row["issued_at"]),
+                         not_after=float(row["not_after"]),
+                         resource_ids=row["resource_ids"].split(",") if row["resource_ids"] is not None else None,
+                         revoked_at=row["revoked_at"], revoked_reason=row["revoked_reason"])
+        for row in await self.db.fetch(f"SELECT customer_id, instance, revoked_at, reason FROM revoked_agents {where}",
+                                       *args):
+            entry(row["customer_id"], row["instance"]).update(revoked_at=row["revoked_at"],
+                                                              revoked_reason=row["reason"])
+        for row in await self.db.fetch(
+                "SELECT l.customer_id, l.agent_instance, COUNT(*) AS n FROM agent_links l "
+                "JOIN relays r ON r.id = l.relay_id WHERE r.heartbeat_at > {now} - ? "
+                + ("AND l.customer_id = ? " if customer_id else "")
+                + "GROUP BY l.customer_id, l.agent_instance", float(live_within), *args):
+            entry(row["customer_id"], row["agent_instance"])["links"] = int(row["n"])
+        return sorted(agents.values(), key=lambda a: (a["customer_id"], a["instance"]))
 
     # ---- relays (membership)
 
@@ -517,8 +708,9 @@ class RelayState:
                        quota: Callable[[int], None] | None = None, live_within: float = 0.0) -> int:
         """Record a new agent link (``link`` has the ``agent_links`` columns but ``epoch``)
         serving ``resource_ids``; return its epoch, higher than any before it. Raise
-        :class:`LinkRefused` when a resource is gone or rotated past ``token_generation``
-        (checked in the same transaction, so a rotation cannot slip in between).
+        :class:`LinkRefused` when a resource is gone or rotated past ``token_generation``, or
+        the agent instance is revoked (checked in the same transaction, so a rotation or a
+        revocation cannot slip in between).
 
         ``quota(count)``, given the customer's other links on relays heard from within
         ``live_within`` seconds, is called in the transaction with the customer's row locked
@@ -533,6 +725,9 @@ class RelayState:
                     "WHERE l.customer_id = ? AND r.heartbeat_at > {now} - ? "
                     "AND NOT (l.agent_instance = ? AND l.slot = ?)",
                     link["customer_id"], float(live_within), link["agent_instance"], int(link["slot"]))))
+            if await tx.fetchval("SELECT 1 FROM revoked_agents WHERE customer_id = ? AND instance = ?",
+                                 link["customer_id"], link["agent_instance"]):
+                raise LinkRefused("revoked", f"agent instance {link['agent_instance']} is revoked", "")
             rows = await tx.fetch(f"SELECT id, generation FROM resources WHERE id IN {_in_list(resource_ids)}",
                                   *resource_ids)
             generations = {row["id"]: int(row["generation"]) for row in rows}
@@ -559,7 +754,7 @@ class RelayState:
             "ON CONFLICT (customer_id, agent_instance, slot) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in columns[3:])
             + " WHERE agent_links.epoch < excluded.epoch",
-            *[link[c] for c in columns],
+            *[link.get(c) for c in columns],  # cert_serial may be left out: a token link
         )
         if not changed:
             return False
@@ -617,11 +812,13 @@ class RelayState:
 
     async def list_links(self, relay_id: str | None = None) -> list[dict]:
         """Agent links (all, or one relay's), newest epoch first, each with the relay's
-        ``advertise_url`` and the ``resources`` it serves."""
+        ``advertise_url``, the ``resources`` it serves and its certificate's ``cert_not_after``
+        (None: a token link, or a certificate not recorded)."""
         where, args = ("WHERE l.relay_id = ?", (relay_id,)) if relay_id else ("", ())
         links = await self.db.fetch(
-            f"SELECT {', '.join('l.' + c.strip() for c in _LINK_COLUMNS.split(','))}, r.advertise_url "
-            f"FROM agent_links l JOIN relays r ON r.id = l.relay_id {where} ORDER BY l.epoch DESC", *args
+            f"SELECT {', '.join('l.' + c.strip() for c in _LINK_COLUMNS.split(','))}, r.advertise_url, "
+            "c.not_after AS cert_not_after FROM agent_links l JOIN relays r ON r.id = l.relay_id "
+            f"LEFT JOIN agent_certificates c ON c.serial = l.cert_serial {where} ORDER BY l.epoch DESC", *args
         )
         served = await self.db.fetch(
             "SELECT lr.customer_id, lr.agent_instance, lr.slot, lr.resource_id FROM agent_link_resources lr "

@@ -329,3 +329,54 @@ def test_check_piped_into_a_reader_that_left_prints_no_traceback():
     finally:
         os.close(write)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+class _Identity:
+    """What Agent._enrol_only reads of agent.identity: a lock and whether the certificate is usable."""
+
+    instance = None
+
+    def __init__(self, certified: bool) -> None:
+        self.busy = asyncio.Lock()
+        self.certified = certified
+
+    def usable(self, now: float) -> bool:
+        return self.certified
+
+
+class _Link:
+    closed = None
+
+    def close(self, code, reason="") -> None:
+        self.closed = (code, reason)
+
+
+@pytest.mark.parametrize("case", ["enrols", "another slot enrolled", "enrolment failed", "no state directory",
+                                  "a link by certificate"])
+def test_an_enroll_only_link_enrols_then_links_again_at_once_else_backs_off(case):
+    """--require-agent-certificates: a token link admitted to enrol only enrols and relinks at
+    once (Enrolled); anything else is a link failure, retried with backoff, never a tight loop."""
+    from agent.runner import Enrolled
+    from tunnel.wire.errors import LinkError
+
+    async def main():
+        identity = None if case == "no state directory" else _Identity(
+            certified=case in ("another slot enrolled", "a link by certificate"))
+        agent = Agent(agent_config.load(BASE), dialer=object(), identity=identity)
+        asked = []
+
+        async def enrol(handler):
+            asked.append(handler)
+            identity.certified = case == "enrols"
+            return 60.0
+
+        agent._enrol = enrol
+        handler = AgentLinkHandler(agent, link=_Link())
+        with pytest.raises(LinkError) as raised:
+            await agent._enrol_only(handler, by_token=case != "a link by certificate")
+        return raised.value, asked, handler.link.closed
+
+    raised, asked, closed = asyncio.run(main())
+    assert isinstance(raised, Enrolled) == (case in ("enrols", "another slot enrolled"))
+    assert len(asked) == (1 if case in ("enrols", "enrolment failed") else 0)
+    assert closed is not None and closed[0] == ErrorCode.NO_ERROR

@@ -60,7 +60,7 @@ ORDERS = [
      ("relay.state.cluster", "relay.state.pki", "relay.state.enrolment")],
     [("relay.control.names", "relay.control.tokens", "relay.control.admin_client"),
      ("relay.control.server", "relay.control.agent_control"), ("relay.control.admin",)],
-    [("=agent", "agent.config", "agent.settings"), ("agent.hints",), ("agent.health", "agent.metrics"),
+    [("=agent", "agent.identity", "agent.config", "agent.settings"), ("agent.hints",), ("agent.health", "agent.metrics"),
      ("agent.config_watch", "agent.link_handler"), ("agent.runner",), ("agent.links",),
      ("agent.check",), ("agent.cli", "agent.__main__")],
     [("tunnel.carriers.base",), ("tunnel.carriers.dispatch", "tunnel.carriers.handshakes", "tunnel.carriers.pipe",

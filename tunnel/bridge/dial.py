@@ -27,7 +27,7 @@ import os
 import ssl
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tunnel.carriers.base import Link
@@ -133,6 +133,9 @@ class Dialer:
         self.last_wss_error: str | None = None
         self._wss_failure: LinkError | None = None
         self._last_probe: float | None = None
+        #: Returns ``(certificate file, key file)`` for WSS links to present when the relay
+        #: asks for a client certificate (mutual TLS), or None; read at each dial.
+        self.client_certificate: Callable[[], tuple[str, str] | None] | None = None
 
     # --- public ----------------------------------------------------------------------
 
@@ -206,6 +209,9 @@ class Dialer:
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.ca_file)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
+        files = self.client_certificate() if self.client_certificate is not None else None
+        if files is not None:
+            context.load_cert_chain(*files)
         return context
 
     def wss_url(self) -> str:
@@ -220,7 +226,7 @@ class Dialer:
         try:
             context = self.ssl_context()
         except (OSError, ssl.SSLError) as exc:
-            raise LinkError(f"cannot load the relay CA file: {exc}") from None
+            raise LinkError(f"cannot load the relay CA file or the agent's certificate: {exc}") from None
         return await connect_wss(self.wss_url(), ssl_context=context, limits=self.limits, proxy=proxy,
                                  timeout=self.limits.handshake_timeout)
 

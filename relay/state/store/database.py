@@ -32,7 +32,8 @@ log = logging.getLogger("relay.store")
 #: The notification channel every relay of a cluster listens on.
 CHANNEL = "tunnel_relay"
 #: The kinds of change a notification may name; any other notification is ignored.
-HINT_KINDS = frozenset({"resource_created", "resource_updated", "rotated", "deleted", "relay_joined", "relay_left", "relay_draining"})
+HINT_KINDS = frozenset({"resource_created", "resource_updated", "rotated", "deleted", "relay_joined", "relay_left",
+                        "relay_draining", "agents_revoked"})
 
 Event = dict
 Subscriber = Callable[[Event], None]

@@ -131,6 +131,33 @@ MIGRATIONS: tuple[Step, ...] = (
     Step(6, "resources.allow_cidrs", (
         "ALTER TABLE resources ADD COLUMN allow_cidrs TEXT",
     )),
+    # Agent identities (relay.state.relay_state, "agent certificates"): every client certificate
+    # the relay's CA issued at an enrolment (serial as decimal text: up to 159 bits; resource_ids
+    # comma-separated, NULL for a customer-wide scope; times in Unix seconds), and the agent
+    # instances revoked as a whole (their links refused, token or certificate alike); and the
+    # certificate each agent link authenticated with (NULL: a registration token).
+    Step(7, "agent_certificates, revoked_agents, agent_links.cert_serial", (
+        """CREATE TABLE agent_certificates (
+            serial         TEXT PRIMARY KEY,
+            customer_id    TEXT NOT NULL,
+            instance       TEXT NOT NULL,
+            resource_ids   TEXT,
+            issued_at      {real} NOT NULL,
+            not_after      {real} NOT NULL,
+            revoked_at     {real},
+            revoked_reason TEXT
+        )""",
+        "CREATE INDEX agent_certificates_by_instance ON agent_certificates(customer_id, instance)",
+        "CREATE INDEX agent_certificates_by_expiry ON agent_certificates(not_after)",
+        """CREATE TABLE revoked_agents (
+            customer_id TEXT NOT NULL,
+            instance    TEXT NOT NULL,
+            revoked_at  {real} NOT NULL,
+            reason      TEXT NOT NULL,
+            PRIMARY KEY (customer_id, instance)
+        )""",
+        "ALTER TABLE agent_links ADD COLUMN cert_serial TEXT",
+    )),
 )
 
 #: The newest schema version this code knows.

@@ -256,8 +256,8 @@ def test_rotate_and_delete_are_published_once_in_process(state):
         state.rotate_resource(db["id"])
     state.run(asyncio.sleep(0.2))  # a notification of our own, if one came back, would be here now
     assert events == [{"kind": "resource_created", "resource": db},
-                      {"kind": "rotated", "resource_id": db["id"], "generation": 1},
-                      {"kind": "deleted", "resource_id": db["id"]}]
+                      {"kind": "rotated", "resource_id": db["id"], "generation": 1, "serials": []},
+                      {"kind": "deleted", "resource_id": db["id"], "serials": []}]
 
 
 def test_events_reach_the_other_relays_on_postgres(tmp_path, postgres_url):
@@ -462,6 +462,7 @@ class FakeSession:
         self.resources = resources
         self.instance = "inst1"
         self.slot = 0
+        self.cert_serial = None
         self.epoch = 0
         self.connected_since = time.time()
 
@@ -698,6 +699,9 @@ def test_names_made_before_the_unique_key_are_keyed_when_the_relay_opens(tmp_pat
         await st.db.execute("DROP INDEX customers_by_name_key")
         await st.db.execute("ALTER TABLE customers DROP COLUMN name_key")
         await st.db.execute("ALTER TABLE resources DROP COLUMN allow_cidrs")  # step 6, after this one
+        await st.db.execute("DROP TABLE agent_certificates")  # step 7
+        await st.db.execute("DROP TABLE revoked_agents")
+        await st.db.execute("ALTER TABLE agent_links DROP COLUMN cert_serial")
         for cid in ("cus_a", "cus_b"):
             await st.db.execute("INSERT INTO customers (id, name, created_at) VALUES (?, 'acme', 'x')", cid)
         await st.close()
