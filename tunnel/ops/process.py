@@ -37,8 +37,8 @@ def release_free_memory() -> bool:
     :func:`tune_malloc` keeps freed blocks in the heap for the next burst, and a burst leaves
     free pages scattered between live blocks that glibc only returns when asked: after a chaos
     run a relay's RSS stayed 10-15 % above its baseline with no more live objects, and this
-    brought it back within about 5 % (bench/results/chaos/README.md). It costs about a
-    millisecond on a relay's heap, and the next burst faults in what it needs again.
+    brought it back within about 5 % (bench/results/chaos/README.md). It costs a few
+    milliseconds on a relay's heap, and the next burst faults in what it needs again.
     """
     try:
         from tunnel.ops._malloc import trim
