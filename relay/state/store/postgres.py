@@ -290,10 +290,9 @@ class PostgresDatabase(Statements, Subscribers):
 async def _keep_session(conn) -> None:
     """The pool's reset of a connection it takes back, after asyncpg's own (an open transaction
     rolled back): nothing more. Its default (``RESET ALL``, ``UNLISTEN *``, advisory unlocks,
-    ``CLOSE ALL``) is one more round trip per statement, and a registration runs about ten
-    (about a sixth of a relay's CPU in a reconnect storm); the relay leaves no session state on
-    pool connections to undo (its LISTEN has a connection of its own, the migration lock is a
-    transaction's)."""
+    ``CLOSE ALL``) is one more round trip and one more query for PostgreSQL per statement, and
+    a registration runs about ten; the relay leaves no session state on pool connections to
+    undo (its LISTEN has a connection of its own, the migration lock is a transaction's)."""
 
 
 class _Transaction(Statements):

@@ -189,8 +189,8 @@ def test_postgres_migrates_from_empty_and_refuses_a_newer_schema(tmp_path, postg
 
 def test_a_statement_costs_one_round_trip_on_postgres(tmp_path, postgres_server, postgres_url):
     """The pool takes a connection back without asyncpg's default reset (``RESET ALL``,
-    ``UNLISTEN *`` ...: a second round trip per statement, a sixth of a relay's CPU when
-    thousands of agents register at once): the last query each pool connection ran is ours."""
+    ``UNLISTEN *`` ...: a second round trip per statement, and a registration runs about ten):
+    the last query each pool connection ran is ours."""
     async def statements():
         async with await RelayState.open(tmp_path, postgres_url) as st:
             for i in range(5):
