@@ -50,6 +50,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -186,8 +192,13 @@ class Bench:
             victim = self.relays[0]
             on_victim = self.results["memory"]["links"][0] if name == "kill" else None
             t0 = time.time()
+            others = {r.proc.pid: cpu_seconds(r.proc.pid) for r in self.relays[1:]}
             self.restart(victim, sig)
             back = self.wait_all(args.timeout, f"every agent back after the {name}")
+            # CPU per registration, the figure a loaded machine does not blur: the restarted
+            # relay's (its start included) after the kill, the other relays' after the drain.
+            cpu = (cpu_seconds(victim.proc.pid) if name == "kill"
+                   else sum(cpu_seconds(pid) - before for pid, before in others.items()))
             events = [e for e in self.events_since(t0) if e["event"] == "registered"]
             per_second = collections.Counter(int(e["t"] - t0) for e in events)
             self.results[f"restart_{name}"] = {
@@ -195,9 +206,12 @@ class Bench:
                 "busiest_second": max(per_second.values()) if per_second else 0,
                 "per_second": [per_second.get(s, 0) for s in range(max(per_second) + 1)] if per_second else [],
                 "links_on_the_restarted_relay_before": on_victim,
+                "relay_cpu_ms_per_registration": round(1000 * cpu / max(1, len(events)), 2),
+                "load_average": loadavg(),
             }
             print(f"restart ({name}): {len(events)} registrations, all back in {back:.1f} s after the restart "
-                  f"began {round(time.time() - t0, 1)} s ago; busiest second {self.results[f'restart_{name}']['busiest_second']}",
+                  f"began {round(time.time() - t0, 1)} s ago; busiest second {self.results[f'restart_{name}']['busiest_second']}, "
+                  f"relay CPU {self.results[f'restart_{name}']['relay_cpu_ms_per_registration']} ms per registration",
                   flush=True)
         self.results["load_average_after"] = loadavg()
         return self.results
