@@ -37,10 +37,10 @@ def main() -> int:
         parser.error(f"unknown faults {bad}: choose from {', '.join(FAULTS)}")
     settings = Settings(seconds=args.seconds, seed=args.seed, faults=faults, max_stream=args.max_stream,
                         pgbench=not args.no_pgbench, gap=tuple(args.gap))
-    if args.rolling_upgrade:
-        work = Path(tempfile.mkdtemp(prefix="chaos-release-"))
-        _, settings.upgrade_from = extract_previous_release(work / "release")
-    report = run(settings, args.out)
+    with tempfile.TemporaryDirectory(prefix="chaos-release-") as work:
+        if args.rolling_upgrade:
+            _, settings.upgrade_from = extract_previous_release(Path(work) / "release")
+        report = run(settings, args.out)
     print(json.dumps(report, indent=1, default=str))
     return 1 if report["violations"] else 0
 
