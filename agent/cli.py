@@ -202,7 +202,10 @@ async def _run(conf, limits: Limits, settings: AgentSettings) -> int:
             log.error("cannot serve metrics at METRICS_LISTEN %s:%d: %s", *conf.metrics_listen, exc.strerror or exc)
             return 2
         log.info("metrics on http://%s:%d/metrics (also /live and /ready)", conf.metrics_listen[0], metrics.port)
+    from tunnel.ops.process import release_free_memory_forever
+
     task = asyncio.ensure_future(links.run())
+    trimming = asyncio.ensure_future(release_free_memory_forever())
     loop = asyncio.get_running_loop()
 
     def on_stop_signal() -> None:
@@ -229,5 +232,6 @@ async def _run(conf, limits: Limits, settings: AgentSettings) -> int:
         log.info("tunnel-agent stopped")
         return 0
     finally:
+        trimming.cancel()
         if metrics is not None:
             metrics.close()

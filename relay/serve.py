@@ -13,7 +13,7 @@ from pathlib import Path
 from tunnel import __version__
 from tunnel.bridge.listen import serve_links
 from tunnel.core.limits import Limits
-from tunnel.ops.process import tune_malloc
+from tunnel.ops.process import release_free_memory_forever, tune_malloc
 
 from relay import CA_FILE, format_host_port, is_loopback_host
 from relay.control import admin, tokens
@@ -128,6 +128,7 @@ async def _serve(args) -> int:
              "resource endpoints on %s; state in %s, database %s", __version__, cluster.relay_id, host, port,
              admin_url, args.service_host, state_dir, store.description)
     expiry = asyncio.get_running_loop().create_task(relay.expire_forever())
+    trimming = asyncio.get_running_loop().create_task(release_free_memory_forever())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,6 +140,7 @@ async def _serve(args) -> int:
     log.info("relay stopping: draining for up to %.0f s", args.drain_timeout)
     relay.accepting = False
     expiry.cancel()
+    trimming.cancel()
     listeners.wss.close()  # no new agents; QUIC ones are refused while draining (its socket serves the others)
     await relay.drain(args.drain_timeout)
     listeners.close()

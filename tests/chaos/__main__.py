@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.chaos.harness import FAULTS, Settings, available_faults, run, unavailable_reason
+from tests.helpers.release import extract_previous_release
 
 
 def main() -> int:
@@ -21,6 +23,10 @@ def main() -> int:
     parser.add_argument("--max-stream", type=int, default=8 << 20, help="largest echo stream, bytes")
     parser.add_argument("--no-pgbench", action="store_true", help="no pgbench workload")
     parser.add_argument("--out", type=Path, help="write report.json and faults.jsonl here")
+    parser.add_argument("--rolling-upgrade", action="store_true",
+                        help="start on the previous release and upgrade relays, then agents, instead of faults")
+    parser.add_argument("--gap", type=float, nargs=2, default=(6.0, 14.0), metavar=("MIN", "MAX"),
+                        help="seconds between faults (or upgrade steps), drawn between these bounds")
     args = parser.parse_args()
     if why := unavailable_reason():
         print(f"cannot run here: {why}", file=sys.stderr)
@@ -29,9 +35,13 @@ def main() -> int:
     bad = [f for f in faults if f not in FAULTS]
     if bad:
         parser.error(f"unknown faults {bad}: choose from {', '.join(FAULTS)}")
-    report = run(Settings(seconds=args.seconds, seed=args.seed, faults=faults, max_stream=args.max_stream,
-                          pgbench=not args.no_pgbench), args.out)
-    print(json.dumps(report, indent=1))
+    settings = Settings(seconds=args.seconds, seed=args.seed, faults=faults, max_stream=args.max_stream,
+                        pgbench=not args.no_pgbench, gap=tuple(args.gap))
+    with tempfile.TemporaryDirectory(prefix="chaos-release-") as work:
+        if args.rolling_upgrade:
+            _, settings.upgrade_from = extract_previous_release(Path(work) / "release")
+        report = run(settings, args.out)
+    print(json.dumps(report, indent=1, default=str))
     return 1 if report["violations"] else 0
 
 

@@ -32,6 +32,16 @@ Checks (``report.json``; :func:`run` returns it, ``violations`` empty when all h
 - **logs**: no traceback in any relay or agent log.
 
     python -m tests.chaos --seconds 1800 --seed 7 --out bench/results/chaos/run-7
+
+**Rolling upgrade** (``Settings.upgrade_from``, ``--rolling-upgrade``): the cluster starts on
+the previous release (tests.helpers.release) and, under the same workload, the fault plan is
+the upgrade instead of random draws: each relay in turn is stopped with SIGTERM (it drains)
+and started again on this tree, then each agent the same way; the rest of the run is steady.
+The checks are the same, and stricter on failures: an upgrade step may cost only long streams
+still open at a drain timeout (the relay's ``--drain-timeout``, the agent's ``DRAIN_TIMEOUT``);
+any other failure attributed to it is a violation (a drained relay or agent loses none).
+
+    python -m tests.chaos --rolling-upgrade --seconds 600 --out bench/results/chaos/upgrade
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from tests.helpers import wait_until
 from tests.helpers.cluster import HOSTS, Cluster
 from tests.helpers.postgres import USER, PostgresServer
 from tests.helpers.processes import PY, PrivateService, Proc, _env
+from tests.helpers.release import old_prefix
 
 LB = "127.0.0.4"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -68,6 +79,9 @@ GRACE = 20.0
 #: The faults the injector draws from.
 FAULTS = ("relay_kill", "relay_term", "agent_kill", "agent_term", "postgres_stop", "blackhole_agent",
           "blackhole_peer", "agent_reload", "rotate_other")
+#: The steps of a rolling upgrade (relays, then agents), and the drain timeout of both.
+UPGRADES = ("relay_upgrade", "agent_upgrade")
+DRAIN_TIMEOUT = 10.0
 RSS_BOUND = 0.10
 FD_BOUND = 16
 
@@ -99,8 +113,12 @@ class Settings:
     max_stream: int = 8 << 20
     echo_workers: int = 3
     long_workers: int = 2
+    #: How long a long-lived stream stays open, seconds (drawn between these bounds).
+    long_seconds: tuple[float, float] = (10.0, 40.0)
     pgbench: bool = True
     faults: tuple[str, ...] = FAULTS
+    #: The previous release's tree: start on it, and the fault plan is the rolling upgrade.
+    upgrade_from: Path | None = None
 
 
 class Report:
@@ -300,6 +318,9 @@ class Chaos:
         self.lb: Proc | None = None
         self.agents: dict[str, Proc] = {}
         self.agent_configs: dict[str, tuple[Path, dict]] = {}
+        #: Prepended to the agents' commands: the previous release's until upgraded.
+        self.agent_prefix: dict[str, list[str]] = {}
+        self.old_prefix = old_prefix(settings.upgrade_from) if settings.upgrade_from else []
         self.services: list[PrivateService] = []
         self.fault_log = open(work / "faults.jsonl", "a", buffering=1)
 
@@ -309,8 +330,9 @@ class Chaos:
         self.pg = PostgresServer().start()
         url = self.pg.url(self.pg.create_database())
         low = free_port_range()
-        self.cluster = Cluster(self.work, url)
-        self.cluster.start("--port-range", f"{low}-{low + 19}", "--server-name", LB, "--drain-timeout", "10")
+        self.cluster = Cluster(self.work, url, command_prefix=self.old_prefix)
+        self.cluster.start("--port-range", f"{low}-{low + 19}", "--server-name", LB, "--drain-timeout",
+                           f"{DRAIN_TIMEOUT:g}")
         r1 = self.cluster.relays[0]
         env = _env(LB_BIND=LB, AGENT_PORT=r1.port, ENDPOINT_PORTS=f"{low}-{low + 19}", RELAY1=HOSTS[0],
                    RELAY2=HOSTS[1], RELAY3=HOSTS[2], CHECK_INTERVAL="200ms")
@@ -329,6 +351,8 @@ class Chaos:
                             "-U", USER, self.pg_db], check=True, capture_output=True, timeout=120,
                            env={**os.environ, "PGPASSWORD": self.private_pg.password})
             resources["pg"] = self.private_pg.port
+        for name in ("a1", "a2", "other"):
+            self.agent_prefix[name] = self.old_prefix
         for name in ("a1", "a2"):
             self._write_config(name, resources, self.token_file)
             self._start_agent(name)
@@ -363,7 +387,8 @@ class Chaos:
         n = sum(1 for p in self.work.glob(f"agent-{name}-*.log")) + 1
         log = self.work / f"agent-{name}-{n}.log"
         self.logs.append(log)
-        self.agents[name] = Proc(name, [PY, "-m", "agent", "--config", str(path)], _env(LOG_LEVEL="INFO"),
+        env = _env(LOG_LEVEL="INFO", DRAIN_TIMEOUT=DRAIN_TIMEOUT if self.s.upgrade_from else None)
+        self.agents[name] = Proc(name, [*self.agent_prefix[name], PY, "-m", "agent", "--config", str(path)], env,
                                  log).start()
 
     # ---- workload threads
@@ -377,7 +402,7 @@ class Chaos:
     def _long_worker(self, i: int) -> None:
         rng = random.Random(f"{self.s.seed}-long-{i}")
         while not self.stop.is_set():
-            self.report.add(long_stream(self.endpoints["db"], rng.uniform(10, 40), rng))
+            self.report.add(long_stream(self.endpoints["db"], rng.uniform(*self.s.long_seconds), rng))
 
     def _pgbench_worker(self) -> None:
         host, port = self.endpoints["pg"]
@@ -422,6 +447,35 @@ class Chaos:
         time.sleep(self.rng.uniform(0.5, 3.0))
         self._start_agent(name)
         return f"exit {code}"
+
+    def upgrade(self, kind: str, index: int) -> None:
+        """One step of the rolling upgrade: relay or agent ``index`` stopped with SIGTERM (it
+        drains) and started again on this tree."""
+        fault = Fault(kind, "", time.monotonic())
+        if kind == "relay_upgrade":
+            relay = self.cluster.relays[index]
+            fault.target = f"relay{index + 1}"
+            relay.proc.signal(signal.SIGTERM)
+            code = relay.proc.proc.wait(DRAIN_TIMEOUT + 50)
+            relay.command_prefix = []
+            self.cluster.restart(relay)
+        else:
+            name = ("a1", "a2", "other")[index]
+            fault.target = f"agent-{name}"
+            agent = self.agents[name]
+            agent.signal(signal.SIGTERM)
+            code = agent.proc.wait(DRAIN_TIMEOUT + 50)
+            self.agent_prefix[name] = []
+            self._start_agent(name)
+            # Serving again before the next step, as an operator's rollout waits for readiness.
+            resources = self.agent_configs[name][1]
+            relay = next(r for r in self.cluster.relays if r.proc.alive())
+            for resource in resources:
+                relay.wait_available(self.customer, resource, agents=2 if name != "other" else 1, timeout=60)
+        self.procs_restarted.add(fault.target)
+        fault.note = f"exit {code}"
+        fault.end = time.monotonic()
+        self._record(fault)
 
     def inject(self, kind: str) -> None:
         rng = self.rng
@@ -529,7 +583,13 @@ class Chaos:
         self.stop.wait(s.warmup)
         baseline = {name: self._usage(pid) for name, pid in self._processes().items()}
         deadline = started + s.seconds
-        while time.monotonic() < deadline:
+        if s.upgrade_from is not None:
+            plan = [("relay_upgrade", i) for i in range(3)] + [("agent_upgrade", i) for i in range(3)]
+            for kind, index in plan:
+                self.stop.wait(self.rng.uniform(*s.gap))
+                self.upgrade(kind, index)
+            self.stop.wait(max(0.0, deadline - time.monotonic()))
+        while s.upgrade_from is None and time.monotonic() < deadline:
             time.sleep(min(self.rng.uniform(*s.gap), max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 break
@@ -570,7 +630,10 @@ class Chaos:
                 continue
             # The latest fault that began before the attempt ended, among those whose window it meets.
             causes = [f for lo, hi, f in windows if a.started <= hi and a.ended >= lo and f.start <= a.ended]
-            if causes:
+            if causes and causes[-1].kind in UPGRADES and not (a.kind == "long" and a.started < causes[-1].start):
+                violations.append(f"{a.kind} attempt at {a.started - started:.1f}-{a.ended - started:.1f} s failed "
+                                  f"during {causes[-1].kind} {causes[-1].target}, which drains: {a.outcome}")
+            elif causes:
                 key = f"{causes[-1].kind} {causes[-1].target}"
                 attributed[key] = attributed.get(key, 0) + 1
                 failures.append({"kind": a.kind, "start": round(a.started - started, 1),
@@ -657,6 +720,6 @@ def run(settings: Settings, out: Path | None = None) -> dict:
     report["work_dir"] = str(work)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         shutil.copy(work / "faults.jsonl", out / "faults.jsonl")
     return report

@@ -4,61 +4,27 @@ essentials: registration, streams both ways with half-closes, a reconnection aft
 is killed and started again, and a graceful stop of the agent.
 
 The previous release is the newest ``release:`` commit in CHANGELOG.md, taken from git
-history (``git archive``: no tag needed) into a temporary directory and run pure-Python
-(``TUNNEL_PURE_PYTHON=1``: nothing to build), with only that directory on its path."""
+history into a temporary directory and run pure-Python (tests.helpers.release)."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
 import threading
 
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.processes import PY, ROOT, PrivateService, Proc, Relay, _env, connect, recv_all
-
-RELEASE = re.compile(r"^## (\S+) .*?\n+release: ([0-9a-f]{40})$", re.MULTILINE)
-
-
-def previous_release() -> tuple[str, str]:
-    """``(version, commit)`` of the newest release named in CHANGELOG.md."""
-    found = RELEASE.findall((ROOT / "CHANGELOG.md").read_text())
-    assert found, "CHANGELOG.md names no release commit ('release: <40 hex digits>' under a version heading)"
-    return found[0]
+from tests.helpers.processes import PY, PrivateService, Proc, Relay, _env, connect, recv_all
+from tests.helpers.release import extract_previous_release, old_prefix, previous_release
 
 
 @pytest.fixture(scope="module")
 def old_tree(tmp_path_factory):
     """The previous release's files, from git history."""
-    version, commit = previous_release()
-    git = ["git", "-C", str(ROOT)]
-    try:
-        present = subprocess.run([*git, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True).returncode == 0
-    except FileNotFoundError:
-        pytest.fail("git is missing: the compatibility test takes the previous release from git history")
-    if not present:
-        shallow = subprocess.run([*git, "rev-parse", "--is-shallow-repository"], capture_output=True, text=True)
-        assert shallow.stdout.strip() != "true", (
-            f"release {version} ({commit}) is not in this shallow clone: clone with its history")
-        raise AssertionError(f"release {version}'s commit {commit} is not in this repository's history")
-    tree = tmp_path_factory.mktemp(f"release-{version}")
-    archive = subprocess.run([*git, "archive", "--format=tar", commit], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    # Only the old tree's packages load, even run from this checkout.
-    where = subprocess.run([*old_prefix(tree), PY, "-c", "import agent, relay, tunnel; "
-                            "print(agent.__file__, relay.__file__, tunnel.__file__, tunnel.__version__)"],
-                           capture_output=True, text=True, cwd=ROOT, env=_env(), check=True).stdout.split()
-    assert all(path.startswith(str(tree)) for path in where[:3]) and where[3] == version, where
-    return version, tree
-
-
-def old_prefix(tree) -> list[str]:
-    """Runs a command with only the old tree on Python's path (not the working directory)."""
-    return ["env", f"PYTHONPATH={tree}", "PYTHONSAFEPATH=1", "TUNNEL_PURE_PYTHON=1"]
+    version, _ = previous_release()
+    return extract_previous_release(tmp_path_factory.mktemp(f"release-{version}"))
 
 
 def start_agent(workdir, name: str, relay: Relay, token: str, port: int, prefix: list[str]) -> Proc:

@@ -36,19 +36,23 @@ def admin(relay: Relay) -> AdminClient:
 class Cluster:
     """Three relays sharing a database and a copy of the first one's state directory."""
 
-    def __init__(self, tmp_path, postgres_url: str, **env) -> None:
+    def __init__(self, tmp_path, postgres_url: str, command_prefix: list[str] | None = None, **env) -> None:
         self.tmp_path = tmp_path
+        #: Prepended to the relays' commands (e.g. another release's, tests.helpers.release).
+        self.command_prefix = command_prefix
         self.env = {"RELAY_DATABASE_URL": postgres_url, **ENV, **env}
         self.relays: list[Relay] = []
         self.args: tuple[str, ...] = ()
 
     def start(self, *args: str) -> "Cluster":
         self.args = args
-        first = Relay(self.tmp_path, host=HOSTS[0], state_dir=self.tmp_path / "r1").start(*args, **self.env)
+        first = Relay(self.tmp_path, host=HOSTS[0], state_dir=self.tmp_path / "r1",
+                      command_prefix=self.command_prefix).start(*args, **self.env)
         self.relays.append(first)
         for i, host in enumerate(HOSTS[1:], start=2):
             shutil.copytree(first.state_dir, self.tmp_path / f"r{i}", ignore=shutil.ignore_patterns("admin.json"))
-            relay = Relay(self.tmp_path, host=host, state_dir=self.tmp_path / f"r{i}")
+            relay = Relay(self.tmp_path, host=host, state_dir=self.tmp_path / f"r{i}",
+                          command_prefix=self.command_prefix)
             relay.port = first.port  # one port number on every host, as behind one name
             self.relays.append(relay.start(*args, **self.env))
         return self

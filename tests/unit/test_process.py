@@ -59,3 +59,34 @@ def test_extension_rejects_bad_arguments(args):
 
     with pytest.raises((TypeError, OverflowError)):
         _malloc.tune_malloc(*args)
+
+
+FRAGMENT = """
+import sys
+{setup}
+from tunnel.ops import process
+process.tune_malloc()
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+blocks = [bytearray(100_000) for _ in range(600)]
+del blocks[::2]  # about 30 MB free between live blocks, kept by the thresholds above
+before = rss()
+released = process.release_free_memory()
+print(released, before - rss() > 20 << 20, 'ctypes' in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+@pytest.mark.parametrize("ctypes_path", [False, True], ids=["extension", "ctypes"])
+def test_release_free_memory_returns_free_pages_between_live_blocks(ctypes_path):
+    """A burst leaves freed pages between live blocks: RSS that no object holds until trimmed."""
+    setup = "sys.modules['tunnel.ops._malloc'] = None" if ctypes_path else ""
+    assert run_python(FRAGMENT.format(setup=setup)) == ["True", "True", str(ctypes_path)]
+
+
+def test_release_free_memory_is_false_off_glibc(monkeypatch):
+    def no_glibc(name):
+        raise ValueError(f"unrecognized configuration name {name!r}")
+
+    monkeypatch.setattr(process.os, "confstr", no_glibc)
+    assert process._ctypes_trim() is False

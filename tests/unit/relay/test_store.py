@@ -187,6 +187,25 @@ def test_postgres_migrates_from_empty_and_refuses_a_newer_schema(tmp_path, postg
         run(RelayState.open(tmp_path, postgres_url))
 
 
+def test_a_statement_costs_one_round_trip_on_postgres(tmp_path, postgres_server, postgres_url):
+    """The pool takes a connection back without asyncpg's default reset (``RESET ALL``,
+    ``UNLISTEN *`` ...: a second round trip per statement, and a registration runs about ten):
+    the last query each pool connection ran is ours."""
+    async def statements():
+        async with await RelayState.open(tmp_path, postgres_url) as st:
+            for i in range(5):
+                assert await st.db.fetchval(f"SELECT {i} AS round_trip_probe") == i
+            async with st.db.transaction() as tx:
+                await tx.fetchval("SELECT 1 AS round_trip_probe")
+            database = postgres_url.rsplit("/", 1)[1]
+            return postgres_server.psql(
+                "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%'", database).splitlines()
+
+    last = run(statements())
+    assert last and not [q for q in last if "RESET ALL" in q or "UNLISTEN" in q], last
+
+
 MIGRATE_ONE = """
 import asyncio, sys
 from relay.state.store.migrations import migrate
