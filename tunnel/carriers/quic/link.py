@@ -51,6 +51,7 @@ from tunnel.carriers.quic.compat import (
     attachment,
     received_offset,
     unacked,
+    unsent_bytes,
     use_chunk_sender,
 )
 from tunnel.carriers.quic.stream import QuicLinkStream
@@ -531,7 +532,15 @@ class QuicLink(Link):
             self._fail(ErrorCode.TIMEOUT, "keepalive timeout: no packets from the peer")
             return
         if due == KEEPALIVE_PING:
-            self._send_frame(FrameType.PING, 0, policy.new_ping(now))
+            # Our PING rides the control stream, which waits with the data for connection
+            # credit while a reader is slow: then QUIC's own PING (never flow-controlled) alone
+            # keeps the peer hearing from us and restarts its idle timer, and our PINGs do not
+            # pile up to reach the peer in one burst (a PING flood) once credit returns.
+            cs = self._conn.stream(CONTROL_STREAM_ID)
+            if cs is None or not unsent_bytes(cs):
+                self._send_frame(FrameType.PING, 0, policy.new_ping(now))
+            self._conn.send_ping(0)
+            self._schedule_transmit()
         for stream in policy.half_closed_streams:
             acked = acked_offset(stream._qs)
             if acked != stream._acked_mark:  # the peer took more of our data: progress too

@@ -1,0 +1,71 @@
+"""The QUIC link's timers on a fake clock: two QuicLinks wired in memory
+(tests/helpers/quic_fake_time.py), so that seconds of keepalive and idle timeout take
+milliseconds and behave the same on a loaded machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.contract.conftest import Recorder, Side
+from tests.helpers import make_pki
+from tests.helpers.quic_fake_time import QuicPairInMemory
+from tunnel.core.limits import Limits
+from tunnel.wire.constants import ErrorCode
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("quic-fake-time-pki"))
+
+
+def _pair(pki, client_limits: Limits, server_limits: Limits) -> tuple[QuicPairInMemory, Side, Side]:
+    client_side = Side()
+    server_side = Side(on_stream=lambda stream: Recorder(consume=False))
+    pair = QuicPairInMemory(client_limits, server_limits, pki, client_handler=client_side,
+                            server_handler=server_side)
+    assert pair.run_until(lambda: pair.server is not None and pair.server.ready and pair.client.ready, 10.0)
+    return pair, client_side, server_side
+
+
+def test_fake_pair_moves_bytes_and_notices_silence(pki):
+    """The harness itself: a stream's bytes arrive; a silent peer is noticed on the fake clock."""
+    limits = Limits(keepalive_interval=1.0, keepalive_timeout=4.0)
+    pair, client_side, server_side = _pair(pki, limits, limits)
+    handler = Recorder()
+    stream = pair.client.open_stream(b"db", handler)
+    handler.stream = stream
+    stream.write(b"hello")
+    assert pair.run_until(lambda: server_side.streams and server_side.streams[0][1].data == b"hello", 5.0)
+    pair.delay = 1e9  # every datagram from now on is lost
+    assert pair.run_until(lambda: client_side.closed is not None and server_side.closed is not None, 60.0)
+    assert client_side.closed[0] == ErrorCode.TIMEOUT and server_side.closed[0] == ErrorCode.TIMEOUT
+
+
+def test_no_idle_timeout_while_a_stream_waits_for_credit(pki):
+    """An ``auto://`` agent (QUIC idle timeout 4 s, keepalive every second) sends more than the
+    relay's reader takes: its stream, and with it the connection's window, waits for credit.
+    The agent's keepalive PINGs sit behind that window on the control stream, and the relay
+    PINGs only every 5 s: neither side received a packet for 4 s and both declared the link
+    idle while data was still to move ("Idle timeout" under a 6.7 MB GET). The link must stay
+    up as long as both ends are alive, however long the reader pauses."""
+    window = 256 * KiB
+    agent = Limits(keepalive_interval=1.0, keepalive_timeout=4.0, initial_stream_window=window,
+                   max_stream_window=window, session_window=window)
+    relay = Limits(initial_stream_window=window, max_stream_window=window, session_window=window)
+    pair, client_side, server_side = _pair(pki, agent, relay)
+    handler = Recorder()
+    stream = pair.client.open_stream(b"db", handler)
+    handler.stream = stream
+    stream.write(b"x" * (2 * MiB))
+    assert pair.run_until(lambda: server_side.streams and len(server_side.streams[0][1].data) >= window - 64, 10.0)
+    # The reader pauses for 60 s of fake time: nothing may close.
+    pair.run_until(lambda: client_side.closed is not None or server_side.closed is not None, 60.0)
+    assert client_side.closed is None and server_side.closed is None, (client_side.closed, server_side.closed)
+    # ... and once it reads again, everything arrives.
+    server_stream, server_handler = server_side.streams[0]
+    server_handler.consume = True
+    server_stream.consume(len(server_handler.data))
+    assert pair.run_until(lambda: len(server_handler.data) == 2 * MiB, 60.0)
