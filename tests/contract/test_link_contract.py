@@ -11,10 +11,10 @@ import asyncio
 
 import pytest
 
-from tests.contract.conftest import Recorder, Side
+from tests.contract.conftest import Recorder, Side, send_raw_frames, stop_reading
 from tests.helpers import async_wait_until as wait_for
 from tunnel.core.limits import Limits
-from tunnel.wire.constants import ErrorCode
+from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import SessionClosed, StreamClosedError, UsageError
 
 KiB = 1024
@@ -271,6 +271,40 @@ def test_control_flood_closes_the_link(run, open_pair):
         await wait_for(lambda: pair.server_side.closed is not None, what="flood noticed")
         assert pair.server_side.closed[0] == ErrorCode.ENHANCE_YOUR_CALM
         assert len(pair.server_side.controls) <= 20
+
+    run(main())
+
+
+def test_ping_of_the_wrong_length_closes_the_link(run, open_pair):
+    """A PING carries exactly 8 bytes (the answer echoes them): anything else is a protocol
+    error that closes the link, on whichever carrier."""
+
+    async def main():
+        pair = await open_pair()
+        send_raw_frames(pair.client, FrameType.PING, b"short")
+        await wait_for(lambda: pair.server_side.closed is not None, what="bad PING noticed")
+        assert pair.server_side.closed[0] == ErrorCode.PROTOCOL_ERROR
+        await wait_for(lambda: pair.client_side.closed is not None, what="client told")
+
+    run(main())
+
+
+def test_peer_that_never_reads_our_answers_is_a_flood(run, open_pair):
+    """A peer that sends PINGs and never reads the ACKs must not grow our buffers without
+    bound: past a bounded backlog of unread answers the link closes (ENHANCE_YOUR_CALM)."""
+
+    async def main():
+        pair = await open_pair(server_limits=Limits(max_ping_rate=10**9))
+        stop_reading(pair)
+        sent = 0
+        # Over TCP the kernel's buffers take a few MB before the server's writes back up;
+        # a million PINGs (17 MB) are far more than any carrier needs.
+        while pair.server_side.closed is None and sent < 1_000_000:
+            send_raw_frames(pair.client, FrameType.PING, b"12345678", count=4096)
+            sent += 4096
+            await asyncio.sleep(0)
+        await wait_for(lambda: pair.server_side.closed is not None, timeout=60, what="the flood noticed")
+        assert pair.server_side.closed[0] == ErrorCode.ENHANCE_YOUR_CALM
 
     run(main())
 

@@ -11,6 +11,8 @@ GOAWAY with the error's code.
 - :class:`LinkPolicy`: one link's liveness (keepalive PINGs, the silence timeout, the round
   trip), flood limits (PINGs, stream opens and resets, CONTROL messages), going away, the
   admission of streams the peer opens, and the half-close deadlines.
+- :func:`check_ping` and :func:`check_reply_backlog`: a PING's payload, and a peer that makes
+  us queue answers it never reads.
 - :class:`SendWatermarks`: when a writer must pause and when it may resume.
 - :func:`stream_credit` and :func:`session_credit`: when receive credit goes back to the peer
   (credit follows consumption, never receipt); :func:`tuned_window`: stream windows that grow
@@ -47,6 +49,8 @@ __all__ = [
     "PeerHello",
     "SendWatermarks",
     "accept_hello",
+    "check_ping",
+    "check_reply_backlog",
     "hello_payload",
     "session_credit",
     "stream_credit",
@@ -64,6 +68,9 @@ MAX_PENDING_PINGS = 16
 #: peer limits our PING rate).
 RTT_SAMPLE_INTERVAL = 0.1
 _PING_PAYLOAD = struct.Struct("!Q")
+#: Control frames queued in answer to the peer (PING ACKs, refusals) while it does not read
+#: what we send: above this many bytes the peer is flooding us.
+MAX_REPLY_BACKLOG = 1024 * 1024
 _INF = float("inf")
 
 
@@ -102,6 +109,24 @@ def accept_hello(payload) -> PeerHello:
     if not 1 <= stream_window <= MAX_WINDOW or not 1 <= session_window <= MAX_WINDOW:
         raise ProtocolError("HELLO window out of range")
     return PeerHello(version, stream_window, session_window, max_frame, max_streams)
+
+
+# --- answers the peer asks for ---------------------------------------------------------
+
+
+def check_ping(payload) -> None:
+    """A PING (or its ACK) carries exactly the 8 bytes the answer echoes; else
+    :class:`ProtocolError`."""
+    if len(payload) != _PING_PAYLOAD.size:
+        raise ProtocolError(f"PING payload of {len(payload)} bytes")
+
+
+def check_reply_backlog(queued: int) -> None:
+    """``queued`` bytes of our answers (the next one included) wait for the peer to read
+    them: :class:`FloodError` above :data:`MAX_REPLY_BACKLOG` (a peer that sends PINGs and
+    never reads the ACKs would grow our buffers without bound)."""
+    if queued > MAX_REPLY_BACKLOG:
+        raise FloodError("peer does not read our answers")
 
 
 # --- receive credit ---------------------------------------------------------------------

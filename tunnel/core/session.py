@@ -53,6 +53,8 @@ from tunnel.core.policy import (
     KEEPALIVE_PING,
     KEEPALIVE_TIMEOUT,
     accept_hello,
+    check_ping,
+    check_reply_backlog,
     hello_payload,
     session_credit,
     stream_credit,
@@ -68,7 +70,6 @@ from tunnel.wire.constants import (
 )
 from tunnel.wire.control import decode_control, encode_control
 from tunnel.wire.errors import (
-    FloodError,
     FlowControlError,
     ProtocolError,
     SessionClosed,
@@ -101,9 +102,6 @@ _SEND_FIN = int(_I.SEND_FIN)
 _DATA = int(FrameType.DATA)
 _FIN = int(Flags.FIN)
 _ACK = int(Flags.ACK)
-#: Control frames queued in answer to the peer (PING ACKs, refusals) while it does not read
-#: what we send: above this the peer is flooding us.
-_MAX_CONTROL_BACKLOG = 1024 * 1024
 _INF = float("inf")
 
 
@@ -320,8 +318,7 @@ class Session(SessionState):
     def _on_ping(self, flags: int, sid: int, payload) -> None:
         if sid:
             raise ProtocolError("PING on a stream")
-        if len(payload) != 8:
-            raise ProtocolError(f"PING payload of {len(payload)} bytes")
+        check_ping(payload)
         if flags & _ACK:
             rtt = self._policy.ping_acked(payload, self._now)
             if rtt is not None:
@@ -397,8 +394,7 @@ class Session(SessionState):
     def _queue_reply(self, frame: bytes) -> None:
         """A control frame the peer's input asked for; a peer that makes us queue many
         without reading them floods us."""
-        if self._control_bytes + len(frame) > _MAX_CONTROL_BACKLOG:
-            raise FloodError("peer does not read our answers")
+        check_reply_backlog(self._control_bytes + len(frame))
         self._queue_control(frame)
 
     def data_to_send(self, max_bytes: int | None = None) -> list:

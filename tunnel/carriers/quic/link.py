@@ -53,6 +53,7 @@ from tunnel.carriers.quic.compat import (
     unacked,
     unsent_bytes,
     use_chunk_sender,
+    written_offset,
 )
 from tunnel.carriers.quic.stream import QuicLinkStream
 from tunnel.carriers.quic.udp import MAX_DATAGRAM_SIZE, SMALLEST_MAX_DATAGRAM_SIZE
@@ -63,6 +64,8 @@ from tunnel.core.policy import (
     LinkPolicy,
     SendWatermarks,
     accept_hello,
+    check_ping,
+    check_reply_backlog,
     hello_payload,
 )
 from tunnel.wire.constants import HEADER_SIZE, QUIC_ALPN, ErrorCode, Flags, FrameType
@@ -429,6 +432,14 @@ class QuicLink(Link):
         self._tx_fed += len(frame)
         self._schedule_transmit()
 
+    def _send_reply(self, ftype: int, flags: int, payload: bytes) -> None:
+        """A control frame the peer's input asked for: a peer that makes us queue many
+        without reading them (its control stream's credit never comes back) floods us."""
+        cs = self._conn.stream(CONTROL_STREAM_ID)
+        queued = written_offset(cs) - acked_offset(cs) if cs is not None else 0
+        check_reply_backlog(queued + HEADER_SIZE + len(payload))
+        self._send_frame(ftype, flags, payload)
+
     def _reset_quic_stream(self, stream_id: int, code: int, stop: bool) -> None:
         conn = self._conn
         calls = (conn.reset_stream, conn.stop_stream) if stop else (conn.reset_stream,)
@@ -651,11 +662,12 @@ class QuicLink(Link):
             return
         now = self._loop.time()
         if ftype == FrameType.PING:
+            check_ping(payload)
             if flags & Flags.ACK:
                 policy.ping_acked(payload, now)
             else:
                 policy.ping_received(now)
-                self._send_frame(FrameType.PING, Flags.ACK, bytes(payload))
+                self._send_reply(FrameType.PING, Flags.ACK, bytes(payload))
         elif ftype == FrameType.CONTROL:
             policy.control_received(now)
             message = decode_control(payload, self.limits.max_control_size, self.limits.max_control_depth)
