@@ -64,12 +64,11 @@ from tunnel.core.policy import (
     LinkPolicy,
     SendWatermarks,
     accept_hello,
-    check_ping,
     check_reply_backlog,
     hello_payload,
 )
 from tunnel.wire.constants import HEADER_SIZE, QUIC_ALPN, ErrorCode, Flags, FrameType
-from tunnel.wire.control import decode_control, encode_control
+from tunnel.wire.control import encode_control
 from tunnel.wire.errors import ProtocolError, SessionClosed, UsageError
 
 __all__ = ["CONTROL_STREAM_ID", "QuicLink"]
@@ -662,23 +661,19 @@ class QuicLink(Link):
             return
         now = self._loop.time()
         if ftype == FrameType.PING:
-            check_ping(payload)
-            if flags & Flags.ACK:
-                policy.ping_acked(payload, now)
-            else:
-                policy.ping_received(now)
-                self._send_reply(FrameType.PING, Flags.ACK, bytes(payload))
+            answer, _rtt = policy.ping_frame(flags, payload, now)
+            if answer is not None:
+                self._send_reply(FrameType.PING, Flags.ACK, answer)
         elif ftype == FrameType.CONTROL:
-            policy.control_received(now)
-            message = decode_control(payload, self.limits.max_control_size, self.limits.max_control_depth)
+            message = policy.control_frame(payload, now)
             if self._dispatch.holding:
                 self._dispatch.hold(self._dispatch.control, message)
             else:
                 self._dispatch.control(message)
         elif ftype == FrameType.GOAWAY:
-            last, code, reason = frames.parse_goaway(payload)
+            last, code, reason, close_now = policy.goaway_frame(payload)
             log.info("peer sent GOAWAY (code %s): %s", code, reason)
-            if policy.goaway_from_peer(code):
+            if close_now:
                 self._close(code, reason or "peer sent GOAWAY", flush=False)
                 return
             for stream in [s for s in self._streams.values() if s._local and s.stream_id > last]:
