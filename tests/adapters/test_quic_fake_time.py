@@ -22,7 +22,7 @@ def pki(tmp_path_factory):
 
 
 def _pair(pki, client_limits: Limits, server_limits: Limits) -> tuple[QuicPairInMemory, Side, Side]:
-    client_side = Side()
+    client_side = Side(on_stream=lambda stream: Recorder(consume=False))
     server_side = Side(on_stream=lambda stream: Recorder(consume=False))
     pair = QuicPairInMemory(client_limits, server_limits, pki, client_handler=client_side,
                             server_handler=server_side)
@@ -44,28 +44,32 @@ def test_fake_pair_moves_bytes_and_notices_silence(pki):
     assert client_side.closed[0] == ErrorCode.TIMEOUT and server_side.closed[0] == ErrorCode.TIMEOUT
 
 
-def test_no_idle_timeout_while_a_stream_waits_for_credit(pki):
-    """An ``auto://`` agent (QUIC idle timeout 4 s, keepalive every second) sends more than the
-    relay's reader takes: its stream, and with it the connection's window, waits for credit.
-    The agent's keepalive PINGs sit behind that window on the control stream, and the relay
-    PINGs only every 5 s: neither side received a packet for 4 s and both declared the link
-    idle while data was still to move ("Idle timeout" under a 6.7 MB GET). The link must stay
-    up as long as both ends are alive, however long the reader pauses."""
+@pytest.mark.parametrize("sender", ["agent", "relay"])
+def test_no_idle_timeout_while_a_stream_waits_for_credit(pki, sender):
+    """An ``auto://`` agent (QUIC idle timeout 4 s, keepalive every second) and a relay (keepalive
+    every 5 s) move more than the reader takes: the stream, and with it the connection's
+    window, waits for credit. Keepalive PINGs of the sending side sit behind that window on the
+    control stream: with the agent sending, neither side received a packet for 4 s and both
+    declared the link idle while data was still to move ("Idle timeout" under a 6.7 MB GET),
+    and once the reader went on, the PINGs that had piled up reached the relay as a PING flood.
+    The link must stay up as long as both ends are alive, however long the reader pauses."""
     window = 256 * KiB
     agent = Limits(keepalive_interval=1.0, keepalive_timeout=4.0, initial_stream_window=window,
                    max_stream_window=window, session_window=window)
     relay = Limits(initial_stream_window=window, max_stream_window=window, session_window=window)
     pair, client_side, server_side = _pair(pki, agent, relay)
+    link, reader_side = (pair.client, server_side) if sender == "agent" else (pair.server, client_side)
     handler = Recorder()
-    stream = pair.client.open_stream(b"db", handler)
+    stream = link.open_stream(b"db", handler)
     handler.stream = stream
     stream.write(b"x" * (2 * MiB))
-    assert pair.run_until(lambda: server_side.streams and len(server_side.streams[0][1].data) >= window - 64, 10.0)
+    assert pair.run_until(lambda: reader_side.streams and len(reader_side.streams[0][1].data) >= window - 64, 10.0)
     # The reader pauses for 60 s of fake time: nothing may close.
     pair.run_until(lambda: client_side.closed is not None or server_side.closed is not None, 60.0)
     assert client_side.closed is None and server_side.closed is None, (client_side.closed, server_side.closed)
     # ... and once it reads again, everything arrives.
-    server_stream, server_handler = server_side.streams[0]
-    server_handler.consume = True
-    server_stream.consume(len(server_handler.data))
-    assert pair.run_until(lambda: len(server_handler.data) == 2 * MiB, 60.0)
+    reader_stream, reader = reader_side.streams[0]
+    reader.consume = True
+    reader_stream.consume(len(reader.data))
+    assert pair.run_until(lambda: len(reader.data) == 2 * MiB, 60.0)
+    assert client_side.closed is None and server_side.closed is None
