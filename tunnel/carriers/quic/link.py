@@ -166,6 +166,9 @@ class QuicLink(Link):
         self._closed = False  # no more I/O on the connection
         self._closing = False
         self._terminated = self._loop.create_future()
+        #: The QUIC connection is up and we have not closed it (nor has the peer, as far as
+        #: aioquic told us).
+        self._quic_up = True
         self._tx_scheduled = False
         self._timer: asyncio.TimerHandle | None = None  # aioquic's timer
         self._timer_at: float | None = None
@@ -274,7 +277,7 @@ class QuicLink(Link):
             self._close_pending = (code, reason)
             self._close_timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._close_flushed)
         else:
-            self._conn.close(error_code=code, reason_phrase=reason[:1024])
+            self._close_connection(code, reason)
         self._shutdown(code, reason)
         self._schedule_transmit()
 
@@ -289,7 +292,7 @@ class QuicLink(Link):
         if not self._ready.is_set() and not self._hello_sent:
             return False
         cs = self._conn.stream(CONTROL_STREAM_ID)
-        return self._conn.connected and cs is not None and unacked(cs)
+        return self._quic_up and cs is not None and unacked(cs)
 
     def _close_flushed(self) -> None:
         """The deferred CONNECTION_CLOSE: control data acknowledged, or its time is up."""
@@ -300,9 +303,14 @@ class QuicLink(Link):
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
-        if self._conn.connected:
-            self._conn.close(error_code=code, reason_phrase=reason[:1024])
+        self._close_connection(code, reason)
         self._schedule_transmit()
+
+    def _close_connection(self, code: int, reason: str) -> None:
+        """CONNECTION_CLOSE, once (aioquic ignores it on a connection already closing)."""
+        if self._quic_up:
+            self._quic_up = False
+            self._conn.close(error_code=code, reason_phrase=reason[:1024])
 
     def _check_drained(self) -> None:
         if not self._closed and self._policy.drained(len(self._streams)):
@@ -341,6 +349,7 @@ class QuicLink(Link):
         dispatch.closed(code, reason)
 
     def _terminate(self) -> None:
+        self._quic_up = False
         self._close_pending = None
         for handle in (self._timer, self._close_timer):
             if handle is not None:
@@ -398,7 +407,7 @@ class QuicLink(Link):
 
     def datagram_received(self, data: bytes, addr) -> None:
         conn = self._conn
-        if conn.terminated:
+        if self._terminated.done():
             return
         now = self._loop.time()
         self._policy.last_received = now
