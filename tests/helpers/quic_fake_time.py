@@ -108,9 +108,11 @@ class QuicPairInMemory:
     ``on_client_ready(link)`` / ``on_server_ready(link)`` install handlers."""
 
     def __init__(self, client_limits: Limits, server_limits: Limits, pki, *, delay: float = 0.001,
-                 client_handler: LinkHandler | None = None, server_handler: LinkHandler | None = None) -> None:
+                 client_handler: LinkHandler | None = None, server_handler: LinkHandler | None = None,
+                 datagram_size: int = 1452) -> None:
         self.loop = FakeLoop()
         self.delay = delay
+        self.datagram_size = datagram_size  # what both links move to after the handshake
         self.server_limits = server_limits
         self.server_handler = server_handler
         self.client_handler = client_handler
@@ -124,11 +126,14 @@ class QuicPairInMemory:
         stream_limits(conn, client_limits)
         self.server: QuicLink | None = None
         self.client = QuicLink(conn, client_limits, is_client=True, send=self._from_client, loop=self.loop,
-                               peer_address=SERVER_ADDR, datagram_target=lambda: (1452, True),
+                               peer_address=SERVER_ADDR, datagram_target=self._datagram_target,
                                on_ready=self._client_ready)
         self.client.start(SERVER_ADDR)
 
     # --- the path -----------------------------------------------------------------------
+
+    def _datagram_target(self) -> tuple[int, bool]:
+        return self.datagram_size, True
 
     def _from_client(self, datagrams) -> bool:
         for data, _addr in datagrams:
@@ -147,7 +152,7 @@ class QuicPairInMemory:
                                      original_destination_connection_id=header.destination_cid)
             stream_limits(conn, self.server_limits)
             self.server = QuicLink(conn, self.server_limits, is_client=False, send=self._from_server,
-                                   loop=self.loop, peer_address=CLIENT_ADDR, datagram_target=lambda: (1452, True),
+                                   loop=self.loop, peer_address=CLIENT_ADDR, datagram_target=self._datagram_target,
                                    on_ready=self._server_ready)
         self.server.datagram_received(data, CLIENT_ADDR)
 

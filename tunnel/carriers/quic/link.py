@@ -78,6 +78,8 @@ log = logging.getLogger("tunnel.carriers.quic")
 CONTROL_STREAM_ID = 0
 #: Flush bound for control frames queued before ``close`` (seconds).
 CLOSE_FLUSH_TIMEOUT = 1.0
+#: How much later than now aioquic's timer is armed when it names a time already past.
+TIMER_GRANULARITY = 0.001
 _HEADER = struct.Struct("!BBHII")
 _OPEN = int(FrameType.OPEN)
 _FIN = int(Flags.FIN)
@@ -483,7 +485,8 @@ class QuicLink(Link):
                         fed_any.add(s)
                     if not s.buffered and not s._eof_pending:
                         sending.discard(s)
-            datagrams = conn.datagrams_to_send(now=loop_time())
+            now = loop_time()
+            datagrams = conn.datagrams_to_send(now=now)
             if not datagrams:
                 break
             if send(datagrams):
@@ -502,6 +505,10 @@ class QuicLink(Link):
                 self._dispatch.stream_call(s, s.handler.writable)
         self._process_events()
         timer_at = conn.get_timer()
+        if timer_at is not None and timer_at <= now:
+            # aioquic did what was due at ``now`` and still names ``now`` (an ACK held back
+            # by pacing): only a later clock changes its mind, so do not spin until then.
+            timer_at = now + TIMER_GRANULARITY
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
             self._timer = None
