@@ -90,3 +90,37 @@ def test_an_ack_held_back_by_pacing_does_not_spin_the_timer(pki):
     assert pair.run_until(lambda: server_side.streams and server_side.streams[0][1].eof, 10.0)
     assert len(server_side.streams[0][1].data) == 2 * MiB
     assert pair.client.datagram_size == 16000
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (issue 23): streams whose receivers do not read fill the "
+                   "session window with their initial stream credit; see test_link_contract's stalled case")
+def test_stalled_receivers_never_stall_a_reading_stream(pki):
+    """The relay opens more streams than its session window holds at one stream window each;
+    their receivers never read. The agent answers every stream with more than a window. A
+    stream opened after they filled up, whose receiver reads, must still get every byte within
+    bounded (fake) time."""
+    window = 64 * KiB
+    limits = Limits(initial_stream_window=window, max_stream_window=window, session_window=4 * window)
+    size = 8 * window
+    pair, client_side, server_side = _pair(pki, limits, limits)
+
+    def answer(stream):
+        handler = Recorder()
+        handler.stream = stream
+        stream.write(b"a" * size)
+        stream.write_eof()
+        return handler
+
+    client_side.on_stream = answer
+    stalled = []
+    for i in range(8):
+        handler = Recorder(consume=False)
+        handler.stream = pair.server.open_stream(b"stalled%d" % i, handler)
+        stalled.append(handler)
+    pair.run_until(lambda: False, 1.0)
+    assert sum(len(h.data) for h in stalled) <= limits.session_window
+    reader = Recorder()
+    reader.stream = pair.server.open_stream(b"reader", reader)
+    assert pair.run_until(lambda: reader.eof, 30.0), f"the reader got {len(reader.data)} of {size} bytes"
+    assert len(reader.data) == size
+    assert client_side.closed is None and server_side.closed is None

@@ -335,3 +335,35 @@ def test_stream_window_grows_with_the_path(run, open_pair):
         assert _window(pair.server, ss) > 64 * KiB
 
     run(main())
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (issue 23), every carrier: receivers that do not read fill "
+                   "the session window with their initial stream credit, and a reading stream gets none")
+def test_stalled_streams_never_stall_a_reading_one(run, open_pair):
+    """Receivers that stop reading hold at most their streams' windows; however many of them
+    there are (more than the session window holds), a stream whose receiver reads still gets
+    every byte, whether it was opened before they filled up or after."""
+
+    async def main():
+        def on_stream(stream):
+            return Recorder(consume=stream.metadata.startswith(b"reader"))
+
+        pair = await open_pair(limits=SMALL, server_side=Side(on_stream))
+        stalled = SMALL.session_window // SMALL.initial_stream_window + 4
+        early = await _open(pair, b"reader-early")
+        streams = [await _open(pair, f"stalled{i}".encode()) for i in range(stalled)]
+        for cs, _, _, _ in streams:
+            cs.write(b"s" * (2 * SMALL.initial_stream_window))
+        # The stalled receivers fill their windows, together more than the session window.
+        held = lambda: sum(len(sh.data) for _, _, _, sh in streams)  # noqa: E731
+        await wait_for(lambda: held() >= SMALL.session_window - SMALL.initial_stream_window, what="stalled streams fill up")
+        late = await _open(pair, b"reader-late")
+        size = 4 * SMALL.session_window
+        for cs, _, _, sh in (early, late):
+            cs.write(b"r" * size)
+            cs.write_eof()
+        await wait_for(lambda: early[3].eof and late[3].eof, timeout=10, what="the reading streams' bytes")
+        assert len(early[3].data) == size and len(late[3].data) == size
+        assert all(len(sh.data) <= SMALL.initial_stream_window for _, _, _, sh in streams)
+
+    run(main())
