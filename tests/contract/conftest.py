@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.helpers import make_pki
+from tunnel import codec as frames
 from tunnel.carriers.base import Link, LinkHandler, LinkStream, StreamHandler
 from tunnel.carriers.quic import connect_quic, serve_quic
 from tunnel.carriers.tcp import open_tcp_link, serve_tcp_links
@@ -116,6 +117,7 @@ class _Path:
         self.delay = delay
         self.port = 0
         self._closers: list = []
+        self._from_server: list = []  # TCP: the path's connections to the server
 
     def forward(self, send, *args) -> None:
         if self.silent:
@@ -131,6 +133,13 @@ class _Path:
 
     def go_silent(self) -> None:
         self.silent = True
+
+    def stop_reading_from_server(self) -> None:
+        """TCP: stop reading what the server sends, so that its socket and then its writes
+        back up (a client that never reads)."""
+        for half in self._from_server:
+            if half.transport is not None:
+                half.transport.pause_reading()
 
     def close(self) -> None:
         for close in self._closers:
@@ -171,6 +180,7 @@ async def _tcp_path(target_port: int, delay: float) -> _Path:
         inner = Half()
         outer = Half(peer=inner)
         inner.peer = outer
+        path._from_server.append(inner)
 
         async def dial() -> None:
             try:
@@ -214,6 +224,28 @@ async def _udp_path(target_port: int, delay: float) -> _Path:
     path.port = front.transport.get_extra_info("sockname")[1]
     path._closers += [front.transport.close, back.transport.close]
     return path
+
+
+# --- a peer that breaks the rules -----------------------------------------------------------
+
+
+def send_raw_frames(link: Link, ftype: int, payload: bytes, count: int = 1) -> None:
+    """Send ``count`` control frames of type ``ftype`` where the link's control frames go (the
+    session's byte pipe; QUIC's control stream), past every check of the sending side."""
+    if link.carrier == "quic":
+        for _ in range(count):
+            link._send_frame(ftype, 0, payload)
+    else:
+        link._pipe.write([frames.encode_frame(int(ftype), 0, 0, payload) * count])
+
+
+def stop_reading(pair: "Pair") -> None:
+    """The client stops reading what the server sends: over TCP the path stops reading from
+    the server, over QUIC the client's control stream gives no credit back."""
+    if pair.client.carrier == "quic":
+        pair.client._control_data = lambda event: None
+    else:
+        pair.path.stop_reading_from_server()
 
 
 # --- the pair ------------------------------------------------------------------------------

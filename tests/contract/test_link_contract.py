@@ -11,10 +11,10 @@ import asyncio
 
 import pytest
 
-from tests.contract.conftest import Recorder, Side
+from tests.contract.conftest import Recorder, Side, send_raw_frames, stop_reading
 from tests.helpers import async_wait_until as wait_for
 from tunnel.core.limits import Limits
-from tunnel.wire.constants import ErrorCode
+from tunnel.wire.constants import ErrorCode, FrameType
 from tunnel.wire.errors import SessionClosed, StreamClosedError, UsageError
 
 KiB = 1024
@@ -275,6 +275,40 @@ def test_control_flood_closes_the_link(run, open_pair):
     run(main())
 
 
+def test_ping_of_the_wrong_length_closes_the_link(run, open_pair):
+    """A PING carries exactly 8 bytes (the answer echoes them): anything else is a protocol
+    error that closes the link, on whichever carrier."""
+
+    async def main():
+        pair = await open_pair()
+        send_raw_frames(pair.client, FrameType.PING, b"short")
+        await wait_for(lambda: pair.server_side.closed is not None, what="bad PING noticed")
+        assert pair.server_side.closed[0] == ErrorCode.PROTOCOL_ERROR
+        await wait_for(lambda: pair.client_side.closed is not None, what="client told")
+
+    run(main())
+
+
+def test_peer_that_never_reads_our_answers_is_a_flood(run, open_pair):
+    """A peer that sends PINGs and never reads the ACKs must not grow our buffers without
+    bound: past a bounded backlog of unread answers the link closes (ENHANCE_YOUR_CALM)."""
+
+    async def main():
+        pair = await open_pair(server_limits=Limits(max_ping_rate=10**9))
+        stop_reading(pair)
+        sent = 0
+        # Over TCP the kernel's buffers take a few MB before the server's writes back up;
+        # a million PINGs (17 MB) are far more than any carrier needs.
+        while pair.server_side.closed is None and sent < 1_000_000:
+            send_raw_frames(pair.client, FrameType.PING, b"12345678", count=4096)
+            sent += 4096
+            await asyncio.sleep(0)
+        await wait_for(lambda: pair.server_side.closed is not None, timeout=60, what="the flood noticed")
+        assert pair.server_side.closed[0] == ErrorCode.ENHANCE_YOUR_CALM
+
+    run(main())
+
+
 def _window(link, stream) -> int:
     """The receive window the link grants ``stream`` now."""
     return link.session._streams[stream.stream_id].window if hasattr(link, "session") else stream.window
@@ -299,5 +333,37 @@ def test_stream_window_grows_with_the_path(run, open_pair):
         await wait_for(lambda: sh.eof, timeout=30, what="bulk data")
         assert len(sh.data) == total
         assert _window(pair.server, ss) > 64 * KiB
+
+    run(main())
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (issue 23), every carrier: receivers that do not read fill "
+                   "the session window with their initial stream credit, and a reading stream gets none")
+def test_stalled_streams_never_stall_a_reading_one(run, open_pair):
+    """Receivers that stop reading hold at most their streams' windows; however many of them
+    there are (more than the session window holds), a stream whose receiver reads still gets
+    every byte, whether it was opened before they filled up or after."""
+
+    async def main():
+        def on_stream(stream):
+            return Recorder(consume=stream.metadata.startswith(b"reader"))
+
+        pair = await open_pair(limits=SMALL, server_side=Side(on_stream))
+        stalled = SMALL.session_window // SMALL.initial_stream_window + 4
+        early = await _open(pair, b"reader-early")
+        streams = [await _open(pair, f"stalled{i}".encode()) for i in range(stalled)]
+        for cs, _, _, _ in streams:
+            cs.write(b"s" * (2 * SMALL.initial_stream_window))
+        # The stalled receivers fill their windows, together more than the session window.
+        held = lambda: sum(len(sh.data) for _, _, _, sh in streams)  # noqa: E731
+        await wait_for(lambda: held() >= SMALL.session_window - SMALL.initial_stream_window, what="stalled streams fill up")
+        late = await _open(pair, b"reader-late")
+        size = 4 * SMALL.session_window
+        for cs, _, _, sh in (early, late):
+            cs.write(b"r" * size)
+            cs.write_eof()
+        await wait_for(lambda: early[3].eof and late[3].eof, timeout=10, what="the reading streams' bytes")
+        assert len(early[3].data) == size and len(late[3].data) == size
+        assert all(len(sh.data) <= SMALL.initial_stream_window for _, _, _, sh in streams)
 
     run(main())

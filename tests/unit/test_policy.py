@@ -19,7 +19,9 @@ from tunnel.core.policy import (
     KEEPALIVE_TIMEOUT,
     LinkPolicy,
     SendWatermarks,
+    MAX_REPLY_BACKLOG,
     accept_hello,
+    check_reply_backlog,
     hello_payload,
     session_credit,
     stream_credit,
@@ -27,7 +29,8 @@ from tunnel.core.policy import (
 )
 from tunnel.core.session import Session
 from tunnel.core.session_state import Role
-from tunnel.wire.constants import ErrorCode, FrameType
+from tunnel.wire.constants import ErrorCode, Flags, FrameType
+from tunnel.wire.control import encode_control
 from tunnel.wire.errors import FloodError, ProtocolError, VersionMismatch
 
 
@@ -81,6 +84,36 @@ def test_ping_round_trip_and_flood():
     p2 = LinkPolicy(DEFAULT_LIMITS.replace(max_ping_rate=3), now=0.0)
     for i in range(30):
         p2.ping_received(i * 0.4)  # spread out: fine
+
+
+def test_control_frames_are_judged_once():
+    """What a PING, CONTROL or GOAWAY frame means, as both carriers apply it."""
+    p = LinkPolicy(DEFAULT_LIMITS.replace(max_ping_rate=2, max_control_rate=1), 0.0)
+    assert p.ping_frame(0, b"abcdefgh", 1.0) == (b"abcdefgh", None)  # answer it
+    ours = p.new_ping(2.0)
+    assert p.ping_frame(int(Flags.ACK), ours, 2.25) == (None, 0.25) and p.rtt == 0.25
+    assert p.ping_frame(int(Flags.ACK), b"zzzzzzzz", 2.5) == (None, None)  # answers nothing of ours
+    for bad in (b"", b"short", b"123456789"):
+        with pytest.raises(ProtocolError):
+            p.ping_frame(0, bad, 3.0)
+    p.ping_frame(0, b"abcdefgh", 4.0)
+    p.ping_frame(0, b"abcdefgh", 4.1)
+    with pytest.raises(FloodError):
+        p.ping_frame(0, b"abcdefgh", 4.2)
+    assert p.control_frame(encode_control({"type": "x"}, 1024), 5.0) == {"type": "x"}
+    with pytest.raises(FloodError):
+        p.control_frame(encode_control({"type": "x"}, 1024), 5.1)
+    with pytest.raises(ProtocolError):
+        LinkPolicy(DEFAULT_LIMITS, 0.0).control_frame(b"{not json", 1.0)
+    assert p.goaway_frame(frames.encode_goaway(7, 0, "drain")) == (7, 0, "drain", False)
+    assert p.going_away
+    assert p.goaway_frame(frames.encode_goaway(7, int(ErrorCode.PROTOCOL_ERROR), "bad"))[3] is True
+
+
+def test_reply_backlog_is_bounded():
+    check_reply_backlog(MAX_REPLY_BACKLOG)
+    with pytest.raises(FloodError):
+        check_reply_backlog(MAX_REPLY_BACKLOG + 1)
 
 
 def test_outstanding_pings_are_bounded():

@@ -10,7 +10,12 @@ GOAWAY with the error's code.
 - :func:`hello_payload` and :func:`accept_hello`: our HELLO and the checks of the peer's.
 - :class:`LinkPolicy`: one link's liveness (keepalive PINGs, the silence timeout, the round
   trip), flood limits (PINGs, stream opens and resets, CONTROL messages), going away, the
-  admission of streams the peer opens, and the half-close deadlines.
+  admission of streams the peer opens, and the half-close deadlines. What a PING, CONTROL or
+  GOAWAY frame from the peer means is decided once, by :meth:`LinkPolicy.ping_frame`,
+  :meth:`LinkPolicy.control_frame` and :meth:`LinkPolicy.goaway_frame`: the carriers only move
+  the answers.
+- :func:`check_ping` and :func:`check_reply_backlog`: a PING's payload, and a peer that makes
+  us queue answers it never reads.
 - :class:`SendWatermarks`: when a writer must pause and when it may resume.
 - :func:`stream_credit` and :func:`session_credit`: when receive credit goes back to the peer
   (credit follows consumption, never receipt); :func:`tuned_window`: stream windows that grow
@@ -37,7 +42,9 @@ from tunnel.wire.constants import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     ErrorCode,
+    Flags,
 )
+from tunnel.wire.control import decode_control
 from tunnel.wire.errors import FloodError, ProtocolError, VersionMismatch
 
 __all__ = [
@@ -47,6 +54,8 @@ __all__ = [
     "PeerHello",
     "SendWatermarks",
     "accept_hello",
+    "check_ping",
+    "check_reply_backlog",
     "hello_payload",
     "session_credit",
     "stream_credit",
@@ -64,6 +73,10 @@ MAX_PENDING_PINGS = 16
 #: peer limits our PING rate).
 RTT_SAMPLE_INTERVAL = 0.1
 _PING_PAYLOAD = struct.Struct("!Q")
+_ACK = int(Flags.ACK)
+#: Control frames queued in answer to the peer (PING ACKs, refusals) while it does not read
+#: what we send: above this many bytes the peer is flooding us.
+MAX_REPLY_BACKLOG = 1024 * 1024
 _INF = float("inf")
 
 
@@ -102,6 +115,24 @@ def accept_hello(payload) -> PeerHello:
     if not 1 <= stream_window <= MAX_WINDOW or not 1 <= session_window <= MAX_WINDOW:
         raise ProtocolError("HELLO window out of range")
     return PeerHello(version, stream_window, session_window, max_frame, max_streams)
+
+
+# --- answers the peer asks for ---------------------------------------------------------
+
+
+def check_ping(payload) -> None:
+    """A PING (or its ACK) carries exactly the 8 bytes the answer echoes; else
+    :class:`ProtocolError`."""
+    if len(payload) != _PING_PAYLOAD.size:
+        raise ProtocolError(f"PING payload of {len(payload)} bytes")
+
+
+def check_reply_backlog(queued: int) -> None:
+    """``queued`` bytes of our answers (the next one included) wait for the peer to read
+    them: :class:`FloodError` above :data:`MAX_REPLY_BACKLOG` (a peer that sends PINGs and
+    never reads the ACKs would grow our buffers without bound)."""
+    if queued > MAX_REPLY_BACKLOG:
+        raise FloodError("peer does not read our answers")
 
 
 # --- receive credit ---------------------------------------------------------------------
@@ -346,6 +377,17 @@ class LinkPolicy:
         self._rtt_ping = self.new_ping(now)
         return self._rtt_ping
 
+    def ping_frame(self, flags: int, payload, now: float) -> tuple:
+        """The peer sent a PING frame: ``(answer, rtt)``. For a PING, ``answer`` is the
+        payload of the ACK to send back (:class:`FloodError` above ``max_ping_rate``); for an
+        ACK, ``rtt`` is the round trip it measured (None: it answers no PING of ours).
+        :class:`ProtocolError` for a payload of the wrong length."""
+        check_ping(payload)
+        if flags & _ACK:
+            return None, self.ping_acked(payload, now)
+        self.ping_received(now)
+        return bytes(payload), None
+
     def ping_received(self, now: float) -> None:
         """The peer sent a PING (answer it with an ACK); :class:`FloodError` above
         ``max_ping_rate`` per second."""
@@ -353,6 +395,13 @@ class LinkPolicy:
             raise FloodError("PING flood")
 
     # --- floods ---------------------------------------------------------------------
+
+    def control_frame(self, payload, now: float) -> dict:
+        """The peer sent a CONTROL frame: its message. :class:`FloodError` above
+        ``max_control_rate`` per second, :class:`ProtocolError` if it is malformed."""
+        self.control_received(now)
+        limits = self.limits
+        return decode_control(payload, limits.max_control_size, limits.max_control_depth)
 
     def control_received(self, now: float) -> None:
         """The peer sent a CONTROL message; :class:`FloodError` above ``max_control_rate``
@@ -392,6 +441,13 @@ class LinkPolicy:
         self.goaway_sent = True
         self.goaway_code = code
         return True
+
+    def goaway_frame(self, payload) -> tuple:
+        """The peer sent a GOAWAY frame: ``(last_stream_id, code, reason, close_now)``. With
+        ``close_now`` (an error code) the link closes at once; else it drains, and our streams
+        above ``last_stream_id`` were never processed by the peer (reset them with REFUSED)."""
+        last, code, reason = frames.parse_goaway(payload)
+        return last, code, reason, self.goaway_from_peer(code)
 
     def goaway_from_peer(self, code: int) -> bool:
         """The peer sent GOAWAY: True if the link must close now (an error code); else it

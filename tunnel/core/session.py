@@ -53,6 +53,7 @@ from tunnel.core.policy import (
     KEEPALIVE_PING,
     KEEPALIVE_TIMEOUT,
     accept_hello,
+    check_reply_backlog,
     hello_payload,
     session_credit,
     stream_credit,
@@ -66,9 +67,8 @@ from tunnel.wire.constants import (
     Flags,
     FrameType,
 )
-from tunnel.wire.control import decode_control, encode_control
+from tunnel.wire.control import encode_control
 from tunnel.wire.errors import (
-    FloodError,
     FlowControlError,
     ProtocolError,
     SessionClosed,
@@ -101,9 +101,6 @@ _SEND_FIN = int(_I.SEND_FIN)
 _DATA = int(FrameType.DATA)
 _FIN = int(Flags.FIN)
 _ACK = int(Flags.ACK)
-#: Control frames queued in answer to the peer (PING ACKs, refusals) while it does not read
-#: what we send: above this the peer is flooding us.
-_MAX_CONTROL_BACKLOG = 1024 * 1024
 _INF = float("inf")
 
 
@@ -320,22 +317,18 @@ class Session(SessionState):
     def _on_ping(self, flags: int, sid: int, payload) -> None:
         if sid:
             raise ProtocolError("PING on a stream")
-        if len(payload) != 8:
-            raise ProtocolError(f"PING payload of {len(payload)} bytes")
-        if flags & _ACK:
-            rtt = self._policy.ping_acked(payload, self._now)
-            if rtt is not None:
-                self._events.append(PingAcknowledged(rtt))
-            return
-        self._policy.ping_received(self._now)
-        self._queue_reply(frames.encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
+        answer, rtt = self._policy.ping_frame(flags, payload, self._now)
+        if answer is not None:
+            self._queue_reply(frames.encode_frame(FrameType.PING, _ACK, 0, answer))
+        elif rtt is not None:
+            self._events.append(PingAcknowledged(rtt))
 
     def _on_goaway(self, flags: int, sid: int, payload) -> None:
         if sid:
             raise ProtocolError("GOAWAY on a stream")
-        last, code, reason = frames.parse_goaway(payload)
+        last, code, reason, close_now = self._policy.goaway_frame(payload)
         self._events.append(GoAwayReceived(last, code, reason))
-        if self._policy.goaway_from_peer(code):
+        if close_now:
             self._terminate(code, reason, remote=True)
             return
         # Our streams above ``last`` were never processed by the peer.
@@ -349,9 +342,7 @@ class Session(SessionState):
     def _on_control(self, flags: int, sid: int, payload) -> None:
         if sid:
             raise ProtocolError("CONTROL on a stream")
-        self._policy.control_received(self._now)
-        limits = self._limits
-        self._events.append(ControlReceived(decode_control(payload, limits.max_control_size, limits.max_control_depth)))
+        self._events.append(ControlReceived(self._policy.control_frame(payload, self._now)))
 
     # --- stream bookkeeping -----------------------------------------------------------
 
@@ -397,8 +388,7 @@ class Session(SessionState):
     def _queue_reply(self, frame: bytes) -> None:
         """A control frame the peer's input asked for; a peer that makes us queue many
         without reading them floods us."""
-        if self._control_bytes + len(frame) > _MAX_CONTROL_BACKLOG:
-            raise FloodError("peer does not read our answers")
+        check_reply_backlog(self._control_bytes + len(frame))
         self._queue_control(frame)
 
     def data_to_send(self, max_bytes: int | None = None) -> list:

@@ -15,7 +15,7 @@ and timers. The carrier needs a few things more, and takes them here only:
   datagram size (:class:`GranularPacer`);
 - a stream sender that keeps written chunks instead of one growing ``bytearray``
   (:class:`ChunkSender`), and the offsets the peer acknowledged (progress, close flush);
-- stream limits set at start (MAX_STREAMS), the connection's stream table, its state;
+- stream limits set at start (MAX_STREAMS), the connection's stream table;
 - for :mod:`tunnel.carriers.quic.congestion`: the controller's pacing rate in the pacer (see
   :class:`GranularPacer`), and room on aioquic's ``QuicSentPacket`` (a dataclass without
   ``__slots__``) for the delivery state the controller keeps with each packet it is told of.
@@ -31,7 +31,7 @@ import bisect
 
 from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
-from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, QuicConnection, QuicConnectionState
+from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicErrorCode,
@@ -79,7 +79,6 @@ RELIED_ON = [
     (QuicConnection, "_local_max_streams_uni"),
     (QuicConnection, "_remote_max_data_used"),
     (QuicConnection, "_streams"),
-    (QuicConnection, "_state"),
     (QuicConnection, "_loss"),
     (QuicConnection, "_max_datagram_size"),
     ("loss", "_pacer"),
@@ -189,14 +188,6 @@ class BoundedConnection(QuicConnection):
         self.peer_max_udp: int | None = None
 
     # --- state ------------------------------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        return self._state == QuicConnectionState.CONNECTED
-
-    @property
-    def terminated(self) -> bool:
-        return self._state == QuicConnectionState.TERMINATED
 
     def stream(self, stream_id: int) -> QuicStream | None:
         """aioquic's stream, or None once it forgot it (or never saw it)."""

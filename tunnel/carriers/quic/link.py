@@ -51,7 +51,9 @@ from tunnel.carriers.quic.compat import (
     attachment,
     received_offset,
     unacked,
+    unsent_bytes,
     use_chunk_sender,
+    written_offset,
 )
 from tunnel.carriers.quic.stream import QuicLinkStream
 from tunnel.carriers.quic.udp import MAX_DATAGRAM_SIZE, SMALLEST_MAX_DATAGRAM_SIZE
@@ -62,10 +64,11 @@ from tunnel.core.policy import (
     LinkPolicy,
     SendWatermarks,
     accept_hello,
+    check_reply_backlog,
     hello_payload,
 )
 from tunnel.wire.constants import HEADER_SIZE, QUIC_ALPN, ErrorCode, Flags, FrameType
-from tunnel.wire.control import decode_control, encode_control
+from tunnel.wire.control import encode_control
 from tunnel.wire.errors import ProtocolError, SessionClosed, UsageError
 
 __all__ = ["CONTROL_STREAM_ID", "QuicLink"]
@@ -75,6 +78,8 @@ log = logging.getLogger("tunnel.carriers.quic")
 CONTROL_STREAM_ID = 0
 #: Flush bound for control frames queued before ``close`` (seconds).
 CLOSE_FLUSH_TIMEOUT = 1.0
+#: How much later than now aioquic's timer is armed when it names a time already past.
+TIMER_GRANULARITY = 0.001
 _HEADER = struct.Struct("!BBHII")
 _OPEN = int(FrameType.OPEN)
 _FIN = int(Flags.FIN)
@@ -163,6 +168,9 @@ class QuicLink(Link):
         self._closed = False  # no more I/O on the connection
         self._closing = False
         self._terminated = self._loop.create_future()
+        #: The QUIC connection is up and we have not closed it (nor has the peer, as far as
+        #: aioquic told us).
+        self._quic_up = True
         self._tx_scheduled = False
         self._timer: asyncio.TimerHandle | None = None  # aioquic's timer
         self._timer_at: float | None = None
@@ -271,7 +279,7 @@ class QuicLink(Link):
             self._close_pending = (code, reason)
             self._close_timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._close_flushed)
         else:
-            self._conn.close(error_code=code, reason_phrase=reason[:1024])
+            self._close_connection(code, reason)
         self._shutdown(code, reason)
         self._schedule_transmit()
 
@@ -286,7 +294,7 @@ class QuicLink(Link):
         if not self._ready.is_set() and not self._hello_sent:
             return False
         cs = self._conn.stream(CONTROL_STREAM_ID)
-        return self._conn.connected and cs is not None and unacked(cs)
+        return self._quic_up and cs is not None and unacked(cs)
 
     def _close_flushed(self) -> None:
         """The deferred CONNECTION_CLOSE: control data acknowledged, or its time is up."""
@@ -297,9 +305,14 @@ class QuicLink(Link):
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
-        if self._conn.connected:
-            self._conn.close(error_code=code, reason_phrase=reason[:1024])
+        self._close_connection(code, reason)
         self._schedule_transmit()
+
+    def _close_connection(self, code: int, reason: str) -> None:
+        """CONNECTION_CLOSE, once (aioquic ignores it on a connection already closing)."""
+        if self._quic_up:
+            self._quic_up = False
+            self._conn.close(error_code=code, reason_phrase=reason[:1024])
 
     def _check_drained(self) -> None:
         if not self._closed and self._policy.drained(len(self._streams)):
@@ -338,6 +351,7 @@ class QuicLink(Link):
         dispatch.closed(code, reason)
 
     def _terminate(self) -> None:
+        self._quic_up = False
         self._close_pending = None
         for handle in (self._timer, self._close_timer):
             if handle is not None:
@@ -395,7 +409,7 @@ class QuicLink(Link):
 
     def datagram_received(self, data: bytes, addr) -> None:
         conn = self._conn
-        if conn.terminated:
+        if self._terminated.done():
             return
         now = self._loop.time()
         self._policy.last_received = now
@@ -427,6 +441,14 @@ class QuicLink(Link):
         self._conn.send_stream_data(CONTROL_STREAM_ID, frame)
         self._tx_fed += len(frame)
         self._schedule_transmit()
+
+    def _send_reply(self, ftype: int, flags: int, payload: bytes) -> None:
+        """A control frame the peer's input asked for: a peer that makes us queue many
+        without reading them (its control stream's credit never comes back) floods us."""
+        cs = self._conn.stream(CONTROL_STREAM_ID)
+        queued = written_offset(cs) - acked_offset(cs) if cs is not None else 0
+        check_reply_backlog(queued + HEADER_SIZE + len(payload))
+        self._send_frame(ftype, flags, payload)
 
     def _reset_quic_stream(self, stream_id: int, code: int, stop: bool) -> None:
         conn = self._conn
@@ -463,7 +485,8 @@ class QuicLink(Link):
                         fed_any.add(s)
                     if not s.buffered and not s._eof_pending:
                         sending.discard(s)
-            datagrams = conn.datagrams_to_send(now=loop_time())
+            now = loop_time()
+            datagrams = conn.datagrams_to_send(now=now)
             if not datagrams:
                 break
             if send(datagrams):
@@ -482,6 +505,10 @@ class QuicLink(Link):
                 self._dispatch.stream_call(s, s.handler.writable)
         self._process_events()
         timer_at = conn.get_timer()
+        if timer_at is not None and timer_at <= now:
+            # aioquic did what was due at ``now`` and still names ``now`` (an ACK held back
+            # by pacing): only a later clock changes its mind, so do not spin until then.
+            timer_at = now + TIMER_GRANULARITY
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
             self._timer = None
@@ -531,7 +558,15 @@ class QuicLink(Link):
             self._fail(ErrorCode.TIMEOUT, "keepalive timeout: no packets from the peer")
             return
         if due == KEEPALIVE_PING:
-            self._send_frame(FrameType.PING, 0, policy.new_ping(now))
+            # Our PING rides the control stream, which waits with the data for connection
+            # credit while a reader is slow: then QUIC's own PING (never flow-controlled) alone
+            # keeps the peer hearing from us and restarts its idle timer, and our PINGs do not
+            # pile up to reach the peer in one burst (a PING flood) once credit returns.
+            cs = self._conn.stream(CONTROL_STREAM_ID)
+            if cs is None or not unsent_bytes(cs):
+                self._send_frame(FrameType.PING, 0, policy.new_ping(now))
+            self._conn.send_ping(0)
+            self._schedule_transmit()
         for stream in policy.half_closed_streams:
             acked = acked_offset(stream._qs)
             if acked != stream._acked_mark:  # the peer took more of our data: progress too
@@ -642,22 +677,19 @@ class QuicLink(Link):
             return
         now = self._loop.time()
         if ftype == FrameType.PING:
-            if flags & Flags.ACK:
-                policy.ping_acked(payload, now)
-            else:
-                policy.ping_received(now)
-                self._send_frame(FrameType.PING, Flags.ACK, bytes(payload))
+            answer, _rtt = policy.ping_frame(flags, payload, now)
+            if answer is not None:
+                self._send_reply(FrameType.PING, Flags.ACK, answer)
         elif ftype == FrameType.CONTROL:
-            policy.control_received(now)
-            message = decode_control(payload, self.limits.max_control_size, self.limits.max_control_depth)
+            message = policy.control_frame(payload, now)
             if self._dispatch.holding:
                 self._dispatch.hold(self._dispatch.control, message)
             else:
                 self._dispatch.control(message)
         elif ftype == FrameType.GOAWAY:
-            last, code, reason = frames.parse_goaway(payload)
+            last, code, reason, close_now = policy.goaway_frame(payload)
             log.info("peer sent GOAWAY (code %s): %s", code, reason)
-            if policy.goaway_from_peer(code):
+            if close_now:
                 self._close(code, reason or "peer sent GOAWAY", flush=False)
                 return
             for stream in [s for s in self._streams.values() if s._local and s.stream_id > last]:
