@@ -10,8 +10,10 @@ checks stay OpenSSL's, configured as before.
 
 ``TUNNEL_TLS_ENGINE=ssl`` selects the loop's own TLS transport (for comparison, or should the
 compiled one misbehave somewhere); when aiofastnet cannot be imported the loop's is used too.
-Only TLS connections take the engine; plain TCP (``ws://``, the bridge's sockets) stays on the
-loop's transports.
+The bridge's plain TCP sockets (the agent's to private services, the relay's to workers) take the
+engine's plain transports too (:func:`open_tcp`, :func:`serve_tcp`): they read into a fresh
+``bytes`` object, where uvloop reads into its own buffer and copies each read out, one copy of
+every bulk byte less on each end (bench/bulk_cpu.py). ``ws://`` links stay on the loop's.
 
 Handshake failures reach the caller (the agent's dial, the relay's ``start_tls``), which reports
 them in its own words. The engine, as asyncio's TLS protocol does, also hands them to the loop's
@@ -29,7 +31,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
-__all__ = ["ENGINES", "engine", "describe", "select", "create_connection", "create_server", "start_tls"]
+__all__ = ["ENGINES", "engine", "describe", "select", "create_connection", "create_server", "start_tls",
+           "on_engine", "open_tcp", "serve_tcp"]
 
 log = logging.getLogger("tunnel.carriers.tls")
 
@@ -79,7 +82,8 @@ def select(name: str) -> str:
     return engine()
 
 
-def _is_engine_transport(transport: object) -> bool:
+def on_engine(transport: object) -> bool:
+    """True for a transport of the compiled engine (aiofastnet's), False for the loop's."""
     return type(transport).__module__.startswith("aiofastnet.")
 
 
@@ -92,7 +96,7 @@ def _quiet_handshake_reports(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         transport = context.get("transport")
-        if context.get("message") == "SSL handshake failed" and _is_engine_transport(transport):
+        if context.get("message") == "SSL handshake failed" and on_engine(transport):
             return
         if previous is not None:
             previous(loop, context)
@@ -131,9 +135,27 @@ async def start_tls(loop: asyncio.AbstractEventLoop, transport: asyncio.BaseTran
                     protocol: asyncio.BaseProtocol, context: ssl.SSLContext, **kwargs) -> asyncio.Transport:
     """``loop.start_tls`` on the engine of ``transport`` (one from :func:`create_server`): the
     engine the server was created with, even if :func:`select` changed it since."""
-    if not _is_engine_transport(transport):
+    if not on_engine(transport):
         return await loop.start_tls(transport, protocol, context, **kwargs)
     import aiofastnet
 
     _quiet_handshake_reports(loop)
     return await aiofastnet.start_tls(loop, transport, protocol, context, **kwargs)
+
+
+async def open_tcp(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.BaseProtocol],
+                   host: str, port: int) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """A plain TCP connection to ``host:port`` on the selected engine's transport (the loop's
+    for ``ssl``)."""
+    if _engine is None:
+        return await loop.create_connection(factory, host, port)
+    return await _engine.create_connection(loop, factory, host, port)
+
+
+async def serve_tcp(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.BaseProtocol],
+                    host: str | None, port: int, **kwargs) -> asyncio.AbstractServer:
+    """A plain TCP server on ``host:port`` whose connections ride the selected engine's
+    transports (the loop's for ``ssl``); ``kwargs`` as ``loop.create_server``'s."""
+    if _engine is None:
+        return await loop.create_server(factory, host, port, **kwargs)
+    return await _engine.create_server(loop, factory, host, port, **kwargs)
