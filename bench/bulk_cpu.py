@@ -16,6 +16,10 @@ encrypts), and reads utime+stime of the agent, the relay and the bulk service fr
 of agent and relay; then medians per tree. Throughput on a shared machine is noisy; CPU per GB
 is the steadier figure.
 
+The name ``ssh`` in ``--trees`` runs OpenSSH instead, in the same interleaving: ``ssh -R`` with
+aes128-gcm through a private sshd (:mod:`bench.peers.sshd`); its client stands for the agent and
+sshd (with its per-connection processes) for the relay.
+
 A tree ``PATH:ssl`` runs with ``TUNNEL_TLS_ENGINE=ssl``, ``PATH:pure`` with the pure-Python
 twins; ``PATH+NAME=VALUE`` (repeatable: ``.+A=1+B=2``) sets environment variables of relay and
 agent.
@@ -41,6 +45,7 @@ from bench.peers.procs import (  # noqa: E402
     wait_until,
 )
 from bench.peers.services import start_bulk  # noqa: E402
+from bench.peers.sshd import PrivateSshd  # noqa: E402
 from bench.roundtrip_cpu import Tree  # noqa: E402
 
 CHUNK = memoryview(bytes(range(256)) * 4096)  # 1 MiB
@@ -114,6 +119,40 @@ def _profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
             "-p", str(pid)]
 
 
+class SshPeer:
+    """``ssh -R`` aes128-gcm in place of relay and agent (see the module's docstring)."""
+
+    name = label = "ssh-aes128gcm"
+
+    def __init__(self, reg: ProcessRegistry) -> None:
+        self.sshd = PrivateSshd(reg, Path(tempfile.mkdtemp(prefix="bulkcpu-sshd-")))
+        self.sshd.start()
+
+
+def _measure(ep: int, nbytes: int, agent_pid: int, relay_pid: int, relay_children: bool, service_pid: int) -> dict:
+    out = {}
+    for direction, move in (("up", upload), ("down", download)):
+        def cpu() -> list[float]:
+            return [cpu_seconds(agent_pid, False), cpu_seconds(relay_pid, relay_children),
+                    cpu_seconds(service_pid, False)]
+        c0 = cpu()
+        secs = move(ep, nbytes)
+        c1 = cpu()
+        gb = nbytes / 1e9
+        out[direction] = {"gbit": nbytes * 8 / secs / 1e9, "agent": (c1[0] - c0[0]) / gb,
+                          "relay": (c1[1] - c0[1]) / gb, "service": (c1[2] - c0[2]) / gb}
+    return out
+
+
+def ssh_run(reg: ProcessRegistry, peer: SshPeer, bulk: tuple[int, subprocess.Popen], nbytes: int) -> dict:
+    ep, client = peer.sshd.forward(bulk[0], "aes128-gcm@openssh.com", name="ssh-bulk")
+    try:
+        upload(ep, 64 << 20)
+        return _measure(ep, nbytes, client.pid, peer.sshd.proc.pid, True, bulk[1].pid)
+    finally:
+        reg.stop(client)
+
+
 def one_run(reg: ProcessRegistry, tree: Tree, bulk: tuple[int, subprocess.Popen], nbytes: int,
             profile: Path | None, profiler: str) -> dict:
     bulk_port, bulk_proc = bulk
@@ -179,18 +218,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="perf record -g (native and kernel frames), the same with DWARF unwinding "
                          "(callers of libc and OpenSSL too; large files) or py-spy --native")
     args = ap.parse_args(argv)
-    trees = [EnvTree(t) for t in args.trees.split(",")]
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     reg = ProcessRegistry(Path(tempfile.mkdtemp(prefix="bulkcpu-logs-")))
-    results: dict[EnvTree, list[dict]] = {t: [] for t in trees}
     keys = [(d, k) for d in ("up", "down") for k in ("gbit", "agent", "relay")]
     try:
+        trees = [SshPeer(reg) if t == "ssh" else EnvTree(t) for t in args.trees.split(",")]
+        results: dict[EnvTree | SshPeer, list[dict]] = {t: [] for t in trees}
         bulk = start_bulk(reg)
         for i in range(args.runs):
             for tree in trees:
                 load = open("/proc/loadavg").read().split()[0]
-                r = one_run(reg, tree, bulk, args.mbytes << 20, args.profile, args.profiler)
+                if isinstance(tree, SshPeer):
+                    r = ssh_run(reg, tree, bulk, args.mbytes << 20)
+                else:
+                    r = one_run(reg, tree, bulk, args.mbytes << 20, args.profile, args.profiler)
                 results[tree].append(r)
                 print(f"run {i + 1} {tree.name:28s} load {load:>5s}  " + "  ".join(
                     f"{d}: {r[d]['gbit']:5.2f} Gbit/s agent {r[d]['agent']:.3f} relay {r[d]['relay']:.3f} s/GB"
