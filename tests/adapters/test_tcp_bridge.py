@@ -168,21 +168,24 @@ def test_pieces_of_one_batch_leave_in_one_write(run, monkeypatch, wait_until):
     run(main())
 
 
+class Recording(FakeStream):
+    """Keeps what the bridge writes to its stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = b""
+        self.eof = False
+
+    def write(self, data) -> None:
+        self.data += bytes(data)
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+
 def test_bridges_ride_the_selected_engine_both_ways(run, engine, wait_until):
     """The agent's dialled bridge and the relay's accepted one are on the engine's transports
     (aiofastnet's for ``openssl``, the loop's for ``ssl``), and bytes and a half-close cross."""
-    class Recording(FakeStream):
-        def __init__(self) -> None:
-            super().__init__()
-            self.data = b""
-            self.eof = False
-
-        def write(self, data) -> None:
-            self.data += bytes(data)
-
-        def write_eof(self) -> None:
-            self.eof = True
-
     async def main():
         accepted: list[TcpBridge] = []
 
@@ -203,6 +206,46 @@ def test_bridges_ride_the_selected_engine_both_ways(run, engine, wait_until):
         assert accepted[0].stream.data == b"ping!" and dialled.stream.consumed == 5
         dialled.transport.abort()
         accepted[0].transport.abort()
+        server.close()
+
+    run(main())
+
+
+def test_a_connection_refused_as_it_is_accepted_leaves_the_next_one_served(run, engine, wait_until):
+    """A relay endpoint refuses a worker inside connection_made (allow list, quota): the reset
+    reaches that worker, and the next connection, which the kernel may give the same descriptor
+    number, is read as usual (aiofastnet's transports once went deaf after such an abort)."""
+    accepted: list[TcpBridge] = []
+
+    class Refusing(TcpBridge):
+        def connection_made(self, transport) -> None:
+            accepted.append(self)
+            if len(accepted) == 1:
+                self.transport = transport
+                self.fail(ErrorCode.REFUSED)
+                return
+            super().connection_made(transport)
+
+    def client(port: int, data: bytes):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                return s.recv(1)
+        except OSError as exc:
+            return exc
+
+    async def main():
+        server = await serve_bridges(lambda: Refusing(Recording()), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        first = await loop.run_in_executor(None, client, port, b"one")
+        assert isinstance(first, ConnectionResetError) or first == b""
+        second = loop.run_in_executor(None, client, port, b"two")
+        await wait_until(lambda: len(accepted) == 2 and accepted[1].stream.eof, 10, "the second connection's bytes")
+        assert accepted[1].stream.data == b"two"
+        accepted[1].transport.abort()
+        await second
         server.close()
 
     run(main())

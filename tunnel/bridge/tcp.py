@@ -288,7 +288,13 @@ class TcpBridge:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             except OSError:
                 pass
-        transport.abort()
+        if tls.on_engine(transport):
+            # aiofastnet starts reading once connection_made has returned, even on a transport
+            # aborted inside it (a relay refusing a worker), and then watches that descriptor
+            # number, which the next accepted connection gets: abort after this callback.
+            asyncio.get_running_loop().call_soon(transport.abort)
+        else:
+            transport.abort()
 
     def _finish(self) -> None:
         if self._done:
