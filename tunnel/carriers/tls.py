@@ -64,8 +64,8 @@ _engine = _load(os.environ.get("TUNNEL_TLS_ENGINE", ""))
 
 
 #: The TLS 1.3 suites in the order :func:`prefer_aes128` sets: AES-128-GCM first (the cipher ssh
-#: uses here; 4-13 % less CPU per GB on each end than AES-256-GCM, bench/results/i21-bulk/), then
-#: OpenSSL's own two.
+#: uses here; 4-13 % less CPU per GB on each end than AES-256-GCM in bench/README.md's runs, 1-7 %
+#: in bench/results/i21-bulk/03-*), then OpenSSL's own two.
 TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 
