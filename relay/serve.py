@@ -13,7 +13,7 @@ from pathlib import Path
 from tunnel import __version__
 from tunnel.bridge.listen import serve_links
 from tunnel.core.limits import Limits
-from tunnel.ops.process import release_free_memory_forever, tune_malloc
+from tunnel.ops.process import prefer_aes128, release_free_memory_forever, tune_malloc
 
 from relay import CA_FILE, format_host_port, is_loopback_host
 from relay.control import admin, tokens
@@ -42,6 +42,7 @@ log = logging.getLogger("relay")
 def serve_main(args) -> int:
     """Entry point of ``tunnel-relay serve`` (``args`` from relay.cli)."""
     tune_malloc()
+    prefer_aes128()  # before any SSL context exists: the relay chooses the suite of every link
     try:
         if uvloop is not None:
             return uvloop.run(_serve(args))

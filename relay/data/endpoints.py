@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tunnel.bridge.proxy_protocol import format_worker
-from tunnel.bridge.tcp import LinkBuffers, TcpBridge, stream_handler
+from tunnel.bridge.tcp import LinkBuffers, TcpBridge, serve_bridges, stream_handler
 from tunnel.carriers.base import Link
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import UsageError
@@ -385,9 +385,8 @@ class Endpoint:
         return self.allow if self.allow is not None else self.registry.service_allow
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: EndpointBridge(self), self.host, self.port,
-                                               reuse_address=True, backlog=1024)
+        self.server = await serve_bridges(lambda: EndpointBridge(self), self.host, self.port,
+                                          reuse_address=True, backlog=1024)
 
     def pick_agent(self) -> AgentSession | None:
         """An agent whose private service answers (as far as it told), then the one with the

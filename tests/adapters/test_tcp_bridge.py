@@ -1,5 +1,6 @@
-"""TcpBridge's receive side on real TCP sockets, under uvloop and asyncio: credit goes back
-only for bytes the kernel took, nothing keeps a view of the buffers the stream's bytes came
+"""TcpBridge's receive side on real TCP sockets, under uvloop and asyncio, on the transports of
+both TLS engines (the bridge's sockets ride the selected engine's plain transports): credit goes
+back only for bytes the kernel took, nothing keeps a view of the buffers the stream's bytes came
 in, and a link's bridges never hold more than its LinkBuffers limit."""
 
 from __future__ import annotations
@@ -8,9 +9,21 @@ import asyncio
 import os
 import socket
 
-from tunnel.bridge.tcp import LinkBuffers, TcpBridge
+import pytest
+
+from tunnel.bridge.tcp import LinkBuffers, TcpBridge, dial_bridge, serve_bridges
+from tunnel.carriers import tls
 from tunnel.carriers.base import LinkStream
 from tunnel.wire.constants import ErrorCode
+
+
+@pytest.fixture(autouse=True, params=tls.ENGINES)
+def engine(request):
+    """Every test on each TLS engine's transports; the engine of the environment restored."""
+    before = tls.engine()
+    tls.select(request.param)
+    yield request.param
+    tls.select(before)
 
 
 class FakeStream(LinkStream):
@@ -50,7 +63,7 @@ async def _bridge_to_a_silent_peer(stream, buffers=None):
     listener.setblocking(False)
     bridge = TcpBridge(stream, buffers)
     accept = loop.create_task(loop.sock_accept(listener))
-    await loop.create_connection(lambda: bridge, *listener.getsockname())
+    await tls.open_tcp(loop, lambda: bridge, *listener.getsockname())
     peer, _ = await accept
     listener.close()
     return bridge, peer
@@ -151,5 +164,88 @@ def test_pieces_of_one_batch_leave_in_one_write(run, monkeypatch, wait_until):
         await wait_until(lambda: stream.consumed == 13 + (8 << 20), 10, "the credit for the rest")
         bridge.transport.close()
         peer.close()
+
+    run(main())
+
+
+class Recording(FakeStream):
+    """Keeps what the bridge writes to its stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = b""
+        self.eof = False
+
+    def write(self, data) -> None:
+        self.data += bytes(data)
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+
+def test_bridges_ride_the_selected_engine_both_ways(run, engine, wait_until):
+    """The agent's dialled bridge and the relay's accepted one are on the engine's transports
+    (aiofastnet's for ``openssl``, the loop's for ``ssl``), and bytes and a half-close cross."""
+    async def main():
+        accepted: list[TcpBridge] = []
+
+        def factory() -> TcpBridge:
+            accepted.append(TcpBridge(Recording()))
+            return accepted[-1]
+
+        server = await serve_bridges(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        dialled = TcpBridge(FakeStream())
+        assert await dial_bridge(dialled.stream, dialled, "127.0.0.1", port, 10) is None
+        await wait_until(lambda: accepted and accepted[0].transport is not None, 10, "the accepted bridge")
+        on = engine == "openssl"
+        assert tls.on_engine(dialled.transport) is on and tls.on_engine(accepted[0].transport) is on
+        dialled.stream_data_many([b"ping", b"!"])
+        dialled.stream_eof()
+        await wait_until(lambda: accepted[0].stream.eof, 10, "the half-close")
+        assert accepted[0].stream.data == b"ping!" and dialled.stream.consumed == 5
+        dialled.transport.abort()
+        accepted[0].transport.abort()
+        server.close()
+
+    run(main())
+
+
+def test_a_connection_refused_as_it_is_accepted_leaves_the_next_one_served(run, engine, wait_until):
+    """A relay endpoint refuses a worker inside connection_made (allow list, quota): the reset
+    reaches that worker, and the next connection, which the kernel may give the same descriptor
+    number, is read as usual (aiofastnet's transports once went deaf after such an abort)."""
+    accepted: list[TcpBridge] = []
+
+    class Refusing(TcpBridge):
+        def connection_made(self, transport) -> None:
+            accepted.append(self)
+            if len(accepted) == 1:
+                self.transport = transport
+                self.fail(ErrorCode.REFUSED)
+                return
+            super().connection_made(transport)
+
+    def client(port: int, data: bytes):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                return s.recv(1)
+        except OSError as exc:
+            return exc
+
+    async def main():
+        server = await serve_bridges(lambda: Refusing(Recording()), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        first = await loop.run_in_executor(None, client, port, b"one")
+        assert isinstance(first, ConnectionResetError) or first == b""
+        second = loop.run_in_executor(None, client, port, b"two")
+        await wait_until(lambda: len(accepted) == 2 and accepted[1].stream.eof, 10, "the second connection's bytes")
+        assert accepted[1].stream.data == b"two"
+        accepted[1].transport.abort()
+        await second
+        server.close()
 
     run(main())

@@ -134,10 +134,13 @@ SERVE_ONE = """
 import asyncio, sys
 import uvloop
 from tests.helpers import make_pki
+from tunnel.carriers import tls
 from tunnel.carriers.wss import serve_wss_pipes
 from tunnel.core.limits import Limits
 
 async def main():
+    if sys.argv[2:] == ["prefer"]:
+        tls.prefer_aes128()  # as tunnel-relay serve does at start
     pki = make_pki(__import__("pathlib").Path(sys.argv[1]))
     done = asyncio.get_running_loop().create_future()
 
@@ -153,17 +156,36 @@ uvloop.run(main())
 """
 
 
-@pytest.mark.parametrize("conf, suite", [(None, "TLS_AES_256_GCM_SHA384"),
-                                         ("deploy/openssl/tls13-aes128.cnf", "TLS_AES_128_GCM_SHA256")])
-def test_relay_openssl_configuration_picks_the_suite(run, tmp_path, conf, suite):
-    """deploy/openssl/tls13-aes128.cnf on the relay alone makes every link AES-128-GCM (the server
-    chooses); the agent's process is left as it is."""
+AES256_FIRST = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Ciphersuites = TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256
+"""
+
+
+@pytest.mark.parametrize("conf, prefer, suite", [
+    (None, False, "TLS_AES_256_GCM_SHA384"),  # OpenSSL's own first choice
+    (None, True, "TLS_AES_128_GCM_SHA256"),  # the relay's default
+    ("deploy/openssl/tls13-aes128.cnf", False, "TLS_AES_128_GCM_SHA256"),
+    ("deploy/openssl/tls13-aes128.cnf", True, "TLS_AES_128_GCM_SHA256"),
+    ("aes256-first.cnf", True, "TLS_AES_256_GCM_SHA384"),  # an operator's own Ciphersuites stand
+])
+def test_relay_openssl_configuration_picks_the_suite(run, tmp_path, conf, prefer, suite):
+    """The relay (the server chooses) makes every link AES-128-GCM by default through
+    ``tls.prefer_aes128`` or with deploy/openssl/tls13-aes128.cnf; a configuration that orders
+    the TLS 1.3 suites itself is left alone; the agent's process is left as it is."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("OPENSSL_CONF", None)
-    if conf:
+    if conf == "aes256-first.cnf":
+        (tmp_path / conf).write_text(AES256_FIRST)
+        env["OPENSSL_CONF"] = str(tmp_path / conf)
+    elif conf:
         env["OPENSSL_CONF"] = str(ROOT / conf)
-    server = subprocess.Popen([sys.executable, "-c", SERVE_ONE, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                              text=True, cwd=ROOT)
+    server = subprocess.Popen([sys.executable, "-c", SERVE_ONE, str(tmp_path), "prefer" if prefer else "-"], env=env,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         port = int(server.stdout.readline())
         ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
@@ -179,6 +201,28 @@ def test_relay_openssl_configuration_picks_the_suite(run, tmp_path, conf, suite)
     finally:
         server.kill()
         server.wait(30)
+
+
+KEEPS_THE_REST = """
+import ssl
+from tunnel.carriers import tls
+assert tls.prefer_aes128()
+context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+print(context.maximum_version.name, [c["name"] for c in context.get_ciphers()][:3])
+"""
+
+
+def test_preferring_aes128_keeps_the_rest_of_the_configuration(tmp_path):
+    """Only the suite order changes: the other settings of the process's OpenSSL configuration
+    (here a maximum protocol version) still apply to the contexts made after it."""
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(AES256_FIRST.replace("Ciphersuites = " + AES256_FIRST.rpartition("= ")[2], "MaxProtocol = TLSv1.2\n"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENSSL_CONF=str(conf))
+    out = subprocess.run([sys.executable, "-c", KEEPS_THE_REST], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(None, 1) == [
+        "TLSv1_2", "['TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256']\n"]
 
 
 def test_bad_engine_setting_stops_the_agent_with_a_clear_error():

@@ -132,7 +132,12 @@ def test_agent_refuses_streams_for_unconfigured_destinations_and_dials_nothing(m
             dialled.append(args[1:])
             raise OSError("should not dial")
 
+        async def fake_open_tcp(loop, *args, **kwargs):  # the bridge dials through the TLS engine's
+            await fake_create_connection(*args, **kwargs)
+
+        from tunnel.carriers import tls
         monkeypatch.setattr(loop, "create_connection", fake_create_connection)
+        monkeypatch.setattr(tls, "open_tcp", fake_open_tcp)
         agent = Agent(agent_config.load(BASE), dialer=object())
         handler = AgentLinkHandler(agent, link=None)
         for metadata in (b"other", b"10.0.0.5:5432", b"db\x00", b"", "db".encode("utf-16")):
@@ -149,13 +154,13 @@ def test_agent_dials_only_the_configured_address(monkeypatch):
     dialled = []
 
     async def main():
-        loop = asyncio.get_running_loop()
+        from tunnel.carriers import tls
 
-        async def fake_create_connection(factory, host, port, **kwargs):
+        async def fake_open_tcp(loop, factory, host, port):  # the bridge dials through the TLS engine's
             dialled.append((host, port))
             raise OSError(111, "Connection refused")
 
-        monkeypatch.setattr(loop, "create_connection", fake_create_connection)
+        monkeypatch.setattr(tls, "open_tcp", fake_open_tcp)
         agent = Agent(agent_config.load(BASE), dialer=object())
         handler = AgentLinkHandler(agent, link=None)
         stream = FakeStream(b"db")

@@ -35,6 +35,7 @@ import os
 import socket
 import struct
 
+from tunnel.carriers import tls
 from tunnel.carriers.base import LinkStream, StreamHandler
 from tunnel.carriers.pipe import set_nodelay
 from tunnel.wire.constants import ErrorCode
@@ -287,7 +288,13 @@ class TcpBridge:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             except OSError:
                 pass
-        transport.abort()
+        if tls.on_engine(transport):
+            # aiofastnet starts reading once connection_made has returned, even on a transport
+            # aborted inside it (a relay refusing a worker), and then watches that descriptor
+            # number, which the next accepted connection gets: abort after this callback.
+            asyncio.get_running_loop().call_soon(transport.abort)
+        else:
+            transport.abort()
 
     def _finish(self) -> None:
         if self._done:
@@ -359,7 +366,7 @@ async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: in
     it sends to the relay goes out ahead of the RESET); the caller then logs the failure."""
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port), timeout)
+        await asyncio.wait_for(tls.open_tcp(loop, lambda: bridge, host, port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         log.log(logging.DEBUG if on_result is not None else logging.INFO, "stream %d: connect to %s:%d failed: %s",
                 stream.stream_id, host, port,
@@ -371,3 +378,10 @@ async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: in
     if on_result is not None:
         on_result(None)
     return None
+
+
+async def serve_bridges(factory, host: str, port: int, **kwargs) -> asyncio.AbstractServer:
+    """Relay side: a TCP server on ``host:port`` whose connections go to the bridges ``factory``
+    makes, on the transports of the selected TLS engine (:func:`tunnel.carriers.tls.serve_tcp`);
+    ``kwargs`` as ``loop.create_server``'s."""
+    return await tls.serve_tcp(asyncio.get_running_loop(), factory, host, port, **kwargs)

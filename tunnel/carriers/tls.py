@@ -10,8 +10,15 @@ checks stay OpenSSL's, configured as before.
 
 ``TUNNEL_TLS_ENGINE=ssl`` selects the loop's own TLS transport (for comparison, or should the
 compiled one misbehave somewhere); when aiofastnet cannot be imported the loop's is used too.
-Only TLS connections take the engine; plain TCP (``ws://``, the bridge's sockets) stays on the
-loop's transports.
+The bridge's plain TCP sockets (the agent's to private services, the relay's to workers) take the
+engine's plain transports too (:func:`open_tcp`, :func:`serve_tcp`): they read into a fresh
+``bytes`` object, where uvloop reads into its own buffer and copies each read out, one copy of
+every bulk byte less on each end (bench/bulk_cpu.py). ``ws://`` links stay on the loop's.
+
+TLS 1.3 suites: OpenSSL offers and, as a server, prefers TLS_AES_256_GCM_SHA384 first; Python's
+``ssl`` cannot reorder TLS 1.3 suites. :func:`prefer_aes128` puts TLS_AES_128_GCM_SHA256 first for
+every context the process creates from then on, through OpenSSL's own configuration (the relay
+calls it at start: as the server it chooses the suite of every link; peers keep all three).
 
 Handshake failures reach the caller (the agent's dial, the relay's ``start_tls``), which reports
 them in its own words. The engine, as asyncio's TLS protocol does, also hands them to the loop's
@@ -29,7 +36,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
-__all__ = ["ENGINES", "engine", "describe", "select", "create_connection", "create_server", "start_tls"]
+__all__ = ["ENGINES", "engine", "describe", "select", "create_connection", "create_server", "start_tls",
+           "prefer_aes128", "on_engine", "open_tcp", "serve_tcp"]
 
 log = logging.getLogger("tunnel.carriers.tls")
 
@@ -53,6 +61,100 @@ def _load(name: str):
 
 
 _engine = _load(os.environ.get("TUNNEL_TLS_ENGINE", ""))
+
+
+#: The TLS 1.3 suites in the order :func:`prefer_aes128` sets: AES-128-GCM first (the cipher ssh
+#: uses here; 4-13 % less CPU per GB on each end than AES-256-GCM in bench/README.md's runs, 1-7 %
+#: in bench/results/i21-bulk/03-*), then OpenSSL's own two.
+TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
+def prefer_aes128() -> bool:
+    """Make :data:`TLS13_SUITES` the TLS 1.3 suites of the SSL contexts this process creates from
+    now on; True if done.
+
+    OpenSSL applies its configuration's ``system_default`` section to every new context. This
+    loads the process's configuration file again (``OPENSSL_CONF``, else the system's), adds
+    ``Ciphersuites`` to that section (every other setting stays) and has OpenSSL apply its
+    ``ssl_conf`` module, through OpenSSL's public configuration API (``NCONF_load_bio``,
+    ``CONF_modules_load``) on the libcrypto the ``ssl`` module uses. Nothing is changed (False)
+    when that section sets ``Ciphersuites`` itself (the operator's choice stands, e.g.
+    deploy/openssl/tls13-aes128.cnf), or where that libcrypto cannot be found (no aiofastnet, a
+    statically linked Python).
+    """
+    if _engine is None and not _load_aiofastnet():
+        return False
+    import aiofastnet
+
+    libs = aiofastnet.OPENSSL_DYN_LIBS
+    if libs is None:
+        return False
+    import ctypes
+
+    crypto = ctypes.CDLL(libs.libcrypto)
+    ptr, text = ctypes.c_void_p, ctypes.c_char_p
+    for name, restype, argtypes in (
+            ("CONF_get1_default_config_file", ptr, []), ("CRYPTO_free", None, [ptr, text, ctypes.c_int]),
+            ("NCONF_new", ptr, [ptr]), ("NCONF_free", None, [ptr]),
+            ("NCONF_load_bio", ctypes.c_int, [ptr, ptr, ctypes.POINTER(ctypes.c_long)]),
+            ("NCONF_get_string", text, [ptr, text, text]), ("BIO_new_mem_buf", ptr, [text, ctypes.c_int]),
+            ("BIO_free", ctypes.c_int, [ptr]), ("CONF_modules_load", ctypes.c_int, [ptr, text, ctypes.c_ulong]),
+            ("ERR_clear_error", None, [])):
+        getattr(crypto, name).restype = restype
+        getattr(crypto, name).argtypes = argtypes
+
+    def load(source: bytes):
+        conf = crypto.NCONF_new(None)
+        bio = crypto.BIO_new_mem_buf(source, len(source))
+        ok = crypto.NCONF_load_bio(conf, bio, ctypes.byref(ctypes.c_long()))
+        crypto.BIO_free(bio)
+        if ok != 1:
+            crypto.NCONF_free(conf)
+            return None
+        return conf
+
+    def get(conf, section: bytes | None, name: bytes) -> bytes | None:
+        return crypto.NCONF_get_string(conf, section, name) if section else None
+
+    raw = crypto.CONF_get1_default_config_file()
+    path = ctypes.cast(raw, text).value if raw else None
+    crypto.CRYPTO_free(raw, b"", 0)
+    include = b".include " + path + b"\n" if path and os.path.isfile(os.fsdecode(path)) else b""
+    try:
+        system = load(include or b"\n")
+        if system is None:
+            return False
+        try:
+            ssl_section = get(system, get(system, None, b"openssl_conf") or get(system, b"default", b"openssl_conf"),
+                              b"ssl_conf")
+            default = get(system, ssl_section, b"system_default")
+            if get(system, default, b"Ciphersuites"):
+                return False
+        finally:
+            crypto.NCONF_free(system)
+        ours = b"tunnel_conf = tunnel_init\n" + include + b"[tunnel_init]\n"
+        if default:
+            ours += b"ssl_conf = " + ssl_section + b"\n[" + default + b"]\n"
+        else:
+            ours += b"ssl_conf = tunnel_ssl\n[tunnel_ssl]\nsystem_default = tunnel_tls\n[tunnel_tls]\n"
+        ours += b"Ciphersuites = " + TLS13_SUITES.encode() + b"\n"
+        conf = load(ours)
+        if conf is None:
+            return False
+        try:
+            return crypto.CONF_modules_load(conf, b"tunnel_conf", 0) == 1
+        finally:
+            crypto.NCONF_free(conf)
+    finally:
+        crypto.ERR_clear_error()  # NCONF_get_string queues an error for each name it misses
+
+
+def _load_aiofastnet() -> bool:
+    try:
+        import aiofastnet  # noqa: F401
+    except ImportError:  # pragma: no cover - a build without the dependency
+        return False
+    return True
 
 
 def engine() -> str:
@@ -79,7 +181,8 @@ def select(name: str) -> str:
     return engine()
 
 
-def _is_engine_transport(transport: object) -> bool:
+def on_engine(transport: object) -> bool:
+    """True for a transport of the compiled engine (aiofastnet's), False for the loop's."""
     return type(transport).__module__.startswith("aiofastnet.")
 
 
@@ -92,7 +195,7 @@ def _quiet_handshake_reports(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         transport = context.get("transport")
-        if context.get("message") == "SSL handshake failed" and _is_engine_transport(transport):
+        if context.get("message") == "SSL handshake failed" and on_engine(transport):
             return
         if previous is not None:
             previous(loop, context)
@@ -131,9 +234,27 @@ async def start_tls(loop: asyncio.AbstractEventLoop, transport: asyncio.BaseTran
                     protocol: asyncio.BaseProtocol, context: ssl.SSLContext, **kwargs) -> asyncio.Transport:
     """``loop.start_tls`` on the engine of ``transport`` (one from :func:`create_server`): the
     engine the server was created with, even if :func:`select` changed it since."""
-    if not _is_engine_transport(transport):
+    if not on_engine(transport):
         return await loop.start_tls(transport, protocol, context, **kwargs)
     import aiofastnet
 
     _quiet_handshake_reports(loop)
     return await aiofastnet.start_tls(loop, transport, protocol, context, **kwargs)
+
+
+async def open_tcp(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.BaseProtocol],
+                   host: str, port: int) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """A plain TCP connection to ``host:port`` on the selected engine's transport (the loop's
+    for ``ssl``)."""
+    if _engine is None:
+        return await loop.create_connection(factory, host, port)
+    return await _engine.create_connection(loop, factory, host, port)
+
+
+async def serve_tcp(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.BaseProtocol],
+                    host: str | None, port: int, **kwargs) -> asyncio.AbstractServer:
+    """A plain TCP server on ``host:port`` whose connections ride the selected engine's
+    transports (the loop's for ``ssl``); ``kwargs`` as ``loop.create_server``'s."""
+    if _engine is None:
+        return await loop.create_server(factory, host, port, **kwargs)
+    return await _engine.create_server(loop, factory, host, port, **kwargs)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 
+from tunnel.carriers.tls import prefer_aes128
 from tunnel.carriers.wss import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
+
+#: ``prefer_aes128()`` (:func:`tunnel.carriers.tls.prefer_aes128`): the relay's TLS 1.3 suite order.
+__all__ = ["prefer_aes128", "tune_malloc"]
 
 
 def tune_malloc() -> bool:
