@@ -94,7 +94,7 @@ class Limits(TunnelSettings):
     #: WSS: bytes the kernel may hold unsent on the link's TCP socket (TCP_NOTSENT_LOWAT, both
     #: sides): what a small frame waits behind when a bulk stream fills the link; 0 leaves the
     #: kernel's default (the whole send buffer, megabytes on a long fat path).
-    link_notsent_lowat: int = 128 * KiB
+    link_notsent_lowat: int = 512 * KiB
     #: QUIC connections one relay holds at once; more are refused (CONNECTION_REFUSED).
     max_quic_connections: int = 10000
     #: QUIC: bytes handed to aioquic beyond what it already sent, per stream ...
