@@ -18,6 +18,8 @@ def main() -> int:
     parser.add_argument("--faults", default=",".join(available_faults()),
                         help=f"comma list of the faults to draw from (default: {', '.join(FAULTS)}; "
                              "the blackholes need root and iptables)")
+    parser.add_argument("--gap", default="6,14", help="seconds between faults, drawn between these bounds")
+    parser.add_argument("--min-faults", type=int, default=0, help="go on past --seconds until this many faults")
     parser.add_argument("--max-stream", type=int, default=8 << 20, help="largest echo stream, bytes")
     parser.add_argument("--no-pgbench", action="store_true", help="no pgbench workload")
     parser.add_argument("--out", type=Path, help="write report.json and faults.jsonl here")
@@ -29,8 +31,9 @@ def main() -> int:
     bad = [f for f in faults if f not in FAULTS]
     if bad:
         parser.error(f"unknown faults {bad}: choose from {', '.join(FAULTS)}")
-    report = run(Settings(seconds=args.seconds, seed=args.seed, faults=faults, max_stream=args.max_stream,
-                          pgbench=not args.no_pgbench), args.out)
+    low, high = (float(x) for x in args.gap.split(","))
+    report = run(Settings(seconds=args.seconds, seed=args.seed, gap=(low, high), min_faults=args.min_faults,
+                          faults=faults, max_stream=args.max_stream, pgbench=not args.no_pgbench), args.out)
     print(json.dumps(report, indent=1))
     return 1 if report["violations"] else 0
 
