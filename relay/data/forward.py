@@ -114,10 +114,11 @@ class ForwardHandler(StreamHandler):
         self.side.reset_received(code)
 
     def writable(self) -> None:
-        self.side.writable()
+        if not self.refused:  # else the connection went on without this stream
+            self.side.writable()
 
     def closed(self) -> None:
-        if not self.refused:  # else the connection went on without this stream
+        if not self.refused:
             self.side.closed()
 
 
