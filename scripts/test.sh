@@ -4,7 +4,8 @@
 # (TUNNEL_PURE_PYTHON=1: the codec, the session, the WebSocket carrier, the link, the bridge;
 # about 45 s; the QUIC adapter tests touch none of them but the shared policy, which the
 # contract suite covers); tests/e2e/test_pure_build.py runs relays and an agent on the twins
-# in every run. Arguments (test paths, pytest options) select what runs, once, compiled.
+# in every run. `--pure` runs that pass alone. Arguments (test paths, pytest options) select
+# what runs, once, compiled.
 # setup.sh re-runs the build, so an edited .py of the compiled path never runs stale here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +15,9 @@ bash scripts/setup.sh
 VENV="${VENV:-.venv}"
 [[ "$VENV" = /* ]] || VENV="$PWD/$VENV"
 export PATH="$VENV/bin:$PATH"
-if (($# == 0)); then
+if (($# == 0)) || [ "$1" = --pure ]; then
   TUNNEL_PURE_PYTHON=1 "$VENV/bin/python" -m pytest -q -ra tests/unit tests/adapters tests/contract --ignore=tests/unit/relay \
     --ignore=tests/adapters/test_quic.py
+  (($# == 0)) || exit 0
 fi
 exec "$VENV/bin/python" -m pytest -q -ra "$@" tests

@@ -17,7 +17,9 @@ which an agent restart begins with, they are held, and refused with that reason 
 comes back). Its bytes
 wait in the kernel (reading paused); an agent registering here gets the waiting connections at
 once, one registering on another relay within ``HOLD_POLL``. Past those bounds a connection is
-reset at once, and the relay logs why, once per interval.
+reset at once, and the relay logs why, once per interval. A forwarded connection the relay
+holding the agent refuses before anything came back (it lost the agent since the look-up)
+waits within the same bounds and goes again (relay.data.forward.ForwardHandler).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tunnel.wire.errors import UsageError
 
 from relay.state import access
 
-from .forward import Forwarded
+from .forward import ForwardHandler, Forwarded
 from .metrics import reset_reason
 from .quotas import QuotaExceeded
 
@@ -170,7 +172,7 @@ def _iso_time(when) -> str | None:
 class EndpointBridge(TcpBridge):
     """An integration worker's TCP connection to a resource endpoint."""
 
-    __slots__ = ("_endpoint", "agent", "forwarded", "opened_at", "worker", "refused", "peer_relay")
+    __slots__ = ("_endpoint", "agent", "forwarded", "retry", "opened_at", "worker", "refused", "peer_relay")
 
     @property
     def bytes_to_agent(self) -> int:
@@ -193,17 +195,24 @@ class EndpointBridge(TcpBridge):
         #: While no stream exists yet (waiting for an agent, here or on another relay): what
         #: the worker sent meanwhile (relay.data.forward.Forwarded).
         self.forwarded: Forwarded | None = None
+        #: While another relay has not answered this connection's forwarded stream: a copy of
+        #: what it was sent, to send again if that relay refuses it (:meth:`forward_refused`).
+        self.retry: Forwarded | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.forwarded is not None:
             self.forwarded.hold(data)
             return
+        if self.retry is not None and not self.retry.keep(data):
+            self.retry = None
         super().data_received(data)
 
     def eof_received(self) -> bool:
         if self.forwarded is not None:
             self.forwarded.eof = True
             return True
+        if self.retry is not None:
+            self.retry.eof = True
         return super().eof_received()
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -303,7 +312,23 @@ class EndpointBridge(TcpBridge):
         """A waiting connection goes to another relay over ``stream`` (relay.data.peering)."""
         self._endpoint.registry.metrics.stream_opened(self._endpoint)
         self.peer_relay = True
+        self.retry = Forwarded(self, self.forwarded.deadline)
         self.forwarded.attach(stream, buffers)
+
+    def forward_refused(self) -> None:
+        """The relay holding an agent refused this connection's forwarded stream before
+        anything came back: it waits for an agent again (``Endpoint.find_agent``), with what
+        the worker sent so far, until the hold deadline counted from the first refusal."""
+        endpoint = self._endpoint
+        retry, self.retry = self.retry, None
+        self.stream = None
+        self.peer_relay = False
+        if retry.deadline is None:
+            retry.deadline = asyncio.get_running_loop().time() + endpoint.registry.settings.endpoint_hold_timeout
+        self.forwarded = retry
+        log.debug("resource %s: the relay holding its agent refused a forwarded connection; it waits and goes "
+                  "again", endpoint.resource_id)
+        endpoint.registry.spawn(endpoint.find_agent(self))
 
     def _released(self) -> None:
         endpoint = self._endpoint
@@ -419,12 +444,24 @@ class Endpoint:
         registry = self.registry
         peering = registry.forwarder
         loop = asyncio.get_running_loop()
-        deadline = None
+        deadline = bridge.forwarded.deadline  # set when a relay holding an agent refused it
         try:
+            if deadline is not None:  # ask again after a while, not at once
+                if deadline <= loop.time() or len(self.waiting) >= registry.settings.endpoint_hold_max:
+                    registry.throttled.log(("forward-refused", self.resource_id), logging.WARNING,
+                                           "resource %s (%s): the relays it was forwarded to refused it (no agent) "
+                                           "for %g s (TUNNEL_ENDPOINT_HOLD_TIMEOUT) or %d connections already "
+                                           "wait (TUNNEL_ENDPOINT_HOLD_MAX); resetting", self.resource_id, self.name,
+                                           registry.settings.endpoint_hold_timeout, len(self.waiting))
+                    bridge.refuse("no_agent")
+                    return
+                self.waiting.add(bridge)
+                bridge.start_waiting()
+                await self._agent_or_poll(deadline - loop.time(), peering is not None)
             while not bridge.done:  # the worker may close, or the resource go, meanwhile
                 if peering is not None:
                     try:
-                        target = await peering.open_forward(self.resource_id, stream_handler(bridge),
+                        target = await peering.open_forward(self.resource_id, ForwardHandler(bridge),
                                                             bridge.worker_field())
                     except Exception:  # noqa: BLE001 - this connection waits or fails, nothing else
                         log.exception("resource %s: forwarding a connection failed", self.resource_id)
@@ -472,17 +509,20 @@ class Endpoint:
                                                self.resource_id, self.name, registry.settings.endpoint_hold_timeout)
                     bridge.refuse("no_agent" if self.released is None else "deregistered")
                     return
-                # An agent registering here wakes the waiters at once; another relay's is
-                # found by asking again (each HOLD_POLL while waiting).
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), min(left, HOLD_POLL) if peering else left)
-                except asyncio.TimeoutError:
-                    pass
+                await self._agent_or_poll(left, peering is not None)
         except asyncio.CancelledError:
             bridge.fail(ErrorCode.REFUSED)
             raise
         finally:
             self.waiting.discard(bridge)
+
+    async def _agent_or_poll(self, left: float, polling: bool) -> None:
+        """Wait up to ``left`` s for an agent registering here, which wakes the waiters at once;
+        ``HOLD_POLL`` at most when ``polling`` (another relay's agent is found by asking again)."""
+        try:
+            await asyncio.wait_for(self._arrived.wait(), max(0.0, min(left, HOLD_POLL) if polling else left))
+        except asyncio.TimeoutError:
+            pass
 
     def log_refusal(self) -> None:
         since = self.agentless_since

@@ -5,7 +5,11 @@
   an agent and opens a stream to it over their peer link (or, when no relay serves the
   resource, waits for an agent: relay.data.endpoints.Endpoint.find_agent), what the worker sends
   waits here (reading paused above :data:`EARLY_LIMIT`, and at once while waiting); then the
-  endpoint's :class:`TcpBridge` runs over the stream exactly as over an agent's.
+  endpoint's :class:`TcpBridge` runs over the stream exactly as over an agent's. Until the
+  holding relay answers, a copy of what the worker sent (up to :data:`EARLY_LIMIT`) is kept:
+  when that relay refuses the open (``REFUSED``: it lost the agent since the look-up, so
+  nothing reached a private service), the connection waits and goes again
+  (:class:`ForwardHandler`), within the bounds of a connection waiting for an agent.
 - :class:`Splice` (the relay holding the agent): joins the stream from the peer to a new
   stream on the agent's link, both directions, with backpressure: a piece received on one
   stream is queued on the other and credit goes back (``consume``) only once that queue is
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 
+from tunnel.bridge.tcp import stream_handler
 from tunnel.carriers.base import LinkStream, StreamHandler
 from tunnel.wire.constants import ErrorCode
 from tunnel.wire.errors import StreamClosedError, UsageError
@@ -31,13 +36,16 @@ class Forwarded:
     """The forwarding state of one worker connection (an ``EndpointBridge`` with no local
     agent); see the module docstring."""
 
-    __slots__ = ("bridge", "early", "held", "eof")
+    __slots__ = ("bridge", "early", "held", "eof", "deadline")
 
-    def __init__(self, bridge) -> None:
+    def __init__(self, bridge, deadline: float | None = None) -> None:
         self.bridge = bridge
         self.early: list[bytes] = []
         self.held = 0
         self.eof = False
+        #: Loop time until which a connection whose forwarded open was refused may wait for
+        #: another try (relay.data.endpoints.Endpoint.find_agent); None before any refusal.
+        self.deadline = deadline
 
     def hold(self, data: bytes) -> None:
         """Bytes from the worker before the stream exists."""
@@ -45,6 +53,16 @@ class Forwarded:
         self.held += len(data)
         if self.held > EARLY_LIMIT and self.bridge.transport is not None:
             self.bridge.transport.pause_reading()
+
+    def keep(self, data) -> bool:
+        """A copy of bytes sent on a forwarded stream the peer relay has not answered yet,
+        to send again if it refuses the open; False (keep no more) above :data:`EARLY_LIMIT`."""
+        self.held += len(data)
+        if self.held > EARLY_LIMIT:
+            self.early = []
+            return False
+        self.early.append(bytes(data))
+        return True
 
     def attach(self, stream: LinkStream, buffers) -> None:
         """The stream to the holding relay is open: send what waited, then bridge as usual."""
@@ -59,6 +77,49 @@ class Forwarded:
             bridge.eof_received()
         elif bridge.transport is not None and not stream.paused:
             bridge.transport.resume_reading()
+
+
+class ForwardHandler(StreamHandler):
+    """The handler of a worker connection's stream to the relay holding an agent: the
+    bridge's own (``stream_handler``), except that a ``REFUSED`` reset before any byte came
+    back goes to ``bridge.forward_refused()`` (relay.data.endpoints.EndpointBridge), which
+    sends the connection on again with what it kept (:meth:`Forwarded.keep`)."""
+
+    __slots__ = ("bridge", "side", "refused")
+
+    def __init__(self, bridge) -> None:
+        self.bridge = bridge
+        self.side = stream_handler(bridge)
+        self.refused = False
+
+    def data_received(self, data) -> None:
+        self.bridge.retry = None  # the open was taken: never sent again
+        self.side.data_received(data)
+
+    def data_received_many(self, pieces: list) -> None:
+        self.bridge.retry = None
+        self.side.data_received_many(pieces)
+
+    def eof_received(self) -> None:
+        self.bridge.retry = None
+        self.side.eof_received()
+
+    def reset_received(self, code: int) -> None:
+        bridge = self.bridge
+        if code == ErrorCode.REFUSED and bridge.retry is not None and not bridge.done:
+            self.refused = True
+            bridge.forward_refused()
+            return
+        bridge.retry = None
+        self.side.reset_received(code)
+
+    def writable(self) -> None:
+        if not self.refused:  # else the connection went on without this stream
+            self.side.writable()
+
+    def closed(self) -> None:
+        if not self.refused:
+            self.side.closed()
 
 
 class _Half(StreamHandler):
@@ -147,4 +208,4 @@ class Splice:
                 callback()
 
 
-__all__ = ["EARLY_LIMIT", "Forwarded", "Splice", "UsageError"]
+__all__ = ["EARLY_LIMIT", "ForwardHandler", "Forwarded", "Splice", "UsageError"]

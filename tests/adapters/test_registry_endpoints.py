@@ -179,3 +179,124 @@ def test_remove_resources_keeps_the_agent_for_forwarded_streams_until_its_record
 
     run(go())
 
+
+
+class _WorkerTransport(_Transport):
+    """A worker's connection: what the relay wrote to it, and whether it was reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = []
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data) -> None:
+        self.written.append(bytes(data))
+
+
+class _ForwardedStream:
+    """A stream to the relay holding the agent: what it was sent, how it ended."""
+
+    stream_id = 1
+    paused = False
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.sent = []
+        self.eof = False
+        self.resets = []
+
+    def write(self, data) -> None:
+        self.sent.append(bytes(data))
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def reset(self, code) -> None:
+        self.resets.append(code)
+
+    def consume(self, n) -> None:
+        pass
+
+
+class _Forwarder:
+    """relay.data.peering.Peering as a forwarding relay sees it: each open a new stream."""
+
+    def __init__(self) -> None:
+        self.streams = []
+
+    async def open_forward(self, resource_id, handler, worker=b""):
+        from tunnel.bridge.tcp import LinkBuffers
+
+        self.streams.append(_ForwardedStream(handler))
+        return self.streams[-1], LinkBuffers(1 << 20)
+
+
+def _forwarding_endpoint(**settings):
+    from relay.data.endpoints import Endpoint, EndpointBridge
+    from relay.settings import DEFAULT_RELAY_SETTINGS
+
+    registry = Registry("127.0.0.1", settings=DEFAULT_RELAY_SETTINGS.replace(**settings))
+    registry.forwarder = _Forwarder()
+    endpoint = registry.endpoints["res_a"] = Endpoint(registry, "res_a", "db", "cus_a", "127.0.0.1", 0)
+    worker = _WorkerTransport()
+    bridge = EndpointBridge(endpoint)
+    bridge.connection_made(worker)  # no agent here: forwarded
+    return registry.forwarder.streams, bridge, worker
+
+
+def test_a_forwarded_open_the_holding_relay_refuses_goes_again_with_what_the_worker_sent(run, wait_until):
+    """The relay holding the agent lost it between the look-up and the forwarded open and
+    refuses the stream (REFUSED, nothing came back): the worker's connection is not reset; it
+    is forwarded again, with every byte and the FIN the worker sent, and then bridged as usual."""
+    from tunnel.wire.constants import ErrorCode
+
+    async def go():
+        streams, bridge, worker = _forwarding_endpoint()
+        bridge.data_received(b"GET ")
+        await wait_until(lambda: streams, 5, "the first forwarded open")
+        bridge.data_received(b"/")
+        bridge.eof_received()
+        first = streams[0]
+        assert first.sent == [b"GET ", b"/"] and first.eof
+        first.handler.reset_received(ErrorCode.REFUSED)  # the holder has no agent any more
+        first.handler.closed()
+        assert not worker.closing
+        await wait_until(lambda: len(streams) == 2, 5, "the connection forwarded again")
+        second = streams[1]
+        assert second.sent == [b"GET ", b"/"] and second.eof and not worker.closing
+        second.handler.data_received(b"200")
+        assert worker.written == [b"200"]
+        # Once the holder answered, the open was taken: a later REFUSED resets as any reset.
+        second.handler.reset_received(ErrorCode.REFUSED)
+        assert worker.closing and bridge.done and len(streams) == 2
+
+    run(go())
+
+
+def test_a_forwarded_open_refused_until_the_hold_timeout_is_reset(run, wait_until):
+    """Refused again and again (the holder's record still names an agent it lost), the
+    connection is reset once the hold timeout counted from the first refusal has passed; one
+    that sent more than the relay keeps for a retry is reset at the first refusal."""
+    from relay.data.forward import EARLY_LIMIT
+    from tunnel.wire.constants import ErrorCode
+
+    async def go():
+        streams, bridge, worker = _forwarding_endpoint(endpoint_hold_timeout=1.0)
+        await wait_until(lambda: streams, 5, "the first forwarded open")
+        refused = 0
+        while not worker.closing:
+            await wait_until(lambda: len(streams) > refused or worker.closing, 5, "another try")
+            if len(streams) > refused:
+                streams[refused].handler.reset_received(ErrorCode.REFUSED)
+                refused += 1
+        assert bridge.done and bridge.refused == "no_agent" and 2 <= refused <= 4
+
+        streams, bridge, worker = _forwarding_endpoint()
+        await wait_until(lambda: streams, 5, "the first forwarded open")
+        bridge.data_received(bytes(EARLY_LIMIT + 1))
+        streams[0].handler.reset_received(ErrorCode.REFUSED)
+        assert worker.closing and bridge.done and bridge.reset_code == ErrorCode.REFUSED
+
+    run(go())

@@ -20,6 +20,7 @@ def main() -> int:
     parser.add_argument("--faults", default=",".join(available_faults()),
                         help=f"comma list of the faults to draw from (default: {', '.join(FAULTS)}; "
                              "the blackholes need root and iptables)")
+    parser.add_argument("--min-faults", type=int, default=0, help="go on past --seconds until this many faults")
     parser.add_argument("--max-stream", type=int, default=8 << 20, help="largest echo stream, bytes")
     parser.add_argument("--no-pgbench", action="store_true", help="no pgbench workload")
     parser.add_argument("--out", type=Path, help="write report.json and faults.jsonl here")
@@ -36,7 +37,7 @@ def main() -> int:
     if bad:
         parser.error(f"unknown faults {bad}: choose from {', '.join(FAULTS)}")
     settings = Settings(seconds=args.seconds, seed=args.seed, faults=faults, max_stream=args.max_stream,
-                        pgbench=not args.no_pgbench, gap=tuple(args.gap))
+                        pgbench=not args.no_pgbench, gap=tuple(args.gap), min_faults=args.min_faults)
     with tempfile.TemporaryDirectory(prefix="chaos-release-") as work:
         if args.rolling_upgrade:
             _, settings.upgrade_from = extract_previous_release(Path(work) / "release")
