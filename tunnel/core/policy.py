@@ -57,6 +57,7 @@ __all__ = [
     "check_ping",
     "check_reply_backlog",
     "hello_payload",
+    "overdraft_credit",
     "session_credit",
     "stream_credit",
     "tuned_window",
@@ -162,6 +163,25 @@ def session_credit(limit: int, received: int, consumed: int, window: int) -> int
     if ungranted > 0 and ungranted >= limit - received:
         return ungranted
     return 0
+
+
+def overdraft_credit(limit: int, received: int, consumed: int, window: int, room: int) -> int:
+    """Link credit beyond :func:`session_credit` for a stream starved by others (0: none).
+
+    ``room`` is the stream credit left to a stream that has consumed everything it received
+    (0 if there is none). Streams whose receivers never read keep what their stream credit
+    let in; once they hold the whole link window, the peer has no link credit left for
+    anyone. When the peer holds at most an eighth of a ``window`` of link credit, the limit
+    moves to ``received + room``, so the starved stream can be sent what its own window
+    allows, as long as the bytes held unconsumed are at most ``2 * window``. The receiver
+    thus holds at most ``2 * window + room`` bytes, whatever the application does. Credit
+    above ``consumed + window`` is repaid first: :func:`session_credit` grants nothing more
+    until consumption has caught up with it.
+    """
+    if room <= 0 or limit - received > window >> 3 or received - consumed > 2 * window:
+        return 0
+    credit = received + room - limit
+    return credit if credit > 0 else 0
 
 
 def tuned_window(window: int, max_window: int, consumed: int, elapsed: float, rtt: float | None) -> int:
