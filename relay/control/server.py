@@ -320,7 +320,7 @@ class Relay:
                 slot=info["slot"],
                 features=info["features"],
                 resources={r["id"]: r["name"] for r in wanted},
-                buffers=LinkBuffers(limits.session_window),
+                buffers=LinkBuffers(limits.receive_bound),
                 claims=claims,
             )
             # Step 3: record the link, refused if anything was revoked or deleted meanwhile;

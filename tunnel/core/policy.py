@@ -18,9 +18,10 @@ GOAWAY with the error's code.
   us queue answers it never reads.
 - :class:`SendWatermarks`: when a writer must pause and when it may resume.
 - :func:`stream_credit` and :func:`session_credit`: when receive credit goes back to the peer
-  (credit follows consumption, never receipt); :func:`tuned_window`: stream windows that grow
-  with the path's measured round trip and rate, with :meth:`LinkPolicy.data_received` keeping
-  the round trip measured while data flows.
+  (credit follows consumption, never receipt); :func:`overdraft_credit`: bounded credit beyond
+  the session window for a stream starved by streams that never read; :func:`tuned_window`:
+  stream windows that grow with the path's measured round trip and rate, with
+  :meth:`LinkPolicy.data_received` keeping the round trip measured while data flows.
 
 Stream objects the policy keeps (half-closed streams, paused writers) are the carrier's own;
 the policy reads ``last_activity`` (the time of the stream's last progress, which the carrier

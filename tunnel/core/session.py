@@ -18,7 +18,8 @@ Design in a few lines:
 - Flow control: our receive windows shrink on receipt and are granted back only in
   :meth:`Session.consume`, by the rules of :mod:`tunnel.core.policy` (a stream's
   WINDOW_UPDATE once half its window was consumed, the session's once the consumed credit
-  reaches what the peer has left).
+  reaches what the peer has left; an overdraft beyond it for a reading stream that streams
+  whose receivers never read have starved).
 - The link's rules (HELLO checks, keepalive, PING, floods, going away, stream admission,
   half-close deadlines, send watermarks) are :class:`tunnel.core.policy.LinkPolicy` and
   friends, which the QUIC carrier obeys too; this module applies them to a byte pipe.
