@@ -709,9 +709,9 @@ class QuicLink(Link):
         except ProtocolError as exc:  # a flood
             self._fail(exc.code, str(exc))
             return
-        self._relieve_starved()
+        self.relieve_starved()
 
-    def _relieve_starved(self) -> None:
+    def relieve_starved(self) -> None:
         """When the peer has (nearly) no connection credit left, grant some beyond the window
         to a stream that reads (it consumed all it received), else room for one more OPEN:
         streams whose receivers never read must not stall the others."""
