@@ -37,8 +37,8 @@ class AgentLinkHandler(LinkHandler):
         #: Set when the relay drains and asks this link to move elsewhere (agent.links).
         self.moving: asyncio.Future = loop.create_future()
         self.error: AuthError | None = None
-        #: What this link's bridges hold in user space, bounded by the window we announced.
-        self.buffers = LinkBuffers(agent.limits.session_window)
+        #: What this link's bridges hold in user space, bounded as our flow control bounds it.
+        self.buffers = LinkBuffers(agent.limits.receive_bound)
         #: Resource name -> the bridges of its streams on this link.
         self.bridges: dict[str, set[TcpBridge]] = {}
         #: The resources the relay routes to this link.

@@ -412,7 +412,7 @@ class Relay:
                 slot=info["slot"],
                 features=info["features"],
                 resources={r["id"]: r["name"] for r in wanted},
-                buffers=LinkBuffers(limits.session_window),
+                buffers=LinkBuffers(limits.receive_bound),
                 claims=claims,
             )
             if identity is not None:

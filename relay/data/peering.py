@@ -74,7 +74,7 @@ class PeerLink:
         self.link = link
         self.dialed_by = dialed_by
         #: What the worker bridges of this link hold in user space (bounded by its window).
-        self.buffers = LinkBuffers(limits.session_window)
+        self.buffers = LinkBuffers(limits.receive_bound)
 
 
 class PeerLinkHandler(LinkHandler):

@@ -741,7 +741,7 @@ def test_half_closed_stream_without_progress_times_out(run, certs):
 
 def test_memory_handed_to_aioquic_is_bounded_per_link(run, certs):
     """Many streams towards a receiver that consumes nothing: what aioquic buffers for the
-    link stays within the peer's session window plus one link-wide chunk, not a chunk per stream."""
+    link stays within the peer's receive bound plus one link-wide chunk, not a chunk per stream."""
 
     async def main():
         server, client, slink, srec = await pair(certs, limits=SMALL)
@@ -765,8 +765,8 @@ def test_memory_handed_to_aioquic_is_bounded_per_link(run, certs):
             await asyncio.sleep(0)
         in_aioquic = sum(s.send_buffered - s.buffered for s in streams)  # written, unacknowledged
         assert in_aioquic > SMALL.quic_unsent_per_link // 2  # the measure sees what is there
-        assert in_aioquic <= SMALL.session_window + SMALL.quic_unsent_per_link + 64 * KiB, in_aioquic
-        assert received() <= SMALL.session_window
+        assert in_aioquic <= SMALL.receive_bound + SMALL.quic_unsent_per_link + 64 * KiB, in_aioquic
+        assert received() <= SMALL.receive_bound
         client.close()
         server.close()
 

@@ -337,8 +337,6 @@ def test_stream_window_grows_with_the_path(run, open_pair):
     run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 23), every carrier: receivers that do not read fill "
-                   "the session window with their initial stream credit, and a reading stream gets none")
 def test_stalled_streams_never_stall_a_reading_one(run, open_pair):
     """Receivers that stop reading hold at most their streams' windows; however many of them
     there are (more than the session window holds), a stream whose receiver reads still gets

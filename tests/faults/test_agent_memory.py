@@ -1,6 +1,6 @@
 """A hostile relay cannot grow a real agent process past the bound docs/LIMITS.md states
-("Agent memory"): idle RSS + SESSION_WINDOW + AGENT_STREAM_COST per open stream + working
-buffers. The relay side is the project's own WSS carrier and session (tests/faults/
+("Agent memory"): idle RSS + the receive bound (2 x SESSION_WINDOW + MAX_STREAM_WINDOW) +
+AGENT_STREAM_COST per open stream + working buffers. The relay side is the project's own WSS carrier and session (tests/faults/
 hostile_relay.py), writing as fast as the agent's credit allows.
 
 Each test takes 15-30 s on a loaded 2-core machine (thousands of streams and sockets)."""
@@ -29,7 +29,7 @@ def peak_rss_kib(pid: int) -> int:
 
 
 def bound_kib(streams: int) -> int:
-    return (DEFAULT_LIMITS.session_window + streams * AGENT_STREAM_COST + AGENT_WORKING_BUFFERS) // KiB
+    return (DEFAULT_LIMITS.receive_bound + streams * AGENT_STREAM_COST + AGENT_WORKING_BUFFERS) // KiB
 
 
 async def _wait(condition, timeout: float, what: str) -> None:

@@ -23,6 +23,7 @@ from tunnel.core.policy import (
     accept_hello,
     check_reply_backlog,
     hello_payload,
+    overdraft_credit,
     session_credit,
     stream_credit,
     tuned_window,
@@ -224,6 +225,38 @@ def test_session_credit_never_exceeds_the_window(window, data):
         assert limit - consumed <= window  # never more outstanding than one window
         if received == consumed:
             assert limit - consumed > window // 2 - 1  # nothing held: at least half granted
+
+
+def test_overdraft_credit_only_for_a_starved_reader_and_bounded():
+    W = 1000
+    # Stalled streams hold the whole window unconsumed; a reader may take 300 more.
+    assert overdraft_credit(1000, 1000, 0, W, 300) == 300
+    assert overdraft_credit(1000, 1000, 0, W, 0) == 0  # nobody can use it
+    assert overdraft_credit(1000, 800, 0, W, 300) == 0  # the peer still holds credit
+    assert overdraft_credit(1000, 900, 0, W, 300) == 200  # an eighth or less: topped up to the room
+    assert overdraft_credit(2100, 2100, 0, W, 300) == 0  # more than 2 windows held: no more
+    assert overdraft_credit(2000, 2000, 0, W, 300) == 300  # at most 2 windows + the room
+    # The overdraft is repaid first: no regular credit until consumption catches up with it.
+    assert session_credit(1300, 1300, 200, W) == 0
+    assert session_credit(1300, 1300, 800, W) == 500
+
+
+@given(st.integers(8, 2**20), st.data())
+def test_overdraft_keeps_the_receiver_within_two_windows_and_a_stream_window(window, data):
+    limit, received, consumed = window, 0, 0
+    for _ in range(40):
+        received = data.draw(st.integers(received, limit))
+        consumed = data.draw(st.integers(consumed, received))
+        limit += session_credit(limit, received, consumed, window)
+        room = data.draw(st.integers(0, window))  # a stream window at most the link's
+        limit += overdraft_credit(limit, received, consumed, window, room)
+        assert limit - consumed <= 3 * window
+        if limit > received + (window >> 3):
+            continue
+        # The peer is starved: a reader with room is never left without credit while the
+        # receiver holds at most two windows.
+        if room and received - consumed <= 2 * window:
+            assert limit - received >= room
 
 
 def test_tuned_window_grows_only_when_the_window_holds_the_sender_back():

@@ -117,6 +117,13 @@ class Limits(TunnelSettings):
     #: PINGs every quarter of it, and QUIC's idle timeout is this, so the relay notices too).
     auto_quic_keepalive_timeout: float = 4.0
 
+    @property
+    def receive_bound(self) -> int:
+        """Most received bytes a link holds unconsumed, whatever the application does: the
+        session window, one more of overdraft for streams starved by others that never read,
+        and one stream window (:func:`tunnel.core.policy.overdraft_credit`)."""
+        return 2 * self.session_window + self.max_stream_window
+
     def validate(self) -> "Limits":
         """Raise ``ValueError`` naming the first field out of range; return self."""
         if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE_CAP:

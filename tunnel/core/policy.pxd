@@ -1,6 +1,7 @@
 # Types for the compiled build of policy.py (see setup.py); policy.py is the source.
 
 cpdef long long stream_credit(long long limit, long long consumed, long long window)
+cpdef long long overdraft_credit(long long limit, long long received, long long consumed, long long window, long long room)
 cpdef long long session_credit(long long limit, long long received, long long consumed, long long window)
 cpdef long long tuned_window(long long window, long long max_window, long long consumed, double elapsed, rtt)
 

@@ -18,9 +18,10 @@ GOAWAY with the error's code.
   us queue answers it never reads.
 - :class:`SendWatermarks`: when a writer must pause and when it may resume.
 - :func:`stream_credit` and :func:`session_credit`: when receive credit goes back to the peer
-  (credit follows consumption, never receipt); :func:`tuned_window`: stream windows that grow
-  with the path's measured round trip and rate, with :meth:`LinkPolicy.data_received` keeping
-  the round trip measured while data flows.
+  (credit follows consumption, never receipt); :func:`overdraft_credit`: bounded credit beyond
+  the session window for a stream starved by streams that never read; :func:`tuned_window`:
+  stream windows that grow with the path's measured round trip and rate, with
+  :meth:`LinkPolicy.data_received` keeping the round trip measured while data flows.
 
 Stream objects the policy keeps (half-closed streams, paused writers) are the carrier's own;
 the policy reads ``last_activity`` (the time of the stream's last progress, which the carrier
@@ -57,6 +58,7 @@ __all__ = [
     "check_ping",
     "check_reply_backlog",
     "hello_payload",
+    "overdraft_credit",
     "session_credit",
     "stream_credit",
     "tuned_window",
@@ -162,6 +164,25 @@ def session_credit(limit: int, received: int, consumed: int, window: int) -> int
     if ungranted > 0 and ungranted >= limit - received:
         return ungranted
     return 0
+
+
+def overdraft_credit(limit: int, received: int, consumed: int, window: int, room: int) -> int:
+    """Link credit beyond :func:`session_credit` for a stream starved by others (0: none).
+
+    ``room`` is the stream credit left to a stream that has consumed everything it received
+    (0 if there is none). Streams whose receivers never read keep what their stream credit
+    let in; once they hold the whole link window, the peer has no link credit left for
+    anyone. When the peer holds at most an eighth of a ``window`` of link credit, the limit
+    moves to ``received + room``, so the starved stream can be sent what its own window
+    allows, as long as the bytes held unconsumed are at most ``2 * window``. The receiver
+    thus holds at most ``2 * window + room`` bytes, whatever the application does. Credit
+    above ``consumed + window`` is repaid first: :func:`session_credit` grants nothing more
+    until consumption has caught up with it.
+    """
+    if room <= 0 or limit - received > window >> 3 or received - consumed > 2 * window:
+        return 0
+    credit = received + room - limit
+    return credit if credit > 0 else 0
 
 
 def tuned_window(window: int, max_window: int, consumed: int, elapsed: float, rtt: float | None) -> int:

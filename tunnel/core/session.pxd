@@ -2,7 +2,7 @@
 
 cimport cython
 
-from tunnel.core.policy cimport SendWatermarks, session_credit, stream_credit
+from tunnel.core.policy cimport SendWatermarks, overdraft_credit, session_credit, stream_credit
 from tunnel.core.session_state cimport SessionState, StreamRecord
 
 
@@ -43,4 +43,8 @@ cdef class Session(SessionState):
     cpdef consume(self, stream_id, long long n)
     @cython.locals(credit=cython.longlong)
     cdef _credit_session(self, long long n)
+    @cython.locals(credit=cython.longlong)
+    cdef bint _grant_overdraft(self, StreamRecord s) except -1
+    @cython.locals(s=StreamRecord)
+    cdef _relieve_starved(self)
     cpdef next_timer(self)

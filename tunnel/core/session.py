@@ -18,7 +18,8 @@ Design in a few lines:
 - Flow control: our receive windows shrink on receipt and are granted back only in
   :meth:`Session.consume`, by the rules of :mod:`tunnel.core.policy` (a stream's
   WINDOW_UPDATE once half its window was consumed, the session's once the consumed credit
-  reaches what the peer has left).
+  reaches what the peer has left; an overdraft beyond it for a reading stream that streams
+  whose receivers never read have starved).
 - The link's rules (HELLO checks, keepalive, PING, floods, going away, stream admission,
   half-close deadlines, send watermarks) are :class:`tunnel.core.policy.LinkPolicy` and
   friends, which the QUIC carrier obeys too; this module applies them to a byte pipe.
@@ -55,6 +56,7 @@ from tunnel.core.policy import (
     accept_hello,
     check_reply_backlog,
     hello_payload,
+    overdraft_credit,
     session_credit,
     stream_credit,
 )
@@ -236,6 +238,8 @@ class Session(SessionState):
         self._recv_received = received
         s.received += n
         self.bytes_received += n
+        if self._recv_limit - received <= self._limits.session_window >> 3:
+            self._relieve_starved()
         ping = self._policy.data_received(n, self._now)
         if ping is not None:
             self._queue_control(frames.encode_frame(FrameType.PING, 0, 0, ping))
@@ -274,6 +278,7 @@ class Session(SessionState):
         s = StreamRecord(sid, False, self._peer_stream_window, self._limits.initial_stream_window, self._now)
         s.state = _NEXT[s.state][_I.RECV_OPEN_FIN if fin else _I.RECV_OPEN]
         self._streams[sid] = s
+        self._grant_overdraft(s)
         self._events.append(StreamOpened(sid, bytes(payload)))
         if fin:
             self._events.append(StreamEnded(sid))
@@ -622,6 +627,8 @@ class Session(SessionState):
                 n = unconsumed
         if n:
             self._credit_session(n)
+            if self._recv_limit - self._recv_received <= self._limits.session_window >> 3:
+                self._relieve_starved()
 
     def _credit_session(self, n: int) -> None:
         """``n`` more received bytes are done with: grant credit as the policy says."""
@@ -631,6 +638,28 @@ class Session(SessionState):
         if credit and not self._closed:
             self._recv_limit += credit
             self._queue_control(frames.encode_frame(FrameType.WINDOW_UPDATE, 0, 0, frames.encode_u32(credit)))
+
+    def _grant_overdraft(self, s: StreamRecord) -> bool:
+        """Link credit for ``s`` if it reads but the peer has no link credit left (stalled
+        streams hold it): :func:`tunnel.core.policy.overdraft_credit`. True if granted."""
+        if s.consumed != s.received or self._closed or not (s.state == _OPEN or s.state == _HCL):
+            return False
+        credit = overdraft_credit(self._recv_limit, self._recv_received, self._recv_consumed,
+                                  self._limits.session_window, s.recv_limit - s.received)
+        if not credit:
+            return False
+        self._recv_limit += credit
+        self._queue_control(frames.encode_frame(FrameType.WINDOW_UPDATE, 0, 0, frames.encode_u32(credit)))
+        return True
+
+    def _relieve_starved(self) -> None:
+        """The peer's link credit ran (nearly) out: grant a reading stream some beyond it."""
+        if not overdraft_credit(self._recv_limit, self._recv_received, self._recv_consumed,
+                                self._limits.session_window, MAX_WINDOW):
+            return
+        for s in self._streams.values():
+            if self._grant_overdraft(s):
+                return
 
     def send_control(self, message: dict) -> None:
         """Queue one CONTROL frame (a JSON object)."""

@@ -45,7 +45,8 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
-from tunnel.core.policy import session_credit, stream_credit
+from tunnel.core.policy import overdraft_credit, session_credit, stream_credit
+from tunnel.wire.constants import MAX_WINDOW
 
 __all__ = [
     "RELIED_ON",
@@ -325,6 +326,23 @@ class BoundedConnection(QuicConnection):
         consumed; True if MAX_DATA moved."""
         limit = self._local_max_data
         credit = session_credit(limit.value, limit.used, consumed, window)
+        if credit:
+            limit.value += credit
+            return True
+        return False
+
+
+    def overdraft_due(self, consumed: int, window: int) -> bool:
+        """Whether :meth:`grant_overdraft` would grant a stream with room enough."""
+        limit = self._local_max_data
+        return overdraft_credit(limit.value, limit.used, consumed, window, MAX_WINDOW) > 0
+
+    def grant_overdraft(self, consumed: int, window: int, room: int) -> bool:
+        """Connection credit beyond :meth:`grant_connection` for a stream that may still be
+        sent ``room`` bytes while the peer holds (nearly) none (stalled streams hold it):
+        :func:`tunnel.core.policy.overdraft_credit`. True if MAX_DATA moved."""
+        limit = self._local_max_data
+        credit = overdraft_credit(limit.value, limit.used, consumed, window, room)
         if credit:
             limit.value += credit
             return True

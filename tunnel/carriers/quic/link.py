@@ -49,6 +49,7 @@ from tunnel.carriers.quic.compat import (
     acked_offset,
     attach,
     attachment,
+    granted_offset,
     received_offset,
     unacked,
     unsent_bytes,
@@ -707,6 +708,27 @@ class QuicLink(Link):
             self._stream_event_checked(event)
         except ProtocolError as exc:  # a flood
             self._fail(exc.code, str(exc))
+            return
+        self.relieve_starved()
+
+    def relieve_starved(self) -> None:
+        """When the peer has (nearly) no connection credit left, grant some beyond the window
+        to a stream that reads (it consumed all it received), else room for one more OPEN:
+        streams whose receivers never read must not stall the others."""
+        conn = self._conn
+        window = self._session_window
+        if self._closed or not conn.overdraft_due(self._rx_consumed, window):
+            return
+        for stream in self._streams.values():
+            qs = stream._qs
+            received = received_offset(qs)
+            if stream._reset or stream._closed or stream._eof_received or stream._rx_consumed < received:
+                continue
+            if conn.grant_overdraft(self._rx_consumed, window, granted_offset(qs) - received):
+                self._schedule_transmit()
+                return
+        if conn.grant_overdraft(self._rx_consumed, window, HEADER_SIZE + self.limits.max_open_metadata):
+            self._schedule_transmit()
 
     def _stream_event_checked(self, event) -> None:
         sid = event.stream_id

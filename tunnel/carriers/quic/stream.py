@@ -101,6 +101,7 @@ class QuicLinkStream(LinkStream):
         if link._conn.grant_stream(qs, self._rx_consumed, self.window) | link._conn.grant_connection(
                 link._rx_consumed, link._session_window):
             link._schedule_transmit()
+        link.relieve_starved()
 
     # --- introspection -------------------------------------------------------------
 
