@@ -18,7 +18,7 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from relay.control.server import AgentLinkHandler, Relay
 from relay.control.tokens import TokenAuthority
