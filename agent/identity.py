@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from tunnel.ops.files import write_private
+
 KEY_FILE = "agent-key.pem"
 CERT_FILE = "agent-cert.pem"
 LOCK_FILE = ".lock"
@@ -86,23 +88,6 @@ def _check_private(path: Path, what: str, allowed: int) -> None:
                             f"run 'chmod {allowed:o} {path}' (it holds the agent's private key)")
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory, fsync, rename:
-    a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class AgentIdentity:
@@ -213,7 +198,7 @@ class AgentIdentity:
             raise IdentityError("the relay's certificate is not a PEM text")
         tmp = self.cert_file.with_name(f".{CERT_FILE}.{os.urandom(4).hex()}.tmp")
         try:
-            write_atomically(tmp, certificate.encode("ascii", "replace"), 0o644)
+            write_private(tmp, certificate.encode("ascii", "replace"), 0o644)
             info = await _helper_async(["info", str(tmp), str(self.key_file)])
             os.utime(tmp, (now, now))
             os.replace(tmp, self.cert_file)

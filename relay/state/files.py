@@ -4,9 +4,12 @@ atomically (mode 0600). Below the store, which keeps its SQLite database there."
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from pathlib import Path
+
+from tunnel.ops.files import write_private
+
+__all__ = ["ensure_state_dir", "write_private"]
 
 
 def ensure_state_dir(path: str | os.PathLike) -> Path:
@@ -19,21 +22,3 @@ def ensure_state_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
-def write_private(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically (temp file + rename) with ``mode`` from the first byte on."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
