@@ -28,7 +28,6 @@ agent.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import struct
@@ -40,13 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.peers.procs import (  # noqa: E402
-    LOOPBACK, HarnessError, ProcessRegistry, cpu_seconds, free_port, log_tail, python, wait_listening,
-    wait_until,
-)
+from bench.peers.procs import LOOPBACK, HarnessError, ProcessRegistry, cpu_seconds  # noqa: E402
 from bench.peers.services import start_bulk  # noqa: E402
 from bench.peers.sshd import PrivateSshd  # noqa: E402
-from bench.roundtrip_cpu import Tree  # noqa: E402
+from bench.roundtrip_cpu import Tree, profiler_argv, tunnel  # noqa: E402
 
 CHUNK = memoryview(bytes(range(256)) * 4096)  # 1 MiB
 
@@ -64,14 +60,6 @@ class EnvTree(Tree):
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return super().env({**self.extra, **(extra or {})})
-
-
-def _relay_cmd(reg: ProcessRegistry, tree: Tree, state: Path, *args: str) -> str:
-    cp = reg.run([python(), "-m", "relay", "--state-dir", str(state), *args], "relay-cmd", timeout=60,
-                 env=tree.env(), cwd=tree.path)
-    if cp.returncode != 0:
-        raise HarnessError(f"relay {' '.join(args[:2])}: {cp.stderr.strip()[-300:]}")
-    return cp.stdout.strip()
 
 
 def upload(port: int, n: int) -> float:
@@ -111,14 +99,6 @@ def download(port: int, n: int) -> float:
         return time.perf_counter() - t0
 
 
-def _profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
-    if profiler.startswith("perf"):
-        graph = ["--call-graph", "dwarf,16384"] if profiler == "perf-dwarf" else ["-g"]
-        return ["perf", "record", "-e", "cpu-clock", "-F", "1000", *graph, "-o", f"{out}.perf", "-p", str(pid)]
-    return ["py-spy", "record", "--native", "--rate", "250", "--format", "raw", "-o", f"{out}.txt",
-            "-p", str(pid)]
-
-
 class SshPeer:
     """``ssh -R`` aes128-gcm in place of relay and agent (see the module's docstring)."""
 
@@ -156,34 +136,12 @@ def ssh_run(reg: ProcessRegistry, peer: SshPeer, bulk: tuple[int, subprocess.Pop
 def one_run(reg: ProcessRegistry, tree: Tree, bulk: tuple[int, subprocess.Popen], nbytes: int,
             profile: Path | None, profiler: str) -> dict:
     bulk_port, bulk_proc = bulk
-    state = Path(tempfile.mkdtemp(prefix="bulkcpu-"))
-    port, admin = free_port(), free_port()
-    relay = reg.spawn([python(), "-m", "relay", "serve", "--state-dir", str(state), "--listen",
-                       f"{LOOPBACK}:{port}", "--admin-listen", f"{LOOPBACK}:{admin}",
-                       "--service-host", LOOPBACK], "relay", env=tree.env(), cwd=tree.path)
-    agent = None
-    try:
-        wait_until(lambda: (state / "admin.json").exists(), 30, "relay admin.json", lambda: relay.poll() is None)
-        wait_listening(port, 30, relay, "relay port")
-        customer = _relay_cmd(reg, tree, state, "customers", "create", "bench").split()[-1]
-        jwt = _relay_cmd(reg, tree, state, "resources", "registration-jwt", "--customer-id", customer).split()[-1]
-        agent = reg.spawn([python(), "-m", "agent"], "agent", cwd=tree.path, env=tree.env({
-            "RELAY_URL": f"wss://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": "bulk",
-            "APP_HOST": LOOPBACK, "APP_PORT": str(bulk_port), "REGISTRATION_JWT": jwt}))
-
-        def endpoint() -> int | None:
-            rows = json.loads(_relay_cmd(reg, tree, state, "resources", "list", "--output", "json"))
-            rows = rows.get("resources", rows) if isinstance(rows, dict) else rows
-            for row in rows:
-                if row.get("name") == "bulk" and row.get("status") == "AVAILABLE":
-                    return int(str(row["endpoint"]).rpartition(":")[2])
-            return None
-        ep = wait_until(endpoint, 45, "resource AVAILABLE", lambda: agent.poll() is None, interval=0.2)
+    with tunnel(reg, tree, "bulk", bulk_port, "bulkcpu-") as (relay, agent, ep):
         upload(ep, 64 << 20)  # warm: first stream, windows, allocator
         out = {}
         for direction, move in (("up", upload), ("down", download)):
             spies = [] if profile is None else [
-                subprocess.Popen(_profiler_argv(profiler, profile / f"{tree.name}-{direction}-{name}", proc.pid),
+                subprocess.Popen(profiler_argv(profiler, profile / f"{tree.name}-{direction}-{name}", proc.pid),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for name, proc in (("agent", agent), ("relay", relay))]
             if spies:
@@ -199,12 +157,6 @@ def one_run(reg: ProcessRegistry, tree: Tree, bulk: tuple[int, subprocess.Popen]
             out[direction] = {"gbit": nbytes * 8 / secs / 1e9, "agent": (c1[0] - c0[0]) / gb,
                               "relay": (c1[1] - c0[1]) / gb, "service": (c1[2] - c0[2]) / gb}
         return out
-    except HarnessError as exc:
-        raise HarnessError(f"{exc}\nrelay: {log_tail(relay)}\nagent: {log_tail(agent) if agent else ''}") from None
-    finally:
-        if agent is not None:
-            reg.stop(agent)
-        reg.stop(relay)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ A tree written ``PATH:pure`` runs with ``TUNNEL_PURE_PYTHON=1`` (the pure-Python
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -70,18 +71,24 @@ def _relay_cmd(reg: ProcessRegistry, tree: Tree, state: Path, *args: str) -> str
     return cp.stdout.strip()
 
 
-def _profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
-    if profiler == "perf":
-        return ["perf", "record", "-F", "2000", "-g", "-o", f"{out}.perf", "-p", str(pid)]
+def profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
+    """The command that records a profile of ``pid`` into ``out``.*: ``py-spy`` (native frames),
+    ``perf`` (cpu-clock, frame pointers) or ``perf-dwarf`` (DWARF call graphs)."""
+    if profiler.startswith("perf"):
+        graph = ["--call-graph", "dwarf,16384"] if profiler == "perf-dwarf" else ["-g"]
+        return ["perf", "record", "-e", "cpu-clock", "-F", "1000", *graph, "-o", f"{out}.perf", "-p", str(pid)]
     return ["py-spy", "record", "--native", "--rate", "250", "--format", "raw", "-o", f"{out}.txt",
             "-p", str(pid)]
 
 
-def one_run(reg: ProcessRegistry, tree: Tree, echo_port: int, count: int, settle: float,
-            profile: Path | None = None, profiler: str = "py-spy") -> dict:
+@contextlib.contextmanager
+def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefix: str):
+    """A relay on loopback and an agent over WSS (both from ``tree``) serving ``service_port`` as
+    resource ``name``; yields ``(relay, agent, endpoint port)`` once the resource is AVAILABLE,
+    stops both after."""
     import json
 
-    state = Path(tempfile.mkdtemp(prefix="rtcpu-"))
+    state = Path(tempfile.mkdtemp(prefix=prefix))
     port, admin = free_port(), free_port()
     relay = reg.spawn([python(), "-m", "relay", "serve", "--state-dir", str(state), "--listen",
                        f"{LOOPBACK}:{port}", "--admin-listen", f"{LOOPBACK}:{admin}",
@@ -93,22 +100,34 @@ def one_run(reg: ProcessRegistry, tree: Tree, echo_port: int, count: int, settle
         customer = _relay_cmd(reg, tree, state, "customers", "create", "bench").split()[-1]
         jwt = _relay_cmd(reg, tree, state, "resources", "registration-jwt", "--customer-id", customer).split()[-1]
         agent = reg.spawn([python(), "-m", "agent"], "agent", cwd=tree.path, env=tree.env({
-            "RELAY_URL": f"wss://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": "echo",
-            "APP_HOST": LOOPBACK, "APP_PORT": str(echo_port), "REGISTRATION_JWT": jwt}))
+            "RELAY_URL": f"wss://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": name,
+            "APP_HOST": LOOPBACK, "APP_PORT": str(service_port), "REGISTRATION_JWT": jwt}))
 
         def endpoint() -> int | None:
             rows = json.loads(_relay_cmd(reg, tree, state, "resources", "list", "--output", "json"))
             rows = rows.get("resources", rows) if isinstance(rows, dict) else rows
             for row in rows:
-                if row.get("name") == "echo" and row.get("status") == "AVAILABLE":
+                if row.get("name") == name and row.get("status") == "AVAILABLE":
                     return int(str(row["endpoint"]).rpartition(":")[2])
             return None
         ep = wait_until(endpoint, 45, "resource AVAILABLE", lambda: agent.poll() is None, interval=0.2)
+        yield relay, agent, ep
+    except HarnessError as exc:
+        raise HarnessError(f"{exc}\nrelay: {log_tail(relay)}\nagent: {log_tail(agent) if agent else ''}") from None
+    finally:
+        if agent is not None:
+            reg.stop(agent)
+        reg.stop(relay)
+
+
+def one_run(reg: ProcessRegistry, tree: Tree, echo_port: int, count: int, settle: float,
+            profile: Path | None = None, profiler: str = "py-spy") -> dict:
+    with tunnel(reg, tree, "echo", echo_port, "rtcpu-") as (relay, agent, ep):
         time.sleep(settle)
         rss = rss_bytes(agent.pid, include_children=False)
         round_trips(ep, 500, warmup=0)  # warm: first stream, caches, allocator
         spies = [] if profile is None else [
-            subprocess.Popen(_profiler_argv(profiler, profile / f"{tree.name}-{name}", proc.pid),
+            subprocess.Popen(profiler_argv(profiler, profile / f"{tree.name}-{name}", proc.pid),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name, proc in (("agent", agent), ("relay", relay))]
         a0, r0 = cpu_seconds(agent.pid, False), cpu_seconds(relay.pid, False)
@@ -120,12 +139,6 @@ def one_run(reg: ProcessRegistry, tree: Tree, echo_port: int, count: int, settle
         return {"p50": rt.p50_us, "p99": rt.p99_us, "n": rt.count,
                 "agent_us": (a1 - a0) / rt.count * 1e6, "relay_us": (r1 - r0) / rt.count * 1e6,
                 "rss_mb": rss / 1e6}
-    except HarnessError as exc:
-        raise HarnessError(f"{exc}\nrelay: {log_tail(relay)}\nagent: {log_tail(agent) if agent else ''}") from None
-    finally:
-        if agent is not None:
-            reg.stop(agent)
-        reg.stop(relay)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 docs/CLUSTER.md), so that a refactor cannot silently break one: the end-to-end harness with
 every metric group once (``bench/e2e.py --smoke``: each system, each group, one WAN point), the
 cluster scale benchmark with 90 simulated agents, one kill and one drain, and the
-relay-to-relay hop (``bench/bench_forwarding.py``) with short runs. They
+relay-to-relay hop (``bench/bench_forwarding.py``) with short runs, and the CPU, round-trip,
+idle-memory and QUIC engine benchmarks once each, small. They
 check that each benchmark runs and measures, not the figures (benchmarks are not timed tests)."""
 
 from __future__ import annotations
@@ -81,3 +82,19 @@ def test_forwarding_benchmark_measures_both_paths(tmp_path):
         assert all(results[path][k] > 0 for k in ("rtt_p50_us", "connections_per_s", "bulk_mbit_s")), results
         assert results["pgbench_select_tps"][path][0] > 0, results
         assert results["pgbench_cpu_us_per_transaction"][path]["relay 2"] > 0, results
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["bulk_cpu.py", "--runs", "1", "--mbytes", "32"], "medians"),
+    (["roundtrip_cpu.py", "--runs", "1", "--count", "300", "--settle", "0.2"], "medians"),
+    (["idle_rss.py"], "first TLS 1.3 connection"),
+    (["udp_receive.py", "--count", "2000", "--repeat", "1"], "batch"),
+    (["quic_engines.py", "--systems", "aioquic=aioquic", "--megabytes", "2", "--repeat", "1", "--handshakes", "3"],
+     "| aioquic |"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_cpu_and_memory_benchmarks_run(argv, expect):
+    """The per-process CPU, round-trip, idle-memory and QUIC engine benchmarks behind the
+    figures of bench/README.md, each run once, small."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / argv[0]), *argv[1:]],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and expect in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
