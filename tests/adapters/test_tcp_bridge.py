@@ -243,7 +243,9 @@ def test_a_connection_refused_as_it_is_accepted_leaves_the_next_one_served(run, 
         port = server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         first = await loop.run_in_executor(None, client, port, b"one")
-        assert isinstance(first, ConnectionResetError) or first == b""
+        # The reset may reach the client before its send or its shutdown (ECONNRESET, EPIPE,
+        # ENOTCONN) or after (end of stream): each is the refusal.
+        assert isinstance(first, OSError) or first == b"", first
         second = loop.run_in_executor(None, client, port, b"two")
         await wait_until(lambda: len(accepted) == 2 and accepted[1].stream.eof, 10, "the second connection's bytes")
         assert accepted[1].stream.data == b"two"
