@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.cluster import AGENT_ENV, admin, aliases_work, cluster  # noqa: F401 - a fixture
+from tests.helpers.cluster import AGENT_ENV, admin, aliases_work, cluster, two_holders  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.skipif(not aliases_work(), reason="127.0.0.2/.3 are not loopback addresses here")
 
@@ -25,16 +25,9 @@ def test_a_revoked_instance_is_dropped_by_every_relay(cluster, agents, service_f
                          **AGENT_ENV)
     db = relays[0].wait_available(customer, "db")
 
-    def links() -> list[dict]:
-        return [link for link in admin(relays[0]).cluster_status()["links"] if db["id"] in link["resources"]]
-
-    held = wait_until(lambda: (lambda ls: ls if len({link["relay_id"] for link in ls}) == 2 else None)(links()),
-                      30, "the agent's links to two relays")
+    held, holders, third = two_holders(relays, db["id"])
     instance = held[0]["agent_instance"]
     assert {link["agent_instance"] for link in held} == {instance}
-    ids = {admin(r).cluster_status()["relay_id"]: r for r in relays}
-    holders = [ids[link["relay_id"]] for link in held]
-    third = next(r for r in relays if r not in holders)
 
     def here(relay) -> int:
         """The agent's links this relay holds now (its registry, not the database)."""

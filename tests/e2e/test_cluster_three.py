@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.cluster import AGENT_ENV, HOSTS, Cluster, admin, aliases_work, cluster  # noqa: F401 - a fixture
+from tests.helpers.cluster import AGENT_ENV, HOSTS, Cluster, admin, aliases_work, cluster, links_of  # noqa: F401 - a fixture
 from tests.helpers.processes import Relay, connect, recv_all
 
 pytestmark = pytest.mark.skipif(not aliases_work(), reason="127.0.0.2/.3 are not loopback addresses here")
@@ -24,10 +24,6 @@ def roundtrip(addr: tuple[str, int], payload: bytes) -> bytes:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         return recv_all(s)
-
-
-def links_of(relay: Relay, resource_id: str) -> list[dict]:
-    return [link for link in admin(relay).cluster_status()["links"] if resource_id in link["resources"]]
 
 
 def relay_of(c: Cluster, relay_id: str) -> Relay:

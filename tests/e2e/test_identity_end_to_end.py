@@ -14,7 +14,7 @@ import time
 import pytest
 from cryptography import x509
 
-from tests.helpers.cluster import AGENT_ENV, admin, aliases_work, cluster  # noqa: F401 - a fixture
+from tests.helpers.cluster import AGENT_ENV, admin, aliases_work, cluster, two_holders  # noqa: F401 - a fixture
 from tests.helpers.processes import connect, echoed, wait_until
 
 FAST = {"TUNNEL_KEEPALIVE_INTERVAL": "1", "TUNNEL_KEEPALIVE_TIMEOUT": "3"}
@@ -67,15 +67,8 @@ def test_certificate_agent_revoked_on_the_third_relay_is_out_of_the_cluster(clus
     agent = agents.start(c.urls(0, 1), "", "db", service.port, ca_file=c.ca_file, **env)
     db = relays[0].wait_available(customer, "db")
 
-    def links() -> list[dict]:
-        return [link for link in admin(relays[0]).cluster_status()["links"] if db["id"] in link["resources"]]
-
-    held = wait_until(lambda: (lambda ls: ls if len({link["relay_id"] for link in ls}) == 2 else None)(links()),
-                      30, "the agent's links to two relays")
+    held, holders, third = two_holders(relays, db["id"])
     instance = held[0]["agent_instance"]
-    ids = {admin(r).cluster_status()["relay_id"]: r for r in relays}
-    holders = [ids[link["relay_id"]] for link in held]
-    third = next(r for r in relays if r not in holders)
     for relay in holders:
         wait_until(lambda: f"by certificate {serial}" in relay.proc.log(), 30, f"a link by certificate to {relay.host}")
 

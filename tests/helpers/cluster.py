@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from relay.control.admin_client import AdminClient
+from tests.helpers import wait_until
 from tests.helpers.processes import Relay
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -31,6 +32,21 @@ def aliases_work() -> bool:
 
 def admin(relay: Relay) -> AdminClient:
     return AdminClient.discover(relay.state_dir, timeout=10)
+
+
+def links_of(relay: Relay, resource_id: str) -> list[dict]:
+    """The agent links of ``resource_id`` in the cluster's view (``cluster status``) from ``relay``."""
+    return [link for link in admin(relay).cluster_status()["links"] if resource_id in link["resources"]]
+
+
+def two_holders(relays: list[Relay], resource_id: str) -> tuple[list[dict], list[Relay], Relay]:
+    """Wait for one agent's links of ``resource_id`` on two relays; its links, those two relays
+    and the third."""
+    held = wait_until(lambda: (lambda ls: ls if len({link["relay_id"] for link in ls}) == 2 else None)(
+        links_of(relays[0], resource_id)), 30, "the agent's links to two relays")
+    ids = {admin(r).cluster_status()["relay_id"]: r for r in relays}
+    holders = [ids[link["relay_id"]] for link in held]
+    return held, holders, next(r for r in relays if r not in holders)
 
 
 class Cluster:
