@@ -33,6 +33,7 @@ import logging
 import socket
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 
 from tunnel import __version__
 from tunnel.wire.errors import AuthError
@@ -70,6 +71,30 @@ def check_advertise_url(url: str) -> str:
     if parts.scheme not in ADVERTISE_SCHEMES or not parts.hostname or not port or parts.path not in ("", "/"):
         raise ValueError(f"bad advertise URL {url!r}: expected wss://host:port (or quic://, auto://)")
     return url.strip().rstrip("/")
+
+
+class Coalesced:
+    """An async job run on request; requests that arrive while it runs make it run once more
+    after it (however many arrived). The job returns False to stop without that run."""
+
+    def __init__(self, job: Callable[[], Awaitable[bool]]) -> None:
+        self._job = job
+        #: The run in progress or the last one (None before the first request).
+        self.task: asyncio.Task | None = None
+        self._again = False
+
+    def request(self) -> None:
+        if self.task is not None and not self.task.done():
+            self._again = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            if not await self._job():
+                return
 
 
 class OutageLog:
@@ -132,18 +157,16 @@ class Cluster:
         #: Called with a resource's row when any relay creates one (every relay binds its endpoint).
         self.on_resource_created = None
         self._members_task: asyncio.Task | None = None
-        #: Re-reading the resources after a hint; set again when a hint arrives meanwhile.
-        self._reread_task: asyncio.Task | None = None
-        self._reread_again = False
+        #: Re-reading the resources after a hint (once more when a hint arrives meanwhile).
+        self._reread = Coalesced(self._reread_resources_once)
         #: Resources whose endpoint a re-read already asked for (asked once each).
         self._bind_asked: set[str] = set()
         #: Set once stop() begins: leaving is not being taken for gone.
         self._stopping = False
         #: When the database came back after an outage (monotonic); see :meth:`_expire`.
         self._reconnected_at = float("-inf")
-        #: Reading the revocations after a hint; set again when a hint arrives meanwhile.
-        self._revocations_task: asyncio.Task | None = None
-        self._revocations_again = False
+        #: Reading the revocations after a hint (once more when a hint arrives meanwhile).
+        self._revocations = Coalesced(self._read_revocations_once)
         #: When expired certificate rows were last pruned (monotonic).
         self._pruned_at = float("-inf")
 
@@ -199,7 +222,7 @@ class Cluster:
     async def stop(self) -> None:
         """Leave: remove this relay's row and its links (best effort within the query timeout)."""
         self._stopping = True
-        tasks = [t for t in (self._heartbeat_task, self._members_task, self._reread_task, self._revocations_task,
+        tasks = [t for t in (self._heartbeat_task, self._members_task, self._reread.task, self._revocations.task,
                              *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -301,11 +324,11 @@ class Cluster:
         if event.get("hint"):
             # From another relay, or anyone who can connect: the tables say what happened.
             if kind in ("resource_created", "rotated", "deleted"):
-                self._reread_resources()
+                self._reread.request()
             elif kind == "resource_updated":
                 self._spawn(self._reread_rules())
             if kind in ("rotated", "deleted", "agents_revoked"):
-                self._reread_revocations()
+                self._revocations.request()
             return
         if kind == "agents_revoked" or (kind in ("rotated", "deleted") and event.get("serials")):
             # The state has these revocations in memory already (it heard them first).
@@ -326,24 +349,16 @@ class Cluster:
             self.outages.flush()
             self._spawn(self.resync())
 
-    def _reread_revocations(self) -> None:
-        if self._revocations_task is not None and not self._revocations_task.done():
-            self._revocations_again = True
-            return
-        self._revocations_task = asyncio.get_running_loop().create_task(self._revocations_loop())
-
-    async def _revocations_loop(self) -> None:
-        self._revocations_again = True
-        while self._revocations_again:
-            self._revocations_again = False
-            try:
-                await self.state.read_revocations()
-            except StoreUnavailable:
-                return  # the reconnection resyncs
-            except StoreError as exc:
-                log.warning("cannot re-read the revoked agents after an event: %s", exc)
-                return
-            self._drop_revoked()
+    async def _read_revocations_once(self) -> bool:
+        try:
+            await self.state.read_revocations()
+        except StoreUnavailable:
+            return False  # the reconnection resyncs
+        except StoreError as exc:
+            log.warning("cannot re-read the revoked agents after an event: %s", exc)
+            return False
+        self._drop_revoked()
+        return True
 
     def _revoked(self, session) -> bool:
         serial = session.cert_serial
@@ -361,31 +376,23 @@ class Cluster:
             if self._revoked(session):
                 self._pending[session] = ("revoked", "agent revoked")
 
-    def _reread_resources(self) -> None:
-        if self._reread_task is not None and not self._reread_task.done():
-            self._reread_again = True
-            return
-        self._reread_task = asyncio.get_running_loop().create_task(self._reread_loop())
-
-    async def _reread_loop(self) -> None:
-        self._reread_again = True
-        while self._reread_again:
-            self._reread_again = False
-            before = self._judged()
-            try:
-                generations = await self.state.resource_generations()
-                self._apply_generations(generations, *before)
-                for rid in generations.keys() - self.registry.endpoints.keys() - self._bind_asked:
-                    self._bind_asked.add(rid)
-                    row = await self.state.get_resource(rid)
-                    if row is not None and self.on_resource_created is not None:
-                        self.on_resource_created(row)
-            except StoreUnavailable:
-                return  # the reconnection resyncs
-            except StoreError as exc:
-                log.warning("cannot re-read the resources after an event: %s", exc)
-                return
-            self._bind_asked &= generations.keys()
+    async def _reread_resources_once(self) -> bool:
+        before = self._judged()
+        try:
+            generations = await self.state.resource_generations()
+            self._apply_generations(generations, *before)
+            for rid in generations.keys() - self.registry.endpoints.keys() - self._bind_asked:
+                self._bind_asked.add(rid)
+                row = await self.state.get_resource(rid)
+                if row is not None and self.on_resource_created is not None:
+                    self.on_resource_created(row)
+        except StoreUnavailable:
+            return False  # the reconnection resyncs
+        except StoreError as exc:
+            log.warning("cannot re-read the resources after an event: %s", exc)
+            return False
+        self._bind_asked &= generations.keys()
+        return True
 
     def _judged(self) -> tuple[set[str], list]:
         """The endpoints and registrations in flight a read about to start can judge: their
@@ -482,7 +489,7 @@ class Cluster:
                 # This relay's row is gone (the others took it for dead): join again, once.
                 await self._join()
                 session.epoch = await self._add_link(session, quota)
-            reread = self._reread_task
+            reread = self._reread.task
             if reread is not None and not reread.done():
                 # A hint heard meanwhile: what it makes us read may refuse this registration.
                 await asyncio.wait({reread}, timeout=self.settings.db_query_timeout)
