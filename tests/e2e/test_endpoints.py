@@ -6,12 +6,12 @@ from __future__ import annotations
 import socket
 
 from tests.helpers import wait_until
-from tests.helpers.processes import free_port
+from tests.helpers.processes import free_port, free_port_range
 
 
 def test_port_range_and_a_fixed_port(relay, agents, service_factory):
     relay.stop()
-    low = 31000 + free_port() % 2000
+    low, _ = free_port_range(10)
     relay.start("--port-range", f"{low}-{low + 9}")
     service = service_factory("echo")
     customer = relay.create_customer("acme")

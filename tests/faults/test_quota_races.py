@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 
 import pytest
@@ -25,6 +24,7 @@ from relay.state.relay_state import RelayState
 from relay.control.tokens import TokenAuthority
 from tests.faults.test_registration_race import RecordingLink
 from tests.helpers import async_wait_until
+from tests.helpers.processes import free_port_range
 from relay.settings import RelaySettings
 from tunnel.core.limits import Limits
 
@@ -149,34 +149,11 @@ def test_concurrent_add_resources_stay_within_the_per_link_limit(tmp_path, caplo
     _no_uncaught(caplog)
 
 
-def _free_range(n: int) -> tuple[int, int]:
-    """``n`` consecutive ports free on 127.0.0.1 now, below the kernel's ephemeral range (so that
-    no outgoing connection of a busy test run takes one meanwhile), probed as the relay binds its
-    endpoints (SO_REUSEADDR: a port in TIME_WAIT is free to a listener)."""
-    rng = random.Random()
-    for _ in range(100):
-        low = rng.randrange(12000, 19000 - n)
-        socks = []
-        try:
-            for port in range(low, low + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", port))
-            return low, low + n - 1
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise AssertionError("no free port range")
-
-
 def test_one_customer_takes_at_most_its_share_of_the_port_range(tmp_path, caplog):
     caplog.set_level(logging.INFO)
 
     async def run():
-        async with _relay(tmp_path, port_range=_free_range(8), customer_port_share=0.5) as relay:
+        async with _relay(tmp_path, port_range=free_port_range(8), customer_port_share=0.5) as relay:
             greedy = (await relay.state.create_customer("greedy"))["id"]
             other = (await relay.state.create_customer("other"))["id"]
             greedy_token, other_token = relay.authority.issue(greedy), relay.authority.issue(other)
@@ -196,7 +173,7 @@ def test_one_customer_takes_at_most_its_share_of_the_port_range(tmp_path, caplog
 
 def test_running_out_of_ports_is_relay_full_for_the_one_asking(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    low, high = _free_range(4)
+    low, high = free_port_range(4)
     held = []
     try:
         async def run():
@@ -275,7 +252,7 @@ def test_an_endpoint_that_cannot_bind_is_refused_as_unavailable_and_logged_once(
     """Issue 20, item 8: agents of a resource whose port something else holds on this relay
     get ``unavailable`` (they retry), the relay logs it once and lists it, and goes on."""
     caplog.set_level(logging.INFO)
-    low, high = _free_range(1)
+    low, high = free_port_range(1)
     held = socket.socket()
     held.bind(("127.0.0.1", low))
     held.listen()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,6 +34,29 @@ def free_port() -> int:
                     continue
             return port
     raise RuntimeError("no free port")
+
+
+def free_port_range(n: int) -> tuple[int, int]:
+    """``n`` consecutive ports free on 127.0.0.1 now, below the kernel's ephemeral range (so that
+    no outgoing connection of a busy test run takes one meanwhile), probed as the relay binds its
+    endpoints (SO_REUSEADDR: a port in TIME_WAIT is free to a listener); (first, last)."""
+    rng = random.Random()
+    for _ in range(100):
+        low = rng.randrange(12000, 19000 - n)
+        socks = []
+        try:
+            for port in range(low, low + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+            return low, low + n - 1
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError("no free port range")
 
 
 def _env(**extra) -> dict:
