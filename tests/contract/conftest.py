@@ -232,18 +232,20 @@ async def _udp_path(target_port: int, delay: float) -> _Path:
 def send_raw_frames(link: Link, ftype: int, payload: bytes, count: int = 1) -> None:
     """Send ``count`` control frames of type ``ftype`` where the link's control frames go (the
     session's byte pipe; QUIC's control stream), past every check of the sending side."""
-    if link.carrier == "quic":
-        for _ in range(count):
-            link._send_frame(ftype, 0, payload)
-    else:
-        link._pipe.write([frames.encode_frame(int(ftype), 0, 0, payload) * count])
+    link._pipe.write([frames.encode_frame(int(ftype), 0, 0, payload) * count])
 
 
 def stop_reading(pair: "Pair") -> None:
     """The client stops reading what the server sends: over TCP the path stops reading from
     the server, over QUIC the client's control stream gives no credit back."""
     if pair.client.carrier == "quic":
-        pair.client._control_data = lambda event: None
+        # A QUIC stack of its own, that never gives the control stream credit back.
+        client = pair.client._pipe.session._conn
+        write_limits = client._write_stream_limits
+        client._write_stream_limits = lambda builder, space, stream: (
+            None if stream.stream_id == 0 else write_limits(builder=builder, space=space, stream=stream))
+        control = pair.server._pipe.session._conn._streams[0]
+        control.max_stream_data_remote = control.sender.highest_offset
     else:
         pair.path.stop_reading_from_server()
 

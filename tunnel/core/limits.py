@@ -97,12 +97,7 @@ class Limits(TunnelSettings):
     link_notsent_lowat: int = 512 * KiB
     #: QUIC connections one relay holds at once; more are refused (CONNECTION_REFUSED).
     max_quic_connections: int = 10000
-    #: QUIC: bytes handed to aioquic beyond what it already sent, per stream ...
-    quic_unsent_per_stream: int = 256 * KiB
-    #: ... and across the streams of a link (what is sent and unacknowledged is bounded by
-    #: the peer's windows).
-    quic_unsent_per_link: int = 1 * MiB
-    #: QUIC datagram size after the handshake; 0: from the route MTU (up to 65507).
+    #: QUIC datagram size; 0: from the route MTU (1452 at most, 16384 on loopback-sized routes).
     quic_max_datagram_size: int = 0
     #: 1: send QUIC datagrams in batches with UDP segmentation offload where Linux has it.
     quic_gso: int = 1
@@ -142,8 +137,8 @@ class Limits(TunnelSettings):
             raise ValueError("stream_send_low_water must be below stream_send_high_water")
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must exceed keepalive_interval")
-        if self.quic_max_datagram_size and not 1200 <= self.quic_max_datagram_size <= 65507:
-            raise ValueError("quic_max_datagram_size must be 0 (from the path) or in [1200, 65507]")
+        if self.quic_max_datagram_size and not 1200 <= self.quic_max_datagram_size <= 16384:
+            raise ValueError("quic_max_datagram_size must be 0 (from the path) or in [1200, 16384]")
         if self.quic_gso not in (0, 1):
             raise ValueError("quic_gso must be 0 or 1")
         if self.quic_congestion_control not in QUIC_CONGESTION_CONTROLS:

@@ -41,6 +41,7 @@ cdef class Session(SessionState):
     cpdef bint stream_paused(self, stream_id) except -1
     @cython.locals(s=StreamRecord, unconsumed=cython.longlong, credit=cython.longlong)
     cpdef consume(self, stream_id, long long n)
+    cpdef credit_discarded(self, long long n)
     @cython.locals(credit=cython.longlong)
     cdef _credit_session(self, long long n)
     @cython.locals(credit=cython.longlong)

@@ -630,6 +630,14 @@ class Session(SessionState):
             if self._recv_limit - self._recv_received <= self._limits.session_window >> 3:
                 self._relieve_starved()
 
+    def credit_discarded(self, n: int) -> None:
+        """``n`` stream bytes the peer counted against the link window were discarded below
+        the session (a QUIC stream reset drops what it had not delivered): they count as
+        received and consumed, so that the window comes back."""
+        if n > 0 and not self._closed:
+            self._recv_received += n
+            self._credit_session(n)
+
     def _credit_session(self, n: int) -> None:
         """``n`` more received bytes are done with: grant credit as the policy says."""
         self._recv_consumed += n

@@ -2,12 +2,13 @@
 "QUIC mapping"), one QUIC stream per tunneled stream, so that loss on one stream does not
 stall the others.
 
-- :mod:`~tunnel.carriers.quic.link` and :mod:`~tunnel.carriers.quic.stream`: the link and its
-  streams, on the shared link policy;
+The link's rules are the core session's (:mod:`tunnel.core.session`), its frames ride QUIC
+streams by :mod:`tunnel.core.quic_session` (sans-IO); here is the I/O:
+
+- :mod:`~tunnel.carriers.quic.link`: the link, a ``SessionLink`` on a UDP pipe;
 - :mod:`~tunnel.carriers.quic.client` / :mod:`~tunnel.carriers.quic.server`: dialling and
-  accepting (admission, Retry, connection-ID demultiplexing);
+  accepting (admission, Retry, connection-ID demultiplexing, :mod:`~.refuse` when full);
 - :mod:`~tunnel.carriers.quic.udp`: sockets, batched sends with GSO, the path's datagram size;
-- :mod:`~tunnel.carriers.quic.compat`: every use of aioquic's internals, checked by a test;
 - :mod:`~tunnel.carriers.quic.congestion`: the model-based congestion controller (after BBR);
 - :mod:`~tunnel.carriers.quic.config`: the QUIC settings both sides use.
 """
@@ -15,6 +16,5 @@ stall the others.
 from tunnel.carriers.quic.client import connect_quic
 from tunnel.carriers.quic.link import QuicLink
 from tunnel.carriers.quic.server import QuicServer, serve_quic
-from tunnel.carriers.quic.stream import QuicLinkStream
 
-__all__ = ["QuicLink", "QuicLinkStream", "QuicServer", "connect_quic", "serve_quic"]
+__all__ = ["QuicLink", "QuicServer", "connect_quic", "serve_quic"]

@@ -8,18 +8,12 @@ import os
 import socket
 import ssl
 
-from tunnel.carriers.quic.compat import BoundedConnection
-from tunnel.carriers.quic.config import configuration, stream_limits
-from tunnel.carriers.quic.link import QuicLink
-from tunnel.carriers.quic.udp import (
-    MAX_DATAGRAM_SIZE,
-    SMALLEST_MAX_DATAGRAM_SIZE,
-    UdpSender,
-    route_datagram_size,
-    udp_socket,
-)
+from tunnel.carriers.quic.config import configuration, new_session
+from tunnel.carriers.quic.link import QuicLink, QuicPipe
+from tunnel.carriers.quic.udp import UdpSender, datagram_size, route_datagram_size, udp_socket
 from tunnel.core.limits import Limits
-from tunnel.wire.constants import ErrorCode
+from tunnel.core.session_state import Role
+from tunnel.wire.constants import QUIC_ALPN, ErrorCode
 from tunnel.wire.errors import LinkError
 
 __all__ = ["connect_quic"]
@@ -27,24 +21,19 @@ __all__ = ["connect_quic"]
 
 class _ClientProtocol(asyncio.DatagramProtocol):
     def __init__(self) -> None:
-        self.link: QuicLink | None = None
+        self.pipe: QuicPipe | None = None
 
     def datagram_received(self, data, addr) -> None:
-        if self.link is not None:
-            self.link.datagram_received(data, addr)
+        if self.pipe is not None:
+            self.pipe.datagram_received(data, addr)
 
     def error_received(self, exc) -> None:
-        link = self.link
-        if link is None:
-            return
-        if getattr(exc, "errno", None) == errno.EMSGSIZE:
-            link.datagram_too_big("EMSGSIZE: the path MTU shrank")
-        else:
-            link.unreachable(exc)
+        if self.pipe is not None and getattr(exc, "errno", None) != errno.EMSGSIZE:
+            self.pipe.unreachable(exc)
 
     def connection_lost(self, exc) -> None:
-        if self.link is not None:
-            self.link.connection_lost(exc)
+        if self.pipe is not None:
+            self.pipe.connection_lost(exc)
 
 
 def _system_cafile() -> str | None:
@@ -78,20 +67,12 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
             sock = udp_socket(family, connect=addr)
             transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
             peer = sock.getpeername()
-            forced = limits.quic_max_datagram_size or None
-            target = forced or route_datagram_size(sock)
-            # A route narrower than 1452 (PPPoE, tunnels): the handshake fits it too.
-            config.max_datagram_size = max(SMALLEST_MAX_DATAGRAM_SIZE, min(config.max_datagram_size, target))
-            conn = BoundedConnection(configuration=config)
-            conn.local_max_udp = max(target, MAX_DATAGRAM_SIZE)  # what we receive on this path
-            stream_limits(conn, limits)
+            session = new_session(config, limits, datagram_size=datagram_size(limits, route_datagram_size(sock)))
             sender = UdpSender(transport, sock, connected=True, gso=bool(limits.quic_gso),
                                on_error=protocol.error_received)
-            link = QuicLink(conn, limits, is_client=True, send=sender.send, loop=loop, peer_address=peer,
-                            datagram_target=lambda: (target, forced is not None),
-                            on_terminated=lambda _link: transport.close())
-            protocol.link = link
-            link.start(peer)
+            pipe = protocol.pipe = QuicPipe(session, sender.send, peer, loop, on_terminated=transport.close)
+            link = QuicLink(pipe, Role.AGENT, limits, loop)
+            pipe.start(peer)
             ready = asyncio.ensure_future(link.wait_ready())
             closed = asyncio.ensure_future(link.wait_closed())
             try:
@@ -100,7 +81,7 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
                 ready.cancel()
                 closed.cancel()
             if not link.ready:
-                raise LinkError(f"QUIC connection to {host}:{port} failed: {link.error or 'closed'}")
+                raise LinkError(f"QUIC connection to {host}:{port} failed: {_explain(link.error)}")
             return link
     except TimeoutError:
         if link is not None:
@@ -118,3 +99,9 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
         if transport is not None:
             transport.close()
         raise LinkError(f"QUIC connection to {host}:{port} failed: {exc}") from None
+
+
+def _explain(error: str | None) -> str:
+    if error and "ALPN" in error:
+        return f"{error} (the relay speaks another QUIC mapping than {QUIC_ALPN}: upgrade the older side, or use wss://)"
+    return error or "closed"

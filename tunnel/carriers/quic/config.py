@@ -1,44 +1,133 @@
-"""QUIC settings both sides of a link use."""
+"""QUIC settings both sides of a link use, and the one thing set on the engine beyond them.
+
+aioquic's public API covers everything the carrier does except three things, taken through
+the internal names in :data:`RELIED_ON` (checked against the installed aioquic by
+``tests/unit/test_quic_config.py``):
+
+- receive memory: aioquic doubles a stream's MAX_STREAM_DATA (and MAX_DATA) once half of it has
+  *arrived*, out-of-order bytes included, and fills the gap before them with zeros; a peer that
+  sends one byte at the edge of each new limit makes it allocate without bound in a few packets
+  (hundreds of MB in under a second). :class:`GuardedConnection` moves the limits with what was
+  delivered in order instead, at most one window ahead, so a link holds at most its receive
+  bound (``Limits.receive_bound``) however its bytes arrive;
+- how many streams the peer may open at once: aioquic fixes it at 128 (adding one per stream
+  the peer finished), below ``max_concurrent_streams``, so a link holding more long-lived
+  connections (a pool of database sessions) would see the 129th wait for another to end.
+  :func:`new_session` raises it before the handshake announces it;
+- how far a stream was sent: the control stream's unsent bytes pile up when the peer takes
+  none of them, and the link then stops queueing answers to it (the core's guard against a
+  peer that never reads, as a full TCP buffer does it on WSS).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 
-from tunnel.carriers.quic.compat import BoundedConnection
 from tunnel.carriers.quic.congestion import ALGORITHMS
-from tunnel.carriers.quic.udp import MAX_DATAGRAM_SIZE
 from tunnel.core.limits import Limits
+from tunnel.core.quic_session import QuicSession
+from tunnel.core.session_state import Role
 from tunnel.wire.constants import QUIC_ALPN
 
-__all__ = ["configuration", "stream_limits"]
+__all__ = ["RELIED_ON", "GuardedConnection", "configuration", "new_session"]
+
+#: (object, attribute) of aioquic internals used here.
+RELIED_ON = [
+    (QuicConnection, "_write_connection_limits"),
+    (QuicConnection, "_write_stream_limits"),
+    (QuicConnection, "_local_max_data"),
+    (QuicConnection, "_local_max_streams_bidi"),
+    (QuicConnection, "_streams"),
+]
+
+
+class GuardedConnection(QuicConnection):
+    """aioquic's connection with receive limits that follow in-order delivery (see the module
+    docstring): a stream's limit stays within ``stream_window`` of what it delivered, the
+    connection's within ``connection_window`` of what all streams delivered (or a reset
+    released); each is raised once less than that is left, by an eighth more, so that limit
+    frames go out in batches."""
+
+    def __init__(self, *, stream_window: int, connection_window: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+        self._taken = 0  # stream bytes delivered in order, or released by a reset
+
+    def next_event(self):
+        event = super().next_event()
+        kind = type(event)
+        if kind is events.StreamDataReceived:
+            self._taken += len(event.data)
+        elif kind is events.StreamReset:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:  # what will never be delivered: its final size
+                self._taken += stream.receiver.highest_offset - stream.receiver.starting_offset()
+        return event
+
+    def _write_connection_limits(self, builder, space) -> None:
+        limit = self._local_max_data
+        if limit.value - self._taken < self.connection_window:
+            limit.value = self._taken + self.connection_window + (self.connection_window >> 3)
+        used, limit.used = limit.used, 0  # aioquic's doubling on arrival, hidden
+        try:
+            super()._write_connection_limits(builder=builder, space=space)
+        finally:
+            limit.used = used
+
+    def _write_stream_limits(self, builder, space, stream) -> None:
+        if stream.max_stream_data_local:
+            receiver = stream.receiver
+            delivered = receiver.starting_offset()
+            if stream.max_stream_data_local - delivered < self.stream_window:
+                stream.max_stream_data_local = delivered + self.stream_window + (self.stream_window >> 3)
+            if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+                return  # runs for every stream in every packet: nothing to send
+            highest, receiver.highest_offset = receiver.highest_offset, 0  # hidden, as above
+            try:
+                super()._write_stream_limits(builder=builder, space=space, stream=stream)
+            finally:
+                receiver.highest_offset = highest
 
 
 def configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
-    """The QUIC settings both sides use: ALPN ``tunnel/1``, windows and idle timeout from
-    ``limits``, the congestion controller ``limits.quic_congestion_control`` names (the
-    model-based one by default: :mod:`tunnel.carriers.quic.congestion`), handshake datagrams
-    of the standard size, certificates always verified."""
-    handshake_size = MAX_DATAGRAM_SIZE
-    if limits.quic_max_datagram_size:
-        handshake_size = min(handshake_size, limits.quic_max_datagram_size)
+    """ALPN, idle timeout, congestion control and certificate checks from ``limits``. QUIC's
+    own windows sit above the core's (the core's credit decides what is sent: see
+    :mod:`tunnel.core.quic_session`), so that they never hold a stream back."""
     return QuicConfiguration(
         alpn_protocols=[QUIC_ALPN],
         is_client=is_client,
         idle_timeout=limits.keepalive_timeout,
-        max_data=limits.session_window,
-        max_stream_data=limits.initial_stream_window,
-        max_datagram_size=handshake_size,  # the link raises it after the handshake
+        max_data=limits.receive_bound,
+        max_stream_data=limits.max_stream_window,
         congestion_control_algorithm=ALGORITHMS[limits.quic_congestion_control],
         verify_mode=ssl.CERT_REQUIRED,
     )
 
 
-def stream_limits(conn: BoundedConnection, limits: Limits) -> None:
-    """Peers may open ``max_concurrent_streams`` bidirectional streams (plus the control stream
-    and some slack: a QUIC stream outlives our view of it until both sides' last frames are
-    acknowledged, and beyond the limit our answer is a prompt RESET with STREAM_LIMIT, as on
-    WSS, not a silent wait) and no unidirectional ones."""
-    slack = max(8, limits.max_concurrent_streams // 8)
-    conn.set_stream_limits(bidi=limits.max_concurrent_streams + 1 + slack, uni=0)
+def new_session(config: QuicConfiguration, limits: Limits, *, datagram_size: int, **kwargs) -> QuicSession:
+    """A connection sending datagrams of ``datagram_size`` bytes, in a :class:`QuicSession`
+    for the agent's side (client) or the relay's. ``kwargs`` go to ``QuicConnection`` (the
+    server's connection IDs)."""
+    config = dataclasses.replace(config, max_datagram_size=datagram_size)
+    conn = GuardedConnection(configuration=config, stream_window=limits.max_stream_window,
+                             connection_window=limits.receive_bound, **kwargs)
+    # Peer streams at once: ours, the control stream, and slack for streams QUIC still
+    # tracks after the core is done with them (their last ACKs).
+    peer_streams = limits.max_concurrent_streams + 1 + max(8, limits.max_concurrent_streams // 8)
+    conn._local_max_streams_bidi.value = conn._local_max_streams_bidi.sent = peer_streams
+    role = Role.AGENT if config.is_client else Role.RELAY
+    streams = conn._streams
+
+    def sent_offset(stream_id: int) -> int | None:
+        stream = streams.get(stream_id)
+        return None if stream is None else stream.sender.highest_offset
+
+    return QuicSession(conn, events, role=role, alpn=QUIC_ALPN, max_frame_size=limits.max_frame_size,
+                       max_control_size=limits.max_control_size, max_open_metadata=limits.max_open_metadata,
+                       sent_offset=sent_offset)

@@ -32,9 +32,9 @@ nothing to send is low, and the max filter ignores it unless the link stays idle
 :data:`BW_WINDOW_ROUNDS` rounds); ACK aggregation is absorbed by the PROBE_BW window gain of 2.
 
 The controller talks to aioquic only through its public congestion-control interface
-(``QuicCongestionControl``, ``register_congestion_control``); its pacing rate reaches aioquic's
-pacer through :class:`tunnel.carriers.quic.compat.GranularPacer`, which reads
-:attr:`ModelCongestionControl.pacing_rate`.
+(``QuicCongestionControl``, ``register_congestion_control``, the sent packets' public fields).
+aioquic paces at window / smoothed RTT, so the window's gain is the pacing gain in effect;
+:attr:`ModelCongestionControl.pacing_rate` is the model's own figure, for logs.
 """
 
 from __future__ import annotations
@@ -81,9 +81,6 @@ LOSS_BETA = 0.7
 BOUND_GROWTH = 1.25
 
 STARTUP, DRAIN, PROBE_BW, PROBE_RTT = "startup", "drain", "probe_bw", "probe_rtt"
-#: Attribute of a sent packet holding the connection's delivery state when it was sent
-#: (aioquic's ``QuicSentPacket`` has room for it: ``compat.RELIED_ON``).
-_STATE = "tunnel_delivery"
 
 
 class ModelCongestionControl(QuicCongestionControl):
@@ -96,19 +93,19 @@ class ModelCongestionControl(QuicCongestionControl):
 
     def __init__(self, *, max_datagram_size: int, rng: random.Random | None = None) -> None:
         super().__init__(max_datagram_size=max_datagram_size)
-        self._max_datagram_size = max_datagram_size  # moved by the link (compat.set_datagram_size)
+        self._max_datagram_size = max_datagram_size
         self._rng = rng or random.Random()
-        #: Bytes per second the pacer should send at; None until the first RTT is known.
+        #: Bytes per second the model would pace at; None until the first RTT is known.
         self.pacing_rate: float | None = None
-        #: The connection's pacer, told each packet's real size (set by compat.BoundedConnection).
-        self.pacer = None
+        #: The delivery state when each packet in flight was sent, by packet number.
+        self._sent_state: dict[int, tuple] = {}
+        self._newest_state: tuple | None = None
         self.mode = STARTUP
         self.round_count = 0
         # delivery-rate estimation
         self._delivered = 0
         self._delivered_time = 0.0
         self._first_sent_time = 0.0
-        self._newest_acked = None  # packet of the pending ACK sent last
         self._acked_pending = 0  # bytes acknowledged since the model last moved
         self._next_round_delivered = 0
         self._round_start = False
@@ -166,10 +163,9 @@ class ModelCongestionControl(QuicCongestionControl):
     def on_packet_sent(self, *, packet) -> None:
         if not self.bytes_in_flight:
             self._first_sent_time = self._delivered_time = packet.sent_time
-        setattr(packet, _STATE, (self._delivered, self._delivered_time, self._first_sent_time))
+        self._sent_state[packet.packet_number] = (self._delivered, self._delivered_time, self._first_sent_time,
+                                                  packet.sent_time)
         self.bytes_in_flight += packet.sent_bytes
-        if self.pacer is not None:
-            self.pacer.charge(packet.sent_bytes)
 
     def on_packet_acked(self, *, now: float, packet) -> None:
         size = packet.sent_bytes
@@ -180,22 +176,25 @@ class ModelCongestionControl(QuicCongestionControl):
         self._round_delivered += size
         self._delivered_since += size
         self._sampled_packets += 1
-        newest = self._newest_acked
-        if newest is None or packet.sent_time >= newest.sent_time:
-            self._newest_acked = packet
+        state = self._sent_state.pop(packet.packet_number, None)
+        newest = self._newest_state
+        if state is not None and (newest is None or state[3] >= newest[3]):
+            self._newest_state = state
 
     def on_packets_expired(self, *, packets: Iterable) -> None:
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
+            self._sent_state.pop(packet.packet_number, None)
 
     def on_packets_lost(self, *, now: float, packets: Iterable) -> None:
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
+            self._sent_state.pop(packet.packet_number, None)
             self._round_lost += packet.sent_bytes
             self._lost += packet.sent_bytes
             self._lost_packets += 1
             self._sampled_packets += 1
-        if self._newest_acked is not None:
+        if self._newest_state is not None:
             self._update(now, None)
 
     def on_persistent_congestion(self) -> None:
@@ -215,12 +214,12 @@ class ModelCongestionControl(QuicCongestionControl):
     def _update(self, now: float, rtt: float | None) -> None:
         if rtt is not None:
             self._update_min_rtt(now, rtt)
-        packet = self._newest_acked
+        state = self._newest_state
         acked = self._acked_pending
-        self._newest_acked = None
+        self._newest_state = None
         self._acked_pending = 0
-        if packet is not None:
-            self._sample(now, packet)
+        if state is not None:
+            self._sample(now, state)
         if self._round_start:
             self._on_round_end()
         self._update_mode(now)
@@ -236,15 +235,15 @@ class ModelCongestionControl(QuicCongestionControl):
             self.min_rtt = rtt
             self._min_rtt_stamp = now
 
-    def _sample(self, now: float, packet) -> None:
-        delivered, delivered_time, first_sent_time = getattr(packet, _STATE)
+    def _sample(self, now: float, state: tuple) -> None:
+        delivered, delivered_time, first_sent_time, sent_time = state
         self._round_start = False
         if delivered >= self._next_round_delivered:
             self._next_round_delivered = self._delivered
             self.round_count += 1
             self._round_start = True
-        self._first_sent_time = packet.sent_time
-        interval = max(packet.sent_time - first_sent_time, now - delivered_time)
+        self._first_sent_time = sent_time
+        interval = max(sent_time - first_sent_time, now - delivered_time)
         if interval <= 0 or (self.min_rtt is not None and interval < self.min_rtt):
             return  # too short to say anything about the path's rate
         rate = (self._delivered - delivered) / interval

@@ -30,11 +30,18 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 
 from tunnel.carriers.base import Link
 from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
-from tunnel.carriers.quic.compat import BoundedConnection, refuse_datagram
-from tunnel.carriers.quic.config import configuration, stream_limits
-from tunnel.carriers.quic.link import QuicLink
-from tunnel.carriers.quic.udp import SMALLEST_MAX_DATAGRAM_SIZE, UdpSender, peer_route_datagram_size, udp_socket
+from tunnel.carriers.quic.config import configuration, new_session
+from tunnel.carriers.quic.link import QuicLink, QuicPipe
+from tunnel.carriers.quic.refuse import refuse_datagram
+from tunnel.carriers.quic.udp import (
+    SMALLEST_MAX_DATAGRAM_SIZE,
+    UdpSender,
+    datagram_size,
+    peer_route_datagram_size,
+    udp_socket,
+)
 from tunnel.core.limits import Limits
+from tunnel.core.session_state import Role
 from tunnel.wire.constants import ErrorCode
 
 __all__ = ["QuicServer", "serve_quic"]
@@ -53,8 +60,8 @@ class QuicServer(asyncio.DatagramProtocol):
         self._on_link = on_link
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._links: dict[bytes, QuicLink] = {}
-        self._all: set[QuicLink] = set()
+        self._links: dict[bytes, QuicPipe] = {}
+        self._all: set[QuicPipe] = set()
         self._handshakes = PendingHandshakes(limits.max_pending_handshakes)
         self._retry = QuicRetryTokenHandler()
         self.retries = 0  #: Retry packets sent (address validation under load)
@@ -86,15 +93,14 @@ class QuicServer(asyncio.DatagramProtocol):
         pass  # ICMP errors of one peer say nothing about the others
 
     def connection_lost(self, exc) -> None:
-        for link in list(self._all):
-            link.connection_lost(exc)
+        for pipe in list(self._all):
+            pipe.connection_lost(exc)
         self._closed.set()
 
     def close(self) -> None:
         """Close every link (CONNECTION_CLOSE sent) and stop listening."""
-        for link in list(self._all):
-            link._close(ErrorCode.NO_ERROR, "relay shutting down", flush=False)
-            link._transmit()
+        for pipe in list(self._all):
+            pipe.abort()
         if self._transport is not None:
             self._transport.close()
 
@@ -108,18 +114,18 @@ class QuicServer(asyncio.DatagramProtocol):
         # Fast path for 1-RTT (short header) packets of known connections: the destination
         # connection ID sits right after the first byte, with the length we issue.
         if data and not data[0] & 0x80:
-            link = self._links.get(data[1:1 + self._cid_length])
-            if link is not None:
-                link.datagram_received(data, addr)
+            pipe = self._links.get(data[1:1 + self._cid_length])
+            if pipe is not None:
+                pipe.datagram_received(data, addr)
                 return
         buf = Buffer(data=data)
         try:
             header = pull_quic_header(buf, host_cid_length=self._cid_length)
         except ValueError:
             return
-        link = self._links.get(header.destination_cid)
-        if link is not None:
-            link.datagram_received(data, addr)
+        pipe = self._links.get(header.destination_cid)
+        if pipe is not None:
+            pipe.datagram_received(data, addr)
             return
         if header.packet_type == QuicPacketType.VERSION_NEGOTIATION or header.version is None:
             return
@@ -168,28 +174,28 @@ class QuicServer(asyncio.DatagramProtocol):
         link.close(ErrorCode.TIMEOUT, "handshake evicted: too many handshakes in progress")
 
     def _accept(self, header, data: bytes, addr, original_cid: bytes, retry_cid: bytes | None) -> None:
-        conn = BoundedConnection(configuration=self._configuration,
-                                 original_destination_connection_id=original_cid,
-                                 retry_source_connection_id=retry_cid)
-        stream_limits(conn, self.limits)
-        cids = {header.destination_cid, conn.host_cid}
-        links = self._links
+        limits = self.limits
+        size = datagram_size(limits, peer_route_datagram_size(self._sock.family, addr))
+        session = new_session(self._configuration, limits, datagram_size=size,
+                              original_destination_connection_id=original_cid, retry_source_connection_id=retry_cid)
+        cids = {header.destination_cid, session.host_cid}
+        pipes = self._links
         deadline: asyncio.TimerHandle | None = None
-        link: QuicLink
 
         def issued(cid: bytes) -> None:
             cids.add(cid)
-            links[cid] = link
+            pipes[cid] = pipe
 
         def retired(cid: bytes) -> None:
             cids.discard(cid)
-            links.pop(cid, None)
+            pipes.pop(cid, None)
 
-        def terminated(_link: QuicLink) -> None:
+        def terminated() -> None:
             for cid in cids:
-                if links.get(cid) is link:
-                    del links[cid]
-            self._all.discard(link)
+                if pipes.get(cid) is pipe:
+                    del pipes[cid]
+            self._all.discard(pipe)
+            release()
 
         def release() -> None:
             """Authentication done, or the link gone: free the handshake slot."""
@@ -197,29 +203,27 @@ class QuicServer(asyncio.DatagramProtocol):
                 deadline.cancel()
             self._handshakes.forget(link)
 
-        link = QuicLink(conn, self.limits, is_client=False, send=self._sendto, loop=self._loop, peer_address=addr,
-                        datagram_target=lambda: self._datagram_target(addr),
-                        on_ready=self._link_ready, on_terminated=terminated, on_cid_issued=issued,
-                        on_cid_retired=retired, on_handshake_done=release)
-        self._all.add(link)
+        pipe = QuicPipe(session, self._sendto, addr, self._loop, on_terminated=terminated,
+                        on_cid_issued=issued, on_cid_retired=retired)
+        link = QuicLink(pipe, Role.RELAY, limits, self._loop, on_handshake_done=release)
+        self._all.add(pipe)
         for cid in cids:
-            links[cid] = link
+            pipes[cid] = pipe
         self._handshakes.admit(link, addr[0], self._loop.time())
-        deadline = self._loop.call_later(self.limits.handshake_timeout, self._handshake_expired, link)
-        link.datagram_received(data, addr)
-
-    def _datagram_target(self, addr) -> tuple[int, bool]:
-        forced = self.limits.quic_max_datagram_size
-        if forced:
-            return forced, True
-        return peer_route_datagram_size(self._sock.family, addr), False
+        deadline = self._loop.call_later(limits.handshake_timeout, self._handshake_expired, link)
+        self._loop.create_task(self._when_ready(link))
+        pipe.datagram_received(data, addr)
 
     @staticmethod
     def _handshake_expired(link: QuicLink) -> None:
         handshake_failed("quic", "timeout")
         link.close(ErrorCode.TIMEOUT, "handshake deadline exceeded")
 
-    def _link_ready(self, link: QuicLink) -> None:
+    async def _when_ready(self, link: QuicLink) -> None:
+        try:
+            await link.wait_ready()
+        except Exception:  # closed first: nothing to hand over
+            return
         try:
             self._on_link(link)
         except Exception:

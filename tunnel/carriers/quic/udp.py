@@ -1,11 +1,11 @@
 """UDP for the QUIC carrier: sockets, batched sends with GSO, and the path's datagram size.
 
-Datagram size: the handshake runs at :data:`MAX_DATAGRAM_SIZE` (1452: a 1500-byte MTU path
-with IPv6 + UDP headers, less if the route is narrower). After it, the link moves to the
-path's size: the route MTU of a connected socket (``IP_MTU``/``IPV6_MTU``; DF set with
-``IP_PMTUDISC_DO`` so that an oversize send fails loudly with ``EMSGSIZE`` instead of being
-fragmented), capped at :data:`MAX_PATH_DATAGRAM_SIZE`. ``Limits.quic_max_datagram_size``
-overrides the path.
+Datagram size (:func:`datagram_size`): the route MTU of the peer's address (``IP_MTU``/
+``IPV6_MTU`` of a connected socket; DF set with ``IP_PMTUDISC_DO`` so that an oversize send
+fails loudly instead of being fragmented), at most :data:`MAX_DATAGRAM_SIZE` (1452) unless
+the route is loopback-sized, then :data:`MAX_PATH_DATAGRAM_SIZE`. It is fixed for the
+connection's life: ``Limits.quic_max_datagram_size`` sets it on paths that carry less than
+their route says (a tunnel, PPPoE behind a router).
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ __all__ = [
     "MAX_PATH_DATAGRAM_SIZE",
     "SMALLEST_MAX_DATAGRAM_SIZE",
     "UdpSender",
+    "datagram_size",
     "peer_route_datagram_size",
     "route_datagram_size",
     "udp_socket",
 ]
 
-#: UDP payload size of the handshake, and of every link whose path is not known to carry more.
+#: UDP payload size on a standard path (a 1500-byte MTU with IPv6 + UDP headers).
 MAX_DATAGRAM_SIZE = 1452
-#: Largest UDP payload a link uses after its handshake, when the route MTU allows it
-#: (loopback, jumbo-frame LANs): the carrier's cost is per packet, so throughput scales
-#: almost with the size. This is IPv4's largest UDP payload (65535 - 20 - 8).
-MAX_PATH_DATAGRAM_SIZE = 65507
+#: UDP payload size where the route carries more (loopback, jumbo-frame LANs): the engine's
+#: cost is per packet, so throughput scales almost with the size. aioquic writes a STREAM
+#: frame's length in two bytes (at most 16383), so a larger datagram would only carry padding.
+MAX_PATH_DATAGRAM_SIZE = 16384
 #: Socket buffers; the kernel caps them at net.core.[rw]mem_max.
 SOCKET_BUFFER = 8 * 1024 * 1024
 _LINUX = sys.platform.startswith("linux")
@@ -92,6 +93,16 @@ def route_datagram_size(sock: socket.socket) -> int:
     except OSError:
         return MAX_DATAGRAM_SIZE
     return max(SMALLEST_MAX_DATAGRAM_SIZE, min(mtu - overhead, MAX_PATH_DATAGRAM_SIZE))
+
+
+def datagram_size(limits, route: int) -> int:
+    """The datagram size for a path whose route carries ``route`` bytes (see the module
+    docstring); ``limits.quic_max_datagram_size`` wins when set."""
+    if limits.quic_max_datagram_size:
+        return limits.quic_max_datagram_size
+    if route >= MAX_PATH_DATAGRAM_SIZE:
+        return MAX_PATH_DATAGRAM_SIZE
+    return min(route, MAX_DATAGRAM_SIZE)
 
 
 def peer_route_datagram_size(family: int, addr) -> int:
