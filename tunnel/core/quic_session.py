@@ -102,7 +102,8 @@ class QuicClosed:
 class _Route:
     """One tunneled stream's QUIC stream. ``sid`` is None while the peer's OPEN is incomplete."""
 
-    __slots__ = ("qid", "sid", "opening", "skip", "sent", "received", "out_done", "in_done", "reset_sent")
+    __slots__ = ("qid", "sid", "opening", "skip", "sent", "received", "out_done", "in_done", "reset_sent",
+                 "reset_told", "reset_code")
 
     def __init__(self, qid: int, sid: int | None) -> None:
         self.qid = qid
@@ -114,19 +115,22 @@ class _Route:
         self.out_done = False  # our direction ended: FIN or reset
         self.in_done = False  # the peer's direction ended: FIN, or its RESET frame came
         self.reset_sent = False  # our RESET frame went
+        self.reset_told = False  # the core heard of the peer's reset
+        self.reset_code = ErrorCode.CONNECTION_RESET  # the peer's, when it came before the OPEN
 
 
 class QuicSession:
     """Frames of one link over one QUIC connection (see the module docstring).
 
     ``connection`` is the engine's connection object, ``events`` the engine's events module,
-    ``sent_offset(stream_id)`` how far the engine has sent a stream (None: not known).
+    ``sent_offset(stream_id)`` how far the engine has sent a stream (None: not known);
+    ``max_streams`` how many streams the peer may open at once.
     ``role`` is the core session's (the agent's streams are odd); ``connection`` says which
     side of QUIC this is.
     """
 
     def __init__(self, connection, events, *, role: Role, alpn: str, max_frame_size: int,
-                 max_control_size: int, max_open_metadata: int, sent_offset) -> None:
+                 max_control_size: int, max_open_metadata: int, max_streams: int, sent_offset) -> None:
         self._conn = connection
         self._ev = events
         self._sent_offset = sent_offset
@@ -134,6 +138,7 @@ class QuicSession:
         self._is_client = bool(connection.configuration.is_client)
         self._max_frame = max_frame_size
         self._max_open = max_open_metadata
+        self._max_routes = 2 * max_streams
         self._decoder = frames.FrameDecoder(max(max_frame_size, max_control_size))
         self._first_local_sid = 1 if role == Role.AGENT else 2
         self._first_local_qid = 4 if self._is_client else 1
@@ -143,7 +148,7 @@ class QuicSession:
         self._max_peer_qid = 0  # highest peer QUIC stream whose OPEN completed (for GOAWAY)
         self._routes: dict[int, _Route] = {}  # QUIC stream id -> route, while either way is open
         self._peer_qid: dict[int, int] = {}  # core id -> QUIC stream id, the peer's streams
-        self._early_resets: set[int] = set()  # peer QUIC streams reset before their OPEN came
+        self._early_resets: dict[int, int] = {}  # peer QUIC stream -> code, reset before its OPEN came
         self._discarded = 0  # link credit of bytes QUIC discarded (resets), for the core
         self._control_stream = self._is_client  # the server may write once the client opened it
         self._control_out: list = []
@@ -158,6 +163,11 @@ class QuicSession:
         self.handshake_complete = False
         self.closed = False  # CONNECTION_CLOSE sent or received: no more I/O on the streams
         self.terminated = False  # the engine is done with the connection
+
+    @property
+    def datagram_size(self) -> int:
+        """The largest UDP payload the connection builds."""
+        return self._conn.configuration.max_datagram_size
 
     @property
     def host_cid(self) -> bytes:
@@ -300,7 +310,7 @@ class QuicSession:
                     self._stream_data(event.stream_id, event.data, event.end_stream)
             elif kind is ev.StreamReset or kind is ev.StopSendingReceived:
                 if not self.closed:
-                    self._stream_reset(event.stream_id, event.error_code, kind is ev.StopSendingReceived)
+                    self._stream_reset(event.stream_id, event.error_code)
             elif kind is ev.HandshakeCompleted:
                 if event.alpn_protocol != self._alpn:
                     self._violation(ErrorCode.PROTOCOL_ERROR, f"ALPN {self._alpn} not negotiated")
@@ -341,11 +351,14 @@ class QuicSession:
             self._control_data(data, end)
             return
         route = self._routes.get(qid) or self._new_peer_route(qid)
-        if route is None or route.in_done:
-            return  # a late frame of a stream both sides are done with, or reset
+        if route is None:
+            return  # a late frame of a stream both sides are done with
         if route.sid is None:
-            self._collect_open(route, data, end)
+            if route.opening is not None:
+                self._collect_open(route, data, end)
             return
+        if route.in_done:
+            return  # reset
         if route.skip:
             cut = min(route.skip, len(data))
             route.skip -= cut
@@ -359,12 +372,16 @@ class QuicSession:
         """The route of a peer QUIC stream seen for the first time (None: not one)."""
         if self._is_local(qid) or not self._first_seen(qid):
             return None
+        if len(self._routes) >= self._max_routes:
+            # Streams whose ends never settle (reset, and no RESET frame follows): a broken peer.
+            self._violation(ErrorCode.PROTOCOL_ERROR, "too many streams left unsettled")
+            return None
         route = self._routes[qid] = _Route(qid, None)
-        if qid in self._early_resets:  # its RESET frame overtook it
-            self._early_resets.discard(qid)
+        code = self._early_resets.pop(qid, None)
+        if code is not None:  # its RESET frame overtook it (and settled the credit)
             route.in_done = True
-            route.opening = None
-            self._reset_ours(route, ErrorCode.CONNECTION_RESET)
+            route.reset_code = code
+            self._reset_ours(route, code)
         return route
 
     def _first_seen(self, qid: int) -> bool:
@@ -410,6 +427,11 @@ class QuicSession:
         route.opening = None
         rest = bytes(buf[end_of_open:])
         fin = end or bool(flags & _FIN)
+        if route.in_done:  # reset already: the core counts the open and the reset, as on WSS
+            self._in.append(frames.encode_frame(_OPEN, 0, sid, buf[HEADER_SIZE:end_of_open]))
+            self._tell_reset(route, route.reset_code)
+            self._maybe_forget(route)
+            return
         self._in.append(frames.encode_frame(_OPEN, _FIN if fin and not rest else 0, sid, buf[HEADER_SIZE:end_of_open]))
         if rest:
             self._deliver(route, rest, fin)
@@ -436,21 +458,20 @@ class QuicSession:
             out.append(frames.encode_header(_DATA, _FIN if end and last else 0, sid, len(piece)))
             out.append(piece)
 
-    def _stream_reset(self, qid: int, code: int, stop_sending: bool) -> None:
-        """The engine's RESET_STREAM or STOP_SENDING: the stream is reset (the link credit is
-        settled by the peer's RESET frame, which carries the final size)."""
+    def _stream_reset(self, qid: int, code: int) -> None:
+        """The engine's RESET_STREAM or STOP_SENDING: the stream is reset, and our direction
+        ends too (the engine frees a stream only once both are done). The link credit is
+        settled by the peer's RESET frame, which carries the final size."""
         if qid == CONTROL_STREAM_ID:
             self._violation(ErrorCode.PROTOCOL_ERROR, "control stream reset")
             return
         route = self._routes.get(qid) or self._new_peer_route(qid)
         if route is None:
             return
-        code = _stream_code(code)
-        if route.sid is not None and not route.reset_sent and not route.in_done:
-            self._in.append(frames.encode_frame(_RESET, 0, route.sid, frames.encode_u32(code)))
-        route.opening = None
-        if stop_sending:
-            self._reset_ours(route, code)
+        self._tell_reset(route, _stream_code(code))
+        route.opening = None  # an OPEN still incomplete will not come
+        self._reset_ours(route, code)
+        self._maybe_forget(route)
 
     def _control_data(self, data, end: bool) -> None:
         if not self._control_stream:
@@ -500,19 +521,25 @@ class QuicSession:
             if len(self._early_resets) >= MAX_EARLY_RESETS:
                 self._violation(ErrorCode.PROTOCOL_ERROR, "too many resets of streams never opened")
                 return
-            self._early_resets.add(qid)  # its first bytes are still on the way, or lost
+            self._early_resets[qid] = _stream_code(code)  # its first bytes are on the way, or lost
             self._discarded += final
             return
         code = _stream_code(code)
+        self._tell_reset(route, code)
         if not route.in_done:
             route.in_done = True
             if final > route.received:
                 self._discarded += final - route.received
-            if route.sid is not None and not route.reset_sent:
-                self._in.append(frames.encode_frame(_RESET, 0, route.sid, frames.encode_u32(code)))
             route.opening = None
         self._reset_ours(route, code)
         self._maybe_forget(route)
+
+    def _tell_reset(self, route: _Route, code: int) -> None:
+        """The core hears of the peer's reset once (by the engine's event or the RESET frame,
+        whichever comes first), and not as the answer to a reset of ours."""
+        if route.sid is not None and not route.reset_sent and not route.reset_told:
+            route.reset_told = True
+            self._in.append(frames.encode_frame(_RESET, 0, route.sid, frames.encode_u32(code)))
 
     def _sid_of(self, qid: int) -> int | None:
         route = self._routes.get(qid)
@@ -599,7 +626,12 @@ class QuicSession:
         if not route.out_done:
             route.out_done = True
             try:
-                self._conn.reset_stream(route.qid, code)
+                if route.sent or not self._is_local(route.qid):
+                    self._conn.reset_stream(route.qid, code)
+                else:
+                    # Only our OPEN is on it: let it arrive (FIN after it), so that the peer
+                    # counts the open and the reset as on WSS (stream churn).
+                    self._conn.send_stream_data(route.qid, b"", end_stream=True)
             except ValueError:  # the engine is already done with the stream
                 pass
         self._control_out.append(frames.encode_frame(_RESET, 0, route.qid, _RESET_PAYLOAD.pack(code, route.sent)))

@@ -130,4 +130,4 @@ def new_session(config: QuicConfiguration, limits: Limits, *, datagram_size: int
 
     return QuicSession(conn, events, role=role, alpn=QUIC_ALPN, max_frame_size=limits.max_frame_size,
                        max_control_size=limits.max_control_size, max_open_metadata=limits.max_open_metadata,
-                       sent_offset=sent_offset)
+                       max_streams=peer_streams, sent_offset=sent_offset)

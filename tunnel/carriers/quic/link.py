@@ -193,3 +193,8 @@ class QuicLink(SessionLink):
     @property
     def error(self) -> str | None:
         return self._pipe.error
+
+    @property
+    def datagram_size(self) -> int:
+        """The largest UDP payload this side sends on the link."""
+        return self._pipe.session.datagram_size
