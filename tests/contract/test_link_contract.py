@@ -309,6 +309,36 @@ def test_peer_that_never_reads_our_answers_is_a_flood(run, open_pair):
     run(main())
 
 
+def test_a_stream_opened_after_stalled_ones_gets_its_answer(run, open_pair):
+    """The relay opens streams whose receivers stop reading, more than its session window
+    holds, and the agent answers each with more than a window; then the relay opens one more:
+    its answer arrives in full (the new stream gets credit beyond the exhausted window)."""
+
+    async def main():
+        size = 2 * SMALL.initial_stream_window
+
+        def answer(stream):
+            stream.write(b"a" * size)
+            stream.write_eof()
+            return Recorder()
+
+        pair = await open_pair(limits=SMALL, client_side=Side(on_stream=answer))
+        await wait_for(lambda: pair.server.ready, what="the relay's side ready")
+        stalled = []
+        for i in range(SMALL.session_window // SMALL.initial_stream_window + 4):
+            handler = Recorder(consume=False)
+            handler.stream = pair.server.open_stream(f"stalled{i}".encode(), handler)
+            stalled.append(handler)
+        held = lambda: sum(len(h.data) for h in stalled)  # noqa: E731
+        await wait_for(lambda: held() >= SMALL.session_window - SMALL.initial_stream_window, what="stalled streams fill up")
+        reader = Recorder()
+        reader.stream = pair.server.open_stream(b"reader", reader)
+        await wait_for(lambda: reader.eof, timeout=10, what="the new stream's answer")
+        assert len(reader.data) == size
+
+    run(main())
+
+
 def _window(link, stream) -> int:
     """The receive window the link grants ``stream`` now."""
     return link.session._streams[stream.stream_id].window if hasattr(link, "session") else stream.window

@@ -22,10 +22,10 @@ from aioquic.buffer import Buffer
 from aioquic.quic.packet import pull_quic_header
 
 from tunnel.carriers.base import LinkHandler
-from tunnel.carriers.quic.compat import BoundedConnection
-from tunnel.carriers.quic.config import configuration, stream_limits
-from tunnel.carriers.quic.link import QuicLink
+from tunnel.carriers.quic.config import configuration, new_session
+from tunnel.carriers.quic.link import QuicLink, QuicPipe
 from tunnel.core.limits import Limits
+from tunnel.core.session_state import Role
 
 __all__ = ["FakeLoop", "QuicPairInMemory"]
 
@@ -104,15 +104,15 @@ class FakeLoop:
 
 class QuicPairInMemory:
     """A client (agent) and a server (relay) QuicLink over an in-memory path with ``delay``
-    seconds each way. ``server`` is None until the client's first datagram arrives;
-    ``on_client_ready(link)`` / ``on_server_ready(link)`` install handlers."""
+    seconds each way. ``server`` is None until the client's first datagram arrives; the
+    handlers are installed once each link is ready."""
 
     def __init__(self, client_limits: Limits, server_limits: Limits, pki, *, delay: float = 0.001,
                  client_handler: LinkHandler | None = None, server_handler: LinkHandler | None = None,
                  datagram_size: int = 1452) -> None:
         self.loop = FakeLoop()
         self.delay = delay
-        self.datagram_size = datagram_size  # what both links move to after the handshake
+        self.datagram_size = datagram_size
         self.server_limits = server_limits
         self.server_handler = server_handler
         self.client_handler = client_handler
@@ -122,18 +122,14 @@ class QuicPairInMemory:
         config.server_name = "localhost"
         config.load_verify_locations(cafile=str(pki.ca_file))
         config.verify_mode = ssl.CERT_REQUIRED
-        conn = BoundedConnection(configuration=config)
-        stream_limits(conn, client_limits)
+        session = new_session(config, client_limits, datagram_size=datagram_size)
         self.server: QuicLink | None = None
-        self.client = QuicLink(conn, client_limits, is_client=True, send=self._from_client, loop=self.loop,
-                               peer_address=SERVER_ADDR, datagram_target=self._datagram_target,
-                               on_ready=self._client_ready)
-        self.client.start(SERVER_ADDR)
+        self._client_pipe = QuicPipe(session, self._from_client, SERVER_ADDR, self.loop)
+        self.client = QuicLink(self._client_pipe, Role.AGENT, client_limits, self.loop)
+        self._installed: set = set()
+        self._client_pipe.start(SERVER_ADDR)
 
     # --- the path -----------------------------------------------------------------------
-
-    def _datagram_target(self) -> tuple[int, bool]:
-        return self.datagram_size, True
 
     def _from_client(self, datagrams) -> bool:
         for data, _addr in datagrams:
@@ -142,28 +138,30 @@ class QuicPairInMemory:
 
     def _from_server(self, datagrams) -> bool:
         for data, _addr in datagrams:
-            self.loop.call_later(self.delay, self.client.datagram_received, bytes(data), SERVER_ADDR)
+            self.loop.call_later(self.delay, self._client_pipe.datagram_received, bytes(data), SERVER_ADDR)
         return False
 
     def _to_server(self, data: bytes) -> None:
         if self.server is None:
             header = pull_quic_header(Buffer(data=data), host_cid_length=self._server_config.connection_id_length)
-            conn = BoundedConnection(configuration=self._server_config,
-                                     original_destination_connection_id=header.destination_cid)
-            stream_limits(conn, self.server_limits)
-            self.server = QuicLink(conn, self.server_limits, is_client=False, send=self._from_server,
-                                   loop=self.loop, peer_address=CLIENT_ADDR, datagram_target=self._datagram_target,
-                                   on_ready=self._server_ready)
-        self.server.datagram_received(data, CLIENT_ADDR)
+            session = new_session(self._server_config, self.server_limits, datagram_size=self.datagram_size,
+                                  original_destination_connection_id=header.destination_cid)
+            self._server_pipe = QuicPipe(session, self._from_server, CLIENT_ADDR, self.loop)
+            self.server = QuicLink(self._server_pipe, Role.RELAY, self.server_limits, self.loop)
+        self._server_pipe.datagram_received(data, CLIENT_ADDR)
 
-    def _client_ready(self, link: QuicLink) -> None:
-        if self.client_handler is not None:
-            link.set_handler(self.client_handler)
-
-    def _server_ready(self, link: QuicLink) -> None:
-        if self.server_handler is not None:
-            link.set_handler(self.server_handler)
-        link.handshake_done()
+    def _install(self) -> None:
+        for link, handler in ((self.client, self.client_handler), (self.server, self.server_handler)):
+            if link is not None and link.ready and link not in self._installed:
+                self._installed.add(link)
+                if handler is not None:
+                    link.set_handler(handler)
+                if link is self.server:
+                    link.handshake_done()
 
     def run_until(self, condition, limit: float) -> bool:
-        return self.loop.run_until(condition, limit)
+        def check() -> bool:
+            self._install()
+            return condition()
+
+        return self.loop.run_until(check, limit)

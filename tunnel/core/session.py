@@ -552,6 +552,7 @@ class Session(SessionState):
         s.state = _NEXT[s.state][_I.SEND_OPEN_FIN if end_stream else _I.SEND_OPEN]
         self._streams[sid] = s
         self._queue_control(frames.encode_frame(FrameType.OPEN, _FIN if end_stream else 0, sid, metadata))
+        self._grant_overdraft(s)  # its answer must not wait behind streams whose readers stalled
         if end_stream:
             self._enter_half_closed(s)
         return sid
