@@ -593,7 +593,7 @@ def test_peer_streams_beyond_the_limit_are_reset(run, certs):
         crec = Recorder()
         client.set_handler(crec)
         # aioquic's own MAX_STREAMS lets a few more through, so that ours answers them.
-        assert client._pipe.session._conn._local_max_streams_bidi.value > limits.max_concurrent_streams
+        assert client._pipe.session.connection._local_max_streams_bidi.value > limits.max_concurrent_streams
         handlers = []
         for i in range(5):
             h = Collect()

@@ -240,11 +240,11 @@ def stop_reading(pair: "Pair") -> None:
     the server, over QUIC the client's control stream gives no credit back."""
     if pair.client.carrier == "quic":
         # A QUIC stack of its own, that never gives the control stream credit back.
-        client = pair.client._pipe.session._conn
+        client = pair.client._pipe.session.connection
         write_limits = client._write_stream_limits
         client._write_stream_limits = lambda builder, space, stream: (
             None if stream.stream_id == 0 else write_limits(builder=builder, space=space, stream=stream))
-        control = pair.server._pipe.session._conn._streams[0]
+        control = pair.server._pipe.session.connection._streams[0]
         control.max_stream_data_remote = control.sender.highest_offset
     else:
         pair.path.stop_reading_from_server()

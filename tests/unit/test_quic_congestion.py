@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet_builder import QuicSentPacket
 
-from tunnel.carriers.quic import compat
 from tunnel.carriers.quic.config import configuration
 from tunnel.carriers.quic.congestion import (
     DRAIN,
@@ -194,30 +194,11 @@ def test_isolated_loss_leaves_the_model_alone():
     assert cc.congestion_window >= window * 0.9 and cc.pacing_rate >= rate * 0.7
 
 
-def test_pacer_follows_the_controllers_rate_and_prices_real_sizes():
-    cc = ModelCongestionControl(max_datagram_size=MSS)
-    pacer = compat.GranularPacer(max_datagram_size=MSS, congestion=cc)
-    cc.pacer = pacer
-    cc.pacing_rate = 10 * MBIT  # bytes/s
-    pacer.update_rate(congestion_window=100 * MSS, smoothed_rtt=0.05)  # cwnd/srtt would be 23 Mbit/s
-    assert pacer.pacing_rate == 10 * MBIT
-    assert pacer.packet_time == pytest.approx(MSS / (10 * MBIT))
-    pacer.bucket_time = 0.0
-    pacer.evaluation_time = 1.0
-    pacer.charge(MSS + 12500)  # a datagram 12500 bytes above the nominal price: 10 ms at 10 Mbit/s
-    assert pacer.next_send_time(1.0) == pytest.approx(1.01)
-    # without a rate from the controller: aioquic's cwnd / srtt
-    plain = compat.GranularPacer(max_datagram_size=MSS)
-    plain.update_rate(congestion_window=100 * MSS, smoothed_rtt=0.05)
-    assert plain.pacing_rate == pytest.approx(100 * MSS / 0.05)
-
-
 def test_the_model_is_the_default_and_cubic_can_be_chosen():
-    conn = compat.BoundedConnection(configuration=configuration(Limits(), is_client=True))
+    conn = QuicConnection(configuration=configuration(Limits(), is_client=True))
     assert isinstance(conn._loss._cc, ModelCongestionControl)
-    assert conn._loss._cc.pacer is conn._loss._pacer
     cubic = Limits.from_env({"TUNNEL_QUIC_CONGESTION_CONTROL": "cubic"})
-    conn = compat.BoundedConnection(configuration=configuration(cubic, is_client=True))
+    conn = QuicConnection(configuration=configuration(cubic, is_client=True))
     assert not isinstance(conn._loss._cc, ModelCongestionControl)
     with pytest.raises(ValueError, match="quic_congestion_control"):
         Limits.from_env({"TUNNEL_QUIC_CONGESTION_CONTROL": "vegas"})

@@ -165,6 +165,11 @@ class QuicSession:
         self.terminated = False  # the engine is done with the connection
 
     @property
+    def connection(self):
+        """The engine's connection (for diagnostics and tests: the session drives it)."""
+        return self._conn
+
+    @property
     def datagram_size(self) -> int:
         """The largest UDP payload the connection builds."""
         return self._conn.configuration.max_datagram_size

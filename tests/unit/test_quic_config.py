@@ -1,0 +1,70 @@
+"""The aioquic internals the QUIC carrier still relies on (tunnel/carriers/quic/config.py,
+``RELIED_ON``) exist in the installed aioquic, and the receive guard keeps its promise.
+
+An aioquic upgrade that renames or removes one fails here, by name, instead of misbehaving
+somewhere inside a link.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ssl
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicStreamFrame
+
+from tunnel.carriers.quic import config
+from tunnel.core.limits import Limits
+
+
+def _client(**kwargs) -> config.GuardedConnection:
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=["tunnel/2"], verify_mode=ssl.CERT_NONE, **kwargs)
+    return config.GuardedConnection(configuration=configuration, stream_window=100, connection_window=1000)
+
+
+@pytest.mark.parametrize("owner,name", config.RELIED_ON, ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_aioquic_still_has(owner, name):
+    assert hasattr(_client(), name), f"aioquic {owner.__name__} has no {name}: update tunnel/carriers/quic/config.py"
+
+
+def test_overridden_methods_keep_their_signatures():
+    """The overrides call super() with keyword arguments: the names must match."""
+    for method in ("_write_connection_limits", "_write_stream_limits"):
+        ours = inspect.signature(getattr(config.GuardedConnection, method))
+        theirs = inspect.signature(getattr(QuicConnection, method))
+        assert list(ours.parameters) == list(theirs.parameters), f"{method}: {theirs} vs {ours}"
+
+
+def test_limits_follow_delivery_not_arrival():
+    """Bytes that arrived out of order (a gap before them) do not raise a limit; bytes
+    delivered in order move it to one window (and an eighth) ahead of them."""
+    conn = _client(max_data=1000, max_stream_data=100)
+    conn.send_stream_data(0, b"")
+    stream = conn._streams[0]
+    stream.receiver.handle_frame(QuicStreamFrame(data=b"x", offset=99))  # one byte at the edge
+    conn._local_max_data.used = 100
+    conn._write_stream_limits(builder=None, space=None, stream=stream)  # nothing to send: no builder use
+    assert stream.max_stream_data_local == 100
+    delivered = stream.receiver.handle_frame(QuicStreamFrame(data=b"y" * 60, offset=0))
+    assert delivered is not None and stream.receiver.starting_offset() == 60
+    before = conn._local_max_data.value
+    conn._write_connection_limits(builder=_NoFrames(), space=None)
+    assert conn._local_max_data.value == before  # nothing was handed to the link yet
+
+
+class _NoFrames:
+    """A packet builder that must not be asked for a frame."""
+
+    def start_frame(self, *args, **kwargs):
+        raise AssertionError("no limit frame was due")
+
+
+def test_peer_stream_limit_is_raised_before_the_handshake():
+    limits = Limits(max_concurrent_streams=1000)
+    configuration = config.configuration(limits, is_client=True)
+    configuration.verify_mode = ssl.CERT_NONE
+    session = config.new_session(configuration, limits, datagram_size=1452)
+    assert session.datagram_size == 1452
+    assert session.connection._local_max_streams_bidi.value > 1000
