@@ -22,7 +22,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet_builder import QuicSentPacket
 
 from tunnel.carriers.quic.config import configuration
-from tunnel.carriers.quic.congestion import (
+from tunnel.core.congestion import (
     DRAIN,
     PROBE_BW,
     PROBE_RTT,

@@ -12,7 +12,8 @@ MAX_STREAM_ID = 2**32 - 1
 MAX_GOAWAY_REASON = 1024
 WS_SUBPROTOCOL = "tunnel.v1"
 WS_PATH = "/v1/link"
-QUIC_ALPN = "tunnel/1"
+#: The QUIC mapping (docs/PROTOCOL.md, "QUIC mapping"); ``tunnel/1`` was 0.1.0's.
+QUIC_ALPN = "tunnel/2"
 
 
 class FrameType(IntEnum):

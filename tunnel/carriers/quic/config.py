@@ -26,15 +26,20 @@ import ssl
 
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.base import register_congestion_control
 from aioquic.quic.connection import QuicConnection
 
-from tunnel.carriers.quic.congestion import ALGORITHMS
+from tunnel.core.congestion import NAME, ModelCongestionControl
 from tunnel.core.limits import Limits
 from tunnel.core.quic_session import QuicSession
 from tunnel.core.session_state import Role
 from tunnel.wire.constants import QUIC_ALPN
 
 __all__ = ["RELIED_ON", "GuardedConnection", "configuration", "new_session"]
+
+#: ``Limits.quic_congestion_control`` -> the engine's controller name.
+ALGORITHMS = {"bbr": NAME, "cubic": "cubic", "reno": "reno"}
+register_congestion_control(NAME, ModelCongestionControl)
 
 #: (object, attribute) of aioquic internals used here.
 RELIED_ON = [

@@ -1,4 +1,5 @@
-"""A model-based congestion controller for the QUIC carrier, in the manner of BBR.
+"""A model-based congestion controller for QUIC, in the manner of BBR (sans-IO: fed the sent,
+acknowledged and lost packets and ``now``; the QUIC carrier registers it with the engine).
 
 Loss-based controllers (aioquic's Reno and CUBIC) halve their window on every loss event, so
 on a long path with random loss they settle at the Mathis bound, about
@@ -31,8 +32,10 @@ Not modelled: application-limited samples are not marked (a sample taken while t
 nothing to send is low, and the max filter ignores it unless the link stays idle-ish for
 :data:`BW_WINDOW_ROUNDS` rounds); ACK aggregation is absorbed by the PROBE_BW window gain of 2.
 
-The controller talks to aioquic only through its public congestion-control interface
-(``QuicCongestionControl``, ``register_congestion_control``, the sent packets' public fields).
+The controller has the interface of aioquic's congestion controllers (``QuicCongestionControl``:
+``congestion_window``, ``bytes_in_flight``, ``ssthresh`` and the ``on_*`` calls, reading the sent
+packets' public fields); :mod:`tunnel.carriers.quic.config` registers it under :data:`NAME`
+with aioquic's public ``register_congestion_control``.
 aioquic paces at window / smoothed RTT, so the window's gain is the pacing gain in effect;
 :attr:`ModelCongestionControl.pacing_rate` is the model's own figure, for logs.
 """
@@ -43,18 +46,12 @@ import math
 import random
 from collections.abc import Iterable
 
-from aioquic.quic.congestion.base import (
-    QuicCongestionControl,
-    register_congestion_control,
-)
 
-__all__ = ["ALGORITHMS", "NAME", "ModelCongestionControl"]
+__all__ = ["NAME", "ModelCongestionControl"]
 
 #: The name this controller is registered under in aioquic (QuicConfiguration's
 #: ``congestion_control_algorithm``), apart from any "bbr" a later aioquic may bring.
 NAME = "tunnel-bbr"
-#: ``Limits.quic_congestion_control`` value -> aioquic's registered name.
-ALGORITHMS = {"bbr": NAME, "cubic": "cubic", "reno": "reno"}
 
 STARTUP_GAIN = 2 / math.log(2)  # the smallest gain that doubles the delivery rate each round
 DRAIN_GAIN = 1 / STARTUP_GAIN
@@ -69,6 +66,8 @@ PROBE_RTT_TIME = 0.2
 FULL_BW_GROWTH = 1.25
 FULL_BW_ROUNDS = 3
 MIN_WINDOW_PACKETS = 4
+#: The window before the first acknowledgement (RFC 9002's initial window).
+INITIAL_WINDOW_PACKETS = 10
 #: Extra datagrams in the window beyond gain x BDP (ACKs arrive in batches).
 WINDOW_QUANTA = 3
 LOSS_THRESHOLD = 0.02
@@ -83,7 +82,7 @@ BOUND_GROWTH = 1.25
 STARTUP, DRAIN, PROBE_BW, PROBE_RTT = "startup", "drain", "probe_bw", "probe_rtt"
 
 
-class ModelCongestionControl(QuicCongestionControl):
+class ModelCongestionControl:
     """BBR-style controller (see the module docstring) behind aioquic's interface.
 
     aioquic calls ``on_packet_acked`` for each packet an ACK frame newly acknowledges, then
@@ -92,7 +91,9 @@ class ModelCongestionControl(QuicCongestionControl):
     """
 
     def __init__(self, *, max_datagram_size: int, rng: random.Random | None = None) -> None:
-        super().__init__(max_datagram_size=max_datagram_size)
+        self.congestion_window = INITIAL_WINDOW_PACKETS * max_datagram_size
+        self.bytes_in_flight = 0
+        self.ssthresh: int | None = None  # not used: for the engine's logs
         self._max_datagram_size = max_datagram_size
         self._rng = rng or random.Random()
         #: Bytes per second the model would pace at; None until the first RTT is known.
@@ -205,7 +206,7 @@ class ModelCongestionControl(QuicCongestionControl):
         self._update(now, rtt)
 
     def get_log_data(self) -> dict:
-        data = super().get_log_data()
+        data = {"cwnd": self.congestion_window, "bytes_in_flight": self.bytes_in_flight}
         data.update(mode=self.mode, bw=self.bandwidth, min_rtt=self.min_rtt, pacing_rate=self.pacing_rate)
         return data
 
@@ -368,5 +369,3 @@ class ModelCongestionControl(QuicCongestionControl):
             window = min(window, self._probe_rtt_window())
         self.congestion_window = int(window)
 
-
-register_congestion_control(NAME, ModelCongestionControl)
