@@ -308,6 +308,7 @@ class QuicSession:
         while True:
             event = conn.next_event()
             if event is None:
+                self._flush_control()  # RESET frames the peer's input called for
                 return
             kind = type(event)
             if kind is ev.StreamDataReceived:
@@ -392,6 +393,10 @@ class QuicSession:
     def _first_seen(self, qid: int) -> bool:
         """True the first time the peer's QUIC stream ``qid`` shows up."""
         if qid < self._peer_floor or qid in self._peer_seen:
+            return False
+        if len(self._peer_seen) >= self._max_routes:
+            # A stream ID the peer skipped and never opens: every later one stays remembered.
+            self._violation(ErrorCode.PROTOCOL_ERROR, "too many streams opened out of order")
             return False
         if qid == self._peer_floor:
             self._peer_floor += 4
