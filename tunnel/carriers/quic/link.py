@@ -64,7 +64,7 @@ class QuicPipe(Pipe):
 
     def write(self, buffers) -> None:
         self.session.send_frames(buffers)
-        self._transmit()
+        self._schedule_transmit()
 
     def close(self) -> None:
         """CONNECTION_CLOSE once the last control frames (the GOAWAY) are acknowledged."""
@@ -103,6 +103,11 @@ class QuicPipe(Pipe):
 
     def _input_done(self) -> None:
         self._deliver()
+        self._schedule_transmit()
+
+    def _schedule_transmit(self) -> None:
+        """One ``datagrams_to_send`` per loop iteration, after everything the iteration
+        received and everything the link wrote in it."""
         if not self._tx_scheduled and not self._over:
             self._tx_scheduled = True
             self._loop.call_soon(self._transmit)
