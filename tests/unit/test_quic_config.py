@@ -36,6 +36,7 @@ def test_the_pacer_bursts_what_a_timer_tick_needs():
     conn = _client()
     assert isinstance(conn._loss._pacer, config.BurstPacer)
     pacer = conn._loss._pacer
+    conn._loss._cc.pacing_rate = None  # no model rate: window / RTT, as aioquic
     pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)  # 116 Mbit/s
     assert pacer.bucket_max >= config.PACING_BURST
     pacer.bucket_time, pacer.evaluation_time = 0.0, 1.0
@@ -44,6 +45,9 @@ def test_the_pacer_bursts_what_a_timer_tick_needs():
         pacer.update_after_send(1.002)
         sent += 1
     assert sent >= 19  # 2 ms at 14.5 MB/s of 1452-byte packets, in one wake-up
+    conn._loss._cc.pacing_rate = 1_000_000.0  # the model's own rate wins over window / RTT
+    pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)
+    assert pacer.packet_time == pytest.approx(conn.configuration.max_datagram_size / 1_000_000.0)
 
 
 def test_overridden_methods_keep_their_signatures():

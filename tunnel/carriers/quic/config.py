@@ -18,7 +18,7 @@ the internal names in :data:`RELIED_ON` (checked against the installed aioquic b
   sender at most every millisecond or so (its timers' resolution), which caps a link at 16
   packets a millisecond whatever the path carries (measured: 0.01 Gbit/s with 1452-byte
   datagrams on loopback, 10-40x below the same transfer with it). :class:`BurstPacer` is
-  aioquic's pacer with a burst of :data:`PACING_BURST`;
+  aioquic's pacer with a burst of :data:`PACING_BURST`, at the congestion model's rate;
 - how far a stream was sent: the control stream's unsent bytes pile up when the peer takes
   none of them, and the link then stops queueing answers to it (the core's guard against a
   peer that never reads, as a full TCP buffer does it on WSS).
@@ -56,6 +56,7 @@ RELIED_ON = [
     (QuicConnection, "_streams"),
     (QuicConnection, "_loss"),
     ("loss", "_pacer"),
+    ("loss", "_cc"),
 ]
 #: Burst the pacer allows, in seconds at its rate: the event loop wakes a paced sender about a
 #: millisecond late (uvloop's timers count whole milliseconds), and the burst covers that.
@@ -63,10 +64,19 @@ PACING_BURST = 0.002
 
 
 class BurstPacer(QuicPacketPacer):
-    """aioquic's pacer (rate: window / smoothed RTT) with a burst of at least
-    :data:`PACING_BURST` seconds."""
+    """aioquic's pacer with a burst of at least :data:`PACING_BURST` seconds, at the
+    congestion controller's ``pacing_rate`` when it has one (the model of
+    :mod:`tunnel.core.congestion` keeps its window above the path's BDP on purpose and sets
+    the rate itself), else at window / smoothed RTT as aioquic does."""
+
+    def __init__(self, *, max_datagram_size: int, congestion) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self._congestion = congestion
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        rate = getattr(self._congestion, "pacing_rate", None)
+        if rate:  # the window that paces at that rate
+            congestion_window = rate * max(smoothed_rtt, 1e-6)
         super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
         self.bucket_max = max(self.bucket_max, PACING_BURST)
 
@@ -80,7 +90,8 @@ class GuardedConnection(QuicConnection):
 
     def __init__(self, *, stream_window: int, connection_window: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._loss._pacer = BurstPacer(max_datagram_size=self.configuration.max_datagram_size)
+        loss = self._loss
+        loss._pacer = BurstPacer(max_datagram_size=self.configuration.max_datagram_size, congestion=loss._cc)
         self.stream_window = stream_window
         self.connection_window = connection_window
         self._taken = 0  # stream bytes delivered in order, or released by a reset
