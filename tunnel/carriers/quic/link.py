@@ -11,7 +11,6 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from tunnel.carriers.pipe import Pipe, PipeReceiver
@@ -22,8 +21,6 @@ from tunnel.core.session_state import Role
 from tunnel.wire.constants import ErrorCode
 
 __all__ = ["QuicLink", "QuicPipe"]
-
-log = logging.getLogger("tunnel.carriers.quic")
 
 #: Unsent control-stream bytes above which the link stops writing (the core then queues its
 #: frames, and closes a link whose peer makes it queue too many answers), and below which it
