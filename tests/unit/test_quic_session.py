@@ -131,6 +131,22 @@ class Pair:
         side.to_core(self.now)  # a connection that closed itself says so while sending
         return datagrams
 
+    def drain(self, side: Side, horizon: float = 0.01) -> list[bytes]:
+        """Everything ``side`` has to send, moving the clock past its pacing (never more than
+        ``horizon`` at a time, so that no loss timer fires)."""
+        datagrams: list[bytes] = []
+        while True:
+            got = self.out(side)
+            datagrams += got
+            if got:
+                continue
+            at = side.quic.next_timer(self.now)
+            if at is None or at - self.now > horizon:
+                return datagrams
+            self.now = at
+            side.quic.handle_timer(self.now)
+            side.to_core(self.now)
+
     def into(self, side: Side, datagrams) -> None:
         addr = SERVER_ADDR if side is self.agent else CLIENT_ADDR
         for data in datagrams:
@@ -212,3 +228,131 @@ def test_hello_exchange_and_a_stream_each_way_with_fin(pki):
     assert not pair.agent.quic._routes and not pair.relay.quic._routes
     assert not pair.agent.of(StreamReset) and not pair.relay.of(StreamReset)
     assert pair.agent.closed() is None and pair.relay.closed() is None
+
+
+def control_frames(side: Side) -> list:
+    """Record the frames ``side``'s QuicSession writes on the control stream (decoded)."""
+    decoder = frames.FrameDecoder(1 << 20)
+    seen: list = []
+    conn = side.conn
+    original = conn.send_stream_data
+
+    def send_stream_data(stream_id, data, end_stream=False):
+        if stream_id == qs.CONTROL_STREAM_ID:
+            seen.extend((t, f, s, bytes(p)) for t, f, s, p in decoder.feed(bytes(data)))
+        return original(stream_id, data, end_stream)
+
+    conn.send_stream_data = send_stream_data
+    return seen
+
+
+def raw_open(side: Side, metadata: bytes, data: bytes = b"", fin: bool = False) -> int:
+    """Open a QUIC stream through the connection underneath ``side``'s QuicSession, as a
+    peer of our own making would: OPEN frame, then ``data``. Returns its QUIC stream id."""
+    qid = side.conn.get_next_available_stream_id()
+    side.conn.send_stream_data(qid, frames.encode_frame(FrameType.OPEN, 0, 0, metadata) + data, end_stream=fin)
+    return qid
+
+
+def test_a_peer_open_split_over_many_packets(pki):
+    """An OPEN that arrives a few bytes per packet reaches the core once, whole, with the
+    bytes after it as DATA."""
+    pair = Pair(pki)
+    metadata = pattern(3, 4 * KiB)
+    wire = frames.encode_frame(FrameType.OPEN, 0, 0, metadata) + b"first bytes"
+    qid = pair.agent.conn.get_next_available_stream_id()
+    cuts = [0, 1, 5, 11, 12, 13, 700, 2000, 4107, len(wire) - 3, len(wire)]
+    for start, end in zip(cuts, cuts[1:]):
+        assert len(pair.relay.of(StreamOpened)) == (start >= HEADER_SIZE + len(metadata))
+        pair.agent.conn.send_stream_data(qid, wire[start:end])
+        pair.into(pair.relay, pair.drain(pair.agent))
+    (opened,) = pair.relay.of(StreamOpened)
+    assert opened.metadata == metadata and opened.stream_id == 1
+    assert bytes(pair.relay.data[1]) == b"first bytes"
+    # An OPEN that spans several datagrams the ordinary way (the relay's), one at a time.
+    sid = pair.relay.core.open_stream(metadata)
+    pair.relay.core.send_data(sid, b"more", end_stream=True)
+    datagrams = pair.drain(pair.relay)
+    assert len(datagrams) >= 3
+    for datagram in datagrams[:-1]:
+        pair.into(pair.agent, [datagram])
+        assert not pair.agent.of(StreamOpened)
+    pair.into(pair.agent, datagrams[-1:])
+    assert pair.run(lambda: pair.agent.of(StreamOpened) and pair.agent.of(StreamEnded))
+    assert pair.agent.of(StreamOpened)[0].metadata == metadata and bytes(pair.agent.data[sid]) == b"more"
+    assert pair.relay.closed() is None and pair.agent.closed() is None
+
+
+def test_opens_completed_out_of_order_get_increasing_core_ids(pki):
+    """QUIC stream 8's OPEN completes before stream 4's: the core sees ids in increasing
+    order, and both streams carry data both ways past their windows (WINDOW_UPDATEs name
+    the QUIC streams, each side maps them back)."""
+    pair = Pair(pki)
+    relay_control = control_frames(pair.relay)
+    agent_control = control_frames(pair.agent)
+    first = pair.agent.core.open_stream(b"first")
+    held = pair.drain(pair.agent)
+    second = pair.agent.core.open_stream(b"second")
+    pair.into(pair.relay, pair.drain(pair.agent))
+    assert [(e.stream_id, e.metadata) for e in pair.relay.of(StreamOpened)] == [(1, b"second")]
+    pair.into(pair.relay, held)
+    assert [(e.stream_id, e.metadata) for e in pair.relay.of(StreamOpened)] == [(1, b"second"), (3, b"first")]
+    size = 3 * LIMITS.initial_stream_window
+    for sid, seed in ((first, 10), (second, 11)):
+        pair.agent.core.send_data(sid, pattern(seed, size), end_stream=True)
+    for sid, seed in ((1, 12), (3, 13)):
+        pair.relay.core.send_data(sid, pattern(seed, size), end_stream=True)
+    assert pair.run(lambda: len(pair.agent.of(StreamEnded)) == 2 and len(pair.relay.of(StreamEnded)) == 2)
+    assert bytes(pair.relay.data[1]) == pattern(11, size) and bytes(pair.relay.data[3]) == pattern(10, size)
+    assert bytes(pair.agent.data[second]) == pattern(12, size) and bytes(pair.agent.data[first]) == pattern(13, size)
+    # On the wire, stream WINDOW_UPDATEs name QUIC streams 4 and 8 (never the core ids).
+    for seen in (relay_control, agent_control):
+        named = {sid for ftype, _, sid, _ in seen if ftype == FrameType.WINDOW_UPDATE and sid}
+        assert named == {4, 8}, named
+    pair.settle()
+    assert not pair.agent.quic._routes and not pair.relay.quic._routes
+    assert pair.relay.closed() is None and pair.agent.closed() is None
+
+
+def test_goaway_last_stream_is_translated_both_ways(pki):
+    """The GOAWAY's last stream travels as a QUIC stream id: each side refuses (REFUSED) its
+    own streams above it, and keeps the ones below."""
+    pair = Pair(pki)
+    relay_control = control_frames(pair.relay)
+    agent_control = control_frames(pair.agent)
+    a1 = pair.agent.core.open_stream(b"a1")
+    a3 = pair.agent.core.open_stream(b"a3")
+    r2 = pair.relay.core.open_stream(b"r2")
+    assert pair.run(lambda: len(pair.relay.of(StreamOpened)) == 2 and pair.agent.of(StreamOpened))
+    a5 = pair.agent.core.open_stream(b"a5")
+    held = pair.drain(pair.agent)  # a5's OPEN: not at the relay before its GOAWAY
+    r4 = pair.relay.core.open_stream(b"r4")
+    pair.relay.core.goaway()
+    pair.into(pair.agent, pair.drain(pair.relay))
+    (goaway,) = [f for f in relay_control if f[0] == FrameType.GOAWAY]
+    assert frames.parse_goaway(goaway[3])[0] == 8  # QUIC stream of a3, the relay's last
+    (told,) = pair.agent.of(GoAwayReceived)
+    assert told.last_stream_id == a3
+    assert [(e.stream_id, e.code) for e in pair.agent.of(StreamReset)] == [(a5, ErrorCode.REFUSED)]
+    assert [e.stream_id for e in pair.agent.of(StreamOpened)] == [r2, r4]
+    # The agent drains too; its GOAWAY names the relay's last stream, r4 (QUIC 5). a5's OPEN
+    # reaches the relay after the relay's own GOAWAY: refused there too, and settled.
+    pair.agent.core.goaway()
+    pair.into(pair.relay, held + pair.drain(pair.agent))
+    (goaway,) = [f for f in agent_control if f[0] == FrameType.GOAWAY]
+    assert frames.parse_goaway(goaway[3])[0] == 5
+    (told,) = pair.relay.of(GoAwayReceived)
+    assert told.last_stream_id == r4
+    assert not pair.relay.of(StreamReset)
+    # The streams below the last ids still work both ways, then the link drains.
+    for sid in (a1, a3):
+        pair.agent.core.send_data(sid, b"up " + bytes([sid]), end_stream=True)
+    for sid in (r2, r4):
+        pair.relay.core.send_data(sid, b"down", end_stream=True)
+        pair.agent.core.send_data(sid, b"answer", end_stream=True)
+    for sid in (1, 3):
+        pair.relay.core.send_data(sid, b"reply", end_stream=True)
+    assert pair.run(lambda: pair.agent.closed() and pair.relay.closed())
+    assert bytes(pair.relay.data[1]) == b"up \x01" and bytes(pair.relay.data[3]) == b"up \x03"
+    assert bytes(pair.agent.data[r2]) == b"down" and bytes(pair.relay.data[r2]) == b"answer"
+    assert pair.agent.closed().code == pair.relay.closed().code == ErrorCode.NO_ERROR
