@@ -10,7 +10,9 @@ through the connection underneath (``QuicSession.connection``) as a foreign or h
 
 from __future__ import annotations
 
+import random
 import ssl
+import types
 from collections import defaultdict
 
 import pytest
@@ -20,6 +22,7 @@ from aioquic.quic.packet import pull_quic_header
 from tests.helpers import make_pki
 from tunnel import codec as frames
 from tunnel.carriers.quic.config import configuration, new_session
+from tunnel.core import congestion
 from tunnel.core import quic_session as qs
 from tunnel.core.events import (
     ConnectionClosed,
@@ -49,6 +52,12 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("quic-session-pki"))
 
 
+@pytest.fixture(autouse=True)
+def seeded_congestion_model(monkeypatch):
+    """The congestion model's one random choice (its probing phase), made the same each run."""
+    monkeypatch.setattr(congestion, "random", types.SimpleNamespace(Random=lambda: random.Random(23)))
+
+
 class Side:
     """One end: a QuicSession, the core Session it feeds, and what that core reported. The
     application consumes what arrives at once unless ``consume`` is False."""
@@ -56,10 +65,17 @@ class Side:
     def __init__(self, quic: qs.QuicSession, role: Role, limits: Limits, now: float) -> None:
         self.quic = quic
         self.core = Session(role, limits, now)
+        self.core_limits = limits
         self.consume = True
         self.events: list = []
         self.data: dict[int, bytearray] = defaultdict(bytearray)
         self.quic_events: list = []
+        self._incoming = frames.FrameDecoder(1 << 24)
+        #: Link credit the peer granted (session WINDOW_UPDATEs that reached the core).
+        self.granted = 0
+        #: DATA payload bytes, and discarded bytes, that reached the core: what it counts as
+        #: received against the link window.
+        self.data_in = self.discarded_in = 0
 
     @property
     def conn(self):
@@ -73,9 +89,15 @@ class Side:
     def to_core(self, now: float) -> None:
         discarded = self.quic.pop_discarded()
         if discarded:
+            self.discarded_in += discarded
             self.core.credit_discarded(discarded)
         data = self.quic.pop_frames()
         if data:
+            for ftype, _, sid, payload in self._incoming.feed(bytes(data)):
+                if ftype == FrameType.WINDOW_UPDATE and not sid:
+                    self.granted += frames.parse_u32(payload)
+                elif ftype == FrameType.DATA:
+                    self.data_in += len(payload)
             self.core.receive_data(data, now)
         self.quic_events += self.quic.pop_events()
         for event in self.core.pop_events():
@@ -85,6 +107,11 @@ class Side:
                     self.core.consume(event.stream_id, len(event.data))
                 event = DataReceived(event.stream_id, b"")
             self.events.append(event)
+
+    @property
+    def send_window(self) -> int:
+        """The link credit this side has left to send with."""
+        return self.core_limits.session_window + self.granted - self.core.bytes_sent
 
     def of(self, kind) -> list:
         return [e for e in self.events if isinstance(e, kind)]
@@ -172,19 +199,19 @@ class Pair:
                 return True
             if self.step():
                 continue
-            timers = [t for t in (self.agent.quic.next_timer(self.now), self.relay.quic.next_timer(self.now))
-                      if t is not None]
-            if not timers or min(timers) > end:
+            # As the link does: each side's timer, once asked, runs when its time comes.
+            timers = [(side.quic.next_timer(self.now), side) for side in (self.agent, self.relay)]
+            due = [at for at, _ in timers if at is not None]
+            if not due or min(due) > end:
                 break
-            self.now = max(self.now, min(timers))
-            for side in (self.agent, self.relay):
-                at = side.quic.next_timer(self.now)
+            self.now = max(self.now, min(due))
+            for at, side in timers:
                 if at is not None and at <= self.now:
                     side.quic.handle_timer(self.now)
                     side.to_core(self.now)
         return bool(condition())
 
-    def settle(self, limit: float = 0.5) -> None:
+    def settle(self, limit: float = 3.0) -> None:
         """Run until quiet: every datagram and ACK delivered."""
         self.run(limit=limit)
 
@@ -356,3 +383,99 @@ def test_goaway_last_stream_is_translated_both_ways(pki):
     assert bytes(pair.relay.data[1]) == b"up \x01" and bytes(pair.relay.data[3]) == b"up \x03"
     assert bytes(pair.agent.data[r2]) == b"down" and bytes(pair.relay.data[r2]) == b"answer"
     assert pair.agent.closed().code == pair.relay.closed().code == ErrorCode.NO_ERROR
+
+
+def assert_windows_whole(pair: Pair) -> None:
+    """Once everything settled: each side's core counted as received (delivered or discarded)
+    exactly what the peer's core sent, consumed all of it, and gave the peer back at least
+    half a window (the rest waits for the policy's threshold); the QuicSessions keep no
+    stream."""
+    pair.settle()
+    for side in (pair.agent, pair.relay):
+        peer = pair.peer(side)
+        name = "agent" if side is pair.agent else "relay"
+        assert side.data_in + side.discarded_in == peer.core.bytes_sent, (name, side.data_in, side.discarded_in)
+        assert side.core.received_unconsumed == 0
+        assert LIMITS.session_window // 2 < peer.send_window <= LIMITS.session_window, (name, peer.send_window)
+        assert not side.quic._routes and not side.quic._early_resets and not side.quic._peer_qid
+        assert side.closed() is None
+
+
+@pytest.mark.parametrize("resetter", ["sender", "receiver"])
+def test_reset_with_data_in_flight_gives_the_link_window_back_exactly(pki, resetter):
+    """Reset streams whose bytes are partly delivered, partly in flight (the datagrams that
+    carry them dropped), many times: the discarded bytes' link credit comes back exactly,
+    so that a fresh stream then moves more than a session window without a stall."""
+    pair = Pair(pki)
+    for round_ in range(12):
+        sender, receiver = (pair.relay, pair.agent) if round_ % 2 else (pair.agent, pair.relay)
+        sid = sender.core.open_stream(b"r")
+        size = LIMITS.initial_stream_window - 1000 * round_
+        sender.core.send_data(sid, pattern(round_, size))
+        datagrams = pair.drain(sender)
+        pair.into(receiver, datagrams[: len(datagrams) // 3])  # the rest is lost
+        assert receiver.of(StreamOpened)[-1].stream_id == sid
+        assert 0 < len(receiver.data[sid]) < size
+        (sender if resetter == "sender" else receiver).core.reset_stream(sid, ErrorCode.CONNECTION_RESET)
+        told = receiver if resetter == "sender" else sender
+        assert pair.run(lambda: told.of(StreamReset) and told.of(StreamReset)[-1].stream_id == sid, limit=5.0)
+        pair.settle()  # the lost datagrams' recovery
+        reset = told.of(StreamReset)[-1]
+        assert (reset.code, reset.remote) == (ErrorCode.CONNECTION_RESET, True)
+    assert_windows_whole(pair)
+    size = 3 * LIMITS.session_window
+    for sender, receiver in ((pair.agent, pair.relay), (pair.relay, pair.agent)):
+        sid = sender.core.open_stream(b"bulk")
+        sender.core.send_data(sid, pattern(99, size), end_stream=True)
+        assert pair.run(lambda: receiver.of(StreamEnded) and receiver.of(StreamEnded)[-1].stream_id == sid, limit=1.0)
+        assert bytes(receiver.data[sid]) == pattern(99, size)
+        receiver.core.end_stream(sid)
+    assert_windows_whole(pair)
+
+
+def test_reset_frame_overtakes_the_open(pki):
+    """The RESET frame (control stream) arrives before the stream's first bytes: remembered,
+    the stream is reset as its OPEN comes; the link window comes back either way."""
+    pair = Pair(pki)
+    # Only the OPEN went: the RESET follows the OPEN as a FIN.
+    sid = pair.agent.core.open_stream(b"gone")
+    held = pair.drain(pair.agent)
+    pair.agent.core.reset_stream(sid, ErrorCode.CONNECTION_RESET)
+    pair.into(pair.relay, pair.drain(pair.agent))
+    assert not pair.relay.of(StreamOpened) and pair.relay.quic._early_resets
+    pair.into(pair.relay, held)
+    assert [e.stream_id for e in pair.relay.of(StreamOpened)] == [1]
+    assert [(e.stream_id, e.code) for e in pair.relay.of(StreamReset)] == [(1, ErrorCode.CONNECTION_RESET)]
+    assert_windows_whole(pair)
+    # The OPEN and data went (dropped on the way), then the reset: QUIC's RESET_STREAM ends
+    # the stream; held datagrams arriving after it change nothing.
+    sid = pair.agent.core.open_stream(b"gone too")
+    pair.agent.core.send_data(sid, pattern(5, 40 * KiB))
+    held = pair.drain(pair.agent)
+    pair.agent.core.reset_stream(sid, ErrorCode.CONNECTION_RESET)
+    pair.into(pair.relay, pair.drain(pair.agent))
+    pair.into(pair.relay, held)
+    assert_windows_whole(pair)
+    # The link still works.
+    sid = pair.agent.core.open_stream(b"fine")
+    pair.agent.core.send_data(sid, b"x" * 1000, end_stream=True)
+    assert pair.run(lambda: pair.relay.of(StreamEnded))
+    assert bytes(pair.relay.data[pair.relay.of(StreamEnded)[0].stream_id]) == b"x" * 1000
+
+
+def test_quic_reset_without_our_reset_frame(pki):
+    """A foreign peer resets a stream with QUIC's RESET_STREAM only: the core hears the reset
+    (an unknown code as PROTOCOL_ERROR), our side resets its direction, the link goes on."""
+    pair = Pair(pki)
+    sid = pair.relay.core.open_stream(b"db")
+    pair.relay.core.send_data(sid, b"hello")
+    assert pair.run(lambda: pair.agent.of(DataReceived))
+    pair.agent.conn.reset_stream(1, 0x1234)  # QUIC stream 1: the relay's first
+    pair.settle()
+    (reset,) = pair.relay.of(StreamReset)
+    assert (reset.stream_id, reset.code, reset.remote) == (sid, ErrorCode.PROTOCOL_ERROR, True)
+    pair.agent.conn.send_stream_data(qs.CONTROL_STREAM_ID, b"")  # nothing more
+    sid = pair.relay.core.open_stream(b"db")
+    pair.relay.core.send_data(sid, b"again", end_stream=True)
+    assert pair.run(lambda: pair.agent.of(StreamEnded))
+    assert bytes(pair.agent.data[sid]) == b"again" and pair.relay.closed() is None
