@@ -308,6 +308,9 @@ class QuicSession:
         while True:
             event = conn.next_event()
             if event is None:
+                # Control frames the peer's input made us queue (our RESET frames answering
+                # its resets) go now: the core may have nothing to write that would carry them.
+                self._flush_control()
                 return
             kind = type(event)
             if kind is ev.StreamDataReceived:
