@@ -437,7 +437,10 @@ class QuicSession:
         fin = end or bool(flags & _FIN)
         if route.in_done:  # reset already: the core counts the open and the reset, as on WSS
             self._in.append(frames.encode_frame(_OPEN, 0, sid, buf[HEADER_SIZE:end_of_open]))
-            self._tell_reset(route, route.reset_code)
+            # Told here, not by _tell_reset: our reset went out as the answer to the peer's
+            # (reset_sent), and the core must still hear of it or keep the stream open.
+            route.reset_told = True
+            self._in.append(frames.encode_frame(_RESET, 0, sid, frames.encode_u32(route.reset_code)))
             self._maybe_forget(route)
             return
         self._in.append(frames.encode_frame(_OPEN, _FIN if fin and not rest else 0, sid, buf[HEADER_SIZE:end_of_open]))
