@@ -220,13 +220,14 @@ def pattern(seed: int, size: int) -> bytes:
     return bytes((seed * 7 + i * 13) & 0xFF for i in range(size))
 
 
-def assert_link_closed(pair: Pair, side: Side, code: int = ErrorCode.PROTOCOL_ERROR) -> None:
-    """``side`` closed the connection with ``code``, and the peer heard so."""
+def assert_link_closed(pair: Pair, side: Side, code: int = ErrorCode.PROTOCOL_ERROR, reason: str = "") -> None:
+    """``side`` closed the connection with ``code`` (and ``reason`` in its message), and the
+    peer heard so."""
     peer = pair.peer(side)
     pair.run(lambda: peer.quic_closed() is not None)
     assert side.quic.closed
     closed = peer.quic_closed()
-    assert closed is not None and closed.code == code, closed
+    assert closed is not None and closed.code == code and reason in closed.reason, closed
 
 
 # --- the happy paths ----------------------------------------------------------------------
@@ -479,3 +480,123 @@ def test_quic_reset_without_our_reset_frame(pki):
     pair.relay.core.send_data(sid, b"again", end_stream=True)
     assert pair.run(lambda: pair.agent.of(StreamEnded))
     assert bytes(pair.agent.data[sid]) == b"again" and pair.relay.closed() is None
+
+
+# --- hostile peers --------------------------------------------------------------------------
+
+
+def control(side: Side, data: bytes = b"", end: bool = False) -> None:
+    """Write raw bytes on ``side``'s control stream, under its QuicSession."""
+    side.conn.send_stream_data(qs.CONTROL_STREAM_ID, data, end_stream=end)
+
+
+def reset_frame(qid: int, code: int = ErrorCode.CONNECTION_RESET, final: int = 0) -> bytes:
+    return frames.encode_frame(FrameType.RESET, 0, qid, qs._RESET_PAYLOAD.pack(code, final))
+
+
+def _data_on_control(pair):
+    control(pair.agent, frames.encode_header(FrameType.DATA, 0, 1, 3) + b"abc")
+
+
+def _open_on_control(pair):
+    control(pair.agent, frames.encode_frame(FrameType.OPEN, 0, 1, b"db"))
+
+
+def _stream_without_open(pair):
+    qid = pair.agent.conn.get_next_available_stream_id()
+    pair.agent.conn.send_stream_data(qid, frames.encode_header(FrameType.DATA, 0, 0, 3) + b"abc")
+
+
+def _stream_ended_inside_its_open(pair):
+    qid = pair.agent.conn.get_next_available_stream_id()
+    pair.agent.conn.send_stream_data(qid, frames.encode_frame(FrameType.OPEN, 0, 0, b"x" * 100)[:60], end_stream=True)
+
+
+def _stream_ended_inside_the_open_header(pair):
+    qid = pair.agent.conn.get_next_available_stream_id()
+    pair.agent.conn.send_stream_data(qid, frames.encode_frame(FrameType.OPEN, 0, 0, b"db")[:5], end_stream=True)
+
+
+def _open_with_a_stream_id(pair):
+    qid = pair.agent.conn.get_next_available_stream_id()
+    pair.agent.conn.send_stream_data(qid, frames.encode_frame(FrameType.OPEN, 0, 7, b"db"))
+
+
+def _core_sized_reset(pair):
+    control(pair.agent, frames.encode_frame(FrameType.RESET, 0, 4, frames.encode_u32(ErrorCode.CONNECTION_RESET)))
+
+
+def _control_stream_ended(pair):
+    control(pair.agent, end=True)
+
+
+def _control_stream_reset(pair):
+    pair.agent.conn.reset_stream(qs.CONTROL_STREAM_ID, 0)
+
+
+def _control_stream_stopped(pair):
+    pair.agent.conn.stop_stream(qs.CONTROL_STREAM_ID, 0)
+
+
+def _early_reset_flood(pair):
+    control(pair.agent, b"".join(reset_frame(4 * (1000 + i)) for i in range(qs.MAX_EARLY_RESETS + 1)))
+
+
+def _garbage_on_control(pair):
+    control(pair.agent, b"\xff" * 64)
+
+
+HOSTILE = [(_data_on_control, "DATA frame on the QUIC control stream"),
+           (_open_on_control, "OPEN frame on the QUIC control stream"),
+           (_stream_without_open, "does not start with an OPEN"),
+           (_stream_ended_inside_its_open, "ended inside its OPEN"),
+           (_stream_ended_inside_the_open_header, "ended before its OPEN"),
+           (_open_with_a_stream_id, "does not start with an OPEN"),
+           (_core_sized_reset, "RESET payload of 4 bytes"),
+           (_control_stream_ended, "control stream ended"),
+           (_control_stream_reset, "control stream reset"),
+           (_control_stream_stopped, "control stream reset"),
+           (_early_reset_flood, "too many resets of streams never opened"),
+           (_garbage_on_control, "")]
+
+
+@pytest.mark.parametrize("attack,reason", HOSTILE, ids=[f.__name__.strip("_") for f, _ in HOSTILE])
+def test_hostile_input_closes_the_link_with_protocol_error(pki, attack, reason):
+    """Each breach of the mapping closes the connection with PROTOCOL_ERROR (the peer hears
+    the code and why), without an exception, and nothing after it is delivered."""
+    pair = Pair(pki)
+    attack(pair)
+    assert_link_closed(pair, pair.relay, reason=reason)
+    assert pair.relay.quic.closed
+    assert not pair.relay.of(StreamOpened)
+
+
+def test_open_longer_than_max_open_metadata_refuses_the_stream_only(pki):
+    """An OPEN above max_open_metadata is not kept: the core refuses that stream
+    (PROTOCOL_ERROR reset) and the link goes on; the bytes after it are skipped."""
+    pair = Pair(pki)
+    qid = raw_open(pair.agent, b"m" * (LIMITS.max_open_metadata + 5000), b"data after it")
+    pair.settle()
+    assert not pair.relay.of(StreamOpened) and pair.relay.closed() is None
+    assert not pair.relay.quic.closed
+    stream = pair.agent.conn._streams.get(qid)
+    assert stream is None or stream.receiver.is_finished  # the relay reset its direction
+    sid = pair.relay.core.open_stream(b"db")
+    pair.relay.core.send_data(sid, b"still fine", end_stream=True)
+    assert pair.run(lambda: pair.agent.of(StreamEnded))
+    assert bytes(pair.agent.data[sid]) == b"still fine"
+
+
+def test_too_many_unsettled_streams_close_the_link(pki):
+    """A peer that resets streams with QUIC's RESET_STREAM only (no RESET frame settles
+    them) is cut off once more are unsettled than allowed, not left to grow the table."""
+    pair = Pair(pki)
+    limit = pair.relay.quic._max_routes
+    for _ in range(limit + 1):
+        qid = raw_open(pair.agent, b"db", b"x" * 100)
+        pair.agent.conn.reset_stream(qid, ErrorCode.CONNECTION_RESET)
+        pair.settle(0.1)
+        if pair.relay.quic.closed:
+            break
+    assert_link_closed(pair, pair.relay, reason="too many streams left unsettled")
+    assert len(pair.relay.quic._routes) <= limit
