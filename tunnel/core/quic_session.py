@@ -378,6 +378,9 @@ class QuicSession:
 
     def _new_peer_route(self, qid: int) -> _Route | None:
         """The route of a peer QUIC stream seen for the first time (None: not one)."""
+        if qid & 2:  # unidirectional: we could never answer on it
+            self._violation(ErrorCode.PROTOCOL_ERROR, f"unidirectional QUIC stream {qid}")
+            return None
         if self._is_local(qid) or not self._first_seen(qid):
             return None
         if len(self._routes) >= self._max_routes:
