@@ -600,3 +600,26 @@ def test_too_many_unsettled_streams_close_the_link(pki):
             break
     assert_link_closed(pair, pair.relay, reason="too many streams left unsettled")
     assert len(pair.relay.quic._routes) <= limit
+
+
+def test_a_peer_unidirectional_stream_is_refused(pki):
+    """The mapping uses bidirectional streams only. A peer's unidirectional stream is a
+    breach (PROTOCOL_ERROR); answering on it must never raise from the engine."""
+    pair = Pair(pki)
+    for _ in range(2):
+        qid = pair.agent.conn.get_next_available_stream_id(is_unidirectional=True)
+        pair.agent.conn.send_stream_data(qid, frames.encode_frame(FrameType.OPEN, 0, 0, b"db") + b"hi")
+    pair.run(lambda: pair.relay.of(StreamOpened) or pair.relay.quic.closed, limit=0.5)
+    for event in pair.relay.of(StreamOpened):  # if the core was told, it answers on the stream
+        pair.relay.core.send_data(event.stream_id, b"answer", end_stream=True)
+    pair.settle()
+    assert_link_closed(pair, pair.relay, reason="unidirectional")
+
+
+def test_a_repeated_early_reset_credits_the_link_once(pki):
+    """RESET frames naming the same never-opened stream again return its discarded bytes
+    once, not each time (each return is link credit the peer gets back)."""
+    pair = Pair(pki)
+    control(pair.agent, b"".join(reset_frame(400, final=1000) for _ in range(5)))
+    pair.settle()
+    assert pair.relay.discarded_in <= 1000

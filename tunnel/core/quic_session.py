@@ -530,8 +530,9 @@ class QuicSession:
         code, final = _RESET_PAYLOAD.unpack(payload)
         route = self._routes.get(qid)
         if route is None:
-            if qid == CONTROL_STREAM_ID or self._is_local(qid) or qid < self._peer_floor or qid in self._peer_seen:
-                return  # a stream both sides are done with (or nonsense: ignored, as on WSS)
+            if (qid == CONTROL_STREAM_ID or self._is_local(qid) or qid < self._peer_floor or qid in self._peer_seen
+                    or qid in self._early_resets):
+                return  # a stream both sides are done with, or reset already (or nonsense: ignored, as on WSS)
             if len(self._early_resets) >= MAX_EARLY_RESETS:
                 self._violation(ErrorCode.PROTOCOL_ERROR, "too many resets of streams never opened")
                 return
