@@ -639,3 +639,23 @@ def test_a_reset_final_size_beyond_the_link_window_is_a_flow_control_error(pki, 
     pair.settle()
     closed = pair.relay.closed()
     assert closed is not None and closed.code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_bytes_after_an_open_too_long_keep_the_link_window_exact(pki):
+    """The agent allows longer OPEN metadata than the relay: the relay refuses that stream,
+    and the stream bytes that came with the OPEN still count as received (their link credit
+    goes back, as on WSS)."""
+    agent_limits = LIMITS.replace(max_open_metadata=8 * KiB)
+    for datagram_size in (1452, 16384):  # the OPEN and its bytes in several packets, or in one
+        _refused_long_open(pki, agent_limits, datagram_size)
+
+
+def _refused_long_open(pki, agent_limits: Limits, datagram_size: int) -> None:
+    pair = Pair(pki, limits=agent_limits, server_limits=LIMITS, datagram_size=datagram_size)
+    sid = pair.agent.core.open_stream(b"m" * (LIMITS.max_open_metadata + 1000))
+    pair.agent.core.send_data(sid, pattern(7, 3000), end_stream=True)
+    assert pair.run(lambda: pair.agent.of(StreamReset))
+    (reset,) = pair.agent.of(StreamReset)
+    assert (reset.stream_id, reset.code) == (sid, ErrorCode.PROTOCOL_ERROR)
+    assert not pair.relay.of(StreamOpened)
+    assert_windows_whole(pair)
