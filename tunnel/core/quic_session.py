@@ -423,9 +423,11 @@ class QuicSession:
         if length > self._max_open:
             # Not kept: the core refuses an OPEN this long, told by one of the same length.
             route.skip = max(0, end_of_open - len(buf))
+            after = bytes(buf[end_of_open:])  # stream bytes that came with it: still the core's
             del buf[HEADER_SIZE:]
             buf += bytes(self._max_open + 1)
             end_of_open = len(buf)
+            buf += after
         elif len(buf) < end_of_open:
             if end:
                 self._violation(ErrorCode.PROTOCOL_ERROR, "stream ended inside its OPEN frame")
