@@ -659,3 +659,23 @@ def _refused_long_open(pki, agent_limits: Limits, datagram_size: int) -> None:
     assert (reset.stream_id, reset.code) == (sid, ErrorCode.PROTOCOL_ERROR)
     assert not pair.relay.of(StreamOpened)
     assert_windows_whole(pair)
+
+
+def test_streams_opened_above_a_gap_that_never_fills_are_bounded(pki):
+    """A peer that never uses one QUIC stream id and keeps opening (and finishing) streams
+    above it must not grow what the session remembers of seen streams without bound."""
+    pair = Pair(pki)
+    limit = pair.relay.quic._max_routes
+    qid = 8  # QUIC stream 4 never comes
+    for _ in range(limit + 20):
+        pair.agent.conn.send_stream_data(qid, frames.encode_frame(FrameType.OPEN, 0, 0, b"db"), end_stream=True)
+        qid += 4
+        assert pair.run(lambda: pair.relay.quic.closed or (pair.relay.of(StreamOpened)
+                                                           and pair.relay.core.stream_ids()), limit=1.0)
+        if pair.relay.quic.closed:
+            break
+        for sid in pair.relay.core.stream_ids():
+            pair.relay.core.end_stream(sid)
+        pair.settle(0.1)
+    remembered = len(pair.relay.quic._peer_seen) + len(pair.relay.quic._routes)
+    assert pair.relay.quic.closed or remembered <= limit, remembered
