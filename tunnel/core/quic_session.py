@@ -405,6 +405,11 @@ class QuicSession:
                 self._peer_seen.discard(self._peer_floor)
                 self._peer_floor += 4
         else:
+            if len(self._peer_seen) >= self._max_routes:
+                # An honest peer's gaps fill within a round trip or so; one that never fills
+                # would make this set grow with every stream opened above it.
+                self._violation(ErrorCode.PROTOCOL_ERROR, f"QUIC streams opened above stream {self._peer_floor}, which never came")
+                return False
             self._peer_seen.add(qid)
         return True
 
