@@ -679,3 +679,39 @@ def test_streams_opened_above_a_gap_that_never_fills_are_bounded(pki):
         pair.settle(0.1)
     remembered = len(pair.relay.quic._peer_seen) + len(pair.relay.quic._routes)
     assert pair.relay.quic.closed or remembered <= limit, remembered
+
+
+def test_a_goaway_does_not_overtake_the_open_sent_before_it(pki):
+    """The relay opens a stream, then goes away, in one write: the OPEN (its own QUIC
+    stream) and the GOAWAY (the control stream) travel in one packet, the control stream's
+    frame first. The agent's core must still see the stream open before the GOAWAY (as on
+    WSS), not drain at once and close the link under it."""
+    pair = Pair(pki)
+    sid = pair.relay.core.open_stream(b"db")
+    pair.relay.core.goaway()
+    for datagram in pair.drain(pair.relay):
+        pair.into(pair.agent, [datagram])
+    assert [e.stream_id for e in pair.agent.of(StreamOpened)] == [sid]
+    assert pair.agent.closed() is None
+    pair.relay.core.send_data(sid, b"last words", end_stream=True)
+    pair.agent.core.send_data(sid, b"bye", end_stream=True)
+    assert pair.run(lambda: pair.agent.closed() and pair.relay.closed())
+    assert bytes(pair.agent.data[sid]) == b"last words" and bytes(pair.relay.data[sid]) == b"bye"
+    assert pair.agent.closed().code == pair.relay.closed().code == ErrorCode.NO_ERROR
+
+
+def test_connection_close_carries_the_error_of_a_goaway_after_a_drain(pki):
+    """A link draining (GOAWAY NO_ERROR) that then fails (GOAWAY with an error) closes the
+    QUIC connection with that error, not with the drain's NO_ERROR."""
+    pair = Pair(pki)
+    sid = pair.relay.core.open_stream(b"db")
+    assert pair.run(lambda: pair.agent.of(StreamOpened))
+    pair.relay.core.goaway()
+    pair.settle()
+    assert pair.agent.of(GoAwayReceived) and pair.agent.core.stream_ids() == [sid]
+    pair.relay.core.close(ErrorCode.TIMEOUT, "keepalive timeout")
+    pair.relay.to_quic()
+    pair.relay.quic.close(None, "", pair.now)  # as the link does once its core closed
+    assert pair.run(lambda: pair.agent.quic_closed() is not None)
+    assert pair.agent.closed().code == ErrorCode.TIMEOUT
+    assert pair.agent.quic_closed().code == ErrorCode.TIMEOUT
