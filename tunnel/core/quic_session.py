@@ -154,6 +154,7 @@ class QuicSession:
         self._control_out: list = []
         self._control_written = 0  # bytes handed to the engine on the control stream
         self._in: list = []  # frames for Session.receive_data
+        self._goaway_in: list = []  # the peer's GOAWAY, held until the datagram's streams are read
         self._events: list = []
         self._ping_uid = 0
         self._close_code: int | None = None  # from our GOAWAY: the CONNECTION_CLOSE's code
@@ -308,6 +309,11 @@ class QuicSession:
         while True:
             event = conn.next_event()
             if event is None:
+                if self._goaway_in:
+                    # After the OPENs that came in the same datagram: the peer sent them first
+                    # (its control stream's frames come first in a packet), as WSS keeps them.
+                    self._in += self._goaway_in
+                    self._goaway_in = []
                 # Control frames the peer's input made us queue (our RESET frames answering
                 # its resets) go now: the core may have nothing to write that would carry them.
                 self._flush_control()
@@ -516,7 +522,7 @@ class QuicSession:
                 except ProtocolError as exc:
                     self._violation(exc.code, str(exc))
                     return
-                self._in.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
+                self._goaway_in.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
                     self._local_sid_at_most(last), code, reason)))
             elif ftype == _DATA or ftype == _OPEN:
                 self._violation(ErrorCode.PROTOCOL_ERROR, f"{FrameType(ftype).name} frame on the QUIC control stream")
