@@ -608,7 +608,7 @@ class QuicSession:
                 self._maybe_forget(route)
         elif ftype == _GOAWAY:
             last, code, reason = frames.parse_goaway(memoryview(frame)[HEADER_SIZE:])
-            if self._close_code is None:
+            if self._close_code is None or self._close_code == ErrorCode.NO_ERROR:  # an error outranks a drain
                 self._close_code, self._close_reason = code, reason
             self._control_out.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
                 self._max_peer_qid, code, reason)))
