@@ -414,7 +414,8 @@ class QuicSession:
             if len(self._peer_seen) >= self._max_routes:
                 # An honest peer's gaps fill within a round trip or so; one that never fills
                 # would make this set grow with every stream opened above it.
-                self._violation(ErrorCode.PROTOCOL_ERROR, f"QUIC streams opened above stream {self._peer_floor}, which never came")
+                self._violation(ErrorCode.PROTOCOL_ERROR,
+                                f"QUIC streams opened above stream {self._peer_floor}, which never came")
                 return False
             self._peer_seen.add(qid)
         return True
