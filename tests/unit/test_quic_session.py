@@ -727,3 +727,18 @@ def test_every_core_stream_id_has_a_quic_id_the_wire_can_name(pki):
     for side in (pair.agent, pair.relay):
         last_sid = MAX_STREAM_ID if (MAX_STREAM_ID & 1) == (side.quic._first_local_sid & 1) else MAX_STREAM_ID - 1
         assert side.quic._local_qid(last_sid) <= MAX_STREAM_ID
+
+
+def test_our_own_streams_do_not_count_as_the_peer_s_unsettled_ones(pki):
+    """The cap on unsettled routes is about the peer's streams: a relay holding many streams
+    it opened itself (the agent allows more than the relay does) still accepts the agent's."""
+    relay_limits = LIMITS  # its cap on unsettled peer routes follows its own 16 streams
+    agent_limits = LIMITS.replace(max_concurrent_streams=64)
+    pair = Pair(pki, limits=agent_limits, server_limits=relay_limits)
+    opened = [pair.relay.core.open_stream(b"pool") for _ in range(pair.relay.quic._max_routes)]
+    assert pair.run(lambda: len(pair.agent.of(StreamOpened)) == len(opened))
+    sid = pair.agent.core.open_stream(b"mine")
+    pair.agent.core.send_data(sid, b"hello", end_stream=True)
+    assert pair.run(lambda: pair.relay.of(StreamEnded) or pair.relay.quic.closed)
+    assert not pair.relay.quic.closed
+    assert bytes(pair.relay.data[sid]) == b"hello"
