@@ -399,6 +399,7 @@ def assert_windows_whole(pair: Pair) -> None:
         assert side.core.received_unconsumed == 0
         assert LIMITS.session_window // 2 < peer.send_window <= LIMITS.session_window, (name, peer.send_window)
         assert not side.quic._routes and not side.quic._early_resets and not side.quic._peer_qid
+        assert side.quic._peer_routes == 0
         assert side.closed() is None
 
 

@@ -147,6 +147,7 @@ class QuicSession:
         self._peer_seen: set[int] = set()  # peer QUIC streams seen at or above the floor
         self._max_peer_qid = 0  # highest peer QUIC stream whose OPEN completed (for GOAWAY)
         self._routes: dict[int, _Route] = {}  # QUIC stream id -> route, while either way is open
+        self._peer_routes = 0  # of which the peer's streams
         self._peer_qid: dict[int, int] = {}  # core id -> QUIC stream id, the peer's streams
         self._early_resets: dict[int, int] = {}  # peer QUIC stream -> code, reset before its OPEN came
         self._discarded = 0  # link credit of bytes QUIC discarded (resets), for the core
@@ -389,11 +390,12 @@ class QuicSession:
             return None
         if self._is_local(qid) or not self._first_seen(qid):
             return None
-        if len(self._routes) >= self._max_routes:
+        if self._peer_routes >= self._max_routes:
             # Streams whose ends never settle (reset, and no RESET frame follows): a broken peer.
             self._violation(ErrorCode.PROTOCOL_ERROR, "too many streams left unsettled")
             return None
         route = self._routes[qid] = _Route(qid, None)
+        self._peer_routes += 1
         code = self._early_resets.pop(qid, None)
         if code is not None:  # its RESET frame overtook it (and settled the credit)
             route.in_done = True
@@ -668,8 +670,10 @@ class QuicSession:
     def _maybe_forget(self, route: _Route) -> None:
         if route.out_done and route.in_done:
             del self._routes[route.qid]
-            if route.sid is not None and not self._is_local(route.qid):
-                self._peer_qid.pop(route.sid, None)
+            if not self._is_local(route.qid):
+                self._peer_routes -= 1
+                if route.sid is not None:
+                    self._peer_qid.pop(route.sid, None)
 
     def _flush_control(self) -> None:
         if self._control_out and self._control_stream and not self.closed:
