@@ -147,6 +147,7 @@ class QuicSession:
         self._peer_seen: set[int] = set()  # peer QUIC streams seen at or above the floor
         self._max_peer_qid = 0  # highest peer QUIC stream whose OPEN completed (for GOAWAY)
         self._routes: dict[int, _Route] = {}  # QUIC stream id -> route, while either way is open
+        self._peer_routes = 0  # of which the peer's streams
         self._peer_qid: dict[int, int] = {}  # core id -> QUIC stream id, the peer's streams
         self._early_resets: dict[int, int] = {}  # peer QUIC stream -> code, reset before its OPEN came
         self._discarded = 0  # link credit of bytes QUIC discarded (resets), for the core
@@ -154,6 +155,7 @@ class QuicSession:
         self._control_out: list = []
         self._control_written = 0  # bytes handed to the engine on the control stream
         self._in: list = []  # frames for Session.receive_data
+        self._goaway_in: list = []  # the peer's GOAWAY, held until the datagram's streams are read
         self._events: list = []
         self._ping_uid = 0
         self._close_code: int | None = None  # from our GOAWAY: the CONNECTION_CLOSE's code
@@ -314,7 +316,14 @@ class QuicSession:
         while True:
             event = conn.next_event()
             if event is None:
-                self._flush_control()  # RESET frames the peer's input called for
+                if self._goaway_in:
+                    # After the OPENs that came in the same datagram: the peer sent them first
+                    # (its control stream's frames come first in a packet), as WSS keeps them.
+                    self._in += self._goaway_in
+                    self._goaway_in = []
+                # Control frames the peer's input made us queue (our RESET frames answering
+                # its resets) go now: the core may have nothing to write that would carry them.
+                self._flush_control()
                 return
             kind = type(event)
             if kind is ev.StreamDataReceived:
@@ -382,13 +391,17 @@ class QuicSession:
 
     def _new_peer_route(self, qid: int) -> _Route | None:
         """The route of a peer QUIC stream seen for the first time (None: not one)."""
+        if qid & 2:  # unidirectional: we could never answer on it
+            self._violation(ErrorCode.PROTOCOL_ERROR, f"unidirectional QUIC stream {qid}")
+            return None
         if self._is_local(qid) or not self._first_seen(qid):
             return None
-        if len(self._routes) >= self._max_routes:
+        if self._peer_routes >= self._max_routes:
             # Streams whose ends never settle (reset, and no RESET frame follows): a broken peer.
             self._violation(ErrorCode.PROTOCOL_ERROR, "too many streams left unsettled")
             return None
         route = self._routes[qid] = _Route(qid, None)
+        self._peer_routes += 1
         code = self._early_resets.pop(qid, None)
         if code is not None:  # its RESET frame overtook it (and settled the credit)
             route.in_done = True
@@ -410,6 +423,12 @@ class QuicSession:
                 self._peer_seen.discard(self._peer_floor)
                 self._peer_floor += 4
         else:
+            if len(self._peer_seen) >= self._max_routes:
+                # An honest peer's gaps fill within a round trip or so; one that never fills
+                # would make this set grow with every stream opened above it.
+                self._violation(ErrorCode.PROTOCOL_ERROR,
+                                f"QUIC streams opened above stream {self._peer_floor}, which never came")
+                return False
             self._peer_seen.add(qid)
         return True
 
@@ -428,9 +447,11 @@ class QuicSession:
         if length > self._max_open:
             # Not kept: the core refuses an OPEN this long, told by one of the same length.
             route.skip = max(0, end_of_open - len(buf))
+            after = bytes(buf[end_of_open:])  # stream bytes that came with it: still the core's
             del buf[HEADER_SIZE:]
             buf += bytes(self._max_open + 1)
             end_of_open = len(buf)
+            buf += after
         elif len(buf) < end_of_open:
             if end:
                 self._violation(ErrorCode.PROTOCOL_ERROR, "stream ended inside its OPEN frame")
@@ -445,7 +466,10 @@ class QuicSession:
         fin = end or bool(flags & _FIN)
         if route.in_done:  # reset already: the core counts the open and the reset, as on WSS
             self._in.append(frames.encode_frame(_OPEN, 0, sid, buf[HEADER_SIZE:end_of_open]))
-            self._tell_reset(route, route.reset_code)
+            # Told here, not by _tell_reset: our reset went out as the answer to the peer's
+            # (reset_sent), and the core must still hear of it or keep the stream open.
+            route.reset_told = True
+            self._in.append(frames.encode_frame(_RESET, 0, sid, frames.encode_u32(route.reset_code)))
             self._maybe_forget(route)
             return
         self._in.append(frames.encode_frame(_OPEN, _FIN if fin and not rest else 0, sid, buf[HEADER_SIZE:end_of_open]))
@@ -511,7 +535,7 @@ class QuicSession:
                 except ProtocolError as exc:
                     self._violation(exc.code, str(exc))
                     return
-                self._in.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
+                self._goaway_in.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
                     self._local_sid_at_most(last), code, reason)))
             elif ftype == _DATA or ftype == _OPEN:
                 self._violation(ErrorCode.PROTOCOL_ERROR, f"{FrameType(ftype).name} frame on the QUIC control stream")
@@ -532,8 +556,9 @@ class QuicSession:
         code, final = _RESET_PAYLOAD.unpack(payload)
         route = self._routes.get(qid)
         if route is None:
-            if qid == CONTROL_STREAM_ID or self._is_local(qid) or qid < self._peer_floor or qid in self._peer_seen:
-                return  # a stream both sides are done with (or nonsense: ignored, as on WSS)
+            if (qid == CONTROL_STREAM_ID or self._is_local(qid) or qid < self._peer_floor or qid in self._peer_seen
+                    or qid in self._early_resets):
+                return  # a stream both sides are done with, or reset already (or nonsense: ignored, as on WSS)
             if len(self._early_resets) >= MAX_EARLY_RESETS:
                 self._violation(ErrorCode.PROTOCOL_ERROR, "too many resets of streams never opened")
                 return
@@ -596,7 +621,7 @@ class QuicSession:
                 self._maybe_forget(route)
         elif ftype == _GOAWAY:
             last, code, reason = frames.parse_goaway(memoryview(frame)[HEADER_SIZE:])
-            if self._close_code is None:
+            if self._close_code is None or self._close_code == ErrorCode.NO_ERROR:  # an error outranks a drain
                 self._close_code, self._close_reason = code, reason
             self._control_out.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
                 self._max_peer_qid, code, reason)))
@@ -655,8 +680,10 @@ class QuicSession:
     def _maybe_forget(self, route: _Route) -> None:
         if route.out_done and route.in_done:
             del self._routes[route.qid]
-            if route.sid is not None and not self._is_local(route.qid):
-                self._peer_qid.pop(route.sid, None)
+            if not self._is_local(route.qid):
+                self._peer_routes -= 1
+                if route.sid is not None:
+                    self._peer_qid.pop(route.sid, None)
 
     def _flush_control(self) -> None:
         if self._control_out and self._control_stream and not self.closed:
