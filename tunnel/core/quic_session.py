@@ -413,10 +413,6 @@ class QuicSession:
         """True the first time the peer's QUIC stream ``qid`` shows up."""
         if qid < self._peer_floor or qid in self._peer_seen:
             return False
-        if len(self._peer_seen) >= self._max_routes:
-            # A stream ID the peer skipped and never opens: every later one stays remembered.
-            self._violation(ErrorCode.PROTOCOL_ERROR, "too many streams opened out of order")
-            return False
         if qid == self._peer_floor:
             self._peer_floor += 4
             while self._peer_floor in self._peer_seen:
@@ -522,26 +518,27 @@ class QuicSession:
         except ProtocolError as exc:
             self._violation(exc.code, str(exc))
             return
-        for ftype, flags, qid, payload in decoded:
-            if ftype == _WINDOW_UPDATE and qid:
-                sid = self._sid_of(qid)
+        for ftype, flags, wire_id, payload in decoded:
+            if ftype == _WINDOW_UPDATE and wire_id:
+                sid = self._sid_of(_qid_named(wire_id))
                 if sid is not None:
                     self._in.append(frames.encode_frame(ftype, flags, sid, payload))
             elif ftype == _RESET:
-                self._control_reset(qid, payload)
+                self._control_reset(_qid_named(wire_id), payload)
             elif ftype == _GOAWAY:
                 try:
                     last, code, reason = frames.parse_goaway(payload)
                 except ProtocolError as exc:
                     self._violation(exc.code, str(exc))
                     return
+                # ``last`` names one of our streams the wire's way, which is our own numbering.
                 self._goaway_in.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
-                    self._local_sid_at_most(last), code, reason)))
+                    last if (last & 1) == (self._first_local_sid & 1) else 0, code, reason)))
             elif ftype == _DATA or ftype == _OPEN:
                 self._violation(ErrorCode.PROTOCOL_ERROR, f"{FrameType(ftype).name} frame on the QUIC control stream")
                 return
             else:
-                self._in.append(frames.encode_frame(ftype, flags, qid, payload))
+                self._in.append(frames.encode_frame(ftype, flags, wire_id, payload))
             if self.closed:
                 return
         if end:
@@ -588,12 +585,6 @@ class QuicSession:
             return None
         return route.sid
 
-    def _local_sid_at_most(self, qid: int) -> int:
-        """Our highest core stream id whose QUIC stream id is at most ``qid`` (0: none)."""
-        if qid < self._first_local_qid:
-            return 0
-        return self._first_local_sid + 2 * ((qid - self._first_local_qid) // 4)
-
     # --- out: frames to QUIC streams ---------------------------------------------------
 
     def _local_qid(self, sid: int) -> int:
@@ -612,7 +603,7 @@ class QuicSession:
         elif ftype == _WINDOW_UPDATE and sid:
             qid = self._qid_of(sid)
             if qid is not None:
-                self._control_out.append(frames.encode_frame(ftype, flags, qid, memoryview(frame)[HEADER_SIZE:]))
+                self._control_out.append(frames.encode_frame(ftype, flags, _wire_name(qid), memoryview(frame)[HEADER_SIZE:]))
         elif ftype == _RESET:
             qid = self._qid_of(sid)
             if qid is not None:
@@ -624,7 +615,7 @@ class QuicSession:
             if self._close_code is None or self._close_code == ErrorCode.NO_ERROR:  # an error outranks a drain
                 self._close_code, self._close_reason = code, reason
             self._control_out.append(frames.encode_frame(ftype, flags, 0, frames.encode_goaway(
-                self._max_peer_qid, code, reason)))
+                _wire_name(self._max_peer_qid) if self._max_peer_qid else 0, code, reason)))
         else:
             self._control_out.append(frame)
             if ftype == _PING and not flags & _ACK:
@@ -675,7 +666,7 @@ class QuicSession:
                     self._conn.send_stream_data(route.qid, b"", end_stream=True)
             except ValueError:  # the engine is already done with the stream
                 pass
-        self._control_out.append(frames.encode_frame(_RESET, 0, route.qid, _RESET_PAYLOAD.pack(code, route.sent)))
+        self._control_out.append(frames.encode_frame(_RESET, 0, _wire_name(route.qid), _RESET_PAYLOAD.pack(code, route.sent)))
 
     def _maybe_forget(self, route: _Route) -> None:
         if route.out_done and route.in_done:
@@ -692,6 +683,18 @@ class QuicSession:
             data = out[0] if len(out) == 1 else b"".join(out)
             self._control_written += len(data)
             self._conn.send_stream_data(CONTROL_STREAM_ID, data)
+
+
+def _wire_name(qid: int) -> int:
+    """The Stream ID a frame names a tunneled stream by: the number its opener's session gave
+    it (the agent's odd, the relay's even, as over WSS), from its QUIC stream ID (the agent
+    opens 4, 8, 12...: 1, 3, 5...; the relay 1, 5, 9...: 2, 4, 6...)."""
+    return (qid >> 1) - 1 if not qid & 3 else (qid >> 1) + 2
+
+
+def _qid_named(wire_id: int) -> int:
+    """The QUIC stream ID of the tunneled stream a frame names (see :func:`_wire_name`)."""
+    return 2 * wire_id + 2 if wire_id & 1 else 2 * wire_id - 3
 
 
 def _close_code(event) -> int:

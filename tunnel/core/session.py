@@ -635,9 +635,14 @@ class Session(SessionState):
         """``n`` stream bytes the peer counted against the link window were discarded below
         the session (a QUIC stream reset drops what it had not delivered): they count as
         received and consumed, so that the window comes back."""
-        if n > 0 and not self._closed:
-            self._recv_received += n
-            self._credit_session(n)
+        if n <= 0 or self._closed:
+            return
+        if self._recv_received + n > self._recv_limit:  # more than the peer was allowed
+            self._fail(ErrorCode.FLOW_CONTROL_ERROR, f"{n} discarded bytes exceed the session window "
+                                                    f"({self._recv_limit - self._recv_received} left)")
+            return
+        self._recv_received += n
+        self._credit_session(n)
 
     def _credit_session(self, n: int) -> None:
         """``n`` more received bytes are done with: grant credit as the policy says."""
