@@ -27,6 +27,8 @@ take the same arguments and behave the same on either, the differences mapped he
   takes positional arguments, no time, returns both IDs and checks neither. Both engines' handlers
   are reached through :attr:`QuicEngine.RetryTokenHandler` with aioquic 1.7's signature and checks
   (qh3's carries the issue time beside the original connection ID inside its encrypted token).
+- batches: qh3 takes several datagrams in one call (``receive_many_datagrams``), aioquic one at a
+  time: :attr:`QuicEngine.receive_datagrams` is either.
 - ``refuse_datagram``: aioquic's public packet builder makes the Initial CONNECTION_CLOSE; qh3
   has no public packet builder or initial keys, so for qh3 the same wire packet comes from
   aioquic (always installed), imported on first use: a qh3 agent never loads it.
@@ -100,6 +102,9 @@ class QuicEngine:
     #: ``refuse_datagram(version, source_cid, destination_cid) -> bytes``: a server Initial
     #: closing a connection attempt with CONNECTION_REFUSED.
     refuse_datagram: Callable[[int, bytes, bytes], bytes]
+    #: ``receive_datagrams(connection, datagrams, addr, now)``: several datagrams from one
+    #: address at once (qh3: one call into its native core; aioquic: one by one).
+    receive_datagrams: Callable[[Any, list, Any, float], None]
     #: Whether ``congestion_control_algorithm`` selects the controller (aioquic: any name
     #: registered with it); False: the engine's own, fixed, whatever the name.
     selectable_congestion_control: bool
@@ -161,7 +166,12 @@ def _aioquic() -> QuicEngine:
         Buffer=Buffer, pull_quic_header=pull_quic_header, QuicPacketType=QuicPacketType,
         encode_quic_retry=encode_quic_retry, encode_quic_version_negotiation=encode_quic_version_negotiation,
         RetryTokenHandler=QuicRetryTokenHandler, refuse_datagram=_aioquic_refuse_datagram,
-        selectable_congestion_control=True)
+        receive_datagrams=_receive_one_by_one, selectable_congestion_control=True)
+
+
+def _receive_one_by_one(connection, datagrams: list, addr, now: float) -> None:
+    for data in datagrams:
+        connection.receive_datagram(data, addr, now)
 
 
 def _aioquic_refuse_datagram(version: int, source_cid: bytes, destination_cid: bytes) -> bytes:
@@ -245,4 +255,8 @@ def _qh3() -> QuicEngine:
         Buffer=Buffer, pull_quic_header=pull_quic_header, QuicPacketType=QuicPacketType,
         encode_quic_retry=encode_quic_retry, encode_quic_version_negotiation=encode_quic_version_negotiation,
         RetryTokenHandler=RetryTokenHandler, refuse_datagram=_aioquic_refuse_datagram,
-        selectable_congestion_control=False)
+        receive_datagrams=_receive_many, selectable_congestion_control=False)
+
+
+def _receive_many(connection, datagrams: list, addr, now: float) -> None:
+    connection.receive_many_datagrams(datagrams, addr, now)

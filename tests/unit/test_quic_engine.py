@@ -73,11 +73,13 @@ def server_configuration(engine, pki, **extra):
 
 
 class Wire:
-    """A client and a server connection passing datagrams to each other by hand, in fake time."""
+    """A client and a server connection passing datagrams to each other by hand, in fake time
+    (each side's datagrams in one batch: :attr:`QuicEngine.receive_datagrams`)."""
 
-    def __init__(self, client, server, now: float) -> None:
+    def __init__(self, client, server, now: float, client_engine, server_engine) -> None:
         self.client = client
         self.server = server
+        self.engines = {"client": client_engine, "server": server_engine}
         self.now = now
         self.events = {"client": [], "server": []}
         self.largest = {"client": 0, "server": 0}  # largest datagram each side sent
@@ -88,12 +90,13 @@ class Wire:
         moved = True
         while moved:
             moved = False
-            for side, sender, receiver, source in (("client", self.client, self.server, CLIENT_ADDR),
-                                                   ("server", self.server, self.client, SERVER_ADDR)):
-                for data, _addr in sender.datagrams_to_send(self.now):
+            for side, sender, receiver, source, other in (("client", self.client, self.server, CLIENT_ADDR, "server"),
+                                                          ("server", self.server, self.client, SERVER_ADDR, "client")):
+                batch = [data for data, _addr in sender.datagrams_to_send(self.now)]
+                if batch:
                     moved = True
-                    self.largest[side] = max(self.largest[side], len(data))
-                    receiver.receive_datagram(data, source, self.now)
+                    self.largest[side] = max(self.largest[side], *map(len, batch))
+                    self.engines[other].receive_datagrams(receiver, batch, source, self.now)
         for name, conn in (("client", self.client), ("server", self.server)):
             timer = conn.get_timer()
             if timer is not None and timer <= self.now:
@@ -124,7 +127,7 @@ def connect(client_engine, server_engine, pki, now: float = 1000.0, **extra) -> 
                                           original_destination_connection_id=header.destination_cid)
     for data, _addr in first:
         server.receive_datagram(data, CLIENT_ADDR, now)
-    wire = Wire(client, server, now)
+    wire = Wire(client, server, now, client_engine, server_engine)
     wire.run_until(lambda: wire.of("client", client_engine.events.HandshakeCompleted)
                    and wire.of("server", server_engine.events.HandshakeCompleted))
     return wire
@@ -138,7 +141,7 @@ def test_each_engine_loads_with_the_whole_namespace(name):
     engine = load_engine(name)
     assert engine.name == name
     for attr in ("QuicConfiguration", "QuicConnection", "events", "Buffer", "pull_quic_header", "encode_quic_retry",
-                 "encode_quic_version_negotiation", "RetryTokenHandler", "refuse_datagram"):
+                 "encode_quic_version_negotiation", "RetryTokenHandler", "refuse_datagram", "receive_datagrams"):
         assert getattr(engine, attr) is not None, attr
     for event in ("HandshakeCompleted", "StreamDataReceived", "StreamReset", "StopSendingReceived",
                   "ConnectionTerminated", "ConnectionIdIssued", "ConnectionIdRetired", "PingAcknowledged"):
@@ -272,7 +275,7 @@ def test_retry_round_trip_then_handshake(client_name, server_name, pki):
                                retry_source_connection_id=retry_cid)
     for data, _addr in second:
         server.receive_datagram(data, CLIENT_ADDR, now)
-    wire = Wire(client, server, now)
+    wire = Wire(client, server, now, ce, se)
     wire.run_until(lambda: wire.of("client", ce.events.HandshakeCompleted))
     assert not wire.of("client", ce.events.ConnectionTerminated)
 
