@@ -8,15 +8,16 @@ take the same arguments and behave the same on either, the differences mapped he
 - ``QuicConfiguration``: qh3 has no ``congestion_control_algorithm`` (its native core has one
   controller, not selectable): the argument is accepted and kept as an attribute, and
   :attr:`QuicEngine.selectable_congestion_control` is False. qh3 probes the path MTU upward from
-  ``max_datagram_size`` on the client (``probe_datagram_size``); aioquic builds datagrams of
-  exactly ``max_datagram_size``: the namespace turns qh3's probing off unless asked for, so the
-  setting means the same on both. qh3 offers QUIC version 1 only by default, aioquic 1 and 2.
+  ``max_datagram_size`` on the client (``probe_datagram_size``, up to 1472 bytes whatever the
+  setting); aioquic never builds a datagram larger than ``max_datagram_size``: the namespace
+  turns qh3's probing off unless asked for, so the setting is a cap on both. qh3 offers QUIC version 1 only by default, aioquic 1 and 2.
   ``load_cert_chain(certfile, keyfile)`` and ``load_verify_locations(cafile=...)`` take the same
   PEM files (qh3 parses them itself, aioquic with ``cryptography``; both read PKCS#8 keys).
-- ``QuicConnection``: qh3's server side requires ``original_destination_connection_id``
-  (aioquic takes it from the first Initial when omitted): the carrier always passes it.
-  ``send_stream_data`` takes ``bytes`` or any contiguous buffer (``memoryview``) on both; both
-  copy it before returning.
+- ``QuicConnection``: the same constructor (both require ``original_destination_connection_id``
+  for a server). ``send_stream_data`` takes ``bytes`` or any contiguous buffer (``memoryview``)
+  on both, compiled aioquic too; both copy it before returning. On a new stream beyond the
+  peer's stream limit qh3 raises ValueError where aioquic queues the data until the peer allows
+  the stream.
 - events: the same classes and attribute names in both (``HandshakeCompleted.alpn_protocol``,
   ``StreamDataReceived(data, end_stream, stream_id)``, ``ConnectionTerminated(error_code,
   frame_type, reason_phrase)``, ...): :attr:`QuicEngine.events` is the engine's module.
@@ -32,6 +33,12 @@ take the same arguments and behave the same on either, the differences mapped he
 - ``refuse_datagram``: aioquic's public packet builder makes the Initial CONNECTION_CLOSE; qh3
   has no public packet builder or initial keys, so for qh3 the same wire packet comes from
   aioquic (always installed), imported on first use: a qh3 agent never loads it.
+
+What the namespace cannot map (qh3 2.1.0): the number of bidirectional streams the peer may
+open at once is fixed at 100 (aioquic: 128, both without a public setting); a qh3 server fails
+its first flight to an aioquic 1.7 client ("packet builder capacity exhausted"), so a relay on
+qh3 takes only qh3 agents (an aioquic relay takes both). qh3 alone tells the bytes a stream has
+queued and not yet sent (``get_send_buffer_size``).
 
 ``TUNNEL_QUIC_ENGINE`` (:func:`engine_name`) names the engine of a process.
 """
