@@ -18,6 +18,15 @@ take the same arguments and behave the same on either, the differences mapped he
   on both, compiled aioquic too; both copy it before returning. On a new stream beyond the
   peer's stream limit qh3 raises ValueError where aioquic queues the data until the peer allows
   the stream.
+- PINGs: aioquic puts a PING in the next packet with the stream data queued before it, so its
+  acknowledgement says that data arrived (the carrier's close waits on that). qh3 paces stream
+  data (by ``max_datagram_size``: small writes wait a while on loopback's 16 KiB datagrams) but
+  sends PINGs at once, ahead of it: the namespace's qh3 connection holds a PING while stream
+  bytes wait unsent, for at most :data:`PING_HOLD` (a stream the peer gives no credit must not
+  hold back the PING that keeps the connection alive).
+- how far a stream was sent: qh3 tells the bytes it holds unsent (``get_send_buffer_size``),
+  aioquic nothing public; the namespace's qh3 connection counts what was handed to a stream
+  (``track_sent(stream_id)``) and answers ``sent_offset(stream_id)``.
 - events: the same classes and attribute names in both (``HandshakeCompleted.alpn_protocol``,
   ``StreamDataReceived(data, end_stream, stream_id)``, ``ConnectionTerminated(error_code,
   frame_type, reason_phrase)``, ...): :attr:`QuicEngine.events` is the engine's module.
@@ -53,7 +62,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
-__all__ = ["DEFAULT_ENGINE", "ENGINES", "ENV_VAR", "Header", "QuicEngine", "available", "engine_name", "load_engine"]
+__all__ = ["DEFAULT_ENGINE", "ENGINES", "ENV_VAR", "Header", "QuicEngine", "available", "engine_name", "load_engine",
+           "missing"]
 
 #: The engines :func:`load_engine` knows, the default first.
 ENGINES = ("aioquic", "qh3")
@@ -65,6 +75,8 @@ QH3_REQUIREMENT = "qh3==2.1.0"
 #: How long a Retry token is accepted (RFC 9000 section 8.1.4: clients return them at once);
 #: aioquic's own handler uses the same.
 RETRY_TOKEN_LIFETIME = 30.0
+#: qh3: longest a PING waits for the stream data queued before it to be sent (seconds).
+PING_HOLD = 0.25
 
 
 class Header(NamedTuple):
@@ -141,6 +153,12 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def missing(name: str) -> str:
+    """What to do when engine ``name`` (not the default) is not installed."""
+    return (f"the QUIC engine {name} is not installed: pip install 'tunnel-agent-relay[{name}]' "
+            f"(or pip install '{QH3_REQUIREMENT}'), or unset {ENV_VAR}")
+
+
 def load_engine(name: str = DEFAULT_ENGINE) -> QuicEngine:
     """The :class:`QuicEngine` named ``name`` (see :data:`ENGINES`).
 
@@ -151,8 +169,7 @@ def load_engine(name: str = DEFAULT_ENGINE) -> QuicEngine:
         return _aioquic()
     if name == "qh3":
         if not available("qh3"):
-            raise ImportError(f"the QUIC engine qh3 is not installed: pip install 'tunnel-agent-relay[qh3]' "
-                              f"(or pip install '{QH3_REQUIREMENT}'), or unset {ENV_VAR}")
+            raise ImportError(missing("qh3"))
         return _qh3()
     raise ValueError(f"unknown QUIC engine {name!r}: one of {', '.join(ENGINES)}")
 
@@ -210,7 +227,7 @@ def _aioquic_refuse_datagram(version: int, source_cid: bytes, destination_cid: b
 def _qh3() -> QuicEngine:
     from qh3.quic import events
     from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
-    from qh3.quic.connection import QuicConnection
+    from qh3.quic.connection import QuicConnection as Qh3Connection
     from qh3.quic.packet import (
         Buffer,
         QuicPacketType,
@@ -230,6 +247,66 @@ def _qh3() -> QuicEngine:
                      **kwargs) -> None:
             super().__init__(probe_datagram_size=probe_datagram_size, **kwargs)
             self.congestion_control_algorithm = congestion_control_algorithm
+
+    class QuicConnection(Qh3Connection):
+        """qh3's connection with PINGs in order with the stream data queued before them, and
+        ``sent_offset`` for the streams named to ``track_sent`` (see the module docstring)."""
+
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self._written: dict[int, int] = {}  # tracked stream -> bytes handed to the engine
+            self._held: list[int] = []  # PING uids waiting for queued stream data
+            self._held_until: float | None = None
+            self._now = 0.0  # the latest time the caller passed
+
+        def track_sent(self, stream_id: int) -> None:
+            """Count the bytes handed to stream ``stream_id`` from now on (before any)."""
+            self._written.setdefault(stream_id, 0)
+
+        def sent_offset(self, stream_id: int) -> int | None:
+            """How far stream ``stream_id`` was sent (None unless tracked)."""
+            written = self._written.get(stream_id)
+            return None if written is None else written - self.get_send_buffer_size(stream_id)
+
+        def send_stream_data(self, stream_id: int, data, end_stream: bool = False) -> None:
+            super().send_stream_data(stream_id, data, end_stream)
+            if stream_id in self._written:
+                self._written[stream_id] += len(data)
+
+        def send_ping(self, uid: int) -> None:
+            if self._held or self.get_send_buffer_size():
+                if not self._held:
+                    self._held_until = self._now + PING_HOLD
+                self._held.append(uid)
+            else:
+                super().send_ping(uid)
+
+        def datagrams_to_send(self, now: float) -> list:
+            self._now = now
+            datagrams = super().datagrams_to_send(now)
+            if self._held and (not self.get_send_buffer_size() or now >= self._held_until):
+                held, self._held, self._held_until = self._held, [], None
+                for uid in held:
+                    super().send_ping(uid)
+                datagrams += super().datagrams_to_send(now)
+            return datagrams
+
+        def get_timer(self) -> float | None:
+            at = super().get_timer()
+            held = self._held_until
+            return held if held is not None and (at is None or held < at) else at
+
+        def handle_timer(self, now: float) -> None:
+            self._now = now
+            super().handle_timer(now)
+
+        def receive_datagram(self, data, addr, now: float) -> None:
+            self._now = now
+            super().receive_datagram(data, addr, now)
+
+        def receive_many_datagrams(self, datagrams, addr, now: float) -> None:
+            self._now = now
+            super().receive_many_datagrams(datagrams, addr, now)
 
     class RetryTokenHandler:
         """qh3's Retry token handler with aioquic 1.7's API and checks: the token also holds its
