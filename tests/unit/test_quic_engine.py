@@ -7,13 +7,16 @@ is not installed (it is an optional extra).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import ssl
 
 import pytest
 
 from tests.helpers import make_pki
-from tunnel.quic_engine import DEFAULT_ENGINE, ENGINES, ENV_VAR, available, engine_name, load_engine
+from tunnel.carriers.quic.config import GuardedConnection
+from tunnel.quic_engine import DEFAULT_ENGINE, ENGINES, ENV_VAR, PING_HOLD, available, engine_name, load_engine
 
 ALPN = "tunnel/1"
 CLIENT_ADDR = ("10.0.0.1", 40000)
@@ -329,3 +332,84 @@ def test_parse_header_rejects_garbage_and_reads_short_headers(name):
     cid = os.urandom(CID_LENGTH)
     short = engine.parse_header(b"\x40" + cid + os.urandom(30), CID_LENGTH)
     assert (short.initial, short.version, short.destination_cid) == (False, None, cid)
+
+
+# --- what the namespace adds to qh3's connection ------------------------------------------
+
+
+@needs_qh3
+def test_qh3_ping_waits_for_the_stream_data_queued_before_it(pki):
+    """qh3 paces stream data by the datagram size (16 KiB on loopback) but would send a PING at
+    once: its acknowledgement must still mean that the data queued before it arrived (the
+    carrier's close waits on that), as on aioquic."""
+    ce, se = load_engine("qh3"), load_engine("aioquic")
+    wire = connect(ce, se, pki, max_datagram_size=16384)
+    wire.step(0.05)
+    stream_id = wire.client.get_next_available_stream_id()
+    wire.client.send_stream_data(stream_id, b"x" * 20)
+    wire.step(0.00001)
+    # The server acknowledges that first write after its ACK delay: the PING goes just before.
+    ack_at = wire.server.get_timer()
+    wire.now = ack_at - 0.00004
+    for _ in range(3):  # back to back: the later writes wait for the pacer
+        wire.client.send_stream_data(stream_id, b"x" * 20)
+        wire.step(0.000001)
+    assert wire.client.get_send_buffer_size() > 0, "nothing paced: the case is not set up"
+    wire.client.send_ping(7)
+    received = 0
+    acknowledged_at = None
+    for _ in range(2000):
+        wire.step(0.00005)
+        received = sum(len(e.data) for e in wire.of("server", se.events.StreamDataReceived))
+        if wire.of("client", ce.events.PingAcknowledged):
+            acknowledged_at = received
+            break
+    assert acknowledged_at == 80
+
+
+@needs_qh3
+def test_qh3_ping_held_behind_blocked_data_goes_after_the_hold(pki):
+    """Stream data the peer gives no credit for holds a PING back for at most PING_HOLD: the
+    PING keeps the connection alive whatever waits on a stream."""
+    ce = load_engine("qh3")
+    # The carrier's server connection: its MAX_DATA moves only as the application takes data.
+    guarded = functools.partial(GuardedConnection, stream_window=MIB, connection_window=16 * 1024)
+    se = dataclasses.replace(load_engine("aioquic"), QuicConnection=guarded)
+    wire = connect(ce, se, pki, max_data=16 * 1024)
+    stream_id = wire.client.get_next_available_stream_id()
+    wire.client.send_stream_data(stream_id, b"x" * 64 * 1024)  # four times the server's MAX_DATA
+    now = wire.now
+    start = now
+    acknowledged = None
+    for _ in range(1000):  # the server reads nothing: aioquic's limits stay where they are
+        for data, _addr in wire.client.datagrams_to_send(now):
+            wire.server.receive_datagram(data, CLIENT_ADDR, now)
+        for data, _addr in wire.server.datagrams_to_send(now):
+            wire.client.receive_datagram(data, SERVER_ADDR, now)
+        if now == start:
+            assert wire.client.get_send_buffer_size() > 0, "nothing blocked: the case is not set up"
+            wire.client.send_ping(9)
+        while (event := wire.client.next_event()) is not None:
+            if isinstance(event, ce.events.PingAcknowledged) and event.uid == 9:
+                acknowledged = now
+        if acknowledged is not None:
+            break
+        timer = wire.client.get_timer()
+        now = max(now + 0.001, min(timer, now + 0.05) if timer is not None else now + 0.05)
+        if timer is not None and timer <= now:
+            wire.client.handle_timer(now)
+    assert acknowledged is not None and PING_HOLD <= acknowledged - start < PING_HOLD + 0.1
+    assert wire.client.get_send_buffer_size() > 0  # still blocked
+
+
+@needs_qh3
+def test_qh3_sent_offset_of_a_tracked_stream(pki):
+    ce, se = load_engine("qh3"), load_engine("aioquic")
+    wire = connect(ce, se, pki)
+    stream_id = wire.client.get_next_available_stream_id()
+    wire.client.track_sent(stream_id)
+    assert wire.client.sent_offset(stream_id) == 0
+    assert wire.client.sent_offset(stream_id + 4) is None  # not tracked
+    wire.client.send_stream_data(stream_id, b"y" * 100_000)
+    assert wire.client.sent_offset(stream_id) < 100_000  # handed over, not all sent yet
+    wire.run_until(lambda: wire.client.sent_offset(stream_id) == 100_000)
