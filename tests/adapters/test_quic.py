@@ -31,20 +31,13 @@ MiB = 1024 * KiB
 
 wait_for = functools.partial(async_wait_until, timeout=60)
 
-#: Cases that mean nothing with the client on qh3 -> why.
-QH3_SKIPS = {}
-
-
 @pytest.fixture(autouse=True, params=["aioquic", "qh3"])
 def client_engine(request, monkeypatch) -> str:
     """Every case with the client (the agent's side) on each engine: ``connect_quic`` here
     dials with it."""
     engine = request.param
-    if engine == "qh3":
-        if not available("qh3"):
-            pytest.skip("the optional QUIC engine qh3 is not installed (pip install 'tunnel-agent-relay[qh3]')")
-        if request.node.originalname in QH3_SKIPS:
-            pytest.skip(QH3_SKIPS[request.node.originalname])
+    if engine == "qh3" and not available("qh3"):
+        pytest.skip("the optional QUIC engine qh3 is not installed (pip install 'tunnel-agent-relay[qh3]')")
     monkeypatch.setattr(sys.modules[__name__], "connect_quic", functools.partial(connect_quic, engine=engine))
     return engine
 

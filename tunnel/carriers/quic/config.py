@@ -21,8 +21,9 @@ the internal names in :data:`RELIED_ON` (checked against the installed aioquic b
 The agent's side (the client) may run on qh3 (``TUNNEL_QUIC_ENGINE``, :mod:`tunnel.quic_engine`):
 its own connection, public API only (the namespace maps how far the control stream was sent, and
 keeps PINGs behind queued data); its peer may open 100 streams at once (fixed: the relay queues
-the rest); its native receive path takes no guard (its peer is the relay it verified). The relay's side is always aioquic: a qh3 server fails aioquic clients' first
-flight (qh3 2.1.0), and the relay, open to unauthenticated peers, needs the guard above.
+the rest); its native receive path takes no guard (its peer is the relay it verified). The
+relay's side is always aioquic: a qh3 server fails aioquic clients' first flight (qh3 2.1.0),
+and the relay, open to unauthenticated peers, needs the guard above.
 """
 
 from __future__ import annotations
