@@ -8,7 +8,7 @@ Checks, in order (a check that cannot run because an earlier one failed is ``ski
 
 =================  ==========================================================================
 ``config``         the environment (or ``--config`` file) is a valid agent configuration
-``runtime``        version, Python, event loop (uvloop or asyncio), frame codec and TLS engine in use
+``runtime``        version, Python, event loop (uvloop or asyncio), frame codec, TLS and QUIC engines in use
 ``relay-dns``      the relay's host name resolves
 ``proxy``          ``HTTPS_PROXY`` is reachable and allows ``CONNECT`` to the relay
 ``relay-tcp``      a TCP connection to the relay (through the proxy when there is one)
@@ -104,6 +104,7 @@ class Preflight:
         self.conf = None
         self.limits = None
         self.dialer = None
+        self.quic_engine = "aioquic"
         self.claims: dict | None = None
 
     async def run(self) -> Report:
@@ -127,11 +128,14 @@ class Preflight:
         from tunnel.core.limits import Limits
 
         from . import config as agent_config
+        from .settings import AgentSettings
 
         try:
             conf = agent_config.load(self.environ, self.config_file)
             limits = Limits.from_env(self.environ)
-            dialer = Dialer(conf.relay_url, ca_file=conf.ca_file, limits=limits, proxy_env=self.environ)
+            self.quic_engine = AgentSettings.from_env(self.environ).quic_engine
+            dialer = Dialer(conf.relay_url, ca_file=conf.ca_file, limits=limits, proxy_env=self.environ,
+                            quic_engine=self.quic_engine)
         except (agent_config.ConfigError, ValueError) as exc:
             self.report.add("config", FAIL, str(exc), "set the variables as the message says "
                             "('tunnel-agent --help' lists them; README: the agent's config file)")
@@ -158,6 +162,7 @@ class Preflight:
         build = "single-file build" if getattr(sys, "frozen", False) else sys.executable
         self.report.add("runtime", PASS, f"tunnel-agent {__version__}, Python {sys.version.split()[0]} ({build}), "
                         f"{loop}, {codec.IMPLEMENTATION} frame codec, TLS engine {tls_engine()}, "
+                        f"QUIC engine {self.quic_engine}, "
                         f"{'pure-Python' if session.__file__.endswith('.py') else 'compiled'} per-message path")
 
     # --- the way to the relay
@@ -323,7 +328,8 @@ class Preflight:
         if not resolved:
             self.report.add("relay-quic", SKIP, "the relay's name does not resolve")
             return None
-        quic = Dialer(f"quic://{target}", ca_file=self.conf.ca_file, limits=self.limits, proxy_env=self.environ)
+        quic = Dialer(f"quic://{target}", ca_file=self.conf.ca_file, limits=self.limits, proxy_env=self.environ,
+                      quic_engine=self.quic_engine)
         link = await quic.probe_quic(timeout=self.timeout)
         if link is not None:
             self.report.add("relay-quic", PASS, f"QUIC link to {target} (UDP) up"

@@ -122,7 +122,8 @@ class AgentLinks:
         current = agent.dialer
         if current is not None and getattr(current, "url", None) == url and current.ca_file == self.config.ca_file:
             return current  # keeps its QUIC probe state under auto://
-        return Dialer(url, ca_file=self.config.ca_file, limits=self.limits, proxy_env=self.environ)
+        return Dialer(url, ca_file=self.config.ca_file, limits=self.limits, proxy_env=self.environ,
+                      quic_engine=self.settings.quic_engine)
 
     # ---- what the links report
 

@@ -152,7 +152,8 @@ class Agent:
     def _dialer(self, config: AgentConfig):
         from tunnel.bridge.dial import Dialer
 
-        return Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits, proxy_env=self.environ)
+        return Dialer(config.relay_url, ca_file=config.ca_file, limits=self.limits, proxy_env=self.environ,
+                      quic_engine=self.settings.quic_engine)
 
     # --- what is served -----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tunnel import quic_engine
 from tunnel.core.limits import TunnelSettings, check_positive
 
 
@@ -25,12 +26,20 @@ class AgentSettings(TunnelSettings):
     #: Connections the METRICS_LISTEN server (/metrics, /live, /ready) serves at once; more
     #: are closed.
     max_metrics_connections: int = 16
+    #: The QUIC engine of the agent's QUIC links (``TUNNEL_QUIC_ENGINE``): "aioquic", or
+    #: "qh3" when installed (tunnel/quic_engine.py; the relay's side is always aioquic).
+    quic_engine: str = quic_engine.DEFAULT_ENGINE
 
     def validate(self) -> "AgentSettings":
         """Raise ``ValueError`` naming the first field out of range; return self."""
         if self.reconnect_max_delay < self.reconnect_delay:
             raise ValueError("reconnect_max_delay must be at least reconnect_delay")
         check_positive(self, ("target_check_interval", "config_watch_interval"))
+        if self.quic_engine not in quic_engine.ENGINES:
+            raise ValueError(f"{quic_engine.ENV_VAR} must be one of {', '.join(quic_engine.ENGINES)}, "
+                             f"got {self.quic_engine!r}")
+        if not quic_engine.available(self.quic_engine):  # told at start, not at the first dial
+            raise ValueError(quic_engine.missing(self.quic_engine))
         return self
 
 

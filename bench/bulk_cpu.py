@@ -21,7 +21,8 @@ aes128-gcm through a private sshd (:mod:`bench.peers.sshd`); its client stands f
 sshd (with its per-connection processes) for the relay.
 
 A tree ``PATH:ssl`` runs with ``TUNNEL_TLS_ENGINE=ssl``, ``PATH:pure`` with the pure-Python
-twins; ``PATH+NAME=VALUE`` (repeatable: ``.+A=1+B=2``) sets environment variables of relay and
+twins, ``PATH:quic`` the agent over QUIC (``.:quic,.:quic+TUNNEL_QUIC_ENGINE=qh3``: the agent's
+QUIC engines side by side); ``PATH+NAME=VALUE`` (repeatable: ``.+A=1+B=2``) sets environment variables of relay and
 agent.
 """
 

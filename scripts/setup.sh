@@ -6,10 +6,15 @@
 # A virtual environment because Debian's own Python is externally managed (PEP 668): pip refuses
 # to install into it. `--python-only` installs only what that needs (a C compiler, and for
 # Debian's Python its venv module and headers). Every script after it runs $VENV/bin/python.
+# `--qh3` (or TUNNEL_QUIC_ENGINE=qh3 in the environment) also installs the optional QUIC engine
+# qh3 (pyproject.toml's `qh3` extra: abi3 wheels, nothing to build); without it qh3 is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 BASE_PYTHON="${PYTHON:-python3}"
+WANT_QH3=""
+for arg in "$@"; do [ "$arg" = "--qh3" ] && WANT_QH3=1; done
+[ "${TUNNEL_QUIC_ENGINE:-}" = "qh3" ] && WANT_QH3=1
 
 # postgresql: the tests start their own server from its binaries (/usr/lib/postgresql/*/bin),
 # as the package's "postgres" user when run as root (runuser, from util-linux).
@@ -60,8 +65,18 @@ key=$( { "$PY" -c 'import sys; print(sys.version)'; cat pyproject.toml setup.py 
 # once it fell back to pure Python, which it says); the first time about 80 s of CPU, or a copy
 # from ~/.cache/tunnel-build/ when another venv on this machine built the same.
 build_aioquic() { "$PY" scripts/build_aioquic.py; }
+# The optional QUIC engine, at the version the extra pins, only when asked (a moment once there).
+optional_engines() {
+  [ -n "$WANT_QH3" ] || return 0
+  local pin
+  pin=$("$PY" -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["qh3"])')
+  "$PY" -c 'import sys; from importlib.metadata import version; sys.exit(version("qh3") != sys.argv[1].split("==")[1])' \
+    "$pin" 2>/dev/null && return 0
+  "$PY" -m pip install -q --disable-pip-version-check "$pin"
+}
 if [ "$(cat "$VENV/.installed" 2>/dev/null)" = "$key" ] && compiled 2>/dev/null; then
   build_aioquic
+  optional_engines
   exit 0
 fi
 # pip's notices (root user, editable installs) are shown only when an install fails.
@@ -73,3 +88,4 @@ trap 'rm -f "$pip_log"' EXIT
 compiled
 echo "$key" > "$VENV/.installed"
 build_aioquic
+optional_engines

@@ -1,8 +1,10 @@
 """Fixtures of the Link contract suite: a connected pair of links over each carrier, with a
 path in the middle that a test can make go silent.
 
-Carriers: ``tcp`` (the session over plain TCP), ``wss`` (the session over TLS WebSocket) and
-``quic``. The client side is the agent's, the server side the relay's. Every case of
+Carriers: ``tcp`` (the session over plain TCP), ``wss`` (the session over TLS WebSocket),
+``quic`` and ``quic-qh3`` (the agent's side on the optional QUIC engine qh3, the relay's on
+aioquic as always; skipped when qh3 is not installed). The client side is the agent's, the
+server side the relay's. Every case of
 test_link_contract.py runs over each, on uvloop and on asyncio (``run``, tests/conftest.py).
 """
 
@@ -20,8 +22,9 @@ from tunnel.carriers.quic import connect_quic, serve_quic
 from tunnel.carriers.tcp import open_tcp_link, serve_tcp_links
 from tunnel.carriers.wss import connect_wss, serve_wss
 from tunnel.core.limits import Limits
+from tunnel.quic_engine import available
 
-CARRIERS = ["tcp", "wss", "quic"]
+CARRIERS = ["tcp", "wss", "quic", "quic-qh3"]
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +34,8 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(params=CARRIERS)
 def carrier(request) -> str:
+    if request.param == "quic-qh3" and not available("qh3"):
+        pytest.skip("the optional QUIC engine qh3 is not installed (pip install 'tunnel-agent-relay[qh3]')")
     return request.param
 
 
@@ -238,6 +243,9 @@ def send_raw_frames(link: Link, ftype: int, payload: bytes, count: int = 1) -> N
 def stop_reading(pair: "Pair") -> None:
     """The client stops reading what the server sends: over TCP the path stops reading from
     the server, over QUIC the client's control stream gives no credit back."""
+    if pair.engine != "aioquic":
+        pytest.skip(f"{pair.engine} has no hook to withhold a stream's credit (the relay's bound, aioquic's, "
+                    "is the same as on the quic carrier, which checks it)")
     if pair.client.carrier == "quic":
         # A QUIC stack of its own, that never gives the control stream credit back.
         client = pair.client._pipe.session.connection
@@ -261,6 +269,7 @@ class Pair:
     server_side: Side
     path: _Path
     closers: list = field(default_factory=list)
+    engine: str = "aioquic"  # the client's QUIC engine
 
     def close(self) -> None:
         for close in [self.client.close, self.server.close, *self.closers, self.path.close]:
@@ -284,6 +293,7 @@ def open_pair(carrier, pki, cleanup):
         server_side = server_side or Side()
         client_side = client_side or Side()
         accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+        engine = "qh3" if carrier == "quic-qh3" else "aioquic"
 
         def on_link(link: Link) -> None:
             link.set_handler(server_side)
@@ -309,12 +319,12 @@ def open_pair(carrier, pki, cleanup):
                                       limits=server_limits, on_link=on_link)
             path = await _udp_path(server.port, delay)
             client = await connect_quic("127.0.0.1", path.port, ca_file=str(pki.ca_file), server_name="localhost",
-                                        limits=limits, timeout=20)
+                                        limits=limits, timeout=20, engine=engine)
             closers = [server.close]
         server_link = await asyncio.wait_for(accepted, 20)
         if install:
             client.set_handler(client_side)
-        pair = Pair(client, server_link, client_side, server_side, path, closers)
+        pair = Pair(client, server_link, client_side, server_side, path, closers, engine)
         cleanup.append(pair.close)
         return pair
 

@@ -8,6 +8,7 @@ listens, a proxy that refuses CONNECT or is not there. About 12 s."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import os
@@ -369,3 +370,23 @@ def test_a_wrong_ca_is_told_apart_and_named_by_its_setting(setup, tmp_path):
     assert f"trust ca_file in {conf} {other.ca_file}" in config["detail"], config
     assert f"but ca_file in {conf} {other.ca_file} holds" in tls["detail"], tls
     assert f"ca_file in {conf} is the wrong file" in tls["fix"] and "RELAY_CA_FILE" not in tls["fix"], tls
+
+
+@pytest.mark.skipif(importlib.util.find_spec("qh3") is None, reason="the optional QUIC engine qh3 is not installed")
+def test_an_agent_on_qh3_checks_and_serves_over_quic(setup, agents):
+    """TUNNEL_QUIC_ENGINE=qh3: the check names the engine and registers over QUIC on it; the
+    agent serves through the (aioquic) relay."""
+    relay, customer, token, service = setup
+    code, report = run_check(f"quic://127.0.0.1:{relay.port}", token, ca_file=relay.ca_file, app_port=service.port,
+                             name="qh3db", TUNNEL_QUIC_ENGINE="qh3")
+    checks = by_name(report)
+    assert code == 0 and report["ok"], report
+    assert "QUIC engine qh3" in checks["runtime"]["detail"] and "over quic" in checks["jwt-accepted"]["detail"]
+    agent = agents.start(f"quic://127.0.0.1:{relay.port}", token, "qh3db", service.port, ca_file=relay.ca_file,
+                         TUNNEL_QUIC_ENGINE="qh3")
+    relay.wait_available(customer, "qh3db")
+    with connect(relay.endpoint(customer, "qh3db")) as s:
+        s.sendall(b"over qh3" * 100_000)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"over qh3" * 100_000
+    assert agent.alive() and "Traceback" not in agent.log()

@@ -4,7 +4,8 @@
 
 - ``tunnel.wire``: wire-level definitions (constants, the exception tree, CONTROL payloads);
 - ``tunnel.codec`` and the compiled ``tunnel._frames``: the frame codec;
-- ``tunnel.core``: the sans-IO multiplexer and the link policy every carrier obeys;
+- ``tunnel.core``: the sans-IO multiplexer and the link policy every carrier obeys (and
+  ``tunnel.quic_engine``, the QUIC engine's API in one namespace);
 - ``tunnel.carriers``: the ``Link`` interface and the carriers (TLS WebSocket, QUIC);
 - ``tunnel.bridge``: TCP connection <-> stream, dialling the relay, listening for agents;
 - ``tunnel.ops``: logs, metrics and health shared by the entrypoints;
@@ -43,6 +44,7 @@ PREFIXES = [
     ("tunnel.wire", "wire"),
     ("tunnel.codec", "codec"),
     ("tunnel.core", "core"),
+    ("tunnel.quic_engine", "core"),  # the QUIC engine namespace, for the carrier and the core's QUIC session
     ("tunnel.carriers", "carriers"),
     ("tunnel.bridge", "bridge"),
     ("tunnel.ops", "ops"),

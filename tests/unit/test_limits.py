@@ -59,3 +59,23 @@ def test_environment_overrides_and_errors():
         Limits.from_env({"TUNNEL_KEEPALIVE_TIMEOUT": "1"})
     with pytest.raises(ValueError, match="send_quantum must be positive"):
         Limits.from_env({"TUNNEL_SEND_QUANTUM": "0"})
+
+
+def test_the_agents_quic_engine_is_checked_at_start(monkeypatch, capsys):
+    """TUNNEL_QUIC_ENGINE is read with the agent's settings: an unknown engine, or qh3 when it
+    is not installed, stops tunnel-agent at start with one line (not a traceback at its first
+    QUIC dial)."""
+    from agent import cli
+
+    assert AgentSettings.from_env({}).quic_engine == "aioquic"
+    with pytest.raises(ValueError, match="TUNNEL_QUIC_ENGINE must be one of aioquic, qh3, got 'quiche'"):
+        AgentSettings.from_env({"TUNNEL_QUIC_ENGINE": "quiche"})
+    monkeypatch.setattr("tunnel.quic_engine.available", lambda name: False)
+    with pytest.raises(ValueError, match=r"qh3 is not installed: pip install 'tunnel-agent-relay\[qh3\]'"):
+        AgentSettings.from_env({"TUNNEL_QUIC_ENGINE": "qh3"})
+    for name, value in {"RELAY_URL": "quic://relay.example.com:8443", "NAME": "db", "APP_HOST": "127.0.0.1",
+                        "APP_PORT": "5432", "REGISTRATION_JWT": "a.b.c", "TUNNEL_QUIC_ENGINE": "qh3"}.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tunnel-agent: the QUIC engine qh3 is not installed" in err[0], err

@@ -106,7 +106,7 @@ class Dialer:
     """
 
     def __init__(self, url: str, *, ca_file: str | None, limits: Limits,
-                 proxy_env: Mapping[str, str] = os.environ) -> None:
+                 proxy_env: Mapping[str, str] = os.environ, quic_engine: str = "aioquic") -> None:
         parsed = parse_relay_url(url)
         scheme = parsed.scheme
         self.url = url
@@ -117,6 +117,8 @@ class Dialer:
         self.ca_file = ca_file
         self.limits = limits
         self.environ = proxy_env
+        #: The QUIC engine of QUIC links (tunnel.quic_engine; AgentSettings.quic_engine).
+        self.quic_engine = quic_engine
         self.probe_timeout = limits.quic_probe_timeout
         self.reprobe_interval = limits.quic_reprobe_interval
         #: The limits of QUIC links: under ``auto``, the shorter liveness bound.
@@ -204,7 +206,7 @@ class Dialer:
         from tunnel.carriers.quic.client import connect_quic
 
         return await connect_quic(self.host, self.port, ca_file=self.ca_file, server_name=self.host,
-                                  limits=self.quic_limits, timeout=timeout)
+                                  limits=self.quic_limits, timeout=timeout, engine=self.quic_engine)
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.ca_file)

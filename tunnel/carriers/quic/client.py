@@ -13,6 +13,7 @@ from tunnel.carriers.quic.link import QuicLink, QuicPipe
 from tunnel.carriers.quic.udp import UdpSender, datagram_size, route_datagram_size, udp_socket
 from tunnel.core.limits import Limits
 from tunnel.core.session_state import Role
+from tunnel.quic_engine import DEFAULT_ENGINE
 from tunnel.wire.constants import QUIC_ALPN, ErrorCode
 from tunnel.wire.errors import LinkError
 
@@ -45,14 +46,14 @@ def _system_cafile() -> str | None:
 
 
 async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name: str | None, limits: Limits,
-                       timeout: float) -> QuicLink:
+                       timeout: float, engine: str = DEFAULT_ENGINE) -> QuicLink:
     """Dial the relay over QUIC and exchange HELLOs; raise ``LinkError`` on any failure.
 
     The relay's certificate is always verified: against ``ca_file`` when given, else the
-    system trust store.
+    system trust store. ``engine``: the QUIC engine (:mod:`tunnel.quic_engine`).
     """
     loop = asyncio.get_running_loop()
-    config = configuration(limits, is_client=True)
+    config = configuration(limits, is_client=True, engine=engine)
     config.server_name = server_name or host
     config.load_verify_locations(cafile=ca_file or _system_cafile())
     protocol = _ClientProtocol()
@@ -67,7 +68,8 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
             sock = udp_socket(family, connect=addr)
             transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
             peer = sock.getpeername()
-            session = new_session(config, limits, datagram_size=datagram_size(limits, route_datagram_size(sock)))
+            session = new_session(config, limits, datagram_size=datagram_size(limits, route_datagram_size(sock)),
+                                  engine=engine)
             sender = UdpSender(transport, sock, connected=True, gso=bool(limits.quic_gso),
                                on_error=protocol.error_received)
             pipe = protocol.pipe = QuicPipe(session, sender.send, peer, loop, on_terminated=transport.close)

@@ -22,6 +22,13 @@ the internal names in :data:`RELIED_ON` (checked against the installed aioquic b
 - how far a stream was sent: the control stream's unsent bytes pile up when the peer takes
   none of them, and the link then stops queueing answers to it (the core's guard against a
   peer that never reads, as a full TCP buffer does it on WSS).
+
+The agent's side (the client) may run on qh3 (``TUNNEL_QUIC_ENGINE``, :mod:`tunnel.quic_engine`):
+its own connection, public API only (the namespace maps how far the control stream was sent, and
+keeps PINGs behind queued data); its peer may open 100 streams at once (fixed: the relay queues
+the rest); its native receive path takes no guard (its peer is the relay it verified). The
+relay's side is always aioquic: a qh3 server fails aioquic clients' first flight (qh3 2.1.0),
+and the relay, open to unauthenticated peers, needs the guard above.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from aioquic.quic.recovery import QuicPacketPacer
 
 from tunnel.core.congestion import NAME, ModelCongestionControl
 from tunnel.core.limits import Limits
-from tunnel.core.quic_session import QuicSession
+from tunnel.core.quic_session import CONTROL_STREAM_ID, QuicSession
 from tunnel.core.session_state import Role
+from tunnel.quic_engine import DEFAULT_ENGINE, load_engine
 from tunnel.wire.constants import QUIC_ALPN
 
 __all__ = ["RELIED_ON", "GuardedConnection", "configuration", "new_session"]
@@ -136,11 +144,15 @@ class GuardedConnection(QuicConnection):
             receiver.highest_offset = highest
 
 
-def configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
+def configuration(limits: Limits, *, is_client: bool, engine: str = DEFAULT_ENGINE) -> QuicConfiguration:
     """ALPN, idle timeout, congestion control and certificate checks from ``limits``. QUIC's
     own windows sit above the core's (the core's credit decides what is sent: see
-    :mod:`tunnel.core.quic_session`), so that they never hold a stream back."""
-    return QuicConfiguration(
+    :mod:`tunnel.core.quic_session`), so that they never hold a stream back. ``engine`` names
+    the QUIC engine (:mod:`tunnel.quic_engine`; another than aioquic only for the client)."""
+    if engine != DEFAULT_ENGINE and not is_client:
+        raise ValueError(f"the relay's side of QUIC runs on {DEFAULT_ENGINE} only, not {engine}")
+    factory = QuicConfiguration if engine == DEFAULT_ENGINE else load_engine(engine).QuicConfiguration
+    return factory(
         alpn_protocols=[QUIC_ALPN],
         is_client=is_client,
         idle_timeout=limits.keepalive_timeout,
@@ -151,16 +163,19 @@ def configuration(limits: Limits, *, is_client: bool) -> QuicConfiguration:
     )
 
 
-def new_session(config: QuicConfiguration, limits: Limits, *, datagram_size: int, **kwargs) -> QuicSession:
+def new_session(config: QuicConfiguration, limits: Limits, *, datagram_size: int, engine: str = DEFAULT_ENGINE,
+                **kwargs) -> QuicSession:
     """A connection sending datagrams of ``datagram_size`` bytes, in a :class:`QuicSession`
-    for the agent's side (client) or the relay's. ``kwargs`` go to ``QuicConnection`` (the
-    server's connection IDs)."""
+    for the agent's side (client) or the relay's. ``config`` comes from :func:`configuration`
+    with the same ``engine`` (aioquic, or for the client another engine of
+    :mod:`tunnel.quic_engine`). ``kwargs`` go to ``QuicConnection`` (the server's connection
+    IDs)."""
     config = dataclasses.replace(config, max_datagram_size=datagram_size)
+    if engine != DEFAULT_ENGINE:  # the client only (see configuration())
+        return _engine_session(engine, config, limits)
     conn = GuardedConnection(configuration=config, stream_window=limits.max_stream_window,
                              connection_window=limits.receive_bound, **kwargs)
-    # Peer streams at once: ours, the control stream, and slack for streams QUIC still
-    # tracks after the core is done with them (their last ACKs).
-    peer_streams = limits.max_concurrent_streams + 1 + max(8, limits.max_concurrent_streams // 8)
+    peer_streams = _peer_streams(limits)
     conn._local_max_streams_bidi.value = conn._local_max_streams_bidi.sent = peer_streams
     role = Role.AGENT if config.is_client else Role.RELAY
     streams = conn._streams
@@ -172,3 +187,19 @@ def new_session(config: QuicConfiguration, limits: Limits, *, datagram_size: int
     return QuicSession(conn, events, role=role, alpn=QUIC_ALPN, max_frame_size=limits.max_frame_size,
                        max_control_size=limits.max_control_size, max_open_metadata=limits.max_open_metadata,
                        max_streams=peer_streams, sent_offset=sent_offset)
+
+
+def _peer_streams(limits: Limits) -> int:
+    """Streams the peer may open at once: ours, the control stream, and slack for streams QUIC
+    still tracks after the core is done with them (their last ACKs)."""
+    return limits.max_concurrent_streams + 1 + max(8, limits.max_concurrent_streams // 8)
+
+
+def _engine_session(name: str, config, limits: Limits) -> QuicSession:
+    """The client's :class:`QuicSession` on engine ``name`` (qh3), through its public API."""
+    engine = load_engine(name)
+    conn = engine.QuicConnection(configuration=config)
+    conn.track_sent(CONTROL_STREAM_ID)
+    return QuicSession(conn, engine.events, role=Role.AGENT, alpn=QUIC_ALPN, max_frame_size=limits.max_frame_size,
+                       max_control_size=limits.max_control_size, max_open_metadata=limits.max_open_metadata,
+                       max_streams=_peer_streams(limits), sent_offset=conn.sent_offset)

@@ -7,6 +7,10 @@ cap on handshakes in progress where a stale one is evicted for a newcomer
 (:mod:`tunnel.carriers.handshakes`), and ``max_quic_connections``. Once half the handshake slots
 are taken, new clients must prove their address with a Retry round trip first (RFC 9000
 section 8.1), so a flood of Initial packets from spoofed addresses cannot hold slots at all.
+
+Always on aioquic, whatever ``TUNNEL_QUIC_ENGINE`` says (it chooses the agent's engine): qh3
+2.1.0 as a server fails the first flight of aioquic agents, and the guard against peers that
+make the receiver allocate without bound (:mod:`~.config`) needs aioquic's internals.
 """
 
 from __future__ import annotations
