@@ -7,7 +7,7 @@ streams by :mod:`tunnel.core.quic_session` (sans-IO); here is the I/O:
 
 - :mod:`~tunnel.carriers.quic.link`: the link, a ``SessionLink`` on a UDP pipe;
 - :mod:`~tunnel.carriers.quic.client` / :mod:`~tunnel.carriers.quic.server`: dialling and
-  accepting (admission, Retry, connection-ID demultiplexing, :mod:`~.refuse` when full);
+  accepting (admission, Retry, connection-ID demultiplexing);
 - :mod:`~tunnel.carriers.quic.udp`: sockets, batched sends with GSO, the path's datagram size;
 - :mod:`~tunnel.carriers.quic.config`: the QUIC settings both sides use, the congestion
   controller (:mod:`tunnel.core.congestion`) registered, the engine's receive guard.

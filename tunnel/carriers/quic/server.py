@@ -22,21 +22,12 @@ import os
 import socket
 from collections.abc import Callable
 
-from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import (
-    QuicPacketType,
-    encode_quic_retry,
-    encode_quic_version_negotiation,
-    pull_quic_header,
-)
-from aioquic.quic.retry import QuicRetryTokenHandler
 
 from tunnel.carriers.base import Link
 from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
 from tunnel.carriers.quic.config import configuration, new_session
 from tunnel.carriers.quic.link import QuicLink, QuicPipe
-from tunnel.carriers.quic.refuse import refuse_datagram
 from tunnel.carriers.quic.udp import (
     SMALLEST_MAX_DATAGRAM_SIZE,
     UdpSender,
@@ -46,6 +37,7 @@ from tunnel.carriers.quic.udp import (
 )
 from tunnel.core.limits import Limits
 from tunnel.core.session_state import Role
+from tunnel.quic_engine import DEFAULT_ENGINE, load_engine
 from tunnel.wire.constants import ErrorCode
 
 __all__ = ["QuicServer", "serve_quic"]
@@ -67,7 +59,8 @@ class QuicServer(asyncio.DatagramProtocol):
         self._links: dict[bytes, QuicPipe] = {}
         self._all: set[QuicPipe] = set()
         self._handshakes = PendingHandshakes(limits.max_pending_handshakes)
-        self._retry = QuicRetryTokenHandler()
+        self._engine = load_engine(DEFAULT_ENGINE)
+        self._retry = self._engine.RetryTokenHandler()
         self.retries = 0  #: Retry packets sent (address validation under load)
         self.refused = 0  #: connection attempts refused (full, or a bad Retry token)
         self._transport = None
@@ -122,23 +115,23 @@ class QuicServer(asyncio.DatagramProtocol):
             if pipe is not None:
                 pipe.datagram_received(data, addr)
                 return
-        buf = Buffer(data=data)
+        engine = self._engine
         try:
-            header = pull_quic_header(buf, host_cid_length=self._cid_length)
+            header = engine.parse_header(data, self._cid_length)
         except ValueError:
             return
         pipe = self._links.get(header.destination_cid)
         if pipe is not None:
             pipe.datagram_received(data, addr)
             return
-        if header.packet_type == QuicPacketType.VERSION_NEGOTIATION or header.version is None:
+        if not header.version:  # version negotiation, or a short header we do not know
             return
-        if header.version not in self._configuration.supported_versions:
-            self._transport.sendto(encode_quic_version_negotiation(
-                source_cid=header.destination_cid, destination_cid=header.source_cid,
-                supported_versions=self._configuration.supported_versions), addr)
+        supported = self._configuration.supported_versions
+        if header.version not in supported:
+            self._transport.sendto(engine.encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid, supported_versions=supported), addr)
             return
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+        if not header.initial or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
             return
         now = self._loop.time()
         original_cid, retry_cid = header.destination_cid, None
@@ -158,7 +151,8 @@ class QuicServer(asyncio.DatagramProtocol):
         if len(self._all) >= self.limits.max_quic_connections or not self._handshakes.make_room(now, self._evict):
             self.refused += 1
             handshake_failed("quic", "full")
-            self._transport.sendto(refuse_datagram(header.version, header.destination_cid, header.source_cid), addr)
+            self._transport.sendto(engine.refuse_datagram(header.version, header.destination_cid, header.source_cid),
+                                   addr)
             return
         self._accept(header, data, addr, original_cid, retry_cid)
 
@@ -167,7 +161,7 @@ class QuicServer(asyncio.DatagramProtocol):
         token = self._retry.create_token(address=addr, original_destination_connection_id=header.destination_cid,
                                          retry_source_connection_id=retry_cid, now=now)
         self.retries += 1
-        self._transport.sendto(encode_quic_retry(
+        self._transport.sendto(self._engine.encode_quic_retry(
             version=header.version, source_cid=retry_cid, destination_cid=header.source_cid,
             original_destination_cid=header.destination_cid, retry_token=token), addr)
 
