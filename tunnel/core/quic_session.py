@@ -14,10 +14,11 @@ QUIC connection so that loss on one tunneled stream does not stall the others:
   OPEN frame and then its bytes as DATA frames, in the order the engine reports them.
 
 Stream numbers: the core numbers streams its own way (the agent's odd, the relay's even, in the
-order they are opened); on the wire a tunneled stream is named by its QUIC stream ID (in
-WINDOW_UPDATE, RESET and GOAWAY frames). Our own streams map one to one in opening order; the
+order they are opened). Our own streams map one to one onto QUIC streams in opening order; the
 peer's get the core's numbers in the order their OPEN frames complete, which QUIC does not
-promise to be the order they were opened in.
+promise to be the order they were opened in. On the wire (WINDOW_UPDATE, RESET, GOAWAY) a
+tunneled stream is named by the number its opener gave it, computed from its QUIC stream ID
+(:func:`_wire_name`).
 
 Flow control is the core's: per-stream and link windows, moved by WINDOW_UPDATE frames, so
 what a link holds follows what the application consumed, as on WSS. QUIC's own windows are
