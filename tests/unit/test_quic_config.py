@@ -45,9 +45,14 @@ def test_the_pacer_bursts_what_a_timer_tick_needs():
         pacer.update_after_send(1.002)
         sent += 1
     assert sent >= 19  # 2 ms at 14.5 MB/s of 1452-byte packets, in one wake-up
-    conn._loss._cc.pacing_rate = 1_000_000.0  # the model's own rate wins over window / RTT
+    size = conn.configuration.max_datagram_size
+    conn._loss._cc.pacing_rate = 10_000_000.0  # the model's own rate wins over window / RTT
     pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)
-    assert pacer.packet_time == pytest.approx(conn.configuration.max_datagram_size / 1_000_000.0)
+    assert pacer.packet_time == pytest.approx(size / 10_000_000.0)
+    conn._loss._cc.pacing_rate = 1000.0  # an idle link's: a few datagrams a round trip at least,
+    pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)
+    assert pacer.packet_time == pytest.approx(0.001 / config.PACING_FLOOR_PACKETS)
+    assert pacer.bucket_max >= pacer.packet_time  # and a lone packet after a pause goes at once
 
 
 def test_overridden_methods_keep_their_signatures():

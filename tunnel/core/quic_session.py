@@ -103,7 +103,7 @@ class QuicClosed:
 class _Route:
     """One tunneled stream's QUIC stream. ``sid`` is None while the peer's OPEN is incomplete."""
 
-    __slots__ = ("qid", "sid", "opening", "skip", "sent", "received", "out_done", "in_done", "reset_sent",
+    __slots__ = ("qid", "sid", "opening", "skip", "head", "sent", "received", "out_done", "in_done", "reset_sent",
                  "reset_told", "reset_code")
 
     def __init__(self, qid: int, sid: int | None) -> None:
@@ -111,6 +111,7 @@ class _Route:
         self.sid = sid
         self.opening: bytearray | None = None if sid is not None else bytearray()
         self.skip = 0  # bytes of an OPEN too long to keep, still to come
+        self.head = 0  # bytes of our OPEN frame at the start of the QUIC stream
         self.sent = 0  # stream bytes handed to the engine (after the OPEN frame)
         self.received = 0  # stream bytes handed to the core
         self.out_done = False  # our direction ended: FIN or reset
@@ -155,6 +156,7 @@ class QuicSession:
         self._control_stream = self._is_client  # the server may write once the client opened it
         self._control_out: list = []
         self._control_written = 0  # bytes handed to the engine on the control stream
+        self._unsent_routes: set = set()  # tunneled streams the engine may hold unsent bytes of
         self._in: list = []  # frames for Session.receive_data
         self._goaway_in: list = []  # the peer's GOAWAY, held until the datagram's streams are read
         self._events: list = []
@@ -295,6 +297,20 @@ class QuicSession:
         peer does not read them (it gives no credit back) or acknowledges nothing."""
         sent = self._sent_offset(CONTROL_STREAM_ID)
         return 0 if sent is None else self._control_written - sent
+
+    def unsent(self) -> int:
+        """Bytes of the tunneled streams handed to the engine and not sent yet. The link keeps
+        them few: the rest waits, uncopied, in the session's queues (aioquic's send buffer is
+        one ``bytearray`` per stream, which costs a copy of what it holds as it grows)."""
+        total = 0
+        for route in list(self._unsent_routes):
+            sent = self._sent_offset(route.qid)
+            left = 0 if sent is None else route.head + route.sent - sent
+            if left > 0:
+                total += left
+            else:
+                self._unsent_routes.discard(route)
+        return total
 
     def next_timer(self, now: float) -> float | None:
         """When :meth:`handle_timer` should run next (None: no timer)."""
@@ -632,8 +648,11 @@ class QuicSession:
             raise RuntimeError(f"QUIC stream {qid} for core stream {sid}")
         route = self._routes[qid] = _Route(qid, sid)
         fin = bool(flags & _FIN)
-        conn.send_stream_data(qid, frames.encode_frame(_OPEN, 0, 0, memoryview(frame)[HEADER_SIZE:]), end_stream=fin)
+        head = frames.encode_frame(_OPEN, 0, 0, memoryview(frame)[HEADER_SIZE:])
+        route.head = len(head)
+        conn.send_stream_data(qid, head, end_stream=fin)
         route.out_done = fin
+        self._unsent_routes.add(route)
 
     def _send_data(self, sid: int, parts: list, fin: bool) -> None:
         qid = self._qid_of(sid)
@@ -645,6 +664,7 @@ class QuicSession:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         route.sent += len(data)
         self._conn.send_stream_data(qid, data, end_stream=fin)
+        self._unsent_routes.add(route)
         if fin:
             route.out_done = True
             self._maybe_forget(route)
@@ -656,6 +676,7 @@ class QuicSession:
         if route.reset_sent or not (always or not route.out_done):
             return
         route.reset_sent = True
+        self._unsent_routes.discard(route)  # what the engine held unsent is dropped
         if not route.out_done:
             route.out_done = True
             try:

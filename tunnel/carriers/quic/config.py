@@ -1,4 +1,4 @@
-"""QUIC settings both sides of a link use, and the one thing set on the engine beyond them.
+"""QUIC settings both sides of a link use, and what is set on the engine beyond them.
 
 aioquic's public API covers everything the carrier does except three things, taken through
 the internal names in :data:`RELIED_ON` (checked against the installed aioquic by
@@ -10,10 +10,9 @@ the internal names in :data:`RELIED_ON` (checked against the installed aioquic b
   (hundreds of MB in under a second). :class:`GuardedConnection` moves the limits with what was
   delivered in order instead, at most one window ahead, so a link holds at most its receive
   bound (``Limits.receive_bound``) however its bytes arrive;
-- how many streams the peer may open at once: aioquic fixes it at 128 (adding one per stream
-  the peer finished), below ``max_concurrent_streams``, so a link holding more long-lived
-  connections (a pool of database sessions) would see the 129th wait for another to end.
-  :func:`new_session` raises it before the handshake announces it;
+- how many streams the peer may open at once: aioquic fixes it at 128, below
+  ``max_concurrent_streams`` (a pool of 200 database sessions would see the 129th wait for
+  another to end); :func:`new_session` raises it before the handshake announces it;
 - pacing: aioquic's pacer lets at most 16 packets go per wake-up, but the event loop wakes a
   sender at most every millisecond or so (its timers' resolution), which caps a link at 16
   packets a millisecond whatever the path carries (measured: 0.01 Gbit/s with 1452-byte
@@ -69,6 +68,9 @@ RELIED_ON = [
 #: Burst the pacer allows, in seconds at its rate: the event loop wakes a paced sender about a
 #: millisecond late (uvloop's timers count whole milliseconds), and the burst covers that.
 PACING_BURST = 0.002
+#: The model's rate on a link that carried little (small requests) is low, and aioquic charges
+#: every packet a whole datagram: pace at least this many datagrams a round trip.
+PACING_FLOOR_PACKETS = 4
 
 
 class BurstPacer(QuicPacketPacer):
@@ -80,13 +82,15 @@ class BurstPacer(QuicPacketPacer):
     def __init__(self, *, max_datagram_size: int, congestion) -> None:
         super().__init__(max_datagram_size=max_datagram_size)
         self._congestion = congestion
+        self._floor = PACING_FLOOR_PACKETS * max_datagram_size
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         rate = getattr(self._congestion, "pacing_rate", None)
-        if rate:  # the window that paces at that rate
-            congestion_window = rate * max(smoothed_rtt, 1e-6)
+        if rate:  # the window that paces at that rate, or at least a few datagrams a round trip
+            congestion_window = max(rate * max(smoothed_rtt, 1e-6), self._floor)
         super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
-        self.bucket_max = max(self.bucket_max, PACING_BURST)
+        # aioquic charges each packet a whole datagram: after a pause a request goes at once.
+        self.bucket_max = max(self.bucket_max, self.packet_time, PACING_BURST)
 
 
 class GuardedConnection(QuicConnection):

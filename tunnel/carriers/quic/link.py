@@ -3,9 +3,8 @@ on a :class:`QuicPipe`.
 
 Everything the link decides (HELLO, keepalive, PING, credit, admission, going away, floods)
 is :class:`tunnel.core.session.Session`'s, as on WSS; how its frames ride QUIC streams is
-:class:`tunnel.core.quic_session.QuicSession`'s. What is left here is I/O: datagrams in from
-the UDP socket, datagrams out (batched, one write per loop iteration), and QUIC's timer on
-the event loop.
+:class:`tunnel.core.quic_session.QuicSession`'s. What is left here is I/O: datagrams in from the
+UDP socket, out in one batch per loop iteration, and QUIC's timer on the event loop.
 """
 
 from __future__ import annotations
@@ -27,6 +26,10 @@ __all__ = ["QuicLink", "QuicPipe"]
 #: writes again. Control frames are small; one CONTROL message is at most 64 KiB.
 CONTROL_BACKLOG_HIGH = 256 * 1024
 CONTROL_BACKLOG_LOW = 64 * 1024
+#: The same for the tunneled streams' bytes handed to the engine and not sent yet (the core's
+#: queues hold the rest, and its scheduler keeps the streams' turns fair).
+UNSENT_HIGH = 1024 * 1024
+UNSENT_LOW = 256 * 1024
 
 
 class QuicPipe(Pipe):
@@ -155,13 +158,14 @@ class QuicPipe(Pipe):
             self._timer_at = at
 
     def _check_backlog(self) -> None:
-        backlog = self.session.control_backlog()
+        session = self.session
         receiver = self._receiver
-        if not self._paused and backlog > CONTROL_BACKLOG_HIGH:
-            self._paused = True
-            if receiver is not None:
-                receiver.pipe_pause_writing()
-        elif self._paused and backlog <= CONTROL_BACKLOG_LOW:
+        if not self._paused:
+            if session.control_backlog() > CONTROL_BACKLOG_HIGH or session.unsent() > UNSENT_HIGH:
+                self._paused = True
+                if receiver is not None:
+                    receiver.pipe_pause_writing()
+        elif session.control_backlog() <= CONTROL_BACKLOG_LOW and session.unsent() <= UNSENT_LOW:
             self._paused = False
             if receiver is not None:
                 receiver.pipe_resume_writing()
