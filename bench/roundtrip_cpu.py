@@ -15,7 +15,8 @@ them. Printed per run: load average before it, p50/p99 of the round trip, CPU µ
 trip of each process, agent idle VmRSS; then the medians per tree.
 
 A tree written ``PATH:pure`` runs with ``TUNNEL_PURE_PYTHON=1`` (the pure-Python twins),
-``PATH:ssl`` with ``TUNNEL_TLS_ENGINE=ssl`` (the event loop's TLS transport).
+``PATH:ssl`` with ``TUNNEL_TLS_ENGINE=ssl`` (the event loop's TLS transport), ``PATH:quic``
+with the agent on ``quic://`` instead of ``wss://``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Tree:
         self.path = Path(path).resolve()
         self.pure = mode == "pure"
         self.ssl_engine = mode == "ssl"
-        suffix = f":{mode}" if mode in ("pure", "ssl") else ""
+        self.carrier = "quic" if mode == "quic" else "wss"
+        suffix = f":{mode}" if mode in ("pure", "ssl", "quic") else ""
         self.name = self.path.name + suffix
         self.label = str(self.path) + suffix
 
@@ -83,7 +85,7 @@ def profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
 
 @contextlib.contextmanager
 def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefix: str):
-    """A relay on loopback and an agent over WSS (both from ``tree``) serving ``service_port`` as
+    """A relay on loopback and an agent over ``tree.carrier`` (both from ``tree``) serving ``service_port`` as
     resource ``name``; yields ``(relay, agent, endpoint port)`` once the resource is AVAILABLE,
     stops both after."""
     import json
@@ -100,7 +102,7 @@ def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefi
         customer = _relay_cmd(reg, tree, state, "customers", "create", "bench").split()[-1]
         jwt = _relay_cmd(reg, tree, state, "resources", "registration-jwt", "--customer-id", customer).split()[-1]
         agent = reg.spawn([python(), "-m", "agent"], "agent", cwd=tree.path, env=tree.env({
-            "RELAY_URL": f"wss://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": name,
+            "RELAY_URL": f"{tree.carrier}://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": name,
             "APP_HOST": LOOPBACK, "APP_PORT": str(service_port), "REGISTRATION_JWT": jwt}))
 
         def endpoint() -> int | None:
