@@ -1,4 +1,4 @@
-"""CPU per 64-byte round trip of our relay and agent over WSS, one source tree or several
+"""CPU per 64-byte round trip of our relay and agent over WSS (or QUIC), one source tree or several
 interleaved (A/B).
 
     python bench/roundtrip_cpu.py                                  # this tree, 3 runs
@@ -16,7 +16,7 @@ trip of each process, agent idle VmRSS; then the medians per tree.
 
 A tree written ``PATH:pure`` runs with ``TUNNEL_PURE_PYTHON=1`` (the pure-Python twins),
 ``PATH:ssl`` with ``TUNNEL_TLS_ENGINE=ssl`` (the event loop's TLS transport), ``PATH:quic``
-with the agent on ``quic://`` instead of ``wss://``.
+and ``PATH:auto`` with the agent on ``quic://`` or ``auto://`` instead of ``wss://``.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class Tree:
         self.path = Path(path).resolve()
         self.pure = mode == "pure"
         self.ssl_engine = mode == "ssl"
-        self.carrier = "quic" if mode == "quic" else "wss"
-        suffix = f":{mode}" if mode in ("pure", "ssl", "quic") else ""
+        self.carrier = mode if mode in ("quic", "auto") else "wss"
+        suffix = f":{mode}" if mode in ("pure", "ssl", "quic", "auto") else ""
         self.name = self.path.name + suffix
         self.label = str(self.path) + suffix
 
