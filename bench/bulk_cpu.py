@@ -1,10 +1,11 @@
-"""CPU per GB of our relay and agent under one bulk stream over WSS, one source tree or several
+"""CPU per GB of our relay and agent under one bulk stream over WSS (or QUIC), one source tree or several
 interleaved (A/B), optionally with a profile of both.
 
     python bench/bulk_cpu.py                                         # this tree, 3 runs
     python bench/bulk_cpu.py --trees /tmp/base,. --runs 4            # A, B, A, B, ...
     python bench/bulk_cpu.py --trees .,.:ssl                         # TLS engines: openssl, ssl
     python bench/bulk_cpu.py --trees .,.+TUNNEL_LINK_NOTSENT_LOWAT=0  # one setting off
+    python bench/bulk_cpu.py --trees /tmp/base:quic,.:quic,.         # QUIC old/new, WSS
     python bench/bulk_cpu.py --profile /tmp/prof --profiler perf     # where the CPU goes
 
 Each run starts, from the tree under test (as ``bench/roundtrip_cpu.py`` does): a relay on
@@ -21,8 +22,7 @@ aes128-gcm through a private sshd (:mod:`bench.peers.sshd`); its client stands f
 sshd (with its per-connection processes) for the relay.
 
 A tree ``PATH:ssl`` runs with ``TUNNEL_TLS_ENGINE=ssl``, ``PATH:pure`` with the pure-Python
-twins, ``PATH:quic`` the agent over QUIC (``.:quic,.:quic+TUNNEL_QUIC_ENGINE=qh3``: the agent's
-QUIC engines side by side); ``PATH+NAME=VALUE`` (repeatable: ``.+A=1+B=2``) sets environment variables of relay and
+twins, ``PATH:quic`` with the agent on ``quic://``; ``PATH+NAME=VALUE`` (repeatable: ``.+A=1+B=2``) sets environment variables of relay and
 agent.
 """
 

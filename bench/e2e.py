@@ -17,6 +17,8 @@ service of its own (echo server, iperf3 server, nginx):
                     worker connection, no multiplexing (what TLS alone costs; not in the WAN group)
     tunnel-wss      our relay + agent over TLS WebSocket
     tunnel-quic     our relay + agent over QUIC
+    tunnel-auto     our relay + agent with ``RELAY_URL=auto://`` (the default a user meets; only
+                    when named in --systems)
 
 The agent-equivalent (ssh client / tunnel-agent) is the process whose RSS and CPU are read,
 and, in the ``capped`` group, the one held to ``--cap-cores`` of a core (cgroup CPU quota: the
@@ -60,10 +62,12 @@ from bench.peers.ours import OurRelay, ours_available  # noqa: E402
 from bench.wan import measure as wan  # noqa: E402
 from bench.wan.path import unavailable_reason as wan_unavailable  # noqa: E402
 
-SYSTEMS = ["direct", "ssh-default", "ssh-aes128gcm", "stunnel", "tunnel-wss", "tunnel-quic"]
+SYSTEMS = ["direct", "ssh-default", "ssh-aes128gcm", "stunnel", "tunnel-wss", "tunnel-quic",
+           "tunnel-auto"]
+OPT_IN = {"tunnel-auto"}  # run only when named
 REFERENCE = "ssh-aes128gcm"
 SSH_CIPHERS = {"ssh-default": None, "ssh-aes128gcm": "aes128-gcm@openssh.com"}
-OUR_TRANSPORTS = {"tunnel-wss": "wss", "tunnel-quic": "quic"}
+OUR_TRANSPORTS = {"tunnel-wss": "wss", "tunnel-quic": "quic", "tunnel-auto": "auto"}
 
 
 @dataclass(frozen=True)
@@ -557,7 +561,8 @@ def chart(res: Results, systems: list[str], path: Path, title: str) -> bool:
     height = 0.8 / n
     lo, hi = 1.0, 1.0
     colors = {"direct": "#9e9e9e", "ssh-default": "#f4a261", "ssh-aes128gcm": "#e76f51",
-              "stunnel": "#8d99ae", "tunnel-wss": "#2a9d8f", "tunnel-quic": "#264653"}
+              "stunnel": "#8d99ae", "tunnel-wss": "#2a9d8f", "tunnel-quic": "#264653",
+              "tunnel-auto": "#8ab17d"}
     for i, s in enumerate(systems):
         ys, xs = [], []
         for j, k in enumerate(keys):
@@ -630,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short durations (about 7 minutes)")
     ap.add_argument("--smoke", action="store_true",
                     help="each step once, as short as possible: checks the harness, figures not comparable")
-    ap.add_argument("--systems", help=f"comma list of {', '.join(SYSTEMS)} (default: all)")
+    ap.add_argument("--systems", help=f"comma list of {', '.join(SYSTEMS)} (default: all but tunnel-auto)")
     ap.add_argument("--metrics", help=f"comma list of metric groups {', '.join(GROUPS)} "
                                       "(default: all)")
     ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results",
@@ -659,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         return replot(args.replot, args.results_dir)
     systems = parse_list(args.systems, SYSTEMS, "systems")
+    if not args.systems:
+        systems = [s for s in systems if s not in OPT_IN]
     groups = parse_list(args.metrics, GROUPS, "metric groups")
     st = Settings.for_mode(args.quick, args.smoke)
     st.cap_cores = args.cap_cores

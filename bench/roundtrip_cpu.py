@@ -1,4 +1,4 @@
-"""CPU per 64-byte round trip of our relay and agent over WSS, one source tree or several
+"""CPU per 64-byte round trip of our relay and agent over WSS (or QUIC), one source tree or several
 interleaved (A/B).
 
     python bench/roundtrip_cpu.py                                  # this tree, 3 runs
@@ -15,9 +15,8 @@ them. Printed per run: load average before it, p50/p99 of the round trip, CPU µ
 trip of each process, agent idle VmRSS; then the medians per tree.
 
 A tree written ``PATH:pure`` runs with ``TUNNEL_PURE_PYTHON=1`` (the pure-Python twins),
-``PATH:ssl`` with ``TUNNEL_TLS_ENGINE=ssl`` (the event loop's TLS transport), ``PATH:quic`` with
-the agent on ``quic://`` instead of WSS (bench/bulk_cpu.py's ``PATH:quic+TUNNEL_QUIC_ENGINE=qh3``:
-on the qh3 engine).
+``PATH:ssl`` with ``TUNNEL_TLS_ENGINE=ssl`` (the event loop's TLS transport), ``PATH:quic``
+and ``PATH:auto`` with the agent on ``quic://`` or ``auto://`` instead of ``wss://``.
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ class Tree:
         self.path = Path(path).resolve()
         self.pure = mode == "pure"
         self.ssl_engine = mode == "ssl"
-        self.scheme = "quic" if mode == "quic" else "wss"
-        suffix = f":{mode}" if mode in ("pure", "ssl", "quic") else ""
+        self.carrier = mode if mode in ("quic", "auto") else "wss"
+        suffix = f":{mode}" if mode in ("pure", "ssl", "quic", "auto") else ""
         self.name = self.path.name + suffix
         self.label = str(self.path) + suffix
 
@@ -86,7 +85,7 @@ def profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
 
 @contextlib.contextmanager
 def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefix: str):
-    """A relay on loopback and an agent over WSS (QUIC for a ``:quic`` tree; both from ``tree``) serving ``service_port`` as
+    """A relay on loopback and an agent over ``tree.carrier`` (both from ``tree``) serving ``service_port`` as
     resource ``name``; yields ``(relay, agent, endpoint port)`` once the resource is AVAILABLE,
     stops both after."""
     import json
@@ -103,7 +102,7 @@ def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefi
         customer = _relay_cmd(reg, tree, state, "customers", "create", "bench").split()[-1]
         jwt = _relay_cmd(reg, tree, state, "resources", "registration-jwt", "--customer-id", customer).split()[-1]
         agent = reg.spawn([python(), "-m", "agent"], "agent", cwd=tree.path, env=tree.env({
-            "RELAY_URL": f"{tree.scheme}://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": name,
+            "RELAY_URL": f"{tree.carrier}://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": name,
             "APP_HOST": LOOPBACK, "APP_PORT": str(service_port), "REGISTRATION_JWT": jwt}))
 
         def endpoint() -> int | None:

@@ -87,6 +87,8 @@ def test_forwarding_benchmark_measures_both_paths(tmp_path):
 @pytest.mark.parametrize("argv,expect", [
     (["bulk_cpu.py", "--runs", "1", "--mbytes", "32"], "medians"),
     (["roundtrip_cpu.py", "--runs", "1", "--count", "300", "--settle", "0.2"], "medians"),
+    (["bulk_cpu.py", "--trees", ".:quic", "--runs", "1", "--mbytes", "8"], ":quic"),
+    (["roundtrip_cpu.py", "--trees", ".:auto", "--runs", "1", "--count", "100", "--settle", "0.2"], ":auto"),
     (["idle_rss.py"], "first TLS 1.3 connection"),
     (["udp_receive.py", "--count", "2000", "--repeat", "1"], "batch"),
     (["quic_engines.py", "--systems", "aioquic=aioquic", "--megabytes", "2", "--repeat", "1", "--handshakes", "3"],
