@@ -14,7 +14,8 @@ its link in the trial behind the issue), written straight into it. Then, for ``-
 - ``--hogs`` busy processes (a Python loop each, ended by its own deadline) compete for the two
   cores, and with ``--agent-cores F`` the agent is held to F of a core by a cgroup v1 quota
   (bench/peers/cpucap.py);
-- ``--clients`` threads each connect through the relay's endpoint, make 1-4 requests on the
+- ``--clients`` threads (``--slow-readers`` of them pausing ``--stall`` s inside each GET reply,
+  longer than QUIC's idle timeout under ``--agent-keepalive 4``) each connect through the relay's endpoint, make 1-4 requests on the
   connection (mostly GETs of the preloaded values, one in four a SET of a fresh value of the
   same size into the client's own key, read back by a later GET) and close it. Every reply is
   checked: its length and sha256 against what Redis was given.
@@ -39,7 +40,6 @@ import random
 import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -110,7 +110,9 @@ class Resp:
         if line != b"+OK":
             raise RedisError(line[:200].decode(errors="replace"))
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes, stall: float = 0.0) -> bytes | None:
+        """GET ``key``; with ``stall``, stop reading for that long once a first MB arrived (a
+        worker busy elsewhere: the reply backs up into the tunnel's windows)."""
         self._command(b"GET", key)
         line = self._line()
         if not line.startswith(b"$"):
@@ -118,6 +120,9 @@ class Resp:
         n = int(line[1:])
         if n < 0:
             return None
+        if stall:
+            self._fill(min(n, 1 << 20))
+            time.sleep(stall)
         self._fill(n + 2)
         value = bytes(self.buf[:n])
         del self.buf[:n + 2]
@@ -154,8 +159,9 @@ def make_values(keys: int, size: int, seed: int) -> dict[bytes, bytes]:
 
 
 def client(n: int, port: int, preloaded: dict[bytes, str], base: bytes, deadline: float, op_timeout: float,
-           tally: Tally, seed: int) -> None:
-    """One client: connections of 1-4 requests until ``deadline``; every reply checked."""
+           tally: Tally, seed: int, stall: float = 0.0) -> None:
+    """One client: connections of 1-4 requests until ``deadline``; every reply checked. With
+    ``stall``, every GET stops reading for that long after its first MB."""
     rng = random.Random(seed * 1000 + n)
     own_key = f"client:{n}".encode()
     expected = dict(preloaded)
@@ -185,7 +191,7 @@ def client(n: int, port: int, preloaded: dict[bytes, str], base: bytes, deadline
                 else:
                     key = rng.choice(keys)
                     op = "get"
-                    value = conn.get(key)
+                    value = conn.get(key, stall)
                     if value is None or hashlib.sha256(value).hexdigest() != expected[key]:
                         tally.fail("corrupt", f"GET {key.decode()}: {'nil' if value is None else len(value)} bytes "
                                    "differ from what was set")
@@ -232,7 +238,8 @@ def one_run(reg: ProcessRegistry, tree: Tree, redis_port: int, values: dict[byte
         t0 = time.monotonic()
         deadline = t0 + args.seconds
         threads = [threading.Thread(target=client, args=(n, ep, preloaded, base, deadline, args.op_timeout, tally,
-                                                         args.seed), daemon=True) for n in range(args.clients)]
+                                                         args.seed, args.stall if n < args.slow_readers else 0.0),
+                                    daemon=True) for n in range(args.clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -251,7 +258,7 @@ def one_run(reg: ProcessRegistry, tree: Tree, redis_port: int, values: dict[byte
                   + relay_counts["relay_disconnects"])
     return {
         "tree": tree.label, "scheme": args.scheme, "seconds": round(elapsed, 1), "clients": args.clients,
-        "hogs": args.hogs, "agent_cores": args.agent_cores, "agent_keepalive": args.agent_keepalive,
+        "hogs": args.hogs, "slow_readers": args.slow_readers, "stall": args.stall, "agent_cores": args.agent_cores, "agent_keepalive": args.agent_keepalive,
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
         "transfers": dict(tally.transfers), "bytes_verified": tally.bytes_verified,
         "failures": {k: tally.failures[k] for k in FAILURE_KINDS}, "failure_examples": tally.examples,
@@ -296,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=150.0, help="length of each run's load")
     ap.add_argument("--scheme", choices=("quic", "auto", "wss"), default="quic", help="the agent's RELAY_URL scheme")
     ap.add_argument("--clients", type=int, default=6, help="client threads")
+    ap.add_argument("--slow-readers", type=int, default=0,
+                    help="how many of the clients stop reading each GET for --stall seconds after its first MB")
+    ap.add_argument("--stall", type=float, default=6.0, help="a slow reader's pause (s)")
     ap.add_argument("--keys", type=int, default=4, help="values preloaded into Redis")
     ap.add_argument("--value-mb", type=float, default=6.7, help="size of each value (MB)")
     ap.add_argument("--hogs", type=int, default=3, help="busy processes competing for the cores during the run")
