@@ -27,8 +27,9 @@ def old_tree(tmp_path_factory):
     return extract_previous_release(tmp_path_factory.mktemp(f"release-{version}"))
 
 
-def start_agent(workdir, name: str, relay: Relay, token: str, port: int, prefix: list[str]) -> Proc:
-    env = _env(RELAY_URL=relay.url, REGISTRATION_JWT=token, NAME="db", APP_HOST="127.0.0.1", APP_PORT=port,
+def start_agent(workdir, name: str, relay: Relay, token: str, port: int, prefix: list[str],
+                url: str | None = None) -> Proc:
+    env = _env(RELAY_URL=url or relay.url, REGISTRATION_JWT=token, NAME="db", APP_HOST="127.0.0.1", APP_PORT=port,
                RELAY_CA_FILE=relay.ca_file, LOG_LEVEL="DEBUG")
     return Proc(name, [*prefix, PY, "-m", "agent"], env, workdir / f"{name}.log").start()
 
@@ -99,3 +100,35 @@ def test_this_agent_against_previous_release_relay(tmp_path, old_tree):
         essentials(tmp_path, relay, [])
     finally:
         relay.stop()
+
+
+def test_quic_mappings_of_both_releases_keep_apart(tmp_path, old_tree):
+    """The QUIC mapping changed (ALPN tunnel/2, CHANGELOG): the previous release's ``auto://``
+    agent still links to this relay, over WSS; this ``quic://`` agent against the previous
+    relay says why it cannot link instead of hanging."""
+    _, tree = old_tree
+    service = PrivateService("drain-then-echo")
+    relay = Relay(tmp_path).start()
+    try:
+        customer = relay.create_customer("acme")
+        token = relay.jwt("--customer-id", customer)
+        start_agent(tmp_path, "old-auto", relay, token, service.port, old_prefix(tree),
+                    url=f"auto://{relay.host}:{relay.port}")
+        relay.wait_available(customer, "db")
+        streams_both_ways(relay.endpoint(customer, "db"))
+        assert ", wss from " in relay.proc.log() and ", quic from " not in relay.proc.log()
+    finally:
+        relay.stop()
+    old_relay = Relay(tmp_path / "old", command_prefix=old_prefix(tree))
+    old_relay.workdir.mkdir()
+    old_relay.start()
+    try:
+        customer = old_relay.create_customer("acme")
+        token = old_relay.jwt("--customer-id", customer)
+        agent = start_agent(tmp_path, "new-quic", old_relay, token, service.port, [],
+                            url=f"quic://{old_relay.host}:{old_relay.port}")
+        wait_until(lambda: "another QUIC mapping" in agent.log(), 30, "the agent to say why")
+        assert "Traceback" not in agent.log()
+    finally:
+        old_relay.stop()
+        service.close()

@@ -14,6 +14,7 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicStreamFrame
+from aioquic.quic.recovery import QuicPacketPacer
 
 from tunnel.carriers.quic import config
 from tunnel.core.limits import Limits
@@ -26,15 +27,36 @@ def _client(**kwargs) -> config.GuardedConnection:
 
 @pytest.mark.parametrize("owner,name", config.RELIED_ON, ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_aioquic_still_has(owner, name):
-    assert hasattr(_client(), name), f"aioquic {owner.__name__} has no {name}: update tunnel/carriers/quic/config.py"
+    conn = _client()
+    obj = {"loss": conn._loss}.get(owner, conn)
+    assert hasattr(obj, name), f"aioquic {getattr(owner, '__name__', owner)} has no {name}: update tunnel/carriers/quic/config.py"
+
+
+def test_the_pacer_bursts_what_a_timer_tick_needs():
+    conn = _client()
+    assert isinstance(conn._loss._pacer, config.BurstPacer)
+    pacer = conn._loss._pacer
+    conn._loss._cc.pacing_rate = None  # no model rate: window / RTT, as aioquic
+    pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)  # 116 Mbit/s
+    assert pacer.bucket_max >= config.PACING_BURST
+    pacer.bucket_time, pacer.evaluation_time = 0.0, 1.0
+    sent = 0
+    while pacer.next_send_time(1.002) is None and sent < 1000:
+        pacer.update_after_send(1.002)
+        sent += 1
+    assert sent >= 19  # 2 ms at 14.5 MB/s of 1452-byte packets, in one wake-up
+    conn._loss._cc.pacing_rate = 1_000_000.0  # the model's own rate wins over window / RTT
+    pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)
+    assert pacer.packet_time == pytest.approx(conn.configuration.max_datagram_size / 1_000_000.0)
 
 
 def test_overridden_methods_keep_their_signatures():
     """The overrides call super() with keyword arguments: the names must match."""
-    for method in ("_write_connection_limits", "_write_stream_limits"):
-        ours = inspect.signature(getattr(config.GuardedConnection, method))
-        theirs = inspect.signature(getattr(QuicConnection, method))
-        assert list(ours.parameters) == list(theirs.parameters), f"{method}: {theirs} vs {ours}"
+    for ours, theirs in ((config.GuardedConnection._write_connection_limits, QuicConnection._write_connection_limits),
+                         (config.GuardedConnection._write_stream_limits, QuicConnection._write_stream_limits),
+                         (config.BurstPacer.update_rate, QuicPacketPacer.update_rate)):
+        a, b = inspect.signature(ours), inspect.signature(theirs)
+        assert list(a.parameters) == list(b.parameters), f"{theirs.__qualname__}: {b} vs {a}"
 
 
 def test_limits_follow_delivery_not_arrival():

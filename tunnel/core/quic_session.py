@@ -231,17 +231,15 @@ class QuicSession:
         self._flush_control()
 
     def close(self, code: int, reason: str, now: float) -> None:
-        """Close the connection: once the control stream's last frames are acknowledged (a
-        QUIC PING sent after them is), at most :data:`CLOSE_FLUSH_TIMEOUT` later."""
+        """Close the connection: once the control stream's last frames are sent and a QUIC
+        PING sent after them is acknowledged, at most :data:`CLOSE_FLUSH_TIMEOUT` later."""
         if self.closed:
             return
         if code is not None and self._close_code is None:
             self._close_code, self._close_reason = code, reason
-        if self.handshake_complete and self._closing_at is None:
-            self._ping_uid += 1
-            self._close_ping = self._ping_uid
-            self._conn.send_ping(self._close_ping)
-            self._closing_at = now + CLOSE_FLUSH_TIMEOUT
+        if self.handshake_complete:
+            if self._closing_at is None:
+                self._closing_at = now + CLOSE_FLUSH_TIMEOUT
         else:
             self._close_now()
             self._process(now)
@@ -277,7 +275,15 @@ class QuicSession:
         """``[(datagram, addr), ...]`` to send now."""
         if self.terminated:
             return []
-        datagrams = self._conn.datagrams_to_send(now=now)
+        conn = self._conn
+        datagrams = conn.datagrams_to_send(now=now)
+        if self._closing_at is not None and self._close_ping is None and not self.closed \
+                and self.control_backlog() <= 0:
+            # Closing, and the control stream's last bytes are out: the PING goes after them.
+            self._ping_uid += 1
+            self._close_ping = self._ping_uid
+            conn.send_ping(self._close_ping)
+            datagrams += conn.datagrams_to_send(now=now)
         self._process(now)  # a connection that just closed itself says so only here
         return datagrams
 
@@ -308,6 +314,7 @@ class QuicSession:
         while True:
             event = conn.next_event()
             if event is None:
+                self._flush_control()  # RESET frames the peer's input called for
                 return
             kind = type(event)
             if kind is ev.StreamDataReceived:
@@ -392,6 +399,10 @@ class QuicSession:
     def _first_seen(self, qid: int) -> bool:
         """True the first time the peer's QUIC stream ``qid`` shows up."""
         if qid < self._peer_floor or qid in self._peer_seen:
+            return False
+        if len(self._peer_seen) >= self._max_routes:
+            # A stream ID the peer skipped and never opens: every later one stays remembered.
+            self._violation(ErrorCode.PROTOCOL_ERROR, "too many streams opened out of order")
             return False
         if qid == self._peer_floor:
             self._peer_floor += 4

@@ -64,7 +64,7 @@ class QuicPipe(Pipe):
 
     def write(self, buffers) -> None:
         self.session.send_frames(buffers)
-        self._transmit()
+        self._schedule_transmit()
 
     def close(self) -> None:
         """CONNECTION_CLOSE once the last control frames (the GOAWAY) are acknowledged."""
@@ -102,6 +102,19 @@ class QuicPipe(Pipe):
     # --- internals -----------------------------------------------------------------
 
     def _input_done(self) -> None:
+        self._deliver()
+        self._schedule_transmit()
+
+    def _schedule_transmit(self) -> None:
+        """One ``datagrams_to_send`` per loop iteration, after everything the iteration
+        received and everything the link wrote in it."""
+        if not self._tx_scheduled and not self._over:
+            self._tx_scheduled = True
+            self._loop.call_soon(self._transmit)
+
+    def _deliver(self) -> None:
+        """What the QUIC session produced for the link (frames, credit back, events), at once:
+        nothing of ours may go out before the link has seen it."""
         session = self.session
         receiver = self._receiver
         if receiver is not None:
@@ -112,9 +125,6 @@ class QuicPipe(Pipe):
             if data:
                 receiver.pipe_data_received(data)
         self._events()
-        if not self._tx_scheduled and not self._over:
-            self._tx_scheduled = True
-            self._loop.call_soon(self._transmit)
 
     def _events(self) -> None:
         for event in self.session.pop_events():
@@ -136,7 +146,7 @@ class QuicPipe(Pipe):
         datagrams = self.session.datagrams_to_send(now)
         if datagrams:
             self._send(datagrams)
-        self._events()
+        self._deliver()
         if self._over:
             return
         self._check_backlog()
