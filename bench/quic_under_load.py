@@ -2,7 +2,7 @@
 hold both cores, counting links lost while data flows (issue 23 item 4).
 
     python bench/quic_under_load.py                                   # this tree, 1 run of 150 s
-    python bench/quic_under_load.py --trees /work/before,. --runs 2   # A, B, A, B, ...
+    python bench/quic_under_load.py --trees /tmp/base,. --runs 2   # A, B, A, B, ...
     python bench/quic_under_load.py --seconds 15 --hogs 0 --json out.json   # the short form
 
 Each run starts, from the tree under test (``python -m relay`` / ``python -m agent`` with
@@ -14,10 +14,11 @@ its link in the trial behind the issue), written straight into it. Then, for ``-
 - ``--hogs`` busy processes (a Python loop each, ended by its own deadline) compete for the two
   cores, and with ``--agent-cores F`` the agent is held to F of a core by a cgroup v1 quota
   (bench/peers/cpucap.py);
-- ``--clients`` threads (``--slow-readers`` of them pausing ``--stall`` s inside each GET reply,
-  longer than QUIC's idle timeout under ``--agent-keepalive 4``) each connect through the relay's endpoint, make 1-4 requests on the
-  connection (mostly GETs of the preloaded values, one in four a SET of a fresh value of the
-  same size into the client's own key, read back by a later GET) and close it. Every reply is
+- ``--clients`` threads (``--slow-readers`` of them pausing ``--stall`` s inside each GET
+  reply, longer than QUIC's idle timeout under ``--agent-keepalive 4``) each connect through
+  the relay's endpoint, make 1-4 requests on the connection (mostly GETs of the preloaded
+  values, one in four a SET of a fresh value of the same size into the client's own key, read
+  back by a later GET) and close it. Every reply is
   checked: its length and sha256 against what Redis was given.
 
 Counted per run: transfers completed and the bytes verified; failures by kind (``reset``:
@@ -25,7 +26,8 @@ the connection was reset or broken; ``truncated``: it ended inside a reply; ``co
 bytes differ; ``timeout``: no byte for ``--op-timeout`` s; ``refused``; ``error``: a Redis error
 reply); and from the logs of both processes, links lost: the agent's ``link lost`` lines and
 extra ``connected to`` lines (reconnects), the relay's ``disconnected`` lines, lines naming
-``Idle timeout``, tracebacks. The load average is read before and after. A run passes when no
+``Idle timeout``, tracebacks (``--freeze-agent S`` stops the agent S seconds mid-run: a lost
+link these counts must show). The load average is read before and after. A run passes when no
 link was lost and no transfer failed; the exit status is 1 when any run did not.
 """
 
@@ -38,6 +40,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import statistics
 import sys
@@ -209,6 +212,17 @@ def client(n: int, port: int, preloaded: dict[bytes, str], base: bytes, deadline
             conn.close()
 
 
+def freeze(pid: int, at: float, seconds: float) -> None:
+    """Stop ``pid`` at monotonic time ``at`` for ``seconds`` (SIGSTOP, SIGCONT): an agent that
+    cannot run, whose link must show in the counts as lost (the check that they can)."""
+    time.sleep(max(0.0, at - time.monotonic()))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 HOG = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 
 
@@ -242,6 +256,8 @@ def one_run(reg: ProcessRegistry, tree: Tree, redis_port: int, values: dict[byte
                                     daemon=True) for n in range(args.clients)]
         for t in threads:
             t.start()
+        if args.freeze_agent:
+            freeze(agent.pid, t0 + args.seconds / 3, args.freeze_agent)
         for t in threads:
             t.join(args.seconds + 2 * args.op_timeout + 30)
         elapsed = time.monotonic() - t0
@@ -258,7 +274,8 @@ def one_run(reg: ProcessRegistry, tree: Tree, redis_port: int, values: dict[byte
                   + relay_counts["relay_disconnects"])
     return {
         "tree": tree.label, "scheme": args.scheme, "seconds": round(elapsed, 1), "clients": args.clients,
-        "hogs": args.hogs, "slow_readers": args.slow_readers, "stall": args.stall, "agent_cores": args.agent_cores, "agent_keepalive": args.agent_keepalive,
+        "hogs": args.hogs, "slow_readers": args.slow_readers, "stall": args.stall, "agent_cores": args.agent_cores,
+        "agent_keepalive": args.agent_keepalive, "freeze_agent": args.freeze_agent,
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
         "transfers": dict(tally.transfers), "bytes_verified": tally.bytes_verified,
         "failures": {k: tally.failures[k] for k in FAILURE_KINDS}, "failure_examples": tally.examples,
@@ -314,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agent-keepalive", type=float, default=0.0,
                     help="the agent's keepalive timeout (s), which bounds QUIC's idle timeout on both sides; 4: what "
                          "auto:// gives its QUIC links (0: the default, 15)")
+    ap.add_argument("--freeze-agent", type=float, default=0.0,
+                    help="stop the agent (SIGSTOP) this long, a third into the run: the counts must show its link "
+                         "lost (a check of the harness)")
     ap.add_argument("--op-timeout", type=float, default=60.0, help="a request with no byte for this long fails")
     ap.add_argument("--seed", type=int, default=23)
     ap.add_argument("--json", type=Path, help="write every run's counts here")

@@ -118,3 +118,19 @@ def test_quic_under_load_loses_no_link(tmp_path):
     size = int(6.7e6)
     assert run["bytes_verified"] == size * sum(run["transfers"].values()) > 0, run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed (scripts/setup.sh)")
+def test_quic_under_load_counts_a_lost_link(tmp_path):
+    """The counts behind the test above are not blind: an agent stopped (SIGSTOP) for longer
+    than its link's idle bound loses its link, and the run says so and fails."""
+    out = tmp_path / "quic-under-load.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quic_under_load.py"), "--seconds", "12", "--hogs", "0", "--clients",
+         "2", "--keys", "1", "--agent-keepalive", "4", "--freeze-agent", "6", "--json", str(out),
+         "--logs", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    run, = json.loads(out.read_text())["runs"]
+    assert run["links_lost"] >= 1 and run["relay"]["relay_disconnects"] >= 1, run
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout[-3000:]
