@@ -84,10 +84,12 @@ def profiler_argv(profiler: str, out: Path, pid: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefix: str):
-    """A relay on loopback and an agent over ``tree.carrier`` (both from ``tree``) serving ``service_port`` as
-    resource ``name``; yields ``(relay, agent, endpoint port)`` once the resource is AVAILABLE,
-    stops both after."""
+def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefix: str, scheme: str | None = None,
+           agent_env: dict[str, str] | None = None):
+    """A relay on loopback and an agent over ``scheme`` (``wss``, ``quic`` or ``auto``; by
+    default ``tree.carrier``; both from ``tree``, the agent with ``agent_env`` added) serving
+    ``service_port`` as resource ``name``; yields ``(relay, agent, endpoint port)`` once the
+    resource is AVAILABLE, stops both after."""
     import json
 
     state = Path(tempfile.mkdtemp(prefix=prefix))
@@ -102,8 +104,9 @@ def tunnel(reg: ProcessRegistry, tree: Tree, name: str, service_port: int, prefi
         customer = _relay_cmd(reg, tree, state, "customers", "create", "bench").split()[-1]
         jwt = _relay_cmd(reg, tree, state, "resources", "registration-jwt", "--customer-id", customer).split()[-1]
         agent = reg.spawn([python(), "-m", "agent"], "agent", cwd=tree.path, env=tree.env({
-            "RELAY_URL": f"{tree.carrier}://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"), "NAME": name,
-            "APP_HOST": LOOPBACK, "APP_PORT": str(service_port), "REGISTRATION_JWT": jwt}))
+            "RELAY_URL": f"{scheme or tree.carrier}://{LOOPBACK}:{port}", "RELAY_CA_FILE": str(state / "ca.pem"),
+            "NAME": name, "APP_HOST": LOOPBACK, "APP_PORT": str(service_port), "REGISTRATION_JWT": jwt,
+            **(agent_env or {})}))
 
         def endpoint() -> int | None:
             rows = json.loads(_relay_cmd(reg, tree, state, "resources", "list", "--output", "json"))

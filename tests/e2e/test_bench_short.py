@@ -4,7 +4,9 @@ every metric group once (``bench/e2e.py --smoke``: each system, each group, one 
 cluster scale benchmark with 90 simulated agents, one kill and one drain, and the
 relay-to-relay hop (``bench/bench_forwarding.py``) with short runs, and the CPU, round-trip,
 idle-memory and QUIC engine benchmarks once each, small. They
-check that each benchmark runs and measures, not the figures (benchmarks are not timed tests)."""
+check that each benchmark runs and measures, not the figures (benchmarks are not timed tests);
+the short form of QUIC under load (``bench/quic_under_load.py`` without CPU hogs) checks its
+outcome too: no link lost, every byte verified."""
 
 from __future__ import annotations
 
@@ -100,3 +102,37 @@ def test_cpu_and_memory_benchmarks_run(argv, expect):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / argv[0]), *argv[1:]],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and expect in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed (scripts/setup.sh)")
+def test_quic_under_load_loses_no_link(tmp_path):
+    """The short form of bench/quic_under_load.py (no CPU hogs): 6.7 MB Redis GETs and SETs over
+    a QUIC link; no link lost, no transfer failed, every byte checked."""
+    out = tmp_path / "quic-under-load.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quic_under_load.py"), "--seconds", "8", "--hogs", "0", "--clients",
+         "3", "--keys", "2", "--json", str(out), "--logs", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    run, = json.loads(out.read_text())["runs"]
+    assert run["links_lost"] == 0 and run["idle_timeouts"] == 0, run
+    assert not any(run["failures"].values()) and not run["clients_stuck"], run
+    size = int(6.7e6)
+    assert run["bytes_verified"] == size * sum(run["transfers"].values()) > 0, run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed (scripts/setup.sh)")
+def test_quic_under_load_counts_a_lost_link(tmp_path):
+    """The counts behind the test above are not blind: an agent stopped (SIGSTOP) for longer
+    than its link's idle bound loses its link, and the run says so and fails."""
+    out = tmp_path / "quic-under-load.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quic_under_load.py"), "--seconds", "12", "--hogs", "0", "--clients",
+         "2", "--keys", "1", "--agent-keepalive", "4", "--freeze-agent", "6", "--json", str(out),
+         "--logs", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    run, = json.loads(out.read_text())["runs"]
+    assert run["links_lost"] >= 1 and run["relay"]["relay_disconnects"] >= 1, run
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout[-3000:]
