@@ -16,29 +16,29 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicStreamFrame
 from aioquic.quic.recovery import QuicPacketPacer
 
-from tunnel.carriers.quic import config
+from tunnel.carriers.quic import config, guard
 from tunnel.core.limits import Limits
 
 
-def _client(**kwargs) -> config.GuardedConnection:
+def _client(**kwargs) -> guard.GuardedConnection:
     configuration = QuicConfiguration(is_client=True, alpn_protocols=["tunnel/2"], verify_mode=ssl.CERT_NONE, **kwargs)
-    return config.GuardedConnection(configuration=configuration, stream_window=100, connection_window=1000)
+    return guard.GuardedConnection(configuration=configuration, stream_window=100, connection_window=1000)
 
 
-@pytest.mark.parametrize("owner,name", config.RELIED_ON, ids=lambda v: v if isinstance(v, str) else v.__name__)
+@pytest.mark.parametrize("owner,name", guard.RELIED_ON, ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_aioquic_still_has(owner, name):
     conn = _client()
     obj = {"loss": conn._loss}.get(owner, conn)
-    assert hasattr(obj, name), f"aioquic {getattr(owner, '__name__', owner)} has no {name}: update tunnel/carriers/quic/config.py"
+    assert hasattr(obj, name), f"aioquic {getattr(owner, '__name__', owner)} has no {name}: update tunnel/carriers/quic/guard.py"
 
 
 def test_the_pacer_bursts_what_a_timer_tick_needs():
     conn = _client()
-    assert isinstance(conn._loss._pacer, config.BurstPacer)
+    assert isinstance(conn._loss._pacer, guard.BurstPacer)
     pacer = conn._loss._pacer
     conn._loss._cc.pacing_rate = None  # no model rate: window / RTT, as aioquic
     pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)  # 116 Mbit/s
-    assert pacer.bucket_max >= config.PACING_BURST
+    assert pacer.bucket_max >= guard.PACING_BURST
     pacer.bucket_time, pacer.evaluation_time = 0.0, 1.0
     sent = 0
     while pacer.next_send_time(1.002) is None and sent < 1000:
@@ -51,15 +51,15 @@ def test_the_pacer_bursts_what_a_timer_tick_needs():
     assert pacer.packet_time == pytest.approx(size / 10_000_000.0)
     conn._loss._cc.pacing_rate = 1000.0  # an idle link's: a few datagrams a round trip at least,
     pacer.update_rate(congestion_window=10 * 1452, smoothed_rtt=0.001)
-    assert pacer.packet_time == pytest.approx(0.001 / config.PACING_FLOOR_PACKETS)
+    assert pacer.packet_time == pytest.approx(0.001 / guard.PACING_FLOOR_PACKETS)
     assert pacer.bucket_max >= pacer.packet_time  # and a lone packet after a pause goes at once
 
 
 def test_overridden_methods_keep_their_signatures():
     """The overrides call super() with keyword arguments: the names must match."""
-    for ours, theirs in ((config.GuardedConnection._write_connection_limits, QuicConnection._write_connection_limits),
-                         (config.GuardedConnection._write_stream_limits, QuicConnection._write_stream_limits),
-                         (config.BurstPacer.update_rate, QuicPacketPacer.update_rate)):
+    for ours, theirs in ((guard.GuardedConnection._write_connection_limits, QuicConnection._write_connection_limits),
+                         (guard.GuardedConnection._write_stream_limits, QuicConnection._write_stream_limits),
+                         (guard.BurstPacer.update_rate, QuicPacketPacer.update_rate)):
         a, b = inspect.signature(ours), inspect.signature(theirs)
         assert list(a.parameters) == list(b.parameters), f"{theirs.__qualname__}: {b} vs {a}"
 

@@ -15,7 +15,7 @@ import ssl
 import pytest
 
 from tests.helpers import make_pki
-from tunnel.carriers.quic.config import GuardedConnection
+from tunnel.carriers.quic.guard import GuardedConnection
 from tunnel.quic_engine import DEFAULT_ENGINE, ENGINES, ENV_VAR, PING_HOLD, available, engine_name, load_engine
 
 ALPN = "tunnel/1"

@@ -1,16 +1,10 @@
-"""The QUIC carrier: a :class:`tunnel.carriers.base.Link` over aioquic (docs/PROTOCOL.md,
-"QUIC mapping"), one QUIC stream per tunneled stream, so that loss on one stream does not
-stall the others.
-
-The link's rules are the core session's (:mod:`tunnel.core.session`), its frames ride QUIC
-streams by :mod:`tunnel.core.quic_session` (sans-IO); here is the I/O:
-
-- :mod:`~tunnel.carriers.quic.link`: the link, a ``SessionLink`` on a UDP pipe;
-- :mod:`~tunnel.carriers.quic.client` / :mod:`~tunnel.carriers.quic.server`: dialling and
-  accepting (admission, Retry, connection-ID demultiplexing);
-- :mod:`~tunnel.carriers.quic.udp`: sockets, batched sends with GSO, the path's datagram size;
-- :mod:`~tunnel.carriers.quic.config`: the QUIC settings both sides use, the congestion
-  controller (:mod:`tunnel.core.congestion`) registered, the engine's receive guard.
+"""The QUIC carrier: a :class:`tunnel.carriers.base.Link` over QUIC (docs/PROTOCOL.md, "QUIC
+mapping"), each tunneled stream on its own QUIC stream, so that loss on one does not stall the
+others. The link's rules are the core session's, its frames ride QUIC streams by the sans-IO
+:mod:`tunnel.core.quic_session`; here is the I/O: :mod:`~.link` (a ``SessionLink`` on a UDP
+pipe), :mod:`~.client` and :mod:`~.server` (dialling; accepting: admission, Retry, connection
+IDs), :mod:`~.udp` (sockets, GSO, datagram size), :mod:`~.config` (settings, engines) and
+:mod:`~.guard` (aioquic's connection where its public API falls short).
 """
 
 from tunnel.carriers.quic.client import connect_quic

@@ -104,6 +104,6 @@ async def connect_quic(host: str, port: int, *, ca_file: str | None, server_name
 
 
 def _explain(error: str | None) -> str:
-    if error and "ALPN" in error:
-        return f"{error} (the relay speaks another QUIC mapping than {QUIC_ALPN}: upgrade the older side, or use wss://)"
+    if error and "ALPN" in error:  # e.g. a relay of 0.1.0 (tunnel/1)
+        return f"{error} (the relay speaks another QUIC mapping than {QUIC_ALPN}: upgrade it, or use wss://)"
     return error or "closed"

@@ -21,21 +21,18 @@ from tunnel.wire.constants import ErrorCode
 
 __all__ = ["QuicLink", "QuicPipe"]
 
-#: Unsent control-stream bytes above which the link stops writing (the core then queues its
-#: frames, and closes a link whose peer makes it queue too many answers), and below which it
-#: writes again. Control frames are small; one CONTROL message is at most 64 KiB.
+#: Bytes handed to the engine and not sent, on the control stream and on the others, above which
+#: the link stops writing (the core queues the rest, and closes a link whose peer makes it queue
+#: too many answers) and below which it writes again.
 CONTROL_BACKLOG_HIGH = 256 * 1024
 CONTROL_BACKLOG_LOW = 64 * 1024
-#: The same for the tunneled streams' bytes handed to the engine and not sent yet (the core's
-#: queues hold the rest, and its scheduler keeps the streams' turns fair).
 UNSENT_HIGH = 1024 * 1024
 UNSENT_LOW = 256 * 1024
 
 
 class QuicPipe(Pipe):
-    """The UDP side of a QUIC link. ``send([(datagram, addr), ...])`` writes datagrams;
-    ``on_terminated()`` runs once the connection is gone, ``on_cid_issued(cid)`` /
-    ``on_cid_retired(cid)`` as the connection's IDs change (the server's demultiplexing)."""
+    """The UDP side of a QUIC link: ``send([(datagram, addr), ...])``; ``on_terminated()`` once
+    the connection is gone, ``on_cid_issued/retired(cid)`` for the server's demultiplexing."""
 
     def __init__(self, session: QuicSession, send: Callable, peer_address: tuple,
                  loop: asyncio.AbstractEventLoop, *, on_terminated: Callable[[], None] | None = None,
@@ -89,8 +86,7 @@ class QuicPipe(Pipe):
             self._input_done()
 
     def unreachable(self, exc: Exception) -> None:
-        """ICMP port unreachable before the handshake: nobody listens on UDP there, fail fast
-        (``auto://`` then falls back to WSS). Later, QUIC's own timers decide."""
+        """ICMP port unreachable before the handshake: nobody listens there, fail fast."""
         if not self.session.handshake_complete and not self._over:
             self.session.abort(ErrorCode.CONNECT_FAILED, "UDP unreachable")
             self._ended(ErrorCode.CONNECT_FAILED, f"UDP unreachable: {exc}")
@@ -158,13 +154,11 @@ class QuicPipe(Pipe):
             self._timer_at = at
 
     def _check_backlog(self) -> None:
-        session = self.session
-        receiver = self._receiver
+        session, receiver = self.session, self._receiver
         if not self._paused:
-            if session.control_backlog() > CONTROL_BACKLOG_HIGH or session.unsent() > UNSENT_HIGH:
-                self._paused = True
-                if receiver is not None:
-                    receiver.pipe_pause_writing()
+            self._paused = session.control_backlog() > CONTROL_BACKLOG_HIGH or session.unsent() > UNSENT_HIGH
+            if self._paused and receiver is not None:
+                receiver.pipe_pause_writing()
         elif session.control_backlog() <= CONTROL_BACKLOG_LOW and session.unsent() <= UNSENT_LOW:
             self._paused = False
             if receiver is not None:
@@ -194,8 +188,7 @@ class QuicPipe(Pipe):
 
 
 class QuicLink(SessionLink):
-    """A :class:`~tunnel.carriers.base.Link` over one QUIC connection (see the module
-    docstring); ``pipe.error`` says why it ended."""
+    """A :class:`~tunnel.carriers.base.Link` over one QUIC connection; ``error``: why it ended."""
 
     def __init__(self, pipe: QuicPipe, role: Role, limits: Limits, loop: asyncio.AbstractEventLoop,
                  on_handshake_done: Callable[[], None] | None = None) -> None:

@@ -7,22 +7,16 @@ cap on handshakes in progress where a stale one is evicted for a newcomer
 (:mod:`tunnel.carriers.handshakes`), and ``max_quic_connections``. Once half the handshake slots
 are taken, new clients must prove their address with a Retry round trip first (RFC 9000
 section 8.1), so a flood of Initial packets from spoofed addresses cannot hold slots at all.
-
-Always on aioquic, whatever ``TUNNEL_QUIC_ENGINE`` says (it chooses the agent's engine): qh3
-2.1.0 as a server fails the first flight of aioquic agents, and the guard against peers that
-make the receiver allocate without bound (:mod:`~.config`) needs aioquic's internals.
+Always on aioquic (:mod:`~tunnel.carriers.quic.config` says why).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
 from collections.abc import Callable
-
-from aioquic.quic.configuration import QuicConfiguration
 
 from tunnel.carriers.base import Link
 from tunnel.carriers.handshakes import PendingHandshakes, handshake_failed
@@ -48,7 +42,7 @@ log = logging.getLogger("tunnel.carriers.quic")
 class QuicServer(asyncio.DatagramProtocol):
     """One UDP socket accepting QUIC links; see :func:`serve_quic`."""
 
-    def __init__(self, configuration: QuicConfiguration, limits: Limits, on_link: Callable[[Link], None],
+    def __init__(self, configuration, limits: Limits, on_link: Callable[[Link], None],
                  sock: socket.socket) -> None:
         self._configuration = configuration
         self._cid_length = configuration.connection_id_length
@@ -104,8 +98,8 @@ class QuicServer(asyncio.DatagramProtocol):
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    def _sendto(self, datagrams) -> bool:
-        return self._sender.send(datagrams)
+    def _sendto(self, datagrams) -> None:
+        self._sender.send(datagrams)
 
     def datagram_received(self, data: bytes, addr) -> None:
         # Fast path for 1-RTT (short header) packets of known connections: the destination
@@ -128,8 +122,8 @@ class QuicServer(asyncio.DatagramProtocol):
             return
         supported = self._configuration.supported_versions
         if header.version not in supported:
-            self._transport.sendto(engine.encode_quic_version_negotiation(
-                source_cid=header.destination_cid, destination_cid=header.source_cid, supported_versions=supported), addr)
+            self._transport.sendto(engine.encode_quic_version_negotiation(source_cid=header.destination_cid,
+                                   destination_cid=header.source_cid, supported_versions=supported), addr)
             return
         if not header.initial or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
             return
@@ -240,15 +234,8 @@ async def serve_quic(host: str, port: int, *, cert_file: str, key_file: str, lim
     loop = asyncio.get_running_loop()
     config = configuration(limits, is_client=False)
     config.load_cert_chain(cert_file, key_file)
-    family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 literal
     sock = udp_socket(family, bind=(host, port))
     server = QuicServer(config, limits, on_link, sock)
     await loop.create_datagram_endpoint(lambda: server, sock=sock)
     return server
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False

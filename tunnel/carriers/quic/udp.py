@@ -11,11 +11,10 @@ their route says (a tunnel, PPPoE behind a router).
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import struct
 import sys
-
-from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 
 __all__ = [
     "MAX_DATAGRAM_SIZE",
@@ -28,6 +27,8 @@ __all__ = [
     "udp_socket",
 ]
 
+#: The smallest UDP payload QUIC allows (RFC 9000 section 14).
+SMALLEST_MAX_DATAGRAM_SIZE = 1200
 #: UDP payload size on a standard path (a 1500-byte MTU with IPv6 + UDP headers).
 MAX_DATAGRAM_SIZE = 1452
 #: UDP payload size where the route carries more (loopback, jumbo-frame LANs): the engine's
@@ -37,6 +38,7 @@ MAX_PATH_DATAGRAM_SIZE = 16384
 #: Socket buffers; the kernel caps them at net.core.[rw]mem_max.
 SOCKET_BUFFER = 8 * 1024 * 1024
 _LINUX = sys.platform.startswith("linux")
+log = logging.getLogger("tunnel.carriers.quic")
 # Linux socket options the socket module does not name.
 _IP_MTU_DISCOVER, _IP_PMTUDISC_DO, _IP_MTU = 10, 2, 14
 _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO, _IPV6_MTU = 23, 2, 24
@@ -122,7 +124,7 @@ class UdpSender:
     Falls back to the transport (which buffers) when the socket is full, and keeps using it
     while it holds anything, so datagrams leave in order."""
 
-    __slots__ = ("transport", "sock", "connected", "gso", "on_error")
+    __slots__ = ("transport", "sock", "connected", "gso", "on_error", "too_big")
 
     def __init__(self, transport, sock: socket.socket | None, *, connected: bool, gso: bool,
                  on_error=None) -> None:
@@ -131,17 +133,17 @@ class UdpSender:
         self.connected = connected
         self.on_error = on_error  # error_received(exc) of the protocol, for errors we catch
         self.gso = gso and sock is not None and _LINUX and hasattr(socket, "SOL_UDP")
+        self.too_big = False  # EMSGSIZE seen (and logged)
 
-    def send(self, datagrams) -> bool:
-        """Send ``[(data, addr), ...]``; return True if the kernel refused one as larger than
-        the path MTU (EMSGSIZE, DF set): it is dropped, QUIC's loss recovery resends its
-        frames, and the caller should shrink its datagrams."""
+    def send(self, datagrams) -> None:
+        """Send ``[(data, addr), ...]``. One the kernel refuses as larger than the path MTU
+        (EMSGSIZE, DF set) is dropped, and said in the log once: the path carries less than
+        its route says (``TUNNEL_QUIC_MAX_DATAGRAM_SIZE`` fixes it)."""
         transport = self.transport
         if transport.is_closing():
-            return False
+            return
         sock = self.sock
         connected = self.connected
-        too_big = False
         n = len(datagrams)
         i = 0
         while i < n:
@@ -178,7 +180,10 @@ class UdpSender:
                     pass
                 except OSError as exc:
                     if exc.errno == errno.EMSGSIZE:
-                        too_big = True
+                        if not self.too_big:
+                            self.too_big = True
+                            log.warning("QUIC datagrams of %d bytes exceed the path MTU: set "
+                                        "TUNNEL_QUIC_MAX_DATAGRAM_SIZE", len(data))
                         i = j
                         continue
                     if j - i > 1:
@@ -194,4 +199,3 @@ class UdpSender:
                 else:
                     transport.sendto(datagrams[k][0], datagrams[k][1])
             i = j
-        return too_big
