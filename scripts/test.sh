@@ -6,10 +6,11 @@
 # contract suite covers); tests/e2e/test_pure_build.py runs relays and an agent on the twins
 # in every run. `--pure` runs that pass alone. Arguments (test paths, pytest options) select
 # what runs, once, compiled.
-# setup.sh re-runs the build, so an edited .py of the compiled path never runs stale here.
+# setup.sh re-runs the build, so an edited .py of the compiled path never runs stale here; it
+# installs the optional QUIC engine qh3 too, so that its cases (carrier `quic-qh3`) run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --qh3
 # The virtual environment setup.sh made: its python runs the tests, and the tests start their
 # processes with it (sys.executable).
 VENV="${VENV:-.venv}"
