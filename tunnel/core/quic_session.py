@@ -143,7 +143,6 @@ class QuicSession:
         self._max_routes = 2 * max_streams
         self._decoder = frames.FrameDecoder(max(max_frame_size, max_control_size))
         self._first_local_sid = 1 if role == Role.AGENT else 2
-        self._first_local_qid = 4 if self._is_client else 1
         self._next_peer_sid = 2 if role == Role.AGENT else 1
         self._peer_floor = 1 if self._is_client else 4  # every peer QUIC stream below was seen
         self._peer_seen: set[int] = set()  # peer QUIC streams seen at or above the floor
@@ -604,12 +603,9 @@ class QuicSession:
 
     # --- out: frames to QUIC streams ---------------------------------------------------
 
-    def _local_qid(self, sid: int) -> int:
-        return self._first_local_qid + 2 * (sid - self._first_local_sid)
-
     def _qid_of(self, sid: int) -> int | None:
         if (sid & 1) == (self._first_local_sid & 1):
-            qid = self._local_qid(sid)
+            qid = _qid_named(sid)  # our streams' wire names are our own numbers
         else:
             qid = self._peer_qid.get(sid)
         return qid if qid is not None and qid in self._routes else None
@@ -644,7 +640,7 @@ class QuicSession:
     def _open(self, sid: int, flags: int, frame) -> None:
         conn = self._conn
         qid = conn.get_next_available_stream_id()
-        if qid != self._local_qid(sid):  # pragma: no cover - the core numbers in order
+        if qid != _qid_named(sid):  # pragma: no cover - the core numbers in order
             raise RuntimeError(f"QUIC stream {qid} for core stream {sid}")
         route = self._routes[qid] = _Route(qid, sid)
         fin = bool(flags & _FIN)

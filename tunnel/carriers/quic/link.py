@@ -64,7 +64,8 @@ class QuicPipe(Pipe):
         self._schedule_transmit()
 
     def close(self) -> None:
-        """CONNECTION_CLOSE once the last control frames (the GOAWAY) are acknowledged."""
+        """CONNECTION_CLOSE once the last control frames (the GOAWAY) are sent and a QUIC PING
+        after them is acknowledged, or after a short flush timeout."""
         self.session.close(None, "", self._loop.time())
         self._input_done()
 
