@@ -676,7 +676,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self.cluster.drain()
-        self.registry.stop_listening()
+        await self.registry.stop_listening()
         agents = [a for a in self.registry.agents if not a.link.is_closing]
         if not any(m["id"] != self.cluster.relay_id and not m["draining"] for m in self.cluster.members):
             agents = []  # no other relay to move to: straight to GOAWAY

@@ -410,8 +410,17 @@ class Endpoint:
         return self.allow if self.allow is not None else self.registry.service_allow
 
     async def start(self) -> None:
-        self.server = await serve_bridges(lambda: EndpointBridge(self), self.host, self.port,
-                                          reuse_address=True, backlog=1024)
+        self.server = await serve_bridges(lambda: EndpointBridge(self), self.host, self.port, backlog=1024)
+
+    async def stop_listening(self) -> None:
+        """Drain: take no new worker connection. The ones already queued in the kernel are
+        served like the others, not reset (a load balancer would pass a reset on to its
+        client as a clean end of stream: an empty reply)."""
+        if self.server is not None:
+            queued = await self.server.stop()
+            if queued:
+                log.info("resource %s: endpoint %s closed; %d connection(s) queued there served",
+                         self.resource_id, self.address, queued)
 
     def pick_agent(self) -> AgentSession | None:
         """An agent whose private service answers (as far as it told), then the one with the

@@ -306,12 +306,11 @@ class Registry:
             self.deregister(agent, resource_id, "deleted", "resource deleted")
         endpoint.end_streams()
 
-    def stop_listening(self) -> None:
-        """Drain: stop accepting worker connections (the ones open go on)."""
+    async def stop_listening(self) -> None:
+        """Drain: stop accepting worker connections (the ones open, and the ones the kernel
+        has queued, go on)."""
         self.listening = False
-        for endpoint in self.endpoints.values():
-            if endpoint.server is not None:
-                endpoint.server.close()
+        await asyncio.gather(*(endpoint.stop_listening() for endpoint in list(self.endpoints.values())))
 
     def open_connections(self) -> int:
         """Worker connections to this relay's endpoints still open."""

@@ -32,14 +32,32 @@ def _accept(links):
     return on_link
 
 
-async def _serve_wss(certs, links, port=0):
+async def _serve_wss(certs, links, sock=None):
     from tunnel.carriers.wss import serve_wss
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(certs["cert"], certs["key"])
-    server = await serve_wss("127.0.0.1", port, ssl_context=ctx, limits=LIMITS, on_link=_accept(links))
+    server = await serve_wss("127.0.0.1", 0, ssl_context=ctx, limits=LIMITS, on_link=_accept(links), sock=sock)
     return server, server.sockets[0].getsockname()[1]
+
+
+async def _serve_quic_beside_a_closed_tcp_port(certs, links):
+    """A QUIC server, and a TCP socket bound to the same port number but not listening
+    (connections to it are refused) that a WSS server can take later. Binding the TCP port
+    only when it is needed failed now and then: a closed connection that had used the number
+    as its ephemeral port still held it (TIME-WAIT)."""
+    for _ in range(50):
+        tcp = socket.socket()
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(("127.0.0.1", 0))
+        port = tcp.getsockname()[1]
+        try:
+            return await serve_quic("127.0.0.1", port, cert_file=certs["cert"], key_file=certs["key"],
+                                    limits=LIMITS, on_link=_accept(links)), tcp
+        except OSError:  # the UDP port is taken
+            tcp.close()
+    raise RuntimeError("no port free for both TCP and UDP")
 
 
 def test_url_validation():
@@ -128,8 +146,7 @@ def test_auto_falls_back_to_quic_then_reprobes_wss(certs):
 
     async def main():
         wss_links, quic_links = [], []
-        quic = await serve_quic("127.0.0.1", 0, cert_file=certs["cert"], key_file=certs["key"], limits=LIMITS,
-                                on_link=_accept(quic_links))
+        quic, tcp = await _serve_quic_beside_a_closed_tcp_port(certs, quic_links)
         port = quic.port
         d = Dialer(f"auto://localhost:{port}", ca_file=certs["ca"], limits=FAST, proxy_env={})
         link = await d.dial()
@@ -143,7 +160,7 @@ def test_auto_falls_back_to_quic_then_reprobes_wss(certs):
         assert await d.probe_wss() is None
         assert d.next_probe_in(time.monotonic()) > 0
         # WSS comes up on the same port number: the next probe returns a ready link.
-        server, _ = await _serve_wss(certs, wss_links, port=port)
+        server, _ = await _serve_wss(certs, wss_links, sock=tcp)
         wlink = await d.probe_wss()
         assert wlink is not None and wlink.carrier == "wss" and d.carrier == "wss"
         await wait_for(lambda: wss_links)

@@ -254,3 +254,43 @@ def test_a_connection_refused_as_it_is_accepted_leaves_the_next_one_served(run, 
         server.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("turns", [0, 1, 3])
+def test_connections_queued_when_the_server_stops_are_served_not_reset(run, engine, wait_until, turns):
+    """A relay endpoint stops listening (drain) while connections are queued in the kernel
+    (``turns`` 0) or accepted and still becoming transports (the loop had a turn or more): each
+    is served (bytes and half-close reach its bridge), and a connection after the stop is
+    refused. A loop's server reset the first kind when it closed and dropped the second; a load
+    balancer in TCP mode passed either on to its workers as a clean, empty reply."""
+    accepted: list[TcpBridge] = []
+
+    def factory() -> TcpBridge:
+        accepted.append(TcpBridge(Recording()))
+        return accepted[-1]
+
+    async def main():
+        server = await serve_bridges(factory, "127.0.0.1", 0, backlog=16)
+        port = server.sockets[0].getsockname()[1]
+        # Blocking connects from this thread: the loop gets no turn to accept them, so all
+        # three wait in the kernel's accept queue when the server stops.
+        queued = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        for i, s in enumerate(queued):
+            s.sendall(b"queued %d" % i)
+            s.shutdown(socket.SHUT_WR)
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        before = server.taken
+        assert await server.stop() == 3 - before and server.taken == 3
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        await wait_until(lambda: len(accepted) == 3 and all(b.stream.eof for b in accepted), 10,
+                         "the queued connections' bytes")
+        assert sorted(b.stream.data for b in accepted) == [b"queued 0", b"queued 1", b"queued 2"]
+        assert all(tls.on_engine(b.transport) is (engine == "openssl") for b in accepted)
+        for s in queued:
+            s.close()
+        for b in accepted:
+            b.transport.abort()
+
+    run(main())

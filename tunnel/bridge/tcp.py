@@ -380,8 +380,9 @@ async def dial_bridge(stream: LinkStream, bridge: TcpBridge, host: str, port: in
     return None
 
 
-async def serve_bridges(factory, host: str, port: int, **kwargs) -> asyncio.AbstractServer:
-    """Relay side: a TCP server on ``host:port`` whose connections go to the bridges ``factory``
-    makes, on the transports of the selected TLS engine (:func:`tunnel.carriers.tls.serve_tcp`);
-    ``kwargs`` as ``loop.create_server``'s."""
+async def serve_bridges(factory, host: str, port: int, **kwargs):
+    """Relay side: a TCP listener on ``host:port`` whose connections go to the bridges ``factory``
+    makes, on the transports of the selected TLS engine (:func:`tunnel.carriers.tls.serve_tcp`,
+    whose ``kwargs`` it takes); its ``stop()`` serves the connections already queued."""
     return await tls.serve_tcp(asyncio.get_running_loop(), factory, host, port, **kwargs)
+

@@ -35,6 +35,10 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .listener import TcpListener
 
 __all__ = ["ENGINES", "engine", "describe", "select", "create_connection", "create_server", "start_tls",
            "prefer_aes128", "on_engine", "open_tcp", "serve_tcp"]
@@ -252,9 +256,17 @@ async def open_tcp(loop: asyncio.AbstractEventLoop, factory: Callable[[], asynci
 
 
 async def serve_tcp(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.BaseProtocol],
-                    host: str | None, port: int, **kwargs) -> asyncio.AbstractServer:
-    """A plain TCP server on ``host:port`` whose connections ride the selected engine's
-    transports (the loop's for ``ssl``); ``kwargs`` as ``loop.create_server``'s."""
-    if _engine is None:
-        return await loop.create_server(factory, host, port, **kwargs)
-    return await _engine.create_server(loop, factory, host, port, **kwargs)
+                    host: str | None, port: int, *, backlog: int = 100, reuse_address: bool = True) -> TcpListener:
+    """A plain TCP listener on ``host:port`` whose connections ride the selected engine's
+    transports (the loop's for ``ssl``), and which can stop without resetting the connections
+    the kernel has already accepted (:class:`tunnel.carriers.listener.TcpListener`)."""
+    from .listener import TcpListener  # the relay's alone: the agent does not load it
+
+    engine = _engine
+    if engine is None:
+        adopt = loop.connect_accepted_socket
+    else:
+        def adopt(factory, sock):
+            return engine.connect_accepted_socket(loop, factory, sock)
+    return TcpListener.open(loop, factory, adopt, host, port, backlog=backlog, reuse_address=reuse_address)
+
