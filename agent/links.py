@@ -8,7 +8,8 @@ its own (its own backoff), all sharing one agent instance id and one set of reso
   ``RELAY_URL`` entries in turn; the other slots dial relays learned so (or, before any is
   known, the ``RELAY_URL`` entries), never one another slot holds or one that drains. A slot
   with no such relay waits until one appears: with fewer relays than ``RELAY_LINKS``, the
-  agent keeps one link per relay.
+  agent keeps one link per relay. Slot 0 alone, when every relay it could dial drains, dials
+  the ``RELAY_URL`` entries all the same (a lone relay that restarts drains first).
 - **Drain.** CONTROL ``draining`` from a relay: the slot marks that relay draining, dials
   another at once and registers there; only then does the old link get GOAWAY (the relay opens
   no new stream on it) and it closes once its streams have ended, or after ``DRAIN_TIMEOUT``.
@@ -100,10 +101,17 @@ class AgentLinks:
                    if not r["draining"] and rid not in ids and r["url"] not in urls]
         configured = [u for u in self.config.relay_urls if u not in urls and u not in draining]
         if agent.slot == 0 and agent.slot not in self._moving:
-            return configured + [u for u in learned if u not in configured]
-        if self.relays:
-            return learned
-        return configured
+            candidates = configured + [u for u in learned if u not in configured]
+        elif self.relays:
+            candidates = learned
+        else:
+            candidates = configured
+        if not candidates and agent.slot == 0:
+            # Every relay it could dial drains (or did: a lone relay restarting tells its agents
+            # it drains, then comes back under the same URL). Slot 0 dials the configured ones
+            # anyway, or the agent, linked nowhere, would never hear of a relay again.
+            candidates = [u for u in self.config.relay_urls if u not in urls]
+        return candidates
 
     async def dialer(self, agent: Agent) -> Dialer:
         """The dialler for ``agent``'s next attempt; waits while no relay is free for it."""

@@ -28,7 +28,7 @@ def test_a_resource_refused_for_a_passing_reason_registers_once_there_is_room(tm
     spare = relay.cli("resources", "create", "--customer-id", customer, "spare").stdout.split()[0]
     config, write, _ = _start(tmp_path, relay, customer, services)
     write({"a": "a"})
-    agent = Proc("agent", [PY, "-m", "agent", "--config", str(config)], _env(**FAST_RETRY),
+    agent = Proc("agent", [PY, "-m", "agent", "--config", str(config)], _env(LOG_LEVEL="DEBUG", **FAST_RETRY),
                  tmp_path / "agent.log").start()
     try:
         relay.wait_available(customer, "a")

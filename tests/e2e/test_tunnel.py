@@ -95,11 +95,17 @@ def test_status_follows_agents_and_new_streams_fail_over(relay, agents, service_
             assert s.recv(1) == b"", "a connection with no agent behind it must not get data"
 
 
-def test_relay_killed_and_restarted_agent_returns_without_restart(relay, agents, service_factory, transport):
+@pytest.mark.parametrize("stop", ["killed", "stopped"])
+def test_relay_killed_and_restarted_agent_returns_without_restart(relay, agents, service_factory, transport, stop):
+    """SIGKILL: no goodbye to the agent. SIGTERM: the lone relay drains, telling its agent so
+    first (the agent once waited for it to stop draining and never linked again)."""
     service = service_factory("echo")
     customer, _, agent = _setup(relay, agents, service, transport)
     endpoint = relay.endpoint(customer, "db")
-    relay.proc.kill()  # SIGKILL: no goodbye to the agent
+    if stop == "killed":
+        relay.proc.kill()
+    else:
+        relay.stop()
     relay.start()
     relay.wait_available(customer, "db", timeout=60)
     assert relay.endpoint(customer, "db") == endpoint  # endpoint ports are kept across restarts

@@ -86,6 +86,27 @@ def test_slots_take_distinct_relays_and_avoid_draining_ones(run):
     run(go())
 
 
+def test_a_lone_relay_that_drained_is_dialled_again(run):
+    """One relay: it restarts, so it announces that it drains (CONTROL ``relays``) and then
+    closes the link. The first slot dials it again (the new process behind the URL drains no
+    more) instead of waiting for a relay the agent, linked nowhere, would never hear of; the
+    second slot still waits for a relay of its own."""
+    async def go():
+        links = _links(A, links=2)
+        first, second = links.slots
+        assert (await links.dialer(first)).url == A
+        first.relay_id = "rly_a"
+        links.registered(first, FakeLink())
+        links.control(first, FakeHandler(FakeLink()), _relays(("rly_a", A, True)))
+        assert (await asyncio.wait_for(links.dialer(first), 1)).url == A
+        waiting = asyncio.ensure_future(links.dialer(second))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        waiting.cancel()
+
+    run(go())
+
+
 def test_the_first_slot_tries_each_configured_relay_in_turn(run):
     async def go():
         links = _links(f"{A},{B}", links=1)
