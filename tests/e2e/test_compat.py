@@ -60,6 +60,7 @@ def streams_both_ways(addr: tuple[str, int]) -> None:
 
 def essentials(tmp_path, relay: Relay, agent_prefix: list[str]) -> None:
     service = PrivateService("drain-then-echo")
+    agent = None
     try:
         customer = relay.create_customer("acme")
         token = relay.jwt("--customer-id", customer)
@@ -80,6 +81,8 @@ def essentials(tmp_path, relay: Relay, agent_prefix: list[str]) -> None:
         wait_until(lambda: relay.resource(customer, "db")["status"] == "UNAVAILABLE", 10, "the resource released")
         assert "Traceback" not in relay.proc.log() + agent.log()
     finally:
+        if agent is not None:
+            agent.stop()
         service.close()
 
 
@@ -108,16 +111,19 @@ def test_quic_mappings_of_both_releases_keep_apart(tmp_path, old_tree):
     relay says why it cannot link instead of hanging."""
     _, tree = old_tree
     service = PrivateService("drain-then-echo")
+    agents: list[Proc] = []
     relay = Relay(tmp_path).start()
     try:
         customer = relay.create_customer("acme")
         token = relay.jwt("--customer-id", customer)
-        start_agent(tmp_path, "old-auto", relay, token, service.port, old_prefix(tree),
-                    url=f"auto://{relay.host}:{relay.port}")
+        agents.append(start_agent(tmp_path, "old-auto", relay, token, service.port, old_prefix(tree),
+                                  url=f"auto://{relay.host}:{relay.port}"))
         relay.wait_available(customer, "db")
         streams_both_ways(relay.endpoint(customer, "db"))
         assert ", wss from " in relay.proc.log() and ", quic from " not in relay.proc.log()
     finally:
+        for agent in agents:
+            agent.stop()
         relay.stop()
     old_relay = Relay(tmp_path / "old", command_prefix=old_prefix(tree))
     old_relay.workdir.mkdir()
@@ -125,10 +131,12 @@ def test_quic_mappings_of_both_releases_keep_apart(tmp_path, old_tree):
     try:
         customer = old_relay.create_customer("acme")
         token = old_relay.jwt("--customer-id", customer)
-        agent = start_agent(tmp_path, "new-quic", old_relay, token, service.port, [],
-                            url=f"quic://{old_relay.host}:{old_relay.port}")
-        wait_until(lambda: "another QUIC mapping" in agent.log(), 30, "the agent to say why")
-        assert "Traceback" not in agent.log()
+        agents.append(start_agent(tmp_path, "new-quic", old_relay, token, service.port, [],
+                                  url=f"quic://{old_relay.host}:{old_relay.port}"))
+        wait_until(lambda: "another QUIC mapping" in agents[-1].log(), 30, "the agent to say why")
+        assert "Traceback" not in agents[-1].log()
     finally:
+        for agent in agents:
+            agent.stop()
         old_relay.stop()
         service.close()

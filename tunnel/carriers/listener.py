@@ -135,6 +135,9 @@ class TcpListener:
         except OSError as exc:  # the client went away meanwhile
             log.debug("an accepted connection could not be served: %s", exc)
             conn.close()
+        except Exception:  # noqa: BLE001 - a bug: this connection only, and said
+            log.exception("an accepted connection could not be served")
+            conn.close()
 
     def close(self) -> None:
         """Close now: connections the kernel has queued are reset."""
