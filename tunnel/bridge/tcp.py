@@ -385,4 +385,3 @@ async def serve_bridges(factory, host: str, port: int, **kwargs):
     makes, on the transports of the selected TLS engine (:func:`tunnel.carriers.tls.serve_tcp`,
     whose ``kwargs`` it takes); its ``stop()`` serves the connections already queued."""
     return await tls.serve_tcp(asyncio.get_running_loop(), factory, host, port, **kwargs)
-

@@ -269,4 +269,3 @@ async def serve_tcp(loop: asyncio.AbstractEventLoop, factory: Callable[[], async
         def adopt(factory, sock):
             return engine.connect_accepted_socket(loop, factory, sock)
     return TcpListener.open(loop, factory, adopt, host, port, backlog=backlog, reuse_address=reuse_address)
-
