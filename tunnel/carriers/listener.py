@@ -98,25 +98,36 @@ class TcpListener:
         return bool(self._sockets)
 
     def _accept(self, sock: socket.socket) -> None:
-        for _ in range(self._backlog + 1):
+        taken, error = self._take_queued(sock, self._backlog + 1)
+        if taken:
+            self._out_of_resources = False
+        if error is None:
+            return
+        if error.errno not in _OUT_OF_RESOURCES:
+            raise error  # the loop logs it
+        if not self._out_of_resources:
+            log.warning("%s: cannot accept connections (%s): trying again every %g s",
+                        _address(sock), error.strerror or error, ACCEPT_RETRY_DELAY)
+        self._out_of_resources = True
+        self._loop.remove_reader(sock.fileno())
+        self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume, sock)
+
+    def _take_queued(self, sock: socket.socket, limit: int | None = None) -> tuple[int, OSError | None]:
+        """Take the connections queued on ``sock``, at most ``limit``: how many, and the error
+        that stopped it (None: the queue is empty, or the limit was reached)."""
+        taken = 0
+        while limit is None or taken < limit:
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    raise  # the loop logs it
-                if not self._out_of_resources:
-                    log.warning("%s: cannot accept connections (%s): trying again every %g s",
-                                _address(sock), exc.strerror or exc, ACCEPT_RETRY_DELAY)
-                self._out_of_resources = True
-                self._loop.remove_reader(sock.fileno())
-                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume, sock)
-                return
-            self._out_of_resources = False
+                return taken, exc
+            taken += 1
             self._take(conn)
+        return taken, None
 
     def _resume(self, sock: socket.socket) -> None:
         if sock in self._sockets:
@@ -158,17 +169,9 @@ class TcpListener:
         sockets, self._sockets = self._sockets, []
         for sock in sockets:
             self._loop.remove_reader(sock.fileno())
-            while True:
-                try:
-                    conn, _ = sock.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except ConnectionAbortedError:
-                    continue
-                except OSError as exc:  # out of descriptors: the rest are reset
-                    log.warning("%s: closing with connections still queued: %s", _address(sock), exc.strerror or exc)
-                    break
-                self._take(conn)
+            _, error = self._take_queued(sock)
+            if error is not None:  # out of descriptors: the rest are reset
+                log.warning("%s: closing with connections still queued: %s", _address(sock), error.strerror or error)
             sock.close()
         if self.adopting:
             await asyncio.wait(set(self.adopting))
